@@ -1,0 +1,106 @@
+"""Built-in data: the Rezende & Mohamed (2015) energies and small toy data sets.
+
+The energies are the package's own copy of the formulas in ``shared/bench/README.md``; each
+returns ``U(z)`` for ``z`` of shape ``(..., 2)`` so that ``p(z) = exp(-U(z)) / Z``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "rezende_u1",
+    "rezende_u2",
+    "rezende_u3",
+    "rezende_u4",
+    "ENERGIES",
+    "LOG_Z",
+    "two_moons",
+    "gaussian_mixture",
+]
+
+
+def _w1(z1: Tensor) -> Tensor:
+    return torch.sin(math.pi * z1 / 2)
+
+
+def _w2(z1: Tensor) -> Tensor:
+    return 3 * torch.exp(-0.5 * ((z1 - 1) / 0.6) ** 2)
+
+
+def _w3(z1: Tensor) -> Tensor:
+    return 3 * torch.sigmoid((z1 - 1) / 0.3)
+
+
+def rezende_u1(z: Tensor) -> Tensor:
+    """Ring with two modes; proper on R^2 with log Z = 1.877502."""
+    z1 = z[..., 0]
+    r = torch.linalg.vector_norm(z, dim=-1)
+    a = -0.5 * ((z1 - 2) / 0.6) ** 2
+    b = -0.5 * ((z1 + 2) / 0.6) ** 2
+    return 0.5 * ((r - 2) / 0.4) ** 2 - torch.logaddexp(a, b)
+
+
+def rezende_u2(z: Tensor) -> Tensor:
+    """Sine wave; improper on R^2, log Z = 2.082089 on the box [-4, 4]^2."""
+    return 0.5 * ((z[..., 1] - _w1(z[..., 0])) / 0.4) ** 2
+
+
+def rezende_u3(z: Tensor) -> Tensor:
+    """Split sine wave; log Z = 2.641705 on the box [-4, 4]^2."""
+    d = z[..., 1] - _w1(z[..., 0])
+    a = -0.5 * (d / 0.35) ** 2
+    b = -0.5 * ((d + _w2(z[..., 0])) / 0.35) ** 2
+    return -torch.logaddexp(a, b)
+
+
+def rezende_u4(z: Tensor) -> Tensor:
+    """Sine wave with a sigmoid step; log Z = 2.684568 on the box [-4, 4]^2."""
+    d = z[..., 1] - _w1(z[..., 0])
+    a = -0.5 * (d / 0.4) ** 2
+    b = -0.5 * ((d + _w3(z[..., 0])) / 0.35) ** 2
+    return -torch.logaddexp(a, b)
+
+
+ENERGIES = {"U1": rezende_u1, "U2": rezende_u2, "U3": rezende_u3, "U4": rezende_u4}
+# U1 on R^2; U2-U4 on the box [-4, 4]^2 (shared/bench/README.md).
+LOG_Z = {"U1": 1.877502, "U2": 2.082089, "U3": 2.641705, "U4": 2.684568}
+
+
+def two_moons(
+    n: int, noise: float = 0.1, seed: int | None = None, dtype=None, device=None
+) -> Tensor:
+    """``n`` draws of the two-moons data (as in scikit-learn's ``make_moons``), shape (n, 2)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    dtype = dtype or torch.get_default_dtype()
+    upper = torch.rand(n, generator=gen, dtype=torch.float64) < 0.5
+    angle = math.pi * torch.rand(n, generator=gen, dtype=torch.float64)
+    x = torch.where(upper, torch.cos(angle), 1 - torch.cos(angle))
+    y = torch.where(upper, torch.sin(angle), 0.5 - torch.sin(angle))
+    jitter = noise * torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    pts = torch.stack([x, y], dim=-1) + jitter
+    return pts.to(device=device, dtype=dtype)
+
+
+def gaussian_mixture(
+    n: int, dim: int = 2, num_components: int = 3, spread: float = 3.0, seed: int | None = None
+) -> tuple[Tensor, torch.distributions.Distribution]:
+    """``n`` draws of a random Gaussian mixture in ``dim`` dimensions, and the mixture itself
+    (a ``torch.distributions.MixtureSameFamily``) so its exact ``log_prob`` is known."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
+    locs = spread * torch.randn(num_components, dim, generator=gen, dtype=torch.float64)
+    raw = torch.randn(num_components, dim, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim)
+    cov = raw @ raw.transpose(-1, -2) + 0.3 * torch.eye(dim, dtype=torch.float64)
+    scale_tril = torch.linalg.cholesky(cov)
+    weights = torch.softmax(torch.randn(num_components, generator=gen, dtype=torch.float64), -1)
+    mix = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(probs=weights),
+        torch.distributions.MultivariateNormal(locs, scale_tril=scale_tril),
+    )
+    comp = torch.multinomial(weights, n, replacement=True, generator=gen)
+    eps = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    x = locs[comp] + (scale_tril[comp] @ eps.unsqueeze(-1)).squeeze(-1)
+    return x, mix

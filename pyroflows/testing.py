@@ -1,0 +1,244 @@
+"""Conformance checks that every pyroflows transform passes, usable on your own transforms too.
+
+Each ``check_*`` function raises :class:`AssertionError` with a message that says what broke;
+:func:`check_transform` runs them all. They test against independent truth: log-dets against
+``slogdet`` of the autograd Jacobian, inverses by round trips from both sides (including points
+the forward map never produced), gradients, save/load and the stale-cache case.
+
+Example:
+    >>> import torch, pyroflows as pf
+    >>> from pyroflows.testing import check_transform
+    >>> check_transform(lambda: pf.transforms.planar(3), dim=3, dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.distributions import Independent, Normal, TransformedDistribution
+
+__all__ = [
+    "check_transform",
+    "check_shapes",
+    "check_round_trips",
+    "check_log_det",
+    "check_gradients",
+    "check_save_load",
+    "check_stale_cache",
+    "check_deepcopy",
+    "check_bad_input",
+    "check_transformed_distribution",
+    "randomize_parameters_",
+    "tolerances",
+]
+
+Factory = Callable[[], torch.nn.Module]
+
+
+def tolerances(dtype: torch.dtype) -> dict:
+    """``rtol``/``atol`` for comparisons in ``dtype``."""
+    if dtype == torch.float64:
+        return {"rtol": 1e-7, "atol": 1e-7}
+    return {"rtol": 2e-3, "atol": 2e-3}
+
+
+def randomize_parameters_(t: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> None:
+    """Move every parameter of ``t`` away from its (often near-identity) initialization, so the
+    checks exercise a genuinely non-trivial map."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in t.parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.add_(scale * noise.to(device=p.device, dtype=p.dtype))
+
+
+def _draw(shape, device, dtype, seed: int, scale: float = 1.0) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to(device, dtype)
+
+
+def _fresh(t: Tensor) -> Tensor:
+    """A copy with a new identity, so no identity cache can answer for it."""
+    return t.detach().clone()
+
+
+def check_shapes(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+    x = _draw((3, 5, dim), device, dtype, 1)
+    y = t(x)
+    assert y.shape == x.shape, f"forward changed the shape {tuple(x.shape)} -> {tuple(y.shape)}"
+    assert y.dtype == dtype and y.device == x.device, "forward output does not follow input"
+    ladj = t.log_abs_det_jacobian(x, y)
+    assert ladj.shape == x.shape[:-1], f"log_abs_det_jacobian shape {tuple(ladj.shape)}"
+    xi = t.inv(_fresh(y))
+    assert xi.shape == x.shape, "inverse changed the shape"
+    ladj_inv = t.inv.log_abs_det_jacobian(_fresh(y), _fresh(xi))
+    assert ladj_inv.shape == x.shape[:-1], "inverse log_abs_det_jacobian has the wrong shape"
+    assert torch.isfinite(y).all() and torch.isfinite(ladj).all(), "non-finite outputs"
+
+
+def check_round_trips(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+    tol = tolerances(dtype)
+    x = _draw((64, dim), device, dtype, 2)
+    y = t(x)
+    x_back = t.inv(_fresh(y))
+    torch.testing.assert_close(x_back, x, **tol, msg=lambda m: f"inv(t(x)) != x: {m}")
+    # Points the forward map never produced, some far out in the tails.
+    y_new = _draw((64, dim), device, dtype, 3, scale=2.0)
+    x_new = t.inv(y_new)
+    torch.testing.assert_close(t(_fresh(x_new)), y_new, **tol, msg=lambda m: f"t(inv(y)) != y: {m}")
+
+
+def check_log_det(t, dim: int, device="cpu", dtype=torch.float64, num_points: int = 4) -> None:
+    """log_abs_det_jacobian (forward and inverse) against slogdet of the autograd Jacobian."""
+    tol = tolerances(dtype)
+    xs = _draw((num_points, dim), device, dtype, 4)
+    for x in xs:
+        jac = torch.autograd.functional.jacobian(lambda v: t(v.unsqueeze(0)).squeeze(0), _fresh(x))
+        sign, expected = torch.linalg.slogdet(jac)
+        assert sign != 0, "the autograd Jacobian is singular"
+        x_b = _fresh(x).unsqueeze(0)
+        y_b = t(x_b)
+        cached = t.log_abs_det_jacobian(x_b, y_b).squeeze(0)
+        uncached = t.log_abs_det_jacobian(_fresh(x_b), _fresh(y_b)).squeeze(0)
+        for got, how in ((cached, "cached"), (uncached, "recomputed")):
+            torch.testing.assert_close(
+                got.detach(), expected.detach(), **tol,
+                msg=lambda m, how=how: f"{how} log|det J| != slogdet(autograd Jacobian): {m}",
+            )
+        inv_ladj = t.inv.log_abs_det_jacobian(_fresh(y_b), _fresh(x_b)).squeeze(0)
+        torch.testing.assert_close(
+            inv_ladj.detach(), -expected.detach(), **tol,
+            msg=lambda m: f"inverse log|det J| != -slogdet: {m}",
+        )
+        if getattr(t, "sign", None) in (1, -1):
+            assert int(sign) == int(t.sign), f"declared sign {t.sign} but det has sign {sign}"
+
+
+def check_gradients(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+    params = [p for p in t.parameters() if p.requires_grad]
+    x = _draw((16, dim), device, dtype, 5).requires_grad_(True)
+    y = t(x)
+    loss = (y.square().sum() + t.log_abs_det_jacobian(x, y).sum())
+    grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
+    assert grads[0] is not None and torch.isfinite(grads[0]).all(), "no gradient w.r.t. the input"
+    for (name, _), g in zip(
+        [(n, p) for n, p in t.named_parameters() if p.requires_grad], grads[1:], strict=True
+    ):
+        assert g is not None, f"parameter {name} gets no gradient"
+        assert torch.isfinite(g).all(), f"parameter {name} has a non-finite gradient"
+    if params:
+        assert any(float(g.abs().sum()) > 0 for g in grads[1:]), "all parameter gradients are 0"
+
+
+def check_save_load(t, dim: int, factory: Factory, device="cpu", dtype=torch.float64) -> None:
+    tol = tolerances(dtype)
+    x = _draw((8, dim), device, dtype, 6)
+    y = t(x)
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    buf.seek(0)
+    t2 = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(t2(_fresh(x)), y, **tol, msg=lambda m: f"torch.save/load: {m}")
+    t3 = factory().to(device=device, dtype=dtype)
+    buf = io.BytesIO()
+    torch.save(t.state_dict(), buf)
+    buf.seek(0)
+    t3.load_state_dict(torch.load(buf))
+    torch.testing.assert_close(t3(_fresh(x)), y, **tol, msg=lambda m: f"state_dict round trip: {m}")
+
+
+def check_stale_cache(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+    """After an optimizer step, ``t(x)`` on the same tensor object must recompute (Pyro #2564)."""
+    params = [p for p in t.parameters() if p.requires_grad]
+    if not params:
+        return
+    tol = tolerances(dtype)
+    x = _draw((8, dim), device, dtype, 7)
+    y1 = t(x)  # one training step, exactly as a user writes it
+    ladj1 = t.log_abs_det_jacobian(x, y1)
+    opt = torch.optim.SGD(params, lr=0.2)
+    opt.zero_grad()
+    (y1.square().sum() + ladj1.sum()).backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)  # a modest step, like a real optimizer's
+    for p in params:  # make sure every parameter moves, even those with zero gradient
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.add_(0.1)
+    opt.step()
+    y2 = t(x)
+    y_ref = t(_fresh(x))
+    torch.testing.assert_close(y2, y_ref, **tol, msg=lambda m: f"stale forward cache: {m}")
+    assert not torch.allclose(y1, y2), "the map did not change after an optimizer step"
+    ladj2 = t.log_abs_det_jacobian(x, y2)
+    torch.testing.assert_close(
+        ladj2, t.log_abs_det_jacobian(_fresh(x), _fresh(y2)), **tol,
+        msg=lambda m: f"stale log-det cache: {m}",
+    )
+    x_back = t.inv(y1)  # y1 is the stale output: must be inverted with the new parameters
+    torch.testing.assert_close(t(_fresh(x_back)), y1, **tol, msg=lambda m: f"stale inverse: {m}")
+
+
+def check_deepcopy(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+    tol = tolerances(dtype)
+    x = _draw((4, dim), device, dtype, 8).requires_grad_(True)
+    y = t(x)  # leaves a cache entry holding a non-leaf tensor
+    t2 = copy.deepcopy(t)
+    torch.testing.assert_close(t2(_fresh(x)), y.detach(), **tol)
+
+
+def _expect_value_error(fn, what: str) -> None:
+    try:
+        fn()
+    except ValueError:
+        return
+    except Exception as e:  # noqa: BLE001
+        raise AssertionError(f"{what}: raised {type(e).__name__} instead of ValueError: {e}") from e
+    raise AssertionError(f"{what}: no ValueError raised")
+
+
+def check_bad_input(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+    """A wrong event size and non-finite values raise ValueError, both directions."""
+    from ._config import validation
+
+    wrong = _draw((4, dim + 1), device, dtype, 9)
+    _expect_value_error(lambda: t(wrong), "wrong event size, forward")
+    _expect_value_error(lambda: t.inv(_fresh(wrong)), "wrong event size, inverse")
+    bad = _draw((4, dim), device, dtype, 10)
+    bad[1, 0] = float("nan")
+    bad[2, -1] = float("inf")
+    with validation(True):
+        _expect_value_error(lambda: t(bad), "non-finite input, forward")
+        _expect_value_error(lambda: t.inv(_fresh(bad)), "non-finite input, inverse")
+
+
+def check_transformed_distribution(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+    tol = tolerances(dtype)
+    zeros = torch.zeros(dim, device=device, dtype=dtype)
+    base = Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+    d = TransformedDistribution(base, [t])
+    s = d.sample((6,))
+    assert s.shape == (6, dim) and s.dtype == dtype
+    lp = d.log_prob(s)
+    assert lp.shape == (6,) and torch.isfinite(lp).all(), "log_prob of own samples not finite"
+    y = _draw((6, dim), device, dtype, 11)
+    x = t.inv(_fresh(y))
+    expected = base.log_prob(x) - t.log_abs_det_jacobian(_fresh(x), _fresh(y))
+    torch.testing.assert_close(d.log_prob(y), expected, **tol, msg=lambda m: f"log_prob: {m}")
+
+
+def check_transform(factory: Factory, dim: int, device="cpu", dtype=torch.float64) -> None:
+    """Run every conformance check on a transform built by ``factory`` (a no-argument callable
+    returning a fresh transform; the checks move it to ``device``/``dtype``)."""
+    def make():
+        return factory().to(device=device, dtype=dtype)
+
+    for check in (
+        check_shapes, check_round_trips, check_log_det, check_gradients, check_stale_cache,
+        check_deepcopy, check_bad_input, check_transformed_distribution,
+    ):
+        check(make(), dim, device=device, dtype=dtype)
+    check_save_load(make(), dim, factory, device=device, dtype=dtype)

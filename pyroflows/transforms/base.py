@@ -1,0 +1,175 @@
+"""The base class of every pyroflows transform: validation and a cache that cannot go stale."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pyro.distributions.torch_transform import TransformModule
+from torch import Tensor, nn
+from torch.distributions import constraints
+
+from .._config import is_validation_enabled
+
+__all__ = ["FlowTransform"]
+
+
+@dataclass
+class _CacheEntry:
+    x: Tensor
+    y: Tensor
+    log_det: Tensor
+    x_version: int
+    y_version: int
+    stamp: tuple
+
+
+class FlowTransform(TransformModule):
+    r"""Base class of the pyroflows transforms: a bijection of :math:`\mathbb{R}^D` with a cheap
+    :math:`\log|\det J|`.
+
+    Subclasses implement two methods, each returning the image and the log-det of the *forward*
+    map at the point in question:
+
+    - ``forward_and_log_det(x) -> (y, log|det dy/dx|)``
+    - ``inverse_and_log_det(y) -> (x, log|det dy/dx|)``
+
+    and this class supplies ``__call__``, ``inv``, ``log_abs_det_jacobian`` and input validation.
+
+    Caching: the last ``(x, y, log_det)`` triple is kept so that, as in
+    :class:`torch.distributions.TransformedDistribution`, scoring a sample just drawn needs no
+    inverse (for IAF this skips the D sequential passes). Unlike Pyro's identity cache, an entry is
+    only reused while the input tensor, every parameter and buffer of the module (their version
+    counters and identities) and the grad mode are unchanged, so an optimizer step, an in-place
+    edit of the input, ``load_state_dict`` or ``.to()`` always forces a recomputation. The cache is
+    dropped when the module is pickled or deep-copied.
+
+    Validation: inputs must have shape ``(..., D)``; otherwise a :class:`ValueError` says so. While
+    :func:`pyroflows.is_validation_enabled` (the default), non-finite inputs raise a
+    :class:`ValueError` too.
+
+    ``sign = +1``: every pyroflows layer except permutations has a positive Jacobian
+    determinant (it preserves orientation).
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    sign = +1
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(cache_size=0)
+        if int(dim) < 1:
+            raise ValueError(f"{type(self).__name__}: dim must be a positive integer, got {dim!r}")
+        self.dim = int(dim)
+        self._cache: _CacheEntry | None = None
+
+    # ---- to be implemented by subclasses ---------------------------------------------------
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    # ---- validation -----------------------------------------------------------------------
+    def _validate(self, value: Tensor, what: str) -> None:
+        name = type(self).__name__
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name}: {what} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() < 1 or value.shape[-1] != self.dim:
+            raise ValueError(
+                f"{name}: {what} must have shape (..., {self.dim}) (event size {self.dim}), "
+                f"got shape {tuple(value.shape)}"
+            )
+        if is_validation_enabled() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name}: {what} contains NaN or infinite values")
+
+    # ---- cache ----------------------------------------------------------------------------
+    def _stamp(self) -> tuple | None:
+        if torch.is_inference_mode_enabled():
+            return None
+        states = [(id(p), p._version) for p in self.parameters()]
+        states += [(id(b), b._version) for b in self.buffers()]
+        return (torch.is_grad_enabled(), tuple(states))
+
+    def _store(self, x: Tensor, y: Tensor, log_det: Tensor, stamp: tuple | None) -> None:
+        if stamp is None or x.is_inference() or y.is_inference():
+            self._cache = None
+            return
+        self._cache = _CacheEntry(x, y, log_det, x._version, y._version, stamp)
+
+    def _lookup(self, x: Tensor | None = None, y: Tensor | None = None) -> _CacheEntry | None:
+        c = self._cache
+        if c is None:
+            return None
+        if x is not None and (x is not c.x or x._version != c.x_version):
+            return None
+        if y is not None and (y is not c.y or y._version != c.y_version):
+            return None
+        if c.stamp != self._stamp():
+            return None
+        return c
+
+    def clear_cache(self) -> None:
+        """Drop the cached ``(x, y, log_det)`` triple."""
+        self._cache = None
+
+    # ---- the torch.distributions.Transform interface --------------------------------------
+    def __call__(self, x: Tensor) -> Tensor:
+        hit = self._lookup(x=x)
+        if hit is not None:
+            return hit.y
+        self._validate(x, "input")
+        stamp = self._stamp()
+        y, log_det = self.forward_and_log_det(x)
+        self._store(x, y, log_det, stamp)
+        return y
+
+    def _call(self, x: Tensor) -> Tensor:
+        return self(x)
+
+    def _inv_call(self, y: Tensor) -> Tensor:
+        hit = self._lookup(y=y)
+        if hit is not None:
+            return hit.x
+        self._validate(y, "input to the inverse")
+        stamp = self._stamp()
+        x, log_det = self.inverse_and_log_det(y)
+        self._store(x, y, log_det, stamp)
+        return x
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self._inv_call(y)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        """``log|det dy/dx|`` of shape ``x.shape[:-1]``, for ``y = t(x)``.
+
+        Free when ``x`` or ``y`` is the cached input or output of the last call.
+        """
+        hit = self._lookup(x=x) or self._lookup(y=y)
+        if hit is not None:
+            return hit.log_det
+        return self._log_abs_det_jacobian_uncached(x, y)
+
+    def _log_abs_det_jacobian_uncached(self, x: Tensor, y: Tensor) -> Tensor:
+        """Log-det on a cache miss, from ``x`` by default; a family whose cheap direction is the
+        inverse (MAF) overrides this to compute it from ``y``."""
+        self._validate(x, "input")
+        return self.forward_and_log_det(x)[1]
+
+    def forward_shape(self, shape: torch.Size) -> torch.Size:
+        return shape
+
+    def inverse_shape(self, shape: torch.Size) -> torch.Size:
+        return shape
+
+    # ---- pickling / copying ---------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_cache"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+    __repr__ = nn.Module.__repr__

@@ -1,0 +1,50 @@
+"""Test options: ``--device`` (cpu, cuda, cuda:1, ...) and ``--dtype`` (float64, float32).
+
+Every test that builds tensors takes the ``device`` and ``dtype`` fixtures, so
+``pytest --device cuda --dtype float32`` reruns the whole suite on a GPU in single precision.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="torch device for the tests (default cpu)")
+    parser.addoption(
+        "--dtype", default="float64", choices=["float64", "float32"],
+        help="floating dtype for the tests (default float64)",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    dev = torch.device(request.config.getoption("--device"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.exit("--device cuda was asked for but CUDA is not available", returncode=2)
+    return dev
+
+
+@pytest.fixture(scope="session")
+def dtype(request) -> torch.dtype:
+    return getattr(torch, request.config.getoption("--dtype"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> str:
+    """The project's ``../shared`` folder (benchmark targets with known answers)."""
+    path = os.path.abspath(SHARED)
+    if not os.path.isdir(os.path.join(path, "bench")):
+        pytest.fail(f"../shared/bench not found at {path}")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
