@@ -16,6 +16,9 @@ __all__ = ["build", "FAMILIES", "register_family"]
 FAMILIES: dict[str, tuple[Callable[..., nn.Module], bool]] = {
     "planar": (lambda dim, **kw: T.Planar(dim, **kw), False),
     "radial": (lambda dim, **kw: T.Radial(dim, **kw), False),
+    "iaf": (lambda dim, **kw: T.IAF(dim, **kw), True),
+    "maf": (lambda dim, **kw: T.MAF(dim, **kw), True),
+    "realnvp": (lambda dim, **kw: T.RealNVP(dim, **kw), True),
 }
 
 

@@ -1,7 +1,10 @@
 """Flow layers: Pyro ``TransformModule`` subclasses with lower-case constructors."""
 
 from .affine import ElementwiseAffine, elementwise_affine
+from .autoregressive import IAF, MAF, iaf, maf
 from .base import FlowTransform
+from .coupling import RealNVP, realnvp
+from .permute import Permute, permute
 from .planar import Planar, planar
 from .radial import Radial, radial
 
@@ -13,4 +16,12 @@ __all__ = [
     "planar",
     "Radial",
     "radial",
+    "IAF",
+    "iaf",
+    "MAF",
+    "maf",
+    "RealNVP",
+    "realnvp",
+    "Permute",
+    "permute",
 ]
