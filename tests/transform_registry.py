@@ -49,3 +49,68 @@ def _affine():
 @register("planar-stack", 3)
 def _planar_stack():
     return _randomized(pf.flows.build("planar", 3, num_layers=3, affine=True))
+
+
+# ---- autoregressive, coupling and permutation layers (issue 3) -------------------------------
+# Smaller random moves than the default for the networks: a MADE with weights far from its
+# identity start, stacked, gets condition numbers that float32 cannot invert to 2e-3.
+
+
+@register("iaf", 4)
+def _iaf():
+    return _randomized(pf.transforms.iaf(4, hidden_dims=(8, 8)), scale=0.3)
+
+
+@register("iaf-gated", 3)
+def _iaf_gated():
+    return _randomized(pf.transforms.iaf(3, hidden_dims=(8,), gated=True), scale=0.3)
+
+
+@register("maf-narrow-order", 4)
+def _maf_narrow():  # hidden width below D and a custom order
+    return _randomized(pf.transforms.maf(4, hidden_dims=(3,), order=[2, 0, 3, 1]), scale=0.3)
+
+
+@register("maf-residual", 3)
+def _maf_residual():
+    from torch import nn
+
+    t = pf.transforms.maf(3, hidden_dims=(8, 8), residual=True, activation=nn.Tanh)
+    return _randomized(t, scale=0.3)
+
+
+@register("maf-1d", 1)
+def _maf_1d():
+    return _randomized(pf.transforms.maf(1, hidden_dims=(4,)), scale=0.3)
+
+
+@register("realnvp", 5)
+def _realnvp():
+    return _randomized(pf.transforms.realnvp(5, hidden_dims=(8, 8)), scale=0.3)
+
+
+@register("permute-random", 5)
+def _permute_random():
+    return pf.transforms.Permute.random(5, seed=3)
+
+
+@register("permute-reverse", 4)
+def _permute_reverse():
+    return pf.transforms.Permute.reverse(4)
+
+
+@register("iaf-stack", 3)
+def _iaf_stack():
+    return _randomized(pf.flows.build("iaf", 3, num_layers=3, hidden_dims=(8,)), scale=0.3)
+
+
+@register("maf-stack", 3)
+def _maf_stack():
+    flow = pf.flows.build("maf", 3, num_layers=3, hidden_dims=(8,), affine=True)
+    return _randomized(flow, scale=0.3)
+
+
+@register("realnvp-stack", 4)
+def _realnvp_stack():
+    flow = pf.flows.build("realnvp", 4, num_layers=3, hidden_dims=(8,), permutation="random")
+    return _randomized(flow, scale=0.3)
