@@ -1,0 +1,1 @@
+"""Benchmarks of pyroflows against its peers; they print tables and never assert times."""
