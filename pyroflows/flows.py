@@ -68,7 +68,10 @@ def build(
     for i in range(num_layers):
         if needs_permutation and i > 0 and dim > 1:
             parts.append(_permutation(dim, permutation, seed=i))
-        parts.append(layer(dim, **layer_kwargs))
+        try:
+            parts.append(layer(dim, **layer_kwargs))
+        except TypeError as e:  # e.g. hidden_dims for a family without a network
+            raise ValueError(f"flow family {name!r} does not take these arguments: {e}") from e
     if affine:
         parts.append(T.ElementwiseAffine(dim))
     return ComposeTransformModule(parts)

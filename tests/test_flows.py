@@ -1,0 +1,130 @@
+"""flows.build: the layer sequence, permutations that make every coordinate move, use in
+TransformedDistribution, errors, and a 5-layer MAF that beats a Gaussian on two moons."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import (
+    Independent,
+    MultivariateNormal,
+    Normal,
+    TransformedDistribution,
+)
+
+import pyroflows as pf
+from pyroflows.testing import randomize_parameters_, tolerances
+
+
+@pytest.fixture
+def one_thread():
+    """Small matrices train faster on one thread, and a shared CPU makes two threads crawl."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("name", ["iaf", "maf", "realnvp"])
+@pytest.mark.parametrize("permutation", ["reverse", "random"])
+def test_layer_sequence(name, permutation):
+    flow = pf.flows.build(name, 4, num_layers=3, hidden_dims=(8,), permutation=permutation,
+                          affine=True)
+    kinds = [type(p).__name__ for p in flow.parts]
+    layer = {"iaf": "IAF", "maf": "MAF", "realnvp": "RealNVP"}[name]
+    assert kinds == [layer, "Permute", layer, "Permute", layer, "ElementwiseAffine"]
+    assert all(p.conditioner.hidden_dims == (8,) for p in flow.parts if hasattr(p, "conditioner"))
+    perms = [p.permutation.tolist() for p in flow.parts if type(p).__name__ == "Permute"]
+    if permutation == "reverse":
+        assert perms == [[3, 2, 1, 0]] * 2
+    else:  # fixed by seed: the same flow every time it is built
+        again = pf.flows.build(name, 4, num_layers=3, permutation=permutation)
+        assert perms == [p.permutation.tolist() for p in again.parts if hasattr(p, "permutation")]
+        assert all(sorted(p) == [0, 1, 2, 3] for p in perms)
+
+
+@pytest.mark.parametrize("name", ["iaf", "maf", "realnvp"])
+def test_every_coordinate_depends_on_every_other(name, device, dtype):
+    """One autoregressive/coupling layer leaves zeros in its Jacobian; with permutations in
+    between, a short stack mixes every coordinate into every other."""
+    dim = 4
+    num_layers = 3 if name == "realnvp" else 2
+    flow = pf.flows.build(name, dim, num_layers=num_layers, hidden_dims=(16,),
+                          activation=torch.nn.Tanh)  # no dead units to hide a dependency
+    randomize_parameters_(flow, scale=0.3)
+    flow = flow.to(device, dtype)
+    x = torch.randn(dim, device=device, dtype=dtype)
+    jac = torch.autograd.functional.jacobian(lambda v: flow(v[None])[0], x)
+    assert (jac != 0).all()
+    single = flow.parts[0]
+    jac1 = torch.autograd.functional.jacobian(lambda v: single(v[None])[0], x)
+    assert (jac1 == 0).any()
+
+
+@pytest.mark.parametrize("name", ["planar", "radial", "iaf", "maf", "realnvp"])
+def test_stack_in_transformed_distribution(name, device, dtype):
+    dim = 3
+    flow = pf.flows.build(name, dim, num_layers=3)
+    randomize_parameters_(flow, scale=0.2)
+    flow = flow.to(device, dtype)
+    zeros = torch.zeros(dim, device=device, dtype=dtype)
+    base = Independent(Normal(zeros, 1.0), 1)
+    q_whole = TransformedDistribution(base, flow)
+    q_parts = TransformedDistribution(base, list(flow.parts))
+    z = q_whole.rsample((11,))
+    assert z.shape == (11, dim) and z.dtype == dtype
+    lp = q_whole.log_prob(z)
+    torch.testing.assert_close(lp, q_parts.log_prob(z.clone()), **tolerances(dtype))
+    jac = torch.autograd.functional.jacobian(lambda v: flow(v[None])[0], flow.inv(z[:1].clone())[0])
+    expected = base.log_prob(flow.inv(z[:1].clone())) - torch.linalg.slogdet(jac)[1]
+    torch.testing.assert_close(lp[:1], expected, **tolerances(dtype))
+    lp.sum().backward()
+    assert all(p.grad is not None for p in flow.parameters())
+
+
+def test_state_dict_round_trip_of_a_stack(device, dtype):
+    flow = pf.flows.build("maf", 3, num_layers=3, permutation="random", affine=True)
+    randomize_parameters_(flow, scale=0.3)
+    flow = flow.to(device, dtype)
+    other = pf.flows.build("maf", 3, num_layers=3, permutation="random", affine=True)
+    other.load_state_dict(flow.state_dict())
+    other = other.to(device, dtype)
+    y = torch.randn(5, 3, device=device, dtype=dtype)
+    torch.testing.assert_close(other.inv(y), flow.inv(y.clone()), **tolerances(dtype))
+
+
+def test_build_errors():
+    with pytest.raises(ValueError, match="unknown flow family"):
+        pf.flows.build("glow", 3)
+    with pytest.raises(ValueError, match="permutation"):
+        pf.flows.build("maf", 3, permutation="sideways")
+    with pytest.raises(ValueError, match="num_layers"):
+        pf.flows.build("maf", 3, num_layers=0)
+    with pytest.raises(ValueError, match="hidden_dims"):
+        pf.flows.build("planar", 3, hidden_dims=(8,))
+
+
+def test_one_dimensional_stacks_need_no_permutation():
+    flow = pf.flows.build("maf", 1, num_layers=3)
+    assert [type(p).__name__ for p in flow.parts] == ["MAF"] * 3
+
+
+def test_maf_fits_two_moons_better_than_a_gaussian(one_thread):
+    """Default 5-layer MAF, 300 Adam steps: held-out log-likelihood clearly above the best
+    Gaussian's (its maximum-likelihood fit, in closed form)."""
+    torch.manual_seed(0)
+    x = pf.datasets.two_moons(2000, seed=1, dtype=torch.float32)
+    x_test = pf.datasets.two_moons(2000, seed=2, dtype=torch.float32)
+    gaussian = MultivariateNormal(x.mean(0), torch.cov(x.T, correction=0))
+    flow = pf.flows.build("maf", 2, num_layers=5)
+    p = TransformedDistribution(Independent(Normal(torch.zeros(2), 1.0), 1), flow)
+    opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = -p.log_prob(x[torch.randint(0, len(x), (256,))]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        flow_ll = p.log_prob(x_test).mean().item()
+        gauss_ll = gaussian.log_prob(x_test).mean().item()
+    assert flow_ll > gauss_ll + 0.5, (flow_ll, gauss_ll)
