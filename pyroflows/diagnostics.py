@@ -62,6 +62,7 @@ from typing import Any
 import arviz as az
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
@@ -206,6 +207,12 @@ def _align(value: Tensor, event_dim: int, num_samples: int, mpn: int, name: str)
     return value.expand((num_samples,) + tuple(value.shape[1:]))
 
 
+def _is_point_mass(fn: Any) -> bool:
+    while not isinstance(fn, dist.Delta) and hasattr(fn, "base_dist"):  # Independent, masks
+        fn = fn.base_dist
+    return isinstance(fn, dist.Delta)
+
+
 def _trace_chunk(model, guide, args, kwargs, num_samples: int, mpn: int, keep_values: bool):
     guide_trace = poutine.trace(_vectorize(guide, num_samples, mpn)).get_trace(*args, **kwargs)
     model_trace = poutine.trace(
@@ -213,6 +220,12 @@ def _trace_chunk(model, guide, args, kwargs, num_samples: int, mpn: int, keep_va
     ).get_trace(*args, **kwargs)
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
+    guide_sites = [site for site in guide_trace.nodes.values() if site["type"] == "sample"]
+    if guide_sites and all(_is_point_mass(site["fn"]) for site in guide_sites):
+        raise ValueError(
+            "the guide is a point mass (e.g. AutoDelta): it has no density, so importance "
+            "weights, the ELBO and k-hat are undefined for it"
+        )
     guide_trace.compute_log_prob()
     model_trace.compute_log_prob()
 
@@ -427,48 +440,39 @@ def _to_numpy(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-class _DimNames:
-    """Dim names for ArviZ: plates by their name (renamed if a site has the same name), other
-    dims ``{site}_dim_{k}`` as ArviZ itself names them."""
-
-    def __init__(self, site_names: set[str]) -> None:
-        self.site_names = site_names
-
-    def plate(self, name: str) -> str:
-        return f"{name}_plate" if name in self.site_names else name
-
-    def draws(self, site: _Site, value: Tensor, mpn: int) -> tuple[Tensor, list[str]]:
-        """``value`` aligned as ``(S, *plates, *event)`` -> ``(S, *kept)`` and names for kept:
-        plate dims are named, other size-1 batch dims (the model's broadcasting) dropped."""
-        keep, dims, k = [0], [], 0
-        for j in range(1, mpn + 1):
-            plate = site.frames.get(j - (mpn + 1))
-            if plate is not None:
-                keep.append(j)
-                dims.append(self.plate(plate))
-            elif value.shape[j] != 1:
-                keep.append(j)
-                dims.append(f"{site.name}_dim_{k}")
-                k += 1
-        for j in range(mpn + 1, value.dim()):
+def _draw_dims(site: _Site, value: Tensor, mpn: int) -> tuple[Tensor, list[str]]:
+    """``value`` aligned as ``(S, *plates, *event)`` -> ``(S, *kept)`` and ArviZ dim names for
+    the kept dims: a plate's dim carries the plate's name (Pyro keeps plate and site names
+    apart), other dims are ``{site}_dim_{k}`` as ArviZ names them; size-1 batch dims outside
+    the site's plates (the model's broadcasting) are dropped."""
+    keep, dims, k = [0], [], 0
+    for j in range(1, mpn + 1):
+        plate = site.frames.get(j - (mpn + 1))
+        if plate is not None:
+            keep.append(j)
+            dims.append(plate)
+        elif value.shape[j] != 1:
             keep.append(j)
             dims.append(f"{site.name}_dim_{k}")
             k += 1
-        shape = [value.shape[j] for j in keep]
-        return value.reshape(shape), dims
+    for j in range(mpn + 1, value.dim()):
+        keep.append(j)
+        dims.append(f"{site.name}_dim_{k}")
+        k += 1
+    return value.reshape([value.shape[j] for j in keep]), dims
 
-    def data(self, site: _Site, value: Tensor) -> list[str]:
-        """Names for observed data, kept in the shape the user gave."""
-        batch_ndim = max(value.dim() - site.event_dim, 0)
-        dims, k = [], 0
-        for i in range(value.dim()):
-            plate = site.frames.get(i - batch_ndim) if i < batch_ndim else None
-            if plate is not None:
-                dims.append(self.plate(plate))
-            else:
-                dims.append(f"{site.name}_dim_{k}")
-                k += 1
-        return dims
+
+def _data_dims(site: _Site, value: Tensor) -> list[str]:
+    """ArviZ dim names for observed data, kept in the shape the user gave."""
+    batch_ndim = max(value.dim() - site.event_dim, 0)
+    dims, k = [], 0
+    for i in range(value.dim()):
+        plate = site.frames.get(i - batch_ndim) if i < batch_ndim else None
+        if plate is None:
+            plate = f"{site.name}_dim_{k}"
+            k += 1
+        dims.append(plate)
+    return dims
 
 
 def _posterior_predictive(
@@ -499,18 +503,17 @@ def _inference_data(
     posterior_predictive: bool, args, kwargs, attrs: dict,
 ) -> az.InferenceData:
     mpn = draws.max_plate_nesting
-    names = _DimNames(set(draws.sites))
     posterior, dims = {}, {}
     for name, value in draws.values.items():
         if index is not None:
             value = value.index_select(0, index.to(value.device))
-        value, dims[name] = names.draws(draws.sites[name], value, mpn)
+        value, dims[name] = _draw_dims(draws.sites[name], value, mpn)
         posterior[name] = _to_numpy(value)[None]
     observed, observed_dims = {}, {}
     for name, site in draws.sites.items():
         if site.kind == "observed":
             observed[name] = _to_numpy(site.observed)
-            observed_dims[name] = names.data(site, site.observed)
+            observed_dims[name] = _data_dims(site, site.observed)
     lp = draws.log_joint if index is None else draws.log_joint[index.to(draws.log_joint.device)]
     sample_stats = {"lp": _to_numpy(lp)[None]}
     if index is None:
@@ -537,7 +540,7 @@ def _inference_data(
                 value = value.reshape((value.shape[0],) + data.shape)
                 predictive_dims[name] = observed_dims[name]
             else:
-                value, predictive_dims[name] = names.draws(draws.sites[name], value, mpn)
+                value, predictive_dims[name] = _draw_dims(draws.sites[name], value, mpn)
             predictive[name] = _to_numpy(value)[None]
         groups["posterior_predictive"] = dataset(predictive, predictive_dims)
     return az.InferenceData(**groups)

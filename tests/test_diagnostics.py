@@ -18,6 +18,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import (
+    AutoDelta,
     AutoDiagonalNormal,
     AutoIAFNormal,
     AutoMultivariateNormal,
@@ -466,6 +467,12 @@ def test_vi_report_table_dict_and_plot(device, dtype):
     plt.close(fig)
     fig = dg.vi_report(linear_gaussian, guide, y, num_samples=200).plot()  # no trace given
     plt.close(fig)
+
+
+def test_point_mass_guide_is_refused(device, dtype):
+    y = _data(device, dtype)
+    with pytest.raises(ValueError, match="point mass"):
+        dg.psis_khat(linear_gaussian, AutoDelta(linear_gaussian), y, num_samples=10)
 
 
 def test_psis_handles_uniform_and_bad_weights():
