@@ -154,7 +154,7 @@ def test_maf_with_constant_conditioner_is_a_gaussian(device, dtype):
     s = torch.tensor([0.3, -0.7, 1.1], device=device, dtype=dtype)
     b = t.log_scale_bound  # raw log-scales that the soft clamp b tanh(./b) maps to s
     with torch.no_grad():
-        t.conditioner.head.bias.copy_(torch.cat([a, torch.atanh(s / b) * b]))
+        t.conditioner.layer_parameters(-1)[1].copy_(torch.cat([a, torch.atanh(s / b) * b]))
     zeros = torch.zeros(dim, device=device, dtype=dtype)
     p = TransformedDistribution(Independent(Normal(zeros, 1.0), 1), [t])
     y = torch.randn(20, dim, device=device, dtype=dtype) * 2
@@ -170,12 +170,13 @@ def test_bounded_and_gated_log_scales_stay_finite(device, dtype):
     for gated in (False, True):
         t = pf.transforms.iaf(dim, hidden_dims=(8,), gated=gated, log_scale_bound=2.0)
         with torch.no_grad():
-            t.conditioner.head.bias.fill_(1e4)  # raw log-scales far beyond any sane value
-            t.conditioner.head.bias[:dim].fill_(3.0)
+            head_bias = t.conditioner.layer_parameters(-1)[1]
+            head_bias.fill_(1e4)  # raw log-scales far beyond any sane value
+            head_bias[:dim].fill_(3.0)
         t = t.to(device, dtype)
         for sign in (1.0, -1.0):
             with torch.no_grad():
-                t.conditioner.head.bias[dim:].mul_(sign)
+                t.conditioner.layer_parameters(-1)[1][dim:].mul_(sign)
             y = t(x)
             ladj = t.log_abs_det_jacobian(x, y)
             assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
@@ -207,7 +208,12 @@ def test_parameters_are_visible_to_optimizers_and_pyro():
     expected = {f"maf_flow$$${n}" for n, _ in flow.named_parameters()}
     assert expected and expected <= names
     for t in (pf.transforms.iaf(3), pf.transforms.maf(3)):
-        assert len(list(t.parameters())) == 6  # 2 hidden layers + fused head, weights + biases
+        # one flat tensor holds every weight and bias (see MADE): 3 layers, fused head
+        (flat,) = t.parameters()
+        hidden = t.conditioner.hidden_dims
+        assert flat.numel() == 3 * hidden[0] + hidden[0] + hidden[0] * hidden[1] + hidden[1] + (
+            hidden[1] * 6 + 6
+        )
     pyro.clear_param_store()
 
 
@@ -249,3 +255,18 @@ def test_default_hidden_dims_and_repr():
     assert pf.transforms.iaf(2).conditioner.hidden_dims == (64, 64)
     assert "MADE" in repr(t) and "log_scale_bound" in repr(t)
     assert math.isfinite(t.log_scale_bound)
+
+
+def test_flat_storage_masks_gradients_and_views_write_through(device, dtype):
+    net = MADE(4, (8, 8), order=[1, 3, 0, 2]).to(device, dtype)
+    weight, bias = net.layer_parameters(0)
+    assert weight.shape == (8, 4) and bias.shape == (8,)
+    with torch.no_grad():
+        weight.fill_(0.5)  # writes into flat_parameters
+    assert (net.layer_parameters(0)[0] == 0.5).all()
+    randomize_parameters_(net, scale=0.5)  # masked entries move too: the mask must cut them
+    x = torch.randn(16, 4, device=device, dtype=dtype)
+    net(x).square().sum().backward()
+    grad = net.flat_parameters.grad
+    assert (grad[net.mask == 0] == 0).all(), "a masked weight gets a gradient"
+    assert (grad[net.mask == 1] != 0).any()

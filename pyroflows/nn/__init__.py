@@ -1,5 +1,5 @@
 """Conditioner networks for the flow layers."""
 
-from .made import MADE, MaskedLinear, default_hidden_dims
+from .made import MADE, default_hidden_dims
 
-__all__ = ["MADE", "MaskedLinear", "default_hidden_dims"]
+__all__ = ["MADE", "default_hidden_dims"]

@@ -2,58 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MADE", "MaskedLinear", "default_hidden_dims"]
+__all__ = ["MADE", "default_hidden_dims"]
 
 
 def default_hidden_dims(features: int) -> tuple[int, ...]:
-    """The conditioner width used when none is given: two layers of ``max(64, 4 D)`` units."""
+    """The conditioner widths used when none are given: two layers of ``max(64, 4 D)`` units."""
     width = max(64, 4 * int(features))
     return (width, width)
-
-
-class MaskedLinear(nn.Linear):
-    r"""A linear layer :math:`y = (W \odot M) x + b \odot m` with a fixed binary mask.
-
-    The masks are registered buffers (they follow ``.to()`` and live in the ``state_dict``).
-    ``bias_mask`` (optional) zeroes chosen outputs completely, weights and bias.
-
-    Arguments:
-        mask: the weight mask, shape (out_features, in_features), entries 0 or 1.
-        bias_mask: an optional bias mask, shape (out_features,).
-    """
-
-    def __init__(self, mask: Tensor, bias_mask: Tensor | None = None) -> None:
-        out_features, in_features = mask.shape
-        super().__init__(in_features, out_features)
-        dtype = self.weight.dtype
-        if bias_mask is not None:
-            mask = mask & bias_mask.bool()[:, None]
-            self.register_buffer("bias_mask", bias_mask.to(dtype))
-        else:
-            self.bias_mask = None
-        self.register_buffer("mask", mask.to(dtype))
-        with torch.no_grad():
-            self.weight.mul_(self.mask)
-            if self.bias_mask is not None:
-                self.bias.mul_(self.bias_mask)
-
-    def forward(self, x: Tensor) -> Tensor:
-        bias = self.bias if self.bias_mask is None else self.bias * self.bias_mask
-        return F.linear(x, self.weight * self.mask, bias)
 
 
 class MADE(nn.Module):
     r"""Masked autoencoder for distribution estimation (Germain et al., 2015).
 
-    An MLP :math:`\mathbb{R}^D \to \mathbb{R}^{P \times D}` whose weight matrices are masked so
-    that output :math:`(p, i)` depends only on inputs :math:`j` ranked strictly before
-    :math:`i`:
+    An MLP :math:`\mathbb{R}^D \to \mathbb{R}^{P \times D}` whose weight matrices are masked,
+    :math:`h_{k+1} = a\bigl((W_k \odot M_k) h_k + b_k\bigr)`, so that output :math:`(p, i)`
+    depends only on inputs :math:`j` ranked strictly before :math:`i`:
 
     .. math:: \frac{\partial\, \mathrm{out}_{p,i}}{\partial x_j} = 0
               \quad \text{unless} \quad \mathrm{order}_j < \mathrm{order}_i .
@@ -68,6 +38,15 @@ class MADE(nn.Module):
     The output is laid out as ``P`` contiguous blocks of ``D`` (e.g. shift, then log-scale),
     so ``out.chunk(P, -1)`` splits it into views without a copy.
 
+    Storage, for speed: all weights and biases live in one flat parameter ``flat_parameters``
+    with one mask buffer ``mask`` of the same size. A call multiplies the two once and splits
+    the product into the layers' matrices (views), so the masking costs one elementwise
+    product per call whatever the depth, and an optimizer updates the whole network as one
+    tensor (per-tensor optimizers such as ``torch.optim.Adam`` on CPU spend most of a small
+    flow's step in a Python loop over parameter tensors). The product is recomputed every call,
+    so it is always in the current autograd graph. :meth:`layer_parameters` gives each layer's
+    (unmasked) weight and bias as views for inspection or in-place initialization.
+
     References:
         Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", ICML 2015,
         https://arxiv.org/abs/1502.03509
@@ -79,7 +58,7 @@ class MADE(nn.Module):
         order: the rank of each input, shape (D,), default ``0, ..., D-1``. Ties are allowed.
         activation: the hidden activation, a module class (default ``nn.ReLU``).
         residual: join consecutive hidden layers by residual connections
-            :math:`h \leftarrow h + W\,a(h)`; needs all hidden widths equal.
+            :math:`h \leftarrow h + W\,a(h) + b`; needs all hidden widths equal.
         zero_first: force every output of the features ranked first to exactly 0 (weights and
             bias), instead of a learnable constant.
 
@@ -120,40 +99,67 @@ class MADE(nn.Module):
         self.residual = bool(residual)
 
         in_degrees = _input_degrees(features, order)
-        num_levels = int(in_degrees.max())
+        self.num_levels = int(in_degrees.max())
         self.register_buffer("degrees", in_degrees)
-        self.num_levels = num_levels
 
-        degrees = [in_degrees]
-        layers = []
+        # (weight mask, bias mask) of every layer, hidden layers first, then the output head
+        masks = []
+        below = in_degrees
         for width in hidden_dims:
-            hidden = _hidden_degrees(width, num_levels)
-            layers.append(MaskedLinear(hidden[:, None] >= degrees[-1][None, :]))
-            degrees.append(hidden)
-        self.hidden = nn.ModuleList(layers)
+            hidden = _hidden_degrees(width, self.num_levels)
+            masks.append((hidden[:, None] >= below[None, :], torch.ones(width, dtype=torch.bool)))
+            below = hidden
         out_degrees = in_degrees.repeat(self.num_params)
-        bias_mask = (out_degrees > 1) if zero_first else None
-        self.head = MaskedLinear(out_degrees[:, None] > degrees[-1][None, :], bias_mask)
-        self.activation = activation()
-        self.reset_head()
+        head_bias = (out_degrees > 1) if zero_first else torch.ones_like(out_degrees).bool()
+        masks.append(((out_degrees[:, None] > below[None, :]) & head_bias[:, None], head_bias))
 
-    def reset_head(self) -> None:
-        """Zero the output layer, so the network starts at the constant 0 (identity flows)."""
+        self._shapes = [tuple(w.shape) for w, _ in masks]
+        self._sizes = [n for w, b in masks for n in (w.numel(), b.numel())]
+        dtype = torch.get_default_dtype()
+        self.register_buffer(
+            "mask", torch.cat([m.flatten() for pair in masks for m in pair]).to(dtype)
+        )
+        self.flat_parameters = nn.Parameter(torch.empty(sum(self._sizes), dtype=dtype))
+        self.activation = activation()
+        self.reset_parameters()
+
+    def layer_parameters(self, index: int) -> tuple[Tensor, Tensor]:
+        """Views ``(weight, bias)`` of layer ``index`` (``-1`` is the output head) into
+        ``flat_parameters``, unmasked; edit them in place under ``torch.no_grad()``."""
+        pieces = self.flat_parameters.split(self._sizes)
+        index = range(len(self._shapes))[index]
+        return pieces[2 * index].view(self._shapes[index]), pieces[2 * index + 1]
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialization for the hidden layers, zeros for the output head, so
+        the network starts at the constant 0 (and a flow layer on it at the identity)."""
         with torch.no_grad():
-            self.head.weight.zero_()
-            self.head.bias.zero_()
+            for k, shape in enumerate(self._shapes):
+                weight, bias = self.layer_parameters(k)
+                if k == len(self._shapes) - 1:
+                    weight.zero_()
+                    bias.zero_()
+                else:
+                    bound = 1.0 / math.sqrt(shape[1])
+                    weight.uniform_(-bound, bound)
+                    bias.uniform_(-bound, bound)
+            self.flat_parameters.mul_(self.mask)
 
     def forward(self, x: Tensor) -> Tensor:
+        pieces = (self.flat_parameters * self.mask).split(self._sizes)
+        weights = [w.view(shape) for w, shape in zip(pieces[0::2], self._shapes, strict=True)]
+        biases = pieces[1::2]
         act = self.activation
+        num_hidden = len(self._shapes) - 1
+        if self.residual and num_hidden > 0:
+            h = F.linear(x, weights[0], biases[0])
+            for k in range(1, num_hidden):
+                h = h + F.linear(act(h), weights[k], biases[k])
+            return F.linear(act(h), weights[-1], biases[-1])
         h = x
-        if self.residual and len(self.hidden) > 0:
-            h = self.hidden[0](h)
-            for layer in self.hidden[1:]:
-                h = h + layer(act(h))
-            return self.head(act(h))
-        for layer in self.hidden:
-            h = act(layer(h))
-        return self.head(h)
+        for k in range(num_hidden):
+            h = act(F.linear(h, weights[k], biases[k]))
+        return F.linear(h, weights[-1], biases[-1])
 
     def extra_repr(self) -> str:
         return (
