@@ -1,0 +1,330 @@
+"""DensityEstimator: exact densities (Gaussian start, grid integrals, known targets), the fit loop
+(early stopping, interrupts), save/load, devices and dtypes, and bad input."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+
+import pyroflows as pf
+from pyroflows.density import DensityEstimator, _AffinePreconditioner
+from pyroflows.testing import check_transform, tolerances
+
+SMALL = {"num_layers": 2, "hidden_dims": (16, 16)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These networks are small: on a shared CPU one intra-op thread is several times faster
+    than contended threads (and the suite's time is what matters here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gaussian_data(n: int, seed: int):
+    """Rows of N(mean, cov) with a scaled, shifted, correlated covariance, in float64 numpy."""
+    rng = np.random.default_rng(seed)
+    mean = np.array([5.0, -2.0, 0.5])
+    a = np.array([[3.0, 0.0, 0.0], [1.2, 0.5, 0.0], [-0.4, 0.3, 0.8]])
+    return rng.standard_normal((n, 3)) @ a.T + mean, mean, a @ a.T
+
+
+def _mixture_2d(n: int, seed: int):
+    """A two-component 2-D Gaussian mixture far from N(0, I) (scales 3 and 0.5, shifted), and its
+    exact log-density."""
+    means = np.array([[2.0, -3.0], [8.0, -1.0]])
+    covs = [np.array([[2.0, 0.6], [0.6, 0.3]]), np.array([[1.0, -0.3], [-0.3, 0.25]])]
+    weights = np.array([0.4, 0.6])
+    rng = np.random.default_rng(seed)
+    comp = rng.choice(2, size=n, p=weights)
+    x = np.empty((n, 2))
+    for k in range(2):
+        idx = comp == k
+        x[idx] = rng.multivariate_normal(means[k], covs[k], size=int(idx.sum()))
+
+    def log_prob(points: np.ndarray) -> np.ndarray:
+        parts = [
+            np.log(w) + multivariate_normal(m, c).logpdf(points)
+            for w, m, c in zip(weights, means, covs, strict=True)
+        ]
+        return np.logaddexp(*parts)
+
+    return x, log_prob
+
+
+def _t(x: np.ndarray, device, dtype) -> torch.Tensor:
+    return torch.as_tensor(x, device=device, dtype=dtype)
+
+
+# ---- the model starts at the maximum-likelihood Gaussian ---------------------------------------
+@pytest.mark.parametrize("flow", ["maf", "realnvp"])
+@pytest.mark.parametrize("precondition", ["whiten", "standardize"])
+def test_untrained_model_is_the_ml_gaussian(flow, precondition, device, dtype):
+    x, _, _ = _gaussian_data(300, seed=1)
+    x_val, _, _ = _gaussian_data(50, seed=2)
+    est = DensityEstimator(flow, precondition=precondition, dtype=dtype, seed=0, **SMALL)
+    est.fit(_t(x, device, dtype), x_val=_t(x_val, device, dtype), max_epochs=0, progress=False)
+    # The truth, computed independently: ML mean and covariance (divisor n) of the training rows.
+    cov = np.cov(x.T, bias=True)
+    if precondition == "standardize":
+        cov = np.diag(np.diag(cov))
+    reference = multivariate_normal(x.mean(0), cov)
+    x_test, _, _ = _gaussian_data(200, seed=3)
+    got = est.log_prob(_t(x_test, device, dtype))
+    assert got.device.type == device.type and got.dtype == dtype
+    expected = _t(reference.logpdf(x_test), device, dtype)
+    torch.testing.assert_close(got, expected, **tolerances(dtype))
+    assert est.history_["initial_val_log_prob"] == pytest.approx(
+        reference.logpdf(x_val).mean(), rel=1e-5 if dtype == torch.float64 else 1e-3
+    )
+
+
+# ---- exact density checks --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "flow, precondition",
+    [("maf", "whiten"), ("realnvp", "whiten"), ("maf", "standardize"), ("maf", None),
+     ("realnvp", "tabak")],
+)
+def test_density_integrates_to_one_and_matches_its_samples(
+    flow, precondition, device, dtype, tmp_path
+):
+    """In 2-D the fitted density, with every preconditioning Jacobian, integrates to 1 on a grid,
+    and sample() draws from that same density; save/load reproduces it exactly."""
+    x, _ = _mixture_2d(600, seed=4)
+    if precondition is None:  # the raw flow starts at N(0, I): give it data it can reach
+        x = (x - x.mean(0)) / x.std(0)
+    est = DensityEstimator(
+        flow, precondition=precondition, dtype=dtype, seed=1,
+        tabak_options={"max_steps": 150, "check_every": 10}, **SMALL,
+    )
+    est.fit(_t(x, device, dtype), max_epochs=15, batch_size=128, lr=3e-3, progress=False)
+    assert est.history_["best_epoch"] > 0, "training never improved on the initial model"
+
+    lo, hi = x.min(0) - 3 * x.std(0), x.max(0) + 3 * x.std(0)
+    n = 400
+    g0 = torch.linspace(lo[0], hi[0], n, device=device, dtype=torch.float64)
+    g1 = torch.linspace(lo[1], hi[1], n, device=device, dtype=torch.float64)
+    grid = torch.cartesian_prod(g0, g1)
+    cell = float((g0[1] - g0[0]) * (g1[1] - g1[0]))
+    density = est.log_prob(grid.to(dtype)).double().exp()
+    total = float(density.sum()) * cell
+    assert total == pytest.approx(1.0, abs=0.02), f"the density integrates to {total}"
+
+    # The mass of a half-plane by quadrature against the share of draws in it (4 std errors).
+    split = float(np.median(x[:, 0]))
+    mass = float(density[grid[:, 0] > split].sum()) * cell / total
+    draws = est.sample(4000, seed=0)
+    assert draws.shape == (4000, 2) and draws.dtype == dtype
+    share = float((draws[:, 0] > split).double().mean())
+    assert abs(share - mass) < 4 * math.sqrt(mass * (1 - mass) / 4000) + 0.01
+
+    path = tmp_path / "model.pt"
+    est.save(path)
+    loaded = DensityEstimator.load(path, device=device)
+    assert torch.equal(loaded.log_prob(grid[:500].to(dtype)), est.log_prob(grid[:500].to(dtype)))
+    assert torch.equal(loaded.sample(5, seed=3), est.sample(5, seed=3))
+
+
+def test_recovers_a_known_mixture(device, dtype):
+    """Data from a 2-D Gaussian mixture: the held-out KL estimate mean(log p - log q) is small,
+    and far below that of the best single Gaussian (where training starts)."""
+    x, log_p = _mixture_2d(3000, seed=5)
+    x_test, _ = _mixture_2d(3000, seed=6)
+    est = DensityEstimator("maf", num_layers=4, hidden_dims=(32, 32), dtype=dtype, seed=0)
+    est.fit(_t(x, device, dtype), max_epochs=40, batch_size=256, lr=3e-3, patience=8,
+            progress=False)
+    truth = log_p(x_test)
+    gap = float(np.mean(truth - est.log_prob(_t(x_test, device, dtype)).cpu().double().numpy()))
+    gaussian = multivariate_normal(x.mean(0), np.cov(x.T, bias=True)).logpdf(x_test)
+    gaussian_gap = float(np.mean(truth - gaussian))
+    assert gaussian_gap > 0.3
+    assert -0.05 < gap < 0.08, f"KL(p || q) estimate {gap:.3f} nats"
+
+
+def test_known_gaussian_is_recovered(device, dtype):
+    x, mean, cov = _gaussian_data(2000, seed=7)
+    x_test, _, _ = _gaussian_data(4000, seed=8)
+    est = DensityEstimator("realnvp", dtype=dtype, seed=0, **SMALL)
+    est.fit(x, max_epochs=10, progress=False)  # numpy input
+    truth = multivariate_normal(mean, cov).logpdf(x_test)
+    gap = float(np.mean(truth - est.log_prob(x_test).cpu().double().numpy()))
+    assert abs(gap) < 0.03, f"KL(p || q) estimate {gap:.3f} nats"
+
+
+def test_small_data_never_below_the_gaussian(device, dtype):
+    """Few rows, a big network: the held-out log-likelihood is at least the ML Gaussian's (the
+    Gaussian computed independently here), because training starts there and early stopping
+    keeps the best state."""
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((8, 8)) * 0.5 + np.eye(8)
+    x = rng.standard_t(df=4, size=(60, 8)) @ a.T
+    x_val = rng.standard_t(df=4, size=(40, 8)) @ a.T
+    est = DensityEstimator("maf", num_layers=3, hidden_dims=(128, 128), dtype=dtype, seed=0)
+    est.fit(_t(x, device, dtype), x_val=_t(x_val, device, dtype), max_epochs=30, lr=1e-2,
+            patience=5, progress=False)
+    gaussian = multivariate_normal(x.mean(0), np.cov(x.T, bias=True)).logpdf(x_val).mean()
+    slack = 1e-6 if dtype == torch.float64 else 1e-3
+    assert est.score(_t(x_val, device, dtype)) >= gaussian - slack
+
+
+# ---- the fit loop ---------------------------------------------------------------------------
+def _overfitting_setup(device, dtype):
+    x, _ = _mixture_2d(240, seed=10)
+    x_train, x_val = _t(x[:40], device, dtype), _t(x[40:], device, dtype)
+    est = DensityEstimator("maf", num_layers=3, hidden_dims=(64, 64), dtype=dtype, seed=0)
+    return est, x_train, x_val
+
+
+def test_early_stopping_restores_the_best_state(device, dtype):
+    est, x_train, x_val = _overfitting_setup(device, dtype)
+    est.fit(x_train, x_val=x_val, max_epochs=400, batch_size=16, lr=1e-2, patience=5,
+            progress=False)
+    h = est.history_
+    assert h["stopped"] == "early_stopping"
+    assert h["epoch"][-1] == h["best_epoch"] + 6 and h["best_epoch"] > 0
+    assert h["best_val_log_prob"] == max(h["val_log_prob"])
+    assert h["val_log_prob"][-1] < h["best_val_log_prob"]
+    # The restored model scores the validation rows at the best epoch's value, not the last's.
+    assert est.score(x_val) == pytest.approx(h["best_val_log_prob"], abs=1e-4)
+    assert set(h) >= {"train_log_prob", "initial_val_log_prob", "seconds", "num_train"}
+    assert len(h["train_log_prob"]) == len(h["epoch"]) == len(h["val_log_prob"])
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_fit_keeps_the_best_state(exc, device, dtype, monkeypatch):
+    est, x_train, x_val = _overfitting_setup(device, dtype)
+    original = DensityEstimator._run_epoch
+    calls = []
+
+    def run_epoch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise exc("stop")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DensityEstimator, "_run_epoch", run_epoch)
+    if exc is KeyboardInterrupt:
+        with pytest.warns(UserWarning, match="interrupted"):
+            assert est.fit(x_train, x_val=x_val, lr=1e-2, progress=False) is est
+        assert est.history_["stopped"] == "interrupted"
+    else:
+        with pytest.raises(RuntimeError, match="stop"):
+            est.fit(x_train, x_val=x_val, lr=1e-2, progress=False)
+        assert est.history_["stopped"] == "error"
+    h = est.history_
+    assert h["epoch"] == [0, 1, 2, 3, 4, 5]
+    assert est.score(x_val) == pytest.approx(max(h["val_log_prob"]), abs=1e-4)
+
+
+def test_failed_refit_keeps_the_previous_model(device, dtype):
+    x, _, _ = _gaussian_data(200, seed=11)
+    est = DensityEstimator("maf", dtype=dtype, seed=0, **SMALL).fit(x, max_epochs=2,
+                                                                    progress=False)
+    before = est.log_prob(x[:10])
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        est.fit(bad, progress=False)
+    assert torch.equal(est.log_prob(x[:10]), before)
+
+
+def test_progress_bar_and_seed(device, dtype, capsys):
+    x, _, _ = _gaussian_data(300, seed=12)
+    runs = [
+        DensityEstimator("realnvp", dtype=dtype, seed=3, **SMALL).fit(
+            _t(x, device, dtype), max_epochs=3, progress=progress
+        )
+        for progress in (True, False)
+    ]
+    assert "val=" in capsys.readouterr().err  # tqdm writes to stderr
+    assert runs[0].history_["val_log_prob"] == runs[1].history_["val_log_prob"]
+    assert torch.equal(runs[0].sample(3, seed=1), runs[1].sample(3, seed=1))
+
+
+# ---- devices, dtypes, input types ------------------------------------------------------------
+def test_dtype_and_device_follow_input_or_arguments(device, dtype):
+    x, _, _ = _gaussian_data(100, seed=13)
+    est = DensityEstimator("maf", seed=0, **SMALL).fit(x, max_epochs=1, progress=False)
+    assert est.log_prob(x).dtype == torch.get_default_dtype()  # numpy input: the default dtype
+    est = DensityEstimator("maf", seed=0, **SMALL).fit(
+        _t(x, device, dtype), max_epochs=1, progress=False
+    )
+    lp = est.log_prob(x)  # numpy input to a fitted model: converted to its device and dtype
+    assert lp.dtype == dtype and lp.device.type == device.type
+    assert est.log_prob(x[0]).shape == ()  # one point
+    assert est.sample(3).device.type == device.type
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    moved = est.to("cpu", dtype=other)
+    assert moved is est and est.log_prob(x).dtype == other
+    torch.testing.assert_close(est.log_prob(x).to(dtype).cpu(), lp.cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_save_is_atomic_and_overwrites(device, dtype, tmp_path):
+    x, _, _ = _gaussian_data(100, seed=14)
+    est = DensityEstimator("maf", dtype=dtype, seed=0, **SMALL).fit(x, max_epochs=2,
+                                                                    progress=False)
+    path = tmp_path / "est.pt"
+    path.write_bytes(b"old")
+    est.save(str(path))
+    assert os.listdir(tmp_path) == ["est.pt"]  # no temporary file left behind
+    loaded = DensityEstimator.load(path)
+    assert torch.equal(loaded.log_prob(x), est.log_prob(x).cpu())
+    assert loaded.history_ == est.history_ and loaded.get_params() == est.get_params()
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(Exception):  # noqa: B017 - torch's unpickling error type varies
+        DensityEstimator.load(tmp_path / "junk.pt")
+
+
+# ---- bad input ------------------------------------------------------------------------------
+def test_bad_input_raises_value_errors(device, dtype):
+    x, _, _ = _gaussian_data(50, seed=15)
+    est = DensityEstimator("maf", dtype=dtype, seed=0, **SMALL)
+    for call in (lambda: est.log_prob(x), lambda: est.sample(3), lambda: est.score(x),
+                 lambda: est.save("never.pt")):
+        with pytest.raises(ValueError, match="not fitted"):
+            call()
+    bad = x.copy()
+    bad[[4, 9], 0] = [np.nan, np.inf]
+    with pytest.raises(ValueError, match=r"NaN or infinite .* 2 row\(s\), e.g. rows \[4, 9\]"):
+        est.fit(bad, progress=False)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        est.fit(x[:1], progress=False)
+    with pytest.raises(ValueError, match="2-D"):
+        est.fit(x[None], progress=False)
+    with pytest.raises(ValueError, match="numeric"):
+        est.fit(np.array([["a", "b"], ["c", "d"]]), progress=False)
+    with pytest.raises(ValueError, match="x_val has 2 columns, expected 3"):
+        est.fit(x, x_val=x[:5, :2], progress=False)
+    est.fit(_t(x, device, dtype), max_epochs=1, progress=False)
+    with pytest.raises(ValueError, match="4 columns, expected 3"):
+        est.log_prob(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        est.log_prob(bad)
+    for kwargs in ({"flow": "iaf"}, {"precondition": "pca"}, {"num_layers": 0},
+                   {"hidden_dims": ()}, {"dtype": torch.int64}):
+        with pytest.raises(ValueError):
+            DensityEstimator(**kwargs)
+    with pytest.raises(ValueError, match="max_epochs"):
+        est.fit(x, max_epochs=-1)
+
+
+# ---- the preconditioner is an exact flow layer -----------------------------------------------
+@pytest.mark.parametrize("kind", ["whiten", "standardize"])
+def test_affine_preconditioner_conformance(kind, device, dtype):
+    def factory():
+        gen = torch.Generator().manual_seed(0)
+        data = torch.randn(50, 4, generator=gen) @ torch.randn(4, 4, generator=gen) + 3
+        return _AffinePreconditioner(4, kind).fit(data)
+
+    check_transform(factory, dim=4, device=device, dtype=dtype)
+
+
+def test_lazy_module_access():
+    assert pf.density.DensityEstimator is DensityEstimator
