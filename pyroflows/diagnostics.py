@@ -262,8 +262,14 @@ def _trace_chunk(model, guide, args, kwargs, num_samples: int, mpn: int, keep_va
             continue
         if kind == "deterministic":
             event_dim = _deterministic_event_dim(value, event_dim, num_samples, mpn)
+            try:
+                values[name] = _align(value, event_dim, num_samples, mpn, name)
+            except ValueError:  # no sample dim where guessed: a constant, the same every draw
+                event_dim = value.dim()
+                values[name] = _align(value, event_dim, num_samples, mpn, name)
+        else:
+            values[name] = _align(value, event_dim, num_samples, mpn, name)
         sites[name] = _Site(name, kind, frames, max(event_dim, 0))
-        values[name] = _align(value, event_dim, num_samples, mpn, name)
     if not torch.is_tensor(log_p):
         raise ValueError("the model has no sample sites")
     log_weights = log_p - log_q - log_prior_uncovered
@@ -277,6 +283,25 @@ def _is_out_of_memory(error: BaseException) -> bool:
     )
 
 
+def _in_chunks(run: Callable[[int, int], Any], total: int, chunk: int) -> tuple[list, int]:
+    """``run(start, n)`` over ``range(total)`` in pieces of at most ``chunk``; a piece that runs
+    out of memory is retried in halves. Returns the results and the piece size that worked."""
+    parts, start = [], 0
+    while start < total:
+        n = min(chunk, total - start)
+        try:
+            parts.append(run(start, n))
+        except RuntimeError as error:
+            if not _is_out_of_memory(error) or n == 1:
+                raise
+            chunk = max(1, n // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start += n
+    return parts, chunk
+
+
 def _draw(
     model, guide, args, kwargs, num_samples: int, max_plate_nesting: int | None,
     chunk_size: int | None, keep_values: bool,
@@ -288,20 +313,10 @@ def _draw(
         if max_plate_nesting is None else int(max_plate_nesting)
     )
     chunk = num_samples if chunk_size is None else max(1, min(int(chunk_size), num_samples))
-    parts = []
-    done = 0
-    while done < num_samples:
-        n = min(chunk, num_samples - done)
-        try:
-            parts.append(_trace_chunk(model, guide, args, kwargs, n, mpn, keep_values))
-        except RuntimeError as error:
-            if not _is_out_of_memory(error) or n == 1:
-                raise
-            chunk = max(1, n // 2)  # retry this stretch in smaller pieces
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            continue
-        done += n
+    parts, chunk = _in_chunks(
+        lambda start, n: _trace_chunk(model, guide, args, kwargs, n, mpn, keep_values),
+        num_samples, chunk,
+    )
     log_weights = torch.cat([p[0] for p in parts])
     log_joint = torch.cat([p[1] for p in parts])
     values = {name: torch.cat([p[2][name] for p in parts]) for name in parts[0][2]}
@@ -379,8 +394,9 @@ def psis(log_weights: Tensor | np.ndarray) -> tuple[np.ndarray, float]:
         eps = torch.finfo(log_weights.dtype).eps
         lw = log_weights.detach().to("cpu", torch.float64).numpy()
     else:
-        lw = np.asarray(log_weights, dtype=np.float64)
-        eps = np.finfo(np.asarray(log_weights).dtype).eps if lw.size else 0.0
+        given = np.asarray(log_weights)
+        eps = np.finfo(given.dtype if np.issubdtype(given.dtype, np.floating) else float).eps
+        lw = given.astype(np.float64)
     if lw.ndim != 1 or lw.size < 2:
         raise ValueError(f"psis needs a 1-D array of at least 2 log weights, got {lw.shape}")
     finite = lw[np.isfinite(lw)]
@@ -483,19 +499,22 @@ def _posterior_predictive(
     latents = {n: v for n, v in draws.values.items() if draws.sites[n].kind == "latent"}
     if index is not None:
         latents = {n: v.index_select(0, index.to(v.device)) for n, v in latents.items()}
-    total = next(iter(latents.values())).shape[0] if latents else draws.log_weights.shape[0]
+    total = draws.log_weights.shape[0] if index is None else index.shape[0]
     observed = [n for n, s in draws.sites.items() if s.kind == "observed"]
     mpn = draws.max_plate_nesting
-    parts: dict[str, list[Tensor]] = {n: [] for n in observed}
-    for start in range(0, total, draws.chunk_size):
-        n = min(draws.chunk_size, total - start)
+
+    def simulate(start: int, n: int) -> dict[str, Tensor]:
         data = {name: v[start:start + n] for name, v in latents.items()}
         predictive = poutine.condition(poutine.uncondition(model), data=data)
         trace = poutine.trace(_vectorize(predictive, n, mpn)).get_trace(*args, **kwargs)
-        for name in observed:
-            site = trace.nodes[name]
-            parts[name].append(_align(site["value"], site["fn"].event_dim, n, mpn, name))
-    return {name: torch.cat(p) for name, p in parts.items()}
+        return {
+            name: _align(trace.nodes[name]["value"], trace.nodes[name]["fn"].event_dim, n, mpn,
+                         name)
+            for name in observed
+        }
+
+    parts, _ = _in_chunks(simulate, total, draws.chunk_size)
+    return {name: torch.cat([p[name] for p in parts]) for name in observed}
 
 
 def _inference_data(

@@ -323,6 +323,7 @@ def test_chunked_fallback_when_memory_runs_out(device, dtype):
         if x.dim() and x.shape[0] > 64:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         pyro.sample("y", dist.Normal(x, y.new_ones(())), obs=y)
+        pyro.deterministic("const", y.new_tensor([1.0, 2.0, 3.0]))  # the same in every draw
 
     def guide(y):  # the exact posterior N(y/2, 1/2)
         pyro.sample("x", dist.Normal(y / 2, y.new_tensor(0.5).sqrt()))
@@ -333,6 +334,8 @@ def test_chunked_fallback_when_memory_runs_out(device, dtype):
     np.testing.assert_allclose(lw.cpu().double().numpy(), log_z, atol=_log_tol(dtype))
     idata = dg.to_inference_data(model, guide, y, num_samples=200, posterior_predictive=True)
     assert idata.posterior_predictive["y"].shape == (1, 200)
+    assert (idata.posterior["const"].values == [1.0, 2.0, 3.0]).all()
+    assert idata.posterior["const"].dims == ("chain", "draw", "const_dim_0")
 
 
 # ---------------------------------------------------------------------------------------------
