@@ -27,20 +27,41 @@ def one_thread():
 
 @pytest.mark.parametrize("name", ["iaf", "maf", "realnvp"])
 @pytest.mark.parametrize("permutation", ["reverse", "random"])
-def test_layer_sequence(name, permutation):
-    flow = pf.flows.build(name, 4, num_layers=3, hidden_dims=(8,), permutation=permutation,
+def test_layer_sequence_and_folded_permutations(name, permutation):
+    """Layer k acts as if the coordinates were first permuted by c_k = p_1 o ... o p_k (the
+    permutations between layers); the permutation is folded into its MADE order or coupling
+    mask instead of a Permute layer: order_k = argsort(c_k), mask_k = mask[argsort(c_k)]."""
+    dim = 5
+    flow = pf.flows.build(name, dim, num_layers=4, hidden_dims=(8,), permutation=permutation,
                           affine=True)
-    kinds = [type(p).__name__ for p in flow.parts]
     layer = {"iaf": "IAF", "maf": "MAF", "realnvp": "RealNVP"}[name]
-    assert kinds == [layer, "Permute", layer, "Permute", layer, "ElementwiseAffine"]
-    assert all(p.conditioner.hidden_dims == (8,) for p in flow.parts if hasattr(p, "conditioner"))
-    perms = [p.permutation.tolist() for p in flow.parts if type(p).__name__ == "Permute"]
-    if permutation == "reverse":
-        assert perms == [[3, 2, 1, 0]] * 2
-    else:  # fixed by seed: the same flow every time it is built
-        again = pf.flows.build(name, 4, num_layers=3, permutation=permutation)
-        assert perms == [p.permutation.tolist() for p in again.parts if hasattr(p, "permutation")]
-        assert all(sorted(p) == [0, 1, 2, 3] for p in perms)
+    assert [type(p).__name__ for p in flow.parts] == [layer] * 4 + ["ElementwiseAffine"]
+    assert all(p.conditioner.hidden_dims == (8,) for p in flow.parts[:4])
+    cumulative = list(range(dim))
+    for k, part in enumerate(flow.parts[:4]):
+        if k > 0:
+            step = (list(range(dim - 1, -1, -1)) if permutation == "reverse"
+                    else pf.transforms.Permute.random(dim, seed=k).permutation.tolist())
+            cumulative = [cumulative[j] for j in step]
+        rank = [cumulative.index(j) for j in range(dim)]  # argsort
+        if name == "realnvp":
+            first = [j < dim // 2 for j in range(dim)]
+            assert part.mask.tolist() == [first[r] for r in rank]
+        else:
+            assert part.conditioner.degrees.tolist() == [r + 1 for r in rank]
+    again = pf.flows.build(name, dim, num_layers=4, hidden_dims=(8,), permutation=permutation)
+    assert all(torch.equal(a, b) for a, b in zip(again.buffers(), flow.buffers(), strict=True))
+
+
+def test_families_without_a_fold_get_permute_layers():
+    pf.flows.register_family("maf-unfolded", lambda dim, **kw: pf.transforms.MAF(dim, **kw), True)
+    try:
+        flow = pf.flows.build("maf-unfolded", 3, num_layers=3, hidden_dims=(8,))
+        kinds = [type(p).__name__ for p in flow.parts]
+        assert kinds == ["MAF", "Permute", "MAF", "Permute", "MAF"]
+        assert all(p.conditioner.degrees.tolist() == [1, 2, 3] for p in flow.parts[::2])
+    finally:
+        pf.flows.FAMILIES.pop("maf-unfolded")
 
 
 @pytest.mark.parametrize("name", ["iaf", "maf", "realnvp"])
@@ -107,6 +128,10 @@ def test_build_errors():
 def test_one_dimensional_stacks_need_no_permutation():
     flow = pf.flows.build("maf", 1, num_layers=3)
     assert [type(p).__name__ for p in flow.parts] == ["MAF"] * 3
+    flow = pf.flows.build("realnvp", 4, num_layers=1, mask=[False, True, True, False])
+    assert flow.parts[0].mask.tolist() == [False, True, True, False]
+    flow = pf.flows.build("realnvp", 4, num_layers=2, mask=[False, True, True, False])
+    assert flow.parts[1].mask.tolist() == [False, True, True, False][::-1]
 
 
 def test_maf_fits_two_moons_better_than_a_gaussian(one_thread):

@@ -64,7 +64,7 @@ class RealNVP(AffineAutoregressiveCore):
         if int(dim) < 2:
             raise ValueError(f"RealNVP: dim must be at least 2 (a coupling splits it), got {dim}")
         if mask is None:
-            mask_t = torch.arange(int(dim)) < int(dim) // 2
+            mask_t = self.default_mask(int(dim))
         else:
             mask_t = torch.as_tensor(mask).detach().to("cpu").flatten().bool()
         if mask_t.numel() != int(dim) or bool(mask_t.all()) or not bool(mask_t.any()):
@@ -78,6 +78,11 @@ class RealNVP(AffineAutoregressiveCore):
             zero_first=True,
         )
         self.register_buffer("mask", mask_t)
+
+    @staticmethod
+    def default_mask(dim: int) -> Tensor:
+        """The default coupling mask: the first ``D // 2`` coordinates condition the rest."""
+        return torch.arange(int(dim)) < int(dim) // 2
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._parallel(x)
