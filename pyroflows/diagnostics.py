@@ -518,7 +518,7 @@ def _posterior_predictive(
 
 
 def _inference_data(
-    model: Callable, guide: Callable, draws: _Draws, index: Tensor | None,
+    model: Callable, draws: _Draws, index: Tensor | None,
     posterior_predictive: bool, args, kwargs, attrs: dict,
 ) -> az.InferenceData:
     mpn = draws.max_plate_nesting
@@ -606,7 +606,7 @@ def to_inference_data(
         draws = _draw(model, guide, args, kwargs, num_samples, max_plate_nesting, chunk_size,
                       keep_values=True)
         attrs = {"guide": _guide_name(guide), "num_samples": num_samples}
-        return _inference_data(model, guide, draws, None, posterior_predictive, args, kwargs,
+        return _inference_data(model, draws, None, posterior_predictive, args, kwargs,
                                attrs)
 
 
@@ -648,6 +648,7 @@ def importance_resample(
     Example:
         >>> import pyro, pyro.distributions as dist
         >>> from pyroflows.diagnostics import importance_resample
+        >>> pyro.set_rng_seed(0)
         >>> def model():
         ...     pyro.sample("x", dist.Normal(1.0, 1.0))
         >>> def guide():  # too narrow and off-centre
@@ -675,7 +676,7 @@ def importance_resample(
             "guide": _guide_name(guide), "num_samples": num_draws,
             "num_proposals": num_samples, "pareto_k": khat, "ess": ess,
         }
-        return _inference_data(model, guide, draws, index, posterior_predictive, args, kwargs,
+        return _inference_data(model, draws, index, posterior_predictive, args, kwargs,
                                attrs)
 
 
