@@ -7,6 +7,7 @@ from .coupling import RealNVP, realnvp
 from .permute import Permute, permute
 from .planar import Planar, planar
 from .radial import Radial, radial
+from .tabak import Tabak, tabak
 
 __all__ = [
     "FlowTransform",
@@ -24,4 +25,6 @@ __all__ = [
     "realnvp",
     "Permute",
     "permute",
+    "Tabak",
+    "tabak",
 ]
