@@ -153,3 +153,12 @@ def test_maf_fits_two_moons_better_than_a_gaussian(one_thread):
         flow_ll = p.log_prob(x_test).mean().item()
         gauss_ll = gaussian.log_prob(x_test).mean().item()
     assert flow_ll > gauss_ll + 0.5, (flow_ll, gauss_ll)
+
+
+def test_speed_benchmark_runs(capsys, one_thread):
+    """Smoke test of ``python -m benchmarks.speed`` on a tiny setting (it never asserts times)."""
+    speed = pytest.importorskip("benchmarks.speed")
+    speed.main(["--families", "maf", "--libraries", "pyroflows", "pyro",
+                "alt: Permute layers between", "--rounds", "1", "--steps", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "| maf | pyroflows |" in out and "| maf | pyro |" in out
