@@ -42,10 +42,11 @@ class MADE(nn.Module):
     with one mask buffer ``mask`` of the same size. A call multiplies the two once and splits
     the product into the layers' matrices (views), so the masking costs one elementwise
     product per call whatever the depth, and an optimizer updates the whole network as one
-    tensor (per-tensor optimizers such as ``torch.optim.Adam`` on CPU spend most of a small
-    flow's step in a Python loop over parameter tensors). The product is recomputed every call,
-    so it is always in the current autograd graph. :meth:`layer_parameters` gives each layer's
-    (unmasked) weight and bias as views for inspection or in-place initialization.
+    tensor (``torch.optim.Adam`` on CPU loops over parameter tensors in Python, about a quarter
+    of a small flow's training step with one tensor per weight and bias). The product is
+    recomputed every call, so it is always part of the current autograd graph and never stale.
+    :meth:`layer_parameters` gives each layer's (unmasked) weight and bias as views for
+    inspection or in-place initialization.
 
     References:
         Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", ICML 2015,

@@ -1,4 +1,4 @@
-"""Fixed permutations of the coordinates, placed between autoregressive and coupling layers."""
+"""Fixed permutations of the coordinates, as flow layers of their own."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ class Permute(FlowTransform):
 
     The permutation and its inverse are registered buffers (they follow ``.to()`` and are
     saved in the ``state_dict``); it has no parameters. ``sign`` is the permutation's parity.
+
+    :func:`pyroflows.flows.build` puts one between the layers of families that need it; for
+    IAF, MAF and RealNVP it folds the permutation into the next layer's order or mask instead,
+    which gives the same family of maps without running this layer.
 
     Arguments:
         permutation: :math:`\pi`, a sequence or integer tensor holding ``0, ..., D-1`` once
