@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -18,6 +20,24 @@ _SIGMA_MIN, _SIGMA_MAX = -1.0, 0.5
 _GAMMA_MAX = 0.95
 # Parameter order in the per-coordinate ascent problem: (sigma, shift = phi_0, gamma).
 _NUM_PARAMS = 3
+
+
+# Below this many elements per step (n x K), CPU work runs on one thread: per-step ops are too
+# small for threads to pay off, and on a loaded machine every threaded op waits for a core.
+_THREADED_NUMEL = 1 << 20
+
+
+@contextlib.contextmanager
+def _threads_for(numel: int, device: torch.device) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if device.type != "cpu" or numel >= _THREADED_NUMEL or old == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class NotFittedError(RuntimeError, ValueError):
@@ -53,7 +73,7 @@ def map_1d(
     """
     u = (1 - sigma) * x
     w = u - center
-    r = torch.hypot(width, w)
+    r = torch.sqrt(w * w + width * width)
     y = u + shift + gamma * r
     return y, torch.log1p(-sigma) + _log_one_plus_gamma_q(gamma, w, r, width)
 
@@ -78,14 +98,14 @@ def map_1d_inverse(
     """
     c = y - shift - center
     one_minus_g2 = (1 - gamma) * (1 + gamma)
-    s = torch.hypot(c, torch.sqrt(one_minus_g2) * width)
+    s = torch.sqrt(c * c + one_minus_g2 * width * width)
     same_sign = c * gamma > 0
     w_opposite = (c - gamma * s) / one_minus_g2
     safe_den = torch.where(same_sign, c + gamma * s, torch.ones_like(c))
     w_same = (c - gamma * width) * (c + gamma * width) / safe_den
     w = torch.where(same_sign, w_same, w_opposite)
     x = (w + center) / (1 - sigma)
-    r = torch.hypot(width, w)
+    r = torch.sqrt(w * w + width * width)
     return x, torch.log1p(-sigma) + _log_one_plus_gamma_q(gamma, w, r, width)
 
 
@@ -341,33 +361,38 @@ class Tabak(FlowTransform):
         """log|det dW/dx| = -sum log L_ii."""
         return -torch.log(torch.diagonal(self.scale_tril)).sum()
 
+    def _run_steps(self, z: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """Apply the steps to ``z`` of shape (..., D): in order (Gaussianizing) or, with
+        ``inverse``, their inverses in reverse order. Returns the image and the summed log-slopes
+        of the forward steps at the Gaussianizing-side points."""
+        batch = z.shape[:-1]
+        # Transposed, (D, N): sums over the K coordinates then add contiguous rows.
+        zt = z.reshape(-1, self.dim).mT
+        log_slopes = zt.new_zeros(zt.shape[-1])
+        order = reversed(range(self.num_steps)) if inverse else range(self.num_steps)
+        one_d = map_1d_inverse if inverse else map_1d
+        with _threads_for(zt.shape[-1] * self.subspace_dim, zt.device):
+            for t in order:
+                frame = self.frames[t]
+                c = frame.mT @ zt
+                c_new, log_slope = one_d(c, *(p.unsqueeze(-1) for p in self._step_params(t)))
+                zt = zt + frame @ (c_new - c)
+                log_slopes = log_slopes + log_slope.sum(0)
+        return zt.mT.reshape(*batch, self.dim), log_slopes.reshape(batch)
+
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Gaussianize: ``z = G(y)``, and ``log|det d t(z)/dz| = -log|det dG/dy|``."""
         self._check_fitted()
-        z = self._whiten(y)
-        log_det = self._whiten_log_det().expand(y.shape[:-1])
-        for t in range(self.num_steps):
-            frame = self.frames[t]
-            c = z @ frame
-            c_new, log_slope = map_1d(c, *self._step_params(t))
-            z = z + (c_new - c) @ frame.mT
-            log_det = log_det + log_slope.sum(-1)
-        return z, -log_det
+        z, log_slopes = self._run_steps(self._whiten(y), inverse=False)
+        return z, -(log_slopes + self._whiten_log_det())
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Map N(0, I) draws to data space: the steps' inverses in reverse order, then
         un-whiten."""
         self._check_fitted()
-        z = x
-        log_det = torch.zeros(x.shape[:-1], device=x.device, dtype=x.dtype)
-        for t in reversed(range(self.num_steps)):
-            frame = self.frames[t]
-            c = z @ frame
-            c_old, log_slope = map_1d_inverse(c, *self._step_params(t))
-            z = z + (c_old - c) @ frame.mT
-            log_det = log_det - log_slope.sum(-1)
+        z, log_slopes = self._run_steps(x, inverse=True)
         y = self.loc + z @ self.scale_tril.mT
-        return y, log_det - self._whiten_log_det()
+        return y, -(log_slopes + self._whiten_log_det())
 
     # ---- density helpers ---------------------------------------------------------------------
     def log_prob(self, x: Tensor) -> Tensor:
@@ -462,9 +487,8 @@ class Tabak(FlowTransform):
         n = x.shape[0]
         if n < 2 * self.dim + 2:
             raise ValueError(f"Tabak.fit: need at least {2 * self.dim + 2} training rows, got {n}")
-        self._warn_repeats(x)
-
         loc, tril = self._fit_whitening(x)
+        self._warn_repeats(x)
         whiten_ld = -torch.log(torch.diagonal(tril)).sum()
 
         def whiten(v: Tensor) -> Tensor:
@@ -486,36 +510,37 @@ class Tabak(FlowTransform):
             return val
 
         best_val, best_step, bad_checks, done = record(0), 0, 0, 0
-        bar = tqdm(total=self.max_steps, disable=not progress, desc="Tabak", leave=False)
-        try:
-            while done < self.max_steps and bad_checks < self.patience:
-                chunk = min(self.check_every, self.max_steps - done)
-                frames = _haar_frames(chunk, self.dim, k, x, gen)
-                rows = torch.randint(n, (chunk, k, self.num_candidates), generator=gen,
-                                     device=x.device)
-                for i in range(chunk):
-                    frame_t = frames[i].mT
-                    c, c_val = frame_t @ z, frame_t @ z_val
-                    params, keep, c_new, log_slope = self._ascent_step(c, rows[i])
-                    z = z + frames[i] @ ((c_new - c) * keep)
-                    ld = ld + (keep.mT @ log_slope).squeeze(0)
-                    c_val_new, log_slope_val = _fast_map(c_val, *params)
-                    z_val = z_val + frames[i] @ ((c_val_new - c_val) * keep)
-                    ld_val = ld_val + (keep.mT @ log_slope_val).squeeze(0)
-                    steps["frames"].append(frames[i])
-                    for name, p in zip(self._STEP_BUFFERS[1:], params, strict=True):
-                        steps[name].append(p.squeeze(-1) if name in ("centers", "widths")
-                                           else p.squeeze(-1) * keep.squeeze(-1))
-                done += chunk
-                bar.update(chunk)
-                val = record(done)
-                bar.set_postfix(val_log_prob=f"{val:.4f}")
-                if val > best_val:
-                    best_val, best_step, bad_checks = val, done, 0
-                else:
-                    bad_checks += 1
-        finally:
-            bar.close()
+        with _threads_for(n * k * self.num_candidates, x.device):
+            bar = tqdm(total=self.max_steps, disable=not progress, desc="Tabak", leave=False)
+            try:
+                while done < self.max_steps and bad_checks < self.patience:
+                    chunk = min(self.check_every, self.max_steps - done)
+                    frames = _haar_frames(chunk, self.dim, k, x, gen)
+                    rows = torch.randint(n, (chunk, k, self.num_candidates), generator=gen,
+                                         device=x.device)
+                    for i in range(chunk):
+                        frame_t = frames[i].mT
+                        c, c_val = frame_t @ z, frame_t @ z_val
+                        params, keep, c_new, log_slope = self._ascent_step(c, rows[i])
+                        z = z + frames[i] @ ((c_new - c) * keep)
+                        ld = ld + (keep.mT @ log_slope).squeeze(0)
+                        c_val_new, log_slope_val = _fast_map(c_val, *params)
+                        z_val = z_val + frames[i] @ ((c_val_new - c_val) * keep)
+                        ld_val = ld_val + (keep.mT @ log_slope_val).squeeze(0)
+                        steps["frames"].append(frames[i])
+                        for name, p in zip(self._STEP_BUFFERS[1:], params, strict=True):
+                            steps[name].append(p.squeeze(-1) if name in ("centers", "widths")
+                                               else p.squeeze(-1) * keep.squeeze(-1))
+                    done += chunk
+                    bar.update(chunk)
+                    val = record(done)
+                    bar.set_postfix(val_log_prob=f"{val:.4f}")
+                    if val > best_val:
+                        best_val, best_step, bad_checks = val, done, 0
+                    else:
+                        bad_checks += 1
+            finally:
+                bar.close()
         if not math.isfinite(best_val):
             raise RuntimeError("Tabak.fit: the held-out log-likelihood is not finite")
 

@@ -1,0 +1,342 @@
+"""The Tabak transform against independent truth: autograd derivatives of the 1-D map and of the
+local log-likelihood, closed-form inverses, exact known densities and quadrature."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Independent, Normal, TransformedDistribution
+
+import pyroflows as pf
+from pyroflows import datasets, testing
+from pyroflows.transforms.tabak import (
+    NotFittedError,
+    Tabak,
+    gaussianize,
+    local_ascent,
+    map_1d,
+    map_1d_inverse,
+)
+
+
+def _skewed(n, dim, device, dtype, seed=0):
+    """Correlated, skewed, heavy-ish data: a fixed nonlinear warp of Gaussian draws (``seed``
+    picks the draws; the distribution depends on ``dim`` only)."""
+    mix_gen = torch.Generator().manual_seed(100 + dim)
+    mix = torch.linalg.qr(torch.randn(dim, dim, generator=mix_gen, dtype=torch.float64))[0]
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    x = torch.sinh(0.6 * g) + 0.3 * g.square()
+    return (x @ mix).to(device=device, dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def fitted_cpu():
+    """One small fitted 3-D transform (float64, CPU) shared by the cheap tests."""
+    x = _skewed(600, 3, "cpu", torch.float64)
+    return Tabak(3, max_steps=60, check_every=10, seed=1).fit(x, progress=False), x
+
+
+# ---- the 1-D map -----------------------------------------------------------------------------
+def _params(k, device, dtype, gamma):
+    gen = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+    sigma = (r(k) * 1.5 - 1.0)           # in [-1, 0.5]
+    shift = r(k) * 2 - 1
+    center = r(k) * 4 - 2
+    width = 0.01 + r(k)
+    cast = dict(device=device, dtype=dtype)
+    return [p.to(**cast) for p in (sigma, shift, gamma.to(torch.float64), center, width)]
+
+
+@pytest.mark.parametrize("gamma_max", [0.5, 0.95, 1 - 1e-6])
+def test_map_1d_inverse_log_slope_and_monotonicity(gamma_max, device, dtype):
+    """Round trips over many orders of magnitude, log-slope against the autograd derivative,
+    strict monotonicity, also with |gamma| within 1e-6 of 1 (the cancellation-prone regime)."""
+    k = 8
+    gamma = torch.linspace(-gamma_max, gamma_max, k, dtype=torch.float64)
+    params = _params(k, device, dtype, gamma)
+    mag = torch.logspace(-4, 3, 400, dtype=torch.float64)
+    x = torch.cat([-mag.flip(0), mag]).to(device=device, dtype=dtype)[:, None].expand(-1, k)
+    y, log_slope = map_1d(x, *params)
+    assert torch.isfinite(y).all() and torch.isfinite(log_slope).all()
+    assert (y[1:] > y[:-1]).all(), "the map is not strictly increasing"
+    x_back, log_slope_back = map_1d_inverse(y, *params)
+    tol = testing.tolerances(dtype)
+    scale = 1 + x.abs()
+    torch.testing.assert_close(x_back / scale, x / scale, **tol)
+    torch.testing.assert_close(log_slope_back, log_slope, **tol)
+    # Autograd derivative in float64 (the closed form must agree, the rewritten branch too).
+    x64 = x.detach().to(torch.float64).requires_grad_(True)
+    p64 = [p.to(torch.float64) for p in params]
+    y64, _ = map_1d(x64, *p64)
+    (deriv,) = torch.autograd.grad(y64.sum(), x64)
+    torch.testing.assert_close(log_slope.to(torch.float64), deriv.log(), **tol)
+
+
+def test_map_1d_is_identity_at_zero(device, dtype):
+    x = torch.randn(50, 4, device=device, dtype=dtype)
+    zero = torch.zeros(4, device=device, dtype=dtype)
+    y, log_slope = map_1d(x, zero, zero, zero, zero + 0.3, zero + 0.2)
+    torch.testing.assert_close(y, x)
+    assert float(log_slope.abs().max()) == 0.0
+
+
+def test_local_ascent_matches_autograd(device):
+    """The closed-form gradient of the local log-likelihood (seed eq. 23) at the identity and
+    the Gauss-Newton matrix against torch.autograd (float64 on purpose: it checks algebra)."""
+    dtype = torch.float64
+    n, k = 200, 5
+    x = (torch.randn(k, n, device=device, dtype=dtype) * 1.3 + 0.4) ** 3 / 3
+    center = x[:, 7]
+    width = 0.2 + torch.rand(k, device=device, dtype=dtype)
+    grad, gn = local_ascent(x, center, width)
+
+    def residuals(alpha):  # alpha (k, 3): per-sample log phi' and phi, shape (k, n) each
+        y, log_slope = map_1d(x, *(alpha[:, i : i + 1] for i in range(3)),
+                              center[:, None], width[:, None])
+        return log_slope, y
+
+    def local_ll(alpha):
+        log_slope, y = residuals(alpha)
+        return (log_slope - 0.5 * y * y).mean(-1).sum()
+
+    alpha0 = torch.zeros(k, 3, device=device, dtype=dtype)
+    torch.testing.assert_close(grad, torch.func.grad(local_ll)(alpha0))
+    jac_log, jac_y = torch.func.jacrev(residuals)(alpha0)  # (k, n, k, 3) each
+    idx = torch.arange(k, device=device)
+    a, b = jac_log[idx, :, idx], jac_y[idx, :, idx]       # (k, n, 3): per-coordinate blocks
+    expected_gn = (a.mT @ a + b.mT @ b) / n
+    torch.testing.assert_close(gn, expected_gn)
+    # Gauss-Newton is positive semi-definite where the exact Hessian need not be.
+    assert (torch.linalg.eigvalsh(gn) > -1e-12).all()
+    # A Gauss-Newton step ascends: a small step along it increases the local log-likelihood.
+    step = torch.linalg.solve(gn, grad.unsqueeze(-1)).squeeze(-1)
+    step = step * (0.01 / step.norm(dim=-1, keepdim=True))
+    assert float(local_ll(step)) > float(local_ll(alpha0))
+
+
+# ---- fitting ---------------------------------------------------------------------------------
+def test_every_fitted_step_is_monotone_and_in_the_safe_region(fitted_cpu):
+    t, _ = fitted_cpu
+    assert t.num_steps == t.best_step > 0
+    assert (t.sigmas <= 0.5).all() and (t.sigmas >= -1).all()
+    assert (t.gammas.abs() <= 0.95).all() and (t.widths > 0).all()
+    grid = torch.linspace(-30, 30, 3001, dtype=torch.float64)[:, None, None]  # (G, 1, 1)
+    params = [p.unsqueeze(0) for p in t._step_params(slice(None))]            # (1, T, K)
+    y, log_slope = map_1d(grid, *params)
+    assert (y[1:] > y[:-1]).all(), "a fitted step is not strictly increasing"
+    assert (log_slope > math.log(0.5 * 0.05) - 1e-9).all()
+    # The frames have orthonormal columns.
+    eye = torch.eye(t.subspace_dim, dtype=torch.float64)
+    torch.testing.assert_close(t.frames.mT @ t.frames, eye.expand_as(t.frames.mT @ t.frames))
+
+
+def test_training_likelihood_never_drops_and_heldout_gains(device, dtype):
+    x = _skewed(3000, 3, device, dtype, seed=2)
+    x_val = _skewed(1000, 3, device, dtype, seed=3)
+    t = Tabak(3, max_steps=300, check_every=20, patience=100, seed=0).fit(x, x_val,
+                                                                        progress=False)
+    train = torch.tensor(t.history["train_log_prob"], dtype=torch.float64)
+    val = torch.tensor(t.history["val_log_prob"], dtype=torch.float64)
+    slack = 1e-9 if dtype == torch.float64 else 1e-4
+    assert (train[1:] >= train[:-1] - slack).all(), "a step lost training likelihood"
+    assert val[-1] > val[0] + 0.05, "no held-out gain"
+    # Per-step held-out gain positive on average over every block of 100 steps.
+    blocks = val[::5]
+    assert (blocks[1:] > blocks[:-1]).float().mean() >= 0.6
+    # The tracked held-out log-likelihood is the transform's own density (incremental
+    # bookkeeping agrees with a fresh evaluation at the kept step count).
+    best = t.history["step"].index(t.best_step)
+    torch.testing.assert_close(
+        t.log_prob(x_val).mean().double(), val[best], rtol=0, atol=1e-3 if dtype == torch.float32
+        else 1e-8,
+    )
+
+
+def test_gaussian_mixture_2d_within_margin_of_truth(device, dtype):
+    """Held-out log-likelihood within 0.05 nats/sample of the exact mixture density."""
+    x, mix = datasets.gaussian_mixture(9000, dim=2, seed=3)
+    train, test = x[:5000], x[5000:]
+    t = Tabak(2, max_steps=900, seed=0).fit(train.to(device, dtype), progress=False)
+    lp = t.log_prob(test.to(device, dtype)).double().cpu()
+    gap = float((mix.log_prob(test) - lp).mean())
+    assert abs(gap) < 0.05, f"gap to the true density {gap:.4f} nats"
+
+
+def test_rezende_u1_within_margin_of_truth(shared_dir, device, dtype):
+    """The ring density U1 (Rezende & Mohamed 2015), exact draws: held-out gap under 0.15 nats
+    (larger fits reach about 0.06, see benchmarks/results/tabak.md)."""
+    draws = np.load(os.path.join(shared_dir, "bench", "rezende", "box_draws.npz"))["U1"]
+    x = torch.as_tensor(draws, dtype=torch.float64)
+    train, test = x[:6000], x[16000:]
+    t = Tabak(2, max_steps=1500, seed=0).fit(train.to(device, dtype), progress=False)
+    truth = -datasets.rezende_u1(test) - datasets.LOG_Z["U1"]
+    gap = float((truth - t.log_prob(test.to(device, dtype)).double().cpu()).mean())
+    assert -0.05 < gap < 0.15, f"gap to the true density {gap:.4f} nats"
+
+
+def test_density_integrates_to_one_and_matches_transformed_distribution(fitted_cpu):
+    x2 = _skewed(800, 2, "cpu", torch.float64, seed=4)
+    t = Tabak(2, max_steps=100, width=0.3, seed=2).fit(x2, progress=False)
+    lo, hi, m = x2.min(0).values - 6, x2.max(0).values + 6, 501
+    g0 = torch.linspace(float(lo[0]), float(hi[0]), m, dtype=torch.float64)
+    g1 = torch.linspace(float(lo[1]), float(hi[1]), m, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(g0, g1, indexing="ij"), -1).reshape(-1, 2)
+    dens = t.log_prob(grid).exp().reshape(m, m)
+    mass = torch.trapezoid(torch.trapezoid(dens, g1, dim=1), g0)
+    assert abs(float(mass) - 1) < 2e-3, f"the density integrates to {float(mass)}"
+    base = Independent(Normal(torch.zeros(2, dtype=torch.float64), torch.ones(2,
+                                                                          dtype=torch.float64)), 1)
+    d = TransformedDistribution(base, [t])
+    torch.testing.assert_close(d.log_prob(x2[:50]), t.log_prob(x2[:50]))
+    s = d.sample((4000,))
+    # Samples follow the data: means and standard deviations within a few standard errors.
+    se = x2.std(0) / math.sqrt(800)
+    assert ((s.mean(0) - x2.mean(0)).abs() < 5 * se).all()
+    assert ((s.std(0) / x2.std(0)).log().abs() < 0.15).all()
+
+
+def test_subspace_rotations(device, dtype):
+    """K < D: buffers hold D x K frames; exact inverse and log-det against autograd."""
+    x = _skewed(500, 6, device, dtype, seed=5)
+    t = Tabak(6, subspace_dim=2, max_steps=40, check_every=10, seed=0).fit(x, progress=False)
+    assert t.frames.shape == (t.num_steps, 6, 2) and t.num_steps > 0
+    testing.check_round_trips(t, 6, device=device, dtype=dtype)
+    testing.check_log_det(t, 6, device=device, dtype=dtype, num_points=2)
+
+
+def test_fit_follows_the_data_device_and_dtype(device, dtype):
+    x = _skewed(400, 2, device, dtype)
+    t = Tabak(2, max_steps=30, check_every=10, seed=0).fit(x, progress=False)
+    for name, b in t.named_buffers():
+        assert b.device.type == x.device.type, name
+        if b.is_floating_point():
+            assert b.dtype == dtype, name
+    z = t.inv(x)
+    assert z.dtype == dtype and z.device.type == x.device.type and torch.isfinite(z).all()
+
+
+def test_fit_is_deterministic_with_a_seed():
+    x = _skewed(400, 2, "cpu", torch.float64)
+    a = Tabak(2, max_steps=40, check_every=10, seed=7).fit(x, progress=False)
+    b = Tabak(2, max_steps=40, check_every=10, seed=7).fit(x, progress=False)
+    for (name, ba), bb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(ba, bb), name
+
+
+# ---- state -----------------------------------------------------------------------------------
+def test_state_dict_loads_into_a_fresh_unfitted_transform(fitted_cpu, device, dtype):
+    t, x = fitted_cpu
+    t = t.to(device=device, dtype=dtype)
+    x = x.to(device=device, dtype=dtype)
+    fresh = Tabak(3).to(device=device, dtype=dtype)
+    fresh.load_state_dict(t.state_dict())
+    assert fresh.num_steps == t.num_steps
+    torch.testing.assert_close(fresh.inv(x.clone()), t.inv(x.clone()))
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded.log_prob(x), t.log_prob(x))
+
+
+def test_unfitted_transform_raises_a_clear_error(device, dtype):
+    t = Tabak(2).to(device, dtype)
+    x = torch.randn(3, 2, device=device, dtype=dtype)
+    for call in (lambda: t(x), lambda: t.inv(x.clone()), lambda: t.log_prob(x),
+                 lambda: t.sample((2,)), lambda: t.log_abs_det_jacobian(x, x.clone())):
+        with pytest.raises(NotFittedError, match="not fitted"):
+            call()
+    assert issubclass(NotFittedError, RuntimeError) and issubclass(NotFittedError, ValueError)
+
+
+def test_failed_or_interrupted_fit_keeps_the_previous_state(fitted_cpu, monkeypatch):
+    t, x = fitted_cpu
+    before = {k: v.clone() for k, v in t.state_dict().items()}
+    z_before = t.inv(x.clone())
+    with pytest.raises(ValueError):
+        t.fit(torch.full_like(x, float("nan")), progress=False)
+    calls = {"n": 0}
+    original = Tabak._ascent_step
+
+    def interrupted(self, *args):
+        calls["n"] += 1
+        if calls["n"] > 25:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Tabak, "_ascent_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(_skewed(500, 3, "cpu", torch.float64, seed=9), progress=False)
+    after = t.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    torch.testing.assert_close(t.inv(x.clone()), z_before)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def test_bad_training_data_raises_value_errors(device, dtype):
+    x = _skewed(200, 3, device, dtype)
+    t = Tabak(3, max_steps=10)
+    nan_rows = x.clone()
+    nan_rows[[3, 17], 1] = float("nan")
+    with pytest.raises(ValueError, match="2 row"):
+        t.fit(nan_rows, progress=False)
+    const = x.clone()
+    const[:, 2] = 1.5
+    with pytest.raises(ValueError, match=r"column\(s\) \[2\] are constant"):
+        t.fit(const, progress=False)
+    dependent = x.clone()
+    dependent[:, 2] = dependent[:, 0] - 2 * dependent[:, 1]
+    with pytest.raises(ValueError, match="singular"):
+        t.fit(dependent, progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        t.fit(x[:, :2], progress=False)
+    with pytest.raises(ValueError, match="x_val"):
+        t.fit(x, x_val=nan_rows, progress=False)
+    with pytest.raises(ValueError):
+        Tabak(3, width=0.0)
+    with pytest.raises(ValueError):
+        Tabak(3, subspace_dim=4)
+    assert not bool(t.fitted)
+
+
+def test_repeated_values_give_finite_output(device, dtype):
+    """Duplicate rows are allowed (every map has width > 0); mostly-repeated columns warn."""
+    x = _skewed(300, 2, device, dtype)
+    dup = torch.cat([x, x[:100], x[:100]])
+    t = Tabak(2, max_steps=60, check_every=10, seed=0).fit(dup, progress=False)
+    assert torch.isfinite(t.inv(dup)).all() and torch.isfinite(t.log_prob(dup)).all()
+    lattice = torch.cat([x[:, :1], x[:, 1:].round()], dim=1)
+    with pytest.warns(UserWarning, match="repeated values"):
+        t2 = Tabak(2, max_steps=30, check_every=10, seed=0).fit(lattice, progress=False)
+    assert torch.isfinite(t2.log_prob(lattice)).all()
+
+
+# ---- helpers for models ----------------------------------------------------------------------
+def test_gaussianize_returns_standard_normal_coordinates(device, dtype):
+    x = _skewed(2000, 2, device, dtype, seed=6)
+    z, t = gaussianize(x, max_steps=400, seed=0)
+    torch.testing.assert_close(z, t.inv(x))
+    zc = z.double().cpu()
+    assert (zc.mean(0).abs() < 0.1).all()
+    torch.testing.assert_close(torch.cov(zc.T), torch.eye(2, dtype=torch.float64), atol=0.1,
+                               rtol=0)
+    # Skewness removed: the data's marginal skewness is far from 0, the Gaussianized one close.
+    def skew(v):
+        v = (v - v.mean(0)) / v.std(0)
+        return (v**3).mean(0)
+
+    assert skew(x.double().cpu()).abs().max() > 0.5
+    assert skew(zc).abs().max() < 0.15
+    assert isinstance(pf.transforms.tabak(2), Tabak)
