@@ -114,3 +114,15 @@ def _maf_stack():
 def _realnvp_stack():
     flow = pf.flows.build("realnvp", 4, num_layers=3, hidden_dims=(8,), permutation="random")
     return _randomized(flow, scale=0.3)
+
+
+@register("tabak", 3)
+def _tabak():
+    """A small fitted Tabak transform (buffers only), deterministic: fixed data and seed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(11)
+    g = torch.randn(300, 3, generator=gen, dtype=torch.float64)
+    x = torch.sinh(0.7 * g) + 0.4 * g[:, :1] * g.roll(1, dims=1)
+    t = pf.transforms.Tabak(3, max_steps=50, check_every=10, patience=50, seed=0)
+    return t.fit(x, progress=False).to(torch.get_default_dtype())
