@@ -12,7 +12,7 @@ import torch
 from scipy.stats import multivariate_normal
 
 import pyroflows as pf
-from pyroflows.density import DensityEstimator, _AffinePreconditioner
+from pyroflows.density import DensityEstimator, _CholeskyLinear, _Standardize
 from pyroflows.testing import check_transform, tolerances
 
 SMALL = {"num_layers": 2, "hidden_dims": (16, 16)}
@@ -315,14 +315,23 @@ def test_bad_input_raises_value_errors(device, dtype):
         est.fit(x, max_epochs=-1)
 
 
-# ---- the preconditioner is an exact flow layer -----------------------------------------------
-@pytest.mark.parametrize("kind", ["whiten", "standardize"])
-def test_affine_preconditioner_conformance(kind, device, dtype):
-    def factory():
-        gen = torch.Generator().manual_seed(0)
-        data = torch.randn(50, 4, generator=gen) @ torch.randn(4, 4, generator=gen) + 3
-        return _AffinePreconditioner(4, kind).fit(data)
+# ---- the preconditioning layers are exact flow layers -----------------------------------------
+def _fitted_standardize():
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randn(50, 4, generator=gen) * torch.tensor([0.1, 1.0, 3.0, 20.0]) + 3
+    return _Standardize(4).fit(data)
 
+
+def _random_cholesky():
+    t = _CholeskyLinear(4)
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(4, 4, generator=gen)
+    t.set_scale_tril_(torch.linalg.cholesky(a @ a.T + 0.5 * torch.eye(4)))
+    return t
+
+
+@pytest.mark.parametrize("factory", [_fitted_standardize, _random_cholesky])
+def test_preconditioning_layers_conformance(factory, device, dtype):
     check_transform(factory, dim=4, device=device, dtype=dtype)
 
 
