@@ -217,6 +217,24 @@ def test_subspace_rotations(device, dtype):
     testing.check_log_det(t, 6, device=device, dtype=dtype, num_points=2)
 
 
+def test_truncated_copies_are_the_fit_at_that_step(fitted_cpu):
+    t, x = fitted_cpu
+    half = t.truncated(t.num_steps // 2)
+    assert half.num_steps == t.num_steps // 2 and t.num_steps == t.best_step
+    # Composition: the remaining steps applied after the truncated map give the full map.
+    z_half = half.inv(x.clone())
+    rest = t.truncated(t.num_steps)
+    for name in rest._STEP_BUFFERS:
+        setattr(rest, name, getattr(t, name)[t.num_steps // 2 :].clone())
+    rest.loc, rest.scale_tril = torch.zeros_like(t.loc), torch.eye(3, dtype=t.loc.dtype)
+    torch.testing.assert_close(rest.inv(z_half), t.inv(x.clone()))
+    # No steps: the density of the whitening alone, a Gaussian in closed form.
+    gauss = torch.distributions.MultivariateNormal(t.loc, scale_tril=t.scale_tril)
+    torch.testing.assert_close(t.truncated(0).log_prob(x), gauss.log_prob(x))
+    with pytest.raises(ValueError):
+        t.truncated(t.num_steps + 1)
+
+
 def test_fit_follows_the_data_device_and_dtype(device, dtype):
     x = _skewed(400, 2, device, dtype)
     t = Tabak(2, max_steps=30, check_every=10, seed=0).fit(x, progress=False)

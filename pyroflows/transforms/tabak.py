@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 from collections.abc import Iterator
@@ -408,6 +409,19 @@ class Tabak(FlowTransform):
             (*sample_shape, self.dim), device=self.loc.device, dtype=self.loc.dtype
         )
         return self.forward_and_log_det(z)[0]
+
+    def truncated(self, num_steps: int) -> Tabak:
+        """A copy keeping the whitening and the first ``num_steps`` steps: the flow as it stood
+        at that point of the fit (``truncated(0)`` is the whitening alone)."""
+        self._check_fitted()
+        if not 0 <= int(num_steps) <= self.num_steps:
+            raise ValueError(f"Tabak.truncated: num_steps must be in [0, {self.num_steps}], "
+                             f"got {num_steps}")
+        out = copy.deepcopy(self)
+        for name in self._STEP_BUFFERS:
+            setattr(out, name, getattr(self, name)[: int(num_steps)].clone())
+        out.clear_cache()
+        return out
 
     def fit_transform(self, x: Tensor, x_val: Tensor | None = None, progress: bool = True):
         """Fit to ``x`` and return the Gaussianized training data ``t.inv(x)``."""
