@@ -11,7 +11,7 @@ from torch.distributions import constraints
 
 from .._config import is_validation_enabled
 
-__all__ = ["FlowTransform"]
+__all__ = ["FlowTransform", "module_stamp"]
 
 
 @dataclass
@@ -22,6 +22,37 @@ class _CacheEntry:
     x_version: int
     y_version: int
     stamp: tuple
+
+
+def module_stamp(module: nn.Module) -> tuple | None:
+    """The cache key of a module's state: the grad mode and the identity and version counter
+    of every parameter and buffer (``None`` in inference mode, where nothing is cached).
+
+    Walks ``_parameters``, ``_buffers`` and ``_modules`` directly: ``named_parameters()``
+    builds prefixed names and a set of seen tensors, several times the cost, and this runs a
+    few times per layer per training step. Shared tensors are listed once per owner, which
+    only makes the key longer, never ambiguous.
+    """
+    if torch.is_inference_mode_enabled():
+        return None
+    states: list[int] = []
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        for t in m._parameters.values():
+            if t is not None:
+                states += (id(t), t._version)
+        for t in m._buffers.values():
+            if t is not None:
+                states += (id(t), t._version)
+        todo.extend(c for c in m._modules.values() if c is not None)
+    return (torch.is_grad_enabled(), tuple(states))
+
+
+def _all_finite(value: Tensor) -> bool:
+    # one reduction first: a non-finite entry always makes the sum non-finite; only when the
+    # sum is non-finite (which finite entries can also cause, by overflow) look elementwise
+    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
 
 
 class FlowTransform(TransformModule):
@@ -81,22 +112,19 @@ class FlowTransform(TransformModule):
                 f"{name}: {what} must have shape (..., {self.dim}) (event size {self.dim}), "
                 f"got shape {tuple(value.shape)}"
             )
-        if is_validation_enabled() and not bool(torch.isfinite(value).all()):
+        if is_validation_enabled() and not _all_finite(value):
             raise ValueError(f"{name}: {what} contains NaN or infinite values")
 
     # ---- cache ----------------------------------------------------------------------------
     def _stamp(self) -> tuple | None:
-        if torch.is_inference_mode_enabled():
-            return None
-        states = [(id(p), p._version) for p in self.parameters()]
-        states += [(id(b), b._version) for b in self.buffers()]
-        return (torch.is_grad_enabled(), tuple(states))
+        return module_stamp(self)
 
     def _store(self, x: Tensor, y: Tensor, log_det: Tensor, stamp: tuple | None) -> None:
+        # through __dict__: a plain attribute, so nn.Module.__setattr__'s checks are skipped
         if stamp is None or x.is_inference() or y.is_inference():
-            self._cache = None
+            self.__dict__["_cache"] = None
             return
-        self._cache = _CacheEntry(x, y, log_det, x._version, y._version, stamp)
+        self.__dict__["_cache"] = _CacheEntry(x, y, log_det, x._version, y._version, stamp)
 
     def _lookup(self, x: Tensor | None = None, y: Tensor | None = None) -> _CacheEntry | None:
         c = self._cache
