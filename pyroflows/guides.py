@@ -28,9 +28,16 @@ __all__ = [
     "AutoRadial",
     "AutoIAF",
     "FlowPosterior",
+    "TriangularAffine",
     "FlowELBO",
+    "optim_args",
     "DEFAULT_NUM_LAYERS",
+    "FULL_RANK_MAX_DIM",
 ]
+
+#: Up to this latent size the guide's last layer is full rank (:class:`TriangularAffine`) unless
+#: ``full_rank`` says otherwise; above it, its D^2 parameters cost more than they help.
+FULL_RANK_MAX_DIM = 256
 
 #: Layers per family when ``num_layers`` is not given: planar and radial layers are rank-one
 #: and radial bumps, so they need many; one autoregressive or coupling layer already
@@ -66,6 +73,53 @@ class FlowPosterior(dist.TransformedDistribution):
         return self.base_dist.log_prob(y) - log_det
 
 
+class TriangularAffine(FlowTransform):
+    r"""Full-rank affine map :math:`y = \mu + L x` with :math:`L` lower triangular,
+    :math:`L_{ii} = e^{s_i} > 0`, and :math:`\log|\det J| = \sum_i s_i`.
+
+    The last layer of a full-rank flow guide: it starts at :math:`L = \mathrm{diag}(e^{s})`
+    (the mean-field Gaussian of :class:`~pyroflows.transforms.ElementwiseAffine`), and its
+    strictly lower part learns the posterior's linear correlations directly, which flow layers
+    whose networks start at the identity learn only slowly.
+
+    Arguments:
+        dim: the event size D.
+        loc: initial :math:`\mu` (a tensor of shape (D,) or a float), default 0.
+        scale: initial diagonal :math:`e^{s}` (a positive float or tensor of shape (D,)).
+
+    Example:
+        >>> import torch
+        >>> t = TriangularAffine(2, loc=1.0, scale=2.0)
+        >>> t(torch.ones(1, 2)).tolist()
+        [[3.0, 3.0]]
+    """
+
+    def __init__(self, dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0) -> None:
+        super().__init__(dim)
+        loc_t = torch.as_tensor(loc, dtype=torch.get_default_dtype())
+        scale_t = torch.as_tensor(scale, dtype=torch.get_default_dtype())
+        if not bool((scale_t > 0).all()):
+            raise ValueError(f"TriangularAffine: scale must be positive, got {scale}")
+        self.loc = nn.Parameter(loc_t.detach().clone().expand(dim).contiguous())
+        self.log_scale = nn.Parameter(scale_t.detach().log().expand(dim).contiguous())
+        self.lower = nn.Parameter(torch.zeros(dim, dim))  # only the strictly lower part is used
+
+    @property
+    def scale_tril(self) -> Tensor:
+        """:math:`L`, lower triangular with positive diagonal."""
+        return torch.tril(self.lower, diagonal=-1) + torch.diag_embed(self.log_scale.exp())
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = self.loc + x @ self.scale_tril.T
+        return y, self.log_scale.sum().expand(x.shape[:-1])
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        # x L^T = y - mu, solved as a triangular system for every row at once
+        x = torch.linalg.solve_triangular(self.scale_tril.T, (y - self.loc).unsqueeze(-2),
+                                          upper=True, left=False).squeeze(-2)
+        return x, self.log_scale.sum().expand(y.shape[:-1])
+
+
 class _Inverse(nn.Module):
     """Calls a layer's ``inverse_and_log_det`` (bypassing its cache), for ``functional_call``."""
 
@@ -96,19 +150,24 @@ class AutoFlowGuide(AutoContinuous):
     with ``biject_to(site.support)`` and packs the results into one vector
     :math:`u \in \mathbb{R}^D`. Its posterior over that vector is
 
-    .. math:: u = \mu + \sigma \odot f_K \circ \dots \circ f_1(\varepsilon),
+    .. math:: u = \mu + L\, f_K \circ \dots \circ f_1(\varepsilon),
               \qquad \varepsilon \sim N(0, I_D),
 
     .. math:: \log q(u) = \log N(\varepsilon; 0, I) - \sum_k \log|\det J_{f_k}|
-              - \textstyle\sum_i \log \sigma_i,
+              - \textstyle\sum_i \log L_{ii},
 
-    with :math:`f_1 \dots f_K` the flow layers and a learnable elementwise affine layer
-    :math:`(\mu, \sigma)` last, started at ``init_loc_fn``'s location and ``init_scale``. So the
-    guide starts as a narrow mean-field Gaussian where the model's mass is (as
+    with :math:`f_1 \dots f_K` the flow layers and a learnable affine layer :math:`(\mu, L)`
+    last, started at ``init_loc_fn``'s location and :math:`L = \mathrm{init\_scale}\, I`. So
+    the guide starts as a narrow mean-field Gaussian where the model's mass is (as
     :class:`~pyro.infer.autoguide.AutoNormal` does), not at :math:`N(0, I)` where Pyro's
     ``AutoIAFNormal`` and ``AutoNormalizingFlow`` start, and the flow only has to learn the
-    shape. Sampling is one forward pass through the layers; the guide scores its own samples
-    from the layers' cache, so an IAF guide never runs its D-pass inverse during SVI.
+    shape. :math:`L` is diagonal (:class:`~pyroflows.transforms.ElementwiseAffine`) or, with
+    ``full_rank``, lower triangular (:class:`TriangularAffine`): then the linear correlations
+    are learnt as fast as by :class:`~pyro.infer.autoguide.AutoMultivariateNormal`, while the
+    flow layers, whose networks start at the identity, learn the rest.
+
+    Sampling is one forward pass through the layers; the guide scores its own samples from the
+    layers' cache, so an IAF guide never runs its D-pass inverse during SVI.
 
     The flow is built when the guide first sees the model (its latent size is known then), on
     the device and in the dtype of the model's latent values, and is a submodule: ``.to()``,
@@ -139,7 +198,9 @@ class AutoFlowGuide(AutoContinuous):
         hidden_dims: conditioner hidden sizes for the network families.
         init_loc_fn: per-site initialization (see :mod:`pyro.infer.autoguide.initialization`);
             default the prior median.
-        init_scale: initial scale :math:`\sigma` of the affine layer (unconstrained space).
+        init_scale: initial scale (diagonal of :math:`L`) in the unconstrained space.
+        full_rank: a lower-triangular :math:`L` (True) or a diagonal one (False); default
+            full rank when the latent size is at most :data:`FULL_RANK_MAX_DIM`.
         num_quantile_samples: draws behind :meth:`median` and :meth:`quantiles`.
         flow_kwargs: passed to :func:`pyroflows.flows.build`.
 
@@ -168,6 +229,7 @@ class AutoFlowGuide(AutoContinuous):
         hidden_dims: Sequence[int] | None = None,
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
+        full_rank: bool | None = None,
         num_quantile_samples: int = 10000,
         **flow_kwargs: Any,
     ) -> None:
@@ -192,6 +254,7 @@ class AutoFlowGuide(AutoContinuous):
         self.num_layers = num_layers
         self.hidden_dims = tuple(hidden_dims) if hidden_dims is not None else None
         self._init_scale = float(init_scale)
+        self.full_rank = full_rank
         self.num_quantile_samples = int(num_quantile_samples)
         self._flow_kwargs = dict(flow_kwargs)
         self._plain_transforms: list[Transform] = []  # parameter-free, non-Module layers
@@ -251,7 +314,9 @@ class AutoFlowGuide(AutoContinuous):
             if flow is not None:
                 self._plain_transforms = list(flow.parts) if isinstance(
                     flow, ComposeTransform) else [flow]
-        affine = ElementwiseAffine(dim, scale=self._init_scale).to(loc.device, loc.dtype)
+        full_rank = dim <= FULL_RANK_MAX_DIM if self.full_rank is None else self.full_rank
+        layer = TriangularAffine if full_rank else ElementwiseAffine
+        affine = layer(dim, scale=self._init_scale).to(loc.device, loc.dtype)
         with torch.no_grad():
             affine.loc.copy_(loc)  # after the cast, so float64 inits keep full precision
         self.affine = affine
@@ -310,6 +375,19 @@ class AutoFlowGuide(AutoContinuous):
         if self._pyro_context.active:
             self._sync_param_store()
         return FlowPosterior(self.get_base_dist(), self._transforms())
+
+    def param_groups(self, lr: float, flow_lr: float | None = None) -> list[dict]:
+        """Parameter groups for a ``torch.optim`` optimizer: the affine layer (``loc``, scale)
+        at ``lr``, the flow layers at ``flow_lr`` (default ``lr``). Call the guide once first,
+        so that its parameters exist."""
+        if self.prototype_trace is None:
+            raise RuntimeError("call the guide once (with the model's arguments) first")
+        groups = [{"params": list(self._modules["affine"].parameters()), "lr": lr}]
+        flow = self._modules.get("flow")
+        if flow is not None:
+            groups.append({"params": list(flow.parameters()), "lr": lr if flow_lr is None
+                           else flow_lr})
+        return groups
 
     # ---- draws, median, quantiles ---------------------------------------------------------------
     @torch.no_grad()
@@ -406,6 +484,27 @@ class AutoIAF(AutoFlowGuide):
                  hidden_dims: Sequence[int] | None = None, **kwargs: Any) -> None:
         super().__init__(model, flow="iaf", num_layers=num_layers, hidden_dims=hidden_dims,
                          **kwargs)
+
+
+def optim_args(lr: float = 5e-2, flow_lr: float = 1e-3, **kwargs: Any) -> Callable[[str], dict]:
+    """Per-parameter arguments for a :mod:`pyro.optim` optimizer: ``lr`` for the affine layer of
+    a flow guide (and any parameter that is not a flow layer's), ``flow_lr`` for the flow layers.
+
+    The affine layer is a mean-field Gaussian and tolerates a large step; the flow layers'
+    networks are safer with a small one (see the notes of :class:`AutoFlowGuide`).
+
+    Example:
+        >>> import pyro
+        >>> optimizer = pyro.optim.Adam(optim_args(lr=5e-2, flow_lr=1e-3))
+        >>> optim_args()("AutoIAF.flow.0.conditioner.net.0.weight")["lr"]
+        0.001
+    """
+
+    def args(name: str) -> dict:
+        in_flow = ".flow." in f".{name}"
+        return {"lr": flow_lr if in_flow else lr, **kwargs}
+
+    return args
 
 
 class FlowELBO(Trace_ELBO):
