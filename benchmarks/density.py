@@ -63,8 +63,8 @@ DTYPE = torch.float32
 class Budget:
     num_layers: int = 5
     hidden: tuple[int, ...] = (128, 128)
-    max_epochs: int = 200
-    patience: int = 20
+    max_epochs: int = 120
+    patience: int = 15
     batch_size: int = 256
     lr: float = 1e-3
 
@@ -351,10 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budget, for a smoke test")
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--patience", type=int, default=None)
-    parser.add_argument("--datasets", default="U2,U3,U4,mixture8,banana6,student5,digits,"
-                        "breast_cancer")
+    parser.add_argument("--datasets", default="U3,U4,mixture8,banana6,student5,digits,"
+                        "breast_cancer", help="comma-separated; U2 is available too")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--n-train", type=int, default=6000, help="synthetic training rows")
+    parser.add_argument("--n-train", type=int, default=2500, help="synthetic training rows")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         b.max_epochs = args.max_epochs
     if args.patience is not None:
         b.patience = args.patience
-    n_val, n_test = max(n_train // 6, 200), 10000
+    n_val, n_test = max(n_train // 5, 200), 10000
     makers = {
         "U2": lambda: rezende("U2", n_train, n_val, n_test),
         "U3": lambda: rezende("U3", n_train, n_val, n_test),

@@ -150,7 +150,8 @@ def _forward_parts(parts: Sequence[Any], z: Tensor) -> Tensor:
 
 class _DensityModel(nn.Module):
     r"""``log p(x) = log N(z; 0, I) + log|det dz/dx|`` with ``z = f^{-1}(P^{-1}(x))``: the
-    preconditioning stages ``P`` (fixed buffers, data side) then the trainable flow ``f``."""
+    preconditioning stages ``P`` (fixed buffers, data side) then the trainable flow ``f`` (whose
+    base-side layer is the learnable Cholesky factor with ``precondition="whiten"``)."""
 
     def __init__(self, dim: int, flow: nn.Module, stages: Sequence[FlowTransform]) -> None:
         super().__init__()
@@ -425,6 +426,7 @@ class DensityEstimator:
             raise ValueError(f"averaging_epochs must be >= 0, got {averaging_epochs}")
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        start = time.perf_counter()
         t = _as_tensor(x, "x")
         device = self.device or t.device
         from_torch = isinstance(x, Tensor) and t.is_floating_point()
@@ -472,13 +474,13 @@ class DensityEstimator:
             model, dim, u_train, ld_train, u_val, ld_val, gen, max_epochs=int(max_epochs),
             batch_size=int(batch_size), lr=float(lr), patience=int(patience),
             weight_decay=float(weight_decay), averaging_epochs=float(averaging_epochs),
-            progress=progress,
+            progress=progress, start=start,
         )
         return self
 
     def _train(self, model, dim, u_train, ld_train, u_val, ld_val, gen, *, max_epochs,
-               batch_size, lr, patience, weight_decay, averaging_epochs, progress) -> None:
-        start = time.perf_counter()
+               batch_size, lr, patience, weight_decay, averaging_epochs, progress,
+               start) -> None:
         n_train = u_train.shape[0]
         batch_size = min(batch_size, n_train)
 
