@@ -1,18 +1,32 @@
-"""Training speed of MAF and RealNVP stacks: pyroflows against Pyro, zuko and nflows.
+"""Speed of pyroflows against Pyro, zuko and nflows on the same architectures (issue 9).
 
-Every library builds the same architecture: 5 layers on D = 8, conditioner hidden widths
-(64, 64) with ReLU, order reversal between layers (a permutation layer or an alternating order /
-mask, as each library does it), a standard normal base. A training step is
-``zero_grad; (-log_prob(batch).mean()).backward(); Adam.step`` on a batch of 512, float32, with
-a fresh batch tensor every step. The libraries are timed in interleaved rounds (each round times
-every library once, in a shuffled order), so machine noise hits all of them alike.
-The ``alt:`` rows are pyroflows with one design choice swapped back (see ``_PerLayerMADE``).
+Items, each timed in ONE process with the libraries interleaved (every round times every case
+once, in a shuffled order), so machine noise hits all of them alike:
 
-Rates are steps per second of process CPU time with one torch thread: on a quiet machine that
-is the wall-clock rate, and on a shared one it leaves out the time spent waiting for a core.
+1. MAF density training step (``zero_grad; (-log_prob(batch).mean()).backward(); Adam.step``,
+   batch 512, a fresh batch every step), 5 layers, at D=8 with hidden (64, 64) and at D=64 with
+   hidden (256, 256), ReLU, order reversal between layers (a permutation layer or an
+   alternating order, as each library does it), standard normal base;
+2. RealNVP training step, same sizes (alternating coupling masks);
+3. an SVI step (Trace_ELBO, 8 vectorized particles, Adam) on the German credit logistic
+   regression: ``pyroflows.guides.AutoIAF`` against Pyro's ``AutoIAFNormal``, 2 IAF layers of
+   hidden (64, 64) each (ours adds its final diagonal affine layer);
+4. an SVI step on the Rezende U1 energy: ``AutoPlanar`` with 32 layers against Pyro's
+   ``AutoNormalizingFlow`` over 32 ``planar`` layers;
+5. sampling throughput at D=64, 10k draws, 5 layers of hidden (256, 256): IAF (one pass per
+   layer) and MAF (D passes per layer);
+6. Tabak fit steps/s on 20k x 10 data (no peer implements it).
+
+The ``alt:`` rows are pyroflows with one design choice swapped back (see ``_PerLayerMADE``);
+``pyroflows (compile)`` (``--compile``) is ``build(..., compile=True)``.
+
+Rates are per second of process CPU time with one torch thread: on a quiet machine that is the
+wall-clock rate, and on a shared one it leaves out the time spent waiting for a core.
 Contention only ever slows a round down, so the best round estimates the undisturbed rate (as
 ``timeit`` advises) and the ratio to the fastest peer uses it; the median round and the
-wall-clock median are printed too.
+wall-clock median are printed too. On CUDA (``--device cuda``) rates are synchronized
+wall-clock. GFLOP/s is the dense conditioner arithmetic at the best-round rate, next to a
+matmul measured in the same run.
 
 Run ``python -m benchmarks.speed`` (``--help`` for options). It prints a markdown table; it never
 asserts times.
@@ -44,10 +58,17 @@ def _standard_normal(dim: int) -> Independent:
     return Independent(Normal(torch.zeros(dim), torch.ones(dim)), 1)
 
 
-def _pyroflows(family: str, validate: bool = True) -> tuple[torch.nn.Module, Callable]:
+def _size(dim: int | None, hidden) -> tuple[int, tuple[int, ...]]:
+    return (DIM if dim is None else dim), tuple(HIDDEN if hidden is None else hidden)
+
+
+def _pyroflows(family: str, validate: bool = True, dim: int | None = None, hidden=None,
+               compile: bool = False) -> tuple[torch.nn.Module, Callable]:
     import pyroflows as pf
 
-    flow = pf.flows.build(family, DIM, num_layers=NUM_LAYERS, hidden_dims=HIDDEN)
+    DIM, HIDDEN = _size(dim, hidden)  # noqa: N806 (the module constants, overridden)
+    flow = pf.flows.build(family, DIM, num_layers=NUM_LAYERS, hidden_dims=HIDDEN,
+                          compile=compile)
     dist = TransformedDistribution(_standard_normal(DIM), flow)
 
     def loss(x: Tensor) -> Tensor:
@@ -105,12 +126,14 @@ class _PerLayerMADE(torch.nn.Module):
         return h
 
 
-def _pyroflows_variant(family: str, variant: str) -> tuple[torch.nn.Module, Callable]:
+def _pyroflows_variant(family: str, variant: str, dim: int | None = None,
+                       hidden=None) -> tuple[torch.nn.Module, Callable]:
     from pyro.distributions.torch_transform import ComposeTransformModule
 
     import pyroflows as pf
     import pyroflows.transforms.autoregressive as ar
 
+    DIM, HIDDEN = _size(dim, hidden)  # noqa: N806 (the module constants, overridden)
     if variant == "permute layers":
         parts = []
         for i in range(NUM_LAYERS):
@@ -124,12 +147,13 @@ def _pyroflows_variant(family: str, variant: str) -> tuple[torch.nn.Module, Call
     made = ar.MADE
     ar.MADE = lambda *a, **kw: _PerLayerMADE(*a, hook=variant == "grad hook", **kw)
     try:
-        return _pyroflows(family)
+        return _pyroflows(family, dim=DIM, hidden=HIDDEN)
     finally:
         ar.MADE = made
 
 
-def _pyro(family: str) -> tuple[torch.nn.Module, Callable]:
+def _pyro(family: str, dim: int | None = None, hidden=None) -> tuple[torch.nn.Module, Callable]:
+    DIM, HIDDEN = _size(dim, hidden)  # noqa: N806 (the module constants, overridden)
     import pyro.distributions.transforms as T
     from pyro.nn import AutoRegressiveNN, DenseNN
 
@@ -152,7 +176,8 @@ def _pyro(family: str) -> tuple[torch.nn.Module, Callable]:
     return modules, lambda x: -dist.log_prob(x).mean()
 
 
-def _zuko(family: str) -> tuple[torch.nn.Module, Callable]:
+def _zuko(family: str, dim: int | None = None, hidden=None) -> tuple[torch.nn.Module, Callable]:
+    DIM, HIDDEN = _size(dim, hidden)  # noqa: N806 (the module constants, overridden)
     import zuko
 
     # zuko alternates the MADE order (MAF) or the coupling mask (RealNVP) between layers
@@ -164,17 +189,19 @@ def _zuko(family: str) -> tuple[torch.nn.Module, Callable]:
 class _NflowsMLP(torch.nn.Module):
     """nflows' MLP, called the way its coupling layers call a network (with a context)."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, hidden=HIDDEN) -> None:
         super().__init__()
         from nflows.nn import nets
 
-        self.net = nets.MLP((in_features,), (out_features,), hidden_sizes=list(HIDDEN))
+        self.hidden = tuple(hidden)
+        self.net = nets.MLP((in_features,), (out_features,), hidden_sizes=list(self.hidden))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         return self.net(x)
 
 
-def _nflows(family: str) -> tuple[torch.nn.Module, Callable]:
+def _nflows(family: str, dim: int | None = None, hidden=None) -> tuple[torch.nn.Module, Callable]:
+    DIM, HIDDEN = _size(dim, hidden)  # noqa: N806 (the module constants, overridden)
     from nflows import distributions, flows, transforms
 
     layers = []
@@ -188,32 +215,42 @@ def _nflows(family: str) -> tuple[torch.nn.Module, Callable]:
             ))
         else:
             mask = torch.arange(DIM) >= DIM // 2
-            layers.append(transforms.AffineCouplingTransform(mask.int(), _NflowsMLP))
+            layers.append(transforms.AffineCouplingTransform(
+                mask.int(), lambda i, o: _NflowsMLP(i, o, HIDDEN)))
     flow = flows.Flow(transforms.CompositeTransform(layers),
                       distributions.StandardNormal((DIM,)))
     return flow, lambda x: -flow.log_prob(x).mean()
 
 
-LIBRARIES: dict[str, Callable[[str], tuple[torch.nn.Module, Callable]]] = {
+Builder = Callable[..., tuple[torch.nn.Module, Callable]]
+
+LIBRARIES: dict[str, Builder] = {
     "pyroflows": _pyroflows,
-    "pyroflows (validation off)": lambda family: _pyroflows(family, validate=False),
+    "pyroflows (validation off)": lambda family, **kw: _pyroflows(family, validate=False, **kw),
+    "pyroflows (compile)": lambda family, **kw: _pyroflows(family, compile=True, **kw),
     "pyro": _pyro,
     "zuko": _zuko,
     "nflows": _nflows,
 }
 PEERS = ("pyro", "zuko", "nflows")
-VARIANTS: dict[str, Callable[[str], tuple[torch.nn.Module, Callable]]] = {
-    "alt: per-layer weights, W*M each call": lambda f: _pyroflows_variant(f, "multiply"),
-    "alt: per-layer, zeros + grad hook": lambda f: _pyroflows_variant(f, "grad hook"),
-    "alt: Permute layers between": lambda f: _pyroflows_variant(f, "permute layers"),
+VARIANTS: dict[str, Builder] = {
+    "alt: per-layer weights, W*M each call":
+        lambda f, **kw: _pyroflows_variant(f, "multiply", **kw),
+    "alt: per-layer, zeros + grad hook": lambda f, **kw: _pyroflows_variant(f, "grad hook", **kw),
+    "alt: Permute layers between": lambda f, **kw: _pyroflows_variant(f, "permute layers", **kw),
 }
 LIBRARIES.update(VARIANTS)
+#: run by default; "pyroflows (compile)" is opt-in (``--compile``): Inductor takes a minute or
+#: more per configuration to compile on a small CPU
+DEFAULT_LIBRARIES = tuple(lib for lib in LIBRARIES if lib != "pyroflows (compile)")
+SIZES = {"D=8": (8, (64, 64)), "D=64": (64, (256, 256))}
 
 
-def build_step(library: str, family: str, lr: float = 1e-3) -> Step:
+def build_step(library: str, family: str, lr: float = 1e-3, dim: int | None = None,
+               hidden=None) -> Step:
     """One training step (zero_grad, backward, Adam step) for a library and family."""
     torch.manual_seed(0)
-    module, loss_fn = LIBRARIES[library](family)
+    module, loss_fn = LIBRARIES[library](family, dim=dim, hidden=hidden)
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
 
     def step(x: Tensor) -> None:
@@ -230,91 +267,306 @@ def _batches(data: Tensor) -> Iterator[Tensor]:
             yield data[i:i + BATCH]
 
 
-def measure(
-    families: tuple[str, ...] = ("maf", "realnvp"),
-    libraries: tuple[str, ...] = tuple(LIBRARIES),
-    rounds: int = 9,
-    steps: int = 30,
-    warmup: int = 10,
-) -> dict[tuple[str, str], dict]:
-    """CPU-time and wall-clock steps per second of every (family, library), timed in
-    interleaved rounds."""
+def _made_macs(dim: int, hidden) -> int:
+    """Multiply-adds per sample of one D -> hidden -> 2D conditioner (dense, as computed)."""
+    widths = [dim, *hidden, 2 * dim]
+    return sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=False))
+
+
+# ---- the cases: each is a zero-argument callable doing one unit of work --------------------
+
+
+class Case:
+    """One timed (item, case, library): ``fn()`` does ``per_call`` units of work."""
+
+    def __init__(self, item: str, case: str, library: str, fn: Callable[[], object],
+                 per_call: int = 1, flops: float | None = None, calls: int = 1) -> None:
+        self.item, self.case, self.library, self.fn = item, case, library, fn
+        self.per_call, self.flops, self.calls = per_call, flops, calls
+        self.cpu: list[float] = []
+        self.wall: list[float] = []
+
+
+def _training_cases(families, libraries, sizes, steps: int) -> list[Case]:
     import pyroflows as pf
 
-    data, _ = pf.datasets.gaussian_mixture(64 * BATCH, dim=DIM, seed=0)
-    data = data.to(torch.get_default_dtype())
-    runs = {}
-    for family in families:
-        for lib in libraries:
-            step = build_step(lib, family)
-            batches = _batches(data)
-            for _ in range(warmup):
-                step(next(batches))
-            runs[family, lib] = {"step": step, "batches": batches, "cpu": [], "wall": []}
-    order = list(runs)
+    cases = []
+    for size in sizes:
+        dim, hidden = SIZES[size]
+        data, _ = pf.datasets.gaussian_mixture(64 * BATCH, dim=dim, seed=0)
+        data = data.to(torch.get_default_dtype())
+        flops = 3 * 2 * BATCH * NUM_LAYERS * _made_macs(dim, hidden)  # forward + 2x backward
+        for family in families:
+            item = "1" if family == "maf" else "2"
+            for lib in libraries:
+                step = build_step(lib, family, dim=dim, hidden=hidden)
+                batches = _batches(data.clone())
+                cases.append(Case(item, f"{family}, {size}", lib,
+                                  lambda step=step, b=batches: step(next(b)),
+                                  flops=flops, calls=steps))
+    return cases
+
+
+def _svi_cases(steps: int) -> list[Case]:
+    """Items 3 and 4: one SVI step (8 vectorized particles, Adam) with each guide."""
+    from functools import partial
+
+    import pyro
+    import pyro.distributions.transforms as T
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro.infer.autoguide import AutoIAFNormal, AutoNormalizingFlow
+
+    import pyroflows as pf
+
+    from .targets import load_target
+
+    dtype = torch.get_default_dtype()
+    device = torch.empty(0).device
+    pyro.clear_param_store()  # guides of different classes own differently named parameters
+    cases = []
+    specs = [
+        ("3", "german credit, IAF 2 x (64, 64)", "german_credit", {
+            "pyroflows": lambda m: pf.guides.AutoIAF(m, num_layers=2, hidden_dims=(64, 64),
+                                                     full_rank=False),
+            "pyro": lambda m: AutoIAFNormal(m, hidden_dim=[64, 64], num_transforms=2),
+        }),
+        ("4", "rezende U1, 32 planar", "rezende_u1", {
+            "pyroflows": lambda m: pf.guides.AutoPlanar(m, num_layers=32, full_rank=False),
+            "pyro": lambda m: AutoNormalizingFlow(m, partial(T.iterated, 32, T.planar)),
+        }),
+    ]
+    for item, label, name, guides in specs:
+        target = load_target(name, device=device, dtype=dtype)
+        for lib, make in guides.items():
+            torch.manual_seed(0)
+            guide = make(target.model)
+            elbo = Trace_ELBO(num_particles=8, vectorize_particles=True,
+                              max_plate_nesting=target.max_plate_nesting)
+            svi = SVI(target.model, guide, pyro.optim.Adam({"lr": 1e-3}), elbo)
+            svi.step()  # sets the guide up
+            cases.append(Case(item, label, lib, svi.step, calls=steps))
+    return cases
+
+
+def _sampling_cases(num_samples: int) -> list[Case]:
+    """Item 5: draws per second at D=64, 5 layers of (256, 256): IAF is one pass per layer,
+    MAF D passes per layer."""
+    import pyro.distributions.transforms as T
+    import zuko
+    from pyro.nn import AutoRegressiveNN
+
+    import pyroflows as pf
+
+    dim, hidden = SIZES["D=64"]
+    base = _standard_normal(dim)
+    cases = []
+    for family in ("iaf", "maf"):
+        passes = 1 if family == "iaf" else dim
+        flops = 2 * num_samples * NUM_LAYERS * passes * _made_macs(dim, hidden)
+        label = f"{family} sampling, D=64, {num_samples} draws"
+        torch.manual_seed(0)
+        ours = pf.flows.build(family, dim, num_layers=NUM_LAYERS, hidden_dims=hidden)
+        pf.testing.randomize_parameters_(ours, scale=0.01)  # off the identity start
+        parts, modules = [], torch.nn.ModuleList()
+        for i in range(NUM_LAYERS):
+            if i > 0:
+                parts.append(T.Permute(torch.arange(dim - 1, -1, -1)))
+            layer = T.AffineAutoregressive(AutoRegressiveNN(dim, list(hidden)))
+            modules.append(layer)
+            parts.append(layer if family == "iaf" else layer.inv)
+        libs = {"pyroflows": TransformedDistribution(base, ours),
+                "pyro": TransformedDistribution(base, parts)}
+        if family == "maf":
+            flow = zuko.flows.MAF(dim, transforms=NUM_LAYERS, hidden_features=hidden)
+            libs["zuko"] = flow()
+        for lib, d in libs.items():
+            def draw(d=d):
+                with torch.no_grad():
+                    return d.sample((num_samples,))
+            cases.append(Case("5", label, lib, draw, per_call=num_samples, flops=flops))
+    return cases
+
+
+def _tabak_cases(steps: int) -> list[Case]:
+    """Item 6: Tabak fit steps per second on 20k x 10 (18k fit, 2k held out); no peer has it."""
+    import pyroflows as pf
+
+    x, _ = pf.datasets.gaussian_mixture(20000, dim=10, seed=0)
+    x = x.to(torch.get_default_dtype())
+
+    def fit() -> None:
+        t = pf.transforms.Tabak(10, max_steps=steps, patience=10**6, seed=0)
+        t.fit(x[:18000], x_val=x[18000:], progress=False)
+
+    return [Case("6", "tabak fit, 20k x 10", "pyroflows", fit, per_call=steps)]
+
+
+def _matmul_gflops(rounds: int) -> dict[str, float]:
+    """Best-round GFLOP/s of plain matmuls in this process (the hardware reference)."""
+    out = {}
+    for m, k, n in ((512, 256, 256), (1024, 1024, 1024)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        reps = max(1, int(2e9 // (2 * m * k * n)))
+        best = 0.0
+        for _ in range(rounds):
+            start = _now()
+            for _ in range(reps):
+                a @ b
+            best = max(best, 2 * m * k * n * reps / (_now() - start) / 1e9)
+        out[f"{m}x{k} @ {k}x{n}"] = best
+    return out
+
+
+def _now() -> float:
+    """Process CPU time on CPU; wall-clock after a synchronize on CUDA (where CPU time says
+    nothing about the device's work)."""
+    if torch.empty(0).device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def _time(cases: list[Case], rounds: int, warmup: int) -> None:
+    for case in cases:
+        for _ in range(warmup):
+            case.fn()
+    order = list(cases)
     rng = random.Random(0)
     for _ in range(rounds):
         rng.shuffle(order)
-        for key in order:
-            run = runs[key]
-            xs = [next(run["batches"]) for _ in range(steps)]
-            wall, cpu = time.perf_counter(), time.process_time()
-            for x in xs:
-                run["step"](x)
-            run["cpu"].append(steps / (time.process_time() - cpu))
-            run["wall"].append(steps / (time.perf_counter() - wall))
-    for run in runs.values():
-        del run["step"], run["batches"]
-    return runs
+        for case in order:
+            wall, cpu = time.perf_counter(), _now()
+            for _ in range(case.calls):
+                case.fn()
+            units = case.calls * case.per_call
+            case.cpu.append(units / (_now() - cpu))
+            case.wall.append(units / (time.perf_counter() - wall))
 
 
-def _table(runs: dict, families: tuple[str, ...], libraries: tuple[str, ...]) -> str:
+def measure(
+    families: tuple[str, ...] = ("maf", "realnvp"),
+    libraries: tuple[str, ...] = DEFAULT_LIBRARIES,
+    rounds: int = 9,
+    steps: int = 30,
+    warmup: int = 10,
+    sizes: tuple[str, ...] = ("D=8",),
+) -> list[Case]:
+    """Rates of the training steps (items 1, 2) of every (family, size, library), timed in
+    interleaved rounds."""
+    cases = _training_cases(families, libraries, sizes, steps)
+    _time(cases, rounds, warmup)
+    return cases
+
+
+_UNITS = {"1": "steps/s", "2": "steps/s", "3": "steps/s", "4": "steps/s", "5": "draws/s",
+          "6": "fit steps/s"}
+
+
+def _table(cases: list[Case]) -> str:
     lines = [
-        "| family | library | steps/s, best round | median round | wall-clock median "
-        "| vs fastest peer |",
-        "|---|---|---:|---:|---:|---:|",
+        "| item | case | library | rate, best round | median round | wall-clock median "
+        "| vs fastest peer | GFLOP/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for family in families:
-        best = {lib: max(runs[family, lib]["cpu"]) for lib in libraries}
-        peers = [best[lib] for lib in libraries if lib in PEERS]
-        fastest_peer = max(peers) if peers else float("nan")
-        for lib in libraries:
-            run = runs[family, lib]
+    groups: dict[tuple[str, str], list[Case]] = {}
+    for c in cases:
+        groups.setdefault((c.item, c.case), []).append(c)
+    for (item, label), group in groups.items():
+        peers = [max(c.cpu) for c in group if c.library in PEERS]
+        fastest = max(peers) if peers else float("nan")
+        for c in group:
+            best = max(c.cpu)
+            gflops = "" if c.flops is None else f"{best * c.flops / c.per_call / 1e9:.1f}"
+            ratio = f"{best / fastest:.2f}x" if peers else "(no peer)"
             lines.append(
-                f"| {family} | {lib} | {best[lib]:.1f} | {statistics.median(run['cpu']):.1f} | "
-                f"{statistics.median(run['wall']):.1f} | {best[lib] / fastest_peer:.2f}x |"
+                f"| {item} | {label} | {c.library} | {best:,.1f} {_UNITS[item]} | "
+                f"{statistics.median(c.cpu):,.1f} | {statistics.median(c.wall):,.1f} | "
+                f"{ratio} | {gflops} |"
             )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__)
-    parser.add_argument("--families", nargs="+", default=["maf", "realnvp"])
-    parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES),
-                        choices=list(LIBRARIES))
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", nargs="+", default=["1", "2", "3", "4", "5", "6"],
+                        choices=["1", "2", "3", "4", "5", "6"],
+                        help="1 MAF / 2 RealNVP training, 3 IAF guide SVI, 4 planar guide SVI, "
+                             "5 IAF / MAF sampling, 6 Tabak fit")
+    parser.add_argument("--families", nargs="+", default=["maf", "realnvp"],
+                        help="training families (items 1, 2)")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--libraries", nargs="+", default=list(DEFAULT_LIBRARIES),
+                        choices=list(LIBRARIES), help="training rows (items 1, 2)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add 'pyroflows (compile)' training rows at D=8 (torch.compile)")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    parser.add_argument("--slow-rounds", type=int, default=3,
+                        help="rounds of one call for items 5 and 6")
+    parser.add_argument("--samples", type=int, default=10000, help="draws per call, item 5")
+    parser.add_argument("--tabak-steps", type=int, default=100, help="fit steps per call, item 6")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: small matrices, shared machines)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    dtype, device = torch.get_default_dtype(), torch.empty(0).device
     torch.set_num_threads(args.threads)
-    families, libraries = tuple(args.families), tuple(args.libraries)
-    runs = measure(families, libraries, rounds=args.rounds, steps=args.steps,
-                   warmup=args.warmup)
-    command = " ".join(["python -m benchmarks.speed", *(sys.argv[1:] if argv is None else argv)])
+    torch.set_default_dtype(getattr(torch, args.dtype))
+    torch.set_default_device(args.device)  # every library builds on the device under test
+    try:
+        _run(args)
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_default_device(device)
+
+
+def _run(args: argparse.Namespace) -> None:
+    libraries = list(args.libraries)
+    if args.compile and "pyroflows (compile)" not in libraries:
+        libraries.insert(1, "pyroflows (compile)")
+    items = set(args.items)
+    families = [f for f in args.families if {"maf": "1", "realnvp": "2"}.get(f, "") in items]
+    plain = [lib for lib in libraries if lib != "pyroflows (compile)"]
+    cases = []
+    for size in args.sizes:
+        # compiled rows at D=8 only: that is where per-op overhead dominates, and each
+        # configuration costs a minute or more of compiling
+        libs = libraries if size == "D=8" else plain
+        cases += _training_cases(families, libs, [size], args.steps)
+    if "3" in items or "4" in items:
+        cases += [c for c in _svi_cases(args.steps) if c.item in items]
+    _time(cases, args.rounds, args.warmup)
+    slow = []
+    if "5" in items:
+        slow += _sampling_cases(args.samples)
+    if "6" in items:
+        slow += _tabak_cases(args.tabak_steps)
+    _time(slow, args.slow_rounds, warmup=1)
+    reference = _matmul_gflops(rounds=5)
+    command = " ".join(["python -m benchmarks.speed", *args.argv])
     print(f"`{command}`")
     print()
-    print(f"Training steps/s: {NUM_LAYERS} layers, D={DIM}, hidden {HIDDEN}, batch {BATCH}, "
-          f"Adam, float32, CPU, {args.threads} torch thread(s); {args.rounds} interleaved "
-          f"rounds of {args.steps} steps. Rates use process CPU time (contention on a shared "
-          f"machine only slows a round down, so the best round is the estimate and the ratio "
-          f"uses it); the last column is wall-clock.")
+    print(f"Items 1-2: training steps/s (log_prob + backward + Adam), {NUM_LAYERS} layers, "
+          f"batch {BATCH}, D=8 with hidden (64, 64) and D=64 with hidden (256, 256). Items 3-4: "
+          f"one SVI step, Trace_ELBO with 8 vectorized particles, Adam. Item 5: draws/s. "
+          f"Item 6: Tabak fit steps/s. {args.dtype}, device {args.device}, {args.threads} torch "
+          f"thread(s); {args.rounds} interleaved rounds of {args.steps} steps (items 5-6: "
+          f"{args.slow_rounds} rounds of one call). Rates use process CPU time on CPU "
+          f"(contention on a shared machine only slows a round down, so the best round is the "
+          f"estimate and the ratio uses it), synchronized wall-clock on CUDA; the wall-clock "
+          f"median is shown too. GFLOP/s counts the dense conditioner products (forward, and "
+          f"2x for backward in training) at the best-round rate.")
     print(f"torch {torch.__version__}, Python {platform.python_version()}, "
           f"{platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} at the end")
+    print("Matmul reference in this run (best round): " + ", ".join(
+        f"{k}: {v:.1f} GFLOP/s" for k, v in reference.items()))
     print()
-    print(_table(runs, families, libraries))
+    print(_table(cases + slow))
     sys.stdout.flush()
 
 
