@@ -246,10 +246,13 @@ def test_fit_follows_the_data_device_and_dtype(device, dtype):
     assert z.dtype == dtype and z.device.type == x.device.type and torch.isfinite(z).all()
 
 
-def test_fit_is_deterministic_with_a_seed():
+@pytest.mark.parametrize("options", [{}, {"width": (0.05, 0.5), "num_candidates": 3}])
+def test_fit_is_deterministic_with_a_seed(options):
     x = _skewed(400, 2, "cpu", torch.float64)
-    a = Tabak(2, max_steps=40, check_every=10, seed=7).fit(x, progress=False)
-    b = Tabak(2, max_steps=40, check_every=10, seed=7).fit(x, progress=False)
+    a = Tabak(2, max_steps=40, check_every=10, seed=7, **options).fit(x, progress=False)
+    torch.manual_seed(123)  # the global RNG must not matter
+    b = Tabak(2, max_steps=40, check_every=10, seed=7, **options).fit(x, progress=False)
+    assert a.num_steps > 0
     for (name, ba), bb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(ba, bb), name
 

@@ -16,7 +16,7 @@ from .base import FlowTransform
 __all__ = ["Tabak", "tabak", "gaussianize", "NotFittedError"]
 
 # Safe region of the 1-D map: monotone exactly when sigma < 1 and |gamma| < 1; the margins keep
-# every slope within [0.5 * 0.05, 2 * 1.95] of 1, so inverses stay well conditioned.
+# every slope in [0.5 * 0.05, 2 * 1.95], so inverses stay well conditioned.
 _SIGMA_MIN, _SIGMA_MAX = -1.0, 0.5
 _GAMMA_MAX = 0.95
 # Parameter order in the per-coordinate ascent problem: (sigma, shift = phi_0, gamma).
@@ -532,10 +532,12 @@ class Tabak(FlowTransform):
                     frames = _haar_frames(chunk, self.dim, k, x, gen)
                     rows = torch.randint(n, (chunk, k, self.num_candidates), generator=gen,
                                          device=x.device)
+                    rel_widths = self._relative_widths((chunk, k, 1), x, gen)
                     for i in range(chunk):
                         frame_t = frames[i].mT
                         c, c_val = frame_t @ z, frame_t @ z_val
-                        params, keep, c_new, log_slope = self._ascent_step(c, rows[i])
+                        params, keep, c_new, log_slope = self._ascent_step(c, rows[i],
+                                                                           rel_widths[i])
                         z = z + frames[i] @ ((c_new - c) * keep)
                         ld = ld + (keep.mT @ log_slope).squeeze(0)
                         c_val_new, log_slope_val = _fast_map(c_val, *params)
@@ -573,21 +575,26 @@ class Tabak(FlowTransform):
         self.clear_cache()
         return self
 
-    def _ascent_step(self, c: Tensor, rows: Tensor) -> tuple[tuple[Tensor, ...], Tensor, Tensor,
-                                                              Tensor]:
+    def _relative_widths(self, shape: tuple, like: Tensor, generator) -> Tensor:
+        """Per step and coordinate epsilon / std: fixed, or log-uniform on the ``width`` range."""
+        if not isinstance(self.width, tuple):
+            return like.new_full(shape, self.width)
+        lo, hi = math.log(self.width[0]), math.log(self.width[1])
+        u = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
+        return torch.exp(lo + (hi - lo) * u)
+
+    def _ascent_step(self, c: Tensor, rows: Tensor, rel_width: Tensor) -> tuple[
+        tuple[Tensor, ...], Tensor, Tensor, Tensor
+    ]:
         """One Gauss-Newton step of every coordinate (row) of ``c``, shape (K, n), from the
-        identity, centered at the points ``rows`` (shape (K, 1)). Returns the map parameters as
+        identity, centered at the best of the candidate points ``rows`` (shape (K, m)), with
+        ``rel_width`` (K, 1) times each coordinate's std as epsilon. Returns the map parameters as
         (K, 1) columns; ``keep`` (K, 1): 1 where the step gains training likelihood, else 0
         (that coordinate keeps the identity); and the mapped ``c`` and its log-slopes."""
         centers = c.gather(1, rows)  # (K, m) candidate centers
         mean = c.mean(-1, keepdim=True)
         std = ((c * c).mean(-1, keepdim=True) - mean * mean).clamp_min(0).sqrt()
-        if isinstance(self.width, tuple):
-            lo, hi = math.log(self.width[0]), math.log(self.width[1])
-            rel = torch.exp(lo + (hi - lo) * torch.rand_like(std))
-        else:
-            rel = self.width
-        width = rel * std.clamp_min(torch.finfo(c.dtype).eps)
+        width = rel_width * std.clamp_min(torch.finfo(c.dtype).eps)
         grad, gn = local_ascent(c.unsqueeze(1), centers, width)
         ridge = 1e-8 * torch.eye(_NUM_PARAMS, device=c.device, dtype=c.dtype)
         delta = torch.linalg.solve(gn + ridge, grad.unsqueeze(-1)).squeeze(-1)
