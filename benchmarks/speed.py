@@ -505,6 +505,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     parser.add_argument("--slow-rounds", type=int, default=3,
                         help="rounds of one call for items 5 and 6")
+    parser.add_argument("--slow-warmup", type=int, default=1,
+                        help="untimed calls first, items 5 and 6")
     parser.add_argument("--samples", type=int, default=10000, help="draws per call, item 5")
     parser.add_argument("--tabak-steps", type=int, default=100, help="fit steps per call, item 6")
     parser.add_argument("--threads", type=int, default=1,
@@ -530,11 +532,12 @@ def _run(args: argparse.Namespace) -> None:
         libraries.insert(1, "pyroflows (compile)")
     items = set(args.items)
     families = [f for f in args.families if {"maf": "1", "realnvp": "2"}.get(f, "") in items]
-    plain = [lib for lib in libraries if lib != "pyroflows (compile)"]
+    plain = [lib for lib in libraries if lib != "pyroflows (compile)" and lib not in VARIANTS]
     cases = []
     for size in args.sizes:
-        # compiled rows at D=8 only: that is where per-op overhead dominates, and each
-        # configuration costs a minute or more of compiling
+        # compiled and alt: rows at D=8 only: that is where per-op overhead dominates, each
+        # compiled configuration costs a minute or more of compiling, and the design
+        # alternatives are about that overhead
         libs = libraries if size == "D=8" else plain
         cases += _training_cases(families, libs, [size], args.steps)
     if "3" in items or "4" in items:
@@ -545,7 +548,7 @@ def _run(args: argparse.Namespace) -> None:
         slow += _sampling_cases(args.samples)
     if "6" in items:
         slow += _tabak_cases(args.tabak_steps)
-    _time(slow, args.slow_rounds, warmup=1)
+    _time(slow, args.slow_rounds, warmup=args.slow_warmup)
     reference = _matmul_gflops(rounds=5)
     command = " ".join(["python -m benchmarks.speed", *args.argv])
     print(f"`{command}`")
