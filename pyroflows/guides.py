@@ -54,6 +54,29 @@ class FlowPosterior(dist.TransformedDistribution):
     :class:`FlowELBO` uses for sticking-the-landing gradients.
     """
 
+    # Unbatched draws (no sample or batch shape) go through the layers as a batch of one:
+    # pyroflows' Planar currently turns an input of shape (D,) into (1, D). The draw is
+    # returned unbatched and remembered, so that scoring it still hits the layers' caches.
+    def rsample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
+        if len(sample_shape) or len(self.batch_shape):
+            return super().rsample(sample_shape)
+        batched = super().rsample((1,))
+        value = batched[0]
+        self._unbatched = (value, value._version, batched)
+        return value
+
+    def sample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        last = getattr(self, "_unbatched", None)
+        if last is not None and value is last[0] and value._version == last[1]:
+            return super().log_prob(last[2])[0]
+        if value.dim() == 1:
+            return super().log_prob(value.unsqueeze(0))[0]
+        return super().log_prob(value)
+
     def log_prob_detached(self, value: Tensor) -> Tensor:
         r""":math:`\log q_{\bar\phi}(z)` with :math:`\bar\phi` the transforms' parameters cut
         from the graph: differentiable in ``value`` only. Runs the inverse of every layer (for

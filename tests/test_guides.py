@@ -272,11 +272,19 @@ def test_iaf_guide_never_runs_its_inverse(device, dtype):
                 return original(y)
 
             layer.inverse_and_log_det = spy
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}),
-              Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1))
-    for _ in range(3):
-        svi.step()
+    for elbo in (Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1),
+                 Trace_ELBO()):  # vectorized particles, and single unbatched draws
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+        for _ in range(3):
+            svi.step()
     assert inverse_calls == []
+
+
+@pytest.mark.parametrize("cls", [AutoPlanar, AutoRadial, AutoIAF])
+def test_unbatched_draws_keep_site_shapes(cls, device, dtype):
+    model = _schools(device, dtype)
+    draws = cls(model, num_layers=2)()
+    assert draws["mu"].shape == () and draws["tau"].shape == () and draws["theta"].shape == (8,)
 
 
 def test_guide_matches_the_closed_form_elbo(device, dtype):
