@@ -514,3 +514,20 @@ def test_triangular_affine_conforms(dtype, device):
     guide = AutoIAF(_gaussian_problem(device, dtype)[0], full_rank=False)
     guide()
     assert isinstance(guide.affine, pf.transforms.ElementwiseAffine)
+
+
+def test_param_store_state_initializes_a_new_guide(device, dtype):
+    """Pyro's param-store round trip still works: entries present when the flow is built are
+    copied in, as Pyro's own autoguides do."""
+    model = _schools(device, dtype)
+    guide = AutoIAF(model, num_layers=2)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(3):
+        svi.step()
+    state = pyro.get_param_store().get_state()
+    pyro.clear_param_store()
+    pyro.get_param_store().set_state(state)
+    fresh = AutoIAF(model, num_layers=2)
+    fresh()
+    for (name, p), q in zip(fresh.named_parameters(), guide.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
