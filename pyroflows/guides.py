@@ -197,6 +197,13 @@ class AutoFlowGuide(AutoContinuous):
     ``.double()``, ``state_dict`` and ``torch.save`` cover it. After :meth:`to` the model's data
     must be on the same device, as for every autoguide.
 
+    Training: any SVI loop works. Flow layers whose networks start at the identity learn more
+    slowly than the affine layer, so give them a smaller step, e.g.
+    ``pyro.optim.Adam(pf.guides.optim_args(lr=5e-2, flow_lr=3e-3))`` (or
+    :meth:`param_groups` with a ``torch.optim`` optimizer), decayed over the run, and several
+    vectorized particles; on multimodal posteriors anneal with
+    :class:`FlowELBO` (``anneal_steps``). ``benchmarks/vi.py`` documents what we measured.
+
     Parameters and the param store: the guide's modules hold its parameters. On every call the
     param store's entries for them are made to be these very tensors, so SVI optimizes exactly
     what the guide uses, even after ``torch.load`` or a second guide of the same class. Matching
