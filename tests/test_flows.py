@@ -157,7 +157,7 @@ def test_maf_fits_two_moons_better_than_a_gaussian(one_thread):
 
 def test_speed_benchmark_runs(capsys, one_thread):
     """Smoke test of ``python -m benchmarks.speed`` on a tiny setting (it never asserts times)."""
-    speed = pytest.importorskip("benchmarks.speed")
+    from benchmarks import speed
     speed.main(["--items", "1", "3", "5", "--sizes", "D=8", "--libraries", "pyroflows", "pyro",
                 "alt: Permute layers between", "--rounds", "1", "--steps", "1", "--warmup", "1",
                 "--slow-rounds", "1", "--samples", "3"])
