@@ -679,12 +679,8 @@ class DensityEstimator:
 
 
 def _make_tabak(dim: int, options: dict, seed: int | None) -> FlowTransform:
-    try:
-        from .transforms.tabak import Tabak
-    except ImportError as e:
-        raise ValueError(
-            "precondition='tabak' needs pyroflows.transforms.Tabak, which this installation lacks"
-        ) from e
+    from .transforms import Tabak
+
     return Tabak(dim, **{"seed": seed, **options})
 
 

@@ -182,10 +182,11 @@ def _overfitting_setup(device, dtype):
     return est, x_train, x_val
 
 
-def test_early_stopping_restores_the_best_state(device, dtype):
+@pytest.mark.parametrize("averaging_epochs", [1.0, 0.0])
+def test_early_stopping_restores_the_best_state(averaging_epochs, device, dtype):
     est, x_train, x_val = _overfitting_setup(device, dtype)
     est.fit(x_train, x_val=x_val, max_epochs=400, batch_size=16, lr=1e-2, patience=5,
-            progress=False)
+            averaging_epochs=averaging_epochs, progress=False)
     h = est.history_
     assert h["stopped"] == "early_stopping"
     assert h["epoch"][-1] == h["best_epoch"] + 6 and h["best_epoch"] > 0
@@ -313,6 +314,8 @@ def test_bad_input_raises_value_errors(device, dtype):
             DensityEstimator(**kwargs)
     with pytest.raises(ValueError, match="max_epochs"):
         est.fit(x, max_epochs=-1)
+    with pytest.raises(ValueError, match="averaging_epochs"):
+        est.fit(x, averaging_epochs=-1.0)
 
 
 # ---- the preconditioning layers are exact flow layers -----------------------------------------
