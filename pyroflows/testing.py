@@ -78,6 +78,11 @@ def check_shapes(t, dim: int, device="cpu", dtype=torch.float64) -> None:
     ladj_inv = t.inv.log_abs_det_jacobian(_fresh(y), _fresh(xi))
     assert ladj_inv.shape == x.shape[:-1], "inverse log_abs_det_jacobian has the wrong shape"
     assert torch.isfinite(y).all() and torch.isfinite(ladj).all(), "non-finite outputs"
+    x1 = _draw((dim,), device, dtype, 12)  # an unbatched point keeps its shape both ways
+    y1 = t(x1)
+    assert y1.shape == (dim,), f"forward of a ({dim},) input has shape {tuple(y1.shape)}"
+    assert t.log_abs_det_jacobian(x1, y1).shape == (), "log-det of an unbatched point not scalar"
+    assert t.inv(_fresh(y1)).shape == (dim,), "inverse of an unbatched point changed its shape"
 
 
 def check_round_trips(t, dim: int, device="cpu", dtype=torch.float64) -> None:

@@ -68,7 +68,7 @@ class Planar(FlowTransform):
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         u_hat = self.u_hat()
-        act = torch.tanh(x @ self.w + self.bias)
+        act = torch.tanh(x @ self.w + self.bias.squeeze(-1))  # keeps (D,) inputs unbatched
         y = x + act.unsqueeze(-1) * u_hat
         log_det = torch.log1p((1 - act.square()) * (self.w @ u_hat))
         return y, log_det
@@ -76,7 +76,7 @@ class Planar(FlowTransform):
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         u_hat = self.u_hat()
         c = self.w @ u_hat
-        s = y @ self.w + self.bias
+        s = y @ self.w + self.bias.squeeze(-1)
         a = _solve_monotone_tanh(s, c)
         act = torch.tanh(a)
         x = y - act.unsqueeze(-1) * u_hat
