@@ -66,7 +66,7 @@ def _fresh(t: Tensor) -> Tensor:
     return t.detach().clone()
 
 
-def check_shapes(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+def check_shapes(t, dim: int, device=None, dtype=torch.float64) -> None:
     x = _draw((3, 5, dim), device, dtype, 1)
     y = t(x)
     assert y.shape == x.shape, f"forward changed the shape {tuple(x.shape)} -> {tuple(y.shape)}"
@@ -85,7 +85,7 @@ def check_shapes(t, dim: int, device="cpu", dtype=torch.float64) -> None:
     assert t.inv(_fresh(y1)).shape == (dim,), "inverse of an unbatched point changed its shape"
 
 
-def check_round_trips(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+def check_round_trips(t, dim: int, device=None, dtype=torch.float64) -> None:
     tol = tolerances(dtype)
     x = _draw((64, dim), device, dtype, 2)
     y = t(x)
@@ -97,7 +97,7 @@ def check_round_trips(t, dim: int, device="cpu", dtype=torch.float64) -> None:
     torch.testing.assert_close(t(_fresh(x_new)), y_new, **tol, msg=lambda m: f"t(inv(y)) != y: {m}")
 
 
-def check_log_det(t, dim: int, device="cpu", dtype=torch.float64, num_points: int = 4) -> None:
+def check_log_det(t, dim: int, device=None, dtype=torch.float64, num_points: int = 4) -> None:
     """log_abs_det_jacobian (forward and inverse) against slogdet of the autograd Jacobian."""
     tol = tolerances(dtype)
     xs = _draw((num_points, dim), device, dtype, 4)
@@ -123,7 +123,7 @@ def check_log_det(t, dim: int, device="cpu", dtype=torch.float64, num_points: in
             assert int(sign) == int(t.sign), f"declared sign {t.sign} but det has sign {sign}"
 
 
-def check_gradients(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+def check_gradients(t, dim: int, device=None, dtype=torch.float64) -> None:
     params = [p for p in t.parameters() if p.requires_grad]
     x = _draw((16, dim), device, dtype, 5).requires_grad_(True)
     y = t(x)
@@ -139,7 +139,7 @@ def check_gradients(t, dim: int, device="cpu", dtype=torch.float64) -> None:
         assert any(float(g.abs().sum()) > 0 for g in grads[1:]), "all parameter gradients are 0"
 
 
-def check_save_load(t, dim: int, factory: Factory, device="cpu", dtype=torch.float64) -> None:
+def check_save_load(t, dim: int, factory: Factory, device=None, dtype=torch.float64) -> None:
     tol = tolerances(dtype)
     x = _draw((8, dim), device, dtype, 6)
     y = t(x)
@@ -156,7 +156,7 @@ def check_save_load(t, dim: int, factory: Factory, device="cpu", dtype=torch.flo
     torch.testing.assert_close(t3(_fresh(x)), y, **tol, msg=lambda m: f"state_dict round trip: {m}")
 
 
-def check_stale_cache(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+def check_stale_cache(t, dim: int, device=None, dtype=torch.float64) -> None:
     """After an optimizer step, ``t(x)`` on the same tensor object must recompute (Pyro #2564)."""
     params = [p for p in t.parameters() if p.requires_grad]
     if not params:
@@ -187,7 +187,7 @@ def check_stale_cache(t, dim: int, device="cpu", dtype=torch.float64) -> None:
     torch.testing.assert_close(t(_fresh(x_back)), y1, **tol, msg=lambda m: f"stale inverse: {m}")
 
 
-def check_deepcopy(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+def check_deepcopy(t, dim: int, device=None, dtype=torch.float64) -> None:
     tol = tolerances(dtype)
     x = _draw((4, dim), device, dtype, 8).requires_grad_(True)
     y = t(x)  # leaves a cache entry holding a non-leaf tensor
@@ -205,7 +205,7 @@ def _expect_value_error(fn, what: str) -> None:
     raise AssertionError(f"{what}: no ValueError raised")
 
 
-def check_bad_input(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+def check_bad_input(t, dim: int, device=None, dtype=torch.float64) -> None:
     """A wrong event size and non-finite values raise ValueError, both directions."""
     from ._config import validation
 
@@ -220,7 +220,7 @@ def check_bad_input(t, dim: int, device="cpu", dtype=torch.float64) -> None:
         _expect_value_error(lambda: t.inv(_fresh(bad)), "non-finite input, inverse")
 
 
-def check_transformed_distribution(t, dim: int, device="cpu", dtype=torch.float64) -> None:
+def check_transformed_distribution(t, dim: int, device=None, dtype=torch.float64) -> None:
     tol = tolerances(dtype)
     zeros = torch.zeros(dim, device=device, dtype=dtype)
     base = Independent(Normal(zeros, torch.ones_like(zeros)), 1)
@@ -235,7 +235,7 @@ def check_transformed_distribution(t, dim: int, device="cpu", dtype=torch.float6
     torch.testing.assert_close(d.log_prob(y), expected, **tol, msg=lambda m: f"log_prob: {m}")
 
 
-def check_transform(factory: Factory, dim: int, device="cpu", dtype=torch.float64) -> None:
+def check_transform(factory: Factory, dim: int, device=None, dtype=torch.float64) -> None:
     """Run every conformance check on a transform built by ``factory`` (a no-argument callable
     returning a fresh transform; the checks move it to ``device``/``dtype``)."""
     def make():
