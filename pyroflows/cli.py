@@ -153,10 +153,17 @@ def _plots(out, device, model, fitted_guides, traces, x_train, gaussian, estimat
     import matplotlib.pyplot as plt
     from pyro.infer import Predictive
 
-    from .datasets import rezende_u1
+    from .datasets import LOG_Z, rezende_u1
 
     os.makedirs(out, exist_ok=True)
     written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        path = os.path.join(out, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
 
     g = torch.linspace(-4, 4, 200, device=device)
     gx, gy = torch.meshgrid(g, g, indexing="xy")
@@ -172,11 +179,7 @@ def _plots(out, device, model, fitted_guides, traces, x_train, gaussian, estimat
         ax.set_xlim(-4, 4)
         ax.set_ylim(-4, 4)
     fig.suptitle("guide draws (red) over the exact U1 density (grey)")
-    fig.tight_layout()
-    path = os.path.join(out, "u1_guides.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    save(fig, "u1_guides.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, trace in traces.items():
@@ -184,17 +187,13 @@ def _plots(out, device, model, fitted_guides, traces, x_train, gaussian, estimat
         window = max(1, len(t) // 50)
         smooth = t.unfold(0, window, window).mean(-1) if len(t) >= window else t
         ax.plot(torch.arange(len(smooth)) * window, smooth, label=name)
-    ax.axhline(1.877502, color="k", ls="--", lw=1, label="log Z (exact)")
+    ax.axhline(LOG_Z["U1"], color="k", ls="--", lw=1, label="log Z (exact)")
     ax.set_ylim(bottom=-2)
     ax.set_xlabel("step")
     ax.set_ylabel("ELBO (training estimate)")
     ax.legend()
     ax.set_title("ELBO traces (annealed flows rise late by design)")
-    fig.tight_layout()
-    path = os.path.join(out, "elbo_traces.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    save(fig, "elbo_traces.png")
 
     lo, hi = x_train.min(0).values - 0.5, x_train.max(0).values + 0.5
     gx2, gy2 = torch.meshgrid(torch.linspace(float(lo[0]), float(hi[0]), 160, device=device),
@@ -215,11 +214,7 @@ def _plots(out, device, model, fitted_guides, traces, x_train, gaussian, estimat
         axes[1, col].set_ylim(float(lo[1]), float(hi[1]))
     axes[1, 0].set_ylabel("samples")
     axes[0, 0].set_ylabel("density")
-    fig.tight_layout()
-    path = os.path.join(out, "two_moons_density.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    save(fig, "two_moons_density.png")
     return written
 
 
