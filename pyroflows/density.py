@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from . import flows
 from ._config import validation
+from .transforms.affine import TriangularAffine
 from .transforms.base import FlowTransform
 
 __all__ = ["DensityEstimator", "PRECONDITIONERS"]
@@ -95,33 +96,6 @@ def _ml_gaussian(x: Tensor, diagonal: bool = False) -> tuple[Tensor, Tensor]:
             stacklevel=4,
         )
     return loc, tril
-
-
-class _CholeskyLinear(FlowTransform):
-    r"""A learnable linear map :math:`y = L z`, :math:`L` lower triangular with a positive
-    diagonal :math:`e^{d}`, :math:`\log|\det J| = \sum_i d_i`; the inverse is a triangular
-    solve. First in a flow (at the base), it turns ``N(0, I)`` into ``N(0, L L^T)``: a
-    full-covariance Gaussian base that the other layers deform."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__(dim)
-        self.lower = nn.Parameter(torch.zeros(dim, dim))
-        self.log_diag = nn.Parameter(torch.zeros(dim))
-
-    @torch.no_grad()
-    def set_scale_tril_(self, tril: Tensor) -> None:
-        self.lower.copy_(torch.tril(tril, -1).to(self.lower))
-        self.log_diag.copy_(tril.diagonal().log().to(self.log_diag))
-
-    def scale_tril(self) -> Tensor:
-        return torch.tril(self.lower, -1) + torch.diag_embed(self.log_diag.exp())
-
-    def forward_and_log_det(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return z @ self.scale_tril().T, self.log_diag.sum().expand(z.shape[:-1])
-
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        z = torch.linalg.solve_triangular(self.scale_tril().T, y, upper=True, left=False)
-        return z, self.log_diag.sum().expand(y.shape[:-1])
 
 
 def _inverse_parts(parts: Sequence[Any], y: Tensor) -> tuple[Tensor, Tensor]:
@@ -378,7 +352,7 @@ class DensityEstimator:
             # The correlations go into a learnable Cholesky factor at the base rather than into
             # a fixed rotation of the data, so the layers work in the data's own (standardized)
             # coordinates; measured better (benchmarks/results/density.md).
-            flow = ComposeTransformModule([_CholeskyLinear(dim), *flow.parts])
+            flow = ComposeTransformModule([TriangularAffine(dim), *flow.parts])
         if self.precondition in ("standardize", "whiten"):
             stages.append(_Standardize(dim))
         elif self.precondition == "tabak":
@@ -468,7 +442,7 @@ class DensityEstimator:
             # The stages are fixed from here on: map the data through them once.
             u_train, ld_train = _batched(model.precondition, x_train)
             u_val, ld_val = _batched(model.precondition, x_val_t)
-            if isinstance(model.flow[0], _CholeskyLinear):  # base N(0, ML covariance of u)
+            if isinstance(model.flow[0], TriangularAffine):  # base N(0, ML covariance of u)
                 model.flow[0].set_scale_tril_(_ml_gaussian(u_train)[1])
         self._train(
             model, dim, u_train, ld_train, u_val, ld_val, gen, max_epochs=int(max_epochs),

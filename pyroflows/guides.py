@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.distributions import ComposeTransform, Transform, biject_to
 
 from . import flows
-from .transforms import ElementwiseAffine, FlowTransform
+from .transforms import ElementwiseAffine, FlowTransform, TriangularAffine
 
 __all__ = [
     "AutoFlowGuide",
@@ -94,53 +94,6 @@ class FlowPosterior(dist.TransformedDistribution):
             log_det = log_det + ld
             y = x
         return self.base_dist.log_prob(y) - log_det
-
-
-class TriangularAffine(FlowTransform):
-    r"""Full-rank affine map :math:`y = \mu + L x` with :math:`L` lower triangular,
-    :math:`L_{ii} = e^{s_i} > 0`, and :math:`\log|\det J| = \sum_i s_i`.
-
-    The last layer of a full-rank flow guide: it starts at :math:`L = \mathrm{diag}(e^{s})`
-    (the mean-field Gaussian of :class:`~pyroflows.transforms.ElementwiseAffine`), and its
-    strictly lower part learns the posterior's linear correlations directly, which flow layers
-    whose networks start at the identity learn only slowly.
-
-    Arguments:
-        dim: the event size D.
-        loc: initial :math:`\mu` (a tensor of shape (D,) or a float), default 0.
-        scale: initial diagonal :math:`e^{s}` (a positive float or tensor of shape (D,)).
-
-    Example:
-        >>> import torch
-        >>> t = TriangularAffine(2, loc=1.0, scale=2.0)
-        >>> t(torch.ones(1, 2)).tolist()
-        [[3.0, 3.0]]
-    """
-
-    def __init__(self, dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0) -> None:
-        super().__init__(dim)
-        loc_t = torch.as_tensor(loc, dtype=torch.get_default_dtype())
-        scale_t = torch.as_tensor(scale, dtype=torch.get_default_dtype())
-        if not bool((scale_t > 0).all()):
-            raise ValueError(f"TriangularAffine: scale must be positive, got {scale}")
-        self.loc = nn.Parameter(loc_t.detach().clone().expand(dim).contiguous())
-        self.log_scale = nn.Parameter(scale_t.detach().log().expand(dim).contiguous())
-        self.lower = nn.Parameter(torch.zeros(dim, dim))  # only the strictly lower part is used
-
-    @property
-    def scale_tril(self) -> Tensor:
-        """:math:`L`, lower triangular with positive diagonal."""
-        return torch.tril(self.lower, diagonal=-1) + torch.diag_embed(self.log_scale.exp())
-
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y = self.loc + x @ self.scale_tril.T
-        return y, self.log_scale.sum().expand(x.shape[:-1])
-
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        # x L^T = y - mu, solved as a triangular system for every row at once
-        x = torch.linalg.solve_triangular(self.scale_tril.T, (y - self.loc).unsqueeze(-2),
-                                          upper=True, left=False).squeeze(-2)
-        return x, self.log_scale.sum().expand(y.shape[:-1])
 
 
 class _Inverse(nn.Module):

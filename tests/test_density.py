@@ -12,8 +12,9 @@ import torch
 from scipy.stats import multivariate_normal
 
 import pyroflows as pf
-from pyroflows.density import DensityEstimator, _CholeskyLinear, _Standardize
+from pyroflows.density import DensityEstimator, _Standardize
 from pyroflows.testing import check_transform, tolerances
+from pyroflows.transforms import TriangularAffine
 
 SMALL = {"num_layers": 2, "hidden_dims": (16, 16)}
 
@@ -326,7 +327,7 @@ def _fitted_standardize():
 
 
 def _random_cholesky():
-    t = _CholeskyLinear(4)
+    t = TriangularAffine(4)
     gen = torch.Generator().manual_seed(1)
     a = torch.randn(4, 4, generator=gen)
     t.set_scale_tril_(torch.linalg.cholesky(a @ a.T + 0.5 * torch.eye(4)))

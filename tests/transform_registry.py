@@ -46,6 +46,11 @@ def _affine():
     return _randomized(pf.transforms.ElementwiseAffine(3))
 
 
+@register("triangular-affine", 4)
+def _triangular_affine():
+    return _randomized(pf.transforms.triangular_affine(4, loc=0.5, scale=0.7), scale=0.5)
+
+
 @register("planar-stack", 3)
 def _planar_stack():
     return _randomized(pf.flows.build("planar", 3, num_layers=3, affine=True))

@@ -1,6 +1,6 @@
 """Flow layers: Pyro ``TransformModule`` subclasses with lower-case constructors."""
 
-from .affine import ElementwiseAffine, elementwise_affine
+from .affine import ElementwiseAffine, TriangularAffine, elementwise_affine, triangular_affine
 from .autoregressive import IAF, MAF, iaf, maf
 from .base import FlowTransform
 from .coupling import RealNVP, realnvp
@@ -13,6 +13,8 @@ __all__ = [
     "FlowTransform",
     "ElementwiseAffine",
     "elementwise_affine",
+    "TriangularAffine",
+    "triangular_affine",
     "Planar",
     "planar",
     "Radial",
