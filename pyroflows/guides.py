@@ -15,6 +15,7 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.params.param_store import param_with_module_name
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import ComposeTransform, Transform, biject_to
@@ -501,12 +502,23 @@ class FlowELBO(Trace_ELBO):
       unbiased and its variance vanishes as :math:`q \to p`. It costs one inverse pass of the
       flow per step (planar: a 1-D root solve per layer; IAF: D sequential passes). Only the
       latent site of a pyroflows guide is affected; other guide sites use the usual estimator.
-    - ``anneal_steps``: the model's log joint is scaled by
-      :math:`\beta_t = \beta_0 + (1 - \beta_0)\, t / T` over the first ``T`` calls of
-      :meth:`loss_and_grads` (one per ``svi.step()``) and by 1 afterwards, i.e. the guide first
-      fits the tempered :math:`p^{\beta}`, which is wider and lets a flow spread over several
-      modes before the full energy pulls it in (Rezende & Mohamed 2015). While annealing,
-      ``svi.step()`` returns the tempered loss; :meth:`loss` always uses :math:`\beta = 1`.
+    - ``anneal_steps``: over the first ``T`` calls of :meth:`loss_and_grads` (one per
+      ``svi.step()``) the guide fits the tempered density of the *unconstrained* latent vector,
+
+      .. math:: p_\beta(u) \propto \bigl[p(x, T(u))\, |\det J_T(u)|\bigr]^{\beta},
+                \qquad \beta_t = \beta_0 + (1 - \beta_0)\, t / T,
+
+      with :math:`T` the ``biject_to`` map of the latent sites, and :math:`\beta = 1`
+      afterwards. The loss is :math:`-E_q[\beta \log p(x, T(u)) + \beta \log|\det J_T(u)|
+      - \log q(u)]`: the model's log joint and the Jacobian terms of the guide's ``Delta``
+      sites are both scaled by :math:`\beta`. Tempering the log joint alone would leave
+      :math:`p(x, T(u))^\beta |\det J_T(u)|`, which is improper for heavy-tailed positive
+      sites (a HalfCauchy scale :math:`\tau = e^u` gives :math:`e^{u(1-\beta)}` as
+      :math:`u \to \infty`). :math:`p_\beta` is wider than :math:`p` and lets a flow spread
+      over several modes before the full energy pulls it in (Rezende & Mohamed 2015). While
+      annealing, ``svi.step()`` returns the tempered loss; :meth:`loss` always uses
+      :math:`\beta = 1`. With a guide other than an autoguide (no ``Delta`` sites) only the
+      log joint is tempered.
 
     References:
         Roeder, Wu & Duvenaud, "Sticking the Landing: Simple, Lower-Variance Gradient
@@ -549,6 +561,7 @@ class FlowELBO(Trace_ELBO):
         beta = self.beta if self._training else 1.0
         if beta < 1.0:
             model = poutine.scale(model, scale=beta)
+            guide = _TemperJacobians(beta)(guide)
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
         if self.stick_the_landing and self._training:
             _stick_the_landing(guide_trace)
@@ -571,6 +584,22 @@ class FlowELBO(Trace_ELBO):
         """The (tempered, while annealing) loss as a differentiable tensor, for torch
         optimizers; each call counts as one annealing step."""
         return self._train(super().differentiable_loss, model, guide, args, kwargs)
+
+
+class _TemperJacobians(Messenger):
+    """Scales the guide's ``Delta`` sample sites (an autoguide's constrained values, whose log
+    density is the ``biject_to`` Jacobian term :math:`-\\log|\\det J_T(u)|`) by ``beta``,
+    leaving the auxiliary latent site alone."""
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def _process_message(self, msg: dict) -> None:
+        if (msg["type"] == "sample" and not msg["is_observed"]
+                and not (msg.get("infer") or {}).get("is_auxiliary")
+                and isinstance(msg["fn"], dist.Delta)):
+            msg["scale"] = msg["scale"] * self.beta
 
 
 def _stick_the_landing(guide_trace) -> None:

@@ -435,28 +435,68 @@ def _exact_gaussian_model(device, dtype):
     return model
 
 
-def test_annealing_scales_the_model_log_density(device, dtype):
-    model, *_ = _gaussian_problem(device, dtype)
-    guide = AutoRadial(model, num_layers=2)
+def _half_cauchy_problem(device, dtype):
+    """mu ~ N(0, 5^2), tau ~ HalfCauchy(5), y_i ~ N(mu, tau^2) for 4 observations, and the
+    log density of the unconstrained vector u = (mu, log tau), written out by hand:
+    log p(y, mu, e^v) + v (the Jacobian of tau = e^v)."""
+    y = torch.tensor([1.0, -0.5, 2.5, 0.3], device=device, dtype=dtype)
+    zero = torch.zeros((), device=device, dtype=dtype)
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(zero, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(zero + 5.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(mu, tau), obs=y)
+
+    def log_p(u):
+        mu, v = u[..., 0], u[..., 1]
+        tau = v.exp()
+        log_prior = (-0.5 * (mu / 5) ** 2 - math.log(5 * math.sqrt(2 * math.pi))
+                     + math.log(2 / (math.pi * 5)) - torch.log1p((tau / 5) ** 2))
+        resid = (y - mu.unsqueeze(-1)) / tau.unsqueeze(-1)
+        log_lik = (-0.5 * resid**2 - v.unsqueeze(-1) - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return log_prior + log_lik + v
+
+    return model, log_p
+
+
+@pytest.mark.parametrize("num_layers", [0, 2], ids=["affine", "planar"])
+def test_annealing_tempers_the_unconstrained_density(num_layers, device, dtype):
+    """At inverse temperature beta the training loss is -mean(beta log p(u) - log q(u)) with
+    p(u) the model's density of the unconstrained vector (Jacobian included), not the model's
+    log joint alone."""
+    model, log_p = _half_cauchy_problem(device, dtype)
+    guide = AutoPlanar(model, num_layers=num_layers)
     guide()
-    kw = dict(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
-    elbo = FlowELBO(anneal_steps=4, anneal_start=0.2, **kw)
+    with torch.no_grad():  # a guide away from its start, with correlations
+        guide.affine.loc.copy_(torch.tensor([0.7, 0.4]))
+        guide.affine.log_scale.copy_(torch.tensor([-0.2, 0.3]))
+        guide.affine.lower.copy_(torch.tensor([[0.0, 0.0], [0.6, 0.0]]))
+    elbo = FlowELBO(anneal_steps=4, anneal_start=0.2, num_particles=5, vectorize_particles=True,
+                    max_plate_nesting=1)
     betas = []
     for _ in range(6):
         betas.append(elbo.beta)
-        pyro.set_rng_seed(3)
-        annealed = elbo.differentiable_loss(model, guide)
-        pyro.set_rng_seed(3)
-        reference = Trace_ELBO(**kw).differentiable_loss(poutine.scale(model, scale=betas[-1]),
-                                                         guide)
-        torch.testing.assert_close(annealed, reference)
+        traced = poutine.trace(guide)
+        loss = elbo.differentiable_loss(model, traced)
+        u = traced.trace.nodes["_AutoPlanar_latent"]["value"].reshape(-1, 2).detach()
+        if num_layers == 0:  # q is N(loc, L L^T): its density in closed form
+            affine = guide.affine
+            log_q = torch.distributions.MultivariateNormal(
+                affine.loc.detach(), scale_tril=affine.scale_tril.detach()).log_prob(u)
+        else:  # scored through the layers' inverses, on a copy the caches do not know
+            log_q = guide.get_posterior().log_prob(u.clone()).detach()
+        expected = -(betas[-1] * log_p(u) - log_q).mean()
+        tol = 1e-8 if dtype == torch.float64 else 1e-3
+        torch.testing.assert_close(loss.detach(), expected, atol=tol, rtol=tol)
     assert betas == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
     # the reported loss() is the plain -ELBO, whatever the schedule
+    kw = dict(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
     elbo.step_count = 0
     pyro.set_rng_seed(3)
     plain = Trace_ELBO(**kw).loss(model, guide)
     pyro.set_rng_seed(3)
-    assert elbo.loss(model, guide) == pytest.approx(plain)
+    assert FlowELBO(anneal_steps=4, **kw).loss(model, guide) == pytest.approx(plain)
 
 
 def test_stick_the_landing_needs_a_flow_guide():
