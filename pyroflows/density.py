@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import importlib
+import inspect
 import math
 import os
 import tempfile
@@ -29,7 +32,17 @@ PRECONDITIONERS = ("standardize", "whiten", "tabak", None)
 
 _FLOWS = ("maf", "realnvp")
 _FORMAT = "pyroflows.DensityEstimator"
-_FORMAT_VERSION = 1
+# Version 2 stores options through _encode_option; version 1 files hold plain options only,
+# which decode to themselves.
+_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+# Options named by the constructor itself: passing them again in an options dict is ambiguous.
+_RESERVED_FLOW_OPTIONS = ("num_layers", "hidden_dims")
+_RESERVED_TABAK_OPTIONS = ("dim",)
+# Modules whose nn.Module classes a saved file may name as an option (e.g. an activation);
+# others need DensityEstimator.load(..., trusted_modules=...).
+_TRUSTED_MODULES = ("torch", "pyro", "pyroflows")
+_TAG = "__pyroflows_option__"
 _EVAL_CHUNK = 8192
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -166,6 +179,126 @@ def _as_tensor(x: Any, name: str) -> Tensor:
     return t
 
 
+# ---- options that survive save/load ---------------------------------------------------------
+def _importable_name(obj: Any) -> str | None:
+    """``"module:qualname"`` where importing ``module`` and following ``qualname`` gives back
+    ``obj`` itself (a module-level class or function); ``None`` otherwise (a lambda, a local
+    function, an instance)."""
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
+        return None
+    try:
+        found = _import_name(module, qualname)
+    except (ImportError, AttributeError):
+        return None
+    return f"{module}:{qualname}" if found is obj else None
+
+
+def _import_name(module: str, qualname: str) -> Any:
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _encode_option(value: Any, where: str) -> Any:
+    """``value`` as what ``torch.load(weights_only=True)`` reads back: plain Python values,
+    tensors, dtypes and devices as they are; numpy scalars as Python scalars; numpy arrays,
+    module-level classes and functions (by import name) and ``functools.partial`` of those as
+    tagged dicts. Anything else (a lambda, a local function, a module instance) raises a
+    ``ValueError`` naming the option, so the estimator is rejected when it is built rather than
+    when it is saved or loaded."""
+    if isinstance(value, np.generic) and value.dtype.kind in "biufc":  # np.float64 is a float
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return value
+    if isinstance(value, (torch.dtype, torch.device, torch.Size)):
+        return value
+    if isinstance(value, Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
+        return {_TAG: "ndarray", "value": value.tolist(), "dtype": value.dtype.str}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_encode_option(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, dict):
+        if _TAG in value or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{where}: dict options need string keys")
+        return {k: _encode_option(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, functools.partial):
+        return {_TAG: "partial", "func": _encode_option(value.func, f"{where}.func"),
+                "args": _encode_option(value.args, f"{where}.args"),
+                "keywords": _encode_option(value.keywords, f"{where}.keywords")}
+    if callable(value) and (name := _importable_name(value)) is not None:
+        return {_TAG: "callable", "name": name}
+    raise ValueError(
+        f"{where}={value!r} cannot be saved and loaded: pass plain values (numbers, strings, "
+        "tuples, lists, dicts, tensors, numpy arrays, dtypes) or, for callables such as "
+        "activation, a module-level class or function (e.g. torch.nn.Tanh) or a "
+        "functools.partial of one (e.g. functools.partial(torch.nn.LeakyReLU, 0.1)); not a "
+        "lambda, a locally defined function or a module instance"
+    )
+
+
+def _decode_option(value: Any, trusted: Sequence[str]) -> Any:
+    """The inverse of :func:`_encode_option`. A saved callable is imported only if it is an
+    ``nn.Module`` class from torch, pyro or pyroflows, or comes from a module (or package)
+    named in ``trusted``: loading a file must not call arbitrary code."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_decode_option(v, trusted) for v in value)
+    if not isinstance(value, dict):
+        return value
+    kind = value.get(_TAG)
+    if kind is None:
+        return {k: _decode_option(v, trusted) for k, v in value.items()}
+    if kind == "ndarray":
+        return np.array(value["value"], dtype=np.dtype(value["dtype"]))
+    if kind == "partial":
+        return functools.partial(_decode_option(value["func"], trusted),
+                                 *_decode_option(value["args"], trusted),
+                                 **_decode_option(value["keywords"], trusted))
+    if kind == "callable":
+        module, _, qualname = str(value["name"]).partition(":")
+        packages = [module.split(".")[0], module]
+        if any(p in tuple(trusted) for p in packages):
+            return _import_name(module, qualname)
+        obj = _import_name(module, qualname) if packages[0] in _TRUSTED_MODULES else None
+        if isinstance(obj, type) and issubclass(obj, nn.Module):
+            return obj
+        raise ValueError(
+            f"the saved options name the callable {module}.{qualname}; only nn.Module classes "
+            f"from {', '.join(_TRUSTED_MODULES)} are imported by default. If you trust this "
+            f"file, pass trusted_modules=({module.split('.')[0]!r},) to load"
+        )
+    raise ValueError(f"unknown saved option kind {kind!r}")
+
+
+def _check_option_names(options: dict, accepted: set[str], reserved: Sequence[str],
+                        what: str) -> None:
+    for key in options:
+        if not isinstance(key, str):
+            raise ValueError(f"{what}: option names must be strings, got {key!r}")
+        if key in reserved:
+            raise ValueError(f"{what}: {key!r} is a DensityEstimator argument; pass it there")
+        if key not in accepted:
+            raise ValueError(f"{what}: unknown option {key!r}; accepted: "
+                             f"{sorted(accepted - set(reserved))}")
+
+
+def _parameter_names(fn: Any) -> set[str]:
+    return {p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _accepted_flow_options(flow: str) -> set[str]:
+    """What ``flows.build(flow, ...)`` takes besides what the estimator passes itself: the
+    stack's own options and the layer constructor's keywords."""
+    from .transforms import MAF, RealNVP
+
+    layer = {"maf": MAF, "realnvp": RealNVP}[flow]
+    own = _parameter_names(flows.build) - {"name", "dim"}
+    return (own | _parameter_names(layer.__init__)) - {"self", "dim"}
+
+
 class DensityEstimator:
     r"""A normalizing flow fitted to a data matrix by maximum likelihood (seed eq. 1, 4):
 
@@ -209,7 +342,13 @@ class DensityEstimator:
             ``torch.get_default_dtype()``.
         seed: makes the split, initialization, shuffling and :meth:`sample` reproducible.
         tabak_options: keyword arguments for :class:`pyroflows.transforms.Tabak`.
-        flow_options: further keyword arguments for :func:`pyroflows.flows.build`.
+        flow_options: further keyword arguments for :func:`pyroflows.flows.build` and the
+            layers (e.g. ``permutation``, ``affine``, ``log_scale_bound``, ``order``/``mask``,
+            ``activation``). Both option dicts are checked when the estimator is built: an
+            unknown name, ``num_layers``/``hidden_dims`` (arguments of their own here) or a
+            value that :meth:`save` cannot store (a lambda, a local function, a module
+            instance; pass a module-level class such as ``torch.nn.Tanh`` or a
+            ``functools.partial`` of one) raises a ``ValueError``.
 
     Attributes (after :meth:`fit`):
         dim_: the number of columns D.
@@ -268,6 +407,17 @@ class DensityEstimator:
         self.seed = None if seed is None else int(seed)
         self.tabak_options = dict(tabak_options or {})
         self.flow_options = dict(flow_options or {})
+        from .transforms import Tabak
+
+        _check_option_names(self.flow_options, _accepted_flow_options(flow),
+                            _RESERVED_FLOW_OPTIONS, "flow_options")
+        _check_option_names(self.tabak_options, _parameter_names(Tabak.__init__) - {"self"},
+                            _RESERVED_TABAK_OPTIONS, "tabak_options")
+        # Encoded now, so an option that save/load cannot carry is rejected here, not later.
+        self._saved_options = {
+            name: _encode_option(getattr(self, name), name)
+            for name in ("tabak_options", "flow_options")
+        }
         self._model: _DensityModel | None = None
         self.dim_: int | None = None
         self.history_: dict | None = None
@@ -606,7 +756,7 @@ class DensityEstimator:
         payload = {
             "format": _FORMAT,
             "version": _FORMAT_VERSION,
-            "params": self.get_params(),
+            "params": {**self.get_params(), **self._saved_options},
             "dim": model.dim,
             "dtype": str(dtype).replace("torch.", ""),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -627,16 +777,27 @@ class DensityEstimator:
             raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike,
-             device: str | torch.device | None = None) -> DensityEstimator:
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+             trusted_modules: Sequence[str] = ()) -> DensityEstimator:
         """Rebuild a saved estimator (on ``device``, default the saved one or CPU); its
-        ``log_prob`` reproduces the saved model's exactly."""
+        ``log_prob`` reproduces the saved model's exactly, and its options equal those it was
+        built with.
+
+        The file is read with ``torch.load(weights_only=True)``. Callables among the options
+        (e.g. ``flow_options={"activation": torch.nn.Tanh}``) are saved by import name; on
+        loading, ``nn.Module`` classes from torch, pyro and pyroflows are imported, and any
+        other callable only if its module or top-level package is in ``trusted_modules``
+        (e.g. ``("mypackage",)``), so an untrusted file cannot make ``load`` run a function
+        of its choosing.
+        """
         payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a saved pyroflows DensityEstimator")
-        if payload.get("version") != _FORMAT_VERSION:
+        if payload.get("version") not in _READABLE_VERSIONS:
             raise ValueError(f"{path}: unsupported format version {payload.get('version')!r}")
         params = dict(payload["params"])
+        for name in ("tabak_options", "flow_options"):
+            params[name] = _decode_option(params.get(name) or {}, tuple(trusted_modules))
         params["dtype"] = None if params["dtype"] is None else getattr(torch, params["dtype"])
         est = cls(**params)
         dim = int(payload["dim"])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import multivariate_normal
+from torch import nn
 
 import pyroflows as pf
 from pyroflows.density import DensityEstimator, _Standardize
@@ -282,6 +284,80 @@ def test_save_is_atomic_and_overwrites(device, dtype, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(Exception):  # noqa: B017 - torch's unpickling error type varies
         DensityEstimator.load(tmp_path / "junk.pt")
+
+
+def _tanh_factory() -> nn.Module:
+    """A module-level activation factory: saved by import name, loaded only when trusted."""
+    return nn.Tanh()
+
+
+@pytest.mark.parametrize("flow", ["maf", "realnvp"])
+def test_every_option_kind_survives_save_and_load(flow, device, dtype, tmp_path):
+    """Options of every kind a user can pass (tuples, numpy arrays and scalars, tensors, classes,
+    functools.partial) come back equal after save/load, and the rebuilt network really uses
+    them: the activation is not in the state dict, so a lost option would change log_prob."""
+    x, _, _ = _gaussian_data(120, seed=16)
+    order_key = "order" if flow == "maf" else "mask"
+    order = np.array([2, 0, 1]) if flow == "maf" else torch.tensor([True, False, True])
+    flow_options = {
+        "activation": functools.partial(nn.LeakyReLU, 0.1),
+        order_key: order,
+        "log_scale_bound": np.float64(3.0),
+        "permutation": "random",
+        "affine": True,
+    }
+    tabak_options = {"width": (0.05, 0.3), "max_steps": np.int64(30), "check_every": 10}
+    est = DensityEstimator(flow, precondition="tabak", dtype=dtype, seed=0, **SMALL,
+                           flow_options=flow_options, tabak_options=tabak_options)
+    est.fit(_t(x, device, dtype), max_epochs=2, progress=False)
+    path = tmp_path / "options.pt"
+    est.save(path)
+    loaded = DensityEstimator.load(path, device=device)
+    assert torch.equal(loaded.log_prob(x), est.log_prob(x))
+    got = loaded.get_params()
+    act = got["flow_options"]["activation"]
+    assert isinstance(act, functools.partial) and act.func is nn.LeakyReLU and act.args == (0.1,)
+    np.testing.assert_array_equal(np.asarray(got["flow_options"][order_key]), np.asarray(order))
+    assert got["flow_options"]["log_scale_bound"] == 3.0
+    assert got["tabak_options"] == {"width": (0.05, 0.3), "max_steps": 30, "check_every": 10}
+    slopes = {m.negative_slope for m in loaded._model.modules() if isinstance(m, nn.LeakyReLU)}
+    assert slopes == {0.1} and not any(isinstance(m, nn.ReLU) for m in loaded._model.modules())
+
+    # A module-level function outside torch/pyro/pyroflows loads only when its package is
+    # trusted.
+    est = DensityEstimator(flow, dtype=dtype, seed=0, **SMALL,
+                           flow_options={"activation": _tanh_factory})
+    est.fit(_t(x, device, dtype), max_epochs=1, progress=False)
+    est.save(path)
+    with pytest.raises(ValueError, match="trusted_modules"):
+        DensityEstimator.load(path)
+    package = _tanh_factory.__module__.split(".")[0]
+    loaded = DensityEstimator.load(path, device=device, trusted_modules=(package,))
+    assert loaded.get_params()["flow_options"]["activation"] is _tanh_factory
+    assert torch.equal(loaded.log_prob(x), est.log_prob(x))
+
+
+def test_options_that_cannot_be_saved_are_rejected_up_front(tmp_path):
+    for kwargs, match in [
+        ({"flow_options": {"activation": lambda: nn.Tanh()}}, "lambda"),
+        ({"flow_options": {"activation": nn.Tanh()}}, "module instance"),
+        ({"flow_options": {"num_layers": 3}}, "DensityEstimator argument"),
+        ({"flow_options": {"hidden_dims": (8,)}}, "DensityEstimator argument"),
+        ({"flow_options": {"mask": [True, False]}}, "unknown option 'mask'"),  # MAF: 'order'
+        ({"tabak_options": {"widht": 0.1}}, "unknown option 'widht'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DensityEstimator("maf", **kwargs)
+    # A crafted file naming an arbitrary function is refused, not imported and called.
+    x, _, _ = _gaussian_data(60, seed=17)
+    est = DensityEstimator("maf", seed=0, **SMALL).fit(x, max_epochs=0, progress=False)
+    est.save(tmp_path / "ok.pt")
+    payload = torch.load(tmp_path / "ok.pt", weights_only=True)
+    payload["params"]["flow_options"] = {
+        "activation": {"__pyroflows_option__": "callable", "name": "os:getcwd"}}
+    torch.save(payload, tmp_path / "crafted.pt")
+    with pytest.raises(ValueError, match="only nn.Module classes"):
+        DensityEstimator.load(tmp_path / "crafted.pt")
 
 
 # ---- bad input ------------------------------------------------------------------------------
