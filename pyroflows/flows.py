@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.distributions.transforms import Transform, _InverseTransform
 
 from . import transforms as T
+from .transforms.autoregressive import AffineAutoregressiveCore, affine_chain
 from .transforms.base import FlowTransform, _CacheEntry, module_stamp
 
 __all__ = ["build", "FlowStack", "FAMILIES", "FOLDED_PERMUTATIONS", "register_family"]
@@ -76,14 +77,30 @@ class FlowStack(ComposeTransformModule):
         if chain is None:
             chain = self.__dict__["_compiled_chain"] = torch.compile(
                 self._chain, backend=self.compile_backend, dynamic=False)
-        return chain(x, inverse)
+        # the compiler traces the plain operations (it cannot see into the fused kernels)
+        return chain(x, inverse, False)
 
-    def _chain(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        parts = self.parts
+    def _chain(self, x: Tensor, inverse: bool, fused: bool = True) -> tuple[Tensor, Tensor]:
         log_det = None
-        for part in reversed(parts) if inverse else parts:
-            x, ld = part.inverse_and_log_det(x) if inverse else part.forward_and_log_det(x)
+        run: list[AffineAutoregressiveCore] = []  # consecutive layers for one fused call
+        kinds: list[tuple[bool, float]] = []
+        for part in reversed(self.parts) if inverse else self.parts:
+            kind = (part.fused_kind(inverse)
+                    if fused and isinstance(part, AffineAutoregressiveCore) else None)
+            if kind is not None:
+                run.append(part)
+                kinds.append(kind)
+                continue
+            if run:
+                x, log_det = affine_chain(x, run, kinds, log_det)
+                run, kinds = [], []
+            if fused or not isinstance(part, AffineAutoregressiveCore):
+                x, ld = part.inverse_and_log_det(x) if inverse else part.forward_and_log_det(x)
+            else:
+                x, ld = part.plain_map(x, inverse)
             log_det = ld if log_det is None else log_det + ld
+        if run:
+            x, log_det = affine_chain(x, run, kinds, log_det)
         return x, log_det
 
     def _lookup(self, x: Tensor | None = None, y: Tensor | None = None) -> _CacheEntry | None:

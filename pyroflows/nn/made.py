@@ -11,6 +11,9 @@ from torch import Tensor, nn
 
 __all__ = ["MADE", "default_hidden_dims"]
 
+# activations the hand-written backward knows: relu (the default) and tanh
+_FUSED_ACTIVATIONS = (nn.ReLU, nn.Tanh)
+
 
 def default_hidden_dims(features: int) -> tuple[int, ...]:
     """The conditioner widths used when none are given: two layers of ``max(64, 4 D)`` units."""
@@ -161,6 +164,85 @@ class MADE(nn.Module):
         for k in range(num_hidden):
             h = act(F.linear(h, weights[k], biases[k]))
         return F.linear(h, weights[-1], biases[-1])
+
+    # ---- the autograd-free kernels of the fused flow layers (issue 9) ------------------------
+    @property
+    def supports_fused(self) -> bool:
+        """Whether :meth:`fused_forward` / :meth:`fused_backward` compute this network: a ReLU or
+        tanh MLP without residual connections and without module hooks (which only a call of
+        :meth:`forward` runs)."""
+        return (
+            type(self.activation) in _FUSED_ACTIVATIONS
+            and not self.residual
+            and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
+                     or self._backward_pre_hooks)
+        )
+
+    def masked_weights(self, flat: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        r"""The masked weights and biases :math:`(W_k \odot M_k, b_k \odot m_k)` of every layer,
+        as views into one product computed outside autograd (``flat`` defaults to
+        ``flat_parameters``). Computed afresh on every call, so never stale."""
+        flat = self.flat_parameters if flat is None else flat
+        with torch.no_grad():
+            pieces = (flat * self.mask).split(self._sizes)
+        weights = [w.view(shape) for w, shape in zip(pieces[0::2], self._shapes, strict=True)]
+        return weights, list(pieces[1::2])
+
+    def fused_forward(
+        self, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """:meth:`forward` for a 2-D ``x`` of shape (N, D) without autograd, given
+        :meth:`masked_weights`. Returns the output and the inputs of every linear layer
+        (``x`` first), which is all :meth:`fused_backward` needs. Same operations, in the same
+        order, as :meth:`forward` (``F.linear`` on a matrix is ``addmm``), so the same numbers."""
+        relu = type(self.activation) is nn.ReLU
+        inputs = [x]
+        h = x
+        for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
+            h = torch.addmm(bias, h, weight.t())
+            h = h.relu_() if relu else h.tanh_()  # a fresh tensor: in place is safe
+            inputs.append(h)
+        return torch.addmm(biases[-1], h, weights[-1].t()), inputs
+
+    def fused_backward(
+        self,
+        grad_out: Tensor,
+        inputs: Sequence[Tensor],
+        weights: Sequence[Tensor],
+        grad_flat: Tensor | None,
+        need_input_grad: bool,
+    ) -> Tensor | None:
+        r"""Backpropagate ``grad_out`` (N, P D) through the network of a :meth:`fused_forward`.
+
+        With :math:`g` the gradient at the output of linear layer :math:`k` and :math:`h_k` its
+        input: :math:`\nabla W_k = (g^\top h_k) \odot M_k`, :math:`\nabla b_k = (\sum_n g_n)
+        \odot m_k`, and below it :math:`g \leftarrow (g\, (W_k \odot M_k)) \odot a'`, with
+        :math:`a' = [h_k > 0]` for ReLU and :math:`1 - h_k^2` for tanh, written from the
+        activations themselves. The parameter gradient goes into ``grad_flat`` (laid out as
+        ``flat_parameters``; ``None`` skips it); returns the gradient with respect to the input
+        (``None`` unless ``need_input_grad``).
+        """
+        relu = type(self.activation) is nn.ReLU
+        if grad_flat is not None:
+            pieces = grad_flat.split(self._sizes)
+        g = grad_out
+        for k in range(len(weights) - 1, -1, -1):
+            if grad_flat is not None:
+                torch.mm(g.t(), inputs[k], out=pieces[2 * k].view(self._shapes[k]))
+                torch.sum(g, 0, out=pieces[2 * k + 1])
+            if k == 0 and not need_input_grad:
+                g = None
+                break
+            g = g.mm(weights[k])
+            if k > 0:
+                h = inputs[k]
+                if relu:
+                    g = torch.ops.aten.threshold_backward(g, h, 0)
+                else:
+                    g = g.addcmul_(g, h * h, value=-1)  # g (1 - h^2)
+        if grad_flat is not None:
+            grad_flat.mul_(self.mask)
+        return g
 
     def extra_repr(self) -> str:
         return (

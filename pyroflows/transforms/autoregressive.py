@@ -7,11 +7,12 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..nn.made import MADE, default_hidden_dims
 from .base import FlowTransform
 
-__all__ = ["IAF", "MAF", "iaf", "maf"]
+__all__ = ["IAF", "MAF", "iaf", "maf", "affine_chain"]
 
 # sigma = sigmoid(raw + _GATE_BIAS) starts near 1 (0.88), as Kingma et al. (2016) advise
 _GATE_BIAS = 2.0
@@ -35,8 +36,21 @@ class AffineAutoregressiveCore(FlowTransform):
     ``logsigmoid`` so it never overflows.
 
     Subclasses pick the direction: IAF and RealNVP use ``u -> v`` as the forward map, MAF as the
-    inverse.
+    inverse (class attributes ``forward_is_parallel`` and ``log_det_sign``, the sign that turns
+    :math:`\sum_i s_i` into the log-det of the *forward* map).
+
+    Fast path (``fused = True``, the default): a one-pass direction of a non-gated layer over a
+    ReLU or tanh :class:`~pyroflows.nn.MADE` runs as one :func:`affine_chain` call, an
+    autograd function with a hand-written backward, instead of a graph of some thirty autograd
+    nodes; :class:`~pyroflows.flows.FlowStack` runs a whole run of such layers as one call. The
+    values are computed by the same operations in the same order as the plain path
+    (``fused = False`` on an instance, or any other configuration), so they are the same
+    numbers; the gradients agree to rounding.
     """
+
+    forward_is_parallel: bool = True
+    log_det_sign: float = 1.0
+    fused: bool = True
 
     def __init__(
         self,
@@ -88,6 +102,36 @@ class AffineAutoregressiveCore(FlowTransform):
             u = (v - shift) * torch.exp(-log_scale)
         return u, log_scale.sum(-1)
 
+    def fused_kind(self, inverse: bool) -> tuple[bool, float] | None:
+        """``(parallel, log_det_sign)`` of the direction (``inverse`` or forward) when the fused
+        kernels compute it: a single pass of a non-gated layer over a supported network;
+        ``None`` otherwise."""
+        if not self.fused or self.gated or not self.conditioner.supports_fused:
+            return None
+        parallel = self.forward_is_parallel != inverse
+        if not parallel and self.num_passes != 1:
+            return None
+        return parallel, self.log_det_sign
+
+    def _map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        kind = self.fused_kind(inverse)
+        if kind is not None:
+            return affine_chain(x, [self], [kind])
+        return self.plain_map(x, inverse)
+
+    def plain_map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """The map of one direction (``inverse`` or forward) and its log-det, from plain
+        differentiable operations (what ``fused = False`` runs, and what a compiler traces)."""
+        parallel = self.forward_is_parallel != inverse
+        v, log_det = self._parallel(x) if parallel else self._sequential(x)
+        return v, (log_det if self.log_det_sign > 0 else -log_det)
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._map(x, inverse=False)
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self._map(y, inverse=True)
+
     def extra_repr(self) -> str:
         kind = "gated" if self.gated else f"log_scale_bound={self.log_scale_bound}"
         return f"dim={self.dim}, {kind}"
@@ -131,11 +175,8 @@ class IAF(AffineAutoregressiveCore):
         (torch.Size([10, 3]), torch.Size([10]))
     """
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._parallel(x)
-
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._sequential(y)
+    forward_is_parallel = True
+    log_det_sign = 1.0
 
 
 class MAF(AffineAutoregressiveCore):
@@ -174,18 +215,134 @@ class MAF(AffineAutoregressiveCore):
         torch.Size([5])
     """
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y, log_det_inverse = self._sequential(x)
-        return y, -log_det_inverse
-
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        z, log_det_inverse = self._parallel(y)
-        return z, -log_det_inverse
+    forward_is_parallel = False
+    log_det_sign = -1.0
 
     def _log_abs_det_jacobian_uncached(self, x: Tensor, y: Tensor) -> Tensor:
         # the cheap direction: one pass over y, never the D-pass forward from x
         self._validate(y, "output")
-        return -self.shift_and_log_scale(y)[1].sum(-1)
+        return self.inverse_and_log_det(y)[1]
+
+
+def affine_chain(
+    x: Tensor,
+    layers: Sequence[AffineAutoregressiveCore],
+    kinds: Sequence[tuple[bool, float]],
+    log_det: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Run ``x`` through a chain of affine autoregressive layers in one autograd node.
+
+    Layer :math:`k` maps its input :math:`u` with :math:`(\mu, s) = \mathrm{head}(
+    \mathrm{MADE}_k(u))` either by the parallel map :math:`v = \mu + e^{s} \odot u` or by the
+    single-pass inverse :math:`v = (u - \mu) \odot e^{-s}`, as ``kinds[k] = (parallel, sign)``
+    says (see :meth:`AffineAutoregressiveCore.fused_kind`), and adds
+    :math:`\mathrm{sign} \sum_i s_i` to the log-det, which starts at ``log_det`` (or 0).
+    Returns the last output and the accumulated log-det, exactly as running each layer's
+    ``forward_and_log_det`` / ``inverse_and_log_det`` and summing would (same operations, same
+    order).
+
+    The backward pass is written out by hand (:class:`_AffineChain`): for the parallel map,
+    with :math:`g` the gradient at :math:`v` and :math:`\ell` the one at the log-det,
+    :math:`\nabla\mu = g`, :math:`\nabla s = g \odot e^{s} \odot u + \mathrm{sign}\,\ell`,
+    :math:`\nabla u = g \odot e^{s} + J_{\mathrm{MADE}}^\top(\nabla\mu, \nabla\tilde s)`,
+    with :math:`\nabla\tilde s = \nabla s\,(1 - \tanh^2(\tilde s / b))` through the bound
+    :math:`s = b \tanh(\tilde s / b)`; the MADE part is
+    :meth:`~pyroflows.nn.MADE.fused_backward`. It is not twice differentiable (second
+    derivatives raise an error instead of returning wrong values).
+    """
+    flats = [layer.conditioner.flat_parameters for layer in layers]
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in flats)
+        or (log_det is not None and log_det.requires_grad)
+    ):
+        return _AffineChain.apply(x, log_det, tuple(layers), tuple(kinds), *flats)
+    return _chain_forward(x, log_det, layers, kinds, flats, None)
+
+
+def _chain_forward(x, log_det, layers, kinds, flats, saved: list | None):
+    shape = x.shape
+    batch_shape = shape[:-1]
+    u = x.reshape(-1, shape[-1])
+    for layer, (parallel, sign), flat in zip(layers, kinds, flats, strict=True):
+        net = layer.conditioner
+        weights, biases = net.masked_weights(flat)
+        out, inputs = net.fused_forward(u, weights, biases)
+        shift, raw_log_scale = out.chunk(2, dim=-1)
+        # the operations of shift_and_log_scale / _parallel / _sequential, in their order
+        b = layer.log_scale_bound
+        tanh = torch.tanh(raw_log_scale * (1.0 / b))
+        log_scale = tanh * b
+        if parallel:
+            scale = log_scale.exp()
+            v = torch.addcmul(shift, scale, u)
+        else:
+            scale = torch.exp(-log_scale)
+            v = (u - shift) * scale
+        ld = log_scale.sum(-1).view(batch_shape)
+        if sign < 0:
+            ld = -ld
+        log_det = ld if log_det is None else log_det + ld
+        if saved is not None:
+            saved.append((inputs, weights, tanh, scale, shift))
+        u = v
+    return u.reshape(shape), log_det
+
+
+class _AffineChain(torch.autograd.Function):
+    """The autograd node of :func:`affine_chain`."""
+
+    @staticmethod
+    def forward(ctx, x, log_det, layers, kinds, *flats):
+        saved: list = []
+        ctx.log_det_shape = None if log_det is None else log_det.shape
+        v, log_det = _chain_forward(x, log_det, layers, kinds, flats, saved)
+        ctx.save_for_backward(x, *flats)  # in-place edits of these after the call are errors
+        ctx.layers, ctx.kinds, ctx.saved = layers, kinds, saved
+        ctx.set_materialize_grads(False)
+        return v, log_det
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_v, grad_log_det):
+        x, *flats = ctx.saved_tensors
+        dim = x.shape[-1]
+        g = None if grad_v is None else grad_v.reshape(-1, dim)
+        g_ld = None if grad_log_det is None else grad_log_det.reshape(-1, 1)
+        grad_flats: list[Tensor | None] = [None] * len(flats)
+        for k in range(len(flats) - 1, -1, -1):
+            (parallel, sign), (inputs, weights, tanh, scale, shift) = (ctx.kinds[k],
+                                                                       ctx.saved[k])
+            u = x.reshape(-1, dim) if k == 0 else inputs[0]
+            if g is None:
+                direct = None
+                grad_log_scale = (g_ld if sign > 0 else -g_ld).expand_as(tanh)
+                grad_shift = torch.zeros_like(tanh)
+            else:
+                direct = g * scale  # dv/du at fixed (mu, s)
+                if parallel:  # v = mu + e^s u
+                    grad_shift = g
+                    grad_log_scale = direct * u
+                else:  # v = (u - mu) e^{-s}
+                    grad_shift = -direct
+                    grad_log_scale = direct * (shift - u)
+                if g_ld is not None:
+                    grad_log_scale = grad_log_scale.add_(g_ld if sign > 0 else -g_ld)
+            # through s = b tanh(raw / b): ds/draw = 1 - tanh^2
+            grad_raw = grad_log_scale - grad_log_scale * tanh * tanh
+            grad_out = torch.cat([grad_shift, grad_raw], dim=-1)
+            net = ctx.layers[k].conditioner
+            need_input = k > 0 or ctx.needs_input_grad[0]
+            if ctx.needs_input_grad[4 + k]:
+                grad_flats[k] = torch.empty_like(flats[k])
+            g_in = net.fused_backward(grad_out, inputs, weights, grad_flats[k], need_input)
+            if g_in is not None and direct is not None:
+                g_in = g_in.add_(direct)
+            g = g_in
+        grad_x = None if g is None else g.reshape(x.shape)
+        grad_ld0 = None
+        if ctx.needs_input_grad[1] and grad_log_det is not None:
+            grad_ld0 = grad_log_det.sum_to_size(ctx.log_det_shape)
+        return (grad_x, grad_ld0, None, None, *grad_flats)
 
 
 def iaf(
