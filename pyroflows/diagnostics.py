@@ -79,6 +79,7 @@ __all__ = [
     "importance_resample",
     "ConvergenceCheck",
     "elbo_convergence",
+    "elbo_trace_ylim",
     "VIReport",
     "vi_report",
 ]
@@ -751,6 +752,39 @@ def elbo_convergence(
     return ConvergenceCheck(verdict, difference, se, m)
 
 
+def elbo_trace_ylim(
+    elbo_trace: Sequence[float] | np.ndarray, quantile: float = 5.0,
+) -> tuple[float, float] | None:
+    r"""y-limits that keep an ELBO trace readable when its first steps are far below the rest,
+    or ``None`` when the full range is fine.
+
+    With :math:`q` the ``quantile``-th percentile of the finite values and :math:`M` their
+    maximum, the trace is clipped when its minimum lies below :math:`q - 5 (M - q)` (the early
+    steps would squeeze the rest into a sixth of the axis, or less); the limits are then
+    :math:`(q - (M - q)/2,\ M + (M - q)/20)`, so the last 95% of the steps fill the axis and
+    the early transient leaves it at the bottom.
+
+    Example:
+        >>> import numpy as np
+        >>> trace = -10.0 + 0.1 * np.random.default_rng(0).standard_normal(1000)
+        >>> trace[:20] = -1e6  # the first steps of a badly started fit
+        >>> lo, hi = elbo_trace_ylim(trace)
+        >>> bool(-11 < lo < -10 < hi < -9)
+        True
+        >>> elbo_trace_ylim(-10 - np.exp(-np.arange(1000) / 200)) is None
+        True
+    """
+    trace = np.asarray(elbo_trace, dtype=np.float64).reshape(-1)
+    finite = trace[np.isfinite(trace)]
+    if finite.size < 2:
+        return None
+    low, top = float(np.percentile(finite, quantile)), float(finite.max())
+    span = top - low
+    if not span > 0 or finite.min() >= low - 5 * span:
+        return None
+    return low - 0.5 * span, top + 0.05 * span
+
+
 @dataclass
 class VIReport:
     """Diagnostics of one guide, made by :func:`vi_report`. Prints as a compact table;
@@ -821,6 +855,9 @@ class VIReport:
         if self.elbo_trace is not None and len(self.elbo_trace):
             steps = np.arange(len(self.elbo_trace))
             ax_trace.plot(steps, self.elbo_trace, lw=0.8, color="C0")
+            limits = elbo_trace_ylim(self.elbo_trace)
+            if limits is not None:
+                ax_trace.set_ylim(*limits)
             c = self.convergence
             if c is not None and c.verdict != "too short":
                 n = len(self.elbo_trace)
@@ -831,6 +868,8 @@ class VIReport:
                 ax_trace.set_title(f"ELBO trace: {c.verdict}")
             else:
                 ax_trace.set_title("ELBO trace")
+            if limits is not None:
+                ax_trace.set_title(ax_trace.get_title() + " (early steps below the axis)")
             ax_trace.set_xlabel("step")
             ax_trace.set_ylabel("ELBO")
         else:

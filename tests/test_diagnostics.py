@@ -472,6 +472,31 @@ def test_vi_report_table_dict_and_plot(device, dtype):
     plt.close(fig)
 
 
+def test_vi_report_plot_clips_early_huge_losses(device, dtype):
+    """A trace whose first steps are 1e6 nats down: the axis shows the converged part (the
+    window means of the convergence check lie inside it, spread over a visible range)."""
+    import matplotlib.pyplot as plt
+
+    y = _data(device, dtype)
+    guide = _exact_mvn_guide(y)
+    rng = np.random.default_rng(0)
+    trace = -10.0 + 0.1 * rng.standard_normal(500)
+    trace[:10] = -1e6 * np.exp(-np.arange(10.0))
+    report = dg.vi_report(linear_gaussian, guide, y, num_samples=200, elbo_trace=trace)
+    fig = report.plot()
+    lo, hi = fig.axes[0].get_ylim()
+    assert trace[10:].max() <= hi < -9 and -11 < lo <= np.percentile(trace, 5)
+    assert "below the axis" in fig.axes[0].get_title()
+    plt.close(fig)
+    # a trace without an early blow-up keeps matplotlib's own limits
+    smooth = -10 - 30 * np.exp(-np.arange(500) / 20)
+    assert dg.elbo_trace_ylim(smooth) is None
+    fig = dg.vi_report(linear_gaussian, guide, y, num_samples=200, elbo_trace=smooth).plot()
+    lo, hi = fig.axes[0].get_ylim()
+    assert lo <= smooth.min() and hi >= smooth.max()
+    plt.close(fig)
+
+
 def test_point_mass_guide_is_refused(device, dtype):
     y = _data(device, dtype)
     with pytest.raises(ValueError, match="point mass"):
