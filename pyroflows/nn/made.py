@@ -183,8 +183,12 @@ class MADE(nn.Module):
         as views into one product computed outside autograd (``flat`` defaults to
         ``flat_parameters``). Computed afresh on every call, so never stale."""
         flat = self.flat_parameters if flat is None else flat
-        with torch.no_grad():
-            pieces = (flat * self.mask).split(self._sizes)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                product = flat * self.mask
+        else:  # as inside the fused kernels: skip the context manager
+            product = flat * self.mask
+        pieces = torch.split_with_sizes(product, self._sizes)
         weights = [w.view(shape) for w, shape in zip(pieces[0::2], self._shapes, strict=True)]
         return weights, list(pieces[1::2])
 
@@ -224,7 +228,7 @@ class MADE(nn.Module):
         """
         relu = type(self.activation) is nn.ReLU
         if grad_flat is not None:
-            pieces = grad_flat.split(self._sizes)
+            pieces = torch.split_with_sizes(grad_flat, self._sizes)
         g = grad_out
         for k in range(len(weights) - 1, -1, -1):
             if grad_flat is not None:

@@ -260,6 +260,7 @@ def affine_chain(
 
 
 def _chain_forward(x, log_det, layers, kinds, flats, saved: list | None):
+    # runs with autograd off; every tensor made here is fresh, so in-place ops are safe
     shape = x.shape
     batch_shape = shape[:-1]
     u = x.reshape(-1, shape[-1])
@@ -270,18 +271,21 @@ def _chain_forward(x, log_det, layers, kinds, flats, saved: list | None):
         shift, raw_log_scale = out.chunk(2, dim=-1)
         # the operations of shift_and_log_scale / _parallel / _sequential, in their order
         b = layer.log_scale_bound
-        tanh = torch.tanh(raw_log_scale * (1.0 / b))
+        tanh = torch.mul(raw_log_scale, 1.0 / b).tanh_()
         log_scale = tanh * b
         if parallel:
             scale = log_scale.exp()
             v = torch.addcmul(shift, scale, u)
         else:
             scale = torch.exp(-log_scale)
-            v = (u - shift) * scale
-        ld = log_scale.sum(-1).view(batch_shape)
-        if sign < 0:
-            ld = -ld
-        log_det = ld if log_det is None else log_det + ld
+            v = (u - shift).mul_(scale)
+        ld = log_scale.sum(-1)
+        if len(batch_shape) != 1:
+            ld = ld.view(batch_shape)
+        if log_det is None:
+            log_det = ld if sign > 0 else -ld
+        else:  # a - b is a + (-b) exactly
+            log_det = log_det + ld if sign > 0 else log_det - ld
         if saved is not None:
             saved.append((inputs, weights, tanh, scale, shift))
         u = v
@@ -309,13 +313,15 @@ class _AffineChain(torch.autograd.Function):
         g = None if grad_v is None else grad_v.reshape(-1, dim)
         g_ld = None if grad_log_det is None else grad_log_det.reshape(-1, 1)
         grad_flats: list[Tensor | None] = [None] * len(flats)
+        g_ld_neg = None if g_ld is None else -g_ld
         for k in range(len(flats) - 1, -1, -1):
             (parallel, sign), (inputs, weights, tanh, scale, shift) = (ctx.kinds[k],
                                                                        ctx.saved[k])
+            signed_g_ld = g_ld if sign > 0 else g_ld_neg
             u = x.reshape(-1, dim) if k == 0 else inputs[0]
             if g is None:
                 direct = None
-                grad_log_scale = (g_ld if sign > 0 else -g_ld).expand_as(tanh)
+                grad_log_scale = signed_g_ld.expand_as(tanh)
                 grad_shift = torch.zeros_like(tanh)
             else:
                 direct = g * scale  # dv/du at fixed (mu, s)
@@ -324,11 +330,11 @@ class _AffineChain(torch.autograd.Function):
                     grad_log_scale = direct * u
                 else:  # v = (u - mu) e^{-s}
                     grad_shift = -direct
-                    grad_log_scale = direct * (shift - u)
+                    grad_log_scale = (shift - u).mul_(direct)
                 if g_ld is not None:
-                    grad_log_scale = grad_log_scale.add_(g_ld if sign > 0 else -g_ld)
+                    grad_log_scale = grad_log_scale.add_(signed_g_ld)
             # through s = b tanh(raw / b): ds/draw = 1 - tanh^2
-            grad_raw = grad_log_scale - grad_log_scale * tanh * tanh
+            grad_raw = torch.ops.aten.tanh_backward(grad_log_scale, tanh)
             grad_out = torch.cat([grad_shift, grad_raw], dim=-1)
             net = ctx.layers[k].conditioner
             need_input = k > 0 or ctx.needs_input_grad[0]
