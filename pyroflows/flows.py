@@ -16,7 +16,8 @@ from .transforms.autoregressive import AffineAutoregressiveCore, affine_chain
 from .transforms.base import FlowTransform, _CacheEntry, module_stamp
 
 __all__ = [
-    "build", "FlowStack", "FAMILIES", "FOLDED_PERMUTATIONS", "register_family", "planar_chain",
+    "build", "FlowStack", "FAMILIES", "FOLDED_PERMUTATIONS", "COMPLEMENTARY_MASKS",
+    "register_family", "planar_chain", "planar_u_hat",
 ]
 
 
@@ -324,6 +325,15 @@ FOLDED_PERMUTATIONS: dict[str, Fold] = {
 }
 
 
+# Coupling families whose odd-numbered layers take the complement of the previous layer's mask
+# (Dinh et al.'s alternating masks) instead of the folded permutation: with an odd D, reversing
+# the order maps the middle coordinate onto itself, so it would be transformed by every layer
+# and never condition one; the complement makes every coordinate do both in each pair of
+# layers (0, 1), (2, 3), ..., whatever D and ``permutation``. For an even D and the default
+# mask this is the reversal itself.
+COMPLEMENTARY_MASKS: set[str] = {"realnvp"}
+
+
 def register_family(
     name: str,
     layer: Callable[..., nn.Module],
@@ -359,8 +369,11 @@ def build(
     Families whose layers see only part of the coordinates at a time (IAF, MAF, RealNVP) are
     stacked with a fixed permutation between layers, so every coordinate is transformed and
     depends on every other. For IAF and MAF it becomes the next layer's MADE order, for RealNVP
-    its coupling mask (as in Dinh et al.'s alternating masks), so no permutation layer runs;
-    a family registered without ``fold`` gets :class:`~pyroflows.transforms.Permute` layers.
+    its coupling mask, so no permutation layer runs; a family registered without ``fold`` gets
+    :class:`~pyroflows.transforms.Permute` layers. RealNVP's odd-numbered layers use the
+    complement of the previous layer's mask (Dinh et al.'s alternating masks; see
+    ``COMPLEMENTARY_MASKS``), so with an odd D too every coordinate is transformed by one layer
+    of each pair and conditions the other.
 
     Arguments:
         name: one of ``pyroflows.flows.FAMILIES``: planar, radial, iaf, maf, realnvp, and any
@@ -408,6 +421,8 @@ def build(
             else:
                 cumulative = cumulative[step.permutation]
                 kwargs = fold(dim, torch.argsort(cumulative), layer_kwargs)
+            if fold is not None and name in COMPLEMENTARY_MASKS and i % 2 == 1:
+                kwargs = {**kwargs, "mask": ~parts[-1].mask.cpu()}
         try:
             parts.append(layer(dim, **kwargs))
         except TypeError as e:  # e.g. hidden_dims for a family without a network

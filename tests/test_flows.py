@@ -30,7 +30,8 @@ def one_thread():
 def test_layer_sequence_and_folded_permutations(name, permutation):
     """Layer k acts as if the coordinates were first permuted by c_k = p_1 o ... o p_k (the
     permutations between layers); the permutation is folded into its MADE order or coupling
-    mask instead of a Permute layer: order_k = argsort(c_k), mask_k = mask[argsort(c_k)]."""
+    mask instead of a Permute layer: order_k = argsort(c_k), mask_k = mask[argsort(c_k)],
+    except that RealNVP's odd-numbered layers take the complement of the previous mask."""
     dim = 5
     flow = pf.flows.build(name, dim, num_layers=4, hidden_dims=(8,), permutation=permutation,
                           affine=True)
@@ -44,7 +45,9 @@ def test_layer_sequence_and_folded_permutations(name, permutation):
                     else pf.transforms.Permute.random(dim, seed=k).permutation.tolist())
             cumulative = [cumulative[j] for j in step]
         rank = [cumulative.index(j) for j in range(dim)]  # argsort
-        if name == "realnvp":
+        if name == "realnvp" and k % 2 == 1:
+            assert part.mask.tolist() == [not m for m in flow.parts[k - 1].mask.tolist()]
+        elif name == "realnvp":
             first = [j < dim // 2 for j in range(dim)]
             assert part.mask.tolist() == [first[r] for r in rank]
         else:
@@ -64,11 +67,11 @@ def test_families_without_a_fold_get_permute_layers():
         pf.flows.FAMILIES.pop("maf-unfolded")
 
 
+@pytest.mark.parametrize("dim", [4, 5])
 @pytest.mark.parametrize("name", ["iaf", "maf", "realnvp"])
-def test_every_coordinate_depends_on_every_other(name, device, dtype):
+def test_every_coordinate_depends_on_every_other(name, dim, device, dtype):
     """One autoregressive/coupling layer leaves zeros in its Jacobian; with permutations in
-    between, a short stack mixes every coordinate into every other."""
-    dim = 4
+    between, a short stack mixes every coordinate into every other (for an odd D too)."""
     num_layers = 3 if name == "realnvp" else 2
     flow = pf.flows.build(name, dim, num_layers=num_layers, hidden_dims=(16,),
                           activation=torch.nn.Tanh)  # no dead units to hide a dependency
@@ -80,6 +83,33 @@ def test_every_coordinate_depends_on_every_other(name, device, dtype):
     single = flow.parts[0]
     jac1 = torch.autograd.functional.jacobian(lambda v: single(v[None])[0], x)
     assert (jac1 == 0).any()
+
+
+@pytest.mark.parametrize("permutation", ["reverse", "random"])
+@pytest.mark.parametrize("dim", [3, 4, 5, 7])
+def test_realnvp_coordinates_take_both_roles(dim, permutation, device, dtype):
+    """Read each coupling layer's roles off its autograd Jacobian: coordinate i is transformed
+    when row i differs from the identity's, and conditions the layer when column i has a
+    nonzero off the diagonal. In each pair of layers (0, 1), (2, 3) every coordinate must be
+    transformed once and condition once (reversing an odd D maps the middle coordinate onto
+    itself: with folded reversals it was transformed by every layer and conditioned none)."""
+    flow = pf.flows.build("realnvp", dim, num_layers=4, hidden_dims=(16,),
+                          permutation=permutation, activation=torch.nn.Tanh)
+    randomize_parameters_(flow, scale=0.3)
+    flow = flow.to(device, dtype)
+    eye = torch.eye(dim, device=device, dtype=dtype)
+    x = torch.randn(dim, device=device, dtype=dtype)
+    roles = []
+    for layer in flow.parts:
+        jac = torch.autograd.functional.jacobian(lambda v, t=layer: t(v[None])[0], x)
+        transformed = (jac != eye).any(1)
+        conditions = ((jac - torch.diag(jac.diagonal())) != 0).any(0)
+        assert not (transformed & conditions).any()  # a coupling: one role per layer
+        assert transformed.any() and conditions.any()
+        roles.append((transformed, conditions))
+        x = layer(x[None])[0].detach()
+    for (t1, c1), (t2, c2) in zip(roles[0::2], roles[1::2], strict=True):
+        assert (t1 | t2).all() and (c1 | c2).all()
 
 
 @pytest.mark.parametrize("name", ["planar", "radial", "iaf", "maf", "realnvp"])
@@ -131,7 +161,8 @@ def test_one_dimensional_stacks_need_no_permutation():
     flow = pf.flows.build("realnvp", 4, num_layers=1, mask=[False, True, True, False])
     assert flow.parts[0].mask.tolist() == [False, True, True, False]
     flow = pf.flows.build("realnvp", 4, num_layers=2, mask=[False, True, True, False])
-    assert flow.parts[1].mask.tolist() == [False, True, True, False][::-1]
+    # the complement, not the reversal (which is this symmetric mask itself)
+    assert flow.parts[1].mask.tolist() == [True, False, False, True]
 
 
 def test_maf_fits_two_moons_better_than_a_gaussian(one_thread):
