@@ -32,6 +32,10 @@ __all__ = [
     "TriangularAffine",
     "FlowELBO",
     "optim_args",
+    "default_lr",
+    "DEFAULT_LR",
+    "DEFAULT_INIT_SCALE",
+    "DEFAULT_STICK_THE_LANDING",
     "DEFAULT_NUM_LAYERS",
     "FULL_RANK_MAX_DIM",
 ]
@@ -40,10 +44,52 @@ __all__ = [
 #: ``full_rank`` says otherwise; above it, its D^2 parameters cost more than they help.
 FULL_RANK_MAX_DIM = 256
 
+#: L-BFGS iterations of the MAP search behind ``laplace_init`` (latent sizes up to
+#: :data:`FULL_RANK_MAX_DIM`).
+LAPLACE_MAX_ITER = 500
+#: Draws behind the ELBO comparison that decides whether the Laplace start is kept.
+LAPLACE_ELBO_DRAWS = 64
+
 #: Layers per family when ``num_layers`` is not given: planar and radial layers are rank-one
 #: and radial bumps, so they need many; one autoregressive or coupling layer already
 #: transforms every coordinate.
 DEFAULT_NUM_LAYERS = {"planar": 16, "radial": 16, "iaf": 4, "maf": 4, "realnvp": 4}
+
+
+#: The initial scale of the affine layer per family, when ``init_scale`` is not given (custom
+#: flows: 0.1). The network families start wide: from a narrow start their guides collapsed
+#: into one part of the posterior in ``benchmarks/vi.py`` (1000 steps, AutoIAF KL 0.1 -> 1.0:
+#: banana 3.68 -> 0.12, funnel10 1.24 -> 0.13, eight schools centered 0.76 -> 0.20), while
+#: planar guides did better from 0.1 (Rezende U1 0.08 vs 0.21, eight schools noncentered 0.18
+#: vs 0.24).
+DEFAULT_INIT_SCALE: dict[str, float] = {
+    "planar": 0.1,
+    "radial": 0.1,
+    "iaf": 1.0,
+    "maf": 1.0,
+    "realnvp": 1.0,
+}
+
+#: Whether :class:`FlowELBO` (with its default ``stick_the_landing=None``) uses the
+#: sticking-the-landing gradient for a guide of this family. Measured in ``benchmarks/vi.py``
+#: (1000 steps): it helps IAF guides (KL eight schools noncentered 0.073 -> 0.020, centered
+#: 0.195 -> 0.103, funnel10 0.134 -> 0.100, banana 0.124 -> 0.083, German credit 0.043 -> 0.017)
+#: at the price of the D-pass inverse each step (5x the step time at D = 25), and did not help
+#: planar or radial guides (noncentered 0.18 -> 0.24, 0.21 -> 0.29). MAF and RealNVP guides
+#: were not measured: off.
+DEFAULT_STICK_THE_LANDING: dict[str, bool] = {"iaf": True}
+
+#: Adam step sizes ``(lr, flow_lr)`` per family, read by :func:`default_lr`, :func:`optim_args`
+#: and :meth:`AutoFlowGuide.param_groups`: the affine layer at ``lr``; planar and radial layers
+#: (a few parameters each) at ``flow_lr`` 1e-2, the networks of IAF, MAF and RealNVP at 3e-3
+#: (1e-2 made the IAF guides diverge or collapse more often in ``benchmarks/vi.py``).
+DEFAULT_LR: dict[str, tuple[float, float]] = {
+    "planar": (5e-2, 1e-2),
+    "radial": (5e-2, 1e-2),
+    "iaf": (5e-2, 3e-3),
+    "maf": (5e-2, 3e-3),
+    "realnvp": (5e-2, 3e-3),
+}
 
 
 class FlowPosterior(dist.TransformedDistribution):
@@ -54,6 +100,14 @@ class FlowPosterior(dist.TransformedDistribution):
     :meth:`log_prob_detached`, the density with the transforms' parameters detached, which
     :class:`FlowELBO` uses for sticking-the-landing gradients.
     """
+
+    #: whether FlowELBO's default uses sticking-the-landing gradients here (set by the guide)
+    stick_the_landing: bool = False
+
+    def expand(self, batch_shape, _instance=None) -> FlowPosterior:
+        new = super().expand(batch_shape, _instance)
+        new.stick_the_landing = self.stick_the_landing  # plates expand the site's distribution
+        return new
 
     # Unbatched draws (no sample or batch shape) go through the layers as a batch of one:
     # pyroflows' Planar currently turns an input of shape (D,) into (1, D). The draw is
@@ -212,9 +266,11 @@ class AutoFlowGuide(AutoContinuous):
         num_layers: int | None = None,
         hidden_dims: Sequence[int] | None = None,
         init_loc_fn: Callable = init_to_median,
-        init_scale: float = 0.1,
+        init_scale: float | None = None,
         full_rank: bool | None = None,
         num_quantile_samples: int = 10000,
+        laplace_init: bool = True,
+        stick_the_landing: bool | None = None,
         **flow_kwargs: Any,
     ) -> None:
         if isinstance(flow, str):
@@ -228,6 +284,8 @@ class AutoFlowGuide(AutoContinuous):
         elif not callable(flow):
             raise TypeError(f"flow must be a family name or a callable dim -> Transform, got "
                             f"{type(flow).__name__}")
+        if init_scale is None:
+            init_scale = DEFAULT_INIT_SCALE.get(flow if isinstance(flow, str) else "", 0.1)
         if not (isinstance(init_scale, (int, float)) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive float, got {init_scale!r}")
         if num_layers is not None and int(num_layers) < 0:
@@ -241,6 +299,14 @@ class AutoFlowGuide(AutoContinuous):
         self.full_rank = full_rank
         self.num_quantile_samples = int(num_quantile_samples)
         self._flow_kwargs = dict(flow_kwargs)
+        self.laplace_init = bool(laplace_init)
+        if stick_the_landing is None:
+            stick_the_landing = DEFAULT_STICK_THE_LANDING.get(
+                flow if isinstance(flow, str) else "", False)
+        self.stick_the_landing = bool(stick_the_landing)
+        #: what the Laplace start found (``None`` before set-up or without ``laplace_init``):
+        #: ``used``, ``reason`` and the two ELBO estimates.
+        self.laplace_info: dict | None = None
         self._plain_transforms: list[Transform] = []  # parameter-free, non-Module layers
 
     _prototype_hide_fn = staticmethod(_hide_from_prototype)
@@ -275,9 +341,9 @@ class AutoFlowGuide(AutoContinuous):
                 "sample site is observed, a subsample, or an enumerated discrete site), so there "
                 "is nothing for a guide to fit; use an empty guide."
             )
-        self._build_flow()
+        self._build_flow(args, kwargs)
 
-    def _build_flow(self) -> None:
+    def _build_flow(self, args: tuple = (), kwargs: dict | None = None) -> None:
         loc = self._init_loc().detach()
         dim = self.latent_dim
         spec = self._flow_spec
@@ -303,6 +369,13 @@ class AutoFlowGuide(AutoContinuous):
         affine = layer(dim, scale=self._init_scale).to(loc.device, loc.dtype)
         with torch.no_grad():
             affine.loc.copy_(loc)  # after the cast, so float64 inits keep full precision
+        if self.laplace_init:
+            laplace = self._laplace(loc, args, kwargs or {})
+            if laplace is not None:
+                # whitened coordinates: the fixed layer maps them to the Laplace Gaussian,
+                # the learnable affine layer starts at the identity on top of it
+                self.laplace = _FixedAffine(*laplace)
+                affine = layer(dim).to(loc.device, loc.dtype)
         self.affine = affine
         self._flow_spec = None  # built; a lambda here would stop the guide from pickling
         self._sync_param_store(at_setup=True)
@@ -342,7 +415,98 @@ class AutoFlowGuide(AutoContinuous):
             parts.append(flow)
         parts.extend(self._plain_transforms)
         parts.append(self.affine)
+        laplace = self._modules.get("laplace")
+        if laplace is not None:
+            parts.append(laplace)
         return parts
+
+    # ---- Laplace initialization -------------------------------------------------------------
+    def _log_density(self, u: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        r""":math:`\log p(x, T(u)) + \log|\det J_T(u)|` for one unconstrained vector ``u``."""
+        values, log_det = {}, u.new_zeros(())
+        for site, unconstrained in self._unpack_latent(u):
+            transform = biject_to(site["fn"].support)
+            value = transform(unconstrained)
+            log_det = log_det + transform.log_abs_det_jacobian(unconstrained, value).sum()
+            values[site["name"]] = value
+        model = poutine.condition(self.model, data=values)
+        trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+        return trace.log_prob_sum() + log_det
+
+    def _laplace(self, loc: Tensor, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor] | None:
+        """The Laplace approximation ``(mode, chol(H^-1))`` of the unconstrained posterior, or
+        ``None`` where it is unusable or its ELBO is below the plain start's."""
+        info: dict[str, Any] = {"used": False}
+        self.laplace_info = info
+        if loc.numel() > FULL_RANK_MAX_DIM:
+            info["reason"] = (f"the latent size {loc.numel()} is above FULL_RANK_MAX_DIM: its "
+                              "Hessian would cost more than it helps")
+            return None
+
+        def objective(u: Tensor) -> Tensor:
+            return -self._log_density(u, args, kwargs)
+
+        with torch.enable_grad(), pyro.validation_enabled(False):
+            u = loc.clone().requires_grad_(True)
+            optimizer = torch.optim.LBFGS([u], lr=1.0, max_iter=LAPLACE_MAX_ITER,
+                                          history_size=20, line_search_fn="strong_wolfe",
+                                          tolerance_grad=1e-9, tolerance_change=1e-12)
+
+            def closure() -> Tensor:
+                optimizer.zero_grad()
+                value = objective(u)
+                value.backward()
+                return value
+
+            try:
+                optimizer.step(closure)
+                mode = u.detach()
+                hessian = torch.autograd.functional.hessian(objective, mode)
+            except Exception as e:  # noqa: BLE001 - e.g. a model that rejects far-off values
+                info["reason"] = f"the MAP search failed: {type(e).__name__}: {str(e)[:200]}"
+                return None
+        if not (bool(torch.isfinite(mode).all()) and bool(torch.isfinite(hessian).all())):
+            info["reason"] = "the MAP search ran off to infinity"
+            return None
+        chol_h, failed = torch.linalg.cholesky_ex(0.5 * (hessian + hessian.T))
+        if bool(failed):
+            info["reason"] = "the Hessian at the mode is not positive definite"
+            return None
+        scale_tril = torch.linalg.cholesky(torch.cholesky_inverse(chol_h))
+        # The guard for modes at the edge of an unbounded or singular density (Neal's funnel
+        # has its mode at x0 = -40.5 with scales e^-20; centered eight schools has none): keep
+        # the Laplace Gaussian only if its ELBO beats the plain start's, on common draws.
+        gen = torch.Generator(device=loc.device).manual_seed(0)
+        eps = torch.randn(LAPLACE_ELBO_DRAWS, loc.numel(), generator=gen, device=loc.device,
+                          dtype=loc.dtype)
+        plain = torch.diag(torch.full_like(loc, self._init_scale))
+        with torch.no_grad(), pyro.validation_enabled(False):
+            elbo_plain = self._gaussian_elbo(loc, plain, eps, args, kwargs)
+            elbo_laplace = self._gaussian_elbo(mode, scale_tril, eps, args, kwargs)
+        info.update(elbo_plain=elbo_plain, elbo_laplace=elbo_laplace)
+        if not elbo_laplace > elbo_plain:
+            info["reason"] = (f"its ELBO estimate ({elbo_laplace:.4g}) is below the plain "
+                              f"start's ({elbo_plain:.4g})")
+            return None
+        info.update(used=True, reason="ok")
+        return mode, scale_tril
+
+    def _gaussian_elbo(self, loc: Tensor, scale_tril: Tensor, eps: Tensor, args: tuple,
+                       kwargs: dict) -> float:
+        r"""The ELBO of :math:`N(\mu, L L^T)` over the unconstrained vector from the draws
+        :math:`\mu + L \varepsilon`; :math:`-\infty` where the model rejects a draw."""
+        entropy = (0.5 * eps.shape[-1] * math.log(2 * math.pi * math.e)
+                   + float(scale_tril.diagonal().log().sum()))
+        total = 0.0
+        for e in eps:
+            try:
+                value = float(self._log_density(loc + scale_tril @ e, args, kwargs))
+            except Exception:  # noqa: BLE001 - a draw the model rejects
+                return -math.inf
+            if not math.isfinite(value):
+                return -math.inf
+            total += value
+        return total / eps.shape[0] + entropy
 
     def get_base_dist(self) -> dist.TorchDistribution:
         zeros = torch.zeros_like(self._modules["affine"].loc.detach())
@@ -358,19 +522,23 @@ class AutoFlowGuide(AutoContinuous):
             self._setup_prototype(*args, **kwargs)
         if self._pyro_context.active:
             self._sync_param_store()
-        return FlowPosterior(self.get_base_dist(), self._transforms())
+        posterior = FlowPosterior(self.get_base_dist(), self._transforms())
+        posterior.stick_the_landing = self.stick_the_landing
+        return posterior
 
-    def param_groups(self, lr: float, flow_lr: float | None = None) -> list[dict]:
+    def param_groups(self, lr: float | None = None, flow_lr: float | None = None) -> list[dict]:
         """Parameter groups for a ``torch.optim`` optimizer: the affine layer (``loc``, scale)
-        at ``lr``, the flow layers at ``flow_lr`` (default ``lr``). Call the guide once first,
-        so that its parameters exist."""
+        at ``lr``, the flow layers at ``flow_lr``, by default :func:`default_lr` of the guide's
+        family. Call the guide once first, so that its parameters exist."""
         if self.prototype_trace is None:
             raise RuntimeError("call the guide once (with the model's arguments) first")
-        groups = [{"params": list(self._modules["affine"].parameters()), "lr": lr}]
+        default, default_flow = default_lr(self)
+        groups = [{"params": list(self._modules["affine"].parameters()),
+                   "lr": default if lr is None else lr}]
         flow = self._modules.get("flow")
         if flow is not None:
-            groups.append({"params": list(flow.parameters()), "lr": lr if flow_lr is None
-                           else flow_lr})
+            groups.append({"params": list(flow.parameters()),
+                           "lr": default_flow if flow_lr is None else flow_lr})
         return groups
 
     # ---- draws, median, quantiles ---------------------------------------------------------------
@@ -427,6 +595,24 @@ class AutoFlowGuide(AutoContinuous):
         return {k: v[0] for k, v in self.quantiles([0.5], *args, **kwargs).items()}
 
 
+class _FixedAffine(FlowTransform):
+    r""":math:`y = m + C x` with a fixed lower-triangular :math:`C` (buffers, not parameters):
+    the Laplace preconditioner of a guide with ``laplace_init``."""
+
+    def __init__(self, loc: Tensor, scale_tril: Tensor) -> None:
+        super().__init__(loc.shape[-1])
+        self.register_buffer("loc", loc.detach().clone())
+        self.register_buffer("scale_tril", scale_tril.detach().clone())
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        log_det = self.scale_tril.diagonal().log().sum()
+        return self.loc + x @ self.scale_tril.T, log_det.expand(x.shape[:-1])
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.linalg.solve_triangular(self.scale_tril.T, (y - self.loc).unsqueeze(-2),
+                                          upper=True, left=False).squeeze(-2)
+        return x, self.scale_tril.diagonal().log().sum().expand(y.shape[:-1])
+
 def _quantiles(draws: Tensor, q: Tensor) -> Tensor:
     """Columnwise quantiles of ``draws`` (n, D) with linear interpolation (numpy's default);
     ``torch.quantile`` refuses inputs of more than 2**24 elements."""
@@ -470,19 +656,42 @@ class AutoIAF(AutoFlowGuide):
                          **kwargs)
 
 
-def optim_args(lr: float = 5e-2, flow_lr: float = 1e-3, **kwargs: Any) -> Callable[[str], dict]:
-    """Per-parameter arguments for a :mod:`pyro.optim` optimizer: ``lr`` for the affine layer of
-    a flow guide (and any parameter that is not a flow layer's), ``flow_lr`` for the flow layers.
+def default_lr(flow: str | AutoFlowGuide | None = None) -> tuple[float, float]:
+    """The documented Adam step sizes ``(lr, flow_lr)`` of a flow guide: ``lr`` for the affine
+    layer (and any parameter that is not a flow layer's), ``flow_lr`` for the flow layers, from
+    :data:`DEFAULT_LR` by family (a name, or a guide's ``flow_name``); custom flows get the
+    network families' smaller ``flow_lr``.
 
-    The affine layer is a mean-field Gaussian and tolerates a large step; the flow layers'
-    networks are safer with a small one (see the notes of :class:`AutoFlowGuide`).
+    Example:
+        >>> default_lr("planar"), default_lr("iaf")
+        ((0.05, 0.01), (0.05, 0.003))
+    """
+    name = flow.flow_name if isinstance(flow, AutoFlowGuide) else flow
+    return DEFAULT_LR.get(name, DEFAULT_LR["iaf"])
+
+
+def optim_args(flow: str | AutoFlowGuide | None = None, lr: float | None = None,
+               flow_lr: float | None = None, **kwargs: Any) -> Callable[[str], dict]:
+    """Per-parameter arguments for a :mod:`pyro.optim` optimizer: ``lr`` for the affine layer of
+    a flow guide (and any parameter that is not a flow layer's), ``flow_lr`` for the flow layers;
+    both default to :func:`default_lr` of ``flow`` (a family name or the guide).
+
+    The affine layer is a Gaussian and tolerates a large step; the flow layers' networks start
+    at the identity and are safer with a small one. Decay both over the run, e.g. with
+    ``pyro.optim.ClippedAdam(optim_args(guide, lrd=0.02 ** (1 / num_steps)))`` (50-fold, the
+    schedule ``benchmarks/vi.py`` measures); ``kwargs`` are passed to the optimizer.
 
     Example:
         >>> import pyro
-        >>> optimizer = pyro.optim.Adam(optim_args(lr=5e-2, flow_lr=1e-3))
-        >>> optim_args()("AutoIAF.flow.0.conditioner.net.0.weight")["lr"]
-        0.001
+        >>> optimizer = pyro.optim.Adam(optim_args("iaf"))
+        >>> optim_args("iaf")("AutoIAF.flow.0.conditioner.flat_parameters")["lr"]
+        0.003
+        >>> optim_args("iaf")("AutoIAF.affine.loc")["lr"]
+        0.05
     """
+    default, default_flow = default_lr(flow)
+    lr = default if lr is None else lr
+    flow_lr = default_flow if flow_lr is None else flow_lr
 
     def args(name: str) -> dict:
         in_flow = ".flow." in f".{name}"
@@ -502,6 +711,9 @@ class FlowELBO(Trace_ELBO):
       unbiased and its variance vanishes as :math:`q \to p`. It costs one inverse pass of the
       flow per step (planar: a 1-D root solve per layer; IAF: D sequential passes). Only the
       latent site of a pyroflows guide is affected; other guide sites use the usual estimator.
+      ``None`` (default): each flow guide's own ``stick_the_landing`` decides (by family,
+      :data:`DEFAULT_STICK_THE_LANDING`: on for IAF guides); ``True``: every flow guide (an
+      error without one); ``False``: none.
     - ``anneal_steps``: over the first ``T`` calls of :meth:`loss_and_grads` (one per
       ``svi.step()``) the guide fits the tempered density of the *unconstrained* latent vector,
 
@@ -525,7 +737,8 @@ class FlowELBO(Trace_ELBO):
         Estimators for Variational Inference", NeurIPS 2017.
 
     Arguments:
-        stick_the_landing: use the path-derivative estimator for the flow guide's site.
+        stick_the_landing: use the path-derivative estimator for the flow guide's site:
+            ``None`` as the guide says, or ``True`` / ``False`` for every flow guide.
         anneal_steps: the number of steps over which :math:`\beta` rises to 1 (0: none).
         anneal_start: :math:`\beta_0`.
         kwargs: passed to :class:`~pyro.infer.Trace_ELBO` (``num_particles``,
@@ -537,14 +750,14 @@ class FlowELBO(Trace_ELBO):
         0.05
     """
 
-    def __init__(self, stick_the_landing: bool = False, anneal_steps: int = 0,
+    def __init__(self, stick_the_landing: bool | None = None, anneal_steps: int = 0,
                  anneal_start: float = 0.05, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0 < anneal_start <= 1:
             raise ValueError(f"anneal_start must lie in (0, 1], got {anneal_start}")
         if anneal_steps < 0:
             raise ValueError(f"anneal_steps must be >= 0, got {anneal_steps}")
-        self.stick_the_landing = bool(stick_the_landing)
+        self.stick_the_landing = None if stick_the_landing is None else bool(stick_the_landing)
         self.anneal_steps = int(anneal_steps)
         self.anneal_start = float(anneal_start)
         self.step_count = 0
@@ -563,8 +776,8 @@ class FlowELBO(Trace_ELBO):
             model = poutine.scale(model, scale=beta)
             guide = _TemperJacobians(beta)(guide)
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
-        if self.stick_the_landing and self._training:
-            _stick_the_landing(guide_trace)
+        if self.stick_the_landing is not False and self._training:
+            _stick_the_landing(guide_trace, force=self.stick_the_landing is True)
         return model_trace, guide_trace
 
     def _train(self, method, model, guide, args, kwargs):
@@ -602,16 +815,18 @@ class _TemperJacobians(Messenger):
             msg["scale"] = msg["scale"] * self.beta
 
 
-def _stick_the_landing(guide_trace) -> None:
+def _stick_the_landing(guide_trace, force: bool) -> None:
     found = False
     for site in guide_trace.nodes.values():
         if site["type"] != "sample" or not isinstance(site["fn"], FlowPosterior):
             continue
         found = True
+        if not (force or site["fn"].stick_the_landing):
+            continue
         entropy = site["fn"].log_prob_detached(site["value"])
         parts = ScoreParts(site["score_parts"].log_prob, 0, entropy)
         scaled = parts.scale_and_mask(site["scale"], site["mask"])
         site["score_parts"] = site["score_parts"]._replace(entropy_term=scaled.entropy_term)
-    if not found:
+    if force and not found:
         raise ValueError("FlowELBO(stick_the_landing=True) needs a pyroflows flow guide "
                          "(AutoFlowGuide and its subclasses)")

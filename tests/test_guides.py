@@ -112,13 +112,57 @@ def test_starts_at_init_loc_as_mean_field(device, dtype):
     model, *_ = _gaussian_problem(device, dtype)
     values = {"z": torch.tensor([1.0, -2.0, 0.5], device=device, dtype=dtype)}
     guide = AutoIAF(model, init_loc_fn=pyro.infer.autoguide.init_to_value(values=values),
-                    init_scale=0.05)
+                    init_scale=0.05, laplace_init=False)
     guide()
     draws = guide.sample_posterior(num_samples=20000)["z"]
     assert draws.dtype == dtype and draws.device.type == torch.device(device).type
     torch.testing.assert_close(draws.mean(0), values["z"], atol=0.005, rtol=0)
     torch.testing.assert_close(draws.std(0), torch.full_like(values["z"], 0.05), atol=0.002,
                                rtol=0)
+
+
+def test_laplace_init_starts_at_the_exact_gaussian_posterior(device, dtype):
+    """On a Gaussian posterior the Laplace approximation is exact: before any training the
+    guide's draws have the closed-form mean and covariance (the plain start is N(0, 0.1^2))."""
+    model, mean, cov, _ = _gaussian_problem(device, dtype)
+    guide = AutoIAF(model, num_layers=2, hidden_dims=(8,), laplace_init=True)
+    guide()
+    assert guide.laplace_info["used"], guide.laplace_info
+    draws = guide.sample_posterior(num_samples=40000)["z"].double().cpu()
+    sd = cov.diagonal().sqrt()
+    assert ((draws.mean(0) - mean).abs() / sd).max() < 0.03
+    assert (torch.cov(draws.T) - cov).abs().max() < 0.03 * sd.max() ** 2
+    # the preconditioner is state: it moves and saves with the guide
+    assert {"laplace.loc", "laplace.scale_tril"} <= set(guide.state_dict())
+    before = _draws(guide)
+    buf = io.BytesIO()
+    torch.save(guide, buf)
+    buf.seek(0)
+    after = _draws(torch.load(buf, weights_only=False))
+    torch.testing.assert_close(after["z"], before["z"], rtol=0, atol=0)
+
+
+def test_laplace_init_falls_back_where_the_mode_is_useless(device, dtype):
+    """Neal's funnel: the density of (x0, x_1..x_9) peaks at x0 = -40.5 with scales e^-20, a
+    Laplace Gaussian with a hopeless ELBO; the guide keeps the plain start N(init loc,
+    init_scale^2) instead."""
+    zero = torch.zeros((), device=device, dtype=dtype)
+
+    def model():
+        x0 = pyro.sample("x0", dist.Normal(zero, 3.0))
+        pyro.sample("x", dist.Normal(zero.expand(9), torch.exp(x0 / 2)).to_event(1))
+
+    start = torch.zeros(10, device=device, dtype=dtype)
+    start[0] = 0.5
+    init = pyro.infer.autoguide.init_to_value(values={"x0": start[0], "x": start[1:]})
+    guide = AutoIAF(model, num_layers=1, hidden_dims=(8,), laplace_init=True, init_scale=0.2,
+                    init_loc_fn=init)
+    guide()
+    assert not guide.laplace_info["used"], guide.laplace_info
+    assert "laplace" not in dict(guide.named_modules())
+    draws = guide.get_posterior().sample((20000,))
+    torch.testing.assert_close(draws.mean(0), start, atol=0.01, rtol=0)
+    torch.testing.assert_close(draws.std(0), torch.full_like(draws[0], 0.2), atol=0.005, rtol=0)
 
 
 # ---- constrained sites with exact posteriors ------------------------------------------------
@@ -296,7 +340,7 @@ def test_guide_matches_the_closed_form_elbo(device, dtype):
     model, mean, cov, _ = _gaussian_problem(device, dtype)
     loc = torch.tensor([0.3, -0.2, 0.5], device=device, dtype=dtype)
     guide = AutoIAF(model, init_loc_fn=pyro.infer.autoguide.init_to_value(values={"z": loc}),
-                    init_scale=0.4)
+                    init_scale=0.4, laplace_init=False)
     guide()
     n = 40000
     elbo_estimate = -Trace_ELBO(num_particles=n, vectorize_particles=True).loss(model, guide)
@@ -418,12 +462,22 @@ def test_sticking_the_landing_is_unbiased_and_exact_at_the_optimum(device, dtype
         values={"x": loc}), init_scale=0.7, num_layers=2, hidden_dims=(8,))
     guide()
     params = list(guide.parameters())
-    for stl, is_zero in ((True, True), (False, False)):
-        loss = FlowELBO(stick_the_landing=stl, num_particles=16,
-                        vectorize_particles=True).differentiable_loss(exact_model, guide)
+    zero_tol = 1e-5 if dtype == torch.float64 else 1e-3
+
+    def is_zero(elbo):
+        loss = elbo.differentiable_loss(exact_model, guide)
         grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
-        zero_tol = 1e-5 if dtype == torch.float64 else 1e-3
-        assert (float(grad.abs().max()) < zero_tol) == is_zero
+        return float(grad.abs().max()) < zero_tol
+
+    kw = dict(num_particles=16, vectorize_particles=True)
+    assert is_zero(FlowELBO(stick_the_landing=True, **kw))
+    assert not is_zero(FlowELBO(stick_the_landing=False, **kw))
+    # the default follows the guide: on for IAF guides (DEFAULT_STICK_THE_LANDING), unless the
+    # guide says otherwise
+    assert guide.stick_the_landing and is_zero(FlowELBO(**kw))
+    guide.stick_the_landing = False
+    assert not is_zero(FlowELBO(**kw))
+    assert not AutoPlanar(exact_model).stick_the_landing
 
 
 def _exact_gaussian_model(device, dtype):
@@ -466,7 +520,7 @@ def test_annealing_tempers_the_unconstrained_density(num_layers, device, dtype):
     p(u) the model's density of the unconstrained vector (Jacobian included), not the model's
     log joint alone."""
     model, log_p = _half_cauchy_problem(device, dtype)
-    guide = AutoPlanar(model, num_layers=num_layers)
+    guide = AutoPlanar(model, num_layers=num_layers, laplace_init=False)
     guide()
     with torch.no_grad():  # a guide away from its start, with correlations
         guide.affine.loc.copy_(torch.tensor([0.7, 0.4]))
@@ -506,6 +560,7 @@ def test_stick_the_landing_needs_a_flow_guide():
     guide = pyro.infer.autoguide.AutoNormal(model)
     with pytest.raises(ValueError, match="flow guide"):
         FlowELBO(stick_the_landing=True).differentiable_loss(model, guide)
+    assert math.isfinite(FlowELBO().differentiable_loss(model, guide))  # default: as is
 
 
 # ---- errors --------------------------------------------------------------------------------
