@@ -1,26 +1,32 @@
 """Flow guides against Pyro's autoguides on targets with known answers; prints one table.
 
-Run from the repository root (a few tens of minutes on two busy cores with the defaults)::
+Run from the repository root (about an hour of CPU with the defaults; split ``--targets``
+over two processes to halve the wall-clock)::
 
     nice -n 5 python -m benchmarks.vi --out benchmarks/results/vi.md
 
 Every guide gets the same step budget and the same loop: after one call that builds its
-parameters, one ``torch.optim.Adam`` over ``guide.parameters()`` minimizes
-``differentiable_loss`` of a Trace_ELBO with 8 vectorized particles. Adam is elementwise, so this
-is the update ``SVI`` with ``pyro.optim.Adam`` makes, without its per-parameter optimizers.
+parameters, one ``torch.optim.Adam`` over its parameters (our guides: ``param_groups()``)
+minimizes ``differentiable_loss`` of a Trace_ELBO with ``--particles`` (32) vectorized
+particles for ``--steps`` (1000) steps. Adam is elementwise, so this is the update ``SVI`` with
+``pyro.optim.Adam`` makes, without its per-parameter optimizers.
 
 - Pyro's guides run as the issue measured them: Adam 1e-2 for the Gaussian guides, 5e-3 for the
   flows, constant; AutoIAFNormal and AutoNormalizingFlow(planar x 16) at their defaults.
-- Our guides use the documented recipe (:data:`OUR_RECIPE`): Adam with the affine layer at 5e-2
-  and the flow layers at 1e-2 (planar, radial) or 3e-3 (IAF networks), all decayed exponentially
-  by a factor 50 over the run. On the multimodal target (Rezende U1, :data:`MULTIMODAL`) they use
-  :class:`pyroflows.guides.FlowELBO` with the energy annealed, beta 0.05 -> 1 over the first half
-  of the steps; nowhere else.
+- Our guides run at their documented defaults (:mod:`pyroflows.guides`): the Laplace start
+  where it beats the plain one (``laplace_init``), ``DEFAULT_INIT_SCALE``, Adam at
+  ``DEFAULT_LR`` (affine layer 5e-2, flow layers 1e-2 for planar and radial, 3e-3 for IAF) via
+  ``guide.param_groups()``, all decayed exponentially by a factor 50 over the run, and
+  :class:`pyroflows.guides.FlowELBO` with its default sticking-the-landing choice (IAF guides
+  only, ``DEFAULT_STICK_THE_LANDING``). On the multimodal target (Rezende U1,
+  :data:`MULTIMODAL`) they anneal the energy, beta 0.05 -> 1 over the first half of the steps;
+  nowhere else.
 
 Columns: KL = log Z - ELBO (nats, from ``--draws`` draws, where log Z is known); PSIS k-hat of
 the same importance weights (:func:`pyroflows.diagnostics.psis`); the largest standardized mean
 error |mean_q - mean_ref| / sd_ref and the largest |log(sd_q / sd_ref)| over the parameters,
-on the constrained scale, against the reference draws; seconds of training.
+on the constrained scale, against the reference draws; seconds of set-up (our Laplace start
+included) and training; "start": how our guide started (laplace or plain).
 """
 
 from __future__ import annotations
@@ -55,23 +61,23 @@ __all__ = ["Recipe", "GUIDES", "OUR_RECIPE", "fit", "evaluate", "main"]
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a guide is trained: learning rate (decayed exponentially to ``final_lr``), the ELBO
-    options and the particles."""
+    """How a guide is trained: Adam at ``lr`` (for our guides: the affine layer, ``None`` for
+    the guide's default) and ``flow_lr`` (our flow layers, ``None`` for the default), decayed
+    exponentially by the factor ``decay`` over the run; ``stick_the_landing`` as for
+    :class:`~pyroflows.guides.FlowELBO` (``None``: the guide's default)."""
 
-    lr: float
-    final_lr: float | None = None
+    lr: float | None = None
     flow_lr: float | None = None
+    decay: float = 1.0
     anneal_fraction: float = 0.0
-    stick_the_landing_from: float | None = None
+    stick_the_landing: bool | None = None
     num_particles: int = 32
 
 
 PYRO_GAUSSIAN = Recipe(lr=1e-2)
 PYRO_FLOW = Recipe(lr=5e-3)
-#: The recipes documented for our guides: the affine layer (loc, scale) learns fast, the flow
-#: layers at ``flow_lr``; all rates decay by the same factor over the run.
-OUR_RECIPE = Recipe(lr=5e-2, final_lr=1e-3, flow_lr=1e-2)
-OUR_IAF_RECIPE = Recipe(lr=5e-2, final_lr=1e-3, flow_lr=3e-3)
+#: Our guides: their documented defaults (step sizes from ``DEFAULT_LR``), decayed 50-fold.
+OUR_RECIPE = Recipe(decay=50.0)
 #: Targets on which our guides anneal the energy (over this fraction of the steps).
 MULTIMODAL = {"rezende_u1": 0.5}
 
@@ -83,41 +89,38 @@ GUIDES: dict[str, tuple[Callable, Recipe]] = {
         lambda m: AutoNormalizingFlow(m, partial(iterated, 16, planar)), PYRO_FLOW),
     "pf AutoPlanar": (lambda m: pf.guides.AutoPlanar(m), OUR_RECIPE),
     "pf AutoRadial": (lambda m: pf.guides.AutoRadial(m), OUR_RECIPE),
-    "pf AutoIAF": (lambda m: pf.guides.AutoIAF(m), OUR_IAF_RECIPE),
+    "pf AutoIAF": (lambda m: pf.guides.AutoIAF(m), OUR_RECIPE),
     "pf AutoIAF(full_rank=False)": (lambda m: pf.guides.AutoIAF(m, full_rank=False),
-                                    OUR_IAF_RECIPE),
+                                    OUR_RECIPE),
 }
 
 
-def fit(target: Target, make_guide: Callable, recipe: Recipe, steps: int, seed: int = 0):
-    """Train a guide on ``target``; returns ``(guide, seconds, final_loss)``."""
+def fit(target: Target, make_guide: Callable, recipe: Recipe, steps: int, seed: int = 0,
+        num_particles: int | None = None):
+    """Train a guide on ``target``; returns ``(guide, seconds, final_loss)``. The guide is
+    built (Laplace start included) inside the timed part."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
+    start = time.perf_counter()
     guide = make_guide(target.model)
     ours = isinstance(guide, pf.guides.AutoFlowGuide)
     anneal_fraction = MULTIMODAL.get(target.name, recipe.anneal_fraction) if ours else 0.0
-    anneal_steps = int(anneal_fraction * steps)
-    elbo_kwargs = dict(num_particles=recipe.num_particles, vectorize_particles=True,
-                       max_plate_nesting=target.max_plate_nesting)
+    elbo_kwargs = dict(num_particles=num_particles or recipe.num_particles,
+                       vectorize_particles=True, max_plate_nesting=target.max_plate_nesting)
     if ours:
-        elbo = FlowELBO(anneal_steps=anneal_steps, **elbo_kwargs)
+        elbo = FlowELBO(anneal_steps=int(anneal_fraction * steps),
+                        stick_the_landing=recipe.stick_the_landing, **elbo_kwargs)
     else:
         elbo = pyro.infer.Trace_ELBO(**elbo_kwargs)
-    start = time.perf_counter()
     guide()  # build the parameters
-    if ours and recipe.flow_lr is not None:
+    if ours:
         optimizer = torch.optim.Adam(guide.param_groups(recipe.lr, recipe.flow_lr))
     else:
         optimizer = torch.optim.Adam(guide.parameters(), lr=recipe.lr)
-    gamma = 1.0 if recipe.final_lr is None else (recipe.final_lr / recipe.lr) ** (1 / steps)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma)
-    stl_step = (steps if recipe.stick_the_landing_from is None
-                else int(recipe.stick_the_landing_from * steps))
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, recipe.decay ** (-1 / steps))
     loss = float("nan")
     with pf.validation(False):  # the flows only ever see their own Gaussian draws here
-        for step in range(steps):
-            if ours:
-                elbo.stick_the_landing = step >= stl_step
+        for _ in range(steps):
             optimizer.zero_grad()
             loss_t = elbo.differentiable_loss(target.model, guide)
             loss_t.backward()
@@ -167,9 +170,18 @@ def _fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
+def _start(guide) -> str:
+    """How one of our guides started: "laplace" or "plain"; "-" for Pyro's."""
+    info = getattr(guide, "laplace_info", None)
+    if not isinstance(guide, pf.guides.AutoFlowGuide):
+        return "-"
+    return "laplace" if info is not None and info["used"] else "plain"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--particles", type=int, default=32)
     parser.add_argument("--draws", type=int, default=20000)
     parser.add_argument("--targets", nargs="*", default=list(TARGETS))
     parser.add_argument("--guides", nargs="*", default=list(GUIDES))
@@ -180,18 +192,25 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     # Pyro's flow guides build their layers lazily in the default dtype: float64 models need it.
     torch.set_default_dtype(torch.float64)
+    lrs = ", ".join(f"{k} {v[1]:g}" for k, v in pf.guides.DEFAULT_LR.items()
+                    if k in ("planar", "radial", "iaf"))
     header = (
         f"# VI benchmark: flow guides vs Pyro autoguides\n\n"
-        f"{args.steps} steps per guide, 32 vectorized particles, float64, seed {args.seed}; "
-        f"KL = log Z - ELBO from {args.draws} draws (nats); k-hat from the same draws; "
-        f"mean err = max |mean_q - mean_ref| / sd_ref, log sd = max |log(sd_q / sd_ref)| "
-        f"against the reference draws; seconds of training on a shared 2-core CPU (noisy).\n"
-        f"Pyro guides: Adam 1e-2 (Gaussian) or 5e-3 (flows), constant. pyroflows guides "
-        f"(default full-rank last layer unless stated): Adam 5e-2 for the affine layer, 1e-2 "
-        f"(planar, radial) or 3e-3 (IAF) for the flow, all decayed 50x over the run; on "
+        f"{args.steps} steps per guide, {args.particles} vectorized particles, float64, seed "
+        f"{args.seed}; KL = log Z - ELBO from {args.draws} draws (nats); k-hat from the same "
+        f"draws; mean err = max |mean_q - mean_ref| / sd_ref, log sd = max |log(sd_q / sd_ref)| "
+        f"against the reference draws; seconds of set-up and training on a shared 2-core CPU "
+        f"(noisy).\n"
+        f"Pyro guides: Adam 1e-2 (Gaussian) or 5e-3 (flows), constant. pyroflows guides at "
+        f"their defaults (full-rank last layer unless stated; start = Laplace where its ELBO "
+        f"beat the plain start, else plain with init_scale "
+        f"{pf.guides.DEFAULT_INIT_SCALE['planar']:g} planar/radial, "
+        f"{pf.guides.DEFAULT_INIT_SCALE['iaf']:g} IAF): Adam "
+        f"{pf.guides.DEFAULT_LR['iaf'][0]:g} for the affine layer, flow layers {lrs}, all "
+        f"decayed {OUR_RECIPE.decay:g}x over the run; sticking the landing for IAF; on "
         f"rezende_u1 only, FlowELBO annealing beta 0.05 -> 1 over the first half.\n\n"
-        "| target | guide | KL | k-hat | mean err | log sd | seconds |\n"
-        "|---|---|---:|---:|---:|---:|---:|"
+        "| target | guide | start | KL | k-hat | mean err | log sd | seconds |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|"
     )
     print(header, flush=True)
     rows = [header]
@@ -200,13 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         for gname in args.guides:
             make_guide, recipe = GUIDES[gname]
             try:
-                guide, seconds, _ = fit(target, make_guide, recipe, args.steps, args.seed)
+                guide, seconds, _ = fit(target, make_guide, recipe, args.steps, args.seed,
+                                        num_particles=args.particles)
                 m = evaluate(target, guide, args.draws)
-                row = (f"| {tname} | {gname} | {_fmt(m['kl'])} | {_fmt(m['khat'], 2)} | "
-                       f"{_fmt(m.get('mean_err'), 2)} | {_fmt(m.get('log_sd'), 2)} | "
-                       f"{seconds:.0f} |")
+                row = (f"| {tname} | {gname} | {_start(guide)} | {_fmt(m['kl'])} | "
+                       f"{_fmt(m['khat'], 2)} | {_fmt(m.get('mean_err'), 2)} | "
+                       f"{_fmt(m.get('log_sd'), 2)} | {seconds:.0f} |")
             except Exception as e:  # noqa: BLE001 - a failing guide is a result, not a crash
-                row = f"| {tname} | {gname} | failed: {type(e).__name__}: {str(e)[:60]} |||||"
+                row = f"| {tname} | {gname} | failed: {type(e).__name__}: {str(e)[:60]} ||||||"
             print(row, flush=True)
             rows.append(row)
     if args.out:
