@@ -253,6 +253,8 @@ class _PlanarChain(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y, grad_log_det):
         w, u_hat, c = ctx.saved_tensors
+        if grad_y is None and grad_log_det is None:
+            return (None,) * 6
         xs, tanh, q = ctx.xs, ctx.tanh, ctx.q
         num_layers, n, dim = xs.shape
         num_layers -= 1

@@ -118,3 +118,168 @@ def test_validation_overflowing_sum_is_not_an_error(device):
         bad[0, 0] = float("nan")
         with pytest.raises(ValueError, match="NaN"):
             t(bad)
+
+
+# ---- the fused kernels (affine_chain, planar_chain) against the plain operations ----------
+
+AFFINE_LAYERS = {
+    "maf": lambda: pf.transforms.maf(5, hidden_dims=(16, 16)),
+    "iaf": lambda: pf.transforms.iaf(5, hidden_dims=(16, 16)),
+    "realnvp": lambda: pf.transforms.realnvp(5, hidden_dims=(16, 16)),
+    "maf-tanh-narrow": lambda: pf.transforms.maf(5, hidden_dims=(3,), activation=torch.nn.Tanh,
+                                                 order=[2, 0, 4, 1, 3]),
+    "maf-linear": lambda: pf.transforms.maf(5, hidden_dims=()),
+}
+
+
+def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
+    plain = copy.deepcopy(module)
+    for m in plain.modules():
+        if hasattr(m, "fused"):
+            m.fused = False
+    return plain
+
+
+def _value_and_grads(t, x, inverse: bool):
+    """Map, log-det, and the gradients of a loss that uses both, w.r.t. x and parameters."""
+    t.zero_grad()
+    x = x.clone().requires_grad_(True)
+    if isinstance(t, FlowStack):
+        v, ld = t._chain(x, inverse)
+    else:
+        v, ld = t.inverse_and_log_det(x) if inverse else t.forward_and_log_det(x)
+    weights = torch.linspace(0.5, 2.0, ld.numel(), dtype=x.dtype, device=x.device)
+    loss = v.sin().sum() + (ld * weights.view(ld.shape)).sum()
+    loss.backward()
+    return [v.detach(), ld.detach(), x.grad] + [p.grad for p in t.parameters()]
+
+
+@pytest.mark.parametrize("shape", [(7,), (2, 3), ()])
+@pytest.mark.parametrize("name", sorted(AFFINE_LAYERS))
+def test_fused_affine_layer_matches_plain(name, shape, device, dtype):
+    """Both directions of each layer: the fused path computes the forward values with the plain
+    path's operations in its order, so on CPU they are bitwise equal; the hand-written
+    gradients agree with autograd's through the plain operations."""
+    t = AFFINE_LAYERS[name]()
+    testing.randomize_parameters_(t, scale=0.3, seed=1)
+    t = t.to(device, dtype)
+    plain = _plain_copy(t)
+    x = torch.randn(*shape, 5, device=device, dtype=dtype)
+    fused_directions = 0
+    for inverse in (False, True):
+        fused_directions += t.fused_kind(inverse) is not None
+        got, want = _value_and_grads(t, x, inverse), _value_and_grads(plain, x, inverse)
+        if torch.device(device).type == "cpu":
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, **testing.tolerances(dtype))
+    assert fused_directions == (2 if name == "realnvp" else 1)
+    assert plain.fused_kind(False) is None and plain.fused_kind(True) is None
+
+
+@pytest.mark.parametrize("kinds", [[(True, -1.0), (True, 1.0)], [(True, 1.0), (False, 1.0)]])
+def test_affine_chain_gradcheck(kinds, device):
+    """Finite differences (torch.autograd.gradcheck, float64) for every input of the fused node:
+    the chain's input, the incoming log-det and each layer's flat parameters, with the
+    parallel map v = mu + e^s u and the single-pass inverse v = (u - mu) e^{-s}."""
+    from pyroflows.transforms.autoregressive import _AffineChain
+
+    layers = [pf.transforms.maf(3, hidden_dims=(4,), order=[1, 0, 2]),
+              pf.transforms.realnvp(3, hidden_dims=(4, 4))]
+    for t in layers:
+        testing.randomize_parameters_(t, scale=0.5, seed=2)
+    layers = [t.to(device, torch.float64) for t in layers]
+    x = torch.randn(4, 3, device=device, dtype=torch.float64, requires_grad=True)
+    log_det = torch.randn(4, device=device, dtype=torch.float64, requires_grad=True)
+    flats = [t.conditioner.flat_parameters for t in layers]
+    assert torch.autograd.gradcheck(
+        lambda x, ld, *f: _AffineChain.apply(x, ld, tuple(layers), tuple(kinds), *f),
+        (x, log_det, *flats))
+
+
+def test_fused_masked_entries_get_zero_gradients(device, dtype):
+    t = pf.transforms.maf(4, hidden_dims=(8, 8)).to(device, dtype)
+    testing.randomize_parameters_(t, scale=0.3)
+    x = torch.randn(6, 4, device=device, dtype=dtype)
+    t.inverse_and_log_det(x)[1].sum().backward()
+    grad, mask = t.conditioner.flat_parameters.grad, t.conditioner.mask
+    assert torch.equal(grad[mask == 0], torch.zeros_like(grad[mask == 0]))
+    assert (grad[mask == 1] != 0).any()
+
+
+def test_fused_paths_refuse_what_they_cannot_do(device):
+    """Second derivatives raise instead of coming out wrong; an input edited in place after
+    the call is an error at backward time, as with autograd; a conditioner hook turns the
+    layer back to the plain path, which runs the hook."""
+    t = pf.transforms.iaf(3, hidden_dims=(8,)).to(device)
+    testing.randomize_parameters_(t, scale=0.3)
+    x = torch.randn(5, 3, device=device, requires_grad=True)
+    y, _ = t.forward_and_log_det(x)
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+    z = torch.randn(5, 3, device=device)
+    y, _ = t.forward_and_log_det(z)  # a parameter needs grad, so the fused node saves z
+    z.add_(1.0)
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.sum().backward()
+    calls = []
+    t.conditioner.register_forward_hook(lambda *a: calls.append(1))
+    assert t.fused_kind(False) is None
+    t.forward_and_log_det(x)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("shape", [(9,), (2, 4), ()])
+def test_fused_planar_chain_matches_plain(shape, device, dtype):
+    """A planar stack run as one node against the same layers run one by one."""
+    flow = pf.flows.build("planar", 3, num_layers=6)
+    testing.randomize_parameters_(flow, scale=1.0, seed=4)
+    flow = flow.to(device, dtype)
+    plain = copy.deepcopy(flow)
+    plain.fused = False
+    x = torch.randn(*shape, 3, device=device, dtype=dtype)
+    got, want = (_value_and_grads(f, x, inverse=False) for f in (flow, plain))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **testing.tolerances(dtype))
+    layer = flow.parts[0]
+    torch.testing.assert_close(pf.flows.planar_u_hat(layer.w[None], layer.u[None])[0],
+                               layer.u_hat(), **testing.tolerances(dtype))
+
+
+def test_planar_chain_gradcheck(device):
+    from pyroflows.flows import _PlanarChain
+
+    gen = torch.Generator().manual_seed(5)
+    k, n, d = 4, 3, 2
+    args = [torch.randn(*s, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
+            for s in ((n, d), (k, d), (k, d), (k,), (k,), (n,))]
+    args[4] = (0.5 * args[4]).detach().requires_grad_(True)  # c = w.u_hat > -1
+    assert torch.autograd.gradcheck(_PlanarChain.apply, tuple(args))
+
+
+def test_mixed_stack_runs_fused_groups(device, dtype):
+    """Runs of affine layers and of planar layers, broken by other layers, in both directions:
+    the same values and gradients as every layer's plain operations."""
+    T = pf.transforms  # noqa: N806
+    parts = [T.planar(3), T.planar(3), T.maf(3, hidden_dims=(8,)),
+             T.maf(3, hidden_dims=(8,), order=[2, 1, 0]), T.radial(3),
+             T.realnvp(3, hidden_dims=(8,)), T.ElementwiseAffine(3)]
+    flow = FlowStack(parts)
+    testing.randomize_parameters_(flow, scale=0.3, seed=6)
+    flow = flow.to(device, dtype)
+    plain = _plain_copy(flow)
+    plain.fused = False
+    x = torch.randn(5, 3, device=device, dtype=dtype)
+    for inverse in (False, True):
+        results = []
+        for f in (flow, plain):
+            f.zero_grad()
+            xv = x.clone().requires_grad_(True)
+            y, ld = f._chain(xv, inverse)
+            (y.sin().sum() + ld.sum()).backward()
+            results.append([y.detach(), ld.detach(), xv.grad]
+                           + [p.grad for p in f.parameters() if p.grad is not None])
+        assert len(results[0]) == len(results[1])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, **testing.tolerances(dtype))

@@ -309,6 +309,8 @@ class _AffineChain(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_v, grad_log_det):
         x, *flats = ctx.saved_tensors
+        if grad_v is None and grad_log_det is None:
+            return (None,) * (4 + len(flats))
         dim = x.shape[-1]
         g = None if grad_v is None else grad_v.reshape(-1, dim)
         g_ld = None if grad_log_det is None else grad_log_det.reshape(-1, 1)
