@@ -106,7 +106,8 @@ class AffineAutoregressiveCore(FlowTransform):
         """``(parallel, log_det_sign)`` of the direction (``inverse`` or forward) when the fused
         kernels compute it: a single pass of a non-gated layer over a supported network;
         ``None`` otherwise."""
-        if not self.fused or self.gated or not self.conditioner.supports_fused:
+        net = self.conditioner
+        if not self.fused or self.gated or not (isinstance(net, MADE) and net.supports_fused):
             return None
         parallel = self.forward_is_parallel != inverse
         if not parallel and self.num_passes != 1:
