@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 from torch.distributions.transforms import Transform, _InverseTransform
 
 from . import transforms as T
-from .transforms.autoregressive import AffineAutoregressiveCore, affine_chain
+from .transforms.autoregressive import AffineAutoregressiveCore, affine_chain, traced
 from .transforms.base import FlowTransform, _CacheEntry, module_stamp
 
 __all__ = [
@@ -91,7 +91,7 @@ class FlowStack(ComposeTransformModule):
         return chain(x, inverse, False)
 
     def _chain(self, x: Tensor, inverse: bool, fused: bool = True) -> tuple[Tensor, Tensor]:
-        fused = fused and self.fused
+        fused = fused and self.fused and not traced()
         log_det = None
         run: list = []  # consecutive layers for one fused call
         kinds: list[tuple[bool, float]] = []

@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 from ..nn.made import MADE, default_hidden_dims
 from .base import FlowTransform
 
-__all__ = ["IAF", "MAF", "iaf", "maf", "affine_chain"]
+__all__ = ["IAF", "MAF", "iaf", "maf", "affine_chain", "traced"]
 
 # sigma = sigmoid(raw + _GATE_BIAS) starts near 1 (0.88), as Kingma et al. (2016) advise
 _GATE_BIAS = 2.0
@@ -116,7 +116,7 @@ class AffineAutoregressiveCore(FlowTransform):
 
     def _map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         kind = self.fused_kind(inverse)
-        if kind is not None:
+        if kind is not None and not traced():
             return affine_chain(x, [self], [kind])
         return self.plain_map(x, inverse)
 
@@ -225,6 +225,18 @@ class MAF(AffineAutoregressiveCore):
         return self.inverse_and_log_det(y)[1]
 
 
+def traced() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``jacrev``, ``vmap``, ...) or the
+    ``torch.compile`` tracer is running: the fused kernels, which write their own backward
+    with in-place and ``out=`` operations, then step aside for the plain operations."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # a torch without functorch's interpreter stack
+        return False
+
+
 def affine_chain(
     x: Tensor,
     layers: Sequence[AffineAutoregressiveCore],
@@ -251,6 +263,12 @@ def affine_chain(
     :meth:`~pyroflows.nn.MADE.fused_backward`. It is not twice differentiable (second
     derivatives raise an error instead of returning wrong values).
     """
+    if traced():
+        for layer, (parallel, _) in zip(layers, kinds, strict=True):
+            inverse = layer.forward_is_parallel != parallel
+            x, ld = layer.plain_map(x, inverse)
+            log_det = ld if log_det is None else log_det + ld
+        return x, log_det
     flats = [layer.conditioner.flat_parameters for layer in layers]
     if torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in flats)
