@@ -690,14 +690,15 @@ def default_lr(flow: str | AutoFlowGuide | None = None) -> tuple[float, float]:
         ((0.05, 0.01), (0.05, 0.003))
     """
     name = flow.flow_name if isinstance(flow, AutoFlowGuide) else flow
-    return DEFAULT_LR.get(name, DEFAULT_LR["iaf"])
+    return DEFAULT_LR.get(name if isinstance(name, str) else "iaf", DEFAULT_LR["iaf"])
 
 
 def optim_args(flow: str | AutoFlowGuide | None = None, lr: float | None = None,
                flow_lr: float | None = None, **kwargs: Any) -> Callable[[str], dict]:
     """Per-parameter arguments for a :mod:`pyro.optim` optimizer: ``lr`` for the affine layer of
     a flow guide (and any parameter that is not a flow layer's), ``flow_lr`` for the flow layers;
-    both default to :func:`default_lr` of ``flow`` (a family name or the guide).
+    both default to :func:`default_lr` of ``flow`` (a family name or the guide; any other
+    guide, such as ``AutoNormal``, has no flow layers and gets ``lr`` everywhere).
 
     The affine layer is a Gaussian and tolerates a large step; the flow layers' networks start
     at the identity and are safer with a small one. Decay both over the run, e.g. with

@@ -59,9 +59,11 @@ torch.set_num_threads(1)
 # ## One training loop for every guide
 # Plain `SVI` with the recipe documented for flow guides: the affine layer learns fast (Adam at
 # $5 \cdot 10^{-2}$), the flow layers, whose networks start at the identity, take a smaller step
-# (`flow_lr`), and every rate decays 50-fold over the run. `pf.guides.optim_args` gives Pyro's
-# optimizers these per-parameter settings (every parameter of a guide without flow layers, such
-# as `AutoNormal`, gets `lr`); `ClippedAdam` adds the decay (`lrd`) and clips gradient norms.
+# ($10^{-2}$ for planar and radial layers, $3 \cdot 10^{-3}$ for the IAF's networks:
+# `pf.guides.DEFAULT_LR`), and every rate decays 50-fold over the run.
+# `pf.guides.optim_args(guide)` gives Pyro's optimizers these per-parameter settings (every
+# parameter of a guide without flow layers, such as `AutoNormal`, gets the affine layer's
+# rate); `ClippedAdam` adds the decay (`lrd`) and clips gradient norms.
 # 32 vectorized particles per step. `svi.step` returns the loss, so the ELBO trace is its
 # negative.
 #
@@ -70,12 +72,12 @@ torch.set_num_threads(1)
 
 
 # %%
-def fit(model, guide, elbo, steps, *args, flow_lr=1e-2, seed=0):
+def fit(model, guide, elbo, steps, *args, seed=0):
     """Run SVI for ``steps`` steps; returns the ELBO trace (negated losses) as numpy."""
     pyro.clear_param_store()  # the guide keeps its own parameters; start the store empty
     pyro.set_rng_seed(seed)
     decay = (1 / 50) ** (1 / steps)  # per step, so the rates end 50 times smaller
-    optim = pyro.optim.ClippedAdam(pf.guides.optim_args(lr=5e-2, flow_lr=flow_lr, lrd=decay))
+    optim = pyro.optim.ClippedAdam(pf.guides.optim_args(guide, lrd=decay))
     svi = SVI(model, guide, optim, elbo)
     trace = np.empty(steps)
     with pf.validation(False):
@@ -130,37 +132,41 @@ plt.show()
 # Pyro's `AutoNormal` is trained with `Trace_ELBO`; the flow guides with
 # `pf.guides.FlowELBO`, a `Trace_ELBO` with two options:
 #
-# - `anneal_steps`: over the first steps the model's log joint is scaled by
+# - `anneal_steps`: over the first steps the density of the guide's unconstrained vector (the
+#   model's log joint plus the log-Jacobian of the maps to the constrained sites) is scaled by
 #   $\beta_t$ rising from 0.05 to 1, so the guide first fits the flatter $p^\beta$ and can spread
 #   over both modes before the full energy pulls it in (Rezende & Mohamed 2015). During those
 #   steps `svi.step` returns the tempered loss, not the ELBO. U1 has two modes, so the flows
 #   anneal over the first half of the run.
 # - `stick_the_landing`: the path-derivative gradient of Roeder et al. (2017), which drops the
 #   score term (zero in expectation) so the gradient noise vanishes as $q \to p$. It costs one
-#   inverse pass of the flow per step (for IAF, $D$ sequential passes); not used here, it
-#   roughly doubles the cost of a planar step for a small gain on this target.
+#   inverse pass of the flow per step (for IAF, $D$ sequential passes). By default FlowELBO
+#   uses it where it paid off in `benchmarks/vi.py`: for IAF guides, not for planar or radial
+#   ones (`pf.guides.DEFAULT_STICK_THE_LANDING`).
 #
-# The flow layers step at `flow_lr` $= 10^{-2}$ (planar, radial) or $3 \cdot 10^{-3}$ (the IAF's
-# networks, where large early steps stretch the draws too far).
+# Every guide starts where the model's mass is. By default a flow guide first tries the
+# Laplace approximation (the mode found by L-BFGS, the inverse Hessian as covariance) and keeps
+# it only if its ELBO beats the plain start $N(\text{prior median}, \text{init\_scale}^2 I)$; U1's
+# ring has no useful mode, so here the plain start wins (`guide.laplace_info` says why).
 
 # %%
 u1_steps = 150 if FAST else 2000
 particles = dict(num_particles=32, vectorize_particles=True, max_plate_nesting=0)
 anneal = u1_steps // 2
 
-# name: (guide, ELBO, flow_lr)
+# name: (guide, ELBO)
 u1_guides = {
-    "AutoNormal": (AutoNormal(u1_model), Trace_ELBO(**particles), None),
+    "AutoNormal": (AutoNormal(u1_model), Trace_ELBO(**particles)),
     "AutoPlanar": (  # 16 layers
-        pf.guides.AutoPlanar(u1_model), FlowELBO(anneal_steps=anneal, **particles), 1e-2),
+        pf.guides.AutoPlanar(u1_model), FlowELBO(anneal_steps=anneal, **particles)),
     "AutoRadial": (  # 16 layers
-        pf.guides.AutoRadial(u1_model), FlowELBO(anneal_steps=anneal, **particles), 1e-2),
+        pf.guides.AutoRadial(u1_model), FlowELBO(anneal_steps=anneal, **particles)),
     "AutoIAF": (  # 4 layers
-        pf.guides.AutoIAF(u1_model), FlowELBO(anneal_steps=anneal, **particles), 3e-3),
+        pf.guides.AutoIAF(u1_model), FlowELBO(anneal_steps=anneal, **particles)),
 }
 u1_traces = {}
-for name, (guide, elbo, flow_lr) in u1_guides.items():
-    u1_traces[name] = fit(u1_model, guide, elbo, u1_steps, flow_lr=flow_lr)
+for name, (guide, elbo) in u1_guides.items():
+    u1_traces[name] = fit(u1_model, guide, elbo, u1_steps)
     print(f"{name:10s} final ELBO (smoothed) {smooth(u1_traces[name], 50)[-1]:+.3f}")
 
 # %% [markdown]
@@ -267,23 +273,23 @@ def eight_schools(sigma, y=None):
 
 
 # %% [markdown]
-# Now `AutoNormal` against `AutoIAF`, the same loop and budget, the IAF's networks again at
-# `flow_lr` $= 3 \cdot 10^{-3}$. No annealing here: the posterior has one mode, and tempering
-# this joint, $p(x, z)^\beta$, would leave the guide's change of variables to $\log\tau$
-# untempered; with the Cauchy tail the tempered target is then improper in $\log\tau$ for
-# small $\beta$, and the flow would chase $\tau \to \infty$.
+# Now `AutoNormal` against `AutoIAF`, the same loop and budget. No annealing here: the
+# posterior has one mode. (Were it annealed, FlowELBO tempers the density of the unconstrained
+# vector, $[p(x, z)\,\tau]^\beta$ in $\log\tau$, which stays proper; tempering the joint alone
+# would leave the Jacobian $\tau$ untempered, and with the Cauchy tail the target would be
+# improper in $\log\tau$ for small $\beta$.) The funnel has no usable mode either (its density
+# grows without bound as $\tau \to 0$), so the IAF starts plain, wide ($\text{init\_scale} = 1$).
 
 # %%
 schools_steps = 200 if FAST else 3000
 particles = dict(num_particles=32, vectorize_particles=True, max_plate_nesting=1)
 schools_guides = {
-    "AutoNormal": (AutoNormal(eight_schools), Trace_ELBO(**particles), None),
-    "AutoIAF": (pf.guides.AutoIAF(eight_schools), FlowELBO(**particles), 3e-3),
+    "AutoNormal": (AutoNormal(eight_schools), Trace_ELBO(**particles)),
+    "AutoIAF": (pf.guides.AutoIAF(eight_schools), FlowELBO(**particles)),
 }
 schools_traces = {}
-for name, (guide, elbo, flow_lr) in schools_guides.items():
-    schools_traces[name] = fit(eight_schools, guide, elbo, schools_steps, sigma, y,
-                               flow_lr=flow_lr)
+for name, (guide, elbo) in schools_guides.items():
+    schools_traces[name] = fit(eight_schools, guide, elbo, schools_steps, sigma, y)
 
 fig, ax = plt.subplots(figsize=(8, 3.5))
 for name, trace in schools_traces.items():
