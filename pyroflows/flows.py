@@ -39,6 +39,14 @@ class FlowStack(ComposeTransformModule):
     bookkeeping is skipped. With any other transform among the parts it behaves exactly as
     ``ComposeTransformModule``. :func:`build` returns one.
 
+    Fused kernels (``fused = True``, the default): consecutive IAF/MAF/RealNVP layers whose
+    direction is one pass run as one autograd node
+    (:func:`~pyroflows.transforms.autoregressive.affine_chain`), and consecutive planar layers
+    in the forward direction as another (:func:`planar_chain`), each with a hand-written
+    backward pass. Same values (IAF/MAF/RealNVP: the same operations in the same order;
+    planar: up to the order of the log-det sum), gradients equal to rounding. They step aside
+    under ``torch.func`` transforms and ``torch.compile``.
+
     ``compile`` (opt-in): run the chain of layers through :func:`torch.compile` (``True`` for
     the default Inductor backend, or a backend name such as ``"aot_eager"``), which fuses the
     elementwise work between the matrix products, forward and backward. Validation, the
@@ -55,9 +63,8 @@ class FlowStack(ComposeTransformModule):
         torch.Size([4])
     """
 
-    #: run consecutive IAF/MAF/RealNVP layers (see :func:`~pyroflows.transforms.autoregressive.
-    #: affine_chain`) and consecutive planar layers (:func:`planar_chain`) as one autograd node
-    #: each; ``False`` on an instance runs every layer's plain differentiable operations
+    #: run the fused kernels (see above); ``False`` on an instance runs every layer's plain
+    #: differentiable operations
     fused: bool = True
 
     def __init__(self, parts, cache_size: int = 0, compile: bool | str = False) -> None:

@@ -49,7 +49,10 @@ class MADE(nn.Module):
     of a small flow's training step with one tensor per weight and bias). The product is
     recomputed every call, so it is always part of the current autograd graph and never stale.
     :meth:`layer_parameters` gives each layer's (unmasked) weight and bias as views for
-    inspection or in-place initialization.
+    inspection or in-place initialization. :meth:`masked_weights`, :meth:`fused_forward` and
+    :meth:`fused_backward` are the same network as autograd-free kernels, with the backward
+    pass written out; the fused flow layers
+    (:func:`~pyroflows.transforms.autoregressive.affine_chain`) are built on them.
 
     References:
         Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", ICML 2015,
