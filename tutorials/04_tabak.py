@@ -99,9 +99,10 @@ plt.show()
 # %% [markdown]
 # Every step gains training log-likelihood (a coordinate whose step would lose keeps the
 # identity); the held-out curve says when to stop. The Gaussianized moons fill $N(0, I)$, each
-# moon taking one side: a Gaussianization removes exactly the structure a mixture model looks
-# for, so clustering the *pooled* Gaussianized data would find nothing. Agnelli et al. (2010)
-# instead map *each class* to its own Gaussian, which is what we do below.
+# moon taking one side: a full Gaussianization removes much of the structure a mixture model
+# looks for. Below, a Pyro Gaussian mixture is fitted in Gaussianized coordinates after a
+# chosen number of steps (clustering, after Agnelli et al. 2010), and then each class is mapped
+# to its own Gaussian (classification).
 
 # %% [markdown]
 # ## The fitted density is exact, and can be sampled
@@ -130,6 +131,122 @@ for ax in axes:
     ax.set_aspect("equal")
 plt.tight_layout()
 plt.show()
+
+# %% [markdown]
+# ## Gaussian-mixture clustering in Gaussianized coordinates (after Agnelli et al. 2010)
+# Take the flow after $s$ steps, $G_s$ (`tabak.truncated(s)`), and fit a Pyro Gaussian mixture
+# to $z = G_s(x)$: weights $\pi$, per-cluster $N(\mu_k, \mathrm{diag}\, s_k^2)$, the cluster
+# assignment of every point a discrete site that `TraceEnum_ELBO` sums out exactly (MAP for the
+# globals with `AutoDelta`). Mapped back through the exact inverse, the model is a density in
+# the original space,
+#
+# $$p(x) = \sum_k \pi_k\, N\bigl(G_s(x); \mu_k, s_k^2\bigr)\,
+#   \Bigl|\det \frac{\partial G_s}{\partial x}\Bigr|,$$
+#
+# which is `TransformedDistribution(mixture, [tabak_s])`; it integrates to 1 and can be sampled.
+# $s = 0$ is a mixture on the whitened data (a Gaussian mixture in $x$); at the full step count
+# the flow has already made the data nearly $N(0, I)$. We pick $s$ by held-out log-likelihood.
+# Cluster memberships need no Jacobian at all: it is the same for every cluster and cancels,
+# $p(k \mid x) \propto \pi_k N(G_s(x); \mu_k, s_k^2)$.
+
+# %%
+from pyro import poutine  # noqa: E402
+from pyro.infer import TraceEnum_ELBO, config_enumerate  # noqa: E402
+from pyro.infer.autoguide import init_to_value  # noqa: E402
+from torch.distributions import Categorical, MixtureSameFamily  # noqa: E402
+
+num_clusters = 4
+
+
+@config_enumerate
+def gmm(z):
+    """A Gaussian mixture on Gaussianized coordinates; the assignments are enumerated out."""
+    weights = pyro.sample("weights", dist.Dirichlet(torch.full((num_clusters,), 2.0, dtype=dtype)))
+    with pyro.plate("clusters", num_clusters):
+        locs = pyro.sample("locs", dist.Normal(torch.zeros(2, dtype=dtype), 2.0).to_event(1))
+        scales = pyro.sample("scales", dist.LogNormal(torch.full((2,), -0.5, dtype=dtype), 1.0)
+                             .to_event(1))
+    with pyro.plate("data", len(z)):
+        assignment = pyro.sample("assignment", dist.Categorical(weights))
+        pyro.sample("z", dist.Normal(locs[assignment], scales[assignment]).to_event(1), obs=z)
+
+
+def fit_gmm(z, steps, seed=0):
+    """MAP fit of the mixture by SVI with TraceEnum_ELBO; returns the mixture as a torch
+    distribution on the Gaussianized coordinates."""
+    pyro.clear_param_store()
+    gen = torch.Generator().manual_seed(seed)
+    start = {"weights": torch.full((num_clusters,), 1 / num_clusters, dtype=dtype),
+             "locs": z[torch.randperm(len(z), generator=gen)[:num_clusters]],
+             "scales": torch.full((num_clusters, 2), 0.5, dtype=dtype)}
+    guide = AutoDelta(poutine.block(gmm, expose=list(start)), init_loc_fn=init_to_value(values=start))
+    svi = SVI(gmm, guide, pyro.optim.Adam({"lr": 0.1}), TraceEnum_ELBO(max_plate_nesting=1))
+    for _ in range(steps):
+        svi.step(z)
+    fit = {k: v.detach() for k, v in guide.median(z).items()}
+    return MixtureSameFamily(Categorical(probs=fit["weights"]),
+                             Independent(Normal(fit["locs"], fit["scales"]), 1))
+
+
+x_fit, x_val = x_train[: int(0.8 * N)], x_train[int(0.8 * N):]
+tabak_fit = pf.transforms.Tabak(2, max_steps=MAX_STEPS, seed=0).fit(x_fit, x_val=x_val,
+                                                                     progress=False)
+candidates = sorted({0, 10, tabak_fit.num_steps} if FAST else
+                    {0, 5, 10, 20, 40, 80, tabak_fit.num_steps})
+results = {}
+for s in candidates:
+    flow_s = tabak_fit.truncated(s)
+    with torch.no_grad():
+        z_fit = flow_s.inv(x_fit)
+    mixture = fit_gmm(z_fit, steps=100 if FAST else 300)  # SVI needs gradients: outside no_grad
+    composed = TransformedDistribution(mixture, [flow_s])     # the exact density in x
+    with torch.no_grad():
+        results[s] = (float(composed.log_prob(x_val).mean()), flow_s, mixture)
+    print(f"steps {s:4d}: held-out log-likelihood {results[s][0]:.3f}")
+best_s = max(results, key=lambda s: results[s][0])
+_, flow_s, mixture = results[best_s]
+composed = TransformedDistribution(mixture, [flow_s])
+print(f"chosen: {best_s} steps; test log-likelihood {float(composed.log_prob(x_test).mean()):.3f}"
+      f" (Tabak alone {float(tabak_fit.log_prob(x_test).mean()):.3f}, mixture in x "
+      f"{float(TransformedDistribution(results[0][2], [results[0][1]]).log_prob(x_test).mean()):.3f})")
+
+# %% [markdown]
+# The cluster map, back in the original space: each point coloured by its most probable
+# cluster $\arg\max_k p(k \mid x)$, the mixture density $p(x)$ underneath, and the mass on the
+# grid (the composed density is exact).
+
+# %%
+with torch.no_grad():
+    grid_z = flow_s.inv(grid)
+    comp_lp = mixture.component_distribution.log_prob(grid_z.unsqueeze(-2))  # (G, K)
+    grid_dens = composed.log_prob(grid).exp().reshape(len(g0), len(g1))
+    test_z = flow_s.inv(x_test)
+    test_cluster = (mixture.mixture_distribution.logits
+                    + mixture.component_distribution.log_prob(test_z.unsqueeze(-2))).argmax(-1)
+grid_mass = torch.trapezoid(torch.trapezoid(grid_dens, g1, dim=1), g0)
+print(f"mass of the composed density on the grid: {float(grid_mass):.4f}")
+sizes = torch.bincount(test_cluster, minlength=num_clusters)
+lower = torch.bincount(test_cluster[y_test == 1], minlength=num_clusters)
+print("test points per cluster:", sizes.tolist())
+print("share of the lower moon in each non-empty cluster:",
+      (lower[sizes > 0] / sizes[sizes > 0]).numpy().round(2))
+
+fig, ax = plt.subplots(figsize=(5, 3.5))
+ax.contourf(g0, g1, grid_dens.T, levels=30, cmap="Greys")
+ax.scatter(x_test[:, 0], x_test[:, 1], c=test_cluster, s=3, cmap="tab10", vmin=0, vmax=9)
+ax.set_title(f"clusters after {best_s} steps, mapped back")
+ax.set_aspect("equal")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# What this shows (numbers above; `benchmarks/results/tabak.md` has the fuller picture): the
+# mixture in Gaussianized coordinates is a better density than the same mixture on the raw data
+# by about 0.3 nats per point and matches Tabak alone; held-out likelihood prefers many steps,
+# and there the clusters cut the near-Gaussian cloud into regions rather than finding the two
+# moons (a Gaussianization of the pooled data makes every mixture split about equally likely).
+# Clusters that follow the moons need flows fitted per cluster, which is what a labelled
+# problem gives us next.
 
 # %% [markdown]
 # ## A Pyro model on Gaussianized data: classification after Agnelli et al. (2010)
