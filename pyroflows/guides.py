@@ -38,6 +38,8 @@ __all__ = [
     "DEFAULT_STICK_THE_LANDING",
     "DEFAULT_NUM_LAYERS",
     "FULL_RANK_MAX_DIM",
+    "LAPLACE_MAX_ITER",
+    "LAPLACE_ELBO_DRAWS",
 ]
 
 #: Up to this latent size the guide's last layer is full rank (:class:`TriangularAffine`) unless
@@ -635,6 +637,7 @@ class _FixedAffine(FlowTransform):
         x = torch.linalg.solve_triangular(self.scale_tril.T, (y - self.loc).unsqueeze(-2),
                                           upper=True, left=False).squeeze(-2)
         return x, self.scale_tril.diagonal().log().sum().expand(y.shape[:-1])
+
 
 def _quantiles(draws: Tensor, q: Tensor) -> Tensor:
     """Columnwise quantiles of ``draws`` (n, D) with linear interpolation (numpy's default);
