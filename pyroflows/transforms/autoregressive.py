@@ -96,11 +96,31 @@ class AffineAutoregressiveCore(FlowTransform):
         # After pass k every level <= k is exact (level k depends on levels < k only), so the
         # fixed-point iteration is exact after num_passes steps; the last pass's log-scales
         # depend on levels below the top only, so they are s(u) at the solution.
+        net = self.conditioner
+        if (not torch.is_grad_enabled() and self.fused and not self.gated
+                and isinstance(net, MADE) and net.supports_fused and not traced()):
+            return self._sequential_no_grad(v)
         u = v
         for _ in range(self.num_passes):
             shift, log_scale = self.shift_and_log_scale(u)
             u = (v - shift) * torch.exp(-log_scale)
         return u, log_scale.sum(-1)
+
+    def _sequential_no_grad(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        # _sequential's operations (the same numbers) without autograd, for sampling MAF and
+        # inverting IAF: the masked weights once for all passes, the fused network, in-place
+        # work on fresh tensors
+        net = self.conditioner
+        weights, biases = net.masked_weights()
+        shape = v.shape
+        v2 = v.reshape(-1, shape[-1])
+        u = v2
+        inv_b, b = 1.0 / self.log_scale_bound, self.log_scale_bound
+        for _ in range(self.num_passes):
+            shift, raw_log_scale = net.fused_forward(u, weights, biases)[0].chunk(2, dim=-1)
+            log_scale = torch.mul(raw_log_scale, inv_b).tanh_().mul_(b)
+            u = (v2 - shift).mul_(torch.exp(-log_scale))
+        return u.reshape(shape), log_scale.sum(-1).view(shape[:-1])
 
     def fused_kind(self, inverse: bool) -> tuple[bool, float] | None:
         """``(parallel, log_det_sign)`` of the direction (``inverse`` or forward) when the fused
