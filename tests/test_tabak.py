@@ -230,13 +230,34 @@ def test_density_integrates_to_one_and_matches_transformed_distribution(fitted_c
     assert ((s.std(0) / x2.std(0)).log().abs() < 0.15).all()
 
 
-def test_subspace_rotations(device, dtype):
-    """K < D: buffers hold D x K frames; exact inverse and log-det against autograd."""
+@pytest.mark.parametrize("num_rotations", [1, 3])
+def test_subspace_rotations(num_rotations, device, dtype):
+    """K < D: buffers hold D x K frames (orthonormal columns, also when the best of several
+    random frames is chosen per step); exact inverse and log-det against autograd."""
     x = _skewed(500, 6, device, dtype, seed=5)
-    t = Tabak(6, subspace_dim=2, max_steps=40, check_every=10, seed=0).fit(x, progress=False)
+    t = Tabak(6, subspace_dim=2, max_steps=40, check_every=10, num_rotations=num_rotations,
+              seed=0).fit(x, progress=False)
     assert t.frames.shape == (t.num_steps, 6, 2) and t.num_steps > 0
+    eye = torch.eye(2, device=device, dtype=dtype).expand(t.num_steps, 2, 2)
+    torch.testing.assert_close(t.frames.mT @ t.frames, eye, **testing.tolerances(dtype))
     testing.check_round_trips(t, 6, device=device, dtype=dtype)
     testing.check_log_det(t, 6, device=device, dtype=dtype, num_points=2)
+
+
+def test_rotation_search_finds_the_non_gaussian_direction(device, dtype):
+    """6-D data whose only non-Gaussian direction is e_0 (a bimodal first coordinate): with the
+    best of 32 random directions per step (K = 1), the chosen directions line up with e_0; a
+    random unit vector in R^6 has E|u_0| of about 0.36."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2000, 6, generator=gen, dtype=torch.float64)
+    x[:, 0] = 0.4 * x[:, 0] + 2 * torch.sign(torch.randn(2000, generator=gen, dtype=torch.float64))
+    x = x.to(device=device, dtype=dtype)
+    align = {}
+    for r in (1, 32):
+        t = Tabak(6, subspace_dim=1, whiten="diagonal", max_steps=20, check_every=10,
+                  num_rotations=r, seed=0).fit(x, progress=False)
+        align[r] = float(t.frames[:, 0, 0].abs().mean())
+    assert align[32] > 0.65 and align[1] < 0.5, align
 
 
 def test_truncated_copies_are_the_fit_at_that_step(fitted_cpu):
@@ -268,7 +289,8 @@ def test_fit_follows_the_data_device_and_dtype(device, dtype):
     assert z.dtype == dtype and z.device.type == x.device.type and torch.isfinite(z).all()
 
 
-@pytest.mark.parametrize("options", [{}, {"width": (0.05, 0.5), "num_candidates": 3}])
+@pytest.mark.parametrize("options", [{}, {"width": (0.05, 0.5), "num_candidates": 3},
+                                     {"num_rotations": 4, "num_candidates": 1}])
 def test_fit_is_deterministic_with_a_seed(options):
     x = _skewed(400, 2, "cpu", torch.float64)
     a = Tabak(2, max_steps=40, check_every=10, seed=7, **options).fit(x, progress=False)

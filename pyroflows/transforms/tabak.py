@@ -293,6 +293,12 @@ class Tabak(FlowTransform):
             rotated coordinate with this many bins (the chosen step itself uses every point),
             so they cost about ``num_candidates x candidate_bins`` per coordinate, not
             ``num_candidates x n``.
+        num_rotations: random frames drawn per step; the one whose coordinates' best
+            candidates predict the largest total gain is used (ranked on histograms too).
+            Helps from about 5 dimensions, where most random directions carry little
+            structure (held-out gap, 5-D mixture: 0.287 -> 0.247; 6-D bananas, 2400 rows:
+            0.68 -> 0.60), at several times the CPU time per step; not in 2-D (U4 at 3000 steps:
+            0.121 against 0.104).
         seed: seed of the fit's random rotations, centers and split (default: torch's global RNG).
 
     Example:
@@ -321,6 +327,7 @@ class Tabak(FlowTransform):
         val_fraction: float = 0.1,
         num_candidates: int = 16,
         candidate_bins: int = 256,
+        num_rotations: int = 1,
         seed: int | None = None,
     ) -> None:
         super().__init__(dim)
@@ -334,7 +341,7 @@ class Tabak(FlowTransform):
         if len(widths) != 2 or not 0 < widths[0] <= widths[1]:
             raise ValueError(f"Tabak: width must be positive or a (low, high) range, got {width}")
         if (int(max_steps) < 1 or not step_size > 0 or int(num_candidates) < 1
-                or int(candidate_bins) < 1):
+                or int(candidate_bins) < 1 or int(num_rotations) < 1):
             raise ValueError("Tabak: max_steps, step_size, num_candidates and candidate_bins must "
                              "be positive")
         if not 0 < val_fraction < 1 or int(check_every) < 1 or int(patience) < 1:
@@ -350,6 +357,7 @@ class Tabak(FlowTransform):
         self.seed = seed
         self.num_candidates = int(num_candidates)
         self.candidate_bins = int(candidate_bins)
+        self.num_rotations = int(num_rotations)
         self.history: dict[str, list[float]] = {}
         self.best_step = 0
         dt = torch.get_default_dtype()
@@ -563,21 +571,23 @@ class Tabak(FlowTransform):
             try:
                 while done < self.max_steps and bad_checks < self.patience:
                     chunk = min(self.check_every, self.max_steps - done)
-                    frames = _haar_frames(chunk, self.dim, k, x, gen)
+                    frames = _haar_frames(chunk * self.num_rotations, self.dim, k, x, gen)
+                    frames = frames.reshape(chunk, self.num_rotations, self.dim, k)
                     rows = torch.randint(n, (chunk, k, self.num_candidates), generator=gen,
                                          device=x.device)
                     rel_widths = self._relative_widths((chunk, k, self.num_candidates), x, gen)
                     for i in range(chunk):
-                        frame_t = frames[i].mT
+                        frame = self._best_frame(frames[i], z, rows[i], rel_widths[i])
+                        frame_t = frame.mT
                         c, c_val = frame_t @ z, frame_t @ z_val
                         params, keep, c_new, log_slope = self._ascent_step(c, rows[i],
                                                                            rel_widths[i])
-                        z = z + frames[i] @ ((c_new - c) * keep)
+                        z = z + frame @ ((c_new - c) * keep)
                         ld = ld + (keep.mT @ log_slope).squeeze(0)
                         c_val_new, log_slope_val = _fast_map(c_val, *params)
-                        z_val = z_val + frames[i] @ ((c_val_new - c_val) * keep)
+                        z_val = z_val + frame @ ((c_val_new - c_val) * keep)
                         ld_val = ld_val + (keep.mT @ log_slope_val).squeeze(0)
-                        steps["frames"].append(frames[i])
+                        steps["frames"].append(frame)
                         for name, p in zip(self._STEP_BUFFERS[1:], params, strict=True):
                             steps[name].append(p.squeeze(-1) if name in ("centers", "widths")
                                                else p.squeeze(-1) * keep.squeeze(-1))
@@ -627,6 +637,24 @@ class Tabak(FlowTransform):
         length = (grad * delta).sum(-1).clamp_min(0).sqrt()
         scale = self.step_size / length.clamp_min(self.step_size)
         return delta * scale.unsqueeze(-1), (scale - 0.5 * scale * scale) * length * length
+
+    def _best_frame(self, frames: Tensor, z: Tensor, rows: Tensor, rel_width: Tensor) -> Tensor:
+        """Of the ``num_rotations`` frames (R, D, K), the one whose coordinates' best candidate
+        steps predict the largest total gain (ranked on histograms, as the centers are)."""
+        if frames.shape[0] == 1:
+            return frames[0]
+        r, _, k = frames.shape
+        c = (frames.mT @ z).reshape(r * k, -1)                      # (R K, n)
+        rows, rel_width = rows.repeat(r, 1), rel_width.repeat(r, 1)  # (R K, m)
+        centers = c.gather(1, rows)
+        mean = c.mean(-1, keepdim=True)
+        std = ((c * c).mean(-1, keepdim=True) - mean * mean).clamp_min(0).sqrt()
+        widths = rel_width * std.clamp_min(torch.finfo(c.dtype).eps)
+        means, shares = _histogram(c, self.candidate_bins)
+        grad, gn = local_ascent(means.unsqueeze(1), centers, widths, weights=shares.unsqueeze(1))
+        _, predicted = self._capped_step(grad, gn)                   # (R K, m)
+        total = predicted.amax(-1).reshape(r, k).sum(-1)
+        return frames[int(total.argmax())]
 
     def _ascent_step(self, c: Tensor, rows: Tensor, rel_width: Tensor) -> tuple[
         tuple[Tensor, ...], Tensor, Tensor, Tensor
