@@ -195,6 +195,18 @@ class MADE(nn.Module):
         weights = [w.view(shape) for w, shape in zip(pieces[0::2], self._shapes, strict=True)]
         return weights, list(pieces[1::2])
 
+    def hidden_degree_ranges(self) -> list[list[tuple[int, int]]]:
+        """For every hidden layer, ``ranges[layer][d] = (start, stop)``: the units of degree
+        ``d`` (``1 <= d < num_levels``; index 0 unused) are rows ``start:stop``, since hidden
+        degrees are non-decreasing along each layer."""
+        ranges = []
+        for width in self.hidden_dims:
+            degrees = _hidden_degrees(width, self.num_levels).tolist()
+            ranges.append([(degrees.index(d) if d in degrees else 0,
+                            width - degrees[::-1].index(d) if d in degrees else 0)
+                           for d in range(self.num_levels + 1)])
+        return ranges
+
     def fused_forward(
         self, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]
     ) -> tuple[Tensor, list[Tensor]]:
