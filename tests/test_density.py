@@ -359,6 +359,10 @@ def test_options_that_cannot_be_saved_are_rejected_up_front(tmp_path):
     torch.save(payload, tmp_path / "crafted.pt")
     with pytest.raises(ValueError, match="only nn.Module classes"):
         DensityEstimator.load(tmp_path / "crafted.pt")
+    # Files of format version 1 (plain options only) still load.
+    payload["version"], payload["params"]["flow_options"] = 1, {"permutation": "reverse"}
+    torch.save(payload, tmp_path / "v1.pt")
+    assert torch.equal(DensityEstimator.load(tmp_path / "v1.pt").log_prob(x), est.log_prob(x))
 
 
 # ---- bad input ------------------------------------------------------------------------------
