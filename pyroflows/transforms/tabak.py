@@ -654,7 +654,7 @@ class Tabak(FlowTransform):
         grad, gn = local_ascent(means.unsqueeze(1), centers, widths, weights=shares.unsqueeze(1))
         _, predicted = self._capped_step(grad, gn)                   # (R K, m)
         total = predicted.amax(-1).reshape(r, k).sum(-1)
-        return frames[int(total.argmax())]
+        return frames[total.argmax()]  # a tensor index: no host sync per step on a GPU
 
     def _ascent_step(self, c: Tensor, rows: Tensor, rel_width: Tensor) -> tuple[
         tuple[Tensor, ...], Tensor, Tensor, Tensor
