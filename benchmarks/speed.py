@@ -14,7 +14,8 @@ once, in a shuffled order), so machine noise hits all of them alike:
 4. an SVI step on the Rezende U1 energy: ``AutoPlanar`` with 32 layers against Pyro's
    ``AutoNormalizingFlow`` over 32 ``planar`` layers;
 5. sampling throughput at D=64, 10k draws, 5 layers of hidden (256, 256): IAF (one pass per
-   layer) and MAF (D passes per layer);
+   layer) and MAF (D passes per layer for the peers; pyroflows goes level by level and
+   computes each hidden unit once, about one pass of arithmetic, which its GFLOP/s counts);
 6. Tabak fit steps/s on 20k x 10 data (no peer implements it).
 
 The ``alt:`` rows are pyroflows with one design choice swapped back (see ``_PerLayerMADE``;
@@ -416,7 +417,10 @@ def _sampling_cases(num_samples: int) -> list[Case]:
             def draw(d=d):
                 with torch.no_grad():
                     return d.sample((num_samples,))
-            cases.append(Case("5", label, lib, draw, per_call=num_samples, flops=flops))
+            # pyroflows samples MAF level by level, computing each hidden unit once: about
+            # one pass of arithmetic where the peers run D full passes
+            work = flops // passes if lib == "pyroflows" else flops
+            cases.append(Case("5", label, lib, draw, per_call=num_samples, flops=work))
     return cases
 
 
