@@ -316,6 +316,9 @@ class AutoFlowGuide(AutoContinuous):
         if num_layers is not None and int(num_layers) < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         super().__init__(model, init_loc_fn=init_loc_fn)
+        # self.model runs init_loc_fn at every unobserved site; the Laplace search conditions
+        # every latent site, so it runs the model itself (a tuple: not a submodule)
+        self._raw_model = (model,)
         self._flow_spec: str | Callable[[int], Transform] | None = flow
         self.flow_name = flow if isinstance(flow, str) else getattr(flow, "__name__", "custom")
         self.num_layers = num_layers
@@ -335,6 +338,11 @@ class AutoFlowGuide(AutoContinuous):
         self._plain_transforms: list[Transform] = []  # parameter-free, non-Module layers
 
     _prototype_hide_fn = staticmethod(_hide_from_prototype)
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_raw_model"] = None  # as Pyro drops ``_model``: models are not pickled
+        return state
 
     # ---- set-up -------------------------------------------------------------------------------
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
@@ -395,7 +403,11 @@ class AutoFlowGuide(AutoContinuous):
         with torch.no_grad():
             affine.loc.copy_(loc)  # after the cast, so float64 inits keep full precision
         if self.laplace_init:
-            laplace = self._laplace(loc, args, kwargs or {})
+            # the search runs the model (a plate draws its subsample indices): leave the
+            # global random state as it was, so seeded runs do not depend on laplace_init
+            cuda = [loc.device.index or 0] if loc.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                laplace = self._laplace(loc, args, kwargs or {})
             if laplace is not None:
                 # whitened coordinates: the fixed layer maps them to the Laplace Gaussian,
                 # the learnable affine layer starts at the identity on top of it
@@ -454,7 +466,7 @@ class AutoFlowGuide(AutoContinuous):
             value = transform(unconstrained)
             log_det = log_det + transform.log_abs_det_jacobian(unconstrained, value).sum()
             values[site["name"]] = value
-        model = poutine.condition(self.model, data=values)
+        model = poutine.condition(self._raw_model[0], data=values)
         trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
         return trace.log_prob_sum() + log_det
 

@@ -150,19 +150,32 @@ def test_laplace_init_falls_back_where_the_mode_is_useless(device, dtype):
 
     def model():
         x0 = pyro.sample("x0", dist.Normal(zero, 3.0))
-        pyro.sample("x", dist.Normal(zero.expand(9), torch.exp(x0 / 2)).to_event(1))
+        with pyro.plate("coordinates", 9):  # a plate draws its subsample indices at random
+            pyro.sample("x", dist.Normal(zero, torch.exp(x0 / 2)))
 
     start = torch.zeros(10, device=device, dtype=dtype)
     start[0] = 0.5
     init = pyro.infer.autoguide.init_to_value(values={"x0": start[0], "x": start[1:]})
-    guide = AutoIAF(model, num_layers=1, hidden_dims=(8,), laplace_init=True, init_scale=0.2,
-                    init_loc_fn=init)
-    guide()
+    guides, first_draws = {}, {}  # first draws: after set-up (and the search)
+    for laplace in (True, False):
+        pyro.set_rng_seed(5)
+        guides[laplace] = AutoIAF(model, num_layers=1, hidden_dims=(8,), laplace_init=laplace,
+                                  init_scale=0.2, init_loc_fn=init)
+        guides[laplace]()
+    guide = guides[True]
     assert not guide.laplace_info["used"], guide.laplace_info
     assert "laplace" not in dict(guide.named_modules())
     draws = guide.get_posterior().sample((20000,))
     torch.testing.assert_close(draws.mean(0), start, atol=0.01, rtol=0)
     torch.testing.assert_close(draws.std(0), torch.full_like(draws[0], 0.2), atol=0.005, rtol=0)
+    # the search left the random state alone: the same seed gives the plain guide's draw (also
+    # with init_to_median, which samples the prior wherever a site is not conditioned)
+    for laplace in (True, False):
+        pyro.set_rng_seed(5)
+        first_draws[laplace] = AutoIAF(model, num_layers=1, laplace_init=laplace)()
+    for name in ("x0", "x"):
+        torch.testing.assert_close(first_draws[True][name], first_draws[False][name], rtol=0,
+                                   atol=0)
 
 
 # ---- constrained sites with exact posteriors ------------------------------------------------
