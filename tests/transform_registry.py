@@ -123,6 +123,12 @@ def _realnvp_stack():
     return _randomized(flow, scale=0.3)
 
 
+@register("realnvp-stack-odd", 5)
+def _realnvp_stack_odd():
+    """Odd D with the default masks: alternate layers take the complement of the last mask."""
+    return _randomized(pf.flows.build("realnvp", 5, num_layers=3, hidden_dims=(8,)), scale=0.3)
+
+
 @register("tabak", 3)
 def _tabak():
     """A small fitted Tabak transform (buffers only), deterministic: fixed data and seed."""
