@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from pyro.distributions.torch_transform import ComposeTransformModule
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -14,6 +13,7 @@ from torch.distributions.transforms import Transform, _InverseTransform
 from . import transforms as T
 from .transforms.autoregressive import AffineAutoregressiveCore, affine_chain, traced
 from .transforms.base import FlowTransform, _CacheEntry, module_stamp
+from .transforms.planar import planar_u_hat
 
 __all__ = [
     "build", "FlowStack", "FAMILIES", "FOLDED_PERMUTATIONS", "COMPLEMENTARY_MASKS",
@@ -181,15 +181,6 @@ def _run_fused(x: Tensor, run: list, kinds: list, log_det: Tensor | None):
     if kinds[0] == "planar":
         return planar_chain(x, run, log_det)
     return affine_chain(x, run, kinds, log_det)
-
-
-def planar_u_hat(w: Tensor, u: Tensor) -> Tensor:
-    r"""The constrained directions :math:`\hat u_k = u_k + (m(w_k^\top u_k) - w_k^\top u_k)\,
-    w_k / \|w_k\|^2`, :math:`m(a) = -1 + \mathrm{softplus}(a)`, of :math:`K` planar layers at
-    once (``w``, ``u`` of shape (K, D)): :meth:`pyroflows.transforms.Planar.u_hat`, batched."""
-    wu = (w * u).sum(-1, keepdim=True)
-    w_sq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    return u + (F.softplus(wu) - 1 - wu) * w / w_sq
 
 
 def planar_chain(

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .base import FlowTransform
 
-__all__ = ["Planar", "planar"]
+__all__ = ["Planar", "planar", "planar_u_hat"]
 
 
 class Planar(FlowTransform):
@@ -61,10 +61,7 @@ class Planar(FlowTransform):
 
     def u_hat(self) -> Tensor:
         """The constrained direction :math:`\\hat u` with :math:`w^\\top \\hat u > -1`."""
-        w, u = self.w, self.u
-        wu = w @ u
-        w_sq = (w @ w).clamp_min(torch.finfo(w.dtype).tiny)
-        return u + (F.softplus(wu) - 1 - wu) * w / w_sq
+        return planar_u_hat(self.w, self.u)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         u_hat = self.u_hat()
@@ -81,6 +78,16 @@ class Planar(FlowTransform):
         act = torch.tanh(a)
         x = y - act.unsqueeze(-1) * u_hat
         return x, torch.log1p((1 - act.square()) * c)
+
+
+def planar_u_hat(w: Tensor, u: Tensor) -> Tensor:
+    r"""The constrained direction :math:`\hat u = u + (m(w^\top u) - w^\top u)\, w / \|w\|^2`,
+    :math:`m(a) = -1 + \mathrm{softplus}(a)`, so that :math:`w^\top \hat u > -1` (Rezende &
+    Mohamed 2015, appendix A). ``w`` and ``u`` have shape (..., D): one layer, or K layers
+    stacked as (K, D) at once (:func:`pyroflows.flows.planar_chain`)."""
+    wu = (w * u).sum(-1, keepdim=True)
+    w_sq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    return u + (F.softplus(wu) - 1 - wu) * w / w_sq
 
 
 def _solve_monotone_tanh(s: Tensor, c: Tensor, max_iter: int = 100) -> Tensor:
