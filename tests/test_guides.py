@@ -573,7 +573,7 @@ def test_stick_the_landing_needs_a_flow_guide():
     guide = pyro.infer.autoguide.AutoNormal(model)
     with pytest.raises(ValueError, match="flow guide"):
         FlowELBO(stick_the_landing=True).differentiable_loss(model, guide)
-    assert math.isfinite(FlowELBO().differentiable_loss(model, guide))  # default: as is
+    assert math.isfinite(FlowELBO().differentiable_loss(model, guide).item())  # default: as is
 
 
 # ---- errors --------------------------------------------------------------------------------
