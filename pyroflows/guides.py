@@ -140,7 +140,10 @@ class FlowPosterior(dist.TransformedDistribution):
         IAF, its D sequential passes)."""
         y = value
         log_det = torch.zeros((), dtype=value.dtype, device=value.device)
-        for t in reversed(self.transforms):
+        layers = []
+        for t in self.transforms:  # a FlowStack's layers one by one: each is frozen alone
+            layers.extend(t.parts if isinstance(t, flows.FlowStack) else [t])
+        for t in reversed(layers):
             if not isinstance(t, FlowTransform):
                 raise TypeError(
                     "sticking-the-landing gradients need pyroflows transforms (FlowTransform "
@@ -446,7 +449,9 @@ class AutoFlowGuide(AutoContinuous):
     def _transforms(self) -> list[Transform]:
         parts: list[Transform] = []
         flow = self.flow  # in a Pyro context this registers the parameters (pyro.module)
-        if isinstance(flow, ComposeTransform):
+        if isinstance(flow, flows.FlowStack):
+            parts.append(flow)  # one transform: its fused kernels and one stack-level cache
+        elif isinstance(flow, ComposeTransform):
             parts.extend(flow.parts)
         elif flow is not None:
             parts.append(flow)
