@@ -21,9 +21,8 @@ once, in a shuffled order), so machine noise hits all of them alike:
 The ``alt:`` rows are pyroflows with one design choice swapped back (see ``_PerLayerMADE``;
 ``alt: plain kernels`` turns the fused kernels off, ``FlowStack.fused = False``, so every layer
 runs its plain differentiable operations); ``pyroflows (compile)`` (``--compile``) is
-``build(..., compile=True)``. In items 3-4, ``alt: guide runs the FlowStack`` is the same guide
-with its flow passed to Pyro as one transform instead of layer by layer (what the fused kernels
-need to apply to a guide; a proposed change to ``pyroflows.guides``).
+``build(..., compile=True)``. In items 3-4 our guides hand their flow to Pyro as one
+:class:`~pyroflows.flows.FlowStack` (fused kernels, one cache).
 
 Rates are per second of process CPU time with one torch thread: on a quiet machine that is the
 wall-clock rate, and on a shared one it leaves out the time spent waiting for a core.
@@ -319,24 +318,6 @@ def _training_cases(families, libraries, sizes, steps: int) -> list[Case]:
     return cases
 
 
-def _stack_guide(cls: type) -> type:
-    """``cls`` (a pyroflows guide) with its flow handed to Pyro as one transform, the
-    :class:`~pyroflows.flows.FlowStack`, instead of layer by layer."""
-    from pyroflows.flows import FlowStack
-
-    class StackGuide(cls):
-        def _transforms(self):
-            parts = super()._transforms()
-            flow = self._modules.get("flow")
-            if isinstance(flow, FlowStack) and flow.parts and flow.parts[0] in parts:
-                start = parts.index(flow.parts[0])
-                parts[start:start + len(flow.parts)] = [flow]
-            return parts
-
-    StackGuide.__name__ = StackGuide.__qualname__ = f"Stack{cls.__name__}"
-    return StackGuide
-
-
 def _svi_cases(steps: int) -> list[Case]:
     """Items 3 and 4: one SVI step (8 vectorized particles, Adam) with each guide."""
     from functools import partial
@@ -358,14 +339,10 @@ def _svi_cases(steps: int) -> list[Case]:
         ("3", "german credit, IAF 2 x (64, 64)", "german_credit", {
             "pyroflows": lambda m: pf.guides.AutoIAF(m, num_layers=2, hidden_dims=(64, 64),
                                                      full_rank=False),
-            "alt: guide runs the FlowStack": lambda m: _stack_guide(pf.guides.AutoIAF)(
-                m, num_layers=2, hidden_dims=(64, 64), full_rank=False),
             "pyro": lambda m: AutoIAFNormal(m, hidden_dim=[64, 64], num_transforms=2),
         }),
         ("4", "rezende U1, 32 planar", "rezende_u1", {
             "pyroflows": lambda m: pf.guides.AutoPlanar(m, num_layers=32, full_rank=False),
-            "alt: guide runs the FlowStack": lambda m: _stack_guide(pf.guides.AutoPlanar)(
-                m, num_layers=32, full_rank=False),
             "pyro": lambda m: AutoNormalizingFlow(m, partial(T.iterated, 32, T.planar)),
         }),
     ]
