@@ -22,6 +22,7 @@ from torch.distributions import ComposeTransform, Transform, biject_to
 
 from . import flows
 from .transforms import ElementwiseAffine, FlowTransform, TriangularAffine
+from .transforms.affine import tril_affine_solve
 
 __all__ = [
     "AutoFlowGuide",
@@ -651,8 +652,7 @@ class _FixedAffine(FlowTransform):
         return self.loc + x @ self.scale_tril.T, log_det.expand(x.shape[:-1])
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.linalg.solve_triangular(self.scale_tril.T, (y - self.loc).unsqueeze(-2),
-                                          upper=True, left=False).squeeze(-2)
+        x = tril_affine_solve(self.loc, self.scale_tril, y)
         return x, self.scale_tril.diagonal().log().sum().expand(y.shape[:-1])
 
 

@@ -7,7 +7,10 @@ from torch import Tensor, nn
 
 from .base import FlowTransform
 
-__all__ = ["ElementwiseAffine", "elementwise_affine", "TriangularAffine", "triangular_affine"]
+__all__ = [
+    "ElementwiseAffine", "elementwise_affine", "TriangularAffine", "triangular_affine",
+    "tril_affine_solve",
+]
 
 
 class ElementwiseAffine(FlowTransform):
@@ -109,12 +112,17 @@ class TriangularAffine(FlowTransform):
         return y, self.log_scale.sum().expand(x.shape[:-1])
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        # x L^T = y - mu, solved as a triangular system for every row at once
-        x = torch.linalg.solve_triangular(self.scale_tril.T, (y - self.loc).unsqueeze(-2),
-                                          upper=True, left=False).squeeze(-2)
-        return x, self.log_scale.sum().expand(y.shape[:-1])
+        return tril_affine_solve(self.loc, self.scale_tril, y), self.log_scale.sum().expand(
+            y.shape[:-1])
 
 
 def triangular_affine(dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0):
     """Build a :class:`TriangularAffine` layer (identity by default)."""
     return TriangularAffine(dim, loc=loc, scale=scale)
+
+
+def tril_affine_solve(loc: Tensor, scale_tril: Tensor, y: Tensor) -> Tensor:
+    r""":math:`x = L^{-1}(y - \mu)` for every row of ``y`` (shape (..., D), including a single
+    (D,) point) by one triangular solve of :math:`x L^\top = y - \mu`."""
+    return torch.linalg.solve_triangular(scale_tril.T, (y - loc).unsqueeze(-2), upper=True,
+                                         left=False).squeeze(-2)
