@@ -294,21 +294,13 @@ def run_model(name: str, data: Dataset, b: Budget, seed: int):
         with torch.no_grad():
             lq = tabak.log_prob(xs)
         return lq, seconds, tabak.best_step, tabak.history["step"][-1]
-    if name.startswith("Tabak+"):
-        est = DensityEstimator(
-            "maf" if name.endswith("MAF") else "realnvp", num_layers=b.num_layers,
-            hidden_dims=b.hidden, precondition="tabak", dtype=DTYPE, seed=seed,
-            tabak_options={"seed": seed},  # the very Tabak fit of the "Tabak" row
-        )
-        est.fit(xt, x_val=xv, max_epochs=b.max_epochs, batch_size=b.batch_size, lr=b.lr,
-                patience=b.patience, progress=False)
-        seconds = time.perf_counter() - start
-        lq = est.log_prob(xs)
-        return lq, seconds, est.history_["best_epoch"], est.history_["epoch"][-1]
-    if name.startswith("ours"):
+    if name.startswith(("Tabak+", "ours")):
+        tabak = name.startswith("Tabak+")
         est = DensityEstimator(
             "maf" if "MAF" in name else "realnvp", num_layers=b.num_layers, hidden_dims=b.hidden,
-            precondition="whiten", dtype=DTYPE, seed=seed,
+            precondition="tabak" if tabak else "whiten", dtype=DTYPE, seed=seed,
+            # with Tabak: the very Tabak fit of the "Tabak" row
+            tabak_options={"seed": seed} if tabak else None,
         )
         est.fit(xt, x_val=xv, max_epochs=b.max_epochs, batch_size=b.batch_size, lr=b.lr,
                 patience=b.patience, progress=False)
