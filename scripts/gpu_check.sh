@@ -53,33 +53,34 @@ if [ $rc -ne 0 ]; then
     exit 2
 fi
 
-for dtype in float32 float64; do
-    start=$SECONDS
-    # shellcheck disable=SC2086 # TEST_PATHS is a list of paths
-    timeout "$TEST_LIMIT" python -m pytest -q -p no:cacheprovider --device "$DEVICE" \
-        --dtype "$dtype" $TEST_PATHS > "$OUT/pytest-$dtype.txt" 2>&1
+# run_phase LABEL LIMIT LOG CMD...: run CMD under a time limit with its output in LOG, and
+# record "passed"/"FAILED (why)" for it in the summary.
+run_phase() {
+    local label=$1 limit=$2 logfile=$3 begin=$SECONDS rc why
+    shift 3
+    timeout "$limit" "$@" > "$logfile" 2>&1
     rc=$?
-    tail -n 1 "$OUT/pytest-$dtype.txt"
+    tail -n 1 "$logfile"
     if [ $rc -eq 0 ]; then
-        log "pytest --device $DEVICE --dtype $dtype: passed in $((SECONDS - start)) s"
+        log "$label: passed in $((SECONDS - begin)) s"
     else
-        [ $rc -eq 124 ] && why="timed out after ${TEST_LIMIT} s" || why="exit $rc"
-        log "pytest --device $DEVICE --dtype $dtype: FAILED ($why), see pytest-$dtype.txt"
+        [ $rc -eq 124 ] && why="timed out after ${limit} s" || why="exit $rc"
+        log "$label: FAILED ($why), see $logfile"
         status=1
     fi
+}
+
+for dtype in float32 float64; do
+    # shellcheck disable=SC2086 # TEST_PATHS is a list of paths
+    run_phase "pytest --device $DEVICE --dtype $dtype" "$TEST_LIMIT" "$OUT/pytest-$dtype.txt" \
+        python -m pytest -q -p no:cacheprovider --device "$DEVICE" --dtype "$dtype" $TEST_PATHS
 done
 
-start=$SECONDS
-# shellcheck disable=SC2086 # SPEED_ARGS is a list of options
-timeout "$SPEED_LIMIT" python -m benchmarks.speed --device "$DEVICE" $SPEED_ARGS \
-    > "$OUT/speed-$DEVICE.md" 2> "$OUT/speed-$DEVICE.stderr"
-rc=$?
-if [ $rc -eq 0 ]; then
-    log "benchmarks.speed --device $DEVICE: done in $((SECONDS - start)) s -> speed-$DEVICE.md"
-else
-    [ $rc -eq 124 ] && why="timed out after ${SPEED_LIMIT} s" || why="exit $rc"
-    log "benchmarks.speed --device $DEVICE: FAILED ($why), see speed-$DEVICE.stderr"
-    status=1
-fi
+# The table (stdout) goes to speed-$DEVICE.md, progress and errors to speed-$DEVICE.stderr.
+# shellcheck disable=SC2016,SC2086 # $0/$@ belong to the inner sh; SPEED_ARGS is a list of options
+run_phase "benchmarks.speed --device $DEVICE (errors: speed-$DEVICE.stderr)" "$SPEED_LIMIT" \
+    "$OUT/speed-$DEVICE.md" \
+    sh -c 'exec python -m benchmarks.speed "$@" 2> "$0"' "$OUT/speed-$DEVICE.stderr" \
+    --device "$DEVICE" $SPEED_ARGS
 log "overall: $([ $status -eq 0 ] && echo OK || echo FAILED)"
 exit $status
