@@ -12,12 +12,26 @@ from torch.distributions.transforms import Transform, _InverseTransform
 
 from . import transforms as T
 from .transforms.autoregressive import AffineAutoregressiveCore, affine_chain, traced
-from .transforms.base import FlowTransform, _CacheEntry, module_stamp
-from .transforms.planar import planar_u_hat
+from .transforms.base import FlowTransform, _CacheEntry
+from .transforms.planar import (
+    StackedPlanar,
+    planar_inverse_step,
+    planar_layers,
+    planar_u_hat,
+    stacked_planar_parameters,
+)
+from .transforms.radial import (
+    StackedRadial,
+    radial_alpha,
+    radial_forward,
+    radial_inverse,
+    radial_layers,
+    stacked_radial_parameters,
+)
 
 __all__ = [
     "build", "FlowStack", "FAMILIES", "FOLDED_PERMUTATIONS", "COMPLEMENTARY_MASKS",
-    "register_family", "planar_chain", "planar_u_hat",
+    "STACKED_FAMILIES", "register_family", "planar_chain", "radial_chain", "planar_u_hat",
 ]
 
 
@@ -74,6 +88,7 @@ class FlowStack(ComposeTransformModule):
         if compile and not self._fused:
             raise ValueError("FlowStack: compile needs every part to be a FlowTransform")
         self.compile_backend = ("inductor" if compile is True else compile) or None
+        self._register_load_state_dict_pre_hook(_per_layer_keys_to_stacked, with_module=True)
 
     @property
     def inv(self) -> Transform:
@@ -101,11 +116,11 @@ class FlowStack(ComposeTransformModule):
         fused = fused and self.fused and not traced()
         log_det = None
         run: list = []  # consecutive layers for one fused call
-        kinds: list[tuple[bool, float]] = []
+        kinds: list = []
         for part in reversed(self.parts) if inverse else self.parts:
             kind = _fused_kind(part, inverse) if fused else None
-            if run and (kind is None or (kind == "planar") != (kinds[-1] == "planar")):
-                x, log_det = _run_fused(x, run, kinds, log_det)
+            if run and (kind is None or _group(kind) != _group(kinds[-1])):
+                x, log_det = _run_fused(x, run, kinds, log_det, inverse)
                 run, kinds = [], []
             if kind is not None:
                 run.append(part)
@@ -117,14 +132,33 @@ class FlowStack(ComposeTransformModule):
                 x, ld = part.plain_map(x, inverse)
             log_det = ld if log_det is None else log_det + ld
         if run:
-            x, log_det = _run_fused(x, run, kinds, log_det)
+            x, log_det = _run_fused(x, run, kinds, log_det, inverse)
         return x, log_det
 
     def _lookup(self, x: Tensor | None = None, y: Tensor | None = None) -> _CacheEntry | None:
         return FlowTransform._lookup(self, x=x, y=y)
 
     def _stamp(self) -> tuple | None:
-        return module_stamp(self)
+        # module_stamp, visiting a module shared by several layers (the stacked parameters
+        # of planar and radial layers) once instead of once per layer
+        if torch.is_inference_mode_enabled():
+            return None
+        states: list[int] = []
+        seen: set[int] = set()
+        todo: list[nn.Module] = [self]
+        while todo:
+            m = todo.pop()
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            for t in m._parameters.values():
+                if t is not None:
+                    states += (id(t), t._version)
+            for t in m._buffers.values():
+                if t is not None:
+                    states += (id(t), t._version)
+            todo.extend(c for c in m._modules.values() if c is not None)
+        return (torch.is_grad_enabled(), tuple(states))
 
     def _store(self, x: Tensor, y: Tensor, log_det: Tensor, stamp: tuple | None) -> None:
         FlowTransform._store(self, x, y, log_det, stamp)
@@ -169,29 +203,105 @@ class FlowStack(ComposeTransformModule):
         state.pop("_compiled_chain", None)
         return state
 
+def _per_layer_keys_to_stacked(stack: FlowStack, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: per-layer planar/radial entries (``"{i}.u"``, from stacks
+    built before their parameters were stacked) become the stacked entries
+    (``"{i}.stacked.u"``) of the layers that share one set of stacked parameters."""
+    rows: dict[int, list[tuple[int, nn.Module]]] = {}
+    for i, part in enumerate(stack.parts):
+        if type(part) in (StackedPlanar, StackedRadial):
+            rows.setdefault(id(part.stacked), []).append((i, part))
+    for members in rows.values():
+        bank = members[0][1].stacked
+        names = [name for name, _ in bank.named_parameters(recurse=False)]
+        old = {(i, n): f"{prefix}{i}.{n}" for i, _ in members for n in names}
+        if len(members) != bank.num_layers or not all(k in state_dict for k in old.values()):
+            continue  # not an old-style entry: leave it to the usual checks
+        by_index = {part.index: i for i, part in members}
+        for n in names:
+            value = torch.stack([state_dict[old[(by_index[k], n)]]
+                                 for k in range(bank.num_layers)])
+            if value.dim() == 2 and value.shape[-1] == 1 and getattr(bank, n).dim() == 1:
+                value = value.squeeze(-1)  # (1,) biases and radii -> (L,)
+            for i, _ in members:
+                state_dict[f"{prefix}{i}.stacked.{n}"] = value
+        for key in old.values():
+            del state_dict[key]
+
+
+# exact types: a subclass may override the map (tests/test_conformance_meta.py does)
+_PLANAR_TYPES = (T.Planar, StackedPlanar)
+_RADIAL_TYPES = (T.Radial, StackedRadial)
+
+
 def _fused_kind(part: nn.Module, inverse: bool):
     if isinstance(part, AffineAutoregressiveCore):
         return part.fused_kind(inverse)
-    if type(part) is T.Planar and not inverse:
+    if type(part) in _PLANAR_TYPES:
         return "planar"
+    if type(part) in _RADIAL_TYPES:
+        return "radial"
     return None
 
 
-def _run_fused(x: Tensor, run: list, kinds: list, log_det: Tensor | None):
+def _group(kind) -> str:
+    return kind if isinstance(kind, str) else "affine"
+
+
+def _run_fused(x: Tensor, run: list, kinds: list, log_det: Tensor | None, inverse: bool):
+    # ``run`` is in the order of application; planar_chain and radial_chain take the
+    # layers in forward order
     if kinds[0] == "planar":
-        return planar_chain(x, run, log_det)
+        return planar_chain(x, run[::-1] if inverse else run, log_det, inverse=inverse)
+    if kinds[0] == "radial":
+        return radial_chain(x, run[::-1] if inverse else run, log_det, inverse=inverse)
     return affine_chain(x, run, kinds, log_det)
 
 
+def radial_chain(
+    x: Tensor, layers: list, log_det: Tensor | None = None, inverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    r"""Consecutive :class:`~pyroflows.transforms.Radial` layers (given in forward order)
+    applied to ``x``, forward or (``inverse``) last layer first, and the sum of their forward
+    log-dets, added to ``log_det`` (or 0).
+
+    The same operations as the layers one by one
+    (:func:`~pyroflows.transforms.radial.radial_forward`,
+    :func:`~pyroflows.transforms.radial.radial_inverse`); only the parameter transforms
+    :math:`\alpha = \mathrm{softplus}(\alpha')`, :math:`\alpha + \beta =
+    \mathrm{softplus}(\beta')` run once for all layers, on the stacked parameters when the
+    layers are rows of one :class:`~pyroflows.transforms.radial.RadialParameters` (whose
+    gradients then arrive as one (K, ...) tensor each, not K row scatters).
+    """
+    x0, alpha_prime, beta_prime = stacked_radial_parameters(layers)
+    alpha, alpha_plus_beta = radial_alpha(alpha_prime, beta_prime)
+    steps = list(zip(x0.unbind(0), alpha.unbind(0), alpha_plus_beta.unbind(0), strict=True))
+    step = radial_forward
+    if inverse:
+        steps.reverse()
+        step = radial_inverse
+    for x0_k, alpha_k, sum_k in steps:
+        x, ld = step(x, x0_k, alpha_k, sum_k)
+        log_det = ld if log_det is None else log_det + ld
+    return x, log_det
+
+
 def planar_chain(
-    x: Tensor, layers: list, log_det: Tensor | None = None
+    x: Tensor, layers: list, log_det: Tensor | None = None, inverse: bool = False
 ) -> tuple[Tensor, Tensor]:
     r"""The forward maps of consecutive :class:`~pyroflows.transforms.Planar` layers,
     :math:`x_{k+1} = x_k + \hat u_k \tanh(w_k^\top x_k + b_k)`, and the sum of their log-dets
     :math:`\log(1 + (1 - t_k^2)\, w_k^\top \hat u_k)`, added to ``log_det`` (or 0).
+    ``layers`` are given in forward order; with ``inverse`` the inverse maps run, last layer
+    first (each a 1-D root solve, :func:`~pyroflows.transforms.planar.planar_inverse_step`),
+    with the sum of the forward log-dets at the points found.
+
+    The parameters are read as stacked (K, D) tensors: the
+    :class:`~pyroflows.transforms.planar.PlanarParameters` themselves when the layers are its
+    rows in order (what :func:`build` makes), else stacked from the layers.
 
     The same map as running the layers one by one; it is faster because the parameter
-    transforms (:func:`planar_u_hat`) run once for all layers on stacked (K, D) tensors, each
+    transforms (:func:`planar_u_hat`) run once for all layers on the stacked tensors, each
     layer then costs three kernels (``addmv``, ``tanh``, ``addr``), the log-dets are summed
     in one pass at the end, and the backward pass is written out (:class:`_PlanarChain`): with
     :math:`g_{k+1}` the gradient at :math:`x_{k+1}`, :math:`\ell` the one at the log-det,
@@ -205,11 +315,17 @@ def planar_chain(
     t_{k,n} g_{k+1,n}`, :math:`\nabla b_k = \sum_n \gamma_{k,n}`,
     :math:`\nabla c_k = \sum_n \ell_n q_{k,n} / (1 + q_{k,n} c_k)`, the last four for all
     layers at once; autograd carries them on through :func:`planar_u_hat` and the stacking.
+    The inverse direction runs on plain autograd operations.
     """
-    w = torch.stack([layer.w for layer in layers])
-    u_hat = planar_u_hat(w, torch.stack([layer.u for layer in layers]))
-    bias = torch.cat([layer.bias for layer in layers])
+    w, u, bias = stacked_planar_parameters(layers)
+    u_hat = planar_u_hat(w, u)
     c = (w * u_hat).sum(-1)
+    if inverse:
+        steps = zip(w.unbind(0), u_hat.unbind(0), bias.unbind(0), c.unbind(0), strict=True)
+        for w_k, u_k, b_k, c_k in reversed(list(steps)):
+            x, ld = planar_inverse_step(x, w_k, u_k, b_k, c_k)
+            log_det = ld if log_det is None else log_det + ld
+        return x, log_det
     args = (x, w, u_hat, bias, c, log_det)
     if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
         return _PlanarChain.apply(*args)
@@ -325,6 +441,18 @@ FOLDED_PERMUTATIONS: dict[str, Fold] = {
 }
 
 
+# Families whose layers keep their parameters stacked: name -> layers(dim, num_layers), a list
+# of layers that read rows of shared (num_layers, ...) tensors
+# (:class:`~pyroflows.transforms.planar.PlanarParameters`,
+# :class:`~pyroflows.transforms.radial.RadialParameters`). Used by ``build`` when no layer
+# keyword arguments are given. Why: optimizers and ``pyro.module`` pay per tensor, and a
+# 32-layer planar stack has 96 small ones.
+STACKED_FAMILIES: dict[str, Callable[[int, int], list[nn.Module]]] = {
+    "planar": planar_layers,
+    "radial": radial_layers,
+}
+
+
 # Coupling families whose odd-numbered layers take the complement of the previous layer's mask
 # (Dinh et al.'s alternating masks) instead of the folded permutation: with an odd D, reversing
 # the order maps the middle coordinate onto itself, so it would be transformed by every layer
@@ -347,6 +475,7 @@ def register_family(
     :class:`~pyroflows.transforms.Permute` layers (see ``FOLDED_PERMUTATIONS``).
     """
     FAMILIES[name] = (layer, needs_permutation)
+    STACKED_FAMILIES.pop(name, None)  # the new layer constructor is what build must call
     if fold is not None:
         FOLDED_PERMUTATIONS[name] = fold
     else:
@@ -374,6 +503,18 @@ def build(
     complement of the previous layer's mask (Dinh et al.'s alternating masks; see
     ``COMPLEMENTARY_MASKS``), so with an odd D too every coordinate is transformed by one layer
     of each pair and conditions the other.
+
+    Planar and radial stacks (``STACKED_FAMILIES``) keep the parameters of all their layers in
+    three stacked tensors (:class:`~pyroflows.transforms.planar.PlanarParameters`,
+    :class:`~pyroflows.transforms.radial.RadialParameters`), shared by the layers: ``flow[i]``
+    is still layer ``i`` (a :class:`~pyroflows.transforms.planar.StackedPlanar` or
+    :class:`~pyroflows.transforms.radial.StackedRadial`, which behave as ``Planar`` and
+    ``Radial``) but ``flow.parameters()`` are three (L, D) or (L,) tensors, and the
+    ``state_dict`` keys are ``"{i}.stacked.u"``, ``"{i}.stacked.w"``, ``"{i}.stacked.bias"``
+    (radial: ``x0``, ``alpha_prime``, ``beta_prime``), the same tensors under every ``i``
+    (as for any module shared by several layers in torch; ``torch.save`` stores them once).
+    Stacks saved before this change had per-layer parameters with keys ``"{i}.u"`` etc.; a
+    :class:`FlowStack` still loads such a ``state_dict``.
 
     Arguments:
         name: one of ``pyroflows.flows.FAMILIES``: planar, radial, iaf, maf, realnvp, and any
@@ -411,6 +552,10 @@ def build(
     if hidden_dims is not None:
         layer_kwargs["hidden_dims"] = tuple(hidden_dims)
     parts: list[nn.Module] = []
+    stacked = STACKED_FAMILIES.get(name)
+    if stacked is not None and not layer_kwargs:
+        parts.extend(stacked(dim, int(num_layers)))
+        num_layers = 0  # nothing left for the per-layer loop
     cumulative = torch.arange(dim)  # layer i acts on x[cumulative]
     for i in range(num_layers):
         kwargs = layer_kwargs

@@ -9,8 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import FlowTransform
+from .planar import _rows_of_one_bank
 
-__all__ = ["Radial", "radial"]
+__all__ = [
+    "Radial", "radial", "RadialParameters", "StackedRadial", "radial_layers",
+    "stacked_radial_parameters", "radial_alpha", "radial_forward", "radial_inverse",
+]
 
 
 class Radial(FlowTransform):
@@ -60,41 +64,164 @@ class Radial(FlowTransform):
             self.beta_prime.uniform_(-stdv, stdv)
             self.x0.uniform_(-stdv, stdv)
 
-    def _alpha_beta(self) -> tuple[Tensor, Tensor, Tensor]:
-        """alpha, beta and alpha + beta; the sum is taken as softplus(beta') directly, so it
-        stays positive in float32 even when beta is within rounding of -alpha."""
-        alpha = F.softplus(self.alpha_prime)
-        alpha_plus_beta = F.softplus(self.beta_prime)
-        return alpha, alpha_plus_beta - alpha, alpha_plus_beta
-
-    def _log_det(self, r: Tensor, alpha: Tensor, alpha_plus_beta: Tensor) -> Tensor:
-        # 1 + beta h = (alpha + beta + r) / (alpha + r) and
-        # 1 + beta h - beta r h^2 = (alpha (alpha + beta) + 2 alpha r + r^2) / (alpha + r)^2:
-        # sums of positive terms, free of the cancellation in log1p(beta h) near beta = -alpha.
-        log_ar = torch.log(alpha + r)
-        return (self.dim - 1) * (torch.log(alpha_plus_beta + r) - log_ar) + (
-            torch.log(alpha * alpha_plus_beta + r * (2 * alpha + r)) - 2 * log_ar
-        )
+    def _alpha_beta(self) -> tuple[Tensor, Tensor]:
+        return radial_alpha(self.alpha_prime, self.beta_prime)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        alpha, beta, alpha_plus_beta = self._alpha_beta()
-        diff = x - self.x0
-        r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
-        y = x + beta / (alpha + r) * diff
-        return y, self._log_det(r, alpha, alpha_plus_beta).squeeze(-1)
+        return radial_forward(x, self.x0, *self._alpha_beta())
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        alpha, _, alpha_plus_beta = self._alpha_beta()
-        diff = y - self.x0
-        big_r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
-        b = alpha_plus_beta - big_r
-        root = torch.sqrt(b * b + 4 * alpha * big_r)
-        # r = (-b + root) / 2, written without cancellation for b >= 0 (where b + root > 0).
-        r = torch.where(b >= 0, 2 * alpha * big_r / (b + root), (root - b) / 2)
-        x = self.x0 + diff * ((alpha + r) / (alpha_plus_beta + r))
-        return x, self._log_det(r, alpha, alpha_plus_beta).squeeze(-1)
+        return radial_inverse(y, self.x0, *self._alpha_beta())
+
+
+def radial_alpha(alpha_prime: Tensor, beta_prime: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`\alpha = \mathrm{softplus}(\alpha')` and :math:`\alpha + \beta =
+    \mathrm{softplus}(\beta')`, elementwise (one layer's (1,) parameters or L layers' (L,)).
+    The sum is taken as softplus(beta') directly, so it stays positive in float32 even when
+    beta is within rounding of -alpha."""
+    return F.softplus(alpha_prime), F.softplus(beta_prime)
+
+
+def radial_forward(
+    x: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""One radial layer's forward map and log-det (see :class:`Radial`) from its centre
+    ``x0`` (D,), :math:`\alpha` and :math:`\alpha + \beta` (shape (1,) or ())."""
+    diff = x - x0
+    r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+    y = x + (alpha_plus_beta - alpha) / (alpha + r) * diff
+    return y, _log_det(r, alpha, alpha_plus_beta, x.shape[-1])
+
+
+def radial_inverse(
+    y: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""One radial layer's inverse and the forward log-det at the result (see
+    :class:`Radial`), with the arguments of :func:`radial_forward`."""
+    diff = y - x0
+    big_r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+    b = alpha_plus_beta - big_r
+    root = torch.sqrt(b * b + 4 * alpha * big_r)
+    # r = (-b + root) / 2, written without cancellation for b >= 0 (where b + root > 0).
+    r = torch.where(b >= 0, 2 * alpha * big_r / (b + root), (root - b) / 2)
+    x = x0 + diff * ((alpha + r) / (alpha_plus_beta + r))
+    return x, _log_det(r, alpha, alpha_plus_beta, y.shape[-1])
+
+
+def _log_det(r: Tensor, alpha: Tensor, alpha_plus_beta: Tensor, dim: int) -> Tensor:
+    # 1 + beta h = (alpha + beta + r) / (alpha + r) and
+    # 1 + beta h - beta r h^2 = (alpha (alpha + beta) + 2 alpha r + r^2) / (alpha + r)^2:
+    # sums of positive terms, free of the cancellation in log1p(beta h) near beta = -alpha.
+    log_ar = torch.log(alpha + r)
+    return ((dim - 1) * (torch.log(alpha_plus_beta + r) - log_ar) + (
+        torch.log(alpha * alpha_plus_beta + r * (2 * alpha + r)) - 2 * log_ar
+    )).squeeze(-1)
 
 
 def radial(dim: int) -> Radial:
     """Build a :class:`Radial` layer of event size ``dim`` with Pyro's default initialization."""
     return Radial(dim)
+
+
+class RadialParameters(nn.Module):
+    r"""The raw parameters of ``num_layers`` radial layers, stacked: ``x0`` of shape (L, D),
+    ``alpha_prime`` and ``beta_prime`` of shape (L,); row :math:`k` holds layer :math:`k`'s
+    parameters of :class:`Radial`. Three tensors for L layers instead of 3L, for the reason
+    given in :class:`~pyroflows.transforms.planar.PlanarParameters`; the layers are
+    :class:`StackedRadial` views, built by :func:`radial_layers`.
+
+    Initialization: layer by layer in the order of :class:`Radial` (``alpha_prime``,
+    ``beta_prime``, ``x0``, uniform on :math:`\pm 1/\sqrt{D}`), so under one seed the values
+    are those of L :class:`Radial` layers built one after the other.
+
+    Arguments:
+        dim: the event size D.
+        num_layers: the number of layers L.
+    """
+
+    def __init__(self, dim: int, num_layers: int) -> None:
+        super().__init__()
+        if int(dim) < 1 or int(num_layers) < 1:
+            raise ValueError(f"RadialParameters: dim and num_layers must be positive, got "
+                             f"{dim!r}, {num_layers!r}")
+        self.dim, self.num_layers = int(dim), int(num_layers)
+        self.x0 = nn.Parameter(torch.empty(self.num_layers, self.dim))
+        self.alpha_prime = nn.Parameter(torch.empty(self.num_layers))
+        self.beta_prime = nn.Parameter(torch.empty(self.num_layers))
+        self.reset_parameters()
+
+    def reset_parameters(self, index: int | None = None) -> None:
+        """Draw every layer's parameters afresh (or only layer ``index``'s)."""
+        stdv = 1.0 / math.sqrt(self.dim)
+        with torch.no_grad():
+            for k in range(self.num_layers) if index is None else [index]:
+                self.alpha_prime[k: k + 1].uniform_(-stdv, stdv)
+                self.beta_prime[k: k + 1].uniform_(-stdv, stdv)
+                self.x0[k].uniform_(-stdv, stdv)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_layers={self.num_layers}"
+
+
+class StackedRadial(Radial):
+    r"""Layer ``index`` of a :class:`RadialParameters`: the map of :class:`Radial` with
+    ``x0``, ``alpha_prime`` and ``beta_prime`` read from row ``index`` of the stacked tensors.
+    It behaves as a :class:`Radial` layer in every respect; its parameters are the whole shared
+    :class:`RadialParameters` (submodule ``stacked``), as for
+    :class:`~pyroflows.transforms.planar.StackedPlanar`.
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.transforms.radial import radial_layers
+        >>> layers = radial_layers(3, num_layers=4)
+        >>> layers[2].x0.shape, layers[2].stacked.x0.shape
+        (torch.Size([3]), torch.Size([4, 3]))
+    """
+
+    def __init__(self, stacked: RadialParameters, index: int) -> None:
+        FlowTransform.__init__(self, stacked.dim)  # Radial's own parameters are not made
+        if not 0 <= int(index) < stacked.num_layers:
+            raise ValueError(f"StackedRadial: index {index} outside 0..{stacked.num_layers - 1}")
+        self.stacked = stacked
+        self.index = int(index)
+
+    @property
+    def x0(self) -> Tensor:  # type: ignore[override]
+        return self.stacked.x0[self.index]
+
+    @property
+    def alpha_prime(self) -> Tensor:  # type: ignore[override]
+        return self.stacked.alpha_prime[self.index: self.index + 1]  # shape (1,), as Radial's
+
+    @property
+    def beta_prime(self) -> Tensor:  # type: ignore[override]
+        return self.stacked.beta_prime[self.index: self.index + 1]
+
+    def reset_parameters(self) -> None:
+        self.stacked.reset_parameters(self.index)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, index={self.index}"
+
+
+def radial_layers(dim: int, num_layers: int) -> list[StackedRadial]:
+    """``num_layers`` radial layers over one :class:`RadialParameters` (what
+    ``pyroflows.flows.build("radial", ...)`` stacks)."""
+    stacked = RadialParameters(dim, num_layers)
+    return [StackedRadial(stacked, k) for k in range(num_layers)]
+
+
+def stacked_radial_parameters(layers: list[Radial]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x0, alpha_prime, beta_prime)`` of consecutive radial layers as (K, D), (K,), (K,)
+    tensors: the stacked parameters (or a slice) when the layers are rows ``i, i + 1, ...`` of
+    one :class:`RadialParameters`, else stacked from the layers."""
+    rows = _rows_of_one_bank(layers, StackedRadial)
+    if rows is not None:
+        bank, start = rows
+        if len(layers) == bank.num_layers:
+            return bank.x0, bank.alpha_prime, bank.beta_prime
+        end = start + len(layers)
+        return bank.x0[start:end], bank.alpha_prime[start:end], bank.beta_prime[start:end]
+    return (torch.stack([layer.x0 for layer in layers]),
+            torch.cat([layer.alpha_prime for layer in layers]),
+            torch.cat([layer.beta_prime for layer in layers]))
