@@ -56,6 +56,23 @@ def _planar_stack():
     return _randomized(pf.flows.build("planar", 3, num_layers=3, affine=True))
 
 
+# A built planar/radial stack keeps its layers' parameters in three shared tensors; its layer i
+# must still pass the suite on its own (its parameters are the whole stacked tensors).
+@register("planar-stack-layer", 3)
+def _planar_stack_layer():
+    return _randomized(pf.flows.build("planar", 3, num_layers=4), scale=1.0)[2]
+
+
+@register("radial-stack", 3)
+def _radial_stack():
+    return _randomized(pf.flows.build("radial", 3, num_layers=3, affine=True))
+
+
+@register("radial-stack-layer", 3)
+def _radial_stack_layer():
+    return _randomized(pf.flows.build("radial", 3, num_layers=4), scale=1.0)[1]
+
+
 # ---- autoregressive, coupling and permutation layers (issue 3) -------------------------------
 # Smaller random moves than the default for the networks: a MADE with weights far from its
 # identity start, stacked, gets condition numbers that float32 cannot invert to 2e-3.
