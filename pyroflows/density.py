@@ -25,10 +25,15 @@ from ._config import validation
 from .transforms.affine import TriangularAffine
 from .transforms.base import FlowTransform
 
-__all__ = ["DensityEstimator", "PRECONDITIONERS"]
+__all__ = ["DensityEstimator", "PRECONDITIONERS", "REFINERS"]
 
 #: The accepted values of ``DensityEstimator(precondition=...)``.
-PRECONDITIONERS = ("standardize", "whiten", "tabak", None)
+PRECONDITIONERS = ("standardize", "whiten", "tabak", "auto", None)
+# What precondition="auto" fits and chooses between, on the validation split.
+_AUTO = ("tabak", "whiten")
+_CHOSEN = object()
+#: The accepted values of ``DensityEstimator(refine=...)``.
+REFINERS = ("tabak", None)
 
 _FLOWS = ("maf", "realnvp")
 _FORMAT = "pyroflows.DensityEstimator"
@@ -136,31 +141,49 @@ def _forward_parts(parts: Sequence[Any], z: Tensor) -> Tensor:
 
 
 class _DensityModel(nn.Module):
-    r"""``log p(x) = log N(z; 0, I) + log|det dz/dx|`` with ``z = f^{-1}(P^{-1}(x))``: the
-    preconditioning stages ``P`` (fixed buffers, data side) then the trainable flow ``f`` (whose
-    base-side layer is the learnable Cholesky factor with ``precondition="whiten"``)."""
+    r"""``log p(x) = log p_R(z) + log|det dz/dx|`` with ``z = f^{-1}(P^{-1}(x))``: the
+    preconditioning stages ``P`` (fixed buffers, data side), then the trainable flow ``f`` (whose
+    base-side layer is the learnable Cholesky factor with ``precondition="whiten"``), then the
+    base density ``p_R``: ``N(0, I)``, or with a refining Tabak transform ``R`` (fitted to the
+    flow's latent codes after training) ``p_R(z) = N(R^{-1}(z); 0, I) |det dR^{-1}/dz|``."""
 
-    def __init__(self, dim: int, flow: nn.Module, stages: Sequence[FlowTransform]) -> None:
+    def __init__(self, dim: int, flow: nn.Module, stages: Sequence[FlowTransform],
+                 refine: Sequence[FlowTransform] = ()) -> None:
         super().__init__()
         self.dim = dim
         self.flow = flow
         # Stored in the forward (base -> data) order, like TransformedDistribution's list.
         self.stages = nn.ModuleList(stages)
+        # Empty, or one Tabak transform between N(0, I) and the flow's latent space.
+        self.refine = nn.ModuleList(refine)
 
     def precondition(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(u, log|det du/dx|)`` with ``u = P^{-1}(x)``."""
         return _inverse_parts(self.stages, x)
 
+    def latent(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z, log|det dz/du|)`` with ``z = f^{-1}(u)``, the flow's latent code."""
+        return _inverse_parts(self.flow, u)
+
+    def base_log_prob(self, z: Tensor) -> Tensor:
+        """``log p_R(z)``: ``log N(z; 0, I)``, through the refining transform if there is one."""
+        z, log_det = _inverse_parts(self.refine, z)
+        return log_det - 0.5 * (z.square().sum(-1) + self.dim * _LOG_2PI)
+
     def flow_log_prob(self, u: Tensor) -> Tensor:
-        z, log_det = _inverse_parts(self.flow, u)
+        """The training objective: the flow's density of ``u`` on the base ``N(0, I)`` (the
+        refining transform is fitted afterwards, to the trained flow's codes)."""
+        z, log_det = self.latent(u)
         return log_det - 0.5 * (z.square().sum(-1) + self.dim * _LOG_2PI)
 
     def log_prob(self, x: Tensor) -> Tensor:
         u, log_det = self.precondition(x)
-        return self.flow_log_prob(u) + log_det
+        z, log_det_flow = self.latent(u)
+        return self.base_log_prob(z) + log_det_flow + log_det
 
     def sample(self, z: Tensor) -> Tensor:
-        return _forward_parts(self.stages, _forward_parts(self.flow, z))
+        u = _forward_parts(self.flow, _forward_parts(self.refine, z))
+        return _forward_parts(self.stages, u)
 
 
 def _as_tensor(x: Any, name: str) -> Tensor:
@@ -391,11 +414,14 @@ class DensityEstimator:
         seed: int | None = None,
         tabak_options: dict | None = None,
         flow_options: dict | None = None,
+        refine: str | None = None,
     ) -> None:
         if flow not in _FLOWS:
             raise ValueError(f"flow must be one of {_FLOWS}, got {flow!r}")
         if precondition not in PRECONDITIONERS:
             raise ValueError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
+        if refine not in REFINERS:
+            raise ValueError(f"refine must be one of {REFINERS}, got {refine!r}")
         if int(num_layers) < 1:
             raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
         hidden = tuple(int(h) for h in hidden_dims)
@@ -407,6 +433,7 @@ class DensityEstimator:
         self.num_layers = int(num_layers)
         self.hidden_dims = hidden
         self.precondition = precondition
+        self.refine = refine
         self.device = None if device is None else torch.device(device)
         self.dtype = dtype
         self.seed = None if seed is None else int(seed)
@@ -424,6 +451,7 @@ class DensityEstimator:
             for name in ("tabak_options", "flow_options")
         }
         self._model: _DensityModel | None = None
+        self.precondition_: str | None = None if precondition == "auto" else precondition
         self.dim_: int | None = None
         self.history_: dict | None = None
 
@@ -440,6 +468,7 @@ class DensityEstimator:
             "seed": self.seed,
             "tabak_options": dict(self.tabak_options),
             "flow_options": dict(self.flow_options),
+            "refine": self.refine,
         }
 
     def __repr__(self) -> str:
@@ -496,23 +525,34 @@ class DensityEstimator:
 
     # ---- model construction ---------------------------------------------------------------
     def _build(
-        self, dim: int, device: torch.device, dtype: torch.dtype, seed: int | None = None
+        self, dim: int, device: torch.device, dtype: torch.dtype, seed: int | None = None,
+        precondition: Any = _CHOSEN,
     ) -> _DensityModel:
+        """The unfitted model for ``precondition`` (default: the one a fit chose, which is the
+        constructor's unless that is ``"auto"``)."""
+        if precondition is _CHOSEN:
+            precondition = self.precondition_
         flow = flows.build(
             self.flow, dim, num_layers=self.num_layers, hidden_dims=self.hidden_dims,
             **self.flow_options,
         )
         stages: list[FlowTransform] = []
-        if self.precondition == "whiten":
+        if precondition == "whiten":
             # The correlations go into a learnable Cholesky factor at the base rather than into
             # a fixed rotation of the data, so the layers work in the data's own (standardized)
             # coordinates; measured better (benchmarks/results/density.md).
             flow = ComposeTransformModule([TriangularAffine(dim), *flow.parts])
-        if self.precondition in ("standardize", "whiten"):
+        if precondition in ("standardize", "whiten"):
             stages.append(_Standardize(dim))
-        elif self.precondition == "tabak":
+        elif precondition == "tabak":
             stages.append(_make_tabak(dim, self.tabak_options, seed))
-        return _DensityModel(dim, flow, stages).to(device=device, dtype=dtype)
+        refine: list[FlowTransform] = []
+        if self.refine == "tabak":
+            # No whitening: with zero steps the refiner is the identity, so validation can only
+            # keep steps that help the trained flow.
+            refine.append(_make_tabak(dim, {**self.tabak_options, "whiten": False},
+                                      None if seed is None else seed + 1))
+        return _DensityModel(dim, flow, stages, refine).to(device=device, dtype=dtype)
 
     # ---- fitting --------------------------------------------------------------------------
     def fit(
@@ -585,9 +625,34 @@ class DensityEstimator:
                 raise ValueError("x_val has no rows")
             x_train = t
 
+        candidates = _AUTO if self.precondition == "auto" else (self.precondition,)
+        fits = []
+        for precondition in candidates:
+            model = self._fit_one(
+                precondition, dim, device, dtype, x_train, x_val_t, gen,
+                max_epochs=int(max_epochs), batch_size=int(batch_size), lr=float(lr),
+                patience=int(patience), weight_decay=float(weight_decay),
+                averaging_epochs=float(averaging_epochs), progress=progress, start=start,
+            )
+            fits.append((self.history_["final_val_log_prob"], precondition, model, self.history_))
+        if len(fits) > 1:
+            # The candidate with the higher validation log-likelihood (the first on a tie or NaN).
+            best = max(range(len(fits)), key=lambda i: (fits[i][0] > fits[0][0], -i))
+            _, chosen, model, history = fits[best]
+            history["candidates"] = {pre: val for val, pre, _, _ in fits}
+            history["seconds"] = time.perf_counter() - start
+            self._model, self.history_ = model, history
+            self.precondition_ = chosen
+        return self
+
+    def _fit_one(self, precondition, dim, device, dtype, x_train, x_val_t, gen, *, progress,
+                 start, **train) -> _DensityModel:
+        """Build the model for one preconditioner, fit its stages, train its flow and fit its
+        refiner; the estimator holds it (and its history) from the start of training."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-            model = self._build(dim, device, dtype, seed=int(torch.randint(2**31, (1,))))
+            model = self._build(dim, device, dtype, seed=int(torch.randint(2**31, (1,))),
+                                precondition=precondition)
         with torch.no_grad():
             for stage in model.stages:
                 if isinstance(stage, _Standardize):
@@ -599,13 +664,31 @@ class DensityEstimator:
             u_val, ld_val = _batched(model.precondition, x_val_t)
             if isinstance(model.flow[0], TriangularAffine):  # base N(0, ML covariance of u)
                 model.flow[0].set_scale_tril_(_ml_gaussian(u_train)[1])
-        self._train(
-            model, dim, u_train, ld_train, u_val, ld_val, gen, max_epochs=int(max_epochs),
-            batch_size=int(batch_size), lr=float(lr), patience=int(patience),
-            weight_decay=float(weight_decay), averaging_epochs=float(averaging_epochs),
-            progress=progress, start=start,
-        )
-        return self
+        self.precondition_ = precondition  # the estimator holds this model from here on
+        self._train(model, dim, u_train, ld_train, u_val, ld_val, gen, progress=progress,
+                    start=start, **train)
+        self.history_["precondition"] = precondition
+        self.history_["final_val_log_prob"] = self.history_["best_val_log_prob"]
+        if model.refine:
+            self._fit_refiner(model, u_train, ld_train, u_val, ld_val, progress, start)
+        return model
+
+    @torch.no_grad()
+    def _fit_refiner(self, model, u_train, ld_train, u_val, ld_val, progress, start) -> None:
+        """Fit the refining Tabak transform to the trained flow's latent codes of the training
+        split, its step count chosen on the validation split's codes (zero steps: the flow
+        alone); record the validation log-likelihood before and after in ``history_``."""
+        history = self.history_
+        with validation(False):
+            z_train, _ = _batched(model.latent, u_train)
+            z_val, zld_val = _batched(model.latent, u_val)
+        refiner = model.refine[0]
+        refiner.fit(z_train, x_val=z_val, progress=progress)
+        with validation(False):
+            val = float((_chunked(model.base_log_prob, z_val) + zld_val + ld_val).mean())
+        history["refine_steps"] = int(refiner.num_steps)
+        history["final_val_log_prob"] = val
+        history["seconds"] = time.perf_counter() - start
 
     def _train(self, model, dim, u_train, ld_train, u_val, ld_val, gen, *, max_epochs,
                batch_size, lr, patience, weight_decay, averaging_epochs, progress,
@@ -763,6 +846,7 @@ class DensityEstimator:
             "version": _FORMAT_VERSION,
             "params": {**self.get_params(), **self._saved_options},
             "dim": model.dim,
+            "precondition_": self.precondition_,
             "dtype": str(dtype).replace("torch.", ""),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "history": copy.deepcopy(self.history_),
@@ -808,6 +892,8 @@ class DensityEstimator:
         dim = int(payload["dim"])
         dtype = getattr(torch, payload["dtype"])
         target = torch.device(device) if device is not None else (est.device or "cpu")
+        # Files written before precondition="auto" existed hold the constructor's choice only.
+        est.precondition_ = payload.get("precondition_", params["precondition"])
         model = est._build(dim, torch.device("cpu"), dtype)
         model.load_state_dict(payload["state_dict"])
         est._model = model.to(device=target)
