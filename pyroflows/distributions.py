@@ -1,0 +1,169 @@
+"""Flow distributions: a standard normal base and the flow's density, each in a few kernels."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.distributions import TorchDistribution
+from torch import Tensor, nn
+from torch.distributions import TransformedDistribution, constraints
+
+from ._config import is_validation_enabled
+from .flows import FlowStack
+
+__all__ = ["StandardNormal", "FlowDistribution"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class StandardNormal(TorchDistribution):
+    r"""The standard normal :math:`\mathcal{N}(0, I_D)` on :math:`\mathbb{R}^D` (event shape
+    ``(D,)``), the usual base of a flow:
+
+    .. math:: \log p(z) = -\tfrac12 \lVert z \rVert^2 - \tfrac{D}{2} \log 2\pi .
+
+    It is ``Independent(Normal(zeros(D), ones(D)), 1)`` without the parameter tensors: the
+    log-density is three kernels (square, sum, an affine scalar step) instead of the Normal's
+    standardization, its log-scale term and the sum, forward and backward, and there is no
+    support check (``real_vector`` only excludes NaN, which the flow layers already reject
+    while :func:`pyroflows.validation` is on). On a small flow's training step that is about a
+    tenth of the step. Values are equal to the ``Independent(Normal)`` ones up to rounding.
+
+    Arguments:
+        dim: the event size D.
+        batch_shape: the batch shape (default ``()``).
+        device, dtype: where and in what precision :meth:`rsample` draws (default: torch's
+            defaults); :meth:`log_prob` follows its input.
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.distributions import StandardNormal
+        >>> p = StandardNormal(2)
+        >>> p.log_prob(torch.zeros(2)).item() == -torch.log(torch.tensor(2 * torch.pi)).item()
+        True
+        >>> p.sample((5,)).shape
+        torch.Size([5, 2])
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(
+        self,
+        dim: int,
+        batch_shape: torch.Size | tuple[int, ...] = (),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if int(dim) < 1:
+            raise ValueError(f"StandardNormal: dim must be a positive integer, got {dim!r}")
+        self.dim = int(dim)
+        # a 0-d tensor, only to carry the device and dtype of draws
+        self._like = torch.zeros((), device=device, dtype=dtype)
+        super().__init__(torch.Size(batch_shape), torch.Size([self.dim]), validate_args=False)
+
+    @property
+    def mean(self) -> Tensor:
+        return self._like.expand(self.batch_shape + self.event_shape)
+
+    @property
+    def variance(self) -> Tensor:
+        return (self._like + 1).expand(self.batch_shape + self.event_shape)
+
+    def expand(self, batch_shape, _instance=None) -> StandardNormal:
+        return StandardNormal(self.dim, batch_shape, self._like.device, self._like.dtype)
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        return torch.randn(shape, device=self._like.device, dtype=self._like.dtype)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if value.shape[-1:] != self.event_shape:
+            raise ValueError(f"StandardNormal: value must have shape (..., {self.dim}), got "
+                             f"{tuple(value.shape)}")
+        # -(|z|^2 + D log 2 pi) / 2, as one fused multiply-add on the sum
+        return value.square().sum(-1).add_(self.dim * _LOG_2PI).mul_(-0.5)
+
+    def entropy(self) -> Tensor:
+        return (self._like + 0.5 * self.dim * (1.0 + _LOG_2PI)).expand(self.batch_shape)
+
+
+def _parameter_like(module: nn.Module) -> Tensor | None:
+    for t in module.parameters():
+        return t
+    for t in module.buffers():
+        if t.is_floating_point():
+            return t
+    return None
+
+
+class FlowDistribution(TransformedDistribution):
+    r"""The density of a flow :math:`x = f(z)`, :math:`z \sim p_0`:
+
+    .. math:: \log p(x) = \log p_0\bigl(f^{-1}(x)\bigr)
+              - \log\left|\det \frac{\partial f}{\partial z}\right|_{z = f^{-1}(x)} ,
+
+    the ``TransformedDistribution(base, flow)`` of torch, with a faster :meth:`log_prob` when
+    ``flow`` is a :class:`~pyroflows.flows.FlowStack` of pyroflows layers (what
+    :func:`pyroflows.flows.build` returns): one call runs the stack's inverse with its fused
+    kernels and returns :math:`f^{-1}(x)` with the log-det accumulated on the way, where
+    ``TransformedDistribution`` calls the inverse, then asks for the log-det again (a second
+    cache lookup with its staleness checks), negates and sums it, and runs the base's support
+    check. The stack's own checks still run: event size always, finite values while
+    :func:`pyroflows.validation` is on (with it off, the base's ``validate_args`` check runs
+    instead, if on). Samples it has just drawn are scored from the stack's cache, with no
+    inverse (IAF's would take D passes). Sampling, ``rsample``, ``expand`` and every other
+    method are ``TransformedDistribution``'s. The value is the same as
+    ``TransformedDistribution(base, flow).log_prob`` up to the order of the final additions.
+
+    Arguments:
+        flow: a :class:`~pyroflows.flows.FlowStack`, or any transform or list of transforms
+            (then :meth:`log_prob` is ``TransformedDistribution``'s).
+        base: the base distribution; default :class:`StandardNormal` of the flow's event size
+            (``flow.parts[0].dim``), on the device and in the dtype of the flow's parameters
+            at construction (build the distribution after moving the flow).
+        validate_args: as for any torch distribution.
+
+    Example:
+        >>> import torch, pyroflows as pf
+        >>> from pyroflows.distributions import FlowDistribution
+        >>> flow = pf.flows.build("maf", 3, num_layers=2, hidden_dims=(8,))
+        >>> p = FlowDistribution(flow)
+        >>> x = torch.randn(4, 3)
+        >>> p.log_prob(x).shape
+        torch.Size([4])
+        >>> x = p.rsample((5,)); p.log_prob(x).shape  # scored from the cache: no inverse
+        torch.Size([5])
+    """
+
+    def __init__(self, flow, base=None, validate_args: bool | None = None) -> None:
+        if base is None:
+            dim = _event_size(flow)
+            like = _parameter_like(flow) if isinstance(flow, nn.Module) else None
+            base = StandardNormal(dim, device=None if like is None else like.device,
+                                  dtype=None if like is None else like.dtype)
+        super().__init__(base, flow, validate_args=validate_args)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        flow = self.transforms[0] if len(self.transforms) == 1 else None
+        if not (isinstance(flow, FlowStack) and flow._fused and len(self.event_shape) == 1):
+            return super().log_prob(value)
+        if self._validate_args and not is_validation_enabled():
+            self._validate_sample(value)
+        hit = flow._lookup(y=value)
+        if hit is not None:  # x = f(z) was just drawn: its z and log-det are cached
+            z, log_det = hit.x, hit.log_det
+        else:
+            z, log_det = flow._run(value, inverse=True)
+        return self.base_dist.log_prob(z) - log_det
+
+
+def _event_size(flow) -> int:
+    parts = getattr(flow, "parts", None)
+    first = parts[0] if parts else (flow[0] if isinstance(flow, list | tuple) else flow)
+    dim = getattr(first, "dim", None)
+    if dim is None:
+        raise ValueError("FlowDistribution: cannot tell the flow's event size; pass base=")
+    return int(dim)
