@@ -6,7 +6,10 @@ once, in a shuffled order), so machine noise hits all of them alike:
 1. MAF density training step (``zero_grad; (-log_prob(batch).mean()).backward(); Adam.step``,
    batch 512, a fresh batch every step), 5 layers, at D=8 with hidden (64, 64) and at D=64 with
    hidden (256, 256), ReLU, order reversal between layers (a permutation layer or an
-   alternating order, as each library does it), standard normal base;
+   alternating order, as each library does it), standard normal base (each library's own way
+   of writing the density: Pyro ``TransformedDistribution(Independent(Normal))``, zuko
+   ``flow().log_prob``, nflows ``Flow.log_prob``, pyroflows
+   ``pyroflows.distributions.FlowDistribution(flow)``, whose base is its ``StandardNormal``);
 2. RealNVP training step, same sizes (alternating coupling masks);
 3. an SVI step (Trace_ELBO, 8 vectorized particles, Adam) on the German credit logistic
    regression: ``pyroflows.guides.AutoIAF`` against Pyro's ``AutoIAFNormal``, 2 IAF layers of
@@ -20,7 +23,9 @@ once, in a shuffled order), so machine noise hits all of them alike:
 
 The ``alt:`` rows are pyroflows with one design choice swapped back (see ``_PerLayerMADE``;
 ``alt: plain kernels`` turns the fused kernels off, ``FlowStack.fused = False``, so every layer
-runs its plain differentiable operations); ``pyroflows (compile)`` (``--compile``) is
+runs its plain differentiable operations; ``alt: TransformedDistribution(...)`` scores the same
+stack through torch's ``TransformedDistribution`` over an ``Independent(Normal)`` base, as
+the peers' Pyro row does); ``pyroflows (compile)`` (``--compile``) is
 ``build(..., compile=True)``. In items 3-4 our guides hand their flow to Pyro as one
 :class:`~pyroflows.flows.FlowStack` (fused kernels, one cache).
 
@@ -69,11 +74,13 @@ def _size(dim: int | None, hidden) -> tuple[int, tuple[int, ...]]:
 def _pyroflows(family: str, validate: bool = True, dim: int | None = None, hidden=None,
                compile: bool = False) -> tuple[torch.nn.Module, Callable]:
     import pyroflows as pf
+    from pyroflows.distributions import FlowDistribution
 
     DIM, HIDDEN = _size(dim, hidden)  # noqa: N806 (the module constants, overridden)
     flow = pf.flows.build(family, DIM, num_layers=NUM_LAYERS, hidden_dims=HIDDEN,
                           compile=compile)
-    dist = TransformedDistribution(_standard_normal(DIM), flow)
+    # the library's density of a flow: a StandardNormal base, the stack's inverse in one call
+    dist = FlowDistribution(flow)
 
     def loss(x: Tensor) -> Tensor:
         with pf.validation(validate):
@@ -144,6 +151,10 @@ def _pyroflows_variant(family: str, variant: str, dim: int | None = None,
         for part in flow.parts:
             part.fused = False
         return flow, loss
+    if variant == "torch composition":
+        flow = pf.flows.build(family, DIM, num_layers=NUM_LAYERS, hidden_dims=HIDDEN)
+        dist = TransformedDistribution(_standard_normal(DIM), flow)
+        return flow, lambda x: -dist.log_prob(x).mean()
     if variant == "permute layers":
         parts = []
         for i in range(NUM_LAYERS):
@@ -244,6 +255,8 @@ LIBRARIES: dict[str, Builder] = {
 }
 PEERS = ("pyro", "zuko", "nflows")
 VARIANTS: dict[str, Builder] = {
+    "alt: TransformedDistribution(Independent(Normal), flow)":
+        lambda f, **kw: _pyroflows_variant(f, "torch composition", **kw),
     "alt: plain kernels (fused off)": lambda f, **kw: _pyroflows_variant(f, "plain kernels", **kw),
     "alt: per-layer weights, W*M each call":
         lambda f, **kw: _pyroflows_variant(f, "multiply", **kw),
