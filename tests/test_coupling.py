@@ -90,3 +90,48 @@ def test_mask_validation_and_buffers(device):
     assert t.mask.tolist() == [True, True, False, False]
     assert "mask" in t.state_dict()
     assert t.mask.device.type == torch.device(device).type
+
+
+@pytest.mark.parametrize("mask,hidden_dims,residual", [
+    (None, (16, 16), False),
+    ([False, False, True, True, True], (16, 16), False),  # conditioning half last
+    ([True, False, False, False, False], (), False),  # the output layer alone
+    (None, (8, 8), True),
+])
+def test_compact_conditioner_is_the_full_masked_network(mask, hidden_dims, residual, device,
+                                                        dtype):
+    """With contiguous halves, the fused kernel and the plain path run the network on z_a and
+    compute the outputs of b only; against the full masked network through autograd (every
+    input, every output): the same map, log-det and gradients, both directions."""
+    t = pf.transforms.realnvp(5, hidden_dims=hidden_dims, mask=mask, residual=residual)
+    randomize_parameters_(t, scale=0.4, seed=8)
+    t = t.to(device, dtype)
+    assert t.coupling_halves is not None
+    plain = pf.transforms.realnvp(5, hidden_dims=hidden_dims, mask=mask, residual=residual)
+    plain = plain.to(device, dtype)
+    plain.load_state_dict(t.state_dict())
+    plain.fused = False
+    keep = t.mask
+    x = torch.randn(2, 6, 5, device=device, dtype=dtype)
+    weights = torch.linspace(0.5, 2.0, 12, device=device, dtype=dtype).view(2, 6)
+    tol = tolerances(dtype)
+    for inverse in (False, True):
+        t.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        shift, log_scale = t.shift_and_log_scale(xr)  # the full network, all D inputs
+        if inverse:
+            y_ref = torch.where(keep, xr, (xr - shift) * torch.exp(-log_scale))
+        else:
+            y_ref = torch.where(keep, xr, xr * log_scale.exp() + shift)
+        ld_ref = log_scale.sum(-1)
+        (y_ref.sin().sum() + (ld_ref * weights).sum()).backward()
+        want = [y_ref.detach(), ld_ref.detach(), xr.grad, t.conditioner.flat_parameters.grad]
+        for layer in (t, plain):
+            layer.zero_grad()
+            xv = x.clone().requires_grad_(True)
+            y, ld = layer.inverse_and_log_det(xv) if inverse else layer.forward_and_log_det(xv)
+            (y.sin().sum() + (ld * weights).sum()).backward()
+            got = [y.detach(), ld.detach(), xv.grad, layer.conditioner.flat_parameters.grad]
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, **tol)
+            assert torch.equal(got[0][..., keep], x[..., keep])

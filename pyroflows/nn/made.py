@@ -159,9 +159,22 @@ class MADE(nn.Module):
             self.flat_parameters.mul_(self.mask)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.apply_layers(x, *self.differentiable_masked_weights())
+
+    def differentiable_masked_weights(self) -> tuple[list[Tensor], list[Tensor]]:
+        r"""The masked weights and biases :math:`(W_k \odot M_k, b_k \odot m_k)` of every layer,
+        as views into one product that autograd differentiates (what :meth:`forward` uses)."""
         pieces = (self.flat_parameters * self.mask).split(self._sizes)
         weights = [w.view(shape) for w, shape in zip(pieces[0::2], self._shapes, strict=True)]
-        biases = pieces[1::2]
+        return weights, list(pieces[1::2])
+
+    def apply_layers(
+        self, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]
+    ) -> Tensor:
+        """The network with the given (masked) weights, differentiable: :meth:`forward` is
+        ``apply_layers(x, *differentiable_masked_weights())``; a caller may pass sub-blocks of
+        them (a coupling layer passes the columns of its conditioning inputs and the rows of
+        its transformed outputs)."""
         act = self.activation
         num_hidden = len(self._shapes) - 1
         if self.residual and num_hidden > 0:
@@ -236,6 +249,7 @@ class MADE(nn.Module):
         weights: Sequence[Tensor],
         grad_flat: Tensor | None,
         need_input_grad: bool,
+        grad_params: Sequence[tuple[Tensor, Tensor]] | None = None,
     ) -> Tensor | None:
         r"""Backpropagate ``grad_out`` (N, P D) through the network of a :meth:`fused_forward`.
 
@@ -244,22 +258,28 @@ class MADE(nn.Module):
         \odot m_k`, and below it :math:`g \leftarrow (g\, (W_k \odot M_k)) \odot a'`, with
         :math:`a' = [h_k > 0]` for ReLU and :math:`1 - h_k^2` for tanh, written from the
         activations themselves. The parameter gradient goes into ``grad_flat`` (laid out as
-        ``flat_parameters``; ``None`` skips it); returns the gradient with respect to the input
-        (``None`` unless ``need_input_grad``).
+        ``flat_parameters``; ``None`` skips it) and is masked there. Alternatively
+        ``grad_params`` gives, for every layer, contiguous ``(weight, bias)`` tensors of the
+        shapes of ``weights`` to write the (unmasked) gradients into: for a caller that passes
+        sub-blocks of the weights. Returns the gradient with respect to the input (``None``
+        unless ``need_input_grad``).
         """
         relu = type(self.activation) is nn.ReLU
-        if grad_flat is not None:
+        mask_grad = grad_params is None and grad_flat is not None
+        if mask_grad:
             pieces = torch.split_with_sizes(grad_flat, self._sizes)
+            grad_params = [(pieces[2 * k].view(shape), pieces[2 * k + 1])
+                           for k, shape in enumerate(self._shapes)]
         g = grad_out
         for k in range(len(weights) - 1, -1, -1):
-            thin = self._shapes[k][1] < _THIN  # few inputs to this layer: the first, at small D
-            if grad_flat is not None:
-                grad_weight = pieces[2 * k].view(self._shapes[k])
+            thin = weights[k].shape[1] < _THIN  # few inputs to this layer: the first, at small D
+            if grad_params is not None:
+                grad_weight, grad_bias = grad_params[k]
                 if thin:  # the same sums, with the thin side as the rows of the product
                     grad_weight.copy_(torch.mm(inputs[k].t(), g).t())
                 else:
                     torch.mm(g.t(), inputs[k], out=grad_weight)
-                torch.sum(g, 0, out=pieces[2 * k + 1])
+                torch.sum(g, 0, out=grad_bias)
             if k == 0 and not need_input_grad:
                 g = None
                 break
@@ -270,7 +290,7 @@ class MADE(nn.Module):
                     g = torch.ops.aten.threshold_backward(g, h, 0)
                 else:
                     g = g.addcmul_(g, h * h, value=-1)  # g (1 - h^2)
-        if grad_flat is not None:
+        if mask_grad:
             grad_flat.mul_(self.mask)
         return g
 

@@ -51,6 +51,9 @@ class AffineAutoregressiveCore(FlowTransform):
     forward_is_parallel: bool = True
     log_det_sign: float = 1.0
     fused: bool = True
+    #: a coupling layer's ``(conditioning, transformed)`` ranges when its conditioner runs on
+    #: the conditioning half only (see :class:`~pyroflows.transforms.RealNVP`); ``None`` here
+    coupling_halves: tuple[slice, slice] | None = None
 
     def __init__(
         self,
@@ -333,18 +336,28 @@ def _chain_forward(x, log_det, layers, kinds, flats, saved: list | None):
     for layer, (parallel, sign), flat in zip(layers, kinds, flats, strict=True):
         net = layer.conditioner
         weights, biases = net.masked_weights(flat)
-        out, inputs = net.fused_forward(u, weights, biases)
+        halves = layer.coupling_halves
+        if halves is not None:  # a coupling layer: the network on the conditioning half only
+            weights, biases = layer.compact_weights(weights, biases)
+            out, inputs = net.fused_forward(u[:, halves[0]], weights, biases)
+        else:
+            out, inputs = net.fused_forward(u, weights, biases)
         shift, raw_log_scale = out.chunk(2, dim=-1)
-        # the operations of shift_and_log_scale / _parallel / _sequential, in their order
+        # the operations of shift_and_log_scale / _parallel / _sequential (RealNVP:
+        # _compact_map), in their order
         b = layer.log_scale_bound
         tanh = torch.mul(raw_log_scale, 1.0 / b).tanh_()
         log_scale = tanh * b
+        u_in = u if halves is None else u[:, halves[1]]
         if parallel:
             scale = log_scale.exp()
-            v = torch.addcmul(shift, scale, u)
+            v = torch.addcmul(shift, scale, u_in)
         else:
             scale = torch.exp(-log_scale)
-            v = (u - shift).mul_(scale)
+            v = (u_in - shift).mul_(scale)
+        if halves is not None:  # y_a = z_a
+            v_trans, v = v, u.clone()
+            v[:, halves[1]] = v_trans
         ld = log_scale.sum(-1)
         if len(batch_shape) != 1:
             ld = ld.view(batch_shape)
@@ -353,7 +366,7 @@ def _chain_forward(x, log_det, layers, kinds, flats, saved: list | None):
         else:  # a - b is a + (-b) exactly
             log_det = log_det + ld if sign > 0 else log_det - ld
         if saved is not None:
-            saved.append((inputs, weights, tanh, scale, shift))
+            saved.append((inputs, weights, tanh, scale, shift, u))
         u = v
     return u.reshape(shape), log_det
 
@@ -383,32 +396,55 @@ class _AffineChain(torch.autograd.Function):
         grad_flats: list[Tensor | None] = [None] * len(flats)
         g_ld_neg = None if g_ld is None else -g_ld
         for k in range(len(flats) - 1, -1, -1):
-            (parallel, sign), (inputs, weights, tanh, scale, shift) = (ctx.kinds[k],
-                                                                       ctx.saved[k])
+            (parallel, sign), (inputs, weights, tanh, scale, shift, u) = (ctx.kinds[k],
+                                                                          ctx.saved[k])
             signed_g_ld = g_ld if sign > 0 else g_ld_neg
-            u = x.reshape(-1, dim) if k == 0 else inputs[0]
+            if k == 0:
+                u = x.reshape(-1, dim)
+            layer = ctx.layers[k]
+            halves = layer.coupling_halves
+            # the transformed coordinates and the gradient at their image
+            u_in = u if halves is None else u[:, halves[1]]
+            g_out = g if g is None or halves is None else g[:, halves[1]]
             if g is None:
                 direct = None
                 grad_log_scale = signed_g_ld.expand_as(tanh)
                 grad_shift = torch.zeros_like(tanh)
             else:
-                direct = g * scale  # dv/du at fixed (mu, s)
+                direct = g_out * scale  # dv/du at fixed (mu, s)
                 if parallel:  # v = mu + e^s u
-                    grad_shift = g
-                    grad_log_scale = direct * u
+                    grad_shift = g_out
+                    grad_log_scale = direct * u_in
                 else:  # v = (u - mu) e^{-s}
                     grad_shift = -direct
-                    grad_log_scale = (shift - u).mul_(direct)
+                    grad_log_scale = (shift - u_in).mul_(direct)
                 if g_ld is not None:
                     grad_log_scale = grad_log_scale.add_(signed_g_ld)
             # through s = b tanh(raw / b): ds/draw = 1 - tanh^2
             grad_raw = torch.ops.aten.tanh_backward(grad_log_scale, tanh)
             grad_out = torch.cat([grad_shift, grad_raw], dim=-1)
-            net = ctx.layers[k].conditioner
+            net = layer.conditioner
             need_input = k > 0 or ctx.needs_input_grad[0]
+            grad_params = None
             if ctx.needs_input_grad[4 + k]:
-                grad_flats[k] = torch.empty_like(flats[k])
-            g_in = net.fused_backward(grad_out, inputs, weights, grad_flats[k], need_input)
+                if halves is None:
+                    grad_flats[k] = torch.empty_like(flats[k])
+                else:
+                    grad_flats[k], grad_params = _compact_grad_buffers(layer, flats[k],
+                                                                       weights)
+            g_in = net.fused_backward(grad_out, inputs, weights, grad_flats[k], need_input,
+                                      grad_params)
+            if grad_params is not None:
+                _scatter_compact_grads(layer, grad_flats[k], grad_params)
+            if halves is not None and need_input:  # back to all D coordinates
+                g_full = torch.empty_like(u) if g is None else g.clone()
+                g_full[:, halves[1]] = 0.0 if direct is None else direct
+                if g is None:
+                    g_full[:, halves[0]] = g_in
+                else:
+                    g_full[:, halves[0]] += g_in
+                g = g_full
+                continue
             if g_in is not None and direct is not None:
                 g_in = g_in.add_(direct)
             g = g_in
@@ -417,6 +453,44 @@ class _AffineChain(torch.autograd.Function):
         if ctx.needs_input_grad[1] and grad_log_det is not None:
             grad_ld0 = grad_log_det.sum_to_size(ctx.log_det_shape)
         return (grad_x, grad_ld0, None, None, *grad_flats)
+
+
+def _compact_grad_buffers(layer, flat: Tensor, weights: Sequence[Tensor]):
+    """A zero gradient laid out as ``flat`` and, for every layer of a coupling conditioner's
+    compact network, where its gradient goes: the hidden layers' weights and biases straight
+    into their pieces of the gradient, the first layer's and the output layer's sub-blocks
+    into buffers that :func:`_scatter_compact_grads` copies to their places."""
+    net = layer.conditioner
+    grad_flat = torch.zeros_like(flat)
+    pieces = torch.split_with_sizes(grad_flat, net._sizes)
+    grad_params = [(pieces[2 * k].view(shape), pieces[2 * k + 1])
+                   for k, shape in enumerate(net._shapes)]
+    last = len(weights) - 1
+    grad_params[0] = (flat.new_empty(weights[0].shape), grad_params[0][1])
+    grad_params[last] = (flat.new_empty(weights[last].shape),
+                         flat.new_empty(weights[last].shape[0]))
+    return grad_flat, grad_params
+
+
+def _scatter_compact_grads(layer, grad_flat: Tensor, grad_params) -> None:
+    net = layer.conditioner
+    cond, trans = layer.coupling_halves
+    dim, half = layer.dim, trans.stop - trans.start
+    pieces = torch.split_with_sizes(grad_flat, net._sizes)
+    last = len(net._shapes) - 1
+    first_weight = pieces[0].view(net._shapes[0])
+    if last > 0:
+        first_weight[:, cond] = grad_params[0][0]
+        head_weight = pieces[2 * last].view(net._shapes[last])
+    else:  # a single (output) layer: the column block of its row block
+        head_weight = first_weight[:, cond]
+    head_bias = pieces[2 * last + 1]
+    grad_weight, grad_bias = grad_params[last]
+    log_scale_rows = slice(trans.start + dim, trans.stop + dim)
+    head_weight[trans] = grad_weight[:half]
+    head_weight[log_scale_rows] = grad_weight[half:]
+    head_bias[trans] = grad_bias[:half]
+    head_bias[log_scale_rows] = grad_bias[half:]
 
 
 def iaf(

@@ -78,6 +78,71 @@ class RealNVP(AffineAutoregressiveCore):
             zero_first=True,
         )
         self.register_buffer("mask", mask_t)
+        self._halves = _contiguous_halves(mask_t)
+
+    @property
+    def coupling_halves(self) -> tuple[slice, slice] | None:
+        """``(conditioning, transformed)`` coordinate ranges when each half is one contiguous
+        range (the default mask and its complement, hence every layer of
+        :func:`~pyroflows.flows.build`) and the conditioner has no module hooks (which only
+        its ``forward`` runs); ``None`` otherwise. Then both the fused kernels and the plain
+        operations run the conditioner on the conditioning half only and compute the outputs
+        of the transformed half only (see :meth:`compact_weights`)."""
+        net = self.conditioner
+        if self._halves is None or (net._forward_hooks or net._forward_pre_hooks
+                                    or net._backward_hooks or net._backward_pre_hooks):
+            return None
+        return self._halves
+
+    def compact_weights(
+        self, weights: Sequence[Tensor], biases: Sequence[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        r"""The sub-blocks of the conditioner's masked weights that can be nonzero: the first
+        layer's columns of the conditioning half :math:`a` and the output rows of
+        :math:`(\mu_b, \tilde s_b)`. The masks zero every other column of the first layer
+        and every output row of :math:`a` (shift and log-scale exactly 0, so
+        :math:`y_a = z_a`), and the hidden units (all of degree 1) are unmasked, so the
+        network on :math:`z_a` with these blocks gives exactly the nonzero outputs, with
+        :math:`|a| / D` of the first layer's and :math:`|b| / D` of the output layer's
+        products (Pyro's ``AffineCoupling`` network has the same shapes)."""
+        cond, trans = self._halves
+        dim = self.dim
+        weights, biases = list(weights), list(biases)
+        weights[0] = weights[0][:, cond]
+        shift_rows, log_scale_rows = trans, slice(trans.start + dim, trans.stop + dim)
+        weights[-1] = torch.cat([weights[-1][shift_rows], weights[-1][log_scale_rows]])
+        biases[-1] = torch.cat([biases[-1][shift_rows], biases[-1][log_scale_rows]])
+        return weights, biases
+
+    def _compact_map(self, u: Tensor, parallel: bool) -> tuple[Tensor, Tensor]:
+        # the operations of the fused kernel's coupling branch
+        # (autoregressive._chain_forward), in its order, so the same numbers
+        cond, trans = self._halves
+        net = self.conditioner
+        weights, biases = self.compact_weights(*net.differentiable_masked_weights())
+        shape = u.shape
+        u = u.reshape(-1, self.dim)  # matrix products on a matrix, as the fused kernel
+        u_cond = u[..., cond]
+        shift, raw_log_scale = net.apply_layers(u_cond, weights, biases).chunk(2, dim=-1)
+        b = self.log_scale_bound
+        log_scale = torch.tanh(raw_log_scale * (1.0 / b)) * b
+        u_trans = u[..., trans]
+        if parallel:
+            v_trans = torch.addcmul(shift, log_scale.exp(), u_trans)
+        else:
+            v_trans = (u_trans - shift) * torch.exp(-log_scale)
+        halves = (u_cond, v_trans) if cond.start == 0 else (v_trans, u_cond)
+        return torch.cat(halves, dim=-1).view(shape), log_scale.sum(-1).view(shape[:-1])
+
+    def _parallel(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        if self.coupling_halves is None:
+            return super()._parallel(u)
+        return self._compact_map(u, parallel=True)
+
+    def _sequential(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.coupling_halves is None:
+            return super()._sequential(v)
+        return self._compact_map(v, parallel=False)  # one pass: y_a = z_a
 
     @staticmethod
     def default_mask(dim: int) -> Tensor:
@@ -88,6 +153,17 @@ class RealNVP(AffineAutoregressiveCore):
     # here (see AffineAutoregressiveCore.num_passes); both fused
     forward_is_parallel = True
     log_det_sign = 1.0
+
+
+def _contiguous_halves(mask: Tensor) -> tuple[slice, slice] | None:
+    """``(conditioning, transformed)`` as two slices when ``mask`` is ``True`` on one
+    contiguous range and ``False`` on the rest, which is the other contiguous range."""
+    dim, count = mask.numel(), int(mask.sum())
+    if bool(mask[:count].all()):
+        return slice(0, count), slice(count, dim)
+    if bool(mask[dim - count:].all()):
+        return slice(dim - count, dim), slice(0, dim - count)
+    return None
 
 
 def realnvp(
