@@ -340,12 +340,15 @@ class AutoFlowGuide(AutoContinuous):
         #: ``used``, ``reason`` and the two ELBO estimates.
         self.laplace_info: dict | None = None
         self._plain_transforms: list[Transform] = []  # parameter-free, non-Module layers
+        self._register_load_state_dict_pre_hook(_match_laplace_layer, with_module=True)
 
     _prototype_hide_fn = staticmethod(_hide_from_prototype)
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
         state["_raw_model"] = None  # as Pyro drops ``_model``: models are not pickled
+        state.pop("_cached_posterior_stack", None)  # rebuilt on use (its key holds object ids)
+        state.pop("_cached_base_dist", None)
         return state
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -448,8 +451,12 @@ class AutoFlowGuide(AutoContinuous):
 
     # ---- the posterior ------------------------------------------------------------------------
     def _transforms(self) -> list[Transform]:
-        parts: list[Transform] = []
         flow = self.flow  # in a Pyro context this registers the parameters (pyro.module)
+        affine = self.affine  # the same
+        laplace = self._modules.get("laplace")
+        if not self._plain_transforms and (flow is None or isinstance(flow, flows.FlowStack)):
+            return [self._posterior_stack(flow, affine, laplace)]
+        parts: list[Transform] = []
         if isinstance(flow, flows.FlowStack):
             parts.append(flow)  # one transform: its fused kernels and one stack-level cache
         elif isinstance(flow, ComposeTransform):
@@ -457,11 +464,32 @@ class AutoFlowGuide(AutoContinuous):
         elif flow is not None:
             parts.append(flow)
         parts.extend(self._plain_transforms)
-        parts.append(self.affine)
-        laplace = self._modules.get("laplace")
+        parts.append(affine)
         if laplace is not None:
             parts.append(laplace)
         return parts
+
+    def _posterior_stack(self, flow: flows.FlowStack | None, affine: nn.Module,
+                         laplace: nn.Module | None) -> flows.FlowStack:
+        """The flow layers, the affine layer and the Laplace layer as one
+        :class:`~pyroflows.flows.FlowStack`, handed to Pyro as the posterior's only transform:
+        one input validation, one cache and one log-det sum per call instead of one per layer
+        (each transform of a ``TransformedDistribution`` costs Python work on every
+        ``rsample``/``log_prob``). Built once and kept while the guide's modules are the same
+        objects; it owns nothing (not a submodule), so ``state_dict`` is unchanged."""
+        fused = True if flow is None else flow.fused
+        key = (id(flow), id(affine), id(laplace), fused)
+        cached = self.__dict__.get("_cached_posterior_stack")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        parts = [*(flow.parts if flow is not None else []), affine]
+        if laplace is not None:
+            parts.append(laplace)
+        stack = flows.FlowStack(parts, compile=getattr(flow, "compile_backend", None) or False)
+        stack.fused = fused
+        # the key's ids stay valid: the stack holds the modules, so they are not collected
+        self.__dict__["_cached_posterior_stack"] = (key, stack)
+        return stack
 
     # ---- Laplace initialization -------------------------------------------------------------
     def _log_density(self, u: Tensor, args: tuple, kwargs: dict) -> Tensor:
@@ -552,8 +580,16 @@ class AutoFlowGuide(AutoContinuous):
         return total / eps.shape[0] + entropy
 
     def get_base_dist(self) -> dist.TorchDistribution:
-        zeros = torch.zeros_like(self._modules["affine"].loc.detach())
-        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+        # kept between calls (building it was 1-2% of an SVI step): distributions are not
+        # changed in place, and the key follows .to() and dtype changes of the guide
+        loc = self._modules["affine"].loc
+        key = (loc.shape, loc.dtype, loc.device)
+        cached = self.__dict__.get("_cached_base_dist")
+        if cached is None or cached[0] != key:
+            zeros = torch.zeros_like(loc.detach())
+            cached = (key, dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))
+            self.__dict__["_cached_base_dist"] = cached
+        return cached[1]
 
     def get_transform(self, *args: Any, **kwargs: Any) -> Transform:
         return ComposeTransform(self._transforms())
@@ -654,6 +690,26 @@ class _FixedAffine(FlowTransform):
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         x = tril_affine_solve(self.loc, self.scale_tril, y)
         return x, self.scale_tril.diagonal().log().sum().expand(y.shape[:-1])
+
+
+def _match_laplace_layer(guide: AutoFlowGuide, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: give the guide the fixed Laplace layer exactly when the
+    ``state_dict`` has one, so a guide whose Laplace start was kept loads into a fresh guide
+    where it was rejected (another seed, another data set) and vice versa. The learnt affine
+    layer's values mean something only together with that layer, so taking the saved one is
+    what reproduces the saved posterior."""
+    affine = guide._modules.get("affine")
+    if affine is None:  # not set up yet: the usual missing-key errors say so
+        return
+    loc, scale_tril = f"{prefix}laplace.loc", f"{prefix}laplace.scale_tril"
+    has = guide._modules.get("laplace") is not None
+    if loc in state_dict and scale_tril in state_dict and not has:
+        guide.laplace = _FixedAffine(state_dict[loc], state_dict[scale_tril]).to(
+            device=affine.loc.device, dtype=affine.loc.dtype)
+        guide.laplace_info = {"used": True, "reason": "loaded from a state_dict"}
+    elif has and loc not in state_dict and f"{prefix}affine.loc" in state_dict:
+        del guide._modules["laplace"]
+        guide.laplace_info = {"used": False, "reason": "loaded from a state_dict without it"}
 
 
 def _quantiles(draws: Tensor, q: Tensor) -> Tensor:
