@@ -106,11 +106,13 @@ def test_compact_conditioner_is_the_full_masked_network(mask, hidden_dims, resid
     t = pf.transforms.realnvp(5, hidden_dims=hidden_dims, mask=mask, residual=residual)
     randomize_parameters_(t, scale=0.4, seed=8)
     t = t.to(device, dtype)
+    assert t.coupling_halves is None  # D = 5: the full masked network (faster at small D)
+    t.compact_min_dim = 0
     assert t.coupling_halves is not None
     plain = pf.transforms.realnvp(5, hidden_dims=hidden_dims, mask=mask, residual=residual)
     plain = plain.to(device, dtype)
     plain.load_state_dict(t.state_dict())
-    plain.fused = False
+    plain.fused, plain.compact_min_dim = False, 0
     keep = t.mask
     x = torch.randn(2, 6, 5, device=device, dtype=dtype)
     weights = torch.linspace(0.5, 2.0, 12, device=device, dtype=dtype).view(2, 6)
@@ -135,3 +137,33 @@ def test_compact_conditioner_is_the_full_masked_network(mask, hidden_dims, resid
             for a, b in zip(got, want, strict=True):
                 torch.testing.assert_close(a, b, **tol)
             assert torch.equal(got[0][..., keep], x[..., keep])
+
+
+@pytest.mark.parametrize("kinds", [[(True, 1.0), (False, -1.0)]])
+def test_compact_fused_chain_gradcheck(kinds, device):
+    """Finite differences through two compact coupling layers in one fused node (conditioning
+    half first, then last), both directions, every input of the node."""
+    from pyroflows.transforms.autoregressive import _AffineChain
+
+    layers = [pf.transforms.realnvp(4, hidden_dims=(3, 3)),
+              pf.transforms.realnvp(4, hidden_dims=(3,), mask=[False, True, True, True])]
+    for t in layers:
+        randomize_parameters_(t, scale=0.5, seed=9)
+        t.compact_min_dim = 0
+    layers = [t.to(device, torch.float64) for t in layers]
+    assert all(t.coupling_halves is not None for t in layers)
+    x = torch.randn(3, 4, device=device, dtype=torch.float64, requires_grad=True)
+    log_det = torch.randn(3, device=device, dtype=torch.float64, requires_grad=True)
+    flats = [t.conditioner.flat_parameters for t in layers]
+    assert torch.autograd.gradcheck(
+        lambda x, ld, *f: _AffineChain.apply(x, ld, tuple(layers), tuple(kinds), *f),
+        (x, log_det, *flats))
+
+
+def test_built_stacks_use_the_compact_conditioner_from_32_dimensions():
+    flow = pf.flows.build("realnvp", 32, num_layers=3, hidden_dims=(8,))
+    first, last = slice(0, 16), slice(16, 32)
+    assert [t.coupling_halves for t in flow.parts] == [(first, last), (last, first),
+                                                       (first, last)]
+    assert pf.flows.build("realnvp", 16, num_layers=2).parts[0].coupling_halves is None
+    assert pf.transforms.realnvp(32, mask=[True, False] * 16).coupling_halves is None

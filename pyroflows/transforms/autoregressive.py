@@ -356,8 +356,8 @@ def _chain_forward(x, log_det, layers, kinds, flats, saved: list | None):
             scale = torch.exp(-log_scale)
             v = (u_in - shift).mul_(scale)
         if halves is not None:  # y_a = z_a
-            v_trans, v = v, u.clone()
-            v[:, halves[1]] = v_trans
+            pair = (u[:, halves[0]], v) if halves[0].start == 0 else (v, u[:, halves[0]])
+            v = torch.cat(pair, dim=-1)
         ld = log_scale.sum(-1)
         if len(batch_shape) != 1:
             ld = ld.view(batch_shape)
@@ -437,13 +437,10 @@ class _AffineChain(torch.autograd.Function):
             if grad_params is not None:
                 _scatter_compact_grads(layer, grad_flats[k], grad_params)
             if halves is not None and need_input:  # back to all D coordinates
-                g_full = torch.empty_like(u) if g is None else g.clone()
-                g_full[:, halves[1]] = 0.0 if direct is None else direct
-                if g is None:
-                    g_full[:, halves[0]] = g_in
-                else:
-                    g_full[:, halves[0]] += g_in
-                g = g_full
+                g_cond = g_in if g is None else g_in.add_(g[:, halves[0]])  # dv_a/du_a = 1
+                g_trans = torch.zeros_like(tanh) if direct is None else direct
+                pair = (g_cond, g_trans) if halves[0].start == 0 else (g_trans, g_cond)
+                g = torch.cat(pair, dim=-1)
                 continue
             if g_in is not None and direct is not None:
                 g_in = g_in.add_(direct)
