@@ -862,6 +862,7 @@ class FlowELBO(Trace_ELBO):
         self.anneal_start = float(anneal_start)
         self.step_count = 0
         self._training = False
+        self._traces: list = []  # this step's (model, guide) traces, to explain a failure
 
     @property
     def beta(self) -> float:
@@ -878,14 +879,23 @@ class FlowELBO(Trace_ELBO):
         model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
         if self.stick_the_landing is not False and self._training:
             _stick_the_landing(guide_trace, force=self.stick_the_landing is True)
+        if self._training:
+            self._traces.append((model_trace, guide_trace))
         return model_trace, guide_trace
 
     def _train(self, method, model, guide, args, kwargs):
         self._training = True
+        self._traces = []
         try:
             loss = method(model, guide, *args, **kwargs)
+            value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+            if not math.isfinite(value):
+                if method.__name__ == "loss_and_grads":
+                    _drop_gradients(self._traces)  # the backward pass already ran
+                raise ValueError(_divergence_message(value, self.step_count, self._traces))
         finally:
             self._training = False
+            self._traces = []
         self.step_count += 1
         return loss
 
@@ -897,6 +907,53 @@ class FlowELBO(Trace_ELBO):
         """The (tempered, while annealing) loss as a differentiable tensor, for torch
         optimizers; each call counts as one annealing step."""
         return self._train(super().differentiable_loss, model, guide, args, kwargs)
+
+
+def _drop_gradients(traces: list) -> None:
+    """Set to ``None`` the (non-finite) gradients a failed step left on the parameters of its
+    traces, so that catching the error and stepping on starts clean."""
+    for model_trace, guide_trace in traces:
+        for trace in (model_trace, guide_trace):
+            for site in trace.nodes.values():
+                if site["type"] != "param":
+                    continue
+                value = site["value"]
+                ref = getattr(value, "unconstrained", None)  # Pyro: a weakref to the leaf
+                leaf = ref() if ref is not None else value
+                if isinstance(leaf, Tensor):
+                    leaf.grad = None
+
+
+def _divergence_message(loss: float, step: int, traces: list) -> str:
+    """Why the loss of a step is not finite: the model sites with a non-finite log density
+    and the size of the flow guide's draws."""
+    sites: dict[str, list[int]] = {}
+    largest = 0.0
+    for model_trace, guide_trace in traces:
+        for name, site in model_trace.nodes.items():
+            log_prob = site.get("log_prob")
+            if site["type"] == "sample" and isinstance(log_prob, Tensor):
+                bad = int((~torch.isfinite(log_prob.detach())).sum())
+                if bad:
+                    counts = sites.setdefault(name, [0, 0])
+                    counts[0] += bad
+                    counts[1] += log_prob.numel()
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample" and isinstance(site["fn"], FlowPosterior):
+                value = site["value"].detach()
+                largest = max(largest, float(value.abs().nan_to_num(math.inf).max()))
+    where = (", ".join(f"{name!r} ({bad} of its {n} log-density entries)"
+                       for name, (bad, n) in sites.items())
+             if sites else "no model site (the guide's own log density, then)")
+    return (
+        f"FlowELBO: the loss is not finite ({loss}) at step {step + 1}. The model's log density "
+        f"is non-finite at {where}; the largest unconstrained draw of the flow guide is "
+        f"{largest:.3g}. The guide has diverged (its draws reach where the model's density "
+        "over- or underflows). Its parameters are still those from before this step, and the "
+        "step's gradients were dropped: lower the step sizes (optim_args(guide, lr=...,"
+        " flow_lr=...) or param_groups(...)), use fewer flow layers, or start from a "
+        "narrower init_scale."
+    )
 
 
 class _TemperJacobians(Messenger):

@@ -736,3 +736,35 @@ def test_state_dict_loads_across_laplace_and_plain_starts(device, dtype):
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
         assert target.laplace_info["used"] == (source._modules.get("laplace") is not None)
+
+
+@pytest.mark.parametrize("how", ["svi", "differentiable_loss"])
+def test_a_diverged_step_raises_a_clear_error_and_keeps_the_parameters(how, device, dtype):
+    """A step whose loss is not finite (here: guide draws beyond |z| = 3, where the model's
+    density is 0) raises a ValueError naming the model site and the draws' size, before any
+    parameter moves and with the step's gradients dropped; steps that stay finite go on."""
+    three = torch.tensor(3.0, device=device, dtype=dtype)
+
+    def model():
+        z = pyro.sample("z", dist.Normal(torch.zeros(2, device=device, dtype=dtype), 1.0)
+                        .to_event(1))
+        pyro.sample("wall", dist.Uniform(-three, three), obs=z.abs().max(-1).values)
+
+    guide = AutoIAF(model, num_layers=1, hidden_dims=(8,), init_scale=10.0, laplace_init=False)
+    elbo = FlowELBO(num_particles=16, vectorize_particles=True, stick_the_landing=False)
+    guide()
+    before = [p.detach().clone() for p in guide.parameters()]
+    with pytest.raises(ValueError, match=r"not finite .* 'wall' .* largest unconstrained draw"):
+        if how == "svi":
+            with pyro.validation_enabled(False):  # the draws leave Uniform's support
+                SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo).step()
+        else:
+            with pyro.validation_enabled(False):
+                elbo.differentiable_loss(model, guide).backward()
+    assert all(torch.equal(a, p) for a, p in zip(before, guide.parameters(), strict=True))
+    assert all(p.grad is None for p in guide.parameters())
+    assert elbo.step_count == 0
+    with torch.no_grad():
+        guide.affine.log_scale.fill_(math.log(0.1))  # narrow: every draw inside the wall
+    with pyro.validation_enabled(False):
+        assert math.isfinite(SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo).step())
