@@ -227,6 +227,11 @@ class AutoFlowGuide(AutoContinuous):
     the device and in the dtype of the model's latent values, and is a submodule: ``.to()``,
     ``.double()``, ``state_dict`` and ``torch.save`` cover it. After :meth:`to` the model's data
     must be on the same device, as for every autoguide.
+    A ``state_dict`` holds the fixed Laplace layer (``laplace.loc``, ``laplace.scale_tril``)
+    when the guide has one; loading it into a built guide whose start went the other way adds
+    or drops that layer, so the loaded guide is the saved one. Planar and radial flows keep
+    their layers' parameters stacked (keys ``flow.{i}.stacked.u`` and so on, see
+    :func:`pyroflows.flows.build`); per-layer keys (``flow.{i}.u``) of earlier versions load.
 
     Training: any SVI loop works. The documented recipe, which ``benchmarks/vi.py`` measures
     (and the step sizes a user who just swaps ``AutoNormal`` for a flow guide should start
@@ -435,6 +440,8 @@ class AutoFlowGuide(AutoContinuous):
             if module is None:
                 continue
             prefix = self._pyro_get_fullname(attr)
+            if at_setup and isinstance(module, flows.FlowStack):
+                _stack_per_layer_entries(store, prefix, module)
             for pname, p in module.named_parameters():
                 if not p.requires_grad:
                     continue
@@ -692,6 +699,32 @@ class _FixedAffine(FlowTransform):
         return x, self.scale_tril.diagonal().log().sum().expand(y.shape[:-1])
 
 
+def _stack_per_layer_entries(store, prefix: str, stack: flows.FlowStack) -> None:
+    """Param store entries under the per-layer names of earlier planar/radial stacks
+    (``flow$$$3.u``) become one entry under the stacked name (``flow$$$0.stacked.u``), so a
+    param store saved before the parameters were stacked still initializes a new guide."""
+    local: dict[str, Tensor] = {}
+    for i, part in enumerate(stack.parts):
+        bank = part._modules.get("stacked")
+        if bank is None:
+            continue
+        for name, _ in bank.named_parameters(recurse=False):
+            full = param_with_module_name(prefix, f"{i}.{name}")
+            if full in store:
+                local[f"{i}.{name}"] = store[full].detach()
+    if not local:
+        return
+    converted = dict(local)
+    flows._per_layer_keys_to_stacked(stack, converted, "")
+    stacked_names = {name for name, _ in stack.named_parameters()}  # each tensor's first name
+    for key, value in converted.items():
+        if key in stacked_names:
+            store[param_with_module_name(prefix, key)] = value
+    for key in local:
+        if key not in converted:  # taken into a stacked entry
+            del store[param_with_module_name(prefix, key)]
+
+
 def _match_laplace_layer(guide: AutoFlowGuide, state_dict: dict, prefix: str, *args) -> None:
     """Load-state-dict pre-hook: give the guide the fixed Laplace layer exactly when the
     ``state_dict`` has one, so a guide whose Laplace start was kept loads into a fresh guide
@@ -831,6 +864,12 @@ class FlowELBO(Trace_ELBO):
       annealing, ``svi.step()`` returns the tempered loss; :meth:`loss` always uses
       :math:`\beta = 1`. With a guide other than an autoguide (no ``Delta`` sites) only the
       log joint is tempered.
+
+    A training step whose loss is not finite (a guide whose draws have run to where the
+    model's density over- or underflows; its gradients would turn every parameter into NaN)
+    raises a :class:`ValueError` that names the model sites with a non-finite log density and
+    the size of the guide's draws, before any parameter moves; the step's gradients are
+    dropped, so the caller may lower the step size and go on.
 
     References:
         Roeder, Wu & Duvenaud, "Sticking the Landing: Simple, Lower-Variance Gradient

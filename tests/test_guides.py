@@ -679,9 +679,10 @@ def test_guide_runs_its_flow_as_one_fused_stack(make, device, dtype):
 def test_planar_and_radial_guides_train_three_stacked_tensors(cls, device, dtype):
     """The flow of a planar/radial guide holds three (L, ...) tensors; SVI through Pyro's param
     store trains exactly these; a state_dict with the per-layer keys of earlier versions
-    (rebuilt here from the rows) loads and gives the same draws."""
+    (rebuilt here from the rows) loads and gives the same draws, and so does a param store
+    with those names. (Plain start: a param store holds no Laplace layer.)"""
     model = _gaussian_problem(device, dtype)[0]
-    guide = cls(model, num_layers=6)
+    guide = cls(model, num_layers=6, laplace_init=False)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}),
               Trace_ELBO(num_particles=4, vectorize_particles=True))
     guide()
@@ -704,12 +705,25 @@ def test_planar_and_radial_guides_train_three_stacked_tensors(cls, device, dtype
         layer, name = int(key.split(".")[1]), key.rsplit(".", 1)[1]
         old[f"flow.{layer}.{name}"] = value[layer] if value.dim() == 2 else value[layer:layer + 1]
     pyro.clear_param_store()
-    fresh = cls(model, num_layers=6)
+    fresh = cls(model, num_layers=6, laplace_init=False)
     fresh()
     fresh.load_state_dict(old)
     after = _draws(fresh)
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+    # a param store saved with the per-layer names initializes a new guide (as Pyro's own
+    # autoguides take matching entries at set-up)
+    pyro.clear_param_store()
+    name = cls.__name__
+    for key, value in old.items():
+        module, _, rest = key.partition(".")
+        pyro.param(f"{name}.{module}$$${rest}", value.detach().clone())
+    from_store = cls(model, num_layers=6, laplace_init=False)
+    from_store()
+    for k, v in _draws(from_store).items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert not any(".stacked." not in k and k.startswith(f"{name}.flow")
+                   for k in pyro.get_param_store().keys())
 
 
 def test_state_dict_loads_across_laplace_and_plain_starts(device, dtype):
