@@ -232,15 +232,15 @@ class MADE(nn.Module):
         """:meth:`forward` for a 2-D ``x`` of shape (N, D) without autograd, given
         :meth:`masked_weights`. Returns the output and the inputs of every linear layer
         (``x`` first), which is all :meth:`fused_backward` needs. Same operations, in the same
-        order, as :meth:`forward` (``F.linear`` on a matrix is ``addmm``), so the same numbers."""
+        order, as :meth:`forward` (``F.linear`` on a matrix), so the same numbers."""
         relu = type(self.activation) is nn.ReLU
         inputs = [x]
         h = x
         for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
-            h = torch.addmm(bias, h, weight.t())
+            h = F.linear(h, weight, bias)  # addmm(bias, h, weight.t()), one call from Python
             h = h.relu_() if relu else h.tanh_()  # a fresh tensor: in place is safe
             inputs.append(h)
-        return torch.addmm(biases[-1], h, weights[-1].t()), inputs
+        return F.linear(h, weights[-1], biases[-1]), inputs
 
     def fused_backward(
         self,
