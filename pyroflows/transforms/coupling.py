@@ -24,9 +24,14 @@ class RealNVP(AffineAutoregressiveCore):
 
     It is the autoregressive core of :class:`~pyroflows.transforms.IAF` with a two-level order
     (conditioning coordinates first) whose first level is fixed to the identity: the network is
-    a :class:`~pyroflows.nn.MADE` that sees all D inputs but whose masks cut every path from
-    :math:`b`, so there is no gather or scatter of the halves. The last layer starts at zero, so
-    a new layer is the identity.
+    a :class:`~pyroflows.nn.MADE` over all D inputs whose masks cut every path from :math:`b`.
+    When each half is one contiguous range (the default mask and its complement, so every
+    layer :func:`~pyroflows.flows.build` makes) and :math:`D \ge` ``compact_min_dim`` (32),
+    the layer runs that network's nonzero blocks only, on :math:`z_a` with the outputs of
+    :math:`b` (:meth:`compact_weights`): the same map, with the arithmetic of Pyro's
+    ``AffineCoupling`` network; below 32 the masked products over all D cost less than
+    splitting and joining the halves. The last layer starts at zero, so a new layer is the
+    identity.
 
     References:
         Dinh et al., "Density estimation using Real NVP", ICLR 2017,
