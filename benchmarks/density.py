@@ -40,6 +40,7 @@ error of the paired differences; fit wall-clock in seconds; the best and last ep
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -285,7 +286,7 @@ _PIPELINES = {"Tabak+": ("tabak", None), "ours": ("whiten", None), "+Tabak": ("w
               "auto": ("auto", "tabak")}
 
 
-def run_model(name: str, data: Dataset, b: Budget, seed: int):
+def run_model(name: str, data: Dataset, b: Budget, seed: int, flow_options: dict | None = None):
     """Fit one model; return (test log q in the z-scored space, seconds, best epoch, epochs)."""
     torch.manual_seed(seed)
     dim = data.x_train.shape[1]
@@ -304,7 +305,7 @@ def run_model(name: str, data: Dataset, b: Budget, seed: int):
             "maf" if "MAF" in name else "realnvp", num_layers=b.num_layers, hidden_dims=b.hidden,
             precondition=precondition, refine=refine, dtype=DTYPE, seed=seed,
             # Tabak first: the very Tabak fit of the "Tabak" row
-            tabak_options={"seed": seed},
+            tabak_options={"seed": seed}, flow_options=flow_options,
         )
         est.fit(xt, x_val=xv, max_epochs=b.max_epochs, batch_size=b.batch_size, lr=b.lr,
                 patience=b.patience, progress=False)
@@ -392,6 +393,7 @@ def tabak_table(args, b: Budget) -> list[str]:
     mean (sd) over training seeds."""
     seeds = [int(v) for v in args.seeds.split(",") if v]
     sizes = [v for v in args.sizes.split(",") if v]
+    flow_options = json.loads(args.flow_options) if args.flow_options else None
     makers = {"U2": lambda n, v: rezende("U2", n, v, 10000),
               "U3": lambda n, v: rezende("U3", n, v, 10000),
               "U4": lambda n, v: rezende("U4", n, v, 10000),
@@ -413,7 +415,8 @@ def tabak_table(args, b: Budget) -> list[str]:
         "to its latent codes of the training split, stopped on the validation split's codes). "
         "auto MAF: `precondition=\"auto\", refine=\"tabak\"` (fits Tabak+MAF and MAF+Tabak, "
         "each flow with the full budget above, keeps the one with the higher validation "
-        "log-likelihood). float32, 1 thread, 10000 test draws. "
+        "log-likelihood). Every `DensityEstimator` row: "
+        f"`flow_options={flow_options or {}}`. float32, 1 thread, 10000 test draws. "
         f"Sizes: 'full' = {args.n_train} train / {max(args.n_train // 5, 200)} validation rows; "
         "a number N = N rows in all, 80% train / 20% validation. Gap = mean(log p - log q) "
         f"on the test draws (nats/sample), mean (sd) over training seeds {args.seeds} (same "
@@ -435,7 +438,7 @@ def tabak_table(args, b: Budget) -> list[str]:
             for model in TABAK_MODELS:
                 gaps, secs, kept = [], [], []
                 for seed in seeds:
-                    lq, seconds, best, _ = run_model(model, data, b, seed)
+                    lq, seconds, best, _ = run_model(model, data, b, seed, flow_options)
                     lq = lq.double().cpu().numpy() + data.log_jacobian
                     gaps.append(float(np.mean(data.true_log_prob - lq)))
                     secs.append(seconds)
@@ -464,6 +467,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tabak-table", action="store_true",
                         help="only the preconditioning table: Tabak, plain MAF/RealNVP, "
                         "Tabak + MAF/RealNVP on --datasets at --sizes")
+    parser.add_argument("--flow-options", default="",
+                        help="for --tabak-table: JSON flow_options for every DensityEstimator "
+                        "row, e.g. '{\"log_scale_bound\": 2.0}'")
     parser.add_argument("--sizes", default="full,1000,300",
                         help="for --tabak-table: 'full' (--n-train rows) or total row counts")
     args = parser.parse_args(argv)
