@@ -142,8 +142,8 @@ class PlanarParameters(nn.Module):
 
     Why: an optimizer that keeps one state per tensor (``pyro.optim`` makes one torch
     optimizer per tensor) and ``pyro.module``, which registers every tensor on every guide
-    call, cost per tensor, not per number; three tensors for L layers instead of 3L make a
-    32-layer SVI step about twice as fast (``benchmarks/speed.py``, item 4). The fused
+    call, cost per tensor, not per number; three tensors for L layers instead of 3L made a
+    32-layer planar guide's SVI step 3-4x faster (``benchmarks/speed.py``, item 4). The fused
     kernel (:func:`pyroflows.flows.planar_chain`) reads the stacked tensors directly. The
     layers themselves are :class:`StackedPlanar` views, built by :func:`planar_layers`.
 
