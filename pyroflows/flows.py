@@ -565,15 +565,25 @@ def build(
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     if permutation not in ("reverse", "random"):
         raise ValueError(f"permutation must be 'reverse' or 'random', got {permutation!r}")
-    layer, needs_permutation = FAMILIES[name]
-    fold = FOLDED_PERMUTATIONS.get(name)
     if hidden_dims is not None:
         layer_kwargs["hidden_dims"] = tuple(hidden_dims)
     parts: list[nn.Module] = []
     stacked = STACKED_FAMILIES.get(name)
-    if stacked is not None and not layer_kwargs:
+    if stacked is not None and not layer_kwargs:  # (families without permutations)
         parts.extend(stacked(dim, int(num_layers)))
-        num_layers = 0  # nothing left for the per-layer loop
+    else:
+        parts.extend(_layer_by_layer(name, dim, int(num_layers), permutation, layer_kwargs))
+    if affine:
+        parts.append(T.ElementwiseAffine(dim))
+    return FlowStack(parts, compile=compile)
+
+
+def _layer_by_layer(name: str, dim: int, num_layers: int, permutation: str,
+                    layer_kwargs: dict) -> list[nn.Module]:
+    """The layers of :func:`build` made one by one, with the permutations between them."""
+    layer, needs_permutation = FAMILIES[name]
+    fold = FOLDED_PERMUTATIONS.get(name)
+    parts: list[nn.Module] = []
     cumulative = torch.arange(dim)  # layer i acts on x[cumulative]
     for i in range(num_layers):
         kwargs = layer_kwargs
@@ -590,9 +600,7 @@ def build(
             parts.append(layer(dim, **kwargs))
         except TypeError as e:  # e.g. hidden_dims for a family without a network
             raise ValueError(f"flow family {name!r} does not take these arguments: {e}") from e
-    if affine:
-        parts.append(T.ElementwiseAffine(dim))
-    return FlowStack(parts, compile=compile)
+    return parts
 
 
 def _permutation(dim: int, kind: str, seed: int) -> T.Permute:
