@@ -221,7 +221,7 @@ def test_refined_density_matches_autograd_jacobian_and_never_loses_on_validation
 
 
 def test_auto_keeps_the_better_candidate_and_reloads_it(device, dtype, tmp_path):
-    """precondition="auto" fits Tabak-first and flow-first models and keeps the one with the
+    """precondition="auto" fits flow-first and Tabak-first models and keeps the one with the
     higher validation log-likelihood: the kept model's score on the validation rows, recomputed
     here, is the larger of the two recorded; save/load rebuilds that pipeline."""
     x, _ = _mixture_2d(500, seed=21)
@@ -235,6 +235,11 @@ def test_auto_keeps_the_better_candidate_and_reloads_it(device, dtype, tmp_path)
     assert est.precondition_ == est.history_["precondition"] == chosen
     tol = 1e-6 if dtype == torch.float64 else 1e-3
     assert est.score(x_val) == pytest.approx(cands[chosen], abs=tol)
+    # The flow-first candidate is the very fit precondition="whiten" makes with the same seed.
+    plain = DensityEstimator("realnvp", precondition="whiten", refine="tabak", dtype=dtype,
+                             seed=3, **SMALL, tabak_options={"max_steps": 60, "check_every": 10})
+    plain.fit(x_train, x_val=x_val, max_epochs=4, lr=3e-3, progress=False)
+    assert plain.history_["final_val_log_prob"] == pytest.approx(cands["whiten"], abs=tol)
     has_tabak_stage = any(type(s).__name__ == "Tabak" for s in est._model.stages)
     assert has_tabak_stage == (chosen == "tabak")
     est.save(tmp_path / "auto.pt")
