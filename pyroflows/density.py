@@ -665,6 +665,8 @@ class DensityEstimator:
                 averaging_epochs=float(averaging_epochs), progress=progress, start=start,
             )
             fits.append((self.history_["final_val_log_prob"], precondition, model, self.history_))
+            if self.history_["stopped"] == "interrupted":  # Ctrl-C ends the whole fit
+                break
         if len(fits) > 1:
             # The candidate with the higher validation log-likelihood (the first on a tie or NaN).
             best = max(range(len(fits)), key=lambda i: (fits[i][0] > fits[0][0], -i))
