@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from pyro.distributions import TorchDistribution
+from pyro.distributions import TorchDistribution, TransformedDistribution
 from torch import Tensor, nn
-from torch.distributions import TransformedDistribution, constraints
+from torch.distributions import constraints
 
 from ._config import is_validation_enabled
 from .flows import FlowStack
@@ -105,17 +105,18 @@ class FlowDistribution(TransformedDistribution):
     .. math:: \log p(x) = \log p_0\bigl(f^{-1}(x)\bigr)
               - \log\left|\det \frac{\partial f}{\partial z}\right|_{z = f^{-1}(x)} ,
 
-    the ``TransformedDistribution(base, flow)`` of torch, with a faster :meth:`log_prob` when
-    ``flow`` is a :class:`~pyroflows.flows.FlowStack` of pyroflows layers (what
-    :func:`pyroflows.flows.build` returns): one call runs the stack's inverse with its fused
-    kernels and returns :math:`f^{-1}(x)` with the log-det accumulated on the way, where
-    ``TransformedDistribution`` calls the inverse, then asks for the log-det again (a second
-    cache lookup with its staleness checks), negates and sums it, and runs the base's support
-    check. The stack's own checks still run: event size always, finite values while
-    :func:`pyroflows.validation` is on (with it off, the base's ``validate_args`` check runs
-    instead, if on). Samples it has just drawn are scored from the stack's cache, with no
-    inverse (IAF's would take D passes). Sampling, ``rsample``, ``expand`` and every other
-    method are ``TransformedDistribution``'s. The value is the same as
+    Pyro's (and torch's) ``TransformedDistribution(base, flow)``, usable in ``pyro.sample``,
+    with a faster :meth:`log_prob` when ``flow`` is a :class:`~pyroflows.flows.FlowStack`
+    of pyroflows layers (what :func:`pyroflows.flows.build` returns): one call runs the
+    stack's inverse with its fused kernels and returns :math:`f^{-1}(x)` with the log-det
+    accumulated on the way, where ``TransformedDistribution`` calls the inverse, then asks
+    for the log-det again (a second cache lookup with its staleness checks), negates and
+    sums it, and runs the base's support check. The stack's own checks still run: event
+    size always, finite values while :func:`pyroflows.validation` is on (with it off, the
+    base's ``validate_args`` check runs instead, if on). Samples it has just drawn are
+    scored from the stack's cache, with no inverse (IAF's would take D passes); a
+    ``log_prob`` call does not fill that cache. Sampling, ``rsample``, ``expand`` and every
+    other method are ``TransformedDistribution``'s. The value is that of
     ``TransformedDistribution(base, flow).log_prob`` up to the order of the final additions.
 
     Arguments:
@@ -145,6 +146,10 @@ class FlowDistribution(TransformedDistribution):
             base = StandardNormal(dim, device=None if like is None else like.device,
                                   dtype=None if like is None else like.dtype)
         super().__init__(base, flow, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None) -> FlowDistribution:
+        new = self._get_checked_instance(FlowDistribution, _instance)
+        return super().expand(batch_shape, _instance=new)
 
     def log_prob(self, value: Tensor) -> Tensor:
         flow = self.transforms[0] if len(self.transforms) == 1 else None

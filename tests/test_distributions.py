@@ -110,3 +110,26 @@ def test_flow_distribution_checks_and_fallback(device, dtype):
     torch.testing.assert_close(FlowDistribution([t]).log_prob(x), want,
                                **testing.tolerances(dtype))
     assert FlowDistribution(flow).base_dist.rsample().dtype == dtype
+    wide = d.expand((3,))
+    assert isinstance(wide, FlowDistribution) and wide.batch_shape == (3,)
+    x = torch.randn(3, 2, device=device, dtype=dtype)
+    torch.testing.assert_close(wide.log_prob(x), d.log_prob(x), **testing.tolerances(dtype))
+
+
+def test_flow_distribution_in_a_pyro_model(device, dtype):
+    """As an observed site of a Pyro model: the trace's log-density is FlowDistribution's."""
+    import pyro
+    import pyro.poutine as poutine
+
+    flow = pf.flows.build("realnvp", 4, num_layers=2, hidden_dims=(8,))
+    testing.randomize_parameters_(flow, scale=0.3, seed=6)
+    flow = flow.to(device, dtype)
+    x = torch.randn(5, 4, device=device, dtype=dtype)
+
+    def model():
+        with pyro.plate("data", 5):
+            pyro.sample("x", FlowDistribution(flow), obs=x)
+
+    trace = poutine.trace(model).get_trace()
+    want = TransformedDistribution(_normal(4, device, dtype), flow).log_prob(x).sum()
+    torch.testing.assert_close(trace.log_prob_sum(), want, **testing.tolerances(dtype))
