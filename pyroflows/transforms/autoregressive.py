@@ -366,7 +366,7 @@ def _chain_forward(x, log_det, layers, kinds, flats, saved: list | None):
         else:  # a - b is a + (-b) exactly
             log_det = log_det + ld if sign > 0 else log_det - ld
         if saved is not None:
-            saved.append((inputs, weights, tanh, scale, shift, u))
+            saved.append((inputs, weights, tanh, scale, shift, u, halves))
         u = v
     return u.reshape(shape), log_det
 
@@ -396,13 +396,12 @@ class _AffineChain(torch.autograd.Function):
         grad_flats: list[Tensor | None] = [None] * len(flats)
         g_ld_neg = None if g_ld is None else -g_ld
         for k in range(len(flats) - 1, -1, -1):
-            (parallel, sign), (inputs, weights, tanh, scale, shift, u) = (ctx.kinds[k],
-                                                                          ctx.saved[k])
+            (parallel, sign), (inputs, weights, tanh, scale, shift, u, halves) = (
+                ctx.kinds[k], ctx.saved[k])  # halves as the forward pass ran, whatever since
             signed_g_ld = g_ld if sign > 0 else g_ld_neg
             if k == 0:
                 u = x.reshape(-1, dim)
             layer = ctx.layers[k]
-            halves = layer.coupling_halves
             # the transformed coordinates and the gradient at their image
             u_in = u if halves is None else u[:, halves[1]]
             g_out = g if g is None or halves is None else g[:, halves[1]]
@@ -435,7 +434,7 @@ class _AffineChain(torch.autograd.Function):
             g_in = net.fused_backward(grad_out, inputs, weights, grad_flats[k], need_input,
                                       grad_params)
             if grad_params is not None:
-                _scatter_compact_grads(layer, grad_flats[k], grad_params)
+                _scatter_compact_grads(layer, halves, grad_flats[k], grad_params)
             if halves is not None and need_input:  # back to all D coordinates
                 g_cond = g_in if g is None else g_in.add_(g[:, halves[0]])  # dv_a/du_a = 1
                 g_trans = torch.zeros_like(tanh) if direct is None else direct
@@ -469,9 +468,9 @@ def _compact_grad_buffers(layer, flat: Tensor, weights: Sequence[Tensor]):
     return grad_flat, grad_params
 
 
-def _scatter_compact_grads(layer, grad_flat: Tensor, grad_params) -> None:
+def _scatter_compact_grads(layer, halves, grad_flat: Tensor, grad_params) -> None:
     net = layer.conditioner
-    cond, trans = layer.coupling_halves
+    cond, trans = halves
     dim, half = layer.dim, trans.stop - trans.start
     pieces = torch.split_with_sizes(grad_flat, net._sizes)
     last = len(net._shapes) - 1
