@@ -188,24 +188,24 @@ class FlowStack(ComposeTransformModule):
     def __call__(self, x: Tensor) -> Tensor:
         if not self._fused:
             return super().__call__(x)
-        hit = self._lookup(x=x)
-        if hit is not None:
-            return hit.y
-        stamp = self._stamp()
-        y, log_det = self._run(x, inverse=False)
-        self._store(x, y, log_det, stamp)
-        return y
+        return self._cached_run(x, inverse=False)
 
     def _inv_call(self, y: Tensor) -> Tensor:
         if not self._fused:
             return super()._inv_call(y)
-        hit = self._lookup(y=y)
+        return self._cached_run(y, inverse=True)
+
+    def _cached_run(self, value: Tensor, inverse: bool) -> Tensor:
+        """The image of ``value`` (``y = t(x)``, or ``x = t.inv(y)`` when ``inverse``), from the
+        stack's one-entry cache or from one run of the chain, which then fills the cache."""
+        hit = self._lookup(y=value) if inverse else self._lookup(x=value)
         if hit is not None:
-            return hit.x
+            return hit.x if inverse else hit.y
         stamp = self._stamp()
-        x, log_det = self._run(y, inverse=True)
+        image, log_det = self._run(value, inverse)
+        x, y = (image, value) if inverse else (value, image)
         self._store(x, y, log_det, stamp)
-        return x
+        return image
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         if self._fused:
