@@ -353,10 +353,17 @@ class DensityEstimator:
       neural flow adds little to Tabak alone (0-0.03 nats), because Tabak leaves the
       *training* split almost exactly :math:`N(0, I)`, so there is little left for it to
       learn there.
-    - ``"auto"``: fit the ``"tabak"`` and the ``"whiten"`` pipelines (each with ``refine``,
-      each flow with the whole epoch budget, so about twice the time) and keep the one with
-      the higher validation log-likelihood; ``precondition_`` and ``history_["candidates"]``
-      say which was kept and what each scored.
+    - ``"auto"``: fit the ``"whiten"`` and the ``"tabak"`` pipelines (each with ``refine``,
+      each flow with the whole epoch budget, so about twice the time; the ``"whiten"``
+      candidate is the very fit ``precondition="whiten"`` makes with the same ``seed``) and
+      keep the one with the higher validation log-likelihood; ``precondition_`` and
+      ``history_["candidates"]`` say which was kept and what each scored. With
+      ``refine="tabak"`` this is the recommended Tabak + flow configuration: at 2500 rows it
+      was at least as good as the best plain MAF/RealNVP on U4, a 6-D banana set and a 5-D
+      Student t (0.085 / 0.151 / 0.090 nats against 0.095 / 0.151 / 0.114), and better at
+      300 rows. The choice sees only the validation split: where a flow's tails fail far
+      outside the data (the banana set at 1000 rows with the default log-scale bound of 5)
+      validation cannot tell, and ``flow_options={"log_scale_bound": 2.0}`` measured better.
     - ``None``: the flow sees the raw data, with base ``N(0, I)``.
 
     ``refine="tabak"`` orders the two the other way round as well: after the flow is trained,
