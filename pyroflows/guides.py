@@ -269,7 +269,9 @@ class AutoFlowGuide(AutoContinuous):
         init_scale: initial scale (diagonal of :math:`L`) in the unconstrained space, for the
             plain start; default :data:`DEFAULT_INIT_SCALE` of the family (custom flows: 0.1).
         full_rank: a lower-triangular :math:`L` (True) or a diagonal one (False); default
-            full rank when the latent size is at most :data:`FULL_RANK_MAX_DIM`.
+            full rank when the latent size is at most :data:`FULL_RANK_MAX_DIM`. A trade-off,
+            measured for :class:`AutoIAF` (see there): diagonal fits funnels better, full rank
+            the rest.
         num_quantile_samples: draws behind :meth:`median` and :meth:`quantiles`.
         laplace_init: try the Laplace start first (see above); ``False``: the plain start.
         stick_the_landing: whether :class:`FlowELBO` (by default) uses the path-derivative
@@ -780,7 +782,26 @@ class AutoRadial(AutoFlowGuide):
 
 class AutoIAF(AutoFlowGuide):
     """:class:`AutoFlowGuide` with ``num_layers`` inverse autoregressive layers (permuted
-    between layers) and the final affine layer: one parallel pass samples and scores."""
+    between layers) and the final affine layer: one parallel pass samples and scores.
+
+    Full-rank or diagonal affine layer (``full_rank``; default full rank up to
+    :data:`FULL_RANK_MAX_DIM` latents). No choice won everywhere in ``benchmarks/vi.py``
+    (1000 steps x 32 particles, the documented recipe, 2-3 seeds per target; table "AutoIAF:
+    full-rank or diagonal" in ``benchmarks/results/vi.md``), KL in nats, full rank vs diagonal:
+
+    - Rezende U1 (two modes, annealed): mean of 6 seeds 0.139 vs 0.170;
+    - eight schools noncentered 0.016-0.024 vs 0.026-0.054, centered 0.10-0.14 vs 0.13-0.19
+      (better at every seed);
+    - funnel10: 0.07-0.24 vs 0.05-0.15, where the diagonal layer is better at every seed (a
+      funnel has no fixed linear correlation for the full-rank layer to learn; why its extra
+      parameters then cost KL was not isolated). Pass ``full_rank=False`` for funnel-like
+      posteriors.
+
+    Putting the off-diagonal entries at the flow layers' step size lands in between (funnel
+    better, U1 and eight schools worse), and a smaller step for the whole affine layer (1e-2)
+    did not help U1 on average; neither is the default. Single runs on U1 vary by 0.1-0.3 nats
+    with the seed, whichever the layer (an earlier table's 0.695 was one such stream).
+    """
 
     def __init__(self, model: Callable, num_layers: int = 4,
                  hidden_dims: Sequence[int] | None = None, **kwargs: Any) -> None:
