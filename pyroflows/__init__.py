@@ -1,8 +1,10 @@
 """pyroflows: normalizing flows for Pyro.
 
-Submodules: ``transforms`` (flow layers), ``flows`` (stack builders), ``guides`` (SVI guides),
-``density`` (density estimation), ``diagnostics`` (ArviZ, PSIS k-hat), ``datasets`` (toy data and
-the Rezende energies), ``testing`` (the conformance checks every transform passes).
+Submodules: ``transforms`` (flow layers), ``flows`` (stack builders), ``distributions`` (a
+standard-normal base and ``FlowDistribution``, a stack's density in one fused call), ``guides``
+(SVI guides), ``density`` (density estimation), ``diagnostics`` (ArviZ, PSIS k-hat),
+``datasets`` (toy data and the Rezende energies), ``testing`` (the conformance checks every
+transform passes).
 They load on first attribute access, so ``import pyroflows`` stays cheap.
 """
 
@@ -15,7 +17,10 @@ from ._config import enable_validation, is_validation_enabled, validation
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("transforms", "flows", "guides", "density", "diagnostics", "datasets", "testing")
+_SUBMODULES = (
+    "transforms", "flows", "distributions", "guides", "density", "diagnostics", "datasets",
+    "testing",
+)
 
 __all__ = [*_SUBMODULES, "enable_validation", "is_validation_enabled", "validation", "__version__"]
 
