@@ -795,7 +795,9 @@ class AutoIAF(AutoFlowGuide):
     - funnel10: 0.07-0.24 vs 0.05-0.15, where the diagonal layer is better at every seed (a
       funnel has no fixed linear correlation for the full-rank layer to learn; why its extra
       parameters then cost KL was not isolated). Pass ``full_rank=False`` for funnel-like
-      posteriors.
+      posteriors;
+    - Laplace-started regressions (one seed): German credit KL 0.017 both, but PSIS k-hat
+      kidiq 0.56 vs 0.41, arK 0.49 vs 0.34 (moment errors equal).
 
     Putting the off-diagonal entries at the flow layers' step size lands in between (funnel
     better, U1 and eight schools worse), and a smaller step for the whole affine layer (1e-2)
