@@ -801,8 +801,9 @@ class AutoIAF(AutoFlowGuide):
 
     Putting the off-diagonal entries at the flow layers' step size lands in between (funnel
     better, U1 and eight schools worse), and a smaller step for the whole affine layer (1e-2)
-    did not help U1 on average; neither is the default. Single runs on U1 vary by 0.1-0.3 nats
-    with the seed, whichever the layer (an earlier table's 0.695 was one such stream).
+    did not help U1 on average and hurt both eight schools; neither is the default. Single
+    runs on U1 vary by 0.1-0.3 nats with the seed, whichever the layer (an earlier table's
+    0.695 was one such stream).
     """
 
     def __init__(self, model: Callable, num_layers: int = 4,
