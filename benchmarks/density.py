@@ -284,6 +284,9 @@ TABAK_MODELS = ["Tabak", "ours MAF", "ours RealNVP", "Tabak+MAF", "MAF+Tabak", "
 # DensityEstimator settings of the preconditioned rows: (precondition, refine).
 _PIPELINES = {"Tabak+": ("tabak", None), "ours": ("whiten", None), "+Tabak": ("whiten", "tabak"),
               "auto": ("auto", "tabak")}
+# Model-name suffixes for the refiner's selection rule (Tabak's ``selection``), e.g.
+# "MAF+Tabak 1se"; without one, DensityEstimator's default.
+_SELECTIONS = {"1se": "one_se", "best": "best"}
 
 
 def run_model(name: str, data: Dataset, b: Budget, seed: int, flow_options: dict | None = None):
@@ -299,6 +302,15 @@ def run_model(name: str, data: Dataset, b: Budget, seed: int, flow_options: dict
             lq = tabak.log_prob(xs)
         return lq, seconds, tabak.best_step, tabak.history["step"][-1]
     pipeline = next((v for k, v in _PIPELINES.items() if k in name), None)
+    if pipeline is not None and name.endswith(tuple(_SELECTIONS)):
+        # the same pipeline with the refiner's step count chosen by another rule
+        base, rule = name.rsplit(" ", 1)
+        saved = pf.density._REFINE_SELECTION
+        pf.density._REFINE_SELECTION = _SELECTIONS[rule]
+        try:
+            return run_model(base, data, b, seed, flow_options)
+        finally:
+            pf.density._REFINE_SELECTION = saved
     if pipeline is not None:
         precondition, refine = pipeline
         est = DensityEstimator(
@@ -394,6 +406,7 @@ def tabak_table(args, b: Budget) -> list[str]:
     seeds = [int(v) for v in args.seeds.split(",") if v]
     sizes = [v for v in args.sizes.split(",") if v]
     flow_options = json.loads(args.flow_options) if args.flow_options else None
+    models = [m for m in args.models.split(",") if m] if args.models else TABAK_MODELS
     makers = {"U2": lambda n, v: rezende("U2", n, v, 10000),
               "U3": lambda n, v: rezende("U3", n, v, 10000),
               "U4": lambda n, v: rezende("U4", n, v, 10000),
@@ -435,7 +448,7 @@ def tabak_table(args, b: Budget) -> list[str]:
                 n_val = int(size) // 5
                 n_train = int(size) - n_val
             data = makers[name](n_train, n_val)
-            for model in TABAK_MODELS:
+            for model in models:
                 gaps, secs, kept = [], [], []
                 for seed in seeds:
                     lq, seconds, best, _ = run_model(model, data, b, seed, flow_options)
@@ -460,7 +473,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patience", type=int, default=None)
     parser.add_argument("--datasets", default="U3,U4,mixture8,banana6,student5,digits,"
                         "breast_cancer", help="comma-separated; U2 is available too")
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=None,
+                        help="comma-separated (default: MODELS, or TABAK_MODELS with "
+                        "--tabak-table); a refined pipeline's name may end in ' 1se' or ' best', "
+                        "the refiner's step-count rule")
     parser.add_argument("--n-train", type=int, default=2500, help="synthetic training rows")
     parser.add_argument("--seeds", default="0", help="training seeds, comma-separated; with "
                         "more than one, each row is a mean (sd) over them")
@@ -506,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         "digits": digits,
         "breast_cancer": breast_cancer,
     }
-    models = [m for m in args.models.split(",") if m]
+    models = [m for m in (args.models or ",".join(MODELS)).split(",") if m]
     seeds = [int(v) for v in args.seeds.split(",") if v]
     header = [
         "# Density estimation benchmark",

@@ -35,6 +35,9 @@ _AUTO = ("whiten", "tabak")
 _CHOSEN = object()
 #: The accepted values of ``DensityEstimator(refine=...)``.
 REFINERS = ("tabak", None)
+# How the refiner picks its step count on the validation codes (Tabak's ``selection``);
+# ``tabak_options={"selection": ...}`` overrides it.
+_REFINE_SELECTION = "best"
 
 _FLOWS = ("maf", "realnvp")
 _FORMAT = "pyroflows.DensityEstimator"
@@ -591,7 +594,8 @@ class DensityEstimator:
         if self.refine == "tabak":
             # No whitening: with zero steps the refiner is the identity, so validation can only
             # keep steps that help the trained flow.
-            refine.append(_make_tabak(dim, {**self.tabak_options, "whiten": False},
+            refine.append(_make_tabak(dim, {"selection": _REFINE_SELECTION,
+                                            **self.tabak_options, "whiten": False},
                                       None if seed is None else seed + 1))
         return _DensityModel(dim, flow, stages, refine).to(device=device, dtype=dtype)
 
