@@ -286,7 +286,7 @@ _PIPELINES = {"Tabak+": ("tabak", None), "ours": ("whiten", None), "+Tabak": ("w
               "auto": ("auto", "tabak")}
 # Model-name suffixes for the refiner's selection rule (Tabak's ``selection``), e.g.
 # "MAF+Tabak 1se"; without one, DensityEstimator's default.
-_SELECTIONS = {"1se": "one_se", "best": "best"}
+_SELECTIONS = {"1se": "one_se", "sig": "significant", "best": "best"}
 
 
 def run_model(name: str, data: Dataset, b: Budget, seed: int, flow_options: dict | None = None):
@@ -475,8 +475,8 @@ def main(argv: list[str] | None = None) -> None:
                         "breast_cancer", help="comma-separated; U2 is available too")
     parser.add_argument("--models", default=None,
                         help="comma-separated (default: MODELS, or TABAK_MODELS with "
-                        "--tabak-table); a refined pipeline's name may end in ' 1se' or ' best', "
-                        "the refiner's step-count rule")
+                        "--tabak-table); a refined pipeline's name may end in ' best', "
+                        "' 1se' or ' sig', the refiner's step-count rule")
     parser.add_argument("--n-train", type=int, default=2500, help="synthetic training rows")
     parser.add_argument("--seeds", default="0", help="training seeds, comma-separated; with "
                         "more than one, each row is a mean (sd) over them")

@@ -37,7 +37,7 @@ _CHOSEN = object()
 REFINERS = ("tabak", None)
 # How the refiner picks its step count on the validation codes (Tabak's ``selection``);
 # ``tabak_options={"selection": ...}`` overrides it.
-_REFINE_SELECTION = "best"
+_REFINE_SELECTION = "significant"
 
 _FLOWS = ("maf", "realnvp")
 _FORMAT = "pyroflows.DensityEstimator"

@@ -216,6 +216,26 @@ def test_training_objective_is_the_layer_by_layer_density(flow, precondition, de
 
 
 # ---- the refining Tabak transform and the automatic choice --------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refiner_keeps_no_steps_on_gaussian_codes(seed, device, dtype, tmp_path):
+    """Gaussian data, no flow epochs: the codes are the whitened data, N(0, I) in truth, so no
+    refining step can help; the refiner's default rule ("significant": a gain must exceed one
+    standard error of the per-row differences on the validation codes) keeps none. A
+    tabak_options selection overrides the rule and survives save/load."""
+    x, _, _ = _gaussian_data(360, seed=seed)
+    x_train, x_val = _t(x[:300], device, dtype), _t(x[300:], device, dtype)
+    est = DensityEstimator("maf", refine="tabak", dtype=dtype, seed=seed, **SMALL,
+                           tabak_options={"max_steps": 300, "patience": 4})
+    est.fit(x_train, x_val=x_val, max_epochs=0, progress=False)
+    assert est._model.refine[0].selection == "significant"
+    assert est.history_["refine_steps"] == 0
+    est = DensityEstimator("maf", refine="tabak", dtype=dtype, seed=seed, **SMALL,
+                           tabak_options={"selection": "one_se", "max_steps": 50})
+    est.fit(x_train, x_val=x_val, max_epochs=0, progress=False)
+    est.save(tmp_path / "m.pt")
+    assert DensityEstimator.load(tmp_path / "m.pt")._model.refine[0].selection == "one_se"
+
+
 def test_refined_density_matches_autograd_jacobian_and_never_loses_on_validation(device, dtype):
     """log_prob with a refiner is log N(z; 0, I) + log|det dz/dx| of the whole composed map
     x -> u -> flow latent -> refiner's Gaussian z, the determinant taken here by autograd; the

@@ -279,26 +279,34 @@ def test_truncated_copies_are_the_fit_at_that_step(fitted_cpu):
         t.truncated(t.num_steps + 1)
 
 
-def test_one_standard_error_rule_keeps_the_smallest_count_within_one_se(device, dtype):
-    """selection="one_se" takes the same steps as "best" (same seed) and keeps a prefix: the
-    smallest checked count whose held-out rows, scored here by log_prob of truncated copies,
-    lie within one standard error of the per-row differences of the best count."""
-    x = _skewed(300, 2, device, dtype, seed=3)
-    x_val = _skewed(60, 2, device, dtype, seed=4)
+def test_one_standard_error_rules_against_truncated_copies(device, dtype):
+    """selection="one_se" / "significant" take the same steps as "best" (same seed) and keep a
+    prefix: "one_se" the smallest checked count whose held-out rows, scored here by log_prob
+    of truncated copies, lie within one standard error of the per-row differences of the best
+    count; "significant" the best count if no steps are not within, else none."""
+    x = _skewed(300, 2, device, dtype, seed=13)
+    x_val = _skewed(60, 2, device, dtype, seed=14)
     options = {"max_steps": 400, "check_every": 25, "patience": 4, "seed": 0}
     best = Tabak(2, **options).fit(x, x_val=x_val, progress=False)
     rule = Tabak(2, selection="one_se", **options).fit(x, x_val=x_val, progress=False)
-    assert rule.history == best.history and rule.num_steps <= best.num_steps
-    torch.testing.assert_close(rule.frames, best.frames[: rule.num_steps])
+    gate = Tabak(2, selection="significant", **options).fit(x, x_val=x_val, progress=False)
+    for t in (rule, gate):
+        assert t.history == best.history and t.num_steps <= best.num_steps
+        torch.testing.assert_close(t.frames, best.frames[: t.num_steps])
+    assert 0 < rule.num_steps < best.num_steps  # the data makes the rule bite, not trivially
     with torch.no_grad():
         top = best.log_prob(x_val).double()
-        for step in [s for s in best.history["step"] if s <= best.best_step]:
+
+        def within(step: int) -> bool:
             d = top - best.truncated(step).log_prob(x_val).double()
-            within = float(d.mean()) <= float(d.std()) / math.sqrt(len(d)) + 1e-6
+            return float(d.mean()) <= float(d.std()) / math.sqrt(len(d))
+
+        for step in [s for s in best.history["step"] if s <= best.best_step]:
             if step < rule.num_steps:
-                assert not within, step
+                assert not within(step), step
             elif step == rule.num_steps:
-                assert within
+                assert within(step)
+        assert gate.num_steps == (0 if within(0) else best.num_steps)
     with pytest.raises(ValueError, match="selection"):
         Tabak(2, selection="median")
 
@@ -306,9 +314,9 @@ def test_one_standard_error_rule_keeps_the_smallest_count_within_one_se(device, 
 def test_one_standard_error_rule_keeps_no_steps_on_gaussian_data(device, dtype):
     """On N(0, I) data (the refiner's case when a flow's codes are already Gaussian) no step
     can help in truth: "best" still buys steps from validation noise on some of 8 seeds of
-    300/60 rows, the one-standard-error rule keeps 0 steps on nearly all (a chance > 1 SE
+    300/60 rows, the one-standard-error rules keep 0 steps on nearly all (a chance > 1 SE
     gain is about 1 in 6 per seed)."""
-    kept = {"best": [], "one_se": []}
+    kept = {"best": [], "one_se": [], "significant": []}
     for seed in range(8):
         gen = torch.Generator().manual_seed(seed)
         z = torch.randn(360, 2, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -316,9 +324,10 @@ def test_one_standard_error_rule_keeps_no_steps_on_gaussian_data(device, dtype):
             t = Tabak(2, whiten=False, max_steps=300, patience=4, seed=seed,
                       selection=selection).fit(z[:300], x_val=z[300:], progress=False)
             kept[selection].append(t.num_steps)
-    assert sum(k > 0 for k in kept["one_se"]) <= 2, kept
-    assert all(a <= b for a, b in zip(kept["one_se"], kept["best"], strict=True)), kept
-    assert sum(kept["best"]) > sum(kept["one_se"]), kept
+    for rule in ("one_se", "significant"):
+        assert sum(k > 0 for k in kept[rule]) <= 2, kept
+        assert all(a <= b for a, b in zip(kept[rule], kept["best"], strict=True)), kept
+        assert sum(kept["best"]) > sum(kept[rule]), kept
 
 
 def test_fit_follows_the_data_device_and_dtype(device, dtype):
