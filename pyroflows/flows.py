@@ -13,7 +13,7 @@ from torch.distributions.transforms import Transform, _InverseTransform
 
 from . import transforms as T
 from .transforms.autoregressive import AffineAutoregressiveCore, affine_chain, traced
-from .transforms.base import FlowTransform, _CacheEntry
+from .transforms.base import FlowTransform, _CacheEntry, module_stamp
 from .transforms.planar import (
     StackedPlanar,
     planar_inverse_step,
@@ -157,26 +157,9 @@ class FlowStack(ComposeTransformModule):
         return FlowTransform._lookup(self, x=x, y=y)
 
     def _stamp(self) -> tuple | None:
-        # module_stamp, visiting a module shared by several layers (the stacked parameters
-        # of planar and radial layers) once instead of once per layer
-        if torch.is_inference_mode_enabled():
-            return None
-        states: list[int] = []
-        seen: set[int] = set()
-        todo: list[nn.Module] = [self]
-        while todo:
-            m = todo.pop()
-            if id(m) in seen:
-                continue
-            seen.add(id(m))
-            for t in m._parameters.values():
-                if t is not None:
-                    states += (id(t), t._version)
-            for t in m._buffers.values():
-                if t is not None:
-                    states += (id(t), t._version)
-            todo.extend(c for c in m._modules.values() if c is not None)
-        return (torch.is_grad_enabled(), tuple(states))
+        # the stacked parameters of planar and radial layers are one module shared by the
+        # layers: visit it once, not once per layer
+        return module_stamp(self, shared=True)
 
     def _store(self, x: Tensor, y: Tensor, log_det: Tensor, stamp: tuple | None) -> None:
         FlowTransform._store(self, x, y, log_det, stamp)

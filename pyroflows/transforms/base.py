@@ -24,21 +24,28 @@ class _CacheEntry:
     stamp: tuple
 
 
-def module_stamp(module: nn.Module) -> tuple | None:
+def module_stamp(module: nn.Module, shared: bool = False) -> tuple | None:
     """The cache key of a module's state: the grad mode and the identity and version counter
     of every parameter and buffer (``None`` in inference mode, where nothing is cached).
 
     Walks ``_parameters``, ``_buffers`` and ``_modules`` directly: ``named_parameters()``
     builds prefixed names and a set of seen tensors, several times the cost, and this runs a
     few times per layer per training step. Shared tensors are listed once per owner, which
-    only makes the key longer, never ambiguous.
+    only makes the key longer, never ambiguous; ``shared=True`` visits a submodule shared by
+    several owners once (a stack whose layers share one bank of stacked parameters, where the
+    key would otherwise grow with layers x bank).
     """
     if torch.is_inference_mode_enabled():
         return None
     states: list[int] = []
+    seen: set[int] | None = set() if shared else None
     todo = [module]
     while todo:
         m = todo.pop()
+        if seen is not None:
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
         for t in m._parameters.values():
             if t is not None:
                 states += (id(t), t._version)

@@ -180,7 +180,30 @@ class PlanarParameters(nn.Module):
         return f"dim={self.dim}, num_layers={self.num_layers}"
 
 
-class StackedPlanar(Planar):
+class StackedRow:
+    """Mixin of a layer that is row ``index`` of a bank of stacked parameters
+    (:class:`PlanarParameters`, :class:`~pyroflows.transforms.radial.RadialParameters`): the
+    bank is its submodule ``stacked``, shared with the other rows."""
+
+    stacked: nn.Module
+    index: int
+
+    def _attach_row(self, stacked: nn.Module, index: int) -> None:
+        FlowTransform.__init__(self, stacked.dim)  # type: ignore[arg-type]
+        if not 0 <= int(index) < stacked.num_layers:
+            raise ValueError(f"{type(self).__name__}: index {index} outside "
+                             f"0..{stacked.num_layers - 1}")
+        self.stacked = stacked
+        self.index = int(index)
+
+    def reset_parameters(self) -> None:
+        self.stacked.reset_parameters(self.index)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, index={self.index}"  # type: ignore[attr-defined]
+
+
+class StackedPlanar(StackedRow, Planar):
     r"""Layer ``index`` of a :class:`PlanarParameters`: the map of :class:`Planar` with
     ``u``, ``w`` and ``bias`` read from row ``index`` of the stacked tensors (views, so
     gradients reach the stacked parameters).
@@ -202,11 +225,7 @@ class StackedPlanar(Planar):
     """
 
     def __init__(self, stacked: PlanarParameters, index: int) -> None:
-        FlowTransform.__init__(self, stacked.dim)  # Planar's own parameters are not made
-        if not 0 <= int(index) < stacked.num_layers:
-            raise ValueError(f"StackedPlanar: index {index} outside 0..{stacked.num_layers - 1}")
-        self.stacked = stacked
-        self.index = int(index)
+        self._attach_row(stacked, index)  # Planar's own parameters are not made
 
     @property
     def w(self) -> Tensor:  # type: ignore[override]
@@ -220,12 +239,6 @@ class StackedPlanar(Planar):
     def bias(self) -> Tensor:  # type: ignore[override]
         return self.stacked.bias[self.index: self.index + 1]  # shape (1,), as Planar's
 
-    def reset_parameters(self) -> None:
-        self.stacked.reset_parameters(self.index)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, index={self.index}"
-
 
 def planar_layers(dim: int, num_layers: int) -> list[StackedPlanar]:
     """``num_layers`` planar layers over one :class:`PlanarParameters` (what
@@ -238,16 +251,7 @@ def stacked_planar_parameters(layers: list[Planar]) -> tuple[Tensor, Tensor, Ten
     """``(w, u, bias)`` of consecutive planar layers as (K, D), (K, D), (K,) tensors: the
     stacked parameters themselves (or a slice of them) when the layers are rows
     ``i, i + 1, ...`` of one :class:`PlanarParameters`, else stacked from the layers."""
-    rows = _rows_of_one_bank(layers, StackedPlanar)
-    if rows is not None:
-        bank, start = rows
-        if len(layers) == bank.num_layers:
-            return bank.w, bank.u, bank.bias
-        end = start + len(layers)
-        return bank.w[start:end], bank.u[start:end], bank.bias[start:end]
-    return (torch.stack([layer.w for layer in layers]),
-            torch.stack([layer.u for layer in layers]),
-            torch.cat([layer.bias for layer in layers]))
+    return stacked_rows(layers, StackedPlanar, ("w", "u", "bias"), scalar=(False, False, True))
 
 
 def _rows_of_one_bank(layers: list, row_type: type) -> tuple[nn.Module, int] | None:
@@ -260,3 +264,20 @@ def _rows_of_one_bank(layers: list, row_type: type) -> tuple[nn.Module, int] | N
         if type(layer) is not row_type or layer.stacked is not bank or layer.index != start + k:
             return None
     return bank, start
+
+
+def stacked_rows(layers: list, row_type: type, names: tuple[str, ...],
+                 scalar: tuple[bool, ...]) -> tuple[Tensor, ...]:
+    """The parameters ``names`` of consecutive layers as stacked (K, ...) tensors: the bank's
+    tensors themselves (or a slice of rows) when the layers are rows ``i, i + 1, ...`` of one
+    bank of ``row_type`` layers, else stacked from the layers (``scalar``: a parameter of shape
+    (1,) per layer, concatenated to (K,))."""
+    rows = _rows_of_one_bank(layers, row_type)
+    if rows is not None:
+        bank, start = rows
+        tensors = tuple(getattr(bank, name) for name in names)
+        if len(layers) == bank.num_layers:
+            return tensors
+        return tuple(t[start:start + len(layers)] for t in tensors)
+    return tuple((torch.cat if one else torch.stack)([getattr(layer, name) for layer in layers])
+                 for name, one in zip(names, scalar, strict=True))

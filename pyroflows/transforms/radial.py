@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import FlowTransform
-from .planar import _rows_of_one_bank
+from .planar import StackedRow, stacked_rows
 
 __all__ = [
     "Radial", "radial", "RadialParameters", "StackedRadial", "radial_layers",
@@ -163,7 +163,7 @@ class RadialParameters(nn.Module):
         return f"dim={self.dim}, num_layers={self.num_layers}"
 
 
-class StackedRadial(Radial):
+class StackedRadial(StackedRow, Radial):
     r"""Layer ``index`` of a :class:`RadialParameters`: the map of :class:`Radial` with
     ``x0``, ``alpha_prime`` and ``beta_prime`` read from row ``index`` of the stacked tensors.
     It behaves as a :class:`Radial` layer in every respect; its parameters are the whole shared
@@ -179,11 +179,7 @@ class StackedRadial(Radial):
     """
 
     def __init__(self, stacked: RadialParameters, index: int) -> None:
-        FlowTransform.__init__(self, stacked.dim)  # Radial's own parameters are not made
-        if not 0 <= int(index) < stacked.num_layers:
-            raise ValueError(f"StackedRadial: index {index} outside 0..{stacked.num_layers - 1}")
-        self.stacked = stacked
-        self.index = int(index)
+        self._attach_row(stacked, index)  # Radial's own parameters are not made
 
     @property
     def x0(self) -> Tensor:  # type: ignore[override]
@@ -197,12 +193,6 @@ class StackedRadial(Radial):
     def beta_prime(self) -> Tensor:  # type: ignore[override]
         return self.stacked.beta_prime[self.index: self.index + 1]
 
-    def reset_parameters(self) -> None:
-        self.stacked.reset_parameters(self.index)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, index={self.index}"
-
 
 def radial_layers(dim: int, num_layers: int) -> list[StackedRadial]:
     """``num_layers`` radial layers over one :class:`RadialParameters` (what
@@ -215,13 +205,5 @@ def stacked_radial_parameters(layers: list[Radial]) -> tuple[Tensor, Tensor, Ten
     """``(x0, alpha_prime, beta_prime)`` of consecutive radial layers as (K, D), (K,), (K,)
     tensors: the stacked parameters (or a slice) when the layers are rows ``i, i + 1, ...`` of
     one :class:`RadialParameters`, else stacked from the layers."""
-    rows = _rows_of_one_bank(layers, StackedRadial)
-    if rows is not None:
-        bank, start = rows
-        if len(layers) == bank.num_layers:
-            return bank.x0, bank.alpha_prime, bank.beta_prime
-        end = start + len(layers)
-        return bank.x0[start:end], bank.alpha_prime[start:end], bank.beta_prime[start:end]
-    return (torch.stack([layer.x0 for layer in layers]),
-            torch.cat([layer.alpha_prime for layer in layers]),
-            torch.cat([layer.beta_prime for layer in layers]))
+    return stacked_rows(layers, StackedRadial, ("x0", "alpha_prime", "beta_prime"),
+                        scalar=(False, True, True))
