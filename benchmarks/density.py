@@ -347,7 +347,8 @@ def _fmt(mean: float, se: float) -> str:
     return f"{mean:.3f} ± {se:.3f}" if math.isfinite(mean) else "nan"
 
 
-def evaluate(data: Dataset, b: Budget, models: list[str], seed: int) -> list[str]:
+def evaluate(data: Dataset, b: Budget, models: list[str], seed: int,
+             flow_options: dict | None = None) -> list[str]:
     rows = []
     truth = data.true_log_prob
     gauss = multivariate_normal(data.x_train.mean(0), np.cov(data.x_train.T, bias=True))
@@ -357,7 +358,7 @@ def evaluate(data: Dataset, b: Budget, models: list[str], seed: int) -> list[str
             lq = torch.as_tensor(gauss.logpdf(data.x_test.astype(np.float64)))
             seconds, best, epochs = float("nan"), "", ""
         else:
-            lq, seconds, best_epoch, last = run_model(model, data, b, seed)
+            lq, seconds, best_epoch, last = run_model(model, data, b, seed, flow_options)
             best, epochs = best_epoch, last
         lq = lq.double().cpu().numpy() + data.log_jacobian
         n = len(lq)
@@ -484,8 +485,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="only the preconditioning table: Tabak, plain MAF/RealNVP, "
                         "Tabak + MAF/RealNVP on --datasets at --sizes")
     parser.add_argument("--flow-options", default="",
-                        help="for --tabak-table: JSON flow_options for every DensityEstimator "
-                        "row, e.g. '{\"log_scale_bound\": 2.0}'")
+                        help="JSON flow_options for every DensityEstimator row (the tabak "
+                        "table and the single-seed peers table), e.g. "
+                        "'{\"log_scale_bound\": 2.0}'")
     parser.add_argument("--sizes", default="full,1000,300",
                         help="for --tabak-table: 'full' (--n-train rows) or total row counts")
     args = parser.parse_args(argv)
@@ -523,6 +525,7 @@ def main(argv: list[str] | None = None) -> None:
         "breast_cancer": breast_cancer,
     }
     models = [m for m in (args.models or ",".join(MODELS)).split(",") if m]
+    flow_options = json.loads(args.flow_options) if args.flow_options else None
     seeds = [int(v) for v in args.seeds.split(",") if v]
     header = [
         "# Density estimation benchmark",
@@ -531,7 +534,8 @@ def main(argv: list[str] | None = None) -> None:
         f"batch {b.batch_size}, at most {b.max_epochs} epochs, early stopping with patience "
         f"{b.patience} on the validation split (best state restored); float32, 1 thread; "
         f"synthetic sets: {n_train} train / {n_val} validation / {n_test} test rows. "
-        f"torch {torch.__version__}, training seed(s) {args.seeds}.",
+        f"torch {torch.__version__}, training seed(s) {args.seeds}; DensityEstimator "
+        f"flow_options={flow_options or {}}.",
         "",
         "Test log-likelihood: nats per sample; known-density sets in their "
         "original space, digits and breast_cancer in their z-scored space. Gap: "
@@ -563,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in args.datasets.split(","):
         if len(seeds) == 1:
-            rows += evaluate(makers[name](), b, models, seeds[0])
+            rows += evaluate(makers[name](), b, models, seeds[0], flow_options)
         else:
             rows += evaluate_seeds(makers[name](), b, models, seeds)
     notes = ["", *checks, "", "Data: " + "; ".join(
