@@ -43,8 +43,17 @@ _FLOWS = ("maf", "realnvp")
 _FORMAT = "pyroflows.DensityEstimator"
 # Version 2 stores options through _encode_option; version 1 files hold plain options only,
 # which decode to themselves.
-_FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+# Version 3 also stores "flow_defaults" (the estimator's defaults under flow_options); older
+# code cannot read that key, so it must refuse the file rather than build other layers.
+_FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
+# The estimator's own defaults for the layers, under any flow_options (which win). A smaller
+# |log scale| bound than the layers' 5: it removes the MAF's catastrophic tails with few rows
+# and lost nothing at 2500 rows (benchmarks/results/density.md, "log-scale bound").
+_FLOW_DEFAULTS = {"log_scale_bound": 2.0}
+# What files written before _FLOW_DEFAULTS existed (versions 1 and 2) were built with: the
+# layers' own defaults, whatever those become later.
+_LEGACY_FLOW_DEFAULTS = {"log_scale_bound": 5.0}
 # Options named by the constructor itself: passing them again in an options dict is ambiguous.
 _RESERVED_FLOW_OPTIONS = ("num_layers", "hidden_dims")
 _RESERVED_TABAK_OPTIONS = ("dim",)
@@ -365,9 +374,10 @@ class DensityEstimator:
       ``refine="tabak"`` this is the recommended Tabak + flow configuration: at 2500 rows it
       was at least as good as the best plain MAF/RealNVP on U4, a 6-D banana set and a 5-D
       Student t (0.085 / 0.151 / 0.090 nats against 0.095 / 0.151 / 0.114), and better at
-      300 rows. The choice sees only the validation split: where a flow's tails fail far
-      outside the data (the banana set at 1000 rows with the default log-scale bound of 5)
-      validation cannot tell, and ``flow_options={"log_scale_bound": 2.0}`` measured better.
+      300 rows (these numbers with the layers' log-scale bound 5). The choice sees only the
+      validation split: where a flow's tails fail far outside the data (the banana set at 1000
+      rows with bound 5) validation cannot tell; the estimator's default bound 2 (below)
+      removes those tails.
     - ``None``: the flow sees the raw data, with base ``N(0, I)``.
 
     ``refine="tabak"`` orders the two the other way round as well: after the flow is trained,
@@ -385,10 +395,21 @@ class DensityEstimator:
     a small validation split cannot distinguish from noise buys no steps (U4, 300 rows,
     ``"auto"``: a 925-step refiner chosen on 60 rows, 0.543 nats, now 0 steps, 0.430;
     unchanged at 2500 rows); Tabak then removes what non-Gaussianity the flow left, rather
-    than leaving the flow nothing to learn. Measured with ``"whiten"``: U4 0.095 -> 0.085
+    than leaving the flow nothing to learn. Measured with ``"whiten"`` (bound 5): U4 0.095 -> 0.085
     nats at 2500 rows, 0.24 -> 0.18 at 1000, 0.46 -> 0.37 at 300; no change where the
     flow's codes are already Gaussian on validation (the banana set). It costs one Tabak fit
     on the codes (seconds).
+
+    Log-scale bound: the MAF/RealNVP layers get ``log_scale_bound=2.0`` unless
+    ``flow_options`` names one (the layers' own default is 5): each layer's log-scale is
+    :math:`b \tanh(s / b)`, so it scales a coordinate by at most :math:`e^{b}` and its
+    :math:`|\log\det|` is at most :math:`D b`. Few rows are where it matters: the plain MAF on
+    a 6-D banana set had test gaps of 21.1 nats (1000 rows) and 1265 (300 rows) with
+    :math:`b = 5`, from a handful of test points far outside the data, against 0.58 and 2.3
+    with :math:`b = 2`. At 2500 rows, on every set of the peers benchmark (MAF and RealNVP,
+    ``"whiten"``), bound 2 lost at most 0.005 nats (within noise) and gained up to 0.09
+    (benchmarks/results/density.md, "Default log-scale bound"). A saved estimator keeps the
+    defaults it was built with: files written before this default load with bound 5.
 
     Training: minibatch Adam on the training split; after every epoch the mean validation
     log-likelihood of an exponential moving average of the parameters (less noisy than Adam's
@@ -411,12 +432,12 @@ class DensityEstimator:
             preconditioner and the refiner; the refiner never whitens, and selects its step
             count with ``"significant"`` unless ``selection`` is given here).
         flow_options: further keyword arguments for :func:`pyroflows.flows.build` and the
-            layers (e.g. ``permutation``, ``affine``, ``log_scale_bound``, ``order``/``mask``,
-            ``activation``). Both option dicts are checked when the estimator is built: an
-            unknown name, ``num_layers``/``hidden_dims`` (arguments of their own here) or a
-            value that :meth:`save` cannot store (a lambda, a local function, a module
-            instance; pass a module-level class such as ``torch.nn.Tanh`` or a
-            ``functools.partial`` of one) raises a ``ValueError``.
+            layers (e.g. ``permutation``, ``affine``, ``log_scale_bound`` (default here 2.0, see
+            above), ``order``/``mask``, ``activation``). Both option dicts are checked when
+            the estimator is built: an unknown name, ``num_layers``/``hidden_dims``
+            (arguments of their own here) or a value that :meth:`save` cannot store (a
+            lambda, a local function, a module instance; pass a module-level class such as
+            ``torch.nn.Tanh`` or a ``functools.partial`` of one) raises a ``ValueError``.
         refine: ``"tabak"`` or ``None`` (default): a Tabak transform fitted to the trained
             flow's latent codes (see above).
 
@@ -497,6 +518,8 @@ class DensityEstimator:
             name: _encode_option(getattr(self, name), name)
             for name in ("tabak_options", "flow_options")
         }
+        # Saved with the model: a file keeps the defaults it was built with.
+        self._flow_defaults = dict(_FLOW_DEFAULTS)
         self._model: _DensityModel | None = None
         self.precondition_: str | None = None if precondition == "auto" else precondition
         self.dim_: int | None = None
@@ -581,7 +604,7 @@ class DensityEstimator:
             precondition = self.precondition_
         flow = flows.build(
             self.flow, dim, num_layers=self.num_layers, hidden_dims=self.hidden_dims,
-            **self.flow_options,
+            **{**self._flow_defaults, **self.flow_options},
         )
         stages: list[FlowTransform] = []
         if precondition == "whiten":
@@ -898,6 +921,7 @@ class DensityEstimator:
             "format": _FORMAT,
             "version": _FORMAT_VERSION,
             "params": {**self.get_params(), **self._saved_options},
+            "flow_defaults": dict(self._flow_defaults),
             "dim": model.dim,
             "precondition_": self.precondition_,
             "dtype": str(dtype).replace("torch.", ""),
@@ -942,6 +966,10 @@ class DensityEstimator:
             params[name] = _decode_option(params.get(name) or {}, tuple(trusted_modules))
         params["dtype"] = None if params["dtype"] is None else getattr(torch, params["dtype"])
         est = cls(**params)
+        # A file from before the estimator had defaults of its own (versions 1 and 2) keeps the
+        # layers' bound it was built with; flow_options it names still win over either.
+        defaults = payload.get("flow_defaults") if payload["version"] >= 3 else None
+        est._flow_defaults = dict(_LEGACY_FLOW_DEFAULTS if defaults is None else defaults)
         dim = int(payload["dim"])
         dtype = getattr(torch, payload["dtype"])
         target = torch.device(device) if device is not None else (est.device or "cpu")

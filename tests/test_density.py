@@ -490,6 +490,81 @@ def test_options_that_cannot_be_saved_are_rejected_up_front(tmp_path):
     assert torch.equal(DensityEstimator.load(tmp_path / "v1.pt").log_prob(x), est.log_prob(x))
 
 
+# ---- the estimator's default log-scale bound ------------------------------------------------
+def _bounds(est) -> set[float]:
+    return {m.log_scale_bound for m in est._model.modules() if hasattr(m, "log_scale_bound")}
+
+
+def _max_layer_log_det(est, x) -> float:
+    """The largest |log det| of any one flow layer at the preconditioned rows ``x``."""
+    u, _ = est._model.precondition(x)
+    worst = 0.0
+    for layer in est._model.flow.parts:
+        u, ld = layer.inverse_and_log_det(u)
+        if hasattr(layer, "log_scale_bound"):
+            worst = max(worst, float(ld.abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("flow", ["maf", "realnvp"])
+def test_default_log_scale_bound_and_explicit_override(flow, device, dtype):
+    """Without flow_options every layer gets the estimator's bound 2 (not the layers' 5), so
+    with far-from-identity parameters no layer's |log det| exceeds D * 2 (each of the D log
+    scales is b tanh(s / b)); an explicit log_scale_bound wins, and then the same parameters
+    do exceed D * 2 (so the first check can fail). get_params keeps what the user passed."""
+    x, _, _ = _gaussian_data(200, seed=18)
+    xt = _t(x, device, dtype)
+    fitted = {}
+    for options in (None, {"log_scale_bound": 5.0}):
+        est = DensityEstimator(flow, dtype=dtype, seed=0, **SMALL, flow_options=options)
+        est.fit(xt, max_epochs=0, progress=False)
+        randomize_parameters_(est._model.flow, scale=3.0, seed=1)
+        fitted[5.0 if options else 2.0] = est
+        assert est.get_params()["flow_options"] == (options or {})
+    assert _bounds(fitted[2.0]) == {2.0} and _bounds(fitted[5.0]) == {5.0}
+    far = xt * 4.0
+    with torch.no_grad():
+        assert _max_layer_log_det(fitted[2.0], far) <= 3 * 2.0 + 1e-4
+        assert _max_layer_log_det(fitted[5.0], far) > 3 * 2.0
+
+
+def test_saved_files_keep_their_log_scale_bound(device, dtype, tmp_path, monkeypatch):
+    """A file written before the estimator had a default bound (format version 2, default
+    flow_options {}) was built with the layers' bound 5 and must load with it, reproducing its
+    log_prob, not silently become a bound-2 model; a current file keeps the defaults it was
+    built with even if the module's default changes later; explicit options still win."""
+    x, _, _ = _gaussian_data(200, seed=19)
+    xt = _t(x, device, dtype)
+    old = DensityEstimator("maf", dtype=dtype, seed=0, **SMALL,
+                           flow_options={"log_scale_bound": 5.0})
+    old.fit(xt, max_epochs=0, progress=False)
+    randomize_parameters_(old._model.flow, scale=3.0, seed=2)
+    old.save(tmp_path / "new.pt")
+    payload = torch.load(tmp_path / "new.pt", weights_only=True)
+    # What version 2 wrote for DensityEstimator("maf") with these weights.
+    del payload["flow_defaults"]
+    payload["version"], payload["params"]["flow_options"] = 2, {}
+    torch.save(payload, tmp_path / "v2.pt")
+    loaded = DensityEstimator.load(tmp_path / "v2.pt", device=device)
+    assert _bounds(loaded) == {5.0} and loaded.get_params()["flow_options"] == {}
+    assert torch.equal(loaded.log_prob(xt * 4.0), old.log_prob(xt * 4.0))
+    # The same weights under the current default are another model (the check above can fail).
+    payload["version"], payload["flow_defaults"] = 3, {"log_scale_bound": 2.0}
+    torch.save(payload, tmp_path / "v3.pt")
+    assert not torch.equal(DensityEstimator.load(tmp_path / "v3.pt", device=device)
+                           .log_prob(xt * 4.0), old.log_prob(xt * 4.0))
+    # A current default-bound file keeps bound 2 if the default moves; options still win.
+    new = DensityEstimator("maf", dtype=dtype, seed=0, **SMALL).fit(xt, max_epochs=0,
+                                                                    progress=False)
+    randomize_parameters_(new._model.flow, scale=3.0, seed=3)
+    new.save(tmp_path / "default.pt")
+    monkeypatch.setattr(pf.density, "_FLOW_DEFAULTS", {"log_scale_bound": 4.0})
+    loaded = DensityEstimator.load(tmp_path / "default.pt", device=device)
+    assert _bounds(loaded) == {2.0}
+    assert torch.equal(loaded.log_prob(xt * 4.0), new.log_prob(xt * 4.0))
+    assert _bounds(DensityEstimator.load(tmp_path / "new.pt", device=device)) == {5.0}
+
+
 # ---- bad input ------------------------------------------------------------------------------
 def test_bad_input_raises_value_errors(device, dtype):
     x, _, _ = _gaussian_data(50, seed=15)
