@@ -380,13 +380,14 @@ def evaluate(data: Dataset, b: Budget, models: list[str], seed: int,
     return rows
 
 
-def evaluate_seeds(data: Dataset, b: Budget, models: list[str], seeds: list[int]) -> list[str]:
+def evaluate_seeds(data: Dataset, b: Budget, models: list[str], seeds: list[int],
+                   flow_options: dict | None = None) -> list[str]:
     """One row per model: mean and spread over training seeds (same data, same split)."""
     rows = []
     for model in models:
         lls, gaps, secs = [], [], []
         for seed in seeds:
-            lq, seconds, _, _ = run_model(model, data, b, seed)
+            lq, seconds, _, _ = run_model(model, data, b, seed, flow_options)
             lq = lq.double().cpu().numpy() + data.log_jacobian
             lls.append(float(np.mean(lq)))
             secs.append(seconds)
@@ -485,8 +486,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="only the preconditioning table: Tabak, plain MAF/RealNVP, "
                         "Tabak + MAF/RealNVP on --datasets at --sizes")
     parser.add_argument("--flow-options", default="",
-                        help="JSON flow_options for every DensityEstimator row (the tabak "
-                        "table and the single-seed peers table), e.g. "
+                        help="JSON flow_options for every DensityEstimator row (every "
+                        "table), e.g. "
                         "'{\"log_scale_bound\": 2.0}'")
     parser.add_argument("--sizes", default="full,1000,300",
                         help="for --tabak-table: 'full' (--n-train rows) or total row counts")
@@ -569,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(seeds) == 1:
             rows += evaluate(makers[name](), b, models, seeds[0], flow_options)
         else:
-            rows += evaluate_seeds(makers[name](), b, models, seeds)
+            rows += evaluate_seeds(makers[name](), b, models, seeds, flow_options)
     notes = ["", *checks, "", "Data: " + "; ".join(
         f"{k}: {v}" for k, v in (
             ("U2-U4", "Rezende energies, exact box draws"), ("mixture8", "8-D, 5 Gaussians"),

@@ -407,7 +407,8 @@ class DensityEstimator:
     a 6-D banana set had test gaps of 21.1 nats (1000 rows) and 1265 (300 rows) with
     :math:`b = 5`, from a handful of test points far outside the data, against 0.58 and 2.3
     with :math:`b = 2`. At 2500 rows, on every set of the peers benchmark (MAF and RealNVP,
-    ``"whiten"``), bound 2 lost at most 0.005 nats (within noise) and gained up to 0.09
+    ``"whiten"``, 3-6 paired seeds), bound 2 lost at most 0.005 +- 0.004 nats (U4, MAF; less
+    than the seed spread) and gained up to 0.03 (U4, RealNVP) and 0.36 on digits
     (benchmarks/results/density.md, "Default log-scale bound"). A saved estimator keeps the
     defaults it was built with: files written before this default load with bound 5.
 
