@@ -153,15 +153,13 @@ class FlowDistribution(TransformedDistribution):
 
     def log_prob(self, value: Tensor) -> Tensor:
         flow = self.transforms[0] if len(self.transforms) == 1 else None
-        if not (isinstance(flow, FlowStack) and flow._fused and len(self.event_shape) == 1):
+        if not (isinstance(flow, FlowStack) and flow.all_flow_transforms
+                and len(self.event_shape) == 1):
             return super().log_prob(value)
         if self._validate_args and not is_validation_enabled():
             self._validate_sample(value)
-        hit = flow._lookup(y=value)
-        if hit is not None:  # x = f(z) was just drawn: its z and log-det are cached
-            z, log_det = hit.x, hit.log_det
-        else:
-            z, log_det = flow._run(value, inverse=True)
+        # from the stack's cache when value was just drawn (no inverse), else one fused call
+        z, log_det = flow.inverse_and_log_det(value)
         return self.base_dist.log_prob(z) - log_det
 
 

@@ -118,6 +118,27 @@ class FlowStack(ComposeTransformModule):
             inv = self.__dict__["_fused_inv"] = _InverseTransform(self)
         return inv
 
+    @property
+    def all_flow_transforms(self) -> bool:
+        """Whether every part is a pyroflows :class:`~pyroflows.transforms.FlowTransform`, so
+        that the stack runs its own calls, cache and fused kernels (otherwise it behaves as a
+        plain :class:`ComposeTransformModule`, and :meth:`inverse_and_log_det` is refused)."""
+        return self._fused
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        r"""``(z, log|det df/dz|)`` with :math:`z = f^{-1}(y)`, the log-det of the *forward*
+        map at :math:`z` summed over the layers, as each layer's method of the same name: the
+        cached pair when ``y`` is what this stack just produced (no inverse is run), else one
+        inverse call through the fused kernels. What
+        :class:`~pyroflows.distributions.FlowDistribution` scores with."""
+        if not self._fused:
+            raise TypeError("FlowStack.inverse_and_log_det needs every part to be a pyroflows "
+                            "FlowTransform; use stack.inv(y) and log_abs_det_jacobian")
+        hit = self._lookup(y=y)
+        if hit is not None:
+            return hit.x, hit.log_det
+        return self._run(y, inverse=True)
+
     def _run(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         self.parts[-1 if inverse else 0]._validate(
             x, "input to the inverse" if inverse else "input")

@@ -195,3 +195,29 @@ def test_speed_benchmark_runs(capsys, one_thread):
     out = capsys.readouterr().out
     assert "| 1 | maf, D=8 | pyroflows |" in out and "| 1 | maf, D=8 | pyro |" in out
     assert "| 3 | german credit" in out and "| 5 | maf sampling" in out and "| 2 |" not in out
+
+
+def test_stack_inverse_and_log_det_is_the_inverse_and_its_log_det(device, dtype):
+    """The public pair of a stack: z = f^{-1}(y) and log|det df/dz| at z, against the layers
+    run one by one (their own inverses and log-dets), from the cache right after a forward
+    call, and refused for a stack with a foreign part."""
+    torch.manual_seed(0)
+    stack = pf.flows.build("maf", 3, num_layers=3, hidden_dims=(8,)).to(device, dtype)
+    randomize_parameters_(stack, scale=0.3)
+    y = torch.randn(6, 3, device=device, dtype=dtype)
+    z, log_det = stack.inverse_and_log_det(y)
+    assert log_det.abs().min() > 1e-3  # a non-trivial map
+    x, total = y, torch.zeros(6, device=device, dtype=dtype)
+    for part in reversed(stack.parts):
+        x, ld = part.inverse_and_log_det(x)
+        total = total + ld
+    torch.testing.assert_close(z, x)
+    torch.testing.assert_close(log_det, total)
+    y2 = stack(z)  # fills the cache: the pair comes back without an inverse run
+    z2, log_det2 = stack.inverse_and_log_det(y2)
+    assert z2 is z or torch.equal(z2, z)
+    torch.testing.assert_close(log_det2, stack.log_abs_det_jacobian(z, y2))
+    foreign = pf.flows.FlowStack([torch.distributions.transforms.ExpTransform()])
+    assert not foreign.all_flow_transforms
+    with pytest.raises(TypeError, match="FlowTransform"):
+        foreign.inverse_and_log_det(y)
