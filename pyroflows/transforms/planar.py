@@ -180,6 +180,24 @@ class PlanarParameters(nn.Module):
         return f"dim={self.dim}, num_layers={self.num_layers}"
 
 
+class RowOf:
+    """Class attribute of a :class:`StackedRow` layer: the parameter of the same name read from
+    row ``index`` of the bank (a view, so gradients reach the bank); ``scalar``: a (K,) bank
+    tensor read as shape (1,), as the one-layer classes store it."""
+
+    def __init__(self, scalar: bool = False) -> None:
+        self.scalar = scalar
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        bank, i = getattr(layer.stacked, self.name), layer.index
+        return bank[i: i + 1] if self.scalar else bank[i]
+
+
 class StackedRow:
     """Mixin of a layer that is row ``index`` of a bank of stacked parameters
     (:class:`PlanarParameters`, :class:`~pyroflows.transforms.radial.RadialParameters`): the
@@ -227,17 +245,9 @@ class StackedPlanar(StackedRow, Planar):
     def __init__(self, stacked: PlanarParameters, index: int) -> None:
         self._attach_row(stacked, index)  # Planar's own parameters are not made
 
-    @property
-    def w(self) -> Tensor:  # type: ignore[override]
-        return self.stacked.w[self.index]
-
-    @property
-    def u(self) -> Tensor:  # type: ignore[override]
-        return self.stacked.u[self.index]
-
-    @property
-    def bias(self) -> Tensor:  # type: ignore[override]
-        return self.stacked.bias[self.index: self.index + 1]  # shape (1,), as Planar's
+    w = RowOf()
+    u = RowOf()
+    bias = RowOf(scalar=True)  # shape (1,), as Planar's
 
 
 def planar_layers(dim: int, num_layers: int) -> list[StackedPlanar]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import FlowTransform
-from .planar import StackedRow, stacked_rows
+from .planar import RowOf, StackedRow, stacked_rows
 
 __all__ = [
     "Radial", "radial", "RadialParameters", "StackedRadial", "radial_layers",
@@ -181,17 +181,9 @@ class StackedRadial(StackedRow, Radial):
     def __init__(self, stacked: RadialParameters, index: int) -> None:
         self._attach_row(stacked, index)  # Radial's own parameters are not made
 
-    @property
-    def x0(self) -> Tensor:  # type: ignore[override]
-        return self.stacked.x0[self.index]
-
-    @property
-    def alpha_prime(self) -> Tensor:  # type: ignore[override]
-        return self.stacked.alpha_prime[self.index: self.index + 1]  # shape (1,), as Radial's
-
-    @property
-    def beta_prime(self) -> Tensor:  # type: ignore[override]
-        return self.stacked.beta_prime[self.index: self.index + 1]
+    x0 = RowOf()
+    alpha_prime = RowOf(scalar=True)  # shape (1,), as Radial's
+    beta_prime = RowOf(scalar=True)
 
 
 def radial_layers(dim: int, num_layers: int) -> list[StackedRadial]:
