@@ -135,7 +135,23 @@ def planar(dim: int) -> Planar:
     return Planar(dim)
 
 
-class PlanarParameters(nn.Module):
+class ParameterBank(nn.Module):
+    """Base of the stacked parameters of ``num_layers`` layers of one family (rows of each
+    tensor = layers): checks and keeps ``dim`` and ``num_layers``; subclasses make the tensors
+    and ``reset_parameters(index=None)``."""
+
+    def __init__(self, dim: int, num_layers: int) -> None:
+        super().__init__()
+        if int(dim) < 1 or int(num_layers) < 1:
+            raise ValueError(f"{type(self).__name__}: dim and num_layers must be positive, got "
+                             f"{dim!r}, {num_layers!r}")
+        self.dim, self.num_layers = int(dim), int(num_layers)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_layers={self.num_layers}"
+
+
+class PlanarParameters(ParameterBank):
     r"""The raw parameters of ``num_layers`` planar layers, stacked: ``u`` and ``w`` of shape
     (L, D), ``bias`` of shape (L,); row :math:`k` holds layer :math:`k`'s ``u``, ``w`` and
     ``bias`` of :class:`Planar`.
@@ -157,11 +173,7 @@ class PlanarParameters(nn.Module):
     """
 
     def __init__(self, dim: int, num_layers: int) -> None:
-        super().__init__()
-        if int(dim) < 1 or int(num_layers) < 1:
-            raise ValueError(f"PlanarParameters: dim and num_layers must be positive, got "
-                             f"{dim!r}, {num_layers!r}")
-        self.dim, self.num_layers = int(dim), int(num_layers)
+        super().__init__(dim, num_layers)
         self.bias = nn.Parameter(torch.empty(self.num_layers))
         self.u = nn.Parameter(torch.empty(self.num_layers, self.dim))
         self.w = nn.Parameter(torch.empty(self.num_layers, self.dim))
@@ -175,10 +187,6 @@ class PlanarParameters(nn.Module):
                 self.w[k].uniform_(-stdv, stdv)
                 self.u[k].uniform_(-stdv, stdv)
                 self.bias[k].zero_()
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_layers={self.num_layers}"
-
 
 class RowOf:
     """Class attribute of a :class:`StackedRow` layer: the parameter of the same name read from

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import FlowTransform
-from .planar import RowOf, StackedRow, stacked_rows
+from .planar import ParameterBank, RowOf, StackedRow, stacked_rows
 
 __all__ = [
     "Radial", "radial", "RadialParameters", "StackedRadial", "radial_layers",
@@ -123,7 +123,7 @@ def radial(dim: int) -> Radial:
     return Radial(dim)
 
 
-class RadialParameters(nn.Module):
+class RadialParameters(ParameterBank):
     r"""The raw parameters of ``num_layers`` radial layers, stacked: ``x0`` of shape (L, D),
     ``alpha_prime`` and ``beta_prime`` of shape (L,); row :math:`k` holds layer :math:`k`'s
     parameters of :class:`Radial`. Three tensors for L layers instead of 3L, for the reason
@@ -140,11 +140,7 @@ class RadialParameters(nn.Module):
     """
 
     def __init__(self, dim: int, num_layers: int) -> None:
-        super().__init__()
-        if int(dim) < 1 or int(num_layers) < 1:
-            raise ValueError(f"RadialParameters: dim and num_layers must be positive, got "
-                             f"{dim!r}, {num_layers!r}")
-        self.dim, self.num_layers = int(dim), int(num_layers)
+        super().__init__(dim, num_layers)
         self.x0 = nn.Parameter(torch.empty(self.num_layers, self.dim))
         self.alpha_prime = nn.Parameter(torch.empty(self.num_layers))
         self.beta_prime = nn.Parameter(torch.empty(self.num_layers))
@@ -158,9 +154,6 @@ class RadialParameters(nn.Module):
                 self.alpha_prime[k: k + 1].uniform_(-stdv, stdv)
                 self.beta_prime[k: k + 1].uniform_(-stdv, stdv)
                 self.x0[k].uniform_(-stdv, stdv)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_layers={self.num_layers}"
 
 
 class StackedRadial(StackedRow, Radial):
