@@ -703,24 +703,34 @@ class DensityEstimator:
         candidates = _AUTO if self.precondition == "auto" else (self.precondition,)
         fits = []
         for precondition in candidates:
-            model = self._fit_one(
-                precondition, dim, device, dtype, x_train, x_val_t, gen,
-                max_epochs=int(max_epochs), batch_size=int(batch_size), lr=float(lr),
-                patience=int(patience), weight_decay=float(weight_decay),
-                averaging_epochs=float(averaging_epochs), progress=progress, start=start,
-            )
+            try:
+                model = self._fit_one(
+                    precondition, dim, device, dtype, x_train, x_val_t, gen,
+                    max_epochs=int(max_epochs), batch_size=int(batch_size), lr=float(lr),
+                    patience=int(patience), weight_decay=float(weight_decay),
+                    averaging_epochs=float(averaging_epochs), progress=progress, start=start,
+                )
+            except BaseException:
+                # a later candidate failed: hold the best finished one, not the failed one
+                if fits:
+                    self._keep_best(fits, start)
+                raise
             fits.append((self.history_["final_val_log_prob"], precondition, model, self.history_))
             if self.history_["stopped"] == "interrupted":  # Ctrl-C ends the whole fit
                 break
         if len(fits) > 1:
-            # The candidate with the higher validation log-likelihood (the first on a tie or NaN).
-            best = max(range(len(fits)), key=lambda i: (fits[i][0] > fits[0][0], -i))
-            _, chosen, model, history = fits[best]
-            history["candidates"] = {pre: val for val, pre, _, _ in fits}
-            history["seconds"] = time.perf_counter() - start
-            self._model, self.history_ = model, history
-            self.precondition_ = chosen
+            self._keep_best(fits, start)
         return self
+
+    def _keep_best(self, fits: list, start: float) -> None:
+        """Hold the candidate with the higher validation log-likelihood (the first on a tie or
+        NaN), recording every candidate's score in ``history_["candidates"]``."""
+        best = max(range(len(fits)), key=lambda i: (fits[i][0] > fits[0][0], -i))
+        _, chosen, model, history = fits[best]
+        history["candidates"] = {pre: val for val, pre, _, _ in fits}
+        history["seconds"] = time.perf_counter() - start
+        self._model, self.history_ = model, history
+        self.precondition_ = chosen
 
     def _fit_one(self, precondition, dim, device, dtype, x_train, x_val_t, gen, *, progress,
                  start, **train) -> _DensityModel:

@@ -303,6 +303,29 @@ def test_auto_keeps_the_better_candidate_and_reloads_it(device, dtype, tmp_path)
         DensityEstimator(refine="flow")
 
 
+def test_auto_keeps_the_finished_candidate_when_the_next_one_fails(device, dtype, monkeypatch):
+    """A failure while fitting auto's second candidate (Tabak first) propagates, and the
+    estimator holds the finished flow-first model, scoring what it scored on validation."""
+    x, _ = _mixture_2d(300, seed=5)
+    x_train, x_val = _t(x[:240], device, dtype), _t(x[240:], device, dtype)
+    est = DensityEstimator("maf", precondition="auto", dtype=dtype, seed=1, **SMALL)
+    real_fit_one = DensityEstimator._fit_one
+
+    def fit_one(self, precondition, *args, **kwargs):
+        model = real_fit_one(self, precondition, *args, **kwargs)
+        if precondition == "tabak":
+            raise RuntimeError("simulated failure in the second candidate")
+        return model
+
+    monkeypatch.setattr(DensityEstimator, "_fit_one", fit_one)
+    with pytest.raises(RuntimeError, match="simulated"):
+        est.fit(x_train, x_val=x_val, max_epochs=2, progress=False)
+    assert est.precondition_ == "whiten"
+    assert not any(type(s).__name__ == "Tabak" for s in est._model.stages)
+    tol = 1e-6 if dtype == torch.float64 else 1e-3
+    assert est.score(x_val) == pytest.approx(est.history_["candidates"]["whiten"], abs=tol)
+
+
 # ---- the fit loop ---------------------------------------------------------------------------
 def _overfitting_setup(device, dtype):
     x, _ = _mixture_2d(240, seed=10)
