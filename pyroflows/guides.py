@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,14 +12,21 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.score_parts import ScoreParts
+from pyro.distributions.util import sum_rightmost
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.params.param_store import param_with_module_name
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.util import check_site_shape, warn_if_nan
 from torch import Tensor, nn
 from torch.distributions import ComposeTransform, Transform, biject_to
+from torch.distributions.transforms import IndependentTransform
 
 from . import flows
 from .transforms import ElementwiseAffine, FlowTransform, TriangularAffine
@@ -610,9 +618,68 @@ class AutoFlowGuide(AutoContinuous):
             self._setup_prototype(*args, **kwargs)
         if self._pyro_context.active:
             self._sync_param_store()
-        posterior = FlowPosterior(self.get_base_dist(), self._transforms())
+        return self._posterior(self.get_base_dist(), self._transforms())
+
+    def _posterior(self, base: dist.TorchDistribution, transforms: list) -> FlowPosterior:
+        posterior = FlowPosterior(base, transforms)
         posterior.stick_the_landing = self.stick_the_landing
         return posterior
+
+    @property
+    def _subsampled_latents(self) -> bool:
+        """Whether a latent site sits in a subsampled plate (then :class:`FlowELBO` traces the
+        guide as usual: its plates draw the subsample the model must reuse)."""
+        return any(frame.vectorized and frame.full_size is not None
+                   and frame.full_size != frame.size
+                   for stack in self._cond_indep_stacks.values() for frame in stack)
+
+    def _direct_draw(self, shape: tuple, stick_the_landing: bool):
+        r"""One draw of the guide, as :meth:`forward` under Pyro's tracing would make it but
+        without the effect handlers, for :class:`FlowELBO`'s direct path: the latent of batch
+        ``shape`` (Pyro's particle plate), the constrained value of every site, their log
+        densities. Returns ``(trace, log_q, entropy, jacobian)``: a trace holding the latent
+        and the site values (to replay the model against), :math:`\log q(u)` of shape
+        ``shape``, :math:`\log q_{\bar\phi}(u)` for sticking the landing (else ``None``) and
+        :math:`-\sum \log|\det J_T|`, the summed log density of the ``Delta`` sites."""
+        with self._pyro_context:  # as __call__: the parameters register under their names
+            self._sync_param_store()
+            base, transforms = self.get_base_dist(), self._transforms()
+            stack = transforms[0] if len(transforms) == 1 else None
+            posterior = None
+            if len(shape) and isinstance(stack, flows.FlowStack) and stack.all_flow_transforms:
+                # what the posterior's rsample + log_prob compute, without building the
+                # distribution and its per-call checks: the same base draw, one run of the
+                # stack, its log-det from the stack's cache
+                eps = base.rsample(shape)
+                latent = stack(eps)
+                log_det = stack.log_abs_det_jacobian(eps, latent)
+                log_q = eps.square().sum(-1).mul(-0.5).sub(
+                    0.5 * eps.shape[-1] * math.log(2 * math.pi)) - log_det
+            else:
+                posterior = self._posterior(base, transforms)
+                latent = posterior.rsample(shape)
+                log_q = posterior.log_prob(latent)
+            entropy = None
+            if stick_the_landing:
+                posterior = posterior or self._posterior(base, transforms)
+                entropy = posterior.log_prob_detached(latent)
+            trace = Trace()
+            trace.add_node(f"_{self._pyro_name}_latent", name=f"_{self._pyro_name}_latent",
+                           type="sample", fn=posterior, value=latent, is_observed=False,
+                           infer={"is_auxiliary": True, "flow_latent": True})
+            jacobian = latent.new_zeros(())
+            for site, unconstrained in self._unpack_latent(latent):
+                name = site["name"]
+                transform = biject_to(site["fn"].support)
+                value = transform(unconstrained)
+                if not _is_identity(transform):  # (an identity adds zeros: skip its kernels)
+                    log_density = transform.inv.log_abs_det_jacobian(value, unconstrained)
+                    log_density = sum_rightmost(
+                        log_density, log_density.dim() - value.dim() + site["fn"].event_dim)
+                    jacobian = jacobian + log_density.sum()
+                trace.add_node(name, name=name, type="sample", fn=None, value=value,
+                               is_observed=False, infer={})
+        return trace, log_q, entropy, jacobian
 
     def param_groups(self, lr: float | None = None, flow_lr: float | None = None) -> list[dict]:
         """Parameter groups for a ``torch.optim`` optimizer: the affine layer (``loc``, scale)
@@ -858,7 +925,8 @@ def optim_args(flow: str | AutoFlowGuide | None = None, lr: float | None = None,
 
 
 class FlowELBO(Trace_ELBO):
-    r""":class:`~pyro.infer.Trace_ELBO` with two options that help flow guides.
+    r""":class:`~pyro.infer.Trace_ELBO` with two options that help flow guides, and a
+    faster way to run them.
 
     - ``stick_the_landing``: the path-derivative gradient of Roeder et al. (2017). The guide's
       :math:`\log q_\phi(z)` enters the surrogate loss as :math:`\log q_{\bar\phi}(z_\phi)`, with
@@ -889,6 +957,22 @@ class FlowELBO(Trace_ELBO):
       :math:`\beta = 1`. With a guide other than an autoguide (no ``Delta`` sites) only the
       log joint is tempered.
 
+    - ``direct`` (default ``True``): with a pyroflows guide (:class:`AutoFlowGuide`) that is
+      set up, the guide is not traced through Pyro's effect handlers. Each step draws the
+      latent vector :math:`u` directly (one call of the flow stack, its log-det from the
+      stack's cache), maps it to every site with ``biject_to``, replays the model against
+      those values as :class:`~pyro.infer.Trace_ELBO` does and forms the same loss and
+      surrogate, :math:`\log p(x, T(u)) + \log|\det J_T(u)| - \log q(u)` (with the
+      ``stick_the_landing`` and ``anneal_steps`` terms above). The estimator, the random
+      draws and the parameters the optimizer sees are those of the traced path (tested
+      against it step by step); only Pyro's per-site work for the guide's sites is skipped,
+      about a fifth of a small model's step (item 3 of benchmarks/results/speed-cpu.md).
+      The guide is traced as usual where that work matters: when the step runs under
+      another effect handler (``poutine.scale``, ``pyro.plate``, ... around ``svi.step``),
+      when a latent site sits in a subsampled plate, when the guide has forward hooks, in a
+      subclass that overrides ``_get_trace``, and for :meth:`loss` (evaluation).
+      ``direct=False`` always traces the guide.
+
     A training step whose loss is not finite (a guide whose draws have run to where the
     model's density over- or underflows; its gradients would turn every parameter into NaN)
     raises a :class:`ValueError` that names the model sites with a non-finite log density and
@@ -904,6 +988,8 @@ class FlowELBO(Trace_ELBO):
             ``None`` as the guide says, or ``True`` / ``False`` for every flow guide.
         anneal_steps: the number of steps over which :math:`\beta` rises to 1 (0: none).
         anneal_start: :math:`\beta_0`.
+        direct: draw a pyroflows guide without tracing it where the result is the same
+            (above).
         kwargs: passed to :class:`~pyro.infer.Trace_ELBO` (``num_particles``,
             ``vectorize_particles``, ``max_plate_nesting``, ...).
 
@@ -914,8 +1000,9 @@ class FlowELBO(Trace_ELBO):
     """
 
     def __init__(self, stick_the_landing: bool | None = None, anneal_steps: int = 0,
-                 anneal_start: float = 0.05, **kwargs: Any) -> None:
+                 anneal_start: float = 0.05, direct: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.direct = bool(direct)
         if not 0 < anneal_start <= 1:
             raise ValueError(f"anneal_start must lie in (0, 1], got {anneal_start}")
         if anneal_steps < 0:
@@ -953,8 +1040,11 @@ class FlowELBO(Trace_ELBO):
             loss = method(model, guide, *args, **kwargs)
             value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
             if not math.isfinite(value):
-                if method.__name__ == "loss_and_grads":
+                if method.__name__.endswith("loss_and_grads"):
                     _drop_gradients(self._traces)  # the backward pass already ran
+                    if isinstance(guide, nn.Module):  # the direct path traces no params
+                        for p in guide.parameters():
+                            p.grad = None
                 raise ValueError(_divergence_message(value, self.step_count, self._traces))
         finally:
             self._training = False
@@ -964,12 +1054,118 @@ class FlowELBO(Trace_ELBO):
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
         """The (tempered, while annealing) loss; backpropagates the surrogate loss."""
+        if self._direct(model, guide, args, kwargs):
+            return self._train(self._direct_loss_and_grads, model, guide, args, kwargs)
         return self._train(super().loss_and_grads, model, guide, args, kwargs)
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """The (tempered, while annealing) loss as a differentiable tensor, for torch
         optimizers; each call counts as one annealing step."""
+        if self._direct(model, guide, args, kwargs):
+            return self._train(self._direct_differentiable_loss, model, guide, args, kwargs)
         return self._train(super().differentiable_loss, model, guide, args, kwargs)
+
+    # ---- the direct path: a flow guide drawn without Pyro's effect handlers --------------
+    def _direct(self, model, guide, args, kwargs) -> bool:
+        """Whether this step can draw the guide directly (see the class docstring): a set-up
+        :class:`AutoFlowGuide` called by nothing but ``SVI``'s parameter capture, with no
+        latent site in a subsampled plate and no module hooks, and this class's own traces."""
+        if not (self.direct and isinstance(guide, AutoFlowGuide)
+                and guide.prototype_trace is not None
+                and type(self)._get_trace is FlowELBO._get_trace
+                and not guide._subsampled_latents
+                and not (guide._forward_hooks or guide._forward_pre_hooks
+                         or nn.modules.module._global_forward_hooks
+                         or nn.modules.module._global_forward_pre_hooks)):
+            return False
+        # outside SVI.step nothing may be active; inside it only its param-only trace
+        if not all(type(m) is TraceMessenger and m.param_only for m in _PYRO_STACK):
+            return False
+        if (self.vectorize_particles and self.num_particles > 1
+                and self.max_plate_nesting == float("inf")):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        return True
+
+    def _direct_particles(self, model, guide, args, kwargs):
+        """``(loss, surrogate loss)`` of each run, already divided by ``num_particles``,
+        as :class:`~pyro.infer.Trace_ELBO` would compute them from the traces of the guide
+        and of the model replayed against it."""
+        beta = self.beta if self._training else 1.0
+        stl = self._training and (self.stick_the_landing is True or (
+            self.stick_the_landing is None and guide.stick_the_landing))
+        vectorized = self.vectorize_particles and self.num_particles > 1
+        runs = 1 if vectorized else self.num_particles
+        # the latent's shape under Pyro's particle plate (at dim -max_plate_nesting)
+        shape = (self.num_particles,) + (1,) * (self.max_plate_nesting - 1) if vectorized else ()
+        for _ in range(runs):
+            guide_trace, log_q, entropy, jacobian = guide._direct_draw(shape, stl)
+            replayed = poutine.replay(model, trace=guide_trace)
+            if beta < 1.0:
+                replayed = poutine.scale(replayed, scale=beta)
+            if vectorized:
+                replayed = pyro.plate("num_particles_vectorized", self.num_particles,
+                                      dim=-self.max_plate_nesting)(replayed)
+            model_trace = poutine.trace(replayed, graph_type="flat").get_trace(*args, **kwargs)
+            if is_validation_enabled():
+                _check_direct_match(model_trace, guide_trace)
+            model_trace = prune_subsample_sites(model_trace)
+            model_trace.compute_log_prob()
+            if is_validation_enabled():
+                for site in model_trace.nodes.values():
+                    if site["type"] == "sample":
+                        check_site_shape(site, self.max_plate_nesting)
+            if self._training:
+                self._traces.append((model_trace, guide_trace))
+            model_log_prob = model_trace.log_prob_sum()
+            # the guide's log density: the latent's and its Delta sites' (-log|det J_T|,
+            # tempered as _TemperJacobians does)
+            guide_log_prob = log_q.sum() + beta * jacobian
+            surrogate_guide = guide_log_prob if entropy is None else (
+                entropy.sum() + beta * jacobian)
+            loss = -(torch_item(model_log_prob) - torch_item(guide_log_prob))
+            surrogate = -(model_log_prob - surrogate_guide)
+            yield loss / self.num_particles, surrogate / self.num_particles
+
+    def _direct_loss_and_grads(self, model, guide, *args, **kwargs):
+        loss = 0.0
+        for loss_particle, surrogate in self._direct_particles(model, guide, args, kwargs):
+            loss += loss_particle
+            if getattr(surrogate, "requires_grad", False):
+                surrogate.backward(retain_graph=self.retain_graph)
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def _direct_differentiable_loss(self, model, guide, *args, **kwargs):
+        loss, surrogate_loss = 0.0, 0.0
+        for loss_particle, surrogate in self._direct_particles(model, guide, args, kwargs):
+            loss += loss_particle
+            surrogate_loss = surrogate_loss + surrogate
+        warn_if_nan(surrogate_loss, "loss")
+        return loss + (surrogate_loss - torch_item(surrogate_loss))
+
+
+def _is_identity(transform: Transform) -> bool:
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, ComposeTransform) and not transform.parts
+
+
+def _check_direct_match(model_trace, guide_trace) -> None:
+    """The checks of :func:`pyro.util.check_model_guide_match` that can fail on the direct
+    path: the model's latent sites are exactly the guide's (a model that changed its sites
+    since the guide was set up)."""
+    guide_vars = {name for name, site in guide_trace.nodes.items()
+                  if not site["infer"].get("is_auxiliary")}
+    model_vars = {name for name, site in model_trace.nodes.items()
+                  if site["type"] == "sample" and not site["is_observed"]
+                  and not site_is_subsample(site)}
+    if model_vars - guide_vars:
+        warnings.warn(f"Found vars in model but not guide: {model_vars - guide_vars}",
+                      stacklevel=4)
+    if guide_vars - model_vars:
+        warnings.warn("Found non-auxiliary vars in guide but not model, consider marking "
+                      f"these infer={{'is_auxiliary': True}}:\n{guide_vars - model_vars}",
+                      stacklevel=4)
 
 
 def _drop_gradients(traces: list) -> None:
@@ -1002,7 +1198,8 @@ def _divergence_message(loss: float, step: int, traces: list) -> str:
                     counts[0] += bad
                     counts[1] += log_prob.numel()
         for site in guide_trace.nodes.values():
-            if site["type"] == "sample" and isinstance(site["fn"], FlowPosterior):
+            if site["type"] == "sample" and (isinstance(site["fn"], FlowPosterior)
+                                             or site["infer"].get("flow_latent")):
                 value = site["value"].detach()
                 largest = max(largest, float(value.abs().nan_to_num(math.inf).max()))
     where = (", ".join(f"{name!r} ({bad} of its {n} log-density entries)"

@@ -3,6 +3,7 @@ the FlowELBO estimators and the errors a user should see."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -782,3 +783,132 @@ def test_a_diverged_step_raises_a_clear_error_and_keeps_the_parameters(how, devi
         guide.affine.log_scale.fill_(math.log(0.1))  # narrow: every draw inside the wall
     with pyro.validation_enabled(False):
         assert math.isfinite(SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo).step())
+
+
+# ---- FlowELBO's direct path: the guide drawn without Pyro's effect handlers -----------------
+
+def _schools_with_a_model_param(device, dtype):
+    """Eight schools (a positive scale, a plate of local latents) with a learnt model
+    parameter, so both the guide's and the model's parameters train."""
+    y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12], device=device, dtype=dtype)
+    sigma = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18], device=device, dtype=dtype)
+    zero = torch.zeros((), device=device, dtype=dtype)
+
+    def model():
+        noise = pyro.param("noise", torch.ones((), device=device, dtype=dtype),
+                           constraint=dist.constraints.positive)
+        mu = pyro.sample("mu", dist.Normal(zero, 5.0))
+        tau = pyro.sample("tau", dist.HalfCauchy(zero + 5.0))
+        with pyro.plate("J", 8):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+            pyro.sample("obs", dist.Normal(theta, sigma * noise), obs=y)
+
+    return model
+
+
+@pytest.fixture
+def direct_draws(monkeypatch):
+    """How many times FlowELBO drew a guide directly."""
+    count = [0]
+    draw = AutoFlowGuide._direct_draw
+
+    def counted(self, *args, **kwargs):
+        count[0] += 1
+        return draw(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoFlowGuide, "_direct_draw", counted)
+    return count
+
+
+def _svi_run(model, direct, steps=4, context=None, laplace=False, **elbo_kw):
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    guide = AutoIAF(model, num_layers=2, hidden_dims=(16, 16), laplace_init=laplace)
+    guide()
+    elbo = FlowELBO(direct=direct, max_plate_nesting=1, **elbo_kw)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+    torch.manual_seed(1)
+    with context or contextlib.nullcontext():
+        losses = [svi.step() for _ in range(steps)]
+    params = {name: value.detach().clone()
+              for name, value in pyro.get_param_store().named_parameters()}
+    return losses, params
+
+
+@pytest.mark.parametrize("elbo_kw", [
+    dict(num_particles=8, vectorize_particles=True, laplace=True),
+    dict(num_particles=8, vectorize_particles=True, stick_the_landing=True),
+    dict(num_particles=8, vectorize_particles=True, anneal_steps=6, stick_the_landing=False),
+    dict(num_particles=3, vectorize_particles=False, anneal_steps=6),
+    dict(num_particles=1, vectorize_particles=False),
+], ids=["vectorized", "vectorized-stl", "vectorized-anneal", "sequential-anneal-stl", "one"])
+def test_direct_path_steps_exactly_as_the_traced_guide(elbo_kw, direct_draws, device, dtype):
+    """FlowELBO draws a set-up flow guide directly, without tracing it; Pyro's traced
+    estimator (the guide traced, the model replayed against it) is the reference: the same
+    losses and, after several Adam steps, the same guide and model parameters, with the
+    sticking-the-landing, annealing and particle options."""
+    model = _schools_with_a_model_param(device, dtype)
+    got_losses, got = _svi_run(model, direct=True, **elbo_kw)
+    assert direct_draws[0] == 4 * (1 if elbo_kw["vectorize_particles"]
+                                   else elbo_kw["num_particles"])
+    direct_draws[0] = 0
+    want_losses, want = _svi_run(model, direct=False, **elbo_kw)
+    assert direct_draws[0] == 0
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    assert got_losses == pytest.approx(want_losses, rel=tol["rtol"] * 10)
+    assert got.keys() == want.keys() and "noise" in got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **tol)
+
+
+def test_direct_path_differentiable_loss_matches_the_traced_one(direct_draws, device, dtype):
+    """The differentiable loss of the direct path has the value and the gradients (guide and
+    model parameters) of the traced estimator at the same random draws."""
+    model = _schools_with_a_model_param(device, dtype)
+    guide = AutoIAF(model, num_layers=2, hidden_dims=(16, 16), laplace_init=False)
+    guide()
+    results = []
+    for direct in (True, False):
+        elbo = FlowELBO(direct=direct, num_particles=6, vectorize_particles=True,
+                        max_plate_nesting=1)
+        torch.manual_seed(3)
+        with poutine.trace(param_only=True) as params:
+            loss = elbo.differentiable_loss(model, guide)
+        leaves = [site["value"].unconstrained() for site in params.trace.nodes.values()]
+        assert any(leaf is guide.affine.loc for leaf in leaves)
+        grads = torch.autograd.grad(loss, leaves)
+        results.append((loss.detach(), dict(zip(params.trace.nodes, grads, strict=True))))
+    assert direct_draws[0] == 1
+    (got, got_grads), (want, want_grads) = results
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, **tol)
+    assert got_grads.keys() == want_grads.keys() and "noise" in got_grads
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], **tol)
+
+
+def test_direct_path_steps_aside_for_handlers_and_warns_on_a_changed_model(direct_draws):
+    """Under an effect handler around the step (here poutine.scale) the guide is traced as
+    usual, so the handler applies to it as to the model; a model whose latent sites changed
+    since the guide was set up gets Pyro's warning on the direct path too."""
+    model = _schools_with_a_model_param("cpu", torch.float64)
+    scaled = _svi_run(model, direct=True, context=poutine.scale(scale=0.5), steps=2,
+                      num_particles=4, vectorize_particles=True)
+    assert direct_draws[0] == 0
+    unscaled = _svi_run(model, direct=True, steps=2, num_particles=4, vectorize_particles=True)
+    assert direct_draws[0] == 2
+    assert scaled[0][0] == pytest.approx(0.5 * unscaled[0][0])
+
+    extra = [False]
+
+    def changing():
+        model()
+        if extra[0]:
+            pyro.sample("extra", dist.Normal(0.0, 1.0))
+
+    guide = AutoIAF(changing, num_layers=1, hidden_dims=(8,), laplace_init=False)
+    guide()
+    extra[0] = True
+    elbo = FlowELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
+    with pyro.validation_enabled(True), pytest.warns(UserWarning, match="model but not guide"):
+        elbo.differentiable_loss(changing, guide)
