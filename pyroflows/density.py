@@ -936,7 +936,7 @@ class DensityEstimator:
             "dim": model.dim,
             "precondition_": self.precondition_,
             "dtype": str(dtype).replace("torch.", ""),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "state_dict": _cpu_state_dict(model),
             "history": copy.deepcopy(self.history_),
         }
         path = os.fspath(path)
@@ -1031,6 +1031,19 @@ class _ParameterAverage:
             with torch.no_grad():
                 for p, v in zip(self.params, live, strict=True):
                     p.copy_(v)
+
+
+def _cpu_state_dict(module: nn.Module) -> dict:
+    """``module.state_dict()`` on the CPU, with a tensor that several keys share (the stacked
+    parameters of a flow's layers, listed under every layer) copied once, so the file holds
+    it once wherever the model lives."""
+    copies: dict[int, Tensor] = {}
+    state = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        if id(value) not in copies:
+            copies[id(value)] = value.detach().cpu()
+        state[key] = copies[id(value)]
+    return state
 
 
 def _snapshot(module: nn.Module) -> dict:

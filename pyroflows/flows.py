@@ -12,6 +12,7 @@ from torch.distributions import constraints
 from torch.distributions.transforms import Transform, _InverseTransform
 
 from . import transforms as T
+from .nn.made import MADE, StackedMADE, stacked_mades
 from .transforms.autoregressive import AffineAutoregressiveCore, affine_chain, traced
 from .transforms.base import FlowTransform, _CacheEntry, module_stamp
 from .transforms.planar import (
@@ -32,7 +33,8 @@ from .transforms.radial import (
 
 __all__ = [
     "build", "FlowStack", "FAMILIES", "FOLDED_PERMUTATIONS", "COMPLEMENTARY_MASKS",
-    "STACKED_FAMILIES", "register_family", "planar_chain", "radial_chain", "planar_u_hat",
+    "STACKED_FAMILIES", "STACKED_CONDITIONER_FAMILIES", "register_family", "planar_chain",
+    "radial_chain", "planar_u_hat", "per_layer_parameter_names",
 ]
 
 
@@ -225,30 +227,62 @@ class FlowStack(ComposeTransformModule):
         state.pop("_compiled_chain", None)
         return state
 
-def _per_layer_keys_to_stacked(stack: FlowStack, state_dict: dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook: per-layer planar/radial entries (``"{i}.u"``, from stacks
-    built before their parameters were stacked) become the stacked entries
-    (``"{i}.stacked.u"``) of the layers that share one set of stacked parameters."""
-    rows: dict[int, list[tuple[int, nn.Module]]] = {}
+def _banks(stack: FlowStack) -> list[tuple[str, nn.Module, list[tuple[int, int]]]]:
+    """Every bank of stacked parameters that layers of ``stack`` share, as ``(path, bank,
+    members)``: ``path`` is where a layer keeps the bank's submodule ``stacked`` (``""``
+    for planar/radial layers, ``"conditioner."`` for IAF/MAF/RealNVP layers over
+    :class:`~pyroflows.nn.made.StackedMADE` rows), ``members`` the ``(part index, row)``
+    pairs of its layers in the stack."""
+    found: dict[int, tuple[str, nn.Module, list[tuple[int, int]]]] = {}
     for i, part in enumerate(stack.parts):
         if type(part) in (StackedPlanar, StackedRadial):
-            rows.setdefault(id(part.stacked), []).append((i, part))
-    for members in rows.values():
-        bank = members[0][1].stacked
-        names = [name for name, _ in bank.named_parameters(recurse=False)]
-        old = {(i, n): f"{prefix}{i}.{n}" for i, _ in members for n in names}
-        if len(members) != bank.num_layers or not all(k in state_dict for k in old.values()):
+            path, row = "", part
+        elif (isinstance(part, AffineAutoregressiveCore)
+              and type(part.conditioner) is StackedMADE):
+            path, row = "conditioner.", part.conditioner
+        else:
+            continue
+        found.setdefault(id(row.stacked), (path, row.stacked, []))[2].append((i, row.index))
+    return list(found.values())
+
+
+def per_layer_parameter_names(stack: FlowStack) -> list[str]:
+    """The names (relative to ``stack``) that the parameters of its layers with stacked
+    parameters had when every layer kept its own: ``"{i}.u"``, ``"{i}.w"``, ``"{i}.bias"``
+    (planar; radial alike) and ``"{i}.conditioner.flat_parameters"`` (IAF/MAF/RealNVP).
+    Entries under these names (an old ``state_dict`` or param store) become the stacked
+    entries by :func:`_per_layer_keys_to_stacked`."""
+    return [f"{i}.{path}{name}" for path, bank, members in _banks(stack) for i, _ in members
+            for name, _ in bank.named_parameters(recurse=False)]
+
+
+def _per_layer_keys_to_stacked(stack: FlowStack, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: per-layer entries of layers that now share stacked
+    parameters become the stacked entries. Planar/radial: ``"{i}.u"`` (from stacks built
+    before their parameters were stacked) becomes ``"{i}.stacked.u"``; IAF/MAF/RealNVP:
+    ``"{i}.conditioner.flat_parameters"`` and ``"{i}.conditioner.mask"`` become
+    ``"{i}.conditioner.stacked.flat_parameters"`` and ``"{i}.conditioner.stacked.mask"``,
+    the rows stacked in the layers' row order. Converted only when every layer of a bank
+    has its per-layer parameters in ``state_dict``; buffers (the masks) where present (a
+    Pyro param store has none)."""
+    for path, bank, members in _banks(stack):
+        params = [name for name, _ in bank.named_parameters(recurse=False)]
+        buffers = [name for name, _ in bank.named_buffers(recurse=False)]
+        if len(members) != bank.num_layers or not all(
+                f"{prefix}{i}.{path}{n}" in state_dict for i, _ in members for n in params):
             continue  # not an old-style entry: leave it to the usual checks
-        by_index = {part.index: i for i, part in members}
-        for n in names:
-            value = torch.stack([state_dict[old[(by_index[k], n)]]
-                                 for k in range(bank.num_layers)])
+        part_of_row = {row: i for i, row in members}
+        for n in params + buffers:
+            old = [f"{prefix}{part_of_row[k]}.{path}{n}" for k in range(bank.num_layers)]
+            if not all(key in state_dict for key in old):
+                continue
+            value = torch.stack([state_dict[key] for key in old])
             if value.dim() == 2 and value.shape[-1] == 1 and getattr(bank, n).dim() == 1:
                 value = value.squeeze(-1)  # (1,) biases and radii -> (L,)
             for i, _ in members:
-                state_dict[f"{prefix}{i}.stacked.{n}"] = value
-        for key in old.values():
-            del state_dict[key]
+                state_dict[f"{prefix}{i}.{path}stacked.{n}"] = value
+            for key in old:
+                del state_dict[key]
 
 
 # exact types: a subclass may override the map (tests/test_conformance_meta.py does)
@@ -475,6 +509,16 @@ STACKED_FAMILIES: dict[str, Callable[[int, int], list[nn.Module]]] = {
 }
 
 
+# Families whose layers' MADE conditioners keep their parameters stacked: ``build`` makes the
+# networks of a run of same-size layers rows of one
+# :class:`~pyroflows.nn.made.MADEParameters` (one (L, P) parameter and one (L, P) mask),
+# :class:`~pyroflows.nn.made.StackedMADE` each. Why: ``torch.optim.Adam`` on CPU costs some
+# eight kernels per parameter tensor, and the fused kernels mask a run of layers with one
+# product forward and one masked gradient; measured about 6% of a D=8 training step of five
+# layers (benchmarks/speed.py, items 1-2).
+STACKED_CONDITIONER_FAMILIES: set[str] = {"iaf", "maf", "realnvp"}
+
+
 # Coupling families whose odd-numbered layers take the complement of the previous layer's mask
 # (Dinh et al.'s alternating masks) instead of the folded permutation: with an odd D, reversing
 # the order maps the middle coordinate onto itself, so it would be transformed by every layer
@@ -498,6 +542,7 @@ def register_family(
     """
     FAMILIES[name] = (layer, needs_permutation)
     STACKED_FAMILIES.pop(name, None)  # the new layer constructor is what build must call
+    STACKED_CONDITIONER_FAMILIES.discard(name)
     if fold is not None:
         FOLDED_PERMUTATIONS[name] = fold
     else:
@@ -538,6 +583,17 @@ def build(
     Stacks saved before this change had per-layer parameters with keys ``"{i}.u"`` etc.; a
     :class:`FlowStack` still loads such a ``state_dict``.
 
+    IAF, MAF and RealNVP stacks (``STACKED_CONDITIONER_FAMILIES``) keep the flat parameters
+    and masks of all their layers' MADE networks in one
+    :class:`~pyroflows.nn.made.MADEParameters` (an (L, P) parameter and an (L, P) mask buffer)
+    when the networks have one size (always, unless layer keywords differ per layer): each
+    layer's ``conditioner`` is a :class:`~pyroflows.nn.made.StackedMADE` whose
+    ``flat_parameters`` is row ``i`` (a view), ``flow.parameters()`` is that one tensor, and the
+    ``state_dict`` keys are ``"{i}.conditioner.stacked.flat_parameters"`` and
+    ``"{i}.conditioner.stacked.mask"``. The fused kernels mask a run of layers with one product
+    and write one gradient; an optimizer steps one tensor. Older per-layer ``state_dict`` keys
+    (``"{i}.conditioner.flat_parameters"``, ``"{i}.conditioner.mask"``) still load.
+
     Arguments:
         name: one of ``pyroflows.flows.FAMILIES``: planar, radial, iaf, maf, realnvp, and any
             family registered with :func:`register_family`.
@@ -577,6 +633,8 @@ def build(
         parts.extend(stacked(dim, int(num_layers)))
     else:
         parts.extend(_layer_by_layer(name, dim, int(num_layers), permutation, layer_kwargs))
+        if name in STACKED_CONDITIONER_FAMILIES:
+            _stack_conditioners(parts)
     if affine:
         parts.append(T.ElementwiseAffine(dim))
     return FlowStack(parts, compile=compile)
@@ -605,6 +663,26 @@ def _layer_by_layer(name: str, dim: int, num_layers: int, permutation: str,
         except TypeError as e:  # e.g. hidden_dims for a family without a network
             raise ValueError(f"flow family {name!r} does not take these arguments: {e}") from e
     return parts
+
+
+def _stack_conditioners(parts: list[nn.Module]) -> None:
+    """Give every run of consecutive layers with :class:`~pyroflows.nn.MADE` conditioners of
+    one size :class:`~pyroflows.nn.made.StackedMADE` rows of one new bank instead, holding
+    the same parameters (so the same maps, and under one seed the values the layers drew)."""
+    runs: list[list[AffineAutoregressiveCore]] = [[]]
+    for part in parts:
+        net = getattr(part, "conditioner", None)
+        if not (isinstance(part, AffineAutoregressiveCore) and type(net) is MADE):
+            runs.append([])
+        elif runs[-1] and runs[-1][-1].conditioner._shapes == net._shapes:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    for run in runs:
+        if len(run) > 1:
+            rows = stacked_mades([layer.conditioner for layer in run])
+            for layer, row in zip(run, rows, strict=True):
+                layer.conditioner = row
 
 
 def _permutation(dim: int, kind: str, seed: int) -> T.Permute:

@@ -270,3 +270,39 @@ def test_flat_storage_masks_gradients_and_views_write_through(device, dtype):
     grad = net.flat_parameters.grad
     assert (grad[net.mask == 0] == 0).all(), "a masked weight gets a gradient"
     assert (grad[net.mask == 1] != 0).any()
+
+
+def test_stacked_made_rows_are_made_networks(device, dtype):
+    """StackedMADE rows of one MADEParameters: each the map of the MADE it was made from
+    (checked against that MADE, with its own parameters), autoregressive (autograd: output
+    i never depends on inputs ranked at or after i), layer views and re-initialization
+    write into the row only, and the checks of the bank."""
+    from pyroflows.nn.made import MADEParameters, StackedMADE, stacked_mades
+
+    nets = [MADE(4, (8, 8), order=order) for order in ([0, 1, 2, 3], [3, 1, 0, 2])]
+    for net in nets:
+        randomize_parameters_(net, scale=0.5)
+    rows = stacked_mades(nets)
+    nets = [n.to(device, dtype) for n in nets]
+    bank = rows[0].stacked.to(device, dtype)  # moves the rows' tensors with it
+    x = torch.randn(5, 4, device=device, dtype=dtype, requires_grad=True)
+    for row, net in zip(rows, nets, strict=True):
+        assert type(row) is StackedMADE and row.stacked is bank
+        torch.testing.assert_close(row(x), net(x), **tolerances(dtype))
+        jac = torch.autograd.functional.jacobian(lambda v, row=row: row(v).sum(0), x)  # (8,5,4)
+        for i, rank in enumerate(row.degrees.tolist()):
+            later = [j for j, r in enumerate(row.degrees.tolist()) if r >= rank]
+            assert jac[[i, i + 4]][..., later].abs().max() == 0
+    with torch.no_grad():
+        rows[1].layer_parameters(-1)[1].fill_(2.0)  # the head bias of row 1, in place
+    assert bank.flat_parameters[1, -8:].eq(2.0).all()
+    before = bank.flat_parameters[0].clone()
+    rows[1].reset_parameters()  # row 1 only: its head back to 0, row 0 untouched
+    assert bank.flat_parameters[1, -8:].eq(0.0).all()
+    assert torch.equal(bank.flat_parameters[0], before)
+    with pytest.raises(ValueError, match="one size"):
+        MADEParameters([nets[0].flat_parameters, torch.zeros(3)], [nets[0].mask, torch.ones(3)])
+    with pytest.raises(ValueError, match="index"):
+        StackedMADE(nets[0], bank, 2)
+    with pytest.raises(ValueError, match="size"):
+        StackedMADE(MADE(4, (7,)), bank, 0)

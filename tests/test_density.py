@@ -588,6 +588,36 @@ def test_saved_files_keep_their_log_scale_bound(device, dtype, tmp_path, monkeyp
     assert _bounds(DensityEstimator.load(tmp_path / "new.pt", device=device)) == {5.0}
 
 
+@pytest.mark.parametrize("flow,precondition", [("maf", "standardize"), ("realnvp", "whiten")])
+def test_files_with_per_layer_conditioners_load(flow, precondition, device, dtype, tmp_path,
+                                                monkeypatch):
+    """A file saved before the flow's networks shared one parameter tensor (written here by
+    the estimator with the stacking switched off: keys ``flow.{i}.conditioner.flat_parameters``,
+    shifted by one behind the whitening layer) loads into the stacked flow with the same
+    log_prob; saved again, the file holds the stacked tensor once and loads back."""
+    x, _, _ = _gaussian_data(200, seed=21)
+    xt = _t(x, device, dtype)
+    with monkeypatch.context() as m:
+        m.setattr(pf.flows, "STACKED_CONDITIONER_FAMILIES", set())
+        old = DensityEstimator(flow, dtype=dtype, seed=0, precondition=precondition, **SMALL)
+        old.fit(xt, max_epochs=0, progress=False)
+    randomize_parameters_(old._model.flow, scale=0.5, seed=2)
+    old.save(tmp_path / "old.pt")
+    keys = torch.load(tmp_path / "old.pt", weights_only=True)["state_dict"]
+    first = 1 if precondition == "whiten" else 0
+    assert f"flow.{first}.conditioner.flat_parameters" in keys
+    loaded = DensityEstimator.load(tmp_path / "old.pt", device=device)
+    assert len(list(loaded._model.flow.parameters())) == len(list(old._model.flow.parameters())) - 1
+    torch.testing.assert_close(loaded.log_prob(xt), old.log_prob(xt), **tolerances(dtype))
+    loaded.save(tmp_path / "new.pt")
+    state = torch.load(tmp_path / "new.pt", weights_only=True)["state_dict"]
+    banks = [v for k, v in state.items() if k.endswith("stacked.flat_parameters")]
+    assert len(banks) == 2 and banks[0].untyped_storage().data_ptr() == \
+        banks[1].untyped_storage().data_ptr()  # one tensor under both layers' keys
+    again = DensityEstimator.load(tmp_path / "new.pt", device=device)
+    assert torch.equal(again.log_prob(xt), loaded.log_prob(xt))
+
+
 # ---- bad input ------------------------------------------------------------------------------
 def test_bad_input_raises_value_errors(device, dtype):
     x, _, _ = _gaussian_data(50, seed=15)

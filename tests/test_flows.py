@@ -221,3 +221,116 @@ def test_stack_inverse_and_log_det_is_the_inverse_and_its_log_det(device, dtype)
     assert not foreign.all_flow_transforms
     with pytest.raises(TypeError, match="FlowTransform"):
         foreign.inverse_and_log_det(y)
+
+
+# ---- stacked MADE conditioners (issue 9) -------------------------------------------------
+
+def _per_layer(monkeypatch, *args, **kwargs) -> pf.flows.FlowStack:
+    """``build`` as before the conditioners were stacked: every MADE its own parameter."""
+    with monkeypatch.context() as m:
+        m.setattr(pf.flows, "STACKED_CONDITIONER_FAMILIES", set())
+        return pf.flows.build(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["iaf", "maf", "realnvp"])
+def test_built_stack_keeps_its_conditioners_in_one_bank(name, monkeypatch):
+    """One (L, P) parameter and one (L, P) mask for the L networks; layer k's
+    ``flat_parameters`` and ``mask`` are row k (views); under one seed the values are those
+    the per-layer build draws, and the masks those of the layers' own orders."""
+    torch.manual_seed(3)
+    old = _per_layer(monkeypatch, name, 4, num_layers=3, hidden_dims=(8,))
+    torch.manual_seed(3)
+    flow = pf.flows.build(name, 4, num_layers=3, hidden_dims=(8,))
+    (bank,) = flow.parameters()
+    nets = [part.conditioner for part in flow.parts]
+    assert all(type(n) is pf.nn.made.StackedMADE and n.stacked is nets[0].stacked for n in nets)
+    assert bank.shape == (3, sum(nets[0]._sizes)) and [n.index for n in nets] == [0, 1, 2]
+    for k, (net, ref) in enumerate(zip(nets, (p.conditioner for p in old.parts), strict=True)):
+        assert torch.equal(net.flat_parameters, ref.flat_parameters)
+        assert torch.equal(net.mask, ref.mask) and torch.equal(net.degrees, ref.degrees)
+        assert net.flat_parameters._base is bank and torch.equal(bank[k], ref.flat_parameters)
+    # a layer's parameters are the whole bank; gradients through a row reach it
+    assert list(flow.parts[1].parameters()) == [bank]
+    flow.parts[1].conditioner.flat_parameters.sum().backward()
+    assert bank.grad[1].eq(1).all() and bank.grad[[0, 2]].eq(0).all()
+
+
+def test_stacks_that_cannot_share_keep_per_layer_parameters():
+    """A lone layer and a family outside ``STACKED_CONDITIONER_FAMILIES`` (here one
+    registered by the user) keep per-layer parameters; layer keywords such as ``gated``
+    leave a run of same-size networks stacked."""
+    assert len(list(pf.flows.build("maf", 3, num_layers=1, hidden_dims=(8,)).parameters())) == 1
+    assert type(pf.flows.build("maf", 3, num_layers=1).parts[0].conditioner) is pf.nn.MADE
+    pf.flows.register_family("maf-plain", lambda dim, **kw: pf.transforms.MAF(dim, **kw), True,
+                             fold=pf.flows.FOLDED_PERMUTATIONS["maf"])
+    try:
+        flow = pf.flows.build("maf-plain", 3, num_layers=3, hidden_dims=(8,))
+        assert len(list(flow.parameters())) == 3
+    finally:
+        pf.flows.FAMILIES.pop("maf-plain")
+        pf.flows.FOLDED_PERMUTATIONS.pop("maf-plain")
+    gated = pf.flows.build("iaf", 3, num_layers=3, hidden_dims=(8,), gated=True)
+    assert len(list(gated.parameters())) == 1  # still one run of same-size networks
+
+
+@pytest.mark.parametrize("name,dim", [("maf", 3), ("iaf", 3), ("realnvp", 4)])
+def test_old_per_layer_state_dicts_load(name, dim, monkeypatch, device, dtype):
+    """A state_dict of a stack built the old way (keys ``{i}.conditioner.flat_parameters``
+    and ``{i}.conditioner.mask``) loads into the stacked build, also inside another module
+    and with the layers shifted by a leading layer (the estimator's whitened stack); the
+    loaded flow maps as the old one."""
+    old = _per_layer(monkeypatch, name, dim, num_layers=3, hidden_dims=(8,))
+    randomize_parameters_(old, scale=0.3, seed=4)
+    lead = pf.transforms.ElementwiseAffine(dim)
+    randomize_parameters_(lead, scale=0.3, seed=5)
+    old_shifted = pf.flows.FlowStack([lead, *old.parts])
+    assert "1.conditioner.flat_parameters" in old_shifted.state_dict()
+    x = torch.randn(6, dim, device=device, dtype=dtype)
+    for stack, make in ((old, lambda flow: flow),
+                        (old_shifted, lambda flow: pf.flows.FlowStack(
+                            [pf.transforms.ElementwiseAffine(dim), *flow.parts]))):
+        new = make(pf.flows.build(name, dim, num_layers=3, hidden_dims=(8,)))
+        wrapper = torch.nn.Module()
+        wrapper.flow = new
+        wrapper.load_state_dict({f"flow.{k}": v for k, v in stack.state_dict().items()})
+        stack, new = stack.to(device, dtype), new.to(device, dtype)
+        torch.testing.assert_close(new.inv(x.clone()), stack.inv(x.clone()), **tolerances(dtype))
+        assert len(list(new.parameters())) == len(list(stack.parameters())) - 2
+
+
+def test_per_layer_param_store_entries_convert(monkeypatch):
+    """What a guide does with a param store of an older version: the per-layer parameter
+    names of the stack's banked layers, and those entries alone (no masks: a param store
+    holds parameters only) turned into the stacked entry."""
+    flow = pf.flows.build("iaf", 3, num_layers=2, hidden_dims=(8,), affine=True)
+    names = pf.flows.per_layer_parameter_names(flow)
+    assert names == ["0.conditioner.flat_parameters", "1.conditioner.flat_parameters"]
+    planar = pf.flows.build("planar", 3, num_layers=2)
+    assert sorted(pf.flows.per_layer_parameter_names(planar)) == sorted(
+        f"{i}.{n}" for i in range(2) for n in ("u", "w", "bias"))
+    old = _per_layer(monkeypatch, "iaf", 3, num_layers=2, hidden_dims=(8,))
+    randomize_parameters_(old, scale=0.3, seed=1)
+    entries = {name: p.detach() for name, p in old.named_parameters()}
+    assert sorted(entries) == names
+    pf.flows._per_layer_keys_to_stacked(flow, entries, "")
+    stacked = entries.pop("0.conditioner.stacked.flat_parameters")
+    assert torch.equal(stacked, torch.stack([p.conditioner.flat_parameters for p in old.parts]))
+    assert set(entries) == {"1.conditioner.stacked.flat_parameters"}  # nothing else left
+
+
+def test_stacked_conditioners_stay_shared_through_to_copy_and_pickle(device):
+    """``.to()``, ``copy.deepcopy`` and pickling keep one bank for all layers (a copy gets
+    its own), so the copy's layers still train together."""
+    import copy
+    import io
+
+    flow = pf.flows.build("maf", 3, num_layers=3, hidden_dims=(8,)).to(device, torch.float64)
+    buf = io.BytesIO()
+    torch.save(flow, buf)
+    buf.seek(0)
+    for other in (flow, copy.deepcopy(flow), torch.load(buf, weights_only=False)):
+        banks = {id(p.conditioner.stacked) for p in other.parts}
+        assert len(banks) == 1 and len(list(other.parameters())) == 1
+        assert other.parts[2].conditioner.flat_parameters.dtype == torch.float64
+        assert other.parts[2].conditioner.mask.device.type == torch.device(device).type
+    assert copy.deepcopy(flow).parts[0].conditioner.stacked is not flow.parts[0].conditioner.stacked

@@ -182,7 +182,7 @@ def test_affine_chain_gradcheck(kinds, device):
     """Finite differences (torch.autograd.gradcheck, float64) for every input of the fused node:
     the chain's input, the incoming log-det and each layer's flat parameters, with the
     parallel map v = mu + e^s u and the single-pass inverse v = (u - mu) e^{-s}."""
-    from pyroflows.transforms.autoregressive import _AffineChain
+    from pyroflows.transforms.autoregressive import affine_chain
 
     layers = [pf.transforms.maf(3, hidden_dims=(4,), order=[1, 0, 2]),
               pf.transforms.realnvp(3, hidden_dims=(4, 4))]
@@ -193,7 +193,7 @@ def test_affine_chain_gradcheck(kinds, device):
     log_det = torch.randn(4, device=device, dtype=torch.float64, requires_grad=True)
     flats = [t.conditioner.flat_parameters for t in layers]
     assert torch.autograd.gradcheck(
-        lambda x, ld, *f: _AffineChain.apply(x, ld, tuple(layers), tuple(kinds), *f),
+        lambda x, ld, *f: affine_chain(x, layers, kinds, ld),  # reads f from the layers
         (x, log_det, *flats))
 
 
@@ -324,3 +324,93 @@ def test_no_grad_sequential_passes_match_plain(name, device, dtype):
         torch.testing.assert_close(a, b, **testing.tolerances(dtype))
     back = t.forward_and_log_det(got[0]) if inverse else t.inverse_and_log_det(got[0])
     torch.testing.assert_close(back[0], x, **testing.tolerances(dtype))
+
+
+# ---- stacked MADE conditioners (issue 9): one parameter tensor for a run of layers --------
+
+def _per_layer_and_stacked(family: str, dim: int, device, dtype, monkeypatch):
+    """The same 3-layer flow twice: built the old way (every MADE its own flat parameter,
+    ``STACKED_CONDITIONER_FAMILIES`` emptied) and as ``build`` makes it now (rows of one
+    bank), with the per-layer one's randomized values copied into the bank's rows."""
+    with monkeypatch.context() as m:
+        m.setattr(pf.flows, "STACKED_CONDITIONER_FAMILIES", set())
+        old = pf.flows.build(family, dim, num_layers=3, hidden_dims=(8,), affine=True)
+    testing.randomize_parameters_(old, scale=0.3, seed=5)
+    new = pf.flows.build(family, dim, num_layers=3, hidden_dims=(8,), affine=True)
+    with torch.no_grad():
+        for a, b in zip(new.parts[:3], old.parts[:3], strict=True):
+            a.conditioner.flat_parameters.copy_(b.conditioner.flat_parameters)  # a row view
+    new.parts[3].load_state_dict(old.parts[3].state_dict())  # the affine layer
+    return old.to(device, dtype), new.to(device, dtype)
+
+
+@pytest.mark.parametrize("family,dim", [("maf", 4), ("iaf", 3), ("realnvp", 4),
+                                        ("realnvp", 32)])  # 32: the compact coupling network
+def test_stacked_conditioners_match_per_layer_parameters(family, dim, device, dtype,
+                                                         monkeypatch):
+    """Against the layers with per-layer parameters (the previous implementation): the same
+    values both directions, the same gradients (the bank's row k is layer k's gradient),
+    masked entries exactly 0, and the plain (non-fused) path's gradients too."""
+    old, new = _per_layer_and_stacked(family, dim, device, dtype, monkeypatch)
+    bank = new.parts[0].conditioner.stacked.flat_parameters
+    assert bank.shape[0] == 3 and len(list(new.parameters())) == len(list(old.parameters())) - 2
+    if family == "realnvp" and dim == 32:
+        assert all(p.coupling_halves is not None for p in new.parts[:3])
+    tol = testing.tolerances(dtype)
+    x = torch.randn(7, dim, device=device, dtype=dtype)
+    weights = torch.rand(7, device=device, dtype=dtype)
+    for inverse in (True, False):
+        results = []
+        for flow in (old, new):
+            flow.zero_grad()
+            xv = x.clone().requires_grad_(True)
+            if inverse:
+                y, ld = flow.inverse_and_log_det(xv)
+            else:
+                y = flow(xv)
+                ld = flow.log_abs_det_jacobian(xv, y)
+            (y.sin().sum() + (ld * weights).sum()).backward()
+            results.append((y.detach(), ld.detach(), xv.grad))
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, **tol)
+        grads_old = torch.stack([p.conditioner.flat_parameters.grad for p in old.parts[:3]])
+        torch.testing.assert_close(bank.grad, grads_old, **tol)
+        masked = new.parts[0].conditioner.stacked.mask == 0
+        assert torch.equal(bank.grad[masked], torch.zeros_like(bank.grad[masked]))
+    # the plain operations on the stacked rows (row views, autograd) give the same gradient
+    fused_grad = bank.grad.clone()
+    plain = copy.deepcopy(new)
+    plain.fused = False
+    plain_bank = plain.parts[0].conditioner.stacked.flat_parameters
+    xv = x.clone()
+    y = plain(xv)
+    (y.sin().sum() + (plain.log_abs_det_jacobian(xv, y) * weights).sum()).backward()
+    torch.testing.assert_close(plain_bank.grad, fused_grad, **tol)
+
+
+def test_stacked_chain_gradcheck_partial_and_mixed_runs(device):
+    """Finite differences through affine_chain over rows of one bank in the orders a stack
+    runs them (last first), a partial run that skips a row (whose gradient must be 0), one
+    row alone, and rows around a layer with parameters of its own."""
+    from pyroflows.transforms.autoregressive import affine_chain
+
+    flow = pf.flows.build("maf", 3, num_layers=3, hidden_dims=(4,))
+    testing.randomize_parameters_(flow, scale=0.5, seed=6)
+    flow = flow.to(device, torch.float64)
+    lone = pf.transforms.maf(3, hidden_dims=(4,), order=[1, 2, 0])
+    testing.randomize_parameters_(lone, scale=0.5, seed=7)
+    lone = lone.to(device, torch.float64)
+    a, b, c = flow.parts
+    bank = a.conditioner.stacked.flat_parameters
+    kind = (True, -1.0)  # MAF's inverse: the parallel map, log-det of the forward map
+    x = torch.randn(4, 3, device=device, dtype=torch.float64, requires_grad=True)
+    ld = torch.randn(4, device=device, dtype=torch.float64, requires_grad=True)
+    for layers in ([c, b, a], [c, a], [b], [c, lone, a]):
+        kinds = [kind] * len(layers)
+        assert torch.autograd.gradcheck(
+            lambda x, ld, *p, layers=layers, kinds=kinds: affine_chain(x, layers, kinds, ld),
+            (x, ld, bank, lone.conditioner.flat_parameters))
+    bank.grad = None
+    affine_chain(x, [c, a], [kind] * 2)[1].sum().backward()
+    assert torch.equal(bank.grad[1], torch.zeros_like(bank.grad[1]))  # row b is not in the run
+    assert (bank.grad[0] != 0).any() and (bank.grad[2] != 0).any()

@@ -134,6 +134,18 @@ def _maf_stack():
     return _randomized(flow, scale=0.2)
 
 
+# Built IAF/MAF/RealNVP stacks keep their networks' parameters in one shared (L, P) tensor; a
+# layer taken out of one must still pass the suite on its own (its parameters are that tensor).
+@register("iaf-stack-layer", 3)
+def _iaf_stack_layer():
+    return _randomized(pf.flows.build("iaf", 3, num_layers=3, hidden_dims=(8,)), scale=0.3)[1]
+
+
+@register("maf-stack-layer", 3)
+def _maf_stack_layer():
+    return _randomized(pf.flows.build("maf", 3, num_layers=3, hidden_dims=(8,)), scale=0.2)[2]
+
+
 @register("realnvp-stack", 4)
 def _realnvp_stack():
     flow = pf.flows.build("realnvp", 4, num_layers=3, hidden_dims=(8,), permutation="random")

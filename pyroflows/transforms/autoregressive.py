@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..nn.made import MADE, default_hidden_dims
+from ..nn.made import MADE, StackedMADE, default_hidden_dims
 from .base import FlowTransform
 
 __all__ = ["IAF", "MAF", "iaf", "maf", "affine_chain", "traced"]
@@ -312,6 +312,11 @@ def affine_chain(
     :math:`s = b \tanh(\tilde s / b)`; the MADE part is
     :meth:`~pyroflows.nn.MADE.fused_backward`. It is not twice differentiable (second
     derivatives raise an error instead of returning wrong values).
+
+    Layers whose networks are rows of one :class:`~pyroflows.nn.made.MADEParameters` (the
+    layers of a stack built by :func:`pyroflows.flows.build`, in either order) are read
+    through the stacked tensor itself: one mask product for all of them, and one gradient,
+    written row by row and masked once.
     """
     if traced():
         for layer, (parallel, _) in zip(layers, kinds, strict=True):
@@ -319,23 +324,72 @@ def affine_chain(
             x, ld = layer.plain_map(x, inverse)
             log_det = ld if log_det is None else log_det + ld
         return x, log_det
-    flats = [layer.conditioner.flat_parameters for layer in layers]
+    groups = _parameter_groups(layers)
+    tensors = [flat for flat, _, _ in groups]
     if torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in flats)
+        x.requires_grad or any(p.requires_grad for p in tensors)
         or (log_det is not None and log_det.requires_grad)
     ):
-        return _AffineChain.apply(x, log_det, tuple(layers), tuple(kinds), *flats)
-    return _chain_forward(x, log_det, layers, kinds, flats, None)
+        layout = tuple((mask, rows) for _, mask, rows in groups)
+        return _AffineChain.apply(x, log_det, tuple(layers), tuple(kinds), layout, *tensors)
+    return _chain_forward(x, log_det, layers, kinds, groups, None)
 
 
-def _chain_forward(x, log_det, layers, kinds, flats, saved: list | None):
+def _parameter_groups(layers) -> list[tuple[Tensor, Tensor, tuple[int, ...] | None]]:
+    """The parameters of a chain's layers as ``(flat, mask, rows)`` groups, in the layers'
+    order: consecutive layers whose networks are rows of one
+    :class:`~pyroflows.nn.made.MADEParameters` give one group, the whole stacked (L, P)
+    tensor with the rows they use (in the order they run; a stack's inverse runs them last
+    first), so the chain reads one parameter tensor, not a row view per layer; any other
+    layer (and a row alone) gives its (P,) ``flat_parameters`` with ``rows = None``."""
+    groups = []
+    i = 0
+    while i < len(layers):
+        net = layers[i].conditioner
+        i += 1
+        if type(net) is not StackedMADE:
+            groups.append((net.flat_parameters, net.mask, None))
+            continue
+        stacked, rows = net.stacked, [net.index]
+        while i < len(layers):
+            nxt = layers[i].conditioner
+            if type(nxt) is not StackedMADE or nxt.stacked is not stacked or nxt.index in rows:
+                break
+            rows.append(nxt.index)
+            i += 1
+        if len(rows) == 1:  # one layer alone: its row (a view) costs less than all rows
+            groups.append((net.flat_parameters, net.mask, None))
+        else:
+            groups.append((stacked.flat_parameters, stacked.mask, tuple(rows)))
+    return groups
+
+
+def _group_rows(tensors, layout) -> list:
+    """One (P,) tensor per layer, in the chain's order, from per-group tensors laid out as
+    the groups' parameters ((L, P) with ``rows``, or (P,)); ``None`` for a group's ``None``."""
+    out: list = []
+    for t, (_, rows) in zip(tensors, layout, strict=True):
+        if rows is None:
+            out.append(t)
+        elif t is None:
+            out.extend([None] * len(rows))
+        else:
+            every = t.unbind(0)
+            out.extend(every[r] for r in rows)
+    return out
+
+
+def _chain_forward(x, log_det, layers, kinds, groups, saved: list | None):
     # runs with autograd off; every tensor made here is fresh, so in-place ops are safe
     shape = x.shape
     batch_shape = shape[:-1]
     u = x.reshape(-1, shape[-1])
-    for layer, (parallel, sign), flat in zip(layers, kinds, flats, strict=True):
+    # one mask product per group: a stacked run of layers is masked at once
+    products = _group_rows([flat * mask for flat, mask, _ in groups],
+                           [(mask, rows) for _, mask, rows in groups])
+    for layer, (parallel, sign), product in zip(layers, kinds, products, strict=True):
         net = layer.conditioner
-        weights, biases = net.masked_weights(flat)
+        weights, biases = net.split_weights(product)
         halves = layer.coupling_halves
         if halves is not None:  # a coupling layer: the network on the conditioning half only
             weights, biases = layer.compact_weights(weights, biases)
@@ -375,12 +429,14 @@ class _AffineChain(torch.autograd.Function):
     """The autograd node of :func:`affine_chain`."""
 
     @staticmethod
-    def forward(ctx, x, log_det, layers, kinds, *flats):
+    def forward(ctx, x, log_det, layers, kinds, layout, *flats):
+        # layout: (mask, rows) of every parameter group (see _parameter_groups)
         saved: list = []
         ctx.log_det_shape = None if log_det is None else log_det.shape
-        v, log_det = _chain_forward(x, log_det, layers, kinds, flats, saved)
+        groups = [(flat, mask, rows) for flat, (mask, rows) in zip(flats, layout, strict=True)]
+        v, log_det = _chain_forward(x, log_det, layers, kinds, groups, saved)
         ctx.save_for_backward(x, *flats)  # in-place edits of these after the call are errors
-        ctx.layers, ctx.kinds, ctx.saved = layers, kinds, saved
+        ctx.layers, ctx.kinds, ctx.saved, ctx.layout = layers, kinds, saved, layout
         ctx.set_materialize_grads(False)
         return v, log_det
 
@@ -389,13 +445,19 @@ class _AffineChain(torch.autograd.Function):
     def backward(ctx, grad_v, grad_log_det):
         x, *flats = ctx.saved_tensors
         if grad_v is None and grad_log_det is None:
-            return (None,) * (4 + len(flats))
+            return (None,) * (5 + len(flats))
         dim = x.shape[-1]
         g = None if grad_v is None else grad_v.reshape(-1, dim)
         g_ld = None if grad_log_det is None else grad_log_det.reshape(-1, 1)
-        grad_flats: list[Tensor | None] = [None] * len(flats)
+        # every group's gradient, written unmasked row by row, masked once at the end; rows
+        # of a stacked tensor that the chain does not use get zeros
+        grad_flats: list[Tensor | None] = [
+            (torch.empty_like(flat) if rows is None or len(rows) == len(flat)
+             else torch.zeros_like(flat)) if ctx.needs_input_grad[5 + j] else None
+            for j, (flat, (_, rows)) in enumerate(zip(flats, ctx.layout, strict=True))]
+        grad_rows = _group_rows(grad_flats, ctx.layout)
         g_ld_neg = None if g_ld is None else -g_ld
-        for k in range(len(flats) - 1, -1, -1):
+        for k in range(len(ctx.layers) - 1, -1, -1):
             (parallel, sign), (inputs, weights, tanh, scale, shift, u, halves) = (
                 ctx.kinds[k], ctx.saved[k])  # halves as the forward pass ran, whatever since
             signed_g_ld = g_ld if sign > 0 else g_ld_neg
@@ -424,17 +486,13 @@ class _AffineChain(torch.autograd.Function):
             grad_out = torch.cat([grad_shift, grad_raw], dim=-1)
             net = layer.conditioner
             need_input = k > 0 or ctx.needs_input_grad[0]
-            grad_params = None
-            if ctx.needs_input_grad[4 + k]:
-                if halves is None:
-                    grad_flats[k] = torch.empty_like(flats[k])
-                else:
-                    grad_flats[k], grad_params = _compact_grad_buffers(layer, flats[k],
-                                                                       weights)
-            g_in = net.fused_backward(grad_out, inputs, weights, grad_flats[k], need_input,
-                                      grad_params)
+            grad_flat, grad_params = grad_rows[k], None
+            if grad_flat is not None and halves is not None:
+                grad_params = _compact_grad_buffers(layer, grad_flat, weights)
+            g_in = net.fused_backward(grad_out, inputs, weights, grad_flat, need_input,
+                                      grad_params, mask_grad=False)
             if grad_params is not None:
-                _scatter_compact_grads(layer, halves, grad_flats[k], grad_params)
+                _scatter_compact_grads(layer, halves, grad_flat, grad_params)
             if halves is not None and need_input:  # back to all D coordinates
                 g_cond = g_in if g is None else g_in.add_(g[:, halves[0]])  # dv_a/du_a = 1
                 g_trans = torch.zeros_like(tanh) if direct is None else direct
@@ -444,28 +502,32 @@ class _AffineChain(torch.autograd.Function):
             if g_in is not None and direct is not None:
                 g_in = g_in.add_(direct)
             g = g_in
+        for grad, (mask, _) in zip(grad_flats, ctx.layout, strict=True):
+            if grad is not None:
+                grad.mul_(mask)
         grad_x = None if g is None else g.reshape(x.shape)
         grad_ld0 = None
         if ctx.needs_input_grad[1] and grad_log_det is not None:
             grad_ld0 = grad_log_det.sum_to_size(ctx.log_det_shape)
-        return (grad_x, grad_ld0, None, None, *grad_flats)
+        return (grad_x, grad_ld0, None, None, None, *grad_flats)
 
 
-def _compact_grad_buffers(layer, flat: Tensor, weights: Sequence[Tensor]):
-    """A zero gradient laid out as ``flat`` and, for every layer of a coupling conditioner's
-    compact network, where its gradient goes: the hidden layers' weights and biases straight
-    into their pieces of the gradient, the first layer's and the output layer's sub-blocks
-    into buffers that :func:`_scatter_compact_grads` copies to their places."""
+def _compact_grad_buffers(layer, grad_flat: Tensor, weights: Sequence[Tensor]):
+    """Zero ``grad_flat`` (laid out as the layer's ``flat_parameters``) and say, for every
+    layer of a coupling conditioner's compact network, where its gradient goes: the hidden
+    layers' weights and biases straight into their pieces of ``grad_flat``, the first
+    layer's and the output layer's sub-blocks into buffers that
+    :func:`_scatter_compact_grads` copies to their places."""
     net = layer.conditioner
-    grad_flat = torch.zeros_like(flat)
+    grad_flat.zero_()
     pieces = torch.split_with_sizes(grad_flat, net._sizes)
     grad_params = [(pieces[2 * k].view(shape), pieces[2 * k + 1])
                    for k, shape in enumerate(net._shapes)]
     last = len(weights) - 1
-    grad_params[0] = (flat.new_empty(weights[0].shape), grad_params[0][1])
-    grad_params[last] = (flat.new_empty(weights[last].shape),
-                         flat.new_empty(weights[last].shape[0]))
-    return grad_flat, grad_params
+    grad_params[0] = (grad_flat.new_empty(weights[0].shape), grad_params[0][1])
+    grad_params[last] = (grad_flat.new_empty(weights[last].shape),
+                         grad_flat.new_empty(weights[last].shape[0]))
+    return grad_params
 
 
 def _scatter_compact_grads(layer, halves, grad_flat: Tensor, grad_params) -> None:
