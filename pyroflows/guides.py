@@ -30,7 +30,7 @@ from torch.distributions.transforms import IndependentTransform
 
 from . import flows
 from .transforms import ElementwiseAffine, FlowTransform, TriangularAffine
-from .transforms.affine import tril_affine_solve
+from .transforms.affine import _PackedAffine, tril_affine_solve
 
 __all__ = [
     "AutoFlowGuide",
@@ -452,6 +452,8 @@ class AutoFlowGuide(AutoContinuous):
             prefix = self._pyro_get_fullname(attr)
             if at_setup and isinstance(module, flows.FlowStack):
                 _stack_per_layer_entries(store, prefix, module)
+            if at_setup and isinstance(module, _PackedAffine):
+                _pack_separate_entries_in_store(store, prefix, module)
             for pname, p in module.named_parameters():
                 if not p.requires_grad:
                     continue
@@ -794,6 +796,19 @@ def _stack_per_layer_entries(store, prefix: str, stack: flows.FlowStack) -> None
             del store[param_with_module_name(prefix, key)]
 
 
+def _pack_separate_entries_in_store(store, prefix: str, affine: _PackedAffine) -> None:
+    """Param store entries of an affine layer saved before its parameters were packed
+    (``affine.loc``, ``affine.log_scale``, ``affine.lower``) become its ``affine.packed``
+    entry, so such a param store still initializes a new guide."""
+    old = {name: param_with_module_name(prefix, name) for name in affine._ROWS}
+    new = param_with_module_name(prefix, "packed")
+    if new in store or not all(key in store for key in old.values()):
+        return
+    store[new] = affine.pack(**{name: store[key].detach() for name, key in old.items()})
+    for key in old.values():
+        del store[key]
+
+
 def _match_laplace_layer(guide: AutoFlowGuide, state_dict: dict, prefix: str, *args) -> None:
     """Load-state-dict pre-hook: give the guide the fixed Laplace layer exactly when the
     ``state_dict`` has one, so a guide whose Laplace start was kept loads into a fresh guide
@@ -809,7 +824,8 @@ def _match_laplace_layer(guide: AutoFlowGuide, state_dict: dict, prefix: str, *a
         guide.laplace = _FixedAffine(state_dict[loc], state_dict[scale_tril]).to(
             device=affine.loc.device, dtype=affine.loc.dtype)
         guide.laplace_info = {"used": True, "reason": "loaded from a state_dict"}
-    elif has and loc not in state_dict and f"{prefix}affine.loc" in state_dict:
+    elif has and loc not in state_dict and (f"{prefix}affine.packed" in state_dict
+                                            or f"{prefix}affine.loc" in state_dict):
         del guide._modules["laplace"]
         guide.laplace_info = {"used": False, "reason": "loaded from a state_dict without it"}
 
@@ -910,7 +926,7 @@ def optim_args(flow: str | AutoFlowGuide | None = None, lr: float | None = None,
         >>> optimizer = pyro.optim.Adam(optim_args("iaf"))
         >>> optim_args("iaf")("AutoIAF.flow.0.conditioner.flat_parameters")["lr"]
         0.003
-        >>> optim_args("iaf")("AutoIAF.affine.loc")["lr"]
+        >>> optim_args("iaf")("AutoIAF.affine.packed")["lr"]
         0.05
     """
     default, default_flow = default_lr(flow)

@@ -13,12 +13,53 @@ __all__ = [
 ]
 
 
-class ElementwiseAffine(FlowTransform):
+class _PackedAffine(FlowTransform):
+    """Shared by the affine layers: all their parameters live in one tensor ``packed``, whose
+    rows are named by ``_ROWS`` (``loc``, ``log_scale``, ...; read and edited in place as views
+    of it), so an optimizer that steps each parameter tensor on its own (Pyro's) makes one
+    step per layer instead of two or three. State dicts with the earlier separate entries
+    (``loc``, ``log_scale``, ``lower``) still load."""
+
+    _ROWS: tuple[str, ...] = ()
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self._register_load_state_dict_pre_hook(_pack_separate_entries, with_module=True)
+
+    def __getattr__(self, name: str):
+        rows = type(self)._ROWS
+        if name in rows:  # a view of the packed parameter: differentiable, editable in place
+            return self._row(name)
+        return super().__getattr__(name)
+
+    def _row(self, name: str) -> Tensor:
+        raise NotImplementedError
+
+    def pack(self, **parts: Tensor) -> Tensor:
+        """The ``packed`` tensor of the given parts (every name of ``_ROWS``)."""
+        raise NotImplementedError
+
+
+def _pack_separate_entries(module: _PackedAffine, state_dict: dict, prefix: str,
+                           *args) -> None:
+    """Load-state-dict pre-hook: the separate entries of earlier versions become ``packed``."""
+    keys = {name: prefix + name for name in module._ROWS}
+    if prefix + "packed" in state_dict or not all(k in state_dict for k in keys.values()):
+        return  # a current state dict, or a broken one: the usual checks report it
+    state_dict[prefix + "packed"] = module.pack(
+        **{name: state_dict.pop(key) for name, key in keys.items()})
+
+
+class ElementwiseAffine(_PackedAffine):
     r"""Elementwise affine map :math:`y = \mu + e^{s} \odot x`, with
     :math:`\log|\det J| = \sum_i s_i`.
 
     Placed last in a guide's flow, it starts the posterior as the mean-field Gaussian
     :math:`N(\mu, \mathrm{diag}(e^{2s}))` instead of :math:`N(0, I)`.
+
+    Its one parameter ``packed`` (shape (2, D)) holds :math:`\mu` and :math:`s` as rows;
+    ``loc`` and ``log_scale`` are those rows (views: differentiable, editable in place under
+    ``torch.no_grad()``).
 
     Arguments:
         dim: the event size D.
@@ -30,7 +71,11 @@ class ElementwiseAffine(FlowTransform):
         >>> t = pf.transforms.ElementwiseAffine(2, loc=torch.tensor([1.0, -1.0]), scale=0.5)
         >>> t(torch.zeros(1, 2)).tolist()
         [[1.0, -1.0]]
+        >>> [name for name, _ in t.named_parameters()]
+        ['packed']
     """
+
+    _ROWS = ("loc", "log_scale")
 
     def __init__(self, dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0) -> None:
         super().__init__(dim)
@@ -38,20 +83,28 @@ class ElementwiseAffine(FlowTransform):
         scale_t = torch.as_tensor(scale, dtype=torch.get_default_dtype())
         if not bool((scale_t > 0).all()):
             raise ValueError(f"ElementwiseAffine: scale must be positive, got {scale}")
-        self.loc = nn.Parameter(loc_t.detach().clone().expand(dim).contiguous())
-        self.log_scale = nn.Parameter(scale_t.detach().log().expand(dim).contiguous())
+        self.packed = nn.Parameter(self.pack(loc=loc_t.detach().expand(dim),
+                                             log_scale=scale_t.detach().log().expand(dim)))
+
+    def _row(self, name: str) -> Tensor:
+        return self.packed[self._ROWS.index(name)]
+
+    def pack(self, loc: Tensor, log_scale: Tensor) -> Tensor:
+        return torch.stack([loc, log_scale.to(loc)])
 
     @property
     def scale(self) -> Tensor:
         return self.log_scale.exp()
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y = torch.addcmul(self.loc, self.log_scale.exp(), x)
-        return y, self.log_scale.sum().expand(x.shape[:-1])
+        loc, log_scale = self.packed.unbind(0)
+        y = torch.addcmul(loc, log_scale.exp(), x)
+        return y, log_scale.sum().expand(x.shape[:-1])
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        x = (y - self.loc) * torch.exp(-self.log_scale)
-        return x, self.log_scale.sum().expand(y.shape[:-1])
+        loc, log_scale = self.packed.unbind(0)
+        x = (y - loc) * torch.exp(-log_scale)
+        return x, log_scale.sum().expand(y.shape[:-1])
 
 
 def elementwise_affine(dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0):
@@ -59,7 +112,7 @@ def elementwise_affine(dim: int, loc: Tensor | float = 0.0, scale: Tensor | floa
     return ElementwiseAffine(dim, loc=loc, scale=scale)
 
 
-class TriangularAffine(FlowTransform):
+class TriangularAffine(_PackedAffine):
     r"""Full-rank affine map :math:`y = \mu + L x` with :math:`L` lower triangular,
     :math:`L_{ii} = e^{s_i} > 0`, and :math:`\log|\det J| = \sum_i s_i`.
 
@@ -69,6 +122,10 @@ class TriangularAffine(FlowTransform):
     networks start at the identity learn only slowly. With ``precondition="whiten"`` it is also
     the base-side layer of a :class:`~pyroflows.density.DensityEstimator`, started at the
     Cholesky factor of the data's covariance (:meth:`set_scale_tril_`).
+
+    Its one parameter ``packed`` (shape (D + 2, D)) holds, as rows, ``lower`` (D rows, of which
+    only the strictly lower part is used), ``loc`` and ``log_scale``; the three names are views
+    of those rows (differentiable, editable in place under ``torch.no_grad()``).
 
     Arguments:
         dim: the event size D.
@@ -83,20 +140,36 @@ class TriangularAffine(FlowTransform):
         [[3.0, 3.0]]
     """
 
+    _ROWS = ("lower", "loc", "log_scale")
+
     def __init__(self, dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0) -> None:
         super().__init__(dim)
         loc_t = torch.as_tensor(loc, dtype=torch.get_default_dtype())
         scale_t = torch.as_tensor(scale, dtype=torch.get_default_dtype())
         if not bool((scale_t > 0).all()):
             raise ValueError(f"TriangularAffine: scale must be positive, got {scale}")
-        self.loc = nn.Parameter(loc_t.detach().clone().expand(dim).contiguous())
-        self.log_scale = nn.Parameter(scale_t.detach().log().expand(dim).contiguous())
-        self.lower = nn.Parameter(torch.zeros(dim, dim))  # only the strictly lower part is used
+        self.packed = nn.Parameter(self.pack(
+            lower=torch.zeros(dim, dim), loc=loc_t.detach().expand(dim),
+            log_scale=scale_t.detach().log().expand(dim)))
+
+    def _row(self, name: str) -> Tensor:
+        if name == "lower":
+            return self.packed[:self.dim]
+        return self.packed[self.dim + (name == "log_scale")]
+
+    def pack(self, lower: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+        return torch.cat([lower.to(loc), loc[None], log_scale.to(loc)[None]])
+
+    def _parts(self) -> tuple[Tensor, Tensor, Tensor]:
+        lower, loc, log_scale = self.packed.split((self.dim, 1, 1))
+        log_scale = log_scale[0]
+        scale_tril = torch.tril(lower, diagonal=-1) + torch.diag_embed(log_scale.exp())
+        return loc[0], scale_tril, log_scale
 
     @property
     def scale_tril(self) -> Tensor:
         """:math:`L`, lower triangular with positive diagonal."""
-        return torch.tril(self.lower, diagonal=-1) + torch.diag_embed(self.log_scale.exp())
+        return self._parts()[1]
 
     @torch.no_grad()
     def set_scale_tril_(self, tril: Tensor) -> None:
@@ -104,16 +177,17 @@ class TriangularAffine(FlowTransform):
         if tril.shape != (self.dim, self.dim) or not bool((tril.diagonal() > 0).all()):
             raise ValueError(f"TriangularAffine: expected a ({self.dim}, {self.dim}) lower "
                              f"triangular matrix with a positive diagonal, got {tuple(tril.shape)}")
-        self.lower.copy_(torch.tril(tril, -1).to(self.lower))
-        self.log_scale.copy_(tril.diagonal().log().to(self.log_scale))
+        self.lower.copy_(torch.tril(tril, -1).to(self.packed))
+        self.log_scale.copy_(tril.diagonal().log().to(self.packed))
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y = self.loc + x @ self.scale_tril.T
-        return y, self.log_scale.sum().expand(x.shape[:-1])
+        loc, scale_tril, log_scale = self._parts()
+        y = loc + x @ scale_tril.T
+        return y, log_scale.sum().expand(x.shape[:-1])
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return tril_affine_solve(self.loc, self.scale_tril, y), self.log_scale.sum().expand(
-            y.shape[:-1])
+        loc, scale_tril, log_scale = self._parts()
+        return tril_affine_solve(loc, scale_tril, y), log_scale.sum().expand(y.shape[:-1])
 
 
 def triangular_affine(dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0):
