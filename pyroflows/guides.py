@@ -22,7 +22,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.poutine.util import site_is_subsample
 from pyro.util import check_site_shape, warn_if_nan
 from torch import Tensor, nn
 from torch.distributions import ComposeTransform, Transform, biject_to
@@ -642,7 +642,8 @@ class AutoFlowGuide(AutoContinuous):
         densities. Returns ``(trace, log_q, entropy, jacobian)``: a trace holding the latent
         and the site values (to replay the model against), :math:`\log q(u)` of shape
         ``shape``, :math:`\log q_{\bar\phi}(u)` for sticking the landing (else ``None``) and
-        :math:`-\sum \log|\det J_T|`, the summed log density of the ``Delta`` sites."""
+        :math:`-\sum \log|\det J_T|`, the summed log density of the ``Delta`` sites (``None``
+        where every site is unconstrained: no kernels for a sum of zeros)."""
         with self._pyro_context:  # as __call__: the parameters register under their names
             self._sync_param_store()
             base, transforms = self.get_base_dist(), self._transforms()
@@ -669,7 +670,7 @@ class AutoFlowGuide(AutoContinuous):
             trace.add_node(f"_{self._pyro_name}_latent", name=f"_{self._pyro_name}_latent",
                            type="sample", fn=posterior, value=latent, is_observed=False,
                            infer={"is_auxiliary": True, "flow_latent": True})
-            jacobian = latent.new_zeros(())
+            jacobian = None
             for site, unconstrained in self._unpack_latent(latent):
                 name = site["name"]
                 transform = biject_to(site["fn"].support)
@@ -678,7 +679,8 @@ class AutoFlowGuide(AutoContinuous):
                     log_density = transform.inv.log_abs_det_jacobian(value, unconstrained)
                     log_density = sum_rightmost(
                         log_density, log_density.dim() - value.dim() + site["fn"].event_dim)
-                    jacobian = jacobian + log_density.sum()
+                    log_density = log_density.sum()
+                    jacobian = log_density if jacobian is None else jacobian + log_density
                 trace.add_node(name, name=name, type="sample", fn=None, value=value,
                                is_observed=False, infer={})
         return trace, log_q, entropy, jacobian
@@ -1119,28 +1121,41 @@ class FlowELBO(Trace_ELBO):
             if beta < 1.0:
                 replayed = poutine.scale(replayed, scale=beta)
             if vectorized:
-                replayed = pyro.plate("num_particles_vectorized", self.num_particles,
-                                      dim=-self.max_plate_nesting)(replayed)
+                replayed = self._particle_plate()(replayed)
             model_trace = poutine.trace(replayed, graph_type="flat").get_trace(*args, **kwargs)
-            if is_validation_enabled():
+            validate = is_validation_enabled()
+            if validate:
                 _check_direct_match(model_trace, guide_trace)
-            model_trace = prune_subsample_sites(model_trace)
-            model_trace.compute_log_prob()
-            if is_validation_enabled():
+            # as on the pruned trace (no subsample sites), without copying it
+            model_trace.compute_log_prob(site_filter=_not_subsample)
+            if validate:
                 for site in model_trace.nodes.values():
-                    if site["type"] == "sample":
+                    if site["type"] == "sample" and not site_is_subsample(site):
                         check_site_shape(site, self.max_plate_nesting)
             if self._training:
                 self._traces.append((model_trace, guide_trace))
-            model_log_prob = model_trace.log_prob_sum()
+            model_log_prob = model_trace.log_prob_sum(site_filter=_not_subsample)
             # the guide's log density: the latent's and its Delta sites' (-log|det J_T|,
-            # tempered as _TemperJacobians does)
-            guide_log_prob = log_q.sum() + beta * jacobian
-            surrogate_guide = guide_log_prob if entropy is None else (
-                entropy.sum() + beta * jacobian)
+            # tempered as _TemperJacobians does; None where every site is unconstrained)
+            guide_log_prob = log_q.sum()
+            surrogate_guide = guide_log_prob if entropy is None else entropy.sum()
+            if jacobian is not None:
+                guide_log_prob = guide_log_prob + beta * jacobian
+                surrogate_guide = surrogate_guide + beta * jacobian
             loss = -(torch_item(model_log_prob) - torch_item(guide_log_prob))
             surrogate = -(model_log_prob - surrogate_guide)
             yield loss / self.num_particles, surrogate / self.num_particles
+
+    def _particle_plate(self) -> pyro.plate:
+        """Trace_ELBO's vectorized-particle plate, made once (it subsamples nothing, so one
+        instance serves every step)."""
+        key = (self.num_particles, self.max_plate_nesting)
+        cached = self.__dict__.get("_cached_particle_plate")
+        if cached is None or cached[0] != key:
+            cached = (key, pyro.plate("num_particles_vectorized", self.num_particles,
+                                      dim=-self.max_plate_nesting))
+            self.__dict__["_cached_particle_plate"] = cached
+        return cached[1]
 
     def _direct_loss_and_grads(self, model, guide, *args, **kwargs):
         loss = 0.0
@@ -1164,6 +1179,10 @@ def _is_identity(transform: Transform) -> bool:
     while isinstance(transform, IndependentTransform):
         transform = transform.base_transform
     return isinstance(transform, ComposeTransform) and not transform.parts
+
+
+def _not_subsample(name: str, site: dict) -> bool:
+    return not site_is_subsample(site)
 
 
 def _check_direct_match(model_trace, guide_trace) -> None:
