@@ -763,13 +763,29 @@ class _FixedAffine(FlowTransform):
         self.register_buffer("loc", loc.detach().clone())
         self.register_buffer("scale_tril", scale_tril.detach().clone())
 
+    def _log_det(self) -> Tensor:
+        # fixed: computed once per state of the buffer (load_state_dict and .to() change it)
+        tril = self.scale_tril
+        key = (tril._version, torch.is_inference_mode_enabled())
+        cached = self.__dict__.get("_cached_log_det")  # (buffer, key, log_det)
+        if cached is None or cached[0] is not tril or cached[1] != key:
+            cached = (tril, key, tril.diagonal().log().sum())
+            self.__dict__["_cached_log_det"] = cached
+        return cached[2]
+
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        log_det = self.scale_tril.diagonal().log().sum()
-        return self.loc + x @ self.scale_tril.T, log_det.expand(x.shape[:-1])
+        # loc + x C^T as one addmm over the flattened batch
+        y = torch.addmm(self.loc, x.reshape(-1, self.dim), self.scale_tril.T).view(x.shape)
+        return y, self._log_det().expand(x.shape[:-1])
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         x = tril_affine_solve(self.loc, self.scale_tril, y)
-        return x, self.scale_tril.diagonal().log().sum().expand(y.shape[:-1])
+        return x, self._log_det().expand(y.shape[:-1])
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_cached_log_det", None)
+        return state
 
 
 def _stack_per_layer_entries(store, prefix: str, stack: flows.FlowStack) -> None:
