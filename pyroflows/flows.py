@@ -585,8 +585,8 @@ def build(
 
     IAF, MAF and RealNVP stacks (``STACKED_CONDITIONER_FAMILIES``) keep the flat parameters
     and masks of all their layers' MADE networks in one
-    :class:`~pyroflows.nn.made.MADEParameters` (an (L, P) parameter and an (L, P) mask buffer)
-    when the networks have one size (always, unless layer keywords differ per layer): each
+    :class:`~pyroflows.nn.made.MADEParameters` (an (L, P) parameter and an (L, P) mask buffer;
+    the networks of a built stack always have one size P): each
     layer's ``conditioner`` is a :class:`~pyroflows.nn.made.StackedMADE` whose
     ``flat_parameters`` is row ``i`` (a view), ``flow.parameters()`` is that one tensor, and the
     ``state_dict`` keys are ``"{i}.conditioner.stacked.flat_parameters"`` and
