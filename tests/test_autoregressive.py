@@ -293,6 +293,12 @@ def test_stacked_made_rows_are_made_networks(device, dtype):
         for i, rank in enumerate(row.degrees.tolist()):
             later = [j for j, r in enumerate(row.degrees.tolist()) if r >= rank]
             assert jac[[i, i + 4]][..., later].abs().max() == 0
+    # all rows split at once: the views of each row's own split (values and strides)
+    for k, (weights, biases) in enumerate(rows[0].split_rows(bank.flat_parameters)):
+        ref_w, ref_b = rows[k].split_weights(bank.flat_parameters[k])
+        for a, b in zip([*weights, *biases], [*ref_w, *ref_b], strict=True):
+            assert torch.equal(a, b) and a.stride() == b.stride()
+            assert a.data_ptr() == b.data_ptr()
     with torch.no_grad():
         rows[1].layer_parameters(-1)[1].fill_(2.0)  # the head bias of row 1, in place
     assert bank.flat_parameters[1, -8:].eq(2.0).all()

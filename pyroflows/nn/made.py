@@ -222,6 +222,18 @@ class MADE(nn.Module):
         weights = [w.view(shape) for w, shape in zip(pieces[0::2], self._shapes, strict=True)]
         return weights, list(pieces[1::2])
 
+    def split_rows(self, stacked: Tensor) -> list[tuple[list[Tensor], list[Tensor]]]:
+        """:meth:`split_weights` for every row of ``stacked``, an (L, P) tensor whose rows
+        are laid out as ``flat_parameters`` (a :class:`MADEParameters` product or gradient):
+        ``[(weights, biases) of row k for k in range(L)]``, views with the strides of
+        :meth:`split_weights`' views. One split of all rows instead of one per row."""
+        num_rows = stacked.shape[0]
+        pieces = torch.split_with_sizes(stacked, self._sizes, dim=1)
+        weights = [w.view(num_rows, *shape).unbind(0)
+                   for w, shape in zip(pieces[0::2], self._shapes, strict=True)]
+        biases = [b.unbind(0) for b in pieces[1::2]]
+        return [([w[k] for w in weights], [b[k] for b in biases]) for k in range(num_rows)]
+
     def hidden_degree_ranges(self) -> list[list[tuple[int, int]]]:
         """For every hidden layer, ``ranges[layer][d] = (start, stop)``: the units of degree
         ``d`` (``1 <= d < num_levels``; index 0 unused) are rows ``start:stop``, since hidden

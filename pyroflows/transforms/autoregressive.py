@@ -379,17 +379,36 @@ def _group_rows(tensors, layout) -> list:
     return out
 
 
+def _split_groups(tensors, groups, layers) -> list:
+    """Every layer's ``(weights, biases)`` views (:meth:`~pyroflows.nn.MADE.split_weights`)
+    into per-group tensors laid out as the groups' parameters, in the chain's order: a
+    stacked group's rows split at once (:meth:`~pyroflows.nn.MADE.split_rows`); ``None``
+    for every layer of a group whose tensor is ``None``."""
+    out: list = []
+    k = 0
+    for t, (_, _, rows) in zip(tensors, groups, strict=True):
+        count = 1 if rows is None else len(rows)
+        net = layers[k].conditioner
+        if t is None:
+            out.extend([None] * count)
+        elif rows is None:
+            out.append(net.split_weights(t))
+        else:
+            every = net.split_rows(t)
+            out.extend(every[r] for r in rows)
+        k += count
+    return out
+
+
 def _chain_forward(x, log_det, layers, kinds, groups, saved: list | None):
     # runs with autograd off; every tensor made here is fresh, so in-place ops are safe
     shape = x.shape
     batch_shape = shape[:-1]
     u = x.reshape(-1, shape[-1])
-    # one mask product per group: a stacked run of layers is masked at once
-    products = _group_rows([flat * mask for flat, mask, _ in groups],
-                           [(mask, rows) for _, mask, rows in groups])
-    for layer, (parallel, sign), product in zip(layers, kinds, products, strict=True):
+    # one mask product per group: a stacked run of layers is masked (and split) at once
+    split = _split_groups([flat * mask for flat, mask, _ in groups], groups, layers)
+    for layer, (parallel, sign), (weights, biases) in zip(layers, kinds, split, strict=True):
         net = layer.conditioner
-        weights, biases = net.split_weights(product)
         halves = layer.coupling_halves
         if halves is not None:  # a coupling layer: the network on the conditioning half only
             weights, biases = layer.compact_weights(weights, biases)
@@ -456,6 +475,9 @@ class _AffineChain(torch.autograd.Function):
              else torch.zeros_like(flat)) if ctx.needs_input_grad[5 + j] else None
             for j, (flat, (_, rows)) in enumerate(zip(flats, ctx.layout, strict=True))]
         grad_rows = _group_rows(grad_flats, ctx.layout)
+        # the gradient pieces of every layer, split once per group like the weights
+        grad_pieces = _split_groups(grad_flats, [(None, None, r) for _, r in ctx.layout],
+                                    ctx.layers)
         g_ld_neg = None if g_ld is None else -g_ld
         for k in range(len(ctx.layers) - 1, -1, -1):
             (parallel, sign), (inputs, weights, tanh, scale, shift, u, halves) = (
@@ -487,11 +509,14 @@ class _AffineChain(torch.autograd.Function):
             net = layer.conditioner
             need_input = k > 0 or ctx.needs_input_grad[0]
             grad_flat, grad_params = grad_rows[k], None
-            if grad_flat is not None and halves is not None:
-                grad_params = _compact_grad_buffers(layer, grad_flat, weights)
+            if grad_flat is not None:
+                if halves is not None:
+                    grad_params = _compact_grad_buffers(layer, grad_flat, weights)
+                else:
+                    grad_params = list(zip(*grad_pieces[k], strict=True))
             g_in = net.fused_backward(grad_out, inputs, weights, grad_flat, need_input,
                                       grad_params, mask_grad=False)
-            if grad_params is not None:
+            if grad_params is not None and halves is not None:
                 _scatter_compact_grads(layer, halves, grad_flat, grad_params)
             if halves is not None and need_input:  # back to all D coordinates
                 g_cond = g_in if g is None else g_in.add_(g[:, halves[0]])  # dv_a/du_a = 1
