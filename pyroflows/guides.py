@@ -789,18 +789,15 @@ class _FixedAffine(FlowTransform):
 
 
 def _stack_per_layer_entries(store, prefix: str, stack: flows.FlowStack) -> None:
-    """Param store entries under the per-layer names of earlier planar/radial stacks
-    (``flow$$$3.u``) become one entry under the stacked name (``flow$$$0.stacked.u``), so a
-    param store saved before the parameters were stacked still initializes a new guide."""
+    """Param store entries under the per-layer names of earlier stacks (planar/radial
+    ``flow$$$3.u``, IAF ``flow$$$1.conditioner.flat_parameters``) become one entry under the
+    stacked name (``flow$$$0.stacked.u``, ``flow$$$0.conditioner.stacked.flat_parameters``),
+    so a param store saved before the parameters were stacked still initializes a new guide."""
     local: dict[str, Tensor] = {}
-    for i, part in enumerate(stack.parts):
-        bank = part._modules.get("stacked")
-        if bank is None:
-            continue
-        for name, _ in bank.named_parameters(recurse=False):
-            full = param_with_module_name(prefix, f"{i}.{name}")
-            if full in store:
-                local[f"{i}.{name}"] = store[full].detach()
+    for name in flows.per_layer_parameter_names(stack):
+        full = param_with_module_name(prefix, name)
+        if full in store:
+            local[name] = store[full].detach()
     if not local:
         return
     converted = dict(local)

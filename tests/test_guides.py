@@ -727,6 +727,27 @@ def test_planar_and_radial_guides_train_three_stacked_tensors(cls, device, dtype
                    for k in pyro.get_param_store().keys())
 
 
+def test_iaf_guide_param_store_with_per_layer_names_initializes_a_new_guide(device, dtype):
+    """A param store saved when every IAF layer kept its own network parameters
+    (``AutoIAF.flow$$${i}.conditioner.flat_parameters``) fills the new guide's one bank of
+    them, row by row, and leaves no per-layer entry behind."""
+    model = _gaussian_problem(device, dtype)[0]
+    guide = AutoIAF(model, num_layers=3, hidden_dims=(8,), laplace_init=False)
+    guide()
+    (bank,) = guide.flow.parameters()
+    with torch.no_grad():
+        bank.normal_()  # distinct rows (masked entries too: the store keeps what it had)
+    pyro.clear_param_store()
+    for i in range(3):
+        pyro.param(f"AutoIAF.flow$$${i}.conditioner.flat_parameters", bank[i].detach().clone())
+    fresh = AutoIAF(model, num_layers=3, hidden_dims=(8,), laplace_init=False)
+    fresh()
+    (got,) = fresh.flow.parameters()
+    torch.testing.assert_close(got, bank, rtol=0, atol=0)
+    assert not any("conditioner.flat_parameters" in k and ".stacked." not in k
+                   for k in pyro.get_param_store().keys())
+
+
 def test_state_dict_loads_across_laplace_and_plain_starts(device, dtype):
     """A guide whose Laplace start was kept loads into a fresh guide without it and vice versa
     (the fixed layer comes or goes with the state_dict): the draws are the saved guide's."""
