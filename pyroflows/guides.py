@@ -652,10 +652,9 @@ class AutoFlowGuide(AutoContinuous):
             if len(shape) and isinstance(stack, flows.FlowStack) and stack.all_flow_transforms:
                 # what the posterior's rsample + log_prob compute, without building the
                 # distribution and its per-call checks: the same base draw, one run of the
-                # stack, its log-det from the stack's cache
+                # stack with its log-det
                 eps = base.rsample(shape)
-                latent = stack(eps)
-                log_det = stack.log_abs_det_jacobian(eps, latent)
+                latent, log_det = stack.forward_and_log_det(eps)
                 log_q = eps.square().sum(-1).mul(-0.5).sub(
                     0.5 * eps.shape[-1] * math.log(2 * math.pi)) - log_det
             else:

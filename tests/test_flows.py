@@ -198,9 +198,9 @@ def test_speed_benchmark_runs(capsys, one_thread):
 
 
 def test_stack_inverse_and_log_det_is_the_inverse_and_its_log_det(device, dtype):
-    """The public pair of a stack: z = f^{-1}(y) and log|det df/dz| at z, against the layers
+    """The public pairs of a stack: z = f^{-1}(y) and log|det df/dz| at z, against the layers
     run one by one (their own inverses and log-dets), from the cache right after a forward
-    call, and refused for a stack with a foreign part."""
+    call; y = f(z) with the same log-det; both refused for a stack with a foreign part."""
     torch.manual_seed(0)
     stack = pf.flows.build("maf", 3, num_layers=3, hidden_dims=(8,)).to(device, dtype)
     randomize_parameters_(stack, scale=0.3)
@@ -217,10 +217,18 @@ def test_stack_inverse_and_log_det_is_the_inverse_and_its_log_det(device, dtype)
     z2, log_det2 = stack.inverse_and_log_det(y2)
     assert z2 is z or torch.equal(z2, z)
     torch.testing.assert_close(log_det2, stack.log_abs_det_jacobian(z, y2))
+    # and the forward pair: y = f(z) with the same log-det, run or from the cache
+    y3, log_det3 = stack.forward_and_log_det(z.clone())
+    torch.testing.assert_close(y3, y)
+    torch.testing.assert_close(log_det3, total)
+    y4, log_det4 = stack.forward_and_log_det(z)
+    assert y4 is y2 and torch.equal(log_det4, log_det2)
     foreign = pf.flows.FlowStack([torch.distributions.transforms.ExpTransform()])
     assert not foreign.all_flow_transforms
     with pytest.raises(TypeError, match="FlowTransform"):
         foreign.inverse_and_log_det(y)
+    with pytest.raises(TypeError, match="FlowTransform"):
+        foreign.forward_and_log_det(y)
 
 
 # ---- stacked MADE conditioners (issue 9) -------------------------------------------------
