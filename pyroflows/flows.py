@@ -133,26 +133,25 @@ class FlowStack(ComposeTransformModule):
         cached pair when ``y`` is what this stack just produced (no inverse is run), else one
         inverse call through the fused kernels. What
         :class:`~pyroflows.distributions.FlowDistribution` scores with."""
-        if not self._fused:
-            raise TypeError("FlowStack.inverse_and_log_det needs every part to be a pyroflows "
-                            "FlowTransform; use stack.inv(y) and log_abs_det_jacobian")
-        hit = self._lookup(y=y)
-        if hit is not None:
-            return hit.x, hit.log_det
-        return self._run(y, inverse=True)
+        return self._image_and_log_det(y, inverse=True)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         r"""``(y, log|det df/dx|)`` with :math:`y = f(x)`, summed over the layers: the cached
         pair when ``x`` is what this stack was last called on, else one forward call through
         the fused kernels (which, unlike calling the stack, leaves the cache as it was). What
         a flow guide's draw for :class:`~pyroflows.guides.FlowELBO` uses."""
+        return self._image_and_log_det(x, inverse=False)
+
+    def _image_and_log_det(self, value: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         if not self._fused:
-            raise TypeError("FlowStack.forward_and_log_det needs every part to be a pyroflows "
-                            "FlowTransform; use stack(x) and log_abs_det_jacobian")
-        hit = self._lookup(x=x)
+            direction = "inverse" if inverse else "forward"
+            raise TypeError(f"FlowStack.{direction}_and_log_det needs every part to be a "
+                            "pyroflows FlowTransform; use stack(x) / stack.inv(y) and "
+                            "log_abs_det_jacobian")
+        hit = self._lookup(y=value) if inverse else self._lookup(x=value)
         if hit is not None:
-            return hit.y, hit.log_det
-        return self._run(x, inverse=False)
+            return (hit.x if inverse else hit.y), hit.log_det
+        return self._run(value, inverse)
 
     def _run(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         self.parts[-1 if inverse else 0]._validate(
