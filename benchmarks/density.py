@@ -32,6 +32,10 @@ adding the z-score's log-Jacobian, so the gap to the truth is exact):
 - ``breast_cancer``: sklearn's breast cancer data (569 x 30), log1p; 400 rows for training
   (360 train + 40 validation), 169 for testing.
 
+``--whiten-table`` compares the kinds of ``precondition="whiten"`` pipeline (learned Cholesky
+base, fixed whitening, fixed whitening + learned base; see ``WHITEN_KINDS``) on the same data,
+MAF and RealNVP, paired over training seeds.
+
 Columns: mean test log-likelihood per sample (nats) with its standard error; the gap
 ``mean(log p - log q)`` on the test draws (an unbiased estimate of KL(p || q)) with the standard
 error of the paired differences; fit wall-clock in seconds; the best and last epoch.
@@ -283,7 +287,7 @@ MODELS = ["ours MAF", "ours RealNVP", "zuko MAF", "zuko RealNVP", "nflows MAF",
 TABAK_MODELS = ["Tabak", "ours MAF", "ours RealNVP", "Tabak+MAF", "MAF+Tabak", "auto MAF"]
 # DensityEstimator settings of the preconditioned rows: (precondition, refine).
 _PIPELINES = {"Tabak+": ("tabak", None), "ours": ("whiten", None), "+Tabak": ("whiten", "tabak"),
-              "auto": ("auto", "tabak")}
+              "auto": ("auto", "tabak"), "cholesky": ("cholesky", None)}
 # Model-name suffixes for the refiner's selection rule (Tabak's ``selection``), e.g.
 # "MAF+Tabak 1se"; without one, DensityEstimator's default.
 _SELECTIONS = {"1se": "one_se", "sig": "significant", "best": "best"}
@@ -467,6 +471,87 @@ def tabak_table(args, b: Budget) -> list[str]:
     return lines
 
 
+# precondition="whiten"'s pipelines after the standardization (pyroflows.density._WHITEN_KINDS):
+# "learned" (the default: layers, then a learnable Cholesky base started at the data's
+# covariance), "fixed" (a fixed Cholesky whitening, layers, base N(0, I)) and "fixed+affine"
+# (the fixed whitening, layers, a learnable Cholesky base started at the identity; what
+# precondition="cholesky" builds).
+WHITEN_KINDS = ("learned", "fixed", "fixed+affine")
+
+
+def whiten_table(args, b: Budget, makers: dict) -> None:
+    """``precondition="whiten"``'s variants (``pyroflows.density._WHITEN_KINDS``) on --datasets,
+    MAF and RealNVP, paired over --seeds: every (data set, flow, seed) is fitted with each kind
+    in turn. One JSON line per fit is appended to --jsonl (so a run can be split over processes
+    and resumed: fits already in the file are skipped); :func:`whiten_summary` makes the table."""
+    seeds = [int(v) for v in args.seeds.split(",") if v]
+    kinds = [k for k in args.whiten_kinds.split(",") if k]
+    flow_options = json.loads(args.flow_options) if args.flow_options else None
+    done = set()
+    if os.path.exists(args.jsonl):
+        with open(args.jsonl) as f:
+            done = {(r["data"], r["flow"], r["seed"], r["kind"]) for r in map(json.loads, f)}
+    saved = pf.density._WHITEN
+    for name in args.datasets.split(","):
+        data = makers[name]()
+        for flow in ("MAF", "RealNVP"):
+            for seed in seeds:
+                for kind in kinds:
+                    if (name, flow, seed, kind) in done:
+                        continue
+                    pf.density._WHITEN = kind
+                    try:
+                        lq, seconds, best, last = run_model(f"ours {flow}", data, b, seed,
+                                                            flow_options)
+                    finally:
+                        pf.density._WHITEN = saved
+                    lq = lq.double().cpu().numpy() + data.log_jacobian
+                    row = {"data": name, "flow": flow, "seed": seed, "kind": kind,
+                           "log_lik": float(np.mean(lq)), "seconds": seconds,
+                           "best_epoch": best, "epochs": last,
+                           "gap": (float(np.mean(data.true_log_prob - lq))
+                                   if data.true_log_prob is not None else None)}
+                    with open(args.jsonl, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(row, flush=True)
+
+
+def whiten_summary(path: str, baseline: str = "learned") -> list[str]:
+    """The table of :func:`whiten_table`'s fits in ``path``: per data set and flow, each kind's
+    measure (the gap to truth where the density is known, else the test log-likelihood) as
+    mean (per seed), and its paired difference from ``baseline`` +- the standard error over
+    the seeds both have."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    fits = {(r["data"], r["flow"], r["seed"], r["kind"]): r for r in rows}
+    kinds = [k for k in WHITEN_KINDS if any(r["kind"] == k for r in rows)]
+    others = [k for k in kinds if k != baseline]
+    lines = ["| data | flow | measure | " + " | ".join(kinds) + " | "
+             + " | ".join(f"{k} - {baseline}" for k in others) + " | seeds |",
+             "|" + "---|" * (4 + len(kinds) + len(others))]
+    order = list(dict.fromkeys((r["data"], r["flow"]) for r in rows))
+    for data, flow in order:
+        seeds = sorted({r["seed"] for r in rows if (r["data"], r["flow"]) == (data, flow)})
+        seeds = [s for s in seeds if all((data, flow, s, k) in fits for k in kinds)]
+        if not seeds:
+            continue
+        gap = fits[(data, flow, seeds[0], kinds[0])]["gap"] is not None
+        key = "gap" if gap else "log_lik"
+
+        vals = {k: np.array([fits[(data, flow, s, k)][key] for s in seeds]) for k in kinds}
+        cells = []
+        for kind in kinds:
+            v = vals[kind]
+            cells.append(f"{v.mean():.3f} ({', '.join(f'{x:.3f}' for x in v)})")
+        for kind in others:
+            d = vals[kind] - vals[baseline]
+            se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+            cells.append(f"{d.mean():+.3f} ± {se:.3f}")
+        lines.append(f"| {data} | {flow} | {'gap' if gap else 'log-lik'} | "
+                     + " | ".join(cells) + f" | {len(seeds)} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="write the markdown table here too")
@@ -491,6 +576,15 @@ def main(argv: list[str] | None = None) -> None:
                         "'{\"log_scale_bound\": 2.0}'")
     parser.add_argument("--sizes", default="full,1000,300",
                         help="for --tabak-table: 'full' (--n-train rows) or total row counts")
+    parser.add_argument("--whiten-table", action="store_true",
+                        help="only the comparison of precondition=\"whiten\"'s kinds "
+                        "(--whiten-kinds) on --datasets, MAF and RealNVP, paired over --seeds; "
+                        "fits are appended to --jsonl, then the table is printed")
+    parser.add_argument("--whiten-kinds", default=",".join(WHITEN_KINDS))
+    parser.add_argument("--jsonl", default="whiten-fits.jsonl",
+                        help="for --whiten-table: the file of fits (appended; done fits skipped)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="for --whiten-table: print the table of --jsonl, fit nothing")
     args = parser.parse_args(argv)
     if args.tabak_table:
         torch.set_num_threads(1)
@@ -525,6 +619,15 @@ def main(argv: list[str] | None = None) -> None:
         "digits": digits,
         "breast_cancer": breast_cancer,
     }
+    if args.whiten_table:
+        if not args.summary_only:
+            whiten_table(args, b, makers)
+        lines = whiten_summary(args.jsonl)
+        print("\n".join(lines), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     models = [m for m in (args.models or ",".join(MODELS)).split(",") if m]
     flow_options = json.loads(args.flow_options) if args.flow_options else None
     seeds = [int(v) for v in args.seeds.split(",") if v]

@@ -14,7 +14,7 @@ from scipy.stats import multivariate_normal
 from torch import nn
 
 import pyroflows as pf
-from pyroflows.density import DensityEstimator, _Standardize
+from pyroflows.density import _WHITEN_KINDS, DensityEstimator, _Standardize, _Whiten
 from pyroflows.testing import check_transform, randomize_parameters_, tolerances
 from pyroflows.transforms import TriangularAffine
 
@@ -94,6 +94,7 @@ def test_untrained_model_is_the_ml_gaussian(flow, precondition, device, dtype):
     "flow, precondition, refine",
     [("maf", "whiten", None), ("realnvp", "whiten", None), ("maf", "standardize", None),
      ("maf", None, None), ("realnvp", "tabak", None), ("maf", "whiten", "tabak"),
+     ("maf", "cholesky", None),
      ("realnvp", "tabak", "tabak")],
 )
 def test_density_integrates_to_one_and_matches_its_samples(
@@ -604,7 +605,7 @@ def test_files_with_per_layer_conditioners_load(flow, precondition, device, dtyp
     randomize_parameters_(old._model.flow, scale=0.5, seed=2)
     old.save(tmp_path / "old.pt")
     keys = torch.load(tmp_path / "old.pt", weights_only=True)["state_dict"]
-    first = 1 if precondition == "whiten" else 0
+    first = 1 if isinstance(old._model.flow[0], TriangularAffine) else 0
     assert f"flow.{first}.conditioner.flat_parameters" in keys
     loaded = DensityEstimator.load(tmp_path / "old.pt", device=device)
     assert len(list(loaded._model.flow.parameters())) == len(list(old._model.flow.parameters())) - 1
@@ -668,10 +669,115 @@ def _random_cholesky():
     return t
 
 
-@pytest.mark.parametrize("factory", [_fitted_standardize, _random_cholesky])
+def _fitted_whiten():
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(4, 4, generator=gen) * torch.tensor([0.1, 1.0, 3.0, 20.0])
+    return _Whiten(4).fit(torch.randn(50, 4, generator=gen) @ a.T + 3)
+
+
+@pytest.mark.parametrize("factory", [_fitted_standardize, _random_cholesky, _fitted_whiten])
 def test_preconditioning_layers_conformance(factory, device, dtype):
     check_transform(factory, dim=4, device=device, dtype=dtype)
 
 
 def test_lazy_module_access():
     assert pf.density.DensityEstimator is DensityEstimator
+
+
+# ---- the kinds of precondition="whiten" --------------------------------------------------------
+def test_fixed_whitening_stage_whitens_its_training_rows(device, dtype):
+    """_Whiten fitted to rows of a correlated Gaussian maps them to rows with mean 0 and the
+    identity as their ML covariance (checked with numpy), and its log-det is log|det| of the
+    Cholesky factor of numpy's ML covariance."""
+    x, _, _ = _gaussian_data(400, seed=30)
+    stage = _Whiten(3).to(device=device, dtype=dtype).fit(_t(x, device, dtype))
+    u, log_det = stage.inverse_and_log_det(_t(x, device, dtype))
+    u = u.cpu().double().numpy()
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    np.testing.assert_allclose(u.mean(0), 0.0, atol=tol)
+    np.testing.assert_allclose(np.cov(u.T, bias=True), np.eye(3), atol=tol)
+    expected = 0.5 * np.linalg.slogdet(np.cov(x.T, bias=True))[1]
+    np.testing.assert_allclose(log_det.cpu().double().numpy(), expected, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", _WHITEN_KINDS)
+@pytest.mark.parametrize("flow", ["maf", "realnvp"])
+def test_whiten_kinds_start_at_the_ml_gaussian_and_match_autograd(kind, flow, device, dtype,
+                                                                  monkeypatch):
+    """Every kind of "whiten" pipeline starts at the ML full-covariance Gaussian (scipy's,
+    computed here), and with the flow's parameters moved off the identity its log_prob is
+    log N(z; 0, I) + log|det dz/dx| of the composed map x -> z, the determinant by autograd."""
+    monkeypatch.setattr(pf.density, "_WHITEN", kind)
+    x, _, _ = _gaussian_data(300, seed=31)
+    x_val = _t(_gaussian_data(50, seed=34)[0], device, dtype)
+    est = DensityEstimator(flow, dtype=dtype, seed=0, **SMALL)
+    est.fit(_t(x, device, dtype), x_val=x_val, max_epochs=0, progress=False)
+    model = est._model
+    assert est._whiten == kind
+    assert any(isinstance(s, _Whiten) for s in model.stages) == kind.startswith("fixed")
+    assert isinstance(model.flow[0], TriangularAffine) == (kind != "fixed")
+    x_test, _, _ = _gaussian_data(100, seed=32)
+    reference = multivariate_normal(x.mean(0), np.cov(x.T, bias=True)).logpdf(x_test)
+    torch.testing.assert_close(est.log_prob(_t(x_test, device, dtype)),
+                               _t(reference, device, dtype), **tolerances(dtype))
+
+    if kind == pf.density._CHOLESKY:  # what the public precondition="cholesky" builds
+        public = DensityEstimator(flow, precondition="cholesky", dtype=dtype, seed=0, **SMALL)
+        public.fit(_t(x, device, dtype), x_val=x_val, max_epochs=0, progress=False)
+        assert [type(s) for s in public._model.stages] == [type(s) for s in model.stages]
+        assert torch.equal(public.log_prob(_t(x_test, device, dtype)),
+                           est.log_prob(_t(x_test, device, dtype)))
+    randomize_parameters_(model.flow, scale=0.3, seed=4)
+    model.double()
+
+    def composed(point: torch.Tensor) -> torch.Tensor:
+        return model.latent(model.precondition(point)[0])[0]
+
+    try:
+        points = _t(x_test[:5], device, torch.float64)
+        got = model.log_prob(points)
+        for point, value in zip(points, got, strict=True):
+            jac = torch.autograd.functional.jacobian(composed, point[None]).reshape(3, 3)
+            z = composed(point[None])[0]
+            expected = (-0.5 * z.square().sum() - 1.5 * math.log(2 * math.pi)
+                        + torch.linalg.slogdet(jac)[1])
+            torch.testing.assert_close(value, expected.detach(), rtol=1e-9, atol=1e-9)
+        # The parameters moved: the density is no longer the Gaussian (the check above can fail).
+        assert not torch.allclose(got, _t(reference[:5], device, torch.float64), atol=1e-3)
+    finally:
+        model.to(dtype)
+
+
+def test_whiten_kind_is_saved_and_old_files_load_as_learned(device, dtype, tmp_path,
+                                                            monkeypatch):
+    """A file written before the kind was saved (format version 3) holds the learned-base
+    pipeline and loads as it, with the same log_prob; a current file keeps its kind when the
+    module's default changes."""
+    x, _, _ = _gaussian_data(200, seed=33)
+    xt = _t(x, device, dtype)
+    with monkeypatch.context() as m:
+        m.setattr(pf.density, "_WHITEN", "learned")
+        old = DensityEstimator("maf", dtype=dtype, seed=0, **SMALL).fit(xt, max_epochs=0,
+                                                                        progress=False)
+    randomize_parameters_(old._model.flow, scale=0.5, seed=5)
+    old.save(tmp_path / "learned.pt")
+    payload = torch.load(tmp_path / "learned.pt", weights_only=True)
+    del payload["whiten"]  # what version 3 wrote
+    payload["version"] = 3
+    torch.save(payload, tmp_path / "v3.pt")
+    for kind in _WHITEN_KINDS:
+        monkeypatch.setattr(pf.density, "_WHITEN", kind)
+        loaded = DensityEstimator.load(tmp_path / "v3.pt", device=device)
+        assert loaded._whiten == "learned"
+        assert torch.equal(loaded.log_prob(xt), old.log_prob(xt))
+    for kind in _WHITEN_KINDS:
+        monkeypatch.setattr(pf.density, "_WHITEN", kind)
+        est = DensityEstimator("realnvp", dtype=dtype, seed=0, **SMALL).fit(
+            xt, max_epochs=0, progress=False)
+        randomize_parameters_(est._model.flow, scale=0.5, seed=6)
+        est.save(tmp_path / f"{kind}.pt")
+        other = next(k for k in _WHITEN_KINDS if k != kind)
+        monkeypatch.setattr(pf.density, "_WHITEN", other)
+        loaded = DensityEstimator.load(tmp_path / f"{kind}.pt", device=device)
+        assert loaded._whiten == kind
+        assert torch.equal(loaded.log_prob(xt), est.log_prob(xt))
