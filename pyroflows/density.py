@@ -397,22 +397,22 @@ class DensityEstimator:
       :math:`u`. Before training the model *is* the ML full-covariance Gaussian
       :math:`N(m, \hat\Sigma)`, and early stopping (which considers the untrained state too)
       never returns a model whose validation log-likelihood is below that Gaussian's. The layers
-      see the data's own coordinates rather than a rotation of them (``"cholesky"``, which
-      measured worse on most sets, below).
+      see the data's own coordinates rather than a rotation of them (``"cholesky"``, below:
+      better on three of seven benchmark sets, far worse on the two real ones).
     - ``"cholesky"``: standardize, then whiten with a fixed Cholesky factor,
       :math:`w = C^{-1} u` with :math:`C C^\top` the ML covariance of :math:`u` (log-det
       :math:`-\sum_i \log C_{ii}`); then the flow layers; then the same learnable
       :math:`z = L^{-1} v`, but started at :math:`L = I`. It too starts at the ML Gaussian;
       only the coordinates the layers see differ. Measured against ``"whiten"``
-      (``benchmarks/results/density.md``, "Fixed whitening", 3 paired seeds, 2500 rows, gap
-      to the true density in nats): better on U4 (MAF 0.067 against 0.104, RealNVP 0.087 against
-      0.095), a 6-D banana set (MAF 0.128 / 0.147, RealNVP 0.142 / 0.191) and a 5-D Student t
-      (MAF 0.091 / 0.115), but worse on an 8-D Gaussian mixture (0.728 / 0.599, 1.047 /
-      0.747) and far worse on real data: test log-likelihood 7 nats lower on 64-D digits and
-      0.8-1.2 lower on 30-D breast cancer (360 rows). A fixed base :math:`N(0, I)` after the
-      fixed whitening (no learnable :math:`L`) was the same within noise on the known densities
-      and 0.1-0.3 nats worse on the real sets. Try it on low-dimensional data with curved
-      structure, choosing on validation data.
+      (``benchmarks/results/density.md``, "Fixed whitening"; 2500 rows, 3-6 paired seeds,
+      gap to the true density in nats): better on U4 (MAF 0.069 against 0.099, RealNVP 0.081
+      / 0.093), a 6-D banana set (MAF 0.129 / 0.147, RealNVP 0.148 / 0.190) and a 5-D
+      Student t (MAF 0.095 / 0.115, RealNVP 0.103 / 0.143), level on U3, but worse on an 8-D
+      Gaussian mixture (MAF 0.728 / 0.599, RealNVP 1.047 / 0.747) and far worse on real
+      data: test log-likelihood 7 nats lower on 64-D digits and 0.8-1.2 lower on 30-D breast
+      cancer (360 rows). A fixed base :math:`N(0, I)` after the fixed whitening (no learnable
+      :math:`L`) was level on the known densities and 0.1-0.3 nats worse on the real sets.
+      Worth trying on low-dimensional data with curved structure, chosen on validation data.
     - ``"standardize"``: only the per-column standardization (the start is the ML diagonal
       Gaussian).
     - ``"tabak"``: the non-parametric Tabak-Vanden-Eijnden flow
