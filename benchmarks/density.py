@@ -1,6 +1,7 @@
 """Density estimation: pyroflows' DensityEstimator against zuko, nflows and Pyro flows.
 
-Run from the repository root (about 15-20 minutes on two busy cores with the defaults)::
+Run from the repository root (about 7 minutes on a quiet core with the defaults; 15-20 on two
+busy cores)::
 
     nice -n 5 python -m benchmarks.density --out benchmarks/results/density.md
 

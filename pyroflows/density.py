@@ -65,7 +65,8 @@ _WHITEN_KINDS = ("learned", "fixed", "fixed+affine")
 _WHITEN = "learned"
 # What files written before the kind was saved (versions 1-3) were built with.
 _LEGACY_WHITEN = "learned"
-# What precondition="cholesky" builds.
+# What precondition="cholesky" builds. Files do not store it (they store the precondition):
+# changing it needs a format version of its own, as _WHITEN's did.
 _CHOLESKY = "fixed+affine"
 # Options named by the constructor itself: passing them again in an options dict is ambiguous.
 _RESERVED_FLOW_OPTIONS = ("num_layers", "hidden_dims")
