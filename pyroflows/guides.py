@@ -50,6 +50,7 @@ __all__ = [
     "LAPLACE_MAX_ITER",
     "LAPLACE_ELBO_DRAWS",
     "STL_JACOBIAN_MAX_DIM",
+    "STL_JACOBIAN_MAX_ROWS",
 ]
 
 #: Up to this latent size the guide's last layer is full rank (:class:`TriangularAffine`) unless
@@ -97,8 +98,12 @@ DEFAULT_STICK_THE_LANDING: dict[str, bool] = {"iaf": True}
 #: :class:`FlowELBO`) take :math:`\nabla_z \log q` from the Jacobian of the draw (one batched
 #: backward pass over D copies of the particles, a D x D solve per particle) instead of running
 #: the flow's inverse (D sequential passes per IAF layer, a root solve per planar layer); above
-#: it the Jacobian's D-fold arithmetic costs more than the inverse's launches.
-STL_JACOBIAN_MAX_DIM = 64
+#: it, or beyond :data:`STL_JACOBIAN_MAX_ROWS` particles x D rows (memory), the inverse. Measured
+#: (default AutoIAF, 32 particles, one thread, ms a step, Jacobian / inverse): D = 32: 25 / 58,
+#: 64: 106 / 191, 128: 676 / 1040, 256: 1750 / 2467.
+STL_JACOBIAN_MAX_DIM = 256
+#: The most rows (particles x D) the Jacobian's batched pass may take (activations in memory).
+STL_JACOBIAN_MAX_ROWS = 32768
 
 #: Adam step sizes ``(lr, flow_lr)`` per family, read by :func:`default_lr`, :func:`optim_args`
 #: and :meth:`AutoFlowGuide.param_groups`: the affine layer at ``lr``; planar and radial layers
@@ -672,7 +677,9 @@ class AutoFlowGuide(AutoContinuous):
                 latent = posterior.rsample(shape)
                 log_q = posterior.log_prob(latent)
             entropy = None
-            if stick_the_landing and eps is not None and self.latent_dim <= STL_JACOBIAN_MAX_DIM:
+            if (stick_the_landing and eps is not None
+                    and self.latent_dim <= STL_JACOBIAN_MAX_DIM
+                    and eps.numel() <= STL_JACOBIAN_MAX_ROWS):  # numel = particles x D rows
                 entropy = _path_log_density(stack, eps, latent, log_q)
             elif stick_the_landing:
                 posterior = posterior or self._posterior(base, transforms)
@@ -979,8 +986,9 @@ class FlowELBO(Trace_ELBO):
       flow per step (planar: a 1-D root solve per layer; IAF: D sequential passes), except on
       the direct path below with at most :data:`STL_JACOBIAN_MAX_DIM` latent dimensions,
       where :math:`\nabla_z \log q` comes from the draw's Jacobian (one batched pass over D
-      copies of the particles and a D x D solve per particle; 2-3x faster at D = 25). Only the
-      latent site of a pyroflows guide is affected; other guide sites use the usual estimator.
+      copies of the particles and a D x D solve per particle; 2-3x faster at D = 25, 1.4x at
+      D = 256). Only the latent site of a pyroflows guide is affected; other guide sites use
+      the usual estimator.
       ``None`` (default): each flow guide's own ``stick_the_landing`` decides (by family,
       :data:`DEFAULT_STICK_THE_LANDING`: on for IAF guides); ``True``: every flow guide (an
       error without one); ``False``: none.
