@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import flows
 from ._config import validation
 from .distributions import FlowDistribution
-from .transforms.affine import TriangularAffine
+from .transforms.affine import FixedTriangularAffine, TriangularAffine
 from .transforms.base import FlowTransform
 
 __all__ = ["DensityEstimator", "PRECONDITIONERS", "REFINERS"]
@@ -104,7 +104,7 @@ class _Standardize(FlowTransform):
         return (x - self.loc) / self.scale, self.scale.log().sum().expand(x.shape[:-1])
 
 
-class _Whiten(FlowTransform):
+class _Whiten(FixedTriangularAffine):
     r"""A fixed full-rank affine map fitted to data, :math:`x = m + L u`, with
     :math:`\log|\det \partial x / \partial u| = \sum_i \log L_{ii}`: :math:`m` is the mean of
     the training rows and :math:`L` the Cholesky factor of their maximum-likelihood covariance,
@@ -112,9 +112,7 @@ class _Whiten(FlowTransform):
     :math:`u = L^{-1}(x - m)` has the identity as its training covariance."""
 
     def __init__(self, dim: int) -> None:
-        super().__init__(dim)
-        self.register_buffer("loc", torch.zeros(dim))
-        self.register_buffer("scale_tril", torch.eye(dim))
+        super().__init__(torch.zeros(dim), torch.eye(dim))
 
     @torch.no_grad()
     def fit(self, x: Tensor) -> _Whiten:
@@ -122,17 +120,6 @@ class _Whiten(FlowTransform):
         self.loc.copy_(loc.to(self.loc.dtype))
         self.scale_tril.copy_(tril.to(self.scale_tril.dtype))
         return self
-
-    def _log_det(self, batch_shape: torch.Size) -> Tensor:
-        return self.scale_tril.diagonal().log().sum().expand(batch_shape)
-
-    def forward_and_log_det(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        return self.loc + u @ self.scale_tril.T, self._log_det(u.shape[:-1])
-
-    def inverse_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        u = torch.linalg.solve_triangular(self.scale_tril.T, (x - self.loc).unsqueeze(-2),
-                                          upper=True, left=False).squeeze(-2)
-        return u, self._log_det(x.shape[:-1])
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from torch.distributions.transforms import IndependentTransform
 
 from . import flows
 from .transforms import ElementwiseAffine, FlowTransform, TriangularAffine
-from .transforms.affine import _PackedAffine, tril_affine_solve
+from .transforms.affine import FixedTriangularAffine, _PackedAffine
 
 __all__ = [
     "AutoFlowGuide",
@@ -772,38 +772,8 @@ class AutoFlowGuide(AutoContinuous):
         return {k: v[0] for k, v in self.quantiles([0.5], *args, **kwargs).items()}
 
 
-class _FixedAffine(FlowTransform):
-    r""":math:`y = m + C x` with a fixed lower-triangular :math:`C` (buffers, not parameters):
-    the Laplace preconditioner of a guide with ``laplace_init``."""
-
-    def __init__(self, loc: Tensor, scale_tril: Tensor) -> None:
-        super().__init__(loc.shape[-1])
-        self.register_buffer("loc", loc.detach().clone())
-        self.register_buffer("scale_tril", scale_tril.detach().clone())
-
-    def _log_det(self) -> Tensor:
-        # fixed: computed once per state of the buffer (load_state_dict and .to() change it)
-        tril = self.scale_tril
-        key = (tril._version, torch.is_inference_mode_enabled())
-        cached = self.__dict__.get("_cached_log_det")  # (buffer, key, log_det)
-        if cached is None or cached[0] is not tril or cached[1] != key:
-            cached = (tril, key, tril.diagonal().log().sum())
-            self.__dict__["_cached_log_det"] = cached
-        return cached[2]
-
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        # loc + x C^T as one addmm over the flattened batch
-        y = torch.addmm(self.loc, x.reshape(-1, self.dim), self.scale_tril.T).view(x.shape)
-        return y, self._log_det().expand(x.shape[:-1])
-
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        x = tril_affine_solve(self.loc, self.scale_tril, y)
-        return x, self._log_det().expand(y.shape[:-1])
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state.pop("_cached_log_det", None)
-        return state
+# the Laplace layer (the name kept: pickled guides refer to it)
+_FixedAffine = FixedTriangularAffine
 
 
 def _stack_per_layer_entries(store, prefix: str, stack: flows.FlowStack) -> None:

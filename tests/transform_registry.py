@@ -51,6 +51,16 @@ def _triangular_affine():
     return _randomized(pf.transforms.triangular_affine(4, loc=0.5, scale=0.7), scale=0.5)
 
 
+@register("fixed-triangular-affine", 4)
+def _fixed_triangular_affine():
+    import torch
+
+    gen = torch.Generator().manual_seed(4)
+    tril = torch.tril(torch.randn(4, 4, generator=gen), -1) + torch.diag(
+        torch.rand(4, generator=gen) + 0.5)
+    return pf.transforms.FixedTriangularAffine(torch.randn(4, generator=gen), tril)
+
+
 @register("planar-stack", 3)
 def _planar_stack():
     return _randomized(pf.flows.build("planar", 3, num_layers=3, affine=True))

@@ -1,6 +1,12 @@
 """Flow layers: Pyro ``TransformModule`` subclasses with lower-case constructors."""
 
-from .affine import ElementwiseAffine, TriangularAffine, elementwise_affine, triangular_affine
+from .affine import (
+    ElementwiseAffine,
+    FixedTriangularAffine,
+    TriangularAffine,
+    elementwise_affine,
+    triangular_affine,
+)
 from .autoregressive import IAF, MAF, iaf, maf
 from .base import FlowTransform
 from .coupling import RealNVP, realnvp
@@ -15,6 +21,7 @@ __all__ = [
     "elementwise_affine",
     "TriangularAffine",
     "triangular_affine",
+    "FixedTriangularAffine",
     "Planar",
     "planar",
     "PlanarParameters",

@@ -9,7 +9,7 @@ from .base import FlowTransform
 
 __all__ = [
     "ElementwiseAffine", "elementwise_affine", "TriangularAffine", "triangular_affine",
-    "tril_affine_solve",
+    "FixedTriangularAffine", "tril_affine_solve",
 ]
 
 
@@ -193,6 +193,50 @@ class TriangularAffine(_PackedAffine):
 def triangular_affine(dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0):
     """Build a :class:`TriangularAffine` layer (identity by default)."""
     return TriangularAffine(dim, loc=loc, scale=scale)
+
+
+class FixedTriangularAffine(FlowTransform):
+    r""":math:`y = m + C x` with a fixed lower-triangular :math:`C` with positive diagonal
+    (buffers, not parameters), :math:`\log|\det J| = \sum_i \log C_{ii}`: the Laplace
+    preconditioner of a flow guide with ``laplace_init``, and the whitening stage of
+    ``DensityEstimator(precondition="cholesky")``.
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.transforms import FixedTriangularAffine
+        >>> t = FixedTriangularAffine(torch.ones(2), torch.tensor([[2.0, 0.0], [1.0, 1.0]]))
+        >>> t(torch.ones(1, 2)).tolist()
+        [[3.0, 3.0]]
+    """
+
+    def __init__(self, loc: Tensor, scale_tril: Tensor) -> None:
+        super().__init__(loc.shape[-1])
+        self.register_buffer("loc", loc.detach().clone())
+        self.register_buffer("scale_tril", scale_tril.detach().clone())
+
+    def _log_det(self) -> Tensor:
+        # fixed: computed once per state of the buffer (load_state_dict and .to() change it)
+        tril = self.scale_tril
+        key = (tril._version, torch.is_inference_mode_enabled())
+        cached = self.__dict__.get("_cached_log_det")  # (buffer, key, log_det)
+        if cached is None or cached[0] is not tril or cached[1] != key:
+            cached = (tril, key, tril.diagonal().log().sum())
+            self.__dict__["_cached_log_det"] = cached
+        return cached[2]
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # loc + x C^T as one addmm over the flattened batch
+        y = torch.addmm(self.loc, x.reshape(-1, self.dim), self.scale_tril.T).view(x.shape)
+        return y, self._log_det().expand(x.shape[:-1])
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = tril_affine_solve(self.loc, self.scale_tril, y)
+        return x, self._log_det().expand(y.shape[:-1])
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_cached_log_det", None)
+        return state
 
 
 def tril_affine_solve(loc: Tensor, scale_tril: Tensor, y: Tensor) -> Tensor:
