@@ -606,11 +606,12 @@ def build(
     and write one gradient; an optimizer steps one tensor. Older per-layer ``state_dict`` keys
     (``"{i}.conditioner.flat_parameters"``, ``"{i}.conditioner.mask"``) still load.
 
-    Because one bank module is registered under every layer, call
-    ``torch.func.functional_call(flow, params, args, tie_weights=False)`` with the names of
-    ``flow.named_parameters()``: with torch's default ``tie_weights=True`` it swaps the shared
-    tensor once per layer name and restores it wrongly, leaving the stack with the tensors
-    passed in instead of its own parameters (tested).
+    One bank module is registered under every layer of its run; module walks
+    (``named_modules``, ``named_parameters(remove_duplicate=False)``) list it once, under its
+    first layer (:class:`~pyroflows.nn.shared.SharedModule`), so
+    ``torch.func.functional_call(flow, params, args)`` with the names of
+    ``flow.named_parameters()`` swaps and restores each shared tensor exactly once (tested);
+    ``state_dict`` still has every layer's keys.
 
     Arguments:
         name: one of ``pyroflows.flows.FAMILIES``: planar, radial, iaf, maf, realnvp, and any

@@ -344,22 +344,36 @@ def test_stacked_conditioners_stay_shared_through_to_copy_and_pickle(device):
     assert copy.deepcopy(flow).parts[0].conditioner.stacked is not flow.parts[0].conditioner.stacked
 
 
-@pytest.mark.parametrize("name", ["planar", "maf"])
-def test_functional_call_with_untied_weights_uses_and_restores_the_banks(name, device, dtype):
-    """torch.func.functional_call(..., tie_weights=False), as build's docstring says, runs the
-    stack with the given tensors (zero MAF networks: the identity) and leaves its own shared
-    parameters in place afterwards."""
-    kw = {"hidden_dims": (8,)} if name == "maf" else {}
-    stack = pf.flows.build(name, 3, num_layers=3, **kw).to(device, dtype)
+class _Holder(torch.nn.Module):
+    """A module that holds a flow (as a guide or an estimator's model does)."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x):
+        return self.flow(x)
+
+
+@pytest.mark.parametrize("name", ["planar", "radial", "maf", "realnvp"])
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_functional_call_uses_and_restores_the_banks(name, tie_weights, device, dtype):
+    """torch.func.functional_call runs a built stack, alone or inside another module, with the
+    given tensors (zero MAF/RealNVP networks: the identity) and leaves its own shared
+    parameters in place afterwards, with torch's default tie_weights=True (which swaps a
+    tensor under every name it has) as with False."""
+    kw = {"hidden_dims": (8,)} if name in ("maf", "realnvp") else {}
+    stack = pf.flows.build(name, 4, num_layers=3, **kw).to(device, dtype)
     randomize_parameters_(stack, scale=0.3)
     own = list(stack.parameters())
-    x = torch.randn(4, 3, device=device, dtype=dtype)
+    x = torch.randn(4, 4, device=device, dtype=dtype)
     before = stack(x.clone()).detach()
-    zeros = {k: torch.zeros_like(v) for k, v in stack.named_parameters()}
-    y = torch.func.functional_call(stack, zeros, (x.clone(),), tie_weights=False)
-    if name == "maf":
-        torch.testing.assert_close(y, x)  # zero networks: shift 0, scale 1
-    after = list(stack.parameters())
-    assert all(a is b for a, b in zip(own, after, strict=True))
-    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in after)
-    torch.testing.assert_close(stack(x.clone()), before)  # its own weights again
+    for module, prefix in ((stack, ""), (_Holder(stack), "flow.")):
+        zeros = {prefix + k: torch.zeros_like(v) for k, v in stack.named_parameters()}
+        y = torch.func.functional_call(module, zeros, (x.clone(),), tie_weights=tie_weights)
+        if name in ("maf", "realnvp"):
+            torch.testing.assert_close(y, x)  # zero networks: shift 0, scale 1
+        after = list(stack.parameters())
+        assert all(a is b for a, b in zip(own, after, strict=True))
+        assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in after)
+        torch.testing.assert_close(stack(x.clone()), before)  # its own weights again

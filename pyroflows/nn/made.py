@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .shared import SharedModule
+
 __all__ = ["MADE", "MADEParameters", "StackedMADE", "default_hidden_dims", "stacked_mades"]
 
 # activations the hand-written backward knows: relu (the default) and tanh
@@ -324,7 +326,7 @@ class MADE(nn.Module):
         )
 
 
-class MADEParameters(nn.Module):
+class MADEParameters(SharedModule):
     r"""The flat parameters and masks of ``num_layers`` :class:`MADE` networks of one layout
     (the same widths and number of outputs, hence the same size :math:`P`), stacked: a
     parameter ``flat_parameters`` and a buffer ``mask``, both of shape (L, P); row

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.shared import SharedModule
 from .base import FlowTransform
 
 __all__ = [
@@ -135,7 +136,7 @@ def planar(dim: int) -> Planar:
     return Planar(dim)
 
 
-class ParameterBank(nn.Module):
+class ParameterBank(SharedModule):
     """Base of the stacked parameters of ``num_layers`` layers of one family (rows of each
     tensor = layers): checks and keeps ``dim`` and ``num_layers``; subclasses make the tensors
     and ``reset_parameters(index=None)``."""
