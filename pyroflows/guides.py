@@ -982,8 +982,8 @@ class FlowELBO(Trace_ELBO):
 
     - ``direct`` (default ``True``): with a pyroflows guide (:class:`AutoFlowGuide`) that is
       set up, the guide is not traced through Pyro's effect handlers. Each step draws the
-      latent vector :math:`u` directly (one call of the flow stack, its log-det from the
-      stack's cache), maps it to every site with ``biject_to``, replays the model against
+      latent vector :math:`u` directly (one ``FlowStack.forward_and_log_det`` call for the
+      draw and its log-det), maps it to every site with ``biject_to``, replays the model against
       those values as :class:`~pyro.infer.Trace_ELBO` does and forms the same loss and
       surrogate, :math:`\log p(x, T(u)) + \log|\det J_T(u)| - \log q(u)` (with the
       ``stick_the_landing`` and ``anneal_steps`` terms above). The estimator, the random

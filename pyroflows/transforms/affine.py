@@ -35,6 +35,15 @@ class _PackedAffine(FlowTransform):
     def _row(self, name: str) -> Tensor:
         raise NotImplementedError
 
+    def _initial(self, loc: Tensor | float, scale: Tensor | float) -> dict[str, Tensor]:
+        """The initial ``loc`` and ``log_scale`` rows (D,) from a float or (D,) ``loc`` and a
+        positive ``scale``."""
+        loc_t = torch.as_tensor(loc, dtype=torch.get_default_dtype()).detach()
+        scale_t = torch.as_tensor(scale, dtype=torch.get_default_dtype()).detach()
+        if not bool((scale_t > 0).all()):
+            raise ValueError(f"{type(self).__name__}: scale must be positive, got {scale}")
+        return {"loc": loc_t.expand(self.dim), "log_scale": scale_t.log().expand(self.dim)}
+
     def pack(self, **parts: Tensor) -> Tensor:
         """The ``packed`` tensor of the given parts (every name of ``_ROWS``)."""
         raise NotImplementedError
@@ -79,12 +88,7 @@ class ElementwiseAffine(_PackedAffine):
 
     def __init__(self, dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0) -> None:
         super().__init__(dim)
-        loc_t = torch.as_tensor(loc, dtype=torch.get_default_dtype())
-        scale_t = torch.as_tensor(scale, dtype=torch.get_default_dtype())
-        if not bool((scale_t > 0).all()):
-            raise ValueError(f"ElementwiseAffine: scale must be positive, got {scale}")
-        self.packed = nn.Parameter(self.pack(loc=loc_t.detach().expand(dim),
-                                             log_scale=scale_t.detach().log().expand(dim)))
+        self.packed = nn.Parameter(self.pack(**self._initial(loc, scale)))
 
     def _row(self, name: str) -> Tensor:
         return self.packed[self._ROWS.index(name)]
@@ -144,13 +148,8 @@ class TriangularAffine(_PackedAffine):
 
     def __init__(self, dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0) -> None:
         super().__init__(dim)
-        loc_t = torch.as_tensor(loc, dtype=torch.get_default_dtype())
-        scale_t = torch.as_tensor(scale, dtype=torch.get_default_dtype())
-        if not bool((scale_t > 0).all()):
-            raise ValueError(f"TriangularAffine: scale must be positive, got {scale}")
-        self.packed = nn.Parameter(self.pack(
-            lower=torch.zeros(dim, dim), loc=loc_t.detach().expand(dim),
-            log_scale=scale_t.detach().log().expand(dim)))
+        self.packed = nn.Parameter(self.pack(lower=torch.zeros(dim, dim),
+                                             **self._initial(loc, scale)))
 
     def _row(self, name: str) -> Tensor:
         if name == "lower":
