@@ -89,7 +89,7 @@ DEFAULT_INIT_SCALE: dict[str, float] = {
 #: 0.195 -> 0.103, funnel10 0.134 -> 0.100, banana 0.124 -> 0.083, German credit 0.043 -> 0.017)
 #: at the price of grad_z log q each step (the D-pass inverse: 5x the step time at D = 25; on
 #: FlowELBO's direct path up to :data:`STL_JACOBIAN_MAX_DIM` the draw's Jacobian instead:
-#: German credit, default AutoIAF, 32 particles, 46 -> 17 ms a step), and did not help
+#: German credit, default AutoIAF, 32 particles, 46 -> 13 ms a step), and did not help
 #: planar or radial guides (noncentered 0.18 -> 0.24, 0.21 -> 0.29). MAF and RealNVP guides
 #: were not measured: off.
 DEFAULT_STICK_THE_LANDING: dict[str, bool] = {"iaf": True}
@@ -181,14 +181,18 @@ class FlowPosterior(dist.TransformedDistribution):
 
 
 class _Inverse(nn.Module):
-    """Calls a layer's ``inverse_and_log_det`` (bypassing its cache), for ``functional_call``."""
+    """Calls a layer's (or a stack's) ``inverse_and_log_det`` (bypassing its cache), or with
+    ``inverse=False`` its ``forward_and_log_det``, for ``functional_call``."""
 
-    def __init__(self, t: FlowTransform) -> None:
+    def __init__(self, t: FlowTransform | flows.FlowStack, inverse: bool = True) -> None:
         super().__init__()
         self.t = t
+        self.inverse = inverse
 
-    def forward(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.t.inverse_and_log_det(y)
+    def forward(self, value: Tensor) -> tuple[Tensor, Tensor]:
+        if self.inverse:
+            return self.t.inverse_and_log_det(value)
+        return self.t.forward_and_log_det(value)
 
 
 def _prefixed(params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -1191,25 +1195,29 @@ def _path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Ten
 
     so the result is ``log_q`` (detached) plus :math:`(z - \bar z) \cdot \nabla_z`, whose
     gradient reaches the parameters through the path :math:`z_\phi` only. :math:`J` comes from
-    one backward pass over D copies of the batch and is solved per draw (a D x D system); the
+    one pass over D + 1 copies of the batch and is solved per draw (a D x D system); the
     parameters take no gradient from any of it. For small D this replaces the inverse's D
     sequential passes per IAF layer (or a root solve per planar layer) by a few batched calls."""
     d = eps.shape[-1]
     e = eps.detach().reshape(-1, d)
     n = e.shape[0]
-    # (the parameters keep requires_grad: torch.func.functional_call with detached copies
-    # does not restore a bank shared by several layers reliably; autograd.grad below only
-    # returns the input gradients, so nothing reaches .grad)
+    # one pass over D + 1 copies of the draws: copy i < D pulls back output i (row i of J),
+    # the last copy pulls back -log|det J|; the parameters are detached copies, so no
+    # parameter gradient is computed (the banks, SharedModules, swap and restore cleanly)
+    frozen = _prefixed({name: p.detach() for name, p in stack.named_parameters()})
+    copies = e.expand(d + 1, n, d).reshape((d + 1) * n, d).clone().requires_grad_(True)
+    eye = torch.eye(d + 1, d, dtype=e.dtype, device=e.device)  # last row zero
+    pick_y = eye.unsqueeze(1).expand(d + 1, n, d).reshape((d + 1) * n, d)
+    pick_ld = torch.zeros(d + 1, n, dtype=e.dtype, device=e.device)
+    pick_ld[d] = -1.0
     with torch.enable_grad():
-        x = e.clone().requires_grad_(True)
-        _, log_det = stack.forward_and_log_det(x)
-        (h,) = torch.autograd.grad((x.square().sum() * -0.5) - log_det.sum(), x)
-        # row i of J for every draw: D copies of the batch, copy i pulls back output i
-        xr = e.expand(d, n, d).reshape(d * n, d).clone().requires_grad_(True)
-        yr, _ = stack.forward_and_log_det(xr)
-        pick = torch.eye(d, dtype=e.dtype, device=e.device).unsqueeze(1).expand(d, n, d)
-        (rows,) = torch.autograd.grad(yr, xr, grad_outputs=pick.reshape(d * n, d))
-    jac = rows.reshape(d, n, d).transpose(0, 1)  # jac[b, i, j] = dz_i / d eps_j
+        y, log_det = torch.func.functional_call(_Inverse(stack, inverse=False), frozen,
+                                                (copies,))
+        (pulled,) = torch.autograd.grad((y, log_det), copies,
+                                        grad_outputs=(pick_y, pick_ld.reshape(-1)))
+    pulled = pulled.reshape(d + 1, n, d)
+    rows, h = pulled[:d], pulled[d] - e  # h: grad of log N(eps) - log|det J| at eps
+    jac = rows.transpose(0, 1)  # jac[b, i, j] = dz_i / d eps_j
     grad_z = torch.linalg.solve(jac.transpose(-1, -2), h.unsqueeze(-1)).squeeze(-1)
     grad_z = grad_z.reshape(z.shape)
     return log_q.detach() + ((z - z.detach()) * grad_z).sum(-1)
