@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.score_parts import ScoreParts
-from pyro.distributions.util import sum_rightmost
+from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
@@ -23,7 +24,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
-from pyro.util import check_site_shape, warn_if_nan
+from pyro.util import check_site_shape, warn_if_inf, warn_if_nan
 from torch import Tensor, nn
 from torch.distributions import ComposeTransform, Transform, biject_to
 from torch.distributions.transforms import IndependentTransform
@@ -1124,26 +1125,19 @@ class FlowELBO(Trace_ELBO):
         runs = 1 if vectorized else self.num_particles
         # the latent's shape under Pyro's particle plate (at dim -max_plate_nesting)
         shape = (self.num_particles,) + (1,) * (self.max_plate_nesting - 1) if vectorized else ()
+        validate = is_validation_enabled()
         for _ in range(runs):
             guide_trace, log_q, entropy, jacobian = guide._direct_draw(shape, stl)
-            replayed = poutine.replay(model, trace=guide_trace)
-            if beta < 1.0:
-                replayed = poutine.scale(replayed, scale=beta)
-            if vectorized:
-                replayed = self._particle_plate()(replayed)
-            model_trace = poutine.trace(replayed, graph_type="flat").get_trace(*args, **kwargs)
-            validate = is_validation_enabled()
+            scored = _ReplayAndScore(guide_trace, self.max_plate_nesting, validate)
+            with (self._particle_plate() if vectorized else contextlib.nullcontext()), \
+                    (poutine.scale(scale=beta) if beta < 1.0 else contextlib.nullcontext()):
+                scored.run(model, args, kwargs)
+            model_trace = scored.trace
             if validate:
                 _check_direct_match(model_trace, guide_trace)
-            # as on the pruned trace (no subsample sites), without copying it
-            model_trace.compute_log_prob(site_filter=_not_subsample)
-            if validate:
-                for site in model_trace.nodes.values():
-                    if site["type"] == "sample" and not site_is_subsample(site):
-                        check_site_shape(site, self.max_plate_nesting)
             if self._training:
                 self._traces.append((model_trace, guide_trace))
-            model_log_prob = model_trace.log_prob_sum(site_filter=_not_subsample)
+            model_log_prob = scored.log_prob_sum
             # the guide's log density: the latent's and its Delta sites' (-log|det J_T|,
             # tempered as _TemperJacobians does; None where every site is unconstrained)
             guide_log_prob = log_q.sum()
@@ -1223,14 +1217,77 @@ def _path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Ten
     return log_q.detach() + ((z - z.detach()) * grad_z).sum(-1)
 
 
+class _ReplayAndScore(Messenger):
+    """The model's half of :class:`FlowELBO`'s direct path in one handler: what
+    ``poutine.trace(poutine.replay(model, guide_trace))`` followed by the trace's
+    ``compute_log_prob`` and ``log_prob_sum`` (subsample sites left out) compute, without the
+    second handler and the second pass over the sites. A latent site takes the guide's value as
+    :class:`~pyro.poutine.replay_messenger.ReplayMessenger` gives it; every site is recorded in
+    :attr:`trace` as :class:`~pyro.poutine.trace_messenger.TraceMessenger` records it (a
+    repeated site name is the same error), and the log density of a sample site is computed as
+    soon as the site is complete (its distribution broadcast by the plates, its scale and mask
+    set), scaled and masked as ``Trace.compute_log_prob`` does, with its checks under
+    validation. :attr:`log_prob_sum` adds the sites up in the order the trace would."""
+
+    def __init__(self, guide_trace: Trace, max_plate_nesting: float, validate: bool) -> None:
+        super().__init__()
+        self.guide_nodes = guide_trace.nodes
+        self.max_plate_nesting = max_plate_nesting
+        self.validate = validate
+        self.trace = Trace(graph_type="flat")
+        self.log_prob_sum: Tensor | float = 0.0
+
+    def run(self, model: Callable, args: tuple, kwargs: dict) -> None:
+        """Run ``model`` under this handler; a ``ValueError`` or ``RuntimeError`` from it gets
+        the shapes of the sites so far appended, as ``poutine.trace`` appends them."""
+        try:
+            with self:
+                model(*args, **kwargs)
+        except (ValueError, RuntimeError) as e:
+            raise type(e)(f"{e}\n{self.trace.format_shapes()}").with_traceback(
+                e.__traceback__) from e
+
+    def _pyro_sample(self, msg: dict) -> None:
+        guide_site = self.guide_nodes.get(msg["name"])
+        if guide_site is None or msg["is_observed"]:
+            return
+        if guide_site["type"] != "sample" or guide_site["is_observed"]:
+            raise RuntimeError(f"site {msg['name']} must be sampled in trace")
+        msg["done"] = True
+        msg["value"] = guide_site["value"]
+        msg["infer"] = guide_site["infer"]
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if msg["infer"].get("_do_not_trace"):
+            return
+        name = msg["name"]
+        self.trace.add_node(name, **msg)
+        if site_is_subsample(msg):
+            return
+        site = self.trace.nodes[name]
+        try:
+            log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        except ValueError as e:
+            raise ValueError(f"Error while computing log_prob at site '{name}':\n{e}\n"
+                             f"{self.trace.format_shapes(last_site=name)}") from e
+        site["unscaled_log_prob"] = log_p
+        log_p = scale_and_mask(log_p, site["scale"], site["mask"])
+        site["log_prob"] = log_p
+        site["log_prob_sum"] = log_p_sum = log_p.sum()
+        if self.validate:
+            warn_if_nan(log_p_sum, f"log_prob_sum at site '{name}'")
+            warn_if_inf(log_p_sum, f"log_prob_sum at site '{name}'", allow_neginf=True)
+            check_site_shape(site, self.max_plate_nesting)
+        self.log_prob_sum = self.log_prob_sum + log_p_sum
+
+    def _pyro_post_param(self, msg: dict) -> None:
+        self.trace.add_node(msg["name"], **msg)
+
+
 def _is_identity(transform: Transform) -> bool:
     while isinstance(transform, IndependentTransform):
         transform = transform.base_transform
     return isinstance(transform, ComposeTransform) and not transform.parts
-
-
-def _not_subsample(name: str, site: dict) -> bool:
-    return not site_is_subsample(site)
 
 
 def _check_direct_match(model_trace, guide_trace) -> None:

@@ -936,6 +936,75 @@ def test_direct_path_steps_aside_for_handlers_and_warns_on_a_changed_model(direc
         elbo.differentiable_loss(changing, guide)
 
 
+def _regression_with_subsampled_data(device, dtype):
+    """A model with what the direct path's model scoring must treat as Pyro's trace does: a
+    subsampled data plate (its subsample site is not scored), a masked observation, a
+    deterministic site, a factor, a model parameter and a constrained latent."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 2, generator=gen).to(device, dtype)
+    y = (x @ torch.tensor([1.0, -2.0]).to(device, dtype) + 0.3 * torch.randn(
+        40, generator=gen).to(device, dtype))
+    keep = torch.arange(40, device=device) % 7 != 0
+
+    def model():
+        shift = pyro.param("shift", torch.zeros((), device=device, dtype=dtype))
+        w = pyro.sample("w", dist.Normal(torch.zeros(2, device=device, dtype=dtype), 2.0)
+                        .to_event(1))
+        sigma = pyro.sample("sigma", dist.LogNormal(torch.zeros((), device=device,
+                                                                 dtype=dtype), 1.0))
+        pyro.deterministic("w_norm", w.norm(dim=-1))
+        pyro.factor("shrink", -0.1 * w.square().sum(-1))
+        with pyro.plate("data", 40, subsample_size=16) as idx:
+            mean = (x[idx] * w.unsqueeze(-2)).sum(-1) + shift
+            with poutine.mask(mask=keep[idx]):
+                pyro.sample("y", dist.Normal(mean, sigma.unsqueeze(-1)), obs=y[idx])
+
+    return model
+
+
+@pytest.mark.parametrize("vectorized", [True, False], ids=["vectorized", "sequential"])
+def test_direct_path_scores_the_model_as_the_trace_does(vectorized, direct_draws, device, dtype):
+    """The direct path scores the model in one handler (no trace + replay + second pass):
+    with a subsampled data plate, a masked observation, deterministic and factor sites and a
+    model parameter, the losses and the parameters after several Adam steps are those of
+    Pyro's traced estimator (which draws the same subsample indices in the same order)."""
+    model = _regression_with_subsampled_data(device, dtype)
+    kw = dict(num_particles=4, vectorize_particles=vectorized, stick_the_landing=False)
+    got_losses, got = _svi_run(model, direct=True, **kw)
+    assert direct_draws[0] == 4 * (1 if vectorized else 4)
+    want_losses, want = _svi_run(model, direct=False, **kw)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    assert got_losses == pytest.approx(want_losses, rel=tol["rtol"] * 10)
+    assert got.keys() == want.keys() and "shift" in got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **tol)
+
+
+def test_direct_path_model_errors_read_as_the_traced_ones():
+    """On the direct path a model that fails names its sites' shapes as ``poutine.trace``
+    does, and a repeated site name is Pyro's error."""
+    state = {"fail": None}
+
+    def model():
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        if state["fail"] == "shape":
+            pyro.sample("obs", dist.Normal(z, 1.0).to_event(1), obs=torch.zeros(3))
+        elif state["fail"] == "repeat":
+            pyro.sample("obs", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+            pyro.sample("obs", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+
+    guide = AutoIAF(model, num_layers=1, hidden_dims=(8,), laplace_init=False)
+    guide()
+    elbo = FlowELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=0)
+    assert elbo._direct(model, guide, (), {})
+    state["fail"] = "shape"
+    with pytest.raises((ValueError, RuntimeError), match=r"(?s)Sample Sites:.*z dist"):
+        elbo.differentiable_loss(model, guide)
+    state["fail"] = "repeat"
+    with pytest.raises(RuntimeError, match="Multiple sample sites named 'obs'"):
+        elbo.differentiable_loss(model, guide)
+
+
 @pytest.mark.parametrize("make", [lambda m: AutoIAF(m, num_layers=2, hidden_dims=(8,)),
                                   lambda m: AutoPlanar(m, num_layers=3)], ids=["iaf", "planar"])
 def test_sticking_the_landing_from_the_jacobian_matches_the_inverse(make, device, dtype):
