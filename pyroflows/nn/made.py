@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,17 @@ _FUSED_ACTIVATIONS = (nn.ReLU, nn.Tanh)
 # whose output has a side this thin is 2-4x slower (measured: (64 x 512) @ (512 x 8) 50-75 us,
 # (8 x 512) @ (512 x 64) 17-28 us; at 16 inputs and more the plain form is as fast or faster)
 _THIN = 16
+
+# Blocked products (see MADE's docstring): a layer is computed block by block when both sides
+# of its weight are at least _BLOCK_MIN_WIDTH, in blocks of about _BLOCK_SIZE rows (columns for
+# the input gradient), and the blocks cover at most _BLOCK_MAX_FRACTION of the dense product.
+# Measured on one thread (512 x 256 x 256, float32): blocks of 64 rows are the fastest (48 and
+# 85 are slower than dense); at 128 x 128 the saving is lost to the smaller products, and a
+# block plan covering 0.75 of the product (the output head, 128 x 256, by contiguous rows) is
+# no faster than the dense product.
+_BLOCK_MIN_WIDTH = 256
+_BLOCK_SIZE = 64
+_BLOCK_MAX_FRACTION = 0.7
 
 
 def default_hidden_dims(features: int) -> tuple[int, ...]:
@@ -63,6 +75,27 @@ class MADE(nn.Module):
     (:func:`~pyroflows.transforms.autoregressive.affine_chain`) are built on them. The
     networks of a stack built by :func:`pyroflows.flows.build` go one step further: they are
     :class:`StackedMADE` rows of one :class:`MADEParameters`, one tensor for all layers.
+
+    Blocked products (the fused kernels, on CPU): hidden degrees are non-decreasing along each
+    hidden layer, so the mask of a hidden-to-hidden layer is a staircase (row :math:`r` sees the
+    units of degree :math:`\le d_r` below it, a prefix of them) and about half of the dense
+    product multiplies zeros. A layer whose weight is at least 256 wide on both sides is
+    computed in row blocks of about 64 units, each one product over the range of inputs its
+    mask uses (the forward pass and the weight gradient), and the input gradient in column
+    blocks, each over the range of rows that use it; at 256 x 256 the blocks cover 5/8 of the
+    dense product. The plan (:meth:`block_plans`) is made once from the masks (plain ranges,
+    valid for every order, reversed and random ones included, since the hidden degrees do not
+    depend on the order), and a layer is blocked only where its blocks skip at least 30% of the
+    product. Measured on one thread, batch 512, 256 x 256, float32: forward 736 -> 575 us,
+    weight gradient 754 -> 643 us, input gradient 746 -> 559 us; smaller blocks, the 128-row
+    output head of D=64 (contiguous rows cover 3/4 of it) and the 64-input first layer gain
+    nothing, so they stay dense, as does everything at D=8. Exactness: the blocks contain
+    every nonzero weight (the masked weights outside them are exact zeros), the diagonal blocks
+    use the masked weights, and the weight gradient is written as exact zeros outside the
+    blocks and masked afterwards as before; so the values are the dense masked network's sums
+    of the same products, grouped differently inside the matrix products: equal to rounding,
+    not bit for bit (tested against autograd through :meth:`forward`, which never blocks).
+    Only on CPU, where it was measured; other devices keep the dense products.
 
     References:
         Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", ICML 2015,
@@ -131,6 +164,8 @@ class MADE(nn.Module):
         masks.append(((out_degrees[:, None] > below[None, :]) & head_bias[:, None], head_bias))
 
         self._shapes = [tuple(w.shape) for w, _ in masks]
+        # plain Python ints, derived from the masks: they hold on any device and dtype
+        self._block_plans = [_block_plan(w) for w, _ in masks]
         self._sizes = [n for w, b in masks for n in (w.numel(), b.numel())]
         dtype = torch.get_default_dtype()
         self.register_buffer(
@@ -248,21 +283,40 @@ class MADE(nn.Module):
                            for d in range(self.num_levels + 1)])
         return ranges
 
+    def block_plans(self, weights: Sequence[Tensor]) -> list[_Blocks | None]:
+        """For every layer, the block plan the fused kernels use with these ``weights``, or
+        ``None`` for a dense product: blocked where the layer's plan exists (see the class
+        docstring), its weight has the layer's full shape (not a caller's sub-block), and it
+        lives on the CPU (where blocking was measured to pay)."""
+        plans = getattr(self, "_block_plans", None)  # absent in pickles of older versions
+        if plans is None or weights[0].device.type != "cpu":
+            return [None] * len(weights)
+        return [plan if plan is not None and tuple(w.shape) == shape else None
+                for plan, w, shape in zip(plans, weights, self._shapes, strict=True)]
+
     def fused_forward(
         self, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]
     ) -> tuple[Tensor, list[Tensor]]:
         """:meth:`forward` for a 2-D ``x`` of shape (N, D) without autograd, given
         :meth:`masked_weights`. Returns the output and the inputs of every linear layer
-        (``x`` first), which is all :meth:`fused_backward` needs. Same operations, in the same
-        order, as :meth:`forward` (``F.linear`` on a matrix), so the same numbers."""
+        (``x`` first), which is all :meth:`fused_backward` needs. A dense layer runs the
+        operation of :meth:`forward` (``F.linear`` on a matrix), so the same numbers; a
+        blocked layer (:meth:`block_plans`) sums the same nonzero products in a different
+        grouping, so its values agree to rounding."""
         relu = type(self.activation) is nn.ReLU
+        plans = self.block_plans(weights)
         inputs = [x]
         h = x
-        for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
-            h = F.linear(h, weight, bias)  # addmm(bias, h, weight.t()), one call from Python
+        for weight, bias, plan in zip(weights[:-1], biases[:-1], plans[:-1], strict=True):
+            if plan is None:
+                h = F.linear(h, weight, bias)  # addmm(bias, h, weight.t()), one call from Python
+            else:
+                h = _blocked_linear(h, weight, bias, plan)
             h = h.relu_() if relu else h.tanh_()  # a fresh tensor: in place is safe
             inputs.append(h)
-        return F.linear(h, weights[-1], biases[-1]), inputs
+        if plans[-1] is None:
+            return F.linear(h, weights[-1], biases[-1]), inputs
+        return _blocked_linear(h, weights[-1], biases[-1], plans[-1]), inputs
 
     def fused_backward(
         self,
@@ -286,8 +340,10 @@ class MADE(nn.Module):
         the last layer, one product instead of one per layer). Alternatively
         ``grad_params`` gives, for every layer, contiguous ``(weight, bias)`` tensors of the
         shapes of ``weights`` to write the (unmasked) gradients into: for a caller that passes
-        sub-blocks of the weights. Returns the gradient with respect to the input (``None``
-        unless ``need_input_grad``).
+        sub-blocks of the weights. A blocked layer (:meth:`block_plans`) computes its weight
+        gradient inside its blocks only and writes exact zeros outside them, where the mask is
+        0; either way the caller masks the gradient afterwards. Returns the gradient with
+        respect to the input (``None`` unless ``need_input_grad``).
         """
         relu = type(self.activation) is nn.ReLU
         into_flat = grad_params is None and grad_flat is not None
@@ -295,12 +351,16 @@ class MADE(nn.Module):
             pieces = torch.split_with_sizes(grad_flat, self._sizes)
             grad_params = [(pieces[2 * k].view(shape), pieces[2 * k + 1])
                            for k, shape in enumerate(self._shapes)]
+        plans = self.block_plans(weights)
         g = grad_out
         for k in range(len(weights) - 1, -1, -1):
             thin = weights[k].shape[1] < _THIN  # few inputs to this layer: the first, at small D
+            plan = plans[k]
             if grad_params is not None:
                 grad_weight, grad_bias = grad_params[k]
-                if thin:  # the same sums, with the thin side as the rows of the product
+                if plan is not None:
+                    _blocked_weight_grad(g, inputs[k], plan, grad_weight)
+                elif thin:  # the same sums, with the thin side as the rows of the product
                     grad_weight.copy_(torch.mm(inputs[k].t(), g).t())
                 else:
                     torch.mm(g.t(), inputs[k], out=grad_weight)
@@ -308,7 +368,10 @@ class MADE(nn.Module):
             if k == 0 and not need_input_grad:
                 g = None
                 break
-            g = torch.mm(weights[k].t(), g.t()).t() if thin else g.mm(weights[k])
+            if plan is not None:
+                g = _blocked_input_grad(g, weights[k], plan)
+            else:
+                g = torch.mm(weights[k].t(), g.t()).t() if thin else g.mm(weights[k])
             if k > 0:
                 h = inputs[k]
                 if relu:
@@ -411,7 +474,7 @@ class StackedMADE(MADE):
         if sum(made._sizes) != stacked.flat_parameters.shape[-1]:
             raise ValueError("StackedMADE: the network's size differs from the stacked rows'")
         for name in _LAYOUT:
-            setattr(self, name, getattr(made, name))
+            setattr(self, name, getattr(made, name, None))  # _block_plans: None in old pickles
         self.register_buffer("degrees", made.degrees)
         self.activation = made.activation
         self.stacked = stacked
@@ -423,7 +486,7 @@ class StackedMADE(MADE):
 
 # what a StackedMADE takes from its MADE besides `degrees` and `activation`
 _LAYOUT = ("features", "hidden_dims", "num_params", "residual", "num_levels", "_shapes",
-           "_sizes")
+           "_sizes", "_block_plans")
 
 
 def stacked_mades(nets: Sequence[MADE]) -> list[StackedMADE]:
@@ -449,3 +512,83 @@ def _hidden_degrees(width: int, num_levels: int) -> Tensor:
     # spread evenly over 1..L-1; degree L would connect to no output, so it is never used
     top = max(1, num_levels - 1)
     return torch.arange(width) * top // width + 1
+
+
+class _Blocks(NamedTuple):
+    """The block plan of one masked layer (``out = h W^T + b``, ``W`` of shape (rows, columns)):
+
+    ``rows``: ``(r0, r1, c0, c1)`` for row blocks that partition the rows; the mask of rows
+    ``r0:r1`` is zero outside columns ``c0:c1``, so ``out[:, r0:r1]`` needs ``h[:, c0:c1]`` only,
+    and the weight gradient of those rows is zero outside these columns.
+    ``cols``: ``(c0, c1, s0, s1)`` for column blocks that partition the columns; the mask of
+    columns ``c0:c1`` is zero outside rows ``s0:s1``, so the input gradient of those columns
+    needs the output gradient's columns ``s0:s1`` only.
+    Empty ranges (``c0 == c1``, ``s0 == s1``) are allowed.
+    """
+
+    rows: tuple[tuple[int, int, int, int], ...]
+    cols: tuple[tuple[int, int, int, int], ...]
+
+
+def _used_range(used: Tensor) -> tuple[int, int]:
+    """The smallest ``(start, stop)`` holding every true entry of the 1-D ``used``."""
+    where = used.nonzero().flatten().tolist()
+    return (where[0], where[-1] + 1) if where else (0, 0)
+
+
+def _block_plan(mask: Tensor) -> _Blocks | None:
+    """A :class:`_Blocks` for the boolean weight mask ``mask`` (rows, columns), or ``None``
+    where blocking does not pay (a side narrower than ``_BLOCK_MIN_WIDTH``, or blocks that
+    cover more than ``_BLOCK_MAX_FRACTION`` of the dense products)."""
+    num_rows, num_cols = mask.shape
+    if min(num_rows, num_cols) < _BLOCK_MIN_WIDTH:
+        return None
+
+    def splits(n: int) -> list[tuple[int, int]]:
+        count = max(2, round(n / _BLOCK_SIZE))
+        return [(i * n // count, (i + 1) * n // count) for i in range(count)]
+
+    rows = tuple((r0, r1, *_used_range(mask[r0:r1].any(0))) for r0, r1 in splits(num_rows))
+    cols = tuple((c0, c1, *_used_range(mask[:, c0:c1].any(1))) for c0, c1 in splits(num_cols))
+    covered = (sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in rows)
+               + sum((c1 - c0) * (s1 - s0) for c0, c1, s0, s1 in cols))
+    if covered > _BLOCK_MAX_FRACTION * 2 * num_rows * num_cols:
+        return None
+    return _Blocks(rows, cols)
+
+
+def _blocked_linear(h: Tensor, weight: Tensor, bias: Tensor, blocks: _Blocks) -> Tensor:
+    """``F.linear(h, weight, bias)`` for a masked ``weight`` that is zero outside the blocks:
+    one product per row block, written in place into its columns of the output."""
+    out = h.new_empty(h.shape[0], weight.shape[0])
+    for r0, r1, c0, c1 in blocks.rows:
+        if c1 > c0:
+            torch.addmm(bias[r0:r1], h[:, c0:c1], weight[r0:r1, c0:c1].t(), out=out[:, r0:r1])
+        else:  # rows that see no input: the bias alone
+            out[:, r0:r1] = bias[r0:r1]
+    return out
+
+
+def _blocked_weight_grad(grad: Tensor, h: Tensor, blocks: _Blocks, out: Tensor) -> None:
+    """``out = grad^T h`` inside the blocks, 0 outside them (where the mask is 0); unmasked
+    inside, as the dense product is."""
+    num_cols = out.shape[1]
+    for r0, r1, c0, c1 in blocks.rows:
+        if c1 > c0:
+            torch.mm(grad[:, r0:r1].t(), h[:, c0:c1], out=out[r0:r1, c0:c1])
+        if c0 > 0:
+            out[r0:r1, :c0].zero_()
+        if c1 < num_cols:
+            out[r0:r1, c1:].zero_()
+
+
+def _blocked_input_grad(grad: Tensor, weight: Tensor, blocks: _Blocks) -> Tensor:
+    """``grad @ weight`` for a masked ``weight`` that is zero outside the blocks: one product
+    per column block, over the rows that use it."""
+    out = grad.new_empty(grad.shape[0], weight.shape[1])
+    for c0, c1, s0, s1 in blocks.cols:
+        if s1 > s0:
+            torch.mm(grad[:, s0:s1], weight[s0:s1, c0:c1], out=out[:, c0:c1])
+        else:
+            out[:, c0:c1].zero_()
+    return out

@@ -45,7 +45,9 @@ class AffineAutoregressiveCore(FlowTransform):
     nodes; :class:`~pyroflows.flows.FlowStack` runs a whole run of such layers as one call. The
     values are computed by the same operations in the same order as the plain path
     (``fused = False`` on an instance, or any other configuration), so they are the same
-    numbers; the gradients agree to rounding.
+    numbers, except in wide networks on CPU, where the network skips its masked-out blocks
+    (see :class:`~pyroflows.nn.MADE`) and the values agree to rounding; the gradients agree
+    to rounding.
     """
 
     forward_is_parallel: bool = True
