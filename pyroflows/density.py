@@ -1110,7 +1110,18 @@ def _cpu_state_dict(module: nn.Module) -> dict:
 
 
 def _snapshot(module: nn.Module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    """A copy of ``module.state_dict()`` that clones each stored tensor once: a shared bank
+    (``MADEParameters``, the planar/radial banks) appears under every layer's key, and
+    cloning it per key would hold L copies of an (L, P) tensor."""
+    clones: dict = {}
+    out = {}
+    for key, value in module.state_dict().items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(),
+                 tuple(value.shape), tuple(value.stride()), value.dtype)
+        if ident not in clones:
+            clones[ident] = value.detach().clone()
+        out[key] = clones[ident]
+    return out
 
 
 def _chunked(fn, x: Tensor) -> Tensor:

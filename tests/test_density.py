@@ -781,3 +781,19 @@ def test_whiten_kind_is_saved_and_old_files_load_as_learned(device, dtype, tmp_p
         loaded = DensityEstimator.load(tmp_path / f"{kind}.pt", device=device)
         assert loaded._whiten == kind
         assert torch.equal(loaded.log_prob(xt), est.log_prob(xt))
+
+
+def test_a_snapshot_clones_a_shared_bank_once():
+    """The best-state snapshot of a fit holds one copy of a bank that every layer's key lists
+    (not one per key), with the values of the state dict."""
+    from pyroflows.density import _snapshot
+    flow = pf.flows.build("maf", 3, num_layers=3, hidden_dims=(8,))
+    state = flow.state_dict()
+    snap = _snapshot(flow)
+    assert snap.keys() == state.keys()
+    bank_keys = [k for k in snap if k.endswith("stacked.flat_parameters")]
+    assert len(bank_keys) == 3
+    assert len({snap[k].data_ptr() for k in bank_keys}) == 1
+    assert snap[bank_keys[0]].data_ptr() != state[bank_keys[0]].data_ptr()
+    for k in snap:
+        assert torch.equal(snap[k], state[k])
