@@ -99,7 +99,9 @@ DEFAULT_STICK_THE_LANDING: dict[str, bool] = {"iaf": True}
 #: :class:`FlowELBO`) take :math:`\nabla_z \log q` from the Jacobian of the draw (one batched
 #: backward pass over D copies of the particles, a D x D solve per particle) instead of running
 #: the flow's inverse (D sequential passes per IAF layer, a root solve per planar layer); above
-#: it, or beyond :data:`STL_JACOBIAN_MAX_ROWS` particles x D rows (memory), the inverse. Measured
+#: it, or beyond :data:`STL_JACOBIAN_MAX_ROWS` particles x D rows (memory), the inverse. The
+#: traced path (``direct=False``, handlers around the step, latents in subsampled plates) takes
+#: the Jacobian as well, from the flow stack's cache of the draw. Measured
 #: (default AutoIAF, 32 particles, one thread, ms a step, Jacobian / inverse): D = 32: 25 / 58,
 #: 64: 106 / 191, 128: 676 / 1040, 256: 1750 / 2467.
 STL_JACOBIAN_MAX_DIM = 256
@@ -1372,6 +1374,32 @@ class _TemperJacobians(Messenger):
             msg["scale"] = msg["scale"] * self.beta
 
 
+def _path_entropy(posterior: FlowPosterior, value: Tensor) -> Tensor | None:
+    """The sticking-the-landing term of a traced draw ``value`` of ``posterior`` from the draw's
+    Jacobian (:func:`_path_log_density`), as the direct path takes it: when the posterior is
+    one :class:`~pyroflows.flows.FlowStack` of pyroflows layers whose cache still holds this
+    draw's base point (it does right after ``rsample``: the stack remembers ``(eps, z,
+    log_det)`` while its parameters are unchanged) and within :data:`STL_JACOBIAN_MAX_DIM` and
+    :data:`STL_JACOBIAN_MAX_ROWS`; ``None`` otherwise (the caller runs the inverse)."""
+    transforms = posterior.transforms
+    if len(transforms) != 1 or not isinstance(transforms[0], flows.FlowStack):
+        return None
+    stack = transforms[0]
+    if not stack.all_flow_transforms:
+        return None
+    z = value
+    last = getattr(posterior, "_unbatched", None)  # an unbatched draw went through as (1, D)
+    if last is not None and value is last[0] and value._version == last[1]:
+        z = last[2]
+    hit = stack._lookup(y=z)
+    if (hit is None or z.shape[-1] > STL_JACOBIAN_MAX_DIM
+            or hit.x.numel() > STL_JACOBIAN_MAX_ROWS or hit.x.requires_grad):
+        return None
+    log_q = posterior.base_dist.log_prob(hit.x) - hit.log_det
+    entropy = _path_log_density(stack, hit.x, z, log_q)
+    return entropy[0] if z is not value else entropy
+
+
 def _stick_the_landing(guide_trace, force: bool) -> None:
     found = False
     for site in guide_trace.nodes.values():
@@ -1380,7 +1408,9 @@ def _stick_the_landing(guide_trace, force: bool) -> None:
         found = True
         if not (force or site["fn"].stick_the_landing):
             continue
-        entropy = site["fn"].log_prob_detached(site["value"])
+        entropy = _path_entropy(site["fn"], site["value"])
+        if entropy is None:
+            entropy = site["fn"].log_prob_detached(site["value"])
         parts = ScoreParts(site["score_parts"].log_prob, 0, entropy)
         scaled = parts.scale_and_mask(site["scale"], site["mask"])
         site["score_parts"] = site["score_parts"]._replace(entropy_term=scaled.entropy_term)

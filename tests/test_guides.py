@@ -21,7 +21,7 @@ from scipy import stats
 
 import pyroflows as pf
 from pyroflows.diagnostics import log_importance_weights
-from pyroflows.guides import AutoFlowGuide, AutoIAF, AutoPlanar, AutoRadial, FlowELBO
+from pyroflows.guides import AutoFlowGuide, AutoIAF, AutoPlanar, AutoRadial, FlowELBO, FlowPosterior
 
 # benchmarks/ is a sibling package of tests/ (not installed): make it importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -976,6 +976,35 @@ def test_direct_path_scores_the_model_as_the_trace_does(vectorized, direct_draws
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     assert got_losses == pytest.approx(want_losses, rel=tol["rtol"] * 10)
     assert got.keys() == want.keys() and "shift" in got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **tol)
+
+
+@pytest.mark.parametrize("vectorized", [True, False], ids=["vectorized", "one-particle"])
+def test_traced_sticking_the_landing_from_the_jacobian_steps_as_the_inverse(
+        vectorized, monkeypatch, device, dtype):
+    """On the traced path (direct=False) the sticking-the-landing term comes from the draw's
+    Jacobian (the flow stack's cache of the draw); the reference is the same run with the
+    Jacobian route switched off (STL_JACOBIAN_MAX_DIM = 0: the flow's inverse): the same losses
+    and parameters after several Adam steps, and the inverse is not run when the Jacobian is."""
+    model = _schools_with_a_model_param(device, dtype)
+    kw = dict(num_particles=4 if vectorized else 1, vectorize_particles=vectorized,
+              stick_the_landing=True)
+    inverse_calls = [0]
+    detached = FlowPosterior.log_prob_detached
+
+    def counted(self, value):
+        inverse_calls[0] += 1
+        return detached(self, value)
+
+    monkeypatch.setattr(FlowPosterior, "log_prob_detached", counted)
+    got_losses, got = _svi_run(model, direct=False, **kw)
+    assert inverse_calls[0] == 0
+    monkeypatch.setattr(pf.guides, "STL_JACOBIAN_MAX_DIM", 0)
+    want_losses, want = _svi_run(model, direct=False, **kw)
+    assert inverse_calls[0] == 4
+    tol = dict(rtol=1e-8, atol=1e-8) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
+    assert got_losses == pytest.approx(want_losses, rel=tol["rtol"] * 10)
     for name in want:
         torch.testing.assert_close(got[name], want[name], **tol)
 
