@@ -90,11 +90,12 @@ def test_plans_where_blocking_pays():
         covered = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in middle.rows)
         assert 0.6 < covered / 256**2 < 0.67
     net = MADE(8, (64, 64), num_params=2)
-    assert net.block_plans(net.masked_weights()[0]) == [None, None, None]
-    # a network without blocks (a ReLU-free linear map) and a sub-block of a weight: dense
+    assert net.block_plans(net.masked_weights()[0]) == (None, None, None)
+    # a sub-block of a weight (a caller's compact network) and weights off the CPU: dense
     net = MADE(64, (256, 256), num_params=2)
     weights = net.masked_weights()[0]
     assert net.block_plans([weights[0], weights[1][:, :128], weights[2]])[1] is None
+    assert net.block_plans([w.to("meta") for w in weights]) == (None, None, None)  # not CPU
 
 
 def _dense_reference(net: MADE, x: torch.Tensor, grad_out: torch.Tensor):

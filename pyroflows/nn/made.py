@@ -33,6 +33,8 @@ _THIN = 16
 _BLOCK_MIN_WIDTH = 256
 _BLOCK_SIZE = 64
 _BLOCK_MAX_FRACTION = 0.7
+# the plans of networks with no blocked layer, by number of layers (shared, never modified)
+_DENSE = tuple((None,) * n for n in range(8))
 
 
 def default_hidden_dims(features: int) -> tuple[int, ...]:
@@ -164,8 +166,10 @@ class MADE(nn.Module):
         masks.append(((out_degrees[:, None] > below[None, :]) & head_bias[:, None], head_bias))
 
         self._shapes = [tuple(w.shape) for w, _ in masks]
-        # plain Python ints, derived from the masks: they hold on any device and dtype
-        self._block_plans = [_block_plan(w) for w, _ in masks]
+        # plain Python ints, derived from the masks: they hold on any device and dtype;
+        # None when no layer is blocked (every network at D=8), the cheapest check per call
+        plans = [_block_plan(w) for w, _ in masks]
+        self._block_plans = plans if any(p is not None for p in plans) else None
         self._sizes = [n for w, b in masks for n in (w.numel(), b.numel())]
         dtype = torch.get_default_dtype()
         self.register_buffer(
@@ -283,14 +287,14 @@ class MADE(nn.Module):
                            for d in range(self.num_levels + 1)])
         return ranges
 
-    def block_plans(self, weights: Sequence[Tensor]) -> list[_Blocks | None]:
+    def block_plans(self, weights: Sequence[Tensor]) -> Sequence[_Blocks | None]:
         """For every layer, the block plan the fused kernels use with these ``weights``, or
         ``None`` for a dense product: blocked where the layer's plan exists (see the class
         docstring), its weight has the layer's full shape (not a caller's sub-block), and it
         lives on the CPU (where blocking was measured to pay)."""
         plans = getattr(self, "_block_plans", None)  # absent in pickles of older versions
         if plans is None or weights[0].device.type != "cpu":
-            return [None] * len(weights)
+            return _DENSE[len(weights)] if len(weights) < len(_DENSE) else [None] * len(weights)
         return [plan if plan is not None and tuple(w.shape) == shape else None
                 for plan, w, shape in zip(plans, weights, self._shapes, strict=True)]
 
