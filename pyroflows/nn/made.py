@@ -26,8 +26,8 @@ _THIN = 16
 # Blocked products (see MADE's docstring): a layer is computed block by block when both sides
 # of its weight are at least _BLOCK_MIN_WIDTH, in blocks of about _BLOCK_SIZE rows (columns for
 # the input gradient), and the blocks cover at most _BLOCK_MAX_FRACTION of the dense product.
-# Measured on one thread (512 x 256 x 256, float32): blocks of 64 rows are the fastest (48 and
-# 85 are slower than dense); at 128 x 128 the saving is lost to the smaller products, and a
+# Measured on one thread (512 x 256 x 256, float32): blocks of 64 rows are the fastest (43 and
+# 85 are no faster than dense); at 128 x 128 the saving is lost to the smaller products, and a
 # block plan covering 0.75 of the product (the output head, 128 x 256, by contiguous rows) is
 # no faster than the dense product.
 _BLOCK_MIN_WIDTH = 256
@@ -89,9 +89,11 @@ class MADE(nn.Module):
     valid for every order, reversed and random ones included, since the hidden degrees do not
     depend on the order), and a layer is blocked only where its blocks skip at least 30% of the
     product. Measured on one thread, batch 512, 256 x 256, float32: forward 736 -> 575 us,
-    weight gradient 754 -> 643 us, input gradient 746 -> 559 us; smaller blocks, the 128-row
-    output head of D=64 (contiguous rows cover 3/4 of it) and the 64-input first layer gain
-    nothing, so they stay dense, as does everything at D=8. Exactness: the blocks contain
+    weight gradient 754 -> 643 us, input gradient 746 -> 559 us (blocks of 32, 43 or 85 rows
+    were slower); a 128 x 128 layer, the 128-row output head of D=64 (contiguous rows cover 3/4
+    of it; gathering the P rows of one degree range into one product, 5/8, was no faster
+    either: 448 against 435 us) and the 64-input first layer gained nothing, so they stay
+    dense, as does everything at D=8. Exactness: the blocks contain
     every nonzero weight (the masked weights outside them are exact zeros), the diagonal blocks
     use the masked weights, and the weight gradient is written as exact zeros outside the
     blocks and masked afterwards as before; so the values are the dense masked network's sums
