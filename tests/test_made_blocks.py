@@ -96,6 +96,8 @@ def test_plans_where_blocking_pays():
     weights = net.masked_weights()[0]
     assert net.block_plans([weights[0], weights[1][:, :128], weights[2]])[1] is None
     assert net.block_plans([w.to("meta") for w in weights]) == (None, None, None)  # not CPU
+    del net._block_plans  # a network pickled before the plans existed: dense products
+    assert net.block_plans(weights) == (None, None, None)
 
 
 def _dense_reference(net: MADE, x: torch.Tensor, grad_out: torch.Tensor):
@@ -153,6 +155,10 @@ def test_stack_at_blocking_widths_matches_plain_path(family, device, dtype):
     flow = pf.flows.build(family, 64, num_layers=2, hidden_dims=(256, 256))
     randomize_parameters_(flow, scale=0.05, seed=4)
     flow = flow.to(device, dtype)
+    for layer in flow.parts:  # StackedMADE rows carry their network's plans
+        net = layer.conditioner
+        blocked = net.block_plans(net.masked_weights()[0])[1] is not None
+        assert blocked == (torch.device(device).type == "cpu")
     plain = copy.deepcopy(flow)
     for m in plain.modules():
         if hasattr(m, "fused"):
