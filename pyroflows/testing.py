@@ -3,7 +3,9 @@
 Each ``check_*`` function raises :class:`AssertionError` with a message that says what broke;
 :func:`check_transform` runs them all. They test against independent truth: log-dets against
 ``slogdet`` of the autograd Jacobian, inverses by round trips from both sides (including points
-the forward map never produced), gradients, save/load and the stale-cache case.
+the forward map never produced), gradients (for pyroflows transforms: against the plain
+operations that :func:`torch.func.grad` differentiates, so a hand-written backward pass of a
+fused kernel is checked), save/load and the stale-cache case.
 
 Example:
     >>> import torch, pyroflows as pf
@@ -137,6 +139,54 @@ def check_gradients(t, dim: int, device=None, dtype=torch.float64) -> None:
         assert torch.isfinite(g).all(), f"parameter {name} has a non-finite gradient"
     if params:
         assert any(float(g.abs().sum()) > 0 for g in grads[1:]), "all parameter gradients are 0"
+    reference = _plain_gradients(t, x)
+    if reference is None:
+        return
+    names = ["input"] + [n for n, p in t.named_parameters() if p.requires_grad]
+    tol = tolerances(dtype)
+    for name, got, want in zip(names, grads, reference, strict=True):
+        want = torch.zeros_like(got) if want is None else want
+        torch.testing.assert_close(
+            torch.zeros_like(want) if got is None else got.detach(), want.detach(), **tol,
+            msg=lambda m, name=name: f"gradient w.r.t. {name} != the plain operations': {m}")
+
+
+class _LossOf(torch.nn.Module):
+    """``sum(y^2) + sum(log|det J|)`` of ``t.forward_and_log_det(x)``, as a module, so that
+    :func:`torch.func.functional_call` can pass the parameters."""
+
+    def __init__(self, t: torch.nn.Module) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, log_det = self.t.forward_and_log_det(x)
+        return y.square().sum() + log_det.sum()
+
+
+def _plain_gradients(t, x: Tensor) -> list[Tensor] | None:
+    """The gradients of :func:`check_gradients`' loss w.r.t. ``x`` and every trainable
+    parameter, taken by :func:`torch.func.grad`, under which the fused kernels of pyroflows
+    (hand-written backward passes, blocked products) step aside for the plain operations that
+    autograd differentiates: an independent reference for those backward passes. ``None`` for
+    a transform without ``forward_and_log_det`` (not a pyroflows transform), or whose forward
+    map is not a single call of it."""
+    if not callable(getattr(t, "forward_and_log_det", None)):
+        return None
+    try:
+        t.forward_and_log_det(_fresh(x[:1]))
+    except TypeError:  # e.g. a FlowStack holding non-pyroflows parts
+        return None
+    module = _LossOf(t)
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in module.named_parameters()}
+
+    def loss(x_, trainable):
+        return torch.func.functional_call(module, {**params, **trainable}, (x_,))
+
+    trainable = {n: params[n] for n in names}
+    grad_x, grad_params = torch.func.grad(loss, argnums=(0, 1))(_fresh(x), trainable)
+    return [grad_x] + [grad_params[n] for n in names]
 
 
 def check_save_load(t, dim: int, factory: Factory, device=None, dtype=torch.float64) -> None:

@@ -156,6 +156,27 @@ def _maf_stack_layer():
     return _randomized(pf.flows.build("maf", 3, num_layers=3, hidden_dims=(8,)), scale=0.2)[2]
 
 
+# Wide MADE layers skip their masked-out blocks in the fused kernels (CPU; MADE.block_plans):
+# stacks whose 256 x 256 hidden layers run blocked. The factories check that they do, so the
+# entries cannot quietly turn into dense ones if the thresholds move.
+def _blocked(flow):
+    net = flow[0].conditioner
+    assert any(plan is not None for plan in net._block_plans), "expected a blocked layer"
+    return flow
+
+
+@register("iaf-stack-blocked", 8)
+def _iaf_stack_blocked():
+    flow = pf.flows.build("iaf", 8, num_layers=2, hidden_dims=(256, 256))
+    return _blocked(_randomized(flow, scale=0.05))
+
+
+@register("maf-stack-blocked", 8)
+def _maf_stack_blocked():
+    flow = pf.flows.build("maf", 8, num_layers=2, hidden_dims=(256, 256), permutation="random")
+    return _blocked(_randomized(flow, scale=0.05))
+
+
 @register("realnvp-stack", 4)
 def _realnvp_stack():
     flow = pf.flows.build("realnvp", 4, num_layers=3, hidden_dims=(8,), permutation="random")
