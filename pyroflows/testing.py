@@ -126,6 +126,10 @@ def check_log_det(t, dim: int, device=None, dtype=torch.float64, num_points: int
 
 
 def check_gradients(t, dim: int, device=None, dtype=torch.float64) -> None:
+    """Gradients of ``sum(y^2) + sum(log|det J|)`` reach the input and every trainable
+    parameter, finite and not all zero; for a pyroflows transform they equal, in both
+    directions (``t`` and ``t.inv``), those :func:`torch.func.grad` takes through the plain
+    operations (:func:`_plain_gradients`)."""
     params = [p for p in t.parameters() if p.requires_grad]
     x = _draw((16, dim), device, dtype, 5).requires_grad_(True)
     y = t(x)
@@ -139,54 +143,72 @@ def check_gradients(t, dim: int, device=None, dtype=torch.float64) -> None:
         assert torch.isfinite(g).all(), f"parameter {name} has a non-finite gradient"
     if params:
         assert any(float(g.abs().sum()) > 0 for g in grads[1:]), "all parameter gradients are 0"
-    reference = _plain_gradients(t, x)
+    _compare_with_plain(t, x, grads, inverse=False, dtype=dtype)
+    # the inverse direction (a MAF's density direction runs its fused kernel this way)
+    y = _fresh(t(_fresh(x))).requires_grad_(True)
+    x_inv = t.inv(y)
+    loss = x_inv.square().sum() + t.inv.log_abs_det_jacobian(y, x_inv).sum()
+    grads = torch.autograd.grad(loss, [y, *params], allow_unused=True)
+    _compare_with_plain(t, y, grads, inverse=True, dtype=dtype)
+
+
+def _compare_with_plain(t, value: Tensor, grads, inverse: bool, dtype) -> None:
+    reference = _plain_gradients(t, value, inverse)
     if reference is None:
         return
     names = ["input"] + [n for n, p in t.named_parameters() if p.requires_grad]
+    direction = "inverse" if inverse else "forward"
     tol = tolerances(dtype)
     for name, got, want in zip(names, grads, reference, strict=True):
-        want = torch.zeros_like(got) if want is None else want
+        got = torch.zeros_like(want) if got is None else got.detach()
         torch.testing.assert_close(
-            torch.zeros_like(want) if got is None else got.detach(), want.detach(), **tol,
-            msg=lambda m, name=name: f"gradient w.r.t. {name} != the plain operations': {m}")
+            got, want.detach(), **tol,
+            msg=lambda m, name=name: (f"{direction} gradient w.r.t. {name} != the plain "
+                                      f"operations': {m}"))
 
 
 class _LossOf(torch.nn.Module):
-    """``sum(y^2) + sum(log|det J|)`` of ``t.forward_and_log_det(x)``, as a module, so that
-    :func:`torch.func.functional_call` can pass the parameters."""
+    """:func:`check_gradients`' loss through ``t.forward_and_log_det`` (``sum(y^2) + sum(log|det
+    J|)``) or ``t.inverse_and_log_det`` (``sum(x^2) - sum(log|det J|)``, J the forward map's
+    Jacobian), as a module, so that :func:`torch.func.functional_call` can pass the
+    parameters."""
 
-    def __init__(self, t: torch.nn.Module) -> None:
+    def __init__(self, t: torch.nn.Module, inverse: bool) -> None:
         super().__init__()
         self.t = t
+        self.inverse = inverse
 
-    def forward(self, x: Tensor) -> Tensor:
-        y, log_det = self.t.forward_and_log_det(x)
+    def forward(self, value: Tensor) -> Tensor:
+        if self.inverse:
+            x, log_det = self.t.inverse_and_log_det(value)
+            return x.square().sum() - log_det.sum()
+        y, log_det = self.t.forward_and_log_det(value)
         return y.square().sum() + log_det.sum()
 
 
-def _plain_gradients(t, x: Tensor) -> list[Tensor] | None:
-    """The gradients of :func:`check_gradients`' loss w.r.t. ``x`` and every trainable
+def _plain_gradients(t, value: Tensor, inverse: bool) -> list[Tensor] | None:
+    """The gradients of :func:`check_gradients`' loss w.r.t. ``value`` and every trainable
     parameter, taken by :func:`torch.func.grad`, under which the fused kernels of pyroflows
     (hand-written backward passes, blocked products) step aside for the plain operations that
     autograd differentiates: an independent reference for those backward passes. ``None`` for
-    a transform without ``forward_and_log_det`` (not a pyroflows transform), or whose forward
-    map is not a single call of it."""
-    if not callable(getattr(t, "forward_and_log_det", None)):
+    a transform without ``forward_and_log_det`` / ``inverse_and_log_det`` (not a pyroflows
+    transform, or a stack of other transforms)."""
+    method = getattr(t, "inverse_and_log_det" if inverse else "forward_and_log_det", None)
+    if not callable(method):
         return None
     try:
-        t.forward_and_log_det(_fresh(x[:1]))
-    except TypeError:  # e.g. a FlowStack holding non-pyroflows parts
+        method(_fresh(value[:1]))
+    except TypeError:  # a FlowStack holding non-pyroflows parts
         return None
-    module = _LossOf(t)
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    module = _LossOf(t, inverse)
     params = {n: p.detach() for n, p in module.named_parameters()}
+    trainable = {n: params[n] for n, p in module.named_parameters() if p.requires_grad}
 
-    def loss(x_, trainable):
-        return torch.func.functional_call(module, {**params, **trainable}, (x_,))
+    def loss(value_, trainable_):
+        return torch.func.functional_call(module, {**params, **trainable_}, (value_,))
 
-    trainable = {n: params[n] for n in names}
-    grad_x, grad_params = torch.func.grad(loss, argnums=(0, 1))(_fresh(x), trainable)
-    return [grad_x] + [grad_params[n] for n in names]
+    grad_value, grad_params = torch.func.grad(loss, argnums=(0, 1))(_fresh(value), trainable)
+    return [grad_value, *grad_params.values()]
 
 
 def check_save_load(t, dim: int, factory: Factory, device=None, dtype=torch.float64) -> None:
