@@ -194,12 +194,8 @@ def _plain_gradients(t, value: Tensor, inverse: bool) -> list[Tensor] | None:
     a transform without ``forward_and_log_det`` / ``inverse_and_log_det`` (not a pyroflows
     transform, or a stack of other transforms)."""
     method = getattr(t, "inverse_and_log_det" if inverse else "forward_and_log_det", None)
-    if not callable(method):
-        return None
-    try:
-        method(_fresh(value[:1]))
-    except TypeError:  # a FlowStack holding non-pyroflows parts
-        return None
+    if not callable(method) or getattr(t, "all_flow_transforms", True) is False:
+        return None  # not a pyroflows transform, or a FlowStack holding other transforms
     module = _LossOf(t, inverse)
     params = {n: p.detach() for n, p in module.named_parameters()}
     trainable = {n: params[n] for n, p in module.named_parameters() if p.requires_grad}
