@@ -1269,9 +1269,8 @@ class _ReplayAndScore(Messenger):
         site = self.trace.nodes[name]
         try:
             log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-        except ValueError as e:
-            raise ValueError(f"Error while computing log_prob at site '{name}':\n{e}\n"
-                             f"{self.trace.format_shapes(last_site=name)}") from e
+        except ValueError as e:  # run() appends the sites' shapes
+            raise ValueError(f"Error while computing log_prob at site '{name}':\n{e}") from e
         site["unscaled_log_prob"] = log_p
         log_p = scale_and_mask(log_p, site["scale"], site["mask"])
         site["log_prob"] = log_p
