@@ -364,20 +364,38 @@ def _local_latents(device, dtype):
     return model
 
 
+GUIDES = {
+    "iaf": lambda m: AutoIAF(m, num_layers=2, hidden_dims=(8,), laplace_init=False),
+    "iaf-laplace": lambda m: AutoIAF(m, num_layers=2, hidden_dims=(8,), laplace_init=True),
+    "planar": lambda m: AutoPlanar(m, num_layers=3, laplace_init=False),
+}
+
+
+@pytest.mark.parametrize("make", sorted(GUIDES))
 @pytest.mark.parametrize("case", ["subsampled-latents", "scale-around-step"])
-def test_traced_stl_matches_the_inverse_route(case, monkeypatch, device, dtype):
+def test_traced_stl_matches_the_inverse_route(case, make, monkeypatch, device, dtype):
     """The traced path (latents in a subsampled plate; a poutine.scale around the step) with
-    sticking the landing: the gradients from the stack's cached draw equal those with the
-    Jacobian route switched off (STL_JACOBIAN_MAX_DIM = 0: the flow's inverse)."""
+    sticking the landing, for IAF (with and without the Laplace layers in the stack) and
+    planar guides: the gradients from the stack's cached draw equal those with the Jacobian
+    route switched off (STL_JACOBIAN_MAX_DIM = 0: the flow's inverse)."""
     model = (_local_latents(device, dtype) if case == "subsampled-latents"
              else _zoo("nested-plates", device, dtype)[0])
     mpn = 1 if case == "subsampled-latents" else 2
     results = []
+    answered = []
+    real = pf.guides._path_entropy
+
+    def counted(posterior, value):
+        out = real(posterior, value)
+        answered.append(out is not None)
+        return out
+
+    monkeypatch.setattr(pf.guides, "_path_entropy", counted)
     for max_dim in (256, 0):
         monkeypatch.setattr(pf.guides, "STL_JACOBIAN_MAX_DIM", max_dim)
         pyro.clear_param_store()
         torch.manual_seed(0)
-        guide = AutoIAF(model, num_layers=2, hidden_dims=(8,), laplace_init=False)
+        guide = GUIDES[make](model)
         guide()
         with torch.no_grad():
             for p in guide.parameters():
@@ -391,6 +409,7 @@ def test_traced_stl_matches_the_inverse_route(case, monkeypatch, device, dtype):
             loss = elbo.differentiable_loss(model, guide)
         grads = torch.autograd.grad(loss, list(guide.parameters()))
         results.append((loss.detach(), grads))
+    assert answered == [True, False]  # the Jacobian route ran, then the inverse
     (got, got_g), (want, want_g) = results
     tol = dict(rtol=1e-7, atol=1e-8) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-4)
     torch.testing.assert_close(got, want, **tol)
