@@ -440,19 +440,24 @@ def test_blocked_forward_follows_a_loaded_order():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["tanh-zero-first", "ties-narrow"])
+@pytest.mark.parametrize("case", ["tanh-zero-first", "ties-narrow", "no-hidden"])
 def test_blocked_network_forward_and_backward_are_autograd(case, monkeypatch):
     """Blocked products (small-block thresholds) for layouts the session's tests did not use:
-    a tanh network with zero_first (rows that see no input and a masked bias) and an order
-    with ties and hidden widths below D (width not a multiple of the block size): the fused
+    a tanh network with zero_first (rows that see no input and a masked bias), an order
+    with ties and hidden widths below D (width not a multiple of the block size) and a
+    network without hidden layers: the fused
     forward and the fused backward (input and weight gradients) are autograd through
     MADE.forward, in float64."""
     monkeypatch.setattr(made_module, "_BLOCK_MIN_WIDTH", 16)
     monkeypatch.setattr(made_module, "_BLOCK_SIZE", 8)
     monkeypatch.setattr(made_module, "_BLOCK_MAX_FRACTION", 1.0)
     dtype = torch.float64
-    if case == "tanh-zero-first":
-        net = MADE(20, (33, 27), num_params=2, activation=torch.nn.Tanh, zero_first=True)
+    if case == "tanh-zero-first":  # ten features of rank 0: head row blocks that see nothing
+        net = MADE(20, (33, 27), num_params=2, activation=torch.nn.Tanh, zero_first=True,
+                   order=[0] * 10 + list(range(1, 11)))
+        assert any(c0 == c1 for r0, r1, c0, c1 in net._block_plans[-1].rows)
+    elif case == "no-hidden":  # a masked linear map: the head alone, blocked
+        net = MADE(24, (), num_params=2)
     else:
         net = MADE(30, (18, 21), num_params=3, order=[k // 4 for k in range(30)][::-1])
     net = net.to(dtype)
