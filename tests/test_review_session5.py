@@ -92,6 +92,19 @@ def _zoo(name, device, dtype):
             with pyro.plate("data", 6, subsample_size=3) as idx:
                 pyro.sample("o3", dist.Normal(w, 1.0), obs=y[idx])
         return model, 1
+    if name == "masked-latents":
+        y = t(4)
+        keep = torch.tensor([True, False, True, True], device=device)
+        weights = torch.tensor([1.0, 2.0, 0.5, 3.0], device=device, dtype=dtype)
+
+        def model():
+            w = pyro.sample("w", dist.Normal(zero, 1.0))
+            with pyro.plate("J", 4):
+                with poutine.mask(mask=keep):
+                    loc = pyro.sample("loc", dist.Normal(w, 1.0))
+                with poutine.scale(scale=weights):
+                    pyro.sample("y", dist.Normal(loc, 0.5), obs=y)
+        return model, 1
     if name == "constrained-params":
         y = t(5).abs()
 
@@ -117,8 +130,8 @@ def _zoo(name, device, dtype):
     raise KeyError(name)
 
 
-ZOO = ["nested-plates", "sequential-plate", "scale-mask-block-factor", "constrained-params",
-       "obs-mask"]
+ZOO = ["nested-plates", "sequential-plate", "scale-mask-block-factor", "masked-latents",
+       "constrained-params", "obs-mask"]
 
 
 def _reference(model, guide_trace, plate=None):
