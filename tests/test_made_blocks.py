@@ -175,3 +175,25 @@ def test_stack_at_blocking_widths_matches_plain_path(family, device, dtype):
                        + [p.grad.clone() for p in t.parameters()])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, **tolerances(dtype))
+
+
+def test_a_loaded_stack_with_other_orders_runs_its_blocks_from_the_loaded_masks():
+    """Block plans follow the mask buffers: a stack built with reversed orders that loads the
+    state of one built with random permutations (all keys match, the masks differ) computes
+    the loaded flow, fused as plain, and the source flow's log-det (real thresholds: D = 300,
+    hidden 320, so the order-dependent first layer and head are blocked)."""
+    torch.manual_seed(0)
+    source = pf.flows.build("maf", 300, num_layers=2, hidden_dims=(320, 320),
+                            permutation="random")
+    randomize_parameters_(source, scale=0.02)
+    target = pf.flows.build("maf", 300, num_layers=2, hidden_dims=(320, 320))
+    assert target[0].conditioner.block_plans(target[0].conditioner.masked_weights()[0])[0]
+    target.load_state_dict(source.state_dict())
+    y = torch.randn(5, 300)
+    got = target.inverse_and_log_det(y)
+    want = source.inverse_and_log_det(y)
+    target.fused = False
+    plain = target.inverse_and_log_det(y)
+    for a, b, c in zip(got, want, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)

@@ -431,10 +431,6 @@ def test_traced_stl_matches_the_inverse_route(case, make, monkeypatch, device, d
 
 
 # ---- blocked MADE products ---------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "MADE._block_plans is computed once from the constructor's masks; load_state_dict "
-    "replaces the `mask` and `degrees` buffers (a checkpoint of a MADE with another order), "
-    "and the fused kernels then skip blocks where the loaded mask is nonzero"))
 def test_blocked_forward_follows_a_loaded_order():
     """Real thresholds: D = 300 inputs, 320-wide hidden layers (first layer and head are
     blocked for the identity order). After loading the state of the same network with a

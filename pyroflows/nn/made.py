@@ -169,7 +169,10 @@ class MADE(nn.Module):
 
         self._shapes = [tuple(w.shape) for w, _ in masks]
         # plain Python ints, derived from the masks: they hold on any device and dtype;
-        # None when no layer is blocked (every network at D=8), the cheapest check per call
+        # None when no layer is blocked (every network at D=8), the cheapest check per call.
+        # Only layouts with a layer wide enough can ever block; for them block_plans()
+        # re-derives the plans whenever the mask buffer changes (load_state_dict, .to())
+        self._blockable = any(min(shape) >= _BLOCK_MIN_WIDTH for shape in self._shapes)
         plans = [_block_plan(w) for w, _ in masks]
         self._block_plans = plans if any(p is not None for p in plans) else None
         self._sizes = [n for w, b in masks for n in (w.numel(), b.numel())]
@@ -177,6 +180,7 @@ class MADE(nn.Module):
         self.register_buffer(
             "mask", torch.cat([m.flatten() for pair in masks for m in pair]).to(dtype)
         )
+        self._block_plans_key = (self.mask.data_ptr(), self.mask._version)  # plans match it
         self.flat_parameters = nn.Parameter(torch.empty(sum(self._sizes), dtype=dtype))
         self.activation = activation()
         self.reset_parameters()
@@ -294,11 +298,29 @@ class MADE(nn.Module):
         ``None`` for a dense product: blocked where the layer's plan exists (see the class
         docstring), its weight has the layer's full shape (not a caller's sub-block), and it
         lives on the CPU (where blocking was measured to pay)."""
-        plans = getattr(self, "_block_plans", None)  # absent in pickles of older versions
-        if plans is None or weights[0].device.type != "cpu":
+        state = self.__dict__
+        # pickles of older versions have no plans (dense); D=8 layouts never block
+        if (not state.get("_blockable") or "_block_plans" not in state
+                or weights[0].device.type != "cpu"):
+            return _DENSE[len(weights)] if len(weights) < len(_DENSE) else [None] * len(weights)
+        mask = self.mask
+        key = (mask.data_ptr(), mask._version)
+        if state.get("_block_plans_key") != key:  # a new or edited mask: plans from it
+            state["_block_plans"] = self._plans_from_mask(mask)
+            state["_block_plans_key"] = key
+        plans = state["_block_plans"]
+        if plans is None:
             return _DENSE[len(weights)] if len(weights) < len(_DENSE) else [None] * len(weights)
         return [plan if plan is not None and tuple(w.shape) == shape else None
                 for plan, w, shape in zip(plans, weights, self._shapes, strict=True)]
+
+    def _plans_from_mask(self, mask: Tensor) -> list[_Blocks | None] | None:
+        """The block plans of the layers' weight masks held in ``mask`` (laid out as
+        ``flat_parameters``); ``None`` where no layer blocks."""
+        pieces = torch.split_with_sizes(mask.detach().to("cpu"), self._sizes)
+        plans = [_block_plan(pieces[2 * k].view(shape) != 0)
+                 for k, shape in enumerate(self._shapes)]
+        return plans if any(p is not None for p in plans) else None
 
     def fused_forward(
         self, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]
@@ -492,7 +514,7 @@ class StackedMADE(MADE):
 
 # what a StackedMADE takes from its MADE besides `degrees` and `activation`
 _LAYOUT = ("features", "hidden_dims", "num_params", "residual", "num_levels", "_shapes",
-           "_sizes", "_block_plans")
+           "_sizes", "_block_plans", "_blockable")
 
 
 def stacked_mades(nets: Sequence[MADE]) -> list[StackedMADE]:
