@@ -1116,7 +1116,7 @@ def _snapshot(module: nn.Module) -> dict:
     clones: dict = {}
     out = {}
     for key, value in module.state_dict().items():
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset(),
+        ident = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
                  tuple(value.shape), tuple(value.stride()), value.dtype)
         if ident not in clones:
             clones[ident] = value.detach().clone()

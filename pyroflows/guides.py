@@ -1223,13 +1223,14 @@ class _ReplayAndScore(Messenger):
     """The model's half of :class:`FlowELBO`'s direct path in one handler: what
     ``poutine.trace(poutine.replay(model, guide_trace))`` followed by the trace's
     ``compute_log_prob`` and ``log_prob_sum`` (subsample sites left out) compute, without the
-    second handler and the second pass over the sites. A latent site takes the guide's value as
+    second handler. A latent site takes the guide's value as
     :class:`~pyro.poutine.replay_messenger.ReplayMessenger` gives it; every site is recorded in
     :attr:`trace` as :class:`~pyro.poutine.trace_messenger.TraceMessenger` records it (a
-    repeated site name is the same error), and the log density of a sample site is computed as
-    soon as the site is complete (its distribution broadcast by the plates, its scale and mask
-    set), scaled and masked as ``Trace.compute_log_prob`` does, with its checks under
-    validation. :attr:`log_prob_sum` adds the sites up in the order the trace would."""
+    repeated site name is the same error); after the model returns, each sample site's log
+    density is computed, scaled and masked as ``Trace.compute_log_prob`` does (after the run,
+    as there: a model that edits a distribution's parameters in place after its site scores
+    as under Pyro), with its checks under validation, and :attr:`log_prob_sum` adds them up in
+    the trace's order."""
 
     def __init__(self, guide_trace: Trace, max_plate_nesting: float, validate: bool) -> None:
         super().__init__()
@@ -1240,14 +1241,34 @@ class _ReplayAndScore(Messenger):
         self.log_prob_sum: Tensor | float = 0.0
 
     def run(self, model: Callable, args: tuple, kwargs: dict) -> None:
-        """Run ``model`` under this handler; a ``ValueError`` or ``RuntimeError`` from it gets
-        the shapes of the sites so far appended, as ``poutine.trace`` appends them."""
+        """Run ``model`` under this handler (a ``ValueError`` or ``RuntimeError`` from it gets
+        the shapes of the sites so far appended, as ``poutine.trace`` appends them), then
+        score its sites."""
         try:
             with self:
                 model(*args, **kwargs)
         except (ValueError, RuntimeError) as e:
             raise type(e)(f"{e}\n{self.trace.format_shapes()}").with_traceback(
                 e.__traceback__) from e
+        total: Tensor | float = 0.0
+        for name, site in self.trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            try:
+                log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            except ValueError as e:
+                raise ValueError(f"Error while computing log_prob at site '{name}':\n{e}\n"
+                                 f"{self.trace.format_shapes(last_site=name)}") from e
+            site["unscaled_log_prob"] = log_p
+            log_p = scale_and_mask(log_p, site["scale"], site["mask"])
+            site["log_prob"] = log_p
+            site["log_prob_sum"] = log_p_sum = log_p.sum()
+            if self.validate:
+                warn_if_nan(log_p_sum, f"log_prob_sum at site '{name}'")
+                warn_if_inf(log_p_sum, f"log_prob_sum at site '{name}'", allow_neginf=True)
+                check_site_shape(site, self.max_plate_nesting)
+            total = total + log_p_sum
+        self.log_prob_sum = total
 
     def _pyro_sample(self, msg: dict) -> None:
         guide_site = self.guide_nodes.get(msg["name"])
@@ -1260,26 +1281,8 @@ class _ReplayAndScore(Messenger):
         msg["infer"] = guide_site["infer"]
 
     def _pyro_post_sample(self, msg: dict) -> None:
-        if msg["infer"].get("_do_not_trace"):
-            return
-        name = msg["name"]
-        self.trace.add_node(name, **msg)
-        if site_is_subsample(msg):
-            return
-        site = self.trace.nodes[name]
-        try:
-            log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-        except ValueError as e:  # run() appends the sites' shapes
-            raise ValueError(f"Error while computing log_prob at site '{name}':\n{e}") from e
-        site["unscaled_log_prob"] = log_p
-        log_p = scale_and_mask(log_p, site["scale"], site["mask"])
-        site["log_prob"] = log_p
-        site["log_prob_sum"] = log_p_sum = log_p.sum()
-        if self.validate:
-            warn_if_nan(log_p_sum, f"log_prob_sum at site '{name}'")
-            warn_if_inf(log_p_sum, f"log_prob_sum at site '{name}'", allow_neginf=True)
-            check_site_shape(site, self.max_plate_nesting)
-        self.log_prob_sum = self.log_prob_sum + log_p_sum
+        if not msg["infer"].get("_do_not_trace"):
+            self.trace.add_node(msg["name"], **msg)
 
     def _pyro_post_param(self, msg: dict) -> None:
         self.trace.add_node(msg["name"], **msg)

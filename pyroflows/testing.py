@@ -192,7 +192,8 @@ def _plain_gradients(t, value: Tensor, inverse: bool) -> list[Tensor] | None:
     (hand-written backward passes, blocked products) step aside for the plain operations that
     autograd differentiates: an independent reference for those backward passes. ``None`` for
     a transform without ``forward_and_log_det`` / ``inverse_and_log_det`` (not a pyroflows
-    transform, or a stack of other transforms)."""
+    transform, or a stack of other transforms) and for one that torch.func cannot run (an
+    ``autograd.Function`` without ``setup_context``, as in some user transforms)."""
     method = getattr(t, "inverse_and_log_det" if inverse else "forward_and_log_det", None)
     if not callable(method) or getattr(t, "all_flow_transforms", True) is False:
         return None  # not a pyroflows transform, or a FlowStack holding other transforms
@@ -203,7 +204,14 @@ def _plain_gradients(t, value: Tensor, inverse: bool) -> list[Tensor] | None:
     def loss(value_, trainable_):
         return torch.func.functional_call(module, {**params, **trainable_}, (value_,))
 
-    grad_value, grad_params = torch.func.grad(loss, argnums=(0, 1))(_fresh(value), trainable)
+    try:
+        grad_value, grad_params = torch.func.grad(loss, argnums=(0, 1))(_fresh(value), trainable)
+    except RuntimeError as e:
+        # a (user) transform built on a torch.autograd.Function that torch.func cannot run
+        # (no setup_context): no plain reference to compare with, nothing to report
+        if "setup_context" in str(e):
+            return None
+        raise
     return [grad_value, *grad_params.values()]
 
 
