@@ -197,3 +197,18 @@ def test_a_loaded_stack_with_other_orders_runs_its_blocks_from_the_loaded_masks(
     for a, b, c in zip(got, want, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+
+
+def test_a_state_with_another_number_of_levels_is_refused():
+    """A MADE's number of levels (from its order's ties) fixes its hidden degrees and passes,
+    which the buffers do not carry: loading the state of a network with another one raises a
+    clear error instead of leaving an inconsistent network; a permuted order (same levels)
+    loads."""
+    full = MADE(4, (16,))
+    coupling = MADE(4, (16,), order=[0, 0, 1, 1])
+    with pytest.raises(RuntimeError, match="2 levels, this network's 4"):
+        full.load_state_dict(coupling.state_dict())
+    permuted = MADE(4, (16,), order=[3, 1, 0, 2])
+    full.load_state_dict(permuted.state_dict())
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(full(x), permuted(x))

@@ -185,6 +185,22 @@ class MADE(nn.Module):
         self.activation = activation()
         self.reset_parameters()
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # the number of levels fixes the hidden degrees, the D-pass count and the level-by-level
+        # pass, which the buffers do not carry: a state with another one would load into an
+        # inconsistent network (same shapes, so torch's checks pass)
+        degrees = state_dict.get(prefix + "degrees")
+        if isinstance(degrees, Tensor) and degrees.numel():
+            levels = int(degrees.max())
+            if levels != self.num_levels:
+                error_msgs.append(
+                    f"{type(self).__name__}: the state's input order has {levels} levels, this "
+                    f"network's {self.num_levels}; build the network with the same order (ties "
+                    "included) before loading")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def layer_parameters(self, index: int) -> tuple[Tensor, Tensor]:
         """Views ``(weight, bias)`` of layer ``index`` (``-1`` is the output head) into
         ``flat_parameters``, unmasked; edit them in place under ``torch.no_grad()``."""
