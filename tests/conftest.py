@@ -22,6 +22,16 @@ def pytest_addoption(parser):
     )
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the suite's networks and SVI steps are small, and on a
+    shared CPU contended threads spin instead of computing (several to ten times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def device(request) -> torch.device:
     dev = torch.device(request.config.getoption("--device"))

@@ -21,14 +21,7 @@ from pyroflows.transforms import TriangularAffine
 SMALL = {"num_layers": 2, "hidden_dims": (16, 16)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These networks are small: on a shared CPU one intra-op thread is several times faster
-    than contended threads (and the suite's time is what matters here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small networks (see conftest)
 
 
 def _gaussian_data(n: int, seed: int):

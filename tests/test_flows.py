@@ -16,15 +16,6 @@ import pyroflows as pf
 from pyroflows.testing import randomize_parameters_, tolerances
 
 
-@pytest.fixture
-def one_thread():
-    """Small matrices train faster on one thread, and a shared CPU makes two threads crawl."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.mark.parametrize("name", ["iaf", "maf", "realnvp"])
 @pytest.mark.parametrize("permutation", ["reverse", "random"])
 def test_layer_sequence_and_folded_permutations(name, permutation):

@@ -27,15 +27,7 @@ from pyroflows.guides import AutoFlowGuide, AutoIAF, AutoPlanar, AutoRadial, Flo
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.targets import OrderedNormal, load_target  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These steps are tiny: with several intra-op threads on a busy machine torch spends its
-    # time spinning, not computing (10x slower here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SVI steps (see conftest)
 
 
 @pytest.fixture(autouse=True)

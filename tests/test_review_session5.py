@@ -26,13 +26,7 @@ from pyroflows.guides import AutoIAF, AutoPlanar, FlowELBO, _path_entropy, _Repl
 from pyroflows.nn import MADE
 from pyroflows.nn import made as made_module
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps (see conftest)
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +34,16 @@ def _clean_param_store():
     pyro.clear_param_store()
     yield
     pyro.clear_param_store()
+
+
+def _perturbed_guide(model):
+    """A set-up AutoIAF for ``model`` moved off its identity start."""
+    guide = AutoIAF(model, num_layers=2, hidden_dims=(8,), laplace_init=False)
+    guide()
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return guide
 
 
 def _tol(dtype):
@@ -153,11 +157,7 @@ def test_replay_and_score_is_pyros_trace_replay_and_compute_log_prob(name, vecto
     log densities (scaled and masked), the same sum, and the same gradients in the guide's and
     the model's parameters."""
     model, mpn = _zoo(name, device, dtype)
-    guide = AutoIAF(model, num_layers=2, hidden_dims=(8,), laplace_init=False)
-    guide()
-    with torch.no_grad():
-        for p in guide.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    guide = _perturbed_guide(model)
     n = 3
     mpn_used = mpn + 1 if vectorized else mpn
     shape = (n,) + (1,) * (mpn_used - 1) if vectorized else ()
@@ -200,11 +200,7 @@ def test_direct_flowelbo_is_pyros_trace_elbo(name, vectorized, device, dtype):
     particles with it left unset): the same loss value and the same gradients in every guide
     and model parameter."""
     model, mpn = _zoo(name, device, dtype)
-    guide = AutoIAF(model, num_layers=2, hidden_dims=(8,), laplace_init=False)
-    guide()
-    with torch.no_grad():
-        for p in guide.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    guide = _perturbed_guide(model)
     kw = (dict(num_particles=4, vectorize_particles=True, max_plate_nesting=mpn) if vectorized
           else dict(num_particles=2))
     results = []
