@@ -790,3 +790,25 @@ def test_a_snapshot_clones_a_shared_bank_once():
     assert snap[bank_keys[0]].data_ptr() != state[bank_keys[0]].data_ptr()
     for k in snap:
         assert torch.equal(snap[k], state[k])
+
+
+def test_the_fit_uses_adams_fused_kernel_with_the_same_update(device, dtype):
+    """DensityEstimator's optimizer is torch's fused Adam where this torch has it for the
+    device (one kernel a step): the same update as the default Adam, to rounding."""
+    from pyroflows.density import _adam
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(50, generator=gen, dtype=torch.float64).to(device, dtype)
+    grads = [torch.randn(50, generator=gen, dtype=torch.float64).to(device, dtype)
+             for _ in range(3)]
+    results = []
+    for make in (_adam, lambda ps, **kw: torch.optim.Adam(ps, **kw)):
+        p = torch.nn.Parameter(start.clone())
+        opt = make([p], lr=0.1, weight_decay=0.01)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results.append((p.detach(), opt.defaults.get("fused")))
+    (fused_p, fused_flag), (plain_p, _) = results
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    assert fused_flag or (device.type == "cpu" and version < (2, 4))  # CPU's came with 2.4
+    torch.testing.assert_close(fused_p, plain_p, **tolerances(dtype))
