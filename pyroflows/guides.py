@@ -13,7 +13,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.score_parts import ScoreParts
-from pyro.distributions.util import scale_and_mask, sum_rightmost
+from pyro.distributions.util import sum_rightmost
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
@@ -24,7 +24,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
-from pyro.util import check_site_shape, warn_if_inf, warn_if_nan
+from pyro.util import check_site_shape, warn_if_nan
 from torch import Tensor, nn
 from torch.distributions import ComposeTransform, Transform, biject_to
 from torch.distributions.transforms import IndependentTransform
@@ -1220,17 +1220,14 @@ def _path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Ten
 
 
 class _ReplayAndScore(Messenger):
-    """The model's half of :class:`FlowELBO`'s direct path in one handler: what
-    ``poutine.trace(poutine.replay(model, guide_trace))`` followed by the trace's
-    ``compute_log_prob`` and ``log_prob_sum`` (subsample sites left out) compute, without the
-    second handler. A latent site takes the guide's value as
+    """The model's half of :class:`FlowELBO`'s direct path: what
+    ``poutine.trace(poutine.replay(model, guide_trace))`` records, in one handler instead of
+    two. A latent site takes the guide's value as
     :class:`~pyro.poutine.replay_messenger.ReplayMessenger` gives it; every site is recorded in
     :attr:`trace` as :class:`~pyro.poutine.trace_messenger.TraceMessenger` records it (a
-    repeated site name is the same error); after the model returns, each sample site's log
-    density is computed, scaled and masked as ``Trace.compute_log_prob`` does (after the run,
-    as there: a model that edits a distribution's parameters in place after its site scores
-    as under Pyro), with its checks under validation, and :attr:`log_prob_sum` adds them up in
-    the trace's order."""
+    repeated site name is the same error). :meth:`run` then scores the trace with Pyro's own
+    ``compute_log_prob`` and ``log_prob_sum`` (subsample sites left out, as Trace_ELBO's
+    pruned trace does) and, under validation, checks each site's shape."""
 
     def __init__(self, guide_trace: Trace, max_plate_nesting: float, validate: bool) -> None:
         super().__init__()
@@ -1250,25 +1247,12 @@ class _ReplayAndScore(Messenger):
         except (ValueError, RuntimeError) as e:
             raise type(e)(f"{e}\n{self.trace.format_shapes()}").with_traceback(
                 e.__traceback__) from e
-        total: Tensor | float = 0.0
-        for name, site in self.trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
-            try:
-                log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-            except ValueError as e:
-                raise ValueError(f"Error while computing log_prob at site '{name}':\n{e}\n"
-                                 f"{self.trace.format_shapes(last_site=name)}") from e
-            site["unscaled_log_prob"] = log_p
-            log_p = scale_and_mask(log_p, site["scale"], site["mask"])
-            site["log_prob"] = log_p
-            site["log_prob_sum"] = log_p_sum = log_p.sum()
-            if self.validate:
-                warn_if_nan(log_p_sum, f"log_prob_sum at site '{name}'")
-                warn_if_inf(log_p_sum, f"log_prob_sum at site '{name}'", allow_neginf=True)
-                check_site_shape(site, self.max_plate_nesting)
-            total = total + log_p_sum
-        self.log_prob_sum = total
+        self.trace.compute_log_prob(site_filter=_not_subsample)
+        if self.validate:
+            for name, site in self.trace.nodes.items():
+                if site["type"] == "sample" and _not_subsample(name, site):
+                    check_site_shape(site, self.max_plate_nesting)
+        self.log_prob_sum = self.trace.log_prob_sum(site_filter=_not_subsample)
 
     def _pyro_sample(self, msg: dict) -> None:
         guide_site = self.guide_nodes.get(msg["name"])
@@ -1286,6 +1270,10 @@ class _ReplayAndScore(Messenger):
 
     def _pyro_post_param(self, msg: dict) -> None:
         self.trace.add_node(msg["name"], **msg)
+
+
+def _not_subsample(name: str, site: dict) -> bool:
+    return not site_is_subsample(site)
 
 
 def _is_identity(transform: Transform) -> bool:
