@@ -96,7 +96,7 @@ def test_plans_where_blocking_pays():
     weights = net.masked_weights()[0]
     assert net.block_plans([weights[0], weights[1][:, :128], weights[2]])[1] is None
     assert net.block_plans([w.to("meta") for w in weights]) == (None, None, None)  # not CPU
-    del net._block_plans  # a network pickled before the plans existed: dense products
+    del net._blockable  # a network pickled before the plans existed: dense products
     assert net.block_plans(weights) == (None, None, None)
 
 

@@ -458,13 +458,14 @@ def test_blocked_network_forward_and_backward_are_autograd(case, monkeypatch):
     if case == "tanh-zero-first":  # ten features of rank 0: head row blocks that see nothing
         net = MADE(20, (33, 27), num_params=2, activation=torch.nn.Tanh, zero_first=True,
                    order=[0] * 10 + list(range(1, 11)))
-        assert any(c0 == c1 for r0, r1, c0, c1 in net._block_plans[-1].rows)
+        assert any(c0 == c1 for r0, r1, c0, c1
+                   in net.block_plans(net.masked_weights()[0])[-1].rows)
     elif case == "no-hidden":  # a masked linear map: the head alone, blocked
         net = MADE(24, (), num_params=2)
     else:
         net = MADE(30, (18, 21), num_params=3, order=[k // 4 for k in range(30)][::-1])
     net = net.to(dtype)
-    assert net._block_plans is not None and all(p is not None for p in net._block_plans)
+    assert all(p is not None for p in net.block_plans(net.masked_weights()[0]))
     pf_testing.randomize_parameters_(net, scale=0.5)
     with torch.no_grad():
         net.flat_parameters.mul_(net.mask)

@@ -161,7 +161,8 @@ def _maf_stack_layer():
 # entries cannot quietly turn into dense ones if the thresholds move.
 def _blocked(flow):
     net = flow[0].conditioner
-    assert any(plan is not None for plan in net._block_plans), "expected a blocked layer"
+    plans = net.block_plans(net.masked_weights()[0])
+    assert any(plan is not None for plan in plans), "expected a blocked layer"
     return flow
 
 

@@ -85,9 +85,9 @@ class MADE(nn.Module):
     computed in row blocks of about 64 units, each one product over the range of inputs its
     mask uses (the forward pass and the weight gradient), and the input gradient in column
     blocks, each over the range of rows that use it; at 256 x 256 the blocks cover 5/8 of the
-    dense product. The plan (:meth:`block_plans`) is made once from the masks (plain ranges,
-    valid for every order, reversed and random ones included, since the hidden degrees do not
-    depend on the order), and a layer is blocked only where its blocks skip at least 30% of the
+    dense product. The plan (:meth:`block_plans`) is derived from the mask buffer (plain
+    ranges, for whatever order the mask holds), again whenever that buffer changes (a loaded
+    state, a move), and a layer is blocked only where its blocks skip at least 30% of the
     product. Measured on one thread, batch 512, 256 x 256, float32: forward 736 -> 575 us,
     weight gradient 754 -> 643 us, input gradient 746 -> 559 us (blocks of 32, 43 or 85 rows
     were slower); a 128 x 128 layer, the 128-row output head of D=64 (contiguous rows cover 3/4
@@ -168,19 +168,15 @@ class MADE(nn.Module):
         masks.append(((out_degrees[:, None] > below[None, :]) & head_bias[:, None], head_bias))
 
         self._shapes = [tuple(w.shape) for w, _ in masks]
-        # plain Python ints, derived from the masks: they hold on any device and dtype;
-        # None when no layer is blocked (every network at D=8), the cheapest check per call.
-        # Only layouts with a layer wide enough can ever block; for them block_plans()
-        # re-derives the plans whenever the mask buffer changes (load_state_dict, .to())
+        # Only layouts with a layer wide enough can ever block (never at D=8: the cheapest
+        # check per call); for them block_plans() derives the plans from the mask buffer,
+        # again whenever it changes (load_state_dict, .to())
         self._blockable = any(min(shape) >= _BLOCK_MIN_WIDTH for shape in self._shapes)
-        plans = [_block_plan(w) for w, _ in masks]
-        self._block_plans = plans if any(p is not None for p in plans) else None
         self._sizes = [n for w, b in masks for n in (w.numel(), b.numel())]
         dtype = torch.get_default_dtype()
         self.register_buffer(
             "mask", torch.cat([m.flatten() for pair in masks for m in pair]).to(dtype)
         )
-        self._block_plans_key = (self.mask.data_ptr(), self.mask._version)  # plans match it
         self.flat_parameters = nn.Parameter(torch.empty(sum(self._sizes), dtype=dtype))
         self.activation = activation()
         self.reset_parameters()
@@ -315,16 +311,15 @@ class MADE(nn.Module):
         docstring), its weight has the layer's full shape (not a caller's sub-block), and it
         lives on the CPU (where blocking was measured to pay)."""
         state = self.__dict__
-        # pickles of older versions have no plans (dense); D=8 layouts never block
-        if (not state.get("_blockable") or "_block_plans" not in state
-                or weights[0].device.type != "cpu"):
+        # D=8 layouts never block; pickles of versions before the plans have no flag (dense)
+        if not state.get("_blockable") or weights[0].device.type != "cpu":
             return _DENSE[len(weights)] if len(weights) < len(_DENSE) else [None] * len(weights)
         mask = self.mask
         key = (mask.data_ptr(), mask._version)
-        if state.get("_block_plans_key") != key:  # a new or edited mask: plans from it
-            state["_block_plans"] = self._plans_from_mask(mask)
-            state["_block_plans_key"] = key
-        plans = state["_block_plans"]
+        cached = state.get("_cached_block_plans")  # (key, plans) of the mask they came from
+        if cached is None or cached[0] != key:  # a new or edited mask: plans from it
+            cached = state["_cached_block_plans"] = (key, self._plans_from_mask(mask))
+        plans = cached[1]
         if plans is None:
             return _DENSE[len(weights)] if len(weights) < len(_DENSE) else [None] * len(weights)
         return [plan if plan is not None and tuple(w.shape) == shape else None
@@ -518,7 +513,7 @@ class StackedMADE(MADE):
         if sum(made._sizes) != stacked.flat_parameters.shape[-1]:
             raise ValueError("StackedMADE: the network's size differs from the stacked rows'")
         for name in _LAYOUT:
-            setattr(self, name, getattr(made, name, None))  # _block_plans: None in old pickles
+            setattr(self, name, getattr(made, name, None))  # _blockable: None in old pickles
         self.register_buffer("degrees", made.degrees)
         self.activation = made.activation
         self.stacked = stacked
@@ -530,7 +525,7 @@ class StackedMADE(MADE):
 
 # what a StackedMADE takes from its MADE besides `degrees` and `activation`
 _LAYOUT = ("features", "hidden_dims", "num_params", "residual", "num_levels", "_shapes",
-           "_sizes", "_block_plans", "_blockable")
+           "_sizes", "_blockable")
 
 
 def stacked_mades(nets: Sequence[MADE]) -> list[StackedMADE]:
