@@ -1,5 +1,5 @@
-"""An independent review of the issue-9 session changes: FlowELBO's one-handler model scoring
-(``_ReplayAndScore``) against Pyro's own ``poutine.trace(poutine.replay(model))`` +
+"""Cross-checks of the speed paths against independent references: FlowELBO's one-handler
+model scoring (``_ReplayAndScore``) against Pyro's own ``poutine.trace(poutine.replay(model))`` +
 ``compute_log_prob`` and ``Trace_ELBO``; sticking the landing on the traced path
 (``_path_entropy``) against the flow's inverse; the blocked MADE products against the dense
 network; ``check_gradients``' comparison with ``torch.func.grad`` (can it catch a wrong
