@@ -153,9 +153,10 @@ class FlowStack(ComposeTransformModule):
             return (hit.x if inverse else hit.y), hit.log_det
         return self._run(value, inverse)
 
-    def _run(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        self.parts[-1 if inverse else 0]._validate(
-            x, "input to the inverse" if inverse else "input")
+    def _run(self, x: Tensor, inverse: bool, validate: bool = True) -> tuple[Tensor, Tensor]:
+        if validate:
+            self.parts[-1 if inverse else 0]._validate(
+                x, "input to the inverse" if inverse else "input")
         if self.compile_backend is None:
             return self._chain(x, inverse)
         chain = self.__dict__.get("_compiled_chain")

@@ -18,6 +18,7 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.nn import PyroModule
 from pyro.params.param_store import param_with_module_name
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
@@ -386,7 +387,45 @@ class AutoFlowGuide(AutoContinuous):
         state["_raw_model"] = None  # as Pyro drops ``_model``: models are not pickled
         state.pop("_cached_posterior_stack", None)  # rebuilt on use (its key holds object ids)
         state.pop("_cached_base_dist", None)
+        state.pop("_cached_latent_layout", None)
         return state
+
+    def _unpack_latent(self, latent: Tensor):
+        """``(site, unconstrained value)`` of every latent site, views into ``latent`` (shape
+        ``(..., latent_dim)``), as :meth:`AutoContinuous._unpack_latent` yields them, with each
+        site's slice and shapes worked out once per prototype trace instead of on every step
+        (its ``torch.broadcast_shapes`` was most of its cost)."""
+        if latent.shape[-1] != self.latent_dim:
+            raise ValueError(f"{type(self).__name__}: a latent vector of size {self.latent_dim} "
+                             f"was expected, got shape {tuple(latent.shape)}")
+        batch_shape = tuple(latent.shape[:-1])
+        for site, start, stop, shape, event_dim in self._latent_layout():
+            # broadcast (shape) with (batch_shape + (1,) * event_dim), as Pyro does
+            lead = batch_shape + (1,) * event_dim
+            width = max(len(shape), len(lead))
+            full = []
+            for a, b in zip((1,) * (width - len(shape)) + shape,
+                            (1,) * (width - len(lead)) + lead, strict=True):
+                if a != b and a != 1 and b != 1:
+                    raise ValueError(f"{type(self).__name__}: site {site['name']!r} of shape "
+                                     f"{shape} does not fit a latent batch {batch_shape}")
+                full.append(a if b == 1 else b)
+            yield site, latent[..., start:stop].view(full)
+
+    def _latent_layout(self) -> list[tuple[dict, int, int, tuple, int]]:
+        """``(site, start, stop, unconstrained shape, event dim)`` of every latent site."""
+        cached = self.__dict__.get("_cached_latent_layout")
+        if cached is None or cached[0] is not self.prototype_trace:
+            layout, pos = [], 0
+            for name, site in self.prototype_trace.iter_stochastic_nodes():
+                shape = tuple(self._unconstrained_shapes[name])
+                size = math.prod(shape)
+                event_dim = site["fn"].event_dim + len(shape) - site["value"].dim()
+                layout.append((site, pos, pos + size, shape, event_dim))
+                pos += size
+            cached = (self.prototype_trace, layout)
+            self.__dict__["_cached_latent_layout"] = cached
+        return cached[1]
 
     # ---- set-up -------------------------------------------------------------------------------
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
@@ -461,11 +500,19 @@ class AutoFlowGuide(AutoContinuous):
         self._flow_spec = None  # built; a lambda here would stop the guide from pickling
         self._sync_param_store(at_setup=True)
 
-    def _sync_param_store(self, at_setup: bool = False) -> None:
+    def _sync_param_store(self, at_setup: bool = False, register: bool = False) -> bool:
         """Make the param store's entries for the flow and affine parameters be exactly the
-        modules' tensors (copying matching entries in once, at set-up)."""
+        modules' tensors (copying matching entries in once, at set-up). With ``register``,
+        inside the guide's active Pyro context, also make each parameter's ``pyro.param``
+        statement (what the ``pyro.module`` statement of PyroModule's ``self.flow`` /
+        ``self.affine`` does) in the same walk of the modules, instead of a second walk per
+        module on every step; returns whether it did (not with module-local parameters,
+        whose statements only the attribute access makes)."""
         if pyro.settings.get("module_local_params") or not self._pyro_context.used:
-            return  # no global param store in use, or no Pyro name known yet
+            return False  # no global param store in use, or no Pyro name known yet
+        # a PyroModule part makes its own statements when its attributes are read
+        register = register and bool(self._pyro_context.active) and not any(
+            isinstance(self._modules.get(attr), PyroModule) for attr in ("flow", "affine"))
         store = pyro.get_param_store()
         for attr in ("flow", "affine"):
             module = self._modules.get(attr)
@@ -482,18 +529,25 @@ class AutoFlowGuide(AutoContinuous):
                 full = param_with_module_name(prefix, pname)
                 if full in store:
                     old = store[full]
-                    if old is p:
-                        continue
-                    if at_setup and old.shape == p.shape:
-                        with torch.no_grad():
-                            p.copy_(old.detach())
-                    del store[full]
-                store[full] = p
+                    if old is not p:
+                        if at_setup and old.shape == p.shape:
+                            with torch.no_grad():
+                                p.copy_(old.detach())
+                        del store[full]
+                        store[full] = p
+                else:
+                    store[full] = p
+                if register:
+                    pyro.param(full, p)
+        return register
 
     # ---- the posterior ------------------------------------------------------------------------
-    def _transforms(self) -> list[Transform]:
-        flow = self.flow  # in a Pyro context this registers the parameters (pyro.module)
-        affine = self.affine  # the same
+    def _transforms(self, registered: bool = False) -> list[Transform]:
+        if registered:  # the param statements are made (_sync_param_store(register=True))
+            flow, affine = self._modules.get("flow"), self._modules["affine"]
+        else:
+            flow = self.flow  # in a Pyro context this registers the parameters (pyro.module)
+            affine = self.affine  # the same
         laplace = self._modules.get("laplace")
         if not self._plain_transforms and (flow is None or isinstance(flow, flows.FlowStack)):
             return [self._posterior_stack(flow, affine, laplace)]
@@ -640,9 +694,8 @@ class AutoFlowGuide(AutoContinuous):
         :class:`FlowPosterior` ``TransformedDistribution(N(0, I), [flow..., affine])``."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        if self._pyro_context.active:
-            self._sync_param_store()
-        return self._posterior(self.get_base_dist(), self._transforms())
+        registered = bool(self._pyro_context.active) and self._sync_param_store(register=True)
+        return self._posterior(self.get_base_dist(), self._transforms(registered))
 
     def _posterior(self, base: dist.TorchDistribution, transforms: list) -> FlowPosterior:
         posterior = FlowPosterior(base, transforms)
@@ -667,8 +720,8 @@ class AutoFlowGuide(AutoContinuous):
         :math:`-\sum \log|\det J_T|`, the summed log density of the ``Delta`` sites (``None``
         where every site is unconstrained: no kernels for a sum of zeros)."""
         with self._pyro_context:  # as __call__: the parameters register under their names
-            self._sync_param_store()
-            base, transforms = self.get_base_dist(), self._transforms()
+            registered = self._sync_param_store(register=True)
+            base, transforms = self.get_base_dist(), self._transforms(registered)
             stack = transforms[0] if len(transforms) == 1 else None
             posterior, eps = None, None
             if len(shape) and isinstance(stack, flows.FlowStack) and stack.all_flow_transforms:
@@ -676,7 +729,8 @@ class AutoFlowGuide(AutoContinuous):
                 # distribution and its per-call checks: the same base draw, one run of the
                 # stack with its log-det
                 eps = base.rsample(shape)
-                latent, log_det = stack.forward_and_log_det(eps)
+                # a fresh draw of N(0, I): no input checks, no cache lookup
+                latent, log_det = stack._run(eps, inverse=False, validate=False)
                 log_q = eps.square().sum(-1).mul(-0.5).sub(
                     0.5 * eps.shape[-1] * math.log(2 * math.pi)) - log_det
             else:

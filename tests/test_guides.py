@@ -901,6 +901,84 @@ def test_direct_path_differentiable_loss_matches_the_traced_one(direct_draws, de
         torch.testing.assert_close(got_grads[name], want_grads[name], **tol)
 
 
+def test_unpack_latent_gives_pyros_views():
+    """The guide's latent unpacking (slices and shapes worked out once) yields the views of
+    Pyro's own ``AutoContinuous._unpack_latent`` for sites with event dims, plates and
+    constrained supports, unbatched and under extra batch dims; a batch that does not fit
+    a plate is refused, as Pyro refuses it."""
+    from pyro.infer.autoguide.guides import AutoContinuous
+
+    def model():
+        pyro.sample("a", dist.Normal(torch.zeros(3, 2), 1.0).to_event(2))
+        with pyro.plate("p", 4):
+            pyro.sample("b", dist.LogNormal(0.0, 1.0))
+        pyro.sample("c", dist.Dirichlet(torch.ones(5)))
+        pyro.sample("d", dist.LKJCholesky(3, 1.0))
+
+    guide = AutoIAF(model, num_layers=1)
+    guide()
+    for shape in [(), (8, 1), (2, 3, 1)]:
+        latent = torch.randn(*shape, guide.latent_dim)
+        got = list(guide._unpack_latent(latent))
+        want = list(AutoContinuous._unpack_latent(guide, latent))
+        assert [site["name"] for site, _ in got] == ["a", "b", "c", "d"]
+        for (site, value), (ref_site, ref) in zip(got, want, strict=True):
+            assert site is ref_site and value.shape == ref.shape
+            assert value.data_ptr() == ref.data_ptr() and value.stride() == ref.stride()
+    with pytest.raises(RuntimeError):
+        list(AutoContinuous._unpack_latent(guide, torch.randn(7, guide.latent_dim)))
+    with pytest.raises(ValueError, match="site 'b' of shape"):
+        list(guide._unpack_latent(torch.randn(7, guide.latent_dim)))
+    with pytest.raises(ValueError, match="latent vector of size"):
+        list(guide._unpack_latent(torch.randn(3, guide.latent_dim + 1)))
+
+
+def test_direct_path_with_module_local_params_steps_as_the_traced_guide(direct_draws):
+    """With Pyro's module-local parameters (trained by a torch optimizer on the guide's own
+    tensors; Pyro's SVI needs the global store) the guide's parameters never enter the
+    global param store; the direct path then makes its param statements through
+    PyroModule's attribute access (not its own one-walk registration) and steps exactly as
+    the traced estimator."""
+    data = torch.tensor([0.3, -1.2, 2.0, 0.7], dtype=torch.float64)
+
+    def model():  # (module-local mode refuses a model's own pyro.param in a PyroModule guide)
+        loc = pyro.sample("loc", dist.Normal(torch.zeros(2, dtype=data.dtype), 1.0).to_event(1))
+        scale = pyro.sample("scale", dist.LogNormal(torch.tensor(0.0, dtype=data.dtype), 0.5))
+        with pyro.plate("data", 4):
+            pyro.sample("y", dist.Normal(loc.sum(-1, keepdim=True), scale.unsqueeze(-1)),
+                        obs=data)
+
+    runs = []
+    for direct in (True, False):
+        pyro.clear_param_store()
+        with pyro.settings.context(module_local_params=True):
+            torch.manual_seed(0)
+            guide = AutoIAF(model, num_layers=2, hidden_dims=(8, 8), laplace_init=False)
+            guide()
+            start = [p.detach().clone() for p in guide.parameters()]
+            elbo = FlowELBO(direct=direct, num_particles=4, vectorize_particles=True,
+                            max_plate_nesting=1)
+            optim = torch.optim.Adam(guide.parameters(), lr=1e-2)  # (SVI needs the store)
+            torch.manual_seed(1)
+            losses = []
+            for _ in range(3):
+                optim.zero_grad()
+                loss = elbo.differentiable_loss(model, guide)
+                loss.backward()
+                optim.step()
+                losses.append(loss.item())
+        assert not any("AutoIAF" in name for name in pyro.get_param_store().keys())
+        moved = [not torch.equal(p.detach(), s)
+                 for p, s in zip(guide.parameters(), start, strict=True)]
+        assert moved and all(moved)  # every guide tensor was stepped
+        runs.append((losses, [p.detach().clone() for p in guide.parameters()]))
+    assert direct_draws[0] == 3
+    (got_losses, got), (want_losses, want) = runs
+    assert got_losses == pytest.approx(want_losses, rel=1e-9)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_direct_path_steps_aside_for_handlers_and_warns_on_a_changed_model(direct_draws):
     """Under an effect handler around the step (here poutine.scale) the guide is traced as
     usual, so the handler applies to it as to the model; a model whose latent sites changed
