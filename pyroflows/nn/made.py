@@ -281,17 +281,22 @@ class MADE(nn.Module):
         weights = [w.view(shape) for w, shape in zip(pieces[0::2], self._shapes, strict=True)]
         return weights, list(pieces[1::2])
 
-    def split_rows(self, stacked: Tensor) -> list[tuple[list[Tensor], list[Tensor]]]:
-        """:meth:`split_weights` for every row of ``stacked``, an (L, P) tensor whose rows
+    def split_rows(
+        self, stacked: Tensor, rows: Sequence[int] | None = None
+    ) -> list[tuple[list[Tensor], list[Tensor]]]:
+        """:meth:`split_weights` for rows of ``stacked``, a contiguous (L, P) tensor whose rows
         are laid out as ``flat_parameters`` (a :class:`MADEParameters` product or gradient):
-        ``[(weights, biases) of row k for k in range(L)]``, views with the strides of
-        :meth:`split_weights`' views. One split of all rows instead of one per row."""
+        ``[(weights, biases) of row k for k in rows]`` (default: every row), views with the
+        strides of :meth:`split_weights`' views. One split of the whole tensor, seen as one
+        vector of L networks, instead of one per row (and no per-row ``unbind``s, which cost
+        more than the split); views of the weight matrices for the rows asked for only."""
         num_rows = stacked.shape[0]
-        pieces = torch.split_with_sizes(stacked, self._sizes, dim=1)
-        weights = [w.view(num_rows, *shape).unbind(0)
-                   for w, shape in zip(pieces[0::2], self._shapes, strict=True)]
-        biases = [b.unbind(0) for b in pieces[1::2]]
-        return [([w[k] for w in weights], [b[k] for b in biases]) for k in range(num_rows)]
+        count = len(self._sizes)
+        pieces = stacked.view(-1).split_with_sizes(self._sizes * num_rows)
+        shapes = self._shapes
+        return [([pieces[r * count + 2 * k].view(shape) for k, shape in enumerate(shapes)],
+                 list(pieces[r * count + 1:(r + 1) * count:2]))
+                for r in (range(num_rows) if rows is None else rows)]
 
     def hidden_degree_ranges(self) -> list[list[tuple[int, int]]]:
         """For every hidden layer, ``ranges[layer][d] = (start, stop)``: the units of degree
@@ -342,7 +347,7 @@ class MADE(nn.Module):
         operation of :meth:`forward` (``F.linear`` on a matrix), so the same numbers; a
         blocked layer (:meth:`block_plans`) sums the same nonzero products in a different
         grouping, so its values agree to rounding."""
-        relu = type(self.activation) is nn.ReLU
+        relu = type(self._modules["activation"]) is nn.ReLU
         plans = self.block_plans(weights)
         inputs = [x]
         h = x
@@ -384,7 +389,7 @@ class MADE(nn.Module):
         0; either way the caller masks the gradient afterwards. Returns the gradient with
         respect to the input (``None`` unless ``need_input_grad``).
         """
-        relu = type(self.activation) is nn.ReLU
+        relu = type(self._modules["activation"]) is nn.ReLU
         into_flat = grad_params is None and grad_flat is not None
         if into_flat:
             pieces = torch.split_with_sizes(grad_flat, self._sizes)

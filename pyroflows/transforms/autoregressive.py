@@ -326,91 +326,110 @@ def affine_chain(
             x, ld = layer.plain_map(x, inverse)
             log_det = ld if log_det is None else log_det + ld
         return x, log_det
-    groups = _parameter_groups(layers)
-    tensors = [flat for flat, _, _ in groups]
+    chain = _Chain(layers, kinds)
+    flats = chain.flats
     if torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in tensors)
+        x.requires_grad or any(p.requires_grad for p in flats)
         or (log_det is not None and log_det.requires_grad)
     ):
-        layout = tuple((mask, rows) for _, mask, rows in groups)
-        return _AffineChain.apply(x, log_det, tuple(layers), tuple(kinds), layout, *tensors)
-    return _chain_forward(x, log_det, layers, kinds, groups, None)
+        return _AffineChain.apply(x, log_det, chain, *flats)
+    return _chain_forward(x, log_det, chain, flats, None)
 
 
-def _parameter_groups(layers) -> list[tuple[Tensor, Tensor, tuple[int, ...] | None]]:
-    """The parameters of a chain's layers as ``(flat, mask, rows)`` groups, in the layers'
-    order: consecutive layers whose networks are rows of one
-    :class:`~pyroflows.nn.made.MADEParameters` give one group, the whole stacked (L, P)
-    tensor with the rows they use (in the order they run; a stack's inverse runs them last
-    first), so the chain reads one parameter tensor, not a row view per layer; any other
-    layer (and a row alone) gives its (P,) ``flat_parameters`` with ``rows = None``."""
-    groups = []
-    i = 0
-    while i < len(layers):
-        net = layers[i].conditioner
-        i += 1
-        if type(net) is not StackedMADE:
-            groups.append((net.flat_parameters, net.mask, None))
-            continue
-        stacked, rows = net.stacked, [net.index]
-        while i < len(layers):
-            nxt = layers[i].conditioner
-            if type(nxt) is not StackedMADE or nxt.stacked is not stacked or nxt.index in rows:
-                break
-            rows.append(nxt.index)
+class _Chain:
+    """What an :func:`affine_chain` call reads of its layers, derived afresh on every call (so
+    it cannot go stale: a replaced network, parameter or mask, another row, a moved or
+    reloaded module are all read as they are now).
+
+    The layers' parameters come as groups, in the layers' order: consecutive layers whose
+    networks are rows of one :class:`~pyroflows.nn.made.MADEParameters` give one group, the
+    whole stacked (L, P) tensor with the rows they use (in the order they run; a stack's
+    inverse runs them last first), so the chain reads one parameter tensor, not a row view
+    per layer; any other layer (and a row alone) gives its (P,) ``flat_parameters`` with
+    ``rows = None``. ``flats``, ``masks``, ``rows`` and ``nets`` (a network of the group, for
+    its layout) are per group. The modules are read through their ``_modules``,
+    ``_parameters`` and ``_buffers`` dictionaries, which is where ``nn.Module.__getattr__``
+    finds them (a Python call per lookup, some twenty per call of a two-layer chain)."""
+
+    __slots__ = ("layers", "kinds", "flats", "masks", "rows", "nets")
+
+    def __init__(self, layers: Sequence[AffineAutoregressiveCore],
+                 kinds: Sequence[tuple[bool, float]]) -> None:
+        self.layers, self.kinds = tuple(layers), tuple(kinds)
+        flats: list[Tensor] = []
+        masks: list[Tensor] = []
+        rows: list[tuple[int, ...] | None] = []
+        nets: list[MADE] = []
+        layers = self.layers
+        count = len(layers)
+        i = 0
+        while i < count:
+            net = layers[i]._modules["conditioner"]
             i += 1
-        if len(rows) == 1:  # one layer alone: its row (a view) costs less than all rows
-            groups.append((net.flat_parameters, net.mask, None))
-        else:
-            groups.append((stacked.flat_parameters, stacked.mask, tuple(rows)))
-    return groups
+            kind = type(net)
+            if kind is StackedMADE:
+                stacked = net._modules["stacked"]
+                taken = [net.__dict__["index"]]
+                while i < count:
+                    nxt = layers[i]._modules["conditioner"]
+                    if (type(nxt) is not StackedMADE or nxt._modules["stacked"] is not stacked
+                            or nxt.__dict__["index"] in taken):
+                        break
+                    taken.append(nxt.__dict__["index"])
+                    i += 1
+                if len(taken) > 1:
+                    flats.append(stacked._parameters["flat_parameters"])
+                    masks.append(stacked._buffers["mask"])
+                    rows.append(tuple(taken))
+                    nets.append(net)
+                    continue
+            if kind is MADE:
+                flats.append(net._parameters["flat_parameters"])
+                masks.append(net._buffers["mask"])
+            else:  # a row alone (its row views cost less than all rows), or a MADE subclass
+                flats.append(net.flat_parameters)
+                masks.append(net.mask)
+            rows.append(None)
+            nets.append(net)
+        self.flats, self.masks, self.rows, self.nets = flats, masks, rows, nets
+
+    def split(self, tensors: Sequence[Tensor | None], wanted: Sequence[bool] | None = None
+              ) -> list:
+        """Every layer's ``(weights, biases)`` views (:meth:`~pyroflows.nn.MADE.split_weights`)
+        into per-group tensors laid out as the groups' parameters, in the layers' order: a
+        stacked group's rows split at once (:meth:`~pyroflows.nn.MADE.split_rows`). ``None``
+        for the layers of a group whose tensor is ``None``, and for a layer that ``wanted``
+        says is not wanted (no views made for it)."""
+        out: list = []
+        k = 0
+        for t, rows, net in zip(tensors, self.rows, self.nets, strict=True):
+            if rows is None:
+                out.append(None if t is None or (wanted is not None and not wanted[k])
+                           else net.split_weights(t))
+                k += 1
+                continue
+            if t is None:
+                out.extend([None] * len(rows))
+            elif wanted is None:
+                out.extend(net.split_rows(t, rows))
+            else:
+                use = wanted[k:k + len(rows)]
+                pieces = iter(net.split_rows(t, [r for r, w in zip(rows, use, strict=True) if w]))
+                out.extend(next(pieces) if w else None for w in use)
+            k += len(rows)
+        return out
 
 
-def _group_rows(tensors, layout) -> list:
-    """One (P,) tensor per layer, in the chain's order, from per-group tensors laid out as
-    the groups' parameters ((L, P) with ``rows``, or (P,)); ``None`` for a group's ``None``."""
-    out: list = []
-    for t, (_, rows) in zip(tensors, layout, strict=True):
-        if rows is None:
-            out.append(t)
-        elif t is None:
-            out.extend([None] * len(rows))
-        else:
-            every = t.unbind(0)
-            out.extend(every[r] for r in rows)
-    return out
-
-
-def _split_groups(tensors, groups, layers) -> list:
-    """Every layer's ``(weights, biases)`` views (:meth:`~pyroflows.nn.MADE.split_weights`)
-    into per-group tensors laid out as the groups' parameters, in the chain's order: a
-    stacked group's rows split at once (:meth:`~pyroflows.nn.MADE.split_rows`); ``None``
-    for every layer of a group whose tensor is ``None``."""
-    out: list = []
-    k = 0
-    for t, (_, _, rows) in zip(tensors, groups, strict=True):
-        count = 1 if rows is None else len(rows)
-        net = layers[k].conditioner
-        if t is None:
-            out.extend([None] * count)
-        elif rows is None:
-            out.append(net.split_weights(t))
-        else:
-            every = net.split_rows(t)
-            out.extend(every[r] for r in rows)
-        k += count
-    return out
-
-
-def _chain_forward(x, log_det, layers, kinds, groups, saved: list | None):
+def _chain_forward(x, log_det, chain: _Chain, flats, saved: list | None):
     # runs with autograd off; every tensor made here is fresh, so in-place ops are safe
     shape = x.shape
     batch_shape = shape[:-1]
     u = x.reshape(-1, shape[-1])
     # one mask product per group: a stacked run of layers is masked (and split) at once
-    split = _split_groups([flat * mask for flat, mask, _ in groups], groups, layers)
-    for layer, (parallel, sign), (weights, biases) in zip(layers, kinds, split, strict=True):
-        net = layer.conditioner
+    split = chain.split([flat * mask for flat, mask in zip(flats, chain.masks, strict=True)])
+    for layer, (parallel, sign), (weights, biases) in zip(chain.layers, chain.kinds, split,
+                                                          strict=True):
+        net = layer._modules["conditioner"]
         halves = layer.coupling_halves
         if halves is not None:  # a coupling layer: the network on the conditioning half only
             weights, biases = layer.compact_weights(weights, biases)
@@ -441,7 +460,7 @@ def _chain_forward(x, log_det, layers, kinds, groups, saved: list | None):
         else:  # a - b is a + (-b) exactly
             log_det = log_det + ld if sign > 0 else log_det - ld
         if saved is not None:
-            saved.append((inputs, weights, tanh, scale, shift, u, halves))
+            saved.append((net, inputs, weights, tanh, scale, shift, u, halves))
         u = v
     return u.reshape(shape), log_det
 
@@ -450,14 +469,12 @@ class _AffineChain(torch.autograd.Function):
     """The autograd node of :func:`affine_chain`."""
 
     @staticmethod
-    def forward(ctx, x, log_det, layers, kinds, layout, *flats):
-        # layout: (mask, rows) of every parameter group (see _parameter_groups)
+    def forward(ctx, x, log_det, chain, *flats):
         saved: list = []
         ctx.log_det_shape = None if log_det is None else log_det.shape
-        groups = [(flat, mask, rows) for flat, (mask, rows) in zip(flats, layout, strict=True)]
-        v, log_det = _chain_forward(x, log_det, layers, kinds, groups, saved)
+        v, log_det = _chain_forward(x, log_det, chain, flats, saved)
         ctx.save_for_backward(x, *flats)  # in-place edits of these after the call are errors
-        ctx.layers, ctx.kinds, ctx.saved, ctx.layout = layers, kinds, saved, layout
+        ctx.chain, ctx.saved = chain, saved
         ctx.set_materialize_grads(False)
         return v, log_det
 
@@ -466,28 +483,36 @@ class _AffineChain(torch.autograd.Function):
     def backward(ctx, grad_v, grad_log_det):
         x, *flats = ctx.saved_tensors
         if grad_v is None and grad_log_det is None:
-            return (None,) * (5 + len(flats))
+            return (None,) * (3 + len(flats))
+        chain, saved = ctx.chain, ctx.saved
+        needs = ctx.needs_input_grad
         dim = x.shape[-1]
         g = None if grad_v is None else grad_v.reshape(-1, dim)
         g_ld = None if grad_log_det is None else grad_log_det.reshape(-1, 1)
         # every group's gradient, written unmasked row by row, masked once at the end; rows
         # of a stacked tensor that the chain does not use get zeros
         grad_flats: list[Tensor | None] = [
-            (torch.empty_like(flat) if rows is None or len(rows) == len(flat)
-             else torch.zeros_like(flat)) if ctx.needs_input_grad[5 + j] else None
-            for j, (flat, (_, rows)) in enumerate(zip(flats, ctx.layout, strict=True))]
-        grad_rows = _group_rows(grad_flats, ctx.layout)
-        # the gradient pieces of every layer, split once per group like the weights
-        grad_pieces = _split_groups(grad_flats, [(None, None, r) for _, r in ctx.layout],
-                                    ctx.layers)
-        g_ld_neg = None if g_ld is None else -g_ld
-        for k in range(len(ctx.layers) - 1, -1, -1):
-            (parallel, sign), (inputs, weights, tanh, scale, shift, u, halves) = (
-                ctx.kinds[k], ctx.saved[k])  # halves as the forward pass ran, whatever since
-            signed_g_ld = g_ld if sign > 0 else g_ld_neg
+            (flat.new_empty(flat.shape) if rows is None or len(rows) == flat.shape[0]
+             else flat.new_zeros(flat.shape)) if needs[3 + j] else None
+            for j, (flat, rows) in enumerate(zip(flats, chain.rows, strict=True))]
+        # the gradient pieces of every layer, split once per group like the weights; a
+        # coupling layer writes its compact blocks through its own views instead
+        compact = [step[7] is not None for step in saved]
+        grad_pieces = chain.split(grad_flats, [not c for c in compact] if any(compact)
+                                  else None)
+        g_ld_neg = None
+        for k in range(len(saved) - 1, -1, -1):
+            parallel, sign = chain.kinds[k]
+            # halves as the forward pass ran, whatever since
+            net, inputs, weights, tanh, scale, shift, u, halves = saved[k]
+            if sign > 0 or g_ld is None:
+                signed_g_ld = g_ld
+            else:
+                if g_ld_neg is None:
+                    g_ld_neg = -g_ld
+                signed_g_ld = g_ld_neg
             if k == 0:
                 u = x.reshape(-1, dim)
-            layer = ctx.layers[k]
             # the transformed coordinates and the gradient at their image
             u_in = u if halves is None else u[:, halves[1]]
             g_out = g if g is None or halves is None else g[:, halves[1]]
@@ -508,18 +533,19 @@ class _AffineChain(torch.autograd.Function):
             # through s = b tanh(raw / b): ds/draw = 1 - tanh^2
             grad_raw = torch.ops.aten.tanh_backward(grad_log_scale, tanh)
             grad_out = torch.cat([grad_shift, grad_raw], dim=-1)
-            net = layer.conditioner
-            need_input = k > 0 or ctx.needs_input_grad[0]
-            grad_flat, grad_params = grad_rows[k], None
-            if grad_flat is not None:
-                if halves is not None:
-                    grad_params = _compact_grad_buffers(layer, grad_flat, weights)
-                else:
-                    grad_params = list(zip(*grad_pieces[k], strict=True))
-            g_in = net.fused_backward(grad_out, inputs, weights, grad_flat, need_input,
+            need_input = k > 0 or needs[0]
+            grad_params = None
+            if halves is not None:
+                grad_flat = _layer_row(grad_flats, chain, k)
+                if grad_flat is not None:
+                    grad_params = _compact_grad_buffers(net, grad_flat, weights)
+            elif grad_pieces[k] is not None:
+                grad_params = list(zip(*grad_pieces[k], strict=True))
+            g_in = net.fused_backward(grad_out, inputs, weights, None, need_input,
                                       grad_params, mask_grad=False)
             if grad_params is not None and halves is not None:
-                _scatter_compact_grads(layer, halves, grad_flat, grad_params)
+                _scatter_compact_grads(net, chain.layers[k].dim, halves, grad_flat,
+                                       grad_params)
             if halves is not None and need_input:  # back to all D coordinates
                 g_cond = g_in if g is None else g_in.add_(g[:, halves[0]])  # dv_a/du_a = 1
                 g_trans = torch.zeros_like(tanh) if direct is None else direct
@@ -529,23 +555,33 @@ class _AffineChain(torch.autograd.Function):
             if g_in is not None and direct is not None:
                 g_in = g_in.add_(direct)
             g = g_in
-        for grad, (mask, _) in zip(grad_flats, ctx.layout, strict=True):
+        for grad, mask in zip(grad_flats, chain.masks, strict=True):
             if grad is not None:
                 grad.mul_(mask)
         grad_x = None if g is None else g.reshape(x.shape)
         grad_ld0 = None
-        if ctx.needs_input_grad[1] and grad_log_det is not None:
+        if needs[1] and grad_log_det is not None:
             grad_ld0 = grad_log_det.sum_to_size(ctx.log_det_shape)
-        return (grad_x, grad_ld0, None, None, None, *grad_flats)
+        return (grad_x, grad_ld0, None, *grad_flats)
 
 
-def _compact_grad_buffers(layer, grad_flat: Tensor, weights: Sequence[Tensor]):
-    """Zero ``grad_flat`` (laid out as the layer's ``flat_parameters``) and say, for every
-    layer of a coupling conditioner's compact network, where its gradient goes: the hidden
-    layers' weights and biases straight into their pieces of ``grad_flat``, the first
-    layer's and the output layer's sub-blocks into buffers that
+def _layer_row(grad_flats: Sequence[Tensor | None], chain: _Chain, k: int) -> Tensor | None:
+    """Layer ``k``'s (P,) piece of its group's gradient (``None`` where not wanted)."""
+    start = 0
+    for grad, rows in zip(grad_flats, chain.rows, strict=True):
+        count = 1 if rows is None else len(rows)
+        if k < start + count:
+            return grad if grad is None or rows is None else grad[rows[k - start]]
+        start += count
+    raise IndexError(k)
+
+
+def _compact_grad_buffers(net: MADE, grad_flat: Tensor, weights: Sequence[Tensor]):
+    """Zero ``grad_flat`` (laid out as the coupling conditioner ``net``'s
+    ``flat_parameters``) and say, for every layer of its compact network, where its gradient
+    goes: the hidden layers' weights and biases straight into their pieces of ``grad_flat``,
+    the first layer's and the output layer's sub-blocks into buffers that
     :func:`_scatter_compact_grads` copies to their places."""
-    net = layer.conditioner
     grad_flat.zero_()
     pieces = torch.split_with_sizes(grad_flat, net._sizes)
     grad_params = [(pieces[2 * k].view(shape), pieces[2 * k + 1])
@@ -557,10 +593,10 @@ def _compact_grad_buffers(layer, grad_flat: Tensor, weights: Sequence[Tensor]):
     return grad_params
 
 
-def _scatter_compact_grads(layer, halves, grad_flat: Tensor, grad_params) -> None:
-    net = layer.conditioner
+def _scatter_compact_grads(net: MADE, dim: int, halves, grad_flat: Tensor,
+                           grad_params) -> None:
     cond, trans = halves
-    dim, half = layer.dim, trans.stop - trans.start
+    half = trans.stop - trans.start
     pieces = torch.split_with_sizes(grad_flat, net._sizes)
     last = len(net._shapes) - 1
     first_weight = pieces[0].view(net._shapes[0])
