@@ -299,6 +299,14 @@ def test_stacked_made_rows_are_made_networks(device, dtype):
         for a, b in zip([*weights, *biases], [*ref_w, *ref_b], strict=True):
             assert torch.equal(a, b) and a.stride() == b.stride()
             assert a.data_ptr() == b.data_ptr()
+    # some rows, in another order: those rows' views, in that order
+    picked = rows[0].split_rows(bank.flat_parameters, rows=[1, 0])
+    assert len(picked) == 2
+    for (weights, biases), k in zip(picked, [1, 0], strict=True):
+        ref_w, ref_b = rows[k].split_weights(bank.flat_parameters[k])
+        for a, b in zip([*weights, *biases], [*ref_w, *ref_b], strict=True):
+            assert a.shape == b.shape and a.stride() == b.stride()
+            assert a.data_ptr() == b.data_ptr()
     with torch.no_grad():
         rows[1].layer_parameters(-1)[1].fill_(2.0)  # the head bias of row 1, in place
     assert bank.flat_parameters[1, -8:].eq(2.0).all()

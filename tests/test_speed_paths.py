@@ -15,11 +15,13 @@ import copy
 import pytest
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
+from torch import Tensor
 from torch.distributions import Independent, Normal, TransformedDistribution
 
 import pyroflows as pf
 from pyroflows import testing
 from pyroflows.flows import FlowStack
+from pyroflows.nn import MADE
 from pyroflows.transforms.base import module_stamp
 
 FAMILIES = [("maf", 4), ("iaf", 3), ("realnvp", 4), ("planar", 3)]
@@ -414,3 +416,71 @@ def test_stacked_chain_gradcheck_partial_and_mixed_runs(device):
     affine_chain(x, [c, a], [kind] * 2)[1].sum().backward()
     assert torch.equal(bank.grad[1], torch.zeros_like(bank.grad[1]))  # row b is not in the run
     assert (bank.grad[0] != 0).any() and (bank.grad[2] != 0).any()
+
+
+def _fused_and_plain(flow: FlowStack, x: Tensor, inverse: bool) -> list[list[Tensor]]:
+    """``[values, log-dets, input gradient, parameter gradients...]`` of ``flow`` in one
+    direction through the fused kernels, then through every layer's plain operations."""
+    results = []
+    for fused in (True, False):
+        flow.fused = fused
+        for part in flow.parts:
+            part.fused = fused
+        flow.zero_grad()
+        xv = x.clone().requires_grad_(True)
+        y, ld = flow.inverse_and_log_det(xv) if inverse else flow.forward_and_log_det(xv)
+        (y.sin().sum() + (ld * torch.linspace(0.5, 2.0, ld.numel(), dtype=ld.dtype,
+                                              device=ld.device)).sum()).backward()
+        params = list(flow.parameters())
+        assert all(p.grad is not None for p in params), "a parameter got no gradient"
+        results.append([y.detach(), ld.detach(), xv.grad] + [p.grad.clone() for p in params])
+    return results
+
+
+@pytest.mark.parametrize("family", ["iaf", "maf"])
+def test_fused_chain_reads_its_layers_as_they_are_now(family, device, dtype):
+    """The fused chain derives what it reads of its layers (the stacked bank, its rows and
+    their order, the tensors, the activation, the bound) on every call: after each change
+    between calls (a replaced parameter, another activation, another bound, another dtype,
+    a loaded state, a layer whose network is replaced, layers run in another order) its
+    values and gradients are still those of the plain operations on the layers as they
+    are. A plan kept from an earlier call would read the old tensors or rows."""
+    flow = pf.flows.build(family, 4, num_layers=3, hidden_dims=(8, 8))
+    testing.randomize_parameters_(flow, scale=0.4, seed=4)
+    flow = flow.to(device, dtype)
+    x = torch.randn(6, 4, device=device, dtype=dtype)
+    inverse = family == "maf"  # the one-pass direction of each family
+
+    def check(flow: FlowStack, dtype: torch.dtype) -> None:
+        fused, plain = _fused_and_plain(flow, x.to(dtype), inverse)
+        assert len(fused) == len(plain)
+        for a, b in zip(fused, plain, strict=True):
+            torch.testing.assert_close(a, b, **testing.tolerances(dtype))
+
+    check(flow, dtype)
+    bank = flow.parts[0].conditioner.stacked
+    assert bank.num_layers == 3
+    with torch.no_grad():  # a new tensor object: the chain must read (and grad) this one
+        bank.flat_parameters = torch.nn.Parameter(bank.flat_parameters * 0.7 + 0.05)
+    check(flow, dtype)
+    for part in flow.parts[:3]:
+        part.conditioner.activation = torch.nn.Tanh()
+        part.log_scale_bound = 1.5
+    check(flow, dtype)
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    flow = flow.to(other)
+    check(flow, other)
+    flow = flow.to(dtype)
+    state = {k: v.clone() for k, v in flow.state_dict().items()}
+    with torch.no_grad():
+        state["0.conditioner.stacked.flat_parameters"].mul_(-1.3)
+    flow.load_state_dict(state)
+    check(flow, dtype)
+    # layer 1 gets a network of its own: the bank's run is split around it
+    own = MADE(4, (8, 8), order=flow.parts[1].conditioner.degrees.tolist())
+    testing.randomize_parameters_(own, scale=0.4, seed=5)
+    flow.parts[1].conditioner = own.to(device, dtype)
+    check(flow, dtype)
+    # the same layers in another order: the bank's rows run in that order
+    reordered = FlowStack([flow.parts[2], flow.parts[0], flow.parts[1]])
+    check(reordered, dtype)

@@ -158,7 +158,7 @@ class AffineAutoregressiveCore(FlowTransform):
         """``(parallel, log_det_sign)`` of the direction (``inverse`` or forward) when the fused
         kernels compute it: a single pass of a non-gated layer over a supported network;
         ``None`` otherwise."""
-        net = self.conditioner
+        net = self._modules["conditioner"]  # as self.conditioner, without __getattr__'s call
         if not self.fused or self.gated or not (isinstance(net, MADE) and net.supports_fused):
             return None
         parallel = self.forward_is_parallel != inverse
