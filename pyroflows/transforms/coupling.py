@@ -102,7 +102,7 @@ class RealNVP(AffineAutoregressiveCore):
         fused kernels and the plain operations run the conditioner on the conditioning half
         only and compute the outputs of the transformed half only (see
         :meth:`compact_weights`)."""
-        net = self.conditioner
+        net = self._modules["conditioner"]  # as self.conditioner, without __getattr__'s call
         if (self._halves is None or self.dim < self.compact_min_dim
                 or net._forward_hooks or net._forward_pre_hooks or net._backward_hooks
                 or net._backward_pre_hooks):
