@@ -408,7 +408,7 @@ class _Chain:
                            else net.split_weights(t))
                 k += 1
                 continue
-            if t is None:
+            if t is None or (wanted is not None and not any(wanted[k:k + len(rows)])):
                 out.extend([None] * len(rows))
             elif wanted is None:
                 out.extend(net.split_rows(t, rows))
