@@ -463,6 +463,10 @@ def test_fused_chain_reads_its_layers_as_they_are_now(family, device, dtype):
     with torch.no_grad():  # a new tensor object: the chain must read (and grad) this one
         bank.flat_parameters = torch.nn.Parameter(bank.flat_parameters * 0.7 + 0.05)
     check(flow, dtype)
+    with torch.no_grad():  # stored column by column (not contiguous): the same map
+        bank.flat_parameters = torch.nn.Parameter(bank.flat_parameters.t().contiguous().t())
+    assert not bank.flat_parameters.is_contiguous()
+    check(flow, dtype)
     for part in flow.parts[:3]:
         part.conditioner.activation = torch.nn.Tanh()
         part.log_scale_bound = 1.5

@@ -425,8 +425,10 @@ def _chain_forward(x, log_det, chain: _Chain, flats, saved: list | None):
     shape = x.shape
     batch_shape = shape[:-1]
     u = x.reshape(-1, shape[-1])
-    # one mask product per group: a stacked run of layers is masked (and split) at once
-    split = chain.split([flat * mask for flat, mask in zip(flats, chain.masks, strict=True)])
+    # one mask product per group: a stacked run of layers is masked (and split) at once; the
+    # split views the product as one vector, so it must be contiguous (a parameter may not be)
+    split = chain.split([(flat * mask).contiguous()
+                         for flat, mask in zip(flats, chain.masks, strict=True)])
     for layer, (parallel, sign), (weights, biases) in zip(chain.layers, chain.kinds, split,
                                                           strict=True):
         net = layer._modules["conditioner"]
