@@ -1,0 +1,504 @@
+"""An independent review of the speed changes of issue 9 (the guide's draw, the fused chain).
+
+The fused affine chain (:func:`~pyroflows.transforms.autoregressive.affine_chain`, groups read
+per call by ``_Chain``, one-vector ``MADE.split_rows``, a backward that skips work) is checked
+against the layers' plain differentiable operations (``plain_map``, what ``FlowStack.fused =
+False`` runs) and against ``torch.func`` (which makes the chain step aside for the plain
+operations), on layer mixes that the stacks built by :func:`pyroflows.flows.build` never make.
+The flow guide's own ``pyro.param`` statements and cached latent layout are checked against
+Pyro's ``pyro.module`` statements and ``AutoContinuous._unpack_latent``, and its direct draw
+against the traced guide under ``Trace_ELBO``.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoContinuous
+from torch import Tensor
+
+import pyroflows as pf
+from pyroflows import testing
+from pyroflows.flows import FlowStack
+from pyroflows.guides import AutoFlowGuide, FlowELBO
+from pyroflows.nn import MADE
+from pyroflows.nn.made import stacked_mades
+from pyroflows.transforms.autoregressive import affine_chain
+
+
+# ---- the fused affine chain ---------------------------------------------------------------------
+class _SubMADE(MADE):
+    """A MADE subclass: the chain reads it through its attributes, not its dictionaries."""
+
+
+def _layers(device, dtype) -> dict[str, list]:
+    """Layers of several kinds, randomized: a MAF bank of 3 rows, a RealNVP bank of 2 rows,
+    an IAF bank of 2 rows, a MAF and an IAF layer with networks of their own, and a MAF layer
+    whose network is a MADE subclass."""
+    out = {}
+    for name, family, num in [("maf", "maf", 3), ("realnvp", "realnvp", 2), ("iaf", "iaf", 2),
+                              ("realnvp_full", "realnvp", 2)]:
+        stack = pf.flows.build(family, 4, num_layers=num, hidden_dims=(8, 8))
+        out[name] = list(stack.parts)
+    for layer in out["realnvp"]:  # the compact coupling path (conditioning half only) at D = 4
+        layer.compact_min_dim = 1
+        assert layer.coupling_halves is not None
+    # one bank whose rows are a coupling layer's network and a MAF layer's network
+    mixed = [pf.transforms.realnvp(4, hidden_dims=(8, 8)), pf.transforms.maf(4, hidden_dims=(8, 8))]
+    mixed[0].compact_min_dim = 1
+    for layer, row in zip(mixed, stacked_mades([m.conditioner for m in mixed]), strict=True):
+        layer.conditioner = row
+    assert mixed[0].coupling_halves is not None
+    out["mixed_bank"] = mixed
+    out["maf_own"] = [pf.transforms.maf(4, hidden_dims=(8, 8), order=[2, 0, 3, 1])]
+    out["iaf_own"] = [pf.transforms.iaf(4, hidden_dims=(8, 8))]
+    sub = pf.transforms.maf(4, hidden_dims=(8, 8))
+    sub.conditioner = _SubMADE(4, (8, 8), order=sub.conditioner.degrees.tolist())
+    out["maf_sub"] = [sub]
+    for seed, layers in enumerate(out.values()):
+        for layer in layers:
+            testing.randomize_parameters_(layer, scale=0.4, seed=10 + seed)
+            layer.to(device=device, dtype=dtype)
+    return out
+
+
+def _params(layers) -> list[Tensor]:
+    seen, out = set(), []
+    for layer in layers:
+        for p in layer.parameters():
+            if id(p) not in seen and p.requires_grad:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _plain_chain(x, layers, inverse, log_det=None):
+    for layer in layers:
+        x, ld = layer.plain_map(x, inverse)
+        log_det = ld if log_det is None else log_det + ld
+    return x, log_det
+
+
+def _grads(fn, x, log_det, layers, inverse, weights):
+    """Values and the gradients of a fixed scalar of (image, log-det) with respect to the
+    inputs that require grad and every parameter (zeros where unused)."""
+    y, ld = fn(x, layers, inverse, log_det)
+    loss = (y.sin() * weights[0]).sum() + (ld * weights[1]).sum()
+    inputs = [t for t in (x, log_det) if t is not None and t.requires_grad] + _params(layers)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True) if inputs else []
+    return [y.detach(), ld.detach()] + [
+        torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs, strict=True)]
+
+
+def _fused(x, layers, inverse, log_det=None):
+    kinds = [layer.fused_kind(inverse) for layer in layers]
+    assert None not in kinds, "a layer the fused chain does not take"
+    return affine_chain(x, layers, kinds, log_det)
+
+
+def _plain(x, layers, inverse, log_det=None):
+    return _plain_chain(x, layers, inverse, log_det)
+
+
+def _assert_chain_matches(layers, inverse, device, dtype, x_grad=True, log_det=None, batch=(5,)):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(*batch, 4, generator=gen, dtype=torch.float64).to(device, dtype)
+    x.requires_grad_(x_grad)
+    weights = (torch.rand(*batch, 4, generator=gen, dtype=torch.float64).to(device, dtype),
+               torch.rand(batch, generator=gen, dtype=torch.float64).to(device, dtype))
+    got = _grads(_fused, x, log_det, layers, inverse, weights)
+    want = _grads(_plain, x, log_det, layers, inverse, weights)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **testing.tolerances(dtype))
+    return got
+
+
+CHAINS = {
+    # name: (layer picks as (group, index), inverse)
+    "maf-bank-then-realnvp-bank": ([("maf", 0), ("maf", 1), ("maf", 2), ("realnvp", 0),
+                                    ("realnvp", 1)], True),
+    "realnvp-rows-reversed-between-maf-rows": ([("maf", 2), ("realnvp", 1), ("realnvp", 0),
+                                                ("maf", 0)], True),
+    "bank-rows-shuffled-and-repeated": ([("maf", 1), ("maf", 2), ("maf", 0), ("maf", 2),
+                                         ("maf", 1)], True),
+    "one-row-alone-among-own-networks": ([("maf_own", 0), ("maf", 1), ("maf_sub", 0),
+                                          ("realnvp", 1)], True),
+    "partial-bank-and-subclass": ([("maf", 2), ("maf", 0), ("maf_sub", 0)], True),
+    "iaf-forward-mixed": ([("iaf", 1), ("realnvp", 0), ("iaf_own", 0), ("iaf", 0),
+                           ("realnvp", 1)], False),
+    "realnvp-forward-alone": ([("realnvp", 0), ("realnvp", 1)], False),
+    "realnvp-full-width-and-compact": ([("realnvp_full", 1), ("realnvp", 0), ("realnvp_full", 0),
+                                        ("realnvp", 1)], True),
+    "coupling-and-maf-rows-of-one-bank": ([("maf", 0), ("mixed_bank", 1), ("mixed_bank", 0),
+                                           ("maf", 1)], True),
+    "coupling-row-first-in-mixed-bank": ([("mixed_bank", 0), ("mixed_bank", 1)], True),
+}
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_fused_chain_of_mixed_layers_matches_plain_operations(name, device, dtype):
+    """Values, log-dets and every gradient (input, each bank, each own network) of the fused
+    chain over mixes of banks, rows in any order (repeated, partial, alone), own networks and
+    a MADE subclass, equal those of the plain operations of the same layers."""
+    layers = _layers(device, dtype)
+    picks, inverse = CHAINS[name]
+    _assert_chain_matches([layers[g][i] for g, i in picks], inverse, device, dtype)
+
+
+@pytest.mark.parametrize("case", ["bank-frozen", "own-frozen", "x-no-grad", "log-det-given",
+                                  "log-det-given-no-grad", "nothing-needs-grad", "batch-2d"])
+def test_fused_chain_gradients_of_what_requires_grad(case, device, dtype):
+    """The hand-written backward returns gradients for exactly the inputs that need them
+    (``needs_input_grad``): a frozen bank or network, an input without grad, a given log-det
+    with or without grad, and a chain where nothing needs grad (no autograd node)."""
+    layers = _layers(device, dtype)
+    chain = [layers["maf"][1], layers["maf"][0], layers["maf_own"][0], layers["realnvp"][0],
+             layers["realnvp"][1]]
+    x_grad, log_det, batch = True, None, (5,)
+    if case == "bank-frozen":
+        layers["maf"][0].conditioner.stacked.flat_parameters.requires_grad_(False)
+    elif case == "own-frozen":
+        layers["maf_own"][0].conditioner.flat_parameters.requires_grad_(False)
+        layers["realnvp"][0].conditioner.stacked.flat_parameters.requires_grad_(False)
+    elif case == "x-no-grad":
+        x_grad = False
+    elif case.startswith("log-det-given"):
+        log_det = torch.linspace(-1.0, 1.0, 5, device=device, dtype=dtype)
+        log_det.requires_grad_(case == "log-det-given")
+    elif case == "nothing-needs-grad":
+        x_grad = False
+        for layer in chain:
+            for p in layer.parameters():
+                p.requires_grad_(False)
+        y, ld = _fused(torch.randn(5, 4, device=device, dtype=dtype), chain, True)
+        assert y.grad_fn is None and ld.grad_fn is None
+        want = _plain(torch.randn(5, 4, device=device, dtype=dtype), chain, True)
+        assert want[0].shape == y.shape
+    elif case == "batch-2d":
+        batch = (2, 3)
+        log_det = torch.zeros(3, device=device, dtype=dtype, requires_grad=True)  # broadcast
+    if case != "nothing-needs-grad":
+        _assert_chain_matches(chain, True, device, dtype, x_grad=x_grad, log_det=log_det,
+                              batch=batch)
+
+
+def test_fused_chain_non_contiguous_bank_with_a_row_alone(device, dtype):
+    """A bank stored column by column, read whole (a run of its rows), by a partial run and
+    by a row alone, in one chain: the plain operations' values and gradients."""
+    layers = _layers(device, dtype)
+    bank = layers["maf"][0].conditioner.stacked
+    with torch.no_grad():
+        bank.flat_parameters = torch.nn.Parameter(bank.flat_parameters.t().contiguous().t())
+    assert not bank.flat_parameters.is_contiguous()
+    chain = [layers["maf"][2], layers["maf"][1], layers["maf_own"][0], layers["maf"][0],
+             layers["realnvp"][1], layers["maf"][1]]
+    _assert_chain_matches(chain, True, device, dtype)
+
+
+def test_fused_chain_against_torch_func_vjp(device, dtype):
+    """``torch.func.vjp`` (the chain steps aside for the plain operations under it) gives the
+    vector-Jacobian products that the fused backward gives, for the input and the banks."""
+    layers = _layers(device, dtype)
+    chain = [layers["maf"][0], layers["maf"][2], layers["realnvp"][1], layers["maf_own"][0]]
+    params = {id(p): p for p in _params(chain)}
+    names = list(params)
+    x = torch.randn(6, 4, device=device, dtype=dtype)
+    gy = torch.randn(6, 4, device=device, dtype=dtype)
+    gld = torch.randn(6, device=device, dtype=dtype)
+
+    def fn(x, *flat):
+        swapped = dict(zip(names, flat, strict=True))
+        with torch.nn.utils.stateless._reparametrize_module(
+                torch.nn.ModuleList(chain),
+                {name: swapped[id(p)] for name, p in
+                 torch.nn.ModuleList(chain).named_parameters(remove_duplicate=False)}):
+            return _fused(x, chain, True)
+
+    primals = [params[n].detach() for n in names]
+    (y, ld), vjp = torch.func.vjp(fn, x, *primals)
+    want = vjp((gy, gld))
+    xr = x.clone().requires_grad_(True)
+    y2, ld2 = _fused(xr, chain, True)
+    got = torch.autograd.grad((y2 * gy).sum() + (ld2 * gld).sum(), [xr, *params.values()])
+    tol = testing.tolerances(dtype)
+    torch.testing.assert_close(y2.detach(), y, **tol)
+    torch.testing.assert_close(ld2.detach(), ld, **tol)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_fused_chain_refuses_double_backward(device, dtype):
+    """Second derivatives through the fused chain raise instead of returning wrong values."""
+    layers = _layers(device, dtype)
+    chain = [layers["maf"][0], layers["maf"][1]]
+    x = torch.randn(3, 4, device=device, dtype=dtype, requires_grad=True)
+    y, ld = _fused(x, chain, True)
+    (gx,) = torch.autograd.grad(ld.sum() + y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.sum(), x)
+
+
+@pytest.mark.parametrize("family", ["maf", "iaf", "realnvp"])
+def test_stack_with_gated_layers_fused_equals_plain(family, device, dtype):
+    """A stack mixing gated layers (which the fused chain does not take) with bank rows and a
+    network of its own: the fused stack's values and gradients are the plain stack's."""
+    flow = pf.flows.build(family, 4, num_layers=3, hidden_dims=(8,))
+    make = {"maf": pf.transforms.maf, "iaf": pf.transforms.iaf}.get(family)
+    extra = (make(4, hidden_dims=(8,), gated=True) if make is not None
+             else pf.transforms.realnvp(4, hidden_dims=(8,)))
+    parts = [flow.parts[0], extra, flow.parts[2], flow.parts[1]]
+    stack = FlowStack(parts)
+    testing.randomize_parameters_(stack, scale=0.4, seed=3)
+    stack = stack.to(device, dtype)
+    inverse = family == "maf"
+    x = torch.randn(5, 4, device=device, dtype=dtype)
+    results = []
+    for fused in (True, False):
+        stack.fused = fused
+        stack.clear_cache()
+        xv = x.clone().requires_grad_(True)
+        y, ld = stack.inverse_and_log_det(xv) if inverse else stack.forward_and_log_det(xv)
+        params = list(stack.parameters())
+        grads = torch.autograd.grad(y.sin().sum() + ld.sum(), [xv, *params])
+        results.append([y.detach(), ld.detach(), *grads])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **testing.tolerances(dtype))
+
+
+def test_split_rows_is_split_weights_of_each_row(device, dtype):
+    """``MADE.split_rows`` of an (L, P) tensor gives each asked row's ``split_weights`` views
+    (the same numbers, shapes), for any rows in any order."""
+    flow = pf.flows.build("maf", 4, num_layers=3, hidden_dims=(8, 6)).to(device, dtype)
+    net = flow.parts[0].conditioner
+    stacked = torch.randn(net.stacked.flat_parameters.shape, device=device, dtype=dtype)
+    for rows in (None, [2, 0], [1]):
+        got = net.split_rows(stacked, rows)
+        for (weights, biases), r in zip(got, rows or range(3), strict=True):
+            ref_w, ref_b = net.split_weights(stacked[r].clone())
+            for a, b in zip([*weights, *biases], [*ref_w, *ref_b], strict=True):
+                assert torch.equal(a, b)
+
+
+# ---- the flow guide's draw ----------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _fresh_param_store():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def _model_for(device, dtype):
+    zero = torch.zeros((), device=device, dtype=dtype)
+    data = torch.tensor([0.3, -1.2, 2.0, 0.7], device=device, dtype=dtype)
+
+    def model():
+        loc = pyro.sample("loc", dist.Normal(zero.expand(2), 1.0).to_event(1))
+        scale = pyro.sample("scale", dist.LogNormal(zero, 0.5))
+        with pyro.plate("groups", 3):
+            offset = pyro.sample("offset", dist.Normal(zero, 0.3))
+        with pyro.plate("data", 4):
+            pyro.sample("y", dist.Normal(loc.sum(-1, keepdim=True) + offset.mean(-1, True),
+                                         scale.unsqueeze(-1)), obs=data)
+
+    return model
+
+
+def _pyro_iaf(dim: int):
+    import pyro.distributions.transforms as T
+
+    return T.affine_autoregressive(dim, hidden_dims=[8])
+
+
+GUIDES = {
+    "iaf-laplace": dict(flow="iaf", num_layers=2, hidden_dims=(8,), laplace_init=True),
+    "iaf-diagonal": dict(flow="iaf", num_layers=2, hidden_dims=(8,), full_rank=False,
+                         laplace_init=False),
+    "realnvp-full-rank": dict(flow="realnvp", num_layers=2, hidden_dims=(8,), full_rank=True,
+                              laplace_init=False),
+    "planar": dict(flow="planar", num_layers=3, laplace_init=False),
+    "radial": dict(flow="radial", num_layers=3),
+    "no-flow": dict(flow="iaf", num_layers=0, laplace_init=False),
+    "callable-planar-layer": dict(flow=pf.transforms.planar, laplace_init=False),
+    "callable-pyro-iaf": dict(flow=_pyro_iaf, laplace_init=False),
+}
+
+
+def _param_sites(fn) -> list[tuple[str, Tensor]]:
+    with poutine.trace(param_only=True) as tr:
+        fn()
+    return [(name, site["value"]) for name, site in tr.trace.nodes.items()]
+
+
+@pytest.mark.parametrize("name", list(GUIDES))
+def test_param_statements_are_pyros_module_statements(name, monkeypatch, device, dtype):
+    """The guide's own param statements (one walk of its modules) are the statements that
+    PyroModule's attribute access makes through ``pyro.module`` (the reference: the same
+    guide with its own statements switched off): the same names in the same order, each
+    value the param store's tensor and the module's own parameter, for the traced call and
+    the direct draw alike, for every flow kind (none, planar, radial, IAF, RealNVP, a user
+    callable, Pyro's own IAF) and affine layer (diagonal, full rank, after a Laplace start)."""
+    model = _model_for(device, dtype)
+    guide = AutoFlowGuide(model, **GUIDES[name])
+    guide()
+    store = pyro.get_param_store()
+    modules = {name: p for name, p in guide.named_parameters()}
+
+    def run_both():
+        return [_param_sites(guide), _param_sites(lambda: guide._direct_draw((4, 1), False))]
+
+    got = run_both()
+    sync = AutoFlowGuide._sync_param_store
+    monkeypatch.setattr(AutoFlowGuide, "_sync_param_store",
+                        lambda self, at_setup=False, register=False: sync(self, at_setup) and False)
+    want = run_both()
+    assert want[0], "the reference made no param statements"
+    module_tensors = {id(p) for p in modules.values()}
+    for sites in got:
+        assert [n for n, _ in sites] == [n for n, _ in want[0]]
+        for (n, value), (_, ref) in zip(sites, want[0], strict=True):
+            assert value is store[n] and value is ref and id(value) in module_tensors
+
+
+def _steps(model, guide, elbo, actions) -> tuple[list[float], dict[str, Tensor]]:
+    """Run SVI steps with ``actions`` between them; the losses and the guide's parameters."""
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 2e-2}), elbo)
+    losses = []
+    torch.manual_seed(1)
+    for action in actions:
+        action(guide)
+        before = [p.detach().clone() for p in guide.parameters()]
+        losses.append(svi.step())
+        # every parameter was stepped, and the store holds the guide's own tensors
+        assert all(not torch.equal(p.detach(), b)
+                   for p, b in zip(guide.parameters(), before, strict=True))
+        stored = {id(v) for _, v in pyro.get_param_store().named_parameters()}
+        assert all(id(p) in stored for p in guide.parameters())
+    return losses, {n: p.detach().clone() for n, p in guide.named_parameters()}
+
+
+def _clear(guide):
+    pyro.clear_param_store()
+
+
+def _reload_store(guide):
+    store = pyro.get_param_store()
+    state = store.get_state()
+    store.set_state({"params": {k: v.detach().clone() for k, v in state["params"].items()},
+                     "constraints": dict(state["constraints"])})
+
+
+def _nothing(guide):
+    pass
+
+
+@pytest.mark.parametrize("name", ["iaf-laplace", "planar", "no-flow", "callable-pyro-iaf"])
+def test_direct_steps_equal_pyros_trace_elbo_through_store_changes(name, device, dtype):
+    """FlowELBO's direct draw (the guide's own param statements, cached layout, unchecked
+    N(0, I) draw) steps exactly as Pyro's own ``Trace_ELBO`` on the traced guide, through a
+    cleared param store and a ``set_state`` of the store between steps: the same losses, the
+    same parameters, every parameter stepped."""
+    model = _model_for(device, dtype)
+    actions = [_nothing, _nothing, _clear, _nothing, _reload_store, _nothing]
+    runs = []
+    for elbo in (FlowELBO(direct=True, num_particles=4, vectorize_particles=True,
+                          max_plate_nesting=1, stick_the_landing=False),
+                 Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        guide = AutoFlowGuide(model, stick_the_landing=False, **GUIDES[name])
+        guide()
+        start = {n: p.detach().clone() for n, p in guide.named_parameters()}
+        runs.append(_steps(model, guide, elbo, actions))
+        assert all(not torch.equal(p, start[n]) for n, p in runs[-1][1].items())
+    (got_losses, got), (want_losses, want) = runs
+    rel = 1e-9 if dtype == torch.float64 else 1e-4
+    assert got_losses == pytest.approx(want_losses, rel=rel)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], **testing.tolerances(dtype))
+
+
+def test_direct_steps_after_a_cast_and_a_pickle_equal_pyros(device):
+    """After steps in float32, ``guide.to(float64)`` and a pickle round trip (the layout cache
+    keyed by the prototype trace is rebuilt for the copy): the direct draw's latent unpacking
+    is Pyro's, and the copy steps exactly as Pyro's ``Trace_ELBO`` steps another copy."""
+    dtype = [torch.float32]
+
+    def model():
+        zero = torch.zeros((), device=device, dtype=dtype[0])
+        _model_for(device, dtype[0])()
+        pyro.sample("extra", dist.Gamma(zero + 2.0, 1.0))
+
+    torch.manual_seed(0)
+    guide = AutoFlowGuide(model, flow="iaf", num_layers=2, hidden_dims=(8,), laplace_init=False,
+                          stick_the_landing=False)
+    guide()
+    elbo = FlowELBO(direct=True, num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    _steps(model, guide, elbo, [_nothing] * 2)
+    dtype[0] = torch.float64
+    guide.to(torch.float64)
+    blob = pickle.dumps(guide)
+    runs = []
+    for elbo in (FlowELBO(direct=True, num_particles=4, vectorize_particles=True,
+                          max_plate_nesting=1),
+                 Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)):
+        pyro.clear_param_store()
+        copy_ = pickle.loads(blob)
+        latent = torch.randn(4, 1, copy_.latent_dim, device=device, dtype=torch.float64)
+        got = list(copy_._unpack_latent(latent))
+        want = list(AutoContinuous._unpack_latent(copy_, latent))
+        assert [s["name"] for s, _ in got] == [s["name"] for s, _ in want]
+        for (_, a), (_, b) in zip(got, want, strict=True):
+            assert a.shape == b.shape and a.data_ptr() == b.data_ptr()
+        runs.append(_steps(model, copy_, elbo, [_nothing] * 2))
+    (got_losses, got_params), (want_losses, want_params) = runs
+    assert got_losses == pytest.approx(want_losses, rel=1e-9)
+    for n in want_params:
+        assert got_params[n].dtype == torch.float64
+        torch.testing.assert_close(got_params[n], want_params[n], rtol=1e-9, atol=1e-9)
+
+
+def test_layout_follows_a_new_prototype_trace(device, dtype):
+    """A guide whose prototype trace is replaced (here by a copy: new site objects, the same
+    layout) unpacks with the new trace's sites, as Pyro does, not with the cached ones."""
+    model = _model_for(device, dtype)
+    guide = AutoFlowGuide(model, flow="iaf", num_layers=1, hidden_dims=(8,), laplace_init=False)
+    guide()
+    for _ in range(2):
+        for batch in [(), (6, 1)]:
+            latent = torch.randn(*batch, guide.latent_dim, device=device, dtype=dtype)
+            got = list(guide._unpack_latent(latent))
+            want = list(AutoContinuous._unpack_latent(guide, latent))
+            assert len(got) == len(want) == 3
+            for (site, a), (ref_site, b) in zip(got, want, strict=True):
+                assert site is ref_site and a.shape == b.shape and a.data_ptr() == b.data_ptr()
+        guide.prototype_trace = copy.deepcopy(guide.prototype_trace)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_predictive_draws_equal_those_with_pyros_unpacking(parallel, monkeypatch, device, dtype):
+    """``Predictive`` over the guide (its cached-layout unpacking, batched by the particle
+    plate when ``parallel``) draws what it draws with Pyro's own ``_unpack_latent``."""
+    model = _model_for(device, dtype)
+    guide = AutoFlowGuide(model, flow="iaf", num_layers=2, hidden_dims=(8,))
+    guide()
+    testing.randomize_parameters_(guide.flow, scale=0.2, seed=2)
+
+    def draw():
+        torch.manual_seed(3)
+        return Predictive(model, guide=guide, num_samples=7, parallel=parallel)()
+
+    got = draw()
+    monkeypatch.setattr(AutoFlowGuide, "_unpack_latent", AutoContinuous._unpack_latent)
+    want = draw()
+    assert set(got) == set(want) == {"loc", "scale", "offset", "y"}
+    for k in want:
+        assert got[k].shape == want[k].shape
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
