@@ -502,3 +502,26 @@ def test_predictive_draws_equal_those_with_pyros_unpacking(parallel, monkeypatch
     for k in want:
         assert got[k].shape == want[k].shape
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+def _jacobian_log_det(fn, x: Tensor) -> Tensor:
+    """``log|det d fn / dx|`` of a map of one (D,) point, from autograd."""
+    jac = torch.autograd.functional.jacobian(fn, x)
+    return torch.linalg.slogdet(jac)[1]
+
+
+def test_layer_whose_activation_is_a_plain_function(device, dtype):
+    """A MADE built with an activation that makes a plain function (``lambda: torch.tanh``,
+    not a module: it is kept as an attribute, outside ``_modules``) runs the plain operations,
+    as before the fused kernels read the activation from ``_modules``, with the log-det of
+    its autograd Jacobian."""
+    layer = pf.transforms.maf(3, hidden_dims=(8,), activation=lambda: torch.tanh)
+    testing.randomize_parameters_(layer, scale=0.4, seed=1)
+    layer = layer.to(device, dtype)
+    assert not layer.conditioner.supports_fused and layer.fused_kind(True) is None
+    x = torch.randn(4, 3, device=device, dtype=dtype)
+    z, log_det = layer.inverse_and_log_det(x)
+    for i in range(4):
+        want = -_jacobian_log_det(lambda v: layer.inverse_and_log_det(v)[0], x[i])
+        torch.testing.assert_close(log_det[i], want, **testing.tolerances(dtype))
+

@@ -254,8 +254,9 @@ class MADE(nn.Module):
         """Whether :meth:`fused_forward` / :meth:`fused_backward` compute this network: a ReLU or
         tanh MLP without residual connections and without module hooks (which only a call of
         :meth:`forward` runs)."""
-        return (  # the activation from _modules: nn.Module.__getattr__ is a Python call
-            type(self._modules["activation"]) in _FUSED_ACTIVATIONS
+        return (  # the activation from _modules (nn.Module.__getattr__ is a Python call);
+            # not there when it is a plain function (an attribute): then the plain operations
+            type(self._modules.get("activation")) in _FUSED_ACTIVATIONS
             and not self.residual
             and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
                      or self._backward_pre_hooks)
