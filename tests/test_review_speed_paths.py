@@ -525,3 +525,30 @@ def test_layer_whose_activation_is_a_plain_function(device, dtype):
         want = -_jacobian_log_det(lambda v: layer.inverse_and_log_det(v)[0], x[i])
         torch.testing.assert_close(log_det[i], want, **testing.tolerances(dtype))
 
+
+def test_fused_chain_reads_parameters_kept_as_plain_tensors(device, dtype):
+    """Networks and banks whose ``flat_parameters`` is a plain tensor attribute computed from
+    another tensor (a hypernetwork's output, a hand-made reparametrization: not in
+    ``_parameters``) run through the fused chain with the values and gradients (into the
+    tensor they come from) of the plain operations."""
+    layers = _layers(device, dtype)
+    own = layers["maf_own"][0].conditioner
+    bank = layers["maf"][0].conditioner.stacked
+    sources = []
+    for module in (own, bank):
+        source = module.flat_parameters.detach().clone().requires_grad_(True)
+        del module.flat_parameters
+        module.flat_parameters = source * 1.5  # not a Parameter: an attribute
+        sources.append(source)
+    chain = [layers["maf"][0], layers["maf"][2], layers["maf_own"][0], layers["maf"][1]]
+    x = torch.randn(5, 4, device=device, dtype=dtype)
+    results = []
+    for fn in (_fused, _plain):
+        for module, source in zip((own, bank), sources, strict=True):
+            module.flat_parameters = source * 1.5  # a fresh graph for each run
+        y, ld = fn(x, chain, True)
+        grads = torch.autograd.grad(y.sin().sum() + ld.sum(), sources)
+        results.append([y.detach(), ld.detach(), *grads])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **testing.tolerances(dtype))
+

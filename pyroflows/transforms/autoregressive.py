@@ -349,7 +349,8 @@ class _Chain:
     ``rows = None``. ``flats``, ``masks``, ``rows`` and ``nets`` (a network of the group, for
     its layout) are per group. The modules are read through their ``_modules``,
     ``_parameters`` and ``_buffers`` dictionaries, which is where ``nn.Module.__getattr__``
-    finds them (a Python call per lookup, some twenty per call of a two-layer chain)."""
+    finds them (a Python call per lookup, some twenty per call of a two-layer chain), and
+    through the attribute for a tensor that is not in them (see :func:`_read`)."""
 
     __slots__ = ("layers", "kinds", "flats", "masks", "rows", "nets")
 
@@ -378,14 +379,14 @@ class _Chain:
                     taken.append(nxt.__dict__["index"])
                     i += 1
                 if len(taken) > 1:
-                    flats.append(stacked._parameters["flat_parameters"])
-                    masks.append(stacked._buffers["mask"])
+                    flats.append(_read(stacked, "flat_parameters", stacked._parameters))
+                    masks.append(_read(stacked, "mask", stacked._buffers))
                     rows.append(tuple(taken))
                     nets.append(net)
                     continue
             if kind is MADE:
-                flats.append(net._parameters["flat_parameters"])
-                masks.append(net._buffers["mask"])
+                flats.append(_read(net, "flat_parameters", net._parameters))
+                masks.append(_read(net, "mask", net._buffers))
             else:  # a row alone (its row views cost less than all rows), or a MADE subclass
                 flats.append(net.flat_parameters)
                 masks.append(net.mask)
@@ -418,6 +419,13 @@ class _Chain:
                 out.extend(next(pieces) if w else None for w in use)
             k += len(rows)
         return out
+
+
+def _read(module: nn.Module, name: str, members: dict) -> Tensor:
+    """``getattr(module, name)``, from ``members`` (its ``_parameters`` or ``_buffers``) where
+    it is one: a tensor kept as a plain attribute (a hypernetwork's output, say) is not."""
+    value = members.get(name)
+    return getattr(module, name) if value is None else value
 
 
 def _chain_forward(x, log_det, chain: _Chain, flats, saved: list | None):
