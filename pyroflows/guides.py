@@ -525,6 +525,10 @@ class AutoFlowGuide(AutoContinuous):
                 _pack_separate_entries_in_store(store, prefix, module)
             for pname, p in module.named_parameters():
                 if not p.requires_grad:
+                    if register and module.training:  # what pyro.module says of it
+                        warnings.warn(f"{pname} was not registered in the param store "
+                                      "because requires_grad=False. You can silence this "
+                                      "warning by calling my_module.train(False)", stacklevel=2)
                     continue
                 full = param_with_module_name(prefix, pname)
                 if full in store:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -552,3 +553,33 @@ def test_fused_chain_reads_parameters_kept_as_plain_tensors(device, dtype):
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, **testing.tolerances(dtype))
 
+
+@pytest.mark.parametrize("training", [True, False])
+def test_frozen_parameter_warns_as_pyro_module_does(training, monkeypatch, device, dtype):
+    """A flow parameter with ``requires_grad=False`` gets no param statement, and the guide's
+    own statements warn about it as ``pyro.module`` (the reference: the guide with its own
+    statements switched off) does: once per call while the module is in training mode,
+    never in eval mode; in the traced call and the direct draw alike."""
+    model = _model_for(device, dtype)
+    guide = AutoFlowGuide(model, flow="iaf", num_layers=2, hidden_dims=(8,), laplace_init=False)
+    guide()
+    guide.flow.parts[0].conditioner.stacked.flat_parameters.requires_grad_(False)
+    guide.train(training)
+
+    def run_both():
+        out = []
+        for fn in (guide, lambda: guide._direct_draw((4, 1), False)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                names = [n for n, _ in _param_sites(fn)]
+            out.append((names, [str(w.message) for w in caught]))
+        return out
+
+    got = run_both()
+    sync = AutoFlowGuide._sync_param_store
+    monkeypatch.setattr(AutoFlowGuide, "_sync_param_store",
+                        lambda self, at_setup=False, register=False: sync(self, at_setup) and False)
+    want = run_both()
+    assert want[0][0] == ["AutoFlowGuide.affine$$$packed"]
+    assert len(want[0][1]) == (1 if training else 0)
+    assert got == want
