@@ -155,11 +155,13 @@ def test_fused_chain_of_mixed_layers_matches_plain_operations(name, device, dtyp
 
 
 @pytest.mark.parametrize("case", ["bank-frozen", "own-frozen", "x-no-grad", "log-det-given",
-                                  "log-det-given-no-grad", "nothing-needs-grad", "batch-2d"])
+                                  "log-det-given-no-grad", "nothing-needs-grad", "batch-2d",
+                                  "one-point"])
 def test_fused_chain_gradients_of_what_requires_grad(case, device, dtype):
     """The hand-written backward returns gradients for exactly the inputs that need them
     (``needs_input_grad``): a frozen bank or network, an input without grad, a given log-det
-    with or without grad, and a chain where nothing needs grad (no autograd node)."""
+    with or without grad (broadcast over a batch), one unbatched point, and a chain where
+    nothing needs grad (no autograd node)."""
     layers = _layers(device, dtype)
     chain = [layers["maf"][1], layers["maf"][0], layers["maf_own"][0], layers["realnvp"][0],
              layers["realnvp"][1]]
@@ -179,13 +181,18 @@ def test_fused_chain_gradients_of_what_requires_grad(case, device, dtype):
         for layer in chain:
             for p in layer.parameters():
                 p.requires_grad_(False)
-        y, ld = _fused(torch.randn(5, 4, device=device, dtype=dtype), chain, True)
+        x = torch.randn(5, 4, device=device, dtype=dtype)
+        y, ld = _fused(x, chain, True)
         assert y.grad_fn is None and ld.grad_fn is None
-        want = _plain(torch.randn(5, 4, device=device, dtype=dtype), chain, True)
-        assert want[0].shape == y.shape
+        want = _plain(x, chain, True)
+        torch.testing.assert_close(y, want[0], **testing.tolerances(dtype))
+        torch.testing.assert_close(ld, want[1], **testing.tolerances(dtype))
     elif case == "batch-2d":
         batch = (2, 3)
         log_det = torch.zeros(3, device=device, dtype=dtype, requires_grad=True)  # broadcast
+    elif case == "one-point":  # x of shape (D,): a log-det of shape ()
+        batch = ()
+        log_det = torch.tensor(0.5, device=device, dtype=dtype, requires_grad=True)
     if case != "nothing-needs-grad":
         _assert_chain_matches(chain, True, device, dtype, x_grad=x_grad, log_det=log_det,
                               batch=batch)
