@@ -800,13 +800,10 @@ class AutoFlowGuide(AutoContinuous):
     def _constrain(self, latent: Tensor) -> dict[str, Tensor]:
         """Split draws of shape (n, D) into constrained site values of shape (n, *site)."""
         n = latent.shape[0]
-        out, pos = {}, 0
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            shape = self._unconstrained_shapes[name]
-            size = math.prod(shape)
-            value = latent[:, pos: pos + size].reshape(n, *shape)
-            out[name] = biject_to(site["fn"].support)(value)
-            pos += size
+        out = {}
+        for site, start, stop, shape, _ in self._latent_layout():
+            value = latent[:, start:stop].reshape(n, *shape)
+            out[site["name"]] = biject_to(site["fn"].support)(value)
         return out
 
     def sample_posterior(self, *args: Any, num_samples: int = 1000,

@@ -281,20 +281,6 @@ def test_stack_with_gated_layers_fused_equals_plain(family, device, dtype):
         torch.testing.assert_close(a, b, **testing.tolerances(dtype))
 
 
-def test_split_rows_is_split_weights_of_each_row(device, dtype):
-    """``MADE.split_rows`` of an (L, P) tensor gives each asked row's ``split_weights`` views
-    (the same numbers, shapes), for any rows in any order."""
-    flow = pf.flows.build("maf", 4, num_layers=3, hidden_dims=(8, 6)).to(device, dtype)
-    net = flow.parts[0].conditioner
-    stacked = torch.randn(net.stacked.flat_parameters.shape, device=device, dtype=dtype)
-    for rows in (None, [2, 0], [1]):
-        got = net.split_rows(stacked, rows)
-        for (weights, biases), r in zip(got, rows or range(3), strict=True):
-            ref_w, ref_b = net.split_weights(stacked[r].clone())
-            for a, b in zip([*weights, *biases], [*ref_w, *ref_b], strict=True):
-                assert torch.equal(a, b)
-
-
 # ---- the flow guide's draw ----------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def _fresh_param_store():
