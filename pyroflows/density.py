@@ -858,11 +858,9 @@ class DensityEstimator:
         # From here on the estimator holds the new model; whatever happens it ends in its best
         # state so far.
         self._model, self.dim_, self.history_ = model, dim, history
-        optimizer = _adam(model.flow.parameters(), lr=lr, weight_decay=weight_decay)
-        params = [p for p in model.flow.parameters() if p.requires_grad]
         steps_per_epoch = -(-n_train // batch_size)
         horizon = max(10.0, steps_per_epoch * averaging_epochs) if averaging_epochs > 0 else 1.0
-        average = _ParameterAverage(params, rate=1.0 / horizon)
+        optimizer, params, average = _training_state(model, lr, weight_decay, 1.0 / horizon)
         bar = None
         try:
             from tqdm.auto import tqdm
@@ -921,17 +919,11 @@ class DensityEstimator:
         model.train()
         for i in range(0, n, batch_size):
             idx = perm[i : i + batch_size]
-            lp = model.flow_log_prob(u_train[idx])
-            loss = -lp.mean()
-            optimizer.zero_grad(set_to_none=True)
-            if not bool(torch.isfinite(loss)):
+            lp = _training_step(model, u_train[idx], optimizer, params, average)
+            if lp is None:
                 history["skipped_steps"] += 1
                 continue
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1e3)
-            optimizer.step()
-            average.update()
-            total += float(lp.detach().sum() + ld_train[idx].sum())
+            total += float(lp.sum() + ld_train[idx].sum())
             count += idx.numel()
         model.eval()
         return total / count if count else float("nan")
@@ -1057,6 +1049,33 @@ class DensityEstimator:
         if device is not None:
             est.device = torch.device(device)
         return est
+
+
+def _training_state(model: _DensityModel, lr: float, weight_decay: float,
+                    rate: float) -> tuple[torch.optim.Optimizer, list[Tensor], _ParameterAverage]:
+    """What :meth:`DensityEstimator.fit` trains the flow with: Adam over its parameters (fused
+    where torch has the kernel), the trainable parameters, and their moving average."""
+    optimizer = _adam(model.flow.parameters(), lr=lr, weight_decay=weight_decay)
+    params = [p for p in model.flow.parameters() if p.requires_grad]
+    return optimizer, params, _ParameterAverage(params, rate=rate)
+
+
+def _training_step(model: _DensityModel, u: Tensor, optimizer: torch.optim.Optimizer,
+                   params: list[Tensor], average: _ParameterAverage) -> Tensor | None:
+    """One step of :meth:`DensityEstimator.fit` on the preconditioned rows ``u``: Adam on the
+    mean negative log-likelihood, gradients clipped to norm 1e3, then the moving average.
+    Returns the rows' (detached) log-likelihoods, or ``None`` when the loss is not finite
+    (the step is skipped, nothing changes)."""
+    lp = model.flow_log_prob(u)
+    loss = -lp.mean()
+    optimizer.zero_grad(set_to_none=True)
+    if not bool(torch.isfinite(loss)):
+        return None
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1e3)
+    optimizer.step()
+    average.update()
+    return lp.detach()
 
 
 def _make_tabak(dim: int, options: dict, seed: int | None) -> FlowTransform:

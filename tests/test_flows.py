@@ -181,10 +181,11 @@ def test_speed_benchmark_runs(capsys, one_thread):
     """Smoke test of ``python -m benchmarks.speed`` on a tiny setting (it never asserts times)."""
     from benchmarks import speed
     speed.main(["--items", "1", "3", "5", "--sizes", "D=8", "--libraries", "pyroflows", "pyro",
-                "alt: Permute layers between", "--rounds", "1", "--steps", "1", "--warmup", "1",
-                "--slow-rounds", "1", "--samples", "3"])
+                "alt: Permute layers between", speed.ESTIMATOR, "--rounds", "1", "--steps", "1",
+                "--warmup", "1", "--slow-rounds", "1", "--samples", "3"])
     out = capsys.readouterr().out
     assert "| 1 | maf, D=8 | pyroflows |" in out and "| 1 | maf, D=8 | pyro |" in out
+    assert f"| 1 | maf, D=8 | {speed.ESTIMATOR} |" in out
     assert "| 3 | german credit" in out and "| 5 | maf sampling" in out and "| 2 |" not in out
 
 
