@@ -31,8 +31,8 @@ the peers' Pyro row does); ``pyroflows (compile)`` (``--compile``) is
 ``build(..., compile=True)``. ``pyroflows DensityEstimator.fit's step`` (items 1-2) is the
 step ``DensityEstimator.fit`` itself runs, what its users get: its model (the standardized rows
 through the layers, with the estimator's log-scale bound, to the learnable Cholesky base), its
-fused Adam, gradient clipping and parameter averaging. In items 3-4 our guides hand their flow to Pyro as one
-:class:`~pyroflows.flows.FlowStack` (fused kernels, one cache).
+fused Adam, gradient clipping and parameter averaging. In items 3-4 our guides hand their flow
+to Pyro as one :class:`~pyroflows.flows.FlowStack` (fused kernels, one cache).
 
 Rates are per second of process CPU time with one torch thread: on a quiet machine that is the
 wall-clock rate, and on a shared one it leaves out the time spent waiting for a core.

@@ -496,12 +496,13 @@ class DensityEstimator:
             split) and ``val_log_prob``, plus ``best_epoch``, ``best_val_log_prob``,
             ``initial_val_log_prob`` (the untrained model, e.g. the ML Gaussian), ``stopped``
             (``"early_stopping"``, ``"max_epochs"``, ``"interrupted"`` or ``"error"``),
-            ``skipped_steps`` (minibatches with a non-finite loss, not applied), ``seconds``,
-            ``num_train`` and ``num_val``. All log-likelihoods are per sample, in nats, in the
-            original space of ``x``. With ``refine``: ``refine_steps`` (the refiner's kept
-            steps) and ``final_val_log_prob`` (the refined model's validation score; without a
-            refiner, ``best_val_log_prob``); ``precondition`` (the pipeline it describes) and,
-            with ``"auto"``, ``candidates`` (each pipeline's ``final_val_log_prob``).
+            ``skipped_steps`` (minibatches with a non-finite loss or gradient, not applied),
+            ``seconds``, ``num_train`` and ``num_val``. All log-likelihoods are per sample, in
+            nats, in the original space of ``x``. With ``refine``: ``refine_steps`` (the
+            refiner's kept steps) and ``final_val_log_prob`` (the refined model's validation
+            score; without a refiner, ``best_val_log_prob``); ``precondition`` (the pipeline it
+            describes) and, with ``"auto"``, ``candidates`` (each pipeline's
+            ``final_val_log_prob``).
         precondition_: the preconditioner the fitted model uses (with ``"auto"``, the chosen
             one).
 
@@ -915,18 +916,23 @@ class DensityEstimator:
         """One pass of minibatch Adam; returns the running mean train log-likelihood."""
         n = u_train.shape[0]
         perm = torch.randperm(n, generator=gen).to(u_train.device)
-        total, count = 0.0, 0
+        # Running sums on the device, read once at the end of the epoch: a read per step
+        # would make the host wait for the device every step.
+        total = torch.zeros((), dtype=u_train.dtype, device=u_train.device)
+        count = torch.zeros((), dtype=torch.int64, device=u_train.device)
+        skips = torch.zeros((), dtype=torch.int64, device=u_train.device)
         model.train()
         for i in range(0, n, batch_size):
             idx = perm[i : i + batch_size]
-            lp = _training_step(model, u_train[idx], optimizer, params, average)
-            if lp is None:
-                history["skipped_steps"] += 1
-                continue
-            total += float(lp.sum() + ld_train[idx].sum())
-            count += idx.numel()
+            lp, skipped = _training_step(model, u_train[idx], optimizer, params, average)
+            kept = ~skipped
+            total += torch.where(kept, lp.sum() + ld_train[idx].sum(), 0.0)
+            count += kept * idx.numel()
+            skips += skipped
         model.eval()
-        return total / count if count else float("nan")
+        history["skipped_steps"] += int(skips)
+        count = int(count)
+        return float(total) / count if count else float("nan")
 
     # ---- using a fitted model -------------------------------------------------------------
     def log_prob(self, x: Any) -> Tensor:
@@ -1061,21 +1067,37 @@ def _training_state(model: _DensityModel, lr: float, weight_decay: float,
 
 
 def _training_step(model: _DensityModel, u: Tensor, optimizer: torch.optim.Optimizer,
-                   params: list[Tensor], average: _ParameterAverage) -> Tensor | None:
+                   params: list[Tensor], average: _ParameterAverage) -> tuple[Tensor, Tensor]:
     """One step of :meth:`DensityEstimator.fit` on the preconditioned rows ``u``: Adam on the
     mean negative log-likelihood, gradients clipped to norm 1e3, then the moving average.
-    Returns the rows' (detached) log-likelihoods, or ``None`` when the loss is not finite
-    (the step is skipped, nothing changes)."""
+
+    A step whose loss or gradient is not finite is skipped: the parameters, Adam's state and
+    the average stay as they were. With the fused Adam (:func:`_adam`) the skip is decided on
+    the device, by the optimizer's ``found_inf`` input (the one ``torch.amp.GradScaler``
+    uses), so a step makes no host synchronization and a CUDA device runs ahead of Python;
+    with another optimizer it is decided on the host. Returns the rows' (detached)
+    log-likelihoods and a 0-dim bool tensor, true where the step was skipped."""
     lp = model.flow_log_prob(u)
     loss = -lp.mean()
     optimizer.zero_grad(set_to_none=True)
-    if not bool(torch.isfinite(loss)):
-        return None
+    fused = optimizer.defaults.get("fused")
+    if not fused and not bool(torch.isfinite(loss)):
+        return lp.detach(), torch.ones((), dtype=torch.bool, device=lp.device)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1e3)
-    optimizer.step()
-    average.update()
-    return lp.detach()
+    norm = torch.nn.utils.clip_grad_norm_(params, 1e3)
+    skipped = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    if fused:
+        optimizer.found_inf = skipped.to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(skipped):
+        return lp.detach(), skipped
+    else:
+        optimizer.step()
+    average.update(skipped)
+    return lp.detach(), skipped
 
 
 def _make_tabak(dim: int, options: dict, seed: int | None) -> FlowTransform:
@@ -1096,9 +1118,15 @@ class _ParameterAverage:
         self.average = [p.detach().clone() for p in params]
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, skipped: Tensor | None = None) -> None:
+        """One step of the average; none where ``skipped`` (a 0-dim bool tensor) is true,
+        decided on the parameters' device."""
+        if skipped is None:
+            for a, p in zip(self.average, self.params, strict=True):
+                a.lerp_(p, self.rate)
+            return
         for a, p in zip(self.average, self.params, strict=True):
-            a.lerp_(p, self.rate)
+            a.lerp_(p, (~skipped).to(a.dtype) * self.rate)
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:

@@ -370,6 +370,99 @@ def test_interrupted_fit_keeps_the_best_state(exc, device, dtype, monkeypatch):
     assert est.score(x_val) == pytest.approx(max(h["val_log_prob"]), abs=1e-4)
 
 
+def _state(model, optimizer, average):
+    """Copies of everything a training step may change."""
+    return ([p.detach().clone() for p in model.flow.parameters()],
+            [{k: v.clone() for k, v in optimizer.state[p].items()}
+             for p in model.flow.parameters()],
+            [a.clone() for a in average.average])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_step_with_a_non_finite_loss_or_gradient_changes_nothing(fused, device, dtype):
+    """fit's step skips a minibatch whose loss or gradient is not finite: the parameters,
+    Adam's moments and step count and the moving average stay exactly as they were (with the
+    fused Adam the skip is decided on the device; with another Adam on the host), and a
+    finite step after it moves them all."""
+    from pyroflows.density import _training_state, _training_step
+
+    x, _, _ = _gaussian_data(64, seed=21)
+    x = _t(x, device, dtype)
+    est = DensityEstimator("maf", dtype=dtype, seed=0, **SMALL).fit(x, max_epochs=0,
+                                                                    progress=False)
+    model = est._model
+    optimizer, params, average = _training_state(model, lr=1e-2, weight_decay=0.0, rate=0.1)
+    if not fused:
+        optimizer = torch.optim.Adam(model.flow.parameters(), lr=1e-2)
+    assert bool(optimizer.defaults.get("fused")) == fused
+    u = model.precondition(x)[0]
+
+    def step(rows):
+        with pf.validation(False):  # as fit runs its steps
+            return _training_step(model, rows, optimizer, params, average)
+
+    lp, skipped = step(u)  # Adam's state exists
+    assert not skipped and lp.shape == (64,) and not lp.requires_grad
+    before = _state(model, optimizer, average)
+
+    bad_rows = u.clone()
+    bad_rows[5] = torch.finfo(dtype).max  # overflows: a non-finite loss
+    _, skipped = step(bad_rows)
+    assert skipped
+    hook = params[-1].register_hook(lambda g: g * float("inf"))  # finite loss, inf gradient
+    try:
+        lp, skipped = step(u)
+    finally:
+        hook.remove()
+    assert skipped and torch.isfinite(lp).all()
+    for got, want in zip(_state(model, optimizer, average), before, strict=True):
+        for a, b in zip(got, want, strict=True):
+            if isinstance(a, dict):
+                assert a.keys() == b.keys()
+                assert all(torch.equal(a[k], b[k]) for k in a)
+            else:
+                assert torch.equal(a, b)
+    assert not hasattr(optimizer, "found_inf")
+
+    _, skipped = step(u)
+    assert not skipped
+    after = _state(model, optimizer, average)
+    assert all(not torch.equal(a, b) for a, b in zip(after[0], before[0], strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(after[2], before[2], strict=True))
+    assert all(int(s["step"]) == 2 for s in after[1])
+
+
+def test_an_epoch_counts_its_skipped_steps_and_scores_the_kept_rows(device, dtype):
+    """An epoch with overflowing rows in two of its minibatches: those two steps are counted
+    as skipped, the parameters stay finite, and the epoch's training score is the mean over
+    the kept minibatches' rows (here with the steps' learning rate 0, so every kept row is
+    scored by the initial model: the mean of its log-likelihoods, computed directly)."""
+    from pyroflows.density import _training_state
+
+    x, _, _ = _gaussian_data(80, seed=22)
+    x = _t(x, device, dtype)
+    est = DensityEstimator("maf", dtype=dtype, seed=0, **SMALL).fit(x, max_epochs=0,
+                                                                    progress=False)
+    model = est._model
+    u, ld = model.precondition(x)
+    u = u.clone()
+    u[[3, 41]] = torch.finfo(dtype).max  # overflows: a non-finite loss
+    optimizer, params, average = _training_state(model, lr=0.0, weight_decay=0.0, rate=0.1)
+    gen = torch.Generator().manual_seed(5)
+    perm = torch.randperm(80, generator=torch.Generator().manual_seed(5))
+    batches = perm.split(16)
+    bad = [b for b in batches if bool(((b == 3) | (b == 41)).any())]
+    kept = torch.cat([b for b in batches if not bool(((b == 3) | (b == 41)).any())])
+    history = {"skipped_steps": 0}
+    with pf.validation(False):  # as fit runs its epochs
+        score = est._run_epoch(model, u, ld, optimizer, params, 16, gen, history, average)
+    assert history["skipped_steps"] == len(bad)
+    assert all(torch.isfinite(p).all() for p in model.flow.parameters())
+    with torch.no_grad(), pf.validation(False):
+        want = (model.flow_log_prob(u[kept.to(u.device)]) + ld[kept.to(u.device)]).mean()
+    assert score == pytest.approx(float(want), rel=1e-5)
+
+
 def test_failed_refit_keeps_the_previous_model(device, dtype):
     x, _, _ = _gaussian_data(200, seed=11)
     est = DensityEstimator("maf", dtype=dtype, seed=0, **SMALL).fit(x, max_epochs=2,
