@@ -62,7 +62,8 @@ FULL_RANK_MAX_DIM = 256
 #: L-BFGS iterations of the MAP search behind ``laplace_init`` (latent sizes up to
 #: :data:`FULL_RANK_MAX_DIM`).
 LAPLACE_MAX_ITER = 500
-#: Draws behind the ELBO comparison that decides whether the Laplace start is kept.
+#: Draws behind the ELBO comparison that decides whether the Laplace start is kept (one
+#: vectorized run of the model for all of them where it broadcasts over leading dims).
 LAPLACE_ELBO_DRAWS = 64
 
 #: Layers per family when ``num_layers`` is not given: planar and radial layers are rank-one
@@ -593,6 +594,10 @@ class AutoFlowGuide(AutoContinuous):
     # ---- Laplace initialization -------------------------------------------------------------
     def _log_density(self, u: Tensor, args: tuple, kwargs: dict) -> Tensor:
         r""":math:`\log p(x, T(u)) + \log|\det J_T(u)|` for one unconstrained vector ``u``."""
+        return self._log_density_and_trace(u, args, kwargs)[0]
+
+    def _log_density_and_trace(self, u: Tensor, args: tuple, kwargs: dict) -> tuple[Tensor, Trace]:
+        """:meth:`_log_density` and the model's trace behind it."""
         values, log_det = {}, u.new_zeros(())
         for site, unconstrained in self._unpack_latent(u):
             transform = biject_to(site["fn"].support)
@@ -601,7 +606,40 @@ class AutoFlowGuide(AutoContinuous):
             values[site["name"]] = value
         model = poutine.condition(self._raw_model[0], data=values)
         trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
-        return trace.log_prob_sum() + log_det
+        return trace.log_prob_sum() + log_det, trace
+
+    def _batched_log_density(self, u: Tensor, plate_dim: int, args: tuple,
+                             kwargs: dict) -> Tensor | None:
+        r""":meth:`_log_density` of the S rows of ``u`` (S, D) in one run of the model, inside
+        a plate of size S at ``plate_dim`` (left of every plate of the model): shape (S,), or
+        ``None`` where a site's value or log density does not come out with the draws in its
+        leading dim (a model that does not broadcast over them)."""
+        num_draws, nesting = u.shape[0], -plate_dim
+        latent = u.reshape((num_draws,) + (1,) * (nesting - 1) + u.shape[-1:])
+        values, log_det = {}, u.new_zeros(num_draws)
+        for site, unconstrained in self._unpack_latent(latent):
+            transform = biject_to(site["fn"].support)
+            value = transform(unconstrained)
+            ld = transform.log_abs_det_jacobian(unconstrained, value)
+            if ld.dim() == 0 or ld.shape[0] != num_draws:
+                return None
+            log_det = log_det + ld.reshape(num_draws, -1).sum(-1)
+            values[site["name"]] = value
+        model = poutine.condition(self._raw_model[0], data=values)
+        with poutine.block(), pyro.plate("_pyroflows_laplace_draws", num_draws, dim=plate_dim):
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+        trace.compute_log_prob(site_filter=_not_subsample)
+        total = log_det
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site):  # (those add zero)
+                continue
+            log_prob = site["log_prob"]
+            # batch dims are the plates' (and this plate's) only: else the model has its own
+            # batch dims left of the draws, which the loop sums over and this would misread
+            if log_prob.dim() != nesting or log_prob.shape[0] != num_draws:
+                return None
+            total = total + log_prob.reshape(num_draws, -1).sum(-1)
+        return total
 
     def _laplace(self, loc: Tensor, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor] | None:
         """The Laplace approximation ``(mode, chol(H^-1))`` of the unconstrained posterior, or
@@ -667,6 +705,9 @@ class AutoFlowGuide(AutoContinuous):
         :math:`\mu + L \varepsilon`; :math:`-\infty` where the model rejects a draw."""
         entropy = (0.5 * eps.shape[-1] * math.log(2 * math.pi * math.e)
                    + float(scale_tril.diagonal().log().sum()))
+        batched = self._batched_gaussian_elbo(loc, scale_tril, eps, args, kwargs)
+        if batched is not None:
+            return batched + entropy
         total = 0.0
         for e in eps:
             try:
@@ -677,6 +718,46 @@ class AutoFlowGuide(AutoContinuous):
                 return -math.inf
             total += value
         return total / eps.shape[0] + entropy
+
+    def _batched_gaussian_elbo(self, loc: Tensor, scale_tril: Tensor, eps: Tensor,
+                               args: tuple, kwargs: dict) -> float | None:
+        r"""The mean of :math:`\log p(x, T(u)) + \log|\det J_T(u)|` over the draws
+        :math:`u = \mu + L \varepsilon` of :meth:`_gaussian_elbo` from one vectorized run of
+        the model (the loop runs it once per draw: most of the set-up's time where the MAP
+        search converges fast), or ``None`` where the loop must decide: a model that does not
+        run on a batch of draws, or whose batched log densities at the first and last draw
+        differ from its plain ones (a model that does not broadcast over leading dims can run
+        and still mix the draws), or subsampled plates (whose draws the loop redraws per
+        draw). :math:`-\infty` where the model rejects or gives a non-finite density at a
+        draw, as in the loop."""
+        draws = loc + eps @ scale_tril.T
+        try:
+            first, trace = self._log_density_and_trace(draws[0], args, kwargs)
+        except Exception:  # noqa: BLE001 - a draw the model rejects: the loop's answer
+            return -math.inf
+        if not bool(torch.isfinite(first)):
+            return -math.inf
+        frames = [frame for site in trace.nodes.values() if site["type"] == "sample"
+                  for frame in site["cond_indep_stack"] if frame.vectorized]
+        if any(frame.full_size is not None and frame.full_size != frame.size
+               for frame in frames):
+            return None
+        plate_dim = min((frame.dim for frame in frames if frame.dim is not None),
+                        default=0) - 1
+        try:
+            values = self._batched_log_density(draws, plate_dim, args, kwargs)
+            last = self._log_density(draws[-1], args, kwargs)
+        except Exception:  # noqa: BLE001 - the model does not broadcast: the loop decides
+            return None
+        if values is None:
+            return None
+        tol = math.sqrt(torch.finfo(values.dtype).eps)
+        plain = torch.stack([first, last])
+        if not torch.allclose(values[[0, -1]], plain, rtol=tol, atol=tol):
+            return None
+        if not bool(torch.isfinite(values).all()):
+            return -math.inf
+        return float(values.sum()) / eps.shape[0]
 
     def get_base_dist(self) -> dist.TorchDistribution:
         # kept between calls (building it was 1-2% of an SVI step): distributions are not
