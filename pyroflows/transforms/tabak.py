@@ -26,6 +26,10 @@ _NUM_PARAMS = 3
 # Below this many elements per step (n x K), CPU work runs on one thread: per-step ops are too
 # small for threads to pay off, and on a loaded machine every threaded op waits for a core.
 _THREADED_NUMEL = 1 << 20
+# Elements per (K, rows) intermediate (and thread) when the fitted transform runs a batch on the
+# CPU: 1 MiB in float64, so a step's temporaries stay in cache (200k x 10 rows, float64, 300
+# steps: 2.5x faster than the whole batch at once; 4096 to 16384 rows of 10 within 5%).
+_CHUNK_NUMEL = 1 << 17
 
 
 @contextlib.contextmanager
@@ -110,12 +114,66 @@ def map_1d_inverse(
     return x, torch.log1p(-sigma) + _log_one_plus_gamma_q(gamma, w, r, width)
 
 
+def _gaussianizing_step(
+    c: Tensor, scale: Tensor, neg_center: Tensor, width_sq: Tensor, gamma: Tensor, shift: Tensor,
+    neg_sigma: Tensor, one_minus_g2: Tensor,
+) -> tuple[Tensor, Tensor]:
+    r""":func:`map_1d` for the fitted transform's passes, in fewer elementwise passes: the
+    displacement :math:`\varphi(x) - x = \varphi_0 - \sigma x + \gamma r` and
+    :math:`\log(1 + \gamma w / r)` as one logarithm of a ratio (:func:`map_1d` takes two:
+    :math:`\log(r + \gamma w) - \log r`), with the same cancellation-free branch where
+    :math:`\gamma w < 0`. The constant :math:`\log(1 - \sigma)` is left to the caller, which
+    adds it once for all points. Parameters are ``(K, 1)`` columns (``scale = 1 - sigma``,
+    ``width_sq = epsilon^2``, ``one_minus_g2 = 1 - gamma^2``); ``c`` is ``(K, n)``."""
+    w = torch.addcmul(neg_center, scale, c)
+    ww = w * w
+    r = torch.sqrt(ww + width_sq)
+    gw = gamma * w
+    displacement = torch.addcmul(torch.addcmul(shift, neg_sigma, c), gamma, r)
+    rewritten = torch.addcmul(width_sq, one_minus_g2, ww) / (r - gw)
+    return displacement, torch.log(torch.where(gw >= 0, r + gw, rewritten) / r)
+
+
+def _restoring_step(
+    c: Tensor, offset: Tensor, center: Tensor, gamma: Tensor, one_minus_g2: Tensor,
+    g2_width_sq: Tensor, gamma_width: Tensor, width_sq: Tensor, scale: Tensor,
+) -> tuple[Tensor, Tensor]:
+    r""":func:`map_1d_inverse` for the fitted transform's passes, in fewer elementwise passes.
+
+    With :math:`c = y - \varphi_0 - x_0`, :math:`S = \sqrt{c^2 + (1 - \gamma^2)\epsilon^2}`
+    and :math:`P = S + |\gamma c|`, the root :math:`w` is :func:`map_1d_inverse`'s, and the
+    identities :math:`r + \gamma w = S` and
+
+    .. math:: r = \frac{P}{1 - \gamma^2}\ (\gamma c \le 0),\qquad
+              r = \frac{c^2 + \epsilon^2}{P}\ (\gamma c > 0)
+
+    (from :math:`(S - \gamma c)(S + \gamma c) = (1 - \gamma^2)(c^2 + \epsilon^2)`) give
+    :math:`\log(1 + \gamma w / r) = \log(S / r)` without a second square root or logarithm,
+    each branch free of cancellation. Returns :math:`x - y` and that log-ratio; the constant
+    :math:`\log(1 - \sigma)` is left to the caller. Parameters are ``(K, 1)`` columns
+    (``offset = shift + center``, ``scale = 1 - sigma``); ``c`` is ``(K, n)``."""
+    y = c
+    c = y - offset
+    cc = c * c
+    s = torch.sqrt(cc + g2_width_sq)
+    gc = gamma * c
+    same_sign = gc > 0
+    p = s + gc.abs()
+    gs = gamma * s
+    w_opposite = (c - gs) / one_minus_g2
+    w_same = (c - gamma_width) * (c + gamma_width) / (c + gs)
+    w = torch.where(same_sign, w_same, w_opposite)
+    ratio = torch.where(same_sign, s * p / (cc + width_sq), s * one_minus_g2 / p)
+    return (w + center) / scale - y, torch.log(ratio)
+
+
 def _fast_map(
     x: Tensor, sigma: Tensor, shift: Tensor, gamma: Tensor, center: Tensor, width: Tensor
 ) -> tuple[Tensor, Tensor]:
     """:func:`map_1d` for the fit's hot loop: ``log1p(gamma w / r)`` directly. Safe there,
     because fitted steps keep ``|gamma| <= 0.95``, so ``1 + gamma w / r >= 0.05`` loses at most a
-    few ulps; the fitted transform itself evaluates the cancellation-free :func:`map_1d`."""
+    few ulps; the fitted transform itself evaluates the cancellation-free
+    :func:`_gaussianizing_step`."""
     u = (1 - sigma) * x
     w = u - center
     r = torch.sqrt(w * w + width * width)
@@ -445,24 +503,65 @@ class Tabak(FlowTransform):
         """log|det dW/dx| = -sum log L_ii."""
         return -torch.log(torch.diagonal(self.scale_tril)).sum()
 
+    def _step_constants(self, inverse: bool) -> tuple[list[tuple[Tensor, ...]], Tensor]:
+        r"""Per step, the ``(K, 1)`` parameter columns :func:`_gaussianizing_step` (or, with
+        ``inverse``, :func:`_restoring_step`) takes, derived from the buffers for all steps at
+        once; and :math:`\sum_{t,k}\log(1 - \sigma_{t,k})`, the part of the summed log-slopes
+        that is the same for every point."""
+        sigma, shift, gamma = self.sigmas, self.shifts, self.gammas
+        center, width = self.centers, self.widths
+        scale = 1 - sigma
+        width_sq = width * width
+        one_minus_g2 = (1 - gamma) * (1 + gamma)
+        if inverse:
+            columns = (shift + center, center, gamma, one_minus_g2, one_minus_g2 * width_sq,
+                       gamma * width, width_sq, scale)
+        else:
+            columns = (scale, -center, width_sq, gamma, shift, -sigma, one_minus_g2)
+        # (T, P, K, 1) -> T tuples of P views: one split here rather than P indexing ops per step
+        # (and per row chunk) in the loop.
+        stacked = torch.stack(columns, dim=1).unsqueeze(-1)
+        per_step = [tuple(step.unbind(0)) for step in stacked.unbind(0)]
+        return per_step, torch.log1p(-sigma).sum()
+
     def _run_steps(self, z: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         """Apply the steps to ``z`` of shape (..., D): in order (Gaussianizing) or, with
         ``inverse``, their inverses in reverse order. Returns the image and the summed log-slopes
-        of the forward steps at the Gaussianizing-side points."""
+        of the forward steps at the Gaussianizing-side points.
+
+        On the CPU the rows go through all steps a chunk at a time (about ``_CHUNK_NUMEL``
+        elements per ``(K, rows)`` intermediate per thread), so the step's dozen elementwise
+        passes run in cache instead of streaming the whole batch through memory once per pass
+        (200k x 10 rows, float64: 2.5x faster); on an accelerator the whole batch is one
+        chunk."""
         batch = z.shape[:-1]
-        # Transposed, (D, N): sums over the K coordinates then add contiguous rows.
-        zt = z.reshape(-1, self.dim).mT
-        log_slopes = zt.new_zeros(zt.shape[-1])
-        order = reversed(range(self.num_steps)) if inverse else range(self.num_steps)
-        one_d = map_1d_inverse if inverse else map_1d
-        with _threads_for(zt.shape[-1] * self.subspace_dim, zt.device):
-            for t in order:
-                frame = self.frames[t]
-                c = frame.mT @ zt
-                c_new, log_slope = one_d(c, *(p.unsqueeze(-1) for p in self._step_params(t)))
-                zt = zt + frame @ (c_new - c)
-                log_slopes = log_slopes + log_slope.sum(0)
-        return zt.mT.reshape(*batch, self.dim), log_slopes.reshape(batch)
+        flat = z.reshape(-1, self.dim)
+        rows = flat.shape[0]
+        constants, log_scale_sum = self._step_constants(inverse)
+        order = list(reversed(range(self.num_steps)) if inverse else range(self.num_steps))
+        step = _restoring_step if inverse else _gaussianizing_step
+        frames = list(self.frames.unbind(0))
+        frames_t = [frame.mT for frame in frames]
+        outs, log_slopes = [], []
+        with _threads_for(rows * self.subspace_dim, flat.device):
+            chunk = rows
+            if flat.device.type == "cpu":
+                per_chunk = _CHUNK_NUMEL * torch.get_num_threads() // self.subspace_dim
+                chunk = max(1, min(rows, per_chunk))
+            for part in flat.split(chunk) if rows else (flat,):
+                # Transposed, (D, n): sums over the K coordinates then add contiguous rows.
+                zt = part.mT
+                acc = zt.new_zeros(zt.shape[-1])
+                for t in order:
+                    c = frames_t[t] @ zt
+                    displacement, log_ratio = step(c, *constants[t])
+                    zt = torch.addmm(zt, frames[t], displacement)
+                    acc = acc + log_ratio.sum(0)
+                outs.append(zt.mT)
+                log_slopes.append(acc)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        acc = log_slopes[0] if len(log_slopes) == 1 else torch.cat(log_slopes)
+        return out.reshape(*batch, self.dim), (acc + log_scale_sum).reshape(batch)
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Gaussianize: ``z = G(y)``, and ``log|det d t(z)/dz| = -log|det dG/dy|``."""
