@@ -20,8 +20,10 @@ paired differences, the gap of the whitened Gaussian alone (step 0, what the ste
 the kept step count, fit wall-clock and CPU seconds (process time: on a shared machine the
 wall clock mostly measures the other users) and CPU milliseconds per step (steps taken, those
 after the kept one included). Then a speed table: fixed step
-counts on 20000 x 10 data (no early stopping), float64 and float32. Benchmarks print tables;
-they never assert times.
+counts on 20000 x 10 data (no early stopping), float64 and float32; then the fitted
+transform's passes: ``log_prob`` (Gaussianizing direction) and ``sample`` (its inverse) on
+``--apply-rows`` rows after ``--apply-steps`` steps on 20000 x 10 data. Benchmarks print
+tables; they never assert times.
 """
 
 from __future__ import annotations
@@ -95,6 +97,28 @@ def run_speed(dtype_name: str, steps: int, seed: int) -> dict:
             "ms_per_step": 1000 * cpu / steps}
 
 
+def run_apply(dtype_name: str, steps: int, rows: list[int], seed: int) -> list[dict]:
+    """CPU seconds of ``log_prob`` and ``sample`` on each row count, for a transform fitted
+    with ``steps`` steps (no early stopping) on 20000 x 10 mixture draws."""
+    dtype = getattr(torch, dtype_name)
+    x, _ = datasets.gaussian_mixture(max(rows + [20000]), dim=10, seed=seed)
+    x = x.to(dtype)
+    t = Tabak(10, max_steps=steps, patience=10**6, seed=seed)
+    t.fit(x[:18000], x_val=x[18000:20000], progress=False)
+    out = []
+    with torch.no_grad():
+        for n in rows:
+            cpu = time.process_time()
+            t.log_prob(x[:n])
+            log_prob_cpu = time.process_time() - cpu
+            cpu = time.process_time()
+            t.sample((n,))
+            sample_cpu = time.process_time() - cpu
+            out.append({"dtype": dtype_name, "steps": t.num_steps, "rows": n,
+                        "log_prob": log_prob_cpu, "sample": sample_cpu})
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", default="U1,U2,U3,U4,gmm2,gmm5")
@@ -104,6 +128,9 @@ def main(argv=None) -> None:
                    help="comma-separated; one row per target and value (16 is the default)")
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     p.add_argument("--speed-steps", type=int, default=2000, help="0 skips the speed table")
+    p.add_argument("--apply-steps", type=int, default=300,
+                   help="steps of the transform timed in the passes table (0 skips it)")
+    p.add_argument("--apply-rows", default="20000,200000")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the tables (markdown) here")
@@ -131,7 +158,7 @@ def main(argv=None) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
-    for name in args.targets.split(","):
+    for name in filter(None, args.targets.split(",")):
         for m in (int(v) for v in args.num_candidates.split(",")):
             r = run_target(name, m, args)
             row = (
@@ -159,6 +186,25 @@ def main(argv=None) -> None:
                    f"{r['ms_per_step']:.2f} |")
             lines.append(row)
             print(row, flush=True)
+    if args.apply_steps > 0:
+        rows = [int(v) for v in args.apply_rows.split(",")]
+        extra = [
+            "",
+            f"Passes of the fitted transform ({args.apply_steps} steps, fitted on 20000 x 10 "
+            "data): CPU seconds of `log_prob` (the Gaussianizing direction) and `sample` (its "
+            "inverse).",
+            "",
+            "| dtype | steps | rows | log_prob CPU s | sample CPU s |",
+            "|---|---|---|---|---|",
+        ]
+        print("\n".join(extra), flush=True)
+        lines += extra
+        for dt in ("float64", "float32"):
+            for r in run_apply(dt, args.apply_steps, rows, args.seed):
+                row = (f"| {r['dtype']} | {r['steps']} | {r['rows']} | {r['log_prob']:.2f} | "
+                       f"{r['sample']:.2f} |")
+                lines.append(row)
+                print(row, flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
