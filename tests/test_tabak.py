@@ -435,6 +435,32 @@ def test_fitted_passes_match_the_plain_step_by_step_map(chunk_numel, device, dty
     torch.testing.assert_close(grad.cpu().double(), grad_ref, **tol)
 
 
+def test_fitted_passes_have_finite_gradients_at_a_kink_of_an_identity_coordinate(device, dtype):
+    """A coordinate left at the identity (gamma = 0, as the fit stores it) evaluated exactly at
+    its shifted center: the inverse's same-sign branch divides c + gamma S = 0 there, and its
+    gradient must not be NaN (torch.where passes 0 x inf into it); the values and gradients are
+    those of the plain step-by-step map."""
+    dim = k = 2
+    state = _random_state(dim, k, steps=1, gamma_max=0.5, seed=3)
+    state["frames"] = torch.eye(dim, dtype=torch.float64).unsqueeze(0)  # c = z exactly
+    state["gammas"][0, 0] = 0.0
+    t = Tabak(dim).double()
+    t.load_state_dict(state)
+    t = t.to(device=device, dtype=dtype)
+    z64 = torch.tensor([[0.0, 0.3], [0.7, -0.2]], dtype=torch.float64)
+    z64[:, 0] = state["shifts"][0, 0] + state["centers"][0, 0]  # c - shift - center = 0
+    tol = testing.tolerances(dtype)
+    zg = z64.to(device=device, dtype=dtype).requires_grad_(True)
+    y, log_det = t.forward_and_log_det(zg)
+    (grad,) = torch.autograd.grad((y.sum(-1) + log_det).sum(), zg)
+    assert torch.isfinite(grad).all()
+    zr = z64.clone().requires_grad_(True)
+    y_ref, log_det_ref = _plain_passes(state, zr, inverse=True)
+    (grad_ref,) = torch.autograd.grad((y_ref.sum(-1) + log_det_ref).sum(), zr)
+    torch.testing.assert_close(y.detach().cpu().double(), y_ref.detach(), **tol)
+    torch.testing.assert_close(grad.cpu().double(), grad_ref, **tol)
+
+
 # ---- state -----------------------------------------------------------------------------------
 def test_state_dict_loads_into_a_fresh_unfitted_transform(fitted_cpu, device, dtype):
     t, x = fitted_cpu

