@@ -1,7 +1,7 @@
 """The flow guides' user-facing paths that were made faster keep their results: the Laplace
 start's Gaussian ELBO from one vectorized run of the model (against the hand-written log joint,
-and the per-draw loop where the model does not broadcast), and the sticking-the-landing
-Jacobian from one forward pass (against autograd through the flow's inverse)."""
+and the per-draw loop where the model does not broadcast). The sticking-the-landing Jacobian's
+batched backward is checked in tests/test_guides.py, next to the copies it replaces."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-import pyroflows as pf
-from pyroflows.guides import LAPLACE_ELBO_DRAWS, AutoIAF, AutoPlanar
+from pyroflows.guides import LAPLACE_ELBO_DRAWS, AutoPlanar
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,58 +130,3 @@ def test_laplace_elbo_falls_back_for_models_that_do_not_broadcast(device, dtype)
     assert elbo == pytest.approx(expected, rel=tol, abs=tol)
     assert (loc + eps @ scale_tril.T).abs().max() > 1.5  # some draw is rejected
     assert rejected == -math.inf
-
-
-def _gaussian_model(device, dtype, dim: int = 3):
-    loc = torch.linspace(-1.0, 1.0, dim, device=device, dtype=dtype)
-
-    def model():
-        pyro.sample("z", dist.Normal(loc, 0.7).to_event(1))
-
-    return model
-
-
-@pytest.mark.parametrize("flow", ["iaf", "planar"])
-def test_sticking_the_landing_jacobian_runs_the_flow_once_per_particle(
-        flow, monkeypatch, device, dtype):
-    """Above STL_BATCHED_BACKWARD_MIN_ROWS the draw's Jacobian comes from one forward pass over
-    the particles and a backward batched over the D + 1 cotangents (it ran the forward over
-    D + 1 copies of them); the reference is autograd through the flow's inverse
-    (log_prob_detached): the same value and gradient in z. Layers whose backward cannot run
-    batched (planar's in-place update; also a wide MADE's blocked matmuls) fall back to
-    the copies, with the same result."""
-    model = _gaussian_model(device, dtype)
-    guide = {"iaf": lambda: AutoIAF(model, num_layers=2, hidden_dims=(8,)),
-             "planar": lambda: AutoPlanar(model, num_layers=3)}[flow]()
-    guide()
-    with torch.no_grad():
-        for p in guide.parameters():
-            p.add_(0.2 * torch.randn_like(p))  # away from the identity
-    posterior = guide.get_posterior()
-    stack = posterior.transforms[0]
-    eps = torch.randn(6, 1, 3, device=device, dtype=dtype)
-    z, log_det = stack.forward_and_log_det(eps)
-    z = z.detach().requires_grad_(True)
-    log_q = (-0.5 * eps.square().sum(-1) - 1.5 * math.log(2 * math.pi) - log_det).detach()
-    rows: list[int] = []
-    forward = pf.guides._Inverse.forward
-
-    def counted(self, value):
-        rows.append(value.shape[0])
-        return forward(self, value)
-
-    monkeypatch.setattr(pf.guides._Inverse, "forward", counted)
-    monkeypatch.setattr(pf.guides, "STL_BATCHED_BACKWARD_MIN_ROWS", 0)
-    got = pf.guides._path_log_density(stack, eps, z, log_q)
-    monkeypatch.setattr(pf.guides._Inverse, "forward", forward)
-    want = posterior.log_prob_detached(z)
-    tol = dict(rtol=1e-8, atol=1e-8) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(got, want, **tol)
-    (grad_got,) = torch.autograd.grad(got.sum(), z)
-    (grad_want,) = torch.autograd.grad(want.sum(), z)
-    torch.testing.assert_close(grad_got, grad_want, **tol)
-    assert all(p.grad is None for p in guide.parameters())
-    if flow == "iaf":
-        assert rows == [6]
-    elif device.type == "cpu":  # the batched backward refused: then the copies
-        assert rows == [6, 6 * 4]

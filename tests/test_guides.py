@@ -1104,25 +1104,49 @@ def test_direct_path_model_errors_read_as_the_traced_ones():
         elbo.differentiable_loss(model, guide)
 
 
-@pytest.mark.parametrize("make", [lambda m: AutoIAF(m, num_layers=2, hidden_dims=(8,)),
-                                  lambda m: AutoPlanar(m, num_layers=3)], ids=["iaf", "planar"])
-def test_sticking_the_landing_from_the_jacobian_matches_the_inverse(make, device, dtype):
+@pytest.mark.parametrize("batched", [False, True], ids=["copies", "batched"])
+@pytest.mark.parametrize("kind", ["iaf", "planar"])
+def test_sticking_the_landing_from_the_jacobian_matches_the_inverse(kind, batched, monkeypatch,
+                                                                     device, dtype):
     """The direct draw's sticking-the-landing term takes grad_z log q(z) from the Jacobian of
     the draw; the reference is autograd through the flow's inverse (log_prob_detached): same
-    value, same gradient in z, and no gradient to the parameters from either."""
+    value, same gradient in z, and no gradient to the parameters from either. The Jacobian
+    comes from one pass over D + 1 copies of the particles, or (``batched``: from
+    STL_BATCHED_BACKWARD_MIN_ROWS rows on, here lowered to 0) from one forward pass over the
+    particles and a backward batched over the D + 1 cotangents; planar's backward does not run
+    batched (an in-place update), and falls back to the copies."""
     model = _gaussian_problem(device, dtype)[0]
-    guide = make(model)
+    guide = (AutoIAF(model, num_layers=2, hidden_dims=(8,)) if kind == "iaf"
+             else AutoPlanar(model, num_layers=3))
     guide()
     with torch.no_grad():
         for p in guide.parameters():
             p.add_(0.2 * torch.randn_like(p))  # away from the identity
     posterior = guide.get_posterior()
     stack = posterior.transforms[0]
-    eps = torch.randn(5, 1, 3, device=device, dtype=dtype)
+    n, d = 5, 3
+    eps = torch.randn(n, 1, d, device=device, dtype=dtype)
     z, log_det = stack.forward_and_log_det(eps)
     z = z.detach().requires_grad_(True)  # the draw, as a leaf: its gradient is what we compare
     log_q = (-0.5 * eps.square().sum(-1) - 1.5 * math.log(2 * math.pi) - log_det).detach()
-    got = pf.guides._path_log_density(stack, eps, z, log_q)
+    rows: list[int] = []  # the rows of every forward pass the Jacobian takes
+    forward = pf.guides._Inverse.forward
+
+    def counted(self, value):
+        rows.append(value.shape[0])
+        return forward(self, value)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pf.guides._Inverse, "forward", counted)
+        if batched:
+            patch.setattr(pf.guides, "STL_BATCHED_BACKWARD_MIN_ROWS", 0)
+        got = pf.guides._path_log_density(stack, eps, z, log_q)
+    if not batched:
+        assert rows == [n * (d + 1)]
+    elif kind == "iaf":
+        assert rows == [n]
+    elif device.type == "cpu":  # the batched backward refused: then the copies
+        assert rows == [n, n * (d + 1)]
     want = posterior.log_prob_detached(z)
     tol = dict(rtol=1e-8, atol=1e-8) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(got, want, **tol)
