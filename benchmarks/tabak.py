@@ -158,37 +158,36 @@ def main(argv=None) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
+
+    def emit(*new: str) -> None:  # print as the table grows, and keep it for --out
+        print("\n".join(new), flush=True)
+        lines.extend(new)
+
     for name in filter(None, args.targets.split(",")):
         for m in (int(v) for v in args.num_candidates.split(",")):
             r = run_target(name, m, args)
-            row = (
+            emit(
                 f"| {r['target']} | {r['dim']} | {r['m']} | {r['test_ll']:.4f} | "
                 f"{r['truth']:.4f} | {r['gap']:.4f} +- {r['gap_se']:.4f} | "
                 f"{r['train_gap']:.4f} | {r['gap0']:.3f} | {r['steps']} | "
                 f"{r['seconds']:.1f} | {r['cpu']:.1f} | {r['ms_per_step']:.2f} |"
             )
-            lines.append(row)
-            print(row, flush=True)
     if args.speed_steps > 0:
-        extra = [
+        emit(
             "",
             f"Speed: {args.speed_steps} steps (no early stopping) on 20000 x 10 data "
             "(18000 train, 2000 validation tracked every step).",
             "",
             "| dtype | steps | fit wall s | fit CPU s | CPU ms/step |",
             "|---|---|---|---|---|",
-        ]
-        print("\n".join(extra), flush=True)
-        lines += extra
+        )
         for dt in ("float64", "float32"):
             r = run_speed(dt, args.speed_steps, args.seed)
-            row = (f"| {r['dtype']} | {r['steps']} | {r['seconds']:.1f} | {r['cpu']:.1f} | "
-                   f"{r['ms_per_step']:.2f} |")
-            lines.append(row)
-            print(row, flush=True)
+            emit(f"| {r['dtype']} | {r['steps']} | {r['seconds']:.1f} | {r['cpu']:.1f} | "
+                 f"{r['ms_per_step']:.2f} |")
     if args.apply_steps > 0:
         rows = [int(v) for v in args.apply_rows.split(",")]
-        extra = [
+        emit(
             "",
             f"Passes of the fitted transform ({args.apply_steps} steps, fitted on 20000 x 10 "
             "data): CPU seconds of `log_prob` (the Gaussianizing direction) and `sample` (its "
@@ -196,15 +195,11 @@ def main(argv=None) -> None:
             "",
             "| dtype | steps | rows | log_prob CPU s | sample CPU s |",
             "|---|---|---|---|---|",
-        ]
-        print("\n".join(extra), flush=True)
-        lines += extra
+        )
         for dt in ("float64", "float32"):
             for r in run_apply(dt, args.apply_steps, rows, args.seed):
-                row = (f"| {r['dtype']} | {r['steps']} | {r['rows']} | {r['log_prob']:.2f} | "
-                       f"{r['sample']:.2f} |")
-                lines.append(row)
-                print(row, flush=True)
+                emit(f"| {r['dtype']} | {r['steps']} | {r['rows']} | {r['log_prob']:.2f} | "
+                     f"{r['sample']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
