@@ -32,6 +32,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fresh_param_store():
+    """An empty Pyro param store for the test (emptied again after it), and Pyro's seeds
+    (torch, random, numpy) at 0: tests that set up guides use it, so no parameter carries over
+    from another test."""
+    import pyro
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
 @pytest.fixture(scope="session")
 def device(request) -> torch.device:
     dev = torch.device(request.config.getoption("--device"))

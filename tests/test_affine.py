@@ -14,12 +14,7 @@ import pyroflows as pf
 from pyroflows.guides import AutoIAF, FlowELBO
 from pyroflows.transforms import ElementwiseAffine, TriangularAffine
 
-
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_param_store")
 
 
 def _values(dim, device, dtype):

@@ -33,6 +33,8 @@ from pyroflows.nn import MADE
 from pyroflows.nn.made import stacked_mades
 from pyroflows.transforms.autoregressive import affine_chain
 
+pytestmark = pytest.mark.usefixtures("fresh_param_store")
+
 
 # ---- the fused affine chain ---------------------------------------------------------------------
 class _SubMADE(MADE):
@@ -282,13 +284,6 @@ def test_stack_with_gated_layers_fused_equals_plain(family, device, dtype):
 
 
 # ---- the flow guide's draw ----------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
-
 def _model_for(device, dtype):
     zero = torch.zeros((), device=device, dtype=dtype)
     data = torch.tensor([0.3, -1.2, 2.0, 0.7], device=device, dtype=dtype)

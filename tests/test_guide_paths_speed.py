@@ -14,15 +14,7 @@ import torch
 
 from pyroflows.guides import LAPLACE_ELBO_DRAWS, AutoPlanar
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_param_store")
 
 
 def _hierarchical(device, dtype, calls: list, broadcasts: bool = True):

@@ -27,15 +27,7 @@ from pyroflows.guides import AutoFlowGuide, AutoIAF, AutoPlanar, AutoRadial, Flo
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.targets import OrderedNormal, load_target  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny SVI steps (see conftest)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_param_store")  # tiny SVI steps
 
 
 def _train(model, guide, steps=300, lr=5e-2, flow_lr=1e-2, particles=32, final_lr=5e-3,
