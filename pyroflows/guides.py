@@ -1355,8 +1355,14 @@ def _path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Ten
     pick_ld = torch.zeros(d + 1, n, dtype=e.dtype, device=e.device)
     pick_ld[d] = -1.0
     pulled = None
-    if n * (d + 1) >= STL_BATCHED_BACKWARD_MIN_ROWS:
+    # a stack whose backward refused to run batched once refuses every time (its layers'
+    # in-place operations): it goes straight to the copies instead of paying a forward pass
+    # and a failed backward per step (planar, D = 10, 64 particles: 7.3 against 5.0 ms)
+    if (n * (d + 1) >= STL_BATCHED_BACKWARD_MIN_ROWS
+            and not stack.__dict__.get("_stl_batched_backward_refused", False)):
         pulled = _batched_pullbacks(stack, frozen, e, pick_y, pick_ld)
+        if pulled is None:
+            stack.__dict__["_stl_batched_backward_refused"] = True
     if pulled is None:  # one pass over D + 1 copies of the draws
         copies = e.expand(d + 1, n, d).reshape((d + 1) * n, d).clone().requires_grad_(True)
         with torch.enable_grad():
