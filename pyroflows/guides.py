@@ -752,8 +752,15 @@ class AutoFlowGuide(AutoContinuous):
         if any(frame.full_size is not None and frame.full_size != frame.size
                for frame in frames):
             return None
-        plate_dim = min((frame.dim for frame in frames if frame.dim is not None),
-                        default=0) - 1
+        # the draws' plate goes left of every batch dim of the plain run: the plates' and a
+        # site's own unplated ones (an observation ``obs=y`` outside any plate, whose dims
+        # Pyro sums; a plate right of them would meet them and send the model to the loop)
+        unplated = max((max(len(site["fn"].batch_shape),
+                             site["value"].dim() - site["fn"].event_dim)
+                        for site in trace.nodes.values()
+                        if site["type"] == "sample" and not site_is_subsample(site)), default=0)
+        plate_dim = min(min((frame.dim for frame in frames if frame.dim is not None),
+                            default=0), -unplated) - 1
         try:
             values = self._batched_log_density(draws, plate_dim, args, kwargs)
             last = self._log_density(draws[-1], args, kwargs)

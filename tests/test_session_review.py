@@ -143,7 +143,8 @@ def _models(device, dtype):
 _MODEL_NAMES = list(_models("cpu", torch.float64))
 # the vectorized run must be used for these (the speed claim); the others may fall back
 _BATCHED = {"nested_auto_dims", "explicit_far_dim", "deterministic", "masked_and_scaled",
-            "discrete_obs", "constrained", "factor_per_draw"}
+            "discrete_obs", "constrained", "factor_per_draw", "obs_batch_outside_plates",
+            "plated_and_unplated_obs", "obs_with_draws_size"}
 
 
 @pytest.mark.parametrize("name", _MODEL_NAMES)
