@@ -699,8 +699,11 @@ class AutoFlowGuide(AutoContinuous):
                           dtype=loc.dtype)
         plain = torch.diag(torch.full_like(loc, self._init_scale))
         with torch.no_grad(), pyro.validation_enabled(False):
-            elbo_plain = self._gaussian_elbo(loc, plain, eps, args, kwargs)
-            elbo_laplace = self._gaussian_elbo(mode, scale_tril, eps, args, kwargs)
+            # one memo for both: a model the vectorized run cannot take (it does not broadcast,
+            # mixes the draws or subsamples) is not tried a second time
+            memo: dict[str, bool] = {}
+            elbo_plain = self._gaussian_elbo(loc, plain, eps, args, kwargs, memo)
+            elbo_laplace = self._gaussian_elbo(mode, scale_tril, eps, args, kwargs, memo)
         info.update(elbo_plain=elbo_plain, elbo_laplace=elbo_laplace)
         if not elbo_laplace > elbo_plain:
             info["reason"] = (f"its ELBO estimate ({elbo_laplace:.4g}) is below the plain "
@@ -710,14 +713,20 @@ class AutoFlowGuide(AutoContinuous):
         return mode, scale_tril
 
     def _gaussian_elbo(self, loc: Tensor, scale_tril: Tensor, eps: Tensor, args: tuple,
-                       kwargs: dict) -> float:
+                       kwargs: dict, memo: dict[str, bool] | None = None) -> float:
         r"""The ELBO of :math:`N(\mu, L L^T)` over the unconstrained vector from the draws
-        :math:`\mu + L \varepsilon`; :math:`-\infty` where the model rejects a draw."""
+        :math:`\mu + L \varepsilon`; :math:`-\infty` where the model rejects a draw. ``memo``
+        (shared by calls on the same model and arguments) keeps that the vectorized run of
+        :meth:`_batched_gaussian_elbo` left the answer to the loop, so later calls go to the
+        loop directly (the attempt costs two plain runs and a batched one)."""
         entropy = (0.5 * eps.shape[-1] * math.log(2 * math.pi * math.e)
                    + float(scale_tril.diagonal().log().sum()))
-        batched = self._batched_gaussian_elbo(loc, scale_tril, eps, args, kwargs)
-        if batched is not None:
-            return batched + entropy
+        memo = {} if memo is None else memo
+        if memo.get("vectorized", True):
+            batched = self._batched_gaussian_elbo(loc, scale_tril, eps, args, kwargs)
+            if batched is not None:
+                return batched + entropy
+            memo["vectorized"] = False
         total = 0.0
         for e in eps:
             try:

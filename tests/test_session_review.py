@@ -442,3 +442,34 @@ def test_tril_affine_solve_against_explicit_inverse(case, device, dtype):
         g = torch.zeros_like(w) if g is None else g
         torch.testing.assert_close(torch.tril(g) if g.shape == factor.shape else g,
                                    torch.tril(w) if w.shape == factor.shape else w, **tol)
+
+
+def test_laplace_elbo_memo_sends_a_refused_model_to_the_loop(device, dtype):
+    """A model the vectorized run cannot take (``torch.dot`` refuses a batch of draws) is tried
+    once: the second ELBO of the same set-up (the Laplace Gaussian's, after the plain start's)
+    shares the memo and runs the model once per draw, no more; both equal the per-draw
+    average."""
+    x = torch.tensor([0.5, -1.0, 2.0], device=device, dtype=dtype)
+    zero = torch.zeros(3, device=device, dtype=dtype)
+    calls: list = []
+
+    def model():
+        calls.append(1)
+        w = pyro.sample("w", dist.Normal(zero, 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(torch.dot(w, x), 1.0), obs=x.new_tensor(0.7))
+
+    guide = AutoPlanar(model, num_layers=1, laplace_init=False)
+    guide()
+    gen = torch.Generator().manual_seed(0)
+    eps = torch.randn(LAPLACE_ELBO_DRAWS, 3, generator=gen, dtype=torch.float64).to(device, dtype)
+    loc, scale_tril = 0.1 * eps[0], 0.5 * torch.eye(3, device=device, dtype=dtype)
+    memo: dict = {}
+    with torch.no_grad(), pyro.validation_enabled(False):
+        first = guide._gaussian_elbo(loc, scale_tril, eps, (), {}, memo)
+        calls.clear()
+        second = guide._gaussian_elbo(loc, 2 * scale_tril, eps, (), {}, memo)
+        assert len(calls) == LAPLACE_ELBO_DRAWS
+        for scale, got in ((scale_tril, first), (2 * scale_tril, second)):
+            draws = [float(guide._log_density(loc + scale @ e, (), {})) for e in eps]
+            entropy = 1.5 * math.log(2 * math.pi * math.e) + float(scale.diagonal().log().sum())
+            assert got == pytest.approx(sum(draws) / len(draws) + entropy, rel=1e-9, abs=1e-9)
