@@ -765,7 +765,7 @@ class AutoFlowGuide(AutoContinuous):
         # site's own unplated ones (an observation ``obs=y`` outside any plate, whose dims
         # Pyro sums; a plate right of them would meet them and send the model to the loop)
         unplated = max((max(len(site["fn"].batch_shape),
-                             site["value"].dim() - site["fn"].event_dim)
+                             site["value"].dim() - len(site["fn"].event_shape))
                         for site in trace.nodes.values()
                         if site["type"] == "sample" and not site_is_subsample(site)), default=0)
         plate_dim = min(min((frame.dim for frame in frames if frame.dim is not None),

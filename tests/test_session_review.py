@@ -132,6 +132,13 @@ def _models(device, dtype):
         pyro.sample("y", dist.Normal(w.sum(-1), 1.0), obs=t(0.3))
     models["unplated_latent_batch"] = (unplated_latent_batch, ())
 
+    def raw_torch_obs():  # torch.distributions (no event_dim) for observations
+        mu = pyro.sample("mu", dist.Normal(zero, 2.0))
+        pyro.sample("y", torch.distributions.Normal(mu, 1.0), obs=y4)
+        with pyro.plate("data", 3):
+            pyro.sample("y2", torch.distributions.Normal(mu, 1.5), obs=y6[:, 0])
+    models["raw_torch_obs"] = (raw_torch_obs, ())
+
     def python_branch(limit=1.0):  # branches in Python on a latent's value
         x = pyro.sample("x", dist.Normal(zero, 1.0))
         scale = 1.0 if float(x) < limit else 2.0
@@ -144,7 +151,7 @@ _MODEL_NAMES = list(_models("cpu", torch.float64))
 # the vectorized run must be used for these (the speed claim); the others may fall back
 _BATCHED = {"nested_auto_dims", "explicit_far_dim", "deterministic", "masked_and_scaled",
             "discrete_obs", "constrained", "factor_per_draw", "obs_batch_outside_plates",
-            "plated_and_unplated_obs", "obs_with_draws_size"}
+            "plated_and_unplated_obs", "obs_with_draws_size", "raw_torch_obs"}
 
 
 @pytest.mark.parametrize("name", _MODEL_NAMES)
