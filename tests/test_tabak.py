@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from tabak_reference import plain_passes
 from torch.distributions import Independent, Normal, TransformedDistribution
 
 import pyroflows as pf
@@ -373,32 +374,6 @@ def _random_state(dim, k, steps, gamma_max, seed=0):
     }
 
 
-def _plain_passes(state, x, inverse):
-    """The fitted map written out with the public 1-D maps, step by step (float64): the
-    Gaussianizing G and log|det dG/dx| (``inverse=False``, ``x`` in data space), or G^{-1} and
-    log|det dG^{-1}/dz| (``inverse=True``, ``x`` in the Gaussian space)."""
-    frames = state["frames"]
-    params = [state[name] for name in ("sigmas", "shifts", "gammas", "centers", "widths")]
-    tril = state["scale_tril"]
-    whiten_ld = -torch.log(torch.diagonal(tril)).sum()
-    log_det = torch.zeros(x.shape[:-1], dtype=torch.float64)
-    if not inverse:
-        z = (x - state["loc"]) @ torch.linalg.inv(tril).mT
-        for t in range(frames.shape[0]):
-            c = z @ frames[t]
-            c_new, log_slope = map_1d(c, *(p[t] for p in params))
-            z = z + (c_new - c) @ frames[t].mT
-            log_det = log_det + log_slope.sum(-1)
-        return z, log_det + whiten_ld
-    z = x
-    for t in reversed(range(frames.shape[0])):
-        c = z @ frames[t]
-        c_new, log_slope = map_1d_inverse(c, *(p[t] for p in params))
-        z = z + (c_new - c) @ frames[t].mT
-        log_det = log_det - log_slope.sum(-1)
-    return state["loc"] + z @ tril.mT, log_det - whiten_ld
-
-
 @pytest.mark.parametrize("chunk_numel", [None, 6])
 def test_fitted_passes_match_the_plain_step_by_step_map(chunk_numel, device, dtype, monkeypatch):
     """Gaussianizing, its inverse, the log-dets and log_prob's gradient against the map written
@@ -419,18 +394,18 @@ def test_fitted_passes_match_the_plain_step_by_step_map(chunk_numel, device, dty
     x = x64.to(device=device, dtype=dtype)
     tol = testing.tolerances(dtype)
     z, neg_log_det = t.inverse_and_log_det(x)
-    z_ref, log_det_ref = _plain_passes(state, x64, inverse=False)
+    z_ref, log_det_ref = plain_passes(state, x64, inverse=False)
     torch.testing.assert_close(z.cpu().double(), z_ref, **tol)
     torch.testing.assert_close(-neg_log_det.cpu().double(), log_det_ref, **tol)
     y, log_det = t.forward_and_log_det(x)
-    y_ref, log_det_ref = _plain_passes(state, x64, inverse=True)
+    y_ref, log_det_ref = plain_passes(state, x64, inverse=True)
     torch.testing.assert_close(y.cpu().double(), y_ref, **tol)
     torch.testing.assert_close(log_det.cpu().double(), log_det_ref, **tol)
     # Draws skip the log-det: the same points, bit for bit.
     assert torch.equal(t.forward_value(x), y)
     # The gradient of log_prob flows through the fast passes as through the plain ones.
     xg = x64.clone().requires_grad_(True)
-    z_ref, log_det_ref = _plain_passes(state, xg, inverse=False)
+    z_ref, log_det_ref = plain_passes(state, xg, inverse=False)
     (grad_ref,) = torch.autograd.grad((log_det_ref - 0.5 * z_ref.square().sum(-1)).sum(), xg)
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(t.log_prob(xg).sum(), xg)
@@ -457,7 +432,7 @@ def test_fitted_passes_have_finite_gradients_at_a_kink_of_an_identity_coordinate
     (grad,) = torch.autograd.grad((y.sum(-1) + log_det).sum(), zg)
     assert torch.isfinite(grad).all()
     zr = z64.clone().requires_grad_(True)
-    y_ref, log_det_ref = _plain_passes(state, zr, inverse=True)
+    y_ref, log_det_ref = plain_passes(state, zr, inverse=True)
     (grad_ref,) = torch.autograd.grad((y_ref.sum(-1) + log_det_ref).sum(), zr)
     torch.testing.assert_close(y.detach().cpu().double(), y_ref.detach(), **tol)
     torch.testing.assert_close(grad.cpu().double(), grad_ref, **tol)
