@@ -1120,15 +1120,14 @@ class _ParameterAverage:
         self.average = [p.detach().clone() for p in params]
 
     @torch.no_grad()
-    def update(self, skipped: Tensor | None = None) -> None:
+    def update(self, skipped: Tensor) -> None:
         """One step of the average; none where ``skipped`` (a 0-dim bool tensor) is true,
-        decided on the parameters' device."""
-        if skipped is None:
-            for a, p in zip(self.average, self.params, strict=True):
-                a.lerp_(p, self.rate)
+        decided on the parameters' device (the step's weight is ``rate`` or 0)."""
+        if not self.average:
             return
+        weight = (~skipped).to(self.average[0].dtype) * self.rate
         for a, p in zip(self.average, self.params, strict=True):
-            a.lerp_(p, (~skipped).to(a.dtype) * self.rate)
+            a.lerp_(p, weight.to(a.dtype))
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
