@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -1374,11 +1375,10 @@ def _path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Ten
     # a stack whose backward refused to run batched once refuses every time (its layers'
     # in-place operations): it goes straight to the copies instead of paying a forward pass
     # and a failed backward per step (planar, D = 10, 64 particles: 7.3 against 5.0 ms)
-    if (n * (d + 1) >= STL_BATCHED_BACKWARD_MIN_ROWS
-            and not stack.__dict__.get("_stl_batched_backward_refused", False)):
+    if n * (d + 1) >= STL_BATCHED_BACKWARD_MIN_ROWS and stack not in _NO_BATCHED_BACKWARD:
         pulled = _batched_pullbacks(stack, frozen, e, pick_y, pick_ld)
         if pulled is None:
-            stack.__dict__["_stl_batched_backward_refused"] = True
+            _NO_BATCHED_BACKWARD.add(stack)
     if pulled is None:  # one pass over D + 1 copies of the draws
         copies = e.expand(d + 1, n, d).reshape((d + 1) * n, d).clone().requires_grad_(True)
         with torch.enable_grad():
@@ -1393,6 +1393,11 @@ def _path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Ten
     grad_z = torch.linalg.solve(jac.transpose(-1, -2), h.unsqueeze(-1)).squeeze(-1)
     grad_z = grad_z.reshape(z.shape)
     return log_q.detach() + ((z - z.detach()) * grad_z).sum(-1)
+
+
+#: Stacks whose backward refused to run batched (see :func:`_path_log_density`), held weakly
+#: and outside the stack: a copy, a pickle or a newly built stack is tried afresh.
+_NO_BATCHED_BACKWARD: weakref.WeakSet = weakref.WeakSet()
 
 
 def _batched_pullbacks(stack: flows.FlowStack, frozen: dict[str, Tensor], e: Tensor,
