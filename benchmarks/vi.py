@@ -14,11 +14,11 @@ particles for ``--steps`` (1000) steps. Adam is elementwise, so this is the upda
 - Pyro's guides run as the issue measured them: Adam 1e-2 for the Gaussian guides, 5e-3 for the
   flows, constant; AutoIAFNormal and AutoNormalizingFlow(planar x 16) at their defaults.
 - Our guides run at their documented defaults (:mod:`pyroflows.guides`): the Laplace start
-  where it beats the plain one (``laplace_init``), ``DEFAULT_INIT_SCALE``, Adam at
-  ``DEFAULT_LR`` (affine layer 5e-2, flow layers 1e-2 for planar and radial, 3e-3 for IAF) via
+  where it beats the plain one (``laplace_init``), the family's ``init_scale``, Adam at
+  the family's ``lr`` (affine layer 5e-2, flow layers 1e-2 for planar and radial, 3e-3 for IAF) via
   ``guide.param_groups()``, all decayed exponentially by a factor 50 over the run, and
   :class:`pyroflows.guides.FlowELBO` with its default sticking-the-landing choice (IAF guides
-  only, ``DEFAULT_STICK_THE_LANDING``). On the multimodal target (Rezende U1,
+  only, the family's ``stick_the_landing``). On the multimodal target (Rezende U1,
   :data:`MULTIMODAL`) they anneal the energy, beta 0.05 -> 1 over the first half of the steps;
   nowhere else.
 
@@ -76,7 +76,7 @@ class Recipe:
 
 PYRO_GAUSSIAN = Recipe(lr=1e-2)
 PYRO_FLOW = Recipe(lr=5e-3)
-#: Our guides: their documented defaults (step sizes from ``DEFAULT_LR``), decayed 50-fold.
+#: Our guides: their documented defaults (the family's step sizes ``lr``), decayed 50-fold.
 OUR_RECIPE = Recipe(decay=50.0)
 #: Targets on which our guides anneal the energy (over this fraction of the steps).
 MULTIMODAL = {"rezende_u1": 0.5}
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     # Pyro's flow guides build their layers lazily in the default dtype: float64 models need it.
     torch.set_default_dtype(torch.float64)
-    lrs = ", ".join(f"{k} {v[1]:g}" for k, v in pf.guides.DEFAULT_LR.items()
-                    if k in ("planar", "radial", "iaf"))
+    families = pf.flows.FAMILIES
+    lrs = ", ".join(f"{k} {families[k].lr[1]:g}" for k in ("planar", "radial", "iaf"))
     header = (
         f"# VI benchmark: flow guides vs Pyro autoguides\n\n"
         f"{args.steps} steps per guide, {args.particles} vectorized particles, float64, seed "
@@ -204,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Pyro guides: Adam 1e-2 (Gaussian) or 5e-3 (flows), constant. pyroflows guides at "
         f"their defaults (full-rank last layer unless stated; start = Laplace where its ELBO "
         f"beat the plain start, else plain with init_scale "
-        f"{pf.guides.DEFAULT_INIT_SCALE['planar']:g} planar/radial, "
-        f"{pf.guides.DEFAULT_INIT_SCALE['iaf']:g} IAF): Adam "
-        f"{pf.guides.DEFAULT_LR['iaf'][0]:g} for the affine layer, flow layers {lrs}, all "
+        f"{families['planar'].init_scale:g} planar/radial, "
+        f"{families['iaf'].init_scale:g} IAF): Adam "
+        f"{families['iaf'].lr[0]:g} for the affine layer, flow layers {lrs}, all "
         f"decayed {OUR_RECIPE.decay:g}x over the run; sticking the landing for IAF; on "
         f"rezende_u1 only, FlowELBO annealing beta 0.05 -> 1 over the first half.\n\n"
         "| target | guide | start | KL | k-hat | mean err | log sd | seconds |\n"

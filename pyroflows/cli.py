@@ -65,7 +65,7 @@ def _fit_guides(args, device, out):
                                anneal_steps=steps // 2)
 
     # Step sizes: Pyro's usual 1e-2 for AutoNormal; the flow guides' documented per-family
-    # defaults (pyroflows.guides.DEFAULT_LR, through optim_args), constant like AutoNormal's,
+    # defaults (the family's lr, through optim_args), constant like AutoNormal's,
     # except the IAF guide's affine layer at 5e-3 instead of 5e-2: held constant to the last
     # step, the large affine step costs the IAF KL (this loop, seeds 0-4: mean 0.21 at 5e-2,
     # 0.08 at 5e-3; benchmarks/results/vi.md). A 50-fold decay, as benchmarks/vi.py uses, did

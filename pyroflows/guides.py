@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.distributions import ComposeTransform, Transform, biject_to
 from torch.distributions.transforms import IndependentTransform
 
-from . import flows
+from . import _legacy, flows
 from .transforms import ElementwiseAffine, FlowTransform, TriangularAffine
 from .transforms.affine import FixedTriangularAffine, _PackedAffine
 
@@ -45,10 +45,6 @@ __all__ = [
     "FlowELBO",
     "optim_args",
     "default_lr",
-    "DEFAULT_LR",
-    "DEFAULT_INIT_SCALE",
-    "DEFAULT_STICK_THE_LANDING",
-    "DEFAULT_NUM_LAYERS",
     "FULL_RANK_MAX_DIM",
     "LAPLACE_MAX_ITER",
     "LAPLACE_ELBO_DRAWS",
@@ -67,37 +63,6 @@ LAPLACE_MAX_ITER = 500
 #: Draws behind the ELBO comparison that decides whether the Laplace start is kept (one
 #: vectorized run of the model for all of them where it broadcasts over leading dims).
 LAPLACE_ELBO_DRAWS = 64
-
-#: Layers per family when ``num_layers`` is not given: planar and radial layers are rank-one
-#: and radial bumps, so they need many; one autoregressive or coupling layer already
-#: transforms every coordinate.
-DEFAULT_NUM_LAYERS = {"planar": 16, "radial": 16, "iaf": 4, "maf": 4, "realnvp": 4}
-
-
-#: The initial scale of the affine layer per family, when ``init_scale`` is not given (custom
-#: flows: 0.1). The network families start wide: from a narrow start their guides collapsed
-#: into one part of the posterior in ``benchmarks/vi.py`` (1000 steps, AutoIAF KL 0.1 -> 1.0:
-#: banana 3.68 -> 0.12, funnel10 1.24 -> 0.13, eight schools centered 0.76 -> 0.20), while
-#: planar guides did better from 0.1 (Rezende U1 0.08 vs 0.21, eight schools noncentered 0.18
-#: vs 0.24).
-DEFAULT_INIT_SCALE: dict[str, float] = {
-    "planar": 0.1,
-    "radial": 0.1,
-    "iaf": 1.0,
-    "maf": 1.0,
-    "realnvp": 1.0,
-}
-
-#: Whether :class:`FlowELBO` (with its default ``stick_the_landing=None``) uses the
-#: sticking-the-landing gradient for a guide of this family. Measured in ``benchmarks/vi.py``
-#: (1000 steps): it helps IAF guides (KL eight schools noncentered 0.073 -> 0.020, centered
-#: 0.195 -> 0.103, funnel10 0.134 -> 0.100, banana 0.124 -> 0.083, German credit 0.043 -> 0.017)
-#: at the price of grad_z log q each step (the D-pass inverse: 5x the step time at D = 25; on
-#: FlowELBO's direct path up to :data:`STL_JACOBIAN_MAX_DIM` the draw's Jacobian instead:
-#: German credit, default AutoIAF, 32 particles, 46 -> 13 ms a step), and did not help
-#: planar or radial guides (noncentered 0.18 -> 0.24, 0.21 -> 0.29). MAF and RealNVP guides
-#: were not measured: off.
-DEFAULT_STICK_THE_LANDING: dict[str, bool] = {"iaf": True}
 
 #: Up to this latent size, sticking-the-landing gradients of a flow guide's direct draw (see
 #: :class:`FlowELBO`) take :math:`\nabla_z \log q` from the Jacobian of the draw (one batched
@@ -121,17 +86,12 @@ STL_JACOBIAN_MAX_ROWS = 32768
 #: MADEs with block plans) fall back to the copies.
 STL_BATCHED_BACKWARD_MIN_ROWS = 400
 
-#: Adam step sizes ``(lr, flow_lr)`` per family, read by :func:`default_lr`, :func:`optim_args`
-#: and :meth:`AutoFlowGuide.param_groups`: the affine layer at ``lr``; planar and radial layers
-#: (a few parameters each) at ``flow_lr`` 1e-2, the networks of IAF, MAF and RealNVP at 3e-3
-#: (1e-2 made the IAF guides diverge or collapse more often in ``benchmarks/vi.py``).
-DEFAULT_LR: dict[str, tuple[float, float]] = {
-    "planar": (5e-2, 1e-2),
-    "radial": (5e-2, 1e-2),
-    "iaf": (5e-2, 3e-3),
-    "maf": (5e-2, 3e-3),
-    "realnvp": (5e-2, 3e-3),
-}
+def _family(flow) -> flows.Family:
+    """The family record of a guide's flow: its name's, or the defaults for a custom flow."""
+    return flows.FAMILIES.get(flow, _CUSTOM) if isinstance(flow, str) else _CUSTOM
+
+
+_CUSTOM = flows.Family()
 
 
 class FlowPosterior(dist.TransformedDistribution):
@@ -261,7 +221,7 @@ class AutoFlowGuide(AutoContinuous):
       hundred model evaluations and a Hessian (D backward passes) when the guide is built.
     - else at :math:`N(\text{init\_loc}, \mathrm{init\_scale}^2 I)`: :math:`\mu` from
       ``init_loc_fn``, :math:`L = \mathrm{init\_scale}\, I`, ``init_scale`` by family from
-      :data:`DEFAULT_INIT_SCALE` (IAF guides start wide, at 1).
+      the family's ``init_scale`` (:class:`~pyroflows.flows.Family`; IAF guides start wide, at 1).
 
     Sampling is one forward pass through the layers; the guide scores its own samples from the
     layers' cache, so an IAF guide never runs its D-pass inverse during SVI.
@@ -279,10 +239,11 @@ class AutoFlowGuide(AutoContinuous):
     Training: any SVI loop works. The documented recipe, which ``benchmarks/vi.py`` measures
     (and the step sizes a user who just swaps ``AutoNormal`` for a flow guide should start
     from): Adam with the affine layer at a large step and the flow layers at a smaller one,
-    :data:`DEFAULT_LR` by family, through ``pyro.optim.Adam(pf.guides.optim_args(guide))`` or
+    the family's ``lr`` (:class:`~pyroflows.flows.Family`), through
+    ``pyro.optim.Adam(pf.guides.optim_args(guide))`` or
     ``torch.optim.Adam(guide.param_groups())``, decayed 50-fold over the run; several
     vectorized particles; and :class:`FlowELBO`, which uses sticking-the-landing gradients for
-    IAF guides (``stick_the_landing``, default :data:`DEFAULT_STICK_THE_LANDING`) and, on
+    IAF guides (``stick_the_landing``, default: the family's ``stick_the_landing``) and, on
     multimodal posteriors, anneals (``anneal_steps``).
 
     Parameters and the param store: the guide's modules hold its parameters. On every call the
@@ -305,12 +266,12 @@ class AutoFlowGuide(AutoContinuous):
         flow: ``"planar"``, ``"radial"``, ``"iaf"``, ``"maf"``, ``"realnvp"`` (any family of
             :data:`pyroflows.flows.FAMILIES`), or a callable ``dim -> Transform`` building a
             custom stack (a :class:`~torch.nn.Module` if it has parameters).
-        num_layers: flow layers, default :data:`DEFAULT_NUM_LAYERS` of the family.
+        num_layers: flow layers, default the family's ``num_layers``.
         hidden_dims: conditioner hidden sizes for the network families.
         init_loc_fn: per-site initialization (see :mod:`pyro.infer.autoguide.initialization`);
             default the prior median.
         init_scale: initial scale (diagonal of :math:`L`) in the unconstrained space, for the
-            plain start; default :data:`DEFAULT_INIT_SCALE` of the family (custom flows: 0.1).
+            plain start; default the family's ``init_scale`` (custom flows: 0.1).
         full_rank: a lower-triangular :math:`L` (True) or a diagonal one (False); default
             full rank when the latent size is at most :data:`FULL_RANK_MAX_DIM`. A trade-off,
             measured for :class:`AutoIAF` (see there): diagonal fits funnels better, full rank
@@ -318,7 +279,7 @@ class AutoFlowGuide(AutoContinuous):
         num_quantile_samples: draws behind :meth:`median` and :meth:`quantiles`.
         laplace_init: try the Laplace start first (see above); ``False``: the plain start.
         stick_the_landing: whether :class:`FlowELBO` (by default) uses the path-derivative
-            gradient for this guide; default :data:`DEFAULT_STICK_THE_LANDING` of the family.
+            gradient for this guide; default the family's ``stick_the_landing``.
         flow_kwargs: passed to :func:`pyroflows.flows.build`.
 
     Example:
@@ -353,18 +314,19 @@ class AutoFlowGuide(AutoContinuous):
         **flow_kwargs: Any,
     ) -> None:
         if isinstance(flow, str):
-            if flow not in flows.FAMILIES and flow not in DEFAULT_NUM_LAYERS:
+            if flow not in flows.FAMILIES:
                 raise ValueError(
                     f"unknown flow {flow!r}: choose one of {sorted(flows.FAMILIES)} or pass a "
                     "callable dim -> Transform"
                 )
             if num_layers is None:
-                num_layers = DEFAULT_NUM_LAYERS.get(flow, 4)
+                num_layers = flows.FAMILIES[flow].num_layers
         elif not callable(flow):
             raise TypeError(f"flow must be a family name or a callable dim -> Transform, got "
                             f"{type(flow).__name__}")
+        family = _family(flow)
         if init_scale is None:
-            init_scale = DEFAULT_INIT_SCALE.get(flow if isinstance(flow, str) else "", 0.1)
+            init_scale = family.init_scale
         if not (isinstance(init_scale, (int, float)) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive float, got {init_scale!r}")
         if num_layers is not None and int(num_layers) < 0:
@@ -383,8 +345,7 @@ class AutoFlowGuide(AutoContinuous):
         self._flow_kwargs = dict(flow_kwargs)
         self.laplace_init = bool(laplace_init)
         if stick_the_landing is None:
-            stick_the_landing = DEFAULT_STICK_THE_LANDING.get(
-                flow if isinstance(flow, str) else "", False)
+            stick_the_landing = family.stick_the_landing
         self.stick_the_landing = bool(stick_the_landing)
         #: what the Laplace start found (``None`` before set-up or without ``laplace_init``):
         #: ``used``, ``reason`` and the two ELBO estimates.
@@ -532,9 +493,9 @@ class AutoFlowGuide(AutoContinuous):
                 continue
             prefix = self._pyro_get_fullname(attr)
             if at_setup and isinstance(module, flows.FlowStack):
-                _stack_per_layer_entries(store, prefix, module)
+                _legacy.stack_per_layer_entries(store, prefix, module)
             if at_setup and isinstance(module, _PackedAffine):
-                _pack_separate_entries_in_store(store, prefix, module)
+                _legacy.pack_separate_entries_in_store(store, prefix, module)
             for pname, p in module.named_parameters():
                 if not p.requires_grad:
                     if register and module.training:  # what pyro.module says of it
@@ -842,7 +803,7 @@ class AutoFlowGuide(AutoContinuous):
                 # stack with its log-det
                 eps = base.rsample(shape)
                 # a fresh draw of N(0, I): no input checks, no cache lookup
-                latent, log_det = stack._run(eps, inverse=False, validate=False)
+                latent, log_det = stack.run(eps, inverse=False, validate=False)
                 log_q = eps.square().sum(-1).mul(-0.5).sub(
                     0.5 * eps.shape[-1] * math.log(2 * math.pi)) - log_det
             else:
@@ -946,42 +907,6 @@ class AutoFlowGuide(AutoContinuous):
 _FixedAffine = FixedTriangularAffine
 
 
-def _stack_per_layer_entries(store, prefix: str, stack: flows.FlowStack) -> None:
-    """Param store entries under the per-layer names of earlier stacks (planar/radial
-    ``flow$$$3.u``, IAF ``flow$$$1.conditioner.flat_parameters``) become one entry under the
-    stacked name (``flow$$$0.stacked.u``, ``flow$$$0.conditioner.stacked.flat_parameters``),
-    so a param store saved before the parameters were stacked still initializes a new guide."""
-    local: dict[str, Tensor] = {}
-    for name in flows.per_layer_parameter_names(stack):
-        full = param_with_module_name(prefix, name)
-        if full in store:
-            local[name] = store[full].detach()
-    if not local:
-        return
-    converted = dict(local)
-    flows._per_layer_keys_to_stacked(stack, converted, "")
-    stacked_names = {name for name, _ in stack.named_parameters()}  # each tensor's first name
-    for key, value in converted.items():
-        if key in stacked_names:
-            store[param_with_module_name(prefix, key)] = value
-    for key in local:
-        if key not in converted:  # taken into a stacked entry
-            del store[param_with_module_name(prefix, key)]
-
-
-def _pack_separate_entries_in_store(store, prefix: str, affine: _PackedAffine) -> None:
-    """Param store entries of an affine layer saved before its parameters were packed
-    (``affine.loc``, ``affine.log_scale``, ``affine.lower``) become its ``affine.packed``
-    entry, so such a param store still initializes a new guide."""
-    old = {name: param_with_module_name(prefix, name) for name in affine._ROWS}
-    new = param_with_module_name(prefix, "packed")
-    if new in store or not all(key in store for key in old.values()):
-        return
-    store[new] = affine.pack(**{name: store[key].detach() for name, key in old.items()})
-    for key in old.values():
-        del store[key]
-
-
 def _match_laplace_layer(guide: AutoFlowGuide, state_dict: dict, prefix: str, *args) -> None:
     """Load-state-dict pre-hook: give the guide the fixed Laplace layer exactly when the
     ``state_dict`` has one, so a guide whose Laplace start was kept loads into a fresh guide
@@ -1071,15 +996,15 @@ class AutoIAF(AutoFlowGuide):
 def default_lr(flow: str | AutoFlowGuide | None = None) -> tuple[float, float]:
     """The documented Adam step sizes ``(lr, flow_lr)`` of a flow guide: ``lr`` for the affine
     layer (and any parameter that is not a flow layer's), ``flow_lr`` for the flow layers, from
-    :data:`DEFAULT_LR` by family (a name, or a guide's ``flow_name``); custom flows get the
-    network families' smaller ``flow_lr``.
+    the ``lr`` of the family (a name, or a guide's ``flow_name``; see
+    :class:`~pyroflows.flows.Family`); custom flows get the network families' ``flow_lr``.
 
     Example:
         >>> default_lr("planar"), default_lr("iaf")
         ((0.05, 0.01), (0.05, 0.003))
     """
     name = flow.flow_name if isinstance(flow, AutoFlowGuide) else flow
-    return DEFAULT_LR.get(name if isinstance(name, str) else "iaf", DEFAULT_LR["iaf"])
+    return _family(name).lr
 
 
 def optim_args(flow: str | AutoFlowGuide | None = None, lr: float | None = None,
@@ -1130,7 +1055,7 @@ class FlowELBO(Trace_ELBO):
       D = 256). Only the latent site of a pyroflows guide is affected; other guide sites use
       the usual estimator.
       ``None`` (default): each flow guide's own ``stick_the_landing`` decides (by family,
-      :data:`DEFAULT_STICK_THE_LANDING`: on for IAF guides); ``True``: every flow guide (an
+      the family's ``stick_the_landing``: on for IAF guides); ``True``: every flow guide (an
       error without one); ``False``: none.
     - ``anneal_steps``: over the first ``T`` calls of :meth:`loss_and_grads` (one per
       ``svi.step()``) the guide fits the tempered density of the *unconstrained* latent vector,
@@ -1580,7 +1505,7 @@ def _path_entropy(posterior: FlowPosterior, value: Tensor) -> Tensor | None:
     last = getattr(posterior, "_unbatched", None)  # an unbatched draw went through as (1, D)
     if last is not None and value is last[0] and value._version == last[1]:
         z = last[2]
-    hit = stack._lookup(y=z)
+    hit = stack.lookup(y=z)
     if (hit is None or z.shape[-1] > STL_JACOBIAN_MAX_DIM
             or hit.x.numel() > STL_JACOBIAN_MAX_ROWS or hit.x.requires_grad):
         return None

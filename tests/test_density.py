@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -685,7 +686,8 @@ def test_files_with_per_layer_conditioners_load(flow, precondition, device, dtyp
     x, _, _ = _gaussian_data(200, seed=21)
     xt = _t(x, device, dtype)
     with monkeypatch.context() as m:
-        m.setattr(pf.flows, "STACKED_CONDITIONER_FAMILIES", set())
+        m.setitem(pf.flows.FAMILIES, flow, dataclasses.replace(
+            pf.flows.FAMILIES[flow], stacked_conditioners=False))
         old = DensityEstimator(flow, dtype=dtype, seed=0, precondition=precondition, **SMALL)
         old.fit(xt, max_epochs=0, progress=False)
     randomize_parameters_(old._model.flow, scale=0.5, seed=2)

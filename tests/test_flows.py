@@ -3,6 +3,8 @@ TransformedDistribution, errors, and a 5-layer MAF that beats a Gaussian on two 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.distributions import (
@@ -13,6 +15,7 @@ from torch.distributions import (
 )
 
 import pyroflows as pf
+from pyroflows import _legacy
 from pyroflows.testing import randomize_parameters_, tolerances
 
 
@@ -48,7 +51,8 @@ def test_layer_sequence_and_folded_permutations(name, permutation):
 
 
 def test_families_without_a_fold_get_permute_layers():
-    pf.flows.register_family("maf-unfolded", lambda dim, **kw: pf.transforms.MAF(dim, **kw), True)
+    pf.flows.register_family("maf-unfolded",
+                             pf.flows.Family(pf.transforms.MAF, needs_permutation=True))
     try:
         flow = pf.flows.build("maf-unfolded", 3, num_layers=3, hidden_dims=(8,))
         kinds = [type(p).__name__ for p in flow.parts]
@@ -228,7 +232,9 @@ def test_stack_inverse_and_log_det_is_the_inverse_and_its_log_det(device, dtype)
 def _per_layer(monkeypatch, *args, **kwargs) -> pf.flows.FlowStack:
     """``build`` as before the conditioners were stacked: every MADE its own parameter."""
     with monkeypatch.context() as m:
-        m.setattr(pf.flows, "STACKED_CONDITIONER_FAMILIES", set())
+        name = args[0]
+        m.setitem(pf.flows.FAMILIES, name,
+                  dataclasses.replace(pf.flows.FAMILIES[name], stacked_conditioners=False))
         return pf.flows.build(*args, **kwargs)
 
 
@@ -256,19 +262,18 @@ def test_built_stack_keeps_its_conditioners_in_one_bank(name, monkeypatch):
 
 
 def test_stacks_that_cannot_share_keep_per_layer_parameters():
-    """A lone layer and a family outside ``STACKED_CONDITIONER_FAMILIES`` (here one
+    """A lone layer and a family without ``stacked_conditioners`` (here one
     registered by the user) keep per-layer parameters; layer keywords such as ``gated``
     leave a run of same-size networks stacked."""
     assert len(list(pf.flows.build("maf", 3, num_layers=1, hidden_dims=(8,)).parameters())) == 1
     assert type(pf.flows.build("maf", 3, num_layers=1).parts[0].conditioner) is pf.nn.MADE
-    pf.flows.register_family("maf-plain", lambda dim, **kw: pf.transforms.MAF(dim, **kw), True,
-                             fold=pf.flows.FOLDED_PERMUTATIONS["maf"])
+    pf.flows.register_family("maf-plain", pf.flows.Family(
+        pf.transforms.MAF, needs_permutation=True, fold=pf.flows.fold_order))
     try:
         flow = pf.flows.build("maf-plain", 3, num_layers=3, hidden_dims=(8,))
         assert len(list(flow.parameters())) == 3
     finally:
         pf.flows.FAMILIES.pop("maf-plain")
-        pf.flows.FOLDED_PERMUTATIONS.pop("maf-plain")
     gated = pf.flows.build("iaf", 3, num_layers=3, hidden_dims=(8,), gated=True)
     assert len(list(gated.parameters())) == 1  # still one run of same-size networks
 
@@ -303,16 +308,16 @@ def test_per_layer_param_store_entries_convert(monkeypatch):
     names of the stack's banked layers, and those entries alone (no masks: a param store
     holds parameters only) turned into the stacked entry."""
     flow = pf.flows.build("iaf", 3, num_layers=2, hidden_dims=(8,), affine=True)
-    names = pf.flows.per_layer_parameter_names(flow)
+    names = _legacy.per_layer_parameter_names(flow)
     assert names == ["0.conditioner.flat_parameters", "1.conditioner.flat_parameters"]
     planar = pf.flows.build("planar", 3, num_layers=2)
-    assert sorted(pf.flows.per_layer_parameter_names(planar)) == sorted(
+    assert sorted(_legacy.per_layer_parameter_names(planar)) == sorted(
         f"{i}.{n}" for i in range(2) for n in ("u", "w", "bias"))
     old = _per_layer(monkeypatch, "iaf", 3, num_layers=2, hidden_dims=(8,))
     randomize_parameters_(old, scale=0.3, seed=1)
     entries = {name: p.detach() for name, p in old.named_parameters()}
     assert sorted(entries) == names
-    pf.flows._per_layer_keys_to_stacked(flow, entries, "")
+    _legacy.per_layer_keys_to_stacked(flow, entries, "")
     stacked = entries.pop("0.conditioner.stacked.flat_parameters")
     assert torch.equal(stacked, torch.stack([p.conditioner.flat_parameters for p in old.parts]))
     assert set(entries) == {"1.conditioner.stacked.flat_parameters"}  # nothing else left

@@ -470,7 +470,7 @@ def test_sticking_the_landing_is_unbiased_and_exact_at_the_optimum(device, dtype
     kw = dict(num_particles=16, vectorize_particles=True)
     assert is_zero(FlowELBO(stick_the_landing=True, **kw))
     assert not is_zero(FlowELBO(stick_the_landing=False, **kw))
-    # the default follows the guide: on for IAF guides (DEFAULT_STICK_THE_LANDING), unless the
+    # the default follows the guide: on for IAF guides (the family's stick_the_landing), unless the
     # guide says otherwise
     assert guide.stick_the_landing and is_zero(FlowELBO(**kw))
     guide.stick_the_landing = False

@@ -11,6 +11,7 @@ backend, without its C++ code generation (minutes on a small shared CPU).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from pyroflows import testing
 from pyroflows.flows import FlowStack
 from pyroflows.nn import MADE
 from pyroflows.transforms.base import module_stamp
+from pyroflows.transforms.planar import planar_u_hat
 
 FAMILIES = [("maf", 4), ("iaf", 3), ("realnvp", 4), ("planar", 3)]
 
@@ -245,12 +247,12 @@ def test_fused_planar_chain_matches_plain(shape, device, dtype):
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, **testing.tolerances(dtype))
     layer = flow.parts[0]
-    torch.testing.assert_close(pf.flows.planar_u_hat(layer.w[None], layer.u[None])[0],
+    torch.testing.assert_close(planar_u_hat(layer.w[None], layer.u[None])[0],
                                layer.u_hat(), **testing.tolerances(dtype))
 
 
 def test_planar_chain_gradcheck(device):
-    from pyroflows.flows import _PlanarChain
+    from pyroflows.flows.stack import _PlanarChain
 
     gen = torch.Generator().manual_seed(5)
     k, n, d = 4, 3, 2
@@ -332,10 +334,11 @@ def test_no_grad_sequential_passes_match_plain(name, device, dtype):
 
 def _per_layer_and_stacked(family: str, dim: int, device, dtype, monkeypatch):
     """The same 3-layer flow twice: built the old way (every MADE its own flat parameter,
-    ``STACKED_CONDITIONER_FAMILIES`` emptied) and as ``build`` makes it now (rows of one
+    ``stacked_conditioners`` off) and as ``build`` makes it now (rows of one
     bank), with the per-layer one's randomized values copied into the bank's rows."""
     with monkeypatch.context() as m:
-        m.setattr(pf.flows, "STACKED_CONDITIONER_FAMILIES", set())
+        m.setitem(pf.flows.FAMILIES, family, dataclasses.replace(
+            pf.flows.FAMILIES[family], stacked_conditioners=False))
         old = pf.flows.build(family, dim, num_layers=3, hidden_dims=(8,), affine=True)
     testing.randomize_parameters_(old, scale=0.3, seed=5)
     new = pf.flows.build(family, dim, num_layers=3, hidden_dims=(8,), affine=True)

@@ -60,7 +60,7 @@ torch.set_num_threads(1)
 # Plain `SVI` with the recipe documented for flow guides: the affine layer learns fast (Adam at
 # $5 \cdot 10^{-2}$), the flow layers, whose networks start at the identity, take a smaller step
 # ($10^{-2}$ for planar and radial layers, $3 \cdot 10^{-3}$ for the IAF's networks:
-# `pf.guides.DEFAULT_LR`), and every rate decays 50-fold over the run.
+# `pf.flows.FAMILIES[name].lr`), and every rate decays 50-fold over the run.
 # `pf.guides.optim_args(guide)` gives Pyro's optimizers these per-parameter settings (every
 # parameter of a guide without flow layers, such as `AutoNormal`, gets the affine layer's
 # rate); `ClippedAdam` adds the decay (`lrd`) and clips gradient norms.
@@ -142,7 +142,7 @@ plt.show()
 #   score term (zero in expectation) so the gradient noise vanishes as $q \to p$. It costs one
 #   inverse pass of the flow per step (for IAF, $D$ sequential passes). By default FlowELBO
 #   uses it where it paid off in `benchmarks/vi.py`: for IAF guides, not for planar or radial
-#   ones (`pf.guides.DEFAULT_STICK_THE_LANDING`).
+#   ones (`pf.flows.FAMILIES[name].stick_the_landing`).
 #
 # Every guide starts where the model's mass is. By default a flow guide first tries the
 # Laplace approximation (the mode found by L-BFGS, the inverse Hessian as covariance) and keeps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import _legacy
 from .base import FlowTransform
 
 __all__ = [
@@ -17,14 +18,14 @@ class _PackedAffine(FlowTransform):
     """Shared by the affine layers: all their parameters live in one tensor ``packed``, whose
     rows are named by ``_ROWS`` (``loc``, ``log_scale``, ...; read and edited in place as views
     of it), so an optimizer that steps each parameter tensor on its own (Pyro's) makes one
-    step per layer instead of two or three. State dicts with the earlier separate entries
-    (``loc``, ``log_scale``, ``lower``) still load."""
+    step per layer instead of two or three."""
 
     _ROWS: tuple[str, ...] = ()
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
-        self._register_load_state_dict_pre_hook(_pack_separate_entries, with_module=True)
+        self._register_load_state_dict_pre_hook(_legacy.pack_separate_entries,
+                                                 with_module=True)
 
     def __getattr__(self, name: str):
         rows = type(self)._ROWS
@@ -47,16 +48,6 @@ class _PackedAffine(FlowTransform):
     def pack(self, **parts: Tensor) -> Tensor:
         """The ``packed`` tensor of the given parts (every name of ``_ROWS``)."""
         raise NotImplementedError
-
-
-def _pack_separate_entries(module: _PackedAffine, state_dict: dict, prefix: str,
-                           *args) -> None:
-    """Load-state-dict pre-hook: the separate entries of earlier versions become ``packed``."""
-    keys = {name: prefix + name for name in module._ROWS}
-    if prefix + "packed" in state_dict or not all(k in state_dict for k in keys.values()):
-        return  # a current state dict, or a broken one: the usual checks report it
-    state_dict[prefix + "packed"] = module.pack(
-        **{name: state_dict.pop(key) for name, key in keys.items()})
 
 
 class ElementwiseAffine(_PackedAffine):

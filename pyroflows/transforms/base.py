@@ -133,7 +133,9 @@ class FlowTransform(TransformModule):
             return
         self.__dict__["_cache"] = _CacheEntry(x, y, log_det, x._version, y._version, stamp)
 
-    def _lookup(self, x: Tensor | None = None, y: Tensor | None = None) -> _CacheEntry | None:
+    def lookup(self, x: Tensor | None = None, y: Tensor | None = None) -> _CacheEntry | None:
+        """The cached entry when ``x`` (or ``y``) is the last input (or output), unchanged, and
+        no parameter, buffer or the grad mode changed since; else ``None``."""
         c = self._cache
         if c is None:
             return None
@@ -151,7 +153,7 @@ class FlowTransform(TransformModule):
 
     # ---- the torch.distributions.Transform interface --------------------------------------
     def __call__(self, x: Tensor) -> Tensor:
-        hit = self._lookup(x=x)
+        hit = self.lookup(x=x)
         if hit is not None:
             return hit.y
         self._validate(x, "input")
@@ -164,7 +166,7 @@ class FlowTransform(TransformModule):
         return self(x)
 
     def _inv_call(self, y: Tensor) -> Tensor:
-        hit = self._lookup(y=y)
+        hit = self.lookup(y=y)
         if hit is not None:
             return hit.x
         self._validate(y, "input to the inverse")
@@ -181,7 +183,7 @@ class FlowTransform(TransformModule):
 
         Free when ``x`` or ``y`` is the cached input or output of the last call.
         """
-        hit = self._lookup(x=x) or self._lookup(y=y)
+        hit = self.lookup(x=x) or self.lookup(y=y)
         if hit is not None:
             return hit.log_det
         return self._log_abs_det_jacobian_uncached(x, y)

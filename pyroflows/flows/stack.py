@@ -1,8 +1,6 @@
-"""Stack builders: one function turns a family name into a ready-to-train flow."""
+"""FlowStack: a composition of pyroflows layers with one cache and fused passes."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
@@ -11,31 +9,25 @@ from torch.autograd.function import once_differentiable
 from torch.distributions import constraints
 from torch.distributions.transforms import Transform, _InverseTransform
 
-from . import transforms as T
-from .nn.made import MADE, StackedMADE, stacked_mades
-from .transforms.autoregressive import AffineAutoregressiveCore, affine_chain, traced
-from .transforms.base import FlowTransform, _CacheEntry, module_stamp
-from .transforms.planar import (
+from .. import _legacy
+from .. import transforms as T
+from ..transforms.autoregressive import AffineAutoregressiveCore, affine_chain, traced
+from ..transforms.base import FlowTransform, _CacheEntry, module_stamp
+from ..transforms.planar import (
     StackedPlanar,
     planar_inverse_step,
-    planar_layers,
     planar_u_hat,
     stacked_planar_parameters,
 )
-from .transforms.radial import (
+from ..transforms.radial import (
     StackedRadial,
     radial_alpha,
     radial_forward,
     radial_inverse,
-    radial_layers,
     stacked_radial_parameters,
 )
 
-__all__ = [
-    "build", "FlowStack", "FAMILIES", "FOLDED_PERMUTATIONS", "COMPLEMENTARY_MASKS",
-    "STACKED_FAMILIES", "STACKED_CONDITIONER_FAMILIES", "register_family", "planar_chain",
-    "radial_chain", "planar_u_hat", "per_layer_parameter_names",
-]
+__all__ = ["FlowStack", "planar_chain", "radial_chain"]
 
 
 class FlowStack(ComposeTransformModule):
@@ -91,7 +83,8 @@ class FlowStack(ComposeTransformModule):
         if compile and not self._fused:
             raise ValueError("FlowStack: compile needs every part to be a FlowTransform")
         self.compile_backend = ("inductor" if compile is True else compile) or None
-        self._register_load_state_dict_pre_hook(_per_layer_keys_to_stacked, with_module=True)
+        self._register_load_state_dict_pre_hook(_legacy.per_layer_keys_to_stacked,
+                                                 with_module=True)
 
     # ComposeTransform recomputes these from every part at each access, and a
     # TransformedDistribution reads them several times per construction: with 32 layers that
@@ -148,12 +141,16 @@ class FlowStack(ComposeTransformModule):
             raise TypeError(f"FlowStack.{direction}_and_log_det needs every part to be a "
                             "pyroflows FlowTransform; use stack(x) / stack.inv(y) and "
                             "log_abs_det_jacobian")
-        hit = self._lookup(y=value) if inverse else self._lookup(x=value)
+        hit = self.lookup(y=value) if inverse else self.lookup(x=value)
         if hit is not None:
             return (hit.x if inverse else hit.y), hit.log_det
-        return self._run(value, inverse)
+        return self.run(value, inverse)
 
-    def _run(self, x: Tensor, inverse: bool, validate: bool = True) -> tuple[Tensor, Tensor]:
+    def run(self, x: Tensor, inverse: bool = False, validate: bool = True
+            ) -> tuple[Tensor, Tensor]:
+        """``(image, log|det J|)`` of ``x`` through the stack (forward, or the inverse), the
+        log-det of the forward map, with no cache lookup or store; ``validate=False`` skips
+        the input checks (a fresh draw of the base)."""
         if validate:
             self.parts[-1 if inverse else 0]._validate(
                 x, "input to the inverse" if inverse else "input")
@@ -189,8 +186,10 @@ class FlowStack(ComposeTransformModule):
             x, log_det = _run_fused(x, run, kinds, log_det, inverse)
         return x, log_det
 
-    def _lookup(self, x: Tensor | None = None, y: Tensor | None = None) -> _CacheEntry | None:
-        return FlowTransform._lookup(self, x=x, y=y)
+    def lookup(self, x: Tensor | None = None, y: Tensor | None = None) -> _CacheEntry | None:
+        """The cached ``(x, y, log_det)`` entry when ``x`` (or ``y``) is the stack's last
+        input (or output) and nothing changed since; else ``None``."""
+        return FlowTransform.lookup(self, x=x, y=y)
 
     def _stamp(self) -> tuple | None:
         # the stacked parameters of planar and radial layers are one module shared by the
@@ -217,18 +216,18 @@ class FlowStack(ComposeTransformModule):
     def _cached_run(self, value: Tensor, inverse: bool) -> Tensor:
         """The image of ``value`` (``y = t(x)``, or ``x = t.inv(y)`` when ``inverse``), from the
         stack's one-entry cache or from one run of the chain, which then fills the cache."""
-        hit = self._lookup(y=value) if inverse else self._lookup(x=value)
+        hit = self.lookup(y=value) if inverse else self.lookup(x=value)
         if hit is not None:
             return hit.x if inverse else hit.y
         stamp = self._stamp()
-        image, log_det = self._run(value, inverse)
+        image, log_det = self.run(value, inverse)
         x, y = (image, value) if inverse else (value, image)
         self._store(x, y, log_det, stamp)
         return image
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         if self._fused:
-            hit = self._lookup(x=x) or self._lookup(y=y)
+            hit = self.lookup(x=x) or self.lookup(y=y)
             if hit is not None:
                 return hit.log_det
         return super().log_abs_det_jacobian(x, y)
@@ -239,64 +238,6 @@ class FlowStack(ComposeTransformModule):
         state.pop("_fused_inv", None)
         state.pop("_compiled_chain", None)
         return state
-
-def _banks(stack: FlowStack) -> list[tuple[str, nn.Module, list[tuple[int, int]]]]:
-    """Every bank of stacked parameters that layers of ``stack`` share, as ``(path, bank,
-    members)``: ``path`` is where a layer keeps the bank's submodule ``stacked`` (``""``
-    for planar/radial layers, ``"conditioner."`` for IAF/MAF/RealNVP layers over
-    :class:`~pyroflows.nn.made.StackedMADE` rows), ``members`` the ``(part index, row)``
-    pairs of its layers in the stack."""
-    found: dict[int, tuple[str, nn.Module, list[tuple[int, int]]]] = {}
-    for i, part in enumerate(stack.parts):
-        if type(part) in (StackedPlanar, StackedRadial):
-            path, row = "", part
-        elif (isinstance(part, AffineAutoregressiveCore)
-              and type(part.conditioner) is StackedMADE):
-            path, row = "conditioner.", part.conditioner
-        else:
-            continue
-        found.setdefault(id(row.stacked), (path, row.stacked, []))[2].append((i, row.index))
-    return list(found.values())
-
-
-def per_layer_parameter_names(stack: FlowStack) -> list[str]:
-    """The names (relative to ``stack``) that the parameters of its layers with stacked
-    parameters had when every layer kept its own: ``"{i}.u"``, ``"{i}.w"``, ``"{i}.bias"``
-    (planar; radial alike) and ``"{i}.conditioner.flat_parameters"`` (IAF/MAF/RealNVP).
-    Entries under these names (an old ``state_dict`` or param store) become the stacked
-    entries by :func:`_per_layer_keys_to_stacked`."""
-    return [f"{i}.{path}{name}" for path, bank, members in _banks(stack) for i, _ in members
-            for name, _ in bank.named_parameters(recurse=False)]
-
-
-def _per_layer_keys_to_stacked(stack: FlowStack, state_dict: dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook: per-layer entries of layers that now share stacked
-    parameters become the stacked entries. Planar/radial: ``"{i}.u"`` (from stacks built
-    before their parameters were stacked) becomes ``"{i}.stacked.u"``; IAF/MAF/RealNVP:
-    ``"{i}.conditioner.flat_parameters"`` and ``"{i}.conditioner.mask"`` become
-    ``"{i}.conditioner.stacked.flat_parameters"`` and ``"{i}.conditioner.stacked.mask"``,
-    the rows stacked in the layers' row order. Converted only when every layer of a bank
-    has its per-layer parameters in ``state_dict``; buffers (the masks) where present (a
-    Pyro param store has none)."""
-    for path, bank, members in _banks(stack):
-        params = [name for name, _ in bank.named_parameters(recurse=False)]
-        buffers = [name for name, _ in bank.named_buffers(recurse=False)]
-        if len(members) != bank.num_layers or not all(
-                f"{prefix}{i}.{path}{n}" in state_dict for i, _ in members for n in params):
-            continue  # not an old-style entry: leave it to the usual checks
-        part_of_row = {row: i for i, row in members}
-        for n in params + buffers:
-            old = [f"{prefix}{part_of_row[k]}.{path}{n}" for k in range(bank.num_layers)]
-            if not all(key in state_dict for key in old):
-                continue
-            value = torch.stack([state_dict[key] for key in old])
-            if value.dim() == 2 and value.shape[-1] == 1 and getattr(bank, n).dim() == 1:
-                value = value.squeeze(-1)  # (1,) biases and radii -> (L,)
-            for i, _ in members:
-                state_dict[f"{prefix}{i}.{path}stacked.{n}"] = value
-            for key in old:
-                del state_dict[key]
-
 
 # exact types: a subclass may override the map (tests/test_conformance_meta.py does)
 _PLANAR_TYPES = (T.Planar, StackedPlanar)
@@ -470,242 +411,3 @@ class _PlanarChain(torch.autograd.Function):
 
 
 # name -> (layer constructor (dim, **kwargs) -> Transform, whether layers need permutations
-# between them so that every coordinate gets transformed)
-FAMILIES: dict[str, tuple[Callable[..., nn.Module], bool]] = {
-    "planar": (lambda dim, **kw: T.Planar(dim, **kw), False),
-    "radial": (lambda dim, **kw: T.Radial(dim, **kw), False),
-    "iaf": (lambda dim, **kw: T.IAF(dim, **kw), True),
-    "maf": (lambda dim, **kw: T.MAF(dim, **kw), True),
-    "realnvp": (lambda dim, **kw: T.RealNVP(dim, **kw), True),
-}
-
-Fold = Callable[[int, Tensor, dict], dict]
-
-
-def _fold_order(dim: int, inverse: Tensor, kwargs: dict) -> dict:
-    order = kwargs.get("order")
-    order = torch.arange(dim) if order is None else torch.as_tensor(order).flatten()
-    if order.numel() != dim:
-        return kwargs  # the layer's own check reports it
-    return {**kwargs, "order": order[inverse]}
-
-
-def _fold_mask(dim: int, inverse: Tensor, kwargs: dict) -> dict:
-    mask = kwargs.get("mask")
-    mask = T.RealNVP.default_mask(dim) if mask is None else torch.as_tensor(mask).flatten()
-    if mask.numel() != dim:
-        return kwargs
-    return {**kwargs, "mask": mask.bool()[inverse]}
-
-
-# Families whose layers take the permutation themselves: name -> fold(dim, inverse, kwargs),
-# which turns "permute the coordinates by c, then apply the layer" into the keyword arguments
-# of one layer acting on the unpermuted coordinates (``inverse`` = argsort(c)). No permutation
-# layer runs at all: a stack of such layers is the permuted stack up to a fixed reordering of
-# its output, with four fewer transforms per five layers.
-FOLDED_PERMUTATIONS: dict[str, Fold] = {
-    "iaf": _fold_order,
-    "maf": _fold_order,
-    "realnvp": _fold_mask,
-}
-
-
-# Families whose layers keep their parameters stacked: name -> layers(dim, num_layers), a list
-# of layers that read rows of shared (num_layers, ...) tensors
-# (:class:`~pyroflows.transforms.planar.PlanarParameters`,
-# :class:`~pyroflows.transforms.radial.RadialParameters`). Used by ``build`` when no layer
-# keyword arguments are given. Why: optimizers and ``pyro.module`` pay per tensor, and a
-# 32-layer planar stack has 96 small ones.
-STACKED_FAMILIES: dict[str, Callable[[int, int], list[nn.Module]]] = {
-    "planar": planar_layers,
-    "radial": radial_layers,
-}
-
-
-# Families whose layers' MADE conditioners keep their parameters stacked: ``build`` makes the
-# networks of a run of same-size layers rows of one
-# :class:`~pyroflows.nn.made.MADEParameters` (one (L, P) parameter and one (L, P) mask),
-# :class:`~pyroflows.nn.made.StackedMADE` each. Why: ``torch.optim.Adam`` on CPU costs some
-# eight kernels per parameter tensor, and the fused kernels mask a run of layers with one
-# product forward and one masked gradient; measured about 6% of a D=8 training step of five
-# layers (benchmarks/speed.py, items 1-2).
-STACKED_CONDITIONER_FAMILIES: set[str] = {"iaf", "maf", "realnvp"}
-
-
-# Coupling families whose odd-numbered layers take the complement of the previous layer's mask
-# (Dinh et al.'s alternating masks) instead of the folded permutation: with an odd D, reversing
-# the order maps the middle coordinate onto itself, so it would be transformed by every layer
-# and never condition one; the complement makes every coordinate do both in each pair of
-# layers (0, 1), (2, 3), ..., whatever D and ``permutation``. For an even D and the default
-# mask this is the reversal itself.
-COMPLEMENTARY_MASKS: set[str] = {"realnvp"}
-
-
-def register_family(
-    name: str,
-    layer: Callable[..., nn.Module],
-    needs_permutation: bool,
-    fold: Fold | None = None,
-) -> None:
-    """Make ``build(name, ...)`` available for a new layer family.
-
-    ``needs_permutation``: put a fixed permutation between layers. ``fold`` (optional): fold
-    that permutation into the layers' keyword arguments instead of inserting
-    :class:`~pyroflows.transforms.Permute` layers (see ``FOLDED_PERMUTATIONS``).
-    """
-    FAMILIES[name] = (layer, needs_permutation)
-    STACKED_FAMILIES.pop(name, None)  # the new layer constructor is what build must call
-    STACKED_CONDITIONER_FAMILIES.discard(name)
-    if fold is not None:
-        FOLDED_PERMUTATIONS[name] = fold
-    else:
-        FOLDED_PERMUTATIONS.pop(name, None)
-
-
-def build(
-    name: str,
-    dim: int,
-    num_layers: int = 5,
-    hidden_dims=None,
-    permutation: str = "reverse",
-    affine: bool = False,
-    compile: bool | str = False,
-    **layer_kwargs,
-) -> FlowStack:
-    """Build a stack of ``num_layers`` layers of one family as a :class:`FlowStack` (a
-    ``ComposeTransformModule``).
-
-    Families whose layers see only part of the coordinates at a time (IAF, MAF, RealNVP) are
-    stacked with a fixed permutation between layers, so every coordinate is transformed and
-    depends on every other. For IAF and MAF it becomes the next layer's MADE order, for RealNVP
-    its coupling mask, so no permutation layer runs; a family registered without ``fold`` gets
-    :class:`~pyroflows.transforms.Permute` layers. RealNVP's odd-numbered layers use the
-    complement of the previous layer's mask (Dinh et al.'s alternating masks; see
-    ``COMPLEMENTARY_MASKS``), so with an odd D too every coordinate is transformed by one layer
-    of each pair and conditions the other.
-
-    Planar and radial stacks (``STACKED_FAMILIES``) keep the parameters of all their layers in
-    three stacked tensors (:class:`~pyroflows.transforms.planar.PlanarParameters`,
-    :class:`~pyroflows.transforms.radial.RadialParameters`), shared by the layers: ``flow[i]``
-    is still layer ``i`` (a :class:`~pyroflows.transforms.planar.StackedPlanar` or
-    :class:`~pyroflows.transforms.radial.StackedRadial`, which behave as ``Planar`` and
-    ``Radial``) but ``flow.parameters()`` are three (L, D) or (L,) tensors, and the
-    ``state_dict`` keys are ``"{i}.stacked.u"``, ``"{i}.stacked.w"``, ``"{i}.stacked.bias"``
-    (radial: ``x0``, ``alpha_prime``, ``beta_prime``), the same tensors under every ``i``
-    (as for any module shared by several layers in torch; ``torch.save`` stores them once).
-    Stacks saved before this change had per-layer parameters with keys ``"{i}.u"`` etc.; a
-    :class:`FlowStack` still loads such a ``state_dict``.
-
-    IAF, MAF and RealNVP stacks (``STACKED_CONDITIONER_FAMILIES``) keep the flat parameters
-    and masks of all their layers' MADE networks in one
-    :class:`~pyroflows.nn.made.MADEParameters` (an (L, P) parameter and an (L, P) mask buffer;
-    the networks of a built stack always have one size P): each
-    layer's ``conditioner`` is a :class:`~pyroflows.nn.made.StackedMADE` whose
-    ``flat_parameters`` is row ``i`` (a view), ``flow.parameters()`` is that one tensor, and the
-    ``state_dict`` keys are ``"{i}.conditioner.stacked.flat_parameters"`` and
-    ``"{i}.conditioner.stacked.mask"``. The fused kernels mask a run of layers with one product
-    and write one gradient; an optimizer steps one tensor. Older per-layer ``state_dict`` keys
-    (``"{i}.conditioner.flat_parameters"``, ``"{i}.conditioner.mask"``) still load.
-
-    One bank module is registered under every layer of its run; module walks
-    (``named_modules``, ``named_parameters(remove_duplicate=False)``) list it once, under its
-    first layer (:class:`~pyroflows.nn.shared.SharedModule`), so
-    ``torch.func.functional_call(flow, params, args)`` with the names of
-    ``flow.named_parameters()`` swaps and restores each shared tensor exactly once (tested);
-    ``state_dict`` still has every layer's keys.
-
-    Arguments:
-        name: one of ``pyroflows.flows.FAMILIES``: planar, radial, iaf, maf, realnvp, and any
-            family registered with :func:`register_family`.
-        dim: the event size D.
-        num_layers: the number of flow layers.
-        hidden_dims: conditioner hidden sizes, for families that have a network.
-        permutation: ``"reverse"`` (reverse the order between layers) or ``"random"``
-            (a fixed random permutation between layers, seeded by the layer's index, so
-            building twice gives the same flow).
-        affine: append a learnable :class:`~pyroflows.transforms.ElementwiseAffine` last.
-        compile: run the stack through :func:`torch.compile` (see :class:`FlowStack`); off by
-            default, as compiling takes tens of seconds per input shape.
-        layer_kwargs: passed to every layer's constructor.
-
-    The result works directly in ``TransformedDistribution(base, flow)``.
-
-    Example:
-        >>> import torch, pyroflows as pf
-        >>> flow = pf.flows.build("planar", 2, num_layers=4)
-        >>> flow(torch.randn(5, 2)).shape
-        torch.Size([5, 2])
-        >>> maf = pf.flows.build("maf", 3, num_layers=3, hidden_dims=(16, 16))
-        >>> [layer.conditioner.degrees.tolist() for layer in maf.parts]
-        [[1, 2, 3], [3, 2, 1], [1, 2, 3]]
-    """
-    if name not in FAMILIES:
-        raise ValueError(f"unknown flow family {name!r}; choose one of {sorted(FAMILIES)}")
-    if int(num_layers) < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    if permutation not in ("reverse", "random"):
-        raise ValueError(f"permutation must be 'reverse' or 'random', got {permutation!r}")
-    if hidden_dims is not None:
-        layer_kwargs["hidden_dims"] = tuple(hidden_dims)
-    parts: list[nn.Module] = []
-    stacked = STACKED_FAMILIES.get(name)
-    if stacked is not None and not layer_kwargs:  # (families without permutations)
-        parts.extend(stacked(dim, int(num_layers)))
-    else:
-        parts.extend(_layer_by_layer(name, dim, int(num_layers), permutation, layer_kwargs))
-        if name in STACKED_CONDITIONER_FAMILIES:
-            _stack_conditioners(parts)
-    if affine:
-        parts.append(T.ElementwiseAffine(dim))
-    return FlowStack(parts, compile=compile)
-
-
-def _layer_by_layer(name: str, dim: int, num_layers: int, permutation: str,
-                    layer_kwargs: dict) -> list[nn.Module]:
-    """The layers of :func:`build` made one by one, with the permutations between them."""
-    layer, needs_permutation = FAMILIES[name]
-    fold = FOLDED_PERMUTATIONS.get(name)
-    parts: list[nn.Module] = []
-    cumulative = torch.arange(dim)  # layer i acts on x[cumulative]
-    for i in range(num_layers):
-        kwargs = layer_kwargs
-        if needs_permutation and i > 0 and dim > 1:
-            step = _permutation(dim, permutation, seed=i)
-            if fold is None:
-                parts.append(step)
-            else:
-                cumulative = cumulative[step.permutation]
-                kwargs = fold(dim, torch.argsort(cumulative), layer_kwargs)
-            if fold is not None and name in COMPLEMENTARY_MASKS and i % 2 == 1:
-                kwargs = {**kwargs, "mask": ~parts[-1].mask.cpu()}
-        try:
-            parts.append(layer(dim, **kwargs))
-        except TypeError as e:  # e.g. hidden_dims for a family without a network
-            raise ValueError(f"flow family {name!r} does not take these arguments: {e}") from e
-    return parts
-
-
-def _stack_conditioners(parts: list[nn.Module]) -> None:
-    """Give every run of consecutive layers with :class:`~pyroflows.nn.MADE` conditioners of
-    one size :class:`~pyroflows.nn.made.StackedMADE` rows of one new bank instead, holding
-    the same parameters (so the same maps, and under one seed the values the layers drew)."""
-    runs: list[list[AffineAutoregressiveCore]] = [[]]
-    for part in parts:
-        net = getattr(part, "conditioner", None)
-        if not (isinstance(part, AffineAutoregressiveCore) and type(net) is MADE):
-            runs.append([])
-        elif runs[-1] and runs[-1][-1].conditioner._shapes == net._shapes:
-            runs[-1].append(part)
-        else:
-            runs.append([part])
-    for run in runs:
-        if len(run) > 1:
-            rows = stacked_mades([layer.conditioner for layer in run])
-            for layer, row in zip(run, rows, strict=True):
-                layer.conditioner = row
-
-
-def _permutation(dim: int, kind: str, seed: int) -> T.Permute:
-    if kind == "reverse":
-        return T.Permute.reverse(dim)
-    return T.Permute.random(dim, seed=seed)

@@ -1,0 +1,121 @@
+"""Reading what earlier versions wrote: state dicts and param stores with older layouts.
+
+Every backward-compatibility rule lives here, so the rest of the package reads as the current
+layout only. Each function says which layout it converts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "per_layer_keys_to_stacked", "per_layer_parameter_names", "stack_per_layer_entries",
+    "pack_separate_entries", "pack_separate_entries_in_store",
+]
+
+
+def _banks(stack: nn.Module) -> list[tuple[str, nn.Module, list[tuple[int, int]]]]:
+    """Every bank of stacked parameters that layers of ``stack`` share, as ``(path, bank,
+    members)``: ``path`` is where a layer keeps the bank's submodule ``stacked`` (``""`` for
+    planar/radial rows, ``"conditioner."`` for layers over MADE rows), ``members`` the
+    ``(part index, row)`` pairs of its layers in the stack."""
+    found: dict[int, tuple[str, nn.Module, list[tuple[int, int]]]] = {}
+    for i, part in enumerate(stack.parts):
+        if "stacked" in part._modules:
+            path, row = "", part
+        elif "stacked" in getattr(part._modules.get("conditioner"), "_modules", {}):
+            path, row = "conditioner.", part._modules["conditioner"]
+        else:
+            continue
+        found.setdefault(id(row.stacked), (path, row.stacked, []))[2].append((i, row.index))
+    return list(found.values())
+
+
+def per_layer_parameter_names(stack: nn.Module) -> list[str]:
+    """The names (relative to ``stack``) that the parameters of its layers with stacked
+    parameters had when every layer kept its own: ``"{i}.u"``, ``"{i}.w"``, ``"{i}.bias"``
+    (planar; radial alike) and ``"{i}.conditioner.flat_parameters"`` (IAF/MAF/RealNVP)."""
+    return [f"{i}.{path}{name}" for path, bank, members in _banks(stack) for i, _ in members
+            for name, _ in bank.named_parameters(recurse=False)]
+
+
+def per_layer_keys_to_stacked(stack: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook of a :class:`~pyroflows.flows.FlowStack`: per-layer entries of
+    layers that now share stacked parameters become the stacked entries. Planar/radial:
+    ``"{i}.u"`` becomes ``"{i}.stacked.u"``; IAF/MAF/RealNVP:
+    ``"{i}.conditioner.flat_parameters"`` and ``"{i}.conditioner.mask"`` become
+    ``"{i}.conditioner.stacked.flat_parameters"`` and ``"{i}.conditioner.stacked.mask"``, the
+    rows stacked in the layers' row order. Converted only when every layer of a bank has its
+    per-layer parameters in ``state_dict``; buffers (the masks) where present (a Pyro param
+    store has none)."""
+    for path, bank, members in _banks(stack):
+        params = [name for name, _ in bank.named_parameters(recurse=False)]
+        buffers = [name for name, _ in bank.named_buffers(recurse=False)]
+        if len(members) != bank.num_layers or not all(
+                f"{prefix}{i}.{path}{n}" in state_dict for i, _ in members for n in params):
+            continue  # not an old-style entry: leave it to the usual checks
+        part_of_row = {row: i for i, row in members}
+        for n in params + buffers:
+            old = [f"{prefix}{part_of_row[k]}.{path}{n}" for k in range(bank.num_layers)]
+            if not all(key in state_dict for key in old):
+                continue
+            value = torch.stack([state_dict[key] for key in old])
+            if value.dim() == 2 and value.shape[-1] == 1 and getattr(bank, n).dim() == 1:
+                value = value.squeeze(-1)  # (1,) biases and radii -> (L,)
+            for i, _ in members:
+                state_dict[f"{prefix}{i}.{path}stacked.{n}"] = value
+            for key in old:
+                del state_dict[key]
+
+
+def _entries(store, prefix: str, names: Iterator[str]) -> dict[str, str]:
+    from pyro.params.param_store import param_with_module_name
+
+    return {name: param_with_module_name(prefix, name) for name in names}
+
+
+def stack_per_layer_entries(store, prefix: str, stack: nn.Module) -> None:
+    """Param store entries under the per-layer names of earlier stacks (planar/radial
+    ``flow$$$3.u``, IAF ``flow$$$1.conditioner.flat_parameters``) become one entry under the
+    stacked name (``flow$$$0.stacked.u``, ``flow$$$0.conditioner.stacked.flat_parameters``)."""
+    full = _entries(store, prefix, per_layer_parameter_names(stack))
+    local: dict[str, Tensor] = {name: store[key].detach() for name, key in full.items()
+                                if key in store}
+    if not local:
+        return
+    converted = dict(local)
+    per_layer_keys_to_stacked(stack, converted, "")
+    stacked_names = {name for name, _ in stack.named_parameters()}  # each tensor's first name
+    new = _entries(store, prefix, converted)
+    for key, value in converted.items():
+        if key in stacked_names:
+            store[new[key]] = value
+    for key in local:
+        if key not in converted:  # taken into a stacked entry
+            del store[full[key]]
+
+
+def pack_separate_entries(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook of the affine layers: the separate entries of earlier versions
+    (``loc``, ``log_scale``, ``lower``) become the one ``packed`` parameter."""
+    keys = {name: prefix + name for name in module._ROWS}
+    if prefix + "packed" in state_dict or not all(k in state_dict for k in keys.values()):
+        return  # a current state dict, or a broken one: the usual checks report it
+    state_dict[prefix + "packed"] = module.pack(
+        **{name: state_dict.pop(key) for name, key in keys.items()})
+
+
+def pack_separate_entries_in_store(store, prefix: str, affine: nn.Module) -> None:
+    """Param store entries of an affine layer saved before its parameters were packed
+    (``affine.loc``, ``affine.log_scale``, ``affine.lower``) become its ``affine.packed``
+    entry."""
+    old = _entries(store, prefix, affine._ROWS)
+    new = _entries(store, prefix, ["packed"])["packed"]
+    if new in store or not all(key in store for key in old.values()):
+        return
+    store[new] = affine.pack(**{name: store[key].detach() for name, key in old.items()})
+    for key in old.values():
+        del store[key]

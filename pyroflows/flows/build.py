@@ -1,0 +1,163 @@
+"""Stack builders: one function turns a family name into a ready-to-train flow."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import transforms as T
+from ..nn.made import MADE, stacked_mades
+from ..transforms.autoregressive import AffineAutoregressiveCore
+from .families import FAMILIES
+from .stack import FlowStack
+
+__all__ = ["build"]
+
+
+def build(
+    name: str,
+    dim: int,
+    num_layers: int = 5,
+    hidden_dims=None,
+    permutation: str = "reverse",
+    affine: bool = False,
+    compile: bool | str = False,
+    **layer_kwargs,
+) -> FlowStack:
+    """Build a stack of ``num_layers`` layers of one family as a :class:`FlowStack` (a
+    ``ComposeTransformModule``).
+
+    Families whose layers see only part of the coordinates at a time (IAF, MAF, RealNVP) are
+    stacked with a fixed permutation between layers, so every coordinate is transformed and
+    depends on every other. For IAF and MAF it becomes the next layer's MADE order, for RealNVP
+    its coupling mask, so no permutation layer runs; a family registered without ``fold`` gets
+    :class:`~pyroflows.transforms.Permute` layers. RealNVP's odd-numbered layers use the
+    complement of the previous layer's mask (Dinh et al.'s alternating masks; see
+    ``Family.complementary_masks``), so with an odd D too every coordinate is transformed by
+    one layer of each pair and conditions the other.
+
+    Planar and radial stacks (``Family.bank``) keep the parameters of all their layers in
+    three stacked tensors (:class:`~pyroflows.transforms.planar.PlanarParameters`,
+    :class:`~pyroflows.transforms.radial.RadialParameters`), shared by the layers: ``flow[i]``
+    is still layer ``i`` (a :class:`~pyroflows.transforms.planar.StackedPlanar` or
+    :class:`~pyroflows.transforms.radial.StackedRadial`, which behave as ``Planar`` and
+    ``Radial``) but ``flow.parameters()`` are three (L, D) or (L,) tensors, and the
+    ``state_dict`` keys are ``"{i}.stacked.u"``, ``"{i}.stacked.w"``, ``"{i}.stacked.bias"``
+    (radial: ``x0``, ``alpha_prime``, ``beta_prime``), the same tensors under every ``i``
+    (as for any module shared by several layers in torch; ``torch.save`` stores them once).
+    Stacks saved before this change had per-layer parameters with keys ``"{i}.u"`` etc.; a
+    :class:`FlowStack` still loads such a ``state_dict``.
+
+    IAF, MAF and RealNVP stacks (``Family.stacked_conditioners``) keep the flat parameters
+    and masks of all their layers' MADE networks in one
+    :class:`~pyroflows.nn.made.MADEParameters` (an (L, P) parameter and an (L, P) mask buffer;
+    the networks of a built stack always have one size P): each
+    layer's ``conditioner`` is a :class:`~pyroflows.nn.made.StackedMADE` whose
+    ``flat_parameters`` is row ``i`` (a view), ``flow.parameters()`` is that one tensor, and the
+    ``state_dict`` keys are ``"{i}.conditioner.stacked.flat_parameters"`` and
+    ``"{i}.conditioner.stacked.mask"``. The fused kernels mask a run of layers with one product
+    and write one gradient; an optimizer steps one tensor. Older per-layer ``state_dict`` keys
+    (``"{i}.conditioner.flat_parameters"``, ``"{i}.conditioner.mask"``) still load.
+
+    One bank module is registered under every layer of its run; module walks
+    (``named_modules``, ``named_parameters(remove_duplicate=False)``) list it once, under its
+    first layer (:class:`~pyroflows.nn.shared.SharedModule`), so
+    ``torch.func.functional_call(flow, params, args)`` with the names of
+    ``flow.named_parameters()`` swaps and restores each shared tensor exactly once (tested);
+    ``state_dict`` still has every layer's keys.
+
+    Arguments:
+        name: one of ``pyroflows.flows.FAMILIES``: planar, radial, iaf, maf, realnvp, and any
+            family registered with :func:`register_family`.
+        dim: the event size D.
+        num_layers: the number of flow layers.
+        hidden_dims: conditioner hidden sizes, for families that have a network.
+        permutation: ``"reverse"`` (reverse the order between layers) or ``"random"``
+            (a fixed random permutation between layers, seeded by the layer's index, so
+            building twice gives the same flow).
+        affine: append a learnable :class:`~pyroflows.transforms.ElementwiseAffine` last.
+        compile: run the stack through :func:`torch.compile` (see :class:`FlowStack`); off by
+            default, as compiling takes tens of seconds per input shape.
+        layer_kwargs: passed to every layer's constructor.
+
+    The result works directly in ``TransformedDistribution(base, flow)``.
+
+    Example:
+        >>> import torch, pyroflows as pf
+        >>> flow = pf.flows.build("planar", 2, num_layers=4)
+        >>> flow(torch.randn(5, 2)).shape
+        torch.Size([5, 2])
+        >>> maf = pf.flows.build("maf", 3, num_layers=3, hidden_dims=(16, 16))
+        >>> [layer.conditioner.degrees.tolist() for layer in maf.parts]
+        [[1, 2, 3], [3, 2, 1], [1, 2, 3]]
+    """
+    family = FAMILIES.get(name)
+    if family is None:
+        raise ValueError(f"unknown flow family {name!r}; choose one of {sorted(FAMILIES)}")
+    if int(num_layers) < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if permutation not in ("reverse", "random"):
+        raise ValueError(f"permutation must be 'reverse' or 'random', got {permutation!r}")
+    if hidden_dims is not None:
+        layer_kwargs["hidden_dims"] = tuple(hidden_dims)
+    parts: list[nn.Module] = []
+    if family.bank is not None and not layer_kwargs:  # (families without permutations)
+        parts.extend(family.bank(dim, int(num_layers)))
+    else:
+        parts.extend(_layer_by_layer(name, dim, int(num_layers), permutation, layer_kwargs))
+        if family.stacked_conditioners:
+            _stack_conditioners(parts)
+    if affine:
+        parts.append(T.ElementwiseAffine(dim))
+    return FlowStack(parts, compile=compile)
+
+
+def _layer_by_layer(name: str, dim: int, num_layers: int, permutation: str,
+                    layer_kwargs: dict) -> list[nn.Module]:
+    """The layers of :func:`build` made one by one, with the permutations between them."""
+    family = FAMILIES[name]
+    fold = family.fold
+    parts: list[nn.Module] = []
+    cumulative = torch.arange(dim)  # layer i acts on x[cumulative]
+    for i in range(num_layers):
+        kwargs = layer_kwargs
+        if family.needs_permutation and i > 0 and dim > 1:
+            step = _permutation(dim, permutation, seed=i)
+            if fold is None:
+                parts.append(step)
+            else:
+                cumulative = cumulative[step.permutation]
+                kwargs = fold(dim, torch.argsort(cumulative), layer_kwargs)
+            if fold is not None and family.complementary_masks and i % 2 == 1:
+                kwargs = {**kwargs, "mask": ~parts[-1].mask.cpu()}
+        try:
+            parts.append(family.layer(dim, **kwargs))
+        except TypeError as e:  # e.g. hidden_dims for a family without a network
+            raise ValueError(f"flow family {name!r} does not take these arguments: {e}") from e
+    return parts
+
+
+def _stack_conditioners(parts: list[nn.Module]) -> None:
+    """Give every run of consecutive layers with :class:`~pyroflows.nn.MADE` conditioners of
+    one size :class:`~pyroflows.nn.made.StackedMADE` rows of one new bank instead, holding
+    the same parameters (so the same maps, and under one seed the values the layers drew)."""
+    runs: list[list[AffineAutoregressiveCore]] = [[]]
+    for part in parts:
+        net = getattr(part, "conditioner", None)
+        if not (isinstance(part, AffineAutoregressiveCore) and type(net) is MADE):
+            runs.append([])
+        elif runs[-1] and runs[-1][-1].conditioner._shapes == net._shapes:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    for run in runs:
+        if len(run) > 1:
+            rows = stacked_mades([layer.conditioner for layer in run])
+            for layer, row in zip(run, rows, strict=True):
+                layer.conditioner = row
+
+
+def _permutation(dim: int, kind: str, seed: int) -> T.Permute:
+    if kind == "reverse":
+        return T.Permute.reverse(dim)
+    return T.Permute.random(dim, seed=seed)

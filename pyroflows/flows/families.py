@@ -1,0 +1,108 @@
+"""The flow families: one record per name, read by :func:`~pyroflows.flows.build` and the guides."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .. import transforms as T
+from ..transforms.planar import planar_layers
+from ..transforms.radial import radial_layers
+
+__all__ = ["Family", "FAMILIES", "register_family", "fold_order", "fold_mask"]
+
+#: ``fold(dim, inverse, kwargs) -> kwargs``: "permute the coordinates by ``c``, then apply the
+#: layer" as the keyword arguments of one layer acting on the unpermuted coordinates
+#: (``inverse = argsort(c)``).
+Fold = Callable[[int, Tensor, dict], dict]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything pyroflows knows about one family of flow layers.
+
+    Arguments:
+        layer: the layer constructor ``(dim, **kwargs) -> TransformModule``.
+        needs_permutation: each layer sees part of the coordinates at a time, so
+            :func:`~pyroflows.flows.build` puts a fixed permutation between layers.
+        fold: fold that permutation into the next layer's keyword arguments (its order or
+            mask, see :data:`Fold`) instead of a :class:`~pyroflows.transforms.Permute` layer.
+        complementary_masks: odd-numbered layers take the complement of the previous layer's
+            mask (Dinh et al.'s alternating masks): with an odd D a reversal maps the middle
+            coordinate onto itself, the complement makes every coordinate condition one layer
+            of each pair and be transformed by the other.
+        bank: ``(dim, num_layers) -> layers`` sharing one bank of stacked parameters, used by
+            ``build`` when no layer keyword arguments are given.
+        stacked_conditioners: ``build`` makes the MADE networks of a run of same-size layers
+            rows of one bank.
+        num_layers: a flow guide's default number of layers.
+        init_scale: a flow guide's default initial scale of its affine layer (plain start).
+        lr: a flow guide's default Adam step sizes ``(affine layer, flow layers)``.
+        stick_the_landing: whether :class:`~pyroflows.guides.FlowELBO` uses the
+            path-derivative gradient for a guide of this family by default.
+
+    The guide defaults are the measured choices of ``benchmarks/vi.py``
+    (``benchmarks/results/vi.md``); a custom flow gets the field defaults.
+    """
+
+    layer: Callable[..., nn.Module] | None = None
+    needs_permutation: bool = False
+    fold: Fold | None = None
+    complementary_masks: bool = False
+    bank: Callable[[int, int], list[nn.Module]] | None = None
+    stacked_conditioners: bool = False
+    num_layers: int = 4
+    init_scale: float = 0.1
+    lr: tuple[float, float] = (5e-2, 3e-3)
+    stick_the_landing: bool = False
+
+
+def fold_order(dim: int, inverse: Tensor, kwargs: dict) -> dict:
+    """:data:`Fold` for layers with an autoregressive ``order`` (IAF, MAF)."""
+    order = kwargs.get("order")
+    order = torch.arange(dim) if order is None else torch.as_tensor(order).flatten()
+    if order.numel() != dim:
+        return kwargs  # the layer's own check reports it
+    return {**kwargs, "order": order[inverse]}
+
+
+def fold_mask(dim: int, inverse: Tensor, kwargs: dict) -> dict:
+    """:data:`Fold` for coupling layers with a ``mask`` (RealNVP)."""
+    mask = kwargs.get("mask")
+    mask = T.RealNVP.default_mask(dim) if mask is None else torch.as_tensor(mask).flatten()
+    if mask.numel() != dim:
+        return kwargs
+    return {**kwargs, "mask": mask.bool()[inverse]}
+
+
+_NETWORK_FAMILY = {"needs_permutation": True, "stacked_conditioners": True, "init_scale": 1.0}
+
+#: The families :func:`~pyroflows.flows.build` and the guides know, by name.
+FAMILIES: dict[str, Family] = {
+    "planar": Family(T.Planar, bank=planar_layers, num_layers=16, lr=(5e-2, 1e-2)),
+    "radial": Family(T.Radial, bank=radial_layers, num_layers=16, lr=(5e-2, 1e-2)),
+    "iaf": Family(T.IAF, fold=fold_order, stick_the_landing=True, **_NETWORK_FAMILY),
+    "maf": Family(T.MAF, fold=fold_order, **_NETWORK_FAMILY),
+    "realnvp": Family(T.RealNVP, fold=fold_mask, complementary_masks=True, **_NETWORK_FAMILY),
+}
+
+
+def register_family(name: str, family: Family) -> None:
+    """Make ``build(name, ...)`` and ``AutoFlowGuide(model, flow=name)`` available for a new
+    family (or replace one).
+
+    Example:
+        >>> import pyroflows as pf
+        >>> pf.flows.register_family("tanh-maf", pf.flows.Family(
+        ...     lambda dim, **kw: pf.transforms.MAF(dim, activation=torch.nn.Tanh, **kw),
+        ...     needs_permutation=True, fold=pf.flows.fold_order))
+        >>> len(pf.flows.build("tanh-maf", 3, num_layers=2).parts)
+        2
+        >>> del pf.flows.FAMILIES["tanh-maf"]
+    """
+    if not isinstance(family, Family) or family.layer is None:
+        raise TypeError(f"register_family: expected a Family with a layer, got {family!r}")
+    FAMILIES[name] = family
