@@ -22,8 +22,6 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.nn import PyroModule
 from pyro.params.param_store import param_with_module_name
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import _PYRO_STACK
-from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_site_shape, warn_if_nan
@@ -31,7 +29,7 @@ from torch import Tensor, nn
 from torch.distributions import ComposeTransform, Transform, biject_to
 from torch.distributions.transforms import IndependentTransform
 
-from . import _legacy, flows
+from . import _legacy, _private, flows
 from .transforms import ElementwiseAffine, FlowTransform, TriangularAffine
 from .transforms.affine import FixedTriangularAffine, _PackedAffine
 
@@ -1193,11 +1191,10 @@ class FlowELBO(Trace_ELBO):
                 and type(self)._get_trace is FlowELBO._get_trace
                 and not guide._subsampled_latents
                 and not (guide._forward_hooks or guide._forward_pre_hooks
-                         or nn.modules.module._global_forward_hooks
-                         or nn.modules.module._global_forward_pre_hooks)):
+                         or _private.global_module_hooks())):
             return False
         # outside SVI.step nothing may be active; inside it only its param-only trace
-        if not all(type(m) is TraceMessenger and m.param_only for m in _PYRO_STACK):
+        if not _private.only_param_capture_active():
             return False
         if (self.vectorize_particles and self.num_particles > 1
                 and self.max_plate_nesting == float("inf")):

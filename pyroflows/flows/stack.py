@@ -7,9 +7,9 @@ from pyro.distributions.torch_transform import ComposeTransformModule
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.distributions import constraints
-from torch.distributions.transforms import Transform, _InverseTransform
+from torch.distributions.transforms import Transform
 
-from .. import _legacy
+from .. import _legacy, _private
 from .. import transforms as T
 from ..transforms.autoregressive import AffineAutoregressiveCore, affine_chain, traced
 from ..transforms.base import FlowTransform, _CacheEntry, module_stamp
@@ -110,7 +110,7 @@ class FlowStack(ComposeTransformModule):
         # the generic inverse, which calls back into _inv_call / log_abs_det_jacobian here
         inv = self.__dict__.get("_fused_inv")
         if inv is None:
-            inv = self.__dict__["_fused_inv"] = _InverseTransform(self)
+            inv = self.__dict__["_fused_inv"] = _private.InverseTransform(self)
         return inv
 
     @property

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .. import _private
 from ..nn.made import MADE, StackedMADE, default_hidden_dims
 from .base import FlowTransform
 
@@ -283,10 +284,7 @@ def traced() -> bool:
     with in-place and ``out=`` operations, then step aside for the plain operations."""
     if torch.compiler.is_compiling():
         return True
-    try:
-        return torch._C._functorch.peek_interpreter_stack() is not None
-    except AttributeError:  # a torch without functorch's interpreter stack
-        return False
+    return _private.functorch_active()
 
 
 def affine_chain(

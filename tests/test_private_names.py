@@ -1,0 +1,62 @@
+"""The private Pyro and PyTorch names of ``pyroflows._private``: each still exists and still
+means what the package relies on. A failure here means an upgrade moved one of them."""
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from torch import nn
+
+from pyroflows import _private
+
+
+def test_param_capture_is_the_only_handler_inside_svi_step():
+    seen = []
+
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    def guide():
+        seen.append(_private.only_param_capture_active())
+        loc = pyro.param("loc", torch.tensor(0.0))
+        pyro.sample("x", dist.Normal(loc, 1.0))
+
+    pyro.clear_param_store()
+    assert _private.only_param_capture_active()
+    SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), Trace_ELBO()).step()
+    with poutine.scale(scale=2.0):
+        assert not _private.only_param_capture_active()
+    with poutine.trace():
+        assert not _private.only_param_capture_active()
+    assert seen and seen[0] is False  # Trace_ELBO traces the guide: a full trace is active
+
+
+def test_functorch_active_inside_torch_func_only():
+    seen = []
+
+    def f(x):
+        seen.append(_private.functorch_active())
+        return (x * x).sum()
+
+    assert not _private.functorch_active()
+    torch.func.grad(f)(torch.ones(3))
+    torch.func.vmap(f)(torch.ones(2, 3))
+    assert seen == [True, True]
+
+
+def test_global_module_hooks_are_seen():
+    assert not _private.global_module_hooks()
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert _private.global_module_hooks()
+    finally:
+        handle.remove()
+    assert not _private.global_module_hooks()
+
+
+def test_inverse_transform_is_what_inv_returns():
+    t = torch.distributions.transforms.ExpTransform()
+    assert type(t.inv) is _private.InverseTransform
+    inv = _private.InverseTransform(t)
+    assert torch.allclose(inv(torch.tensor([1.0])), torch.tensor([0.0]))
