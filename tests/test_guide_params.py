@@ -1,0 +1,264 @@
+"""The flow guides' parameter statements, latent layout and direct draws against Pyro's pyro.module
+statements, AutoContinuous._unpack_latent and Trace_ELBO."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoContinuous
+from torch import Tensor
+
+import pyroflows as pf
+from pyroflows import testing
+from pyroflows.guides import AutoFlowGuide, FlowELBO
+
+pytestmark = pytest.mark.usefixtures("fresh_param_store")
+
+
+# ---- the flow guide's draw ----------------------------------------------------------------------
+def _model_for(device, dtype):
+    zero = torch.zeros((), device=device, dtype=dtype)
+    data = torch.tensor([0.3, -1.2, 2.0, 0.7], device=device, dtype=dtype)
+
+    def model():
+        loc = pyro.sample("loc", dist.Normal(zero.expand(2), 1.0).to_event(1))
+        scale = pyro.sample("scale", dist.LogNormal(zero, 0.5))
+        with pyro.plate("groups", 3):
+            offset = pyro.sample("offset", dist.Normal(zero, 0.3))
+        with pyro.plate("data", 4):
+            pyro.sample("y", dist.Normal(loc.sum(-1, keepdim=True) + offset.mean(-1, True),
+                                         scale.unsqueeze(-1)), obs=data)
+
+    return model
+
+
+def _pyro_iaf(dim: int):
+    import pyro.distributions.transforms as T
+
+    return T.affine_autoregressive(dim, hidden_dims=[8])
+
+
+GUIDES = {
+    "iaf-laplace": dict(flow="iaf", num_layers=2, hidden_dims=(8,), laplace_init=True),
+    "iaf-diagonal": dict(flow="iaf", num_layers=2, hidden_dims=(8,), full_rank=False,
+                         laplace_init=False),
+    "realnvp-full-rank": dict(flow="realnvp", num_layers=2, hidden_dims=(8,), full_rank=True,
+                              laplace_init=False),
+    "planar": dict(flow="planar", num_layers=3, laplace_init=False),
+    "radial": dict(flow="radial", num_layers=3),
+    "no-flow": dict(flow="iaf", num_layers=0, laplace_init=False),
+    "callable-planar-layer": dict(flow=pf.transforms.planar, laplace_init=False),
+    "callable-pyro-iaf": dict(flow=_pyro_iaf, laplace_init=False),
+}
+
+
+def _param_sites(fn) -> list[tuple[str, Tensor]]:
+    with poutine.trace(param_only=True) as tr:
+        fn()
+    return [(name, site["value"]) for name, site in tr.trace.nodes.items()]
+
+
+@pytest.mark.parametrize("name", list(GUIDES))
+def test_param_statements_are_pyros_module_statements(name, monkeypatch, device, dtype):
+    """The guide's own param statements (one walk of its modules) are the statements that
+    PyroModule's attribute access makes through ``pyro.module`` (the reference: the same
+    guide with its own statements switched off): the same names in the same order, each
+    value the param store's tensor and the module's own parameter, for the traced call and
+    the direct draw alike, for every flow kind (none, planar, radial, IAF, RealNVP, a user
+    callable, Pyro's own IAF) and affine layer (diagonal, full rank, after a Laplace start)."""
+    model = _model_for(device, dtype)
+    guide = AutoFlowGuide(model, **GUIDES[name])
+    guide()
+    store = pyro.get_param_store()
+    modules = {name: p for name, p in guide.named_parameters()}
+
+    def run_both():
+        return [_param_sites(guide), _param_sites(lambda: guide._direct_draw((4, 1), False))]
+
+    got = run_both()
+    sync = AutoFlowGuide._sync_param_store
+    monkeypatch.setattr(AutoFlowGuide, "_sync_param_store",
+                        lambda self, at_setup=False, register=False: sync(self, at_setup) and False)
+    want = run_both()
+    assert want[0], "the reference made no param statements"
+    module_tensors = {id(p) for p in modules.values()}
+    for sites in got:
+        assert [n for n, _ in sites] == [n for n, _ in want[0]]
+        for (n, value), (_, ref) in zip(sites, want[0], strict=True):
+            assert value is store[n] and value is ref and id(value) in module_tensors
+
+
+def _steps(model, guide, elbo, actions) -> tuple[list[float], dict[str, Tensor]]:
+    """Run SVI steps with ``actions`` between them; the losses and the guide's parameters."""
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 2e-2}), elbo)
+    losses = []
+    torch.manual_seed(1)
+    for action in actions:
+        action(guide)
+        before = [p.detach().clone() for p in guide.parameters()]
+        losses.append(svi.step())
+        # every parameter was stepped, and the store holds the guide's own tensors
+        assert all(not torch.equal(p.detach(), b)
+                   for p, b in zip(guide.parameters(), before, strict=True))
+        stored = {id(v) for _, v in pyro.get_param_store().named_parameters()}
+        assert all(id(p) in stored for p in guide.parameters())
+    return losses, {n: p.detach().clone() for n, p in guide.named_parameters()}
+
+
+def _clear(guide):
+    pyro.clear_param_store()
+
+
+def _reload_store(guide):
+    store = pyro.get_param_store()
+    state = store.get_state()
+    store.set_state({"params": {k: v.detach().clone() for k, v in state["params"].items()},
+                     "constraints": dict(state["constraints"])})
+
+
+def _nothing(guide):
+    pass
+
+
+@pytest.mark.parametrize("name", ["iaf-laplace", "planar", "no-flow", "callable-pyro-iaf"])
+def test_direct_steps_equal_pyros_trace_elbo_through_store_changes(name, device, dtype):
+    """FlowELBO's direct draw (the guide's own param statements, cached layout, unchecked
+    N(0, I) draw) steps exactly as Pyro's own ``Trace_ELBO`` on the traced guide, through a
+    cleared param store and a ``set_state`` of the store between steps: the same losses, the
+    same parameters, every parameter stepped."""
+    model = _model_for(device, dtype)
+    actions = [_nothing, _nothing, _clear, _nothing, _reload_store, _nothing]
+    runs = []
+    for elbo in (FlowELBO(direct=True, num_particles=4, vectorize_particles=True,
+                          max_plate_nesting=1, stick_the_landing=False),
+                 Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        guide = AutoFlowGuide(model, stick_the_landing=False, **GUIDES[name])
+        guide()
+        start = {n: p.detach().clone() for n, p in guide.named_parameters()}
+        runs.append(_steps(model, guide, elbo, actions))
+        assert all(not torch.equal(p, start[n]) for n, p in runs[-1][1].items())
+    (got_losses, got), (want_losses, want) = runs
+    rel = 1e-9 if dtype == torch.float64 else 1e-4
+    assert got_losses == pytest.approx(want_losses, rel=rel)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], **testing.tolerances(dtype))
+
+
+def test_direct_steps_after_a_cast_and_a_pickle_equal_pyros(device):
+    """After steps in float32, ``guide.to(float64)`` and a pickle round trip (the layout cache
+    keyed by the prototype trace is rebuilt for the copy): the direct draw's latent unpacking
+    is Pyro's, and the copy steps exactly as Pyro's ``Trace_ELBO`` steps another copy."""
+    dtype = [torch.float32]
+
+    def model():
+        zero = torch.zeros((), device=device, dtype=dtype[0])
+        _model_for(device, dtype[0])()
+        pyro.sample("extra", dist.Gamma(zero + 2.0, 1.0))
+
+    torch.manual_seed(0)
+    guide = AutoFlowGuide(model, flow="iaf", num_layers=2, hidden_dims=(8,), laplace_init=False,
+                          stick_the_landing=False)
+    guide()
+    elbo = FlowELBO(direct=True, num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    _steps(model, guide, elbo, [_nothing] * 2)
+    dtype[0] = torch.float64
+    guide.to(torch.float64)
+    blob = pickle.dumps(guide)
+    runs = []
+    for elbo in (FlowELBO(direct=True, num_particles=4, vectorize_particles=True,
+                          max_plate_nesting=1),
+                 Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)):
+        pyro.clear_param_store()
+        copy_ = pickle.loads(blob)
+        latent = torch.randn(4, 1, copy_.latent_dim, device=device, dtype=torch.float64)
+        got = list(copy_._unpack_latent(latent))
+        want = list(AutoContinuous._unpack_latent(copy_, latent))
+        assert [s["name"] for s, _ in got] == [s["name"] for s, _ in want]
+        for (_, a), (_, b) in zip(got, want, strict=True):
+            assert a.shape == b.shape and a.data_ptr() == b.data_ptr()
+        runs.append(_steps(model, copy_, elbo, [_nothing] * 2))
+    (got_losses, got_params), (want_losses, want_params) = runs
+    assert got_losses == pytest.approx(want_losses, rel=1e-9)
+    for n in want_params:
+        assert got_params[n].dtype == torch.float64
+        torch.testing.assert_close(got_params[n], want_params[n], rtol=1e-9, atol=1e-9)
+
+
+def test_layout_follows_a_new_prototype_trace(device, dtype):
+    """A guide whose prototype trace is replaced (here by a copy: new site objects, the same
+    layout) unpacks with the new trace's sites, as Pyro does, not with the cached ones."""
+    model = _model_for(device, dtype)
+    guide = AutoFlowGuide(model, flow="iaf", num_layers=1, hidden_dims=(8,), laplace_init=False)
+    guide()
+    for _ in range(2):
+        for batch in [(), (6, 1)]:
+            latent = torch.randn(*batch, guide.latent_dim, device=device, dtype=dtype)
+            got = list(guide._unpack_latent(latent))
+            want = list(AutoContinuous._unpack_latent(guide, latent))
+            assert len(got) == len(want) == 3
+            for (site, a), (ref_site, b) in zip(got, want, strict=True):
+                assert site is ref_site and a.shape == b.shape and a.data_ptr() == b.data_ptr()
+        guide.prototype_trace = copy.deepcopy(guide.prototype_trace)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_predictive_draws_equal_those_with_pyros_unpacking(parallel, monkeypatch, device, dtype):
+    """``Predictive`` over the guide (its cached-layout unpacking, batched by the particle
+    plate when ``parallel``) draws what it draws with Pyro's own ``_unpack_latent``."""
+    model = _model_for(device, dtype)
+    guide = AutoFlowGuide(model, flow="iaf", num_layers=2, hidden_dims=(8,))
+    guide()
+    testing.randomize_parameters_(guide.flow, scale=0.2, seed=2)
+
+    def draw():
+        torch.manual_seed(3)
+        return Predictive(model, guide=guide, num_samples=7, parallel=parallel)()
+
+    got = draw()
+    monkeypatch.setattr(AutoFlowGuide, "_unpack_latent", AutoContinuous._unpack_latent)
+    want = draw()
+    assert set(got) == set(want) == {"loc", "scale", "offset", "y"}
+    for k in want:
+        assert got[k].shape == want[k].shape
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_frozen_parameter_warns_as_pyro_module_does(training, monkeypatch, device, dtype):
+    """A flow parameter with ``requires_grad=False`` gets no param statement, and the guide's
+    own statements warn about it as ``pyro.module`` (the reference: the guide with its own
+    statements switched off) does: once per call while the module is in training mode,
+    never in eval mode; in the traced call and the direct draw alike."""
+    model = _model_for(device, dtype)
+    guide = AutoFlowGuide(model, flow="iaf", num_layers=2, hidden_dims=(8,), laplace_init=False)
+    guide()
+    guide.flow.parts[0].conditioner.stacked.flat_parameters.requires_grad_(False)
+    guide.train(training)
+
+    def run_both():
+        out = []
+        for fn in (guide, lambda: guide._direct_draw((4, 1), False)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                names = [n for n, _ in _param_sites(fn)]
+            out.append((names, [str(w.message) for w in caught]))
+        return out
+
+    got = run_both()
+    sync = AutoFlowGuide._sync_param_store
+    monkeypatch.setattr(AutoFlowGuide, "_sync_param_store",
+                        lambda self, at_setup=False, register=False: sync(self, at_setup) and False)
+    want = run_both()
+    assert want[0][0] == ["AutoFlowGuide.affine$$$packed"]
+    assert len(want[0][1]) == (1 if training else 0)
+    assert got == want
