@@ -111,7 +111,9 @@ def pack_separate_entries(module: nn.Module, state_dict: dict, prefix: str, *arg
 def pack_separate_entries_in_store(store, prefix: str, affine: nn.Module) -> None:
     """Param store entries of an affine layer saved before its parameters were packed
     (``affine.loc``, ``affine.log_scale``, ``affine.lower``) become its ``affine.packed``
-    entry."""
+    entry. Any other module is left alone."""
+    if not hasattr(affine, "_ROWS"):
+        return
     old = _entries(store, prefix, affine._ROWS)
     new = _entries(store, prefix, ["packed"])["packed"]
     if new in store or not all(key in store for key in old.values()):

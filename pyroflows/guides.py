@@ -31,7 +31,7 @@ from torch.distributions.transforms import IndependentTransform
 
 from . import _legacy, _private, flows
 from .transforms import ElementwiseAffine, FlowTransform, TriangularAffine
-from .transforms.affine import FixedTriangularAffine, _PackedAffine
+from .transforms.affine import FixedTriangularAffine
 
 __all__ = [
     "AutoFlowGuide",
@@ -465,7 +465,7 @@ class AutoFlowGuide(AutoContinuous):
             if laplace is not None:
                 # whitened coordinates: the fixed layer maps them to the Laplace Gaussian,
                 # the learnable affine layer starts at the identity on top of it
-                self.laplace = _FixedAffine(*laplace)
+                self.laplace = FixedTriangularAffine(*laplace)
                 affine = layer(dim).to(loc.device, loc.dtype)
         self.affine = affine
         self._flow_spec = None  # built; a lambda here would stop the guide from pickling
@@ -492,7 +492,7 @@ class AutoFlowGuide(AutoContinuous):
             prefix = self._pyro_get_fullname(attr)
             if at_setup and isinstance(module, flows.FlowStack):
                 _legacy.stack_per_layer_entries(store, prefix, module)
-            if at_setup and isinstance(module, _PackedAffine):
+            if at_setup:
                 _legacy.pack_separate_entries_in_store(store, prefix, module)
             for pname, p in module.named_parameters():
                 if not p.requires_grad:
@@ -901,8 +901,6 @@ class AutoFlowGuide(AutoContinuous):
         return {k: v[0] for k, v in self.quantiles([0.5], *args, **kwargs).items()}
 
 
-# the Laplace layer (the name kept: pickled guides refer to it)
-_FixedAffine = FixedTriangularAffine
 
 
 def _match_laplace_layer(guide: AutoFlowGuide, state_dict: dict, prefix: str, *args) -> None:
@@ -917,7 +915,7 @@ def _match_laplace_layer(guide: AutoFlowGuide, state_dict: dict, prefix: str, *a
     loc, scale_tril = f"{prefix}laplace.loc", f"{prefix}laplace.scale_tril"
     has = guide._modules.get("laplace") is not None
     if loc in state_dict and scale_tril in state_dict and not has:
-        guide.laplace = _FixedAffine(state_dict[loc], state_dict[scale_tril]).to(
+        guide.laplace = FixedTriangularAffine(state_dict[loc], state_dict[scale_tril]).to(
             device=affine.loc.device, dtype=affine.loc.dtype)
         guide.laplace_info = {"used": True, "reason": "loaded from a state_dict"}
     elif has and loc not in state_dict and (f"{prefix}affine.packed" in state_dict
