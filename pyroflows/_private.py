@@ -8,7 +8,11 @@ moves one fails there, loudly, rather than somewhere inside a guide.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from pyro.infer import Trace_ELBO
+from pyro.infer.util import validation_enabled as infer_validation_enabled
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from torch import nn
@@ -16,6 +20,7 @@ from torch.distributions.transforms import _InverseTransform
 
 __all__ = [
     "InverseTransform", "only_param_capture_active", "functorch_active", "global_module_hooks",
+    "guess_max_plate_nesting",
 ]
 
 #: ``t.inv`` of a transform, the class ``Transform.inv`` makes; a stack keeps one instance
@@ -44,3 +49,25 @@ def global_module_hooks() -> bool:
     ``forward`` would skip them."""
     module = nn.modules.module
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+def guess_max_plate_nesting(model, guide, args: tuple, kwargs: dict) -> int:
+    """How many plate dims ``model`` and ``guide`` use: the deepest vectorized plate dim of one
+    unvectorized run of both (which also sets up an autoguide's prototype). This is Pyro's own
+    guess, which Pyro offers only as the private method ``ELBO._guess_max_plate_nesting``. It
+    runs without the site-shape checks an ELBO adds to it (a caller that vectorizes next checks
+    the shapes there, and the checks cost as much as the guess), and its INFO line, which Pyro
+    prints by default, is held back."""
+    elbo_logger = logging.getLogger("pyro.infer.elbo")
+    elbo_logger.addFilter(_no_records)
+    try:
+        elbo = Trace_ELBO()
+        with infer_validation_enabled(False):
+            elbo._guess_max_plate_nesting(model, guide, args, kwargs)
+    finally:
+        elbo_logger.removeFilter(_no_records)
+    return int(elbo.max_plate_nesting)
+
+
+def _no_records(record: logging.LogRecord) -> bool:
+    return False

@@ -1,11 +1,14 @@
 """The private Pyro and PyTorch names of ``pyroflows._private``: each still exists and still
 means what the package relies on. A failure here means an upgrade moved one of them."""
 
+import logging
+
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
 from torch import nn
 
 from pyroflows import _private
@@ -60,3 +63,36 @@ def test_inverse_transform_is_what_inv_returns():
     assert type(t.inv) is _private.InverseTransform
     inv = _private.InverseTransform(t)
     assert torch.allclose(inv(torch.tensor([1.0])), torch.tensor([0.0]))
+
+
+def test_guess_max_plate_nesting_reads_the_deepest_plate_of_model_and_guide(fresh_param_store):
+    def model():
+        with pyro.plate("rows", 3, dim=-1):
+            pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(0.0, 1.0))
+
+    def guide():  # a guide may use a deeper plate than the model, for an auxiliary site
+        with pyro.plate("rows", 3, dim=-1):
+            pyro.sample("x", dist.Normal(0.0, 1.0))
+        with pyro.plate("blocks", 2, dim=-2):
+            pyro.sample("aux", dist.Normal(0.0, 1.0).expand([2, 1]))
+        pyro.sample("y", dist.Normal(0.0, 1.0))
+
+    def flat():
+        pyro.sample("y", dist.Normal(0.0, 1.0))
+
+    logger = logging.getLogger("pyro.infer.elbo")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        assert _private.guess_max_plate_nesting(model, model, (), {}) == 1
+    finally:
+        logger.removeHandler(handler)
+    assert records == [] and not logger.filters  # Pyro's INFO line held back, only here
+    assert _private.guess_max_plate_nesting(model, guide, (), {}) == 2
+    assert _private.guess_max_plate_nesting(flat, flat, (), {}) == 0
+    autoguide = AutoNormal(model)
+    assert _private.guess_max_plate_nesting(model, autoguide, (), {}) == 1
+    assert autoguide.prototype_trace is not None  # the run set the autoguide up
