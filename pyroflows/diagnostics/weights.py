@@ -1,0 +1,275 @@
+"""Log importance weights of guide draws: guide and model run once, vectorized over the draws.
+
+The S draws are a ``pyro.plate`` of size S at dim ``-(max_plate_nesting + 1)``, left of every
+plate that model and guide use. A site's log density then has shape ``(S, *plates)`` and sums
+to one number per draw; a site's value is aligned as
+``(S, *[one entry per plate dim], *event_shape)``, with size-1 entries where the site broadcasts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites
+from torch import Tensor
+
+from .. import _private
+from ._chunks import in_chunks
+
+__all__ = ["log_importance_weights"]
+
+_SAMPLE_PLATE = "_pyroflows_num_samples"
+
+
+@dataclass
+class Site:
+    """A sample site of the model, as the ArviZ conversion names and shapes it."""
+
+    name: str
+    kind: str  # "latent", "deterministic" or "observed"
+    frames: dict[int, str]  # plate dim (negative) -> plate name
+    event_dim: int
+    observed: Tensor | None = None  # the data, for observed sites
+
+
+@dataclass
+class Draws:
+    """``num_samples`` guide draws on the guide's device: ``log_weights`` and ``log_joint`` of
+    shape ``(S,)``, and ``values`` of the latent and deterministic sites aligned as
+    ``(S, *[one entry per plate dim], *event_shape)``."""
+
+    log_weights: Tensor
+    log_joint: Tensor
+    values: dict[str, Tensor]
+    sites: dict[str, Site]
+    max_plate_nesting: int
+    chunk_size: int  # the draws per vectorized pass that fitted in memory
+
+
+def guide_name(guide: Callable) -> str:
+    """A function guide's own name, else the guide's class (``AutoNormal``)."""
+    if inspect.isfunction(guide) or inspect.ismethod(guide):
+        return guide.__name__
+    return type(guide).__name__
+
+
+def vectorize(fn: Callable, num_samples: int, max_plate_nesting: int) -> Callable:
+    """``fn`` run inside the plate of ``num_samples`` draws, left of its own plate dims."""
+
+    def vectorized(*args, **kwargs):
+        with pyro.plate(_SAMPLE_PLATE, num_samples, dim=-(max_plate_nesting + 1)):
+            return fn(*args, **kwargs)
+
+    return vectorized
+
+
+def align(value: Tensor, event_dim: int, num_samples: int, mpn: int, name: str) -> Tensor:
+    """Reshape a site value to ``(num_samples, *[mpn plate dims], *event_shape)``. A negative
+    ``event_dim`` means a leading sample dim with ``-event_dim`` plate dims reduced away."""
+    if event_dim < 0:
+        value = value.reshape(value.shape[:1] + (1,) * (-event_dim) + value.shape[1:])
+        event_dim = value.dim() - (mpn + 1)
+    batch_ndim = value.dim() - event_dim
+    if batch_ndim > mpn + 1:
+        raise ValueError(
+            f"site {name!r} has value shape {tuple(value.shape)} with more batch dims than "
+            f"max_plate_nesting={mpn} allows; pass a larger max_plate_nesting"
+        )
+    value = value.reshape((1,) * (mpn + 1 - batch_ndim) + tuple(value.shape))
+    if value.shape[0] not in (1, num_samples):
+        raise ValueError(f"site {name!r}: cannot find the sample dim in shape {tuple(value.shape)}")
+    return value.expand((num_samples,) + tuple(value.shape[1:]))
+
+
+def _align_deterministic(
+    value: Tensor, event_dim: int, num_samples: int, mpn: int, name: str,
+) -> tuple[Tensor, int]:
+    """Align a ``pyro.deterministic`` value, which makes every dim an event dim unless told
+    otherwise: guess which leading dims are the sample and plate dims. Returns the aligned value
+    and the event dim used."""
+    if event_dim < value.dim():  # the user stated event_dim
+        pass
+    elif value.dim() >= mpn + 1:  # computed from plate-aligned latents: (S, *plates, *event)
+        event_dim = value.dim() - (mpn + 1)
+    elif value.dim() > 0 and value.shape[0] == num_samples > 1:  # e.g. a sum over a plate
+        event_dim = value.dim() - 1 - mpn  # negative: pad plate dims right of the sample dim
+    try:
+        return align(value, event_dim, num_samples, mpn, name), event_dim
+    except ValueError:  # no sample dim where guessed: a constant, the same in every draw
+        return align(value, value.dim(), num_samples, mpn, name), value.dim()
+
+
+def _per_draw_sum(log_prob: Tensor | float, name: str, num_samples: int, mpn: int) -> Tensor:
+    """A site's log density summed over everything but the sample-plate dim: shape ``(S,)``."""
+    log_prob = torch.as_tensor(log_prob)
+    sample_dim = log_prob.dim() - (mpn + 1)
+    if sample_dim < 0:  # the site does not vary across draws
+        return log_prob.sum().expand(num_samples)
+    if sample_dim > 0:
+        raise ValueError(
+            f"site {name!r} has log-density shape {tuple(log_prob.shape)}, more batch dims than "
+            f"max_plate_nesting={mpn} allows; pass a larger max_plate_nesting"
+        )
+    if log_prob.dim() > 1:
+        log_prob = log_prob.sum(tuple(range(1, log_prob.dim())))
+    return log_prob.expand(num_samples)
+
+
+def _is_point_mass(fn: Any) -> bool:
+    while not isinstance(fn, dist.Delta) and hasattr(fn, "base_dist"):  # Independent, masks
+        fn = fn.base_dist
+    return isinstance(fn, dist.Delta)
+
+
+def _traces(model, guide, args, kwargs, num_samples: int, mpn: int) -> tuple[Trace, Trace]:
+    """The vectorized guide trace and the model trace replayed against it, with log densities,
+    subsample sites pruned."""
+    guide_trace = poutine.trace(vectorize(guide, num_samples, mpn)).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(
+        poutine.replay(vectorize(model, num_samples, mpn), trace=guide_trace)
+    ).get_trace(*args, **kwargs)
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    guide_sites = [site for site in guide_trace.nodes.values() if site["type"] == "sample"]
+    if guide_sites and all(_is_point_mass(site["fn"]) for site in guide_sites):
+        raise ValueError(
+            "the guide is a point mass (e.g. AutoDelta): it has no density, so importance "
+            "weights, the ELBO and k-hat are undefined for it"
+        )
+    guide_trace.compute_log_prob()
+    model_trace.compute_log_prob()
+    return model_trace, guide_trace
+
+
+def _log_weights(
+    model_trace: Trace, guide_trace: Trace, num_samples: int, mpn: int,
+) -> tuple[Tensor, Tensor]:
+    """Per draw, ``log p(x, z) - log q(z)`` and the log joint ``log p(x, z)``. A latent site the
+    guide does not sample is drawn by the model from its prior conditional, so that density is
+    part of ``q`` and cancels."""
+    log_q = 0.0
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample":
+            log_q = log_q + _per_draw_sum(site["log_prob"], name, num_samples, mpn)
+    log_p = 0.0
+    log_prior_uncovered = 0.0
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        lp = _per_draw_sum(site["log_prob"], name, num_samples, mpn)
+        log_p = log_p + lp
+        if not site["is_observed"] and name not in guide_trace.nodes:
+            log_prior_uncovered = log_prior_uncovered + lp
+    if not torch.is_tensor(log_p):
+        raise ValueError("the model has no sample sites")
+    return log_p - log_q - log_prior_uncovered, log_p
+
+
+def _sites_and_values(
+    model_trace: Trace, num_samples: int, mpn: int,
+) -> tuple[dict[str, Site], dict[str, Tensor]]:
+    """Every sample site of the model, and the aligned values of the latent and deterministic
+    ones."""
+    sites: dict[str, Site] = {}
+    values: dict[str, Tensor] = {}
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        frames = {
+            f.dim: f.name
+            for f in site["cond_indep_stack"]
+            if f.vectorized and f.name != _SAMPLE_PLATE
+        }
+        event_dim, value = site["fn"].event_dim, site["value"]
+        if site["infer"].get("_deterministic", False):
+            values[name], event_dim = _align_deterministic(value, event_dim, num_samples, mpn,
+                                                           name)
+            sites[name] = Site(name, "deterministic", frames, max(event_dim, 0))
+        elif site["is_observed"]:
+            sites[name] = Site(name, "observed", frames, event_dim, observed=value)
+        else:
+            values[name] = align(value, event_dim, num_samples, mpn, name)
+            sites[name] = Site(name, "latent", frames, event_dim)
+    return sites, values
+
+
+def draw(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, num_samples: int,
+    max_plate_nesting: int | None, chunk_size: int | None, keep_values: bool,
+) -> Draws:
+    """``num_samples`` guide draws scored by the model, in vectorized passes of at most
+    ``chunk_size`` draws (halved where memory runs out). Without ``keep_values`` only the log
+    weights and log joint are kept (``values`` and ``sites`` are empty). Call under
+    :func:`torch.no_grad`."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    mpn = (
+        _private.guess_max_plate_nesting(model, guide, args, kwargs)
+        if max_plate_nesting is None else int(max_plate_nesting)
+    )
+
+    def run(start: int, n: int):
+        model_trace, guide_trace = _traces(model, guide, args, kwargs, n, mpn)
+        log_weights, log_joint = _log_weights(model_trace, guide_trace, n, mpn)
+        sites, values = _sites_and_values(model_trace, n, mpn) if keep_values else ({}, {})
+        return log_weights, log_joint, values, sites
+
+    chunk = num_samples if chunk_size is None else max(1, min(int(chunk_size), num_samples))
+    parts, chunk = in_chunks(run, num_samples, chunk)
+    log_weights = torch.cat([p[0] for p in parts])
+    if torch.isnan(log_weights).any() or (log_weights == math.inf).any():
+        raise ValueError(
+            "log importance weights contain NaN or +inf: the guide puts mass where its own "
+            "density or the model's is not finite"
+        )
+    return Draws(
+        log_weights=log_weights,
+        log_joint=torch.cat([p[1] for p in parts]),
+        values={name: torch.cat([p[2][name] for p in parts]) for name in parts[0][2]},
+        sites=parts[0][3],
+        max_plate_nesting=mpn,
+        chunk_size=chunk,
+    )
+
+
+def log_importance_weights(
+    model: Callable, guide: Callable, *args: Any, num_samples: int = 1000,
+    max_plate_nesting: int | None = None, chunk_size: int | None = None, **kwargs: Any,
+) -> Tensor:
+    """Log importance weights :math:`\\log p(x, z_s) - \\log q(z_s)` of ``num_samples`` guide
+    draws :math:`z_s \\sim q`, in one vectorized pass.
+
+    Arguments:
+        model: the Pyro model; ``*args`` and ``**kwargs`` are passed to it and to the guide.
+        guide: any Pyro guide for ``model``.
+        num_samples: the number S of guide draws.
+        max_plate_nesting: how many plate dims model and guide use; guessed from one
+            unvectorized run when None.
+        chunk_size: draws per vectorized pass (default all S; halved automatically when memory
+            runs out).
+
+    Returns:
+        A tensor of shape ``(S,)`` on the guide's device.
+
+    Example:
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from pyroflows.diagnostics import log_importance_weights
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> def guide():  # the exact posterior, so every weight is log p(x) = 0
+        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
+        >>> log_importance_weights(model, guide, num_samples=5).abs().max().item() < 1e-6
+        True
+    """
+    with torch.no_grad():
+        return draw(model, guide, args, kwargs, num_samples, max_plate_nesting, chunk_size,
+                    keep_values=False).log_weights
