@@ -14,7 +14,8 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import prune_subsample_sites
 
 import pyroflows as pf
-from pyroflows.guides import AutoIAF, AutoPlanar, FlowELBO, _ReplayAndScore
+from pyroflows.guides import AutoIAF, AutoPlanar, FlowELBO, direct, landing
+from pyroflows.guides.direct import _ReplayAndScore
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps (see conftest)
 
@@ -151,7 +152,7 @@ def test_replay_and_score_is_pyros_trace_replay_and_compute_log_prob(name, vecto
     n = 3
     mpn_used = mpn + 1 if vectorized else mpn
     shape = (n,) + (1,) * (mpn_used - 1) if vectorized else ()
-    guide_trace = guide._direct_draw(shape, False)[0]
+    guide_trace = direct.draw(guide, shape, False)[0]
     plate = (pyro.plate("num_particles_vectorized", n, dim=-mpn_used) if vectorized
              else None)
     torch.manual_seed(5)
@@ -228,7 +229,7 @@ def test_in_place_mutation_after_a_site_scores_as_trace_elbo(device, dtype):
 
     guide = AutoIAF(model, num_layers=1, hidden_dims=(8,), laplace_init=False)
     guide()
-    guide_trace = guide._direct_draw((), False)[0]
+    guide_trace = direct.draw(guide, (), False)[0]
     want = _reference(model, guide_trace)[1]
     scored = _ReplayAndScore(guide_trace, 0, True)
     scored.run(model, (), {})
@@ -296,16 +297,16 @@ def test_traced_stl_matches_the_inverse_route(case, make, monkeypatch, device, d
     mpn = 1 if case == "subsampled-latents" else 2
     results = []
     answered = []
-    real = pf.guides._path_entropy
+    real = landing.path_entropy
 
     def counted(posterior, value):
         out = real(posterior, value)
         answered.append(out is not None)
         return out
 
-    monkeypatch.setattr(pf.guides, "_path_entropy", counted)
+    monkeypatch.setattr(landing, "path_entropy", counted)
     for max_dim in (256, 0):
-        monkeypatch.setattr(pf.guides, "STL_JACOBIAN_MAX_DIM", max_dim)
+        monkeypatch.setattr(landing, "STL_JACOBIAN_MAX_DIM", max_dim)
         pyro.clear_param_store()
         torch.manual_seed(0)
         guide = GUIDES[make](model)

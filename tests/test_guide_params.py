@@ -18,7 +18,7 @@ from torch import Tensor
 
 import pyroflows as pf
 from pyroflows import testing
-from pyroflows.guides import AutoFlowGuide, FlowELBO
+from pyroflows.guides import AutoFlowGuide, FlowELBO, autoguide, direct
 
 pytestmark = pytest.mark.usefixtures("fresh_param_store")
 
@@ -81,12 +81,13 @@ def test_param_statements_are_pyros_module_statements(name, monkeypatch, device,
     modules = {name: p for name, p in guide.named_parameters()}
 
     def run_both():
-        return [_param_sites(guide), _param_sites(lambda: guide._direct_draw((4, 1), False))]
+        return [_param_sites(guide), _param_sites(lambda: direct.draw(guide, (4, 1), False))]
 
     got = run_both()
-    sync = AutoFlowGuide._sync_param_store
-    monkeypatch.setattr(AutoFlowGuide, "_sync_param_store",
-                        lambda self, at_setup=False, register=False: sync(self, at_setup) and False)
+    sync = autoguide.sync_param_store
+    monkeypatch.setattr(autoguide, "sync_param_store",  # Pyro's pyro.module statements
+                        lambda owner, names, at_setup=False, register=False:
+                        sync(owner, names, at_setup) and False)
     want = run_both()
     assert want[0], "the reference made no param statements"
     module_tensors = {id(p) for p in modules.values()}
@@ -247,7 +248,7 @@ def test_frozen_parameter_warns_as_pyro_module_does(training, monkeypatch, devic
 
     def run_both():
         out = []
-        for fn in (guide, lambda: guide._direct_draw((4, 1), False)):
+        for fn in (guide, lambda: direct.draw(guide, (4, 1), False)):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 names = [n for n, _ in _param_sites(fn)]
@@ -255,9 +256,10 @@ def test_frozen_parameter_warns_as_pyro_module_does(training, monkeypatch, devic
         return out
 
     got = run_both()
-    sync = AutoFlowGuide._sync_param_store
-    monkeypatch.setattr(AutoFlowGuide, "_sync_param_store",
-                        lambda self, at_setup=False, register=False: sync(self, at_setup) and False)
+    sync = autoguide.sync_param_store
+    monkeypatch.setattr(autoguide, "sync_param_store",  # Pyro's pyro.module statements
+                        lambda owner, names, at_setup=False, register=False:
+                        sync(owner, names, at_setup) and False)
     want = run_both()
     assert want[0][0] == ["AutoFlowGuide.affine$$$packed"]
     assert len(want[0][1]) == (1 if training else 0)

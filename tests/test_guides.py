@@ -22,6 +22,7 @@ from scipy import stats
 import pyroflows as pf
 from pyroflows.diagnostics import log_importance_weights
 from pyroflows.guides import AutoFlowGuide, AutoIAF, AutoPlanar, AutoRadial, FlowELBO, FlowPosterior
+from pyroflows.guides import direct, landing
 
 # benchmarks/ is a sibling package of tests/ (not installed): make it importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -816,13 +817,13 @@ def _schools_with_a_model_param(device, dtype):
 def direct_draws(monkeypatch):
     """How many times FlowELBO drew a guide directly."""
     count = [0]
-    draw = AutoFlowGuide._direct_draw
+    draw = direct.draw
 
-    def counted(self, *args, **kwargs):
+    def counted(*args, **kwargs):
         count[0] += 1
-        return draw(self, *args, **kwargs)
+        return draw(*args, **kwargs)
 
-    monkeypatch.setattr(AutoFlowGuide, "_direct_draw", counted)
+    monkeypatch.setattr(direct, "draw", counted)
     return count
 
 
@@ -1062,7 +1063,7 @@ def test_traced_sticking_the_landing_from_the_jacobian_steps_as_the_inverse(
     monkeypatch.setattr(FlowPosterior, "log_prob_detached", counted)
     got_losses, got = _svi_run(model, direct=False, **kw)
     assert inverse_calls[0] == 0
-    monkeypatch.setattr(pf.guides, "STL_JACOBIAN_MAX_DIM", 0)
+    monkeypatch.setattr(landing, "STL_JACOBIAN_MAX_DIM", 0)
     want_losses, want = _svi_run(model, direct=False, **kw)
     assert inverse_calls[0] == 4
     tol = dict(rtol=1e-8, atol=1e-8) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
@@ -1122,17 +1123,17 @@ def test_sticking_the_landing_from_the_jacobian_matches_the_inverse(kind, batche
     z = z.detach().requires_grad_(True)  # the draw, as a leaf: its gradient is what we compare
     log_q = (-0.5 * eps.square().sum(-1) - 1.5 * math.log(2 * math.pi) - log_det).detach()
     rows: list[int] = []  # the rows of every forward pass the Jacobian takes
-    forward = pf.guides._Inverse.forward
+    forward = landing._Call.forward
 
     def counted(self, value):
         rows.append(value.shape[0])
         return forward(self, value)
 
     with monkeypatch.context() as patch:
-        patch.setattr(pf.guides._Inverse, "forward", counted)
+        patch.setattr(landing._Call, "forward", counted)
         if batched:
-            patch.setattr(pf.guides, "STL_BATCHED_BACKWARD_MIN_ROWS", 0)
-        got = pf.guides._path_log_density(stack, eps, z, log_q)
+            patch.setattr(landing, "STL_BATCHED_BACKWARD_MIN_ROWS", 0)
+        got = landing.path_log_density(stack, eps, z, log_q)
     if not batched:
         assert rows == [n * (d + 1)]
     elif kind == "iaf":

@@ -12,7 +12,8 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyroflows.guides import LAPLACE_ELBO_DRAWS, AutoPlanar
+from pyroflows.guides import AutoPlanar
+from pyroflows.guides.laplace import LAPLACE_ELBO_DRAWS, LogDensity, gaussian_elbo
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_param_store")
 
@@ -167,7 +168,7 @@ def test_laplace_elbo_vectorized_equals_per_draw_loop(name, device, dtype, monke
     scale_tril = scale_tril.to(device, dtype)
     eps = torch.randn(LAPLACE_ELBO_DRAWS, d, generator=gen, dtype=torch.float64).to(device, dtype)
     batched_results = []
-    original = type(guide)._batched_log_density
+    original = LogDensity.batched
 
     def spy(self, *a, **k):
         out = original(self, *a, **k)
@@ -175,11 +176,13 @@ def test_laplace_elbo_vectorized_equals_per_draw_loop(name, device, dtype, monke
         return out
 
     with torch.no_grad(), pyro.validation_enabled(False):
-        monkeypatch.setattr(type(guide), "_batched_log_density", spy)
-        got = guide._gaussian_elbo(loc, scale_tril, eps, args, {})
-        monkeypatch.setattr(type(guide), "_batched_gaussian_elbo", lambda *a, **k: None)
-        loop = guide._gaussian_elbo(loc, scale_tril, eps, args, {})
-        per_draw = [float(guide._log_density(loc + scale_tril @ e, args, {})) for e in eps]
+        monkeypatch.setattr(LogDensity, "batched", spy)
+        got = gaussian_elbo(LogDensity(model, guide._unpack_latent, args, {}), loc, scale_tril,
+                            eps)
+        monkeypatch.setattr(LogDensity, "vectorized_mean", lambda *a, **k: None)
+        density = LogDensity(model, guide._unpack_latent, args, {})
+        loop = gaussian_elbo(density, loc, scale_tril, eps)
+        per_draw = [float(density(loc + scale_tril @ e)) for e in eps]
     entropy = (0.5 * d * math.log(2 * math.pi * math.e)
                + float(scale_tril.double().diagonal().log().sum()))
     want = sum(per_draw) / len(per_draw) + entropy
@@ -210,13 +213,13 @@ def test_laplace_elbo_memo_sends_a_refused_model_to_the_loop(device, dtype):
     gen = torch.Generator().manual_seed(0)
     eps = torch.randn(LAPLACE_ELBO_DRAWS, 3, generator=gen, dtype=torch.float64).to(device, dtype)
     loc, scale_tril = 0.1 * eps[0], 0.5 * torch.eye(3, device=device, dtype=dtype)
-    memo: dict = {}
+    density = LogDensity(model, guide._unpack_latent, (), {})
     with torch.no_grad(), pyro.validation_enabled(False):
-        first = guide._gaussian_elbo(loc, scale_tril, eps, (), {}, memo)
+        first = gaussian_elbo(density, loc, scale_tril, eps)
         calls.clear()
-        second = guide._gaussian_elbo(loc, 2 * scale_tril, eps, (), {}, memo)
+        second = gaussian_elbo(density, loc, 2 * scale_tril, eps)
         assert len(calls) == LAPLACE_ELBO_DRAWS
         for scale, got in ((scale_tril, first), (2 * scale_tril, second)):
-            draws = [float(guide._log_density(loc + scale @ e, (), {})) for e in eps]
+            draws = [float(density(loc + scale @ e)) for e in eps]
             entropy = 1.5 * math.log(2 * math.pi * math.e) + float(scale.diagonal().log().sum())
             assert got == pytest.approx(sum(draws) / len(draws) + entropy, rel=1e-9, abs=1e-9)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import pyroflows as pf
+from pyroflows.guides import landing
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_param_store")
 
@@ -39,17 +40,17 @@ def test_stl_batched_backward_equals_copies(flow, device, dtype, monkeypatch):
     posterior = guide.get_posterior()
     stack = posterior.transforms[0]
     n, d = 96, 4  # n (d + 1) = 480 rows: above STL_BATCHED_BACKWARD_MIN_ROWS
-    assert n * (d + 1) >= pf.guides.STL_BATCHED_BACKWARD_MIN_ROWS
+    assert n * (d + 1) >= landing.STL_BATCHED_BACKWARD_MIN_ROWS
     eps = torch.randn(n, d, device=device, dtype=dtype)
     z, log_det = stack.forward_and_log_det(eps)
     log_q = (-0.5 * eps.square().sum(-1) - 0.5 * d * math.log(2 * math.pi) - log_det).detach()
     results = []
-    for threshold in (pf.guides.STL_BATCHED_BACKWARD_MIN_ROWS, 10**9):
-        monkeypatch.setattr(pf.guides, "STL_BATCHED_BACKWARD_MIN_ROWS", threshold)
+    for threshold in (landing.STL_BATCHED_BACKWARD_MIN_ROWS, 10**9):
+        monkeypatch.setattr(landing, "STL_BATCHED_BACKWARD_MIN_ROWS", threshold)
         leaf = z.detach().requires_grad_(True)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            value = pf.guides._path_log_density(stack, eps, leaf, log_q)
+            value = landing.path_log_density(stack, eps, leaf, log_q)
         (grad,) = torch.autograd.grad(value.sum(), leaf)
         results.append((value, grad))
     leaf = z.detach().requires_grad_(True)
@@ -83,17 +84,17 @@ def test_stl_refused_batched_backward_is_not_retried(device, dtype, monkeypatch)
     z, log_det = stack.forward_and_log_det(eps)
     log_q = (-log_det).detach()
     rows: list[int] = []
-    forward = pf.guides._Inverse.forward
+    forward = landing._Call.forward
 
     def counted(self, value):
         rows.append(value.shape[0])
         return forward(self, value)
 
-    monkeypatch.setattr(pf.guides._Inverse, "forward", counted)
-    first = pf.guides._path_log_density(stack, eps, z.detach(), log_q)
+    monkeypatch.setattr(landing._Call, "forward", counted)
+    first = landing.path_log_density(stack, eps, z.detach(), log_q)
     refused = rows == [n, n * (d + 1)]
     assert refused or (device.type != "cpu" and rows == [n])  # (CPU: it refuses)
     rows.clear()
-    second = pf.guides._path_log_density(stack, eps, z.detach(), log_q)
+    second = landing.path_log_density(stack, eps, z.detach(), log_q)
     assert rows == ([n * (d + 1)] if refused else [n])
     torch.testing.assert_close(first, second, rtol=0, atol=0)

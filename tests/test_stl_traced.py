@@ -7,7 +7,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyroflows.guides import AutoIAF, AutoPlanar, _path_entropy
+from pyroflows.guides import AutoIAF, AutoPlanar
+from pyroflows.guides.landing import path_entropy as _path_entropy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps (see conftest)
 

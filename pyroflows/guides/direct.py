@@ -1,0 +1,215 @@
+r"""FlowELBO's direct path: a flow guide drawn without Pyro's effect handlers, and the model
+replayed against the draw and scored in one handler.
+
+Tracing the guide costs Pyro's per-site work for each of its sites on every step; the direct
+path skips it where nothing could see the difference: no handler is active but
+``SVI.step``'s parameter capture, no latent site is in a subsampled plate (whose indices the
+guide's trace hands the model), and the guide has no forward hooks. The estimator, the random
+draws and the parameters the optimizer sees are those of :class:`~pyro.infer.Trace_ELBO` on
+the traced guide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+
+import pyro
+from pyro import poutine
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.util import torch_item
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+from pyro.util import check_site_shape
+from torch import Tensor
+from torch.distributions import ComposeTransform, Transform, biject_to
+from torch.distributions.transforms import IndependentTransform
+
+from .. import _private, flows
+from .._gaussian import standard_normal_log_prob
+from . import landing
+from .autoguide import AutoFlowGuide
+
+__all__ = ["applies", "draw", "particles"]
+
+
+def applies(guide: Callable) -> bool:
+    """Whether ``guide`` may be drawn directly now: a set-up :class:`AutoFlowGuide` with no
+    latent site in a subsampled plate and no forward hooks, called by nothing but ``SVI``'s
+    parameter capture (outside ``SVI.step``, by nothing)."""
+    return (isinstance(guide, AutoFlowGuide) and guide.prototype_trace is not None
+            and not guide._subsampled_latents
+            and not (guide._forward_hooks or guide._forward_pre_hooks
+                     or _private.global_module_hooks())
+            and _private.only_param_capture_active())
+
+
+def draw(guide: AutoFlowGuide, shape: tuple, stick_the_landing: bool
+         ) -> tuple[Trace, Tensor, Tensor | None, Tensor | None]:
+    r"""One draw of ``guide``, as its ``forward`` under Pyro's tracing would make it: the latent
+    of batch ``shape`` (Pyro's particle plate), the constrained value of every site, their log
+    densities. Returns ``(trace, log_q, entropy, jacobian)``: a trace holding the latent and
+    the site values (to replay the model against), :math:`\log q(u)` of shape ``shape``,
+    :math:`\log q_{\bar\phi}(u)` for sticking the landing (else ``None``) and
+    :math:`-\sum \log|\det J_T|`, the summed log density of the ``Delta`` sites (``None``
+    where every site is unconstrained: no kernels for a sum of zeros)."""
+    with guide._pyro_context:  # as __call__: the parameters register under their names
+        base, transforms = guide._posterior_parts()
+        stack = transforms[0] if len(transforms) == 1 else None
+        posterior, eps = None, None
+        if len(shape) and isinstance(stack, flows.FlowStack) and stack.all_flow_transforms:
+            # what the posterior's rsample + log_prob compute, without building the
+            # distribution and its per-call checks: the same base draw, one uncached run of
+            # the stack with its log-det (a fresh draw of N(0, I) needs no input checks)
+            eps = base.rsample(shape)
+            latent, log_det = stack.run(eps, inverse=False, validate=False)
+            log_q = standard_normal_log_prob(eps) - log_det
+        else:
+            posterior = guide._posterior(base, transforms)
+            latent = posterior.rsample(shape)
+            log_q = posterior.log_prob(latent)
+        entropy = None
+        if stick_the_landing and eps is not None and landing.jacobian_route(eps):
+            entropy = landing.path_log_density(stack, eps, latent, log_q)
+        elif stick_the_landing:
+            posterior = posterior or guide._posterior(base, transforms)
+            entropy = posterior.log_prob_detached(latent)
+        trace = Trace()
+        name = f"_{guide._pyro_name}_latent"
+        trace.add_node(name, name=name, type="sample", fn=posterior, value=latent,
+                       is_observed=False, infer={"is_auxiliary": True, "flow_latent": True})
+        jacobian = None
+        for site, unconstrained in guide._unpack_latent(latent):
+            name = site["name"]
+            transform = biject_to(site["fn"].support)
+            value = transform(unconstrained)
+            if not _is_identity(transform):  # (an identity adds zeros: skip its kernels)
+                log_density = transform.inv.log_abs_det_jacobian(value, unconstrained)
+                log_density = sum_rightmost(
+                    log_density, log_density.dim() - value.dim() + site["fn"].event_dim)
+                log_density = log_density.sum()
+                jacobian = log_density if jacobian is None else jacobian + log_density
+            trace.add_node(name, name=name, type="sample", fn=None, value=value,
+                           is_observed=False, infer={})
+    return trace, log_q, entropy, jacobian
+
+
+def particles(model: Callable, guide: AutoFlowGuide, args: tuple, kwargs: dict, *,
+              num_particles: int, vectorized: bool, plate: pyro.plate | None,
+              max_plate_nesting: float, beta: float, stick_the_landing: bool, validate: bool,
+              traces: list | None) -> Iterator[tuple[float, Tensor]]:
+    r"""``(loss, surrogate loss)`` of each run, already divided by ``num_particles``, as
+    :class:`~pyro.infer.Trace_ELBO` computes them from the traces of the guide and of the
+    model replayed against it: :math:`\log p(x, T(u)) + \log|\det J_T(u)| - \log q(u)`, the
+    model's log joint and the Jacobian terms tempered by ``beta``, with the
+    sticking-the-landing term in the surrogate where asked. Vectorized: one run under
+    ``plate`` (Trace_ELBO's particle plate). The runs' ``(model trace, guide trace)`` are
+    appended to ``traces``."""
+    runs = 1 if vectorized else num_particles
+    # the latent's shape under the particle plate (at dim -max_plate_nesting)
+    shape = (num_particles,) + (1,) * (int(max_plate_nesting) - 1) if vectorized else ()
+    for _ in range(runs):
+        guide_trace, log_q, entropy, jacobian = draw(guide, shape, stick_the_landing)
+        scored = _ReplayAndScore(guide_trace, max_plate_nesting, validate)
+        with (plate if vectorized else contextlib.nullcontext()), \
+                (poutine.scale(scale=beta) if beta < 1.0 else contextlib.nullcontext()):
+            scored.run(model, args, kwargs)
+        model_trace = scored.trace
+        if validate:
+            _check_match(model_trace, guide_trace)
+        if traces is not None:
+            traces.append((model_trace, guide_trace))
+        model_log_prob = scored.log_prob_sum
+        # the guide's log density: the latent's and its Delta sites' (-log|det J_T|, tempered
+        # as FlowELBO tempers them on the traced path; None where every site is unconstrained)
+        guide_log_prob = log_q.sum()
+        surrogate_guide = guide_log_prob if entropy is None else entropy.sum()
+        if jacobian is not None:
+            guide_log_prob = guide_log_prob + beta * jacobian
+            surrogate_guide = surrogate_guide + beta * jacobian
+        loss = -(torch_item(model_log_prob) - torch_item(guide_log_prob))
+        surrogate = -(model_log_prob - surrogate_guide)
+        yield loss / num_particles, surrogate / num_particles
+
+
+class _ReplayAndScore(Messenger):
+    """The model's half of the direct path: what
+    ``poutine.trace(poutine.replay(model, guide_trace))`` records, in one handler instead of
+    two. A latent site takes the guide's value as
+    :class:`~pyro.poutine.replay_messenger.ReplayMessenger` gives it; every site is recorded in
+    :attr:`trace` as :class:`~pyro.poutine.trace_messenger.TraceMessenger` records it (a
+    repeated site name is the same error). :meth:`run` then scores the trace with Pyro's own
+    ``compute_log_prob`` and ``log_prob_sum`` (subsample sites left out, as Trace_ELBO's
+    pruned trace does) and, under validation, checks each site's shape."""
+
+    def __init__(self, guide_trace: Trace, max_plate_nesting: float, validate: bool) -> None:
+        super().__init__()
+        self.guide_nodes = guide_trace.nodes
+        self.max_plate_nesting = max_plate_nesting
+        self.validate = validate
+        self.trace = Trace(graph_type="flat")
+        self.log_prob_sum: Tensor | float = 0.0
+
+    def run(self, model: Callable, args: tuple, kwargs: dict) -> None:
+        """Run ``model`` under this handler (a ``ValueError`` or ``RuntimeError`` from it gets
+        the shapes of the sites so far appended, as ``poutine.trace`` appends them), then
+        score its sites."""
+        try:
+            with self:
+                model(*args, **kwargs)
+        except (ValueError, RuntimeError) as e:
+            raise type(e)(f"{e}\n{self.trace.format_shapes()}").with_traceback(
+                e.__traceback__) from e
+        self.trace.compute_log_prob(site_filter=_not_subsample)
+        if self.validate:
+            for name, site in self.trace.nodes.items():
+                if site["type"] == "sample" and _not_subsample(name, site):
+                    check_site_shape(site, self.max_plate_nesting)
+        self.log_prob_sum = self.trace.log_prob_sum(site_filter=_not_subsample)
+
+    def _pyro_sample(self, msg: dict) -> None:
+        guide_site = self.guide_nodes.get(msg["name"])
+        if guide_site is None or msg["is_observed"]:
+            return
+        if guide_site["type"] != "sample" or guide_site["is_observed"]:
+            raise RuntimeError(f"site {msg['name']} must be sampled in trace")
+        msg["done"] = True
+        msg["value"] = guide_site["value"]
+        msg["infer"] = guide_site["infer"]
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if not msg["infer"].get("_do_not_trace"):
+            self.trace.add_node(msg["name"], **msg)
+
+    def _pyro_post_param(self, msg: dict) -> None:
+        self.trace.add_node(msg["name"], **msg)
+
+
+def _not_subsample(name: str, site: dict) -> bool:
+    return not site_is_subsample(site)
+
+
+def _is_identity(transform: Transform) -> bool:
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, ComposeTransform) and not transform.parts
+
+
+def _check_match(model_trace: Trace, guide_trace: Trace) -> None:
+    """The checks of :func:`pyro.util.check_model_guide_match` that can fail on the direct
+    path: the model's latent sites are exactly the guide's (a model that changed its sites
+    since the guide was set up)."""
+    guide_vars = {name for name, site in guide_trace.nodes.items()
+                  if not site["infer"].get("is_auxiliary")}
+    model_vars = {name for name, site in model_trace.nodes.items()
+                  if site["type"] == "sample" and not site["is_observed"]
+                  and not site_is_subsample(site)}
+    if model_vars - guide_vars:
+        warnings.warn(f"Found vars in model but not guide: {model_vars - guide_vars}",
+                      stacklevel=4)
+    if guide_vars - model_vars:
+        warnings.warn("Found non-auxiliary vars in guide but not model, consider marking "
+                      f"these infer={{'is_auxiliary': True}}:\n{guide_vars - model_vars}",
+                      stacklevel=4)

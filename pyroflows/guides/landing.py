@@ -1,0 +1,178 @@
+r"""Sticking the landing (Roeder et al. 2017): a flow guide's log density
+:math:`\log q_{\bar\phi}(z)` with the flow's parameters :math:`\bar\phi` detached, so that
+only the draw's path :math:`z_\phi = T_\phi(\varepsilon)` is differentiated.
+
+Two routes give it: the flow's inverse (:func:`log_prob_detached`; for IAF, D sequential passes
+per layer, for planar a root solve per layer), and the Jacobian of the draw itself
+(:func:`path_log_density`, a few batched passes), which :class:`~pyroflows.guides.FlowELBO`
+takes wherever it knows the draw's base point: on its direct path, and on the traced path from
+the flow stack's cache (:func:`path_entropy`).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from pyro.distributions import Distribution
+from torch import Tensor, nn
+from torch.distributions import Transform
+
+from .. import flows
+from ..transforms import FlowTransform
+
+__all__ = ["log_prob_detached", "jacobian_route", "path_log_density", "path_entropy"]
+
+#: Up to this latent size :math:`\nabla_z \log q` comes from the draw's Jacobian (a D x D solve
+#: per particle); above it from the flow's inverse.
+STL_JACOBIAN_MAX_DIM = 256
+#: The most rows (particles x D) the Jacobian's pass may take (activations in memory).
+STL_JACOBIAN_MAX_ROWS = 32768
+#: From this many rows (particles x (D + 1)) on, the Jacobian comes from one forward pass and a
+#: backward batched over the D + 1 cotangents; below it from one pass over D + 1 copies of the
+#: particles, whose fixed cost is lower.
+STL_BATCHED_BACKWARD_MIN_ROWS = 400
+
+
+class _Call(nn.Module):
+    """A layer's (or a stack's) ``forward_and_log_det`` or ``inverse_and_log_det`` (uncached)
+    as a module, for :func:`torch.func.functional_call` with detached parameters."""
+
+    def __init__(self, t: FlowTransform | flows.FlowStack, inverse: bool) -> None:
+        super().__init__()
+        self.t = t
+        self.inverse = inverse
+
+    def forward(self, value: Tensor) -> tuple[Tensor, Tensor]:
+        if self.inverse:
+            return self.t.inverse_and_log_det(value)
+        return self.t.forward_and_log_det(value)
+
+
+def _detached(module: nn.Module) -> dict[str, Tensor]:
+    """``module``'s parameters cut from the graph, named as :class:`_Call` sees them."""
+    return {f"t.{name}": p.detach() for name, p in module.named_parameters()}
+
+
+def log_prob_detached(base_dist: Distribution, transforms: list[Transform],
+                      value: Tensor) -> Tensor:
+    r""":math:`\log q_{\bar\phi}(z)` of ``TransformedDistribution(base_dist, transforms)`` at
+    ``value`` by the inverse of every layer, the parameters detached: differentiable in
+    ``value`` only."""
+    y = value
+    log_det = torch.zeros((), dtype=value.dtype, device=value.device)
+    layers = []
+    for t in transforms:  # a FlowStack's layers one by one: each is frozen alone
+        layers.extend(t.parts if isinstance(t, flows.FlowStack) else [t])
+    for t in reversed(layers):
+        if not isinstance(t, FlowTransform):
+            raise TypeError(
+                "sticking-the-landing gradients need pyroflows transforms (FlowTransform "
+                f"subclasses) in the guide's flow; got {type(t).__name__}"
+            )
+        y, ld = torch.func.functional_call(_Call(t, inverse=True), _detached(t), (y,),
+                                           strict=False)
+        log_det = log_det + ld
+    return base_dist.log_prob(y) - log_det
+
+
+def jacobian_route(eps: Tensor) -> bool:
+    """Whether :func:`path_log_density` takes base draws ``eps`` (..., D): D and the rows
+    (particles x D) within :data:`STL_JACOBIAN_MAX_DIM` and :data:`STL_JACOBIAN_MAX_ROWS`."""
+    return eps.shape[-1] <= STL_JACOBIAN_MAX_DIM and eps.numel() <= STL_JACOBIAN_MAX_ROWS
+
+
+def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tensor) -> Tensor:
+    r""":math:`\log q_{\bar\phi}(z)` from the draw :math:`z = T_\phi(\varepsilon)` itself
+    instead of the inverse: its value is ``log_q`` and its gradient in :math:`z` is
+
+    .. math:: \nabla_z \log q_{\bar\phi}(z) = J^{-\top} \nabla_\varepsilon
+              \bigl[\log N(\varepsilon; 0, I) - \log|\det J(\varepsilon)|\bigr],
+              \qquad J = \partial T / \partial \varepsilon,
+
+    so the result is ``log_q`` (detached) plus :math:`(z - \bar z) \cdot \nabla_z`, whose
+    gradient reaches the parameters through the path :math:`z_\phi` only. :math:`J` comes from
+    D + 1 pullbacks (one forward pass and a backward batched over the D + 1 cotangents, or for
+    small batches and layers whose backward does not batch, one pass over D + 1 copies of the
+    batch; see :data:`STL_BATCHED_BACKWARD_MIN_ROWS`) and is solved per draw (a D x D
+    system); the parameters take no gradient from any of it.
+
+    Shapes: ``eps`` and ``z`` (..., D), ``log_q`` (...)."""
+    d = eps.shape[-1]
+    e = eps.detach().reshape(-1, d)
+    n = e.shape[0]
+    # pullback i < D of output i (row i of J), the last one of -log|det J|; the parameters are
+    # detached copies, so no parameter gradient is computed
+    frozen = _detached(stack)
+    eye = torch.eye(d + 1, d, dtype=e.dtype, device=e.device)  # last row zero
+    pick_y = eye.unsqueeze(1).expand(d + 1, n, d)
+    pick_ld = torch.zeros(d + 1, n, dtype=e.dtype, device=e.device)
+    pick_ld[d] = -1.0
+    pulled = None
+    # a stack whose backward refused to run batched refuses every time (its layers' in-place
+    # operations): it goes straight to the copies instead of paying a failed attempt per step
+    if n * (d + 1) >= STL_BATCHED_BACKWARD_MIN_ROWS and stack not in _NO_BATCHED_BACKWARD:
+        pulled = _batched_pullbacks(stack, frozen, e, pick_y, pick_ld)
+        if pulled is None:
+            _NO_BATCHED_BACKWARD.add(stack)
+    if pulled is None:  # one pass over D + 1 copies of the draws
+        copies = e.expand(d + 1, n, d).reshape((d + 1) * n, d).clone().requires_grad_(True)
+        with torch.enable_grad():
+            y, log_det = torch.func.functional_call(_Call(stack, inverse=False), frozen,
+                                                    (copies,))
+            (pulled,) = torch.autograd.grad((y, log_det), copies,
+                                            grad_outputs=(pick_y.reshape((d + 1) * n, d),
+                                                          pick_ld.reshape(-1)))
+        pulled = pulled.reshape(d + 1, n, d)
+    rows, h = pulled[:d], pulled[d] - e  # h: grad of log N(eps) - log|det J| at eps
+    jac = rows.transpose(0, 1)  # jac[b, i, j] = dz_i / d eps_j
+    grad_z = torch.linalg.solve(jac.transpose(-1, -2), h.unsqueeze(-1)).squeeze(-1)
+    grad_z = grad_z.reshape(z.shape)
+    return log_q.detach() + ((z - z.detach()) * grad_z).sum(-1)
+
+
+#: Stacks whose backward refused to run batched, held weakly and outside the stack: a copy, a
+#: pickle or a newly built stack is tried afresh.
+_NO_BATCHED_BACKWARD: weakref.WeakSet = weakref.WeakSet()
+
+
+def _batched_pullbacks(stack: flows.FlowStack, frozen: dict[str, Tensor], e: Tensor,
+                       pick_y: Tensor, pick_ld: Tensor) -> Tensor | None:
+    """The D + 1 pullbacks of :func:`path_log_density` from one forward pass over the draws
+    ``e`` (n, D) and one backward pass batched over the D + 1 output cotangents (``pick_y``
+    (D + 1, n, D), ``pick_ld`` (D + 1, n)). ``None`` where a layer's backward does not run
+    batched (``vmap`` refuses in-place and ``out=`` operations)."""
+    x = e.clone().requires_grad_(True)
+    with torch.enable_grad():
+        y, log_det = torch.func.functional_call(_Call(stack, inverse=False), frozen, (x,))
+        try:
+            (pulled,) = torch.autograd.grad((y, log_det), x, grad_outputs=(pick_y, pick_ld),
+                                            is_grads_batched=True)
+        except RuntimeError:
+            return None
+    return pulled
+
+
+def path_entropy(posterior, value: Tensor) -> Tensor | None:
+    """The sticking-the-landing term of a traced draw ``value`` of a
+    :class:`~pyroflows.guides.FlowPosterior` from the draw's Jacobian
+    (:func:`path_log_density`): when the posterior is one
+    :class:`~pyroflows.flows.FlowStack` of pyroflows layers whose cache still holds this
+    draw's base point (it does right after ``rsample``, while the parameters are unchanged)
+    and :func:`jacobian_route` takes it; ``None`` otherwise (the caller runs the inverse)."""
+    transforms = posterior.transforms
+    if len(transforms) != 1 or not isinstance(transforms[0], flows.FlowStack):
+        return None
+    stack = transforms[0]
+    if not stack.all_flow_transforms:
+        return None
+    z = value
+    last = getattr(posterior, "_unbatched", None)  # an unbatched draw went through as (1, D)
+    if last is not None and value is last[0] and value._version == last[1]:
+        z = last[2]
+    hit = stack.lookup(y=z)
+    if hit is None or not jacobian_route(hit.x) or hit.x.requires_grad:
+        return None
+    log_q = posterior.base_dist.log_prob(hit.x) - hit.log_det
+    entropy = path_log_density(stack, hit.x, z, log_q)
+    return entropy[0] if z is not value else entropy
