@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -46,62 +47,82 @@ def _u1_model(device: torch.device):
     return model
 
 
-def _fit_guides(args, device, out):
-    import pyro
-    from pyro.infer import SVI, Trace_ELBO
+def _guide_candidates(model, steps: int) -> dict[str, Callable[[], tuple]]:
+    """The demo's guides by name, each as ``make() -> (guide, elbo, optim_args)``
+    (``optim_args`` None: the guide's own defaults)."""
+    from pyro.infer import Trace_ELBO
     from pyro.infer.autoguide import AutoNormal
-    from tqdm.auto import tqdm
 
-    from . import diagnostics, guides
-    from .datasets import LOG_Z
+    from . import guides
 
-    log_z = LOG_Z["U1"]
-    model = _u1_model(device)
-    steps = args.steps
     # Same particle count for every guide. The flow guides start wide (init_scale=1) and anneal
     # the energy over the first half of the steps, which lets them cover both modes of U1.
     def flow_elbo():
         return guides.FlowELBO(num_particles=64, vectorize_particles=True,
                                anneal_steps=steps // 2)
 
-    # Step sizes: Pyro's usual 1e-2 for AutoNormal; the flow guides' documented per-family
-    # defaults (the family's lr, through optim_args), constant like AutoNormal's,
-    # except the IAF guide's affine layer at 5e-3 instead of 5e-2: held constant to the last
-    # step, the large affine step costs the IAF KL (this loop, seeds 0-4: mean 0.21 at 5e-2,
-    # 0.08 at 5e-3; benchmarks/results/vi.md). A 50-fold decay, as benchmarks/vi.py uses, did
-    # worse for planar here, where annealing takes the first half of the run.
-    candidates = {
+    # Step sizes, held constant: Pyro's usual 1e-2 for AutoNormal; the flow guides' per-family
+    # defaults, except the IAF guide's affine layer at 5e-3: its default step, held to the last
+    # step, costs the IAF KL here, where annealing takes the first half of the run and a
+    # decaying step would hurt planar (benchmarks/results/vi.md, "The demo's AutoIAF on U1").
+    return {
         "AutoNormal (Pyro)": lambda: (AutoNormal(model), Trace_ELBO(num_particles=64,
                                       vectorize_particles=True), {"lr": 1e-2}),
         "AutoPlanar x16": lambda: (guides.AutoPlanar(model, num_layers=16, init_scale=1.0),
                                    flow_elbo(), None),
         "AutoIAF x4": lambda: (guides.AutoIAF(model, num_layers=4, hidden_dims=(32, 32),
                                               init_scale=1.0), flow_elbo(),
-                                   guides.optim_args("iaf", lr=5e-3)),
+                               guides.optim_args("iaf", lr=5e-3)),
     }
+
+
+def _fit_guide(model, guide, elbo, optim_args, steps: int, label: str,
+               progress: bool) -> list[float]:
+    """``steps`` SVI steps with Adam; returns the losses."""
+    import pyro
+    from pyro.infer import SVI
+    from tqdm.auto import tqdm
+
+    svi = SVI(model, guide, pyro.optim.Adam(optim_args), elbo)
+    losses = []
+    with tqdm(range(steps), desc=f"  {label}", leave=False, disable=not progress,
+              mininterval=0.5) as bar:
+        for step in bar:
+            losses.append(svi.step())
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
+def _fit_guides(args, device):
+    """Part 1: fit each guide to the U1 model from the same seed, report ELBO, KL and k-hat.
+    Returns the model, the fitted guides and their ELBO traces."""
+    import pyro
+
+    from . import diagnostics, guides
+    from .datasets import LOG_Z
+
+    log_z = LOG_Z["U1"]
+    model = _u1_model(device)
     results, traces, fitted = [], {}, {}
-    for name, make in candidates.items():
+    for name, make in _guide_candidates(model, args.steps).items():
         pyro.clear_param_store()
         pyro.set_rng_seed(args.seed)
         guide, elbo, optim_args = make()
-        optimizer = pyro.optim.Adam(optim_args or guides.optim_args(guide))
-        svi = SVI(model, guide, optimizer, elbo)
         start = time.perf_counter()
-        losses = []
-        with tqdm(range(steps), desc=f"  {name}", leave=False, disable=args.no_progress,
-                  mininterval=0.5) as bar:
-            for step in bar:
-                losses.append(svi.step())
-                if step % 50 == 0:
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        losses = _fit_guide(model, guide, elbo, optim_args or guides.optim_args(guide),
+                            args.steps, name, progress=not args.no_progress)
         seconds = time.perf_counter() - start
-        report = diagnostics.vi_report(model, guide, num_samples=args.draws)
-        values = report.to_dict()
-        elbo_value = values["elbo"]
-        results.append((name, elbo_value, values["elbo_se"], log_z - elbo_value,
+        values = diagnostics.vi_report(model, guide, num_samples=args.draws).to_dict()
+        results.append((name, values["elbo"], values["elbo_se"], log_z - values["elbo"],
                         values["khat"], values["khat_verdict"], seconds))
         traces[name] = [-v for v in losses]
         fitted[name] = guide
+    _print_vi_table(results, log_z, args.steps)
+    return model, fitted, traces
+
+
+def _print_vi_table(results: list[tuple], log_z: float, steps: int) -> None:
     print(f"\n[1] VI on the Rezende U1 energy (two modes; exact log Z = {log_z}), "
           f"{steps} steps each, 64 particles")
     print(f"    {'guide':<20} {'ELBO':>16} {'KL to exact':>12} {'k-hat':>7}  "
@@ -112,10 +133,11 @@ def _fit_guides(args, device, out):
     print("    KL = log Z - ELBO is the error against the exact posterior (0 is perfect; one "
           "mode alone gives log 2 = 0.69);\n    k-hat < 0.5 good, 0.5-0.7 usable, > 0.7 do not "
           "trust (Yao et al. 2018).")
-    return model, fitted, traces
 
 
-def _fit_densities(args, device, out):
+def _fit_densities(args, device):
+    """Part 2: fit the MAF estimators to two moons, report held-out log-likelihoods next to the
+    maximum-likelihood Gaussian's. Returns the training rows, the Gaussian and the estimators."""
     from . import datasets, density
 
     n_train, n_test = (3000, 2000) if not args.quick else (1000, 1000)
@@ -123,8 +145,7 @@ def _fit_densities(args, device, out):
     x_train, x_test = x[:n_train], x[n_train:]
     mean, cov = x_train.mean(0), torch.cov(x_train.T, correction=0)
     gaussian = torch.distributions.MultivariateNormal(mean, cov)
-    rows = [("full-covariance Gaussian (ML)", gaussian.log_prob(x_test), 0.0, None)]
-    epochs = args.epochs
+    rows = [("full-covariance Gaussian (ML)", gaussian.log_prob(x_test), 0.0)]
     estimators = {
         "MAF x5 (whitened)": dict(precondition="whiten"),
         "MAF x5, Tabak-preconditioned": dict(
@@ -138,40 +159,30 @@ def _fit_densities(args, device, out):
         est = density.DensityEstimator("maf", num_layers=5, hidden_dims=(64, 64),
                                        device=device, seed=args.seed, **options)
         start = time.perf_counter()
-        est.fit(x_train, max_epochs=epochs, batch_size=256, lr=3e-3, patience=10,
+        est.fit(x_train, max_epochs=args.epochs, batch_size=256, lr=3e-3, patience=10,
                 progress=not args.no_progress)
         seconds = time.perf_counter() - start
         with torch.no_grad():
-            rows.append((name, est.log_prob(x_test), seconds, est))
+            rows.append((name, est.log_prob(x_test), seconds))
         fitted[name] = est
-    print(f"\n[2] Density estimation on two moons ({n_train} training rows, {n_test} held out, "
-          f"at most {epochs} epochs)")
-    print(f"    {'model':<32} {'held-out log-lik':>20} {'seconds':>8}")
-    for name, lp, seconds, _ in rows:
-        se = float(lp.std()) / math.sqrt(len(lp))
-        print(f"    {name:<32} {float(lp.mean()):>11.4f} ± {se:.4f} {seconds:>8.1f}")
+    _print_density_table(rows, n_train, n_test, args.epochs)
     return x_train, gaussian, fitted
 
 
-def _plots(out, device, model, fitted_guides, traces, x_train, gaussian, estimators
-           ) -> list[str]:
-    import matplotlib
+def _print_density_table(rows: list[tuple], n_train: int, n_test: int, epochs: int) -> None:
+    print(f"\n[2] Density estimation on two moons ({n_train} training rows, {n_test} held out, "
+          f"at most {epochs} epochs)")
+    print(f"    {'model':<32} {'held-out log-lik':>20} {'seconds':>8}")
+    for name, lp, seconds in rows:
+        se = float(lp.std()) / math.sqrt(len(lp))
+        print(f"    {name:<32} {float(lp.mean()):>11.4f} ± {se:.4f} {seconds:>8.1f}")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _plot_guides(plt, device, model, fitted_guides):
+    """Guide draws over the exact U1 density, one panel per guide."""
     from pyro.infer import Predictive
 
-    from .datasets import LOG_Z, rezende_u1
-
-    os.makedirs(out, exist_ok=True)
-    written = []
-
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        path = os.path.join(out, name)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+    from .datasets import rezende_u1
 
     g = torch.linspace(-4, 4, 200, device=device)
     gx, gy = torch.meshgrid(g, g, indexing="xy")
@@ -187,7 +198,12 @@ def _plots(out, device, model, fitted_guides, traces, x_train, gaussian, estimat
         ax.set_xlim(-4, 4)
         ax.set_ylim(-4, 4)
     fig.suptitle("guide draws (red) over the exact U1 density (grey)")
-    save(fig, "u1_guides.png")
+    return fig
+
+
+def _plot_elbo_traces(plt, traces):
+    """The training ELBO of each guide, averaged over 50 windows, against the exact log Z."""
+    from .datasets import LOG_Z
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, trace in traces.items():
@@ -201,20 +217,23 @@ def _plots(out, device, model, fitted_guides, traces, x_train, gaussian, estimat
     ax.set_ylabel("ELBO (training estimate)")
     ax.legend()
     ax.set_title("ELBO traces (annealed flows rise late by design)")
-    save(fig, "elbo_traces.png")
+    return fig
 
+
+def _plot_densities(plt, device, x_train, gaussian, estimators):
+    """Density contours (top row) and draws (bottom row) of the Gaussian and each estimator."""
     lo, hi = x_train.min(0).values - 0.5, x_train.max(0).values + 0.5
-    gx2, gy2 = torch.meshgrid(torch.linspace(float(lo[0]), float(hi[0]), 160, device=device),
-                              torch.linspace(float(lo[1]), float(hi[1]), 120, device=device),
-                              indexing="xy")
-    grid2 = torch.stack([gx2.flatten(), gy2.flatten()], -1).to(x_train.dtype)
-    panels = [("Gaussian", gaussian.log_prob(grid2), gaussian.sample((1500,)))]
+    gx, gy = torch.meshgrid(torch.linspace(float(lo[0]), float(hi[0]), 160, device=device),
+                            torch.linspace(float(lo[1]), float(hi[1]), 120, device=device),
+                            indexing="xy")
+    grid = torch.stack([gx.flatten(), gy.flatten()], -1).to(x_train.dtype)
+    panels = [("Gaussian", gaussian.log_prob(grid), gaussian.sample((1500,)))]
     for name, est in estimators.items():
         with torch.no_grad():
-            panels.append((name, est.log_prob(grid2), est.sample(1500)))
+            panels.append((name, est.log_prob(grid), est.sample(1500)))
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7))
     for col, (name, lp, samples) in enumerate(panels):
-        axes[0, col].contourf(gx2.cpu(), gy2.cpu(), lp.exp().reshape(gx2.shape).cpu(), levels=30)
+        axes[0, col].contourf(gx.cpu(), gy.cpu(), lp.exp().reshape(gx.shape).cpu(), levels=30)
         axes[0, col].set_title(name)
         s = samples.cpu()
         axes[1, col].scatter(s[:, 0], s[:, 1], s=1.5, alpha=0.4)
@@ -222,12 +241,36 @@ def _plots(out, device, model, fitted_guides, traces, x_train, gaussian, estimat
         axes[1, col].set_ylim(float(lo[1]), float(hi[1]))
     axes[1, 0].set_ylabel("samples")
     axes[0, 0].set_ylabel("density")
-    save(fig, "two_moons_density.png")
+    return fig
+
+
+def _plots(out, device, model, fitted_guides, traces, x_train, gaussian, estimators
+           ) -> list[str]:
+    """Part 3: write the three figures into ``out``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out, exist_ok=True)
+    figures = [
+        ("u1_guides.png", _plot_guides(plt, device, model, fitted_guides)),
+        ("elbo_traces.png", _plot_elbo_traces(plt, traces)),
+        ("two_moons_density.png", _plot_densities(plt, device, x_train, gaussian, estimators)),
+    ]
+    written = []
+    for name, fig in figures:
+        fig.tight_layout()
+        path = os.path.join(out, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
     return written
 
 
 def run_demo(args: argparse.Namespace) -> dict:
-    """Run the three parts of the demo; returns the paths written, for tests."""
+    """Run the three parts of the demo with the options of ``pyroflows demo``; returns
+    ``{"plots": [the paths written]}``."""
     from ._config import validation
 
     device = torch.device(args.device)
@@ -237,15 +280,15 @@ def run_demo(args: argparse.Namespace) -> dict:
     out = os.path.abspath(args.out)
     start = time.perf_counter()
     print(f"pyroflows {__version__} demo on {device}; plots go to {out}")
-    # The demo's networks are tiny: a second intra-op thread only adds synchronization (and,
-    # on a busy machine, spin-waiting that made steps 5-10x slower in our measurements).
+    # The demo's networks are tiny: a second intra-op thread only adds synchronization, and on
+    # a busy machine it spin-waits instead of computing.
     threads = torch.get_num_threads()
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
         with validation(False):  # every input below is our own, finite data
-            model, fitted_guides, traces = _fit_guides(args, device, out)
-            x_train, gaussian, estimators = _fit_densities(args, device, out)
+            model, fitted_guides, traces = _fit_guides(args, device)
+            x_train, gaussian, estimators = _fit_densities(args, device)
             written = _plots(out, device, model, fitted_guides, traces, x_train, gaussian,
                              estimators)
     finally:
@@ -291,6 +334,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``pyroflows`` command with the arguments ``argv`` (default ``sys.argv[1:]``); returns
+    the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
