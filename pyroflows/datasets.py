@@ -1,7 +1,31 @@
-"""Built-in data: the Rezende & Mohamed (2015) energies and small toy data sets.
+r"""Built-in data: the Rezende & Mohamed (2015) energies and small toy data sets.
 
 The energies are the package's own copy of the formulas in ``shared/bench/README.md``; each
-returns ``U(z)`` for ``z`` of shape ``(..., 2)`` so that ``p(z) = exp(-U(z)) / Z``.
+returns ``U(z)`` for ``z`` of shape ``(..., 2)`` so that ``p(z) = exp(-U(z)) / Z``. With
+:math:`w_1(z) = \sin(\pi z_1 / 2)`, :math:`w_2(z) = 3 \exp(-\tfrac12 ((z_1 - 1) / 0.6)^2)` and
+:math:`w_3(z) = 3\, \sigma((z_1 - 1) / 0.3)`:
+
+.. math::
+    U_1(z) &= \tfrac12 \Big(\frac{\lVert z \rVert - 2}{0.4}\Big)^2
+              - \log\Big(e^{-\frac12 (\frac{z_1 - 2}{0.6})^2}
+              + e^{-\frac12 (\frac{z_1 + 2}{0.6})^2}\Big) \\
+    U_2(z) &= \tfrac12 \Big(\frac{z_2 - w_1(z)}{0.4}\Big)^2 \\
+    U_3(z) &= -\log\Big(e^{-\frac12 (\frac{z_2 - w_1(z)}{0.35})^2}
+              + e^{-\frac12 (\frac{z_2 - w_1(z) + w_2(z)}{0.35})^2}\Big) \\
+    U_4(z) &= -\log\Big(e^{-\frac12 (\frac{z_2 - w_1(z)}{0.4})^2}
+              + e^{-\frac12 (\frac{z_2 - w_1(z) + w_3(z)}{0.35})^2}\Big)
+
+References:
+    Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015, Table 1.
+    https://arxiv.org/abs/1505.05770
+
+Example:
+    >>> import torch
+    >>> from pyroflows.datasets import ENERGIES, two_moons
+    >>> ENERGIES["U1"](torch.zeros(3, 2)).shape
+    torch.Size([3])
+    >>> two_moons(500, seed=0).shape
+    torch.Size([500, 2])
 """
 
 from __future__ import annotations
@@ -71,7 +95,8 @@ LOG_Z = {"U1": 1.877502, "U2": 2.082089, "U3": 2.641705, "U4": 2.684568}
 
 
 def two_moons(
-    n: int, noise: float = 0.1, seed: int | None = None, dtype=None, device=None
+    n: int, noise: float = 0.1, seed: int | None = None, dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """``n`` draws of the two-moons data (as in scikit-learn's ``make_moons``), shape (n, 2)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -88,8 +113,16 @@ def two_moons(
 def gaussian_mixture(
     n: int, dim: int = 2, num_components: int = 3, spread: float = 3.0, seed: int | None = None
 ) -> tuple[Tensor, torch.distributions.Distribution]:
-    """``n`` draws of a random Gaussian mixture in ``dim`` dimensions, and the mixture itself
-    (a ``torch.distributions.MixtureSameFamily``) so its exact ``log_prob`` is known."""
+    """``n`` draws of a random Gaussian mixture in ``dim`` dimensions, in float64, and the
+    mixture itself (a ``torch.distributions.MixtureSameFamily``) so its exact ``log_prob`` is
+    known. Component means are ``spread`` times standard normal draws.
+
+    Example:
+        >>> from pyroflows.datasets import gaussian_mixture
+        >>> x, mixture = gaussian_mixture(100, dim=3, seed=0)
+        >>> x.shape, mixture.log_prob(x).shape
+        (torch.Size([100, 3]), torch.Size([100]))
+    """
     gen = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
     locs = spread * torch.randn(num_components, dim, generator=gen, dtype=torch.float64)
     raw = torch.randn(num_components, dim, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim)
