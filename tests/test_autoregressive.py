@@ -1,5 +1,6 @@
 """MADE, IAF and MAF: the autoregressive property, one-pass / D-pass directions, the cache that
-lets IAF score its own samples, closed forms, bounded and gated log-scales, devices."""
+lets IAF score its own samples, closed forms, bounded and gated log-scales, devices, the flat
+parameter storage and the check of a loaded state's levels."""
 
 from __future__ import annotations
 
@@ -272,51 +273,16 @@ def test_flat_storage_masks_gradients_and_views_write_through(device, dtype):
     assert (grad[net.mask == 1] != 0).any()
 
 
-def test_stacked_made_rows_are_made_networks(device, dtype):
-    """StackedMADE rows of one MADEParameters: each the map of the MADE it was made from
-    (checked against that MADE, with its own parameters), autoregressive (autograd: output
-    i never depends on inputs ranked at or after i), layer views and re-initialization
-    write into the row only, and the checks of the bank."""
-    from pyroflows.nn.made import MADEParameters, StackedMADE, stacked_mades
-
-    nets = [MADE(4, (8, 8), order=order) for order in ([0, 1, 2, 3], [3, 1, 0, 2])]
-    for net in nets:
-        randomize_parameters_(net, scale=0.5)
-    rows = stacked_mades(nets)
-    nets = [n.to(device, dtype) for n in nets]
-    bank = rows[0].stacked.to(device, dtype)  # moves the rows' tensors with it
-    x = torch.randn(5, 4, device=device, dtype=dtype, requires_grad=True)
-    for row, net in zip(rows, nets, strict=True):
-        assert type(row) is StackedMADE and row.stacked is bank
-        torch.testing.assert_close(row(x), net(x), **tolerances(dtype))
-        jac = torch.autograd.functional.jacobian(lambda v, row=row: row(v).sum(0), x)  # (8,5,4)
-        for i, rank in enumerate(row.degrees.tolist()):
-            later = [j for j, r in enumerate(row.degrees.tolist()) if r >= rank]
-            assert jac[[i, i + 4]][..., later].abs().max() == 0
-    # all rows split at once: the views of each row's own split (values and strides)
-    for k, (weights, biases) in enumerate(rows[0].split_rows(bank.flat_parameters)):
-        ref_w, ref_b = rows[k].split_weights(bank.flat_parameters[k])
-        for a, b in zip([*weights, *biases], [*ref_w, *ref_b], strict=True):
-            assert torch.equal(a, b) and a.stride() == b.stride()
-            assert a.data_ptr() == b.data_ptr()
-    # some rows, in another order: those rows' views, in that order
-    picked = rows[0].split_rows(bank.flat_parameters, rows=[1, 0])
-    assert len(picked) == 2
-    for (weights, biases), k in zip(picked, [1, 0], strict=True):
-        ref_w, ref_b = rows[k].split_weights(bank.flat_parameters[k])
-        for a, b in zip([*weights, *biases], [*ref_w, *ref_b], strict=True):
-            assert a.shape == b.shape and a.stride() == b.stride()
-            assert a.data_ptr() == b.data_ptr()
-    with torch.no_grad():
-        rows[1].layer_parameters(-1)[1].fill_(2.0)  # the head bias of row 1, in place
-    assert bank.flat_parameters[1, -8:].eq(2.0).all()
-    before = bank.flat_parameters[0].clone()
-    rows[1].reset_parameters()  # row 1 only: its head back to 0, row 0 untouched
-    assert bank.flat_parameters[1, -8:].eq(0.0).all()
-    assert torch.equal(bank.flat_parameters[0], before)
-    with pytest.raises(ValueError, match="one size"):
-        MADEParameters([nets[0].flat_parameters, torch.zeros(3)], [nets[0].mask, torch.ones(3)])
-    with pytest.raises(ValueError, match="index"):
-        StackedMADE(nets[0], bank, 2)
-    with pytest.raises(ValueError, match="size"):
-        StackedMADE(MADE(4, (7,)), bank, 0)
+def test_a_state_with_another_number_of_levels_is_refused():
+    """A MADE's number of levels (from its order's ties) fixes its hidden degrees and passes,
+    which the buffers do not carry: loading the state of a network with another one raises a
+    clear error instead of leaving an inconsistent network; a permuted order (same levels)
+    loads."""
+    full = MADE(4, (16,))
+    coupling = MADE(4, (16,), order=[0, 0, 1, 1])
+    with pytest.raises(RuntimeError, match="2 levels, this network's 4"):
+        full.load_state_dict(coupling.state_dict())
+    permuted = MADE(4, (16,), order=[3, 1, 0, 2])
+    full.load_state_dict(permuted.state_dict())
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(full(x), permuted(x))

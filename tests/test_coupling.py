@@ -139,27 +139,6 @@ def test_compact_conditioner_is_the_full_masked_network(mask, hidden_dims, resid
             assert torch.equal(got[0][..., keep], x[..., keep])
 
 
-@pytest.mark.parametrize("kinds", [[(True, 1.0), (False, -1.0)]])
-def test_compact_fused_chain_gradcheck(kinds, device):
-    """Finite differences through two compact coupling layers in one fused node (conditioning
-    half first, then last), both directions, every input of the node."""
-    from pyroflows.transforms.autoregressive import affine_chain
-
-    layers = [pf.transforms.realnvp(4, hidden_dims=(3, 3)),
-              pf.transforms.realnvp(4, hidden_dims=(3,), mask=[False, True, True, True])]
-    for t in layers:
-        randomize_parameters_(t, scale=0.5, seed=9)
-        t.compact_min_dim = 0
-    layers = [t.to(device, torch.float64) for t in layers]
-    assert all(t.coupling_halves is not None for t in layers)
-    x = torch.randn(3, 4, device=device, dtype=torch.float64, requires_grad=True)
-    log_det = torch.randn(3, device=device, dtype=torch.float64, requires_grad=True)
-    flats = [t.conditioner.flat_parameters for t in layers]
-    assert torch.autograd.gradcheck(
-        lambda x, ld, *f: affine_chain(x, layers, kinds, ld),  # reads f from the layers
-        (x, log_det, *flats))
-
-
 def test_built_stacks_use_the_compact_conditioner_from_32_dimensions():
     flow = pf.flows.build("realnvp", 32, num_layers=3, hidden_dims=(8,))
     first, last = slice(0, 16), slice(16, 32)
@@ -167,26 +146,3 @@ def test_built_stacks_use_the_compact_conditioner_from_32_dimensions():
                                                        (first, last)]
     assert pf.flows.build("realnvp", 16, num_layers=2).parts[0].coupling_halves is None
     assert pf.transforms.realnvp(32, mask=[True, False] * 16).coupling_halves is None
-
-
-def test_compact_backward_follows_its_forward_pass(device, dtype):
-    """Turning the compact path off between a fused forward and its backward (here by
-    compact_min_dim; a conditioner hook does the same) changes nothing: the gradients are
-    those of the full masked network through autograd."""
-    t = pf.transforms.realnvp(4, hidden_dims=(8,))
-    randomize_parameters_(t, scale=0.4, seed=10)
-    t = t.to(device, dtype)
-    x = torch.randn(6, 4, device=device, dtype=dtype)
-    xr = x.clone().requires_grad_(True)
-    shift, log_scale = t.shift_and_log_scale(xr)
-    y_ref = torch.where(t.mask, xr, xr * log_scale.exp() + shift)
-    (y_ref.sin().sum() + log_scale.sum()).backward()
-    want = [xr.grad, t.conditioner.flat_parameters.grad.clone()]
-    t.zero_grad()
-    t.compact_min_dim = 0
-    xv = x.clone().requires_grad_(True)
-    y, ld = t.forward_and_log_det(xv)
-    t.compact_min_dim = 99
-    (y.sin().sum() + ld.sum()).backward()
-    for a, b in zip([xv.grad, t.conditioner.flat_parameters.grad], want, strict=True):
-        torch.testing.assert_close(a, b, **tolerances(dtype))

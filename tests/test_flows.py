@@ -1,9 +1,12 @@
-"""flows.build: the layer sequence, permutations that make every coordinate move, use in
-TransformedDistribution, errors, and a 5-layer MAF that beats a Gaussian on two moons."""
+"""flows: build (the layer sequence, permutations that make every coordinate move, errors), the
+family records, FlowStack (use in TransformedDistribution, its public pairs, its cache), the
+parameter banks of built stacks, and a 5-layer MAF that beats a Gaussian on two moons."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import io
 
 import pytest
 import torch
@@ -15,7 +18,8 @@ from torch.distributions import (
 )
 
 import pyroflows as pf
-from pyroflows import _legacy
+from pyroflows.flows.banks import MADEParameters, StackedMADE, stacked_mades
+from pyroflows.nn import MADE
 from pyroflows.testing import randomize_parameters_, tolerances
 
 
@@ -107,6 +111,28 @@ def test_realnvp_coordinates_take_both_roles(dim, permutation, device, dtype):
         assert (t1 | t2).all() and (c1 | c2).all()
 
 
+def test_build_errors():
+    with pytest.raises(ValueError, match="unknown flow family"):
+        pf.flows.build("glow", 3)
+    with pytest.raises(ValueError, match="permutation"):
+        pf.flows.build("maf", 3, permutation="sideways")
+    with pytest.raises(ValueError, match="num_layers"):
+        pf.flows.build("maf", 3, num_layers=0)
+    with pytest.raises(ValueError, match="hidden_dims"):
+        pf.flows.build("planar", 3, hidden_dims=(8,))
+
+
+def test_one_dimensional_stacks_need_no_permutation():
+    flow = pf.flows.build("maf", 1, num_layers=3)
+    assert [type(p).__name__ for p in flow.parts] == ["MAF"] * 3
+    flow = pf.flows.build("realnvp", 4, num_layers=1, mask=[False, True, True, False])
+    assert flow.parts[0].mask.tolist() == [False, True, True, False]
+    flow = pf.flows.build("realnvp", 4, num_layers=2, mask=[False, True, True, False])
+    # the complement, not the reversal (which is this symmetric mask itself)
+    assert flow.parts[1].mask.tolist() == [True, False, False, True]
+
+# ---- FlowStack ---------------------------------------------------------------------------
+
 @pytest.mark.parametrize("name", ["planar", "radial", "iaf", "maf", "realnvp"])
 def test_stack_in_transformed_distribution(name, device, dtype):
     dim = 3
@@ -137,60 +163,6 @@ def test_state_dict_round_trip_of_a_stack(device, dtype):
     other = other.to(device, dtype)
     y = torch.randn(5, 3, device=device, dtype=dtype)
     torch.testing.assert_close(other.inv(y), flow.inv(y.clone()), **tolerances(dtype))
-
-
-def test_build_errors():
-    with pytest.raises(ValueError, match="unknown flow family"):
-        pf.flows.build("glow", 3)
-    with pytest.raises(ValueError, match="permutation"):
-        pf.flows.build("maf", 3, permutation="sideways")
-    with pytest.raises(ValueError, match="num_layers"):
-        pf.flows.build("maf", 3, num_layers=0)
-    with pytest.raises(ValueError, match="hidden_dims"):
-        pf.flows.build("planar", 3, hidden_dims=(8,))
-
-
-def test_one_dimensional_stacks_need_no_permutation():
-    flow = pf.flows.build("maf", 1, num_layers=3)
-    assert [type(p).__name__ for p in flow.parts] == ["MAF"] * 3
-    flow = pf.flows.build("realnvp", 4, num_layers=1, mask=[False, True, True, False])
-    assert flow.parts[0].mask.tolist() == [False, True, True, False]
-    flow = pf.flows.build("realnvp", 4, num_layers=2, mask=[False, True, True, False])
-    # the complement, not the reversal (which is this symmetric mask itself)
-    assert flow.parts[1].mask.tolist() == [True, False, False, True]
-
-
-def test_maf_fits_two_moons_better_than_a_gaussian(one_thread):
-    """Default 5-layer MAF, 300 Adam steps: held-out log-likelihood clearly above the best
-    Gaussian's (its maximum-likelihood fit, in closed form)."""
-    torch.manual_seed(0)
-    x = pf.datasets.two_moons(2000, seed=1, dtype=torch.float32)
-    x_test = pf.datasets.two_moons(2000, seed=2, dtype=torch.float32)
-    gaussian = MultivariateNormal(x.mean(0), torch.cov(x.T, correction=0))
-    flow = pf.flows.build("maf", 2, num_layers=5)
-    p = TransformedDistribution(Independent(Normal(torch.zeros(2), 1.0), 1), flow)
-    opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
-    for _ in range(300):
-        loss = -p.log_prob(x[torch.randint(0, len(x), (256,))]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        flow_ll = p.log_prob(x_test).mean().item()
-        gauss_ll = gaussian.log_prob(x_test).mean().item()
-    assert flow_ll > gauss_ll + 0.5, (flow_ll, gauss_ll)
-
-
-def test_speed_benchmark_runs(capsys, one_thread):
-    """Smoke test of ``python -m benchmarks.speed`` on a tiny setting (it never asserts times)."""
-    from benchmarks import speed
-    speed.main(["--items", "1", "3", "5", "--sizes", "D=8", "--libraries", "pyroflows", "pyro",
-                "alt: Permute layers between", speed.ESTIMATOR, "--rounds", "1", "--steps", "1",
-                "--warmup", "1", "--slow-rounds", "1", "--samples", "3"])
-    out = capsys.readouterr().out
-    assert "| 1 | maf, D=8 | pyroflows |" in out and "| 1 | maf, D=8 | pyro |" in out
-    assert f"| 1 | maf, D=8 | {speed.ESTIMATOR} |" in out
-    assert "| 3 | german credit" in out and "| 5 | maf sampling" in out and "| 2 |" not in out
 
 
 def test_stack_inverse_and_log_det_is_the_inverse_and_its_log_det(device, dtype):
@@ -227,10 +199,79 @@ def test_stack_inverse_and_log_det_is_the_inverse_and_its_log_det(device, dtype)
         foreign.forward_and_log_det(y)
 
 
-# ---- stacked MADE conditioners (issue 9) -------------------------------------------------
+def test_stack_scores_its_own_samples_from_its_cache(device, dtype):
+    """Scoring the stack's own samples runs no inverse: IAF's inverse would take D passes."""
+    flow = pf.flows.build("iaf", 3, num_layers=3, hidden_dims=(8,), affine=True)
+    randomize_parameters_(flow, scale=0.3, seed=3)
+    flow = flow.to(device, dtype)
+    z = torch.randn(5, 3, device=device, dtype=dtype)
+    x = flow(z)
+    calls = []
+    for part in flow.parts:
+        part.register_forward_pre_hook(lambda *a: calls.append(1))  # never fires: no forward()
+        part.inverse_and_log_det = lambda y, _f=part.inverse_and_log_det: calls.append(1) or _f(y)
+    assert flow.inv(x) is z
+    flow.log_abs_det_jacobian(z, x)
+    assert calls == []
+
+
+def test_compile_needs_flow_transforms():
+    with pytest.raises(ValueError, match="compile"):
+        pf.flows.FlowStack([torch.distributions.transforms.ExpTransform()], compile=True)
+
+# ---- parameter banks of built stacks -----------------------------------------------------
+
+FIELDS = {"planar": ("w", "u", "bias"), "radial": ("x0", "alpha_prime", "beta_prime")}
+
+
+@pytest.mark.parametrize("family", ["planar", "radial"])
+def test_stacked_parameters_are_three_tensors_and_init_like_per_layer(family):
+    torch.manual_seed(3)
+    flow = pf.flows.build(family, 4, num_layers=5)
+    torch.manual_seed(3)
+    layers = [getattr(pf.transforms, family)(4) for _ in range(5)]
+    params = list(flow.parameters())
+    assert len(params) == 3 and params[0].shape[0] == 5
+    for row, layer in zip(flow.parts, layers, strict=True):  # same draws, same order
+        assert all(torch.equal(getattr(row, n), getattr(layer, n)) for n in FIELDS[family])
+    assert [type(p).__name__ for p in flow.parts] == ["Stacked" + family.title()] * 5
+    assert isinstance(flow[2], getattr(pf.transforms, family.title()))
+    # an argument a layer does not take still fails clearly (the per-layer path)
+    with pytest.raises(ValueError, match="hidden_dims"):
+        pf.flows.build(family, 3, hidden_dims=(8,))
+
+
+@pytest.mark.parametrize("family", ["planar", "radial"])
+def test_stacked_stack_moves_copies_and_loads(family, device, dtype):
+    """The layers share one set of stacked tensors through .to(), deepcopy and pickling, and a
+    state_dict round trip works."""
+    flow = pf.flows.build(family, 3, num_layers=4)
+    randomize_parameters_(flow, scale=0.7, seed=4)
+    flow = flow.to(device, dtype)
+    assert all(p.device.type == torch.device(device).type and p.dtype == dtype
+               for p in flow.parameters())
+    copied = copy.deepcopy(flow)
+    assert all(part.stacked is copied[0].stacked for part in copied.parts)
+    assert copied[0].stacked is not flow[0].stacked
+    buf = io.BytesIO()
+    torch.save(flow, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert all(part.stacked is loaded[0].stacked for part in loaded.parts)
+    x = torch.randn(5, 3, device=device, dtype=dtype)
+    tol = tolerances(dtype)
+    fresh = pf.flows.build(family, 3, num_layers=4).to(device, dtype)
+    fresh.load_state_dict(flow.state_dict())
+    for other in (copied, loaded, fresh):
+        torch.testing.assert_close(other(x.clone()), flow(x.clone()), **tol)
+    # one layer moved alone moves the tensors it shares with the others
+    if dtype == torch.float64:
+        flow[1].float()
+        assert all(p.dtype == torch.float32 for p in flow.parameters())
+
 
 def _per_layer(monkeypatch, *args, **kwargs) -> pf.flows.FlowStack:
-    """``build`` as before the conditioners were stacked: every MADE its own parameter."""
+    """``build`` with every MADE its own parameter (the per-layer layout)."""
     with monkeypatch.context() as m:
         name = args[0]
         m.setitem(pf.flows.FAMILIES, name,
@@ -249,7 +290,7 @@ def test_built_stack_keeps_its_conditioners_in_one_bank(name, monkeypatch):
     flow = pf.flows.build(name, 4, num_layers=3, hidden_dims=(8,))
     (bank,) = flow.parameters()
     nets = [part.conditioner for part in flow.parts]
-    assert all(type(n) is pf.nn.made.StackedMADE and n.stacked is nets[0].stacked for n in nets)
+    assert all(type(n) is StackedMADE and n.stacked is nets[0].stacked for n in nets)
     assert bank.shape == (3, sum(nets[0]._sizes)) and [n.index for n in nets] == [0, 1, 2]
     for k, (net, ref) in enumerate(zip(nets, (p.conditioner for p in old.parts), strict=True)):
         assert torch.equal(net.flat_parameters, ref.flat_parameters)
@@ -278,51 +319,6 @@ def test_stacks_that_cannot_share_keep_per_layer_parameters():
     assert len(list(gated.parameters())) == 1  # still one run of same-size networks
 
 
-@pytest.mark.parametrize("name,dim", [("maf", 3), ("iaf", 3), ("realnvp", 4)])
-def test_old_per_layer_state_dicts_load(name, dim, monkeypatch, device, dtype):
-    """A state_dict of a stack built the old way (keys ``{i}.conditioner.flat_parameters``
-    and ``{i}.conditioner.mask``) loads into the stacked build, also inside another module
-    and with the layers shifted by a leading layer (the estimator's whitened stack); the
-    loaded flow maps as the old one."""
-    old = _per_layer(monkeypatch, name, dim, num_layers=3, hidden_dims=(8,))
-    randomize_parameters_(old, scale=0.3, seed=4)
-    lead = pf.transforms.ElementwiseAffine(dim)
-    randomize_parameters_(lead, scale=0.3, seed=5)
-    old_shifted = pf.flows.FlowStack([lead, *old.parts])
-    assert "1.conditioner.flat_parameters" in old_shifted.state_dict()
-    x = torch.randn(6, dim, device=device, dtype=dtype)
-    for stack, make in ((old, lambda flow: flow),
-                        (old_shifted, lambda flow: pf.flows.FlowStack(
-                            [pf.transforms.ElementwiseAffine(dim), *flow.parts]))):
-        new = make(pf.flows.build(name, dim, num_layers=3, hidden_dims=(8,)))
-        wrapper = torch.nn.Module()
-        wrapper.flow = new
-        wrapper.load_state_dict({f"flow.{k}": v for k, v in stack.state_dict().items()})
-        stack, new = stack.to(device, dtype), new.to(device, dtype)
-        torch.testing.assert_close(new.inv(x.clone()), stack.inv(x.clone()), **tolerances(dtype))
-        assert len(list(new.parameters())) == len(list(stack.parameters())) - 2
-
-
-def test_per_layer_param_store_entries_convert(monkeypatch):
-    """What a guide does with a param store of an older version: the per-layer parameter
-    names of the stack's banked layers, and those entries alone (no masks: a param store
-    holds parameters only) turned into the stacked entry."""
-    flow = pf.flows.build("iaf", 3, num_layers=2, hidden_dims=(8,), affine=True)
-    names = _legacy.per_layer_parameter_names(flow)
-    assert names == ["0.conditioner.flat_parameters", "1.conditioner.flat_parameters"]
-    planar = pf.flows.build("planar", 3, num_layers=2)
-    assert sorted(_legacy.per_layer_parameter_names(planar)) == sorted(
-        f"{i}.{n}" for i in range(2) for n in ("u", "w", "bias"))
-    old = _per_layer(monkeypatch, "iaf", 3, num_layers=2, hidden_dims=(8,))
-    randomize_parameters_(old, scale=0.3, seed=1)
-    entries = {name: p.detach() for name, p in old.named_parameters()}
-    assert sorted(entries) == names
-    _legacy.per_layer_keys_to_stacked(flow, entries, "")
-    stacked = entries.pop("0.conditioner.stacked.flat_parameters")
-    assert torch.equal(stacked, torch.stack([p.conditioner.flat_parameters for p in old.parts]))
-    assert set(entries) == {"1.conditioner.stacked.flat_parameters"}  # nothing else left
-
-
 def test_stacked_conditioners_stay_shared_through_to_copy_and_pickle(device):
     """``.to()``, ``copy.deepcopy`` and pickling keep one bank for all layers (a copy gets
     its own), so the copy's layers still train together."""
@@ -339,6 +335,40 @@ def test_stacked_conditioners_stay_shared_through_to_copy_and_pickle(device):
         assert other.parts[2].conditioner.flat_parameters.dtype == torch.float64
         assert other.parts[2].conditioner.mask.device.type == torch.device(device).type
     assert copy.deepcopy(flow).parts[0].conditioner.stacked is not flow.parts[0].conditioner.stacked
+
+
+def test_stacked_made_rows_are_made_networks(device, dtype):
+    """StackedMADE rows of one MADEParameters: each the map of the MADE it was made from
+    (checked against that MADE, with its own parameters), autoregressive (autograd: output
+    i never depends on inputs ranked at or after i), layer views and re-initialization
+    write into the row only, and the checks of the bank."""
+    nets = [MADE(4, (8, 8), order=order) for order in ([0, 1, 2, 3], [3, 1, 0, 2])]
+    for net in nets:
+        randomize_parameters_(net, scale=0.5)
+    rows = stacked_mades(nets)
+    nets = [n.to(device, dtype) for n in nets]
+    bank = rows[0].stacked.to(device, dtype)  # moves the rows' tensors with it
+    x = torch.randn(5, 4, device=device, dtype=dtype, requires_grad=True)
+    for row, net in zip(rows, nets, strict=True):
+        assert type(row) is StackedMADE and row.stacked is bank
+        torch.testing.assert_close(row(x), net(x), **tolerances(dtype))
+        jac = torch.autograd.functional.jacobian(lambda v, row=row: row(v).sum(0), x)  # (8,5,4)
+        for i, rank in enumerate(row.degrees.tolist()):
+            later = [j for j, r in enumerate(row.degrees.tolist()) if r >= rank]
+            assert jac[[i, i + 4]][..., later].abs().max() == 0
+    with torch.no_grad():
+        rows[1].layer_parameters(-1)[1].fill_(2.0)  # the head bias of row 1, in place
+    assert bank.flat_parameters[1, -8:].eq(2.0).all()
+    before = bank.flat_parameters[0].clone()
+    rows[1].reset_parameters()  # row 1 only: its head back to 0, row 0 untouched
+    assert bank.flat_parameters[1, -8:].eq(0.0).all()
+    assert torch.equal(bank.flat_parameters[0], before)
+    with pytest.raises(ValueError, match="one size"):
+        MADEParameters([nets[0].flat_parameters, torch.zeros(3)], [nets[0].mask, torch.ones(3)])
+    with pytest.raises(ValueError, match="index"):
+        StackedMADE(nets[0], bank, 2)
+    with pytest.raises(ValueError, match="size"):
+        StackedMADE(MADE(4, (7,)), bank, 0)
 
 
 class _Holder(torch.nn.Module):
@@ -374,3 +404,37 @@ def test_functional_call_uses_and_restores_the_banks(name, tie_weights, device, 
         assert all(a is b for a, b in zip(own, after, strict=True))
         assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in after)
         torch.testing.assert_close(stack(x.clone()), before)  # its own weights again
+
+# ---- training and the speed benchmark ----------------------------------------------------
+
+def test_maf_fits_two_moons_better_than_a_gaussian(one_thread):
+    """Default 5-layer MAF, 300 Adam steps: held-out log-likelihood clearly above the best
+    Gaussian's (its maximum-likelihood fit, in closed form)."""
+    torch.manual_seed(0)
+    x = pf.datasets.two_moons(2000, seed=1, dtype=torch.float32)
+    x_test = pf.datasets.two_moons(2000, seed=2, dtype=torch.float32)
+    gaussian = MultivariateNormal(x.mean(0), torch.cov(x.T, correction=0))
+    flow = pf.flows.build("maf", 2, num_layers=5)
+    p = TransformedDistribution(Independent(Normal(torch.zeros(2), 1.0), 1), flow)
+    opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = -p.log_prob(x[torch.randint(0, len(x), (256,))]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        flow_ll = p.log_prob(x_test).mean().item()
+        gauss_ll = gaussian.log_prob(x_test).mean().item()
+    assert flow_ll > gauss_ll + 0.5, (flow_ll, gauss_ll)
+
+
+def test_speed_benchmark_runs(capsys, one_thread):
+    """Smoke test of ``python -m benchmarks.speed`` on a tiny setting (it never asserts times)."""
+    from benchmarks import speed
+    speed.main(["--items", "1", "3", "5", "--sizes", "D=8", "--libraries", "pyroflows", "pyro",
+                "alt: Permute layers between", speed.ESTIMATOR, "--rounds", "1", "--steps", "1",
+                "--warmup", "1", "--slow-rounds", "1", "--samples", "3"])
+    out = capsys.readouterr().out
+    assert "| 1 | maf, D=8 | pyroflows |" in out and "| 1 | maf, D=8 | pyro |" in out
+    assert f"| 1 | maf, D=8 | {speed.ESTIMATOR} |" in out
+    assert "| 3 | german credit" in out and "| 5 | maf sampling" in out and "| 2 |" not in out

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from .. import transforms as T
-from ..nn.made import MADE, stacked_mades
+from ..nn.made import MADE
 from ..transforms.autoregressive import AffineAutoregressiveCore
+from .banks import stacked_mades
 from .families import FAMILIES
 from .stack import FlowStack
 
@@ -36,34 +37,27 @@ def build(
     ``Family.complementary_masks``), so with an odd D too every coordinate is transformed by
     one layer of each pair and conditions the other.
 
-    Planar and radial stacks (``Family.bank``) keep the parameters of all their layers in
-    three stacked tensors (:class:`~pyroflows.transforms.planar.PlanarParameters`,
-    :class:`~pyroflows.transforms.radial.RadialParameters`), shared by the layers: ``flow[i]``
-    is still layer ``i`` (a :class:`~pyroflows.transforms.planar.StackedPlanar` or
-    :class:`~pyroflows.transforms.radial.StackedRadial`, which behave as ``Planar`` and
-    ``Radial``) but ``flow.parameters()`` are three (L, D) or (L,) tensors, and the
-    ``state_dict`` keys are ``"{i}.stacked.u"``, ``"{i}.stacked.w"``, ``"{i}.stacked.bias"``
-    (radial: ``x0``, ``alpha_prime``, ``beta_prime``), the same tensors under every ``i``
-    (as for any module shared by several layers in torch; ``torch.save`` stores them once).
-    Stacks saved before this change had per-layer parameters with keys ``"{i}.u"`` etc.; a
-    :class:`FlowStack` still loads such a ``state_dict``.
-
-    IAF, MAF and RealNVP stacks (``Family.stacked_conditioners``) keep the flat parameters
-    and masks of all their layers' MADE networks in one
-    :class:`~pyroflows.nn.made.MADEParameters` (an (L, P) parameter and an (L, P) mask buffer;
-    the networks of a built stack always have one size P): each
-    layer's ``conditioner`` is a :class:`~pyroflows.nn.made.StackedMADE` whose
-    ``flat_parameters`` is row ``i`` (a view), ``flow.parameters()`` is that one tensor, and the
-    ``state_dict`` keys are ``"{i}.conditioner.stacked.flat_parameters"`` and
-    ``"{i}.conditioner.stacked.mask"``. The fused kernels mask a run of layers with one product
-    and write one gradient; an optimizer steps one tensor. Older per-layer ``state_dict`` keys
-    (``"{i}.conditioner.flat_parameters"``, ``"{i}.conditioner.mask"``) still load.
+    Parameter banks (:mod:`pyroflows.flows.banks`): planar and radial stacks
+    (``Family.bank``, when no layer keyword arguments are given) keep the parameters of all
+    their layers in three stacked tensors, and IAF, MAF and RealNVP stacks
+    (``Family.stacked_conditioners``) the flat parameters and masks of a run of same-size MADE
+    networks in one (L, P) parameter and one (L, P) mask buffer. ``flow[i]`` is still layer
+    ``i`` (:class:`~pyroflows.flows.banks.StackedPlanar`,
+    :class:`~pyroflows.flows.banks.StackedRadial`, or a layer whose ``conditioner`` is a
+    :class:`~pyroflows.flows.banks.StackedMADE`; they behave as the plain layers), but
+    ``flow.parameters()`` are the bank's tensors, and the ``state_dict`` keys are
+    ``"{i}.stacked.u"``, ``"{i}.stacked.w"``, ``"{i}.stacked.bias"`` (radial: ``x0``,
+    ``alpha_prime``, ``beta_prime``) and ``"{i}.conditioner.stacked.flat_parameters"``,
+    ``"{i}.conditioner.stacked.mask"``: the same tensors under every ``i``, as for any module
+    shared by several layers in torch (``torch.save`` stores them once). A
+    :class:`FlowStack` also loads a ``state_dict`` with per-layer keys (``"{i}.u"``,
+    ``"{i}.conditioner.flat_parameters"``; :mod:`pyroflows._legacy`).
 
     One bank module is registered under every layer of its run; module walks
     (``named_modules``, ``named_parameters(remove_duplicate=False)``) list it once, under its
-    first layer (:class:`~pyroflows.nn.shared.SharedModule`), so
+    first layer (:class:`~pyroflows._fast.banks.ParameterBank`), so
     ``torch.func.functional_call(flow, params, args)`` with the names of
-    ``flow.named_parameters()`` swaps and restores each shared tensor exactly once (tested);
+    ``flow.named_parameters()`` swaps and restores each shared tensor exactly once;
     ``state_dict`` still has every layer's keys.
 
     Arguments:
@@ -139,7 +133,7 @@ def _layer_by_layer(name: str, dim: int, num_layers: int, permutation: str,
 
 def _stack_conditioners(parts: list[nn.Module]) -> None:
     """Give every run of consecutive layers with :class:`~pyroflows.nn.MADE` conditioners of
-    one size :class:`~pyroflows.nn.made.StackedMADE` rows of one new bank instead, holding
+    one size :class:`~pyroflows.flows.banks.StackedMADE` rows of one new bank instead, holding
     the same parameters (so the same maps, and under one seed the values the layers drew)."""
     runs: list[list[AffineAutoregressiveCore]] = [[]]
     for part in parts:

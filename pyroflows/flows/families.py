@@ -9,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import transforms as T
-from ..transforms.planar import planar_layers
-from ..transforms.radial import radial_layers
+from .banks import planar_layers, radial_layers
 
 __all__ = ["Family", "FAMILIES", "register_family", "fold_order", "fold_mask"]
 

@@ -11,8 +11,8 @@ from .autoregressive import IAF, MAF, iaf, maf
 from .base import FlowTransform
 from .coupling import RealNVP, realnvp
 from .permute import Permute, permute
-from .planar import Planar, PlanarParameters, StackedPlanar, planar, planar_layers
-from .radial import Radial, RadialParameters, StackedRadial, radial, radial_layers
+from .planar import Planar, planar
+from .radial import Radial, radial
 from .tabak import Tabak, tabak
 
 __all__ = [
@@ -24,14 +24,8 @@ __all__ = [
     "FixedTriangularAffine",
     "Planar",
     "planar",
-    "PlanarParameters",
-    "StackedPlanar",
-    "planar_layers",
     "Radial",
     "radial",
-    "RadialParameters",
-    "StackedRadial",
-    "radial_layers",
     "IAF",
     "iaf",
     "MAF",

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import _legacy
+from .._fast import RowView
+from .._memo import Memoized
 from .base import FlowTransform
 
 __all__ = [
@@ -16,9 +18,9 @@ __all__ = [
 
 class _PackedAffine(FlowTransform):
     """Shared by the affine layers: all their parameters live in one tensor ``packed``, whose
-    rows are named by ``_ROWS`` (``loc``, ``log_scale``, ...; read and edited in place as views
-    of it), so an optimizer that steps each parameter tensor on its own (Pyro's) makes one
-    step per layer instead of two or three."""
+    rows are named by ``_ROWS`` (``loc``, ``log_scale``, ...), read and edited in place as
+    views of it (:class:`~pyroflows._fast.banks.RowView`), so an optimizer that steps each
+    parameter tensor on its own (Pyro's) makes one step per layer instead of two or three."""
 
     _ROWS: tuple[str, ...] = ()
 
@@ -26,15 +28,6 @@ class _PackedAffine(FlowTransform):
         super().__init__(dim)
         self._register_load_state_dict_pre_hook(_legacy.pack_separate_entries,
                                                  with_module=True)
-
-    def __getattr__(self, name: str):
-        rows = type(self)._ROWS
-        if name in rows:  # a view of the packed parameter: differentiable, editable in place
-            return self._row(name)
-        return super().__getattr__(name)
-
-    def _row(self, name: str) -> Tensor:
-        raise NotImplementedError
 
     def _initial(self, loc: Tensor | float, scale: Tensor | float) -> dict[str, Tensor]:
         """The initial ``loc`` and ``log_scale`` rows (D,) from a float or (D,) ``loc`` and a
@@ -76,13 +69,12 @@ class ElementwiseAffine(_PackedAffine):
     """
 
     _ROWS = ("loc", "log_scale")
+    loc = RowView(0, tensor="packed", in_bank=False)
+    log_scale = RowView(1, tensor="packed", in_bank=False)
 
     def __init__(self, dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0) -> None:
         super().__init__(dim)
         self.packed = nn.Parameter(self.pack(**self._initial(loc, scale)))
-
-    def _row(self, name: str) -> Tensor:
-        return self.packed[self._ROWS.index(name)]
 
     def pack(self, loc: Tensor, log_scale: Tensor) -> Tensor:
         return torch.stack([loc, log_scale.to(loc)])
@@ -136,16 +128,14 @@ class TriangularAffine(_PackedAffine):
     """
 
     _ROWS = ("lower", "loc", "log_scale")
+    lower = RowView(lambda t: slice(0, t.dim), tensor="packed", in_bank=False)
+    loc = RowView(lambda t: t.dim, tensor="packed", in_bank=False)
+    log_scale = RowView(lambda t: t.dim + 1, tensor="packed", in_bank=False)
 
     def __init__(self, dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0) -> None:
         super().__init__(dim)
         self.packed = nn.Parameter(self.pack(lower=torch.zeros(dim, dim),
                                              **self._initial(loc, scale)))
-
-    def _row(self, name: str) -> Tensor:
-        if name == "lower":
-            return self.packed[:self.dim]
-        return self.packed[self.dim + (name == "log_scale")]
 
     def pack(self, lower: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
         return torch.cat([lower.to(loc), loc[None], log_scale.to(loc)[None]])
@@ -185,7 +175,7 @@ def triangular_affine(dim: int, loc: Tensor | float = 0.0, scale: Tensor | float
     return TriangularAffine(dim, loc=loc, scale=scale)
 
 
-class FixedTriangularAffine(FlowTransform):
+class FixedTriangularAffine(Memoized, FlowTransform):
     r""":math:`y = m + C x` with a fixed lower-triangular :math:`C` with positive diagonal
     (buffers, not parameters), :math:`\log|\det J| = \sum_i \log C_{ii}`: the Laplace
     preconditioner of a flow guide with ``laplace_init``, and the whitening stage of
@@ -205,14 +195,11 @@ class FixedTriangularAffine(FlowTransform):
         self.register_buffer("scale_tril", scale_tril.detach().clone())
 
     def _log_det(self) -> Tensor:
-        # fixed: computed once per state of the buffer (load_state_dict and .to() change it)
+        # fixed: computed once per state of the buffer (load_state_dict and .to() change it);
+        # the memo keeps the buffer it keys on alive, so its id stays its own
         tril = self.scale_tril
-        key = (tril._version, torch.is_inference_mode_enabled())
-        cached = self.__dict__.get("_cached_log_det")  # (buffer, key, log_det)
-        if cached is None or cached[0] is not tril or cached[1] != key:
-            cached = (tril, key, tril.diagonal().log().sum())
-            self.__dict__["_cached_log_det"] = cached
-        return cached[2]
+        return self.memo("log_det", (id(tril), tril._version, torch.is_inference_mode_enabled()),
+                         lambda: (tril, tril.diagonal().log().sum()))[1]
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         # loc + x C^T as one addmm over the flattened batch
@@ -223,21 +210,22 @@ class FixedTriangularAffine(FlowTransform):
         x = tril_affine_solve(self.loc, self.scale_tril, y)
         return x, self._log_det().expand(y.shape[:-1])
 
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state.pop("_cached_log_det", None)
-        return state
-
 
 def tril_affine_solve(loc: Tensor, scale_tril: Tensor, y: Tensor) -> Tensor:
     r""":math:`x = L^{-1}(y - \mu)` for every row of ``y`` (shape (..., D), including a single
     (D,) point) by one triangular solve of :math:`x L^\top = y - \mu`.
 
     With one (D, D) factor the rows are flattened into one (N, D) right-hand side, one
-    triangular solve for the whole batch: solving each row as its own (1, D) system broadcasts
-    the factor to (N, D, D) and its backward builds and sums N (D, D) gradients (at D = 64,
-    N = 512: 17 ms against 1 ms for the forward and backward). A batched factor (..., D, D)
-    keeps the broadcasting solve."""
+    triangular solve for the whole batch: solving each row as its own (1, D) system would
+    broadcast the factor to (N, D, D), and its backward would build and sum N (D, D)
+    gradients. A batched factor (..., D, D) keeps the broadcasting solve.
+
+    Example:
+        >>> import torch
+        >>> tril = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+        >>> tril_affine_solve(torch.ones(2), tril, torch.tensor([[3.0, 3.0]])).tolist()
+        [[1.0, 1.0]]
+    """
     diff = y - loc
     if scale_tril.dim() == 2:
         flat = diff.reshape(-1, diff.shape[-1])

@@ -11,7 +11,7 @@ from torch.distributions import constraints
 
 from .._config import is_validation_enabled
 
-__all__ = ["FlowTransform", "module_stamp"]
+__all__ = ["FlowTransform", "OutputCache", "module_stamp"]
 
 
 @dataclass
@@ -62,67 +62,19 @@ def _all_finite(value: Tensor) -> bool:
     return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
 
 
-class FlowTransform(TransformModule):
-    r"""Base class of the pyroflows transforms: a bijection of :math:`\mathbb{R}^D` with a cheap
-    :math:`\log|\det J|`.
+class OutputCache:
+    """Mixin: the one cache of a map's last ``(x, y, log_det)``, which cannot go stale.
 
-    Subclasses implement two methods, each returning the image and the log-det of the *forward*
-    map at the point in question:
-
-    - ``forward_and_log_det(x) -> (y, log|det dy/dx|)``
-    - ``inverse_and_log_det(y) -> (x, log|det dy/dx|)``
-
-    and this class supplies ``__call__``, ``inv``, ``log_abs_det_jacobian`` and input validation.
-
-    Caching: the last ``(x, y, log_det)`` triple is kept so that, as in
-    :class:`torch.distributions.TransformedDistribution`, scoring a sample just drawn needs no
-    inverse (for IAF this skips the D sequential passes). Unlike Pyro's identity cache, an entry is
-    only reused while the input tensor, every parameter and buffer of the module (their version
-    counters and identities) and the grad mode are unchanged, so an optimizer step, an in-place
-    edit of the input, ``load_state_dict`` or ``.to()`` always forces a recomputation. The cache is
-    dropped when the module is pickled or deep-copied.
-
-    Validation: inputs must have shape ``(..., D)``; otherwise a :class:`ValueError` says so. While
-    :func:`pyroflows.is_validation_enabled` (the default), non-finite inputs raise a
-    :class:`ValueError` too.
-
-    ``sign = +1``: every pyroflows layer except permutations has a positive Jacobian
-    determinant (it preserves orientation).
+    An entry is only reused while the input (or output) tensor is the same object with the same
+    version counter, and every parameter and buffer of the module (identities and version
+    counters, :func:`module_stamp`) and the grad mode are unchanged, so an optimizer step, an
+    in-place edit of the input, ``load_state_dict`` or ``.to()`` always force a recomputation.
+    The entry is dropped when the module is pickled or deep-copied. Used by
+    :class:`FlowTransform` and :class:`~pyroflows.flows.FlowStack`.
     """
 
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-    sign = +1
+    _cache: _CacheEntry | None = None
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(cache_size=0)
-        if int(dim) < 1:
-            raise ValueError(f"{type(self).__name__}: dim must be a positive integer, got {dim!r}")
-        self.dim = int(dim)
-        self._cache: _CacheEntry | None = None
-
-    # ---- to be implemented by subclasses ---------------------------------------------------
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
-
-    # ---- validation -----------------------------------------------------------------------
-    def _validate(self, value: Tensor, what: str) -> None:
-        name = type(self).__name__
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{name}: {what} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dim() < 1 or value.shape[-1] != self.dim:
-            raise ValueError(
-                f"{name}: {what} must have shape (..., {self.dim}) (event size {self.dim}), "
-                f"got shape {tuple(value.shape)}"
-            )
-        if is_validation_enabled() and not _all_finite(value):
-            raise ValueError(f"{name}: {what} contains NaN or infinite values")
-
-    # ---- cache ----------------------------------------------------------------------------
     def _stamp(self) -> tuple | None:
         return module_stamp(self)
 
@@ -149,7 +101,84 @@ class FlowTransform(TransformModule):
 
     def clear_cache(self) -> None:
         """Drop the cached ``(x, y, log_det)`` triple."""
-        self._cache = None
+        self.__dict__["_cache"] = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_cache"] = None
+        return state
+
+
+class FlowTransform(OutputCache, TransformModule):
+    r"""Base class of the pyroflows transforms: a bijection of :math:`\mathbb{R}^D` with a cheap
+    :math:`\log|\det J|`.
+
+    Subclasses implement two methods, each returning the image and the log-det of the *forward*
+    map at the point in question:
+
+    - ``forward_and_log_det(x) -> (y, log|det dy/dx|)``
+    - ``inverse_and_log_det(y) -> (x, log|det dy/dx|)``
+
+    and this class supplies ``__call__``, ``inv``, ``log_abs_det_jacobian``, input validation
+    (``_validate``) and the output cache (:class:`OutputCache`): as in
+    :class:`torch.distributions.TransformedDistribution`, scoring a sample just drawn needs no
+    inverse (for IAF this skips the D sequential passes), and unlike Pyro's identity cache an
+    entry is never reused after the input, a parameter or a buffer changed.
+
+    Validation: inputs must have shape ``(..., D)``; otherwise a :class:`ValueError` says so. While
+    :func:`pyroflows.is_validation_enabled` (the default), non-finite inputs raise a
+    :class:`ValueError` too.
+
+    Fast paths (:mod:`pyroflows._fast`): a layer that a fused kernel can run declares it with
+    ``fused_kind(inverse)`` (not ``None``) and ``run_fused``, a static method that runs
+    consecutive layers of its kind in one call; ``plain_map(x, inverse)`` is the same map by
+    plain differentiable operations (what ``torch.func`` and ``torch.compile`` see).
+
+    ``sign = +1``: every pyroflows layer except permutations has a positive Jacobian
+    determinant (it preserves orientation).
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    sign = +1
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(cache_size=0)
+        if int(dim) < 1:
+            raise ValueError(f"{type(self).__name__}: dim must be a positive integer, got {dim!r}")
+        self.dim = int(dim)
+
+    # ---- to be implemented by subclasses ---------------------------------------------------
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    # ---- the fast-path declaration (see pyroflows._fast.dispatch) -------------------------
+    def fused_kind(self, inverse: bool):
+        """What a fused kernel needs to know to run this direction, or ``None`` (the default)
+        where only this layer's own operations compute it."""
+        return None
+
+    def plain_map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """The map of one direction (``inverse`` or forward) and the forward map's log-det, by
+        plain differentiable operations."""
+        return self.inverse_and_log_det(x) if inverse else self.forward_and_log_det(x)
+
+    # ---- validation -----------------------------------------------------------------------
+    def _validate(self, value: Tensor, what: str) -> None:
+        name = type(self).__name__
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name}: {what} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() < 1 or value.shape[-1] != self.dim:
+            raise ValueError(
+                f"{name}: {what} must have shape (..., {self.dim}) (event size {self.dim}), "
+                f"got shape {tuple(value.shape)}"
+            )
+        if is_validation_enabled() and not _all_finite(value):
+            raise ValueError(f"{name}: {what} contains NaN or infinite values")
 
     # ---- the torch.distributions.Transform interface --------------------------------------
     def __call__(self, x: Tensor) -> Tensor:
@@ -199,12 +228,6 @@ class FlowTransform(TransformModule):
 
     def inverse_shape(self, shape: torch.Size) -> torch.Size:
         return shape
-
-    # ---- pickling / copying ---------------------------------------------------------------
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_cache"] = None
-        return state
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"

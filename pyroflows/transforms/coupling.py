@@ -29,9 +29,8 @@ class RealNVP(AffineAutoregressiveCore):
     layer :func:`~pyroflows.flows.build` makes) and :math:`D \ge` ``compact_min_dim`` (32),
     the layer runs that network's nonzero blocks only, on :math:`z_a` with the outputs of
     :math:`b` (:meth:`compact_weights`): the same map, with the arithmetic of Pyro's
-    ``AffineCoupling`` network; below 32 the masked products over all D cost less than
-    splitting and joining the halves. The last layer starts at zero, so a new layer is the
-    identity.
+    ``AffineCoupling`` network; at smaller D the masked products over all D are the cheaper
+    choice. The last layer starts at zero, so a new layer is the identity.
 
     References:
         Dinh et al., "Density estimation using Real NVP", ICLR 2017,
@@ -88,9 +87,8 @@ class RealNVP(AffineAutoregressiveCore):
     #: the smallest D for which the compact conditioner runs (set on an instance to change it):
     #: it saves (D/2) H_1 + D H_L of the (D H_1 + ... + 2 D H_L) multiply-adds per sample but
     #: adds a few small kernels per layer (column and row blocks of the weights, the
-    #: gradient's scatter back to the flat layout, the concatenation of the halves); measured
-    #: (training step, 5 layers, batch 512, one thread): 15-20% slower at D=8 and D=16 with
-    #: hidden (64, 64), 7-8% faster at D=32 with (128, 128) and (256, 256), 17% at D=64
+    #: gradient's scatter back to the flat layout, the concatenation of the halves); the
+    #: threshold is measured (benchmarks/results/speed-cpu.md, "Measured choices")
     compact_min_dim: int = 32
 
     @property
@@ -130,8 +128,8 @@ class RealNVP(AffineAutoregressiveCore):
         return weights, biases
 
     def _compact_map(self, u: Tensor, parallel: bool) -> tuple[Tensor, Tensor]:
-        # the operations of the fused kernel's coupling branch
-        # (autoregressive._chain_forward), in its order, so the same numbers
+        # the operations of the fused kernel's coupling branch (pyroflows._fast.affine), in
+        # its order, so the same numbers
         cond, trans = self._halves
         net = self.conditioner
         weights, biases = self.compact_weights(*net.differentiable_masked_weights())

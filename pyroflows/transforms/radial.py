@@ -8,13 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._fast import keeps_map, stacked_rows
 from .base import FlowTransform
-from .planar import ParameterBank, RowOf, StackedRow, stacked_rows
 
-__all__ = [
-    "Radial", "radial", "RadialParameters", "StackedRadial", "radial_layers",
-    "stacked_radial_parameters", "radial_alpha", "radial_forward", "radial_inverse",
-]
+__all__ = ["Radial", "radial", "radial_alpha", "radial_forward", "radial_inverse"]
 
 
 class Radial(FlowTransform):
@@ -73,6 +70,33 @@ class Radial(FlowTransform):
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return radial_inverse(y, self.x0, *self._alpha_beta())
 
+    # ---- fast path: a run of radial layers shares its parameter transforms -----------------
+    def fused_kind(self, inverse: bool) -> str | None:
+        """``"radial"``, unless a subclass redefines the map."""
+        return "radial" if keeps_map(type(self), Radial, _MAP) else None
+
+    @staticmethod
+    def run_fused(x: Tensor, layers: list[Radial], kinds: list, log_det: Tensor | None,
+                  inverse: bool) -> tuple[Tensor, Tensor]:
+        r"""Consecutive radial layers (in the order they run), with :math:`\alpha` and
+        :math:`\alpha + \beta` computed once for all of them from the stacked parameters
+        (whose gradients then arrive as one (K, ...) tensor each, not K row scatters); then
+        each layer's map, as one by one."""
+        forward_order = layers[::-1] if inverse else layers
+        x0, alpha_prime, beta_prime = stacked_rows(
+            forward_order, ("x0", "alpha_prime", "beta_prime"), (False, True, True))
+        alpha, alpha_plus_beta = radial_alpha(alpha_prime, beta_prime)
+        steps = zip(x0.unbind(0), alpha.unbind(0), alpha_plus_beta.unbind(0), strict=True)
+        step = radial_inverse if inverse else radial_forward
+        for x0_k, alpha_k, sum_k in (reversed(list(steps)) if inverse else steps):
+            x, ld = step(x, x0_k, alpha_k, sum_k)
+            log_det = ld if log_det is None else log_det + ld
+        return x, log_det
+
+
+# the methods that define Radial's map: a subclass that redefines one runs its own
+_MAP = ("forward_and_log_det", "inverse_and_log_det", "_alpha_beta")
+
 
 def radial_alpha(alpha_prime: Tensor, beta_prime: Tensor) -> tuple[Tensor, Tensor]:
     r""":math:`\alpha = \mathrm{softplus}(\alpha')` and :math:`\alpha + \beta =
@@ -121,74 +145,3 @@ def _log_det(r: Tensor, alpha: Tensor, alpha_plus_beta: Tensor, dim: int) -> Ten
 def radial(dim: int) -> Radial:
     """Build a :class:`Radial` layer of event size ``dim`` with Pyro's default initialization."""
     return Radial(dim)
-
-
-class RadialParameters(ParameterBank):
-    r"""The raw parameters of ``num_layers`` radial layers, stacked: ``x0`` of shape (L, D),
-    ``alpha_prime`` and ``beta_prime`` of shape (L,); row :math:`k` holds layer :math:`k`'s
-    parameters of :class:`Radial`. Three tensors for L layers instead of 3L, for the reason
-    given in :class:`~pyroflows.transforms.planar.PlanarParameters`; the layers are
-    :class:`StackedRadial` views, built by :func:`radial_layers`.
-
-    Initialization: layer by layer in the order of :class:`Radial` (``alpha_prime``,
-    ``beta_prime``, ``x0``, uniform on :math:`\pm 1/\sqrt{D}`), so under one seed the values
-    are those of L :class:`Radial` layers built one after the other.
-
-    Arguments:
-        dim: the event size D.
-        num_layers: the number of layers L.
-    """
-
-    def __init__(self, dim: int, num_layers: int) -> None:
-        super().__init__(dim, num_layers)
-        self.x0 = nn.Parameter(torch.empty(self.num_layers, self.dim))
-        self.alpha_prime = nn.Parameter(torch.empty(self.num_layers))
-        self.beta_prime = nn.Parameter(torch.empty(self.num_layers))
-        self.reset_parameters()
-
-    def reset_parameters(self, index: int | None = None) -> None:
-        """Draw every layer's parameters afresh (or only layer ``index``'s)."""
-        stdv = 1.0 / math.sqrt(self.dim)
-        with torch.no_grad():
-            for k in range(self.num_layers) if index is None else [index]:
-                self.alpha_prime[k: k + 1].uniform_(-stdv, stdv)
-                self.beta_prime[k: k + 1].uniform_(-stdv, stdv)
-                self.x0[k].uniform_(-stdv, stdv)
-
-
-class StackedRadial(StackedRow, Radial):
-    r"""Layer ``index`` of a :class:`RadialParameters`: the map of :class:`Radial` with
-    ``x0``, ``alpha_prime`` and ``beta_prime`` read from row ``index`` of the stacked tensors.
-    It behaves as a :class:`Radial` layer in every respect; its parameters are the whole shared
-    :class:`RadialParameters` (submodule ``stacked``), as for
-    :class:`~pyroflows.transforms.planar.StackedPlanar`.
-
-    Example:
-        >>> import torch
-        >>> from pyroflows.transforms.radial import radial_layers
-        >>> layers = radial_layers(3, num_layers=4)
-        >>> layers[2].x0.shape, layers[2].stacked.x0.shape
-        (torch.Size([3]), torch.Size([4, 3]))
-    """
-
-    def __init__(self, stacked: RadialParameters, index: int) -> None:
-        self._attach_row(stacked, index)  # Radial's own parameters are not made
-
-    x0 = RowOf()
-    alpha_prime = RowOf(scalar=True)  # shape (1,), as Radial's
-    beta_prime = RowOf(scalar=True)
-
-
-def radial_layers(dim: int, num_layers: int) -> list[StackedRadial]:
-    """``num_layers`` radial layers over one :class:`RadialParameters` (what
-    ``pyroflows.flows.build("radial", ...)`` stacks)."""
-    stacked = RadialParameters(dim, num_layers)
-    return [StackedRadial(stacked, k) for k in range(num_layers)]
-
-
-def stacked_radial_parameters(layers: list[Radial]) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x0, alpha_prime, beta_prime)`` of consecutive radial layers as (K, D), (K,), (K,)
-    tensors: the stacked parameters (or a slice) when the layers are rows ``i, i + 1, ...`` of
-    one :class:`RadialParameters`, else stacked from the layers."""
-    return stacked_rows(layers, StackedRadial, ("x0", "alpha_prime", "beta_prime"),
-                        scalar=(False, True, True))

@@ -1,14 +1,23 @@
-"""Every transform of the package, registered once for the conformance suite.
+"""The conformance suite: every transform of the package against independent truth (shapes,
+round trips, log-dets against autograd Jacobians, gradients against the plain operations,
+save/load, stale caches, deep copies, bad input, TransformedDistribution), and the behaviour
+every FlowTransform shares: validation and the output cache.
 
-Each entry maps a name to ``(factory, dim)``: ``factory()`` returns a fresh transform with
-non-trivial (randomized) parameters in the default dtype; the suite moves it to the device and
-dtype under test. Add new transforms here and they are checked by ``test_conformance.py``.
+Each registry entry maps a name to ``(factory, dim)``: ``factory()`` returns a fresh transform
+with non-trivial (randomized) parameters in the default dtype; the suite moves it to the device
+and dtype under test. Add a new transform here and it is checked.
 """
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 import pyroflows as pf
+from pyroflows import testing
+from pyroflows._fast import made as fast_made
 from pyroflows.testing import randomize_parameters_
+from pyroflows.transforms.base import module_stamp
 
 TRANSFORMS: dict = {}
 
@@ -53,8 +62,6 @@ def _triangular_affine():
 
 @register("fixed-triangular-affine", 4)
 def _fixed_triangular_affine():
-    import torch
-
     gen = torch.Generator().manual_seed(4)
     tril = torch.tril(torch.randn(4, 4, generator=gen), -1) + torch.diag(
         torch.rand(4, generator=gen) + 0.5)
@@ -83,7 +90,7 @@ def _radial_stack_layer():
     return _randomized(pf.flows.build("radial", 3, num_layers=4), scale=1.0)[1]
 
 
-# ---- autoregressive, coupling and permutation layers (issue 3) -------------------------------
+# ---- autoregressive, coupling and permutation layers ----------------------------------------
 # Smaller random moves than the default for the networks: a MADE with weights far from its
 # identity start, stacked, gets condition numbers that float32 cannot invert to 2e-3.
 
@@ -105,9 +112,7 @@ def _maf_narrow():  # hidden width below D and a custom order
 
 @register("maf-residual", 3)
 def _maf_residual():
-    from torch import nn
-
-    t = pf.transforms.maf(3, hidden_dims=(8, 8), residual=True, activation=nn.Tanh)
+    t = pf.transforms.maf(3, hidden_dims=(8, 8), residual=True, activation=torch.nn.Tanh)
     return _randomized(t, scale=0.3)
 
 
@@ -156,12 +161,12 @@ def _maf_stack_layer():
     return _randomized(pf.flows.build("maf", 3, num_layers=3, hidden_dims=(8,)), scale=0.2)[2]
 
 
-# Wide MADE layers skip their masked-out blocks in the fused kernels (CPU; MADE.block_plans):
+# Wide MADE layers skip their masked-out blocks in the fused kernels (CPU; _fast.made):
 # stacks whose 256 x 256 hidden layers run blocked. The factories check that they do, so the
 # entries cannot quietly turn into dense ones if the thresholds move.
 def _blocked(flow):
     net = flow[0].conditioner
-    plans = net.block_plans(net.masked_weights()[0])
+    plans = fast_made.block_plans(net, fast_made.masked_weights(net)[0])
     assert any(plan is not None for plan in plans), "expected a blocked layer"
     return flow
 
@@ -193,10 +198,112 @@ def _realnvp_stack_odd():
 @register("tabak", 3)
 def _tabak():
     """A small fitted Tabak transform (buffers only), deterministic: fixed data and seed."""
-    import torch
-
     gen = torch.Generator().manual_seed(11)
     g = torch.randn(300, 3, generator=gen, dtype=torch.float64)
     x = torch.sinh(0.7 * g) + 0.4 * g[:, :1] * g.roll(1, dims=1)
     t = pf.transforms.Tabak(3, max_steps=50, check_every=10, patience=50, seed=0)
     return t.fit(x, progress=False).to(torch.get_default_dtype())
+
+
+CHECKS = {
+    "shapes": testing.check_shapes,
+    "round_trips": testing.check_round_trips,
+    "log_det": testing.check_log_det,
+    "gradients": testing.check_gradients,
+    "stale_cache": testing.check_stale_cache,
+    "deepcopy": testing.check_deepcopy,
+    "bad_input": testing.check_bad_input,
+    "transformed_distribution": testing.check_transformed_distribution,
+}
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_conformance(name, check, device, dtype):
+    factory, dim = TRANSFORMS[name]
+    t = factory().to(device=device, dtype=dtype)
+    CHECKS[check](t, dim, device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_save_load(name, device, dtype):
+    factory, dim = TRANSFORMS[name]
+    testing.check_save_load(factory().to(device=device, dtype=dtype), dim, factory, device, dtype)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_float32_use(name, device):
+    """Whatever the suite's dtype, every transform also works end to end in float32."""
+    factory, dim = TRANSFORMS[name]
+    t = factory().to(device=device, dtype=torch.float32)
+    x = torch.randn(7, dim, device=device)
+    y = t(x)
+    assert y.dtype == torch.float32 and y.device == x.device
+    ladj = t.log_abs_det_jacobian(x, y)
+    assert ladj.dtype == torch.float32 and torch.isfinite(ladj).all()
+    torch.testing.assert_close(t.inv(y.clone()), x, rtol=1e-3, atol=1e-3)
+
+
+# ---- validation and the output cache, shared by every FlowTransform -----------------------
+
+def test_validation_switch(device, dtype):
+    t = pf.transforms.planar(2).to(device, dtype)
+    bad = torch.tensor([[float("nan"), 0.0]], device=device, dtype=dtype)
+    with pytest.raises(ValueError, match="NaN"):
+        t(bad)
+    with pf.validation(False):
+        assert torch.isnan(t(bad)).any()  # documented: no check, NaN flows through
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 2\)"):
+        t(torch.zeros(3, device=device, dtype=dtype))
+
+
+def test_validation_overflowing_sum_is_not_an_error(device):
+    """Finite inputs whose sum overflows must pass the one-reduction finiteness check."""
+    t = pf.transforms.ElementwiseAffine(4).to(device=device, dtype=torch.float32)
+    x = torch.full((3, 4), 3e38, device=device, dtype=torch.float32)
+    with pf.validation(True):
+        assert torch.isfinite(t(x)).all()  # the identity at initialization
+        bad = x.clone()
+        bad[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            t(bad)
+
+
+def test_cache_skips_recomputation_only_when_valid(device, dtype):
+    t = pf.transforms.planar(2).to(device, dtype)
+    calls = []
+    orig = t.forward_and_log_det
+
+    def counting(x):
+        calls.append(1)
+        return orig(x)
+
+    t.forward_and_log_det = counting
+    x = torch.randn(5, 2, device=device, dtype=dtype)
+    y = t(x)
+    t.log_abs_det_jacobian(x, y)
+    t(x)
+    assert len(calls) == 1
+    x.add_(1.0)  # in-place edit of the input invalidates the entry
+    t(x)
+    assert len(calls) == 2
+    with torch.no_grad():
+        t(x)  # a different grad mode must not hand back a graph-less or graph-ful stale result
+    assert len(calls) == 3
+
+
+def test_module_stamp_sees_every_change(device, dtype):
+    """The cache key of a module's state changes with an in-place edit of a parameter, a
+    loaded state and the grad mode."""
+    flow = pf.flows.build("maf", 3, num_layers=3, hidden_dims=(8,), affine=True)
+    flow = flow.to(device, dtype)
+    stamp = module_stamp(flow)
+    assert module_stamp(flow) == stamp
+    with torch.no_grad():
+        flow.parts[1].conditioner.flat_parameters.add_(0.0)  # an in-place edit bumps the version
+    assert module_stamp(flow) != stamp
+    stamp = module_stamp(flow)
+    flow.load_state_dict(flow.state_dict())
+    assert module_stamp(flow) != stamp
+    with torch.no_grad():
+        assert module_stamp(flow) != module_stamp(flow.parts[0])  # grad mode, and fewer tensors

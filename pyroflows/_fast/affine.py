@@ -1,0 +1,411 @@
+r"""The affine autoregressive layers (IAF, MAF, RealNVP) as fused kernels.
+
+:func:`affine_chain` runs a chain of such layers, each in its one-pass direction, as one
+autograd node with the backward pass written out; :func:`sequential_no_grad` runs the D-pass
+direction without autograd, level by level. Both compute what the layers' plain
+differentiable operations compute (``plain_map``), and read the layers through their
+documented attributes: ``conditioner`` (a :class:`~pyroflows.nn.MADE`, or a bank row of one),
+``log_scale_bound``, ``dim``, ``forward_is_parallel``, ``coupling_halves`` and
+``compact_weights``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from .banks import BankRow
+from .dispatch import traced
+from .made import (
+    fused_backward,
+    fused_forward,
+    hidden_degree_ranges,
+    masked_weights,
+    split_rows,
+    split_weights,
+)
+
+__all__ = ["affine_chain", "sequential_no_grad"]
+
+
+def affine_chain(
+    x: Tensor,
+    layers: Sequence[nn.Module],
+    kinds: Sequence[tuple[bool, float]],
+    log_det: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Run ``x`` through a chain of affine autoregressive layers in one autograd node.
+
+    Layer :math:`k` maps its input :math:`u` with :math:`(\mu, s) = \mathrm{head}(
+    \mathrm{MADE}_k(u))` either by the parallel map :math:`v = \mu + e^{s} \odot u` or by the
+    single-pass inverse :math:`v = (u - \mu) \odot e^{-s}`, as ``kinds[k] = (parallel, sign)``
+    says (the layers' ``fused_kind``), and adds
+    :math:`\mathrm{sign} \sum_i s_i` to the log-det, which starts at ``log_det`` (or 0).
+    Returns the last output and the accumulated log-det, exactly as running each layer's
+    ``forward_and_log_det`` / ``inverse_and_log_det`` and summing would (same operations, same
+    order).
+
+    The backward pass is written out by hand (:class:`_AffineChain`): for the parallel map,
+    with :math:`g` the gradient at :math:`v` and :math:`\ell` the one at the log-det,
+    :math:`\nabla\mu = g`, :math:`\nabla s = g \odot e^{s} \odot u + \mathrm{sign}\,\ell`,
+    :math:`\nabla u = g \odot e^{s} + J_{\mathrm{MADE}}^\top(\nabla\mu, \nabla\tilde s)`,
+    with :math:`\nabla\tilde s = \nabla s\,(1 - \tanh^2(\tilde s / b))` through the bound
+    :math:`s = b \tanh(\tilde s / b)`; the MADE part is
+    :func:`~pyroflows._fast.made.fused_backward`. It is not twice differentiable (second
+    derivatives raise an error instead of returning wrong values).
+
+    Layers whose networks are rows of one bank (:class:`~pyroflows._fast.banks.BankRow`
+    networks, as in a stack built by :func:`pyroflows.flows.build`, in either order) are read
+    through the stacked tensor itself: one mask product for all of them, and one gradient,
+    written row by row and masked once. Under ``torch.func`` transforms and the
+    ``torch.compile`` tracer (:func:`traced`) it runs the layers' ``plain_map`` instead.
+    """
+    if traced():
+        for layer, (parallel, _) in zip(layers, kinds, strict=True):
+            inverse = layer.forward_is_parallel != parallel
+            x, ld = layer.plain_map(x, inverse)
+            log_det = ld if log_det is None else log_det + ld
+        return x, log_det
+    chain = _Chain(layers, kinds)
+    flats = chain.flats
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in flats)
+        or (log_det is not None and log_det.requires_grad)
+    ):
+        return _AffineChain.apply(x, log_det, chain, *flats)
+    return _chain_forward(x, log_det, chain, flats, None)
+
+
+class _Chain:
+    """What an :func:`affine_chain` call reads of its layers, derived afresh on every call (so
+    it cannot go stale: a replaced network, parameter or mask, another row, a moved or
+    reloaded module are all read as they are now).
+
+    The layers' parameters come as groups, in the layers' order: consecutive layers whose
+    networks are rows of one bank (:class:`~pyroflows._fast.banks.BankRow`) give one group, the
+    whole stacked (L, P) tensor with the rows they use (in the order they run; a stack's
+    inverse runs them last first), so the chain reads one parameter tensor, not a row view
+    per layer; any other layer (and a row alone) gives its (P,) ``flat_parameters`` with
+    ``rows = None``. ``flats``, ``masks``, ``rows`` and ``nets`` (a network of the group, for
+    its layout) are per group. The modules are read through their ``_modules``,
+    ``_parameters`` and ``_buffers`` dictionaries, which is where ``nn.Module.__getattr__``
+    finds them (a Python call per lookup, some twenty per call of a two-layer chain), and
+    through the attribute for a tensor that is not in them (see :func:`_read`)."""
+
+    __slots__ = ("layers", "kinds", "flats", "masks", "rows", "nets")
+
+    def __init__(self, layers: Sequence[nn.Module], kinds: Sequence[tuple[bool, float]]) -> None:
+        self.layers, self.kinds = tuple(layers), tuple(kinds)
+        flats: list[Tensor] = []
+        masks: list[Tensor] = []
+        rows: list[tuple[int, ...] | None] = []
+        nets: list[nn.Module] = []
+        layers = self.layers
+        count = len(layers)
+        i = 0
+        while i < count:
+            net = layers[i]._modules["conditioner"]
+            i += 1
+            stacked = net._modules.get("stacked")
+            if stacked is not None and isinstance(net, BankRow):
+                taken = [net.__dict__["index"]]
+                while i < count:
+                    nxt = layers[i]._modules["conditioner"]
+                    if (nxt._modules.get("stacked") is not stacked
+                            or type(nxt) is not type(net) or nxt.__dict__["index"] in taken):
+                        break
+                    taken.append(nxt.__dict__["index"])
+                    i += 1
+                if len(taken) > 1:
+                    flats.append(_read(stacked, "flat_parameters"))
+                    masks.append(_read(stacked, "mask"))
+                    rows.append(tuple(taken))
+                    nets.append(net)
+                    continue
+            # a network of its own, or a row alone (its row views cost less than all rows)
+            flats.append(_read(net, "flat_parameters"))
+            masks.append(_read(net, "mask"))
+            rows.append(None)
+            nets.append(net)
+        self.flats, self.masks, self.rows, self.nets = flats, masks, rows, nets
+
+    def split(self, tensors: Sequence[Tensor | None], wanted: Sequence[bool] | None = None
+              ) -> list:
+        """Every layer's ``(weights, biases)`` views (:func:`~pyroflows._fast.made.split_weights`)
+        into per-group tensors laid out as the groups' parameters, in the layers' order: a
+        stacked group's rows split at once (:func:`~pyroflows._fast.made.split_rows`). ``None``
+        for the layers of a group whose tensor is ``None``, and for a layer that ``wanted``
+        says is not wanted (no views made for it)."""
+        out: list = []
+        k = 0
+        for t, rows, net in zip(tensors, self.rows, self.nets, strict=True):
+            if rows is None:
+                out.append(None if t is None or (wanted is not None and not wanted[k])
+                           else split_weights(net, t))
+                k += 1
+                continue
+            if t is None or (wanted is not None and not any(wanted[k:k + len(rows)])):
+                out.extend([None] * len(rows))
+            elif wanted is None:
+                out.extend(split_rows(net, t, rows))
+            else:
+                use = wanted[k:k + len(rows)]
+                pieces = iter(split_rows(net, t, [r for r, w in zip(rows, use, strict=True)
+                                                   if w]))
+                out.extend(next(pieces) if w else None for w in use)
+            k += len(rows)
+        return out
+
+
+def _read(module: nn.Module, name: str) -> Tensor:
+    """``getattr(module, name)``, from its ``_parameters`` or ``_buffers`` where it is one (a
+    tensor kept as a plain attribute, such as a hypernetwork's output, is not; nor is a bank
+    row's view)."""
+    value = module._parameters.get(name)
+    if value is None:
+        value = module._buffers.get(name)
+        if value is None:
+            return getattr(module, name)
+    return value
+
+
+def _chain_forward(x, log_det, chain: _Chain, flats, saved: list | None):
+    # runs with autograd off; every tensor made here is fresh, so in-place ops are safe
+    shape = x.shape
+    batch_shape = shape[:-1]
+    u = x.reshape(-1, shape[-1])
+    # one mask product per group: a stacked run of layers is masked (and split) at once; the
+    # split views the product as one vector, so it must be contiguous (a parameter may not be)
+    split = chain.split([(flat * mask).contiguous()
+                         for flat, mask in zip(flats, chain.masks, strict=True)])
+    for layer, (parallel, sign), (weights, biases) in zip(chain.layers, chain.kinds, split,
+                                                          strict=True):
+        net = layer._modules["conditioner"]
+        halves = layer.coupling_halves
+        if halves is not None:  # a coupling layer: the network on the conditioning half only
+            weights, biases = layer.compact_weights(weights, biases)
+            out, inputs = fused_forward(net, u[:, halves[0]], weights, biases)
+        else:
+            out, inputs = fused_forward(net, u, weights, biases)
+        shift, raw_log_scale = out.chunk(2, dim=-1)
+        # the operations of shift_and_log_scale / _parallel / _sequential (RealNVP:
+        # _compact_map), in their order
+        b = layer.log_scale_bound
+        tanh = torch.mul(raw_log_scale, 1.0 / b).tanh_()
+        log_scale = tanh * b
+        u_in = u if halves is None else u[:, halves[1]]
+        if parallel:
+            scale = log_scale.exp()
+            v = torch.addcmul(shift, scale, u_in)
+        else:
+            scale = torch.exp(-log_scale)
+            v = (u_in - shift).mul_(scale)
+        if halves is not None:  # y_a = z_a
+            pair = (u[:, halves[0]], v) if halves[0].start == 0 else (v, u[:, halves[0]])
+            v = torch.cat(pair, dim=-1)
+        ld = log_scale.sum(-1)
+        if len(batch_shape) != 1:
+            ld = ld.view(batch_shape)
+        if log_det is None:
+            log_det = ld if sign > 0 else -ld
+        else:  # a - b is a + (-b) exactly
+            log_det = log_det + ld if sign > 0 else log_det - ld
+        if saved is not None:
+            saved.append((net, inputs, weights, tanh, scale, shift, u, halves))
+        u = v
+    return u.reshape(shape), log_det
+
+
+class _AffineChain(torch.autograd.Function):
+    """The autograd node of :func:`affine_chain`."""
+
+    @staticmethod
+    def forward(ctx, x, log_det, chain, *flats):
+        saved: list = []
+        ctx.log_det_shape = None if log_det is None else log_det.shape
+        v, log_det = _chain_forward(x, log_det, chain, flats, saved)
+        ctx.save_for_backward(x, *flats)  # in-place edits of these after the call are errors
+        ctx.chain, ctx.saved = chain, saved
+        ctx.set_materialize_grads(False)
+        return v, log_det
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_v, grad_log_det):
+        x, *flats = ctx.saved_tensors
+        if grad_v is None and grad_log_det is None:
+            return (None,) * (3 + len(flats))
+        chain, saved = ctx.chain, ctx.saved
+        needs = ctx.needs_input_grad
+        dim = x.shape[-1]
+        g = None if grad_v is None else grad_v.reshape(-1, dim)
+        g_ld = None if grad_log_det is None else grad_log_det.reshape(-1, 1)
+        # every group's gradient, written unmasked row by row, masked once at the end; rows
+        # of a stacked tensor that the chain does not use get zeros
+        grad_flats: list[Tensor | None] = [
+            (flat.new_empty(flat.shape) if rows is None or len(rows) == flat.shape[0]
+             else flat.new_zeros(flat.shape)) if needs[3 + j] else None
+            for j, (flat, rows) in enumerate(zip(flats, chain.rows, strict=True))]
+        # the gradient pieces of every layer, split once per group like the weights; a
+        # coupling layer writes its compact blocks through its own views instead
+        compact = [step[7] is not None for step in saved]
+        grad_pieces = chain.split(grad_flats, [not c for c in compact] if any(compact)
+                                  else None)
+        g_ld_neg = None
+        for k in range(len(saved) - 1, -1, -1):
+            parallel, sign = chain.kinds[k]
+            # halves as the forward pass ran, whatever since
+            net, inputs, weights, tanh, scale, shift, u, halves = saved[k]
+            if sign > 0 or g_ld is None:
+                signed_g_ld = g_ld
+            else:
+                if g_ld_neg is None:
+                    g_ld_neg = -g_ld
+                signed_g_ld = g_ld_neg
+            if k == 0:
+                u = x.reshape(-1, dim)
+            # the transformed coordinates and the gradient at their image
+            u_in = u if halves is None else u[:, halves[1]]
+            g_out = g if g is None or halves is None else g[:, halves[1]]
+            if g is None:
+                direct = None
+                grad_log_scale = signed_g_ld.expand_as(tanh)
+                grad_shift = torch.zeros_like(tanh)
+            else:
+                direct = g_out * scale  # dv/du at fixed (mu, s)
+                if parallel:  # v = mu + e^s u
+                    grad_shift = g_out
+                    grad_log_scale = direct * u_in
+                else:  # v = (u - mu) e^{-s}
+                    grad_shift = -direct
+                    grad_log_scale = (shift - u_in).mul_(direct)
+                if g_ld is not None:
+                    grad_log_scale = grad_log_scale.add_(signed_g_ld)
+            # through s = b tanh(raw / b): ds/draw = 1 - tanh^2
+            grad_raw = torch.ops.aten.tanh_backward(grad_log_scale, tanh)
+            grad_out = torch.cat([grad_shift, grad_raw], dim=-1)
+            need_input = k > 0 or needs[0]
+            grad_params = None
+            if halves is not None:
+                grad_flat = _layer_row(grad_flats, chain, k)
+                if grad_flat is not None:
+                    grad_params = _compact_grad_buffers(net, grad_flat, weights)
+            elif grad_pieces[k] is not None:
+                grad_params = list(zip(*grad_pieces[k], strict=True))
+            g_in = fused_backward(net, grad_out, inputs, weights, None, need_input,
+                                  grad_params, mask_grad=False)
+            if grad_params is not None and halves is not None:
+                _scatter_compact_grads(net, chain.layers[k].dim, halves, grad_flat,
+                                       grad_params)
+            if halves is not None and need_input:  # back to all D coordinates
+                g_cond = g_in if g is None else g_in.add_(g[:, halves[0]])  # dv_a/du_a = 1
+                g_trans = torch.zeros_like(tanh) if direct is None else direct
+                pair = (g_cond, g_trans) if halves[0].start == 0 else (g_trans, g_cond)
+                g = torch.cat(pair, dim=-1)
+                continue
+            if g_in is not None and direct is not None:
+                g_in = g_in.add_(direct)
+            g = g_in
+        for grad, mask in zip(grad_flats, chain.masks, strict=True):
+            if grad is not None:
+                grad.mul_(mask)
+        grad_x = None if g is None else g.reshape(x.shape)
+        grad_ld0 = None
+        if needs[1] and grad_log_det is not None:
+            grad_ld0 = grad_log_det.sum_to_size(ctx.log_det_shape)
+        return (grad_x, grad_ld0, None, *grad_flats)
+
+
+def _layer_row(grad_flats: Sequence[Tensor | None], chain: _Chain, k: int) -> Tensor | None:
+    """Layer ``k``'s (P,) piece of its group's gradient (``None`` where not wanted)."""
+    start = 0
+    for grad, rows in zip(grad_flats, chain.rows, strict=True):
+        count = 1 if rows is None else len(rows)
+        if k < start + count:
+            return grad if grad is None or rows is None else grad[rows[k - start]]
+        start += count
+    raise IndexError(k)
+
+
+def _compact_grad_buffers(net: nn.Module, grad_flat: Tensor, weights: Sequence[Tensor]):
+    """Zero ``grad_flat`` (laid out as the coupling conditioner ``net``'s
+    ``flat_parameters``) and say, for every layer of its compact network, where its gradient
+    goes: the hidden layers' weights and biases straight into their pieces of ``grad_flat``,
+    the first layer's and the output layer's sub-blocks into buffers that
+    :func:`_scatter_compact_grads` copies to their places."""
+    grad_flat.zero_()
+    grad_params = list(zip(*split_weights(net, grad_flat), strict=True))
+    last = len(weights) - 1
+    grad_params[0] = (grad_flat.new_empty(weights[0].shape), grad_params[0][1])
+    grad_params[last] = (grad_flat.new_empty(weights[last].shape),
+                         grad_flat.new_empty(weights[last].shape[0]))
+    return grad_params
+
+
+def _scatter_compact_grads(net: nn.Module, dim: int, halves, grad_flat: Tensor,
+                           grad_params) -> None:
+    cond, trans = halves
+    half = trans.stop - trans.start
+    pieces = torch.split_with_sizes(grad_flat, net._sizes)
+    last = len(net._shapes) - 1
+    first_weight = pieces[0].view(net._shapes[0])
+    if last > 0:
+        first_weight[:, cond] = grad_params[0][0]
+        head_weight = pieces[2 * last].view(net._shapes[last])
+    else:  # a single (output) layer: the column block of its row block
+        head_weight = first_weight[:, cond]
+    head_bias = pieces[2 * last + 1]
+    grad_weight, grad_bias = grad_params[last]
+    log_scale_rows = slice(trans.start + dim, trans.stop + dim)
+    head_weight[trans] = grad_weight[:half]
+    head_weight[log_scale_rows] = grad_weight[half:]
+    head_bias[trans] = grad_bias[:half]
+    head_bias[log_scale_rows] = grad_bias[half:]
+
+
+def sequential_no_grad(layer: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The D-pass direction of an affine autoregressive ``layer`` (MAF sampling, IAF inverse;
+    its ``_sequential``: :math:`u_i = (v_i - \mu_i(u_{<i}))\, e^{-s_i(u_{<i})}`) without
+    autograd, by levels instead of full passes: at level :math:`d` only the hidden units of
+    degree :math:`d - 1`, which see inputs of degree :math:`< d` only (all final by then), and
+    the outputs of degree :math:`d` are computed. Every unit is computed once, so the D passes
+    cost about one network pass (plus a few small kernels per level), instead of D. The same
+    map; the matrix products sum the same terms in a different grouping, so the values agree
+    to rounding, not bit for bit."""
+    net = layer._modules["conditioner"]
+    weights, biases = masked_weights(net)
+    relu = type(net._modules["activation"]) is nn.ReLU
+    shape = v.shape
+    v2 = v.reshape(-1, shape[-1])
+    dim = layer.dim
+    u = v2.clone()
+    log_scale = torch.zeros_like(v2)
+    hidden = [v2.new_zeros(v2.shape[0], h) for h in net.hidden_dims]
+    ranges = hidden_degree_ranges(net)
+    in_degrees = net.degrees.tolist()
+    inv_b, b = 1.0 / layer.log_scale_bound, layer.log_scale_bound
+    head_w, head_b = weights[-1], biases[-1]
+    for level in range(1, net.num_levels + 1):
+        below = u
+        for k, h in enumerate(hidden):
+            start, stop = ranges[k][level - 1] if level > 1 else (0, 0)
+            if stop > start:
+                block = torch.addmm(biases[k][start:stop], below, weights[k][start:stop].t())
+                h[:, start:stop] = block.relu_() if relu else block.tanh_()
+            below = h
+        idx = [i for i in range(dim) if in_degrees[i] == level]
+        if not idx:
+            continue
+        cols = torch.tensor(idx, device=v2.device)
+        rows = torch.cat([cols, cols + dim])
+        out = torch.addmm(head_b.index_select(0, rows), below,
+                          head_w.index_select(0, rows).t())
+        shift, raw_log_scale = out.chunk(2, dim=-1)
+        level_log_scale = torch.mul(raw_log_scale, inv_b).tanh_().mul_(b)
+        u.index_copy_(1, cols, (v2.index_select(1, cols) - shift)
+                      .mul_(torch.exp(-level_log_scale)))
+        log_scale.index_copy_(1, cols, level_log_scale)
+    return u.reshape(shape), log_scale.sum(-1).view(shape[:-1])

@@ -1,0 +1,167 @@
+"""Parameter banks: the parameters of several layers in one tensor per name, one row per layer.
+
+One mechanism for every stacked or packed parameter of the package:
+
+- :class:`ParameterBank`, a module whose tensors have one row per layer, registered as the
+  submodule ``stacked`` of each of its layers (module walks list it once);
+- :class:`BankRow`, the mixin of a layer that is row ``index`` of a bank;
+- :class:`RowView`, the class attribute through which such a layer reads its own tensor: rows
+  of a tensor held by its bank (or by the layer itself, for a layer whose parameters are packed
+  into one tensor), a view, so gradients and in-place edits reach that tensor;
+- :func:`stacked_rows`, the (K, ...) tensors of K consecutive layers, the bank's own tensors
+  where the layers are consecutive rows of one bank.
+
+Why one tensor for many: an optimizer that loops over parameter tensors in Python
+(``torch.optim.Adam`` on CPU, ``pyro.optim``'s one optimizer per tensor) and ``pyro.module``
+cost per tensor, not per number, and a fused kernel reads a run of layers from one tensor.
+The layers built on banks live in :mod:`pyroflows.flows.banks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ParameterBank", "BankRow", "RowView", "stacked_rows"]
+
+
+class ParameterBank(nn.Module):
+    """Base of the stacked parameters of ``num_layers`` layers (rows of each tensor = layers).
+
+    A bank is registered as the submodule ``stacked`` of each of its layers, so it has several
+    parents. ``named_modules`` skips it after its first name even when asked to keep duplicates
+    (``remove_duplicate=False``), so ``named_parameters(remove_duplicate=False)`` of any module
+    holding it names its tensors once. That is what ``torch.func.functional_call`` relies on:
+    with its default ``tie_weights=True`` it swaps a tensor under every name it has, and a
+    tensor reached through one module under several names would be swapped twice and then
+    restored wrongly. ``state_dict`` keeps every name (it walks ``_modules`` itself), so each
+    layer's keys (``{i}.stacked.w``, ...) are saved.
+
+    Arguments:
+        num_layers: the number of rows L.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__()
+        if int(num_layers) < 1:
+            raise ValueError(f"{type(self).__name__}: num_layers must be positive, got "
+                             f"{num_layers!r}")
+        self.num_layers = int(num_layers)
+
+    def named_modules(self, memo: set | None = None, prefix: str = "",
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
+        if memo is None:
+            memo = set()
+        if self in memo:
+            return
+        memo.add(self)  # always: one module, however many parents list it
+        yield prefix, self
+        for name, module in self._modules.items():
+            if module is not None:
+                yield from module.named_modules(memo, prefix + ("." if prefix else "") + name,
+                                                remove_duplicate)
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.num_layers}"
+
+
+class BankRow:
+    """Mixin of a layer that is row ``index`` of a :class:`ParameterBank`, its submodule
+    ``stacked`` (shared with the other rows: the layer's ``parameters()`` are the whole bank,
+    and ``.to()`` or a copy of one layer moves or copies all of them). Its own tensors are
+    :class:`RowView` class attributes."""
+
+    stacked: ParameterBank
+    index: int
+
+    def attach_row(self, stacked: ParameterBank, index: int) -> None:
+        """Make this (initialized) module row ``index`` of ``stacked``."""
+        if not 0 <= int(index) < stacked.num_layers:
+            raise ValueError(f"{type(self).__name__}: index {index} outside "
+                             f"0..{stacked.num_layers - 1}")
+        self.stacked = stacked
+        self.index = int(index)
+
+
+class RowView:
+    """Class attribute: the rows ``rows(module)`` of the tensor ``tensor`` (default: the
+    attribute's own name) of the module's bank ``stacked`` (or, with ``in_bank=False``, of
+    the module itself), read as the module's own tensor. A view: differentiable, and in-place
+    edits under ``torch.no_grad()`` write into the bank.
+
+    Arguments:
+        rows: ``rows(module) -> int | slice``, default: the module's ``index`` (a
+            :class:`BankRow`); an ``int`` for a fixed row.
+        tensor: the name of the tensor in the bank.
+        in_bank: read the tensor of ``module.stacked`` (a :class:`BankRow`); ``False``: of the
+            module itself (a layer whose parameters are packed into one tensor).
+        keep_dim: read row ``i`` as the slice ``i:i+1`` (shape (1, ...), as a layer of its own
+            stores a scalar parameter).
+    """
+
+    def __init__(self, rows: Callable[[nn.Module], int | slice] | int | None = None,
+                 tensor: str | None = None, in_bank: bool = True,
+                 keep_dim: bool = False) -> None:
+        self.rows = rows
+        self.tensor = tensor
+        self.in_bank = in_bank
+        self.keep_dim = keep_dim
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        if self.tensor is None:
+            self.tensor = name
+
+    def __get__(self, module, owner=None):
+        if module is None:
+            return self
+        holder = module._modules["stacked"] if self.in_bank else module
+        # from _parameters / _buffers (where nn.Module.__getattr__ would find it, without its
+        # Python call), else the attribute (a tensor kept as a plain one)
+        tensor = holder._parameters.get(self.tensor)
+        if tensor is None:
+            tensor = holder._buffers.get(self.tensor)
+            if tensor is None:
+                tensor = getattr(holder, self.tensor)
+        rows = self.rows
+        if rows is None:
+            row = module.__dict__["index"]
+        elif isinstance(rows, int):
+            row = rows
+        else:
+            row = rows(module)
+        return tensor[row:row + 1] if self.keep_dim else tensor[row]
+
+
+def _consecutive_rows(layers: Sequence[nn.Module]) -> tuple[ParameterBank, int] | None:
+    """``(bank, first index)`` when ``layers`` are rows ``i, i + 1, ...`` of one bank, all of
+    one type."""
+    first = layers[0]
+    kind = type(first)
+    bank = first._modules.get("stacked")
+    if not isinstance(bank, ParameterBank) or not isinstance(first, BankRow):
+        return None
+    start = first.index
+    for k, layer in enumerate(layers):
+        if (type(layer) is not kind or layer._modules["stacked"] is not bank
+                or layer.index != start + k):
+            return None
+    return bank, start
+
+
+def stacked_rows(layers: Sequence[nn.Module], names: Sequence[str],
+                 scalar: Sequence[bool]) -> tuple[Tensor, ...]:
+    """The tensors ``names`` of consecutive layers as stacked (K, ...) tensors: the bank's own
+    tensors (or a slice of their rows) when the layers are rows ``i, i + 1, ...`` of one
+    bank, else stacked from the layers (``scalar``: a tensor of shape (1,) per layer,
+    concatenated to (K,))."""
+    rows = _consecutive_rows(layers)
+    if rows is not None:
+        bank, start = rows
+        tensors = tuple(getattr(bank, name) for name in names)
+        if len(layers) == bank.num_layers:
+            return tensors
+        return tuple(t[start:start + len(layers)] for t in tensors)
+    return tuple((torch.cat if one else torch.stack)([getattr(layer, name) for layer in layers])
+                 for name, one in zip(names, scalar, strict=True))

@@ -1,0 +1,83 @@
+"""Which layers run on a fused kernel: the runs of consecutive layers of one kernel.
+
+A layer declares its fast path with two attributes (see
+:class:`~pyroflows.transforms.FlowTransform`): ``fused_kind(inverse)``, ``None`` where only its
+plain operations compute that direction, and ``run_fused(x, layers, kinds, log_det, inverse)``,
+a static method that runs consecutive layers of its kind as one call. :func:`run_parts` groups
+a sequence of layers into such runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import _private
+
+__all__ = ["traced", "run_parts", "keeps_map"]
+
+
+def traced() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``jacrev``, ``vmap``, ...) or the
+    ``torch.compile`` tracer is running: the fused kernels, which write their own backward
+    with in-place and ``out=`` operations, then step aside for the plain operations."""
+    if torch.compiler.is_compiling():
+        return True
+    return _private.functorch_active()
+
+
+def run_parts(parts: Sequence[nn.Module], x: Tensor, inverse: bool, fused: bool = True
+              ) -> tuple[Tensor, Tensor | None]:
+    """``(image, log-det)`` of ``x`` through the layers ``parts``: their forward maps in order,
+    or (``inverse``) their inverses last first; the log-dets (of the forward maps) summed.
+
+    With ``fused`` (and not :func:`traced`), consecutive layers with the same ``run_fused``
+    whose ``fused_kind(inverse)`` is not ``None`` run as one call of it, and every other layer
+    runs its ``forward_and_log_det`` / ``inverse_and_log_det``; without, every layer runs its
+    ``plain_map`` (its plain differentiable operations).
+    """
+    fused = fused and not traced()
+    log_det = None
+    run: list = []  # consecutive layers for one call of `runner`
+    kinds: list = []
+    runner = None
+    for part in reversed(parts) if inverse else parts:
+        kind = part.fused_kind(inverse) if fused else None
+        if kind is not None:
+            part_runner = type(part).run_fused
+            if run and part_runner is not runner:
+                x, log_det = runner(x, run, kinds, log_det, inverse)
+                run, kinds = [], []
+            runner = part_runner
+            run.append(part)
+            kinds.append(kind)
+            continue
+        if run:
+            x, log_det = runner(x, run, kinds, log_det, inverse)
+            run, kinds = [], []
+        if not fused:
+            x, ld = part.plain_map(x, inverse)
+        elif inverse:
+            x, ld = part.inverse_and_log_det(x)
+        else:
+            x, ld = part.forward_and_log_det(x)
+        log_det = ld if log_det is None else log_det + ld
+    if run:
+        x, log_det = runner(x, run, kinds, log_det, inverse)
+    return x, log_det
+
+
+_KEEPS_MAP: dict[tuple[type, type], bool] = {}
+
+
+def keeps_map(cls: type, base: type, names: Sequence[str]) -> bool:
+    """Whether the class ``cls`` has ``base``'s methods ``names`` (those that define its map),
+    so that a kernel written for ``base`` computes its map too: a subclass that redefines one
+    of them runs its own operations."""
+    key = (cls, base)
+    kept = _KEEPS_MAP.get(key)
+    if kept is None:
+        kept = _KEEPS_MAP[key] = all(getattr(cls, n) is getattr(base, n) for n in names)
+    return kept

@@ -1,0 +1,110 @@
+r"""Planar layers as one fused kernel: a run of forward maps in one autograd node.
+
+:func:`planar_chain` takes the run's parameters stacked, (K, D) and (K,) tensors (see
+:func:`~pyroflows._fast.banks.stacked_rows`), with :math:`\hat u` already constrained
+(:func:`~pyroflows.transforms.planar.planar_u_hat`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["planar_chain"]
+
+
+def planar_chain(x: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, c: Tensor,
+                 log_det: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    r"""The forward maps of K planar layers with the parameters ``w``, ``u_hat`` (K, D),
+    ``bias`` and :math:`c_k = w_k^\top \hat u_k` (K,),
+    :math:`x_{k+1} = x_k + \hat u_k \tanh(w_k^\top x_k + b_k)`, and the sum of their log-dets
+    :math:`\log(1 + (1 - t_k^2)\, c_k)`, added to ``log_det`` (or 0).
+
+    The same map as the layers one by one (:meth:`~pyroflows.transforms.Planar.forward_and_log_det`,
+    up to the order of the log-det sum): each layer costs three kernels (``addmv``, ``tanh``,
+    ``addr``), the log-dets are summed in one pass at the end, and the backward pass is written
+    out (:class:`_PlanarChain`): with :math:`g_{k+1}` the gradient at :math:`x_{k+1}`,
+    :math:`\ell` the one at the log-det and :math:`q_k = 1 - t_k^2`,
+
+    .. math:: \gamma_k = q_k \Bigl(g_{k+1}^\top \hat u_k
+              - \frac{2 \ell\, t_k c_k}{1 + q_k c_k}\Bigr), \qquad
+              g_k = g_{k+1} + \gamma_k w_k,
+
+    :math:`\nabla w_k = \sum_n \gamma_{k,n} x_{k,n}`, :math:`\nabla \hat u_k = \sum_n
+    t_{k,n} g_{k+1,n}`, :math:`\nabla b_k = \sum_n \gamma_{k,n}`,
+    :math:`\nabla c_k = \sum_n \ell_n q_{k,n} / (1 + q_{k,n} c_k)`, the last four for all
+    layers at once; autograd carries them on to the raw parameters.
+    """
+    args = (x, w, u_hat, bias, c, log_det)
+    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
+        return _PlanarChain.apply(*args)
+    with torch.no_grad():
+        return _planar_forward(*args)[:2]
+
+
+def _planar_forward(x, w, u_hat, bias, c, log_det):
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    num_layers, (n, dim) = w.shape[0], x2.shape
+    xs = x2.new_empty(num_layers + 1, n, dim)  # the input of every layer, and the output
+    xs[0] = x2
+    tanh = x2.new_empty(num_layers, n)
+    for k, (w_k, u_k, b_k) in enumerate(zip(w, u_hat, bias, strict=True)):
+        torch.tanh(torch.addmv(b_k, xs[k], w_k), out=tanh[k])
+        torch.addr(xs[k], tanh[k], u_k, out=xs[k + 1])
+    q = 1 - tanh * tanh
+    r = q * c[:, None]
+    ld = torch.log1p(r).sum(0).view(shape[:-1])
+    log_det = ld if log_det is None else log_det + ld
+    return xs[-1].view(shape), log_det, xs, tanh, q, r
+
+
+class _PlanarChain(torch.autograd.Function):
+    """The autograd node of :func:`planar_chain`."""
+
+    @staticmethod
+    def forward(ctx, x, w, u_hat, bias, c, log_det):
+        ctx.log_det_shape = None if log_det is None else log_det.shape
+        y, log_det, xs, tanh, q, r = _planar_forward(x, w, u_hat, bias, c, log_det)
+        ctx.save_for_backward(w, u_hat, c)
+        ctx.xs, ctx.tanh, ctx.q, ctx.r = xs, tanh, q, r
+        ctx.x_shape = x.shape
+        ctx.set_materialize_grads(False)
+        return y, log_det
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_log_det):
+        w, u_hat, c = ctx.saved_tensors
+        if grad_y is None and grad_log_det is None:
+            return (None,) * 6
+        xs, tanh, q = ctx.xs, ctx.tanh, ctx.q
+        num_layers, n, dim = xs.shape
+        num_layers -= 1
+        grads = xs.new_empty(num_layers + 1, n, dim)  # gradient at every x_k
+        if grad_y is None:
+            grads[-1].zero_()
+        else:
+            grads[-1] = grad_y.reshape(n, dim)
+        if grad_log_det is None:
+            from_log_det = torch.zeros_like(tanh)
+            grad_c = torch.zeros_like(c)
+        else:
+            ell = grad_log_det.reshape(1, n)
+            one_plus_r = 1 + ctx.r
+            # d log(1 + q c) / dt = -2 t c / (1 + q c)
+            from_log_det = (-2 * ell) * tanh * c[:, None] / one_plus_r
+            grad_c = (ell * q / one_plus_r).sum(-1)
+        gamma = torch.empty_like(tanh)
+        for k in range(num_layers - 1, -1, -1):
+            torch.mul(torch.addmv(from_log_det[k], grads[k + 1], u_hat[k]), q[k], out=gamma[k])
+            torch.addr(grads[k + 1], gamma[k], w[k], out=grads[k])
+        grad_w = torch.bmm(gamma.unsqueeze(1), xs[:-1]).squeeze(1)
+        grad_u_hat = torch.bmm(tanh.unsqueeze(1), grads[1:]).squeeze(1)
+        grad_bias = gamma.sum(-1)
+        grad_log_det0 = None
+        if ctx.needs_input_grad[5] and grad_log_det is not None:
+            grad_log_det0 = grad_log_det.sum_to_size(ctx.log_det_shape)
+        grad_x = grads[0].view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_w, grad_u_hat, grad_bias, grad_c, grad_log_det0
