@@ -55,7 +55,6 @@ Example:
     True
 """
 
-
 from __future__ import annotations
 
 from .elbo_trace import ConvergenceCheck, elbo_convergence, elbo_trace_ylim
@@ -65,17 +64,7 @@ from .report import VIReport, vi_report
 from .weights import log_importance_weights
 
 __all__ = [
-    "KHAT_GOOD",
-    "KHAT_USABLE",
-    "khat_verdict",
-    "log_importance_weights",
-    "psis",
-    "psis_khat",
-    "to_inference_data",
-    "importance_resample",
-    "ConvergenceCheck",
-    "elbo_convergence",
-    "elbo_trace_ylim",
-    "VIReport",
-    "vi_report",
+    "KHAT_GOOD", "KHAT_USABLE", "khat_verdict", "log_importance_weights", "psis", "psis_khat",
+    "to_inference_data", "importance_resample", "ConvergenceCheck", "elbo_convergence",
+    "elbo_trace_ylim", "VIReport", "vi_report",
 ]

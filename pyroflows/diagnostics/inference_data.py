@@ -13,8 +13,7 @@ import torch
 from pyro import poutine
 from torch import Tensor
 
-from ._chunks import in_chunks
-from .weights import Draws, Site, align, draw, guide_name, vectorize
+from .weights import Draws, Site, align, draw, guide_name, in_chunks, vectorize
 
 __all__ = ["to_inference_data"]
 

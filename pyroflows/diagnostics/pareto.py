@@ -1,13 +1,6 @@
-"""Pareto-smoothed importance sampling of guide draws: the smoothed weights, the k-hat of their
-tail and its verdict, and posterior draws resampled by the smoothed weights.
-
-References:
-    Vehtari, Simpson, Gelman, Yao & Gabry, "Pareto Smoothed Importance Sampling", JMLR 25(72),
-    2024. https://arxiv.org/abs/1507.02646
-
-    Yao, Vehtari, Simpson & Gelman, "Yes, but Did It Work?: Evaluating Variational Inference",
-    ICML 2018. https://arxiv.org/abs/1802.02538
-"""
+"""Pareto-smoothed importance sampling of guide draws (Vehtari et al. 2024; references in
+:mod:`pyroflows.diagnostics`): the smoothed weights, the k-hat of their tail and its verdict
+(Yao et al. 2018), and posterior draws resampled by the smoothed weights."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Log importance weights of guide draws: guide and model run once, vectorized over the draws.
+"""Log importance weights of guide draws: guide and model run once, vectorized over the draws
+(in pieces where memory runs out).
 
 The S draws are a ``pyro.plate`` of size S at dim ``-(max_plate_nesting + 1)``, left of every
 plate that model and guide use. A site's log density then has shape ``(S, *plates)`` and sums
@@ -23,7 +24,6 @@ from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
 from .. import _private
-from ._chunks import in_chunks
 
 __all__ = ["log_importance_weights"]
 
@@ -200,6 +200,41 @@ def _sites_and_values(
             values[name] = align(value, event_dim, num_samples, mpn, name)
             sites[name] = Site(name, "latent", frames, event_dim)
     return sites, values
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    message = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or (
+        "can't allocate memory" in message
+    )
+
+
+def in_chunks(run: Callable[[int, int], Any], total: int, chunk: int) -> tuple[list, int]:
+    """``run(start, n)`` over ``range(total)`` in pieces of at most ``chunk``; a piece that runs
+    out of memory (CUDA or host) is retried in halves, down to one draw.
+
+    Returns:
+        The results of the pieces, in order, and the piece size that worked last.
+
+    Example:
+        >>> from pyroflows.diagnostics.weights import in_chunks
+        >>> in_chunks(lambda start, n: list(range(start, start + n)), total=5, chunk=2)
+        ([[0, 1], [2, 3], [4]], 2)
+    """
+    parts, start = [], 0
+    while start < total:
+        n = min(chunk, total - start)
+        try:
+            parts.append(run(start, n))
+        except RuntimeError as error:
+            if not _is_out_of_memory(error) or n == 1:
+                raise
+            chunk = max(1, n // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start += n
+    return parts, chunk
 
 
 def draw(
