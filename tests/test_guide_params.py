@@ -1,5 +1,7 @@
-"""The flow guides' parameter statements, latent layout and direct draws against Pyro's pyro.module
-statements, AutoContinuous._unpack_latent and Trace_ELBO."""
+"""The flow guides' parameters and latent layout against Pyro's: the param statements against
+``pyro.module``'s, the param store through store changes, casts, pickles, saved stores and
+layouts of earlier versions, and the latent unpacking against
+``AutoContinuous._unpack_latent``."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from guide_models import eight_schools, gaussian_problem, seeded_draw
 from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoContinuous
@@ -18,12 +21,21 @@ from torch import Tensor
 
 import pyroflows as pf
 from pyroflows import testing
-from pyroflows.guides import AutoFlowGuide, FlowELBO, autoguide, direct
+from pyroflows.guides import (
+    AutoFlowGuide,
+    AutoIAF,
+    AutoPlanar,
+    AutoRadial,
+    FlowELBO,
+    autoguide,
+    direct,
+)
 
-pytestmark = pytest.mark.usefixtures("fresh_param_store")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_param_store")
 
 
-# ---- the flow guide's draw ----------------------------------------------------------------------
+# ---- param statements against pyro.module's --------------------------------------------------
+
 def _model_for(device, dtype):
     zero = torch.zeros((), device=device, dtype=dtype)
     data = torch.tensor([0.3, -1.2, 2.0, 0.7], device=device, dtype=dtype)
@@ -96,6 +108,40 @@ def test_param_statements_are_pyros_module_statements(name, monkeypatch, device,
         for (n, value), (_, ref) in zip(sites, want[0], strict=True):
             assert value is store[n] and value is ref and id(value) in module_tensors
 
+
+@pytest.mark.parametrize("training", [True, False])
+def test_frozen_parameter_warns_as_pyro_module_does(training, monkeypatch, device, dtype):
+    """A flow parameter with ``requires_grad=False`` gets no param statement, and the guide's
+    own statements warn about it as ``pyro.module`` (the reference: the guide with its own
+    statements switched off) does: once per call while the module is in training mode,
+    never in eval mode; in the traced call and the direct draw alike."""
+    model = _model_for(device, dtype)
+    guide = AutoFlowGuide(model, flow="iaf", num_layers=2, hidden_dims=(8,), laplace_init=False)
+    guide()
+    guide.flow.parts[0].conditioner.stacked.flat_parameters.requires_grad_(False)
+    guide.train(training)
+
+    def run_both():
+        out = []
+        for fn in (guide, lambda: direct.draw(guide, (4, 1), False)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                names = [n for n, _ in _param_sites(fn)]
+            out.append((names, [str(w.message) for w in caught]))
+        return out
+
+    got = run_both()
+    sync = autoguide.sync_param_store
+    monkeypatch.setattr(autoguide, "sync_param_store",  # Pyro's pyro.module statements
+                        lambda owner, names, at_setup=False, register=False:
+                        sync(owner, names, at_setup) and False)
+    want = run_both()
+    assert want[0][0] == ["AutoFlowGuide.affine$$$packed"]
+    assert len(want[0][1]) == (1 if training else 0)
+    assert got == want
+
+
+# ---- the param store: the guide's own tensors, across store changes, saved stores, old layouts ---
 
 def _steps(model, guide, elbo, actions) -> tuple[list[float], dict[str, Tensor]]:
     """Run SVI steps with ``actions`` between them; the losses and the guide's parameters."""
@@ -195,6 +241,97 @@ def test_direct_steps_after_a_cast_and_a_pickle_equal_pyros(device):
         torch.testing.assert_close(got_params[n], want_params[n], rtol=1e-9, atol=1e-9)
 
 
+def test_param_store_state_initializes_a_new_guide(device, dtype):
+    """Pyro's param-store round trip still works: entries present when the flow is built are
+    copied in, as Pyro's own autoguides do."""
+    model = eight_schools(device, dtype)
+    guide = AutoIAF(model, num_layers=2)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(3):
+        svi.step()
+    state = pyro.get_param_store().get_state()
+    pyro.clear_param_store()
+    pyro.get_param_store().set_state(state)
+    fresh = AutoIAF(model, num_layers=2)
+    fresh()
+    for (name, p), q in zip(fresh.named_parameters(), guide.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("cls", [AutoPlanar, AutoRadial])
+def test_planar_and_radial_guides_train_three_stacked_tensors(cls, device, dtype):
+    """The flow of a planar/radial guide holds three (L, ...) tensors; SVI through Pyro's param
+    store trains exactly these; a state_dict with the per-layer keys of earlier versions
+    (rebuilt here from the rows) loads and gives the same draws, and so does a param store
+    with those names. (Plain start: a param store holds no Laplace layer.)"""
+    model = gaussian_problem(device, dtype)[0]
+    guide = cls(model, num_layers=6, laplace_init=False)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}),
+              Trace_ELBO(num_particles=4, vectorize_particles=True))
+    guide()
+    start = [p.detach().clone() for p in guide.flow.parameters()]
+    for _ in range(3):
+        svi.step()
+    flow_params = list(guide.flow.parameters())
+    assert len(flow_params) == 3 and all(p.shape[0] == 6 for p in flow_params)
+    assert all(not torch.equal(a, b) for a, b in zip(start, flow_params, strict=True))
+    store = pyro.get_param_store()
+    assert len(list(store.keys())) == len(list(guide.parameters())) == 3 + len(
+        list(guide.affine.parameters()))
+    assert {id(store[k]) for k in store.keys()} == {id(p) for p in guide.parameters()}
+    before = seeded_draw(guide)
+    old = {}
+    for key, value in guide.state_dict().items():
+        if ".stacked." not in key:
+            old[key] = value
+            continue
+        layer, name = int(key.split(".")[1]), key.rsplit(".", 1)[1]
+        old[f"flow.{layer}.{name}"] = value[layer] if value.dim() == 2 else value[layer:layer + 1]
+    pyro.clear_param_store()
+    fresh = cls(model, num_layers=6, laplace_init=False)
+    fresh()
+    fresh.load_state_dict(old)
+    after = seeded_draw(fresh)
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+    # a param store saved with the per-layer names initializes a new guide (as Pyro's own
+    # autoguides take matching entries at set-up)
+    pyro.clear_param_store()
+    name = cls.__name__
+    for key, value in old.items():
+        module, _, rest = key.partition(".")
+        pyro.param(f"{name}.{module}$$${rest}", value.detach().clone())
+    from_store = cls(model, num_layers=6, laplace_init=False)
+    from_store()
+    for k, v in seeded_draw(from_store).items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert not any(".stacked." not in k and k.startswith(f"{name}.flow")
+                   for k in pyro.get_param_store().keys())
+
+
+def test_iaf_guide_param_store_with_per_layer_names_initializes_a_new_guide(device, dtype):
+    """A param store saved when every IAF layer kept its own network parameters
+    (``AutoIAF.flow$$${i}.conditioner.flat_parameters``) fills the new guide's one bank of
+    them, row by row, and leaves no per-layer entry behind."""
+    model = gaussian_problem(device, dtype)[0]
+    guide = AutoIAF(model, num_layers=3, hidden_dims=(8,), laplace_init=False)
+    guide()
+    (bank,) = guide.flow.parameters()
+    with torch.no_grad():
+        bank.normal_()  # distinct rows (masked entries too: the store keeps what it had)
+    pyro.clear_param_store()
+    for i in range(3):
+        pyro.param(f"AutoIAF.flow$$${i}.conditioner.flat_parameters", bank[i].detach().clone())
+    fresh = AutoIAF(model, num_layers=3, hidden_dims=(8,), laplace_init=False)
+    fresh()
+    (got,) = fresh.flow.parameters()
+    torch.testing.assert_close(got, bank, rtol=0, atol=0)
+    assert not any("conditioner.flat_parameters" in k and ".stacked." not in k
+                   for k in pyro.get_param_store().keys())
+
+
+# ---- the latent layout against Pyro's --------------------------------------------------------
+
 def test_layout_follows_a_new_prototype_trace(device, dtype):
     """A guide whose prototype trace is replaced (here by a copy: new site objects, the same
     layout) unpacks with the new trace's sites, as Pyro does, not with the cached ones."""
@@ -234,33 +371,31 @@ def test_predictive_draws_equal_those_with_pyros_unpacking(parallel, monkeypatch
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_frozen_parameter_warns_as_pyro_module_does(training, monkeypatch, device, dtype):
-    """A flow parameter with ``requires_grad=False`` gets no param statement, and the guide's
-    own statements warn about it as ``pyro.module`` (the reference: the guide with its own
-    statements switched off) does: once per call while the module is in training mode,
-    never in eval mode; in the traced call and the direct draw alike."""
-    model = _model_for(device, dtype)
-    guide = AutoFlowGuide(model, flow="iaf", num_layers=2, hidden_dims=(8,), laplace_init=False)
+def test_unpack_latent_gives_pyros_views():
+    """The guide's latent unpacking (slices and shapes worked out once) yields the views of
+    Pyro's own ``AutoContinuous._unpack_latent`` for sites with event dims, plates and
+    constrained supports, unbatched and under extra batch dims; a batch that does not fit
+    a plate is refused, as Pyro refuses it."""
+    def model():
+        pyro.sample("a", dist.Normal(torch.zeros(3, 2), 1.0).to_event(2))
+        with pyro.plate("p", 4):
+            pyro.sample("b", dist.LogNormal(0.0, 1.0))
+        pyro.sample("c", dist.Dirichlet(torch.ones(5)))
+        pyro.sample("d", dist.LKJCholesky(3, 1.0))
+
+    guide = AutoIAF(model, num_layers=1)
     guide()
-    guide.flow.parts[0].conditioner.stacked.flat_parameters.requires_grad_(False)
-    guide.train(training)
-
-    def run_both():
-        out = []
-        for fn in (guide, lambda: direct.draw(guide, (4, 1), False)):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                names = [n for n, _ in _param_sites(fn)]
-            out.append((names, [str(w.message) for w in caught]))
-        return out
-
-    got = run_both()
-    sync = autoguide.sync_param_store
-    monkeypatch.setattr(autoguide, "sync_param_store",  # Pyro's pyro.module statements
-                        lambda owner, names, at_setup=False, register=False:
-                        sync(owner, names, at_setup) and False)
-    want = run_both()
-    assert want[0][0] == ["AutoFlowGuide.affine$$$packed"]
-    assert len(want[0][1]) == (1 if training else 0)
-    assert got == want
+    for shape in [(), (8, 1), (2, 3, 1)]:
+        latent = torch.randn(*shape, guide.latent_dim)
+        got = list(guide._unpack_latent(latent))
+        want = list(AutoContinuous._unpack_latent(guide, latent))
+        assert [site["name"] for site, _ in got] == ["a", "b", "c", "d"]
+        for (site, value), (ref_site, ref) in zip(got, want, strict=True):
+            assert site is ref_site and value.shape == ref.shape
+            assert value.data_ptr() == ref.data_ptr() and value.stride() == ref.stride()
+    with pytest.raises(RuntimeError):
+        list(AutoContinuous._unpack_latent(guide, torch.randn(7, guide.latent_dim)))
+    with pytest.raises(ValueError, match="site 'b' of shape"):
+        list(guide._unpack_latent(torch.randn(7, guide.latent_dim)))
+    with pytest.raises(ValueError, match="latent vector of size"):
+        list(guide._unpack_latent(torch.randn(3, guide.latent_dim + 1)))
