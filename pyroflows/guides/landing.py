@@ -11,8 +11,6 @@ the flow stack's cache (:func:`path_entropy`).
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from pyro.distributions import Distribution
 from torch import Tensor, nn
@@ -109,12 +107,19 @@ def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tens
     pick_ld = torch.zeros(d + 1, n, dtype=e.dtype, device=e.device)
     pick_ld[d] = -1.0
     pulled = None
-    # a stack whose backward refused to run batched refuses every time (its layers' in-place
-    # operations): it goes straight to the copies instead of paying a failed attempt per step
-    if n * (d + 1) >= STL_BATCHED_BACKWARD_MIN_ROWS and stack not in _NO_BATCHED_BACKWARD:
-        pulled = _batched_pullbacks(stack, frozen, e, pick_y, pick_ld)
-        if pulled is None:
-            _NO_BATCHED_BACKWARD.add(stack)
+    if n * (d + 1) >= STL_BATCHED_BACKWARD_MIN_ROWS:
+        tried: list[Tensor | None] = []
+
+        def runs_batched() -> bool:
+            tried.append(_batched_pullbacks(stack, frozen, e, pick_y, pick_ld))
+            return tried[0] is not None
+
+        # whether the stack's backward runs batched, found by the first try: a stack that
+        # refused refuses every time (its layers' in-place operations), so it goes straight
+        # to the copies instead of paying a failed attempt per step
+        if stack.memo("stl_backward_runs_batched", None, runs_batched):
+            pulled = tried[0] if tried else _batched_pullbacks(stack, frozen, e, pick_y,
+                                                                pick_ld)
     if pulled is None:  # one pass over D + 1 copies of the draws
         copies = e.expand(d + 1, n, d).reshape((d + 1) * n, d).clone().requires_grad_(True)
         with torch.enable_grad():
@@ -129,11 +134,6 @@ def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tens
     grad_z = torch.linalg.solve(jac.transpose(-1, -2), h.unsqueeze(-1)).squeeze(-1)
     grad_z = grad_z.reshape(z.shape)
     return log_q.detach() + ((z - z.detach()) * grad_z).sum(-1)
-
-
-#: Stacks whose backward refused to run batched, held weakly and outside the stack: a copy, a
-#: pickle or a newly built stack is tried afresh.
-_NO_BATCHED_BACKWARD: weakref.WeakSet = weakref.WeakSet()
 
 
 def _batched_pullbacks(stack: flows.FlowStack, frozen: dict[str, Tensor], e: Tensor,
