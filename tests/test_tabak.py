@@ -23,6 +23,8 @@ from pyroflows.transforms.tabak import (
     map_1d,
     map_1d_inverse,
 )
+from pyroflows.transforms.tabak import fit as tabak_fit
+from pyroflows.transforms.tabak import transform as tabak_transform
 
 
 def _skewed(n, dim, device, dtype, seed=0):
@@ -153,7 +155,8 @@ def test_every_fitted_step_is_monotone_and_in_the_safe_region(fitted_cpu):
     assert (t.sigmas <= 0.5).all() and (t.sigmas >= -1).all()
     assert (t.gammas.abs() <= 0.95).all() and (t.widths > 0).all()
     grid = torch.linspace(-30, 30, 3001, dtype=torch.float64)[:, None, None]  # (G, 1, 1)
-    params = [p.unsqueeze(0) for p in t._step_params(slice(None))]            # (1, T, K)
+    params = [getattr(t, name).unsqueeze(0)                                     # (1, T, K)
+              for name in ("sigmas", "shifts", "gammas", "centers", "widths")]
     y, log_slope = map_1d(grid, *params)
     assert (y[1:] > y[:-1]).all(), "a fitted step is not strictly increasing"
     assert (log_slope > math.log(0.5 * 0.05) - 1e-9).all()
@@ -354,10 +357,12 @@ def test_fit_is_deterministic_with_a_seed(options):
         assert torch.equal(ba, bb), name
 
 
+# ---- the fitted transform's passes ----------------------------------------------------------
 def _random_state(dim, k, steps, gamma_max, seed=0):
     """Buffers of a fitted transform drawn at random in float64 (no fit): Haar frames, slopes
-    over the whole safe region and |gamma| up to ``gamma_max``, so both branches of the
-    cancellation-free formulas run."""
+    over the whole safe region, |gamma| up to ``gamma_max`` (so both branches of the
+    cancellation-free formulas run) and every third step's first coordinate left at the
+    identity (gamma = 0), as the fit stores a rejected step."""
     gen = torch.Generator().manual_seed(seed)
 
     def u(*shape, lo=0.0, hi=1.0):
@@ -366,76 +371,137 @@ def _random_state(dim, k, steps, gamma_max, seed=0):
     frames = torch.linalg.qr(torch.randn(steps, dim, dim, generator=gen,
                                          dtype=torch.float64))[0][..., :k]
     tril = torch.tril(u(dim, dim, lo=-0.5, hi=0.5)) + torch.diag(u(dim, lo=0.5, hi=2.0))
+    gammas = u(steps, k, lo=-gamma_max, hi=gamma_max)
+    gammas[::3, 0] = 0.0
     return {
         "fitted": torch.ones((), dtype=torch.bool), "loc": u(dim, lo=-1, hi=1),
         "scale_tril": tril, "frames": frames, "sigmas": u(steps, k, lo=-1.0, hi=0.5),
-        "shifts": u(steps, k, lo=-0.5, hi=0.5), "gammas": u(steps, k, lo=-gamma_max, hi=gamma_max),
+        "shifts": u(steps, k, lo=-0.5, hi=0.5), "gammas": gammas,
         "centers": u(steps, k, lo=-1.5, hi=1.5), "widths": u(steps, k, lo=0.02, hi=0.5),
     }
 
 
-@pytest.mark.parametrize("chunk_numel", [None, 6])
-def test_fitted_passes_match_the_plain_step_by_step_map(chunk_numel, device, dtype, monkeypatch):
-    """Gaussianizing, its inverse, the log-dets and log_prob's gradient against the map written
-    out with map_1d / map_1d_inverse in float64, with |gamma| up to 0.999 (both branches of the
-    cancellation-free formulas), K < D, a batch shape, and the rows split into chunks."""
-    import importlib
-
-    tabak_module = importlib.import_module("pyroflows.transforms.tabak")
-    if chunk_numel is not None:  # a few rows per chunk, so the 40 rows take several chunks
-        monkeypatch.setattr(tabak_module, "_CHUNK_NUMEL", chunk_numel)
-    dim, k = 3, 2
-    state = _random_state(dim, k, steps=12, gamma_max=0.999)
+def _loaded(state, device, dtype):
+    dim, k = state["frames"].shape[1:]
     t = Tabak(dim, subspace_dim=k).double()
     t.load_state_dict(state)
-    t = t.to(device=device, dtype=dtype)
-    gen = torch.Generator().manual_seed(5)
-    x64 = 2 * torch.randn(4, 10, dim, generator=gen, dtype=torch.float64)
-    x = x64.to(device=device, dtype=dtype)
-    tol = testing.tolerances(dtype)
+    return t.to(device=device, dtype=dtype)
+
+
+@pytest.mark.usefixtures("one_thread")  # the chunk size counts the threads
+@pytest.mark.parametrize("gamma_max", [0.95, 0.999], ids=["safe_region", "near_one"])
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (2, 7)], ids=["point", "empty", "row",
+                                                                 "batch"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_passes_match_the_plain_step_by_step_map(gamma_max, shape, chunked, device, dtype,
+                                                 monkeypatch):
+    """Gaussianizing, its inverse, their log-dets, log_prob and the input gradients against the
+    map written out with the plain formulas of seed eq. 25 in float64 (tests/tabak_reference),
+    on a point, an empty batch, one row and a (2, 7) batch, K < D, the rows in one chunk or in
+    chunks of 3 (a remainder chunk), with |gamma| in the fit's safe region or up to 0.999 (both
+    branches of the cancellation-free formulas). forward_value gives forward's points exactly,
+    with the same input gradient; the Gaussianizing map inverts the forward one."""
+    if chunked:  # 3 rows of K = 2 per chunk
+        monkeypatch.setattr(tabak_transform, "CHUNK_NUMEL", 3 * 2)
+    dim, k = 3, 2
+    state = _random_state(dim, k, steps=12, gamma_max=gamma_max, seed=4)
+    t = _loaded(state, device, dtype)
+    gen = torch.Generator().manual_seed(6)
+    x64 = 1.5 * torch.randn(*shape, dim, generator=gen, dtype=torch.float64)
+    x = x64.to(device, dtype)
+    if dtype == torch.float64:
+        tol = dict(rtol=1e-9, atol=1e-9)
+    else:  # slopes down to 0.5 (1 - gamma) amplify float32 rounding in the inverse
+        tol = dict(rtol=2e-4, atol=2e-4) if gamma_max < 0.99 else testing.tolerances(dtype)
     z, neg_log_det = t.inverse_and_log_det(x)
     z_ref, log_det_ref = plain_passes(state, x64, inverse=False)
     torch.testing.assert_close(z.cpu().double(), z_ref, **tol)
     torch.testing.assert_close(-neg_log_det.cpu().double(), log_det_ref, **tol)
-    y, log_det = t.forward_and_log_det(x)
-    y_ref, log_det_ref = plain_passes(state, x64, inverse=True)
-    torch.testing.assert_close(y.cpu().double(), y_ref, **tol)
-    torch.testing.assert_close(log_det.cpu().double(), log_det_ref, **tol)
-    # Draws skip the log-det: the same points, bit for bit.
-    assert torch.equal(t.forward_value(x), y)
-    # The gradient of log_prob flows through the fast passes as through the plain ones.
-    xg = x64.clone().requires_grad_(True)
-    z_ref, log_det_ref = plain_passes(state, xg, inverse=False)
-    (grad_ref,) = torch.autograd.grad((log_det_ref - 0.5 * z_ref.square().sum(-1)).sum(), xg)
+    want_lp = log_det_ref - 0.5 * z_ref.square().sum(-1) - 0.5 * dim * math.log(2 * math.pi)
+    lp = t.log_prob(x)
+    assert lp.shape == x.shape[:-1]
+    torch.testing.assert_close(lp.cpu().double(), want_lp, **tol)
+    y_ref, yld_ref = plain_passes(state, x64, inverse=True)
     xg = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(t.log_prob(xg).sum(), xg)
-    torch.testing.assert_close(grad.cpu().double(), grad_ref, **tol)
+    y, yld = t.forward_and_log_det(xg)
+    torch.testing.assert_close(y.detach().cpu().double(), y_ref, **tol)
+    torch.testing.assert_close(yld.detach().cpu().double(), yld_ref, **tol)
+    xv = x.clone().requires_grad_(True)
+    yv = t.forward_value(xv)
+    assert yv.shape == x.shape
+    assert torch.equal(yv.detach(), y.detach())  # draws skip the log-det: the same points
+    weights = torch.linspace(-1, 1, dim, device=device, dtype=dtype)
+    if x.numel():
+        (g,) = torch.autograd.grad((y * weights).sum(), xg)
+        (gv,) = torch.autograd.grad((yv * weights).sum(), xv)
+        x64g = x64.clone().requires_grad_(True)
+        (g_ref,) = torch.autograd.grad((plain_passes(state, x64g, True)[0]
+                                        * weights.cpu().double()).sum(), x64g)
+        torch.testing.assert_close(gv, g, rtol=0, atol=0)
+        torch.testing.assert_close(g.cpu().double(), g_ref, **tol)
+        # The gradient of log_prob flows through the passes as through the plain ones.
+        x64g = x64.clone().requires_grad_(True)
+        z_ref, log_det_ref = plain_passes(state, x64g, inverse=False)
+        (grad_ref,) = torch.autograd.grad((log_det_ref - 0.5 * z_ref.square().sum(-1)).sum(),
+                                          x64g)
+        xg = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(t.log_prob(xg).sum(), xg)
+        torch.testing.assert_close(grad.cpu().double(), grad_ref, **tol)
+    back, _ = t.inverse_and_log_det(y.detach())
+    torch.testing.assert_close(back.cpu().double(), x64, **tol)
 
 
-def test_fitted_passes_have_finite_gradients_at_a_kink_of_an_identity_coordinate(device, dtype):
-    """A coordinate left at the identity (gamma = 0, as the fit stores it) evaluated exactly at
-    its shifted center: the inverse's same-sign branch divides c + gamma S = 0 there, and its
-    gradient must not be NaN (torch.where passes 0 x inf into it); the values and gradients are
-    those of the plain step-by-step map."""
+@pytest.mark.parametrize("direction", ["gaussianizing", "forward"])
+def test_passes_have_the_plain_gradient_and_hessian_at_kinks(direction, device, dtype):
+    """Points exactly at a kink of a step: on a coordinate's center (w = 0, where the
+    Gaussianizing branches meet) and on an identity coordinate (gamma = 0) at its shifted
+    center (c - shift - center = 0, where the inverse's same-sign branch divides c + gamma S =
+    0 and must not turn its zero gradient into NaN). The gradient and a Hessian-vector product
+    (double backward through the selected branches) of log_prob (Gaussianizing) or of the
+    forward map and its log-det are finite and equal the plain map's."""
     dim = k = 2
-    state = _random_state(dim, k, steps=1, gamma_max=0.5, seed=3)
+    state = _random_state(dim, k, steps=1, gamma_max=0.5, seed=9)
     state["frames"] = torch.eye(dim, dtype=torch.float64).unsqueeze(0)  # c = z exactly
-    state["gammas"][0, 0] = 0.0
-    t = Tabak(dim).double()
-    t.load_state_dict(state)
-    t = t.to(device=device, dtype=dtype)
-    z64 = torch.tensor([[0.0, 0.3], [0.7, -0.2]], dtype=torch.float64)
-    z64[:, 0] = state["shifts"][0, 0] + state["centers"][0, 0]  # c - shift - center = 0
-    tol = testing.tolerances(dtype)
-    zg = z64.to(device=device, dtype=dtype).requires_grad_(True)
-    y, log_det = t.forward_and_log_det(zg)
-    (grad,) = torch.autograd.grad((y.sum(-1) + log_det).sum(), zg)
-    assert torch.isfinite(grad).all()
-    zr = z64.clone().requires_grad_(True)
-    y_ref, log_det_ref = plain_passes(state, zr, inverse=True)
-    (grad_ref,) = torch.autograd.grad((y_ref.sum(-1) + log_det_ref).sum(), zr)
-    torch.testing.assert_close(y.detach().cpu().double(), y_ref.detach(), **tol)
-    torch.testing.assert_close(grad.cpu().double(), grad_ref, **tol)
+    state["scale_tril"] = torch.eye(dim, dtype=torch.float64)
+    state["loc"] = torch.zeros(dim, dtype=torch.float64)
+    state["gammas"][0] = torch.tensor([0.6, 0.0], dtype=torch.float64)
+    state["centers"][0] = torch.tensor([0.0, 0.25], dtype=torch.float64)
+    t = _loaded(state, device, dtype)
+    if direction == "gaussianizing":
+        x64 = torch.tensor([[0.0, 0.25], [0.0, -0.4], [0.3, 0.25]], dtype=torch.float64)
+
+        def fn(x):
+            return t.log_prob(x)
+
+        def plain(x):
+            z, ld = plain_passes(state, x, inverse=False)
+            return ld - 0.5 * z.square().sum(-1)
+    else:
+        x64 = torch.tensor([[0.3, 0.0], [-0.7, 0.0], [0.2, 0.5]], dtype=torch.float64)
+        x64[:2, 1] = state["shifts"][0, 1] + state["centers"][0, 1]
+
+        def fn(x):
+            y, log_det = t.forward_and_log_det(x)
+            return y.sum(-1) + log_det
+
+        def plain(x):
+            y, log_det = plain_passes(state, x, inverse=True)
+            return y.sum(-1) + log_det
+
+    v = torch.tensor([0.7, -0.3], dtype=torch.float64)
+
+    def grad_and_hvp(fn, x):
+        x = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad((g * v.to(x)).sum(), x)
+        return g.detach(), h
+
+    g, h = grad_and_hvp(fn, x64.to(device, dtype))
+    g_ref, h_ref = grad_and_hvp(plain, x64)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    assert torch.isfinite(g).all() and torch.isfinite(h).all()
+    torch.testing.assert_close(g.cpu().double(), g_ref, **tol)
+    torch.testing.assert_close(h.cpu().double(), h_ref, **tol)
 
 
 # ---- state -----------------------------------------------------------------------------------
@@ -471,7 +537,7 @@ def test_failed_or_interrupted_fit_keeps_the_previous_state(fitted_cpu, monkeypa
     with pytest.raises(ValueError):
         t.fit(torch.full_like(x, float("nan")), progress=False)
     calls = {"n": 0}
-    original = Tabak._ascent_step
+    original = tabak_fit.DualAscent.ascent_step
 
     def interrupted(self, *args):
         calls["n"] += 1
@@ -479,7 +545,7 @@ def test_failed_or_interrupted_fit_keeps_the_previous_state(fitted_cpu, monkeypa
             raise KeyboardInterrupt
         return original(self, *args)
 
-    monkeypatch.setattr(Tabak, "_ascent_step", interrupted)
+    monkeypatch.setattr(tabak_fit.DualAscent, "ascent_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         t.fit(_skewed(500, 3, "cpu", torch.float64, seed=9), progress=False)
     after = t.state_dict()

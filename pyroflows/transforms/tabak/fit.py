@@ -1,0 +1,350 @@
+"""Fitting a Tabak transform by dual ascent of the log-likelihood (seed section 2.5): the
+whitening, then random frames, candidate centers ranked on histograms, capped Gauss-Newton
+steps, early stopping on held-out data and the rule that picks the kept step count."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..._gaussian import ml_gaussian, standard_normal_log_prob
+from .map import (
+    GAMMA_MAX,
+    PARAMETERS,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    displacement,
+    displacement_constants,
+    local_ascent,
+)
+from .threads import threads_for
+
+if TYPE_CHECKING:
+    from .transform import Tabak
+
+__all__ = ["SELECTIONS", "FittedSteps", "DualAscent", "check_data", "whitening"]
+
+#: The accepted values of ``Tabak(selection=...)``: how the kept step count is chosen.
+SELECTIONS = ("best", "one_se", "significant")
+
+# Parameters of the per-coordinate ascent problem: (sigma, shift = phi_0, gamma).
+NUM_ASCENT_PARAMETERS = 3
+
+
+def check_data(x: Tensor, dim: int, what: str) -> None:
+    """Raise a :class:`ValueError` unless ``x`` is a floating ``(n, dim)`` tensor of finite
+    rows."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[-1] != dim:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"Tabak.fit: {what} must be a tensor of shape (n, {dim}), got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"Tabak.fit: {what} must be floating point, got {x.dtype}")
+    bad = ~torch.isfinite(x).all(-1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        raise ValueError(
+            f"Tabak.fit: {what} has {rows.numel()} row(s) with NaN or inf values "
+            f"(first at row {int(rows[0])}); drop or impute them before fitting"
+        )
+
+
+def whitening(x: Tensor, whiten: str) -> tuple[Tensor, Tensor]:
+    """The whitening :math:`W(x) = L^{-1}(x - m)` of the rows of ``x``, as ``(m, L)`` in ``x``'s
+    dtype: the maximum-likelihood mean and Cholesky factor (``whiten="full"``), the standard
+    deviations on the diagonal (``"diagonal"``) or the identity (``"none"``).
+
+    Raises a :class:`ValueError` for constant columns (with any ``whiten``) and for a singular
+    covariance (``"full"``: a Cholesky factor whose smallest diagonal entry is lost in
+    ``x``'s rounding)."""
+    loc, tril, ridge = ml_gaussian(x, diagonal=whiten != "full")
+    # The covariance's diagonal; where a ridge was needed, from the data (it is then either a
+    # constant column or a singular covariance, and the ridge would hide which).
+    var = (x.to(torch.float64) - loc).square().mean(0) if ridge else tril.square().sum(-1)
+    eps = torch.finfo(x.dtype).eps
+    scale = x.abs().amax(0).to(torch.float64).clamp_min(torch.finfo(x.dtype).tiny)
+    constant = var <= (16 * eps * scale) ** 2
+    if bool(constant.any()):
+        cols = constant.nonzero().flatten().tolist()
+        raise ValueError(
+            f"Tabak.fit: column(s) {cols} are constant; data on a lower-dimensional set has "
+            "no density in R^D; drop those columns"
+        )
+    if whiten == "full" and (ridge or bool(
+            torch.diagonal(tril).square().min() <= 1e3 * eps * var.max())):
+        raise ValueError(
+            "Tabak.fit: the data's covariance is singular (columns are linearly "
+            "dependent); drop redundant columns or use whiten='diagonal'"
+        )
+    if whiten == "none":
+        loc, tril = torch.zeros_like(loc), torch.eye(x.shape[-1], dtype=loc.dtype,
+                                                     device=loc.device)
+    return loc.to(x.dtype), tril.to(x.dtype)
+
+
+def warn_repeats(x: Tensor) -> None:
+    """Warn when a column is mostly repeated values: such data sits on a lattice and its fitted
+    density keeps sharpening on the repeats."""
+    s = torch.sort(x, dim=0).values
+    repeated = (s[1:] == s[:-1]).to(x.dtype).mean(0)
+    if bool((repeated > 0.5).any()):
+        cols = (repeated > 0.5).nonzero().flatten().tolist()
+        warnings.warn(
+            f"Tabak.fit: column(s) {cols} are mostly repeated values (discrete data); "
+            "the fit is well defined, but for a density add dequantization noise first",
+            stacklevel=4,
+        )
+
+
+def histogram(c: Tensor, bins: int) -> tuple[Tensor, Tensor]:
+    """Each row of ``c`` (K, n) summarized by ``bins`` equal-width bins: the mean of the points
+    in each bin and the bin's share of the points (empty bins: share 0), shapes (K, bins)."""
+    lo, hi = c.amin(-1, keepdim=True), c.amax(-1, keepdim=True)
+    scale = bins / (hi - lo).clamp_min(torch.finfo(c.dtype).tiny)
+    idx = ((c - lo) * scale).long().clamp_(0, bins - 1)
+    counts = c.new_zeros(c.shape[0], bins).scatter_add_(1, idx, torch.ones_like(c))
+    sums = c.new_zeros(c.shape[0], bins).scatter_add_(1, idx, c)
+    return sums / counts.clamp_min(1), counts / c.shape[-1]
+
+
+def haar_frames(num: int, dim: int, k: int, like: Tensor,
+                generator: torch.Generator | None) -> Tensor:
+    """``num`` Haar-random ``dim x k`` matrices with orthonormal columns (Q of a Gaussian's QR,
+    with the signs of R's diagonal moved into Q so the law is exactly Haar)."""
+    g = torch.randn(num, dim, k, generator=generator, device=like.device, dtype=like.dtype)
+    q, r = torch.linalg.qr(g)
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return q * signs.unsqueeze(-2)
+
+
+def select(selection: str, per_row: list[Tensor], steps: list[int], best_step: int) -> int:
+    """The kept step count under ``selection`` (``Tabak``'s argument), from the held-out rows'
+    log-likelihoods at every check: with d the per-row differences (the best count minus a
+    smaller one) and m rows, a count is within one standard error when mean(d) <= sd(d) /
+    sqrt(m). ``"one_se"``: the smallest count within one standard error of the best;
+    ``"significant"``: no steps if they are within, else the best count."""
+    best = per_row[steps.index(best_step)]
+    m = best.shape[0]
+
+    def within(rows: Tensor) -> bool:
+        d = best - rows
+        return float(d.mean()) <= (float(d.std()) / math.sqrt(m) if m > 1 else 0.0)
+
+    if selection == "significant":
+        return 0 if within(per_row[0]) else best_step
+    for step, rows in zip(steps, per_row, strict=True):
+        if step < best_step and within(rows):
+            return step
+    return best_step
+
+
+@dataclass
+class FittedSteps:
+    """What a fit produces: the whitening ``(loc, scale_tril)``, the kept steps' buffers
+    (``frames`` (T, D, K) and the map's :data:`~.map.PARAMETERS`, (T, K) each), the
+    ``history`` of the checks and the kept step count ``best_step``."""
+
+    loc: Tensor
+    scale_tril: Tensor
+    steps: dict[str, Tensor]
+    history: dict[str, list[float]]
+    best_step: int
+
+
+class DualAscent:
+    """The fit of :meth:`Tabak.fit <pyroflows.transforms.Tabak.fit>`, for the options of a
+    :class:`~pyroflows.transforms.Tabak` (its docstring describes the algorithm)."""
+
+    def __init__(self, options: Tabak) -> None:
+        self.options = options
+
+    def run(self, x: Tensor, x_val: Tensor | None, progress: bool) -> FittedSteps:
+        """Fit the steps to the rows of ``x`` (held-out rows ``x_val``, or a random
+        ``val_fraction`` of ``x``'s)."""
+        from tqdm.auto import tqdm
+
+        o = self.options
+        check_data(x, o.dim, "x")
+        x = x.detach()
+        gen = None
+        if o.seed is not None:
+            gen = torch.Generator(device=x.device).manual_seed(int(o.seed))
+        if x_val is None:
+            n_val = max(1, int(round(o.val_fraction * x.shape[0])))
+            perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
+            x_val, x = x[perm[:n_val]], x[perm[n_val:]]
+        else:
+            check_data(x_val, o.dim, "x_val")
+            x_val = x_val.detach().to(device=x.device, dtype=x.dtype)
+        n = x.shape[0]
+        if n < 2 * o.dim + 2:
+            raise ValueError(f"Tabak.fit: need at least {2 * o.dim + 2} training rows, got {n}")
+        loc, tril = whitening(x, o.whiten)
+        warn_repeats(x)
+
+        def whiten(v: Tensor) -> Tensor:
+            # Transposed, (D, n): every per-coordinate reduction then runs along contiguous rows.
+            return torch.linalg.solve_triangular(tril, (v - loc).mT, upper=False)
+
+        z, z_val = whiten(x), whiten(x_val)
+        ld, ld_val = x.new_zeros(n), x.new_zeros(x_val.shape[0])
+        # Every point's log-det shares the whitening's and the steps' sum of log(1 - sigma).
+        ld_shared = -torch.log(torch.diagonal(tril)).sum()
+        k = o.subspace_dim
+        steps: dict[str, list[Tensor]] = {name: [] for name in ("frames", *PARAMETERS)}
+        history: dict[str, list[float]] = {"step": [], "train_log_prob": [], "val_log_prob": []}
+        per_row: list[Tensor] = []  # the held-out rows' log-likelihoods per check, for one_se
+
+        def record(step: int) -> float:
+            train = float((standard_normal_log_prob(z.mT) + ld).mean() + ld_shared)
+            rows_val = standard_normal_log_prob(z_val.mT) + ld_val
+            if o.selection != "best":
+                per_row.append(rows_val + ld_shared)
+            val = float(rows_val.mean() + ld_shared)
+            history["step"].append(step)
+            history["train_log_prob"].append(train)
+            history["val_log_prob"].append(val)
+            return val
+
+        best_val, best_step, bad_checks, done = record(0), 0, 0, 0
+        with threads_for(n * k * o.num_candidates, x.device):
+            bar = tqdm(total=o.max_steps, disable=not progress, desc="Tabak", leave=False)
+            try:
+                while done < o.max_steps and bad_checks < o.patience:
+                    chunk = min(o.check_every, o.max_steps - done)
+                    frames = haar_frames(chunk * o.num_rotations, o.dim, k, x, gen)
+                    frames = frames.reshape(chunk, o.num_rotations, o.dim, k)
+                    rows = torch.randint(n, (chunk, k, o.num_candidates), generator=gen,
+                                         device=x.device)
+                    rel_widths = self.relative_widths((chunk, k, o.num_candidates), x, gen)
+                    for i in range(chunk):
+                        frame = self.best_frame(frames[i], z, rows[i], rel_widths[i])
+                        frame_t = frame.mT
+                        c, c_val = frame_t @ z, frame_t @ z_val
+                        params, constants, keep, moved, log_ratio = self.ascent_step(
+                            c, rows[i], rel_widths[i])
+                        z = torch.addmm(z, frame, moved * keep)
+                        ld = torch.addmv(ld, log_ratio.mT, keep.squeeze(-1))
+                        moved_val, log_ratio_val = displacement(c_val, *constants, exact=False)
+                        z_val = torch.addmm(z_val, frame, moved_val * keep)
+                        ld_val = torch.addmv(ld_val, log_ratio_val.mT, keep.squeeze(-1))
+                        ld_shared = ld_shared + (torch.log1p(-params[0]) * keep).sum()
+                        steps["frames"].append(frame)
+                        for name, p in zip(PARAMETERS, params, strict=True):
+                            steps[name].append(p.squeeze(-1) if name in ("centers", "widths")
+                                               else p.squeeze(-1) * keep.squeeze(-1))
+                    done += chunk
+                    bar.update(chunk)
+                    val = record(done)
+                    bar.set_postfix(val_log_prob=f"{val:.4f}")
+                    if val > best_val:
+                        best_val, best_step, bad_checks = val, done, 0
+                    else:
+                        bad_checks += 1
+            finally:
+                bar.close()
+        if not math.isfinite(best_val):
+            raise RuntimeError("Tabak.fit: the held-out log-likelihood is not finite")
+        if per_row:
+            best_step = select(o.selection, per_row, history["step"], best_step)
+
+        def stacked(name: str, shape: tuple) -> Tensor:
+            kept = steps[name][:best_step]
+            return (torch.stack(kept) if kept else x.new_zeros((0, *shape))).contiguous()
+
+        kept = {name: stacked(name, (k,)) for name in PARAMETERS}
+        kept["frames"] = stacked("frames", (o.dim, k))
+        return FittedSteps(loc, tril, kept, history, best_step)
+
+    def relative_widths(self, shape: tuple, like: Tensor,
+                        generator: torch.Generator | None) -> Tensor:
+        """Per step and coordinate epsilon / std: fixed, or log-uniform on the ``width``
+        range."""
+        width = self.options.width
+        if not isinstance(width, tuple):
+            return like.new_full(shape, width)
+        lo, hi = math.log(width[0]), math.log(width[1])
+        u = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
+        return torch.exp(lo + (hi - lo) * u)
+
+    def capped_step(self, grad: Tensor, gn: Tensor) -> tuple[Tensor, Tensor]:
+        """The Gauss-Newton step ``G^{-1} grad`` with its RMS displacement capped at
+        ``step_size``, and the gain the quadratic model predicts for it (shapes ``(..., 3)``,
+        ``(...)``)."""
+        step_size = self.options.step_size
+        ridge = 1e-8 * torch.eye(NUM_ASCENT_PARAMETERS, device=grad.device, dtype=grad.dtype)
+        delta = torch.linalg.solve(gn + ridge, grad.unsqueeze(-1)).squeeze(-1)
+        # The RMS displacement is sqrt(delta^T G delta) = sqrt(grad^T delta).
+        length = (grad * delta).sum(-1).clamp_min(0).sqrt()
+        scale = step_size / length.clamp_min(step_size)
+        return delta * scale.unsqueeze(-1), (scale - 0.5 * scale * scale) * length * length
+
+    def best_frame(self, frames: Tensor, z: Tensor, rows: Tensor, rel_width: Tensor) -> Tensor:
+        """Of the ``num_rotations`` frames (R, D, K), the one whose coordinates' best candidate
+        steps predict the largest total gain (ranked on histograms, as the centers are)."""
+        if frames.shape[0] == 1:
+            return frames[0]
+        r, _, k = frames.shape
+        c = (frames.mT @ z).reshape(r * k, -1)                      # (R K, n)
+        rows, rel_width = rows.repeat(r, 1), rel_width.repeat(r, 1)  # (R K, m)
+        centers = c.gather(1, rows)
+        mean = c.mean(-1, keepdim=True)
+        std = ((c * c).mean(-1, keepdim=True) - mean * mean).clamp_min(0).sqrt()
+        widths = rel_width * std.clamp_min(torch.finfo(c.dtype).eps)
+        means, shares = histogram(c, self.options.candidate_bins)
+        grad, gn = local_ascent(means.unsqueeze(1), centers, widths, weights=shares.unsqueeze(1))
+        _, predicted = self.capped_step(grad, gn)                    # (R K, m)
+        total = predicted.amax(-1).reshape(r, k).sum(-1)
+        return frames[total.argmax()]  # a tensor index: no host sync per step on a GPU
+
+    def ascent_step(self, c: Tensor, rows: Tensor, rel_width: Tensor) -> tuple[
+        tuple[Tensor, ...], tuple[Tensor, ...], Tensor, Tensor, Tensor
+    ]:
+        """One Gauss-Newton step of every coordinate (row) of ``c``, shape (K, n), from the
+        identity. ``rows`` (K, m) index candidate centers and ``rel_width`` (K, m) their widths
+        relative to each coordinate's std; with m > 1 the candidate whose capped step predicts
+        the largest gain is taken, the gains computed on a histogram of each coordinate
+        (``candidate_bins`` bins, so ranking m candidates costs m x bins, not m x n), and the
+        chosen step is then computed on all the points.
+
+        Returns the map parameters as (K, 1) columns and their
+        :func:`~.map.displacement_constants`; ``keep`` (K, 1): 1 where the step gains
+        training likelihood, else 0 (that coordinate keeps the identity); and the map's
+        displacement of ``c`` and log-slopes less :math:`\\log(1 - \\sigma)` (see
+        :func:`~.map.displacement`)."""
+        centers = c.gather(1, rows)  # (K, m) candidate centers
+        mean = c.mean(-1, keepdim=True)
+        std = ((c * c).mean(-1, keepdim=True) - mean * mean).clamp_min(0).sqrt()
+        widths = rel_width * std.clamp_min(torch.finfo(c.dtype).eps)  # (K, m)
+        if rows.shape[1] > 1:
+            means, shares = histogram(c, self.options.candidate_bins)
+            grad, gn = local_ascent(means.unsqueeze(1), centers, widths,
+                                    weights=shares.unsqueeze(1))
+            _, predicted = self.capped_step(grad, gn)
+            best = predicted.argmax(-1, keepdim=True)
+            center, width = centers.gather(1, best).squeeze(-1), widths.gather(1, best).squeeze(-1)
+        else:
+            center, width = centers.squeeze(-1), widths.squeeze(-1)
+        delta, _ = self.capped_step(*local_ascent(c, center, width))
+        params = (
+            delta[:, 0].clamp(SIGMA_MIN, SIGMA_MAX),
+            delta[:, 1],
+            delta[:, 2].clamp(-GAMMA_MAX, GAMMA_MAX),
+            center,
+            width,
+        )
+        params = tuple(p.unsqueeze(-1) for p in params)
+        constants = displacement_constants(*params)
+        # The steps are in the safe region, where the cheaper logarithm is as good.
+        moved, log_ratio = displacement(c, *constants, exact=False)
+        # Exact per-coordinate gain in training log-likelihood (rotations preserve |z|), with
+        # (phi(c)^2 - c^2) / 2 = moved (c + moved / 2); where the quadratic model overshoots and
+        # the step would lose, keep the identity.
+        gain = (log_ratio.mean(-1, keepdim=True) + torch.log1p(-params[0])
+                - (moved * torch.add(c, moved, alpha=0.5)).mean(-1, keepdim=True))
+        return params, constants, (gain > 0).to(c.dtype), moved, log_ratio
