@@ -19,6 +19,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.infer.inspect import site_is_deterministic
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
@@ -190,7 +191,7 @@ def _sites_and_values(
             if f.vectorized and f.name != _SAMPLE_PLATE
         }
         event_dim, value = site["fn"].event_dim, site["value"]
-        if site["infer"].get("_deterministic", False):
+        if site_is_deterministic(site):
             values[name], event_dim = _align_deterministic(value, event_dim, num_samples, mpn,
                                                            name)
             sites[name] = Site(name, "deterministic", frames, max(event_dim, 0))
