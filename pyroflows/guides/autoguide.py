@@ -68,56 +68,30 @@ class AutoFlowGuide(Memoized, AutoContinuous):
     are learnt as fast as by :class:`~pyro.infer.autoguide.AutoMultivariateNormal`, while the
     flow layers, whose networks start at the identity, learn the rest.
 
-    Start. The guide starts as a Gaussian where the model's mass is, not at :math:`N(0, I)`
-    where Pyro's ``AutoIAFNormal`` and ``AutoNormalizingFlow`` start, so the flow only has to
-    learn the shape:
-
-    - with ``laplace_init`` (default), at the Laplace approximation :math:`N(m, C C^T)`
-      (:mod:`pyroflows.guides.laplace`): the mode :math:`m` of :math:`\log p(x, T(u)) +
-      \log|\det J_T(u)|` found by L-BFGS from ``init_loc_fn``'s location, and :math:`C =
-      \mathrm{chol}(H^{-1})` with :math:`H` the Hessian of the negative log density there. It
-      enters as a fixed last layer :math:`u = m + C v`, and :math:`(\mu, L)` starts at
-      :math:`(0, I)` in these whitened coordinates, so every step size acts on the
-      posterior's own scale (a regression on predictors of size 100 has posterior sds from
-      0.15 to 15 and correlations of -0.99). The Laplace start is kept only when the MAP
-      search ends finite, :math:`H` is positive definite and the Gaussian's ELBO beats the
-      plain start's: a funnel's mode sits at the edge of an unbounded density and is a
-      useless centre. :attr:`laplace_info` says what happened. Latent sizes above
-      :data:`FULL_RANK_MAX_DIM` skip it. It costs a few hundred model evaluations and a
-      Hessian (D backward passes) when the guide is built.
-    - else at :math:`N(\text{init\_loc}, \mathrm{init\_scale}^2 I)`.
+    Start: a Gaussian where the model's mass is, not :math:`N(0, I)` as Pyro's
+    ``AutoIAFNormal`` and ``AutoNormalizingFlow`` start, so the flow only learns the shape. With
+    ``laplace_init`` the Laplace approximation :math:`N(m, C C^T)` of the unconstrained
+    posterior (:mod:`pyroflows.guides.laplace`) enters as a fixed last layer :math:`u = m + C
+    v`, and :math:`(\mu, L)` starts at :math:`(0, I)` in these whitened coordinates, so every
+    step size acts on the posterior's own scale; it is kept only where it is usable and its
+    ELBO beats the plain start's (:attr:`laplace_info` says what happened), and latent sizes
+    above :data:`FULL_RANK_MAX_DIM` skip it. Otherwise the guide starts at
+    :math:`N(\text{init\_loc}, \mathrm{init\_scale}^2 I)`.
 
     Sampling is one forward pass through the layers; the guide scores its own samples from the
-    layers' cache, so an IAF guide never runs its D-pass inverse during SVI.
+    layers' cache, so an IAF guide never runs its D-pass inverse during SVI. The flow is built
+    when the guide first sees the model, on the device and in the dtype of the model's latent
+    values, and is a submodule: ``.to()``, ``state_dict`` and ``torch.save`` cover it, the
+    fixed Laplace layer included. The param store's entries for the guide's parameters are
+    the modules' own tensors (:mod:`pyroflows.guides.params`); train with the family's step
+    sizes (:func:`~pyroflows.guides.optim_args`, :meth:`param_groups`) and
+    :class:`~pyroflows.guides.FlowELBO`.
 
-    The flow is built when the guide first sees the model (its latent size is known then), on
-    the device and in the dtype of the model's latent values, and is a submodule: ``.to()``,
-    ``.double()``, ``state_dict`` and ``torch.save`` cover it. After :meth:`to` the model's data
-    must be on the same device, as for every autoguide. A ``state_dict`` holds the fixed
-    Laplace layer (``laplace.loc``, ``laplace.scale_tril``) when the guide has one; loading it
-    into a built guide whose start went the other way adds or drops that layer.
-
-    Training: any SVI loop works. The documented recipe (``benchmarks/vi.py``): Adam with the
-    affine layer at a large step and the flow layers at a smaller one, the family's ``lr``,
-    through ``pyro.optim.Adam(pf.guides.optim_args(guide))`` or
-    ``torch.optim.Adam(guide.param_groups())``, decayed 50-fold over the run; several
-    vectorized particles; and :class:`~pyroflows.guides.FlowELBO`, which uses
-    sticking-the-landing gradients where ``stick_the_landing`` says and, on multimodal
-    posteriors, anneals (``anneal_steps``).
-
-    Parameters and the param store: the guide's modules hold its parameters. On every call the
-    param store's entries for them are made to be these very tensors
-    (:mod:`pyroflows.guides.params`), so SVI optimizes exactly what the guide uses, even after
-    ``torch.load`` or a second guide of the same class. Matching param store entries (for
-    example from ``pyro.get_param_store().load``) are copied in once, when the flow is built,
-    as Pyro's own autoguides do; call ``pyro.clear_param_store()`` before fitting a new guide.
-
-    :meth:`median`, :meth:`quantiles`: no closed form exists for a flow, so they are computed
-    from ``num_quantile_samples`` draws (with a fixed seed, so repeated calls agree) in the
-    unconstrained space and mapped through ``biject_to``; for sites whose support transform acts
-    elementwise (positive, interval, real) these are the exact marginal quantiles up to Monte
-    Carlo error, for ordered, simplex and other joint supports they are valid points of the
-    support.
+    :meth:`median`, :meth:`quantiles`: computed from ``num_quantile_samples`` draws (a fixed
+    seed, so repeated calls agree) in the unconstrained space and mapped through
+    ``biject_to``: the marginal quantiles up to Monte Carlo error for sites whose support
+    transform acts elementwise, valid points of the support for ordered, simplex and other
+    joint supports.
 
     Arguments:
         model: a Pyro model whose latent sites are continuous (discrete sites must be

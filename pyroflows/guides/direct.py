@@ -6,7 +6,8 @@ path skips it where nothing could see the difference: no handler is active but
 ``SVI.step``'s parameter capture, no latent site is in a subsampled plate (whose indices the
 guide's trace hands the model), and the guide has no forward hooks. The estimator, the random
 draws and the parameters the optimizer sees are those of :class:`~pyro.infer.Trace_ELBO` on
-the traced guide.
+the traced guide. A subclass of FlowELBO that overrides ``_get_trace``, and ``loss``
+(evaluation), trace the guide as usual.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections.abc import Callable, Iterator
 import pyro
 from pyro import poutine
 from pyro.distributions.util import sum_rightmost
-from pyro.infer.util import torch_item
+from pyro.infer import Trace_ELBO
+from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
@@ -96,24 +98,29 @@ def draw(guide: AutoFlowGuide, shape: tuple, stick_the_landing: bool
     return trace, log_q, entropy, jacobian
 
 
-def particles(model: Callable, guide: AutoFlowGuide, args: tuple, kwargs: dict, *,
-              num_particles: int, vectorized: bool, plate: pyro.plate | None,
-              max_plate_nesting: float, beta: float, stick_the_landing: bool, validate: bool,
-              traces: list | None) -> Iterator[tuple[float, Tensor]]:
+def particles(elbo: Trace_ELBO, model: Callable, guide: AutoFlowGuide, args: tuple,
+              kwargs: dict, beta: float, stick_the_landing: bool, traces: list | None
+              ) -> Iterator[tuple[float, Tensor]]:
     r"""``(loss, surrogate loss)`` of each run, already divided by ``num_particles``, as
-    :class:`~pyro.infer.Trace_ELBO` computes them from the traces of the guide and of the
-    model replayed against it: :math:`\log p(x, T(u)) + \log|\det J_T(u)| - \log q(u)`, the
-    model's log joint and the Jacobian terms tempered by ``beta``, with the
-    sticking-the-landing term in the surrogate where asked. Vectorized: one run under
-    ``plate`` (Trace_ELBO's particle plate). The runs' ``(model trace, guide trace)`` are
-    appended to ``traces``."""
+    ``elbo`` (a :class:`~pyro.infer.Trace_ELBO`, :class:`~pyroflows._memo.Memoized`) computes
+    them from the traces of the guide and of the model replayed against it:
+    :math:`\log p(x, T(u)) + \log|\det J_T(u)| - \log q(u)`, the model's log joint and the
+    Jacobian terms tempered by ``beta``, with the sticking-the-landing term in the surrogate
+    where asked. The runs' ``(model trace, guide trace)`` are appended to ``traces``."""
+    num_particles, max_plate_nesting = elbo.num_particles, elbo.max_plate_nesting
+    vectorized = elbo.vectorize_particles and num_particles > 1
+    plate = contextlib.nullcontext()
+    if vectorized:  # Trace_ELBO's particle plate (it subsamples nothing: one serves every step)
+        plate = elbo.memo("particle_plate", (num_particles, max_plate_nesting), lambda: pyro.plate(
+            "num_particles_vectorized", num_particles, dim=-max_plate_nesting))
+    validate = is_validation_enabled()
     runs = 1 if vectorized else num_particles
     # the latent's shape under the particle plate (at dim -max_plate_nesting)
     shape = (num_particles,) + (1,) * (int(max_plate_nesting) - 1) if vectorized else ()
     for _ in range(runs):
         guide_trace, log_q, entropy, jacobian = draw(guide, shape, stick_the_landing)
         scored = _ReplayAndScore(guide_trace, max_plate_nesting, validate)
-        with (plate if vectorized else contextlib.nullcontext()), \
+        with plate, \
                 (poutine.scale(scale=beta) if beta < 1.0 else contextlib.nullcontext()):
             scored.run(model, args, kwargs)
         model_trace = scored.trace

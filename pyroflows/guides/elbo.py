@@ -6,13 +6,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.score_parts import ScoreParts
 from pyro.infer import Trace_ELBO
-from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.infer.util import torch_item
 from pyro.poutine.messenger import Messenger
 from pyro.util import warn_if_nan
 from torch import Tensor, nn
@@ -33,11 +32,9 @@ class FlowELBO(Memoized, Trace_ELBO):
       the parameters :math:`\bar\phi` detached and only the sample's path
       :math:`z_\phi = T_\phi(\varepsilon)` differentiated. This drops the score term
       :math:`\nabla_\phi \log q_\phi(z)`, whose expectation is zero, so the gradient stays
-      unbiased and its variance vanishes as :math:`q \to p`. :math:`\nabla_z \log q` comes from
-      the draw's Jacobian where the draw's base point is known and the latent size is small
-      (:mod:`pyroflows.guides.landing`), else from one inverse pass of the flow (planar: a 1-D
-      root solve per layer; IAF: D sequential passes). Only the latent site of a pyroflows
-      guide is affected; other guide sites use the usual estimator.
+      unbiased and its variance vanishes as :math:`q \to p`. :math:`\nabla_z \log q` comes
+      from the draw's Jacobian or the flow's inverse (:mod:`pyroflows.guides.landing`). Only
+      the latent site of a pyroflows guide is affected; other sites use the usual estimator.
       ``None`` (default): each flow guide's own ``stick_the_landing`` decides (by default its
       family's); ``True``: every flow guide (an error without one); ``False``: none.
     - ``anneal_steps``: over the first ``T`` calls of :meth:`loss_and_grads` (one per
@@ -58,15 +55,9 @@ class FlowELBO(Memoized, Trace_ELBO):
       :math:`\beta = 1`. With a guide other than an autoguide (no ``Delta`` sites) only the
       log joint is tempered.
     - ``direct`` (default ``True``): a set-up :class:`~pyroflows.guides.AutoFlowGuide` is
-      drawn without tracing it through Pyro's effect handlers (:mod:`pyroflows.guides.direct`):
-      one run of its flow stack for the draw and its log-det, ``biject_to`` to every site,
-      the model replayed against those values as :class:`~pyro.infer.Trace_ELBO` does, and the
-      same loss and surrogate. The estimator, the random draws and the parameters the
-      optimizer sees are those of the traced path. The guide is traced as usual when the step
-      runs under another effect handler (``poutine.scale``, ``pyro.plate``, ... around
-      ``svi.step``), when a latent site sits in a subsampled plate, when the guide has forward
-      hooks, in a subclass that overrides ``_get_trace``, and for :meth:`loss` (evaluation).
-      ``direct=False`` always traces the guide.
+      drawn without tracing it through Pyro's effect handlers where nothing could tell the
+      difference (:mod:`pyroflows.guides.direct`): the same loss, surrogate, random draws and
+      parameters as on the traced path. ``direct=False`` always traces the guide.
 
     A training step whose loss is not finite (a guide whose draws have run to where the
     model's density over- or underflows; its gradients would turn every parameter into NaN)
@@ -148,10 +139,6 @@ class FlowELBO(Memoized, Trace_ELBO):
         self.step_count += 1
         return loss
 
-    def _stick_the_landing_for(self, guide) -> bool:
-        return self._training and (self.stick_the_landing is True or (
-            self.stick_the_landing is None and guide.stick_the_landing))
-
     # ---- the traced path ------------------------------------------------------------------------
     def _get_trace(self, model, guide, args, kwargs):
         beta = self.beta if self._training else 1.0
@@ -178,18 +165,11 @@ class FlowELBO(Memoized, Trace_ELBO):
         return True
 
     def _direct_particles(self, model, guide, args, kwargs):
-        vectorized = self.vectorize_particles and self.num_particles > 1
-        plate = None
-        if vectorized:  # Trace_ELBO's particle plate (it subsamples nothing: one serves all)
-            key = (self.num_particles, self.max_plate_nesting)
-            plate = self.memo("particle_plate", key, lambda: pyro.plate(
-                "num_particles_vectorized", self.num_particles, dim=-self.max_plate_nesting))
-        return direct.particles(
-            model, guide, args, kwargs, num_particles=self.num_particles, vectorized=vectorized,
-            plate=plate, max_plate_nesting=self.max_plate_nesting,
-            beta=self.beta if self._training else 1.0,
-            stick_the_landing=self._stick_the_landing_for(guide),
-            validate=is_validation_enabled(), traces=self._traces if self._training else None)
+        stl = guide.stick_the_landing if self.stick_the_landing is None else self.stick_the_landing
+        return direct.particles(self, model, guide, args, kwargs,
+                                beta=self.beta if self._training else 1.0,
+                                stick_the_landing=self._training and stl,
+                                traces=self._traces if self._training else None)
 
     def _direct_loss_and_grads(self, model, guide, *args, **kwargs):
         loss = 0.0

@@ -1,6 +1,10 @@
 r"""The Laplace start of a flow guide: the Gaussian :math:`N(m, C C^T)` at the mode :math:`m`
-of the model's unconstrained log density, :math:`C = \mathrm{chol}(H^{-1})` with :math:`H` the
-Hessian of the negative log density there, kept only where its ELBO beats the plain start's.
+of the model's unconstrained log density :math:`\log p(x, T(u)) + \log|\det J_T(u)|`, found by
+L-BFGS from the guide's initial location, with :math:`C = \mathrm{chol}(H^{-1})` and :math:`H`
+the Hessian of the negative log density there. It is kept only where the search ends finite,
+:math:`H` is positive definite and its ELBO beats the plain start's: a funnel's mode sits at
+the edge of an unbounded density and is a useless centre. It costs a few hundred model runs
+and a Hessian (D backward passes) when the guide is built.
 """
 
 from __future__ import annotations
@@ -180,8 +184,8 @@ def laplace_approximation(density: LogDensity, loc: Tensor, init_scale: float
     from ``loc`` (D,), or ``None`` where it is unusable or its ELBO (on
     :data:`LAPLACE_ELBO_DRAWS` common draws) is below that of the plain start
     :math:`N(\mathrm{loc}, \mathrm{init\_scale}^2 I)`; and what happened (``used``,
-    ``reason``, the two ELBO estimates). The search leaves the global random state as it
-    was (a plate in the model draws its subsample indices)."""
+    ``reason``, the two ELBO estimates). The global random state is left as it was (a plate
+    in the model draws its subsample indices)."""
     cuda = [loc.device.index or 0] if loc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         return _search(density, loc, init_scale)
