@@ -1,19 +1,10 @@
 """Parameter banks: the parameters of several layers in one tensor per name, one row per layer.
 
-One mechanism for every stacked or packed parameter of the package:
-
-- :class:`ParameterBank`, a module whose tensors have one row per layer, registered as the
-  submodule ``stacked`` of each of its layers (module walks list it once);
-- :class:`BankRow`, the mixin of a layer that is row ``index`` of a bank;
-- :class:`RowView`, the class attribute through which such a layer reads its own tensor: rows
-  of a tensor held by its bank (or by the layer itself, for a layer whose parameters are packed
-  into one tensor), a view, so gradients and in-place edits reach that tensor;
-- :func:`stacked_rows`, the (K, ...) tensors of K consecutive layers, the bank's own tensors
-  where the layers are consecutive rows of one bank.
-
-Why one tensor for many: an optimizer that loops over parameter tensors in Python
-(``torch.optim.Adam`` on CPU, ``pyro.optim``'s one optimizer per tensor) and ``pyro.module``
-cost per tensor, not per number, and a fused kernel reads a run of layers from one tensor.
+The one mechanism for stacked or packed parameters: a :class:`ParameterBank` is the submodule
+``stacked`` of each of its :class:`BankRow` layers, which read their own tensors through
+:class:`RowView` class attributes (views of rows, so gradients and in-place edits reach the
+bank); :func:`stacked_rows` gives a run of layers' tensors stacked. Optimizers and
+``pyro.module`` cost per tensor, and a fused kernel reads a run of layers from one tensor.
 The layers built on banks live in :mod:`pyroflows.flows.banks`.
 """
 
@@ -41,14 +32,16 @@ class ParameterBank(nn.Module):
 
     Arguments:
         num_layers: the number of rows L.
+        dim: the layers' event size D, where the bank has one.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, dim: int | None = None) -> None:
         super().__init__()
-        if int(num_layers) < 1:
-            raise ValueError(f"{type(self).__name__}: num_layers must be positive, got "
-                             f"{num_layers!r}")
+        if int(num_layers) < 1 or (dim is not None and int(dim) < 1):
+            raise ValueError(f"{type(self).__name__}: num_layers and dim must be positive, got "
+                             f"{num_layers!r}, {dim!r}")
         self.num_layers = int(num_layers)
+        self.dim = None if dim is None else int(dim)
 
     def named_modules(self, memo: set | None = None, prefix: str = "",
                       remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
@@ -64,7 +57,8 @@ class ParameterBank(nn.Module):
                                                 remove_duplicate)
 
     def extra_repr(self) -> str:
-        return f"num_layers={self.num_layers}"
+        dim = "" if self.dim is None else f"dim={self.dim}, "
+        return f"{dim}num_layers={self.num_layers}"
 
 
 class BankRow:

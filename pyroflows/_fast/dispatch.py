@@ -69,15 +69,8 @@ def run_parts(parts: Sequence[nn.Module], x: Tensor, inverse: bool, fused: bool 
     return x, log_det
 
 
-_KEEPS_MAP: dict[tuple[type, type], bool] = {}
-
-
 def keeps_map(cls: type, base: type, names: Sequence[str]) -> bool:
     """Whether the class ``cls`` has ``base``'s methods ``names`` (those that define its map),
     so that a kernel written for ``base`` computes its map too: a subclass that redefines one
     of them runs its own operations."""
-    key = (cls, base)
-    kept = _KEEPS_MAP.get(key)
-    if kept is None:
-        kept = _KEEPS_MAP[key] = all(getattr(cls, n) is getattr(base, n) for n in names)
-    return kept
+    return all(getattr(cls, n) is getattr(base, n) for n in names)

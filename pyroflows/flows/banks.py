@@ -31,6 +31,20 @@ __all__ = [
 ]
 
 
+class _LayerRow(BankRow):
+    """A flow layer made as a row of a bank of its family, without parameters of its own."""
+
+    def __init__(self, stacked: ParameterBank, index: int) -> None:
+        FlowTransform.__init__(self, stacked.dim)
+        self.attach_row(stacked, index)
+
+    def reset_parameters(self) -> None:
+        self.stacked.reset_parameters(self.index)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, index={self.index}"
+
+
 class PlanarParameters(ParameterBank):
     r"""The raw parameters of ``num_layers`` planar layers, stacked: ``u`` and ``w`` of shape
     (L, D), ``bias`` of shape (L,); row :math:`k` holds layer :math:`k`'s ``u``, ``w`` and
@@ -46,8 +60,7 @@ class PlanarParameters(ParameterBank):
     """
 
     def __init__(self, dim: int, num_layers: int) -> None:
-        super().__init__(num_layers)
-        self.dim = _positive_dim(self, dim)
+        super().__init__(num_layers, dim)
         self.bias = nn.Parameter(torch.empty(self.num_layers))
         self.u = nn.Parameter(torch.empty(self.num_layers, self.dim))
         self.w = nn.Parameter(torch.empty(self.num_layers, self.dim))
@@ -62,11 +75,8 @@ class PlanarParameters(ParameterBank):
                 self.u[k].uniform_(-stdv, stdv)
                 self.bias[k].zero_()
 
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_layers={self.num_layers}"
 
-
-class StackedPlanar(BankRow, Planar):
+class StackedPlanar(_LayerRow, Planar):
     r"""Layer ``index`` of a :class:`PlanarParameters`: the map of
     :class:`~pyroflows.transforms.Planar` with ``u``, ``w`` and ``bias`` read from row
     ``index`` of the stacked tensors. It behaves as a planar layer in every respect (forward,
@@ -85,16 +95,6 @@ class StackedPlanar(BankRow, Planar):
     w = RowView()
     u = RowView()
     bias = RowView(keep_dim=True)  # shape (1,), as Planar's
-
-    def __init__(self, stacked: PlanarParameters, index: int) -> None:
-        FlowTransform.__init__(self, stacked.dim)  # Planar's own parameters are not made
-        self.attach_row(stacked, index)
-
-    def reset_parameters(self) -> None:
-        self.stacked.reset_parameters(self.index)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, index={self.index}"
 
 
 def planar_layers(dim: int, num_layers: int) -> list[StackedPlanar]:
@@ -119,8 +119,7 @@ class RadialParameters(ParameterBank):
     """
 
     def __init__(self, dim: int, num_layers: int) -> None:
-        super().__init__(num_layers)
-        self.dim = _positive_dim(self, dim)
+        super().__init__(num_layers, dim)
         self.x0 = nn.Parameter(torch.empty(self.num_layers, self.dim))
         self.alpha_prime = nn.Parameter(torch.empty(self.num_layers))
         self.beta_prime = nn.Parameter(torch.empty(self.num_layers))
@@ -135,11 +134,8 @@ class RadialParameters(ParameterBank):
                 self.beta_prime[k: k + 1].uniform_(-stdv, stdv)
                 self.x0[k].uniform_(-stdv, stdv)
 
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_layers={self.num_layers}"
 
-
-class StackedRadial(BankRow, Radial):
+class StackedRadial(_LayerRow, Radial):
     r"""Layer ``index`` of a :class:`RadialParameters`: the map of
     :class:`~pyroflows.transforms.Radial` with ``x0``, ``alpha_prime`` and ``beta_prime`` read
     from row ``index`` of the stacked tensors; a radial layer in every respect.
@@ -155,16 +151,6 @@ class StackedRadial(BankRow, Radial):
     x0 = RowView()
     alpha_prime = RowView(keep_dim=True)  # shape (1,), as Radial's
     beta_prime = RowView(keep_dim=True)
-
-    def __init__(self, stacked: RadialParameters, index: int) -> None:
-        FlowTransform.__init__(self, stacked.dim)  # Radial's own parameters are not made
-        self.attach_row(stacked, index)
-
-    def reset_parameters(self) -> None:
-        self.stacked.reset_parameters(self.index)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, index={self.index}"
 
 
 def radial_layers(dim: int, num_layers: int) -> list[StackedRadial]:
@@ -254,9 +240,3 @@ def stacked_mades(nets: Sequence[MADE]) -> list[StackedMADE]:
     stacked = MADEParameters([n.flat_parameters for n in nets], [n.mask for n in nets])
     stacked = stacked.to(device=nets[0].flat_parameters.device)
     return [StackedMADE(n, stacked, k) for k, n in enumerate(nets)]
-
-
-def _positive_dim(bank: ParameterBank, dim: int) -> int:
-    if int(dim) < 1:
-        raise ValueError(f"{type(bank).__name__}: dim must be positive, got {dim!r}")
-    return int(dim)
