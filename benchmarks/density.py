@@ -59,7 +59,7 @@ from scipy.stats import multivariate_normal, multivariate_t
 from torch import nn
 
 import pyroflows as pf
-from pyroflows.density import DensityEstimator
+from pyroflows.density import DensityEstimator, pipeline
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
 DTYPE = torch.float32
@@ -310,12 +310,12 @@ def run_model(name: str, data: Dataset, b: Budget, seed: int, flow_options: dict
     if pipeline is not None and name.endswith(tuple(_SELECTIONS)):
         # the same pipeline with the refiner's step count chosen by another rule
         base, rule = name.rsplit(" ", 1)
-        saved = pf.density._REFINE_SELECTION
-        pf.density._REFINE_SELECTION = _SELECTIONS[rule]
+        saved = pipeline.REFINE_SELECTION
+        pipeline.REFINE_SELECTION = _SELECTIONS[rule]
         try:
             return run_model(base, data, b, seed, flow_options)
         finally:
-            pf.density._REFINE_SELECTION = saved
+            pipeline.REFINE_SELECTION = saved
     if pipeline is not None:
         precondition, refine = pipeline
         est = DensityEstimator(
@@ -472,7 +472,7 @@ def tabak_table(args, b: Budget) -> list[str]:
     return lines
 
 
-# precondition="whiten"'s pipelines after the standardization (pyroflows.density._WHITEN_KINDS):
+# precondition="whiten"'s pipelines after the standardization (density.pipeline.WHITEN_KINDS):
 # "learned" (the default: layers, then a learnable Cholesky base started at the data's
 # covariance), "fixed" (a fixed Cholesky whitening, layers, base N(0, I)) and "fixed+affine"
 # (the fixed whitening, layers, a learnable Cholesky base started at the identity; what
@@ -481,7 +481,7 @@ WHITEN_KINDS = ("learned", "fixed", "fixed+affine")
 
 
 def whiten_table(args, b: Budget, makers: dict) -> None:
-    """``precondition="whiten"``'s variants (``pyroflows.density._WHITEN_KINDS``) on --datasets,
+    """``precondition="whiten"``'s variants (``density.pipeline.WHITEN_KINDS``) on --datasets,
     MAF and RealNVP, paired over --seeds: every (data set, flow, seed) is fitted with each kind
     in turn. One JSON line per fit is appended to --jsonl (so a run can be split over processes
     and resumed: fits already in the file are skipped); :func:`whiten_summary` makes the table."""
@@ -492,7 +492,7 @@ def whiten_table(args, b: Budget, makers: dict) -> None:
     if os.path.exists(args.jsonl):
         with open(args.jsonl) as f:
             done = {(r["data"], r["flow"], r["seed"], r["kind"]) for r in map(json.loads, f)}
-    saved = pf.density._WHITEN
+    saved = pipeline.WHITEN
     for name in args.datasets.split(","):
         data = makers[name]()
         for flow in ("MAF", "RealNVP"):
@@ -500,12 +500,12 @@ def whiten_table(args, b: Budget, makers: dict) -> None:
                 for kind in kinds:
                     if (name, flow, seed, kind) in done:
                         continue
-                    pf.density._WHITEN = kind
+                    pipeline.WHITEN = kind
                     try:
                         lq, seconds, best, last = run_model(f"ours {flow}", data, b, seed,
                                                             flow_options)
                     finally:
-                        pf.density._WHITEN = saved
+                        pipeline.WHITEN = saved
                     lq = lq.double().cpu().numpy() + data.log_jacobian
                     row = {"data": name, "flow": flow, "seed": seed, "kind": kind,
                            "log_lik": float(np.mean(lq)), "seconds": seconds,

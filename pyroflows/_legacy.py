@@ -121,3 +121,28 @@ def pack_separate_entries_in_store(store, prefix: str, affine: nn.Module) -> Non
     store[new] = affine.pack(**{name: store[key].detach() for name, key in old.items()})
     for key in old.values():
         del store[key]
+
+
+# ---- DensityEstimator files -------------------------------------------------------------------
+__all__ += ["DENSITY_FILE_VERSIONS", "density_file_fields"]
+
+#: The versions of ``DensityEstimator`` files this code reads: version 2 stores the options
+#: through a tagged encoding (version 1 files hold plain options, which decode to themselves),
+#: version 3 adds ``"flow_defaults"``, version 4 ``"whiten"``.
+DENSITY_FILE_VERSIONS = (1, 2, 3, 4)
+
+
+def density_file_fields(payload: dict) -> dict:
+    """The estimator fields of a ``DensityEstimator`` file (``payload``, as read), as the code
+    of its version built the model where the file predates them: ``flow_defaults``, the layer
+    options under the saved ``flow_options`` (versions 1 and 2: the layers' own log-scale bound,
+    5.0); ``whiten``, the kind of ``precondition="whiten"`` pipeline (versions 1-3: the learned
+    full-covariance base, ``"learned"``); ``precondition_``, the fitted model's preconditioner
+    (files from before ``precondition="auto"``: the constructor's)."""
+    version = payload["version"]
+    defaults = payload.get("flow_defaults") if version >= 3 else None
+    return {
+        "flow_defaults": dict({"log_scale_bound": 5.0} if defaults is None else defaults),
+        "whiten": payload.get("whiten") if version >= 4 else "learned",
+        "precondition_": payload.get("precondition_", payload["params"]["precondition"]),
+    }

@@ -1,0 +1,286 @@
+"""The model a :class:`~pyroflows.density.DensityEstimator` fits: fixed preconditioning stages
+fitted to the data, the trainable flow, and a base density that a Tabak transform may refine;
+built from the estimator's options."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import flows
+from .._config import validation
+from .._gaussian import ml_gaussian, standard_normal_log_prob
+from ..distributions import FlowDistribution
+from ..transforms.affine import FixedTriangularAffine, TriangularAffine
+from ..transforms.base import FlowTransform
+from ..transforms.tabak import Tabak
+
+__all__ = ["DensityModel", "Standardize", "Whiten", "build_model", "fit_stages", "fit_refiner",
+           "evaluate"]
+
+# What precondition="whiten" builds after the standardization (see DensityEstimator):
+# "learned": the flow layers on the standardized data, then a learnable TriangularAffine base
+# started at the Cholesky factor of its ML covariance; "fixed": a fixed Cholesky whitening of the
+# standardized data before the layers, base N(0, I); "fixed+affine": the same fixed whitening,
+# then the layers, then a learnable TriangularAffine base started at the identity. Files store
+# the kind they were built with.
+WHITEN_KINDS = ("learned", "fixed", "fixed+affine")
+WHITEN = "learned"
+# What precondition="cholesky" builds. Files do not store it (they store the precondition):
+# changing it needs a format version of its own.
+CHOLESKY = "fixed+affine"
+# The estimator's own defaults for the layers, under any flow_options (which win); files store
+# the defaults they were built with. A smaller |log scale| bound than the layers' 5
+# (benchmarks/results/density.md, "Default log-scale bound").
+FLOW_DEFAULTS = {"log_scale_bound": 2.0}
+# How the refiner picks its step count on the validation codes (Tabak's ``selection``);
+# ``tabak_options={"selection": ...}`` overrides it.
+REFINE_SELECTION = "significant"
+# Rows per evaluation call outside training, so memory stays bounded on large inputs.
+EVAL_CHUNK = 8192
+
+
+def _ml_gaussian(x: Tensor, diagonal: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`~pyroflows._gaussian.ml_gaussian` of the training rows (float64), warning where
+    the covariance needed a ridge."""
+    loc, tril, ridge = ml_gaussian(x, diagonal=diagonal)
+    if ridge > 0:
+        warnings.warn(
+            f"the training covariance is singular (constant or collinear columns, or fewer "
+            f"rows than columns); added {ridge:.3g} to its diagonal, and held-out "
+            "log-likelihoods may be very low",
+            stacklevel=5,
+        )
+    return loc, tril
+
+
+class Standardize(FlowTransform):
+    r"""A fixed elementwise affine map fitted to data, :math:`x = m + \sigma \odot u`, with
+    :math:`\log|\det \partial x / \partial u| = \sum_i \log \sigma_i`: :math:`m` and
+    :math:`\sigma` are the training columns' mean and (maximum-likelihood) standard deviation,
+    held in buffers, so ``N(0, I)`` through it is the ML diagonal Gaussian.
+
+    Example:
+        >>> s = Standardize(2).fit(torch.tensor([[0.0, 1.0], [2.0, 5.0]]))
+        >>> s.inv(torch.tensor([[2.0, 1.0]])).tolist()
+        [[1.0, -1.0]]
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.register_buffer("loc", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor) -> Standardize:
+        loc, tril = _ml_gaussian(x, diagonal=True)
+        self.loc.copy_(loc.to(self.loc.dtype))
+        self.scale.copy_(tril.diagonal().to(self.scale.dtype))
+        return self
+
+    def forward_and_log_det(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.addcmul(self.loc, self.scale, u), self.scale.log().sum().expand(u.shape[:-1])
+
+    def inverse_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return (x - self.loc) / self.scale, self.scale.log().sum().expand(x.shape[:-1])
+
+
+class Whiten(FixedTriangularAffine):
+    r"""A fixed full-rank affine map fitted to data, :math:`x = m + L u`, with
+    :math:`\log|\det \partial x / \partial u| = \sum_i \log L_{ii}`: :math:`m` is the mean of
+    the training rows and :math:`L` the Cholesky factor of their maximum-likelihood covariance,
+    held in buffers, so ``N(0, I)`` through it is the ML full-covariance Gaussian and
+    :math:`u = L^{-1}(x - m)` has the identity as its training covariance.
+
+    Example:
+        >>> x = torch.tensor([[0.0, 0.0], [2.0, 1.0], [0.0, 2.0], [2.0, 3.0]])
+        >>> Whiten(2).fit(x).scale_tril.tolist()
+        [[1.0, 0.0], [0.5, 1.0]]
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(torch.zeros(dim), torch.eye(dim))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor) -> Whiten:
+        loc, tril = _ml_gaussian(x)
+        self.loc.copy_(loc.to(self.loc.dtype))
+        self.scale_tril.copy_(tril.to(self.scale_tril.dtype))
+        return self
+
+
+def _inverse_parts(parts: Sequence[Any], y: Tensor) -> tuple[Tensor, Tensor]:
+    """Map ``y`` through the inverses of ``parts`` (last part first); return the result and
+    ``log|det d(result)/dy|``. FlowTransforms go through ``inverse_and_log_det`` directly, so MAF
+    uses its one-pass direction and no per-layer validation or cache bookkeeping is paid."""
+    log_det = torch.zeros(y.shape[:-1], device=y.device, dtype=y.dtype)
+    for part in reversed(list(parts)):
+        if isinstance(part, FlowTransform):
+            y, ld = part.inverse_and_log_det(y)
+        else:
+            x = part.inv(y)
+            ld = part.log_abs_det_jacobian(x, y)
+            if ld.dim() == y.dim():  # an elementwise transform reports per-coordinate terms
+                ld = ld.sum(-1)
+            y = x
+        log_det = log_det - ld
+    return y, log_det
+
+
+def _forward_parts(parts: Sequence[Any], z: Tensor) -> Tensor:
+    for part in parts:
+        if isinstance(part, Tabak):  # draws need no log-det, and Tabak's map alone is faster
+            z = part.forward_value(z)
+        elif isinstance(part, FlowTransform):
+            z = part.forward_and_log_det(z)[0]
+        else:
+            z = part(z)
+    return z
+
+
+class DensityModel(nn.Module):
+    r"""``log p(x) = log p_R(z) + log|det dz/dx|`` with ``z = f^{-1}(P^{-1}(x))``: the
+    preconditioning stages ``P`` (fixed buffers, data side), then the trainable flow ``f`` (whose
+    base-side layer is the learnable Cholesky factor with ``"whiten"`` and ``"cholesky"``), then the
+    base density ``p_R``: ``N(0, I)``, or with a refining Tabak transform ``R`` (fitted to the
+    flow's latent codes after training) ``p_R(z) = N(R^{-1}(z); 0, I) |det dR^{-1}/dz|``.
+
+    Arguments:
+        dim: the number of columns D.
+        flow: the trainable stack ``f`` (forward: base to data).
+        stages: the preconditioning stages in the forward (base to data) order, as
+            ``TransformedDistribution`` lists them.
+        refine: empty, or one Tabak transform between ``N(0, I)`` and the flow's latent space.
+        base_from_data: whether :func:`fit_stages` starts the flow's base-side
+            ``TriangularAffine`` at the Cholesky factor of the preconditioned rows.
+    """
+
+    def __init__(self, dim: int, flow: nn.Module, stages: Sequence[FlowTransform],
+                 refine: Sequence[FlowTransform] = (), base_from_data: bool = False) -> None:
+        super().__init__()
+        self.dim = dim
+        self.flow = flow
+        self.stages = nn.ModuleList(stages)
+        self.refine = nn.ModuleList(refine)
+        self.base_from_data = base_from_data
+
+    def precondition(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(u, log|det du/dx|)`` with ``u = P^{-1}(x)``."""
+        return _inverse_parts(self.stages, x)
+
+    def latent(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z, log|det dz/du|)`` with ``z = f^{-1}(u)``, the flow's latent code."""
+        return _inverse_parts(self.flow, u)
+
+    def base_log_prob(self, z: Tensor) -> Tensor:
+        """``log p_R(z)``: ``log N(z; 0, I)``, through the refining transform if there is one."""
+        z, log_det = _inverse_parts(self.refine, z)
+        return log_det + standard_normal_log_prob(z)
+
+    def flow_log_prob(self, u: Tensor) -> Tensor:
+        """The training objective: the flow's density of ``u`` on the base ``N(0, I)`` (the
+        refining transform is fitted afterwards, to the trained flow's codes). The value of
+        ``latent`` plus ``log N(z; 0, I)``, through ``FlowDistribution``, which runs the
+        stack's fused inverse."""
+        return FlowDistribution(self.flow).log_prob(u)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        u, log_det = self.precondition(x)
+        z, log_det_flow = self.latent(u)
+        return self.base_log_prob(z) + log_det_flow + log_det
+
+    def sample(self, z: Tensor) -> Tensor:
+        u = _forward_parts(self.flow, _forward_parts(self.refine, z))
+        return _forward_parts(self.stages, u)
+
+
+def _make_tabak(dim: int, options: dict, seed: int | None) -> Tabak:
+    return Tabak(dim, **{"seed": seed, **options})
+
+
+def build_model(
+    precondition: str | None, dim: int, *, flow: str, num_layers: int,
+    hidden_dims: Sequence[int], flow_options: dict, flow_defaults: dict, whiten: str,
+    tabak_options: dict, refine: str | None, seed: int | None = None,
+) -> DensityModel:
+    """The unfitted model of one pipeline (the estimator's arguments of the same names; ``whiten``
+    the kind ``precondition="whiten"`` builds, ``flow_defaults`` the layer options under
+    ``flow_options``), on the CPU in the default dtype."""
+    stack = flows.build(flow, dim, num_layers=num_layers, hidden_dims=hidden_dims,
+                        **{**flow_defaults, **flow_options})
+    stages: list[FlowTransform] = []
+    # "whiten" (kind "learned") puts the correlations into a learnable Cholesky factor at the
+    # base rather than into a fixed rotation of the data, so the layers work in the data's own
+    # (standardized) coordinates (benchmarks/results/density.md, "Fixed whitening").
+    kind = {"whiten": whiten, "cholesky": CHOLESKY}.get(precondition)
+    if kind in ("learned", "fixed+affine"):
+        # A FlowStack (not a plain ComposeTransformModule), so training runs its fused inverse;
+        # the same state_dict keys either way.
+        stack = flows.FlowStack([TriangularAffine(dim), *stack.parts],
+                                compile=stack.compile_backend or False)
+    if kind in ("fixed", "fixed+affine"):
+        stages.append(Whiten(dim))  # forward order: base side first
+    if precondition in ("standardize", "whiten", "cholesky"):
+        stages.append(Standardize(dim))
+    elif precondition == "tabak":
+        stages.append(_make_tabak(dim, tabak_options, seed))
+    refiners: list[FlowTransform] = []
+    if refine == "tabak":
+        # No whitening: with zero steps the refiner is the identity, so validation can only keep
+        # steps that help the trained flow.
+        refiners.append(_make_tabak(dim, {"selection": REFINE_SELECTION, **tabak_options,
+                                          "whiten": False},
+                                    None if seed is None else seed + 1))
+    return DensityModel(dim, stack, stages, refiners, base_from_data=kind == "learned")
+
+
+@torch.no_grad()
+def fit_stages(model: DensityModel, x_train: Tensor, x_val: Tensor,
+               progress: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fit the preconditioning stages, data side first, each to what the stages after it make
+    of the training rows (a Tabak stage stops on the validation rows), and start the flow's
+    base where the model asks for it. Returns the preconditioned rows and their log-dets,
+    ``(u_train, ld_train, u_val, ld_val)``: the stages are fixed from here on."""
+    x_fit, x_val_fit = x_train, x_val
+    for i, stage in enumerate(reversed(model.stages)):
+        if isinstance(stage, Tabak):
+            stage.fit(x_fit, x_val=x_val_fit, progress=progress)
+        else:
+            stage.fit(x_fit)
+        if i + 1 < len(model.stages):
+            x_fit = evaluate(stage.inverse_and_log_det, x_fit)[0]
+            x_val_fit = evaluate(stage.inverse_and_log_det, x_val_fit)[0]
+    u_train, ld_train = evaluate(model.precondition, x_train)
+    u_val, ld_val = evaluate(model.precondition, x_val)
+    if model.base_from_data:  # base N(0, ML covariance of u)
+        model.flow[0].set_scale_tril_(_ml_gaussian(u_train)[1])
+    return u_train, ld_train, u_val, ld_val
+
+
+@torch.no_grad()
+def fit_refiner(model: DensityModel, u_train: Tensor, u_val: Tensor, ld_val: Tensor,
+                progress: bool) -> float:
+    """Fit the refining Tabak transform to the trained flow's latent codes of the training
+    split, its step count chosen on the validation split's codes (zero steps: the flow alone);
+    return the refined model's mean validation log-likelihood."""
+    with validation(False):
+        z_train, _ = evaluate(model.latent, u_train)
+        z_val, zld_val = evaluate(model.latent, u_val)
+    model.refine[0].fit(z_train, x_val=z_val, progress=progress)
+    with validation(False):
+        return float((evaluate(model.base_log_prob, z_val) + zld_val + ld_val).mean())
+
+
+def evaluate(fn: Callable[[Tensor], Any], x: Tensor) -> Any:
+    """``fn(x)`` computed ``EVAL_CHUNK`` rows at a time, for ``fn`` returning a tensor or a
+    tuple of tensors with a row per row of ``x``."""
+    if x.shape[0] <= EVAL_CHUNK:
+        return fn(x)
+    outs = [fn(c) for c in x.split(EVAL_CHUNK)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+    return torch.cat(outs)
