@@ -95,57 +95,55 @@ def test_fused_stack_matches_plain_composition(family, dim, device, dtype):
                                plain.log_abs_det_jacobian(z.clone(), x_plain), **tol)
 
 
-def test_mixed_stack_runs_fused_groups(device, dtype):
-    """Runs of affine layers and of planar layers, broken by other layers, in both directions:
-    the same values and gradients as every layer's plain operations."""
-    T = pf.transforms  # noqa: N806
-    parts = [T.planar(3), T.planar(3), T.maf(3, hidden_dims=(8,)),
-             T.maf(3, hidden_dims=(8,), order=[2, 1, 0]), T.radial(3),
-             T.realnvp(3, hidden_dims=(8,)), T.ElementwiseAffine(3)]
-    flow = FlowStack(parts)
-    testing.randomize_parameters_(flow, scale=0.3, seed=6)
-    flow = flow.to(device, dtype)
-    plain = _plain_copy(flow)
-    plain.fused = False
-    x = torch.randn(5, 3, device=device, dtype=dtype)
-    for inverse in (False, True):
-        results = []
-        for f in (flow, plain):
-            f.zero_grad()
-            xv = x.clone().requires_grad_(True)
-            y, ld = f._chain(xv, inverse)
-            (y.sin().sum() + ld.sum()).backward()
-            results.append([y.detach(), ld.detach(), xv.grad]
-                           + [p.grad for p in f.parameters() if p.grad is not None])
-        assert len(results[0]) == len(results[1])
-        for a, b in zip(*results, strict=True):
-            torch.testing.assert_close(a, b, **testing.tolerances(dtype))
-
-
-@pytest.mark.parametrize("family", ["maf", "iaf", "realnvp"])
-def test_stack_with_gated_layers_fused_equals_plain(family, device, dtype):
-    """A stack mixing gated layers (which the fused chain does not take) with bank rows and a
-    network of its own: the fused stack's values and gradients are the plain stack's."""
-    flow = pf.flows.build(family, 4, num_layers=3, hidden_dims=(8,))
-    make = {"maf": pf.transforms.maf, "iaf": pf.transforms.iaf}.get(family)
-    extra = (make(4, hidden_dims=(8,), gated=True) if make is not None
-             else pf.transforms.realnvp(4, hidden_dims=(8,)))
-    parts = [flow.parts[0], extra, flow.parts[2], flow.parts[1]]
-    stack = FlowStack(parts)
-    testing.randomize_parameters_(stack, scale=0.4, seed=3)
-    stack = stack.to(device, dtype)
-    inverse = family == "maf"
-    x = torch.randn(5, 4, device=device, dtype=dtype)
+def _fused_and_plain(flow: FlowStack, x: Tensor, inverse: bool) -> list[list[Tensor]]:
+    """``[values, log-dets, input gradient, parameter gradients...]`` of ``flow`` in one
+    direction through the fused kernels, then through every layer's plain operations."""
     results = []
     for fused in (True, False):
-        stack.fused = fused
-        stack.clear_cache()
+        flow.fused = fused
+        for part in flow.parts:
+            part.fused = fused
+        flow.zero_grad()
         xv = x.clone().requires_grad_(True)
-        y, ld = stack.inverse_and_log_det(xv) if inverse else stack.forward_and_log_det(xv)
-        params = list(stack.parameters())
-        grads = torch.autograd.grad(y.sin().sum() + ld.sum(), [xv, *params])
-        results.append([y.detach(), ld.detach(), *grads])
-    for a, b in zip(*results, strict=True):
+        y, ld = flow.inverse_and_log_det(xv) if inverse else flow.forward_and_log_det(xv)
+        (y.sin().sum() + (ld * torch.linspace(0.5, 2.0, ld.numel(), dtype=ld.dtype,
+                                              device=ld.device)).sum()).backward()
+        params = list(flow.parameters())
+        assert all(p.grad is not None for p in params), "a parameter got no gradient"
+        results.append([y.detach(), ld.detach(), xv.grad] + [p.grad.clone() for p in params])
+    return results
+
+
+def _stack_around(family: str, extra) -> FlowStack:
+    """Rows of a built 3-layer stack, out of order, around a layer with a network of its own."""
+    flow = pf.flows.build(family, 4, num_layers=3, hidden_dims=(8,))
+    return FlowStack([flow.parts[0], extra, flow.parts[2], flow.parts[1]])
+
+
+MIXED_STACKS = {
+    # runs of affine layers and of planar layers, broken by other layers
+    "planar-maf-radial-realnvp-affine": lambda: FlowStack([
+        pf.transforms.planar(4), pf.transforms.planar(4),
+        pf.transforms.maf(4, hidden_dims=(8,)),
+        pf.transforms.maf(4, hidden_dims=(8,), order=[3, 2, 1, 0]), pf.transforms.radial(4),
+        pf.transforms.realnvp(4, hidden_dims=(8,)), pf.transforms.ElementwiseAffine(4)]),
+    # gated layers, which the fused chain does not take, between bank rows
+    "maf-gated": lambda: _stack_around("maf", pf.transforms.maf(4, (8,), gated=True)),
+    "iaf-gated": lambda: _stack_around("iaf", pf.transforms.iaf(4, (8,), gated=True)),
+    "realnvp-own": lambda: _stack_around("realnvp", pf.transforms.realnvp(4, (8,))),
+}
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("name", sorted(MIXED_STACKS))
+def test_mixed_stack_fused_equals_plain(name, inverse, device, dtype):
+    """Stacks whose runs of layers go to different kernels, or to none, in both directions:
+    the values and gradients of every layer's plain operations."""
+    flow = MIXED_STACKS[name]()
+    testing.randomize_parameters_(flow, scale=0.3, seed=6)
+    flow = flow.to(device, dtype)
+    fused, plain = _fused_and_plain(flow, torch.randn(5, 4, device=device, dtype=dtype), inverse)
+    for a, b in zip(fused, plain, strict=True):
         torch.testing.assert_close(a, b, **testing.tolerances(dtype))
 
 
@@ -607,25 +605,6 @@ def test_stacked_chain_gradcheck_partial_and_mixed_runs(device):
     affine_chain(x, [c, a], [kind] * 2)[1].sum().backward()
     assert torch.equal(bank.grad[1], torch.zeros_like(bank.grad[1]))  # row b is not in the run
     assert (bank.grad[0] != 0).any() and (bank.grad[2] != 0).any()
-
-
-def _fused_and_plain(flow: FlowStack, x: Tensor, inverse: bool) -> list[list[Tensor]]:
-    """``[values, log-dets, input gradient, parameter gradients...]`` of ``flow`` in one
-    direction through the fused kernels, then through every layer's plain operations."""
-    results = []
-    for fused in (True, False):
-        flow.fused = fused
-        for part in flow.parts:
-            part.fused = fused
-        flow.zero_grad()
-        xv = x.clone().requires_grad_(True)
-        y, ld = flow.inverse_and_log_det(xv) if inverse else flow.forward_and_log_det(xv)
-        (y.sin().sum() + (ld * torch.linspace(0.5, 2.0, ld.numel(), dtype=ld.dtype,
-                                              device=ld.device)).sum()).backward()
-        params = list(flow.parameters())
-        assert all(p.grad is not None for p in params), "a parameter got no gradient"
-        results.append([y.detach(), ld.detach(), xv.grad] + [p.grad.clone() for p in params])
-    return results
 
 
 @pytest.mark.parametrize("family", ["iaf", "maf"])

@@ -1,12 +1,8 @@
-"""Speed code: fused kernels with written-out backward passes, parameter banks, and the dispatch
-of runs of layers to the kernels.
-
-Each kernel computes what a plain path computes (``tests/test_fast_paths.py`` holds each
-against it): :mod:`.made` the MADE network, :mod:`.affine` IAF/MAF/RealNVP layers,
-:mod:`.planar` planar layers; :mod:`.banks` keeps the parameters of many layers in one tensor;
-:mod:`.dispatch` groups layers into runs of one kernel. It imports torch (and the private
-names of :mod:`pyroflows._private`) only; the layers are read through documented attributes.
-"""
+"""Speed code, each piece computing what a plain path computes (``tests/test_fast_paths.py``):
+fused kernels with written-out backward passes (:mod:`.made`, :mod:`.affine`, :mod:`.planar`),
+parameter banks (:mod:`.banks`) and the dispatch of runs of layers (:mod:`.dispatch`). It
+imports torch and :mod:`pyroflows._private` only, and reads layers through documented
+attributes."""
 
 from .affine import affine_chain, sequential_no_grad
 from .banks import BankRow, ParameterBank, RowView, stacked_rows

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .banks import BankRow
+from .banks import BankRow, tensor_of
 from .dispatch import traced
 from .made import (
     fused_backward,
@@ -90,10 +90,9 @@ class _Chain:
     inverse runs them last first), so the chain reads one parameter tensor, not a row view
     per layer; any other layer (and a row alone) gives its (P,) ``flat_parameters`` with
     ``rows = None``. ``flats``, ``masks``, ``rows`` and ``nets`` (a network of the group, for
-    its layout) are per group. The modules are read through their ``_modules``,
-    ``_parameters`` and ``_buffers`` dictionaries, which is where ``nn.Module.__getattr__``
-    finds them (a Python call per lookup, some twenty per call of a two-layer chain), and
-    through the attribute for a tensor that is not in them (see :func:`_read`)."""
+    its layout) are per group. The modules are read through their dictionaries
+    (:func:`~pyroflows._fast.banks.tensor_of`), without ``nn.Module.__getattr__``'s Python
+    call per lookup."""
 
     __slots__ = ("layers", "kinds", "flats", "masks", "rows", "nets")
 
@@ -120,14 +119,14 @@ class _Chain:
                     taken.append(nxt.__dict__["index"])
                     i += 1
                 if len(taken) > 1:
-                    flats.append(_read(stacked, "flat_parameters"))
-                    masks.append(_read(stacked, "mask"))
+                    flats.append(tensor_of(stacked, "flat_parameters"))
+                    masks.append(tensor_of(stacked, "mask"))
                     rows.append(tuple(taken))
                     nets.append(net)
                     continue
             # a network of its own, or a row alone (its row views cost less than all rows)
-            flats.append(_read(net, "flat_parameters"))
-            masks.append(_read(net, "mask"))
+            flats.append(tensor_of(net, "flat_parameters"))
+            masks.append(tensor_of(net, "mask"))
             rows.append(None)
             nets.append(net)
         self.flats, self.masks, self.rows, self.nets = flats, masks, rows, nets
@@ -158,18 +157,6 @@ class _Chain:
                 out.extend(next(pieces) if w else None for w in use)
             k += len(rows)
         return out
-
-
-def _read(module: nn.Module, name: str) -> Tensor:
-    """``getattr(module, name)``, from its ``_parameters`` or ``_buffers`` where it is one (a
-    tensor kept as a plain attribute, such as a hypernetwork's output, is not; nor is a bank
-    row's view)."""
-    value = module._parameters.get(name)
-    if value is None:
-        value = module._buffers.get(name)
-        if value is None:
-            return getattr(module, name)
-    return value
 
 
 def _chain_forward(x, log_det, chain: _Chain, flats, saved: list | None):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParameterBank", "BankRow", "RowView", "stacked_rows"]
+__all__ = ["ParameterBank", "BankRow", "RowView", "stacked_rows", "tensor_of"]
 
 
 class ParameterBank(nn.Module):
@@ -78,6 +78,9 @@ class BankRow:
         self.stacked = stacked
         self.index = int(index)
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, index={self.index}"  # type: ignore[misc]
+
 
 class RowView:
     """Class attribute: the rows ``rows(module)`` of the tensor ``tensor`` (default: the
@@ -110,14 +113,7 @@ class RowView:
     def __get__(self, module, owner=None):
         if module is None:
             return self
-        holder = module._modules["stacked"] if self.in_bank else module
-        # from _parameters / _buffers (where nn.Module.__getattr__ would find it, without its
-        # Python call), else the attribute (a tensor kept as a plain one)
-        tensor = holder._parameters.get(self.tensor)
-        if tensor is None:
-            tensor = holder._buffers.get(self.tensor)
-            if tensor is None:
-                tensor = getattr(holder, self.tensor)
+        tensor = tensor_of(module._modules["stacked"] if self.in_bank else module, self.tensor)
         rows = self.rows
         if rows is None:
             row = module.__dict__["index"]
@@ -126,6 +122,18 @@ class RowView:
         else:
             row = rows(module)
         return tensor[row:row + 1] if self.keep_dim else tensor[row]
+
+
+def tensor_of(module: nn.Module, name: str) -> Tensor:
+    """``getattr(module, name)``, from its ``_parameters`` or ``_buffers`` where it is one
+    (where ``nn.Module.__getattr__`` finds it, without that Python call); else the attribute (a
+    tensor kept as a plain attribute, such as a hypernetwork's output, or a bank row's view)."""
+    tensor = module._parameters.get(name)
+    if tensor is None:
+        tensor = module._buffers.get(name)
+        if tensor is None:
+            return getattr(module, name)
+    return tensor
 
 
 def _consecutive_rows(layers: Sequence[nn.Module]) -> tuple[ParameterBank, int] | None:

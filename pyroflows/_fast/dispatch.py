@@ -1,11 +1,7 @@
-"""Which layers run on a fused kernel: the runs of consecutive layers of one kernel.
-
-A layer declares its fast path with two attributes (see
-:class:`~pyroflows.transforms.FlowTransform`): ``fused_kind(inverse)``, ``None`` where only its
-plain operations compute that direction, and ``run_fused(x, layers, kinds, log_det, inverse)``,
-a static method that runs consecutive layers of its kind as one call. :func:`run_parts` groups
-a sequence of layers into such runs.
-"""
+"""Which layers run on a fused kernel. A layer declares its fast path with
+``fused_kind(inverse)`` (``None`` where only its plain operations compute that direction) and
+``run_fused(x, layers, kinds, log_det, inverse)``, a static method that runs consecutive layers
+of its kind as one call; :func:`run_parts` groups a sequence of layers into such runs."""
 
 from __future__ import annotations
 

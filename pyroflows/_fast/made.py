@@ -54,8 +54,6 @@ _THIN = 16
 _BLOCK_MIN_WIDTH = 256
 _BLOCK_SIZE = 64
 _BLOCK_MAX_FRACTION = 0.7
-# the plans of networks with no blocked layer, by number of layers (shared, never modified)
-_DENSE = tuple((None,) * n for n in range(8))
 
 
 def blockable(shapes: Sequence[tuple[int, int]]) -> bool:
@@ -83,12 +81,8 @@ def masked_weights(net: nn.Module, flat: Tensor | None = None
     r"""The masked weights and biases :math:`(W_k \odot M_k, b_k \odot m_k)` of every layer, as
     views into one product computed outside autograd (``flat`` defaults to the network's
     ``flat_parameters``). Computed afresh on every call, so never stale."""
-    flat = net.flat_parameters if flat is None else flat
-    if torch.is_grad_enabled():
-        with torch.no_grad():
-            product = flat * net.mask
-    else:  # as inside the fused kernels: skip the context manager
-        product = flat * net.mask
+    with torch.no_grad():
+        product = (net.flat_parameters if flat is None else flat) * net.mask
     return split_weights(net, product)
 
 
@@ -146,10 +140,6 @@ class _Blocks(NamedTuple):
     cols: tuple[tuple[int, int, int, int], ...]
 
 
-def _dense(count: int) -> Sequence[None]:
-    return _DENSE[count] if count < len(_DENSE) else [None] * count
-
-
 def block_plans(net: nn.Module, weights: Sequence[Tensor]) -> Sequence[_Blocks | None]:
     """For every layer, the block plan the fused kernels use with these ``weights``, or
     ``None`` for a dense product: blocked where the layer's plan exists (see the module
@@ -158,13 +148,13 @@ def block_plans(net: nn.Module, weights: Sequence[Tensor]) -> Sequence[_Blocks |
     # layouts without a layer wide enough never block (the cheapest check per call); a
     # network unpickled from before the flag existed has none: dense
     if not net.__dict__.get("_blockable") or weights[0].device.type != "cpu":
-        return _dense(len(weights))
+        return (None,) * len(weights)
     mask = net.mask  # a bank row's is a view: key on its storage, which the memo keeps alive
     keep = mask if mask._base is None else mask._base
     plans = net.memo("block_plans", (mask.data_ptr(), mask._version),
                      lambda: (keep, _plans_from_mask(net, mask)))[1]
     if plans is None:
-        return _dense(len(weights))
+        return (None,) * len(weights)
     return [plan if plan is not None and tuple(w.shape) == shape else None
             for plan, w, shape in zip(plans, weights, net._shapes, strict=True)]
 

@@ -1,9 +1,4 @@
-r"""Planar layers as one fused kernel: a run of forward maps in one autograd node.
-
-:func:`planar_chain` takes the run's parameters stacked, (K, D) and (K,) tensors (see
-:func:`~pyroflows._fast.banks.stacked_rows`), with :math:`\hat u` already constrained
-(:func:`~pyroflows.transforms.planar.planar_u_hat`).
-"""
+"""Planar layers as one fused kernel: a run of forward maps in one autograd node."""
 
 from __future__ import annotations
 
@@ -16,16 +11,16 @@ __all__ = ["planar_chain"]
 
 def planar_chain(x: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, c: Tensor,
                  log_det: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    r"""The forward maps of K planar layers with the parameters ``w``, ``u_hat`` (K, D),
-    ``bias`` and :math:`c_k = w_k^\top \hat u_k` (K,),
+    r"""The forward maps of K planar layers with the stacked parameters ``w``, ``u_hat`` (K, D;
+    :math:`\hat u` constrained), ``bias`` and :math:`c_k = w_k^\top \hat u_k` (K,),
     :math:`x_{k+1} = x_k + \hat u_k \tanh(w_k^\top x_k + b_k)`, and the sum of their log-dets
     :math:`\log(1 + (1 - t_k^2)\, c_k)`, added to ``log_det`` (or 0).
 
-    The same map as the layers one by one (:meth:`~pyroflows.transforms.Planar.forward_and_log_det`,
-    up to the order of the log-det sum): each layer costs three kernels (``addmv``, ``tanh``,
-    ``addr``), the log-dets are summed in one pass at the end, and the backward pass is written
-    out (:class:`_PlanarChain`): with :math:`g_{k+1}` the gradient at :math:`x_{k+1}`,
-    :math:`\ell` the one at the log-det and :math:`q_k = 1 - t_k^2`,
+    The same map as the layers one by one (up to the order of the log-det sum): each layer
+    costs three kernels (``addmv``, ``tanh``, ``addr``), the log-dets are summed in one pass at
+    the end, and the backward pass is written out (:class:`_PlanarChain`): with
+    :math:`g_{k+1}` the gradient at :math:`x_{k+1}`, :math:`\ell` the one at the log-det and
+    :math:`q_k = 1 - t_k^2`,
 
     .. math:: \gamma_k = q_k \Bigl(g_{k+1}^\top \hat u_k
               - \frac{2 \ell\, t_k c_k}{1 + q_k c_k}\Bigr), \qquad

@@ -1,19 +1,10 @@
-r"""The layers of built stacks whose parameters live in one bank per run of layers.
-
-:func:`~pyroflows.flows.build` keeps the parameters of a planar or radial stack in three
-(L, D) or (L,) tensors (:class:`PlanarParameters`, :class:`RadialParameters`) and the MADE
-networks of an IAF, MAF or RealNVP stack in one (L, P) tensor (:class:`MADEParameters`). Each
-layer is a row of its bank (:class:`StackedPlanar`, :class:`StackedRadial`,
-:class:`StackedMADE`): the map of the plain layer, with its tensors read as views of the bank's
-rows (:class:`~pyroflows._fast.banks.RowView`), so gradients and in-place edits reach the bank.
-Its parameters (``parameters()``, ``state_dict()`` keys ``stacked.u``, ...) are the whole
-bank, submodule ``stacked`` of every layer of the run: ``.to()`` on one layer moves them for
-all, and a copy of one layer copies them all.
-"""
+"""The layers of built stacks whose parameters live in one bank per run of layers: each layer
+is a row of its bank (:mod:`pyroflows._fast.banks`), the plain layer's map with its tensors
+read as views of the bank's rows. Its parameters are the whole bank, submodule ``stacked`` of
+every layer of the run, so ``.to()`` or a copy of one layer moves or copies all of them."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -32,27 +23,27 @@ __all__ = [
 
 
 class _LayerRow(BankRow):
-    """A flow layer made as a row of a bank of its family, without parameters of its own."""
+    """A flow layer made as a row of a bank of its family, without parameters of its own; its
+    ``reset_parameters`` (the plain layer's) writes into its rows of the bank."""
 
     def __init__(self, stacked: ParameterBank, index: int) -> None:
         FlowTransform.__init__(self, stacked.dim)
         self.attach_row(stacked, index)
 
-    def reset_parameters(self) -> None:
-        self.stacked.reset_parameters(self.index)
 
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, index={self.index}"
+def _rows(row_type: type, stacked: ParameterBank) -> list:
+    """Every row of ``stacked`` as a ``row_type`` layer, initialized one after the other as the
+    plain layers are (under one seed, the values of L plain layers built in turn)."""
+    rows = [row_type(stacked, k) for k in range(stacked.num_layers)]
+    for row in rows:
+        row.reset_parameters()
+    return rows
 
 
 class PlanarParameters(ParameterBank):
     r"""The raw parameters of ``num_layers`` planar layers, stacked: ``u`` and ``w`` of shape
     (L, D), ``bias`` of shape (L,); row :math:`k` holds layer :math:`k`'s ``u``, ``w`` and
-    ``bias`` of :class:`~pyroflows.transforms.Planar`.
-
-    Initialization: layer by layer in the order of :class:`~pyroflows.transforms.Planar`
-    (``w``, then ``u``, uniform on :math:`\pm 1/\sqrt{D}`; ``bias`` 0), so under one seed the
-    values are those of L planar layers built one after the other.
+    ``bias`` of :class:`~pyroflows.transforms.Planar` (made by :func:`planar_layers`).
 
     Arguments:
         dim: the event size D.
@@ -64,16 +55,6 @@ class PlanarParameters(ParameterBank):
         self.bias = nn.Parameter(torch.empty(self.num_layers))
         self.u = nn.Parameter(torch.empty(self.num_layers, self.dim))
         self.w = nn.Parameter(torch.empty(self.num_layers, self.dim))
-        self.reset_parameters()
-
-    def reset_parameters(self, index: int | None = None) -> None:
-        """Draw every layer's parameters afresh (or only layer ``index``'s)."""
-        stdv = 1.0 / math.sqrt(self.dim)
-        with torch.no_grad():
-            for k in range(self.num_layers) if index is None else [index]:
-                self.w[k].uniform_(-stdv, stdv)
-                self.u[k].uniform_(-stdv, stdv)
-                self.bias[k].zero_()
 
 
 class StackedPlanar(_LayerRow, Planar):
@@ -98,20 +79,16 @@ class StackedPlanar(_LayerRow, Planar):
 
 
 def planar_layers(dim: int, num_layers: int) -> list[StackedPlanar]:
-    """``num_layers`` planar layers over one :class:`PlanarParameters` (what
-    ``pyroflows.flows.build("planar", ...)`` stacks)."""
-    stacked = PlanarParameters(dim, num_layers)
-    return [StackedPlanar(stacked, k) for k in range(num_layers)]
+    """``num_layers`` planar layers over one new :class:`PlanarParameters`, initialized as
+    :class:`~pyroflows.transforms.Planar` layers (what ``pyroflows.flows.build("planar", ...)``
+    stacks)."""
+    return _rows(StackedPlanar, PlanarParameters(dim, num_layers))
 
 
 class RadialParameters(ParameterBank):
     r"""The raw parameters of ``num_layers`` radial layers, stacked: ``x0`` of shape (L, D),
     ``alpha_prime`` and ``beta_prime`` of shape (L,); row :math:`k` holds layer :math:`k`'s
-    parameters of :class:`~pyroflows.transforms.Radial`.
-
-    Initialization: layer by layer in the order of :class:`~pyroflows.transforms.Radial`
-    (``alpha_prime``, ``beta_prime``, ``x0``, uniform on :math:`\pm 1/\sqrt{D}`), so under one
-    seed the values are those of L radial layers built one after the other.
+    parameters of :class:`~pyroflows.transforms.Radial` (made by :func:`radial_layers`).
 
     Arguments:
         dim: the event size D.
@@ -123,16 +100,6 @@ class RadialParameters(ParameterBank):
         self.x0 = nn.Parameter(torch.empty(self.num_layers, self.dim))
         self.alpha_prime = nn.Parameter(torch.empty(self.num_layers))
         self.beta_prime = nn.Parameter(torch.empty(self.num_layers))
-        self.reset_parameters()
-
-    def reset_parameters(self, index: int | None = None) -> None:
-        """Draw every layer's parameters afresh (or only layer ``index``'s)."""
-        stdv = 1.0 / math.sqrt(self.dim)
-        with torch.no_grad():
-            for k in range(self.num_layers) if index is None else [index]:
-                self.alpha_prime[k: k + 1].uniform_(-stdv, stdv)
-                self.beta_prime[k: k + 1].uniform_(-stdv, stdv)
-                self.x0[k].uniform_(-stdv, stdv)
 
 
 class StackedRadial(_LayerRow, Radial):
@@ -154,10 +121,10 @@ class StackedRadial(_LayerRow, Radial):
 
 
 def radial_layers(dim: int, num_layers: int) -> list[StackedRadial]:
-    """``num_layers`` radial layers over one :class:`RadialParameters` (what
-    ``pyroflows.flows.build("radial", ...)`` stacks)."""
-    stacked = RadialParameters(dim, num_layers)
-    return [StackedRadial(stacked, k) for k in range(num_layers)]
+    """``num_layers`` radial layers over one new :class:`RadialParameters`, initialized as
+    :class:`~pyroflows.transforms.Radial` layers (what ``pyroflows.flows.build("radial", ...)``
+    stacks)."""
+    return _rows(StackedRadial, RadialParameters(dim, num_layers))
 
 
 class MADEParameters(ParameterBank):
@@ -228,9 +195,6 @@ class StackedMADE(BankRow, MADE):
         self.register_buffer("degrees", made.degrees)
         self.activation = made.activation
         self.attach_row(stacked, index)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, index={self.index}"
 
 
 def stacked_mades(nets: Sequence[MADE]) -> list[StackedMADE]:

@@ -37,28 +37,14 @@ def build(
     ``Family.complementary_masks``), so with an odd D too every coordinate is transformed by
     one layer of each pair and conditions the other.
 
-    Parameter banks (:mod:`pyroflows.flows.banks`): planar and radial stacks
-    (``Family.bank``, when no layer keyword arguments are given) keep the parameters of all
-    their layers in three stacked tensors, and IAF, MAF and RealNVP stacks
-    (``Family.stacked_conditioners``) the flat parameters and masks of a run of same-size MADE
-    networks in one (L, P) parameter and one (L, P) mask buffer. ``flow[i]`` is still layer
-    ``i`` (:class:`~pyroflows.flows.banks.StackedPlanar`,
-    :class:`~pyroflows.flows.banks.StackedRadial`, or a layer whose ``conditioner`` is a
-    :class:`~pyroflows.flows.banks.StackedMADE`; they behave as the plain layers), but
-    ``flow.parameters()`` are the bank's tensors, and the ``state_dict`` keys are
-    ``"{i}.stacked.u"``, ``"{i}.stacked.w"``, ``"{i}.stacked.bias"`` (radial: ``x0``,
-    ``alpha_prime``, ``beta_prime``) and ``"{i}.conditioner.stacked.flat_parameters"``,
-    ``"{i}.conditioner.stacked.mask"``: the same tensors under every ``i``, as for any module
-    shared by several layers in torch (``torch.save`` stores them once). A
-    :class:`FlowStack` also loads a ``state_dict`` with per-layer keys (``"{i}.u"``,
-    ``"{i}.conditioner.flat_parameters"``; :mod:`pyroflows._legacy`).
-
-    One bank module is registered under every layer of its run; module walks
-    (``named_modules``, ``named_parameters(remove_duplicate=False)``) list it once, under its
-    first layer (:class:`~pyroflows._fast.banks.ParameterBank`), so
-    ``torch.func.functional_call(flow, params, args)`` with the names of
-    ``flow.named_parameters()`` swaps and restores each shared tensor exactly once;
-    ``state_dict`` still has every layer's keys.
+    Parameter banks (:mod:`pyroflows.flows.banks`): a planar or radial stack (``Family.bank``,
+    when no layer keyword arguments are given) keeps its layers' parameters in three stacked
+    tensors, and an IAF, MAF or RealNVP stack (``Family.stacked_conditioners``) the MADE
+    networks of a run of same-size layers in one (L, P) parameter and mask. ``flow[i]`` is
+    still layer ``i``, with the plain layer's map; ``flow.parameters()`` are the banks'
+    tensors, with ``state_dict`` keys ``"{i}.stacked.u"`` (radial: ``x0``, ...) and
+    ``"{i}.conditioner.stacked.flat_parameters"`` under every ``i``. A state dict with
+    per-layer keys (``"{i}.u"``, ``"{i}.conditioner.flat_parameters"``) loads too.
 
     Arguments:
         name: one of ``pyroflows.flows.FAMILIES``: planar, radial, iaf, maf, realnvp, and any

@@ -120,19 +120,16 @@ class FlowTransform(OutputCache, TransformModule):
     - ``inverse_and_log_det(y) -> (x, log|det dy/dx|)``
 
     and this class supplies ``__call__``, ``inv``, ``log_abs_det_jacobian``, input validation
-    (``_validate``) and the output cache (:class:`OutputCache`): as in
-    :class:`torch.distributions.TransformedDistribution`, scoring a sample just drawn needs no
-    inverse (for IAF this skips the D sequential passes), and unlike Pyro's identity cache an
-    entry is never reused after the input, a parameter or a buffer changed.
+    (``_validate``) and the output cache (:class:`OutputCache`), so that scoring a sample just
+    drawn needs no inverse (for IAF it skips the D sequential passes).
 
     Validation: inputs must have shape ``(..., D)``; otherwise a :class:`ValueError` says so. While
     :func:`pyroflows.is_validation_enabled` (the default), non-finite inputs raise a
     :class:`ValueError` too.
 
-    Fast paths (:mod:`pyroflows._fast`): a layer that a fused kernel can run declares it with
-    ``fused_kind(inverse)`` (not ``None``) and ``run_fused``, a static method that runs
-    consecutive layers of its kind in one call; ``plain_map(x, inverse)`` is the same map by
-    plain differentiable operations (what ``torch.func`` and ``torch.compile`` see).
+    Fast paths (:mod:`pyroflows._fast.dispatch`): a layer that a fused kernel can run says so
+    with ``fused_kind(inverse)`` and ``run_fused``; ``plain_map(x, inverse)`` is its map by
+    plain differentiable operations.
 
     ``sign = +1``: every pyroflows layer except permutations has a positive Jacobian
     determinant (it preserves orientation).
