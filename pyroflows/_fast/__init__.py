@@ -6,10 +6,10 @@ attributes."""
 
 from .affine import affine_chain, sequential_no_grad
 from .banks import BankRow, ParameterBank, RowView, stacked_rows
-from .dispatch import keeps_map, run_parts, traced
+from .dispatch import keeps_map, run_parts, run_steps, traced
 from .planar import planar_chain
 
 __all__ = [
     "affine_chain", "sequential_no_grad", "BankRow", "ParameterBank", "RowView", "stacked_rows",
-    "keeps_map", "run_parts", "traced", "planar_chain",
+    "keeps_map", "run_parts", "run_steps", "traced", "planar_chain",
 ]

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .. import _private
 
-__all__ = ["traced", "run_parts", "keeps_map"]
+__all__ = ["traced", "run_parts", "run_steps", "keeps_map"]
 
 
 def traced() -> bool:
@@ -62,6 +62,18 @@ def run_parts(parts: Sequence[nn.Module], x: Tensor, inverse: bool, fused: bool 
         log_det = ld if log_det is None else log_det + ld
     if run:
         x, log_det = runner(x, run, kinds, log_det, inverse)
+    return x, log_det
+
+
+def run_steps(x: Tensor, step, params: Sequence[Tensor], log_det: Tensor | None,
+              reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """``x`` through ``step(x, *params_k) -> (x, log-det)`` for every layer ``k`` of the
+    stacked (K, ...) ``params`` (last layer first with ``reverse``), the log-dets added to
+    ``log_det`` (or 0): one layer's map at a time, on parameters transformed once for all."""
+    rows = list(zip(*(p.unbind(0) for p in params), strict=True))
+    for row in reversed(rows) if reverse else rows:
+        x, ld = step(x, *row)
+        log_det = ld if log_det is None else log_det + ld
     return x, log_det
 
 

@@ -142,27 +142,17 @@ class FlowStack(OutputCache, Memoized, ComposeTransformModule):
         # once, not once per layer
         return module_stamp(self, shared=True)
 
+    _uncached = run  # what the one-entry cache (OutputCache._cached) runs on a miss
+
     def __call__(self, x: Tensor) -> Tensor:
         if not self.all_flow_transforms:
             return super().__call__(x)
-        return self._cached_run(x, inverse=False)
+        return self._cached(x, inverse=False)
 
     def _inv_call(self, y: Tensor) -> Tensor:
         if not self.all_flow_transforms:
             return super()._inv_call(y)
-        return self._cached_run(y, inverse=True)
-
-    def _cached_run(self, value: Tensor, inverse: bool) -> Tensor:
-        """The image of ``value`` (``y = t(x)``, or ``x = t.inv(y)`` when ``inverse``), from the
-        stack's one-entry cache or from one run of the chain, which then fills the cache."""
-        hit = self.lookup(y=value) if inverse else self.lookup(x=value)
-        if hit is not None:
-            return hit.x if inverse else hit.y
-        stamp = self._stamp()
-        image, log_det = self.run(value, inverse)
-        x, y = (image, value) if inverse else (value, image)
-        self._store(x, y, log_det, stamp)
-        return image
+        return self._cached(y, inverse=True)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         if self.all_flow_transforms:

@@ -103,6 +103,18 @@ class OutputCache:
         """Drop the cached ``(x, y, log_det)`` triple."""
         self.__dict__["_cache"] = None
 
+    def _cached(self, value: Tensor, inverse: bool) -> Tensor:
+        """The image of ``value`` (``t(x)``, or ``t.inv(y)`` when ``inverse``): the cached one,
+        or the one ``_uncached(value, inverse)`` computes, which then fills the cache."""
+        hit = self.lookup(y=value) if inverse else self.lookup(x=value)
+        if hit is not None:
+            return hit.x if inverse else hit.y
+        stamp = self._stamp()
+        image, log_det = self._uncached(value, inverse)
+        x, y = (image, value) if inverse else (value, image)
+        self._store(x, y, log_det, stamp)
+        return image
+
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_cache"] = None
@@ -178,28 +190,18 @@ class FlowTransform(OutputCache, TransformModule):
             raise ValueError(f"{name}: {what} contains NaN or infinite values")
 
     # ---- the torch.distributions.Transform interface --------------------------------------
+    def _uncached(self, value: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        self._validate(value, "input to the inverse" if inverse else "input")
+        return self.inverse_and_log_det(value) if inverse else self.forward_and_log_det(value)
+
     def __call__(self, x: Tensor) -> Tensor:
-        hit = self.lookup(x=x)
-        if hit is not None:
-            return hit.y
-        self._validate(x, "input")
-        stamp = self._stamp()
-        y, log_det = self.forward_and_log_det(x)
-        self._store(x, y, log_det, stamp)
-        return y
+        return self._cached(x, inverse=False)
 
     def _call(self, x: Tensor) -> Tensor:
         return self(x)
 
     def _inv_call(self, y: Tensor) -> Tensor:
-        hit = self.lookup(y=y)
-        if hit is not None:
-            return hit.x
-        self._validate(y, "input to the inverse")
-        stamp = self._stamp()
-        x, log_det = self.inverse_and_log_det(y)
-        self._store(x, y, log_det, stamp)
-        return x
+        return self._cached(y, inverse=True)
 
     def _inverse(self, y: Tensor) -> Tensor:
         return self._inv_call(y)

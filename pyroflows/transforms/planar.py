@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._fast import keeps_map, planar_chain, stacked_rows
+from .._fast import keeps_map, planar_chain, run_steps, stacked_rows
 from .base import FlowTransform
 
 __all__ = ["Planar", "planar", "planar_u_hat", "planar_inverse_step"]
@@ -92,11 +92,7 @@ class Planar(FlowTransform):
         c = (w * u_hat).sum(-1)
         if not inverse:
             return planar_chain(x, w, u_hat, bias, c, log_det)
-        steps = zip(w.unbind(0), u_hat.unbind(0), bias.unbind(0), c.unbind(0), strict=True)
-        for w_k, u_k, b_k, c_k in reversed(list(steps)):
-            x, ld = planar_inverse_step(x, w_k, u_k, b_k, c_k)
-            log_det = ld if log_det is None else log_det + ld
-        return x, log_det
+        return run_steps(x, planar_inverse_step, (w, u_hat, bias, c), log_det, reverse=True)
 
 
 # the methods that define Planar's map: a subclass that redefines one runs its own

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._fast import keeps_map, stacked_rows
+from .._fast import keeps_map, run_steps, stacked_rows
 from .base import FlowTransform
 
 __all__ = ["Radial", "radial", "radial_alpha", "radial_forward", "radial_inverse"]
@@ -81,17 +81,13 @@ class Radial(FlowTransform):
         r"""Consecutive radial layers (in the order they run), with :math:`\alpha` and
         :math:`\alpha + \beta` computed once for all of them from the stacked parameters
         (whose gradients then arrive as one (K, ...) tensor each, not K row scatters); then
-        each layer's map, as one by one."""
+        each layer's map."""
         forward_order = layers[::-1] if inverse else layers
         x0, alpha_prime, beta_prime = stacked_rows(
             forward_order, ("x0", "alpha_prime", "beta_prime"), (False, True, True))
-        alpha, alpha_plus_beta = radial_alpha(alpha_prime, beta_prime)
-        steps = zip(x0.unbind(0), alpha.unbind(0), alpha_plus_beta.unbind(0), strict=True)
         step = radial_inverse if inverse else radial_forward
-        for x0_k, alpha_k, sum_k in (reversed(list(steps)) if inverse else steps):
-            x, ld = step(x, x0_k, alpha_k, sum_k)
-            log_det = ld if log_det is None else log_det + ld
-        return x, log_det
+        return run_steps(x, step, (x0, *radial_alpha(alpha_prime, beta_prime)), log_det,
+                         reverse=inverse)
 
 
 # the methods that define Radial's map: a subclass that redefines one runs its own
