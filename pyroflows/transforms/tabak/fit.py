@@ -292,15 +292,25 @@ class DualAscent:
         r, _, k = frames.shape
         c = (frames.mT @ z).reshape(r * k, -1)                      # (R K, n)
         rows, rel_width = rows.repeat(r, 1), rel_width.repeat(r, 1)  # (R K, m)
-        centers = c.gather(1, rows)
-        mean = c.mean(-1, keepdim=True)
-        std = ((c * c).mean(-1, keepdim=True) - mean * mean).clamp_min(0).sqrt()
-        widths = rel_width * std.clamp_min(torch.finfo(c.dtype).eps)
-        means, shares = histogram(c, self.options.candidate_bins)
-        grad, gn = local_ascent(means.unsqueeze(1), centers, widths, weights=shares.unsqueeze(1))
-        _, predicted = self.capped_step(grad, gn)                    # (R K, m)
+        predicted = self.predicted_gains(c, *self.candidates(c, rows, rel_width))  # (R K, m)
         total = predicted.amax(-1).reshape(r, k).sum(-1)
         return frames[total.argmax()]  # a tensor index: no host sync per step on a GPU
+
+    @staticmethod
+    def candidates(c: Tensor, rows: Tensor, rel_width: Tensor) -> tuple[Tensor, Tensor]:
+        """The candidate centers of the coordinates (rows) of ``c`` (K, n): the points at
+        ``rows`` (K, m), and their widths, ``rel_width`` (K, m) times each coordinate's std."""
+        mean = c.mean(-1, keepdim=True)
+        std = ((c * c).mean(-1, keepdim=True) - mean * mean).clamp_min(0).sqrt()
+        return c.gather(1, rows), rel_width * std.clamp_min(torch.finfo(c.dtype).eps)
+
+    def predicted_gains(self, c: Tensor, centers: Tensor, widths: Tensor) -> Tensor:
+        """The gain the capped step from each candidate (K, m) predicts, computed on a histogram
+        of each coordinate of ``c`` (``candidate_bins`` bins, so ranking m candidates costs m x
+        bins, not m x n)."""
+        means, shares = histogram(c, self.options.candidate_bins)
+        grad, gn = local_ascent(means.unsqueeze(1), centers, widths, weights=shares.unsqueeze(1))
+        return self.capped_step(grad, gn)[1]
 
     def ascent_step(self, c: Tensor, rows: Tensor, rel_width: Tensor) -> tuple[
         tuple[Tensor, ...], tuple[Tensor, ...], Tensor, Tensor, Tensor
@@ -308,25 +318,17 @@ class DualAscent:
         """One Gauss-Newton step of every coordinate (row) of ``c``, shape (K, n), from the
         identity. ``rows`` (K, m) index candidate centers and ``rel_width`` (K, m) their widths
         relative to each coordinate's std; with m > 1 the candidate whose capped step predicts
-        the largest gain is taken, the gains computed on a histogram of each coordinate
-        (``candidate_bins`` bins, so ranking m candidates costs m x bins, not m x n), and the
-        chosen step is then computed on all the points.
+        the largest gain (on a histogram) is taken, and the chosen step is then computed on all
+        the points.
 
         Returns the map parameters as (K, 1) columns and their
         :func:`~.map.displacement_constants`; ``keep`` (K, 1): 1 where the step gains
         training likelihood, else 0 (that coordinate keeps the identity); and the map's
         displacement of ``c`` and log-slopes less :math:`\\log(1 - \\sigma)` (see
         :func:`~.map.displacement`)."""
-        centers = c.gather(1, rows)  # (K, m) candidate centers
-        mean = c.mean(-1, keepdim=True)
-        std = ((c * c).mean(-1, keepdim=True) - mean * mean).clamp_min(0).sqrt()
-        widths = rel_width * std.clamp_min(torch.finfo(c.dtype).eps)  # (K, m)
+        centers, widths = self.candidates(c, rows, rel_width)  # (K, m) each
         if rows.shape[1] > 1:
-            means, shares = histogram(c, self.options.candidate_bins)
-            grad, gn = local_ascent(means.unsqueeze(1), centers, widths,
-                                    weights=shares.unsqueeze(1))
-            _, predicted = self.capped_step(grad, gn)
-            best = predicted.argmax(-1, keepdim=True)
+            best = self.predicted_gains(c, centers, widths).argmax(-1, keepdim=True)
             center, width = centers.gather(1, best).squeeze(-1), widths.gather(1, best).squeeze(-1)
         else:
             center, width = centers.squeeze(-1), widths.squeeze(-1)
