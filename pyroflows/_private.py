@@ -1,14 +1,14 @@
 """The private names of Pyro and PyTorch that pyroflows relies on, each with the reason.
 
-Everything else in the package uses public API (and Pyro's documented subclass protocols:
+Everything else uses public API (and Pyro's documented subclass protocols:
 ``AutoContinuous._setup_prototype`` / ``_unpack_latent``, ``Trace_ELBO._get_trace``).
-``tests/test_private_names.py`` checks every name here, so an upgrade of Pyro or PyTorch that
-moves one fails there, loudly, rather than somewhere inside a guide.
+``tests/test_private_names.py`` checks every name here, so an upgrade that moves one fails there.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from pyro.infer import Trace_ELBO
@@ -20,44 +20,37 @@ from torch.distributions.transforms import _InverseTransform
 
 __all__ = [
     "InverseTransform", "only_param_capture_active", "functorch_active", "global_module_hooks",
-    "guess_max_plate_nesting",
+    "guess_max_plate_nesting", "register_load_state_dict_pre_hook",
 ]
 
-#: ``t.inv`` of a transform, the class ``Transform.inv`` makes; a stack keeps one instance
-#: instead of building it on every access.
+#: the class of ``t.inv``; a stack keeps one instance instead of one per access
 InverseTransform = _InverseTransform
 
 
 def only_param_capture_active() -> bool:
-    """Whether no Pyro effect handler is active except ``SVI.step``'s parameter capture
-    (``poutine.trace(param_only=True)``): then :class:`~pyroflows.guides.FlowELBO` may draw a
-    flow guide without tracing it, since no handler could change or record its sites. Pyro has
-    no public way to ask which handlers are active."""
+    """Whether no Pyro handler is active but ``SVI.step``'s parameter capture: then
+    :class:`~pyroflows.guides.FlowELBO` may draw a guide untraced. Pyro has no public way to ask."""
     return all(type(m) is TraceMessenger and m.param_only for m in _PYRO_STACK)
 
 
 def functorch_active() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) is running:
-    the fused kernels write their own backward with in-place operations, which these
-    transforms refuse, so they step aside. PyTorch has no public way to ask."""
+    """Whether a ``torch.func`` transform is running (the fused kernels' in-place backward
+    passes step aside under them). PyTorch has no public way to ask."""
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def global_module_hooks() -> bool:
-    """Whether global forward hooks are registered on every ``nn.Module``
-    (``nn.modules.module.register_module_forward_hook``): a guide drawn without its
+    """Whether global ``nn.Module`` forward hooks are registered: a guide drawn without its
     ``forward`` would skip them."""
     module = nn.modules.module
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def guess_max_plate_nesting(model, guide, args: tuple, kwargs: dict) -> int:
-    """How many plate dims ``model`` and ``guide`` use: the deepest vectorized plate dim of one
-    unvectorized run of both (which also sets up an autoguide's prototype). This is Pyro's own
-    guess, which Pyro offers only as the private method ``ELBO._guess_max_plate_nesting``. It
-    runs without the site-shape checks an ELBO adds to it (a caller that vectorizes next checks
-    the shapes there, and the checks cost as much as the guess), and its INFO line, which Pyro
-    prints by default, is held back."""
+    """How many plate dims ``model`` and ``guide`` use, by Pyro's own guess (the private
+    ``ELBO._guess_max_plate_nesting``; it also sets up an autoguide's prototype). Runs without
+    the site-shape checks (a vectorizing caller checks them next, at the same cost) and holds
+    back Pyro's INFO line."""
     elbo_logger = logging.getLogger("pyro.infer.elbo")
     elbo_logger.addFilter(_no_records)
     try:
@@ -71,3 +64,12 @@ def guess_max_plate_nesting(model, guide, args: tuple, kwargs: dict) -> int:
 
 def _no_records(record: logging.LogRecord) -> bool:
     return False
+
+
+def register_load_state_dict_pre_hook(module: nn.Module, hook: Callable[..., None]) -> None:
+    """``module.register_load_state_dict_pre_hook(hook)`` (``hook(module, state_dict, prefix,
+    ...)``), public from torch 2.5; on older torch the private method it wraps."""
+    if hasattr(module, "register_load_state_dict_pre_hook"):
+        module.register_load_state_dict_pre_hook(hook)
+    else:
+        module._register_load_state_dict_pre_hook(hook, with_module=True)

@@ -96,3 +96,22 @@ def test_guess_max_plate_nesting_reads_the_deepest_plate_of_model_and_guide(fres
     autoguide = AutoNormal(model)
     assert _private.guess_max_plate_nesting(model, autoguide, (), {}) == 1
     assert autoguide.prototype_trace is not None  # the run set the autoguide up
+
+
+def test_load_state_dict_pre_hook_gets_the_module_first():
+    """Both routes of ``register_load_state_dict_pre_hook``: the public method (torch >= 2.5)
+    and the private one it wraps (older torch) call ``hook(module, state_dict, prefix, ...)``."""
+    calls = []
+
+    def hook(module, state_dict, prefix, *args):
+        calls.append((module, prefix, sorted(state_dict)))
+
+    for register in (
+        _private.register_load_state_dict_pre_hook,
+        lambda m, hook: m._register_load_state_dict_pre_hook(hook, with_module=True),
+    ):
+        calls.clear()
+        outer = nn.Sequential(nn.Linear(2, 2))
+        register(outer[0], hook)
+        outer.load_state_dict(outer.state_dict())
+        assert calls == [(outer[0], "0.", ["0.bias", "0.weight"])]

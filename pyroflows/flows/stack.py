@@ -71,8 +71,7 @@ class FlowStack(OutputCache, Memoized, ComposeTransformModule):
         if compile and not self.all_flow_transforms:
             raise ValueError("FlowStack: compile needs every part to be a FlowTransform")
         self.compile_backend = ("inductor" if compile is True else compile) or None
-        self._register_load_state_dict_pre_hook(_legacy.per_layer_keys_to_stacked,
-                                                 with_module=True)
+        _private.register_load_state_dict_pre_hook(self, _legacy.per_layer_keys_to_stacked)
 
     # ComposeTransform derives these from every part at each access, and a
     # TransformedDistribution reads them several times per construction; the parts of a

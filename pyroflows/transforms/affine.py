@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import _legacy
+from .. import _legacy, _private
 from .._fast import RowView
 from .._memo import Memoized
 from .base import FlowTransform
@@ -26,8 +26,7 @@ class _PackedAffine(FlowTransform):
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
-        self._register_load_state_dict_pre_hook(_legacy.pack_separate_entries,
-                                                 with_module=True)
+        _private.register_load_state_dict_pre_hook(self, _legacy.pack_separate_entries)
 
     def _initial(self, loc: Tensor | float, scale: Tensor | float) -> dict[str, Tensor]:
         """The initial ``loc`` and ``log_scale`` rows (D,) from a float or (D,) ``loc`` and a
