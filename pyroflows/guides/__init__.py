@@ -1,27 +1,23 @@
 """Flow guides for SVI: autoguides whose posterior is a normalizing flow over the latent vector.
 
-Modules: ``autoguide`` (:class:`AutoFlowGuide` and its family shorthands), ``posterior``
-(:class:`FlowPosterior`), ``laplace`` (the Laplace start), ``params`` (the guide's parameters
-in Pyro's param store), ``elbo`` (:class:`FlowELBO`), ``direct`` (FlowELBO's draw of a guide
-without tracing it), ``landing`` (sticking the landing), ``optim`` (step sizes).
+Modules: ``autoguide`` (:class:`AutoFlowGuide`, its shorthands, :class:`FlowPosterior`, the
+param store, step sizes), ``laplace`` (the Laplace start), ``elbo`` (:class:`FlowELBO`),
+``direct`` (FlowELBO's draw of a guide without tracing it), ``landing`` (sticking the landing).
 """
 
 from __future__ import annotations
 
 from ..transforms import TriangularAffine
-from .autoguide import AutoFlowGuide, AutoIAF, AutoPlanar, AutoRadial
+from .autoguide import (
+    AutoFlowGuide,
+    AutoIAF,
+    AutoPlanar,
+    AutoRadial,
+    FlowPosterior,
+    default_lr,
+    optim_args,
+)
 from .elbo import FlowELBO
-from .optim import default_lr, optim_args
-from .posterior import FlowPosterior
 
-__all__ = [
-    "AutoFlowGuide",
-    "AutoPlanar",
-    "AutoRadial",
-    "AutoIAF",
-    "FlowPosterior",
-    "TriangularAffine",
-    "FlowELBO",
-    "optim_args",
-    "default_lr",
-]
+__all__ = ["AutoFlowGuide", "AutoPlanar", "AutoRadial", "AutoIAF", "FlowPosterior",
+           "TriangularAffine", "FlowELBO", "optim_args", "default_lr"]

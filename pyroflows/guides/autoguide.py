@@ -1,29 +1,34 @@
 """Autoguides whose posterior is a normalizing flow over the model's unconstrained latent
-vector: :class:`AutoFlowGuide` and its family shorthands."""
+vector: :class:`AutoFlowGuide` and its family shorthands, its posterior
+:class:`FlowPosterior`, its parameters in Pyro's param store and its step sizes."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
+from pyro.nn import PyroModule
+from pyro.params.param_store import param_with_module_name
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import ComposeTransform, Transform, biject_to
 
-from .. import flows
+from .. import _legacy, flows
 from .._memo import Memoized
 from ..transforms import ElementwiseAffine, TriangularAffine
 from ..transforms.affine import FixedTriangularAffine
+from . import landing
 from . import laplace as _laplace
-from .params import sync_param_store
-from .posterior import FlowPosterior
 
-__all__ = ["AutoFlowGuide", "AutoPlanar", "AutoRadial", "AutoIAF", "family_of"]
+__all__ = ["AutoFlowGuide", "AutoPlanar", "AutoRadial", "AutoIAF", "FlowPosterior",
+           "default_lr", "optim_args", "sync_param_store"]
 
 #: Up to this latent size the guide's last layer is full rank (:class:`TriangularAffine`) unless
 #: ``full_rank`` says otherwise, and the Laplace start is tried; above it, the D^2 parameters
@@ -36,7 +41,7 @@ _PARAM_MODULES = ("flow", "affine")
 _CUSTOM = flows.Family()
 
 
-def family_of(flow: str | Callable | None) -> flows.Family:
+def _family_of(flow: str | Callable | None) -> flows.Family:
     """The family record of a guide's flow: its name's, or the defaults for a custom flow."""
     return flows.FAMILIES.get(flow, _CUSTOM) if isinstance(flow, str) else _CUSTOM
 
@@ -49,12 +54,62 @@ def _hide_from_prototype(msg: dict) -> bool:
     return infer.get("enumerate") is not None and msg["fn"].support.is_discrete
 
 
+class FlowPosterior(dist.TransformedDistribution):
+    r"""The posterior of an :class:`AutoFlowGuide`: :math:`N(0, I)` pushed through the flow
+    layers and the affine layer, with :meth:`log_prob_detached` for sticking the landing.
+
+    Example:
+        >>> import torch, pyro.distributions as dist, pyroflows as pf
+        >>> base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        >>> q = FlowPosterior(base, [pf.transforms.ElementwiseAffine(2, scale=2.0)])
+        >>> z = q.rsample((5,))
+        >>> torch.allclose(q.log_prob_detached(z), q.log_prob(z))
+        True
+    """
+
+    #: whether FlowELBO's default uses sticking-the-landing gradients here (set by the guide)
+    stick_the_landing: bool = False
+
+    def expand(self, batch_shape, _instance=None) -> FlowPosterior:
+        new = super().expand(batch_shape, _instance)
+        new.stick_the_landing = self.stick_the_landing  # plates expand the site's distribution
+        return new
+
+    # Unbatched draws (no sample or batch shape) go through the layers as a batch of one:
+    # Planar turns an input of shape (D,) into (1, D). The draw is returned unbatched and
+    # remembered, so that scoring it still hits the layers' caches.
+    def rsample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
+        if len(sample_shape) or len(self.batch_shape):
+            return super().rsample(sample_shape)
+        batched = super().rsample((1,))
+        value = batched[0]
+        self._unbatched = (value, value._version, batched)
+        return value
+
+    def sample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        last = getattr(self, "_unbatched", None)
+        if last is not None and value is last[0] and value._version == last[1]:
+            return super().log_prob(last[2])[0]
+        if value.dim() == 1:
+            return super().log_prob(value.unsqueeze(0))[0]
+        return super().log_prob(value)
+
+    def log_prob_detached(self, value: Tensor) -> Tensor:
+        r""":math:`\log q_{\bar\phi}(z)` with the transforms' parameters :math:`\bar\phi` cut
+        from the graph, by the inverse of every layer (:func:`landing.log_prob_detached`)."""
+        return landing.log_prob_detached(self.base_dist, self.transforms, value)
+
+
 class AutoFlowGuide(Memoized, AutoContinuous):
     r"""A normalizing-flow guide over all latent sites of a Pyro model.
 
-    Like :class:`~pyro.infer.autoguide.AutoContinuous` it maps every latent site to the real line
-    with ``biject_to(site.support)`` and packs the results into one vector
-    :math:`u \in \mathbb{R}^D`. Its posterior over that vector is
+    As :class:`~pyro.infer.autoguide.AutoContinuous`, it maps every latent site to the real line
+    with ``biject_to(site.support)`` and packs them into one vector :math:`u \in \mathbb{R}^D`;
+    its posterior over :math:`u` is
 
     .. math:: u = \mu + L\, f_K \circ \dots \circ f_1(\varepsilon),
               \qquad \varepsilon \sim N(0, I_D),
@@ -62,57 +117,30 @@ class AutoFlowGuide(Memoized, AutoContinuous):
     .. math:: \log q(u) = \log N(\varepsilon; 0, I) - \sum_k \log|\det J_{f_k}|
               - \textstyle\sum_i \log L_{ii},
 
-    with :math:`f_1 \dots f_K` the flow layers and a learnable affine layer :math:`(\mu, L)`
-    last. :math:`L` is diagonal (:class:`~pyroflows.transforms.ElementwiseAffine`) or, with
-    ``full_rank``, lower triangular (:class:`TriangularAffine`): then the linear correlations
-    are learnt as fast as by :class:`~pyro.infer.autoguide.AutoMultivariateNormal`, while the
-    flow layers, whose networks start at the identity, learn the rest.
-
-    Start: a Gaussian where the model's mass is, not :math:`N(0, I)` as Pyro's
-    ``AutoIAFNormal`` and ``AutoNormalizingFlow`` start, so the flow only learns the shape. With
-    ``laplace_init`` the Laplace approximation :math:`N(m, C C^T)` of the unconstrained
-    posterior (:mod:`pyroflows.guides.laplace`) enters as a fixed last layer :math:`u = m + C
-    v`, and :math:`(\mu, L)` starts at :math:`(0, I)` in these whitened coordinates, so every
-    step size acts on the posterior's own scale; it is kept only where it is usable and its
-    ELBO beats the plain start's (:attr:`laplace_info` says what happened), and latent sizes
-    above :data:`FULL_RANK_MAX_DIM` skip it. Otherwise the guide starts at
-    :math:`N(\text{init\_loc}, \mathrm{init\_scale}^2 I)`.
-
-    Sampling is one forward pass through the layers; the guide scores its own samples from the
-    layers' cache, so an IAF guide never runs its D-pass inverse during SVI. The flow is built
-    when the guide first sees the model, on the device and in the dtype of the model's latent
-    values, and is a submodule: ``.to()``, ``state_dict`` and ``torch.save`` cover it, the
-    fixed Laplace layer included. The param store's entries for the guide's parameters are
-    the modules' own tensors (:mod:`pyroflows.guides.params`); train with the family's step
-    sizes (:func:`~pyroflows.guides.optim_args`, :meth:`param_groups`) and
-    :class:`~pyroflows.guides.FlowELBO`.
-
-    :meth:`median`, :meth:`quantiles`: computed from ``num_quantile_samples`` draws (a fixed
-    seed, so repeated calls agree) in the unconstrained space and mapped through
-    ``biject_to``: the marginal quantiles up to Monte Carlo error for sites whose support
-    transform acts elementwise, valid points of the support for ordered, simplex and other
-    joint supports.
+    with flow layers :math:`f_k` and a learnable affine layer :math:`(\mu, L)` last,
+    :math:`L` diagonal or lower triangular (``full_rank``). It starts at a Gaussian where the
+    model's mass is: with ``laplace_init``, the Laplace approximation :math:`N(m, C C^T)`
+    (:mod:`pyroflows.guides.laplace`) as a fixed last layer :math:`u = m + C v` under
+    :math:`(\mu, L) = (0, I)`, where its ELBO beats the plain start's (:attr:`laplace_info`);
+    else :math:`N(\text{init\_loc}, \mathrm{init\_scale}^2 I)`. The flow is built at the first
+    call, on the device and in the dtype of the latent values, as a submodule; the param
+    store's entries are its own tensors (:func:`sync_param_store`). Train with
+    :class:`~pyroflows.guides.FlowELBO` and the family's step sizes (:func:`optim_args`,
+    :meth:`param_groups`).
 
     Arguments:
-        model: a Pyro model whose latent sites are continuous (discrete sites must be
-            enumerated, e.g. with ``config_enumerate``, and are left to ``TraceEnum_ELBO``).
-        flow: a family name of :data:`pyroflows.flows.FAMILIES` (``"planar"``, ``"radial"``,
-            ``"iaf"``, ``"maf"``, ``"realnvp"``, ...), or a callable ``dim -> Transform``
-            building a custom stack (a :class:`~torch.nn.Module` if it has parameters).
+        model: a Pyro model with continuous latent sites (discrete ones enumerated).
+        flow: a family name of :data:`pyroflows.flows.FAMILIES`, or a callable
+            ``dim -> Transform`` (a :class:`~torch.nn.Module` if it has parameters).
         num_layers: flow layers, default the family's ``num_layers``.
         hidden_dims: conditioner hidden sizes for the network families.
-        init_loc_fn: per-site initialization (see :mod:`pyro.infer.autoguide.initialization`);
-            default the prior median.
-        init_scale: initial scale (diagonal of :math:`L`) in the unconstrained space, for the
-            plain start; default the family's ``init_scale`` (custom flows: 0.1).
-        full_rank: a lower-triangular :math:`L` (True) or a diagonal one (False); default
-            full rank when the latent size is at most :data:`FULL_RANK_MAX_DIM`. Diagonal fits
-            funnels better, full rank the rest (``benchmarks/results/vi.md``).
+        init_loc_fn: per-site initialization; default the prior median.
+        init_scale: the plain start's scale, default the family's ``init_scale``.
+        full_rank: a lower-triangular :math:`L`; default when :math:`D \le`
+            :data:`FULL_RANK_MAX_DIM` (diagonal fits funnels better: ``benchmarks/results/vi.md``).
         num_quantile_samples: draws behind :meth:`median` and :meth:`quantiles`.
-        laplace_init: try the Laplace start first (see above); ``False``: the plain start.
-        stick_the_landing: whether :class:`~pyroflows.guides.FlowELBO` (by default) uses the
-            path-derivative gradient for this guide; default the family's
-            ``stick_the_landing``.
+        laplace_init: try the Laplace start first.
+        stick_the_landing: FlowELBO's default for this guide, default the family's.
         flow_kwargs: passed to :func:`pyroflows.flows.build`.
 
     Example:
@@ -157,7 +185,7 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         elif not callable(flow):
             raise TypeError(f"flow must be a family name or a callable dim -> Transform, got "
                             f"{type(flow).__name__}")
-        family = family_of(flow)
+        family = _family_of(flow)
         if init_scale is None:
             init_scale = family.init_scale
         if not (isinstance(init_scale, (int, float)) and init_scale > 0):
@@ -184,7 +212,7 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         #: ``used``, ``reason`` and the two ELBO estimates.
         self.laplace_info: dict | None = None
         self._plain_transforms: list[Transform] = []  # parameter-free, non-Module layers
-        self._register_load_state_dict_pre_hook(_laplace.match_laplace_layer, with_module=True)
+        self.register_load_state_dict_pre_hook(_laplace.match_laplace_layer)
 
     _prototype_hide_fn = staticmethod(_hide_from_prototype)
 
@@ -277,10 +305,9 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         return start
 
     def _unpack_latent(self, latent: Tensor) -> Iterator[tuple[dict, Tensor]]:
-        """``(site, unconstrained value)`` of every latent site, views into ``latent`` (shape
-        ``(..., latent_dim)``), as :meth:`AutoContinuous._unpack_latent` yields them, with each
-        site's slice and shapes worked out once per prototype trace instead of on every step
-        (its ``torch.broadcast_shapes`` was most of its cost)."""
+        """``(site, unconstrained value)`` of every latent site as views into ``latent``
+        (..., D), as :meth:`AutoContinuous._unpack_latent` yields them, from the memoized
+        layout."""
         if latent.shape[-1] != self.latent_dim:
             raise ValueError(f"{type(self).__name__}: a latent vector of size {self.latent_dim} "
                              f"was expected, got shape {tuple(latent.shape)}")
@@ -300,7 +327,7 @@ class AutoFlowGuide(Memoized, AutoContinuous):
 
     def _latent_layout(self) -> list[tuple[dict, int, int, tuple, int]]:
         """``(site, start, stop, unconstrained shape, event dim)`` of every latent site, kept
-        while the prototype trace is the same object (the memo holds it)."""
+        while the prototype trace is the same object."""
         return self.memo("latent_layout", self.prototype_trace, self._make_latent_layout)
 
     def _make_latent_layout(self) -> list[tuple[dict, int, int, tuple, int]]:
@@ -322,8 +349,7 @@ class AutoFlowGuide(Memoized, AutoContinuous):
 
     # ---- the posterior ------------------------------------------------------------------------
     def get_base_dist(self) -> dist.TorchDistribution:
-        # kept between calls: distributions are not changed in place, and the key follows
-        # .to() and dtype changes of the guide
+        # kept between calls (distributions are not changed in place); the key follows .to()
         loc = self._modules["affine"].loc
         return self.memo("base_dist", (loc.shape, loc.dtype, loc.device),
                          lambda: dist.Normal(torch.zeros_like(loc.detach()),
@@ -333,16 +359,14 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         return ComposeTransform(self._transforms())
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> FlowPosterior:
-        """The guide's distribution over the unconstrained latent vector, a
-        :class:`FlowPosterior` ``TransformedDistribution(N(0, I), [flow..., affine])``."""
+        """The guide's :class:`FlowPosterior` over the unconstrained latent vector."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         return self._posterior(*self._posterior_parts())
 
     def _posterior_parts(self) -> tuple[dist.TorchDistribution, list[Transform]]:
-        """The posterior's base distribution and transforms. Inside the guide's active Pyro
-        context, the param statements of the guide's parameters are made on the way, as
-        PyroModule's attribute access makes them."""
+        """The posterior's base distribution and transforms; inside the guide's active Pyro
+        context, with the param statements PyroModule's attribute access would make."""
         registered = (bool(self._pyro_context.active)
                       and sync_param_store(self, _PARAM_MODULES, register=True))
         return self.get_base_dist(), self._transforms(registered)
@@ -376,11 +400,9 @@ class AutoFlowGuide(Memoized, AutoContinuous):
 
     def _posterior_stack(self, flow: flows.FlowStack | None, affine: nn.Module,
                          laplace: nn.Module | None) -> flows.FlowStack:
-        """The flow layers, the affine layer and the Laplace layer as one
-        :class:`~pyroflows.flows.FlowStack`, handed to Pyro as the posterior's only transform:
-        one input validation, one cache and one log-det sum per call instead of one per layer.
-        Kept while the guide's modules are the same objects (the memo's key holds them); it
-        owns nothing (not a submodule), so ``state_dict`` is unchanged."""
+        """The flow, affine and Laplace layers as one :class:`~pyroflows.flows.FlowStack` (one
+        validation, cache and log-det sum per call), kept while the modules are the same; not
+        a submodule, so ``state_dict`` is unchanged."""
         fused = True if flow is None else flow.fused
 
         def make() -> flows.FlowStack:
@@ -395,13 +417,11 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         return self.memo("posterior_stack", (flow, affine, laplace, fused), make)
 
     def param_groups(self, lr: float | None = None, flow_lr: float | None = None) -> list[dict]:
-        """Parameter groups for a ``torch.optim`` optimizer: the affine layer (``loc``, scale)
-        at ``lr``, the flow layers at ``flow_lr``, by default the family's ``lr``
-        (:func:`~pyroflows.guides.default_lr`). Call the guide once first, so that its
-        parameters exist."""
+        """Parameter groups for a ``torch.optim`` optimizer: the affine layer at ``lr``, the
+        flow layers at ``flow_lr``, by default :func:`default_lr`. Call the guide first."""
         if self.prototype_trace is None:
             raise RuntimeError("call the guide once (with the model's arguments) first")
-        default, default_flow = family_of(self.flow_name).lr
+        default, default_flow = default_lr(self)
         groups = [{"params": list(self._modules["affine"].parameters()),
                    "lr": default if lr is None else lr}]
         flow = self._modules.get("flow")
@@ -435,9 +455,8 @@ class AutoFlowGuide(Memoized, AutoContinuous):
 
     def sample_posterior(self, *args: Any, num_samples: int = 1000,
                          **kwargs: Any) -> dict[str, Tensor]:
-        """``num_samples`` posterior draws of every latent site on its constrained scale,
-        each of shape ``(num_samples, *site_shape)``. ``*args, **kwargs`` are the model's,
-        needed only if the guide has not run yet."""
+        """``num_samples`` posterior draws of every latent site on its constrained scale, each
+        ``(num_samples, *site_shape)``; the model's arguments are needed only before set-up."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         return self._constrain(self._draw_latent(int(num_samples)))
@@ -445,8 +464,9 @@ class AutoFlowGuide(Memoized, AutoContinuous):
     @torch.no_grad()
     def quantiles(self, quantiles: Sequence[float] | Tensor, *args: Any,
                   **kwargs: Any) -> dict[str, Tensor]:
-        """Posterior quantiles of every latent site, each of shape ``(len(quantiles),
-        *site_shape)``, from ``num_quantile_samples`` draws (see the class notes)."""
+        """Posterior quantiles of every latent site, each ``(len(quantiles), *site_shape)``:
+        of ``num_quantile_samples`` unconstrained draws (a fixed seed), mapped by ``biject_to``
+        (marginal quantiles for elementwise supports, valid points for joint ones)."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         draws = self._draw_latent(self.num_quantile_samples, seed=0)
@@ -457,7 +477,7 @@ class AutoFlowGuide(Memoized, AutoContinuous):
 
     @torch.no_grad()
     def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        """Posterior median of every latent site (sample-based, see the class notes)."""
+        """Posterior median of every latent site (as :meth:`quantiles`)."""
         return {k: v[0] for k, v in self.quantiles([0.5], *args, **kwargs).items()}
 
 
@@ -473,8 +493,7 @@ def _quantiles(draws: Tensor, q: Tensor) -> Tensor:
 
 
 class AutoPlanar(AutoFlowGuide):
-    """:class:`AutoFlowGuide` with ``num_layers`` planar layers (seed eq. 28-29) and the final
-    affine layer.
+    """:class:`AutoFlowGuide` with ``num_layers`` planar layers (seed eq. 28-29).
 
     Example:
         >>> import pyro, pyro.distributions as dist, pyroflows as pf
@@ -488,13 +507,13 @@ class AutoPlanar(AutoFlowGuide):
 
 
 class AutoRadial(AutoFlowGuide):
-    """:class:`AutoFlowGuide` with ``num_layers`` radial layers and the final affine layer.
+    """:class:`AutoFlowGuide` with ``num_layers`` radial layers.
 
     Example:
-        >>> import pyro, pyro.distributions as dist, pyroflows as pf
-        >>> guide = pf.guides.AutoRadial(lambda: pyro.sample("z", dist.Normal(0.0, 1.0)))
-        >>> guide()["z"].shape
-        torch.Size([])
+        >>> import pyroflows as pf
+        >>> guide = pf.guides.AutoRadial(model=lambda: None, num_layers=4)
+        >>> guide.flow_name, guide.num_layers
+        ('radial', 4)
     """
 
     def __init__(self, model: Callable, num_layers: int = 16, **kwargs: Any) -> None:
@@ -503,11 +522,8 @@ class AutoRadial(AutoFlowGuide):
 
 class AutoIAF(AutoFlowGuide):
     """:class:`AutoFlowGuide` with ``num_layers`` inverse autoregressive layers (permuted
-    between layers) and the final affine layer: one parallel pass samples and scores.
-
-    The affine layer is full rank up to :data:`FULL_RANK_MAX_DIM` latents (``full_rank``): no
-    choice won everywhere in ``benchmarks/vi.py`` (table "AutoIAF: full-rank or diagonal" in
-    ``benchmarks/results/vi.md``); pass ``full_rank=False`` for funnel-like posteriors.
+    between layers): one parallel pass samples and scores. Pass ``full_rank=False`` for
+    funnel-like posteriors.
 
     Example:
         >>> import pyro, pyro.distributions as dist, pyroflows as pf
@@ -521,3 +537,90 @@ class AutoIAF(AutoFlowGuide):
                  hidden_dims: Sequence[int] | None = None, **kwargs: Any) -> None:
         super().__init__(model, flow="iaf", num_layers=num_layers, hidden_dims=hidden_dims,
                          **kwargs)
+
+
+def sync_param_store(owner: PyroModule, names: Sequence[str], at_setup: bool = False,
+                     register: bool = False) -> bool:
+    """Make the param store's entries for the parameters of ``owner``'s submodules ``names``
+    the modules' own tensors, so that SVI steps exactly what the guide uses (also after
+    ``torch.load``, a store's ``set_state`` or a second guide of the same class, where
+    ``pyro.module`` would keep the store's tensor); at set-up, first convert entries of older
+    layouts and copy matching entries in. With ``register``, inside ``owner``'s active Pyro
+    context, also make each parameter's ``pyro.param`` statement (named, and warning of frozen
+    parameters, as ``pyro.module`` does) in the same walk; returns whether it did (not with
+    module-local parameters, nor for a ``PyroModule`` submodule, whose attribute access makes
+    them)."""
+    if pyro.settings.get("module_local_params") or not owner._pyro_context.used:
+        return False  # no global param store in use, or no Pyro name known yet
+    register = register and bool(owner._pyro_context.active) and not any(
+        isinstance(owner._modules.get(name), PyroModule) for name in names)
+    store = pyro.get_param_store()
+    for name in names:
+        module = owner._modules.get(name)
+        if module is None:
+            continue
+        prefix = owner._pyro_get_fullname(name)
+        if at_setup:
+            if isinstance(module, flows.FlowStack):
+                _legacy.stack_per_layer_entries(store, prefix, module)
+            _legacy.pack_separate_entries_in_store(store, prefix, module)
+        for pname, p in module.named_parameters():
+            if not p.requires_grad:
+                if register and module.training:  # what pyro.module says of it
+                    warnings.warn(f"{pname} was not registered in the param store "
+                                  "because requires_grad=False. You can silence this "
+                                  "warning by calling my_module.train(False)", stacklevel=3)
+                continue
+            full = param_with_module_name(prefix, pname)
+            if full in store:
+                old = store[full]
+                if old is not p:
+                    if at_setup and old.shape == p.shape:
+                        with torch.no_grad():
+                            p.copy_(old.detach())
+                    del store[full]
+                    store[full] = p
+            else:
+                store[full] = p
+            if register:
+                pyro.param(full, p)
+    return register
+
+
+def default_lr(flow: str | AutoFlowGuide | None = None) -> tuple[float, float]:
+    """The Adam step sizes ``(lr, flow_lr)`` of a flow guide, from the family's ``lr`` (a name,
+    or a guide's ``flow_name``; see :class:`~pyroflows.flows.Family`): ``lr`` for the affine
+    layer and any parameter not a flow layer's, ``flow_lr`` for the flow layers.
+
+    Example:
+        >>> default_lr("planar"), default_lr("iaf")
+        ((0.05, 0.01), (0.05, 0.003))
+    """
+    name = flow.flow_name if isinstance(flow, AutoFlowGuide) else flow
+    return _family_of(name).lr
+
+
+def optim_args(flow: str | AutoFlowGuide | None = None, lr: float | None = None,
+               flow_lr: float | None = None, **kwargs: Any) -> Callable[[str], dict]:
+    """Per-parameter arguments for a :mod:`pyro.optim` optimizer: ``lr`` for the affine layer
+    (and any other guide's parameters), ``flow_lr`` for the flow layers, both by default
+    :func:`default_lr` of ``flow``; ``kwargs`` go to the optimizer (e.g. ``ClippedAdam``'s
+    ``lrd=0.02 ** (1 / num_steps)``, the 50-fold decay ``benchmarks/vi.py`` measures).
+
+    Example:
+        >>> import pyro
+        >>> optimizer = pyro.optim.Adam(optim_args("iaf"))
+        >>> optim_args("iaf")("AutoIAF.flow.0.conditioner.flat_parameters")["lr"]
+        0.003
+        >>> optim_args("iaf")("AutoIAF.affine.packed")["lr"]
+        0.05
+    """
+    default, default_flow = default_lr(flow)
+    lr = default if lr is None else lr
+    flow_lr = default_flow if flow_lr is None else flow_lr
+
+    def args(name: str) -> dict:
+        in_flow = ".flow." in f".{name}"
+        return {"lr": flow_lr if in_flow else lr, **kwargs}
+
+    return args

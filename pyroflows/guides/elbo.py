@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .._memo import Memoized
 from . import direct, landing
-from .posterior import FlowPosterior
+from .autoguide import FlowPosterior
 
 __all__ = ["FlowELBO"]
 
