@@ -4,8 +4,10 @@ steps, early stopping on held-out data and the rule that picks the kept step cou
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,23 +24,39 @@ from .map import (
     displacement_constants,
     local_ascent,
 )
-from .threads import threads_for
 
 if TYPE_CHECKING:
     from .transform import Tabak
 
-__all__ = ["SELECTIONS", "FittedSteps", "DualAscent", "check_data", "whitening"]
+__all__ = ["SELECTIONS", "FittedSteps", "DualAscent", "check_data", "whitening", "threads_for"]
 
 #: The accepted values of ``Tabak(selection=...)``: how the kept step count is chosen.
 SELECTIONS = ("best", "one_se", "significant")
 
 # Parameters of the per-coordinate ascent problem: (sigma, shift = phi_0, gamma).
 NUM_ASCENT_PARAMETERS = 3
+# Below this many elements per step, CPU work runs on one thread: the fit's steps and the passes
+# are many small elementwise ops, and on a loaded machine every threaded op waits for a core.
+THREADED_NUMEL = 1 << 20
+
+
+@contextlib.contextmanager
+def threads_for(numel: int, device: torch.device) -> Iterator[None]:
+    """Run the block on one CPU thread when its per-step ops have fewer than
+    ``THREADED_NUMEL`` elements (``numel``)."""
+    old = torch.get_num_threads()
+    if device.type != "cpu" or numel >= THREADED_NUMEL or old == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def check_data(x: Tensor, dim: int, what: str) -> None:
-    """Raise a :class:`ValueError` unless ``x`` is a floating ``(n, dim)`` tensor of finite
-    rows."""
+    """Raise a :class:`ValueError` unless ``x`` is a floating ``(n, dim)`` tensor, rows finite."""
     if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[-1] != dim:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"Tabak.fit: {what} must be a tensor of shape (n, {dim}), got {shape}")
@@ -55,12 +73,9 @@ def check_data(x: Tensor, dim: int, what: str) -> None:
 
 def whitening(x: Tensor, whiten: str) -> tuple[Tensor, Tensor]:
     """The whitening :math:`W(x) = L^{-1}(x - m)` of the rows of ``x``, as ``(m, L)`` in ``x``'s
-    dtype: the maximum-likelihood mean and Cholesky factor (``whiten="full"``), the standard
-    deviations on the diagonal (``"diagonal"``) or the identity (``"none"``).
-
-    Raises a :class:`ValueError` for constant columns (with any ``whiten``) and for a singular
-    covariance (``"full"``: a Cholesky factor whose smallest diagonal entry is lost in
-    ``x``'s rounding)."""
+    dtype: the ML mean and Cholesky factor (``whiten="full"``), the standard deviations
+    (``"diagonal"``) or the identity (``"none"``). Constant columns and (``"full"``) a singular
+    covariance raise a :class:`ValueError`."""
     loc, tril, ridge = ml_gaussian(x, diagonal=whiten != "full")
     # The covariance's diagonal; where a ridge was needed, from the data (it is then either a
     # constant column or a singular covariance, and the ridge would hide which).
@@ -87,8 +102,7 @@ def whitening(x: Tensor, whiten: str) -> tuple[Tensor, Tensor]:
 
 
 def warn_repeats(x: Tensor) -> None:
-    """Warn when a column is mostly repeated values: such data sits on a lattice and its fitted
-    density keeps sharpening on the repeats."""
+    """Warn when a column is mostly repeated values (a lattice: the fit sharpens on them)."""
     s = torch.sort(x, dim=0).values
     repeated = (s[1:] == s[:-1]).to(x.dtype).mean(0)
     if bool((repeated > 0.5).any()):
@@ -101,8 +115,8 @@ def warn_repeats(x: Tensor) -> None:
 
 
 def histogram(c: Tensor, bins: int) -> tuple[Tensor, Tensor]:
-    """Each row of ``c`` (K, n) summarized by ``bins`` equal-width bins: the mean of the points
-    in each bin and the bin's share of the points (empty bins: share 0), shapes (K, bins)."""
+    """Each row of ``c`` (K, n) in ``bins`` equal-width bins: the bins' means of the points and
+    shares of the points (empty: 0), shapes (K, bins)."""
     lo, hi = c.amin(-1, keepdim=True), c.amax(-1, keepdim=True)
     scale = bins / (hi - lo).clamp_min(torch.finfo(c.dtype).tiny)
     idx = ((c - lo) * scale).long().clamp_(0, bins - 1)
@@ -114,7 +128,7 @@ def histogram(c: Tensor, bins: int) -> tuple[Tensor, Tensor]:
 def haar_frames(num: int, dim: int, k: int, like: Tensor,
                 generator: torch.Generator | None) -> Tensor:
     """``num`` Haar-random ``dim x k`` matrices with orthonormal columns (Q of a Gaussian's QR,
-    with the signs of R's diagonal moved into Q so the law is exactly Haar)."""
+    with R's diagonal signs moved into Q, so the law is exactly Haar)."""
     g = torch.randn(num, dim, k, generator=generator, device=like.device, dtype=like.dtype)
     q, r = torch.linalg.qr(g)
     signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
@@ -123,11 +137,8 @@ def haar_frames(num: int, dim: int, k: int, like: Tensor,
 
 
 def select(selection: str, per_row: list[Tensor], steps: list[int], best_step: int) -> int:
-    """The kept step count under ``selection`` (``Tabak``'s argument), from the held-out rows'
-    log-likelihoods at every check: with d the per-row differences (the best count minus a
-    smaller one) and m rows, a count is within one standard error when mean(d) <= sd(d) /
-    sqrt(m). ``"one_se"``: the smallest count within one standard error of the best;
-    ``"significant"``: no steps if they are within, else the best count."""
+    """The kept step count under ``selection`` from the held-out rows' log-likelihoods at every
+    check (the rule is in :class:`~.transform.Tabak`'s docstring)."""
     best = per_row[steps.index(best_step)]
     m = best.shape[0]
 
@@ -145,9 +156,8 @@ def select(selection: str, per_row: list[Tensor], steps: list[int], best_step: i
 
 @dataclass
 class FittedSteps:
-    """What a fit produces: the whitening ``(loc, scale_tril)``, the kept steps' buffers
-    (``frames`` (T, D, K) and the map's :data:`~.map.PARAMETERS`, (T, K) each), the
-    ``history`` of the checks and the kept step count ``best_step``."""
+    """A fit's result: the whitening, the kept steps' buffers (``frames`` (T, D, K) and the
+    :data:`~.map.PARAMETERS`, (T, K) each), the checks' ``history`` and ``best_step``."""
 
     loc: Tensor
     scale_tril: Tensor
@@ -157,15 +167,14 @@ class FittedSteps:
 
 
 class DualAscent:
-    """The fit of :meth:`Tabak.fit <pyroflows.transforms.Tabak.fit>`, for the options of a
-    :class:`~pyroflows.transforms.Tabak` (its docstring describes the algorithm)."""
+    """The fit of :meth:`Tabak.fit <pyroflows.transforms.Tabak.fit>` with a ``Tabak``'s options
+    (its docstring describes the algorithm)."""
 
     def __init__(self, options: Tabak) -> None:
         self.options = options
 
     def run(self, x: Tensor, x_val: Tensor | None, progress: bool) -> FittedSteps:
-        """Fit the steps to the rows of ``x`` (held-out rows ``x_val``, or a random
-        ``val_fraction`` of ``x``'s)."""
+        """Fit the steps to the rows of ``x`` (held out: ``x_val``, or ``val_fraction`` of them)."""
         from tqdm.auto import tqdm
 
         o = self.options
@@ -263,8 +272,7 @@ class DualAscent:
 
     def relative_widths(self, shape: tuple, like: Tensor,
                         generator: torch.Generator | None) -> Tensor:
-        """Per step and coordinate epsilon / std: fixed, or log-uniform on the ``width``
-        range."""
+        """Per step and coordinate epsilon / std: fixed, or log-uniform on the ``width`` range."""
         width = self.options.width
         if not isinstance(width, tuple):
             return like.new_full(shape, width)
@@ -273,9 +281,8 @@ class DualAscent:
         return torch.exp(lo + (hi - lo) * u)
 
     def capped_step(self, grad: Tensor, gn: Tensor) -> tuple[Tensor, Tensor]:
-        """The Gauss-Newton step ``G^{-1} grad`` with its RMS displacement capped at
-        ``step_size``, and the gain the quadratic model predicts for it (shapes ``(..., 3)``,
-        ``(...)``)."""
+        """The Gauss-Newton step ``G^{-1} grad``, its RMS displacement capped at ``step_size``,
+        and the gain the quadratic model predicts for it (shapes ``(..., 3)``, ``(...)``)."""
         step_size = self.options.step_size
         ridge = 1e-8 * torch.eye(NUM_ASCENT_PARAMETERS, device=grad.device, dtype=grad.dtype)
         delta = torch.linalg.solve(gn + ridge, grad.unsqueeze(-1)).squeeze(-1)
@@ -285,8 +292,8 @@ class DualAscent:
         return delta * scale.unsqueeze(-1), (scale - 0.5 * scale * scale) * length * length
 
     def best_frame(self, frames: Tensor, z: Tensor, rows: Tensor, rel_width: Tensor) -> Tensor:
-        """Of the ``num_rotations`` frames (R, D, K), the one whose coordinates' best candidate
-        steps predict the largest total gain (ranked on histograms, as the centers are)."""
+        """Of the frames (R, D, K), the one whose coordinates' best candidates predict the
+        largest total gain."""
         if frames.shape[0] == 1:
             return frames[0]
         r, _, k = frames.shape
@@ -298,16 +305,15 @@ class DualAscent:
 
     @staticmethod
     def candidates(c: Tensor, rows: Tensor, rel_width: Tensor) -> tuple[Tensor, Tensor]:
-        """The candidate centers of the coordinates (rows) of ``c`` (K, n): the points at
-        ``rows`` (K, m), and their widths, ``rel_width`` (K, m) times each coordinate's std."""
+        """The candidate centers of the rows of ``c`` (K, n), the points at ``rows`` (K, m), and
+        their widths, ``rel_width`` (K, m) times each row's std."""
         mean = c.mean(-1, keepdim=True)
         std = ((c * c).mean(-1, keepdim=True) - mean * mean).clamp_min(0).sqrt()
         return c.gather(1, rows), rel_width * std.clamp_min(torch.finfo(c.dtype).eps)
 
     def predicted_gains(self, c: Tensor, centers: Tensor, widths: Tensor) -> Tensor:
-        """The gain the capped step from each candidate (K, m) predicts, computed on a histogram
-        of each coordinate of ``c`` (``candidate_bins`` bins, so ranking m candidates costs m x
-        bins, not m x n)."""
+        """The gain the capped step from each candidate (K, m) predicts, on a histogram of each
+        row of ``c`` (``candidate_bins`` bins: m x bins work, not m x n)."""
         means, shares = histogram(c, self.options.candidate_bins)
         grad, gn = local_ascent(means.unsqueeze(1), centers, widths, weights=shares.unsqueeze(1))
         return self.capped_step(grad, gn)[1]
@@ -315,17 +321,11 @@ class DualAscent:
     def ascent_step(self, c: Tensor, rows: Tensor, rel_width: Tensor) -> tuple[
         tuple[Tensor, ...], tuple[Tensor, ...], Tensor, Tensor, Tensor
     ]:
-        """One Gauss-Newton step of every coordinate (row) of ``c``, shape (K, n), from the
-        identity. ``rows`` (K, m) index candidate centers and ``rel_width`` (K, m) their widths
-        relative to each coordinate's std; with m > 1 the candidate whose capped step predicts
-        the largest gain (on a histogram) is taken, and the chosen step is then computed on all
-        the points.
-
-        Returns the map parameters as (K, 1) columns and their
-        :func:`~.map.displacement_constants`; ``keep`` (K, 1): 1 where the step gains
-        training likelihood, else 0 (that coordinate keeps the identity); and the map's
-        displacement of ``c`` and log-slopes less :math:`\\log(1 - \\sigma)` (see
-        :func:`~.map.displacement`)."""
+        """One capped Gauss-Newton step of every row of ``c`` (K, n) from the identity, at the
+        candidate (``rows``, ``rel_width``: (K, m)) that predicts the largest gain. Returns the
+        map parameters as (K, 1) columns, their :func:`~.map.displacement_constants`, ``keep``
+        (K, 1: 1 where the step gains training likelihood, else 0) and
+        :func:`~.map.displacement` of ``c``."""
         centers, widths = self.candidates(c, rows, rel_width)  # (K, m) each
         if rows.shape[1] > 1:
             best = self.predicted_gains(c, centers, widths).argmax(-1, keepdim=True)

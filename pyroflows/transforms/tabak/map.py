@@ -12,8 +12,7 @@ __all__ = [
     "inverse_displacement_constants",
 ]
 
-#: The names of the map's parameters, in the order of :func:`map_1d`'s arguments: the fitted
-#: transform's buffers of per-step, per-coordinate values.
+#: The map's parameters in :func:`map_1d`'s order: the fitted transform's (T, K) buffers.
 PARAMETERS = ("sigmas", "shifts", "gammas", "centers", "widths")
 
 # Safe region of the map: monotone exactly when sigma < 1 and |gamma| < 1; the margins keep every
@@ -24,8 +23,8 @@ GAMMA_MAX = 0.95
 
 def displacement_constants(sigma: Tensor, shift: Tensor, gamma: Tensor, center: Tensor,
                            width: Tensor) -> tuple[Tensor, ...]:
-    r"""The per-coordinate constants :func:`displacement` takes: :math:`(1 - \sigma, -x_0,
-    \epsilon^2, \gamma, \varphi_0, -\sigma, 1 - \gamma^2)`, each of the parameters' shape."""
+    r""":func:`displacement`'s constants :math:`(1 - \sigma, -x_0, \epsilon^2, \gamma, \varphi_0,
+    -\sigma, 1 - \gamma^2)`, each of the parameters' shape."""
     return (1 - sigma, -center, width * width, gamma, shift, -sigma, (1 - gamma) * (1 + gamma))
 
 
@@ -35,30 +34,25 @@ def displacement(
 ) -> tuple[Tensor, Tensor]:
     r"""The map of seed eq. 25 as a displacement: :math:`\varphi(c) - c = \varphi_0 - \sigma c +
     \gamma r` and :math:`\log\varphi'(c) - \log(1 - \sigma) = \log(1 + \gamma w / r)`, with
-    :math:`w = (1 - \sigma) c - x_0`, :math:`r = \sqrt{\epsilon^2 + w^2}` (see :func:`map_1d`).
+    :math:`w = (1 - \sigma) c - x_0`, :math:`r = \sqrt{\epsilon^2 + w^2}`; the caller adds
+    :math:`\log(1 - \sigma)`, once for all points.
 
-    The logarithm is of a ratio of positive terms, free of cancellation: :math:`\log((r +
-    \gamma w) / r)` where :math:`\gamma w \ge 0`, and where :math:`\gamma w < 0` (there :math:`r
-    + \gamma w` cancels, badly for :math:`|\gamma|` near 1 and :math:`|w| \gg \epsilon`) the same
-    sum rewritten as :math:`(\epsilon^2 + (1 - \gamma^2) w^2) / (r - \gamma w)`. Both branches
-    are finite everywhere, so the unused one passes a zero gradient. With ``exact=False`` the
-    logarithm is :math:`\log(1 + \gamma w / r)` as written, at about half the cost: it loses
-    about :math:`-\log_{10}(1 - |\gamma|)` digits where :math:`\gamma w / r` nears -1, a few
-    ulps for the steps the fit takes (:math:`|\gamma| \le 0.95`). The constant
-    :math:`\log(1 - \sigma)` is left to the caller, which can add it once for all points.
+    The logarithm is free of cancellation: :math:`\log((r + \gamma w) / r)` where :math:`\gamma w
+    \ge 0`, else :math:`\log((\epsilon^2 + (1 - \gamma^2) w^2) / ((r - \gamma w) r))`; both
+    branches are finite, so the unused one passes a zero gradient.
 
     Arguments:
-        c: the points, shape broadcasting against the constants (``(K, n)`` against ``(K, 1)``
-            columns in the fitted transform's passes).
+        c: the points, broadcasting against the constants (``(K, n)`` against ``(K, 1)``).
         scale, neg_center, width_sq, gamma, shift, neg_sigma, one_minus_g2: from
             :func:`displacement_constants`.
-        exact: take the logarithm in the form free of cancellation.
+        exact: the cancellation-free logarithm; else :math:`\log(1 + \gamma w / r)` as written.
     """
     w = torch.addcmul(neg_center, scale, c)
     ww = w * w
     r = torch.sqrt(ww + width_sq)
     gw = gamma * w
     moved = torch.addcmul(torch.addcmul(shift, neg_sigma, c), gamma, r)
+    # The fit's form: half the cost, within ulps for its |gamma| <= 0.95 (results/tabak.md).
     if not exact:
         return moved, torch.log1p(gw / r)
     rewritten = torch.addcmul(width_sq, one_minus_g2, ww) / (r - gw)
@@ -70,9 +64,8 @@ def displacement(
 
 def inverse_displacement_constants(sigma: Tensor, shift: Tensor, gamma: Tensor, center: Tensor,
                                    width: Tensor) -> tuple[Tensor, ...]:
-    r"""The per-coordinate constants :func:`inverse_displacement` takes: :math:`(\varphi_0 +
-    x_0, x_0, \gamma, 1 - \gamma^2, (1 - \gamma^2)\epsilon^2, \gamma\epsilon, \epsilon^2, 1 -
-    \sigma)`, each of the parameters' shape."""
+    r""":func:`inverse_displacement`'s constants :math:`(\varphi_0 + x_0, x_0, \gamma, 1 -
+    \gamma^2, (1 - \gamma^2)\epsilon^2, \gamma\epsilon, \epsilon^2, 1 - \sigma)`."""
     width_sq = width * width
     one_minus_g2 = (1 - gamma) * (1 + gamma)
     return (shift + center, center, gamma, one_minus_g2, one_minus_g2 * width_sq, gamma * width,
@@ -85,27 +78,18 @@ def inverse_displacement(
     log_det: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     r"""The inverse of seed eq. 25 as a displacement: :math:`\varphi^{-1}(y) - y`, and
-    :math:`\log\varphi'(x) - \log(1 - \sigma)` at the pre-image :math:`x` (see
-    :func:`map_1d_inverse`).
+    :math:`\log\varphi'(x) - \log(1 - \sigma)` at the pre-image :math:`x`.
 
-    With :math:`c = y - \varphi_0 - x_0`, :math:`S = \sqrt{c^2 + (1 - \gamma^2)\epsilon^2}` and
-    :math:`P = S + |\gamma c|`, the root :math:`w` of :math:`w + \gamma\sqrt{\epsilon^2 + w^2} =
-    c` is taken in the form free of cancellation for the sign of :math:`\gamma c`, and the
-    identities :math:`r + \gamma w = S` and
-
-    .. math:: r = \frac{P}{1 - \gamma^2}\ (\gamma c \le 0),\qquad
-              r = \frac{c^2 + \epsilon^2}{P}\ (\gamma c > 0)
-
-    (from :math:`(S - \gamma c)(S + \gamma c) = (1 - \gamma^2)(c^2 + \epsilon^2)`) give
-    :math:`\log(1 + \gamma w / r) = \log(S / r)` without a second square root or logarithm.
-    Without ``log_det`` the log-slope is ``None`` (draws need none; it is about a third of the
-    work).
+    The root :math:`w` is that of :func:`map_1d_inverse`; with :math:`P = S + |\gamma c|`, the
+    identities :math:`r + \gamma w = S`, :math:`r = P / (1 - \gamma^2)` (:math:`\gamma c \le 0`)
+    and :math:`r = (c^2 + \epsilon^2) / P` (:math:`\gamma c > 0`) give :math:`\log(1 + \gamma w /
+    r) = \log(S / r)` without a second square root or logarithm.
 
     Arguments:
-        y: the points, shape broadcasting against the constants.
+        y: the points, broadcasting against the constants.
         offset, center, gamma, one_minus_g2, g2_width_sq, gamma_width, width_sq, scale: from
             :func:`inverse_displacement_constants`.
-        log_det: also return the log-slope.
+        log_det: also return the log-slope (else ``None``; draws need none).
     """
     c = y - offset
     cc = c * c
@@ -142,8 +126,7 @@ def map_1d(
 
     with :math:`w = (1 - \sigma)x - x_0`, :math:`r = \sqrt{\epsilon^2 + w^2}`. Strictly
     increasing for :math:`\sigma < 1`, :math:`|\gamma| < 1`, :math:`\epsilon > 0`; the identity
-    at :math:`\sigma = \varphi_0 = \gamma = 0`. The parameters broadcast against ``x`` (shape
-    ``(..., K)`` against ``(K,)``).
+    at :math:`\sigma = \varphi_0 = \gamma = 0`. Parameters of shape ``(K,)``, ``x`` ``(..., K)``.
 
     Example:
         >>> zero = torch.zeros(1, dtype=torch.float64)
@@ -163,19 +146,15 @@ def map_1d_inverse(
 ) -> tuple[Tensor, Tensor]:
     r"""The inverse of :func:`map_1d` in closed form, and :math:`\log\varphi'` at the pre-image.
 
-    With :math:`c = y - \varphi_0 - x_0`, the unknown :math:`w = (1 - \sigma) x - x_0` solves
-    :math:`w + \gamma\sqrt{\epsilon^2 + w^2} = c`; squaring gives the quadratic
-    :math:`(1 - \gamma^2) w^2 - 2 c w + c^2 - \gamma^2 \epsilon^2 = 0`, whose root with
-    :math:`\mathrm{sign}(c - w) = \mathrm{sign}(\gamma)` is, for either sign of :math:`\gamma`,
+    With :math:`c = y - \varphi_0 - x_0`, :math:`w = (1 - \sigma) x - x_0` is the root of
+    :math:`w + \gamma\sqrt{\epsilon^2 + w^2} = c`:
 
     .. math:: w = \frac{c - \gamma S}{1 - \gamma^2}
                 = \frac{(c - \gamma\epsilon)(c + \gamma\epsilon)}{c + \gamma S},\qquad
-              S = \sqrt{c^2 + (1 - \gamma^2)\epsilon^2}.
+              S = \sqrt{c^2 + (1 - \gamma^2)\epsilon^2},
 
-    The first form is used where :math:`c\gamma \le 0` (no cancellation in the numerator), the
-    second where :math:`c\gamma > 0` (no cancellation in the denominator, and none from a small
-    :math:`1 - \gamma^2`), so the root is accurate for :math:`\gamma` near :math:`\pm 1`. See
-    :func:`map_1d` for an example.
+    the first form where :math:`c\gamma \le 0`, the second where :math:`c\gamma > 0`, so that
+    neither cancels (accurate for :math:`\gamma` near :math:`\pm 1`). Example: :func:`map_1d`.
     """
     constants = inverse_displacement_constants(sigma, shift, gamma, center, width)
     moved, log_ratio = inverse_displacement(y, *constants)
@@ -187,10 +166,8 @@ def local_ascent(
     weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Gradient and Gauss-Newton matrix of the local log-likelihood of seed eq. 23 at the
-    identity, for every coordinate at once.
-
-    For each coordinate :math:`k` (a row of ``x``, shape ``(K, n)``), with parameters
-    :math:`\alpha = (\sigma, \varphi_0, \gamma)` of :func:`map_1d`,
+    identity, for each coordinate (row of ``x``) and :math:`\alpha = (\sigma, \varphi_0,
+    \gamma)` of :func:`map_1d`:
 
     .. math:: L(\alpha) = \frac1n\sum_j \Bigl[\log\varphi'(x_j) - \frac{\lambda}{2}
               \varphi(x_j)^2\Bigr].
@@ -205,27 +182,21 @@ def local_ascent(
               = \bigl(\lambda\overline{x^2} - 1,\ -\lambda\bar x,\
               \bar q - \lambda\overline{x r}\bigr).
 
-    The exact Hessian is :math:`\frac1n\sum_j [\nabla^2\log\varphi' - a_j a_j^\top - \lambda b_j
-    b_j^\top - \lambda x_j \nabla^2\varphi]`; its second-derivative terms (e.g.
-    :math:`\partial^2_{\sigma\gamma}\log\varphi' = -x\epsilon^2/r^3`) can make it indefinite.
-    Gauss-Newton keeps the rest,
+    Gauss-Newton drops the Hessian's second-derivative terms (which can make it indefinite),
 
-    .. math:: G = \frac1n\sum_j (a_j a_j^\top + \lambda b_j b_j^\top) \succeq 0,
+    .. math:: G = \frac1n\sum_j (a_j a_j^\top + \lambda b_j b_j^\top) \succeq 0;
 
-    and the ascent step is :math:`\Delta = G^{-1}\nabla L`, the maximizer of the model
-    :math:`L(0) + \nabla L^\top\Delta - \frac12\Delta^\top G\Delta`, which predicts the gain
-    :math:`\frac12\nabla L^\top G^{-1}\nabla L`. :math:`\Delta^\top G\Delta` is the mean squared
-    change of :math:`(\log\varphi', \sqrt\lambda\,\varphi)` over the sample, so its square root
-    measures how far a step moves the points.
+    the step :math:`\Delta = G^{-1}\nabla L` predicts the gain :math:`\frac12\nabla L^\top
+    G^{-1}\nabla L`, and :math:`\sqrt{\Delta^\top G\Delta}` is the RMS change of
+    :math:`(\log\varphi', \sqrt\lambda\,\varphi)` over the points.
 
     Arguments:
-        x: the current coordinates, one row per coordinate: shape ``(K, n)``.
+        x: the current coordinates, shape ``(K, n)``.
         center: :math:`x_0`, shape ``(K,)``.
         width: :math:`\epsilon > 0`, shape ``(K,)``.
         precision: :math:`\lambda` (1 for the standard normal target).
-        weights: optional weights of the points (broadcasting against ``x``, summing to 1
-            along the last dim), e.g. the shares of histogram bins whose means are ``x``;
-            the means :math:`\frac1n\sum_j` become weighted sums.
+        weights: optional point weights broadcasting against ``x``, summing to 1 along the last
+            dim (histogram bins' shares): the means become weighted sums.
 
     Returns:
         ``(grad, gauss_newton)`` of shapes ``(K, 3)`` and ``(K, 3, 3)``.

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..._gaussian import standard_normal_log_prob
 from ..base import FlowTransform
-from .fit import SELECTIONS, DualAscent
+from .fit import SELECTIONS, DualAscent, threads_for
 from .map import (
     PARAMETERS,
     displacement,
@@ -18,7 +18,6 @@ from .map import (
     inverse_displacement,
     inverse_displacement_constants,
 )
-from .threads import threads_for
 
 __all__ = ["Tabak", "tabak", "gaussianize", "NotFittedError"]
 
@@ -32,44 +31,30 @@ class NotFittedError(RuntimeError, ValueError):
 
 
 class Tabak(FlowTransform):
-    r"""The Tabak transform (Tabak & Vanden-Eijnden 2010; seed section 2.5, eq. 23-25): a flow
-    fitted to data by many small, exactly invertible steps that carry the data to
-    :math:`N(0, I)`.
+    r"""The Tabak transform (seed section 2.5, eq. 23-25): a flow fitted to data by many small,
+    exactly invertible steps that carry the data to :math:`N(0, I)`.
 
     The Gaussianizing map ``t.inv`` is :math:`G = S_T \circ \dots \circ S_1 \circ W`: a whitening
-    :math:`W(x) = L^{-1}(x - m)` (mean and Cholesky factor of the covariance), then steps
+    :math:`W(x) = L^{-1}(x - m)`, then steps
 
     .. math:: S_t(z) = z + Q_t\bigl(\varphi_t(Q_t^\top z) - Q_t^\top z\bigr),
 
-    where :math:`Q_t` (D x K) has Haar-random orthonormal columns (K = D: a random rotation) and
-    :math:`\varphi_t` applies the map of seed eq. 25 (:func:`~.map.map_1d`) to each of the K
-    rotated coordinates with its own :math:`(\sigma, \varphi_0, \gamma, x_0, \epsilon)`. So
-    :math:`\log|\det \partial G/\partial x| = -\sum_i \log L_{ii} + \sum_{t,k}
-    \log\varphi_{t,k}'`, and the fitted density is :math:`\rho(x) = |\det \partial G /
-    \partial x|\, \mathcal N(G(x); 0, I)` (seed eq. 1). The forward map ``t(z) = G^{-1}(z)``
-    takes :math:`N(0, I)` draws to data space, so ``TransformedDistribution(N(0, I), [t])`` is the
-    fitted density and can be sampled, as for every pyroflows flow.
+    where :math:`Q_t` (D x K) has Haar-random orthonormal columns and :math:`\varphi_t` applies
+    the map of seed eq. 25 (:func:`~.map.map_1d`) to each rotated coordinate with its own
+    :math:`(\sigma, \varphi_0, \gamma, x_0, \epsilon)`. So :math:`\log|\det \partial G/\partial x|
+    = -\sum_i \log L_{ii} + \sum_{t,k} \log\varphi_{t,k}'` and the density is :math:`\rho(x) =
+    |\det \partial G / \partial x|\, \mathcal N(G(x); 0, I)` (seed eq. 1); ``t(z) = G^{-1}(z)``
+    maps :math:`N(0, I)` draws to data space.
 
-    Fitting (:meth:`fit`): each step draws :math:`Q_t`; for each rotated marginal it draws
-    ``num_candidates`` centers :math:`x_0` at random training points, with :math:`\epsilon` =
-    ``width`` times that marginal's standard deviation, and keeps the center whose Gauss-Newton
-    ascent step on the local log-likelihood of seed eq. 23 (:func:`~.map.local_ascent`), from
-    the identity and with its length capped at ``step_size`` (root mean squared displacement of
-    the points, in units of the target's standard deviation), predicts the largest gain; that
-    step is taken. Because the rotation preserves :math:`|z|`, the per-coordinate gains add up
-    to the exact gain in training log-likelihood of the whole step; a coordinate whose step
-    would lose likelihood keeps the identity, so the training log-likelihood never decreases.
-    Every ``check_every`` steps the held-out log-likelihood (tracked incrementally) is compared;
-    the fit stops after ``patience`` checks without improvement and keeps the best step count.
-
-    Everything runs as batched tensor code on the data's device: one ``(n, D) @ (D, K)`` product
-    and a few elementwise passes per step.
-
-    Edge cases: NaN/inf rows and constant (or linearly dependent, when whitening) columns raise a
-    :class:`ValueError` in :meth:`fit`; repeated values are allowed (every map has width
-    :math:`\epsilon > 0`, so nothing divides by zero), but data on a lattice has no density, so
-    dequantize it first. An unfitted transform raises :class:`NotFittedError` on use. A fit that
-    fails or is interrupted leaves the previous fitted state intact.
+    :meth:`fit`: each step draws :math:`Q_t` and, per rotated coordinate, ``num_candidates``
+    centers :math:`x_0` at training points (:math:`\epsilon` = ``width`` times the coordinate's
+    std); it takes the Gauss-Newton ascent step on the local log-likelihood of seed eq. 23
+    (:func:`~.map.local_ascent`), capped at ``step_size``, of the center that predicts the
+    largest gain. A coordinate whose step would lose training likelihood keeps the identity.
+    The held-out log-likelihood is checked every ``check_every`` steps; the fit stops after
+    ``patience`` checks without improvement. NaN/inf rows and constant or (when whitening)
+    collinear columns raise a :class:`ValueError`; lattice data has no density (dequantize it).
+    A failed or interrupted fit leaves the previous state intact.
 
     References:
         Tabak & Vanden-Eijnden, "Density estimation by dual ascent of the log-likelihood",
@@ -78,37 +63,24 @@ class Tabak(FlowTransform):
     Arguments:
         dim: the event size D.
         max_steps: the most ascent steps :meth:`fit` takes.
-        step_size: cap on each step's root mean squared displacement (a learning rate).
+        step_size: cap on each step's root mean squared displacement of the points.
         whiten: ``True`` (full whitening), ``"diagonal"`` (standardize each column) or ``False``.
-        width: :math:`\epsilon` relative to the standard deviation of the rotated marginal, or a
-            ``(low, high)`` range to draw it from log-uniformly at every step and coordinate.
-        subspace_dim: K, the number of random directions moved per step (default
-            ``min(D, 64)``); buffers hold ``max_steps x D x K`` numbers, so a small K bounds
-            memory for large D.
+        width: :math:`\epsilon` relative to the rotated coordinate's std, or a ``(low, high)``
+            range to draw it from log-uniformly per step and coordinate.
+        subspace_dim: K, the directions moved per step (default ``min(D, 64)``; buffers hold
+            ``max_steps x D x K`` numbers).
         check_every: steps between held-out log-likelihood checks.
         patience: checks without improvement before stopping.
-        val_fraction: share of the rows held out for early stopping when ``fit`` gets no
-            ``x_val``.
-        num_candidates: random centers :math:`x_0` (training points; with a ``width`` range,
-            each with its own width) tried per coordinate and step; the one whose capped
-            Gauss-Newton step predicts the largest gain is taken. 1 is the plain algorithm.
-        candidate_bins: the candidates' predicted gains are computed on a histogram of each
-            rotated coordinate with this many bins (the chosen step itself uses every point),
-            so they cost about ``num_candidates x candidate_bins`` per coordinate, not
-            ``num_candidates x n``.
-        num_rotations: random frames drawn per step; the one whose coordinates' best
-            candidates predict the largest total gain is used (ranked on histograms too), at
-            several times the CPU time per step. Helps where most random directions carry
-            little structure (from about 5 dimensions), not in 2-D.
-        seed: seed of the fit's random rotations, centers and split (default: torch's global RNG).
-        selection: the step count kept: ``"best"``, the check with the highest mean held-out
-            log-likelihood; ``"one_se"``, the one-standard-error rule: the smallest checked
-            count :math:`s` with :math:`\bar d_s \le \mathrm{sd}(d_s)/\sqrt{m}`, where
-            :math:`d_{s,i}` is the best count's held-out log-likelihood of row :math:`i` minus
-            count :math:`s`'s, over the :math:`m` held-out rows (a gain within the noise of a
-            small validation set does not buy steps; holds ``m`` numbers per check);
-            ``"significant"``: the best count if its gain over no steps exceeds one standard
-            error, :math:`\bar d_0 > \mathrm{sd}(d_0)/\sqrt{m}`, else no steps.
+        val_fraction: share of the rows held out when ``fit`` gets no ``x_val``.
+        num_candidates: random centers tried per coordinate and step (1: the plain algorithm).
+        candidate_bins: bins of the histogram the candidates' gains are ranked on.
+        num_rotations: random frames drawn per step, the best one used (helps from about 5-D).
+        seed: seed of the fit's rotations, centers and split (default: torch's global RNG).
+        selection: the kept step count: ``"best"``, the best held-out score; ``"one_se"``, the
+            smallest checked count :math:`s` with :math:`\bar d_s \le \mathrm{sd}(d_s)/\sqrt{m}`
+            (:math:`d_s`: the best count's held-out row log-likelihoods minus count :math:`s`'s,
+            over :math:`m` rows); ``"significant"``, the best count if :math:`\bar d_0 >
+            \mathrm{sd}(d_0)/\sqrt{m}`, else none.
 
     Example:
         >>> import torch, pyroflows as pf
@@ -200,16 +172,14 @@ class Tabak(FlowTransform):
 
     # ---- fitting -----------------------------------------------------------------------------
     def fit(self, x: Tensor, x_val: Tensor | None = None, progress: bool = True) -> Tabak:
-        """Fit the steps to the rows of ``x`` (shape ``(n, D)``) and return ``self``.
+        """Fit the steps to the rows of ``x`` (shape ``(n, D)``; the buffers take its device and
+        dtype) and return ``self``; ``history`` then holds ``step``, ``train_log_prob`` and
+        ``val_log_prob`` (nats per sample) at every check, and ``best_step`` the kept count.
 
         Arguments:
-            x: training data. The fitted buffers take its device and dtype.
-            x_val: held-out data for early stopping; by default ``val_fraction`` of the rows
-                of ``x`` are held out (and not used for the steps).
-            progress: show a progress bar with the held-out log-likelihood per sample.
-
-        After the fit, ``history`` holds ``step``, ``train_log_prob`` and ``val_log_prob``
-        (mean per sample, nats) at every check, and ``best_step`` the kept step count.
+            x: training data.
+            x_val: held-out data for early stopping (default: ``val_fraction`` of ``x``'s rows).
+            progress: show a progress bar.
         """
         fitted = DualAscent(self).run(x, x_val, progress)
         # Commit only now, so an exception or interrupt in the fit leaves the old state intact.
@@ -243,8 +213,8 @@ class Tabak(FlowTransform):
         return -torch.log(torch.diagonal(self.scale_tril)).sum()
 
     def _step_constants(self, inverse: bool) -> list[tuple[Tensor, ...]]:
-        """Per step, the ``(K, 1)`` constant columns of :func:`~.map.displacement` (or, with
-        ``inverse``, :func:`~.map.inverse_displacement`), for all steps at once."""
+        """Per step, the ``(K, 1)`` constant columns of :func:`~.map.displacement` (or
+        :func:`~.map.inverse_displacement`)."""
         make = inverse_displacement_constants if inverse else displacement_constants
         columns = make(*(getattr(self, name) for name in PARAMETERS))
         # (T, P, K, 1) -> T tuples of P views: one split here rather than P indexing ops per step
@@ -254,15 +224,10 @@ class Tabak(FlowTransform):
 
     def _run_steps(self, z: Tensor, inverse: bool,
                    log_det: bool = True) -> tuple[Tensor, Tensor | None]:
-        """Apply the steps to ``z`` of shape (..., D): in order (Gaussianizing) or, with
-        ``inverse``, their inverses in reverse order. Returns the image and the summed log-slopes
-        of the forward steps at the Gaussianizing-side points (``None`` when ``inverse`` and not
-        ``log_det``: the inverse steps then skip them).
-
-        On the CPU the rows go through all steps a chunk at a time (about ``CHUNK_NUMEL``
-        elements per ``(K, rows)`` intermediate per thread), so the step's dozen elementwise
-        passes run in cache instead of streaming the whole batch through memory once per pass;
-        on an accelerator the whole batch is one chunk."""
+        """The steps applied to ``z`` (..., D), or with ``inverse`` their inverses in reverse
+        order: the image and the forward steps' summed log-slopes (``None`` if ``inverse`` and
+        not ``log_det``). On the CPU rows run through all steps in chunks of ``CHUNK_NUMEL``
+        elements per thread, so each step's elementwise passes stay in cache."""
         batch = z.shape[:-1]
         flat = z.reshape(-1, self.dim)
         rows = flat.shape[0]
@@ -306,16 +271,14 @@ class Tabak(FlowTransform):
         return z, -(log_slopes + self._whiten_log_det())
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Map N(0, I) draws to data space: the steps' inverses in reverse order, then
-        un-whiten."""
+        """Map N(0, I) draws to data space: the inverse steps in reverse order, then un-whiten."""
         self._check_fitted()
         z, log_slopes = self._run_steps(x, inverse=True)
         y = self.loc + z @ self.scale_tril.mT
         return y, -(log_slopes + self._whiten_log_det())
 
     def forward_value(self, x: Tensor) -> Tensor:
-        """``t(x)`` alone, without the log-det (faster than :meth:`forward_and_log_det`): for
-        draws that are not scored. Not cached."""
+        """``t(x)`` without the log-det (faster), for draws that are not scored. Not cached."""
         self._check_fitted()
         self._validate(x, "input")
         z, _ = self._run_steps(x, inverse=True, log_det=False)
@@ -337,8 +300,7 @@ class Tabak(FlowTransform):
         return self.forward_value(z)
 
     def truncated(self, num_steps: int) -> Tabak:
-        """A copy keeping the whitening and the first ``num_steps`` steps: the flow as it stood
-        at that point of the fit (``truncated(0)`` is the whitening alone)."""
+        """A copy with the whitening and the first ``num_steps`` steps (0: the whitening alone)."""
         self._check_fitted()
         if not 0 <= int(num_steps) <= self.num_steps:
             raise ValueError(f"Tabak.truncated: num_steps must be in [0, {self.num_steps}], "
@@ -357,20 +319,16 @@ def tabak(dim: int, **kwargs) -> Tabak:
 
 def gaussianize(x: Tensor, x_val: Tensor | None = None, progress: bool = False,
                 **kwargs) -> tuple[Tensor, Tabak]:
-    """Fit a :class:`Tabak` transform to ``x`` (shape ``(n, D)``) and return ``(z, tabak)`` with
-    ``z = tabak.inv(x)`` approximately :math:`N(0, I)`.
-
-    The preconditioning step for models: fit a Pyro model to ``z`` (e.g. a Gaussian mixture, as
-    in Agnelli, Cadeiras, Tabak, Turner & Vanden-Eijnden 2010), then map results back exactly:
-    points with ``tabak(z)``, densities with
-    ``TransformedDistribution(model_density_of_z, [tabak])``, whose ``log_prob(x)`` is
-    :math:`\\log p_z(G(x)) + \\log|\\det \\partial G/\\partial x|`.
+    """Fit a :class:`Tabak` transform to ``x`` and return ``(z, tabak)``, ``z = tabak.inv(x)``
+    approximately :math:`N(0, I)`: fit a model to ``z`` (e.g. a Gaussian mixture, as in Agnelli,
+    Cadeiras, Tabak, Turner & Vanden-Eijnden 2010), then ``TransformedDistribution(model_of_z,
+    [tabak])`` is its density in ``x``.
 
     Arguments:
         x: the data, shape ``(n, D)``.
         x_val: optional held-out data for early stopping.
         progress: show a progress bar.
-        kwargs: :class:`Tabak` arguments (``max_steps``, ``step_size``, ``seed``, ...).
+        kwargs: :class:`Tabak` arguments.
 
     Example:
         >>> import torch
