@@ -13,8 +13,9 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from linear_gaussian import data, exact_guide, linear_gaussian
+from linear_gaussian import data, exact_guide, linear_gaussian, log_tol
 from pyro.infer.autoguide import AutoNormal
+from scipy import stats
 
 from pyroflows import diagnostics as dg
 
@@ -83,3 +84,28 @@ def test_arviz_plots_without_extra_steps(device, dtype):
     assert az.plot_posterior(idata).size == 3
     az.plot_pair(idata)
     plt.close("all")
+
+
+def test_sites_of_plain_torch_distributions(device, dtype):
+    """Model sites of plain ``torch.distributions`` (no ``event_dim``): Normal-Normal, whose
+    exact guide's log weights are the closed-form log evidence N(y | 0, I + 1 1^T)."""
+    y = torch.tensor([0.3, -0.2, 1.1, 0.6], device=device, dtype=dtype)
+    n, s = len(y), 400
+
+    def model(y):
+        x = pyro.sample("x", torch.distributions.Normal(y.new_zeros(()), y.new_ones(())))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", torch.distributions.Normal(x, y.new_ones(())), obs=y)
+
+    def guide(y):  # the exact posterior N(sum y / (n + 1), 1 / (n + 1))
+        pyro.sample("x", dist.Normal(y.sum() / (n + 1), y.new_tensor(1 / (n + 1)).sqrt()))
+
+    idata = dg.to_inference_data(model, guide, y, num_samples=s)
+    y_np = y.cpu().double().numpy()
+    log_z = stats.multivariate_normal(np.zeros(n), np.eye(n) + 1).logpdf(y_np)
+    np.testing.assert_allclose(idata.sample_stats["log_weight"].values[0], log_z,
+                               atol=log_tol(dtype))
+    x = idata.posterior["x"]
+    assert x.dims == ("chain", "draw") and x.shape == (1, s)
+    assert abs(x.values.mean() - y_np.sum() / (n + 1)) < 4 / math.sqrt((n + 1) * s)
+    assert idata.observed_data["y"].dims == ("data",)

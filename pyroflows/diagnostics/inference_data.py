@@ -73,11 +73,9 @@ def _simulate_observed(
         data = {name: v[start:start + n] for name, v in latents.items()}
         predictive = poutine.condition(poutine.uncondition(model), data=data)
         trace = poutine.trace(vectorize(predictive, n, mpn)).get_trace(*args, **kwargs)
-        return {
-            name: align(trace.nodes[name]["value"], trace.nodes[name]["fn"].event_dim, n, mpn,
-                        name)
-            for name in observed
-        }
+        sites = {name: trace.nodes[name] for name in observed}
+        return {name: align(site["value"], len(site["fn"].event_shape), n, mpn, name)
+                for name, site in sites.items()}
 
     parts, _ = in_chunks(simulate, total, draws.chunk_size)
     return {name: torch.cat([p[name] for p in parts]) for name in observed}

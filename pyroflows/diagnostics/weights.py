@@ -190,7 +190,7 @@ def _sites_and_values(
             for f in site["cond_indep_stack"]
             if f.vectorized and f.name != _SAMPLE_PLATE
         }
-        event_dim, value = site["fn"].event_dim, site["value"]
+        event_dim, value = len(site["fn"].event_shape), site["value"]
         if site_is_deterministic(site):
             values[name], event_dim = _align_deterministic(value, event_dim, num_samples, mpn,
                                                            name)
