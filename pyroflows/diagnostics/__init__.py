@@ -10,8 +10,8 @@ device; results come back as numpy (in :class:`arviz.InferenceData`) or Python f
 
 Modules: ``weights`` (the vectorized draws and their log importance weights), ``pareto``
 (Pareto-smoothed importance sampling: :math:`\\hat k`, its verdict, importance resampling),
-``inference_data`` (ArviZ), ``elbo_trace`` (the ELBO trace's convergence check), ``report``
-(:class:`VIReport`, all of it for one guide).
+``inference_data`` (ArviZ), ``report`` (:class:`VIReport`, all of it for one guide, and the ELBO
+trace's convergence check).
 
 The importance log weight of a guide draw :math:`z \\sim q` is
 
@@ -57,10 +57,9 @@ Example:
 
 from __future__ import annotations
 
-from .elbo_trace import ConvergenceCheck, elbo_convergence, elbo_trace_ylim
 from .inference_data import to_inference_data
 from .pareto import KHAT_GOOD, KHAT_USABLE, importance_resample, khat_verdict, psis, psis_khat
-from .report import VIReport, vi_report
+from .report import ConvergenceCheck, VIReport, elbo_convergence, elbo_trace_ylim, vi_report
 from .weights import log_importance_weights
 
 __all__ = [

@@ -1,5 +1,5 @@
-"""The VI report: ELBO, log evidence, PSIS k-hat and importance ESS of one guide from one set of
-draws, with the ELBO trace's convergence check; as a table, a dict or a figure."""
+"""The VI report of a fit: ELBO, log evidence, PSIS k-hat and importance ESS of one guide from one
+set of draws, and whether the ELBO trace has stopped rising; as a table, a dict or a figure."""
 
 from __future__ import annotations
 
@@ -12,11 +12,109 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .elbo_trace import ConvergenceCheck, as_trace, elbo_convergence, elbo_trace_ylim
 from .pareto import KHAT_GOOD, KHAT_USABLE, importance_ess, khat_verdict, psis
 from .weights import guide_name, log_importance_weights
 
-__all__ = ["VIReport", "vi_report"]
+__all__ = ["ConvergenceCheck", "elbo_convergence", "elbo_trace_ylim", "VIReport", "vi_report"]
+
+
+def _as_trace(elbo_trace: Sequence[float] | np.ndarray | Tensor) -> np.ndarray:
+    if torch.is_tensor(elbo_trace):
+        elbo_trace = elbo_trace.detach().cpu()
+    return np.asarray(elbo_trace, dtype=np.float64).reshape(-1)
+
+
+@dataclass
+class ConvergenceCheck:
+    """The ELBO-trace check of :func:`elbo_convergence`."""
+
+    verdict: str  # "converged", "still rising", "falling" or "too short"
+    difference: float  # mean of the last window minus mean of the window before
+    standard_error: float
+    window: int
+
+    def __str__(self) -> str:
+        if self.verdict == "too short":
+            return "too short to judge"
+        return (f"{self.verdict} (last {self.window} - previous {self.window}: "
+                f"{self.difference:+.3g} ± {self.standard_error:.2g})")
+
+
+def elbo_convergence(
+    elbo_trace: Sequence[float] | np.ndarray | Tensor, window: float = 0.1, tol: float = 0.01,
+) -> ConvergenceCheck:
+    """Has the ELBO stopped rising? With :math:`\\bar a` the mean of the last ``window`` fraction
+    of the trace (:math:`m \\ge 5` steps) and :math:`\\bar b` the mean of the :math:`m` before it,
+
+    .. math:: d = \\bar a - \\bar b, \\qquad \\mathrm{se} = \\sqrt{(s_a^2 + s_b^2) / m}
+
+    (sample variances, the steps taken as independent, which SVI's noisy estimates nearly are):
+    ``"still rising"`` if :math:`d > \\max(2\\,\\mathrm{se}, \\mathrm{tol})`, ``"falling"`` (an
+    unstable optimizer) if :math:`d < -\\max(2\\,\\mathrm{se}, \\mathrm{tol})`, else
+    ``"converged"``; ``"too short"`` below 20 steps.
+
+    Arguments:
+        elbo_trace: ELBO values in step order (the negated losses of ``svi.step``).
+        window: the fraction of the trace in each window.
+        tol: rises smaller than this many nats count as converged.
+
+    Example:
+        >>> import numpy as np
+        >>> from pyroflows.diagnostics import elbo_convergence
+        >>> steps = np.arange(1000)
+        >>> elbo_convergence(-100 * np.exp(-steps / 50)).verdict
+        'converged'
+        >>> elbo_convergence(-100 * np.exp(-steps / 2000)).verdict
+        'still rising'
+    """
+    trace = _as_trace(elbo_trace)
+    m = max(5, int(round(window * trace.size)))
+    if trace.size < max(20, 2 * m):
+        return ConvergenceCheck("too short", math.nan, math.nan, m)
+    last, previous = trace[-m:], trace[-2 * m:-m]
+    difference = float(last.mean() - previous.mean())
+    se = float(math.sqrt(last.var(ddof=1) / m + previous.var(ddof=1) / m))
+    threshold = max(2.0 * se, tol)
+    if not math.isfinite(difference):
+        verdict = "falling"  # non-finite ELBO values: the optimizer went astray
+    elif difference > threshold:
+        verdict = "still rising"
+    elif difference < -threshold:
+        verdict = "falling"
+    else:
+        verdict = "converged"
+    return ConvergenceCheck(verdict, difference, se, m)
+
+
+def elbo_trace_ylim(
+    elbo_trace: Sequence[float] | np.ndarray | Tensor, quantile: float = 5.0,
+) -> tuple[float, float] | None:
+    r"""y-limits that keep an ELBO trace readable when its first steps are far below the rest,
+    or ``None`` when the full range is fine. With :math:`q` the ``quantile``-th percentile of the
+    finite values and :math:`M` their maximum, a trace whose minimum lies below
+    :math:`q - 5 (M - q)` gets :math:`(q - (M - q)/2,\ M + (M - q)/20)`: the steps above the
+    ``quantile`` fill the axis, the early transient leaves it at the bottom.
+
+    Example:
+        >>> import numpy as np
+        >>> from pyroflows.diagnostics import elbo_trace_ylim
+        >>> trace = -10.0 + 0.1 * np.random.default_rng(0).standard_normal(1000)
+        >>> trace[:20] = -1e6  # the first steps of a badly started fit
+        >>> lo, hi = elbo_trace_ylim(trace)
+        >>> bool(-11 < lo < -10 < hi < -9)
+        True
+        >>> elbo_trace_ylim(-10 - np.exp(-np.arange(1000) / 200)) is None
+        True
+    """
+    trace = _as_trace(elbo_trace)
+    finite = trace[np.isfinite(trace)]
+    if finite.size < 2:
+        return None
+    low, top = float(np.percentile(finite, quantile)), float(finite.max())
+    span = top - low
+    if not span > 0 or finite.min() >= low - 5 * span:
+        return None
+    return low - 0.5 * span, top + 0.05 * span
 
 
 @dataclass
@@ -47,15 +145,9 @@ class VIReport:
         """The numbers, as plain Python values (for benchmark tables)."""
         c = self.convergence
         return {
-            "guide": self.guide,
-            "num_samples": self.num_samples,
-            "elbo": self.elbo,
-            "elbo_se": self.elbo_se,
-            "log_evidence": self.log_evidence,
-            "khat": self.khat,
-            "khat_verdict": self.khat_verdict,
-            "ess": self.ess,
-            "ess_fraction": self.ess_fraction,
+            "guide": self.guide, "num_samples": self.num_samples, "elbo": self.elbo,
+            "elbo_se": self.elbo_se, "log_evidence": self.log_evidence, "khat": self.khat,
+            "khat_verdict": self.khat_verdict, "ess": self.ess, "ess_fraction": self.ess_fraction,
             "convergence": None if c is None else c.verdict,
             "elbo_trace_difference": None if c is None else c.difference,
             "elbo_trace_se": None if c is None else c.standard_error,
@@ -140,12 +232,11 @@ def vi_report(
     elbo_trace: Sequence[float] | np.ndarray | Tensor | None = None, num_samples: int = 2000,
     max_plate_nesting: int | None = None, chunk_size: int | None = None, **kwargs: Any,
 ) -> VIReport:
-    """Is this guide trustworthy? One set of ``num_samples`` guide draws gives the ELBO
-    :math:`\\frac1S\\sum_s \\log w_s` with its standard error, the importance-sampling log
-    evidence :math:`\\log \\frac1S \\sum_s w_s`, the PSIS :math:`\\hat k` with its verdict and the
-    importance-sampling effective sample size :math:`(\\sum_s \\tilde w_s)^2 / \\sum_s \\tilde
-    w_s^2` of the smoothed weights; with ``elbo_trace`` also
-    :func:`~pyroflows.diagnostics.elbo_convergence`.
+    """Is this guide trustworthy? From one set of S guide draws: the ELBO
+    :math:`\\frac1S\\sum_s \\log w_s` with its standard error, the log evidence
+    :math:`\\log \\frac1S \\sum_s w_s`, the PSIS :math:`\\hat k` with its verdict and the
+    importance ESS :math:`(\\sum_s \\tilde w_s)^2 / \\sum_s \\tilde w_s^2` of the smoothed
+    weights; with ``elbo_trace`` also :func:`elbo_convergence`.
 
     Arguments:
         model, guide, args, kwargs, num_samples, max_plate_nesting, chunk_size: as for
@@ -171,7 +262,7 @@ def vi_report(
     )
     smoothed, khat = psis(log_weights)
     lw = log_weights.detach().to("cpu", torch.float64).numpy()
-    trace = None if elbo_trace is None else as_trace(elbo_trace)
+    trace = None if elbo_trace is None else _as_trace(elbo_trace)
     with np.errstate(invalid="ignore"):  # -inf weights give a -inf ELBO, honestly
         elbo = float(lw.mean())
         elbo_se = float(lw.std(ddof=1) / math.sqrt(lw.size)) if lw.size > 1 else math.nan
