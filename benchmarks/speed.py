@@ -308,7 +308,8 @@ def build_estimator_step(family: str, data: Tensor, lr: float = 1e-3, dim: int |
     clipping and its parameter averaging. The model is set up on ``data`` as ``fit`` sets it
     up (``max_epochs=0``); the batches are the same raw rows as the other rows'."""
     import pyroflows as pf
-    from pyroflows.density import _training_state, _training_step
+    from pyroflows.density.training import training_state as _training_state
+    from pyroflows.density.training import training_step as _training_step
 
     DIM, HIDDEN = _size(dim, hidden)  # noqa: N806 (the module constants, overridden)
     torch.manual_seed(0)

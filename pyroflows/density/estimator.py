@@ -1,6 +1,5 @@
 """The density estimator's user API: its arguments and their checks, the fit (the split, the
-automatic choice of pipeline, the refiner), and scoring, sampling, moving, saving and loading a
-fitted model."""
+automatic choice of pipeline, the refiner), and scoring, sampling, saving and loading."""
 
 from __future__ import annotations
 
@@ -56,25 +55,19 @@ def _check_matrix(t: Tensor, name: str, dim: int | None, device: torch.device,
                   dtype: torch.dtype) -> Tensor:
     """``t`` as an ``(n, dim)`` matrix of finite rows on ``device`` in ``dtype``."""
     if t.dim() != 2:
-        raise ValueError(
-            f"{name} must be a 2-D array shaped (n_samples, n_features), got shape "
-            f"{tuple(t.shape)}"
-        )
+        raise ValueError(f"{name} must be a 2-D array shaped (n_samples, n_features), got "
+                         f"shape {tuple(t.shape)}")
     if dim is not None and t.shape[1] != dim:
-        raise ValueError(
-            f"{name} has {t.shape[1]} columns, expected {dim} (the number of columns of the "
-            "training data)"
-        )
+        raise ValueError(f"{name} has {t.shape[1]} columns, expected {dim} (the number of "
+                         "columns of the training data)")
     t = t.to(device=device, dtype=dtype)
     bad = ~torch.isfinite(t).all(dim=1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten()
         shown = rows[:5].tolist()
         more = f" (and {rows.numel() - 5} more)" if rows.numel() > 5 else ""
-        raise ValueError(
-            f"{name} has NaN or infinite values (in {dtype}) in {rows.numel()} row(s), e.g. "
-            f"rows {shown}{more}; drop or impute them first"
-        )
+        raise ValueError(f"{name} has NaN or infinite values (in {dtype}) in {rows.numel()} "
+                         f"row(s), e.g. rows {shown}{more}; drop or impute them first")
     return t
 
 
@@ -96,8 +89,7 @@ def _check_option_names(options: dict, accepted: set[str], reserved: Sequence[st
 
 
 def _accepted_flow_options(flow: str) -> set[str]:
-    """What ``flows.build(flow, ...)`` takes besides what the estimator passes itself: the
-    stack's own options and the layer constructor's keywords."""
+    """The keywords of ``flows.build(flow, ...)`` and of the layer, less those passed here."""
     from ..transforms import MAF, RealNVP
 
     layer = {"maf": MAF, "realnvp": RealNVP}[flow]
@@ -111,115 +103,60 @@ class DensityEstimator:
     .. math:: \log p(x) = \log N\bigl(z; 0, I\bigr) + \log\Bigl|\det \frac{\partial z}{\partial x}
               \Bigr|, \qquad z = f^{-1}\bigl(P^{-1}(x)\bigr),
 
-    where :math:`f` is a MAF or RealNVP stack (forward: base to data) and :math:`P` is a fixed
-    preconditioner fitted to the training split. Preconditioning is part of the model, not of
-    the data: :meth:`log_prob` is the density of the user's original :math:`x`, with the
-    Jacobian of every stage included. The pipeline, data side first:
+    where :math:`f` is a MAF or RealNVP stack and :math:`P` a fixed preconditioner fitted to the
+    training split; :meth:`log_prob` is the density of the original :math:`x`, every stage's
+    Jacobian included. The pipelines, data side first:
 
-    - ``"whiten"`` (default): standardize, :math:`u = (x - m) / \sigma`; then the flow layers
-      (identity at the start); then a learnable full-covariance base, :math:`z = L^{-1} v`,
-      with :math:`L` starting as the Cholesky factor of the maximum-likelihood covariance of
-      :math:`u`. Before training the model *is* the ML full-covariance Gaussian
-      :math:`N(m, \hat\Sigma)`, and early stopping (which considers the untrained state too)
-      never returns a model whose validation log-likelihood is below that Gaussian's. The layers
-      see the data's own coordinates rather than a rotation of them.
-    - ``"cholesky"``: standardize, then whiten with a fixed Cholesky factor,
-      :math:`w = C^{-1} u` with :math:`C C^\top` the ML covariance of :math:`u` (log-det
-      :math:`-\sum_i \log C_{ii}`); then the flow layers; then the same learnable
-      :math:`z = L^{-1} v`, but started at :math:`L = I`. It too starts at the ML Gaussian;
-      only the coordinates the layers see differ. Worth trying on low-dimensional data with
-      curved structure, chosen on validation data; on real data sets it does worse than
-      ``"whiten"`` (``benchmarks/results/density.md``, "Fixed whitening").
-    - ``"standardize"``: only the per-column standardization (the start is the ML diagonal
-      Gaussian).
-    - ``"tabak"``: the non-parametric Tabak-Vanden-Eijnden flow
-      (:class:`pyroflows.transforms.Tabak`, which whitens first) is fitted to the training split
-      (its step count chosen on the validation split) and Gaussianizes it; the neural flow then
-      models what is left, starting from Tabak's density. Options for it go in
-      ``tabak_options``. Tabak leaves the *training* split almost exactly :math:`N(0, I)`, so
-      there is little left for the neural flow to learn there; it is the more robust choice in
-      the tails with few rows.
-    - ``"auto"``: fit the ``"whiten"`` and the ``"tabak"`` pipelines (each with ``refine``,
-      each flow with the whole epoch budget, so about twice the time; the ``"whiten"``
-      candidate is the very fit ``precondition="whiten"`` makes with the same ``seed``) and
-      keep the one with the higher validation log-likelihood; ``precondition_`` and
-      ``history_["candidates"]`` say which was kept and what each scored. With
-      ``refine="tabak"`` this is the recommended Tabak + flow configuration. The choice sees
-      only the validation split: where a flow's tails fail far outside the data validation
-      cannot tell; the estimator's log-scale bound (below) removes those tails.
-    - ``None``: the flow sees the raw data, with base ``N(0, I)``.
+    - ``"whiten"`` (default): standardize, :math:`u = (x - m) / \sigma`; the flow layers; a
+      learnable base :math:`z = L^{-1} v`, :math:`L` started at the Cholesky factor of the ML
+      covariance of :math:`u`. Untrained, the model is the ML Gaussian, and early stopping
+      never returns one that scores lower on validation.
+    - ``"cholesky"``: standardize, a fixed whitening :math:`w = C^{-1} u` (:math:`C C^\top` the
+      ML covariance of :math:`u`), the layers, the learnable base started at :math:`L = I`; a
+      candidate for low-dimensional curved data, worse than ``"whiten"`` on real data sets.
+    - ``"standardize"``: the standardization only (the start is the ML diagonal Gaussian).
+    - ``"tabak"``: a :class:`~pyroflows.transforms.Tabak` transform fitted to the training split
+      (``tabak_options``; its step count chosen on the validation split) Gaussianizes the data;
+      the flow models what is left.
+    - ``"auto"``: fit ``"whiten"`` and ``"tabak"`` (about twice the time) and keep the one with
+      the higher validation log-likelihood (``precondition_``, ``history_["candidates"]``).
+    - ``None``: the flow on the raw data, base ``N(0, I)``.
 
-    ``refine="tabak"`` orders the two the other way round as well: after the flow is trained,
-    a Tabak transform :math:`R` without whitening is fitted to the flow's latent codes
-    :math:`z` of the training split, its step count chosen on the validation split's codes,
-    and the base becomes :math:`p_R(z) = N(R^{-1}(z); 0, I)\,|\det \partial R^{-1}/\partial
-    z|`, so
+    ``refine="tabak"`` fits a Tabak transform :math:`R` without whitening to the trained flow's
+    latent codes, and the base becomes :math:`p_R(z) = N(R^{-1}(z); 0, I)\,|\det \partial
+    R^{-1}/\partial z|`; it keeps its steps only if they beat none by more than one standard
+    error on the validation codes (``Tabak(selection="significant")``).
 
-    .. math:: \log p(x) = \log N\bigl(R^{-1}(z); 0, I\bigr) + \log\Bigl|\det
-              \frac{\partial R^{-1}(z)}{\partial x}\Bigr|.
-
-    Zero steps (the flow alone) is one of the choices, and the refiner keeps its best step
-    count only if that beats zero steps by more than one standard error of the per-row
-    differences on the validation codes (``Tabak(selection="significant")``), so a gain that
-    a small validation split cannot distinguish from noise buys no steps; Tabak then removes
-    what non-Gaussianity the flow left, rather than leaving the flow nothing to learn. It
-    costs one Tabak fit on the codes.
-
-    Log-scale bound: the MAF/RealNVP layers get ``log_scale_bound=2.0`` unless
-    ``flow_options`` names one (the layers' own default is 5): each layer's log-scale is
-    :math:`b \tanh(s / b)`, so it scales a coordinate by at most :math:`e^{b}` and its
-    :math:`|\log\det|` is at most :math:`D b`. It matters with few rows, where a flow's tails
-    can fail on test points far outside the data. A saved estimator keeps the defaults it was
-    built with.
-
-    Training: minibatch Adam on the training split; after every epoch the mean validation
-    log-likelihood of an exponential moving average of the parameters (less noisy than Adam's
-    last iterate); early stopping after ``patience`` epochs without improvement, and the best
-    state (the untrained one included) restored at the end, after an exception, or after a
-    ``KeyboardInterrupt`` (which ends training gracefully and returns the best model).
-
-    The measurements behind these defaults are in ``benchmarks/results/density.md``.
+    The layers get ``log_scale_bound=2.0`` unless ``flow_options`` names one: each layer's
+    log-scale is :math:`b \tanh(s / b)`, which tames a flow's tails with few rows. Training:
+    minibatch Adam; an exponential moving average of the parameters is validated after every
+    epoch; early stopping after ``patience`` epochs without improvement; the best state (the
+    untrained one included) is restored at the end, after an error or a ``KeyboardInterrupt``.
 
     Arguments:
-        flow: ``"maf"`` (masked autoregressive: one-pass density, D-pass sampling) or
-            ``"realnvp"`` (affine coupling: one pass both ways).
+        flow: ``"maf"`` (one-pass density, D-pass sampling) or ``"realnvp"`` (one pass both ways).
         num_layers: the number of flow layers.
         hidden_dims: the conditioner networks' hidden sizes.
         precondition: ``"whiten"``, ``"cholesky"``, ``"standardize"``, ``"tabak"``,
             ``"auto"`` or ``None`` (see above).
-        device: where to fit; default: the device of a tensor passed to :meth:`fit`, else CPU.
-        dtype: floating dtype; default: that of a floating tensor passed to :meth:`fit`, else
-            ``torch.get_default_dtype()``.
+        device: where to fit; default: that of a tensor passed to :meth:`fit`, else CPU.
+        dtype: float32 or float64; default: that of a floating tensor passed to :meth:`fit`.
         seed: makes the split, initialization, shuffling and :meth:`sample` reproducible.
-        tabak_options: keyword arguments for :class:`pyroflows.transforms.Tabak` (the
-            preconditioner and the refiner; the refiner never whitens, and selects its step
-            count with ``"significant"`` unless ``selection`` is given here).
-        flow_options: further keyword arguments for :func:`pyroflows.flows.build` and the
-            layers (e.g. ``permutation``, ``affine``, ``log_scale_bound`` (default here 2.0, see
-            above), ``order``/``mask``, ``activation``). Both option dicts are checked when
-            the estimator is built: an unknown name, ``num_layers``/``hidden_dims``
-            (arguments of their own here) or a value that :meth:`save` cannot store (a
-            lambda, a local function, a module instance; pass a module-level class such as
-            ``torch.nn.Tanh`` or a ``functools.partial`` of one) raises a ``ValueError``.
-        refine: ``"tabak"`` or ``None`` (default): a Tabak transform fitted to the trained
-            flow's latent codes (see above).
+        tabak_options: keyword arguments of :class:`~pyroflows.transforms.Tabak` (preconditioner
+            and refiner).
+        flow_options: further keyword arguments of :func:`pyroflows.flows.build` and the layers;
+            unknown names and values :meth:`save` cannot store (a lambda, a local function, a
+            module instance) raise a ``ValueError`` here.
+        refine: ``"tabak"`` or ``None`` (see above).
 
     Attributes (after :meth:`fit`):
         dim_: the number of columns D.
-        history_: a dict with per-epoch lists ``epoch``, ``train_log_prob`` (running mean over
-            the epoch's minibatches; at epoch 0, the untrained model on the whole training
-            split) and ``val_log_prob``, plus ``best_epoch``, ``best_val_log_prob``,
-            ``initial_val_log_prob`` (the untrained model, e.g. the ML Gaussian), ``stopped``
-            (``"early_stopping"``, ``"max_epochs"``, ``"interrupted"`` or ``"error"``),
-            ``skipped_steps`` (minibatches with a non-finite loss or gradient, not applied),
-            ``seconds``, ``num_train`` and ``num_val``. All log-likelihoods are per sample, in
-            nats, in the original space of ``x``. With ``refine``: ``refine_steps`` (the
-            refiner's kept steps) and ``final_val_log_prob`` (the refined model's validation
-            score; without a refiner, ``best_val_log_prob``); ``precondition`` (the pipeline it
-            describes) and, with ``"auto"``, ``candidates`` (each pipeline's
-            ``final_val_log_prob``).
-        precondition_: the preconditioner the fitted model uses (with ``"auto"``, the chosen
-            one).
+        history_: per-epoch lists ``epoch``, ``train_log_prob``, ``val_log_prob``; ``best_epoch``,
+            ``best_val_log_prob``, ``initial_val_log_prob``, ``final_val_log_prob`` (with the
+            refiner), ``stopped``, ``skipped_steps`` (non-finite steps not applied),
+            ``seconds``, ``num_train``, ``num_val``, ``precondition``, and where they apply
+            ``refine_steps`` and ``candidates``; log-likelihoods in nats per sample, in x-space.
+        precondition_: the preconditioner the fitted model uses.
 
     Example:
         >>> import torch, pyroflows as pf
@@ -319,8 +256,8 @@ class DensityEstimator:
         return p.device, p.dtype
 
     def _prepare(self, x: Any, name: str = "x") -> tuple[Tensor, bool]:
-        """A fitted model's input as an ``(n, D)`` tensor on its device and dtype; the flag says
-        whether a single point of shape ``(D,)`` was given."""
+        """A fitted model's input as ``(n, D)`` on its device and dtype, and whether it was one
+        point ``(D,)``."""
         model = self._require_model()
         t = _as_tensor(x, name)
         single = t.dim() == 1
@@ -331,8 +268,7 @@ class DensityEstimator:
 
     def _build(self, precondition: str | None, dim: int, device: torch.device,
                dtype: torch.dtype, seed: int | None = None) -> DensityModel:
-        """The unfitted model of the pipeline of ``precondition``, with this estimator's
-        options."""
+        """The unfitted model of ``precondition``'s pipeline, with this estimator's options."""
         return pipeline.build_model(
             precondition, dim, flow=self.flow, num_layers=self.num_layers,
             hidden_dims=self.hidden_dims, flow_options=self.flow_options,
@@ -357,26 +293,22 @@ class DensityEstimator:
         """Fit to the rows of ``x`` (numpy array or tensor, shaped (n, D)); returns ``self``.
 
         Arguments:
-            x: training data. Without ``x_val``, a random ``val_fraction`` of its rows (at least
-                one) is held out for early stopping.
-            x_val: held-out rows for early stopping (then all of ``x`` is used for training).
-            max_epochs: the most passes over the training rows (0: keep the initial model,
-                e.g. the ML Gaussian).
+            x: training data.
+            x_val: held-out rows for early stopping (default: ``val_fraction`` of ``x``'s rows).
+            max_epochs: the most passes over the training rows (0: keep the initial model).
             batch_size: minibatch size (capped at the number of training rows).
             lr: Adam's learning rate.
             patience: stop after this many epochs without a better validation log-likelihood.
             val_fraction: the held-out share of ``x`` when ``x_val`` is not given.
             weight_decay: Adam's L2 penalty.
-            averaging_epochs: the horizon, in epochs (at least 10 steps), of the exponential
-                moving average of the parameters that is validated and kept; 0 turns the
-                averaging off (the last Adam iterate is used).
-            progress: show a tqdm bar with the train/validation log-likelihood.
+            averaging_epochs: the horizon in epochs (at least 10 steps) of the parameters' moving
+                average that is validated and kept; 0: the last Adam iterate.
+            progress: show a progress bar.
         """
         if int(max_epochs) < 0 or int(batch_size) < 1 or int(patience) < 0 or not lr > 0:
-            raise ValueError(
-                "need max_epochs >= 0, batch_size >= 1, patience >= 0 and lr > 0; got "
-                f"max_epochs={max_epochs}, batch_size={batch_size}, patience={patience}, lr={lr}"
-            )
+            raise ValueError("need max_epochs >= 0, batch_size >= 1, patience >= 0 and lr > 0; got "
+                             f"max_epochs={max_epochs}, batch_size={batch_size}, "
+                             f"patience={patience}, lr={lr}")
         if not float(averaging_epochs) >= 0:
             raise ValueError(f"averaging_epochs must be >= 0, got {averaging_epochs}")
         if not 0.0 < float(val_fraction) < 1.0:
@@ -397,9 +329,8 @@ class DensityEstimator:
             gen.seed()
         if x_val is None:
             if n < 2:
-                raise ValueError(
-                    f"x needs at least 2 rows (one to train on, one to validate), got {n}"
-                )
+                raise ValueError(f"x needs at least 2 rows (one to train on, one to validate), "
+                                 f"got {n}")
             num_val = min(max(1, round(val_fraction * n)), n - 1)
             perm = torch.randperm(n, generator=gen).to(device)
             x_train, x_val_t = t[perm[num_val:]], t[perm[:num_val]]
@@ -434,8 +365,7 @@ class DensityEstimator:
         return self
 
     def _keep_best(self, fits: list, start: float) -> None:
-        """Hold the candidate with the higher validation log-likelihood (the first on a tie or
-        NaN), recording every candidate's score in ``history_["candidates"]``."""
+        """Hold the candidate with the higher validation score (the first on a tie or NaN)."""
         best = max(range(len(fits)), key=lambda i: (fits[i][0] > fits[0][0], -i))
         _, chosen, model, history = fits[best]
         history["candidates"] = {pre: val for val, pre, _, _ in fits}
@@ -445,9 +375,8 @@ class DensityEstimator:
 
     def _fit_one(self, precondition, dim, device, dtype, x_train, x_val_t, gen, *, max_epochs,
                  patience, progress, start, **train) -> DensityModel:
-        """Build the model for one preconditioner, fit its stages, train its flow and fit its
-        refiner; the estimator holds it (and its history) from the start of training, so it
-        ends in the best state so far whatever happens."""
+        """Build, fit and hold the model of one preconditioner; held from the start of training,
+        so the estimator ends in the best state so far whatever happens."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
             model = self._build(precondition, dim, device, dtype,
@@ -469,8 +398,7 @@ class DensityEstimator:
 
     # ---- using a fitted model -------------------------------------------------------------
     def log_prob(self, x: Any) -> Tensor:
-        """``log p(x)`` in nats for each row of ``x`` (shape (n, D), or (D,) for one point), in
-        the original space of the data, on the model's device and dtype."""
+        """``log p(x)`` in nats for each row of ``x`` (shape (n, D), or (D,) for one point)."""
         t, single = self._prepare(x)
         with torch.no_grad(), validation(False):
             lp = evaluate(self._require_model().log_prob, t)
@@ -481,8 +409,7 @@ class DensityEstimator:
         return float(self.log_prob(x).mean())
 
     def sample(self, n: int, seed: int | None = None) -> Tensor:
-        """``n`` draws from the fitted density, shaped (n, D), on the model's device and dtype.
-        MAF draws take D sequential passes per layer; RealNVP one."""
+        """``n`` draws from the fitted density, shaped (n, D)."""
         model = self._require_model()
         if int(n) < 0:
             raise ValueError(f"n must be >= 0, got {n}")
@@ -498,7 +425,7 @@ class DensityEstimator:
 
     def to(self, device: str | torch.device | None = None,
            dtype: torch.dtype | None = None) -> DensityEstimator:
-        """Move the fitted model (parameters and preconditioner buffers); returns ``self``."""
+        """Move the fitted model; returns ``self``."""
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
         if device is not None:
@@ -510,22 +437,17 @@ class DensityEstimator:
         return self
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted model to ``path`` atomically: a temporary file in the same folder,
-        then ``os.replace``, so a crash never leaves a half-written file under ``path``."""
+        """Write the fitted model to ``path`` atomically (a crash leaves no half-written file)."""
         persistence.save(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
              trusted_modules: Sequence[str] = ()) -> DensityEstimator:
-        """Rebuild a saved estimator (on ``device``, default the saved one or CPU); its
-        ``log_prob`` reproduces the saved model's exactly, and its options equal those it was
-        built with.
+        """Rebuild a saved estimator on ``device`` (default: the saved one or CPU), scoring
+        exactly as saved.
 
-        The file is read with ``torch.load(weights_only=True)``. Callables among the options
-        (e.g. ``flow_options={"activation": torch.nn.Tanh}``) are saved by import name; on
-        loading, ``nn.Module`` classes from torch, pyro and pyroflows are imported, and any
-        other callable only if its module or top-level package is in ``trusted_modules``
-        (e.g. ``("mypackage",)``), so an untrusted file cannot make ``load`` run a function
-        of its choosing.
+        Callables among the options are saved by import name; ``load`` imports ``nn.Module``
+        classes from torch, pyro and pyroflows, and any other callable only if its module or
+        top-level package is in ``trusted_modules``, so a file cannot make it run arbitrary code.
         """
         return persistence.load(cls, path, device, trusted_modules)

@@ -1,6 +1,6 @@
 """Saving and loading a fitted :class:`~pyroflows.density.DensityEstimator`: the file's
-contents, options stored as plain values (callables by import name, imported back only from
-trusted modules), atomic writes."""
+contents, options as plain values (callables by import name, imported back only from trusted
+modules), atomic writes."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import _legacy
 from . import pipeline
+from .training import snapshot
 
 if TYPE_CHECKING:
     from .estimator import DensityEstimator
@@ -41,9 +42,7 @@ def _import_name(module: str, qualname: str) -> Any:
 
 
 def _importable_name(obj: Any) -> str | None:
-    """``"module:qualname"`` where importing ``module`` and following ``qualname`` gives back
-    ``obj`` itself (a module-level class or function); ``None`` otherwise (a lambda, a local
-    function, an instance)."""
+    """``"module:qualname"`` where that import gives back ``obj`` itself, else ``None``."""
     module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
     if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
         return None
@@ -55,12 +54,10 @@ def _importable_name(obj: Any) -> str | None:
 
 
 def encode_option(value: Any, where: str) -> Any:
-    """``value`` as what ``torch.load(weights_only=True)`` reads back: plain Python values,
-    tensors, dtypes and devices as they are; numpy scalars as Python scalars; numpy arrays,
-    module-level classes and functions (by import name) and ``functools.partial`` of those as
-    tagged dicts. Anything else (a lambda, a local function, a module instance) raises a
-    ``ValueError`` naming the option (``where``), so the estimator is rejected when it is built
-    rather than when it is saved or loaded.
+    """``value`` as what ``torch.load(weights_only=True)`` reads back: plain values, tensors,
+    dtypes and devices as they are; numpy values, module-level callables (by import name) and
+    ``functools.partial`` of those as tagged dicts. Anything else raises a ``ValueError``
+    naming the option (``where``).
 
     Example:
         >>> saved = encode_option({"activation": torch.nn.Tanh}, "flow_options")
@@ -101,9 +98,8 @@ def encode_option(value: Any, where: str) -> Any:
 
 
 def decode_option(value: Any, trusted: Sequence[str]) -> Any:
-    """The inverse of :func:`encode_option`. A saved callable is imported only if it is an
-    ``nn.Module`` class from torch, pyro or pyroflows, or comes from a module (or package)
-    named in ``trusted``: loading a file must not call arbitrary code."""
+    """The inverse of :func:`encode_option`, importing a callable only if it is an ``nn.Module``
+    class from ``TRUSTED_MODULES`` or from a module (or package) in ``trusted``."""
     if isinstance(value, (tuple, list)):
         return type(value)(decode_option(v, trusted) for v in value)
     if not isinstance(value, dict):
@@ -133,22 +129,8 @@ def decode_option(value: Any, trusted: Sequence[str]) -> Any:
     raise ValueError(f"unknown saved option kind {kind!r}")
 
 
-def _cpu_state_dict(module: nn.Module) -> dict:
-    """``module.state_dict()`` on the CPU, with a tensor that several keys share (the stacked
-    parameters of a flow's layers, listed under every layer) copied once, so the file holds
-    it once wherever the model lives."""
-    copies: dict[int, Tensor] = {}
-    state = {}
-    for key, value in module.state_dict(keep_vars=True).items():
-        if id(value) not in copies:
-            copies[id(value)] = value.detach().cpu()
-        state[key] = copies[id(value)]
-    return state
-
-
 def save(est: DensityEstimator, path: str | os.PathLike) -> None:
-    """Write the fitted ``est`` to ``path`` (see :meth:`DensityEstimator.save
-    <pyroflows.density.DensityEstimator.save>`)."""
+    """Write the fitted ``est`` to ``path``: a temporary file beside it, then ``os.replace``."""
     model = est._require_model()
     _, dtype = est._model_device_dtype()
     payload = {
@@ -160,7 +142,7 @@ def save(est: DensityEstimator, path: str | os.PathLike) -> None:
         "dim": model.dim,
         "precondition_": est.precondition_,
         "dtype": str(dtype).replace("torch.", ""),
-        "state_dict": _cpu_state_dict(model),
+        "state_dict": snapshot(model, "cpu"),
         "history": copy.deepcopy(est.history_),
     }
     path = os.fspath(path)
@@ -180,8 +162,7 @@ def save(est: DensityEstimator, path: str | os.PathLike) -> None:
 
 def load(cls: type[DensityEstimator], path: str | os.PathLike,
          device: str | torch.device | None, trusted_modules: Sequence[str]) -> DensityEstimator:
-    """Rebuild an estimator of class ``cls`` from the file at ``path`` (see
-    :meth:`DensityEstimator.load <pyroflows.density.DensityEstimator.load>`)."""
+    """Rebuild an estimator of class ``cls`` from the file at ``path``."""
     payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a saved pyroflows DensityEstimator")

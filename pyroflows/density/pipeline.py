@@ -1,6 +1,5 @@
 """The model a :class:`~pyroflows.density.DensityEstimator` fits: fixed preconditioning stages
-fitted to the data, the trainable flow, and a base density that a Tabak transform may refine;
-built from the estimator's options."""
+fitted to the data, the trainable flow, and a base density that a Tabak transform may refine."""
 
 from __future__ import annotations
 
@@ -22,31 +21,25 @@ from ..transforms.tabak import Tabak
 __all__ = ["DensityModel", "Standardize", "Whiten", "build_model", "fit_stages", "fit_refiner",
            "evaluate"]
 
-# What precondition="whiten" builds after the standardization (see DensityEstimator):
-# "learned": the flow layers on the standardized data, then a learnable TriangularAffine base
-# started at the Cholesky factor of its ML covariance; "fixed": a fixed Cholesky whitening of the
-# standardized data before the layers, base N(0, I); "fixed+affine": the same fixed whitening,
-# then the layers, then a learnable TriangularAffine base started at the identity. Files store
-# the kind they were built with.
+# What precondition="whiten" builds after the standardization: "learned", the layers then a
+# learnable TriangularAffine base started at the ML Cholesky factor; "fixed", a fixed Cholesky
+# whitening before the layers; "fixed+affine", that whitening, the layers, then the learnable
+# base started at the identity. Files store the kind they were built with.
 WHITEN_KINDS = ("learned", "fixed", "fixed+affine")
 WHITEN = "learned"
-# What precondition="cholesky" builds. Files do not store it (they store the precondition):
-# changing it needs a format version of its own.
+# What precondition="cholesky" builds; files do not store it, so changing it needs a new version.
 CHOLESKY = "fixed+affine"
-# The estimator's own defaults for the layers, under any flow_options (which win); files store
-# the defaults they were built with. A smaller |log scale| bound than the layers' 5
-# (benchmarks/results/density.md, "Default log-scale bound").
+# The layer options under any flow_options (files store those they were built with): a smaller
+# |log scale| bound than the layers' 5 (benchmarks/results/density.md).
 FLOW_DEFAULTS = {"log_scale_bound": 2.0}
-# How the refiner picks its step count on the validation codes (Tabak's ``selection``);
-# ``tabak_options={"selection": ...}`` overrides it.
+# The refiner's step-count rule (Tabak's selection) unless tabak_options names one.
 REFINE_SELECTION = "significant"
 # Rows per evaluation call outside training, so memory stays bounded on large inputs.
 EVAL_CHUNK = 8192
 
 
 def _ml_gaussian(x: Tensor, diagonal: bool = False) -> tuple[Tensor, Tensor]:
-    """:func:`~pyroflows._gaussian.ml_gaussian` of the training rows (float64), warning where
-    the covariance needed a ridge."""
+    """:func:`~pyroflows._gaussian.ml_gaussian`, warning where the covariance needed a ridge."""
     loc, tril, ridge = ml_gaussian(x, diagonal=diagonal)
     if ridge > 0:
         warnings.warn(
@@ -60,9 +53,9 @@ def _ml_gaussian(x: Tensor, diagonal: bool = False) -> tuple[Tensor, Tensor]:
 
 class Standardize(FlowTransform):
     r"""A fixed elementwise affine map fitted to data, :math:`x = m + \sigma \odot u`, with
-    :math:`\log|\det \partial x / \partial u| = \sum_i \log \sigma_i`: :math:`m` and
-    :math:`\sigma` are the training columns' mean and (maximum-likelihood) standard deviation,
-    held in buffers, so ``N(0, I)`` through it is the ML diagonal Gaussian.
+    :math:`\log|\det \partial x / \partial u| = \sum_i \log \sigma_i`; :math:`m`, :math:`\sigma`:
+    the training columns' mean and ML standard deviation (``N(0, I)`` through it: the ML
+    diagonal Gaussian).
 
     Example:
         >>> s = Standardize(2).fit(torch.tensor([[0.0, 1.0], [2.0, 5.0]]))
@@ -91,10 +84,8 @@ class Standardize(FlowTransform):
 
 class Whiten(FixedTriangularAffine):
     r"""A fixed full-rank affine map fitted to data, :math:`x = m + L u`, with
-    :math:`\log|\det \partial x / \partial u| = \sum_i \log L_{ii}`: :math:`m` is the mean of
-    the training rows and :math:`L` the Cholesky factor of their maximum-likelihood covariance,
-    held in buffers, so ``N(0, I)`` through it is the ML full-covariance Gaussian and
-    :math:`u = L^{-1}(x - m)` has the identity as its training covariance.
+    :math:`\log|\det \partial x / \partial u| = \sum_i \log L_{ii}`; :math:`m`, :math:`L`: the
+    training rows' mean and the Cholesky factor of their ML covariance.
 
     Example:
         >>> x = torch.tensor([[0.0, 0.0], [2.0, 1.0], [0.0, 2.0], [2.0, 3.0]])
@@ -114,9 +105,8 @@ class Whiten(FixedTriangularAffine):
 
 
 def _inverse_parts(parts: Sequence[Any], y: Tensor) -> tuple[Tensor, Tensor]:
-    """Map ``y`` through the inverses of ``parts`` (last part first); return the result and
-    ``log|det d(result)/dy|``. FlowTransforms go through ``inverse_and_log_det`` directly, so MAF
-    uses its one-pass direction and no per-layer validation or cache bookkeeping is paid."""
+    """``y`` through the inverses of ``parts``, last first, and ``log|det d(result)/dy|``.
+    FlowTransforms run ``inverse_and_log_det`` directly: no per-layer validation or caching."""
     log_det = torch.zeros(y.shape[:-1], device=y.device, dtype=y.dtype)
     for part in reversed(list(parts)):
         if isinstance(part, FlowTransform):
@@ -143,17 +133,14 @@ def _forward_parts(parts: Sequence[Any], z: Tensor) -> Tensor:
 
 
 class DensityModel(nn.Module):
-    r"""``log p(x) = log p_R(z) + log|det dz/dx|`` with ``z = f^{-1}(P^{-1}(x))``: the
-    preconditioning stages ``P`` (fixed buffers, data side), then the trainable flow ``f`` (whose
-    base-side layer is the learnable Cholesky factor with ``"whiten"`` and ``"cholesky"``), then the
-    base density ``p_R``: ``N(0, I)``, or with a refining Tabak transform ``R`` (fitted to the
-    flow's latent codes after training) ``p_R(z) = N(R^{-1}(z); 0, I) |det dR^{-1}/dz|``.
+    r"""``log p(x) = log p_R(z) + log|det dz/dx|`` with ``z = f^{-1}(P^{-1}(x))``: fixed
+    preconditioning stages ``P``, the trainable flow ``f``, and the base ``p_R``: ``N(0, I)``,
+    or through a refining Tabak transform ``R``, ``N(R^{-1}(z); 0, I) |det dR^{-1}/dz|``.
 
     Arguments:
         dim: the number of columns D.
         flow: the trainable stack ``f`` (forward: base to data).
-        stages: the preconditioning stages in the forward (base to data) order, as
-            ``TransformedDistribution`` lists them.
+        stages: the preconditioning stages, base side first.
         refine: empty, or one Tabak transform between ``N(0, I)`` and the flow's latent space.
         base_from_data: whether :func:`fit_stages` starts the flow's base-side
             ``TriangularAffine`` at the Cholesky factor of the preconditioned rows.
@@ -177,15 +164,13 @@ class DensityModel(nn.Module):
         return _inverse_parts(self.flow, u)
 
     def base_log_prob(self, z: Tensor) -> Tensor:
-        """``log p_R(z)``: ``log N(z; 0, I)``, through the refining transform if there is one."""
+        """``log p_R(z)``."""
         z, log_det = _inverse_parts(self.refine, z)
         return log_det + standard_normal_log_prob(z)
 
     def flow_log_prob(self, u: Tensor) -> Tensor:
-        """The training objective: the flow's density of ``u`` on the base ``N(0, I)`` (the
-        refining transform is fitted afterwards, to the trained flow's codes). The value of
-        ``latent`` plus ``log N(z; 0, I)``, through ``FlowDistribution``, which runs the
-        stack's fused inverse."""
+        """The training objective: the flow's density of ``u`` on ``N(0, I)``, through
+        ``FlowDistribution`` (the stack's fused inverse)."""
         return FlowDistribution(self.flow).log_prob(u)
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -198,24 +183,18 @@ class DensityModel(nn.Module):
         return _forward_parts(self.stages, u)
 
 
-def _make_tabak(dim: int, options: dict, seed: int | None) -> Tabak:
-    return Tabak(dim, **{"seed": seed, **options})
-
-
 def build_model(
     precondition: str | None, dim: int, *, flow: str, num_layers: int,
     hidden_dims: Sequence[int], flow_options: dict, flow_defaults: dict, whiten: str,
     tabak_options: dict, refine: str | None, seed: int | None = None,
 ) -> DensityModel:
-    """The unfitted model of one pipeline (the estimator's arguments of the same names; ``whiten``
-    the kind ``precondition="whiten"`` builds, ``flow_defaults`` the layer options under
-    ``flow_options``), on the CPU in the default dtype."""
+    """The unfitted model of one pipeline, from the estimator's arguments (``whiten``: the kind
+    ``"whiten"`` builds; ``flow_defaults``: the layer options under ``flow_options``)."""
     stack = flows.build(flow, dim, num_layers=num_layers, hidden_dims=hidden_dims,
                         **{**flow_defaults, **flow_options})
     stages: list[FlowTransform] = []
-    # "whiten" (kind "learned") puts the correlations into a learnable Cholesky factor at the
-    # base rather than into a fixed rotation of the data, so the layers work in the data's own
-    # (standardized) coordinates (benchmarks/results/density.md, "Fixed whitening").
+    # "learned" puts the correlations into a learnable Cholesky factor at the base, not a fixed
+    # rotation, so the layers see the data's own coordinates (benchmarks/results/density.md).
     kind = {"whiten": whiten, "cholesky": CHOLESKY}.get(precondition)
     if kind in ("learned", "fixed+affine"):
         # A FlowStack (not a plain ComposeTransformModule), so training runs its fused inverse;
@@ -227,24 +206,23 @@ def build_model(
     if precondition in ("standardize", "whiten", "cholesky"):
         stages.append(Standardize(dim))
     elif precondition == "tabak":
-        stages.append(_make_tabak(dim, tabak_options, seed))
+        stages.append(Tabak(dim, **{"seed": seed, **tabak_options}))
     refiners: list[FlowTransform] = []
     if refine == "tabak":
         # No whitening: with zero steps the refiner is the identity, so validation can only keep
         # steps that help the trained flow.
-        refiners.append(_make_tabak(dim, {"selection": REFINE_SELECTION, **tabak_options,
-                                          "whiten": False},
-                                    None if seed is None else seed + 1))
+        refiners.append(Tabak(dim, **{"seed": None if seed is None else seed + 1,
+                                      "selection": REFINE_SELECTION, **tabak_options,
+                                      "whiten": False}))
     return DensityModel(dim, stack, stages, refiners, base_from_data=kind == "learned")
 
 
 @torch.no_grad()
 def fit_stages(model: DensityModel, x_train: Tensor, x_val: Tensor,
                progress: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fit the preconditioning stages, data side first, each to what the stages after it make
-    of the training rows (a Tabak stage stops on the validation rows), and start the flow's
-    base where the model asks for it. Returns the preconditioned rows and their log-dets,
-    ``(u_train, ld_train, u_val, ld_val)``: the stages are fixed from here on."""
+    """Fit the stages, data side first, each to the rows the stages after it make, and start the
+    flow's base where asked; returns ``(u_train, ld_train, u_val, ld_val)``, the preconditioned
+    rows and their log-dets."""
     x_fit, x_val_fit = x_train, x_val
     for i, stage in enumerate(reversed(model.stages)):
         if isinstance(stage, Tabak):
@@ -264,9 +242,8 @@ def fit_stages(model: DensityModel, x_train: Tensor, x_val: Tensor,
 @torch.no_grad()
 def fit_refiner(model: DensityModel, u_train: Tensor, u_val: Tensor, ld_val: Tensor,
                 progress: bool) -> float:
-    """Fit the refining Tabak transform to the trained flow's latent codes of the training
-    split, its step count chosen on the validation split's codes (zero steps: the flow alone);
-    return the refined model's mean validation log-likelihood."""
+    """Fit the refiner to the trained flow's codes of the training split (its step count chosen
+    on the validation codes); returns the refined model's mean validation log-likelihood."""
     with validation(False):
         z_train, _ = evaluate(model.latent, u_train)
         z_val, zld_val = evaluate(model.latent, u_val)
@@ -276,8 +253,7 @@ def fit_refiner(model: DensityModel, u_train: Tensor, u_val: Tensor, ld_val: Ten
 
 
 def evaluate(fn: Callable[[Tensor], Any], x: Tensor) -> Any:
-    """``fn(x)`` computed ``EVAL_CHUNK`` rows at a time, for ``fn`` returning a tensor or a
-    tuple of tensors with a row per row of ``x``."""
+    """``fn(x)`` ``EVAL_CHUNK`` rows at a time (``fn`` returns a tensor or a tuple, by rows)."""
     if x.shape[0] <= EVAL_CHUNK:
         return fn(x)
     outs = [fn(c) for c in x.split(EVAL_CHUNK)]

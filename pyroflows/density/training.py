@@ -1,6 +1,5 @@
-"""Training a density model's flow: minibatch Adam on the negative log-likelihood, a moving
-average of the parameters that is validated and kept, early stopping, and a best state that
-survives interrupts and errors."""
+"""Training a density model's flow: minibatch Adam, a validated moving average of the
+parameters, early stopping, and a best state that survives interrupts and errors."""
 
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ MAX_GRAD_NORM = 1e3
 
 class ParameterAverage:
     r"""An exponential moving average of parameters, :math:`\bar\theta \leftarrow \bar\theta +
-    r(\theta - \bar\theta)` after every step. Adam's last iterate is noisy (the validation
-    log-likelihood jumps between epochs); the average is validated and kept instead.
+    r(\theta - \bar\theta)` after every step: validated and kept, as Adam's last iterate is noisy.
 
     Example:
         >>> p = torch.zeros(2)
@@ -44,8 +42,7 @@ class ParameterAverage:
 
     @torch.no_grad()
     def update(self, skipped: Tensor) -> None:
-        """One step of the average; none where ``skipped`` (a 0-dim bool tensor) is true,
-        decided on the parameters' device (the step's weight is ``rate`` or 0)."""
+        """One step of the average, or none where ``skipped`` (0-dim bool, decided on device)."""
         if not self.average:
             return
         weight = (~skipped).to(self.average[0].dtype) * self.rate
@@ -68,9 +65,7 @@ class ParameterAverage:
 
 
 def adam(params: Iterable[Tensor], **kwargs: Any) -> torch.optim.Adam:
-    """``torch.optim.Adam`` with its fused kernel where this torch has one for the parameters'
-    device (the same update, one kernel per step instead of about eight per tensor), else the
-    default one."""
+    """``torch.optim.Adam``, fused (one kernel per step) where torch has the kernel."""
     params = list(params)
     try:
         return torch.optim.Adam(params, fused=True, **kwargs)
@@ -80,9 +75,7 @@ def adam(params: Iterable[Tensor], **kwargs: Any) -> torch.optim.Adam:
 
 def training_state(model: DensityModel, lr: float, weight_decay: float,
                    rate: float) -> tuple[torch.optim.Optimizer, list[Tensor], ParameterAverage]:
-    """What :meth:`DensityEstimator.fit <pyroflows.density.DensityEstimator.fit>` trains the
-    flow with: Adam over its parameters (fused where torch has the kernel), the trainable
-    parameters, and their moving average."""
+    """The flow's optimizer (:func:`adam`), its trainable parameters and their moving average."""
     optimizer = adam(model.flow.parameters(), lr=lr, weight_decay=weight_decay)
     params = [p for p in model.flow.parameters() if p.requires_grad]
     return optimizer, params, ParameterAverage(params, rate=rate)
@@ -90,15 +83,11 @@ def training_state(model: DensityModel, lr: float, weight_decay: float,
 
 def training_step(model: DensityModel, u: Tensor, optimizer: torch.optim.Optimizer,
                   params: list[Tensor], average: ParameterAverage) -> tuple[Tensor, Tensor]:
-    """One training step on the preconditioned rows ``u``: Adam on the mean negative
-    log-likelihood, gradients clipped to norm ``MAX_GRAD_NORM``, then the moving average.
-
-    A step whose loss or gradient is not finite is skipped: the parameters, Adam's state and
-    the average stay as they were. With the fused Adam (:func:`adam`) the skip is decided on
-    the device, by the optimizer's ``found_inf`` input (the one ``torch.amp.GradScaler``
-    uses), so a step makes no host synchronization and a CUDA device runs ahead of Python;
-    with another optimizer it is decided on the host. Returns the rows' (detached)
-    log-likelihoods and a 0-dim bool tensor, true where the step was skipped."""
+    """One Adam step on the mean negative log-likelihood of the preconditioned rows ``u``
+    (gradients clipped to ``MAX_GRAD_NORM``), then the moving average; returns the rows'
+    log-likelihoods and a 0-dim bool, true where a non-finite loss or gradient skipped the step.
+    With the fused Adam the skip is the optimizer's ``found_inf`` (as ``torch.amp.GradScaler``
+    sets it), decided on the device, so a step makes no host synchronization."""
     lp = model.flow_log_prob(u)
     loss = -lp.mean()
     optimizer.zero_grad(set_to_none=True)
@@ -125,9 +114,8 @@ def training_step(model: DensityModel, u: Tensor, optimizer: torch.optim.Optimiz
 def run_epoch(model: DensityModel, u_train: Tensor, ld_train: Tensor,
               optimizer: torch.optim.Optimizer, params: list[Tensor], batch_size: int,
               gen: torch.Generator, history: dict, average: ParameterAverage) -> float:
-    """One pass of minibatch Adam over the rows in a random order; adds the skipped steps to
-    ``history["skipped_steps"]`` and returns the mean log-likelihood of the rows of the kept
-    steps (``ld_train``: their preconditioning log-dets)."""
+    """One pass of minibatch Adam over the rows in a random order; counts the skipped steps in
+    ``history`` and returns the kept steps' mean log-likelihood (``ld_train``: the stages')."""
     n = u_train.shape[0]
     perm = torch.randperm(n, generator=gen).to(u_train.device)
     # Running sums on the device, read once at the end of the epoch: a read per step would make
@@ -149,33 +137,29 @@ def run_epoch(model: DensityModel, u_train: Tensor, ld_train: Tensor,
     return float(total) / count if count else float("nan")
 
 
-def snapshot(module: nn.Module) -> dict:
-    """A copy of ``module.state_dict()`` that clones each stored tensor once: a shared bank of
-    stacked parameters appears under every layer's key, and cloning it per key would hold L
-    copies of an (L, P) tensor."""
+def snapshot(module: nn.Module, device: torch.device | str | None = None) -> dict:
+    """A copy of ``module.state_dict()`` (on ``device``, default its own) copying each tensor
+    once (a bank of stacked parameters appears under every layer's key)."""
     clones: dict = {}
     out = {}
     for key, value in module.state_dict().items():
         ident = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
                  tuple(value.shape), tuple(value.stride()), value.dtype)
         if ident not in clones:
-            clones[ident] = value.detach().clone()
+            clones[ident] = value.detach().to(device or value.device, copy=True)
         out[key] = clones[ident]
     return out
 
 
 class Trainer:
-    """Training of ``model``'s flow on the preconditioned rows (``u``, with the stages'
-    log-dets ``ld``): set up with the untrained model's scores in :attr:`history` and its state
-    as the best so far, then :meth:`run`.
+    """Training of ``model``'s flow: set up with the untrained model's scores in
+    :attr:`history` and its state as the best so far, then :meth:`run`.
 
     Arguments:
         model: the model, its stages fitted.
-        u_train, ld_train, u_val, ld_val: the preconditioned training and validation rows and
-            their log-dets.
+        u_train, ld_train, u_val, ld_val: the preconditioned rows and the stages' log-dets.
         gen: the generator of the minibatch order.
-        batch_size, lr, weight_decay, averaging_epochs: as :meth:`DensityEstimator.fit
-            <pyroflows.density.DensityEstimator.fit>` takes them.
+        batch_size, lr, weight_decay, averaging_epochs: as ``DensityEstimator.fit`` takes them.
     """
 
     def __init__(self, model: DensityModel, u_train: Tensor, ld_train: Tensor, u_val: Tensor,
@@ -207,10 +191,10 @@ class Trainer:
         return float(lp.mean())
 
     def run(self, max_epochs: int, patience: int, progress: bool, start: float) -> None:
-        """Up to ``max_epochs`` epochs, each validated with the averaged parameters, until
-        ``patience`` epochs pass without a better validation score; the flow ends in its best
-        state, also after an exception or a ``KeyboardInterrupt`` (which ends training with a
-        warning). ``start`` is the ``time.perf_counter()`` the fit began at."""
+        """Up to ``max_epochs`` epochs, validated with the averaged parameters, until ``patience``
+        epochs bring no better score; the flow ends in its best state, also after an exception
+        or a ``KeyboardInterrupt`` (which ends training with a warning). ``start``: the fit's
+        ``time.perf_counter()``."""
         from tqdm.auto import tqdm
 
         history, model = self.history, self.model

@@ -65,10 +65,8 @@ def check_data(x: Tensor, dim: int, what: str) -> None:
     bad = ~torch.isfinite(x).all(-1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten()
-        raise ValueError(
-            f"Tabak.fit: {what} has {rows.numel()} row(s) with NaN or inf values "
-            f"(first at row {int(rows[0])}); drop or impute them before fitting"
-        )
+        raise ValueError(f"Tabak.fit: {what} has {rows.numel()} row(s) with NaN or inf values "
+                         f"(first at row {int(rows[0])}); drop or impute them before fitting")
 
 
 def whitening(x: Tensor, whiten: str) -> tuple[Tensor, Tensor]:
@@ -85,16 +83,12 @@ def whitening(x: Tensor, whiten: str) -> tuple[Tensor, Tensor]:
     constant = var <= (16 * eps * scale) ** 2
     if bool(constant.any()):
         cols = constant.nonzero().flatten().tolist()
-        raise ValueError(
-            f"Tabak.fit: column(s) {cols} are constant; data on a lower-dimensional set has "
-            "no density in R^D; drop those columns"
-        )
+        raise ValueError(f"Tabak.fit: column(s) {cols} are constant; data on a lower-dimensional "
+                         "set has no density in R^D; drop those columns")
     if whiten == "full" and (ridge or bool(
             torch.diagonal(tril).square().min() <= 1e3 * eps * var.max())):
-        raise ValueError(
-            "Tabak.fit: the data's covariance is singular (columns are linearly "
-            "dependent); drop redundant columns or use whiten='diagonal'"
-        )
+        raise ValueError("Tabak.fit: the data's covariance is singular (columns are linearly "
+                         "dependent); drop redundant columns or use whiten='diagonal'")
     if whiten == "none":
         loc, tril = torch.zeros_like(loc), torch.eye(x.shape[-1], dtype=loc.dtype,
                                                      device=loc.device)

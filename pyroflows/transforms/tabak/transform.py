@@ -199,9 +199,8 @@ class Tabak(FlowTransform):
     # ---- the passes --------------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if not bool(self.fitted):
-            raise NotFittedError(
-                "Tabak: this transform is not fitted yet; call .fit(x) before using it"
-            )
+            raise NotFittedError("Tabak: this transform is not fitted yet; call .fit(x) before "
+                                 "using it")
 
     def _whiten(self, x: Tensor) -> Tensor:
         flat = (x - self.loc).reshape(-1, self.dim)
@@ -294,9 +293,7 @@ class Tabak(FlowTransform):
     def sample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
         """Draws from the fitted density: ``t(z)`` for ``z ~ N(0, I)``."""
         self._check_fitted()
-        z = torch.randn(
-            (*sample_shape, self.dim), device=self.loc.device, dtype=self.loc.dtype
-        )
+        z = torch.randn((*sample_shape, self.dim), device=self.loc.device, dtype=self.loc.dtype)
         return self.forward_value(z)
 
     def truncated(self, num_steps: int) -> Tabak:
