@@ -1,11 +1,8 @@
 """pyroflows: normalizing flows for Pyro.
 
-Submodules: ``transforms`` (flow layers), ``flows`` (stack builders), ``distributions`` (a
-standard-normal base and ``FlowDistribution``, a stack's density in one fused call), ``guides``
-(SVI guides), ``density`` (density estimation), ``diagnostics`` (ArviZ, PSIS k-hat),
-``datasets`` (toy data and the Rezende energies), ``testing`` (the conformance checks every
-transform passes).
-They load on first attribute access, so ``import pyroflows`` stays cheap.
+Submodules, loaded on first attribute access: ``transforms`` (flow layers), ``flows`` (stacks),
+``distributions``, ``guides`` (SVI guides), ``density`` (density estimation), ``diagnostics``
+(ArviZ, PSIS k-hat), ``datasets`` (toy data, the Rezende energies), ``testing`` (conformance).
 """
 
 from __future__ import annotations
@@ -17,10 +14,8 @@ from ._config import enable_validation, is_validation_enabled, validation
 
 __version__ = "0.1.0"
 
-_SUBMODULES = (
-    "transforms", "flows", "distributions", "guides", "density", "diagnostics", "datasets",
-    "testing",
-)
+_SUBMODULES = ("transforms", "flows", "distributions", "guides", "density", "diagnostics",
+               "datasets", "testing")
 
 __all__ = [*_SUBMODULES, "enable_validation", "is_validation_enabled", "validation", "__version__"]
 

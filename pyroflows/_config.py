@@ -11,17 +11,14 @@ _VALIDATE = True
 
 
 def enable_validation(flag: bool = True) -> None:
-    """Turn input validation (finite values, event sizes) on or off.
-
-    Validation is on by default. The finiteness check costs one reduction per layer call (and a
-    host-device sync on CUDA); switch it off in a tuned training loop once the data is known good.
-    Event-size checks are always on: they cost nothing.
-    """
+    """Turn the check that inputs are finite on (the default) or off. It costs one reduction
+    per layer call (and a host-device sync on CUDA); event sizes are always checked."""
     global _VALIDATE
     _VALIDATE = bool(flag)
 
 
 def is_validation_enabled() -> bool:
+    """Whether :func:`enable_validation` is on."""
     return _VALIDATE
 
 

@@ -1,5 +1,4 @@
-"""Gaussian formulas shared by every room: the standard normal log density, and the
-maximum-likelihood Gaussian of a data matrix."""
+"""The standard normal log density and the maximum-likelihood Gaussian of a data matrix."""
 
 from __future__ import annotations
 
@@ -23,13 +22,10 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 @torch.no_grad()
 def ml_gaussian(x: Tensor, diagonal: bool = False) -> tuple[Tensor, Tensor, float]:
     r"""The mean :math:`m` and the Cholesky factor :math:`L` of the maximum-likelihood
-    covariance (divisor n) of the rows of ``x`` (only its diagonal with ``diagonal=True``),
-    computed and returned in float64, and the ridge added to the covariance's diagonal.
-
-    The ridge is 0 where the covariance is positive definite; where it is singular (constant
-    or collinear columns, fewer rows than columns) it is the smallest :math:`10^k \cdot
-    10^{-12}` times the mean variance that makes :math:`L` invertible. Callers decide whether
-    a ridge is an error or a warning.
+    covariance (divisor n) of the rows of ``x`` (only its diagonal with ``diagonal=True``), in
+    float64, and the ridge added to the covariance's diagonal: 0 where it is positive
+    definite, else the smallest :math:`10^{k-12}` times the mean variance that makes :math:`L`
+    invertible (callers decide whether a ridge is an error or a warning).
 
     Example:
         >>> loc, tril, ridge = ml_gaussian(torch.tensor([[0.0, 2.0], [2.0, 0.0], [1.0, 4.0]]))

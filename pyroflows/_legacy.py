@@ -1,12 +1,9 @@
-"""Reading what earlier versions wrote: state dicts and param stores with older layouts.
-
-Every backward-compatibility rule lives here, so the rest of the package reads as the current
-layout only. Each function says which layout it converts.
-"""
+"""Every backward-compatibility rule, so the rest of the package reads the current layout
+only: state dicts, param stores and files with older layouts, each function saying which."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -18,10 +15,9 @@ __all__ = [
 
 
 def _banks(stack: nn.Module) -> list[tuple[str, nn.Module, list[tuple[int, int]]]]:
-    """Every bank of stacked parameters that layers of ``stack`` share, as ``(path, bank,
-    members)``: ``path`` is where a layer keeps the bank's submodule ``stacked`` (``""`` for
-    planar/radial rows, ``"conditioner."`` for layers over MADE rows), ``members`` the
-    ``(part index, row)`` pairs of its layers in the stack."""
+    """The banks shared by layers of ``stack`` as ``(path, bank, members)``: ``path`` of the
+    bank's submodule ``stacked`` in a layer (``""`` or ``"conditioner."``), ``members`` the
+    ``(part index, row)`` of its layers."""
     found: dict[int, tuple[str, nn.Module, list[tuple[int, int]]]] = {}
     for i, part in enumerate(stack.parts):
         if "stacked" in part._modules:
@@ -35,22 +31,17 @@ def _banks(stack: nn.Module) -> list[tuple[str, nn.Module, list[tuple[int, int]]
 
 
 def per_layer_parameter_names(stack: nn.Module) -> list[str]:
-    """The names (relative to ``stack``) that the parameters of its layers with stacked
-    parameters had when every layer kept its own: ``"{i}.u"``, ``"{i}.w"``, ``"{i}.bias"``
-    (planar; radial alike) and ``"{i}.conditioner.flat_parameters"`` (IAF/MAF/RealNVP)."""
+    """The names the stacked parameters of ``stack`` had when every layer kept its own:
+    ``"{i}.u"`` (planar; radial alike), ``"{i}.conditioner.flat_parameters"`` (IAF/MAF/RealNVP)."""
     return [f"{i}.{path}{name}" for path, bank, members in _banks(stack) for i, _ in members
             for name, _ in bank.named_parameters(recurse=False)]
 
 
 def per_layer_keys_to_stacked(stack: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook of a :class:`~pyroflows.flows.FlowStack`: per-layer entries of
-    layers that now share stacked parameters become the stacked entries. Planar/radial:
-    ``"{i}.u"`` becomes ``"{i}.stacked.u"``; IAF/MAF/RealNVP:
-    ``"{i}.conditioner.flat_parameters"`` and ``"{i}.conditioner.mask"`` become
-    ``"{i}.conditioner.stacked.flat_parameters"`` and ``"{i}.conditioner.stacked.mask"``, the
-    rows stacked in the layers' row order. Converted only when every layer of a bank has its
-    per-layer parameters in ``state_dict``; buffers (the masks) where present (a Pyro param
-    store has none)."""
+    """Load-state-dict pre-hook of a :class:`~pyroflows.flows.FlowStack`: per-layer entries
+    (``"{i}.u"``, ``"{i}.conditioner.flat_parameters"`` and ``.mask``) become the stacked ones
+    (``"{i}.stacked.u"``, ``"{i}.conditioner.stacked.flat_parameters"``), rows in row order;
+    only where every layer of a bank has its parameters (buffers where present)."""
     for path, bank, members in _banks(stack):
         params = [name for name, _ in bank.named_parameters(recurse=False)]
         buffers = [name for name, _ in bank.named_buffers(recurse=False)]
@@ -71,17 +62,17 @@ def per_layer_keys_to_stacked(stack: nn.Module, state_dict: dict, prefix: str, *
                 del state_dict[key]
 
 
-def _entries(store, prefix: str, names: Iterator[str]) -> dict[str, str]:
+def _entries(prefix: str, names: Iterable[str]) -> dict[str, str]:
     from pyro.params.param_store import param_with_module_name
 
     return {name: param_with_module_name(prefix, name) for name in names}
 
 
 def stack_per_layer_entries(store, prefix: str, stack: nn.Module) -> None:
-    """Param store entries under the per-layer names of earlier stacks (planar/radial
-    ``flow$$$3.u``, IAF ``flow$$$1.conditioner.flat_parameters``) become one entry under the
-    stacked name (``flow$$$0.stacked.u``, ``flow$$$0.conditioner.stacked.flat_parameters``)."""
-    full = _entries(store, prefix, per_layer_parameter_names(stack))
+    """Param store entries under per-layer names (``flow$$$3.u``,
+    ``flow$$$1.conditioner.flat_parameters``) become one under the stacked name
+    (``flow$$$0.stacked.u``, ``flow$$$0.conditioner.stacked.flat_parameters``)."""
+    full = _entries(prefix, per_layer_parameter_names(stack))
     local: dict[str, Tensor] = {name: store[key].detach() for name, key in full.items()
                                 if key in store}
     if not local:
@@ -89,7 +80,7 @@ def stack_per_layer_entries(store, prefix: str, stack: nn.Module) -> None:
     converted = dict(local)
     per_layer_keys_to_stacked(stack, converted, "")
     stacked_names = {name for name, _ in stack.named_parameters()}  # each tensor's first name
-    new = _entries(store, prefix, converted)
+    new = _entries(prefix, converted)
     for key, value in converted.items():
         if key in stacked_names:
             store[new[key]] = value
@@ -99,8 +90,8 @@ def stack_per_layer_entries(store, prefix: str, stack: nn.Module) -> None:
 
 
 def pack_separate_entries(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook of the affine layers: the separate entries of earlier versions
-    (``loc``, ``log_scale``, ``lower``) become the one ``packed`` parameter."""
+    """Load-state-dict pre-hook of the affine layers: separate ``loc``, ``log_scale``,
+    ``lower`` entries become the one ``packed`` parameter."""
     keys = {name: prefix + name for name in module._ROWS}
     if prefix + "packed" in state_dict or not all(k in state_dict for k in keys.values()):
         return  # a current state dict, or a broken one: the usual checks report it
@@ -109,13 +100,12 @@ def pack_separate_entries(module: nn.Module, state_dict: dict, prefix: str, *arg
 
 
 def pack_separate_entries_in_store(store, prefix: str, affine: nn.Module) -> None:
-    """Param store entries of an affine layer saved before its parameters were packed
-    (``affine.loc``, ``affine.log_scale``, ``affine.lower``) become its ``affine.packed``
-    entry. Any other module is left alone."""
+    """Param store entries ``affine.loc``, ``affine.log_scale``, ``affine.lower`` of an affine
+    layer become its ``affine.packed`` entry; any other module is left alone."""
     if not hasattr(affine, "_ROWS"):
         return
-    old = _entries(store, prefix, affine._ROWS)
-    new = _entries(store, prefix, ["packed"])["packed"]
+    old = _entries(prefix, affine._ROWS)
+    new = _entries(prefix, ["packed"])["packed"]
     if new in store or not all(key in store for key in old.values()):
         return
     store[new] = affine.pack(**{name: store[key].detach() for name, key in old.items()})

@@ -1,9 +1,5 @@
-"""Derived values kept on an object while what they derive from is unchanged.
-
-The one mechanism behind every cache of a derived value in the package (a stack's inverse, a
-guide's latent layout, a network's block plans, ...). A layer's cached *output* is the other
-kind of cache, and lives in :class:`pyroflows.transforms.FlowTransform`.
-"""
+"""Derived values kept on an object while what they derive from is unchanged: every cache of
+the package but the layers' output cache (:class:`pyroflows.transforms.base.OutputCache`)."""
 
 from __future__ import annotations
 
@@ -17,12 +13,9 @@ T = TypeVar("T")
 
 class Memoized:
     """Mixin: :meth:`memo` keeps values derived from the object's state, keyed by what they
-    derive from; the memos are dropped when the object is pickled or deep-copied.
-
-    A key must change whenever the value would: tensors' version counters, shapes, devices
-    and dtypes, or the identity of objects the value itself holds (an ``id`` is unique only
-    while its object lives).
-    """
+    derive from, and drops them on pickling or deep-copying. A key must change whenever the
+    value would: version counters, shapes, devices, dtypes, or the identity of objects the value
+    itself holds (an ``id`` is unique only while its object lives)."""
 
     def memo(self, name: str, key: Hashable, make: Callable[[], T]) -> T:
         """The value ``make()`` returned for ``key``, computed again when the key changed."""

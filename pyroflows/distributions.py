@@ -1,4 +1,4 @@
-"""Flow distributions: a standard normal base and the flow's density, each in a few kernels."""
+"""Flow distributions: a standard normal base and a flow's density, each in a few kernels."""
 
 from __future__ import annotations
 
@@ -13,25 +13,18 @@ from .flows import FlowStack
 
 __all__ = ["StandardNormal", "FlowDistribution"]
 
+
 class StandardNormal(TorchDistribution):
-    r"""The standard normal :math:`\mathcal{N}(0, I_D)` on :math:`\mathbb{R}^D` (event shape
-    ``(D,)``), the usual base of a flow:
+    r"""The standard normal :math:`\mathcal{N}(0, I_D)` on :math:`\mathbb{R}^D`, the usual base
+    of a flow, :math:`\log p(z) = -\tfrac12 \lVert z \rVert^2 - \tfrac{D}{2} \log 2\pi`.
 
-    .. math:: \log p(z) = -\tfrac12 \lVert z \rVert^2 - \tfrac{D}{2} \log 2\pi .
-
-    It is ``Independent(Normal(zeros(D), ones(D)), 1)`` without the parameter tensors: the
-    log-density is three kernels (square, sum, an affine scalar step;
-    :func:`pyroflows._gaussian.standard_normal_log_prob`) instead of the Normal's
-    standardization, its log-scale term and the sum, forward and backward, and there is no
-    support check (``real_vector`` only excludes NaN, which the flow layers already reject
-    while :func:`pyroflows.validation` is on). Values are equal to the ``Independent(Normal)``
-    ones up to rounding.
+    ``Independent(Normal(zeros(D), ones(D)), 1)`` up to rounding, without parameter tensors or
+    support check: the log-density is three kernels.
 
     Arguments:
         dim: the event size D.
         batch_shape: the batch shape (default ``()``).
-        device, dtype: where and in what precision :meth:`rsample` draws (default: torch's
-            defaults); :meth:`log_prob` follows its input.
+        device, dtype: where and in what precision :meth:`rsample` draws (default: torch's).
 
     Example:
         >>> import torch
@@ -99,28 +92,18 @@ class FlowDistribution(TransformedDistribution):
     r"""The density of a flow :math:`x = f(z)`, :math:`z \sim p_0`:
 
     .. math:: \log p(x) = \log p_0\bigl(f^{-1}(x)\bigr)
-              - \log\left|\det \frac{\partial f}{\partial z}\right|_{z = f^{-1}(x)} ,
+              - \log\left|\det \frac{\partial f}{\partial z}\right|_{z = f^{-1}(x)} .
 
-    Pyro's (and torch's) ``TransformedDistribution(base, flow)``, usable in ``pyro.sample``,
-    with a faster :meth:`log_prob` when ``flow`` is a :class:`~pyroflows.flows.FlowStack`
-    of pyroflows layers (what :func:`pyroflows.flows.build` returns): one call runs the
-    stack's inverse with its fused kernels and returns :math:`f^{-1}(x)` with the log-det
-    accumulated on the way, where ``TransformedDistribution`` calls the inverse, then asks
-    for the log-det again (a second cache lookup with its staleness checks), negates and
-    sums it, and runs the base's support check. The stack's own checks still run: event
-    size always, finite values while :func:`pyroflows.validation` is on (with it off, the
-    base's ``validate_args`` check runs instead, if on). Samples it has just drawn are
-    scored from the stack's cache, with no inverse (IAF's would take D passes); a
-    ``log_prob`` call does not fill that cache. Sampling, ``rsample``, ``expand`` and every
-    other method are ``TransformedDistribution``'s. The value is that of
-    ``TransformedDistribution(base, flow).log_prob`` up to the order of the final additions.
+    Pyro's ``TransformedDistribution(base, flow)`` (same values up to the order of the final
+    additions), whose :meth:`log_prob`, for a :class:`~pyroflows.flows.FlowStack` of pyroflows
+    layers, is one call of the stack's :meth:`~pyroflows.flows.FlowStack.inverse_and_log_det`:
+    its fused kernels, or its cache for samples just drawn (no inverse). The stack checks its
+    input; with :func:`pyroflows.validation` off, ``validate_args`` checks the support instead.
 
     Arguments:
-        flow: a :class:`~pyroflows.flows.FlowStack`, or any transform or list of transforms
-            (then :meth:`log_prob` is ``TransformedDistribution``'s).
-        base: the base distribution; default :class:`StandardNormal` of the flow's event size
-            (``flow.parts[0].dim``), on the device and in the dtype of the flow's parameters
-            at construction (build the distribution after moving the flow).
+        flow: a :class:`~pyroflows.flows.FlowStack`, or any transform or list of transforms.
+        base: default :class:`StandardNormal` of the flow's event size, on the device and in
+            the dtype of the flow's parameters at construction.
         validate_args: as for any torch distribution.
 
     Example:

@@ -24,18 +24,9 @@ from torch import Tensor
 from torch.distributions import Independent, Normal, TransformedDistribution
 
 __all__ = [
-    "check_transform",
-    "check_shapes",
-    "check_round_trips",
-    "check_log_det",
-    "check_gradients",
-    "check_save_load",
-    "check_stale_cache",
-    "check_deepcopy",
-    "check_bad_input",
-    "check_transformed_distribution",
-    "randomize_parameters_",
-    "tolerances",
+    "check_transform", "check_shapes", "check_round_trips", "check_log_det", "check_gradients",
+    "check_save_load", "check_stale_cache", "check_deepcopy", "check_bad_input",
+    "check_transformed_distribution", "randomize_parameters_", "tolerances",
 ]
 
 Factory = Callable[[], torch.nn.Module]
@@ -127,9 +118,8 @@ def check_log_det(t, dim: int, device=None, dtype=torch.float64, num_points: int
 
 def check_gradients(t, dim: int, device=None, dtype=torch.float64) -> None:
     """Gradients of ``sum(y^2) + sum(log|det J|)`` reach the input and every trainable
-    parameter, finite and not all zero; for a pyroflows transform they equal, in both
-    directions (``t`` and ``t.inv``), those :func:`torch.func.grad` takes through the plain
-    operations (:func:`_plain_gradients`)."""
+    parameter, finite and not all zero; for a pyroflows transform, in both directions, they
+    equal those :func:`torch.func.grad` takes through the plain operations."""
     params = [p for p in t.parameters() if p.requires_grad]
     x = _draw((16, dim), device, dtype, 5).requires_grad_(True)
     y = t(x)
@@ -168,10 +158,8 @@ def _compare_with_plain(t, value: Tensor, grads, inverse: bool, dtype) -> None:
 
 
 class _LossOf(torch.nn.Module):
-    """:func:`check_gradients`' loss through ``t.forward_and_log_det`` (``sum(y^2) + sum(log|det
-    J|)``) or ``t.inverse_and_log_det`` (``sum(x^2) - sum(log|det J|)``, J the forward map's
-    Jacobian), as a module, so that :func:`torch.func.functional_call` can pass the
-    parameters."""
+    """:func:`check_gradients`' loss through ``t.forward_and_log_det`` or
+    ``t.inverse_and_log_det``, as a module for :func:`torch.func.functional_call`."""
 
     def __init__(self, t: torch.nn.Module, inverse: bool) -> None:
         super().__init__()
@@ -188,12 +176,9 @@ class _LossOf(torch.nn.Module):
 
 def _plain_gradients(t, value: Tensor, inverse: bool) -> list[Tensor] | None:
     """The gradients of :func:`check_gradients`' loss w.r.t. ``value`` and every trainable
-    parameter, taken by :func:`torch.func.grad`, under which the fused kernels of pyroflows
-    (hand-written backward passes, blocked products) step aside for the plain operations that
-    autograd differentiates: an independent reference for those backward passes. ``None`` for
-    a transform without ``forward_and_log_det`` / ``inverse_and_log_det`` (not a pyroflows
-    transform, or a stack of other transforms) and for one that torch.func cannot run (an
-    ``autograd.Function`` without ``setup_context``, as in some user transforms)."""
+    parameter by :func:`torch.func.grad`, under which the fused kernels step aside for the plain
+    operations: an independent reference for their backward passes. ``None`` where there is
+    no plain path (not a pyroflows transform) or torch.func cannot run it."""
     method = getattr(t, "inverse_and_log_det" if inverse else "forward_and_log_det", None)
     if not callable(method) or getattr(t, "all_flow_transforms", True) is False:
         return None  # not a pyroflows transform, or a FlowStack holding other transforms
@@ -207,8 +192,7 @@ def _plain_gradients(t, value: Tensor, inverse: bool) -> list[Tensor] | None:
     try:
         grad_value, grad_params = torch.func.grad(loss, argnums=(0, 1))(_fresh(value), trainable)
     except RuntimeError as e:
-        # a (user) transform built on a torch.autograd.Function that torch.func cannot run
-        # (no setup_context): no plain reference to compare with, nothing to report
+        # a user's torch.autograd.Function without setup_context: no reference to compare with
         if "setup_context" in str(e):
             return None
         raise

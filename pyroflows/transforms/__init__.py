@@ -16,24 +16,7 @@ from .radial import Radial, radial
 from .tabak import Tabak, tabak
 
 __all__ = [
-    "FlowTransform",
-    "ElementwiseAffine",
-    "elementwise_affine",
-    "TriangularAffine",
-    "triangular_affine",
-    "FixedTriangularAffine",
-    "Planar",
-    "planar",
-    "Radial",
-    "radial",
-    "IAF",
-    "iaf",
-    "MAF",
-    "maf",
-    "RealNVP",
-    "realnvp",
-    "Permute",
-    "permute",
-    "Tabak",
-    "tabak",
+    "FlowTransform", "ElementwiseAffine", "elementwise_affine", "TriangularAffine",
+    "triangular_affine", "FixedTriangularAffine", "Planar", "planar", "Radial", "radial", "IAF",
+    "iaf", "MAF", "maf", "RealNVP", "realnvp", "Permute", "permute", "Tabak", "tabak",
 ]

@@ -10,17 +10,13 @@ from .._fast import RowView
 from .._memo import Memoized
 from .base import FlowTransform
 
-__all__ = [
-    "ElementwiseAffine", "elementwise_affine", "TriangularAffine", "triangular_affine",
-    "FixedTriangularAffine", "tril_affine_solve",
-]
+__all__ = ["ElementwiseAffine", "elementwise_affine", "TriangularAffine", "triangular_affine",
+           "FixedTriangularAffine", "tril_affine_solve"]
 
 
 class _PackedAffine(FlowTransform):
-    """Shared by the affine layers: all their parameters live in one tensor ``packed``, whose
-    rows are named by ``_ROWS`` (``loc``, ``log_scale``, ...), read and edited in place as
-    views of it (:class:`~pyroflows._fast.banks.RowView`), so an optimizer that steps each
-    parameter tensor on its own (Pyro's) makes one step per layer instead of two or three."""
+    """An affine layer whose parameters are the rows ``_ROWS`` of one tensor ``packed``, read
+    as views (:class:`~pyroflows._fast.banks.RowView`): one optimizer step per layer."""
 
     _ROWS: tuple[str, ...] = ()
 
@@ -29,8 +25,7 @@ class _PackedAffine(FlowTransform):
         _private.register_load_state_dict_pre_hook(self, _legacy.pack_separate_entries)
 
     def _initial(self, loc: Tensor | float, scale: Tensor | float) -> dict[str, Tensor]:
-        """The initial ``loc`` and ``log_scale`` rows (D,) from a float or (D,) ``loc`` and a
-        positive ``scale``."""
+        """The (D,) ``loc`` and ``log_scale`` rows from a float or (D,) ``loc`` and ``scale``."""
         loc_t = torch.as_tensor(loc, dtype=torch.get_default_dtype()).detach()
         scale_t = torch.as_tensor(scale, dtype=torch.get_default_dtype()).detach()
         if not bool((scale_t > 0).all()):
@@ -38,20 +33,14 @@ class _PackedAffine(FlowTransform):
         return {"loc": loc_t.expand(self.dim), "log_scale": scale_t.log().expand(self.dim)}
 
     def pack(self, **parts: Tensor) -> Tensor:
-        """The ``packed`` tensor of the given parts (every name of ``_ROWS``)."""
+        """The ``packed`` tensor of the rows ``_ROWS``."""
         raise NotImplementedError
 
 
 class ElementwiseAffine(_PackedAffine):
-    r"""Elementwise affine map :math:`y = \mu + e^{s} \odot x`, with
-    :math:`\log|\det J| = \sum_i s_i`.
-
-    Placed last in a guide's flow, it starts the posterior as the mean-field Gaussian
-    :math:`N(\mu, \mathrm{diag}(e^{2s}))` instead of :math:`N(0, I)`.
-
-    Its one parameter ``packed`` (shape (2, D)) holds :math:`\mu` and :math:`s` as rows;
-    ``loc`` and ``log_scale`` are those rows (views: differentiable, editable in place under
-    ``torch.no_grad()``).
+    r"""Elementwise affine map :math:`y = \mu + e^{s} \odot x`, :math:`\log|\det J| = \sum_i
+    s_i`: last in a guide's flow, it starts the posterior at a mean-field Gaussian. Its one
+    parameter ``packed`` (2, D) holds the rows ``loc`` and ``log_scale`` (views).
 
     Arguments:
         dim: the event size D.
@@ -93,30 +82,23 @@ class ElementwiseAffine(_PackedAffine):
         return x, log_scale.sum().expand(y.shape[:-1])
 
 
-def elementwise_affine(dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0):
+def elementwise_affine(dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0
+                       ) -> ElementwiseAffine:
     """Build an :class:`ElementwiseAffine` layer (identity by default)."""
     return ElementwiseAffine(dim, loc=loc, scale=scale)
 
 
 class TriangularAffine(_PackedAffine):
-    r"""Full-rank affine map :math:`y = \mu + L x` with :math:`L` lower triangular,
-    :math:`L_{ii} = e^{s_i} > 0`, and :math:`\log|\det J| = \sum_i s_i`.
-
-    The last layer of a full-rank flow guide: it starts at :math:`L = \mathrm{diag}(e^{s})` (the
-    mean-field Gaussian of :class:`~pyroflows.transforms.ElementwiseAffine`), and its strictly
-    lower part learns the posterior's linear correlations directly, which flow layers whose
-    networks start at the identity learn only slowly. With ``precondition="whiten"`` it is also
-    the base-side layer of a :class:`~pyroflows.density.DensityEstimator`, started at the
-    Cholesky factor of the data's covariance (:meth:`set_scale_tril_`).
-
-    Its one parameter ``packed`` (shape (D + 2, D)) holds, as rows, ``lower`` (D rows, of which
-    only the strictly lower part is used), ``loc`` and ``log_scale``; the three names are views
-    of those rows (differentiable, editable in place under ``torch.no_grad()``).
+    r"""Full-rank affine map :math:`y = \mu + L x`, :math:`L` lower triangular with
+    :math:`L_{ii} = e^{s_i}`, :math:`\log|\det J| = \sum_i s_i`: last in a full-rank guide's
+    flow, where it learns the linear correlations directly. Its one parameter ``packed``
+    (D + 2, D) holds the rows ``lower`` (D rows, strictly lower part used), ``loc`` and
+    ``log_scale`` (views).
 
     Arguments:
         dim: the event size D.
         loc: initial :math:`\mu` (a tensor of shape (D,) or a float), default 0.
-        scale: initial diagonal :math:`e^{s}` (a positive float or tensor of shape (D,)).
+        scale: initial diagonal :math:`e^{s}` (a tensor of shape (D,) or a positive float).
 
     Example:
         >>> import torch
@@ -169,16 +151,15 @@ class TriangularAffine(_PackedAffine):
         return tril_affine_solve(loc, scale_tril, y), log_scale.sum().expand(y.shape[:-1])
 
 
-def triangular_affine(dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0):
+def triangular_affine(dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0
+                      ) -> TriangularAffine:
     """Build a :class:`TriangularAffine` layer (identity by default)."""
     return TriangularAffine(dim, loc=loc, scale=scale)
 
 
 class FixedTriangularAffine(Memoized, FlowTransform):
-    r""":math:`y = m + C x` with a fixed lower-triangular :math:`C` with positive diagonal
-    (buffers, not parameters), :math:`\log|\det J| = \sum_i \log C_{ii}`: the Laplace
-    preconditioner of a flow guide with ``laplace_init``, and the whitening stage of
-    ``DensityEstimator(precondition="cholesky")``.
+    r""":math:`y = m + C x` with fixed (buffers) ``loc`` :math:`m` and lower-triangular
+    ``scale_tril`` :math:`C` of positive diagonal, :math:`\log|\det J| = \sum_i \log C_{ii}`.
 
     Example:
         >>> import torch
@@ -194,8 +175,7 @@ class FixedTriangularAffine(Memoized, FlowTransform):
         self.register_buffer("scale_tril", scale_tril.detach().clone())
 
     def _log_det(self) -> Tensor:
-        # fixed: computed once per state of the buffer (load_state_dict and .to() change it);
-        # the memo keeps the buffer it keys on alive, so its id stays its own
+        # once per state of the buffer; the memo keeps the buffer alive, so its id stays its own
         tril = self.scale_tril
         return self.memo("log_det", (id(tril), tril._version, torch.is_inference_mode_enabled()),
                          lambda: (tril, tril.diagonal().log().sum()))[1]
@@ -211,13 +191,9 @@ class FixedTriangularAffine(Memoized, FlowTransform):
 
 
 def tril_affine_solve(loc: Tensor, scale_tril: Tensor, y: Tensor) -> Tensor:
-    r""":math:`x = L^{-1}(y - \mu)` for every row of ``y`` (shape (..., D), including a single
-    (D,) point) by one triangular solve of :math:`x L^\top = y - \mu`.
-
-    With one (D, D) factor the rows are flattened into one (N, D) right-hand side, one
-    triangular solve for the whole batch: solving each row as its own (1, D) system would
-    broadcast the factor to (N, D, D), and its backward would build and sum N (D, D)
-    gradients. A batched factor (..., D, D) keeps the broadcasting solve.
+    r""":math:`x = L^{-1}(y - \mu)` for every row of ``y`` (..., D) by one triangular solve of
+    :math:`x L^\top = y - \mu` (one (D, D) ``scale_tril``: the rows flattened into one
+    right-hand side, not broadcast as N systems; a batched (..., D, D) one broadcasts).
 
     Example:
         >>> import torch

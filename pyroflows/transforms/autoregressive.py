@@ -26,37 +26,22 @@ class AffineAutoregressiveCore(FlowTransform):
               \log\left|\det \frac{\partial v}{\partial u}\right| = \sum_i s_i(u_{<i}),
 
     where ":math:`<i`" is the order of a :class:`~pyroflows.nn.MADE` that outputs
-    :math:`(\mu, s)` in one pass. ``u -> v`` (:meth:`_parallel`) is one network pass;
-    ``v -> u`` (:meth:`_sequential`) needs one pass per level of the order, because
-    :math:`u_i = (v_i - \mu_i(u_{<i}))\, e^{-s_i(u_{<i})}` needs :math:`u_{<i}` first.
+    :math:`(\mu, s)` in one pass: ``u -> v`` is one pass, ``v -> u`` one pass per level of the
+    order. The log-scale is bounded, :math:`s = b \tanh(\tilde s / b)`, or (``gated=True``)
+    the update is Kingma et al.'s :math:`v = \sigma \odot u + (1 - \sigma) \odot m`,
+    :math:`\sigma = \mathrm{sigmoid}(\tilde s + 2)`. ``forward_is_parallel`` says which way is
+    the forward map, ``log_det_sign`` turns :math:`\sum_i s_i` into the forward log-det.
 
-    The log-scale is bounded, :math:`s = b \tanh(\tilde s / b)`, or, with ``gated=True``, the
-    map is the sigmoid-gated update of Kingma et al. (2016),
-    :math:`v = \sigma \odot u + (1 - \sigma) \odot m` with :math:`\sigma = \mathrm{sigmoid}(\tilde
-    s + 2)`, i.e. :math:`\mu = (1 - \sigma) m`, :math:`s = \log \sigma \le 0`, computed with
-    ``logsigmoid`` so it never overflows.
-
-    Subclasses pick the direction: IAF and RealNVP use ``u -> v`` as the forward map, MAF as the
-    inverse (class attributes ``forward_is_parallel`` and ``log_det_sign``, the sign that turns
-    :math:`\sum_i s_i` into the log-det of the *forward* map).
-
-    Fast path (``fused = True``, the default): a one-pass direction of a non-gated layer over a
-    ReLU or tanh :class:`~pyroflows.nn.MADE` runs as one
-    :func:`~pyroflows._fast.affine.affine_chain` call, an autograd function with a written-out
-    backward pass; :class:`~pyroflows.flows.FlowStack` runs a whole run of such layers as one
-    call; without autograd, the D-pass direction goes level by level
-    (:func:`~pyroflows._fast.affine.sequential_no_grad`). The values are computed by the same
-    operations in the same order as the plain path (``fused = False`` on an instance, or any
-    other configuration), so they are the same numbers, except in wide networks on CPU, where
-    the kernels skip masked-out blocks (:mod:`pyroflows._fast.made`) and the values agree to
-    rounding; the gradients agree to rounding.
+    ``fused = True`` (the default): the one-pass direction over a ReLU or tanh MADE runs as
+    :func:`~pyroflows._fast.affine.affine_chain`, the D-pass one without autograd as
+    :func:`~pyroflows._fast.affine.sequential_no_grad`; same values (to rounding where blocked
+    or levelled), gradients to rounding. ``fused = False`` runs the plain operations.
     """
 
     forward_is_parallel: bool = True
     log_det_sign: float = 1.0
     fused: bool = True
-    #: a coupling layer's ``(conditioning, transformed)`` ranges when its conditioner runs on
-    #: the conditioning half only (see :class:`~pyroflows.transforms.RealNVP`); ``None`` here
+    #: a coupling layer's compact ``(conditioning, transformed)`` ranges (RealNVP)
     coupling_halves: tuple[slice, slice] | None = None
 
     def __init__(
@@ -81,8 +66,7 @@ class AffineAutoregressiveCore(FlowTransform):
         )
         self.gated = bool(gated)
         self.log_scale_bound = float(log_scale_bound)
-        # with the first level fixed to the identity, starting the solve at u = v makes it exact
-        # already, so one pass fewer is needed (a coupling layer needs a single pass)
+        # with the first level fixed to the identity, the solve from u = v is one pass shorter
         self.num_passes = max(1, self.conditioner.num_levels - int(zero_first))
 
     def shift_and_log_scale(self, u: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,27 +84,24 @@ class AffineAutoregressiveCore(FlowTransform):
         return torch.addcmul(shift, log_scale.exp(), u), log_scale.sum(-1)
 
     def _sequential(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        # After pass k every level <= k is exact (level k depends on levels < k only), so the
-        # fixed-point iteration is exact after num_passes steps; the last pass's log-scales
-        # depend on levels below the top only, so they are s(u) at the solution.
+        # after pass k every level <= k is exact, so num_passes passes solve it, and the last
+        # pass's log-scales (levels below the top only) are s(u) at the solution
         if not torch.is_grad_enabled() and self._fusable() and not traced():
-            return sequential_no_grad(self, v)  # fast path: level by level (pyroflows._fast)
+            return sequential_no_grad(self, v)
         u = v
         for _ in range(self.num_passes):
             shift, log_scale = self.shift_and_log_scale(u)
             u = (v - shift) * torch.exp(-log_scale)
         return u, log_scale.sum(-1)
 
-    # ---- fast path: the fused kernels of pyroflows._fast.affine -------------------------
     def _fusable(self) -> bool:
         net = self._modules["conditioner"]  # as self.conditioner, without __getattr__'s call
         return (self.fused and not self.gated and isinstance(net, MADE)
                 and supports_fused(net))
 
     def fused_kind(self, inverse: bool) -> tuple[bool, float] | None:
-        """``(parallel, log_det_sign)`` of the direction (``inverse`` or forward) when the fused
-        kernel computes it: a single pass of a non-gated layer over a ReLU or tanh MADE without
-        hooks; ``None`` otherwise."""
+        """``(parallel, log_det_sign)`` where the fused kernel computes this direction (one pass
+        of a non-gated layer over a ReLU or tanh MADE without hooks), else ``None``."""
         if not self._fusable():
             return None
         parallel = self.forward_is_parallel != inverse
@@ -142,8 +123,7 @@ class AffineAutoregressiveCore(FlowTransform):
         return self.plain_map(x, inverse)
 
     def plain_map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        """The map of one direction (``inverse`` or forward) and its log-det, from plain
-        differentiable operations (what ``fused = False`` runs, and what a compiler traces)."""
+        """One direction's map and log-det by plain operations (``fused = False``, compilers)."""
         parallel = self.forward_is_parallel != inverse
         v, log_det = self._parallel(x) if parallel else self._sequential(x)
         return v, (log_det if self.log_det_sign > 0 else -log_det)
@@ -165,16 +145,11 @@ class IAF(AffineAutoregressiveCore):
     .. math:: y_i = \mu_i(z_{<i}) + \sigma_i(z_{<i})\, z_i, \qquad
               \log|\det J| = \sum_i \log \sigma_i(z_{<i}),
 
-    with :math:`(\mu, \log\sigma)` from one :class:`~pyroflows.nn.MADE` pass over the *input*
-    :math:`z`. The forward map (latent to sample, the VI direction) is one network pass; the
-    inverse :math:`z_i = (y_i - \mu_i(z_{<i})) / \sigma_i(z_{<i})` (seed eq. 40) takes D
-    sequential passes. Sampling and then scoring the same samples costs no inverse: the
-    forward pass caches its log-det (see :class:`~pyroflows.transforms.FlowTransform`).
-
-    :math:`\log\sigma` is soft-clamped to :math:`(-b, b)` by :math:`b \tanh(\cdot / b)`; with
-    ``gated=True`` the layer is the numerically stable LSTM-style update
-    :math:`y = \sigma \odot z + (1 - \sigma) \odot m`, :math:`\sigma = \mathrm{sigmoid}(\cdot)`.
-    The network's last layer starts at zero, so a new layer is the identity (``gated=False``).
+    with :math:`(\mu, \log\sigma)` from one :class:`~pyroflows.nn.MADE` pass over :math:`z`:
+    sampling is one pass, the inverse (seed eq. 40) D sequential passes, and scoring a sample
+    just drawn needs none (the cache). :math:`\log\sigma` is soft-clamped to :math:`(-b, b)`;
+    ``gated=True`` gives :math:`y = \sigma \odot z + (1 - \sigma) \odot m`. A new layer is the
+    identity (``gated=False``).
 
     References:
         Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow",
@@ -204,16 +179,13 @@ class IAF(AffineAutoregressiveCore):
 class MAF(AffineAutoregressiveCore):
     r"""Masked autoregressive flow (Papamakarios et al., 2017), seed eq. 37-38.
 
-    The inverse (data :math:`y` to base :math:`z`, the ``log_prob`` direction) is one
-    :class:`~pyroflows.nn.MADE` pass over the *data*:
+    The inverse (the ``log_prob`` direction) is one :class:`~pyroflows.nn.MADE` pass over
+    the data :math:`y`:
 
     .. math:: z_i = \tilde\mu_i(y_{<i}) + e^{\tilde s_i(y_{<i})}\, y_i, \qquad
               \log\left|\det \frac{\partial y}{\partial z}\right| = -\sum_i \tilde s_i(y_{<i}),
 
-    and the forward map (sampling) :math:`y_i = \mu_i(y_{<i}) + \sigma_i(y_{<i}) z_i` with
-    :math:`\mu = -\tilde\mu e^{-\tilde s}`, :math:`\sigma = e^{-\tilde s}` (seed eq. 37, 41)
-    takes D sequential passes. It is the same core as :class:`IAF`, run the other way round;
-    the log-det of either direction comes from the pass over :math:`y` alone.
+    sampling (seed eq. 41) D sequential passes: :class:`IAF`'s core run the other way round.
 
     References:
         Papamakarios et al., "Masked Autoregressive Flow for Density Estimation",
@@ -246,21 +218,13 @@ class MAF(AffineAutoregressiveCore):
         return self.inverse_and_log_det(y)[1]
 
 
-def iaf(
-    dim: int,
-    hidden_dims: Sequence[int] | None = None,
-    gated: bool = False,
-    **kwargs,
-) -> IAF:
+def iaf(dim: int, hidden_dims: Sequence[int] | None = None, gated: bool = False, **kwargs
+        ) -> IAF:
     """Build an :class:`IAF` layer (identity at initialization unless ``gated``)."""
     return IAF(dim, hidden_dims=hidden_dims, gated=gated, **kwargs)
 
 
-def maf(
-    dim: int,
-    hidden_dims: Sequence[int] | None = None,
-    gated: bool = False,
-    **kwargs,
-) -> MAF:
+def maf(dim: int, hidden_dims: Sequence[int] | None = None, gated: bool = False, **kwargs
+        ) -> MAF:
     """Build a :class:`MAF` layer (identity at initialization unless ``gated``)."""
     return MAF(dim, hidden_dims=hidden_dims, gated=gated, **kwargs)

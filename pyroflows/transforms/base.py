@@ -27,14 +27,9 @@ class _CacheEntry:
 def module_stamp(module: nn.Module, shared: bool = False) -> tuple | None:
     """The cache key of a module's state: the grad mode and the identity and version counter
     of every parameter and buffer (``None`` in inference mode, where nothing is cached).
-
-    Walks ``_parameters``, ``_buffers`` and ``_modules`` directly: ``named_parameters()``
-    builds prefixed names and a set of seen tensors, several times the cost, and this runs a
-    few times per layer per training step. Shared tensors are listed once per owner, which
-    only makes the key longer, never ambiguous; ``shared=True`` visits a submodule shared by
-    several owners once (a stack whose layers share one bank of stacked parameters, where the
-    key would otherwise grow with layers x bank).
-    """
+    ``shared=True`` visits a submodule shared by several owners once (a bank of a stack)."""
+    # walks the dictionaries directly: named_parameters() builds prefixed names and a seen-set,
+    # several times the cost, and this runs a few times per layer per training step
     if torch.is_inference_mode_enabled():
         return None
     states: list[int] = []
@@ -63,15 +58,11 @@ def _all_finite(value: Tensor) -> bool:
 
 
 class OutputCache:
-    """Mixin: the one cache of a map's last ``(x, y, log_det)``, which cannot go stale.
-
-    An entry is only reused while the input (or output) tensor is the same object with the same
-    version counter, and every parameter and buffer of the module (identities and version
-    counters, :func:`module_stamp`) and the grad mode are unchanged, so an optimizer step, an
-    in-place edit of the input, ``load_state_dict`` or ``.to()`` always force a recomputation.
-    The entry is dropped when the module is pickled or deep-copied. Used by
-    :class:`FlowTransform` and :class:`~pyroflows.flows.FlowStack`.
-    """
+    """Mixin: the one cache of a map's last ``(x, y, log_det)``, which cannot go stale: reused
+    only while the input (or output) is the same tensor at the same version and
+    :func:`module_stamp` is unchanged, so an optimizer step, an in-place edit, ``load_state_dict``
+    or ``.to()`` force a recomputation; dropped on pickling. The owner's
+    ``_uncached(value, inverse)`` computes a miss."""
 
     _cache: _CacheEntry | None = None
 
@@ -86,8 +77,8 @@ class OutputCache:
         self.__dict__["_cache"] = _CacheEntry(x, y, log_det, x._version, y._version, stamp)
 
     def lookup(self, x: Tensor | None = None, y: Tensor | None = None) -> _CacheEntry | None:
-        """The cached entry when ``x`` (or ``y``) is the last input (or output), unchanged, and
-        no parameter, buffer or the grad mode changed since; else ``None``."""
+        """The cached entry when ``x`` (or ``y``) is the last input (or output) and nothing
+        changed since; else ``None``."""
         c = self._cache
         if c is None:
             return None
@@ -104,8 +95,7 @@ class OutputCache:
         self.__dict__["_cache"] = None
 
     def _cached(self, value: Tensor, inverse: bool) -> Tensor:
-        """The image of ``value`` (``t(x)``, or ``t.inv(y)`` when ``inverse``): the cached one,
-        or the one ``_uncached(value, inverse)`` computes, which then fills the cache."""
+        """``t(value)`` (``t.inv(value)`` when ``inverse``), from the cache or stored in it."""
         hit = self.lookup(y=value) if inverse else self.lookup(x=value)
         if hit is not None:
             return hit.x if inverse else hit.y
@@ -123,28 +113,18 @@ class OutputCache:
 
 class FlowTransform(OutputCache, TransformModule):
     r"""Base class of the pyroflows transforms: a bijection of :math:`\mathbb{R}^D` with a cheap
-    :math:`\log|\det J|`.
+    :math:`\log|\det J|`, positive determinant (``sign = +1``) unless a subclass says not.
 
-    Subclasses implement two methods, each returning the image and the log-det of the *forward*
-    map at the point in question:
+    Subclasses implement ``forward_and_log_det(x) -> (y, log|det dy/dx|)`` and
+    ``inverse_and_log_det(y) -> (x, log|det dy/dx|)`` (the *forward* map's log-det both ways);
+    this class supplies ``__call__``, ``inv``, ``log_abs_det_jacobian``, the output cache
+    (:class:`OutputCache`: scoring a sample just drawn needs no inverse) and validation: a
+    :class:`ValueError` for inputs not of shape ``(..., D)``, and for non-finite ones while
+    :func:`pyroflows.is_validation_enabled`. A layer that a fused kernel runs says so with
+    ``fused_kind(inverse)`` and ``run_fused`` (:mod:`pyroflows._fast.dispatch`).
 
-    - ``forward_and_log_det(x) -> (y, log|det dy/dx|)``
-    - ``inverse_and_log_det(y) -> (x, log|det dy/dx|)``
-
-    and this class supplies ``__call__``, ``inv``, ``log_abs_det_jacobian``, input validation
-    (``_validate``) and the output cache (:class:`OutputCache`), so that scoring a sample just
-    drawn needs no inverse (for IAF it skips the D sequential passes).
-
-    Validation: inputs must have shape ``(..., D)``; otherwise a :class:`ValueError` says so. While
-    :func:`pyroflows.is_validation_enabled` (the default), non-finite inputs raise a
-    :class:`ValueError` too.
-
-    Fast paths (:mod:`pyroflows._fast.dispatch`): a layer that a fused kernel can run says so
-    with ``fused_kind(inverse)`` and ``run_fused``; ``plain_map(x, inverse)`` is its map by
-    plain differentiable operations.
-
-    ``sign = +1``: every pyroflows layer except permutations has a positive Jacobian
-    determinant (it preserves orientation).
+    Arguments:
+        dim: the event size D.
     """
 
     domain = constraints.real_vector
@@ -158,25 +138,21 @@ class FlowTransform(OutputCache, TransformModule):
             raise ValueError(f"{type(self).__name__}: dim must be a positive integer, got {dim!r}")
         self.dim = int(dim)
 
-    # ---- to be implemented by subclasses ---------------------------------------------------
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    # ---- the fast-path declaration (see pyroflows._fast.dispatch) -------------------------
     def fused_kind(self, inverse: bool):
-        """What a fused kernel needs to know to run this direction, or ``None`` (the default)
-        where only this layer's own operations compute it."""
+        """What a fused kernel needs to run this direction, or ``None`` (only this layer's own
+        operations compute it)."""
         return None
 
     def plain_map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        """The map of one direction (``inverse`` or forward) and the forward map's log-det, by
-        plain differentiable operations."""
+        """One direction's map and log-det by plain differentiable operations."""
         return self.inverse_and_log_det(x) if inverse else self.forward_and_log_det(x)
 
-    # ---- validation -----------------------------------------------------------------------
     def _validate(self, value: Tensor, what: str) -> None:
         name = type(self).__name__
         if not isinstance(value, Tensor):
@@ -189,7 +165,6 @@ class FlowTransform(OutputCache, TransformModule):
         if is_validation_enabled() and not _all_finite(value):
             raise ValueError(f"{name}: {what} contains NaN or infinite values")
 
-    # ---- the torch.distributions.Transform interface --------------------------------------
     def _uncached(self, value: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         self._validate(value, "input to the inverse" if inverse else "input")
         return self.inverse_and_log_det(value) if inverse else self.forward_and_log_det(value)
@@ -207,18 +182,15 @@ class FlowTransform(OutputCache, TransformModule):
         return self._inv_call(y)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        """``log|det dy/dx|`` of shape ``x.shape[:-1]``, for ``y = t(x)``.
-
-        Free when ``x`` or ``y`` is the cached input or output of the last call.
-        """
+        """``log|det dy/dx|`` of shape ``x.shape[:-1]`` for ``y = t(x)``; free when ``x`` or
+        ``y`` is the last call's (cached) input or output."""
         hit = self.lookup(x=x) or self.lookup(y=y)
         if hit is not None:
             return hit.log_det
         return self._log_abs_det_jacobian_uncached(x, y)
 
     def _log_abs_det_jacobian_uncached(self, x: Tensor, y: Tensor) -> Tensor:
-        """Log-det on a cache miss, from ``x`` by default; a family whose cheap direction is the
-        inverse (MAF) overrides this to compute it from ``y``."""
+        """Log-det on a cache miss, from ``x`` (MAF: from ``y``, its cheap direction)."""
         self._validate(x, "input")
         return self.forward_and_log_det(x)[1]
 

@@ -19,18 +19,11 @@ class RealNVP(AffineAutoregressiveCore):
     .. math:: y_a = z_a, \qquad y_b = \mu(z_a) + e^{s(z_a)} \odot z_b, \qquad
               \log|\det J| = \sum_i s_i(z_a),
 
-    and the inverse :math:`z_b = (y_b - \mu(y_a))\, e^{-s(y_a)}` is one pass too, because
-    :math:`y_a = z_a`. :math:`s` is soft-clamped to :math:`(-b, b)` by :math:`b \tanh(\cdot/b)`.
-
-    It is the autoregressive core of :class:`~pyroflows.transforms.IAF` with a two-level order
-    (conditioning coordinates first) whose first level is fixed to the identity: the network is
-    a :class:`~pyroflows.nn.MADE` over all D inputs whose masks cut every path from :math:`b`.
-    When each half is one contiguous range (the default mask and its complement, so every
-    layer :func:`~pyroflows.flows.build` makes) and :math:`D \ge` ``compact_min_dim`` (32),
-    the layer runs that network's nonzero blocks only, on :math:`z_a` with the outputs of
-    :math:`b` (:meth:`compact_weights`): the same map, with the arithmetic of Pyro's
-    ``AffineCoupling`` network; at smaller D the masked products over all D are the cheaper
-    choice. The last layer starts at zero, so a new layer is the identity.
+    and the inverse :math:`z_b = (y_b - \mu(y_a))\, e^{-s(y_a)}` is one pass too;
+    :math:`s` is soft-clamped to :math:`(-b, b)`. It is :class:`~pyroflows.transforms.IAF`'s
+    core with a two-level order whose first level is the identity; where each half is one
+    contiguous range and :math:`D \ge` ``compact_min_dim``, the network runs on :math:`z_a`
+    only (:meth:`compact_weights`). A new layer is the identity.
 
     References:
         Dinh et al., "Density estimation using Real NVP", ICLR 2017,
@@ -84,22 +77,15 @@ class RealNVP(AffineAutoregressiveCore):
         self.register_buffer("mask", mask_t)
         self._halves = _contiguous_halves(mask_t)
 
-    #: the smallest D for which the compact conditioner runs (set on an instance to change it):
-    #: it saves (D/2) H_1 + D H_L of the (D H_1 + ... + 2 D H_L) multiply-adds per sample but
-    #: adds a few small kernels per layer (column and row blocks of the weights, the
-    #: gradient's scatter back to the flat layout, the concatenation of the halves); the
-    #: threshold is measured (benchmarks/results/speed-cpu.md, "Measured choices")
+    #: the smallest D for which the compact conditioner runs: it saves (D/2) H_1 + D H_L
+    #: multiply-adds per sample for a few small kernels per layer (measured choice)
     compact_min_dim: int = 32
 
     @property
     def coupling_halves(self) -> tuple[slice, slice] | None:
-        """``(conditioning, transformed)`` coordinate ranges when each half is one contiguous
-        range (the default mask and its complement, hence every layer of
-        :func:`~pyroflows.flows.build`), ``D >= compact_min_dim`` and the conditioner has no
-        module hooks (which only its ``forward`` runs); ``None`` otherwise. Then both the
-        fused kernels and the plain operations run the conditioner on the conditioning half
-        only and compute the outputs of the transformed half only (see
-        :meth:`compact_weights`)."""
+        """``(conditioning, transformed)`` ranges where each half is one contiguous range,
+        ``D >= compact_min_dim`` and the conditioner has no hooks (which only its ``forward``
+        runs): then the conditioner runs compact (:meth:`compact_weights`); else ``None``."""
         net = self._modules["conditioner"]  # as self.conditioner, without __getattr__'s call
         if (self._halves is None or self.dim < self.compact_min_dim
                 or net._forward_hooks or net._forward_pre_hooks or net._backward_hooks
@@ -110,14 +96,9 @@ class RealNVP(AffineAutoregressiveCore):
     def compact_weights(
         self, weights: Sequence[Tensor], biases: Sequence[Tensor]
     ) -> tuple[list[Tensor], list[Tensor]]:
-        r"""The sub-blocks of the conditioner's masked weights that can be nonzero: the first
-        layer's columns of the conditioning half :math:`a` and the output rows of
-        :math:`(\mu_b, \tilde s_b)`. The masks zero every other column of the first layer
-        and every output row of :math:`a` (shift and log-scale exactly 0, so
-        :math:`y_a = z_a`), and the hidden units (all of degree 1) are unmasked, so the
-        network on :math:`z_a` with these blocks gives exactly the nonzero outputs, with
-        :math:`|a| / D` of the first layer's and :math:`|b| / D` of the output layer's
-        products (Pyro's ``AffineCoupling`` network has the same shapes)."""
+        r"""The blocks of the conditioner's masked weights that can be nonzero: the first
+        layer's columns of :math:`a` and the output rows of :math:`(\mu_b, \tilde s_b)`; the
+        network on :math:`z_a` with them gives exactly the nonzero outputs."""
         cond, trans = self._halves
         dim = self.dim
         weights, biases = list(weights), list(biases)
@@ -128,8 +109,7 @@ class RealNVP(AffineAutoregressiveCore):
         return weights, biases
 
     def _compact_map(self, u: Tensor, parallel: bool) -> tuple[Tensor, Tensor]:
-        # the operations of the fused kernel's coupling branch (pyroflows._fast.affine), in
-        # its order, so the same numbers
+        # the fused kernel's coupling branch's operations in its order: the same numbers
         cond, trans = self._halves
         net = self.conditioner
         weights, biases = self.compact_weights(*net.differentiable_masked_weights())
@@ -155,22 +135,21 @@ class RealNVP(AffineAutoregressiveCore):
     def _sequential(self, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.coupling_halves is None:
             return super()._sequential(v)
-        return self._compact_map(v, parallel=False)  # one pass: y_a = z_a
+        return self._compact_map(v, parallel=False)
 
     @staticmethod
     def default_mask(dim: int) -> Tensor:
         """The default coupling mask: the first ``D // 2`` coordinates condition the rest."""
         return torch.arange(int(dim)) < int(dim) // 2
 
-    # forward: the parallel map u -> v; inverse: the "sequential" map, which is a single pass
-    # here (see AffineAutoregressiveCore.num_passes); both fused
+    # forward: the parallel map; inverse: the "sequential" one, a single pass here
     forward_is_parallel = True
     log_det_sign = 1.0
 
 
 def _contiguous_halves(mask: Tensor) -> tuple[slice, slice] | None:
-    """``(conditioning, transformed)`` as two slices when ``mask`` is ``True`` on one
-    contiguous range and ``False`` on the rest, which is the other contiguous range."""
+    """``(conditioning, transformed)`` slices where ``mask`` is ``True`` on one contiguous range
+    and ``False`` on the other; else ``None``."""
     dim, count = mask.numel(), int(mask.sum())
     if bool(mask[:count].all()):
         return slice(0, count), slice(count, dim)
@@ -179,11 +158,7 @@ def _contiguous_halves(mask: Tensor) -> tuple[slice, slice] | None:
     return None
 
 
-def realnvp(
-    dim: int,
-    hidden_dims: Sequence[int] | None = None,
-    mask: Sequence[bool] | Tensor | None = None,
-    **kwargs,
-) -> RealNVP:
+def realnvp(dim: int, hidden_dims: Sequence[int] | None = None,
+            mask: Sequence[bool] | Tensor | None = None, **kwargs) -> RealNVP:
     """Build a :class:`RealNVP` affine coupling layer (identity at initialization)."""
     return RealNVP(dim, hidden_dims=hidden_dims, mask=mask, **kwargs)

@@ -14,14 +14,7 @@ __all__ = ["Permute", "permute"]
 
 class Permute(FlowTransform):
     r"""A fixed permutation of the coordinates, :math:`y_i = x_{\pi(i)}`, with
-    :math:`\log|\det J| = 0` and inverse :math:`x_{\pi(i)} = y_i`.
-
-    The permutation and its inverse are registered buffers (they follow ``.to()`` and are
-    saved in the ``state_dict``); it has no parameters. ``sign`` is the permutation's parity.
-
-    :func:`pyroflows.flows.build` puts one between the layers of families that need it; for
-    IAF, MAF and RealNVP it folds the permutation into the next layer's order or mask instead,
-    which gives the same family of maps without running this layer.
+    :math:`\log|\det J| = 0`; the permutation and its inverse are buffers, ``sign`` its parity.
 
     Arguments:
         permutation: :math:`\pi`, a sequence or integer tensor holding ``0, ..., D-1`` once

@@ -24,13 +24,10 @@ class Planar(FlowTransform):
     :math:`m(a) = -1 + \mathrm{softplus}(a)`, so :math:`w^\top \hat u > -1` and the map is
     invertible for every value of the raw parameters ``u``, ``w``, ``b``.
 
-    Inverse: with :math:`a = w^\top z + b` the map satisfies
-    :math:`w^\top y + b = a + c \tanh a`, :math:`c = w^\top \hat u > -1`, a strictly increasing
-    scalar equation. It is solved by Newton's method safeguarded with bisection on the bracket
-    :math:`[s - |c|, s + |c|]`, vectorized over the batch, to float precision; then
-    :math:`z = y - \hat u \tanh a`. So the flow scores points it did not sample.
-
-    Parameter names and initialization match :class:`pyro.distributions.transforms.Planar`.
+    Inverse: :math:`a = w^\top z + b` solves :math:`a + c \tanh a = w^\top y + b`,
+    :math:`c = w^\top \hat u > -1` (strictly increasing), by safeguarded Newton steps to float
+    precision; then :math:`z = y - \hat u \tanh a`. Parameter names and initialization are
+    :class:`pyro.distributions.transforms.Planar`'s.
 
     References:
         Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015.
@@ -75,7 +72,6 @@ class Planar(FlowTransform):
         u_hat = self.u_hat()
         return planar_inverse_step(y, self.w, u_hat, self.bias.squeeze(-1), self.w @ u_hat)
 
-    # ---- fast path: a run of planar layers is one kernel (pyroflows._fast.planar) ----------
     def fused_kind(self, inverse: bool) -> str | None:
         """``"planar"``, unless a subclass redefines the map."""
         return "planar" if keeps_map(type(self), Planar, _MAP) else None
@@ -83,9 +79,8 @@ class Planar(FlowTransform):
     @staticmethod
     def run_fused(x: Tensor, layers: list[Planar], kinds: list, log_det: Tensor | None,
                   inverse: bool) -> tuple[Tensor, Tensor]:
-        r"""Consecutive planar layers (in the order they run) with their parameters stacked,
-        :math:`\hat u` constrained once for all of them: the forward maps as one fused node,
-        the inverses one by one."""
+        r"""Consecutive planar layers, :math:`\hat u` constrained once for all: forward as one
+        fused node (:func:`~pyroflows._fast.planar.planar_chain`), inverses one by one."""
         forward_order = layers[::-1] if inverse else layers
         w, u, bias = stacked_rows(forward_order, ("w", "u", "bias"), (False, False, True))
         u_hat = planar_u_hat(w, u)
@@ -102,31 +97,25 @@ _MAP = ("forward_and_log_det", "inverse_and_log_det", "u_hat")
 def planar_inverse_step(
     y: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, c: Tensor
 ) -> tuple[Tensor, Tensor]:
-    r"""One planar layer's inverse (see :class:`Planar`) from its (D,) vectors ``w``,
-    :math:`\hat u`, scalar ``bias`` and :math:`c = w^\top \hat u`: ``(x, log|det J|)``."""
+    r"""One planar layer's inverse and log-det from its (D,) ``w``, :math:`\hat u`, scalar
+    ``bias`` and :math:`c = w^\top \hat u`."""
     a = _solve_monotone_tanh(y @ w + bias, c)
     act = torch.tanh(a)
     return y - act.unsqueeze(-1) * u_hat, torch.log1p((1 - act.square()) * c)
 
 
 def planar_u_hat(w: Tensor, u: Tensor) -> Tensor:
-    r"""The constrained direction :math:`\hat u = u + (m(w^\top u) - w^\top u)\, w / \|w\|^2`,
-    :math:`m(a) = -1 + \mathrm{softplus}(a)`, so that :math:`w^\top \hat u > -1` (Rezende &
-    Mohamed 2015, appendix A). ``w`` and ``u`` have shape (..., D): one layer, or K layers
-    stacked as (K, D) at once."""
+    r""":math:`\hat u` of :class:`Planar` (Rezende & Mohamed 2015, appendix A) for ``w``, ``u``
+    of shape (..., D): one layer, or K layers stacked as (K, D)."""
     wu = (w * u).sum(-1, keepdim=True)
     w_sq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
     return u + (F.softplus(wu) - 1 - wu) * w / w_sq
 
 
 def _solve_monotone_tanh(s: Tensor, c: Tensor, max_iter: int = 100) -> Tensor:
-    """Solve ``a + c tanh(a) = s`` elementwise for ``c > -1`` (strictly increasing in ``a``).
-
-    Newton steps from ``a = s``, kept inside the bracket ``[s - |c|, s + |c|]`` (which holds the
-    root because ``|tanh| < 1``) and replaced by bisection whenever they leave it. Runs under
-    ``no_grad``, then takes one Newton step with gradients on, so the result is differentiable
-    with respect to ``s`` and ``c`` by the implicit function theorem.
-    """
+    """Solve ``a + c tanh(a) = s`` elementwise for ``c > -1``: Newton steps from ``a = s``,
+    bisection where one leaves the bracket ``[s - |c|, s + |c|]`` (which holds the root), under
+    ``no_grad``; then one differentiable Newton step (the implicit-function gradient)."""
     with torch.no_grad():
         width = c.abs().expand_as(s)
         lo, hi = s - width, s + width
@@ -146,7 +135,6 @@ def _solve_monotone_tanh(s: Tensor, c: Tensor, max_iter: int = 100) -> Tensor:
             a = a_new
             if bool((step <= 4 * eps * (1 + a.abs())).all()):
                 break
-    # One differentiable Newton step: exact at the root, gives the implicit-function gradient.
     t = torch.tanh(a)
     return a - (a + c * t - s) / (1 + c * (1 - t * t))
 

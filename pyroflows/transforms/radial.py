@@ -26,12 +26,10 @@ class Radial(FlowTransform):
     :math:`\beta = -\alpha + \mathrm{softplus}(\beta')`, so :math:`\alpha > 0`,
     :math:`\beta > -\alpha` and the map is invertible for every raw parameter value.
 
-    Inverse in closed form: the radius :math:`R = \|y - z_0\| = r(\alpha + \beta + r)/(\alpha + r)`
-    gives :math:`r^2 + (\alpha + \beta - R) r - \alpha R = 0`, whose non-negative root is taken in
-    its cancellation-free form; then :math:`z = z_0 + (y - z_0)(\alpha + r)/(\alpha + \beta + r)`.
-
-    Parameter names (``x0``, ``alpha_prime``, ``beta_prime``) and initialization match
-    :class:`pyro.distributions.transforms.Radial`.
+    Inverse in closed form: :math:`R = \|y - z_0\| = r(\alpha + \beta + r)/(\alpha + r)` gives
+    :math:`r^2 + (\alpha + \beta - R) r - \alpha R = 0` (its non-negative root), then
+    :math:`z = z_0 + (y - z_0)(\alpha + r)/(\alpha + \beta + r)`. Parameter names and
+    initialization are :class:`pyro.distributions.transforms.Radial`'s.
 
     References:
         Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015.
@@ -70,7 +68,6 @@ class Radial(FlowTransform):
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return radial_inverse(y, self.x0, *self._alpha_beta())
 
-    # ---- fast path: a run of radial layers shares its parameter transforms -----------------
     def fused_kind(self, inverse: bool) -> str | None:
         """``"radial"``, unless a subclass redefines the map."""
         return "radial" if keeps_map(type(self), Radial, _MAP) else None
@@ -78,10 +75,8 @@ class Radial(FlowTransform):
     @staticmethod
     def run_fused(x: Tensor, layers: list[Radial], kinds: list, log_det: Tensor | None,
                   inverse: bool) -> tuple[Tensor, Tensor]:
-        r"""Consecutive radial layers (in the order they run), with :math:`\alpha` and
-        :math:`\alpha + \beta` computed once for all of them from the stacked parameters
-        (whose gradients then arrive as one (K, ...) tensor each, not K row scatters); then
-        each layer's map."""
+        r"""Consecutive radial layers, :math:`\alpha` and :math:`\alpha + \beta` computed once
+        for all from the stacked parameters (one gradient each, not K row scatters)."""
         forward_order = layers[::-1] if inverse else layers
         x0, alpha_prime, beta_prime = stacked_rows(
             forward_order, ("x0", "alpha_prime", "beta_prime"), (False, True, True))
@@ -96,17 +91,15 @@ _MAP = ("forward_and_log_det", "inverse_and_log_det", "_alpha_beta")
 
 def radial_alpha(alpha_prime: Tensor, beta_prime: Tensor) -> tuple[Tensor, Tensor]:
     r""":math:`\alpha = \mathrm{softplus}(\alpha')` and :math:`\alpha + \beta =
-    \mathrm{softplus}(\beta')`, elementwise (one layer's (1,) parameters or L layers' (L,)).
-    The sum is taken as softplus(beta') directly, so it stays positive in float32 even when
-    beta is within rounding of -alpha."""
+    \mathrm{softplus}(\beta')` (so the sum stays positive in float32), elementwise."""
     return F.softplus(alpha_prime), F.softplus(beta_prime)
 
 
 def radial_forward(
     x: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
 ) -> tuple[Tensor, Tensor]:
-    r"""One radial layer's forward map and log-det (see :class:`Radial`) from its centre
-    ``x0`` (D,), :math:`\alpha` and :math:`\alpha + \beta` (shape (1,) or ())."""
+    r"""One radial layer's map and log-det from its centre ``x0`` (D,), :math:`\alpha` and
+    :math:`\alpha + \beta` (shape (1,) or ())."""
     diff = x - x0
     r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
     y = x + (alpha_plus_beta - alpha) / (alpha + r) * diff
@@ -116,8 +109,7 @@ def radial_forward(
 def radial_inverse(
     y: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
 ) -> tuple[Tensor, Tensor]:
-    r"""One radial layer's inverse and the forward log-det at the result (see
-    :class:`Radial`), with the arguments of :func:`radial_forward`."""
+    r"""One radial layer's inverse and log-det, arguments as :func:`radial_forward`'s."""
     diff = y - x0
     big_r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
     b = alpha_plus_beta - big_r
