@@ -1,7 +1,8 @@
 """The private names of Pyro and PyTorch that pyroflows relies on, each with the reason.
 
 Everything else uses public API (and Pyro's documented subclass protocols:
-``AutoContinuous._setup_prototype`` / ``_unpack_latent``, ``Trace_ELBO._get_trace``).
+``AutoContinuous._setup_prototype`` (setting ``_unconstrained_shapes``, ``_cond_indep_stacks``;
+with ``_prototype_hide_fn``) / ``_unpack_latent``, ``Trace_ELBO._get_trace``).
 ``tests/test_private_names.py`` checks every name here, so an upgrade that moves one fails there.
 """
 
@@ -20,7 +21,7 @@ from torch.distributions.transforms import _InverseTransform
 
 __all__ = [
     "InverseTransform", "only_param_capture_active", "functorch_active", "global_module_hooks",
-    "guess_max_plate_nesting", "register_load_state_dict_pre_hook",
+    "guess_max_plate_nesting", "register_load_state_dict_pre_hook", "site_is_traced",
 ]
 
 #: the class of ``t.inv``; a stack keeps one instance instead of one per access
@@ -73,3 +74,9 @@ def register_load_state_dict_pre_hook(module: nn.Module, hook: Callable[..., Non
         module.register_load_state_dict_pre_hook(hook)
     else:
         module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+def site_is_traced(msg: dict) -> bool:
+    """Whether ``poutine.trace`` records the sample site ``msg``: not where its ``infer`` holds
+    ``_do_not_trace`` (a reparameterizer's auxiliary site). Pyro has no public way to ask."""
+    return not msg["infer"].get("_do_not_trace")

@@ -115,3 +115,21 @@ def test_load_state_dict_pre_hook_gets_the_module_first():
         register(outer[0], hook)
         outer.load_state_dict(outer.state_dict())
         assert calls == [(outer[0], "0.", ["0.bias", "0.weight"])]
+
+
+def test_site_is_traced_as_poutine_trace_records_it():
+    seen = {}
+
+    class Record(poutine.messenger.Messenger):
+        def _pyro_post_sample(self, msg):
+            seen[msg["name"]] = _private.site_is_traced(msg)
+
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.sample("aux", dist.Normal(0.0, 1.0),
+                    infer={"is_auxiliary": True, "_do_not_trace": True})
+
+    with Record():
+        trace = poutine.trace(model).get_trace()
+    assert seen == {"x": True, "aux": False}
+    assert [name for name, site in trace.nodes.items() if site["type"] == "sample"] == ["x"]

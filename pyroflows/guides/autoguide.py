@@ -20,7 +20,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import ComposeTransform, Transform, biject_to
 
-from .. import _legacy, flows
+from .. import _legacy, _private, flows
 from .._memo import Memoized
 from ..transforms import ElementwiseAffine, TriangularAffine
 from ..transforms.affine import FixedTriangularAffine
@@ -212,7 +212,7 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         #: ``used``, ``reason`` and the two ELBO estimates.
         self.laplace_info: dict | None = None
         self._plain_transforms: list[Transform] = []  # parameter-free, non-Module layers
-        self.register_load_state_dict_pre_hook(_laplace.match_laplace_layer)
+        _private.register_load_state_dict_pre_hook(self, _laplace.match_laplace_layer)
 
     _prototype_hide_fn = staticmethod(_hide_from_prototype)
 

@@ -187,7 +187,7 @@ class _ReplayAndScore(Messenger):
         msg["infer"] = guide_site["infer"]
 
     def _pyro_post_sample(self, msg: dict) -> None:
-        if not msg["infer"].get("_do_not_trace"):
+        if _private.site_is_traced(msg):
             self.trace.add_node(msg["name"], **msg)
 
     def _pyro_post_param(self, msg: dict) -> None:
