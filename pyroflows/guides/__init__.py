@@ -1,8 +1,8 @@
 """Flow guides for SVI: autoguides whose posterior is a normalizing flow over the latent vector.
 
-Modules: ``autoguide`` (:class:`AutoFlowGuide`, its shorthands, :class:`FlowPosterior`, the
-param store, step sizes), ``laplace`` (the Laplace start), ``elbo`` (:class:`FlowELBO`),
-``direct`` (FlowELBO's draw of a guide without tracing it), ``landing`` (sticking the landing).
+Modules: ``autoguide`` (the guide, its posterior, param store and step sizes), ``laplace`` (its
+start), ``elbo`` (:class:`FlowELBO`), ``direct`` (FlowELBO's untraced draw of a guide),
+``landing`` (sticking the landing).
 """
 
 from __future__ import annotations

@@ -30,9 +30,8 @@ from . import laplace as _laplace
 __all__ = ["AutoFlowGuide", "AutoPlanar", "AutoRadial", "AutoIAF", "FlowPosterior",
            "default_lr", "optim_args", "sync_param_store"]
 
-#: Up to this latent size the guide's last layer is full rank (:class:`TriangularAffine`) unless
-#: ``full_rank`` says otherwise, and the Laplace start is tried; above it, the D^2 parameters
-#: and the Hessian cost more than they help.
+#: Up to this latent size the affine layer is full rank by default and the Laplace start is
+#: tried; above it, the D^2 parameters and the Hessian cost more than they help.
 FULL_RANK_MAX_DIM = 256
 
 #: The guide's modules whose parameters enter Pyro's param store.
@@ -75,9 +74,8 @@ class FlowPosterior(dist.TransformedDistribution):
         new.stick_the_landing = self.stick_the_landing  # plates expand the site's distribution
         return new
 
-    # Unbatched draws (no sample or batch shape) go through the layers as a batch of one:
-    # Planar turns an input of shape (D,) into (1, D). The draw is returned unbatched and
-    # remembered, so that scoring it still hits the layers' caches.
+    # An unbatched draw goes through the layers as a batch of one (Planar makes (D,) into
+    # (1, D)) and is remembered, so that scoring it still hits the layers' caches.
     def rsample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
         if len(sample_shape) or len(self.batch_shape):
             return super().rsample(sample_shape)
@@ -221,7 +219,6 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         state["_raw_model"] = None  # as Pyro drops ``_model``: models are not pickled
         return state
 
-    # ---- set-up -------------------------------------------------------------------------------
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         AutoGuide._setup_prototype(self, *args, **kwargs)
         self._unconstrained_shapes = {}
@@ -347,7 +344,6 @@ class AutoFlowGuide(Memoized, AutoContinuous):
                    and frame.full_size != frame.size
                    for stack in self._cond_indep_stacks.values() for frame in stack)
 
-    # ---- the posterior ------------------------------------------------------------------------
     def get_base_dist(self) -> dist.TorchDistribution:
         # kept between calls (distributions are not changed in place); the key follows .to()
         loc = self._modules["affine"].loc
@@ -430,7 +426,6 @@ class AutoFlowGuide(Memoized, AutoContinuous):
                            "lr": default_flow if flow_lr is None else flow_lr})
         return groups
 
-    # ---- draws, median, quantiles ---------------------------------------------------------------
     @torch.no_grad()
     def _draw_latent(self, num_samples: int, seed: int | None = None) -> Tensor:
         """``num_samples`` unconstrained latent draws, shape (num_samples, D)."""
@@ -542,14 +537,11 @@ class AutoIAF(AutoFlowGuide):
 def sync_param_store(owner: PyroModule, names: Sequence[str], at_setup: bool = False,
                      register: bool = False) -> bool:
     """Make the param store's entries for the parameters of ``owner``'s submodules ``names``
-    the modules' own tensors, so that SVI steps exactly what the guide uses (also after
-    ``torch.load``, a store's ``set_state`` or a second guide of the same class, where
-    ``pyro.module`` would keep the store's tensor); at set-up, first convert entries of older
-    layouts and copy matching entries in. With ``register``, inside ``owner``'s active Pyro
-    context, also make each parameter's ``pyro.param`` statement (named, and warning of frozen
-    parameters, as ``pyro.module`` does) in the same walk; returns whether it did (not with
-    module-local parameters, nor for a ``PyroModule`` submodule, whose attribute access makes
-    them)."""
+    the modules' own tensors, which ``pyro.module`` does not after ``torch.load`` or a store's
+    ``set_state`` (at set-up, first convert old layouts and copy matching entries in). With
+    ``register``, in ``owner``'s active Pyro context, also make ``pyro.module``'s statements
+    in the same walk; returns whether it did (not for module-local parameters or a
+    ``PyroModule`` submodule)."""
     if pyro.settings.get("module_local_params") or not owner._pyro_context.used:
         return False  # no global param store in use, or no Pyro name known yet
     register = register and bool(owner._pyro_context.active) and not any(

@@ -1,13 +1,8 @@
-r"""FlowELBO's direct path: a flow guide drawn without Pyro's effect handlers, and the model
-replayed against the draw and scored in one handler.
-
-Tracing the guide costs Pyro's per-site work for each of its sites on every step; the direct
-path skips it where nothing could see the difference: no handler is active but
-``SVI.step``'s parameter capture, no latent site is in a subsampled plate (whose indices the
-guide's trace hands the model), and the guide has no forward hooks. The estimator, the random
-draws and the parameters the optimizer sees are those of :class:`~pyro.infer.Trace_ELBO` on
-the traced guide. A subclass of FlowELBO that overrides ``_get_trace``, and ``loss``
-(evaluation), trace the guide as usual.
+"""FlowELBO's direct path: a flow guide drawn without Pyro's effect handlers, and the model
+replayed against the draw and scored in one handler, where nothing could see the difference
+(:func:`applies`): the estimator, random draws and parameters of :class:`~pyro.infer.Trace_ELBO`
+on the traced guide, without Pyro's per-site work for the guide's sites. ``loss`` and a
+FlowELBO subclass that overrides ``_get_trace`` trace the guide as usual.
 """
 
 from __future__ import annotations
@@ -39,8 +34,9 @@ __all__ = ["applies", "draw", "particles"]
 
 def applies(guide: Callable) -> bool:
     """Whether ``guide`` may be drawn directly now: a set-up :class:`AutoFlowGuide` with no
-    latent site in a subsampled plate and no forward hooks, called by nothing but ``SVI``'s
-    parameter capture (outside ``SVI.step``, by nothing)."""
+    latent site in a subsampled plate (whose indices the guide's trace hands the model) and no
+    forward hooks, called by nothing but ``SVI``'s parameter capture (outside ``SVI.step``, by
+    nothing)."""
     return (isinstance(guide, AutoFlowGuide) and guide.prototype_trace is not None
             and not guide._subsampled_latents
             and not (guide._forward_hooks or guide._forward_pre_hooks
@@ -50,13 +46,11 @@ def applies(guide: Callable) -> bool:
 
 def draw(guide: AutoFlowGuide, shape: tuple, stick_the_landing: bool
          ) -> tuple[Trace, Tensor, Tensor | None, Tensor | None]:
-    r"""One draw of ``guide``, as its ``forward`` under Pyro's tracing would make it: the latent
-    of batch ``shape`` (Pyro's particle plate), the constrained value of every site, their log
-    densities. Returns ``(trace, log_q, entropy, jacobian)``: a trace holding the latent and
-    the site values (to replay the model against), :math:`\log q(u)` of shape ``shape``,
-    :math:`\log q_{\bar\phi}(u)` for sticking the landing (else ``None``) and
-    :math:`-\sum \log|\det J_T|`, the summed log density of the ``Delta`` sites (``None``
-    where every site is unconstrained: no kernels for a sum of zeros)."""
+    r"""One draw of ``guide`` of batch ``shape``, as its traced ``forward`` makes it:
+    ``(trace, log_q, entropy, jacobian)``, the trace of the latent and site values,
+    :math:`\log q(u)` (``shape``), :math:`\log q_{\bar\phi}(u)` with ``stick_the_landing``
+    (else ``None``), and the ``Delta`` sites' :math:`-\sum \log|\det J_T|` (``None`` where
+    every site is unconstrained)."""
     with guide._pyro_context:  # as __call__: the parameters register under their names
         base, transforms = guide._posterior_parts()
         stack = transforms[0] if len(transforms) == 1 else None
@@ -101,12 +95,10 @@ def draw(guide: AutoFlowGuide, shape: tuple, stick_the_landing: bool
 def particles(elbo: Trace_ELBO, model: Callable, guide: AutoFlowGuide, args: tuple,
               kwargs: dict, beta: float, stick_the_landing: bool, traces: list | None
               ) -> Iterator[tuple[float, Tensor]]:
-    r"""``(loss, surrogate loss)`` of each run, already divided by ``num_particles``, as
-    ``elbo`` (a :class:`~pyro.infer.Trace_ELBO`, :class:`~pyroflows._memo.Memoized`) computes
-    them from the traces of the guide and of the model replayed against it:
-    :math:`\log p(x, T(u)) + \log|\det J_T(u)| - \log q(u)`, the model's log joint and the
-    Jacobian terms tempered by ``beta``, with the sticking-the-landing term in the surrogate
-    where asked. The runs' ``(model trace, guide trace)`` are appended to ``traces``."""
+    r"""``(loss, surrogate loss)`` of each run over ``num_particles``, as ``elbo`` (a
+    Memoized :class:`~pyro.infer.Trace_ELBO`) computes them from the traces: of
+    :math:`\log p(x, T(u)) + \log|\det J_T(u)| - \log q(u)`, the first two tempered by
+    ``beta``; the runs' ``(model trace, guide trace)`` are appended to ``traces``."""
     num_particles, max_plate_nesting = elbo.num_particles, elbo.max_plate_nesting
     vectorized = elbo.vectorize_particles and num_particles > 1
     plate = contextlib.nullcontext()
@@ -142,14 +134,9 @@ def particles(elbo: Trace_ELBO, model: Callable, guide: AutoFlowGuide, args: tup
 
 
 class _ReplayAndScore(Messenger):
-    """The model's half of the direct path: what
-    ``poutine.trace(poutine.replay(model, guide_trace))`` records, in one handler instead of
-    two. A latent site takes the guide's value as
-    :class:`~pyro.poutine.replay_messenger.ReplayMessenger` gives it; every site is recorded in
-    :attr:`trace` as :class:`~pyro.poutine.trace_messenger.TraceMessenger` records it (a
-    repeated site name is the same error). :meth:`run` then scores the trace with Pyro's own
-    ``compute_log_prob`` and ``log_prob_sum`` (subsample sites left out, as Trace_ELBO's
-    pruned trace does) and, under validation, checks each site's shape."""
+    """What ``poutine.trace(poutine.replay(model, guide_trace))`` records, in one handler; the
+    trace is scored as Trace_ELBO scores it (subsample sites left out, shapes checked under
+    validation)."""
 
     def __init__(self, guide_trace: Trace, max_plate_nesting: float, validate: bool) -> None:
         super().__init__()
@@ -160,9 +147,8 @@ class _ReplayAndScore(Messenger):
         self.log_prob_sum: Tensor | float = 0.0
 
     def run(self, model: Callable, args: tuple, kwargs: dict) -> None:
-        """Run ``model`` under this handler (a ``ValueError`` or ``RuntimeError`` from it gets
-        the shapes of the sites so far appended, as ``poutine.trace`` appends them), then
-        score its sites."""
+        """Run ``model`` (its errors get the sites' shapes, as under ``poutine.trace``) and score
+        its sites."""
         try:
             with self:
                 model(*args, **kwargs)
@@ -205,9 +191,8 @@ def _is_identity(transform: Transform) -> bool:
 
 
 def _check_match(model_trace: Trace, guide_trace: Trace) -> None:
-    """The checks of :func:`pyro.util.check_model_guide_match` that can fail on the direct
-    path: the model's latent sites are exactly the guide's (a model that changed its sites
-    since the guide was set up)."""
+    """The checks of :func:`pyro.util.check_model_guide_match` that can fail here: the model's
+    latent sites are the guide's."""
     guide_vars = {name for name, site in guide_trace.nodes.items()
                   if not site["infer"].get("is_auxiliary")}
     model_vars = {name for name, site in model_trace.nodes.items()

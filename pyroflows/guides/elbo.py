@@ -24,60 +24,45 @@ __all__ = ["FlowELBO"]
 
 
 class FlowELBO(Memoized, Trace_ELBO):
-    r""":class:`~pyro.infer.Trace_ELBO` with two options that help flow guides, and a
-    faster way to run them.
+    r""":class:`~pyro.infer.Trace_ELBO` with sticking the landing and annealing for flow
+    guides, a faster draw of them, and a clear error when a step diverges.
 
-    - ``stick_the_landing``: the path-derivative gradient of Roeder et al. (2017). The guide's
-      :math:`\log q_\phi(z)` enters the surrogate loss as :math:`\log q_{\bar\phi}(z_\phi)`, with
-      the parameters :math:`\bar\phi` detached and only the sample's path
-      :math:`z_\phi = T_\phi(\varepsilon)` differentiated. This drops the score term
-      :math:`\nabla_\phi \log q_\phi(z)`, whose expectation is zero, so the gradient stays
-      unbiased and its variance vanishes as :math:`q \to p`. :math:`\nabla_z \log q` comes
-      from the draw's Jacobian or the flow's inverse (:mod:`pyroflows.guides.landing`). Only
-      the latent site of a pyroflows guide is affected; other sites use the usual estimator.
-      ``None`` (default): each flow guide's own ``stick_the_landing`` decides (by default its
-      family's); ``True``: every flow guide (an error without one); ``False``: none.
-    - ``anneal_steps``: over the first ``T`` calls of :meth:`loss_and_grads` (one per
-      ``svi.step()``) the guide fits the tempered density of the *unconstrained* latent vector,
+    - ``stick_the_landing``: the path-derivative gradient (Roeder et al. 2017): the guide's
+      :math:`\log q_\phi(z)` enters the surrogate loss as :math:`\log q_{\bar\phi}(z_\phi)`,
+      the parameters :math:`\bar\phi` detached and only :math:`z_\phi = T_\phi(\varepsilon)`
+      differentiated. The dropped score term has expectation zero, so the gradient stays
+      unbiased and its variance vanishes as :math:`q \to p` (:mod:`pyroflows.guides.landing`).
+      Only the latent site of a pyroflows guide is affected.
+    - ``anneal_steps``: over the first :math:`T` training calls the guide fits the tempered
+      density of the unconstrained latent vector (:math:`\beta = 1` afterwards),
 
       .. math:: p_\beta(u) \propto \bigl[p(x, T(u))\, |\det J_T(u)|\bigr]^{\beta},
                 \qquad \beta_t = \beta_0 + (1 - \beta_0)\, t / T,
 
-      with :math:`T` the ``biject_to`` map of the latent sites, and :math:`\beta = 1`
-      afterwards. The loss is :math:`-E_q[\beta \log p(x, T(u)) + \beta \log|\det J_T(u)|
-      - \log q(u)]`: the model's log joint and the Jacobian terms of the guide's ``Delta``
-      sites are both scaled by :math:`\beta`. Tempering the log joint alone would leave
-      :math:`p(x, T(u))^\beta |\det J_T(u)|`, which is improper for heavy-tailed positive
-      sites (a HalfCauchy scale :math:`\tau = e^u` gives :math:`e^{u(1-\beta)}` as
-      :math:`u \to \infty`). :math:`p_\beta` is wider than :math:`p` and lets a flow spread
-      over several modes before the full energy pulls it in (Rezende & Mohamed 2015). While
-      annealing, ``svi.step()`` returns the tempered loss; :meth:`loss` always uses
-      :math:`\beta = 1`. With a guide other than an autoguide (no ``Delta`` sites) only the
-      log joint is tempered.
-    - ``direct`` (default ``True``): a set-up :class:`~pyroflows.guides.AutoFlowGuide` is
-      drawn without tracing it through Pyro's effect handlers where nothing could tell the
-      difference (:mod:`pyroflows.guides.direct`): the same loss, surrogate, random draws and
-      parameters as on the traced path. ``direct=False`` always traces the guide.
+      with :math:`T` the ``biject_to`` map: the Jacobian terms of an autoguide's ``Delta``
+      sites are tempered with the model's log joint (alone, it would leave
+      :math:`p^\beta |\det J_T|`, improper for heavy-tailed positive sites). The wider
+      :math:`p_\beta` lets a flow spread over several modes first (Rezende & Mohamed 2015).
+      ``svi.step()`` returns the tempered loss; :meth:`loss` uses :math:`\beta = 1`.
+    - ``direct``: a set-up :class:`~pyroflows.guides.AutoFlowGuide` is drawn without Pyro's
+      effect handlers where nothing could tell the difference
+      (:mod:`pyroflows.guides.direct`): the same loss, surrogate, draws and parameters.
 
-    A training step whose loss is not finite (a guide whose draws have run to where the
-    model's density over- or underflows; its gradients would turn every parameter into NaN)
-    raises a :class:`ValueError` that names the model sites with a non-finite log density and
-    the size of the guide's draws, before any parameter moves; the step's gradients are
-    dropped, so the caller may lower the step size and go on.
+    A step whose loss is not finite raises a :class:`ValueError` naming the model sites with a
+    non-finite log density and the size of the guide's draws, before any parameter moves (the
+    step's gradients are dropped, so the caller may lower the step size and go on).
 
     References:
         Roeder, Wu & Duvenaud, "Sticking the Landing: Simple, Lower-Variance Gradient
         Estimators for Variational Inference", NeurIPS 2017.
 
     Arguments:
-        stick_the_landing: use the path-derivative estimator for the flow guide's site:
-            ``None`` as the guide says, or ``True`` / ``False`` for every flow guide.
-        anneal_steps: the number of steps over which :math:`\beta` rises to 1 (0: none).
+        stick_the_landing: ``None``: as each flow guide says; ``True`` / ``False``: every flow
+            guide (``True`` without one is an error) / none.
+        anneal_steps: the steps over which :math:`\beta` rises to 1 (0: none).
         anneal_start: :math:`\beta_0`.
-        direct: draw a pyroflows guide without tracing it where the result is the same
-            (above).
-        kwargs: passed to :class:`~pyro.infer.Trace_ELBO` (``num_particles``,
-            ``vectorize_particles``, ``max_plate_nesting``, ...).
+        direct: draw a pyroflows guide untraced where the result is the same.
+        kwargs: passed to :class:`~pyro.infer.Trace_ELBO`.
 
     Example:
         >>> elbo = FlowELBO(num_particles=8, vectorize_particles=True, anneal_steps=1000)
@@ -154,8 +139,7 @@ class FlowELBO(Memoized, Trace_ELBO):
 
     # ---- the direct path ------------------------------------------------------------------------
     def _direct(self, model, guide, args, kwargs) -> bool:
-        """Whether this step draws the guide directly (:func:`pyroflows.guides.direct.applies`,
-        and this class's own traces)."""
+        """Whether this step draws the guide directly (:func:`direct.applies`, own traces)."""
         if not (self.direct and type(self)._get_trace is FlowELBO._get_trace
                 and direct.applies(guide)):
             return False
@@ -190,9 +174,8 @@ class FlowELBO(Memoized, Trace_ELBO):
 
 
 class _TemperJacobians(Messenger):
-    """Scales the guide's ``Delta`` sample sites (an autoguide's constrained values, whose log
-    density is the ``biject_to`` Jacobian term :math:`-\\log|\\det J_T(u)|`) by ``beta``,
-    leaving the auxiliary latent site alone."""
+    """Scales the guide's ``Delta`` sample sites (log density :math:`-\\log|\\det J_T(u)|`)
+    by ``beta``, leaving the auxiliary latent site alone."""
 
     def __init__(self, beta: float) -> None:
         super().__init__()
@@ -206,9 +189,8 @@ class _TemperJacobians(Messenger):
 
 
 def _stick_the_landing(guide_trace, force: bool) -> None:
-    """Give the flow latent sites of a traced guide the sticking-the-landing entropy term:
-    from the draw's Jacobian where the flow stack's cache knows the draw's base point, else
-    by the flow's inverse."""
+    """Give the flow latent sites of a traced guide the sticking-the-landing entropy term (from
+    the draw's Jacobian where the stack's cache knows its base point, else the inverse)."""
     found = False
     for site in guide_trace.nodes.values():
         if site["type"] != "sample" or not isinstance(site["fn"], FlowPosterior):
@@ -228,8 +210,7 @@ def _stick_the_landing(guide_trace, force: bool) -> None:
 
 
 def _drop_gradients(traces: list) -> None:
-    """Set to ``None`` the (non-finite) gradients a failed step left on the parameters of its
-    traces, so that catching the error and stepping on starts clean."""
+    """Drop the (non-finite) gradients a failed step left on its traces' parameters."""
     for model_trace, guide_trace in traces:
         for trace in (model_trace, guide_trace):
             for site in trace.nodes.values():
@@ -243,8 +224,8 @@ def _drop_gradients(traces: list) -> None:
 
 
 def _divergence_message(loss: float, step: int, traces: list) -> str:
-    """Why the loss of a step is not finite: the model sites with a non-finite log density
-    and the size of the flow guide's draws."""
+    """Why a step's loss is not finite: the model sites with a non-finite log density and the
+    size of the flow guide's draws."""
     sites: dict[str, list[int]] = {}
     largest = 0.0
     for model_trace, guide_trace in traces:

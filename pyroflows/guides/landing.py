@@ -1,12 +1,8 @@
-r"""Sticking the landing (Roeder et al. 2017): a flow guide's log density
-:math:`\log q_{\bar\phi}(z)` with the flow's parameters :math:`\bar\phi` detached, so that
-only the draw's path :math:`z_\phi = T_\phi(\varepsilon)` is differentiated.
-
-Two routes give it: the flow's inverse (:func:`log_prob_detached`; for IAF, D sequential passes
-per layer, for planar a root solve per layer), and the Jacobian of the draw itself
-(:func:`path_log_density`, a few batched passes), which :class:`~pyroflows.guides.FlowELBO`
-takes wherever it knows the draw's base point: on its direct path, and on the traced path from
-the flow stack's cache (:func:`path_entropy`).
+r"""Sticking the landing (Roeder et al. 2017): a flow guide's :math:`\log q_{\bar\phi}(z)`
+with the parameters :math:`\bar\phi` detached, only the path :math:`z_\phi = T_\phi(\varepsilon)`
+differentiated; by the flow's inverse (:func:`log_prob_detached`; for IAF D sequential passes a
+layer) or, where the draw's base point is known, by the draw's Jacobian
+(:func:`path_log_density`, a few batched passes).
 """
 
 from __future__ import annotations
@@ -55,8 +51,7 @@ def _detached(module: nn.Module) -> dict[str, Tensor]:
 def log_prob_detached(base_dist: Distribution, transforms: list[Transform],
                       value: Tensor) -> Tensor:
     r""":math:`\log q_{\bar\phi}(z)` of ``TransformedDistribution(base_dist, transforms)`` at
-    ``value`` by the inverse of every layer, the parameters detached: differentiable in
-    ``value`` only."""
+    ``value`` by every layer's inverse: differentiable in ``value`` only."""
     y = value
     log_det = torch.zeros((), dtype=value.dtype, device=value.device)
     layers = []
@@ -88,14 +83,10 @@ def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tens
               \bigl[\log N(\varepsilon; 0, I) - \log|\det J(\varepsilon)|\bigr],
               \qquad J = \partial T / \partial \varepsilon,
 
-    so the result is ``log_q`` (detached) plus :math:`(z - \bar z) \cdot \nabla_z`, whose
-    gradient reaches the parameters through the path :math:`z_\phi` only. :math:`J` comes from
-    D + 1 pullbacks (one forward pass and a backward batched over the D + 1 cotangents, or for
-    small batches and layers whose backward does not batch, one pass over D + 1 copies of the
-    batch; see :data:`STL_BATCHED_BACKWARD_MIN_ROWS`) and is solved per draw (a D x D
-    system); the parameters take no gradient from any of it.
-
-    Shapes: ``eps`` and ``z`` (..., D), ``log_q`` (...)."""
+    so the result is ``log_q`` (detached) plus :math:`(z - \bar z) \cdot \nabla_z`. :math:`J`
+    comes from D + 1 pullbacks (batched, or over D + 1 copies of the draws: see
+    :data:`STL_BATCHED_BACKWARD_MIN_ROWS`), solved per draw. ``eps``, ``z`` (..., D), ``log_q``
+    (...)."""
     d = eps.shape[-1]
     e = eps.detach().reshape(-1, d)
     n = e.shape[0]
@@ -138,10 +129,9 @@ def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tens
 
 def _batched_pullbacks(stack: flows.FlowStack, frozen: dict[str, Tensor], e: Tensor,
                        pick_y: Tensor, pick_ld: Tensor) -> Tensor | None:
-    """The D + 1 pullbacks of :func:`path_log_density` from one forward pass over the draws
-    ``e`` (n, D) and one backward pass batched over the D + 1 output cotangents (``pick_y``
-    (D + 1, n, D), ``pick_ld`` (D + 1, n)). ``None`` where a layer's backward does not run
-    batched (``vmap`` refuses in-place and ``out=`` operations)."""
+    """The D + 1 pullbacks of :func:`path_log_density` at ``e`` (n, D) from one forward pass
+    and one backward batched over the cotangents ``pick_y`` (D + 1, n, D), ``pick_ld``
+    (D + 1, n); ``None`` where a layer's backward does not batch (in-place operations)."""
     x = e.clone().requires_grad_(True)
     with torch.enable_grad():
         y, log_det = torch.func.functional_call(_Call(stack, inverse=False), frozen, (x,))
@@ -155,11 +145,9 @@ def _batched_pullbacks(stack: flows.FlowStack, frozen: dict[str, Tensor], e: Ten
 
 def path_entropy(posterior, value: Tensor) -> Tensor | None:
     """The sticking-the-landing term of a traced draw ``value`` of a
-    :class:`~pyroflows.guides.FlowPosterior` from the draw's Jacobian
-    (:func:`path_log_density`): when the posterior is one
-    :class:`~pyroflows.flows.FlowStack` of pyroflows layers whose cache still holds this
-    draw's base point (it does right after ``rsample``, while the parameters are unchanged)
-    and :func:`jacobian_route` takes it; ``None`` otherwise (the caller runs the inverse)."""
+    :class:`~pyroflows.guides.FlowPosterior` by :func:`path_log_density`, where it is one
+    :class:`~pyroflows.flows.FlowStack` whose cache still holds the draw's base point and
+    :func:`jacobian_route` takes it; else ``None`` (the caller runs the inverse)."""
     transforms = posterior.transforms
     if len(transforms) != 1 or not isinstance(transforms[0], flows.FlowStack):
         return None

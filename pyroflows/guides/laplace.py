@@ -2,9 +2,8 @@ r"""The Laplace start of a flow guide: the Gaussian :math:`N(m, C C^T)` at the m
 of the model's unconstrained log density :math:`\log p(x, T(u)) + \log|\det J_T(u)|`, found by
 L-BFGS from the guide's initial location, with :math:`C = \mathrm{chol}(H^{-1})` and :math:`H`
 the Hessian of the negative log density there. It is kept only where the search ends finite,
-:math:`H` is positive definite and its ELBO beats the plain start's: a funnel's mode sits at
-the edge of an unbounded density and is a useless centre. It costs a few hundred model runs
-and a Hessian (D backward passes) when the guide is built.
+:math:`H` is positive definite and its ELBO beats the plain start's (a funnel's mode sits at
+the edge of an unbounded density). It costs a few hundred model runs and a Hessian at set-up.
 """
 
 from __future__ import annotations
@@ -33,10 +32,8 @@ LAPLACE_ELBO_DRAWS = 64
 
 class LogDensity:
     r""":math:`\log p(x, T(u)) + \log|\det J_T(u)|` of a model's unconstrained latent vector
-    :math:`u` for fixed model arguments, with :math:`T` the ``biject_to`` map of every latent
-    site; ``unpack_latent(u)`` yields ``(site, unconstrained value)`` as
-    :meth:`~pyro.infer.autoguide.AutoContinuous._unpack_latent` does. The model runs with
-    every latent site conditioned (``init_loc_fn`` plays no part).
+    :math:`u`, with :math:`T` the ``biject_to`` map of every latent site, every latent site
+    conditioned; ``unpack_latent`` as :meth:`AutoContinuous._unpack_latent`.
 
     Example:
         >>> import pyro, pyro.distributions as dist, pyroflows as pf
@@ -55,8 +52,7 @@ class LogDensity:
         self.unpack_latent = unpack_latent
         self.args = args
         self.kwargs = kwargs
-        #: False once the model refused a batch of draws: :meth:`mean` then goes to the loop
-        #: directly (a vectorized attempt costs two plain runs and a batched one)
+        #: False once the model refused a batch of draws: :meth:`mean` then loops directly
         self.vectorized = True
 
     def __call__(self, u: Tensor) -> Tensor:
@@ -76,10 +72,8 @@ class LogDensity:
         return trace.log_prob_sum() + log_det, trace
 
     def batched(self, u: Tensor, plate_dim: int) -> Tensor | None:
-        """The log density of the S rows of ``u`` (S, D) in one run of the model, inside a
-        plate of size S at ``plate_dim`` (left of every plate of the model): shape (S,), or
-        ``None`` where a site's value or log density does not come out with the draws in its
-        leading dim (a model that does not broadcast over them)."""
+        """The log density (S,) of the rows of ``u`` (S, D) in one run of the model in a plate
+        at ``plate_dim``, or ``None`` where a site does not broadcast over the draws."""
         num_draws, nesting = u.shape[0], -plate_dim
         latent = u.reshape((num_draws,) + (1,) * (nesting - 1) + u.shape[-1:])
         values, log_det = {}, u.new_zeros(num_draws)
@@ -108,10 +102,8 @@ class LogDensity:
         return total
 
     def mean(self, draws: Tensor) -> float:
-        r"""The mean log density over the rows of ``draws`` (S, D); :math:`-\infty` where the
-        model rejects a draw or its density is not finite there. One vectorized run of the
-        model where it broadcasts over the draws (:meth:`vectorized_mean`), else one run per
-        draw."""
+        r"""The mean log density over the rows of ``draws`` (S, D), :math:`-\infty` where a
+        draw is rejected or not finite: one vectorized run where it agrees, else a loop."""
         if self.vectorized:
             value = self.vectorized_mean(draws)
             if value is not None:
@@ -129,11 +121,9 @@ class LogDensity:
         return total / draws.shape[0]
 
     def vectorized_mean(self, draws: Tensor) -> float | None:
-        r""":meth:`mean` from one vectorized run of the model, or ``None`` where the loop must
-        decide: a model that does not run on a batch of draws, or whose batched log densities
-        at the first and last draw differ from its plain ones (a model that does not
-        broadcast over leading dims can run and still mix the draws), or subsampled plates
-        (whose draws the loop redraws per draw)."""
+        r""":meth:`mean` from one vectorized run, or ``None`` where the loop must decide: the
+        batched run fails or differs from the plain one at the first and last draw (a model
+        can run and still mix the draws), or a plate subsamples."""
         try:
             first, trace = self.with_trace(draws[0])
         except Exception:  # noqa: BLE001 - a draw the model rejects: the loop's answer
@@ -170,9 +160,8 @@ class LogDensity:
 
 
 def gaussian_elbo(density: LogDensity, loc: Tensor, scale_tril: Tensor, eps: Tensor) -> float:
-    r"""The ELBO of :math:`N(\mu, L L^T)` over the unconstrained vector, from the draws
-    :math:`\mu + L \varepsilon` of ``eps`` (S, D): the mean of ``density`` over them plus the
-    Gaussian's entropy; :math:`-\infty` where the model rejects a draw."""
+    r"""The ELBO of :math:`N(\mu, L L^T)`: ``density``'s mean over :math:`\mu + L \varepsilon`
+    of ``eps`` (S, D) plus the Gaussian's entropy."""
     entropy = (0.5 * eps.shape[-1] * math.log(2 * math.pi * math.e)
                + float(scale_tril.diagonal().log().sum()))
     return density.mean(loc + eps @ scale_tril.T) + entropy
@@ -180,12 +169,9 @@ def gaussian_elbo(density: LogDensity, loc: Tensor, scale_tril: Tensor, eps: Ten
 
 def laplace_approximation(density: LogDensity, loc: Tensor, init_scale: float
                           ) -> tuple[tuple[Tensor, Tensor] | None, dict[str, Any]]:
-    r"""The Laplace approximation ``(mode, chol(H^-1))`` of ``density``, searched by L-BFGS
-    from ``loc`` (D,), or ``None`` where it is unusable or its ELBO (on
-    :data:`LAPLACE_ELBO_DRAWS` common draws) is below that of the plain start
-    :math:`N(\mathrm{loc}, \mathrm{init\_scale}^2 I)`; and what happened (``used``,
-    ``reason``, the two ELBO estimates). The global random state is left as it was (a plate
-    in the model draws its subsample indices)."""
+    r"""``(mode, chol(H^-1))`` of ``density`` by L-BFGS from ``loc`` (D,), or ``None`` where
+    unusable or its ELBO is below the plain start's :math:`N(\mathrm{loc},
+    \mathrm{init\_scale}^2 I)`; and ``used``, ``reason``, the ELBOs. The random state is kept."""
     cuda = [loc.device.index or 0] if loc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         return _search(density, loc, init_scale)
@@ -245,11 +231,8 @@ def _search(density: LogDensity, loc: Tensor, init_scale: float
 
 
 def match_laplace_layer(guide, state_dict: dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook of a flow guide: give the guide the fixed Laplace layer
-    exactly when the ``state_dict`` has one, so a guide whose Laplace start was kept loads
-    into a fresh guide where it was rejected (another seed, another data set) and vice versa.
-    The learnt affine layer's values mean something only together with that layer, so taking
-    the saved one is what reproduces the saved posterior."""
+    """Load-state-dict pre-hook of a flow guide: give it the fixed Laplace layer exactly when
+    the ``state_dict`` has one (the saved affine layer means something only with it)."""
     affine = guide._modules.get("affine")
     if affine is None:  # not set up yet: the usual missing-key errors say so
         return
