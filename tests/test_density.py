@@ -544,6 +544,21 @@ def test_an_epoch_counts_its_skipped_steps_and_scores_the_kept_rows(device, dtyp
     assert score == pytest.approx(float(want), rel=1e-5)
 
 
+def test_the_moving_average_steps_toward_the_parameters_unless_skipped():
+    """The validated parameters are theta_bar <- theta_bar + r (theta - theta_bar) after every
+    step; a skipped step leaves them as they were."""
+    p = torch.zeros(2)
+    average = training.ParameterAverage([p], rate=0.5)
+    p += 1.0
+    average.update(torch.tensor(False))
+    assert average.average[0].tolist() == [0.5, 0.5]
+    p += 1.0
+    average.update(torch.tensor(True))
+    assert average.average[0].tolist() == [0.5, 0.5]
+    average.update(torch.tensor(False))
+    assert average.average[0].tolist() == [1.25, 1.25]
+
+
 def test_the_fit_uses_adams_fused_kernel_with_the_same_update(device, dtype):
     """DensityEstimator's optimizer is torch's fused Adam where this torch has it for the
     device (one kernel a step): the same update as the default Adam, to rounding."""

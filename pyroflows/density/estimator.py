@@ -1,5 +1,5 @@
-"""The density estimator's user API: its arguments and their checks, the fit (the split, the
-automatic choice of pipeline, the refiner), and scoring, sampling, saving and loading."""
+"""The density estimator's user API: its arguments and checks, the fit (the split, the automatic
+choice of pipeline, the refiner), scoring, sampling, saving and loading."""
 
 from __future__ import annotations
 
@@ -123,27 +123,23 @@ class DensityEstimator:
     - ``None``: the flow on the raw data, base ``N(0, I)``.
 
     ``refine="tabak"`` fits a Tabak transform :math:`R` without whitening to the trained flow's
-    latent codes, and the base becomes :math:`p_R(z) = N(R^{-1}(z); 0, I)\,|\det \partial
-    R^{-1}/\partial z|`; it keeps its steps only if they beat none by more than one standard
-    error on the validation codes (``Tabak(selection="significant")``).
+    latent codes: the base becomes :math:`N(R^{-1}(z); 0, I)\,|\det \partial R^{-1}/\partial z|`,
+    its steps kept only if they beat none by one standard error (``selection="significant"``).
 
-    The layers get ``log_scale_bound=2.0`` unless ``flow_options`` names one: each layer's
-    log-scale is :math:`b \tanh(s / b)`, which tames a flow's tails with few rows. Training:
-    minibatch Adam; an exponential moving average of the parameters is validated after every
-    epoch; early stopping after ``patience`` epochs without improvement; the best state (the
-    untrained one included) is restored at the end, after an error or a ``KeyboardInterrupt``.
+    Layer log-scales are :math:`b \tanh(s / b)`, ``log_scale_bound=2.0`` unless ``flow_options``
+    names one. Training: minibatch Adam, a validated moving average of the parameters, early
+    stopping; the best state (the untrained one included) is restored at the end, after an
+    error or a ``KeyboardInterrupt``.
 
     Arguments:
         flow: ``"maf"`` (one-pass density, D-pass sampling) or ``"realnvp"`` (one pass both ways).
         num_layers: the number of flow layers.
         hidden_dims: the conditioner networks' hidden sizes.
-        precondition: ``"whiten"``, ``"cholesky"``, ``"standardize"``, ``"tabak"``,
-            ``"auto"`` or ``None`` (see above).
+        precondition: the pipeline (see above).
         device: where to fit; default: that of a tensor passed to :meth:`fit`, else CPU.
         dtype: float32 or float64; default: that of a floating tensor passed to :meth:`fit`.
         seed: makes the split, initialization, shuffling and :meth:`sample` reproducible.
-        tabak_options: keyword arguments of :class:`~pyroflows.transforms.Tabak` (preconditioner
-            and refiner).
+        tabak_options: keyword arguments of the Tabak preconditioner and refiner.
         flow_options: further keyword arguments of :func:`pyroflows.flows.build` and the layers;
             unknown names and values :meth:`save` cannot store (a lambda, a local function, a
             module instance) raise a ``ValueError`` here.
@@ -172,19 +168,11 @@ class DensityEstimator:
         True
     """
 
-    def __init__(
-        self,
-        flow: str = "maf",
-        num_layers: int = 5,
-        hidden_dims: Sequence[int] = (128, 128),
-        precondition: str | None = "whiten",
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        seed: int | None = None,
-        tabak_options: dict | None = None,
-        flow_options: dict | None = None,
-        refine: str | None = None,
-    ) -> None:
+    def __init__(self, flow: str = "maf", num_layers: int = 5,
+                 hidden_dims: Sequence[int] = (128, 128), precondition: str | None = "whiten",
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 seed: int | None = None, tabak_options: dict | None = None,
+                 flow_options: dict | None = None, refine: str | None = None) -> None:
         if flow not in _FLOWS:
             raise ValueError(f"flow must be one of {_FLOWS}, got {flow!r}")
         if precondition not in PRECONDITIONERS:
@@ -227,18 +215,12 @@ class DensityEstimator:
 
     def get_params(self) -> dict:
         """The constructor arguments (what :meth:`save` stores to rebuild the model)."""
-        return {
-            "flow": self.flow,
-            "num_layers": self.num_layers,
-            "hidden_dims": self.hidden_dims,
-            "precondition": self.precondition,
-            "device": None if self.device is None else str(self.device),
-            "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
-            "seed": self.seed,
-            "tabak_options": dict(self.tabak_options),
-            "flow_options": dict(self.flow_options),
-            "refine": self.refine,
-        }
+        return {"flow": self.flow, "num_layers": self.num_layers, "hidden_dims": self.hidden_dims,
+                "precondition": self.precondition,
+                "device": None if self.device is None else str(self.device),
+                "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
+                "seed": self.seed, "tabak_options": dict(self.tabak_options),
+                "flow_options": dict(self.flow_options), "refine": self.refine}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items() if v not in (None, {}))
@@ -256,8 +238,7 @@ class DensityEstimator:
         return p.device, p.dtype
 
     def _prepare(self, x: Any, name: str = "x") -> tuple[Tensor, bool]:
-        """A fitted model's input as ``(n, D)`` on its device and dtype, and whether it was one
-        point ``(D,)``."""
+        """A fitted model's input as ``(n, D)`` on its device and dtype; whether it was ``(D,)``."""
         model = self._require_model()
         t = _as_tensor(x, name)
         single = t.dim() == 1
@@ -277,19 +258,10 @@ class DensityEstimator:
         ).to(device=device, dtype=dtype)
 
     # ---- fitting --------------------------------------------------------------------------
-    def fit(
-        self,
-        x: Any,
-        x_val: Any = None,
-        max_epochs: int = 500,
-        batch_size: int = 256,
-        lr: float = 1e-3,
-        patience: int = 20,
-        val_fraction: float = 0.1,
-        weight_decay: float = 0.0,
-        averaging_epochs: float = 1.0,
-        progress: bool = True,
-    ) -> DensityEstimator:
+    def fit(self, x: Any, x_val: Any = None, max_epochs: int = 500, batch_size: int = 256,
+            lr: float = 1e-3, patience: int = 20, val_fraction: float = 0.1,
+            weight_decay: float = 0.0, averaging_epochs: float = 1.0,
+            progress: bool = True) -> DensityEstimator:
         """Fit to the rows of ``x`` (numpy array or tensor, shaped (n, D)); returns ``self``.
 
         Arguments:

@@ -104,31 +104,19 @@ class Whiten(FixedTriangularAffine):
         return self
 
 
-def _inverse_parts(parts: Sequence[Any], y: Tensor) -> tuple[Tensor, Tensor]:
-    """``y`` through the inverses of ``parts``, last first, and ``log|det d(result)/dy|``.
-    FlowTransforms run ``inverse_and_log_det`` directly: no per-layer validation or caching."""
+def _inverse_parts(parts: Sequence[FlowTransform], y: Tensor) -> tuple[Tensor, Tensor]:
+    """``y`` through the inverses of ``parts``, last first, and ``log|det d(result)/dy|``
+    (``inverse_and_log_det`` directly: no per-layer validation or caching)."""
     log_det = torch.zeros(y.shape[:-1], device=y.device, dtype=y.dtype)
     for part in reversed(list(parts)):
-        if isinstance(part, FlowTransform):
-            y, ld = part.inverse_and_log_det(y)
-        else:
-            x = part.inv(y)
-            ld = part.log_abs_det_jacobian(x, y)
-            if ld.dim() == y.dim():  # an elementwise transform reports per-coordinate terms
-                ld = ld.sum(-1)
-            y = x
+        y, ld = part.inverse_and_log_det(y)
         log_det = log_det - ld
     return y, log_det
 
 
-def _forward_parts(parts: Sequence[Any], z: Tensor) -> Tensor:
-    for part in parts:
-        if isinstance(part, Tabak):  # draws need no log-det, and Tabak's map alone is faster
-            z = part.forward_value(z)
-        elif isinstance(part, FlowTransform):
-            z = part.forward_and_log_det(z)[0]
-        else:
-            z = part(z)
+def _forward_parts(parts: Sequence[FlowTransform], z: Tensor) -> Tensor:
+    for part in parts:  # draws need no log-det: Tabak's map alone is faster
+        z = part.forward_value(z) if isinstance(part, Tabak) else part.forward_and_log_det(z)[0]
     return z
 
 

@@ -25,14 +25,6 @@ MAX_GRAD_NORM = 1e3
 class ParameterAverage:
     r"""An exponential moving average of parameters, :math:`\bar\theta \leftarrow \bar\theta +
     r(\theta - \bar\theta)` after every step: validated and kept, as Adam's last iterate is noisy.
-
-    Example:
-        >>> p = torch.zeros(2)
-        >>> average = ParameterAverage([p], rate=0.5)
-        >>> p += 1.0
-        >>> average.update(torch.tensor(False))
-        >>> average.average[0].tolist()
-        [0.5, 0.5]
     """
 
     def __init__(self, params: list[Tensor], rate: float) -> None:
@@ -191,10 +183,9 @@ class Trainer:
         return float(lp.mean())
 
     def run(self, max_epochs: int, patience: int, progress: bool, start: float) -> None:
-        """Up to ``max_epochs`` epochs, validated with the averaged parameters, until ``patience``
-        epochs bring no better score; the flow ends in its best state, also after an exception
-        or a ``KeyboardInterrupt`` (which ends training with a warning). ``start``: the fit's
-        ``time.perf_counter()``."""
+        """Up to ``max_epochs`` epochs until ``patience`` bring no better validation score; the
+        flow ends in its best state, also after an error or a ``KeyboardInterrupt`` (a warning).
+        ``start``: the fit's ``time.perf_counter()``."""
         from tqdm.auto import tqdm
 
         history, model = self.history, self.model

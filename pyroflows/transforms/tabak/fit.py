@@ -1,6 +1,5 @@
-"""Fitting a Tabak transform by dual ascent of the log-likelihood (seed section 2.5): the
-whitening, then random frames, candidate centers ranked on histograms, capped Gauss-Newton
-steps, early stopping on held-out data and the rule that picks the kept step count."""
+"""Fitting a Tabak transform by dual ascent of the log-likelihood (seed section 2.5): whitening,
+random frames, candidates ranked on histograms, capped Gauss-Newton steps, early stopping."""
 
 from __future__ import annotations
 

@@ -115,9 +115,8 @@ def inverse_displacement(
     return moved, torch.log(ratio)
 
 
-def map_1d(
-    x: Tensor, sigma: Tensor, shift: Tensor, gamma: Tensor, center: Tensor, width: Tensor
-) -> tuple[Tensor, Tensor]:
+def map_1d(x: Tensor, sigma: Tensor, shift: Tensor, gamma: Tensor, center: Tensor,
+           width: Tensor) -> tuple[Tensor, Tensor]:
     r"""The 1-D map of seed eq. 25, elementwise, and its log-slope:
 
     .. math:: \varphi(x) = (1 - \sigma) x + \varphi_0 + \gamma \sqrt{\epsilon^2 + ((1 - \sigma) x
@@ -141,9 +140,8 @@ def map_1d(
     return x + moved, torch.log1p(-sigma) + log_ratio
 
 
-def map_1d_inverse(
-    y: Tensor, sigma: Tensor, shift: Tensor, gamma: Tensor, center: Tensor, width: Tensor
-) -> tuple[Tensor, Tensor]:
+def map_1d_inverse(y: Tensor, sigma: Tensor, shift: Tensor, gamma: Tensor, center: Tensor,
+                   width: Tensor) -> tuple[Tensor, Tensor]:
     r"""The inverse of :func:`map_1d` in closed form, and :math:`\log\varphi'` at the pre-image.
 
     With :math:`c = y - \varphi_0 - x_0`, :math:`w = (1 - \sigma) x - x_0` is the root of
@@ -165,30 +163,26 @@ def local_ascent(
     x: Tensor, center: Tensor, width: Tensor, precision: float = 1.0,
     weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""Gradient and Gauss-Newton matrix of the local log-likelihood of seed eq. 23 at the
-    identity, for each coordinate (row of ``x``) and :math:`\alpha = (\sigma, \varphi_0,
-    \gamma)` of :func:`map_1d`:
+    r"""Gradient and Gauss-Newton matrix, shapes ``(K, 3)`` and ``(K, 3, 3)``, of the local
+    log-likelihood of seed eq. 23 at the identity, per coordinate (row of ``x``), in the
+    parameters :math:`\alpha = (\sigma, \varphi_0, \gamma)` of :func:`map_1d`:
 
     .. math:: L(\alpha) = \frac1n\sum_j \Bigl[\log\varphi'(x_j) - \frac{\lambda}{2}
               \varphi(x_j)^2\Bigr].
 
-    At :math:`\alpha = 0` the map is the identity and, with :math:`w_j = x_j - x_0`,
-    :math:`r_j = \sqrt{\epsilon^2 + w_j^2}`, :math:`q_j = w_j / r_j`,
-
-    .. math:: a_j = \nabla_\alpha \log\varphi'(x_j) = (-1,\ 0,\ q_j),\qquad
-              b_j = \nabla_\alpha \varphi(x_j) = (-x_j,\ 1,\ r_j),
+    At :math:`\alpha = 0`, with :math:`w_j = x_j - x_0`, :math:`r_j = \sqrt{\epsilon^2 + w_j^2}`,
+    :math:`q_j = w_j / r_j`, :math:`a_j = \nabla_\alpha \log\varphi'(x_j) = (-1, 0, q_j)` and
+    :math:`b_j = \nabla_\alpha \varphi(x_j) = (-x_j, 1, r_j)`:
 
     .. math:: \nabla L = \frac1n\sum_j (a_j - \lambda x_j b_j)
               = \bigl(\lambda\overline{x^2} - 1,\ -\lambda\bar x,\
-              \bar q - \lambda\overline{x r}\bigr).
+              \bar q - \lambda\overline{x r}\bigr),\qquad
+              G = \frac1n\sum_j (a_j a_j^\top + \lambda b_j b_j^\top) \succeq 0,
 
-    Gauss-Newton drops the Hessian's second-derivative terms (which can make it indefinite),
-
-    .. math:: G = \frac1n\sum_j (a_j a_j^\top + \lambda b_j b_j^\top) \succeq 0;
-
-    the step :math:`\Delta = G^{-1}\nabla L` predicts the gain :math:`\frac12\nabla L^\top
-    G^{-1}\nabla L`, and :math:`\sqrt{\Delta^\top G\Delta}` is the RMS change of
-    :math:`(\log\varphi', \sqrt\lambda\,\varphi)` over the points.
+    the Hessian without its second-derivative terms (which can make it indefinite). The step
+    :math:`\Delta = G^{-1}\nabla L` predicts the gain :math:`\frac12\nabla L^\top\Delta`;
+    :math:`\sqrt{\Delta^\top G\Delta}` is the RMS change of :math:`(\log\varphi',
+    \sqrt\lambda\,\varphi)` over the points.
 
     Arguments:
         x: the current coordinates, shape ``(K, n)``.
@@ -197,9 +191,6 @@ def local_ascent(
         precision: :math:`\lambda` (1 for the standard normal target).
         weights: optional point weights broadcasting against ``x``, summing to 1 along the last
             dim (histogram bins' shares): the means become weighted sums.
-
-    Returns:
-        ``(grad, gauss_newton)`` of shapes ``(K, 3)`` and ``(K, 3, 3)``.
 
     Example:
         >>> x = torch.randn(2, 1000, dtype=torch.float64)

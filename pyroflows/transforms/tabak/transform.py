@@ -46,15 +46,12 @@ class Tabak(FlowTransform):
     |\det \partial G / \partial x|\, \mathcal N(G(x); 0, I)` (seed eq. 1); ``t(z) = G^{-1}(z)``
     maps :math:`N(0, I)` draws to data space.
 
-    :meth:`fit`: each step draws :math:`Q_t` and, per rotated coordinate, ``num_candidates``
-    centers :math:`x_0` at training points (:math:`\epsilon` = ``width`` times the coordinate's
-    std); it takes the Gauss-Newton ascent step on the local log-likelihood of seed eq. 23
-    (:func:`~.map.local_ascent`), capped at ``step_size``, of the center that predicts the
-    largest gain. A coordinate whose step would lose training likelihood keeps the identity.
-    The held-out log-likelihood is checked every ``check_every`` steps; the fit stops after
-    ``patience`` checks without improvement. NaN/inf rows and constant or (when whitening)
-    collinear columns raise a :class:`ValueError`; lattice data has no density (dequantize it).
-    A failed or interrupted fit leaves the previous state intact.
+    :meth:`fit`: each step draws :math:`Q_t` and per rotated coordinate ``num_candidates``
+    centers :math:`x_0` at training points, and takes the capped Gauss-Newton ascent step on the
+    local log-likelihood of seed eq. 23 (:func:`~.map.local_ascent`) of the center predicting
+    the largest gain (none where it would lose); it stops after ``patience`` held-out checks
+    without improvement. NaN/inf rows and constant or (when whitening) collinear columns raise
+    a :class:`ValueError`; dequantize lattice data. A failed fit leaves the old state intact.
 
     References:
         Tabak & Vanden-Eijnden, "Density estimation by dual ascent of the log-likelihood",
@@ -95,23 +92,12 @@ class Tabak(FlowTransform):
 
     _STEP_BUFFERS = ("frames", *PARAMETERS)
 
-    def __init__(
-        self,
-        dim: int,
-        max_steps: int = 5000,
-        step_size: float = 0.1,
-        whiten: bool | str = True,
-        width: float | tuple[float, float] = 0.1,
-        subspace_dim: int | None = None,
-        check_every: int = 25,
-        patience: int = 20,
-        val_fraction: float = 0.1,
-        num_candidates: int = 16,
-        candidate_bins: int = 256,
-        num_rotations: int = 1,
-        seed: int | None = None,
-        selection: str = "best",
-    ) -> None:
+    def __init__(self, dim: int, max_steps: int = 5000, step_size: float = 0.1,
+                 whiten: bool | str = True, width: float | tuple[float, float] = 0.1,
+                 subspace_dim: int | None = None, check_every: int = 25, patience: int = 20,
+                 val_fraction: float = 0.1, num_candidates: int = 16, candidate_bins: int = 256,
+                 num_rotations: int = 1, seed: int | None = None,
+                 selection: str = "best") -> None:
         super().__init__(dim)
         if whiten not in (True, False, "full", "diagonal", "none"):
             raise ValueError(f"Tabak: whiten must be True, False or 'diagonal', got {whiten!r}")
@@ -316,16 +302,10 @@ def tabak(dim: int, **kwargs) -> Tabak:
 
 def gaussianize(x: Tensor, x_val: Tensor | None = None, progress: bool = False,
                 **kwargs) -> tuple[Tensor, Tabak]:
-    """Fit a :class:`Tabak` transform to ``x`` and return ``(z, tabak)``, ``z = tabak.inv(x)``
-    approximately :math:`N(0, I)`: fit a model to ``z`` (e.g. a Gaussian mixture, as in Agnelli,
-    Cadeiras, Tabak, Turner & Vanden-Eijnden 2010), then ``TransformedDistribution(model_of_z,
-    [tabak])`` is its density in ``x``.
-
-    Arguments:
-        x: the data, shape ``(n, D)``.
-        x_val: optional held-out data for early stopping.
-        progress: show a progress bar.
-        kwargs: :class:`Tabak` arguments.
+    """Fit a :class:`Tabak` transform to ``x`` (n, D) and return ``(z, tabak)``, ``z =
+    tabak.inv(x)`` approximately :math:`N(0, I)`: a model of ``z`` (e.g. a Gaussian mixture, as
+    in Agnelli, Cadeiras, Tabak, Turner & Vanden-Eijnden 2010) has the density
+    ``TransformedDistribution(model_of_z, [tabak])`` in ``x``. ``kwargs``: :class:`Tabak`'s.
 
     Example:
         >>> import torch
