@@ -1,8 +1,5 @@
 """Speed code, each piece computing what a plain path computes (``tests/test_fast_paths.py``):
-fused kernels with written-out backward passes (:mod:`.made`, :mod:`.affine`, :mod:`.planar`),
-parameter banks (:mod:`.banks`) and the dispatch of runs of layers (:mod:`.dispatch`). It
-imports torch and :mod:`pyroflows._private` only, and reads layers through documented
-attributes."""
+fused kernels with written-out backward passes, parameter banks, the dispatch of runs of layers."""
 
 from .affine import affine_chain, sequential_no_grad
 from .banks import BankRow, ParameterBank, RowView, stacked_rows

@@ -1,13 +1,6 @@
-r"""The affine autoregressive layers (IAF, MAF, RealNVP) as fused kernels.
-
-:func:`affine_chain` runs a chain of such layers, each in its one-pass direction, as one
-autograd node with the backward pass written out; :func:`sequential_no_grad` runs the D-pass
-direction without autograd, level by level. Both compute what the layers' plain
-differentiable operations compute (``plain_map``), and read the layers through their
-documented attributes: ``conditioner`` (a :class:`~pyroflows.nn.MADE`, or a bank row of one),
-``log_scale_bound``, ``dim``, ``forward_is_parallel``, ``coupling_halves`` and
-``compact_weights``.
-"""
+"""The affine autoregressive layers (IAF, MAF, RealNVP) as fused kernels: :func:`affine_chain`
+runs a chain of one-pass directions as one autograd node with the backward pass written out,
+:func:`sequential_no_grad` the D-pass direction without autograd, level by level."""
 
 from __future__ import annotations
 
@@ -42,26 +35,18 @@ def affine_chain(
     Layer :math:`k` maps its input :math:`u` with :math:`(\mu, s) = \mathrm{head}(
     \mathrm{MADE}_k(u))` either by the parallel map :math:`v = \mu + e^{s} \odot u` or by the
     single-pass inverse :math:`v = (u - \mu) \odot e^{-s}`, as ``kinds[k] = (parallel, sign)``
-    says (the layers' ``fused_kind``), and adds
-    :math:`\mathrm{sign} \sum_i s_i` to the log-det, which starts at ``log_det`` (or 0).
-    Returns the last output and the accumulated log-det, exactly as running each layer's
-    ``forward_and_log_det`` / ``inverse_and_log_det`` and summing would (same operations, same
-    order).
+    says (the layers' ``fused_kind``), and adds :math:`\mathrm{sign} \sum_i s_i` to the log-det,
+    which starts at ``log_det`` (or 0): the layers' own operations in their order.
 
-    The backward pass is written out by hand (:class:`_AffineChain`): for the parallel map,
-    with :math:`g` the gradient at :math:`v` and :math:`\ell` the one at the log-det,
+    The backward pass, for the parallel map, with :math:`g` the gradient at :math:`v` and
+    :math:`\ell` the one at the log-det,
     :math:`\nabla\mu = g`, :math:`\nabla s = g \odot e^{s} \odot u + \mathrm{sign}\,\ell`,
     :math:`\nabla u = g \odot e^{s} + J_{\mathrm{MADE}}^\top(\nabla\mu, \nabla\tilde s)`,
     with :math:`\nabla\tilde s = \nabla s\,(1 - \tanh^2(\tilde s / b))` through the bound
     :math:`s = b \tanh(\tilde s / b)`; the MADE part is
-    :func:`~pyroflows._fast.made.fused_backward`. It is not twice differentiable (second
-    derivatives raise an error instead of returning wrong values).
-
-    Layers whose networks are rows of one bank (:class:`~pyroflows._fast.banks.BankRow`
-    networks, as in a stack built by :func:`pyroflows.flows.build`, in either order) are read
-    through the stacked tensor itself: one mask product for all of them, and one gradient,
-    written row by row and masked once. Under ``torch.func`` transforms and the
-    ``torch.compile`` tracer (:func:`traced`) it runs the layers' ``plain_map`` instead.
+    :func:`~pyroflows._fast.made.fused_backward` (not twice differentiable: second derivatives
+    raise). Networks that are rows of one bank are read, masked and differentiated as one
+    tensor. Under :func:`traced` it runs the layers' ``plain_map``.
     """
     if traced():
         for layer, (parallel, _) in zip(layers, kinds, strict=True):
@@ -80,19 +65,12 @@ def affine_chain(
 
 
 class _Chain:
-    """What an :func:`affine_chain` call reads of its layers, derived afresh on every call (so
-    it cannot go stale: a replaced network, parameter or mask, another row, a moved or
-    reloaded module are all read as they are now).
+    """What an :func:`affine_chain` call reads of its layers, afresh on every call (never stale).
 
-    The layers' parameters come as groups, in the layers' order: consecutive layers whose
-    networks are rows of one bank (:class:`~pyroflows._fast.banks.BankRow`) give one group, the
-    whole stacked (L, P) tensor with the rows they use (in the order they run; a stack's
-    inverse runs them last first), so the chain reads one parameter tensor, not a row view
-    per layer; any other layer (and a row alone) gives its (P,) ``flat_parameters`` with
-    ``rows = None``. ``flats``, ``masks``, ``rows`` and ``nets`` (a network of the group, for
-    its layout) are per group. The modules are read through their dictionaries
-    (:func:`~pyroflows._fast.banks.tensor_of`), without ``nn.Module.__getattr__``'s Python
-    call per lookup."""
+    Parameters come as groups in the layers' order: consecutive rows of one bank give the
+    whole (L, P) tensor with the rows they use (in the order they run), any other layer (or a
+    row alone) its (P,) ``flat_parameters`` with ``rows = None``; ``flats``, ``masks``,
+    ``rows`` and ``nets`` (a network of the group, for its layout) are per group."""
 
     __slots__ = ("layers", "kinds", "flats", "masks", "rows", "nets")
 
@@ -133,11 +111,8 @@ class _Chain:
 
     def split(self, tensors: Sequence[Tensor | None], wanted: Sequence[bool] | None = None
               ) -> list:
-        """Every layer's ``(weights, biases)`` views (:func:`~pyroflows._fast.made.split_weights`)
-        into per-group tensors laid out as the groups' parameters, in the layers' order: a
-        stacked group's rows split at once (:func:`~pyroflows._fast.made.split_rows`). ``None``
-        for the layers of a group whose tensor is ``None``, and for a layer that ``wanted``
-        says is not wanted (no views made for it)."""
+        """Every layer's ``(weights, biases)`` views into per-group ``tensors`` laid out as the
+        groups' parameters (``None`` for a ``None`` tensor or a layer not ``wanted``)."""
         out: list = []
         k = 0
         for t, rows, net in zip(tensors, self.rows, self.nets, strict=True):
@@ -318,11 +293,9 @@ def _layer_row(grad_flats: Sequence[Tensor | None], chain: _Chain, k: int) -> Te
 
 
 def _compact_grad_buffers(net: nn.Module, grad_flat: Tensor, weights: Sequence[Tensor]):
-    """Zero ``grad_flat`` (laid out as the coupling conditioner ``net``'s
-    ``flat_parameters``) and say, for every layer of its compact network, where its gradient
-    goes: the hidden layers' weights and biases straight into their pieces of ``grad_flat``,
-    the first layer's and the output layer's sub-blocks into buffers that
-    :func:`_scatter_compact_grads` copies to their places."""
+    """Zero ``grad_flat`` and say where each layer's gradient of a compact coupling network
+    goes: hidden layers into ``grad_flat``, the first and output layers' sub-blocks into
+    buffers that :func:`_scatter_compact_grads` copies to their places."""
     grad_flat.zero_()
     grad_params = list(zip(*split_weights(net, grad_flat), strict=True))
     last = len(weights) - 1
@@ -354,14 +327,10 @@ def _scatter_compact_grads(net: nn.Module, dim: int, halves, grad_flat: Tensor,
 
 
 def sequential_no_grad(layer: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
-    r"""The D-pass direction of an affine autoregressive ``layer`` (MAF sampling, IAF inverse;
-    its ``_sequential``: :math:`u_i = (v_i - \mu_i(u_{<i}))\, e^{-s_i(u_{<i})}`) without
-    autograd, by levels instead of full passes: at level :math:`d` only the hidden units of
-    degree :math:`d - 1`, which see inputs of degree :math:`< d` only (all final by then), and
-    the outputs of degree :math:`d` are computed. Every unit is computed once, so the D passes
-    cost about one network pass (plus a few small kernels per level), instead of D. The same
-    map; the matrix products sum the same terms in a different grouping, so the values agree
-    to rounding, not bit for bit."""
+    r"""The D-pass direction of ``layer``, :math:`u_i = (v_i - \mu_i(u_{<i}))\,
+    e^{-s_i(u_{<i})}`, without autograd, by levels: at level :math:`d` only the hidden units of
+    degree :math:`d - 1` and the outputs of degree :math:`d`, so about one network pass in all.
+    Values agree with the plain passes to rounding."""
     net = layer._modules["conditioner"]
     weights, biases = masked_weights(net)
     relu = type(net._modules["activation"]) is nn.ReLU

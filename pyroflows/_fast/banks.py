@@ -1,11 +1,9 @@
 """Parameter banks: the parameters of several layers in one tensor per name, one row per layer.
 
 The one mechanism for stacked or packed parameters: a :class:`ParameterBank` is the submodule
-``stacked`` of each of its :class:`BankRow` layers, which read their own tensors through
-:class:`RowView` class attributes (views of rows, so gradients and in-place edits reach the
-bank); :func:`stacked_rows` gives a run of layers' tensors stacked. Optimizers and
-``pyro.module`` cost per tensor, and a fused kernel reads a run of layers from one tensor.
-The layers built on banks live in :mod:`pyroflows.flows.banks`.
+``stacked`` of each of its :class:`BankRow` layers, which read their tensors as views of rows
+(:class:`RowView`); optimizers and ``pyro.module`` cost per tensor, and a fused kernel reads a
+run of layers from one tensor. The layers on banks live in :mod:`pyroflows.flows.banks`.
 """
 
 from __future__ import annotations
@@ -19,16 +17,11 @@ __all__ = ["ParameterBank", "BankRow", "RowView", "stacked_rows", "tensor_of"]
 
 
 class ParameterBank(nn.Module):
-    """Base of the stacked parameters of ``num_layers`` layers (rows of each tensor = layers).
+    """Base of the stacked parameters of ``num_layers`` layers (row k of each tensor: layer k).
 
-    A bank is registered as the submodule ``stacked`` of each of its layers, so it has several
-    parents. ``named_modules`` skips it after its first name even when asked to keep duplicates
-    (``remove_duplicate=False``), so ``named_parameters(remove_duplicate=False)`` of any module
-    holding it names its tensors once. That is what ``torch.func.functional_call`` relies on:
-    with its default ``tie_weights=True`` it swaps a tensor under every name it has, and a
-    tensor reached through one module under several names would be swapped twice and then
-    restored wrongly. ``state_dict`` keeps every name (it walks ``_modules`` itself), so each
-    layer's keys (``{i}.stacked.w``, ...) are saved.
+    It is the submodule ``stacked`` of each of its layers, and ``named_modules`` names it once
+    even with ``remove_duplicate=False``: ``torch.func.functional_call`` would otherwise swap
+    its tensors twice and restore them wrongly. ``state_dict`` keeps every layer's keys.
 
     Arguments:
         num_layers: the number of rows L.
@@ -63,9 +56,7 @@ class ParameterBank(nn.Module):
 
 class BankRow:
     """Mixin of a layer that is row ``index`` of a :class:`ParameterBank`, its submodule
-    ``stacked`` (shared with the other rows: the layer's ``parameters()`` are the whole bank,
-    and ``.to()`` or a copy of one layer moves or copies all of them). Its own tensors are
-    :class:`RowView` class attributes."""
+    ``stacked``: its ``parameters()`` are the whole bank, its own tensors are RowViews."""
 
     stacked: ParameterBank
     index: int
@@ -83,19 +74,15 @@ class BankRow:
 
 
 class RowView:
-    """Class attribute: the rows ``rows(module)`` of the tensor ``tensor`` (default: the
-    attribute's own name) of the module's bank ``stacked`` (or, with ``in_bank=False``, of
-    the module itself), read as the module's own tensor. A view: differentiable, and in-place
-    edits under ``torch.no_grad()`` write into the bank.
+    """Class attribute: rows of a tensor of the module's bank ``stacked`` (or of the module
+    itself), read as the module's own tensor; a view, so gradients and in-place edits under
+    ``torch.no_grad()`` reach the bank.
 
     Arguments:
-        rows: ``rows(module) -> int | slice``, default: the module's ``index`` (a
-            :class:`BankRow`); an ``int`` for a fixed row.
-        tensor: the name of the tensor in the bank.
-        in_bank: read the tensor of ``module.stacked`` (a :class:`BankRow`); ``False``: of the
-            module itself (a layer whose parameters are packed into one tensor).
-        keep_dim: read row ``i`` as the slice ``i:i+1`` (shape (1, ...), as a layer of its own
-            stores a scalar parameter).
+        rows: ``rows(module) -> int | slice``, or an ``int``; default: the module's ``index``.
+        tensor: the name of the tensor (default: the attribute's name).
+        in_bank: ``False``: the module's own tensor (a layer packed into one tensor).
+        keep_dim: read row ``i`` as ``i:i+1`` (shape (1, ...), as a layer's scalar).
     """
 
     def __init__(self, rows: Callable[[nn.Module], int | slice] | int | None = None,
@@ -125,9 +112,8 @@ class RowView:
 
 
 def tensor_of(module: nn.Module, name: str) -> Tensor:
-    """``getattr(module, name)``, from its ``_parameters`` or ``_buffers`` where it is one
-    (where ``nn.Module.__getattr__`` finds it, without that Python call); else the attribute (a
-    tensor kept as a plain attribute, such as a hypernetwork's output, or a bank row's view)."""
+    """``getattr(module, name)``, from ``_parameters`` or ``_buffers`` where it is one (without
+    ``nn.Module.__getattr__``'s Python call)."""
     tensor = module._parameters.get(name)
     if tensor is None:
         tensor = module._buffers.get(name)
@@ -137,8 +123,7 @@ def tensor_of(module: nn.Module, name: str) -> Tensor:
 
 
 def _consecutive_rows(layers: Sequence[nn.Module]) -> tuple[ParameterBank, int] | None:
-    """``(bank, first index)`` when ``layers`` are rows ``i, i + 1, ...`` of one bank, all of
-    one type."""
+    """``(bank, i)`` when ``layers`` are rows ``i, i + 1, ...`` of one bank, of one type."""
     first = layers[0]
     kind = type(first)
     bank = first._modules.get("stacked")
@@ -154,10 +139,8 @@ def _consecutive_rows(layers: Sequence[nn.Module]) -> tuple[ParameterBank, int] 
 
 def stacked_rows(layers: Sequence[nn.Module], names: Sequence[str],
                  scalar: Sequence[bool]) -> tuple[Tensor, ...]:
-    """The tensors ``names`` of consecutive layers as stacked (K, ...) tensors: the bank's own
-    tensors (or a slice of their rows) when the layers are rows ``i, i + 1, ...`` of one
-    bank, else stacked from the layers (``scalar``: a tensor of shape (1,) per layer,
-    concatenated to (K,))."""
+    """The tensors ``names`` of consecutive layers stacked (K, ...): the bank's own (or a slice)
+    when they are consecutive rows of one bank, else stacked (``scalar``: (1,) each, to (K,))."""
     rows = _consecutive_rows(layers)
     if rows is not None:
         bank, start = rows

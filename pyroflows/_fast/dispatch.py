@@ -1,7 +1,6 @@
-"""Which layers run on a fused kernel. A layer declares its fast path with
-``fused_kind(inverse)`` (``None`` where only its plain operations compute that direction) and
-``run_fused(x, layers, kinds, log_det, inverse)``, a static method that runs consecutive layers
-of its kind as one call; :func:`run_parts` groups a sequence of layers into such runs."""
+"""Which layers run on a fused kernel: a layer declares ``fused_kind(inverse)`` (``None``: its
+plain operations) and a static ``run_fused(x, layers, kinds, log_det, inverse)`` that runs
+consecutive layers of its kind as one call; :func:`run_parts` groups layers into such runs."""
 
 from __future__ import annotations
 
@@ -16,9 +15,8 @@ __all__ = ["traced", "run_parts", "run_steps", "keeps_map"]
 
 
 def traced() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``jacrev``, ``vmap``, ...) or the
-    ``torch.compile`` tracer is running: the fused kernels, which write their own backward
-    with in-place and ``out=`` operations, then step aside for the plain operations."""
+    """Whether a ``torch.func`` transform or the ``torch.compile`` tracer is running: the fused
+    kernels (in-place backward passes) then step aside for the plain operations."""
     if torch.compiler.is_compiling():
         return True
     return _private.functorch_active()
@@ -26,14 +24,10 @@ def traced() -> bool:
 
 def run_parts(parts: Sequence[nn.Module], x: Tensor, inverse: bool, fused: bool = True
               ) -> tuple[Tensor, Tensor | None]:
-    """``(image, log-det)`` of ``x`` through the layers ``parts``: their forward maps in order,
-    or (``inverse``) their inverses last first; the log-dets (of the forward maps) summed.
-
-    With ``fused`` (and not :func:`traced`), consecutive layers with the same ``run_fused``
-    whose ``fused_kind(inverse)`` is not ``None`` run as one call of it, and every other layer
-    runs its ``forward_and_log_det`` / ``inverse_and_log_det``; without, every layer runs its
-    ``plain_map`` (its plain differentiable operations).
-    """
+    """``(image, log-det)`` of ``x`` through ``parts`` (``inverse``: their inverses, last
+    first), the forward log-dets summed. With ``fused`` (and not :func:`traced`), consecutive
+    layers with one ``run_fused`` and a ``fused_kind`` run as one call of it; without, every
+    layer runs its ``plain_map``."""
     fused = fused and not traced()
     log_det = None
     run: list = []  # consecutive layers for one call of `runner`
@@ -67,9 +61,8 @@ def run_parts(parts: Sequence[nn.Module], x: Tensor, inverse: bool, fused: bool 
 
 def run_steps(x: Tensor, step, params: Sequence[Tensor], log_det: Tensor | None,
               reverse: bool = False) -> tuple[Tensor, Tensor]:
-    """``x`` through ``step(x, *params_k) -> (x, log-det)`` for every layer ``k`` of the
-    stacked (K, ...) ``params`` (last layer first with ``reverse``), the log-dets added to
-    ``log_det`` (or 0): one layer's map at a time, on parameters transformed once for all."""
+    """``x`` through ``step(x, *params_k) -> (x, log-det)`` for every row ``k`` of the stacked
+    ``params`` (last first with ``reverse``), the log-dets added to ``log_det`` (or 0)."""
     rows = list(zip(*(p.unbind(0) for p in params), strict=True))
     for row in reversed(rows) if reverse else rows:
         x, ld = step(x, *row)
@@ -78,7 +71,6 @@ def run_steps(x: Tensor, step, params: Sequence[Tensor], log_det: Tensor | None,
 
 
 def keeps_map(cls: type, base: type, names: Sequence[str]) -> bool:
-    """Whether the class ``cls`` has ``base``'s methods ``names`` (those that define its map),
-    so that a kernel written for ``base`` computes its map too: a subclass that redefines one
-    of them runs its own operations."""
+    """Whether ``cls`` keeps ``base``'s methods ``names`` (those that define its map), so that a
+    kernel written for ``base`` computes its map too."""
     return all(getattr(cls, n) is getattr(base, n) for n in names)

@@ -11,16 +11,12 @@ __all__ = ["planar_chain"]
 
 def planar_chain(x: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, c: Tensor,
                  log_det: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    r"""The forward maps of K planar layers with the stacked parameters ``w``, ``u_hat`` (K, D;
-    :math:`\hat u` constrained), ``bias`` and :math:`c_k = w_k^\top \hat u_k` (K,),
-    :math:`x_{k+1} = x_k + \hat u_k \tanh(w_k^\top x_k + b_k)`, and the sum of their log-dets
-    :math:`\log(1 + (1 - t_k^2)\, c_k)`, added to ``log_det`` (or 0).
+    r"""The forward maps of K planar layers with the stacked ``w``, ``u_hat`` (K, D), ``bias``
+    and :math:`c_k = w_k^\top \hat u_k` (K,), :math:`x_{k+1} = x_k + \hat u_k \tanh(w_k^\top
+    x_k + b_k)`, and their log-dets :math:`\log(1 + (1 - t_k^2)\, c_k)` added to ``log_det``.
 
-    The same map as the layers one by one (up to the order of the log-det sum): each layer
-    costs three kernels (``addmv``, ``tanh``, ``addr``), the log-dets are summed in one pass at
-    the end, and the backward pass is written out (:class:`_PlanarChain`): with
-    :math:`g_{k+1}` the gradient at :math:`x_{k+1}`, :math:`\ell` the one at the log-det and
-    :math:`q_k = 1 - t_k^2`,
+    Three kernels per layer and a written-out backward pass: with :math:`g_{k+1}` the gradient
+    at :math:`x_{k+1}`, :math:`\ell` the one at the log-det and :math:`q_k = 1 - t_k^2`,
 
     .. math:: \gamma_k = q_k \Bigl(g_{k+1}^\top \hat u_k
               - \frac{2 \ell\, t_k c_k}{1 + q_k c_k}\Bigr), \qquad
@@ -28,8 +24,7 @@ def planar_chain(x: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, c: Tensor,
 
     :math:`\nabla w_k = \sum_n \gamma_{k,n} x_{k,n}`, :math:`\nabla \hat u_k = \sum_n
     t_{k,n} g_{k+1,n}`, :math:`\nabla b_k = \sum_n \gamma_{k,n}`,
-    :math:`\nabla c_k = \sum_n \ell_n q_{k,n} / (1 + q_{k,n} c_k)`, the last four for all
-    layers at once; autograd carries them on to the raw parameters.
+    :math:`\nabla c_k = \sum_n \ell_n q_{k,n} / (1 + q_{k,n} c_k)`, for all layers at once.
     """
     args = (x, w, u_hat, bias, c, log_det)
     if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):

@@ -1,7 +1,15 @@
-"""The layers of built stacks whose parameters live in one bank per run of layers: each layer
-is a row of its bank (:mod:`pyroflows._fast.banks`), the plain layer's map with its tensors
-read as views of the bank's rows. Its parameters are the whole bank, submodule ``stacked`` of
-every layer of the run, so ``.to()`` or a copy of one layer moves or copies all of them."""
+"""The layers of built stacks whose parameters live in one bank per run of layers: each is a
+row of its bank (:mod:`pyroflows._fast.banks`), the plain layer's map on views of its rows.
+
+Example:
+    >>> import torch
+    >>> from pyroflows.flows.banks import planar_layers
+    >>> layers = planar_layers(3, num_layers=4)
+    >>> layers[1].w.shape, layers[1].stacked.w.shape
+    (torch.Size([3]), torch.Size([4, 3]))
+    >>> layers[1](torch.randn(5, 3)).shape
+    torch.Size([5, 3])
+"""
 
 from __future__ import annotations
 
@@ -23,8 +31,7 @@ __all__ = [
 
 
 class _LayerRow(BankRow):
-    """A flow layer made as a row of a bank of its family, without parameters of its own; its
-    ``reset_parameters`` (the plain layer's) writes into its rows of the bank."""
+    """A flow layer as a row of a bank, without parameters of its own."""
 
     def __init__(self, stacked: ParameterBank, index: int) -> None:
         FlowTransform.__init__(self, stacked.dim)
@@ -32,8 +39,8 @@ class _LayerRow(BankRow):
 
 
 def _rows(row_type: type, stacked: ParameterBank) -> list:
-    """Every row of ``stacked`` as a ``row_type`` layer, initialized one after the other as the
-    plain layers are (under one seed, the values of L plain layers built in turn)."""
+    """Every row of ``stacked`` as a ``row_type`` layer, initialized in turn by the plain
+    layer's ``reset_parameters`` (under one seed, the values of L plain layers)."""
     rows = [row_type(stacked, k) for k in range(stacked.num_layers)]
     for row in rows:
         row.reset_parameters()
@@ -41,14 +48,8 @@ def _rows(row_type: type, stacked: ParameterBank) -> list:
 
 
 class PlanarParameters(ParameterBank):
-    r"""The raw parameters of ``num_layers`` planar layers, stacked: ``u`` and ``w`` of shape
-    (L, D), ``bias`` of shape (L,); row :math:`k` holds layer :math:`k`'s ``u``, ``w`` and
-    ``bias`` of :class:`~pyroflows.transforms.Planar` (made by :func:`planar_layers`).
-
-    Arguments:
-        dim: the event size D.
-        num_layers: the number of layers L.
-    """
+    """The ``bias`` (L,), ``u`` and ``w`` (L, D) of ``num_layers`` L
+    :class:`~pyroflows.transforms.Planar` layers of event size ``dim`` D, row k layer k's."""
 
     def __init__(self, dim: int, num_layers: int) -> None:
         super().__init__(num_layers, dim)
@@ -58,20 +59,8 @@ class PlanarParameters(ParameterBank):
 
 
 class StackedPlanar(_LayerRow, Planar):
-    r"""Layer ``index`` of a :class:`PlanarParameters`: the map of
-    :class:`~pyroflows.transforms.Planar` with ``u``, ``w`` and ``bias`` read from row
-    ``index`` of the stacked tensors. It behaves as a planar layer in every respect (forward,
-    inverse, log-det, cache, conformance suite), alone or in a stack.
-
-    Example:
-        >>> import torch
-        >>> from pyroflows.flows.banks import planar_layers
-        >>> layers = planar_layers(3, num_layers=4)
-        >>> layers[1].w.shape, layers[1].stacked.w.shape
-        (torch.Size([3]), torch.Size([4, 3]))
-        >>> layers[1](torch.randn(5, 3)).shape
-        torch.Size([5, 3])
-    """
+    """Row ``index`` of a :class:`PlanarParameters`: a :class:`~pyroflows.transforms.Planar`
+    layer in every respect (see the module's example)."""
 
     w = RowView()
     u = RowView()
@@ -79,21 +68,14 @@ class StackedPlanar(_LayerRow, Planar):
 
 
 def planar_layers(dim: int, num_layers: int) -> list[StackedPlanar]:
-    """``num_layers`` planar layers over one new :class:`PlanarParameters`, initialized as
-    :class:`~pyroflows.transforms.Planar` layers (what ``pyroflows.flows.build("planar", ...)``
-    stacks)."""
+    """``num_layers`` planar layers over one new :class:`PlanarParameters` (what
+    ``build("planar", ...)`` stacks)."""
     return _rows(StackedPlanar, PlanarParameters(dim, num_layers))
 
 
 class RadialParameters(ParameterBank):
-    r"""The raw parameters of ``num_layers`` radial layers, stacked: ``x0`` of shape (L, D),
-    ``alpha_prime`` and ``beta_prime`` of shape (L,); row :math:`k` holds layer :math:`k`'s
-    parameters of :class:`~pyroflows.transforms.Radial` (made by :func:`radial_layers`).
-
-    Arguments:
-        dim: the event size D.
-        num_layers: the number of layers L.
-    """
+    """The ``x0`` (L, D), ``alpha_prime`` and ``beta_prime`` (L,) of ``num_layers`` L
+    :class:`~pyroflows.transforms.Radial` layers of event size ``dim`` D, row k layer k's."""
 
     def __init__(self, dim: int, num_layers: int) -> None:
         super().__init__(num_layers, dim)
@@ -103,17 +85,8 @@ class RadialParameters(ParameterBank):
 
 
 class StackedRadial(_LayerRow, Radial):
-    r"""Layer ``index`` of a :class:`RadialParameters`: the map of
-    :class:`~pyroflows.transforms.Radial` with ``x0``, ``alpha_prime`` and ``beta_prime`` read
-    from row ``index`` of the stacked tensors; a radial layer in every respect.
-
-    Example:
-        >>> import torch
-        >>> from pyroflows.flows.banks import radial_layers
-        >>> layers = radial_layers(3, num_layers=4)
-        >>> layers[2].x0.shape, layers[2].stacked.x0.shape
-        (torch.Size([3]), torch.Size([4, 3]))
-    """
+    """Row ``index`` of a :class:`RadialParameters`: a :class:`~pyroflows.transforms.Radial`
+    layer in every respect."""
 
     x0 = RowView()
     alpha_prime = RowView(keep_dim=True)  # shape (1,), as Radial's
@@ -121,19 +94,14 @@ class StackedRadial(_LayerRow, Radial):
 
 
 def radial_layers(dim: int, num_layers: int) -> list[StackedRadial]:
-    """``num_layers`` radial layers over one new :class:`RadialParameters`, initialized as
-    :class:`~pyroflows.transforms.Radial` layers (what ``pyroflows.flows.build("radial", ...)``
-    stacks)."""
+    """``num_layers`` radial layers over one new :class:`RadialParameters` (what
+    ``build("radial", ...)`` stacks)."""
     return _rows(StackedRadial, RadialParameters(dim, num_layers))
 
 
 class MADEParameters(ParameterBank):
-    r"""The flat parameters and masks of ``num_layers`` :class:`~pyroflows.nn.MADE` networks of
-    one layout (the same widths and number of outputs, hence the same size :math:`P`),
-    stacked: a parameter ``flat_parameters`` and a buffer ``mask``, both of shape (L, P); row
-    :math:`k` is network :math:`k`'s ``flat_parameters`` and ``mask`` (the masks differ with
-    the orders). The fused kernels mask a whole run of layers with one product and write one
-    gradient.
+    """The ``flat_parameters`` and ``mask`` (L, P) of L :class:`~pyroflows.nn.MADE` networks of
+    one size P, row k network k's.
 
     Arguments:
         flats: the (P,) flat parameters of the L networks (copied).
@@ -161,14 +129,11 @@ _LAYOUT = ("features", "hidden_dims", "num_params", "residual", "num_levels", "_
 
 
 class StackedMADE(BankRow, MADE):
-    """Network ``index`` of a :class:`MADEParameters`: a :class:`~pyroflows.nn.MADE` in every
-    respect (the same map, :meth:`~pyroflows.nn.MADE.layer_parameters`, the fused kernels) whose
-    ``flat_parameters`` and ``mask`` are row ``index`` of the stacked tensors (state_dict keys
-    ``stacked.flat_parameters`` and ``stacked.mask``).
+    """Row ``index`` of a :class:`MADEParameters`: a :class:`~pyroflows.nn.MADE` in every
+    respect, its ``flat_parameters`` and ``mask`` views of the row.
 
     Arguments:
-        made: the network whose layout (widths, orders, activation) this row takes; its
-            own parameters are not used (:func:`stacked_mades` copies them into the bank).
+        made: the network whose layout (widths, orders, activation) this row takes.
         stacked: the shared :class:`MADEParameters`.
         index: the row.
 
@@ -198,9 +163,8 @@ class StackedMADE(BankRow, MADE):
 
 
 def stacked_mades(nets: Sequence[MADE]) -> list[StackedMADE]:
-    """The networks ``nets`` (all of one size) as :class:`StackedMADE` rows of one new
-    :class:`MADEParameters` holding their current parameters and masks: the same maps, one
-    parameter tensor."""
+    """The networks ``nets`` (of one size) as :class:`StackedMADE` rows of one new
+    :class:`MADEParameters` holding their parameters and masks: the same maps."""
     stacked = MADEParameters([n.flat_parameters for n in nets], [n.mask for n in nets])
     stacked = stacked.to(device=nets[0].flat_parameters.device)
     return [StackedMADE(n, stacked, k) for k, n in enumerate(nets)]

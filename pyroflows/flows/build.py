@@ -25,26 +25,15 @@ def build(
     compile: bool | str = False,
     **layer_kwargs,
 ) -> FlowStack:
-    """Build a stack of ``num_layers`` layers of one family as a :class:`FlowStack` (a
-    ``ComposeTransformModule``).
+    """Build a :class:`FlowStack` of ``num_layers`` layers of one family.
 
-    Families whose layers see only part of the coordinates at a time (IAF, MAF, RealNVP) are
-    stacked with a fixed permutation between layers, so every coordinate is transformed and
-    depends on every other. For IAF and MAF it becomes the next layer's MADE order, for RealNVP
-    its coupling mask, so no permutation layer runs; a family registered without ``fold`` gets
-    :class:`~pyroflows.transforms.Permute` layers. RealNVP's odd-numbered layers use the
-    complement of the previous layer's mask (Dinh et al.'s alternating masks; see
-    ``Family.complementary_masks``), so with an odd D too every coordinate is transformed by
-    one layer of each pair and conditions the other.
-
-    Parameter banks (:mod:`pyroflows.flows.banks`): a planar or radial stack (``Family.bank``,
-    when no layer keyword arguments are given) keeps its layers' parameters in three stacked
-    tensors, and an IAF, MAF or RealNVP stack (``Family.stacked_conditioners``) the MADE
-    networks of a run of same-size layers in one (L, P) parameter and mask. ``flow[i]`` is
-    still layer ``i``, with the plain layer's map; ``flow.parameters()`` are the banks'
-    tensors, with ``state_dict`` keys ``"{i}.stacked.u"`` (radial: ``x0``, ...) and
-    ``"{i}.conditioner.stacked.flat_parameters"`` under every ``i``. A state dict with
-    per-layer keys (``"{i}.u"``, ``"{i}.conditioner.flat_parameters"``) loads too.
+    Families whose layers see part of the coordinates at a time (IAF, MAF, RealNVP) get a fixed
+    permutation between layers, folded into the next layer's order or mask (a family without
+    ``fold``: :class:`~pyroflows.transforms.Permute` layers); RealNVP alternates complementary
+    masks. Planar and radial layers (without layer keyword arguments) share one bank of
+    parameters, and runs of same-size MADE networks one (L, P) parameter
+    (:mod:`pyroflows.flows.banks`); ``flow.parts[i]`` is still layer ``i``, and state dicts
+    with per-layer keys load too.
 
     Arguments:
         name: one of ``pyroflows.flows.FAMILIES``: planar, radial, iaf, maf, realnvp, and any
@@ -52,15 +41,10 @@ def build(
         dim: the event size D.
         num_layers: the number of flow layers.
         hidden_dims: conditioner hidden sizes, for families that have a network.
-        permutation: ``"reverse"`` (reverse the order between layers) or ``"random"``
-            (a fixed random permutation between layers, seeded by the layer's index, so
-            building twice gives the same flow).
+        permutation: ``"reverse"`` or ``"random"`` (seeded by the layer's index: reproducible).
         affine: append a learnable :class:`~pyroflows.transforms.ElementwiseAffine` last.
-        compile: run the stack through :func:`torch.compile` (see :class:`FlowStack`); off by
-            default, as compiling takes tens of seconds per input shape.
+        compile: run the stack through :func:`torch.compile` (see :class:`FlowStack`).
         layer_kwargs: passed to every layer's constructor.
-
-    The result works directly in ``TransformedDistribution(base, flow)``.
 
     Example:
         >>> import torch, pyroflows as pf
@@ -102,7 +86,8 @@ def _layer_by_layer(name: str, dim: int, num_layers: int, permutation: str,
     for i in range(num_layers):
         kwargs = layer_kwargs
         if family.needs_permutation and i > 0 and dim > 1:
-            step = _permutation(dim, permutation, seed=i)
+            step = (T.Permute.reverse(dim) if permutation == "reverse"
+                    else T.Permute.random(dim, seed=i))
             if fold is None:
                 parts.append(step)
             else:
@@ -118,9 +103,8 @@ def _layer_by_layer(name: str, dim: int, num_layers: int, permutation: str,
 
 
 def _stack_conditioners(parts: list[nn.Module]) -> None:
-    """Give every run of consecutive layers with :class:`~pyroflows.nn.MADE` conditioners of
-    one size :class:`~pyroflows.flows.banks.StackedMADE` rows of one new bank instead, holding
-    the same parameters (so the same maps, and under one seed the values the layers drew)."""
+    """Make the :class:`~pyroflows.nn.MADE` conditioners of every run of consecutive layers of
+    one size rows of one new bank, holding the same parameters."""
     runs: list[list[AffineAutoregressiveCore]] = [[]]
     for part in parts:
         net = getattr(part, "conditioner", None)
@@ -136,8 +120,3 @@ def _stack_conditioners(parts: list[nn.Module]) -> None:
             for layer, row in zip(run, rows, strict=True):
                 layer.conditioner = row
 
-
-def _permutation(dim: int, kind: str, seed: int) -> T.Permute:
-    if kind == "reverse":
-        return T.Permute.reverse(dim)
-    return T.Permute.random(dim, seed=seed)

@@ -13,9 +13,8 @@ from .banks import planar_layers, radial_layers
 
 __all__ = ["Family", "FAMILIES", "register_family", "fold_order", "fold_mask"]
 
-#: ``fold(dim, inverse, kwargs) -> kwargs``: "permute the coordinates by ``c``, then apply the
-#: layer" as the keyword arguments of one layer acting on the unpermuted coordinates
-#: (``inverse = argsort(c)``).
+#: ``fold(dim, inverse, kwargs) -> kwargs``: "permute by ``c``, then the layer" as the keyword
+#: arguments of one layer on the unpermuted coordinates (``inverse = argsort(c)``)
 Fold = Callable[[int, Tensor, dict], dict]
 
 
@@ -25,26 +24,19 @@ class Family:
 
     Arguments:
         layer: the layer constructor ``(dim, **kwargs) -> TransformModule``.
-        needs_permutation: each layer sees part of the coordinates at a time, so
-            :func:`~pyroflows.flows.build` puts a fixed permutation between layers.
-        fold: fold that permutation into the next layer's keyword arguments (its order or
-            mask, see :data:`Fold`) instead of a :class:`~pyroflows.transforms.Permute` layer.
+        needs_permutation: :func:`~pyroflows.flows.build` puts a fixed permutation between
+            layers (each sees part of the coordinates at a time).
+        fold: fold it into the next layer's keyword arguments (:data:`Fold`).
         complementary_masks: odd-numbered layers take the complement of the previous layer's
-            mask (Dinh et al.'s alternating masks): with an odd D a reversal maps the middle
-            coordinate onto itself, the complement makes every coordinate condition one layer
-            of each pair and be transformed by the other.
-        bank: ``(dim, num_layers) -> layers`` sharing one bank of stacked parameters, used by
-            ``build`` when no layer keyword arguments are given.
-        stacked_conditioners: ``build`` makes the MADE networks of a run of same-size layers
-            rows of one bank.
+            mask (Dinh et al.; with odd D a reversal alone fixes the middle coordinate).
+        bank: ``(dim, num_layers) -> layers`` sharing one bank (no layer keyword arguments).
+        stacked_conditioners: the MADE networks of a run of same-size layers share one bank.
         num_layers: a flow guide's default number of layers.
-        init_scale: a flow guide's default initial scale of its affine layer (plain start).
+        init_scale: a flow guide's default initial scale of its affine layer.
         lr: a flow guide's default Adam step sizes ``(affine layer, flow layers)``.
-        stick_the_landing: whether :class:`~pyroflows.guides.FlowELBO` uses the
-            path-derivative gradient for a guide of this family by default.
+        stick_the_landing: :class:`~pyroflows.guides.FlowELBO` sticks the landing by default.
 
-    The guide defaults are the measured choices of ``benchmarks/vi.py``
-    (``benchmarks/results/vi.md``); a custom flow gets the field defaults.
+    The guide defaults are measured choices (``benchmarks/results/vi.md``).
     """
 
     layer: Callable[..., nn.Module] | None = None

@@ -24,29 +24,17 @@ class FlowStack(OutputCache, Memoized, ComposeTransformModule):
               \qquad x_k = t_k(x_{k-1}),
 
     accumulated while the layers run. When every part is a
-    :class:`~pyroflows.transforms.FlowTransform` (``all_flow_transforms``), a call runs each
-    layer's ``forward_and_log_det`` (or, for ``inv``, ``inverse_and_log_det``) once, validates
-    only the stack's input, and keeps ``(x, y, sum of log-dets)`` in one stack-level cache
-    with the staleness rules of a layer's (:class:`~pyroflows.transforms.base.OutputCache`),
-    instead of ``ComposeTransform``'s log-det lookup per layer and validation of every
-    intermediate. The values are those of the plain composition. With any other transform
-    among the parts it behaves exactly as ``ComposeTransformModule``. :func:`build` returns
-    one.
+    :class:`~pyroflows.transforms.FlowTransform` (``all_flow_transforms``), a call validates
+    only the stack's input and keeps one cache of ``(x, y, log-det)``
+    (:class:`~pyroflows.transforms.base.OutputCache`); else it is a plain
+    ``ComposeTransformModule``. Consecutive layers that one kernel of :mod:`pyroflows._fast`
+    computes run as one call of it (``fused = False`` on an instance: the plain operations).
 
-    Fused kernels (``fused = True``, the default): consecutive layers that one kernel of
-    :mod:`pyroflows._fast` computes run as one call of it (IAF/MAF/RealNVP layers in their
-    one-pass direction, planar layers forward, each as one autograd node with a written-out
-    backward pass; radial layers with their parameter transforms done once). Same values
-    (planar: up to the order of the log-det sum), gradients equal to rounding. They step aside
-    under ``torch.func`` transforms and ``torch.compile``; ``fused = False`` on an instance
-    runs every layer's plain differentiable operations.
-
-    ``compile`` (opt-in): run the chain of layers through :func:`torch.compile` (``True`` for
-    the default Inductor backend, or a backend name such as ``"aot_eager"``), which fuses the
-    elementwise work between the matrix products, forward and backward. Validation, the
-    cache and the staleness checks stay outside the compiled region. The first call per input
-    shape, dtype and device compiles (tens of seconds on a small CPU); it pays in long
-    training runs. Dropped on pickling and deep-copying (the copy compiles again on use).
+    Arguments:
+        parts: the layers, applied first to last.
+        cache_size: as ``ComposeTransformModule``'s.
+        compile: run the layers through :func:`torch.compile` (``True``: Inductor, or a
+            backend name; not pickled); the first call per input shape compiles (seconds).
 
     Example:
         >>> import torch, pyroflows as pf
@@ -57,15 +45,10 @@ class FlowStack(OutputCache, Memoized, ComposeTransformModule):
         torch.Size([4])
     """
 
-    #: run the fused kernels (see above); ``False`` on an instance runs every layer's plain
-    #: differentiable operations
     fused: bool = True
 
     def __init__(self, parts, cache_size: int = 0, compile: bool | str = False) -> None:
         super().__init__(parts, cache_size=cache_size)
-        #: whether every part is a pyroflows FlowTransform, so that the stack runs its own
-        #: calls, cache and fused kernels (otherwise it behaves as a plain
-        #: ComposeTransformModule, and the ``*_and_log_det`` methods are refused)
         self.all_flow_transforms = len(parts) > 0 and all(
             isinstance(p, FlowTransform) for p in parts)
         if compile and not self.all_flow_transforms:
@@ -92,18 +75,13 @@ class FlowStack(OutputCache, Memoized, ComposeTransformModule):
         return self.memo("inv", None, lambda: _private.InverseTransform(self))
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        r"""``(z, log|det df/dz|)`` with :math:`z = f^{-1}(y)`, the log-det of the *forward*
-        map at :math:`z` summed over the layers, as each layer's method of the same name: the
-        cached pair when ``y`` is what this stack just produced (no inverse is run), else one
-        inverse call through the fused kernels. What
-        :class:`~pyroflows.distributions.FlowDistribution` scores with."""
+        r"""``(z, log|det df/dz|)`` with :math:`z = f^{-1}(y)`: cached when ``y`` is what this
+        stack just produced, else one inverse run."""
         return self._image_and_log_det(y, inverse=True)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        r"""``(y, log|det df/dx|)`` with :math:`y = f(x)`, summed over the layers: the cached
-        pair when ``x`` is what this stack was last called on, else one forward call through
-        the fused kernels (which, unlike calling the stack, leaves the cache as it was). What
-        a flow guide's draw uses."""
+        r"""``(y, log|det df/dx|)`` with :math:`y = f(x)`: cached when ``x`` is this stack's
+        last input, else one forward run (which leaves the cache as it was)."""
         return self._image_and_log_det(x, inverse=False)
 
     def _image_and_log_det(self, value: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
@@ -119,9 +97,8 @@ class FlowStack(OutputCache, Memoized, ComposeTransformModule):
 
     def run(self, x: Tensor, inverse: bool = False, validate: bool = True
             ) -> tuple[Tensor, Tensor]:
-        """``(image, log|det J|)`` of ``x`` through the stack (forward, or the inverse), the
-        log-det of the forward map, with no cache lookup or store; ``validate=False`` skips
-        the input checks (a fresh draw of the base)."""
+        """``(image, log|det J|)`` of ``x`` through the stack (or its inverse), without the
+        cache; ``validate=False`` skips the input checks (for a fresh draw of the base)."""
         if validate:
             self.parts[-1 if inverse else 0]._validate(
                 x, "input to the inverse" if inverse else "input")
@@ -130,16 +107,13 @@ class FlowStack(OutputCache, Memoized, ComposeTransformModule):
             return self._chain(x, inverse)
         chain = self.memo("compiled_chain", backend, lambda: torch.compile(
             self._chain, backend=backend, dynamic=False))
-        # the compiler traces the plain operations (it cannot see into the fused kernels)
-        return chain(x, inverse, False)
+        return chain(x, inverse, False)  # the plain operations: compilers cannot trace kernels
 
     def _chain(self, x: Tensor, inverse: bool, fused: bool = True) -> tuple[Tensor, Tensor]:
         return run_parts(self.parts, x, inverse, fused and self.fused)
 
     def _stamp(self) -> tuple | None:
-        # the stacked parameters of a bank are one module shared by the layers: visit it
-        # once, not once per layer
-        return module_stamp(self, shared=True)
+        return module_stamp(self, shared=True)  # a bank shared by layers: visited once
 
     _uncached = run  # what the one-entry cache (OutputCache._cached) runs on a miss
 

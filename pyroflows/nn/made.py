@@ -31,25 +31,14 @@ class MADE(Memoized, nn.Module):
     .. math:: \frac{\partial\, \mathrm{out}_{p,i}}{\partial x_j} = 0
               \quad \text{unless} \quad \mathrm{order}_j < \mathrm{order}_i .
 
-    Each input gets the degree :math:`d_j = 1 + \text{rank of } \mathrm{order}_j` (equal orders
-    share a degree, so a two-level order gives a coupling network); hidden units get degrees
-    spread evenly over :math:`1, \dots, L - 1` (:math:`L` the number of levels), and a unit of
-    degree :math:`d` sees units of degree :math:`\le d` below it, an output of degree :math:`d`
-    sees hidden units of degree :math:`< d`. Hidden widths smaller than :math:`D` are allowed
-    (some degrees are then skipped, which only removes dependencies).
+    Input :math:`j` has degree :math:`1 + \text{rank of } \mathrm{order}_j` (ties share one,
+    so a two-level order gives a coupling network), hidden units degrees spread evenly over
+    :math:`1, \dots, L - 1`; a unit sees units of degree :math:`\le` its own below it, an output
+    hidden units of degree :math:`<` its own. The output is ``P`` contiguous blocks of ``D``.
 
-    The output is laid out as ``P`` contiguous blocks of ``D`` (e.g. shift, then log-scale),
-    so ``out.chunk(P, -1)`` splits it into views without a copy.
-
-    Storage: all weights and biases live in one flat parameter ``flat_parameters`` with one
-    mask buffer ``mask`` of the same size; a call multiplies the two once and splits the product
-    into the layers' matrices (views), so the masking is one elementwise product whatever the
-    depth, always part of the current autograd graph, and an optimizer steps one tensor.
-    :meth:`layer_parameters` gives each layer's (unmasked) weight and bias as views for
-    inspection or in-place initialization. The layout of ``flat_parameters`` is ``_sizes``
-    (every layer's weight, then its bias, hidden layers first) and ``_shapes`` (the weights'
-    shapes). The fused flow layers run this network as autograd-free kernels with a written-out
-    backward pass (:mod:`pyroflows._fast.made`).
+    All weights and biases live in one parameter ``flat_parameters`` (layout ``_sizes``: each
+    layer's weight, then its bias; ``_shapes``: the weights' shapes) with one buffer ``mask``
+    of its size, multiplied once per call; :meth:`layer_parameters` gives a layer's views.
 
     References:
         Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", ICML 2015,
@@ -131,9 +120,8 @@ class MADE(Memoized, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
-        # the number of levels fixes the hidden degrees, the D-pass count and the level-by-level
-        # pass, which the buffers do not carry: a state with another one would load into an
-        # inconsistent network (same shapes, so torch's checks pass)
+        # the number of levels fixes the hidden degrees and the passes, which the buffers do not
+        # carry: a state with another one would load silently into an inconsistent network
         degrees = state_dict.get(prefix + "degrees")
         if isinstance(degrees, Tensor) and degrees.numel():
             levels = int(degrees.max())
@@ -146,15 +134,14 @@ class MADE(Memoized, nn.Module):
                                       unexpected_keys, error_msgs)
 
     def layer_parameters(self, index: int) -> tuple[Tensor, Tensor]:
-        """Views ``(weight, bias)`` of layer ``index`` (``-1`` is the output head) into
-        ``flat_parameters``, unmasked; edit them in place under ``torch.no_grad()``."""
+        """Unmasked views ``(weight, bias)`` of layer ``index`` (``-1``: the output head)."""
         pieces = self.flat_parameters.split(self._sizes)
         index = range(len(self._shapes))[index]
         return pieces[2 * index].view(self._shapes[index]), pieces[2 * index + 1]
 
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s initialization for the hidden layers, zeros for the output head, so
-        the network starts at the constant 0 (and a flow layer on it at the identity)."""
+        """``nn.Linear``'s initialization for the hidden layers, zeros for the output head (a
+        flow layer on it starts at the identity)."""
         with torch.no_grad():
             for k, shape in enumerate(self._shapes):
                 weight, bias = self.layer_parameters(k)
@@ -171,8 +158,7 @@ class MADE(Memoized, nn.Module):
         return self.apply_layers(x, *self.differentiable_masked_weights())
 
     def differentiable_masked_weights(self) -> tuple[list[Tensor], list[Tensor]]:
-        r"""The masked weights and biases :math:`(W_k \odot M_k, b_k \odot m_k)` of every layer,
-        as views into one product that autograd differentiates (what :meth:`forward` uses)."""
+        r""":math:`(W_k \odot M_k, b_k \odot m_k)` of every layer, views into one product."""
         pieces = (self.flat_parameters * self.mask).split(self._sizes)
         weights = [w.view(shape) for w, shape in zip(pieces[0::2], self._shapes, strict=True)]
         return weights, list(pieces[1::2])
@@ -180,10 +166,8 @@ class MADE(Memoized, nn.Module):
     def apply_layers(
         self, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]
     ) -> Tensor:
-        """The network with the given (masked) weights, differentiable: :meth:`forward` is
-        ``apply_layers(x, *differentiable_masked_weights())``; a caller may pass sub-blocks of
-        them (a coupling layer passes the columns of its conditioning inputs and the rows of
-        its transformed outputs)."""
+        """The network with the given masked weights (or sub-blocks of them, as a coupling
+        layer passes): :meth:`forward` is ``apply_layers(x, *differentiable_masked_weights())``."""
         act = self.activation
         num_hidden = len(self._shapes) - 1
         if self.residual and num_hidden > 0:
