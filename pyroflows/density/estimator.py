@@ -26,8 +26,8 @@ __all__ = ["DensityEstimator", "PRECONDITIONERS", "REFINERS"]
 PRECONDITIONERS = ("standardize", "whiten", "cholesky", "tabak", "auto", None)
 #: The accepted values of ``DensityEstimator(refine=...)``.
 REFINERS = ("tabak", None)
-# What precondition="auto" fits and chooses between, on the validation split. "whiten" first,
-# so its candidate is the very fit precondition="whiten" makes with the same seed.
+# What precondition="auto" chooses between; "whiten" first, so its candidate is the very fit
+# precondition="whiten" makes with the same seed.
 _AUTO = ("whiten", "tabak")
 _FLOWS = ("maf", "realnvp")
 # Options named by the constructor itself: passing them again in an options dict is ambiguous.
@@ -227,7 +227,6 @@ class DensityEstimator:
         fitted = "" if self._model is None else f", fitted on D={self.dim_}"
         return f"DensityEstimator({args}{fitted})"
 
-    # ---- the fitted model -----------------------------------------------------------------
     def _require_model(self) -> DensityModel:
         if self._model is None:
             raise ValueError("this DensityEstimator is not fitted yet: call fit(x) first")
@@ -257,7 +256,6 @@ class DensityEstimator:
             tabak_options=self.tabak_options, refine=self.refine, seed=seed,
         ).to(device=device, dtype=dtype)
 
-    # ---- fitting --------------------------------------------------------------------------
     def fit(self, x: Any, x_val: Any = None, max_epochs: int = 500, batch_size: int = 256,
             lr: float = 1e-3, patience: int = 20, val_fraction: float = 0.1,
             weight_decay: float = 0.0, averaging_epochs: float = 1.0,
@@ -368,7 +366,6 @@ class DensityEstimator:
             history["seconds"] = time.perf_counter() - start
         return model
 
-    # ---- using a fitted model -------------------------------------------------------------
     def log_prob(self, x: Any) -> Tensor:
         """``log p(x)`` in nats for each row of ``x`` (shape (n, D), or (D,) for one point)."""
         t, single = self._prepare(x)
@@ -416,10 +413,7 @@ class DensityEstimator:
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
              trusted_modules: Sequence[str] = ()) -> DensityEstimator:
         """Rebuild a saved estimator on ``device`` (default: the saved one or CPU), scoring
-        exactly as saved.
-
-        Callables among the options are saved by import name; ``load`` imports ``nn.Module``
-        classes from torch, pyro and pyroflows, and any other callable only if its module or
-        top-level package is in ``trusted_modules``, so a file cannot make it run arbitrary code.
-        """
+        exactly as saved. Callables among the options are imported back only if they are
+        ``nn.Module`` classes from torch, pyro or pyroflows or come from ``trusted_modules``
+        (module or top-level package names), so a file cannot make ``load`` run arbitrary code."""
         return persistence.load(cls, path, device, trusted_modules)

@@ -28,8 +28,7 @@ __all__ = ["save", "load", "encode_option", "decode_option"]
 FORMAT = "pyroflows.DensityEstimator"
 # The version written; _legacy.DENSITY_FILE_VERSIONS are those read.
 FORMAT_VERSION = 4
-# Modules whose nn.Module classes a saved file may name as an option (e.g. an activation);
-# others need DensityEstimator.load(..., trusted_modules=...).
+# Modules whose nn.Module classes a file may name as an option; others need trusted_modules.
 TRUSTED_MODULES = ("torch", "pyro", "pyroflows")
 _TAG = "__pyroflows_option__"
 

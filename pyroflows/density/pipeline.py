@@ -21,10 +21,9 @@ from ..transforms.tabak import Tabak
 __all__ = ["DensityModel", "Standardize", "Whiten", "build_model", "fit_stages", "fit_refiner",
            "evaluate"]
 
-# What precondition="whiten" builds after the standardization: "learned", the layers then a
-# learnable TriangularAffine base started at the ML Cholesky factor; "fixed", a fixed Cholesky
-# whitening before the layers; "fixed+affine", that whitening, the layers, then the learnable
-# base started at the identity. Files store the kind they were built with.
+# What precondition="whiten" builds after the standardization (files store it): "learned", the
+# layers, then a learnable Cholesky base started at the data's; "fixed", a fixed whitening, the
+# layers; "fixed+affine", that whitening, the layers, the learnable base started at I.
 WHITEN_KINDS = ("learned", "fixed", "fixed+affine")
 WHITEN = "learned"
 # What precondition="cholesky" builds; files do not store it, so changing it needs a new version.
@@ -185,8 +184,7 @@ def build_model(
     # rotation, so the layers see the data's own coordinates (benchmarks/results/density.md).
     kind = {"whiten": whiten, "cholesky": CHOLESKY}.get(precondition)
     if kind in ("learned", "fixed+affine"):
-        # A FlowStack (not a plain ComposeTransformModule), so training runs its fused inverse;
-        # the same state_dict keys either way.
+        # A FlowStack, so training runs its fused inverse (the state_dict keys are the same).
         stack = flows.FlowStack([TriangularAffine(dim), *stack.parts],
                                 compile=stack.compile_backend or False)
     if kind in ("fixed", "fixed+affine"):
@@ -197,8 +195,7 @@ def build_model(
         stages.append(Tabak(dim, **{"seed": seed, **tabak_options}))
     refiners: list[FlowTransform] = []
     if refine == "tabak":
-        # No whitening: with zero steps the refiner is the identity, so validation can only keep
-        # steps that help the trained flow.
+        # No whitening: zero steps are the identity, so validation keeps only steps that help.
         refiners.append(Tabak(dim, **{"seed": None if seed is None else seed + 1,
                                       "selection": REFINE_SELECTION, **tabak_options,
                                       "whiten": False}))

@@ -338,8 +338,7 @@ class DualAscent:
         # The steps are in the safe region, where the cheaper logarithm is as good.
         moved, log_ratio = displacement(c, *constants, exact=False)
         # Exact per-coordinate gain in training log-likelihood (rotations preserve |z|), with
-        # (phi(c)^2 - c^2) / 2 = moved (c + moved / 2); where the quadratic model overshoots and
-        # the step would lose, keep the identity.
+        # (phi(c)^2 - c^2) / 2 = moved (c + moved / 2); where the step would lose, the identity.
         gain = (log_ratio.mean(-1, keepdim=True) + torch.log1p(-params[0])
                 - (moved * torch.add(c, moved, alpha=0.5)).mean(-1, keepdim=True))
         return params, constants, (gain > 0).to(c.dtype), moved, log_ratio

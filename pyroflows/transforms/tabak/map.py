@@ -95,15 +95,13 @@ def inverse_displacement(
     cc = c * c
     s = torch.sqrt(cc + g2_width_sq)
     gc = gamma * c
-    # 1 where gamma c > 0, else 0: lerp with it selects a branch exactly, far cheaper on the CPU
-    # than torch.where.
+    # 1 where gamma c > 0, else 0: lerp with it selects exactly, far cheaper than torch.where.
     same_sign = torch.sign(gc.detach()).clamp_(min=0)
     p = s + gc.abs()
     gs = gamma * s
     w_opposite = (c - gs) / one_minus_g2
-    # c + gamma S is unchanged where that branch is taken (same_sign = 1: it is nonzero there)
-    # and pushed at least 1 from zero elsewhere, so the unused branch stays finite and its
-    # gradient (zero) does not turn into NaN.
+    # c + gamma S, nonzero where that branch is taken, is pushed at least 1 from zero elsewhere:
+    # the unused branch stays finite, and its (zero) gradient does not turn into NaN.
     den = c + gs
     den = den + torch.copysign(1 - same_sign, den)
     w_same = (c - gamma_width) * (c + gamma_width) / den

@@ -116,18 +116,13 @@ class Tabak(FlowTransform):
             raise ValueError("Tabak: need 0 < val_fraction < 1, check_every >= 1, patience >= 1")
         if selection not in SELECTIONS:
             raise ValueError(f"Tabak: selection must be one of {SELECTIONS}, got {selection!r}")
-        self.max_steps = int(max_steps)
-        self.step_size = float(step_size)
+        self.max_steps, self.step_size = int(max_steps), float(step_size)
         self.whiten = {True: "full", False: "none"}.get(whiten, whiten)
         self.width = widths if ranged else widths[0]
-        self.subspace_dim = k
-        self.check_every = int(check_every)
-        self.patience = int(patience)
+        self.subspace_dim, self.selection, self.seed = k, selection, seed
+        self.check_every, self.patience = int(check_every), int(patience)
         self.val_fraction = float(val_fraction)
-        self.selection = selection
-        self.seed = seed
-        self.num_candidates = int(num_candidates)
-        self.candidate_bins = int(candidate_bins)
+        self.num_candidates, self.candidate_bins = int(num_candidates), int(candidate_bins)
         self.num_rotations = int(num_rotations)
         self.history: dict[str, list[float]] = {}
         self.best_step = 0
@@ -156,17 +151,11 @@ class Tabak(FlowTransform):
                 setattr(self, name, old.new_empty(value.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    # ---- fitting -----------------------------------------------------------------------------
     def fit(self, x: Tensor, x_val: Tensor | None = None, progress: bool = True) -> Tabak:
-        """Fit the steps to the rows of ``x`` (shape ``(n, D)``; the buffers take its device and
-        dtype) and return ``self``; ``history`` then holds ``step``, ``train_log_prob`` and
-        ``val_log_prob`` (nats per sample) at every check, and ``best_step`` the kept count.
-
-        Arguments:
-            x: training data.
-            x_val: held-out data for early stopping (default: ``val_fraction`` of ``x``'s rows).
-            progress: show a progress bar.
-        """
+        """Fit the steps to the rows of ``x`` (n, D), held out ``x_val`` (default:
+        ``val_fraction`` of ``x``'s rows), and return ``self``; ``history`` then holds ``step``,
+        ``train_log_prob`` and ``val_log_prob`` (nats per sample) at every check, and
+        ``best_step`` the kept count. The buffers take ``x``'s device and dtype."""
         fitted = DualAscent(self).run(x, x_val, progress)
         # Commit only now, so an exception or interrupt in the fit leaves the old state intact.
         self.loc, self.scale_tril = fitted.loc, fitted.scale_tril
@@ -182,7 +171,6 @@ class Tabak(FlowTransform):
         """Fit to ``x`` and return the Gaussianized training data ``t.inv(x)``."""
         return self.fit(x, x_val=x_val, progress=progress).inv(x)
 
-    # ---- the passes --------------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if not bool(self.fitted):
             raise NotFittedError("Tabak: this transform is not fitted yet; call .fit(x) before "
@@ -202,8 +190,7 @@ class Tabak(FlowTransform):
         :func:`~.map.inverse_displacement`)."""
         make = inverse_displacement_constants if inverse else displacement_constants
         columns = make(*(getattr(self, name) for name in PARAMETERS))
-        # (T, P, K, 1) -> T tuples of P views: one split here rather than P indexing ops per step
-        # (and per row chunk) in the loop.
+        # (T, P, K, 1) -> T tuples of P views: one split, not P indexing ops per step and chunk.
         stacked = torch.stack(columns, dim=1).unsqueeze(-1)
         return [tuple(step.unbind(0)) for step in stacked.unbind(0)]
 
@@ -269,7 +256,6 @@ class Tabak(FlowTransform):
         z, _ = self._run_steps(x, inverse=True, log_det=False)
         return self.loc + z @ self.scale_tril.mT
 
-    # ---- the density -------------------------------------------------------------------------
     def log_prob(self, x: Tensor) -> Tensor:
         """The fitted log-density :math:`\\log\\rho(x)` (seed eq. 1), shape ``x.shape[:-1]``."""
         self._validate(x, "x")
