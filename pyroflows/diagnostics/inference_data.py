@@ -23,24 +23,17 @@ def _to_numpy(t: Tensor) -> np.ndarray:
 
 
 def _draw_dims(site: Site, value: Tensor, mpn: int) -> tuple[Tensor, list[str]]:
-    """``value`` aligned as ``(S, *plates, *event)`` -> ``(S, *kept)`` and ArviZ dim names for
-    the kept dims: a plate's dim carries the plate's name (Pyro keeps plate and site names
-    apart), other dims are ``{site}_dim_{k}`` as ArviZ names them; size-1 batch dims outside
-    the site's plates (the model's broadcasting) are dropped."""
+    """An aligned value ``(S, *plates, *event)`` without the size-1 dims outside the site's
+    plates, and ArviZ names for its dims: the plate's name, else ``{site}_dim_{k}``."""
     keep, dims, k = [0], [], 0
-    for j in range(1, mpn + 1):
-        plate = site.frames.get(j - (mpn + 1))
-        if plate is not None:
-            keep.append(j)
-            dims.append(plate)
-        elif value.shape[j] != 1:
-            keep.append(j)
-            dims.append(f"{site.name}_dim_{k}")
-            k += 1
-    for j in range(mpn + 1, value.dim()):
+    for j in range(1, value.dim()):
+        plate = site.frames.get(j - (mpn + 1)) if j <= mpn else None
+        if plate is None and j <= mpn and value.shape[j] == 1:
+            continue  # the model's broadcasting
+        if plate is None:
+            plate, k = f"{site.name}_dim_{k}", k + 1
         keep.append(j)
-        dims.append(f"{site.name}_dim_{k}")
-        k += 1
+        dims.append(plate)
     return value.reshape([value.shape[j] for j in keep]), dims
 
 
@@ -51,8 +44,7 @@ def _data_dims(site: Site, value: Tensor) -> list[str]:
     for i in range(value.dim()):
         plate = site.frames.get(i - batch_ndim) if i < batch_ndim else None
         if plate is None:
-            plate = f"{site.name}_dim_{k}"
-            k += 1
+            plate, k = f"{site.name}_dim_{k}", k + 1
         dims.append(plate)
     return dims
 
@@ -60,8 +52,7 @@ def _data_dims(site: Site, value: Tensor) -> list[str]:
 def _simulate_observed(
     model: Callable, draws: Draws, index: Tensor | None, args, kwargs,
 ) -> dict[str, Tensor]:
-    """Simulate every observed site once per draw: the model with its data removed, its latent
-    sites fixed to the draws (or to the draws at ``index``)."""
+    """Every observed site simulated once per draw (at ``index``) by the model without its data."""
     latents = {n: v for n, v in draws.values.items() if draws.sites[n].kind == "latent"}
     if index is not None:
         latents = {n: v.index_select(0, index.to(v.device)) for n, v in latents.items()}
@@ -85,9 +76,8 @@ def inference_data(
     model: Callable, draws: Draws, index: Tensor | None,
     posterior_predictive: bool, args: tuple, kwargs: dict, attrs: dict,
 ) -> az.InferenceData:
-    """``draws`` (or the draws at ``index``, repeats allowed) as an :class:`arviz.InferenceData`
-    with the groups :func:`to_inference_data` lists; ``attrs`` go on every group. Without
-    ``index`` ``sample_stats`` also holds ``log_weight``."""
+    """``draws`` (at ``index``, repeats allowed) with the groups of :func:`to_inference_data`
+    and ``attrs`` on each; ``log_weight`` only without ``index``."""
     mpn = draws.max_plate_nesting
     posterior, dims = {}, {}
     for name, value in draws.values.items():
@@ -109,10 +99,7 @@ def inference_data(
         return az.dict_to_dataset(data, library=pyro, dims=dims, default_dims=default_dims,
                                   attrs=dict(attrs))
 
-    groups = {
-        "posterior": dataset(posterior, dims),
-        "sample_stats": dataset(sample_stats, {}),
-    }
+    groups = {"posterior": dataset(posterior, dims), "sample_stats": dataset(sample_stats, {})}
     if observed:
         groups["observed_data"] = dataset(observed, observed_dims, default_dims=[])
     if posterior_predictive and observed:
@@ -137,22 +124,17 @@ def to_inference_data(
     """Draws from ``guide`` as an :class:`arviz.InferenceData`, ready for
     :func:`arviz.summary`, :func:`arviz.plot_posterior`, :func:`arviz.plot_pair`.
 
-    Groups:
-        ``posterior``: every latent site (and ``pyro.deterministic`` site) of the model on its
-        constrained scale, dims ``(chain=1, draw=num_samples, ...)``; dims of a plate carry the
-        plate's name, other dims are ``{site}_dim_{k}``; size-1 dims that only align a site
-        with the plates are dropped. ``observed_data``: the data of every observed site, in the
-        shape given. ``posterior_predictive`` (when asked): one simulated data set per draw,
-        shaped like the data. ``sample_stats``: ``lp`` (log joint :math:`\\log p(x, z)`) and
-        ``log_weight`` (:math:`\\log p(x, z) - \\log q(z)`).
+    Groups: ``posterior``, every latent and ``pyro.deterministic`` site on its constrained
+    scale, dims ``(chain=1, draw=num_samples, ...)``, a plate's dim named after the plate, other
+    dims ``{site}_dim_{k}``, size-1 dims that only align a site with the plates dropped;
+    ``observed_data``, the data as given; ``posterior_predictive`` (when asked), one simulated
+    data set per draw shaped like the data; ``sample_stats``, ``lp`` (:math:`\\log p(x, z)`)
+    and ``log_weight`` (:math:`\\log p(x, z) - \\log q(z)`).
 
     Arguments:
-        model: the Pyro model; ``*args`` and ``**kwargs`` are passed to it and to the guide.
-        guide: any Pyro guide for ``model``.
-        num_samples: draws from the guide.
-        posterior_predictive: also simulate the observed sites once per draw.
-        max_plate_nesting, chunk_size: as for
+        model, guide, args, kwargs, num_samples, max_plate_nesting, chunk_size: as for
             :func:`~pyroflows.diagnostics.log_importance_weights`.
+        posterior_predictive: also simulate the observed sites once per draw.
 
     Example:
         >>> import torch, pyro, pyro.distributions as dist

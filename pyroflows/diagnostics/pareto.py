@@ -17,9 +17,7 @@ from torch import Tensor
 from .inference_data import inference_data
 from .weights import draw, guide_name, log_importance_weights
 
-__all__ = [
-    "KHAT_GOOD", "KHAT_USABLE", "khat_verdict", "psis", "psis_khat", "importance_resample",
-]
+__all__ = ["KHAT_GOOD", "KHAT_USABLE", "khat_verdict", "psis", "psis_khat", "importance_resample"]
 
 KHAT_GOOD = 0.5
 """Below this Pareto :math:`\\hat k` the guide is good."""
@@ -46,19 +44,10 @@ def khat_verdict(khat: float) -> str:
 
 
 def psis(log_weights: Tensor | np.ndarray) -> tuple[np.ndarray, float]:
-    """Pareto-smoothed importance sampling of one set of log weights: ArviZ's
-    :func:`arviz.psislw` with independent draws (``reff = 1``).
-
-    Weights that are uniform to working precision (an exact guide) have a bounded tail:
-    :math:`\\hat k = -\\infty` is returned for them, where a Pareto fit to rounding noise would
-    be meaningless.
-
-    Arguments:
-        log_weights: shape ``(S,)``.
-
-    Returns:
-        The smoothed log weights, normalized (``logsumexp == 0``), as float64 numpy of shape
-        ``(S,)``, and the Pareto :math:`\\hat k`.
+    """Pareto-smoothed importance sampling of log weights of shape ``(S,)``: ArviZ's
+    :func:`arviz.psislw` with independent draws (``reff = 1``). Returns the smoothed log weights,
+    normalized (``logsumexp == 0``) as float64 numpy, and :math:`\\hat k`; weights uniform to
+    working precision (an exact guide) get :math:`\\hat k = -\\infty`, not a fit to rounding noise.
 
     Example:
         >>> import numpy as np
@@ -88,8 +77,7 @@ def psis(log_weights: Tensor | np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def importance_ess(smoothed_log_weights: np.ndarray) -> float:
-    """The importance-sampling effective sample size :math:`1 / \\sum_s \\tilde w_s^2` of
-    normalized log weights (:math:`\\sum_s \\tilde w_s = 1`), as :func:`psis` returns them."""
+    """The importance ESS :math:`1 / \\sum_s \\tilde w_s^2` of normalized log weights."""
     return float(1.0 / np.square(np.exp(smoothed_log_weights)).sum())
 
 
@@ -98,8 +86,7 @@ def psis_khat(
     max_plate_nesting: int | None = None, chunk_size: int | None = None, **kwargs: Any,
 ) -> float:
     """Pareto :math:`\\hat k` of the importance weights :math:`p(x, z) / q(z)`, :math:`z \\sim q`
-    (Yao et al. 2018): < 0.5 good, 0.5 to 0.7 usable, > 0.7 do not trust the guide
-    (see :func:`khat_verdict`). Estimates are noisy below a few thousand draws.
+    (Yao et al. 2018; :func:`khat_verdict`), noisy below a few thousand draws.
 
     Arguments:
         model, guide, args, kwargs, num_samples, max_plate_nesting, chunk_size: as for
@@ -126,8 +113,7 @@ def psis_khat(
 
 
 def _systematic_resample(weights: np.ndarray, num_draws: int) -> np.ndarray:
-    """Indices drawn with probabilities ``weights`` by systematic resampling: index s appears
-    ``floor(M w_s)`` or ``ceil(M w_s)`` times, the lowest-variance unbiased scheme."""
+    """Systematic resampling: index s appears ``floor(M w_s)`` or ``ceil(M w_s)`` times."""
     uniform = float(torch.rand((), dtype=torch.float64))
     positions = (uniform + np.arange(num_draws)) / num_draws
     cumulative = np.cumsum(weights)
@@ -142,23 +128,19 @@ def importance_resample(
     num_draws: int | None = None, posterior_predictive: bool = False,
     max_plate_nesting: int | None = None, chunk_size: int | None = None, **kwargs: Any,
 ) -> az.InferenceData:
-    """PSIS-corrected posterior draws: ``num_samples`` proposals :math:`z_s \\sim q`, weighted by
-    their Pareto-smoothed importance weights :math:`\\tilde w_s \\propto p(x, z_s)/q(z_s)`, then
-    ``num_draws`` of them resampled (systematic resampling) with probabilities
-    :math:`\\tilde w_s`. Expectations under the result correct a good-but-imperfect guide
-    towards the posterior; with :math:`\\hat k > 0.7` (a warning says so) they cannot be trusted.
-
-    The result has the layout of :func:`~pyroflows.diagnostics.to_inference_data`
-    (``sample_stats`` holds ``lp``), and its ``posterior`` attrs carry ``pareto_k``, ``ess``
-    (the importance-sampling effective sample size of the proposals) and ``num_proposals``.
-    Resampled draws repeat proposals: draws beyond about ``ess`` carry little new information.
+    """PSIS-corrected posterior draws: ``num_draws`` of ``num_samples`` proposals
+    :math:`z_s \\sim q` resampled (systematically) with their Pareto-smoothed importance weights
+    :math:`\\tilde w_s \\propto p(x, z_s)/q(z_s)`, which corrects a good-but-imperfect guide;
+    above :math:`\\hat k = 0.7` a warning says not to trust them. In the layout of
+    :func:`~pyroflows.diagnostics.to_inference_data` (``sample_stats`` holds ``lp``), with
+    ``pareto_k``, ``ess`` (of the proposals: draws beyond it repeat them) and ``num_proposals``
+    in the ``posterior`` attrs.
 
     Arguments:
-        model, guide, args, kwargs, max_plate_nesting, chunk_size: as for
+        model, guide, args, kwargs, max_plate_nesting, chunk_size, posterior_predictive: as for
             :func:`~pyroflows.diagnostics.to_inference_data`.
         num_samples: proposals drawn from the guide.
         num_draws: posterior draws returned (default ``num_samples // 4``).
-        posterior_predictive: also simulate the observed sites once per returned draw.
 
     Example:
         >>> import pyro, pyro.distributions as dist

@@ -75,12 +75,10 @@ def elbo_convergence(
     difference = float(last.mean() - previous.mean())
     se = float(math.sqrt(last.var(ddof=1) / m + previous.var(ddof=1) / m))
     threshold = max(2.0 * se, tol)
-    if not math.isfinite(difference):
-        verdict = "falling"  # non-finite ELBO values: the optimizer went astray
+    if not math.isfinite(difference) or difference < -threshold:  # non-finite: gone astray
+        verdict = "falling"
     elif difference > threshold:
         verdict = "still rising"
-    elif difference < -threshold:
-        verdict = "falling"
     else:
         verdict = "converged"
     return ConvergenceCheck(verdict, difference, se, m)
@@ -181,8 +179,8 @@ class VIReport:
         _plot_trace(ax_trace, self.elbo_trace, self.convergence)
         lw = self.log_weights[np.isfinite(self.log_weights)]
         ax_weights.hist(lw - lw.max(), bins=50, color="C0")
-        ax_weights.set_xlabel("log w - max log w")
-        ax_weights.set_title(f"importance weights, ESS {100 * self.ess_fraction:.1f}%")
+        ax_weights.set(xlabel="log w - max log w",
+                       title=f"importance weights, ESS {100 * self.ess_fraction:.1f}%")
         _plot_khat(ax_khat, self.khat)
         fig.tight_layout()
         return fig
@@ -207,24 +205,19 @@ def _plot_trace(ax, trace: np.ndarray | None, check: ConvergenceCheck | None) ->
         title = f"ELBO trace: {check.verdict}"
     if limits is not None:
         title += " (early steps below the axis)"
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.set_ylabel("ELBO")
+    ax.set(title=title, xlabel="step", ylabel="ELBO")
 
 
 def _plot_khat(ax, khat: float) -> None:
-    """:math:`\\hat k` as a dot over the good / usable / do-not-trust bands, clipped to
-    [-0.5, 1.5]."""
+    """:math:`\\hat k` as a dot over the verdict's bands, clipped to [-0.5, 1.5]."""
     bands = ((-0.5, KHAT_GOOD, "tab:green"), (KHAT_GOOD, KHAT_USABLE, "tab:orange"),
              (KHAT_USABLE, 1.5, "tab:red"))
     for lo, hi, color in bands:
         ax.axhspan(lo, hi, color=color, alpha=0.25)
     shown = min(max(khat, -0.5), 1.5) if math.isfinite(khat) else (-0.5 if khat < 0 else 1.5)
     ax.plot([0], [shown], "ko")
-    ax.set_xlim(-1, 1)
-    ax.set_ylim(-0.5, 1.5)
-    ax.set_xticks([])
-    ax.set_title(f"k-hat {khat:.2f}: {khat_verdict(khat)}")
+    ax.set(xlim=(-1, 1), ylim=(-0.5, 1.5), xticks=[],
+           title=f"k-hat {khat:.2f}: {khat_verdict(khat)}")
 
 
 def vi_report(

@@ -1,16 +1,13 @@
-"""Log importance weights of guide draws: guide and model run once, vectorized over the draws
-(in pieces where memory runs out).
+"""Log importance weights of guide draws, from one vectorized run of guide and model.
 
 The S draws are a ``pyro.plate`` of size S at dim ``-(max_plate_nesting + 1)``, left of every
-plate that model and guide use. A site's log density then has shape ``(S, *plates)`` and sums
-to one number per draw; a site's value is aligned as
-``(S, *[one entry per plate dim], *event_shape)``, with size-1 entries where the site broadcasts.
+plate of model and guide: a site's log density has shape ``(S, *plates)``, and its value is
+aligned as ``(S, *[one entry per plate dim], *event_shape)``, size 1 where the site broadcasts.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,9 +41,8 @@ class Site:
 
 @dataclass
 class Draws:
-    """``num_samples`` guide draws on the guide's device: ``log_weights`` and ``log_joint`` of
-    shape ``(S,)``, and ``values`` of the latent and deterministic sites aligned as
-    ``(S, *[one entry per plate dim], *event_shape)``."""
+    """S guide draws: ``log_weights`` and ``log_joint`` of shape ``(S,)``, and the aligned
+    ``values`` of the latent and deterministic sites."""
 
     log_weights: Tensor
     log_joint: Tensor
@@ -74,7 +70,7 @@ def vectorize(fn: Callable, num_samples: int, max_plate_nesting: int) -> Callabl
 
 
 def align(value: Tensor, event_dim: int, num_samples: int, mpn: int, name: str) -> Tensor:
-    """Reshape a site value to ``(num_samples, *[mpn plate dims], *event_shape)``. A negative
+    """A site value reshaped to ``(num_samples, *[mpn plate dims], *event_shape)``; a negative
     ``event_dim`` means a leading sample dim with ``-event_dim`` plate dims reduced away."""
     if event_dim < 0:
         value = value.reshape(value.shape[:1] + (1,) * (-event_dim) + value.shape[1:])
@@ -94,9 +90,8 @@ def align(value: Tensor, event_dim: int, num_samples: int, mpn: int, name: str) 
 def _align_deterministic(
     value: Tensor, event_dim: int, num_samples: int, mpn: int, name: str,
 ) -> tuple[Tensor, int]:
-    """Align a ``pyro.deterministic`` value, which makes every dim an event dim unless told
-    otherwise: guess which leading dims are the sample and plate dims. Returns the aligned value
-    and the event dim used."""
+    """A ``pyro.deterministic`` value aligned, and the event dim used: where every dim is an
+    event dim (Pyro's default), the sample and plate dims are guessed."""
     if event_dim < value.dim():  # the user stated event_dim
         pass
     elif value.dim() >= mpn + 1:  # computed from plate-aligned latents: (S, *plates, *event)
@@ -132,8 +127,8 @@ def _is_point_mass(fn: Any) -> bool:
 
 
 def _traces(model, guide, args, kwargs, num_samples: int, mpn: int) -> tuple[Trace, Trace]:
-    """The vectorized guide trace and the model trace replayed against it, with log densities,
-    subsample sites pruned."""
+    """The model trace replayed against the vectorized guide trace, and the guide trace, with
+    log densities, subsample sites pruned."""
     guide_trace = poutine.trace(vectorize(guide, num_samples, mpn)).get_trace(*args, **kwargs)
     model_trace = poutine.trace(
         poutine.replay(vectorize(model, num_samples, mpn), trace=guide_trace)
@@ -154,15 +149,11 @@ def _traces(model, guide, args, kwargs, num_samples: int, mpn: int) -> tuple[Tra
 def _log_weights(
     model_trace: Trace, guide_trace: Trace, num_samples: int, mpn: int,
 ) -> tuple[Tensor, Tensor]:
-    """Per draw, ``log p(x, z) - log q(z)`` and the log joint ``log p(x, z)``. A latent site the
-    guide does not sample is drawn by the model from its prior conditional, so that density is
-    part of ``q`` and cancels."""
-    log_q = 0.0
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample":
-            log_q = log_q + _per_draw_sum(site["log_prob"], name, num_samples, mpn)
-    log_p = 0.0
-    log_prior_uncovered = 0.0
+    """Per draw, ``log p(x, z) - log q(z)`` and ``log p(x, z)``. A latent site the guide does
+    not sample is drawn by the model from its prior conditional: part of ``q``, it cancels."""
+    log_q = sum(_per_draw_sum(site["log_prob"], name, num_samples, mpn)
+                for name, site in guide_trace.nodes.items() if site["type"] == "sample")
+    log_p = log_prior_uncovered = 0.0
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
             continue
@@ -178,18 +169,14 @@ def _log_weights(
 def _sites_and_values(
     model_trace: Trace, num_samples: int, mpn: int,
 ) -> tuple[dict[str, Site], dict[str, Tensor]]:
-    """Every sample site of the model, and the aligned values of the latent and deterministic
-    ones."""
+    """Every sample site of the model, and the aligned values of the unobserved ones."""
     sites: dict[str, Site] = {}
     values: dict[str, Tensor] = {}
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
             continue
-        frames = {
-            f.dim: f.name
-            for f in site["cond_indep_stack"]
-            if f.vectorized and f.name != _SAMPLE_PLATE
-        }
+        frames = {f.dim: f.name for f in site["cond_indep_stack"]
+                  if f.vectorized and f.name != _SAMPLE_PLATE}
         event_dim, value = len(site["fn"].event_shape), site["value"]
         if site_is_deterministic(site):
             values[name], event_dim = _align_deterministic(value, event_dim, num_samples, mpn,
@@ -203,32 +190,19 @@ def _sites_and_values(
     return sites, values
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    message = str(error).lower()
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or (
-        "can't allocate memory" in message
-    )
-
-
 def in_chunks(run: Callable[[int, int], Any], total: int, chunk: int) -> tuple[list, int]:
-    """``run(start, n)`` over ``range(total)`` in pieces of at most ``chunk``; a piece that runs
-    out of memory (CUDA or host) is retried in halves, down to one draw.
-
-    Returns:
-        The results of the pieces, in order, and the piece size that worked last.
-
-    Example:
-        >>> from pyroflows.diagnostics.weights import in_chunks
-        >>> in_chunks(lambda start, n: list(range(start, start + n)), total=5, chunk=2)
-        ([[0, 1], [2, 3], [4]], 2)
-    """
+    """The results of ``run(start, n)`` over ``range(total)`` in pieces of at most ``chunk``
+    (a piece that runs out of memory is retried in halves), and the piece size that worked."""
     parts, start = [], 0
     while start < total:
         n = min(chunk, total - start)
         try:
             parts.append(run(start, n))
         except RuntimeError as error:
-            if not _is_out_of_memory(error) or n == 1:
+            message = str(error).lower()
+            out_of_memory = isinstance(error, torch.OutOfMemoryError) or any(
+                words in message for words in ("out of memory", "can't allocate memory"))
+            if not out_of_memory or n == 1:
                 raise
             chunk = max(1, n // 2)
             if torch.cuda.is_available():
@@ -243,15 +217,12 @@ def draw(
     max_plate_nesting: int | None, chunk_size: int | None, keep_values: bool,
 ) -> Draws:
     """``num_samples`` guide draws scored by the model, in vectorized passes of at most
-    ``chunk_size`` draws (halved where memory runs out). Without ``keep_values`` only the log
-    weights and log joint are kept (``values`` and ``sites`` are empty). Call under
-    :func:`torch.no_grad`."""
+    ``chunk_size`` draws; ``values`` and ``sites`` are kept only with ``keep_values``. Call
+    under :func:`torch.no_grad`."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
-    mpn = (
-        _private.guess_max_plate_nesting(model, guide, args, kwargs)
-        if max_plate_nesting is None else int(max_plate_nesting)
-    )
+    mpn = (_private.guess_max_plate_nesting(model, guide, args, kwargs)
+           if max_plate_nesting is None else int(max_plate_nesting))
 
     def run(start: int, n: int):
         model_trace, guide_trace = _traces(model, guide, args, kwargs, n, mpn)
@@ -262,19 +233,13 @@ def draw(
     chunk = num_samples if chunk_size is None else max(1, min(int(chunk_size), num_samples))
     parts, chunk = in_chunks(run, num_samples, chunk)
     log_weights = torch.cat([p[0] for p in parts])
-    if torch.isnan(log_weights).any() or (log_weights == math.inf).any():
+    if (torch.isnan(log_weights) | torch.isposinf(log_weights)).any():
         raise ValueError(
             "log importance weights contain NaN or +inf: the guide puts mass where its own "
             "density or the model's is not finite"
         )
-    return Draws(
-        log_weights=log_weights,
-        log_joint=torch.cat([p[1] for p in parts]),
-        values={name: torch.cat([p[2][name] for p in parts]) for name in parts[0][2]},
-        sites=parts[0][3],
-        max_plate_nesting=mpn,
-        chunk_size=chunk,
-    )
+    values = {name: torch.cat([p[2][name] for p in parts]) for name in parts[0][2]}
+    return Draws(log_weights, torch.cat([p[1] for p in parts]), values, parts[0][3], mpn, chunk)
 
 
 def log_importance_weights(
@@ -282,19 +247,14 @@ def log_importance_weights(
     max_plate_nesting: int | None = None, chunk_size: int | None = None, **kwargs: Any,
 ) -> Tensor:
     """Log importance weights :math:`\\log p(x, z_s) - \\log q(z_s)` of ``num_samples`` guide
-    draws :math:`z_s \\sim q`, in one vectorized pass.
+    draws :math:`z_s \\sim q`, in one vectorized pass; shape ``(S,)``, on the guide's device.
 
     Arguments:
         model: the Pyro model; ``*args`` and ``**kwargs`` are passed to it and to the guide.
         guide: any Pyro guide for ``model``.
         num_samples: the number S of guide draws.
-        max_plate_nesting: how many plate dims model and guide use; guessed from one
-            unvectorized run when None.
-        chunk_size: draws per vectorized pass (default all S; halved automatically when memory
-            runs out).
-
-    Returns:
-        A tensor of shape ``(S,)`` on the guide's device.
+        max_plate_nesting: the plate dims of model and guide (None: guessed from one run).
+        chunk_size: draws per vectorized pass (default all; halved where memory runs out).
 
     Example:
         >>> import torch, pyro, pyro.distributions as dist
