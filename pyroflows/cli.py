@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 
@@ -48,23 +47,21 @@ def _u1_model(device: torch.device):
 
 
 def _guide_candidates(model, steps: int) -> dict[str, Callable[[], tuple]]:
-    """The demo's guides by name, each as ``make() -> (guide, elbo, optim_args)``
-    (``optim_args`` None: the guide's own defaults)."""
+    """The demo's guides by name, each ``make() -> (guide, elbo, optim_args or None)``."""
     from pyro.infer import Trace_ELBO
     from pyro.infer.autoguide import AutoNormal
 
     from . import guides
 
-    # Same particle count for every guide. The flow guides start wide (init_scale=1) and anneal
-    # the energy over the first half of the steps, which lets them cover both modes of U1.
+    # The flow guides start wide (init_scale=1) and anneal the energy over the first half of the
+    # steps, which lets them cover both modes of U1.
     def flow_elbo():
         return guides.FlowELBO(num_particles=64, vectorize_particles=True,
                                anneal_steps=steps // 2)
 
-    # Step sizes, held constant: Pyro's usual 1e-2 for AutoNormal; the flow guides' per-family
-    # defaults, except the IAF guide's affine layer at 5e-3: its default step, held to the last
-    # step, costs the IAF KL here, where annealing takes the first half of the run and a
-    # decaying step would hurt planar (benchmarks/results/vi.md, "The demo's AutoIAF on U1").
+    # Constant steps: Pyro's usual 1e-2 for AutoNormal, the flow guides' defaults except the IAF
+    # affine layer's, whose default held to the last step costs KL here (benchmarks/results/vi.md,
+    # "The demo's AutoIAF on U1").
     return {
         "AutoNormal (Pyro)": lambda: (AutoNormal(model), Trace_ELBO(num_particles=64,
                                       vectorize_particles=True), {"lr": 1e-2}),
@@ -95,8 +92,8 @@ def _fit_guide(model, guide, elbo, optim_args, steps: int, label: str,
 
 
 def _fit_guides(args, device):
-    """Part 1: fit each guide to the U1 model from the same seed, report ELBO, KL and k-hat.
-    Returns the model, the fitted guides and their ELBO traces."""
+    """Part 1: each guide fitted to U1 from the same seed, its ELBO, KL and k-hat printed;
+    returns the model, the fitted guides and their ELBO traces."""
     import pyro
 
     from . import diagnostics, guides
@@ -118,13 +115,8 @@ def _fit_guides(args, device):
                         values["khat"], values["khat_verdict"], seconds))
         traces[name] = [-v for v in losses]
         fitted[name] = guide
-    _print_vi_table(results, log_z, args.steps)
-    return model, fitted, traces
-
-
-def _print_vi_table(results: list[tuple], log_z: float, steps: int) -> None:
     print(f"\n[1] VI on the Rezende U1 energy (two modes; exact log Z = {log_z}), "
-          f"{steps} steps each, 64 particles")
+          f"{args.steps} steps each, 64 particles")
     print(f"    {'guide':<20} {'ELBO':>16} {'KL to exact':>12} {'k-hat':>7}  "
           f"{'verdict':<13} {'seconds':>7}")
     for name, elbo_value, se, kl, khat, verdict, seconds in results:
@@ -133,11 +125,12 @@ def _print_vi_table(results: list[tuple], log_z: float, steps: int) -> None:
     print("    KL = log Z - ELBO is the error against the exact posterior (0 is perfect; one "
           "mode alone gives log 2 = 0.69);\n    k-hat < 0.5 good, 0.5-0.7 usable, > 0.7 do not "
           "trust (Yao et al. 2018).")
+    return model, fitted, traces
 
 
 def _fit_densities(args, device):
-    """Part 2: fit the MAF estimators to two moons, report held-out log-likelihoods next to the
-    maximum-likelihood Gaussian's. Returns the training rows, the Gaussian and the estimators."""
+    """Part 2: MAF estimators fitted to two moons, held-out log-likelihoods printed beside the
+    ML Gaussian's; returns the training rows, the Gaussian and the estimators."""
     from . import datasets, density
 
     n_train, n_test = (3000, 2000) if not args.quick else (1000, 1000)
@@ -149,9 +142,7 @@ def _fit_densities(args, device):
     estimators = {
         "MAF x5 (whitened)": dict(precondition="whiten"),
         "MAF x5, Tabak-preconditioned": dict(
-            precondition="tabak",
-            tabak_options=dict(max_steps=300 if args.quick else 1000),
-        ),
+            precondition="tabak", tabak_options=dict(max_steps=300 if args.quick else 1000)),
     }
     fitted = {}
     for name, options in estimators.items():
@@ -165,17 +156,13 @@ def _fit_densities(args, device):
         with torch.no_grad():
             rows.append((name, est.log_prob(x_test), seconds))
         fitted[name] = est
-    _print_density_table(rows, n_train, n_test, args.epochs)
-    return x_train, gaussian, fitted
-
-
-def _print_density_table(rows: list[tuple], n_train: int, n_test: int, epochs: int) -> None:
     print(f"\n[2] Density estimation on two moons ({n_train} training rows, {n_test} held out, "
-          f"at most {epochs} epochs)")
+          f"at most {args.epochs} epochs)")
     print(f"    {'model':<32} {'held-out log-lik':>20} {'seconds':>8}")
     for name, lp, seconds in rows:
         se = float(lp.std()) / math.sqrt(len(lp))
         print(f"    {name:<32} {float(lp.mean()):>11.4f} ± {se:.4f} {seconds:>8.1f}")
+    return x_train, gaussian, fitted
 
 
 def _plot_guides(plt, device, model, fitted_guides):
@@ -194,9 +181,7 @@ def _plot_guides(plt, device, model, fitted_guides):
         z = draws["z"].detach().reshape(-1, 2).cpu()
         ax.contourf(gx.cpu(), gy.cpu(), true_density, levels=20, cmap="Greys")
         ax.scatter(z[:, 0], z[:, 1], s=1.5, alpha=0.4, color="tab:red")
-        ax.set_title(name)
-        ax.set_xlim(-4, 4)
-        ax.set_ylim(-4, 4)
+        ax.set(title=name, xlim=(-4, 4), ylim=(-4, 4))
     fig.suptitle("guide draws (red) over the exact U1 density (grey)")
     return fig
 
@@ -212,11 +197,9 @@ def _plot_elbo_traces(plt, traces):
         smooth = t.unfold(0, window, window).mean(-1) if len(t) >= window else t
         ax.plot(torch.arange(len(smooth)) * window, smooth, label=name)
     ax.axhline(LOG_Z["U1"], color="k", ls="--", lw=1, label="log Z (exact)")
-    ax.set_ylim(bottom=-2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("ELBO (training estimate)")
+    ax.set(ylim=(-2, None), xlabel="step", ylabel="ELBO (training estimate)",
+           title="ELBO traces (annealed flows rise late by design)")
     ax.legend()
-    ax.set_title("ELBO traces (annealed flows rise late by design)")
     return fig
 
 
@@ -237,8 +220,7 @@ def _plot_densities(plt, device, x_train, gaussian, estimators):
         axes[0, col].set_title(name)
         s = samples.cpu()
         axes[1, col].scatter(s[:, 0], s[:, 1], s=1.5, alpha=0.4)
-        axes[1, col].set_xlim(float(lo[0]), float(hi[0]))
-        axes[1, col].set_ylim(float(lo[1]), float(hi[1]))
+        axes[1, col].set(xlim=(float(lo[0]), float(hi[0])), ylim=(float(lo[1]), float(hi[1])))
     axes[1, 0].set_ylabel("samples")
     axes[0, 0].set_ylabel("density")
     return fig
@@ -269,7 +251,7 @@ def _plots(out, device, model, fitted_guides, traces, x_train, gaussian, estimat
 
 
 def run_demo(args: argparse.Namespace) -> dict:
-    """Run the three parts of the demo with the options of ``pyroflows demo``; returns
+    """The three parts of the demo, with the options of ``pyroflows demo``; returns
     ``{"plots": [the paths written]}``."""
     from ._config import validation
 
@@ -280,8 +262,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     out = os.path.abspath(args.out)
     start = time.perf_counter()
     print(f"pyroflows {__version__} demo on {device}; plots go to {out}")
-    # The demo's networks are tiny: a second intra-op thread only adds synchronization, and on
-    # a busy machine it spin-waits instead of computing.
+    # Tiny networks: a second intra-op thread only adds synchronization (or spin-waits).
     threads = torch.get_num_threads()
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -300,7 +281,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     return {"plots": written}
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
+    """The ``pyroflows`` command with the arguments ``argv`` (default ``sys.argv[1:]``); returns
+    the exit status."""
     parser = argparse.ArgumentParser(
         prog="pyroflows",
         description="Normalizing flows for Pyro: flow layers, SVI guides, density estimation "
@@ -330,13 +313,6 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="torch CPU threads while fitting (default 1: the models are tiny; "
                       "0 keeps torch's setting)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The ``pyroflows`` command with the arguments ``argv`` (default ``sys.argv[1:]``); returns
-    the exit status."""
-    parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         if min(args.steps, args.epochs, args.draws) < 1:
@@ -346,6 +322,3 @@ def main(argv: list[str] | None = None) -> int:
     parser.print_help()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
