@@ -35,28 +35,12 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = [
-    "rezende_u1",
-    "rezende_u2",
-    "rezende_u3",
-    "rezende_u4",
-    "ENERGIES",
-    "LOG_Z",
-    "two_moons",
-    "gaussian_mixture",
-]
+__all__ = ["rezende_u1", "rezende_u2", "rezende_u3", "rezende_u4", "ENERGIES", "LOG_Z",
+           "two_moons", "gaussian_mixture"]
 
 
 def _w1(z1: Tensor) -> Tensor:
     return torch.sin(math.pi * z1 / 2)
-
-
-def _w2(z1: Tensor) -> Tensor:
-    return 3 * torch.exp(-0.5 * ((z1 - 1) / 0.6) ** 2)
-
-
-def _w3(z1: Tensor) -> Tensor:
-    return 3 * torch.sigmoid((z1 - 1) / 0.3)
 
 
 def rezende_u1(z: Tensor) -> Tensor:
@@ -75,17 +59,17 @@ def rezende_u2(z: Tensor) -> Tensor:
 
 def rezende_u3(z: Tensor) -> Tensor:
     """Split sine wave; log Z = 2.641705 on the box [-4, 4]^2."""
-    d = z[..., 1] - _w1(z[..., 0])
+    d, w2 = z[..., 1] - _w1(z[..., 0]), 3 * torch.exp(-0.5 * ((z[..., 0] - 1) / 0.6) ** 2)
     a = -0.5 * (d / 0.35) ** 2
-    b = -0.5 * ((d + _w2(z[..., 0])) / 0.35) ** 2
+    b = -0.5 * ((d + w2) / 0.35) ** 2
     return -torch.logaddexp(a, b)
 
 
 def rezende_u4(z: Tensor) -> Tensor:
     """Sine wave with a sigmoid step; log Z = 2.684568 on the box [-4, 4]^2."""
-    d = z[..., 1] - _w1(z[..., 0])
+    d, w3 = z[..., 1] - _w1(z[..., 0]), 3 * torch.sigmoid((z[..., 0] - 1) / 0.3)
     a = -0.5 * (d / 0.4) ** 2
-    b = -0.5 * ((d + _w3(z[..., 0])) / 0.35) ** 2
+    b = -0.5 * ((d + w3) / 0.35) ** 2
     return -torch.logaddexp(a, b)
 
 
