@@ -13,8 +13,7 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
-    r""":math:`\log N(z; 0, I_D) = -\tfrac12 \lVert z \rVert^2 - \tfrac D2 \log 2\pi` over the
-    last dimension of ``z``."""
+    r""":math:`\log N(z; 0, I_D) = -\tfrac12 \lVert z \rVert^2 - \tfrac D2 \log 2\pi`, D last."""
     # -(|z|^2 + D log 2 pi) / 2: the sum is a fresh tensor, so the steps after it run in place
     return z.square().sum(-1).add_(z.shape[-1] * LOG_2PI).mul_(-0.5)
 

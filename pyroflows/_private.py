@@ -41,8 +41,7 @@ def functorch_active() -> bool:
 
 
 def global_module_hooks() -> bool:
-    """Whether global ``nn.Module`` forward hooks are registered: a guide drawn without its
-    ``forward`` would skip them."""
+    """Whether global ``nn.Module`` forward hooks are registered (a draw skips ``forward``)."""
     module = nn.modules.module
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 

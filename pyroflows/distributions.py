@@ -40,13 +40,9 @@ class StandardNormal(TorchDistribution):
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(
-        self,
-        dim: int,
-        batch_shape: torch.Size | tuple[int, ...] = (),
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, dim: int, batch_shape: torch.Size | tuple[int, ...] = (),
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                 ) -> None:
         if int(dim) < 1:
             raise ValueError(f"StandardNormal: dim must be a positive integer, got {dim!r}")
         self.dim = int(dim)
@@ -109,10 +105,8 @@ class FlowDistribution(TransformedDistribution):
     Example:
         >>> import torch, pyroflows as pf
         >>> from pyroflows.distributions import FlowDistribution
-        >>> flow = pf.flows.build("maf", 3, num_layers=2, hidden_dims=(8,))
-        >>> p = FlowDistribution(flow)
-        >>> x = torch.randn(4, 3)
-        >>> p.log_prob(x).shape
+        >>> p = FlowDistribution(pf.flows.build("maf", 3, num_layers=2, hidden_dims=(8,)))
+        >>> p.log_prob(torch.randn(4, 3)).shape
         torch.Size([4])
         >>> x = p.rsample((5,)); p.log_prob(x).shape  # scored from the cache: no inverse
         torch.Size([5])

@@ -1,11 +1,9 @@
 """Conformance checks that every pyroflows transform passes, usable on your own transforms too.
 
-Each ``check_*`` function raises :class:`AssertionError` with a message that says what broke;
-:func:`check_transform` runs them all. They test against independent truth: log-dets against
-``slogdet`` of the autograd Jacobian, inverses by round trips from both sides (including points
-the forward map never produced), gradients (for pyroflows transforms: against the plain
-operations that :func:`torch.func.grad` differentiates, so a hand-written backward pass of a
-fused kernel is checked), save/load and the stale-cache case.
+Each ``check_*`` raises :class:`AssertionError` saying what broke; :func:`check_transform` runs
+them all. The truth is independent: log-dets against ``slogdet`` of the autograd Jacobian, round
+trips from both sides, gradients against :func:`torch.func.grad` through the plain operations
+(which checks the fused kernels' backward passes), save/load, the stale-cache case.
 
 Example:
     >>> import torch, pyroflows as pf
@@ -105,13 +103,10 @@ def check_log_det(t, dim: int, device=None, dtype=torch.float64, num_points: int
         for got, how in ((cached, "cached"), (uncached, "recomputed")):
             torch.testing.assert_close(
                 got.detach(), expected.detach(), **tol,
-                msg=lambda m, how=how: f"{how} log|det J| != slogdet(autograd Jacobian): {m}",
-            )
+                msg=lambda m, how=how: f"{how} log|det J| != slogdet(autograd Jacobian): {m}")
         inv_ladj = t.inv.log_abs_det_jacobian(_fresh(y_b), _fresh(x_b)).squeeze(0)
-        torch.testing.assert_close(
-            inv_ladj.detach(), -expected.detach(), **tol,
-            msg=lambda m: f"inverse log|det J| != -slogdet: {m}",
-        )
+        torch.testing.assert_close(inv_ladj.detach(), -expected.detach(), **tol,
+                                   msg=lambda m: f"inverse log|det J| != -slogdet: {m}")
         if getattr(t, "sign", None) in (1, -1):
             assert int(sign) == int(t.sign), f"declared sign {t.sign} but det has sign {sign}"
 
@@ -126,9 +121,8 @@ def check_gradients(t, dim: int, device=None, dtype=torch.float64) -> None:
     loss = (y.square().sum() + t.log_abs_det_jacobian(x, y).sum())
     grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
     assert grads[0] is not None and torch.isfinite(grads[0]).all(), "no gradient w.r.t. the input"
-    for (name, _), g in zip(
-        [(n, p) for n, p in t.named_parameters() if p.requires_grad], grads[1:], strict=True
-    ):
+    names = [n for n, p in t.named_parameters() if p.requires_grad]
+    for name, g in zip(names, grads[1:], strict=True):
         assert g is not None, f"parameter {name} gets no gradient"
         assert torch.isfinite(g).all(), f"parameter {name} has a non-finite gradient"
     if params:
@@ -239,10 +233,8 @@ def check_stale_cache(t, dim: int, device=None, dtype=torch.float64) -> None:
     torch.testing.assert_close(y2, y_ref, **tol, msg=lambda m: f"stale forward cache: {m}")
     assert not torch.allclose(y1, y2), "the map did not change after an optimizer step"
     ladj2 = t.log_abs_det_jacobian(x, y2)
-    torch.testing.assert_close(
-        ladj2, t.log_abs_det_jacobian(_fresh(x), _fresh(y2)), **tol,
-        msg=lambda m: f"stale log-det cache: {m}",
-    )
+    torch.testing.assert_close(ladj2, t.log_abs_det_jacobian(_fresh(x), _fresh(y2)), **tol,
+                               msg=lambda m: f"stale log-det cache: {m}")
     x_back = t.inv(y1)  # y1 is the stale output: must be inverted with the new parameters
     torch.testing.assert_close(t(_fresh(x_back)), y1, **tol, msg=lambda m: f"stale inverse: {m}")
 
@@ -301,9 +293,8 @@ def check_transform(factory: Factory, dim: int, device=None, dtype=torch.float64
     def make():
         return factory().to(device=device, dtype=dtype)
 
-    for check in (
-        check_shapes, check_round_trips, check_log_det, check_gradients, check_stale_cache,
-        check_deepcopy, check_bad_input, check_transformed_distribution,
-    ):
+    for check in (check_shapes, check_round_trips, check_log_det, check_gradients,
+                  check_stale_cache, check_deepcopy, check_bad_input,
+                  check_transformed_distribution):
         check(make(), dim, device=device, dtype=dtype)
     check_save_load(make(), dim, factory, device=device, dtype=dtype)

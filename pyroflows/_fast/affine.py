@@ -24,12 +24,8 @@ from .made import (
 __all__ = ["affine_chain", "sequential_no_grad"]
 
 
-def affine_chain(
-    x: Tensor,
-    layers: Sequence[nn.Module],
-    kinds: Sequence[tuple[bool, float]],
-    log_det: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+def affine_chain(x: Tensor, layers: Sequence[nn.Module], kinds: Sequence[tuple[bool, float]],
+                 log_det: Tensor | None = None) -> tuple[Tensor, Tensor]:
     r"""Run ``x`` through a chain of affine autoregressive layers in one autograd node.
 
     Layer :math:`k` maps its input :math:`u` with :math:`(\mu, s) = \mathrm{head}(

@@ -112,8 +112,7 @@ class RowView:
 
 
 def tensor_of(module: nn.Module, name: str) -> Tensor:
-    """``getattr(module, name)``, from ``_parameters`` or ``_buffers`` where it is one (without
-    ``nn.Module.__getattr__``'s Python call)."""
+    """``getattr(module, name)``, without ``nn.Module.__getattr__``'s Python call."""
     tensor = module._parameters.get(name)
     if tensor is None:
         tensor = module._buffers.get(name)

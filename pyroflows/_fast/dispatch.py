@@ -25,9 +25,8 @@ def traced() -> bool:
 def run_parts(parts: Sequence[nn.Module], x: Tensor, inverse: bool, fused: bool = True
               ) -> tuple[Tensor, Tensor | None]:
     """``(image, log-det)`` of ``x`` through ``parts`` (``inverse``: their inverses, last
-    first), the forward log-dets summed. With ``fused`` (and not :func:`traced`), consecutive
-    layers with one ``run_fused`` and a ``fused_kind`` run as one call of it; without, every
-    layer runs its ``plain_map``."""
+    first): with ``fused`` (not :func:`traced`), consecutive layers with one ``run_fused`` and a
+    ``fused_kind`` run as one call of it; without, every layer runs its ``plain_map``."""
     fused = fused and not traced()
     log_det = None
     run: list = []  # consecutive layers for one call of `runner`

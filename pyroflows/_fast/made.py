@@ -90,8 +90,7 @@ def split_rows(net: nn.Module, stacked: Tensor, rows: Sequence[int] | None = Non
 
 
 def hidden_degree_ranges(net: nn.Module) -> list[list[tuple[int, int]]]:
-    """For every hidden layer, ``ranges[layer][d] = (start, stop)``: the rows of the units of
-    degree ``d`` (index 0 unused)."""
+    """``ranges[layer][d] = (start, stop)``: the rows of a hidden layer's units of degree ``d``."""
     ranges = []
     for degrees in net.hidden_degrees():
         degrees = degrees.tolist()
@@ -142,8 +141,7 @@ def _used_range(used: Tensor) -> tuple[int, int]:
 
 
 def _block_plan(mask: Tensor) -> _Blocks | None:
-    """A :class:`_Blocks` for the boolean weight mask ``mask``, or ``None`` where blocking does
-    not pay."""
+    """A :class:`_Blocks` for the boolean weight ``mask``; ``None`` where blocking does not pay."""
     num_rows, num_cols = mask.shape
     if min(num_rows, num_cols) < _BLOCK_MIN_WIDTH:
         return None
@@ -197,10 +195,8 @@ def _blocked_input_grad(grad: Tensor, weight: Tensor, blocks: _Blocks) -> Tensor
 
 def fused_forward(net: nn.Module, x: Tensor, weights: Sequence[Tensor],
                   biases: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    """The network's ``forward`` of an (N, D) ``x`` without autograd, given
-    :func:`masked_weights`: the output and every linear layer's input (all
-    :func:`fused_backward` needs). Dense layers give the same numbers, blocked ones agree to
-    rounding."""
+    """The network's ``forward`` of an (N, D) ``x`` without autograd, given :func:`masked_weights`:
+    the output and every linear layer's input (for :func:`fused_backward`)."""
     relu = type(net._modules["activation"]) is nn.ReLU
     plans = block_plans(net, weights)
     inputs = [x]
@@ -217,16 +213,10 @@ def fused_forward(net: nn.Module, x: Tensor, weights: Sequence[Tensor],
     return _blocked_linear(h, weights[-1], biases[-1], plans[-1]), inputs
 
 
-def fused_backward(
-    net: nn.Module,
-    grad_out: Tensor,
-    inputs: Sequence[Tensor],
-    weights: Sequence[Tensor],
-    grad_flat: Tensor | None,
-    need_input_grad: bool,
-    grad_params: Sequence[tuple[Tensor, Tensor]] | None = None,
-    mask_grad: bool = True,
-) -> Tensor | None:
+def fused_backward(net: nn.Module, grad_out: Tensor, inputs: Sequence[Tensor],
+                   weights: Sequence[Tensor], grad_flat: Tensor | None, need_input_grad: bool,
+                   grad_params: Sequence[tuple[Tensor, Tensor]] | None = None,
+                   mask_grad: bool = True) -> Tensor | None:
     r"""Backpropagate ``grad_out`` (N, P D) through the network of a :func:`fused_forward`.
 
     With :math:`g` the gradient at the output of linear layer :math:`k` and :math:`h_k` its

@@ -1,5 +1,4 @@
-"""Flow stacks: the family records, the builder, the stack that runs them, and the bank-row
-layers of built stacks."""
+"""Flow stacks: the family records, the builder, the stack, the bank-row layers."""
 
 from .build import build
 from .families import FAMILIES, Family, fold_mask, fold_order, register_family

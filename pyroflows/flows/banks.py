@@ -68,8 +68,7 @@ class StackedPlanar(_LayerRow, Planar):
 
 
 def planar_layers(dim: int, num_layers: int) -> list[StackedPlanar]:
-    """``num_layers`` planar layers over one new :class:`PlanarParameters` (what
-    ``build("planar", ...)`` stacks)."""
+    """``num_layers`` planar layers over one new :class:`PlanarParameters`."""
     return _rows(StackedPlanar, PlanarParameters(dim, num_layers))
 
 
@@ -85,8 +84,7 @@ class RadialParameters(ParameterBank):
 
 
 class StackedRadial(_LayerRow, Radial):
-    """Row ``index`` of a :class:`RadialParameters`: a :class:`~pyroflows.transforms.Radial`
-    layer in every respect."""
+    """Row ``index`` of a :class:`RadialParameters`: a :class:`~pyroflows.transforms.Radial`."""
 
     x0 = RowView()
     alpha_prime = RowView(keep_dim=True)  # shape (1,), as Radial's
@@ -94,8 +92,7 @@ class StackedRadial(_LayerRow, Radial):
 
 
 def radial_layers(dim: int, num_layers: int) -> list[StackedRadial]:
-    """``num_layers`` radial layers over one new :class:`RadialParameters` (what
-    ``build("radial", ...)`` stacks)."""
+    """``num_layers`` radial layers over one new :class:`RadialParameters`."""
     return _rows(StackedRadial, RadialParameters(dim, num_layers))
 
 

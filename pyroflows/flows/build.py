@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -15,25 +17,16 @@ from .stack import FlowStack
 __all__ = ["build"]
 
 
-def build(
-    name: str,
-    dim: int,
-    num_layers: int = 5,
-    hidden_dims=None,
-    permutation: str = "reverse",
-    affine: bool = False,
-    compile: bool | str = False,
-    **layer_kwargs,
-) -> FlowStack:
+def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] | None = None,
+          permutation: str = "reverse", affine: bool = False, compile: bool | str = False,
+          **layer_kwargs) -> FlowStack:
     """Build a :class:`FlowStack` of ``num_layers`` layers of one family.
 
     Families whose layers see part of the coordinates at a time (IAF, MAF, RealNVP) get a fixed
     permutation between layers, folded into the next layer's order or mask (a family without
     ``fold``: :class:`~pyroflows.transforms.Permute` layers); RealNVP alternates complementary
-    masks. Planar and radial layers (without layer keyword arguments) share one bank of
-    parameters, and runs of same-size MADE networks one (L, P) parameter
-    (:mod:`pyroflows.flows.banks`); ``flow.parts[i]`` is still layer ``i``, and state dicts
-    with per-layer keys load too.
+    masks. Planar and radial layers share one bank of parameters, and runs of same-size MADE
+    networks one (:mod:`pyroflows.flows.banks`); state dicts with per-layer keys load too.
 
     Arguments:
         name: one of ``pyroflows.flows.FAMILIES``: planar, radial, iaf, maf, realnvp, and any

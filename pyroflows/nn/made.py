@@ -50,33 +50,24 @@ class MADE(Memoized, nn.Module):
         num_params: P, the number of outputs per feature.
         order: the rank of each input, shape (D,), default ``0, ..., D-1``. Ties are allowed.
         activation: the hidden activation, a module class (default ``nn.ReLU``).
-        residual: join consecutive hidden layers by residual connections
-            :math:`h \leftarrow h + W\,a(h) + b`; needs all hidden widths equal.
-        zero_first: force every output of the features ranked first to exactly 0 (weights and
-            bias), instead of a learnable constant.
+        residual: residual hidden layers :math:`h \leftarrow h + W\,a(h) + b` (equal widths).
+        zero_first: the outputs of the features ranked first are exactly 0, not a constant.
 
     Example:
         >>> import torch
         >>> from pyroflows.nn import MADE
         >>> net = MADE(3, hidden_dims=(16, 16), num_params=2)
         >>> x = torch.randn(5, 3, requires_grad=True)
-        >>> out = net(x)
-        >>> out.shape
+        >>> (out := net(x)).shape
         torch.Size([5, 6])
         >>> torch.autograd.grad(out[:, 1].sum(), x)[0][:, 1:].abs().max().item()  # no x_2, x_3
         0.0
     """
 
-    def __init__(
-        self,
-        features: int,
-        hidden_dims: Sequence[int] = (64, 64),
-        num_params: int = 2,
-        order: Sequence[int] | Tensor | None = None,
-        activation: Callable[[], nn.Module] = nn.ReLU,
-        residual: bool = False,
-        zero_first: bool = False,
-    ) -> None:
+    def __init__(self, features: int, hidden_dims: Sequence[int] = (64, 64), num_params: int = 2,
+                 order: Sequence[int] | Tensor | None = None,
+                 activation: Callable[[], nn.Module] = nn.ReLU, residual: bool = False,
+                 zero_first: bool = False) -> None:
         super().__init__()
         features = int(features)
         if features < 1:
@@ -111,9 +102,8 @@ class MADE(Memoized, nn.Module):
         self._blockable = blockable(self._shapes)
         self._sizes = [n for w, b in masks for n in (w.numel(), b.numel())]
         dtype = torch.get_default_dtype()
-        self.register_buffer(
-            "mask", torch.cat([m.flatten() for pair in masks for m in pair]).to(dtype)
-        )
+        self.register_buffer("mask", torch.cat([m.flatten() for pair in masks for m in pair])
+                             .to(dtype))
         self.flat_parameters = nn.Parameter(torch.empty(sum(self._sizes), dtype=dtype))
         self.activation = activation()
         self.reset_parameters()
@@ -140,8 +130,7 @@ class MADE(Memoized, nn.Module):
         return pieces[2 * index].view(self._shapes[index]), pieces[2 * index + 1]
 
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s initialization for the hidden layers, zeros for the output head (a
-        flow layer on it starts at the identity)."""
+        """``nn.Linear``'s initialization for the hidden layers, zeros for the output head."""
         with torch.no_grad():
             for k, shape in enumerate(self._shapes):
                 weight, bias = self.layer_parameters(k)
@@ -163,9 +152,8 @@ class MADE(Memoized, nn.Module):
         weights = [w.view(shape) for w, shape in zip(pieces[0::2], self._shapes, strict=True)]
         return weights, list(pieces[1::2])
 
-    def apply_layers(
-        self, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]
-    ) -> Tensor:
+    def apply_layers(self, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]
+                     ) -> Tensor:
         """The network with the given masked weights (or sub-blocks of them, as a coupling
         layer passes): :meth:`forward` is ``apply_layers(x, *differentiable_masked_weights())``."""
         act = self.activation
@@ -185,10 +173,8 @@ class MADE(Memoized, nn.Module):
         return [_hidden_degrees(width, self.num_levels) for width in self.hidden_dims]
 
     def extra_repr(self) -> str:
-        return (
-            f"features={self.features}, hidden_dims={self.hidden_dims}, "
-            f"num_params={self.num_params}, residual={self.residual}"
-        )
+        return (f"features={self.features}, hidden_dims={self.hidden_dims}, "
+                f"num_params={self.num_params}, residual={self.residual}")
 
 
 def _input_degrees(features: int, order: Sequence[int] | Tensor | None) -> Tensor:

@@ -44,26 +44,17 @@ class AffineAutoregressiveCore(FlowTransform):
     #: a coupling layer's compact ``(conditioning, transformed)`` ranges (RealNVP)
     coupling_halves: tuple[slice, slice] | None = None
 
-    def __init__(
-        self,
-        dim: int,
-        hidden_dims: Sequence[int] | None = None,
-        order: Sequence[int] | Tensor | None = None,
-        gated: bool = False,
-        log_scale_bound: float = 5.0,
-        activation: Callable[[], nn.Module] = nn.ReLU,
-        residual: bool = False,
-        zero_first: bool = False,
-    ) -> None:
+    def __init__(self, dim: int, hidden_dims: Sequence[int] | None = None,
+                 order: Sequence[int] | Tensor | None = None, gated: bool = False,
+                 log_scale_bound: float = 5.0, activation: Callable[[], nn.Module] = nn.ReLU,
+                 residual: bool = False, zero_first: bool = False) -> None:
         super().__init__(dim)
         if hidden_dims is None:
             hidden_dims = default_hidden_dims(dim)
         if not log_scale_bound > 0:
             raise ValueError(f"log_scale_bound must be positive, got {log_scale_bound}")
-        self.conditioner = MADE(
-            dim, hidden_dims, num_params=2, order=order, activation=activation,
-            residual=residual, zero_first=zero_first,
-        )
+        self.conditioner = MADE(dim, hidden_dims, num_params=2, order=order, activation=activation,
+                                residual=residual, zero_first=zero_first)
         self.gated = bool(gated)
         self.log_scale_bound = float(log_scale_bound)
         # with the first level fixed to the identity, the solve from u = v is one pass shorter
@@ -145,11 +136,9 @@ class IAF(AffineAutoregressiveCore):
     .. math:: y_i = \mu_i(z_{<i}) + \sigma_i(z_{<i})\, z_i, \qquad
               \log|\det J| = \sum_i \log \sigma_i(z_{<i}),
 
-    with :math:`(\mu, \log\sigma)` from one :class:`~pyroflows.nn.MADE` pass over :math:`z`:
-    sampling is one pass, the inverse (seed eq. 40) D sequential passes, and scoring a sample
-    just drawn needs none (the cache). :math:`\log\sigma` is soft-clamped to :math:`(-b, b)`;
-    ``gated=True`` gives :math:`y = \sigma \odot z + (1 - \sigma) \odot m`. A new layer is the
-    identity (``gated=False``).
+    with :math:`(\mu, \log\sigma)` from one :class:`~pyroflows.nn.MADE` pass over :math:`z`;
+    the inverse (seed eq. 40) takes D sequential passes, except for a sample just drawn (the
+    cache). A new layer is the identity (``gated=False``).
 
     References:
         Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow",
@@ -159,8 +148,8 @@ class IAF(AffineAutoregressiveCore):
         dim: the event size D.
         hidden_dims: the MADE hidden widths, default ``(max(64, 4D),) * 2``.
         order: the autoregressive rank of each coordinate, shape (D,), default ``0..D-1``.
-        gated: use the sigmoid-gated update instead of a bounded log-scale.
-        log_scale_bound: the bound :math:`b` on :math:`|\log\sigma|` (``gated=False``).
+        gated: the update :math:`y = \sigma \odot z + (1 - \sigma) \odot m` (LSTM-style).
+        log_scale_bound: :math:`b` of :math:`\log\sigma = b \tanh(\cdot / b)` (not gated).
         activation: hidden activation (a module class), default ``nn.ReLU``.
         residual: residual connections between the hidden layers of the MADE.
 
@@ -191,14 +180,7 @@ class MAF(AffineAutoregressiveCore):
         Papamakarios et al., "Masked Autoregressive Flow for Density Estimation",
         NeurIPS 2017, https://arxiv.org/abs/1705.07057
 
-    Arguments:
-        dim: the event size D.
-        hidden_dims: the MADE hidden widths, default ``(max(64, 4D),) * 2``.
-        order: the autoregressive rank of each coordinate, shape (D,), default ``0..D-1``.
-        gated: use the sigmoid-gated update (for ``y -> z``) instead of a bounded log-scale.
-        log_scale_bound: the bound on :math:`|\tilde s|` (``gated=False``).
-        activation: hidden activation (a module class), default ``nn.ReLU``.
-        residual: residual connections between the hidden layers of the MADE.
+    Arguments: :class:`IAF`'s, for the map ``y -> z``.
 
     Example:
         >>> import torch, pyroflows as pf

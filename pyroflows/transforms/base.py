@@ -77,8 +77,7 @@ class OutputCache:
         self.__dict__["_cache"] = _CacheEntry(x, y, log_det, x._version, y._version, stamp)
 
     def lookup(self, x: Tensor | None = None, y: Tensor | None = None) -> _CacheEntry | None:
-        """The cached entry when ``x`` (or ``y``) is the last input (or output) and nothing
-        changed since; else ``None``."""
+        """The entry when ``x`` (or ``y``) is the last input (or output), all unchanged."""
         c = self._cache
         if c is None:
             return None
@@ -145,8 +144,7 @@ class FlowTransform(OutputCache, TransformModule):
         raise NotImplementedError
 
     def fused_kind(self, inverse: bool):
-        """What a fused kernel needs to run this direction, or ``None`` (only this layer's own
-        operations compute it)."""
+        """What a fused kernel needs to run this direction, or ``None`` (none can)."""
         return None
 
     def plain_map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
@@ -158,10 +156,8 @@ class FlowTransform(OutputCache, TransformModule):
         if not isinstance(value, Tensor):
             raise ValueError(f"{name}: {what} must be a torch.Tensor, got {type(value).__name__}")
         if value.dim() < 1 or value.shape[-1] != self.dim:
-            raise ValueError(
-                f"{name}: {what} must have shape (..., {self.dim}) (event size {self.dim}), "
-                f"got shape {tuple(value.shape)}"
-            )
+            raise ValueError(f"{name}: {what} must have shape (..., {self.dim}) (event size "
+                             f"{self.dim}), got shape {tuple(value.shape)}")
         if is_validation_enabled() and not _all_finite(value):
             raise ValueError(f"{name}: {what} contains NaN or infinite values")
 
@@ -193,12 +189,6 @@ class FlowTransform(OutputCache, TransformModule):
         """Log-det on a cache miss, from ``x`` (MAF: from ``y``, its cheap direction)."""
         self._validate(x, "input")
         return self.forward_and_log_det(x)[1]
-
-    def forward_shape(self, shape: torch.Size) -> torch.Size:
-        return shape
-
-    def inverse_shape(self, shape: torch.Size) -> torch.Size:
-        return shape
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"

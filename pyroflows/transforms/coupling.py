@@ -32,8 +32,7 @@ class RealNVP(AffineAutoregressiveCore):
     Arguments:
         dim: the event size D (at least 2).
         hidden_dims: the conditioner's hidden widths, default ``(max(64, 4D),) * 2``.
-        mask: boolean, shape (D,): ``True`` marks the coordinates passed through unchanged
-            (the conditioning half). Default: the first ``D // 2`` coordinates.
+        mask: boolean (D,), ``True`` on :math:`a`; default: the first ``D // 2`` coordinates.
         log_scale_bound: the bound :math:`b` on :math:`|s|`.
         activation: hidden activation (a module class), default ``nn.ReLU``.
         residual: residual connections between the hidden layers.
@@ -43,21 +42,14 @@ class RealNVP(AffineAutoregressiveCore):
         >>> t = pf.transforms.realnvp(4, hidden_dims=(16,), mask=[True, False, True, False])
         >>> with torch.no_grad():  # move the output layer off its identity start
         ...     _ = t.conditioner.layer_parameters(-1)[0].normal_()
-        >>> z = torch.randn(3, 4)
-        >>> y = t(z)
+        >>> z = torch.randn(3, 4); y = t(z)
         >>> torch.equal(y[:, [0, 2]], z[:, [0, 2]]), torch.allclose(t.inv(y.clone()), z, atol=1e-5)
         (True, True)
     """
 
-    def __init__(
-        self,
-        dim: int,
-        hidden_dims: Sequence[int] | None = None,
-        mask: Sequence[bool] | Tensor | None = None,
-        log_scale_bound: float = 5.0,
-        activation: Callable[[], nn.Module] = nn.ReLU,
-        residual: bool = False,
-    ) -> None:
+    def __init__(self, dim: int, hidden_dims: Sequence[int] | None = None,
+                 mask: Sequence[bool] | Tensor | None = None, log_scale_bound: float = 5.0,
+                 activation: Callable[[], nn.Module] = nn.ReLU, residual: bool = False) -> None:
         if int(dim) < 2:
             raise ValueError(f"RealNVP: dim must be at least 2 (a coupling splits it), got {dim}")
         if mask is None:
@@ -65,15 +57,11 @@ class RealNVP(AffineAutoregressiveCore):
         else:
             mask_t = torch.as_tensor(mask).detach().to("cpu").flatten().bool()
         if mask_t.numel() != int(dim) or bool(mask_t.all()) or not bool(mask_t.any()):
-            raise ValueError(
-                f"RealNVP: mask must have {dim} entries with at least one True (conditioning) "
-                f"and one False (transformed), got {mask!r}"
-            )
-        super().__init__(
-            dim, hidden_dims=hidden_dims, order=(~mask_t).long(),
-            log_scale_bound=log_scale_bound, activation=activation, residual=residual,
-            zero_first=True,
-        )
+            raise ValueError(f"RealNVP: mask must have {dim} entries with at least one True "
+                             f"(conditioning) and one False (transformed), got {mask!r}")
+        super().__init__(dim, hidden_dims=hidden_dims, order=(~mask_t).long(),
+                         log_scale_bound=log_scale_bound, activation=activation,
+                         residual=residual, zero_first=True)
         self.register_buffer("mask", mask_t)
         self._halves = _contiguous_halves(mask_t)
 
@@ -93,9 +81,8 @@ class RealNVP(AffineAutoregressiveCore):
             return None
         return self._halves
 
-    def compact_weights(
-        self, weights: Sequence[Tensor], biases: Sequence[Tensor]
-    ) -> tuple[list[Tensor], list[Tensor]]:
+    def compact_weights(self, weights: Sequence[Tensor], biases: Sequence[Tensor]
+                        ) -> tuple[list[Tensor], list[Tensor]]:
         r"""The blocks of the conditioner's masked weights that can be nonzero: the first
         layer's columns of :math:`a` and the output rows of :math:`(\mu_b, \tilde s_b)`; the
         network on :math:`z_a` with them gives exactly the nonzero outputs."""

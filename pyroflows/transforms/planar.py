@@ -94,11 +94,9 @@ class Planar(FlowTransform):
 _MAP = ("forward_and_log_det", "inverse_and_log_det", "u_hat")
 
 
-def planar_inverse_step(
-    y: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, c: Tensor
-) -> tuple[Tensor, Tensor]:
-    r"""One planar layer's inverse and log-det from its (D,) ``w``, :math:`\hat u`, scalar
-    ``bias`` and :math:`c = w^\top \hat u`."""
+def planar_inverse_step(y: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, c: Tensor
+                        ) -> tuple[Tensor, Tensor]:
+    r"""One planar layer's inverse and log-det from ``w``, :math:`\hat u`, ``bias``, :math:`c`."""
     a = _solve_monotone_tanh(y @ w + bias, c)
     act = torch.tanh(a)
     return y - act.unsqueeze(-1) * u_hat, torch.log1p((1 - act.square()) * c)

@@ -95,9 +95,8 @@ def radial_alpha(alpha_prime: Tensor, beta_prime: Tensor) -> tuple[Tensor, Tenso
     return F.softplus(alpha_prime), F.softplus(beta_prime)
 
 
-def radial_forward(
-    x: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
-) -> tuple[Tensor, Tensor]:
+def radial_forward(x: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
+                   ) -> tuple[Tensor, Tensor]:
     r"""One radial layer's map and log-det from its centre ``x0`` (D,), :math:`\alpha` and
     :math:`\alpha + \beta` (shape (1,) or ())."""
     diff = x - x0
@@ -106,9 +105,8 @@ def radial_forward(
     return y, _log_det(r, alpha, alpha_plus_beta, x.shape[-1])
 
 
-def radial_inverse(
-    y: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
-) -> tuple[Tensor, Tensor]:
+def radial_inverse(y: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
+                   ) -> tuple[Tensor, Tensor]:
     r"""One radial layer's inverse and log-det, arguments as :func:`radial_forward`'s."""
     diff = y - x0
     big_r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
