@@ -32,7 +32,7 @@ class MADE(Memoized, nn.Module):
               \quad \text{unless} \quad \mathrm{order}_j < \mathrm{order}_i .
 
     Input :math:`j` has degree :math:`1 + \text{rank of } \mathrm{order}_j` (ties share one,
-    so a two-level order gives a coupling network), hidden units degrees spread evenly over
+    so a two-level order gives a coupling network), hidden units have degrees spread evenly over
     :math:`1, \dots, L - 1`; a unit sees units of degree :math:`\le` its own below it, an output
     hidden units of degree :math:`<` its own. The output is ``P`` contiguous blocks of ``D``.
 
