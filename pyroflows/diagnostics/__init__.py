@@ -1,9 +1,8 @@
 """Did the variational fit work? PSIS k-hat, importance weights and ArviZ data for any Pyro guide.
 
-Each function takes a Pyro ``model``, any ``guide`` for it (an autoguide, a flow guide from
-:mod:`pyroflows.guides`, or a guide function) and the model's arguments. Model and guide run
-once inside a ``pyro.plate`` of ``num_samples`` draws left of the model's plates (in chunks
-where memory runs out), under :func:`torch.no_grad`.
+Each function takes a Pyro ``model``, any ``guide`` for it and the model's arguments; model and
+guide run once, under :func:`torch.no_grad`, inside a ``pyro.plate`` of ``num_samples`` draws
+left of the model's plates (in chunks where memory runs out).
 
 The importance log weight of a guide draw :math:`z \\sim q` is
 

@@ -49,9 +49,8 @@ def _data_dims(site: Site, value: Tensor) -> list[str]:
     return dims
 
 
-def _simulate_observed(
-    model: Callable, draws: Draws, index: Tensor | None, args, kwargs,
-) -> dict[str, Tensor]:
+def _simulate_observed(model: Callable, draws: Draws, index: Tensor | None,
+                       args, kwargs) -> dict[str, Tensor]:
     """Every observed site simulated once per draw (at ``index``) by the model without its data."""
     latents = {n: v for n, v in draws.values.items() if draws.sites[n].kind == "latent"}
     if index is not None:
@@ -72,10 +71,8 @@ def _simulate_observed(
     return {name: torch.cat([p[name] for p in parts]) for name in observed}
 
 
-def inference_data(
-    model: Callable, draws: Draws, index: Tensor | None,
-    posterior_predictive: bool, args: tuple, kwargs: dict, attrs: dict,
-) -> az.InferenceData:
+def inference_data(model: Callable, draws: Draws, index: Tensor | None, posterior_predictive: bool,
+                   args: tuple, kwargs: dict, attrs: dict) -> az.InferenceData:
     """``draws`` (at ``index``, repeats allowed) with the groups of :func:`to_inference_data`
     and ``attrs`` on each; ``log_weight`` only without ``index``."""
     mpn = draws.max_plate_nesting
@@ -116,11 +113,9 @@ def inference_data(
     return az.InferenceData(**groups)
 
 
-def to_inference_data(
-    model: Callable, guide: Callable, *args: Any, num_samples: int = 1000,
-    posterior_predictive: bool = False, max_plate_nesting: int | None = None,
-    chunk_size: int | None = None, **kwargs: Any,
-) -> az.InferenceData:
+def to_inference_data(model: Callable, guide: Callable, *args: Any, num_samples: int = 1000,
+                      posterior_predictive: bool = False, max_plate_nesting: int | None = None,
+                      chunk_size: int | None = None, **kwargs: Any) -> az.InferenceData:
     """Draws from ``guide`` as an :class:`arviz.InferenceData`, ready for
     :func:`arviz.summary`, :func:`arviz.plot_posterior`, :func:`arviz.plot_pair`.
 

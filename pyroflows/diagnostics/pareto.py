@@ -81,10 +81,9 @@ def importance_ess(smoothed_log_weights: np.ndarray) -> float:
     return float(1.0 / np.square(np.exp(smoothed_log_weights)).sum())
 
 
-def psis_khat(
-    model: Callable, guide: Callable, *args: Any, num_samples: int = 2000,
-    max_plate_nesting: int | None = None, chunk_size: int | None = None, **kwargs: Any,
-) -> float:
+def psis_khat(model: Callable, guide: Callable, *args: Any, num_samples: int = 2000,
+              max_plate_nesting: int | None = None, chunk_size: int | None = None,
+              **kwargs: Any) -> float:
     """Pareto :math:`\\hat k` of the importance weights :math:`p(x, z) / q(z)`, :math:`z \\sim q`
     (Yao et al. 2018; :func:`khat_verdict`), noisy below a few thousand draws.
 
@@ -105,11 +104,9 @@ def psis_khat(
         >>> psis_khat(model, narrow, num_samples=4000) > 0.5, psis_khat(model, wide) < 0.5
         (True, True)
     """
-    log_weights = log_importance_weights(
+    return psis(log_importance_weights(
         model, guide, *args, num_samples=num_samples, max_plate_nesting=max_plate_nesting,
-        chunk_size=chunk_size, **kwargs,
-    )
-    return psis(log_weights)[1]
+        chunk_size=chunk_size, **kwargs))[1]
 
 
 def _systematic_resample(weights: np.ndarray, num_draws: int) -> np.ndarray:
@@ -123,11 +120,10 @@ def _systematic_resample(weights: np.ndarray, num_draws: int) -> np.ndarray:
     return index[torch.randperm(num_draws).numpy()]
 
 
-def importance_resample(
-    model: Callable, guide: Callable, *args: Any, num_samples: int = 4000,
-    num_draws: int | None = None, posterior_predictive: bool = False,
-    max_plate_nesting: int | None = None, chunk_size: int | None = None, **kwargs: Any,
-) -> az.InferenceData:
+def importance_resample(model: Callable, guide: Callable, *args: Any, num_samples: int = 4000,
+                        num_draws: int | None = None, posterior_predictive: bool = False,
+                        max_plate_nesting: int | None = None, chunk_size: int | None = None,
+                        **kwargs: Any) -> az.InferenceData:
     """PSIS-corrected posterior draws: ``num_draws`` of ``num_samples`` proposals
     :math:`z_s \\sim q` resampled (systematically) with their Pareto-smoothed importance weights
     :math:`\\tilde w_s \\propto p(x, z_s)/q(z_s)`, which corrects a good-but-imperfect guide;
@@ -161,14 +157,10 @@ def importance_resample(
                      keep_values=True)
         smoothed, khat = psis(draws.log_weights)
         if khat > KHAT_USABLE:
-            warnings.warn(
-                f"Pareto k-hat = {khat:.2f} > {KHAT_USABLE}: the guide misses posterior mass "
-                "that importance resampling cannot recover; do not trust these draws",
-                stacklevel=2,
-            )
+            warnings.warn(f"Pareto k-hat = {khat:.2f} > {KHAT_USABLE}: the guide misses posterior "
+                          "mass that importance resampling cannot recover; do not trust these "
+                          "draws", stacklevel=2)
         index = torch.as_tensor(_systematic_resample(np.exp(smoothed), num_draws))
-        attrs = {
-            "guide": guide_name(guide), "num_samples": num_draws,
-            "num_proposals": num_samples, "pareto_k": khat, "ess": importance_ess(smoothed),
-        }
+        attrs = {"guide": guide_name(guide), "num_samples": num_draws, "num_proposals": num_samples,
+                 "pareto_k": khat, "ess": importance_ess(smoothed)}
         return inference_data(model, draws, index, posterior_predictive, args, kwargs, attrs)

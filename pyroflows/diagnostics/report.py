@@ -40,9 +40,8 @@ class ConvergenceCheck:
                 f"{self.difference:+.3g} ± {self.standard_error:.2g})")
 
 
-def elbo_convergence(
-    elbo_trace: Sequence[float] | np.ndarray | Tensor, window: float = 0.1, tol: float = 0.01,
-) -> ConvergenceCheck:
+def elbo_convergence(elbo_trace: Sequence[float] | np.ndarray | Tensor, window: float = 0.1,
+                     tol: float = 0.01) -> ConvergenceCheck:
     """Has the ELBO stopped rising? With :math:`\\bar a` the mean of the last ``window`` fraction
     of the trace (:math:`m \\ge 5` steps) and :math:`\\bar b` the mean of the :math:`m` before it,
 
@@ -84,9 +83,8 @@ def elbo_convergence(
     return ConvergenceCheck(verdict, difference, se, m)
 
 
-def elbo_trace_ylim(
-    elbo_trace: Sequence[float] | np.ndarray | Tensor, quantile: float = 5.0,
-) -> tuple[float, float] | None:
+def elbo_trace_ylim(elbo_trace: Sequence[float] | np.ndarray | Tensor,
+                    quantile: float = 5.0) -> tuple[float, float] | None:
     r"""y-limits that keep an ELBO trace readable when its first steps are far below the rest,
     or ``None`` when the full range is fine. With :math:`q` the ``quantile``-th percentile of the
     finite values and :math:`M` their maximum, a trace whose minimum lies below
@@ -220,11 +218,10 @@ def _plot_khat(ax, khat: float) -> None:
            title=f"k-hat {khat:.2f}: {khat_verdict(khat)}")
 
 
-def vi_report(
-    model: Callable, guide: Callable, *args: Any,
-    elbo_trace: Sequence[float] | np.ndarray | Tensor | None = None, num_samples: int = 2000,
-    max_plate_nesting: int | None = None, chunk_size: int | None = None, **kwargs: Any,
-) -> VIReport:
+def vi_report(model: Callable, guide: Callable, *args: Any,
+              elbo_trace: Sequence[float] | np.ndarray | Tensor | None = None,
+              num_samples: int = 2000, max_plate_nesting: int | None = None,
+              chunk_size: int | None = None, **kwargs: Any) -> VIReport:
     """Is this guide trustworthy? From one set of S guide draws: the ELBO
     :math:`\\frac1S\\sum_s \\log w_s` with its standard error, the log evidence
     :math:`\\log \\frac1S \\sum_s w_s`, the PSIS :math:`\\hat k` with its verdict and the
@@ -251,8 +248,7 @@ def vi_report(
     """
     log_weights = log_importance_weights(
         model, guide, *args, num_samples=num_samples, max_plate_nesting=max_plate_nesting,
-        chunk_size=chunk_size, **kwargs,
-    )
+        chunk_size=chunk_size, **kwargs)
     smoothed, khat = psis(log_weights)
     lw = log_weights.detach().to("cpu", torch.float64).numpy()
     trace = None if elbo_trace is None else _as_trace(elbo_trace)
@@ -264,5 +260,4 @@ def vi_report(
         num_samples=num_samples, elbo=elbo, elbo_se=elbo_se, log_evidence=log_evidence,
         khat=khat, ess=importance_ess(smoothed), guide=guide_name(guide),
         convergence=None if trace is None else elbo_convergence(trace),
-        log_weights=lw, elbo_trace=trace,
-    )
+        log_weights=lw, elbo_trace=trace)
