@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from . import __version__
+from .datasets import LOG_Z, rezende_u1, two_moons
 
 __all__ = ["main", "run_demo"]
 
@@ -33,8 +34,6 @@ def _u1_model(device: torch.device):
     cancelled inside ``pyro.factor``, so the joint is exactly -U1 and ELBO = log Z - KL."""
     import pyro
     import pyro.distributions as dist
-
-    from .datasets import rezende_u1
 
     zeros = torch.zeros(2, device=device)
     carrier = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
@@ -73,31 +72,14 @@ def _guide_candidates(model, steps: int) -> dict[str, Callable[[], tuple]]:
     }
 
 
-def _fit_guide(model, guide, elbo, optim_args, steps: int, label: str,
-               progress: bool) -> list[float]:
-    """``steps`` SVI steps with Adam; returns the losses."""
+def _fit_guides(args, device):
+    """Part 1: each guide fitted to U1 by Adam from the same seed, its ELBO, KL and k-hat
+    printed; returns the model, the fitted guides and their ELBO traces."""
     import pyro
     from pyro.infer import SVI
     from tqdm.auto import tqdm
 
-    svi = SVI(model, guide, pyro.optim.Adam(optim_args), elbo)
-    losses = []
-    with tqdm(range(steps), desc=f"  {label}", leave=False, disable=not progress,
-              mininterval=0.5) as bar:
-        for step in bar:
-            losses.append(svi.step())
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return losses
-
-
-def _fit_guides(args, device):
-    """Part 1: each guide fitted to U1 from the same seed, its ELBO, KL and k-hat printed;
-    returns the model, the fitted guides and their ELBO traces."""
-    import pyro
-
     from . import diagnostics, guides
-    from .datasets import LOG_Z
 
     log_z = LOG_Z["U1"]
     model = _u1_model(device)
@@ -107,8 +89,14 @@ def _fit_guides(args, device):
         pyro.set_rng_seed(args.seed)
         guide, elbo, optim_args = make()
         start = time.perf_counter()
-        losses = _fit_guide(model, guide, elbo, optim_args or guides.optim_args(guide),
-                            args.steps, name, progress=not args.no_progress)
+        svi = SVI(model, guide, pyro.optim.Adam(optim_args or guides.optim_args(guide)), elbo)
+        losses = []
+        with tqdm(range(args.steps), desc=f"  {name}", leave=False, disable=args.no_progress,
+                  mininterval=0.5) as bar:
+            for step in bar:
+                losses.append(svi.step())
+                if step % 50 == 0:
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
         seconds = time.perf_counter() - start
         values = diagnostics.vi_report(model, guide, num_samples=args.draws).to_dict()
         results.append((name, values["elbo"], values["elbo_se"], log_z - values["elbo"],
@@ -131,10 +119,10 @@ def _fit_guides(args, device):
 def _fit_densities(args, device):
     """Part 2: MAF estimators fitted to two moons, held-out log-likelihoods printed beside the
     ML Gaussian's; returns the training rows, the Gaussian and the estimators."""
-    from . import datasets, density
+    from . import density
 
     n_train, n_test = (3000, 2000) if not args.quick else (1000, 1000)
-    x = datasets.two_moons(n_train + n_test, noise=0.08, seed=args.seed, device=device)
+    x = two_moons(n_train + n_test, noise=0.08, seed=args.seed, device=device)
     x_train, x_test = x[:n_train], x[n_train:]
     mean, cov = x_train.mean(0), torch.cov(x_train.T, correction=0)
     gaussian = torch.distributions.MultivariateNormal(mean, cov)
@@ -169,8 +157,6 @@ def _plot_guides(plt, device, model, fitted_guides):
     """Guide draws over the exact U1 density, one panel per guide."""
     from pyro.infer import Predictive
 
-    from .datasets import rezende_u1
-
     g = torch.linspace(-4, 4, 200, device=device)
     gx, gy = torch.meshgrid(g, g, indexing="xy")
     grid = torch.stack([gx.flatten(), gy.flatten()], -1)
@@ -188,8 +174,6 @@ def _plot_guides(plt, device, model, fitted_guides):
 
 def _plot_elbo_traces(plt, traces):
     """The training ELBO of each guide, averaged over 50 windows, against the exact log Z."""
-    from .datasets import LOG_Z
-
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, trace in traces.items():
         t = torch.tensor(trace)
@@ -235,19 +219,16 @@ def _plots(out, device, model, fitted_guides, traces, x_train, gaussian, estimat
     import matplotlib.pyplot as plt
 
     os.makedirs(out, exist_ok=True)
-    figures = [
-        ("u1_guides.png", _plot_guides(plt, device, model, fitted_guides)),
-        ("elbo_traces.png", _plot_elbo_traces(plt, traces)),
-        ("two_moons_density.png", _plot_densities(plt, device, x_train, gaussian, estimators)),
-    ]
-    written = []
-    for name, fig in figures:
+    figures = {
+        "u1_guides.png": _plot_guides(plt, device, model, fitted_guides),
+        "elbo_traces.png": _plot_elbo_traces(plt, traces),
+        "two_moons_density.png": _plot_densities(plt, device, x_train, gaussian, estimators),
+    }
+    for name, fig in figures.items():
         fig.tight_layout()
-        path = os.path.join(out, name)
-        fig.savefig(path, dpi=110)
+        fig.savefig(os.path.join(out, name), dpi=110)
         plt.close(fig)
-        written.append(path)
-    return written
+    return [os.path.join(out, name) for name in figures]
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -284,24 +265,18 @@ def run_demo(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """The ``pyroflows`` command with the arguments ``argv`` (default ``sys.argv[1:]``); returns
     the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="pyroflows",
-        description="Normalizing flows for Pyro: flow layers, SVI guides, density estimation "
-        "and the Tabak transform.",
-    )
+    parser = argparse.ArgumentParser(prog="pyroflows", description="Normalizing flows for Pyro: "
+                                     "flow layers, SVI guides, density estimation and the Tabak "
+                                     "transform.")
     parser.add_argument("--version", action="version", version=f"pyroflows {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
-        "demo",
-        help="fit flow guides and density estimators on built-in data; print and plot results",
-        description=_DEMO_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        "demo", description=_DEMO_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="fit flow guides and density estimators on built-in data; print and plot results")
     demo.add_argument("--out", default="pyroflows-demo",
                       help="folder for the PNG plots (default ./pyroflows-demo)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    demo.add_argument("--steps", type=int, default=1500,
-                      help="SVI steps per guide (default 1500)")
+    demo.add_argument("--steps", type=int, default=1500, help="SVI steps per guide (default 1500)")
     demo.add_argument("--epochs", type=int, default=60,
                       help="most training epochs per density estimator (default 60)")
     demo.add_argument("--draws", type=int, default=4000,
