@@ -74,14 +74,11 @@ def rezende_u4(z: Tensor) -> Tensor:
 
 
 ENERGIES = {"U1": rezende_u1, "U2": rezende_u2, "U3": rezende_u3, "U4": rezende_u4}
-# U1 on R^2; U2-U4 on the box [-4, 4]^2 (shared/bench/README.md).
 LOG_Z = {"U1": 1.877502, "U2": 2.082089, "U3": 2.641705, "U4": 2.684568}
 
 
-def two_moons(
-    n: int, noise: float = 0.1, seed: int | None = None, dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
+def two_moons(n: int, noise: float = 0.1, seed: int | None = None, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> Tensor:
     """``n`` draws of the two-moons data (as in scikit-learn's ``make_moons``), shape (n, 2)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     dtype = dtype or torch.get_default_dtype()
@@ -94,9 +91,8 @@ def two_moons(
     return pts.to(device=device, dtype=dtype)
 
 
-def gaussian_mixture(
-    n: int, dim: int = 2, num_components: int = 3, spread: float = 3.0, seed: int | None = None
-) -> tuple[Tensor, torch.distributions.Distribution]:
+def gaussian_mixture(n: int, dim: int = 2, num_components: int = 3, spread: float = 3.0,
+                     seed: int | None = None) -> tuple[Tensor, torch.distributions.Distribution]:
     """``n`` draws of a random Gaussian mixture in ``dim`` dimensions, in float64, and the
     mixture itself (a ``torch.distributions.MixtureSameFamily``) so its exact ``log_prob`` is
     known. Component means are ``spread`` times standard normal draws.
@@ -115,8 +111,7 @@ def gaussian_mixture(
     weights = torch.softmax(torch.randn(num_components, generator=gen, dtype=torch.float64), -1)
     mix = torch.distributions.MixtureSameFamily(
         torch.distributions.Categorical(probs=weights),
-        torch.distributions.MultivariateNormal(locs, scale_tril=scale_tril),
-    )
+        torch.distributions.MultivariateNormal(locs, scale_tril=scale_tril))
     comp = torch.multinomial(weights, n, replacement=True, generator=gen)
     eps = torch.randn(n, dim, generator=gen, dtype=torch.float64)
     x = locs[comp] + (scale_tril[comp] @ eps.unsqueeze(-1)).squeeze(-1)
