@@ -116,19 +116,15 @@ def pack_separate_entries_in_store(store, prefix: str, affine: nn.Module) -> Non
 # ---- DensityEstimator files -------------------------------------------------------------------
 __all__ += ["DENSITY_FILE_VERSIONS", "density_file_fields"]
 
-#: The versions of ``DensityEstimator`` files this code reads: version 2 stores the options
-#: through a tagged encoding (version 1 files hold plain options, which decode to themselves),
-#: version 3 adds ``"flow_defaults"``, version 4 ``"whiten"``.
+#: The ``DensityEstimator`` file versions read: 2 tags its encoded options (version 1's plain
+#: options decode to themselves), 3 adds ``"flow_defaults"``, 4 ``"whiten"``.
 DENSITY_FILE_VERSIONS = (1, 2, 3, 4)
 
 
 def density_file_fields(payload: dict) -> dict:
-    """The estimator fields of a ``DensityEstimator`` file (``payload``, as read), as the code
-    of its version built the model where the file predates them: ``flow_defaults``, the layer
-    options under the saved ``flow_options`` (versions 1 and 2: the layers' own log-scale bound,
-    5.0); ``whiten``, the kind of ``precondition="whiten"`` pipeline (versions 1-3: the learned
-    full-covariance base, ``"learned"``); ``precondition_``, the fitted model's preconditioner
-    (files from before ``precondition="auto"``: the constructor's)."""
+    """A ``DensityEstimator`` file's fields as its version built the model: ``flow_defaults``
+    (versions 1-2: the layers' log-scale bound, 5.0), ``whiten`` (1-3: ``"learned"``) and
+    ``precondition_`` (before ``precondition="auto"``: the constructor's)."""
     version = payload["version"]
     defaults = payload.get("flow_defaults") if version >= 3 else None
     return {
