@@ -49,6 +49,8 @@ asserts times.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
 import platform
 import random
@@ -308,8 +310,12 @@ def build_estimator_step(family: str, data: Tensor, lr: float = 1e-3, dim: int |
     clipping and its parameter averaging. The model is set up on ``data`` as ``fit`` sets it
     up (``max_epochs=0``); the batches are the same raw rows as the other rows'."""
     import pyroflows as pf
-    from pyroflows.density.training import training_state as _training_state
-    from pyroflows.density.training import training_step as _training_step
+
+    try:
+        from pyroflows.density.training import training_state, training_step
+    except ImportError:  # a tree from before the density package (--against)
+        from pyroflows.density import _training_state as training_state
+        from pyroflows.density import _training_step as training_step
 
     DIM, HIDDEN = _size(dim, hidden)  # noqa: N806 (the module constants, overridden)
     torch.manual_seed(0)
@@ -317,12 +323,12 @@ def build_estimator_step(family: str, data: Tensor, lr: float = 1e-3, dim: int |
                                       seed=0)
     est.fit(data, max_epochs=0, progress=False)
     model = est._model
-    optimizer, params, average = _training_state(model, lr, 0.0, rate=0.01)
+    optimizer, params, average = training_state(model, lr, 0.0, rate=0.01)
     model.train()
 
     def step(x: Tensor) -> None:
         with pf.validation(False):  # as fit runs it
-            _training_step(model, x, optimizer, params, average)
+            training_step(model, x, optimizer, params, average)
 
     return step
 
@@ -383,7 +389,7 @@ def _training_cases(families, libraries, sizes, steps: int) -> list[Case]:
     return cases
 
 
-def _svi_cases(steps: int) -> list[Case]:
+def _svi_cases(steps: int, suffix: str = "") -> list[Case]:
     """Items 3 and 4: one SVI step (8 vectorized particles, Adam) with each guide.
 
     Every row uses the same gradient estimator (the reparameterized ELBO of Trace_ELBO, no
@@ -406,23 +412,26 @@ def _svi_cases(steps: int) -> list[Case]:
 
     dtype = torch.get_default_dtype()
     device = torch.empty(0).device
-    pyro.clear_param_store()  # guides of different classes own differently named parameters
+    if not suffix:
+        pyro.clear_param_store()  # guides of different classes own differently named parameters
     cases = []
-    # the Trace_ELBO rows' guides under another class name, hence other param-store names:
-    # two guides named alike would take each other's entries over on every step
-    traced_iaf = type("AutoIAFTraced", (pf.guides.AutoIAF,), {})
-    traced_planar = type("AutoPlanarTraced", (pf.guides.AutoPlanar,), {})
+    # every row's guide under its own class name, hence its own param-store names: two guides
+    # named alike would take each other's entries over on every step
+    auto_iaf = type(f"AutoIAF{suffix}", (pf.guides.AutoIAF,), {})
+    auto_planar = type(f"AutoPlanar{suffix}", (pf.guides.AutoPlanar,), {})
+    traced_iaf = type(f"AutoIAFTraced{suffix}", (pf.guides.AutoIAF,), {})
+    traced_planar = type(f"AutoPlanarTraced{suffix}", (pf.guides.AutoPlanar,), {})
     iaf = dict(num_layers=2, hidden_dims=(64, 64), full_rank=False)
     planar = dict(num_layers=32, full_rank=False)
     specs = [
         ("3", "german credit, IAF 2 x (64, 64)", "german_credit", {
-            "pyroflows": (partial(pf.guides.AutoIAF, **iaf), "FlowELBO"),
+            "pyroflows": (partial(auto_iaf, **iaf), "FlowELBO"),
             "alt: Trace_ELBO": (partial(traced_iaf, **iaf), "Trace_ELBO"),
             "pyro": (lambda m: AutoIAFNormal(m, hidden_dim=[64, 64], num_transforms=2),
                      "Trace_ELBO"),
         }),
         ("4", "rezende U1, 32 planar", "rezende_u1", {
-            "pyroflows": (partial(pf.guides.AutoPlanar, **planar), "FlowELBO"),
+            "pyroflows": (partial(auto_planar, **planar), "FlowELBO"),
             "alt: Trace_ELBO": (partial(traced_planar, **planar), "Trace_ELBO"),
             "pyro": (lambda m: AutoNormalizingFlow(m, partial(T.iterated, 32, T.planar)),
                      "Trace_ELBO"),
@@ -610,6 +619,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: small matrices, shared machines)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--against", default=None, metavar="TREE",
+                        help="also time the pyroflows rows of another source tree of this "
+                             "repository (e.g. a git worktree of an earlier commit), in the "
+                             "same process, interleaved")
+    parser.add_argument("--against-label", default=None,
+                        help="the label of --against's rows (default: the tree's folder name)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
@@ -622,6 +637,52 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         torch.set_default_dtype(dtype)
         torch.set_default_device(device)
+
+
+#: the rows that ``--against`` also times for the other source tree
+AGAINST_ROWS = ("pyroflows", ESTIMATOR, "alt: Trace_ELBO")
+_TREES: dict[str, dict] = {}  # source tree -> its imported pyroflows modules
+
+
+@contextlib.contextmanager
+def _pyroflows_of(tree: str) -> Iterator[None]:
+    """Inside the block ``import pyroflows`` gives the package of the source tree ``tree``
+    (another checkout of this repository, e.g. ``git worktree add /tmp/before <commit>``),
+    imported once and kept; outside it, this one's. So both trees' rows are built and timed
+    in one process, interleaved, as the peers are."""
+    def take() -> dict:
+        return {k: sys.modules.pop(k) for k in list(sys.modules)
+                if k == "pyroflows" or k.startswith("pyroflows.")}
+
+    ours = take()
+    sys.modules.update(_TREES.get(tree, {}))
+    try:
+        if tree not in _TREES:
+            sys.path.insert(0, os.path.abspath(tree))
+            try:
+                package = importlib.import_module("pyroflows")
+                for name in package.__all__:  # bind the lazily loaded submodules now
+                    getattr(package, name)
+            finally:
+                sys.path.remove(os.path.abspath(tree))
+        yield
+    finally:
+        _TREES[tree] = take()
+        sys.modules.update(ours)
+
+
+def _against(args: argparse.Namespace, build: Callable[..., list[Case]], *build_args,
+             **build_kw) -> list[Case]:
+    """The cases ``build`` makes for the other tree (``--against``), its rows relabelled."""
+    if not args.against:
+        return []
+    with _pyroflows_of(args.against):
+        cases = build(*build_args, **build_kw)
+    label = args.against_label or os.path.basename(os.path.abspath(args.against))
+    kept = [c for c in cases if c.library in AGAINST_ROWS]
+    for c in kept:
+        c.library = f"{c.library} @{label}"
+    return kept
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -638,14 +699,20 @@ def _run(args: argparse.Namespace) -> None:
         # alternatives are about that overhead
         libs = libraries if size == "D=8" else plain
         cases += _training_cases(families, libs, [size], args.steps)
+        cases += _against(args, _training_cases, families,
+                          [lib for lib in libs if lib in AGAINST_ROWS], [size], args.steps)
     if "3" in items or "4" in items:
         cases += [c for c in _svi_cases(args.steps) if c.item in items]
+        cases += [c for c in _against(args, _svi_cases, args.steps, suffix="Against")
+                  if c.item in items]
     _time(cases, args.rounds, args.warmup)
     slow = []
     if "5" in items:
         slow += _sampling_cases(args.samples)
+        slow += _against(args, _sampling_cases, args.samples)
     if "6" in items:
         slow += _tabak_cases(args.tabak_steps)
+        slow += _against(args, _tabak_cases, args.tabak_steps)
     _time(slow, args.slow_rounds, warmup=args.slow_warmup)
     reference = _matmul_gflops(rounds=5)
     command = " ".join(["python -m benchmarks.speed", shlex.join(args.argv)])
