@@ -30,7 +30,7 @@ from pyroflows.flows import FlowStack
 from pyroflows.flows.banks import stacked_mades
 from pyroflows.nn import MADE
 from pyroflows.testing import randomize_parameters_, tolerances
-from pyroflows.transforms.planar import planar_u_hat
+from pyroflows.transforms.planar import planar_constraint
 
 FAMILIES = [("maf", 4), ("iaf", 3), ("realnvp", 4), ("planar", 3)]
 
@@ -763,7 +763,7 @@ def test_fused_planar_chain_matches_plain(shape, device, dtype):
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, **testing.tolerances(dtype))
     layer = flow.parts[0]
-    torch.testing.assert_close(planar_u_hat(layer.w[None], layer.u[None])[0],
+    torch.testing.assert_close(planar_constraint(layer.w[None], layer.u[None])[0][0],
                                layer.u_hat(), **testing.tolerances(dtype))
 
 
@@ -772,7 +772,7 @@ def test_planar_chain_gradcheck(device):
     k, n, d = 4, 3, 2
     args = [torch.randn(*s, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
             for s in ((n, d), (k, d), (k, d), (k,), (k,), (n,))]
-    args[4] = (0.5 * args[4]).detach().requires_grad_(True)  # c = w.u_hat > -1
+    args[4] = (0.5 * args[4]).exp().detach().requires_grad_(True)  # slack = 1 + w.u_hat > 0
     assert torch.autograd.gradcheck(_PlanarChain.apply, tuple(args))
 
 
@@ -1057,8 +1057,9 @@ def test_a_loaded_stack_with_other_orders_runs_its_blocks_from_the_loaded_masks(
 class _HalfPlanar(pf.transforms.Planar):
     """A planar layer whose subclass redefines its constrained direction (half of Planar's)."""
 
-    def u_hat(self):
-        return 0.5 * super().u_hat()
+    def constrained(self):
+        u_hat, slack = super().constrained()
+        return 0.5 * u_hat, 0.5 * (1 + slack)  # 1 + w.(u_hat / 2) = (1 + slack) / 2
 
 
 class _ShiftedRadial(pf.transforms.Radial):

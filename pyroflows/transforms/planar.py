@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .._fast import keeps_map, planar_chain, run_steps, stacked_rows
 from .base import FlowTransform
 
-__all__ = ["Planar", "planar", "planar_u_hat", "planar_inverse_step"]
+__all__ = ["Planar", "planar", "planar_constraint", "planar_inverse_step"]
 
 
 class Planar(FlowTransform):
@@ -24,10 +24,17 @@ class Planar(FlowTransform):
     :math:`m(a) = -1 + \mathrm{softplus}(a)`, so :math:`w^\top \hat u > -1` and the map is
     invertible for every value of the raw parameters ``u``, ``w``, ``b``.
 
-    Inverse: :math:`a = w^\top z + b` solves :math:`a + c \tanh a = w^\top y + b`,
-    :math:`c = w^\top \hat u > -1` (strictly increasing), by safeguarded Newton steps to float
-    precision; then :math:`z = y - \hat u \tanh a`. Parameter names and initialization are
-    :class:`pyro.distributions.transforms.Planar`'s.
+    The slack :math:`\delta = 1 + w^\top \hat u = \mathrm{softplus}(w^\top u)` is computed
+    as that softplus (:func:`planar_constraint`; at least the dtype's smallest normal number),
+    never as a difference, and with :math:`t = \tanh(w^\top z + b)` the log-det as the sum
+    of non-negative terms :math:`\log\bigl(t^2 + (1 - t^2)\,\delta\bigr)`: so
+    :math:`w^\top \hat u > -1` holds in every precision, also where :math:`w^\top u \ll 0`
+    puts :math:`w^\top \hat u` within rounding of -1.
+
+    Inverse: :math:`a = w^\top z + b` solves :math:`a + (\delta - 1) \tanh a = w^\top y + b`
+    (strictly increasing, slope :math:`t^2 + (1 - t^2)\,\delta > 0`), by safeguarded Newton
+    steps to float precision; then :math:`z = y - \hat u \tanh a`. Parameter names and
+    initialization are :class:`pyro.distributions.transforms.Planar`'s.
 
     References:
         Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015.
@@ -57,20 +64,24 @@ class Planar(FlowTransform):
             self.u.uniform_(-stdv, stdv)
             self.bias.zero_()
 
+    def constrained(self) -> tuple[Tensor, Tensor]:
+        """:math:`\\hat u` and the slack :math:`\\delta = 1 + w^\\top \\hat u > 0`
+        (:func:`planar_constraint`): what the map uses."""
+        return planar_constraint(self.w, self.u)
+
     def u_hat(self) -> Tensor:
         """The constrained direction :math:`\\hat u` with :math:`w^\\top \\hat u > -1`."""
-        return planar_u_hat(self.w, self.u)
+        return self.constrained()[0]
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        u_hat = self.u_hat()
+        u_hat, slack = self.constrained()
         act = torch.tanh(x @ self.w + self.bias.squeeze(-1))  # keeps (D,) inputs unbatched
         y = x + act.unsqueeze(-1) * u_hat
-        log_det = torch.log1p((1 - act.square()) * (self.w @ u_hat))
-        return y, log_det
+        return y, _log_det(act, slack)
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        u_hat = self.u_hat()
-        return planar_inverse_step(y, self.w, u_hat, self.bias.squeeze(-1), self.w @ u_hat)
+        u_hat, slack = self.constrained()
+        return planar_inverse_step(y, self.w, u_hat, self.bias.squeeze(-1), slack)
 
     def fused_kind(self, inverse: bool) -> str | None:
         """``"planar"``, unless a subclass redefines the map."""
@@ -79,41 +90,56 @@ class Planar(FlowTransform):
     @staticmethod
     def run_fused(x: Tensor, layers: list[Planar], kinds: list, log_det: Tensor | None,
                   inverse: bool) -> tuple[Tensor, Tensor]:
-        r"""Consecutive planar layers, :math:`\hat u` constrained once for all: forward as one
-        fused node (:func:`~pyroflows._fast.planar.planar_chain`), inverses one by one."""
+        r"""Consecutive planar layers, :math:`\hat u` and :math:`\delta` constrained once for all:
+        forward as one fused node (:func:`~pyroflows._fast.planar.planar_chain`), inverses
+        one by one."""
         forward_order = layers[::-1] if inverse else layers
         w, u, bias = stacked_rows(forward_order, ("w", "u", "bias"), (False, False, True))
-        u_hat = planar_u_hat(w, u)
-        c = (w * u_hat).sum(-1)
+        u_hat, slack = planar_constraint(w, u)
         if not inverse:
-            return planar_chain(x, w, u_hat, bias, c, log_det)
-        return run_steps(x, planar_inverse_step, (w, u_hat, bias, c), log_det, reverse=True)
+            return planar_chain(x, w, u_hat, bias, slack, log_det)
+        return run_steps(x, planar_inverse_step, (w, u_hat, bias, slack), log_det, reverse=True)
 
 
 # the methods that define Planar's map: a subclass that redefines one runs its own
-_MAP = ("forward_and_log_det", "inverse_and_log_det", "u_hat")
+_MAP = ("forward_and_log_det", "inverse_and_log_det", "constrained")
 
 
-def planar_inverse_step(y: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, c: Tensor
+def planar_inverse_step(y: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, slack: Tensor
                         ) -> tuple[Tensor, Tensor]:
-    r"""One planar layer's inverse and log-det from ``w``, :math:`\hat u`, ``bias``, :math:`c`."""
-    a = _solve_monotone_tanh(y @ w + bias, c)
+    r"""One planar layer's inverse and log-det from ``w``, :math:`\hat u`, ``bias`` and
+    :math:`\delta = 1 + w^\top \hat u`."""
+    a = _solve_monotone_tanh(y @ w + bias, slack)
     act = torch.tanh(a)
-    return y - act.unsqueeze(-1) * u_hat, torch.log1p((1 - act.square()) * c)
+    return y - act.unsqueeze(-1) * u_hat, _log_det(act, slack)
 
 
-def planar_u_hat(w: Tensor, u: Tensor) -> Tensor:
-    r""":math:`\hat u` of :class:`Planar` (Rezende & Mohamed 2015, appendix A) for ``w``, ``u``
-    of shape (..., D): one layer, or K layers stacked as (K, D)."""
+def planar_constraint(w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`\hat u` of :class:`Planar` (Rezende & Mohamed 2015, appendix A) and the slack
+    :math:`\delta = 1 + w^\top \hat u = \mathrm{softplus}(w^\top u)` (shape (...,), at least
+    the dtype's smallest normal number) for ``w``, ``u`` of shape (..., D): one layer, or K
+    layers stacked as (K, D)."""
     wu = (w * u).sum(-1, keepdim=True)
-    w_sq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    return u + (F.softplus(wu) - 1 - wu) * w / w_sq
+    tiny = torch.finfo(w.dtype).tiny
+    w_sq = (w * w).sum(-1, keepdim=True).clamp_min(tiny)
+    slack = F.softplus(wu).clamp_min(tiny)
+    return u + (slack - 1 - wu) * w / w_sq, slack.squeeze(-1)
 
 
-def _solve_monotone_tanh(s: Tensor, c: Tensor, max_iter: int = 100) -> Tensor:
-    """Solve ``a + c tanh(a) = s`` elementwise for ``c > -1``: Newton steps from ``a = s``,
-    bisection where one leaves the bracket ``[s - |c|, s + |c|]`` (which holds the root), under
-    ``no_grad``; then one differentiable Newton step (the implicit-function gradient)."""
+def _log_det(act: Tensor, slack: Tensor) -> Tensor:
+    # 1 + (1 - t^2) c with c = delta - 1 is t^2 + (1 - t^2) delta: non-negative terms, where
+    # 1 + c (and log1p of a sum near -1) would cancel as c nears -1
+    act_sq = act * act
+    return torch.log(torch.addcmul(act_sq, 1 - act_sq, slack))
+
+
+def _solve_monotone_tanh(s: Tensor, slack: Tensor, max_iter: int = 100) -> Tensor:
+    """Solve ``a + (slack - 1) tanh(a) = s`` elementwise for ``slack > 0``: Newton steps from
+    ``a = s``, bisection where one leaves the bracket ``[s - |c|, s + |c|]`` (``c = slack - 1``;
+    it holds the root), under ``no_grad``; then one differentiable Newton step (the
+    implicit-function gradient). The slope ``1 + c (1 - t^2)`` is taken as
+    ``t^2 + (1 - t^2) slack``, which cannot cancel to 0 or below."""
+    c = slack - 1
     with torch.no_grad():
         width = c.abs().expand_as(s)
         lo, hi = s - width, s + width
@@ -122,7 +148,8 @@ def _solve_monotone_tanh(s: Tensor, c: Tensor, max_iter: int = 100) -> Tensor:
         for _ in range(max_iter):
             t = torch.tanh(a)
             r = a + c * t - s
-            d = 1 + c * (1 - t * t)
+            t_sq = t * t
+            d = torch.addcmul(t_sq, 1 - t_sq, slack)
             hi = torch.where(r > 0, a, hi)
             lo = torch.where(r < 0, a, lo)
             a_new = a - r / d
@@ -134,7 +161,8 @@ def _solve_monotone_tanh(s: Tensor, c: Tensor, max_iter: int = 100) -> Tensor:
             if bool((step <= 4 * eps * (1 + a.abs())).all()):
                 break
     t = torch.tanh(a)
-    return a - (a + c * t - s) / (1 + c * (1 - t * t))
+    t_sq = t * t
+    return a - (a + c * t - s) / torch.addcmul(t_sq, 1 - t_sq, slack)
 
 
 def planar(dim: int) -> Planar:

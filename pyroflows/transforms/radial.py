@@ -91,8 +91,11 @@ _MAP = ("forward_and_log_det", "inverse_and_log_det", "_alpha_beta")
 
 def radial_alpha(alpha_prime: Tensor, beta_prime: Tensor) -> tuple[Tensor, Tensor]:
     r""":math:`\alpha = \mathrm{softplus}(\alpha')` and :math:`\alpha + \beta =
-    \mathrm{softplus}(\beta')` (so the sum stays positive in float32), elementwise."""
-    return F.softplus(alpha_prime), F.softplus(beta_prime)
+    \mathrm{softplus}(\beta')` (so the sum stays positive in float32), elementwise, each at
+    least the dtype's smallest normal number: positive however far below 0 the raw value is
+    (where softplus underflows to 0 the map would divide by 0 at its centre)."""
+    tiny = torch.finfo(alpha_prime.dtype).tiny
+    return F.softplus(alpha_prime).clamp_min(tiny), F.softplus(beta_prime).clamp_min(tiny)
 
 
 def radial_forward(x: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
@@ -112,8 +115,13 @@ def radial_inverse(y: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
     big_r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
     b = alpha_plus_beta - big_r
     root = torch.sqrt(b * b + 4 * alpha * big_r)
-    # r = (-b + root) / 2, written without cancellation for b >= 0 (where b + root > 0).
-    r = torch.where(b >= 0, 2 * alpha * big_r / (b + root), (root - b) / 2)
+    # r = (root - b) / 2 = 2 alpha R / (root + b): each branch a sum of positive terms, the
+    # second for b >= 0. Both branches take |b| + root > 0 (the branch taken differentiates
+    # |b| at b = 0), so the one not taken is finite too and its zero gradient cannot become
+    # 0 * inf = NaN (with b + root, it is 0 / 0 once 4 alpha R underflows against b^2).
+    positive = b >= 0
+    total = torch.where(positive, b, -b) + root
+    r = torch.where(positive, 2 * alpha * big_r / total, total / 2)
     x = x0 + diff * ((alpha + r) / (alpha_plus_beta + r))
     return x, _log_det(r, alpha, alpha_plus_beta, y.shape[-1])
 
