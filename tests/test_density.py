@@ -673,7 +673,7 @@ def test_bad_input_raises_value_errors(device, dtype):
     bad[[4, 9], 0] = [np.nan, np.inf]
     with pytest.raises(ValueError, match=r"NaN or infinite .* 2 row\(s\), e.g. rows \[4, 9\]"):
         est.fit(bad, progress=False)
-    with pytest.raises(ValueError, match="at least 2 rows"):
+    with pytest.raises(ValueError, match=r"at least D \+ 1 = 4 training rows"):
         est.fit(x[:1], progress=False)
     with pytest.raises(ValueError, match="2-D"):
         est.fit(x[None], progress=False)

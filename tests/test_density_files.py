@@ -14,7 +14,7 @@ from density_data import SMALL, as_tensor, gaussian_data, log_scale_bounds
 from torch import nn
 
 import pyroflows as pf
-from pyroflows.density import DensityEstimator, pipeline
+from pyroflows.density import DensityEstimator, persistence, pipeline
 from pyroflows.testing import randomize_parameters_, tolerances
 from pyroflows.transforms import TriangularAffine
 
@@ -44,7 +44,7 @@ def _tanh_factory() -> nn.Module:
 
 
 @pytest.mark.parametrize("flow", ["maf", "realnvp"])
-def test_every_option_kind_survives_save_and_load(flow, device, dtype, tmp_path):
+def test_every_option_kind_survives_save_and_load(flow, device, dtype, tmp_path, monkeypatch):
     """Options of every kind a user can pass (tuples, numpy arrays and scalars, tensors, classes,
     functools.partial) come back equal after save/load, and the rebuilt network really uses
     them: the activation is not in the state dict, so a lost option would change log_prob."""
@@ -75,16 +75,21 @@ def test_every_option_kind_survives_save_and_load(flow, device, dtype, tmp_path)
     slopes = {m.negative_slope for m in loaded._model.modules() if isinstance(m, nn.LeakyReLU)}
     assert slopes == {0.1} and not any(isinstance(m, nn.ReLU) for m in loaded._model.modules())
 
-    # A module-level function outside torch/pyro/pyroflows loads only when its package is
-    # trusted.
+    # A module-level function that pyroflows does not know loads once registered, or with its
+    # (imported) module trusted.
     est = DensityEstimator(flow, dtype=dtype, seed=0, **SMALL,
                            flow_options={"activation": _tanh_factory})
     est.fit(as_tensor(x, device, dtype), max_epochs=1, progress=False)
     est.save(path)
-    with pytest.raises(ValueError, match="trusted_modules"):
+    with pytest.raises(ValueError, match="register_callable"):
         DensityEstimator.load(path)
     package = _tanh_factory.__module__.split(".")[0]
     loaded = DensityEstimator.load(path, device=device, trusted_modules=(package,))
+    assert loaded.get_params()["flow_options"]["activation"] is _tanh_factory
+    assert torch.equal(loaded.log_prob(x), est.log_prob(x))
+    monkeypatch.setattr(persistence, "_REGISTERED", {})
+    assert pf.density.register_callable(_tanh_factory) is _tanh_factory
+    loaded = DensityEstimator.load(path, device=device)
     assert loaded.get_params()["flow_options"]["activation"] is _tanh_factory
     assert torch.equal(loaded.log_prob(x), est.log_prob(x))
 
@@ -108,7 +113,7 @@ def test_options_that_cannot_be_saved_are_rejected_up_front(tmp_path):
     payload["params"]["flow_options"] = {
         "activation": {"__pyroflows_option__": "callable", "name": "os:getcwd"}}
     torch.save(payload, tmp_path / "crafted.pt")
-    with pytest.raises(ValueError, match="only nn.Module classes"):
+    with pytest.raises(ValueError, match="'os:getcwd', which pyroflows does not know"):
         DensityEstimator.load(tmp_path / "crafted.pt")
     # Files of format version 1 (plain options only) still load.
     payload["version"], payload["params"]["flow_options"] = 1, {"permutation": "reverse"}

@@ -7,5 +7,7 @@ refined base), ``training`` the epoch loop, ``persistence`` the files.
 from __future__ import annotations
 
 from .estimator import PRECONDITIONERS, REFINERS, DensityEstimator
+from .persistence import known_callables, register_callable
 
-__all__ = ["DensityEstimator", "PRECONDITIONERS", "REFINERS"]
+__all__ = ["DensityEstimator", "PRECONDITIONERS", "REFINERS", "known_callables",
+           "register_callable"]

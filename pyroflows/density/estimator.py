@@ -4,8 +4,10 @@ choice of pipeline, the refiner), scoring, sampling, saving and loading."""
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,9 +20,9 @@ from .._config import validation
 from ..transforms.tabak import Tabak
 from . import persistence, pipeline
 from .pipeline import DensityModel, evaluate
-from .training import Trainer
+from .training import Trainer, snapshot
 
-__all__ = ["DensityEstimator", "PRECONDITIONERS", "REFINERS"]
+__all__ = ["DensityEstimator", "PRECONDITIONERS", "REFINERS", "usable_device"]
 
 #: The accepted values of ``DensityEstimator(precondition=...)``.
 PRECONDITIONERS = ("standardize", "whiten", "cholesky", "tabak", "auto", None)
@@ -69,6 +71,50 @@ def _check_matrix(t: Tensor, name: str, dim: int | None, device: torch.device,
         raise ValueError(f"{name} has NaN or infinite values (in {dtype}) in {rows.numel()} "
                          f"row(s), e.g. rows {shown}{more}; drop or impute them first")
     return t
+
+
+def usable_device(device: str | torch.device, what: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` where this machine can put tensors, else a ``ValueError``
+    naming it (``what``: the context for the message).
+
+    Example:
+        >>> usable_device("cpu")
+        device(type='cpu')
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{what}: {device!r} is not a torch device (e.g. 'cpu', 'cuda', "
+                         "'cuda:1')") from e
+    try:
+        torch.empty(0, device=device)
+    except Exception as e:  # noqa: BLE001 - torch raises AssertionError, RuntimeError, ...
+        reason = str(e).split("\n")[0][:200]
+        raise ValueError(f"{what}: device {str(device)!r} is not available on this machine "
+                         f"({reason})") from e
+    return device
+
+
+def _check_columns_vary(given: Tensor, t: Tensor, name: str) -> None:
+    """A ``ValueError`` where a column of ``t`` (``given`` converted to the fit's dtype) holds
+    one value in every row: its density is a point mass, which no flow fits."""
+    constant = (t == t[:1]).all(0)
+    if not bool(constant.any()):
+        return
+    columns = constant.nonzero().flatten().tolist()
+    shown = f"{columns[:10]}" + (f" (and {len(columns) - 10} more)" if len(columns) > 10 else "")
+    lost = ~(given == given[:1]).all(0).to(constant.device) & constant
+    if bool(lost.any()):
+        size = float(t[0, lost].abs().max())
+        raise ValueError(
+            f"{name}'s columns {shown} vary in the data as given ({given.dtype}) but not in "
+            f"{t.dtype}: their spread is below {t.dtype}'s resolution at their size (about "
+            f"{size:.0e}). Center or rescale them first, or fit in float64 "
+            "(dtype=torch.float64)")
+    raise ValueError(
+        f"{name}'s columns {shown} are constant (every row holds the value "
+        f"{float(t[0, columns[0]]):.6g}{', ...' if len(columns) > 1 else ''}): their density "
+        "is a point mass, which no flow fits; drop them")
 
 
 def _parameter_names(fn: Any) -> set[str]:
@@ -191,7 +237,13 @@ class DensityEstimator:
         self.hidden_dims = hidden
         self.precondition = precondition
         self.refine = refine
-        self.device = None if device is None else torch.device(device)
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', "
+                                 "'cuda', 'cuda:1')") from e
+        self.device = device
         self.dtype = dtype
         self.seed = None if seed is None else int(seed)
         self.tabak_options = dict(tabak_options or {})
@@ -262,6 +314,19 @@ class DensityEstimator:
             progress: bool = True) -> DensityEstimator:
         """Fit to the rows of ``x`` (numpy array or tensor, shaped (n, D)); returns ``self``.
 
+        The training rows must number at least D + 1: fewer lie on a hyperplane, where the
+        likelihood is unbounded. A column that holds one value in every row (also one that
+        varies only below the fit dtype's resolution, such as data near 1e30 in float32) is an
+        error. A half-precision tensor is fitted in float32 (with a warning): float16 has too
+        few digits for the covariance and the log-determinants.
+
+        A ``KeyboardInterrupt`` (Ctrl-C) stops the fit within a step and keeps the best state
+        so far, with a warning: ``history_["stopped"]`` is ``"interrupted"`` and
+        ``history_["interrupted_in"]`` says where (``"tabak: precondition"``: the Tabak stage
+        keeps its steps so far and the flow is untrained; ``"<precondition>: flow"``: the flow
+        keeps its best epoch and a refiner is left out; ``"<precondition>: refine"``: the
+        refiner keeps its steps so far). No later phase or candidate runs.
+
         Arguments:
             x: training data.
             x_val: held-out rows for early stopping (default: ``val_fraction`` of ``x``'s rows).
@@ -284,32 +349,38 @@ class DensityEstimator:
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         start = time.perf_counter()
-        t = _as_tensor(x, "x")
-        device = self.device or t.device
-        from_torch = isinstance(x, Tensor) and t.is_floating_point()
-        dtype = self.dtype or (t.dtype if from_torch else torch.get_default_dtype())
-        if dtype not in (torch.float32, torch.float64):
-            dtype = torch.get_default_dtype()
-        t = _check_matrix(t, "x", None, device, dtype)
+        given = _as_tensor(x, "x")
+        device = usable_device(self.device or given.device, "fit")
+        dtype = self._fit_dtype(given, from_torch=isinstance(x, Tensor))
+        t = _check_matrix(given, "x", None, device, dtype)
         n, dim = t.shape
+        if dim < 1:
+            raise ValueError("x has no columns")
         gen = torch.Generator()
         if self.seed is not None:
             gen.manual_seed(self.seed)
         else:
             gen.seed()
         if x_val is None:
-            if n < 2:
-                raise ValueError(f"x needs at least 2 rows (one to train on, one to validate), "
-                                 f"got {n}")
-            num_val = min(max(1, round(val_fraction * n)), n - 1)
+            num_val = max(1, round(val_fraction * n))
+            held_out = (f", {num_val} of them held out for validation (val_fraction="
+                        f"{val_fraction})")
+        else:
+            x_val_t = _check_matrix(_as_tensor(x_val, "x_val"), "x_val", dim, device, dtype)
+            if x_val_t.shape[0] < 1:
+                raise ValueError("x_val has no rows: pass held-out rows, or x_val=None to hold "
+                                 "out val_fraction of x")
+            num_val, held_out = 0, ""
+        if n - num_val < dim + 1:
+            raise ValueError(
+                f"x has {n} row{'s' * (n != 1)}{held_out}: a fit needs at least D + 1 = "
+                f"{dim + 1} training rows (fewer lie on a hyperplane, where the likelihood is "
+                "unbounded)")
+        _check_columns_vary(given, t, "x")
+        if x_val is None:
             perm = torch.randperm(n, generator=gen).to(device)
             x_train, x_val_t = t[perm[num_val:]], t[perm[:num_val]]
         else:
-            if n < 2:
-                raise ValueError(f"x needs at least 2 rows to fit a density, got {n}")
-            x_val_t = _check_matrix(_as_tensor(x_val, "x_val"), "x_val", dim, device, dtype)
-            if x_val_t.shape[0] < 1:
-                raise ValueError("x_val has no rows")
             x_train = t
 
         candidates = _AUTO if self.precondition == "auto" else (self.precondition,)
@@ -322,6 +393,14 @@ class DensityEstimator:
                     patience=int(patience), weight_decay=float(weight_decay),
                     averaging_epochs=float(averaging_epochs), progress=progress, start=start,
                 )
+            except KeyboardInterrupt:
+                # before this candidate had a usable state: keep the finished ones, if any
+                if not fits:
+                    raise
+                self._keep_best(fits, start)
+                self._interrupted(f"{precondition}: precondition", "the candidate "
+                                  f"{precondition!r} is left out")
+                return self
             except BaseException:
                 # a later candidate failed: hold the best finished one, not the failed one
                 if fits:
@@ -330,9 +409,32 @@ class DensityEstimator:
             fits.append((self.history_["final_val_log_prob"], precondition, model, self.history_))
             if self.history_["stopped"] == "interrupted":  # Ctrl-C ends the whole fit
                 break
+        stopped = {key: self.history_.get(key) for key in ("stopped", "interrupted_in")}
         if len(fits) > 1:
             self._keep_best(fits, start)
+            if stopped["stopped"] == "interrupted":
+                self.history_.update(stopped)
         return self
+
+    @staticmethod
+    def _fit_dtype(given: Tensor, from_torch: bool) -> torch.dtype:
+        """The dtype a fit without ``dtype=`` uses: a floating tensor's own (half precision:
+        float32), else the default dtype (float32 where that is neither float32 nor float64)."""
+        if from_torch and given.is_floating_point():
+            if given.dtype in (torch.float32, torch.float64):
+                return given.dtype
+            warnings.warn(f"x is {given.dtype}: fitting in float32 ({given.dtype} has too few "
+                          "digits for the covariance and the log-determinants); pass dtype= to "
+                          "choose", stacklevel=3)
+            return torch.float32
+        default = torch.get_default_dtype()
+        return default if default in (torch.float32, torch.float64) else torch.float32
+
+    def _interrupted(self, where: str, what: str, stacklevel: int = 4) -> None:
+        """Record and report a ``KeyboardInterrupt`` that ended the fit in phase ``where``."""
+        self.history_["stopped"], self.history_["interrupted_in"] = "interrupted", where
+        warnings.warn(f"fit interrupted ({where}): keeping the best state so far; {what}",
+                      stacklevel=stacklevel)
 
     def _keep_best(self, fits: list, start: float) -> None:
         """Hold the candidate with the higher validation score (the first on a tie or NaN)."""
@@ -345,8 +447,10 @@ class DensityEstimator:
 
     def _fit_one(self, precondition, dim, device, dtype, x_train, x_val_t, gen, *, max_epochs,
                  patience, progress, start, **train) -> DensityModel:
-        """Build, fit and hold the model of one preconditioner; held from the start of training,
-        so the estimator ends in the best state so far whatever happens."""
+        """Build, fit and hold the model of one preconditioner; held from the end of the
+        stages' fit, so the estimator ends in the best state so far whatever happens after.
+        An interrupted phase (a Tabak fit that reports it, or the training loop) ends the fit:
+        no later phase runs, and a refiner that was not fitted is the identity."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
             model = self._build(precondition, dim, device, dtype,
@@ -355,15 +459,36 @@ class DensityEstimator:
         trainer = Trainer(model, u_train, ld_train, u_val, ld_val, gen, **train)
         self._model, self.dim_, self.history_ = model, dim, trainer.history
         self.precondition_ = precondition
-        trainer.run(max_epochs, patience, progress, start)
         history = self.history_
         history["precondition"] = precondition
+        if any(pipeline.interrupted(stage) for stage in model.stages):
+            self._interrupted(f"{precondition}: precondition", "the flow is untrained",
+                              stacklevel=5)
+        else:
+            trainer.run(max_epochs, patience, progress, start)
         history["final_val_log_prob"] = history["best_val_log_prob"]
+        if history["stopped"] == "interrupted":
+            history.setdefault("interrupted_in", f"{precondition}: flow")
         if model.refine:
-            history["final_val_log_prob"] = pipeline.fit_refiner(model, u_train, u_val, ld_val,
-                                                                 progress)
+            if history["stopped"] == "interrupted":
+                pipeline.skip_refiner(model)
+            else:
+                try:
+                    history["final_val_log_prob"] = pipeline.fit_refiner(
+                        model, u_train, u_val, ld_val, progress)
+                except KeyboardInterrupt:
+                    pipeline.skip_refiner(model)
+                    self._interrupted(f"{precondition}: refine", "the refiner is left out",
+                                      stacklevel=5)
+                except BaseException:
+                    pipeline.skip_refiner(model)
+                    history["stopped"] = "error"
+                    raise
+                if pipeline.interrupted(model.refine[0]):
+                    history["stopped"] = "interrupted"
+                    history["interrupted_in"] = f"{precondition}: refine"
             history["refine_steps"] = int(model.refine[0].num_steps)
-            history["seconds"] = time.perf_counter() - start
+        history["seconds"] = time.perf_counter() - start
         return model
 
     def log_prob(self, x: Any) -> Tensor:
@@ -374,13 +499,21 @@ class DensityEstimator:
         return lp[0] if single else lp
 
     def score(self, x: Any) -> float:
-        """The mean log-likelihood of the rows of ``x``, in nats per sample."""
-        return float(self.log_prob(x).mean())
+        """The mean log-likelihood of the rows of ``x``, in nats per sample (at least one row)."""
+        lp = self.log_prob(x)
+        if lp.numel() == 0:
+            raise ValueError("x has no rows: the mean log-likelihood of no rows is undefined")
+        return float(lp.mean())
 
     def sample(self, n: int, seed: int | None = None) -> Tensor:
-        """``n`` draws from the fitted density, shaped (n, D)."""
+        """``n`` draws from the fitted density, shaped (n, D); ``n`` a whole number (2.7 is an
+        error, not 2 draws)."""
         model = self._require_model()
-        if int(n) < 0:
+        try:
+            count = operator.index(n)
+        except TypeError:
+            raise ValueError(f"n must be a whole number of draws, got {n!r}") from None
+        if count < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         device, dtype = self._model_device_dtype()
         gen = torch.Generator(device=device)
@@ -388,21 +521,34 @@ class DensityEstimator:
             gen.manual_seed(int(seed))
         else:
             gen.seed()
-        z = torch.randn(int(n), model.dim, generator=gen, device=device, dtype=dtype)
+        z = torch.randn(count, model.dim, generator=gen, device=device, dtype=dtype)
         with torch.no_grad(), validation(False):
             return evaluate(model.sample, z)
 
     def to(self, device: str | torch.device | None = None,
            dtype: torch.dtype | None = None) -> DensityEstimator:
-        """Move the fitted model; returns ``self``."""
+        """Move the fitted model (and later fits) to ``device`` and ``dtype``; returns ``self``.
+        A device this machine lacks or a dtype other than float32 and float64 is a
+        ``ValueError``, and a move that fails leaves the estimator as it was."""
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-        if device is not None:
-            self.device = torch.device(device)
+        target = None if device is None else usable_device(device, "to")
+        if self._model is not None:
+            old_device, old_dtype = self._model_device_dtype()
+            # A failure part way (out of memory) leaves some tensors moved: move them back,
+            # and restore the values a narrowing dtype would have rounded.
+            saved = snapshot(self._model) if dtype not in (None, old_dtype) else None
+            try:
+                self._model.to(device=target, dtype=dtype)
+            except BaseException:
+                self._model.to(device=old_device, dtype=old_dtype)
+                if saved is not None:
+                    self._model.load_state_dict(saved)
+                raise
+        if target is not None:
+            self.device = target
         if dtype is not None:
             self.dtype = dtype
-        if self._model is not None:
-            self._model.to(device=device, dtype=dtype)
         return self
 
     def save(self, path: str | os.PathLike) -> None:
@@ -412,8 +558,22 @@ class DensityEstimator:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
              trusted_modules: Sequence[str] = ()) -> DensityEstimator:
-        """Rebuild a saved estimator on ``device`` (default: the saved one or CPU), scoring
-        exactly as saved. Callables among the options are imported back only if they are
-        ``nn.Module`` classes from torch, pyro or pyroflows or come from ``trusted_modules``
-        (module or top-level package names), so a file cannot make ``load`` run arbitrary code."""
-        return persistence.load(cls, path, device, trusted_modules)
+        """Rebuild a saved estimator on ``device`` (default: the saved one, else CPU), scoring
+        exactly as saved.
+
+        Loading runs no code from the file: it is read with ``torch.load(weights_only=True)``,
+        and a callable among the options (an activation) is looked up by name among
+        :func:`~pyroflows.density.known_callables` (torch's activations, pyroflows' layers,
+        those passed to :func:`~pyroflows.density.register_callable`); nothing is imported. A
+        file naming any other callable is refused with a ``ValueError`` before anything is
+        built. ``trusted_modules`` (module or package names) also admits functions and classes
+        defined in those modules, if already imported. An empty, foreign, damaged or newer
+        file, and a saved device this machine lacks, are a ``ValueError`` saying which."""
+        est = persistence.load(cls, path, trusted_modules)
+        target = device if device is not None else (est.device or "cpu")
+        target = usable_device(target, f"loading {os.fspath(path)}" + (
+            "" if device is not None else " (saved there; pass device= to load elsewhere)"))
+        est._model.to(device=target)
+        if device is not None:
+            est.device = target
+        return est

@@ -1,60 +1,114 @@
 """Saving and loading a fitted :class:`~pyroflows.density.DensityEstimator`: the file's
-contents, options as plain values (callables by import name, imported back only from trusted
-modules), atomic writes."""
+contents, options as plain values (callables by name, resolved on load only from the callables
+pyroflows knows and those registered with :func:`register_callable`; nothing is imported), the
+checks that tell a damaged or foreign file, and atomic writes."""
 
 from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import os
-import tempfile
-from collections.abc import Sequence
+import pickle
+import re
+import secrets
+import stat
+import sys
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import _legacy
+from .. import _legacy, flows, transforms
 from . import pipeline
 from .training import snapshot
 
 if TYPE_CHECKING:
     from .estimator import DensityEstimator
 
-__all__ = ["save", "load", "encode_option", "decode_option"]
+__all__ = ["save", "load", "encode_option", "decode_option", "register_callable",
+           "known_callables"]
 
 FORMAT = "pyroflows.DensityEstimator"
 # The version written; _legacy.DENSITY_FILE_VERSIONS are those read.
 FORMAT_VERSION = 4
-# Modules whose nn.Module classes a file may name as an option; others need trusted_modules.
-TRUSTED_MODULES = ("torch", "pyro", "pyroflows")
 _TAG = "__pyroflows_option__"
+# What every file torch.save writes begins with (a zip archive).
+_ZIP_MAGIC = b"PK\x03\x04"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# A save's temporary file: ".{target name}.{pid}.{token}.tmp" beside the target.
+_TEMPORARY = ".{name}.{pid}.{token}.tmp"
+# A temporary of another save of the same target untouched this long is stale even where its
+# writer's process cannot be checked (another machine on a shared disk, Windows).
+STALE_SECONDS = 3600.0
+
+_REGISTERED: dict[str, Callable] = {}
 
 
-def _import_name(module: str, qualname: str) -> Any:
-    obj = importlib.import_module(module)
+class UnknownCallableError(ValueError):
+    """A file names a callable that is neither pyroflows' own nor registered."""
+
+
+def _lookup(module: str, qualname: str) -> Any:
+    """The object at ``qualname`` in the already-imported ``module``, read from the namespaces'
+    dicts (no import, no module ``__getattr__``), or ``None``."""
+    obj = sys.modules.get(module)
     for part in qualname.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = vars(obj).get(part)
+        except TypeError:  # no __dict__ (or obj is None)
+            return None
     return obj
 
 
 def _importable_name(obj: Any) -> str | None:
-    """``"module:qualname"`` where that import gives back ``obj`` itself, else ``None``."""
+    """``"module:qualname"`` where that name, looked up in the imported module, is ``obj``
+    itself (a module-level function or class), else ``None``."""
     module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
     if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
         return None
-    try:
-        found = _import_name(module, qualname)
-    except (ImportError, AttributeError):
-        return None
-    return f"{module}:{qualname}" if found is obj else None
+    return f"{module}:{qualname}" if _lookup(module, qualname) is obj else None
+
+
+def register_callable(obj: Callable) -> Callable:
+    """Let :meth:`DensityEstimator.load <pyroflows.density.DensityEstimator.load>` rebuild
+    options that name ``obj`` (a module-level class or function, such as a custom activation);
+    returns ``obj``, so it also works as a decorator. Loading resolves a saved callable only
+    among :func:`known_callables`: pyroflows' own and the registered ones; a file naming any
+    other is refused before anything is imported or called.
+
+    Example:
+        >>> import torch, pyroflows as pf
+        >>> pf.density.register_callable(torch.nn.Hardtanh) is torch.nn.Hardtanh
+        True
+        >>> "torch.nn.modules.activation:Hardtanh" in pf.density.known_callables()
+        True
+    """
+    name = _importable_name(obj)
+    if not callable(obj) or name is None:
+        raise ValueError(f"register_callable: {obj!r} is not a module-level class or function "
+                         "(a lambda, a local function or an instance has no name to load by)")
+    _REGISTERED[name] = obj
+    return obj
+
+
+def known_callables() -> dict[str, Callable]:
+    """The callables a file's options may name, by ``"module:qualname"``: torch's activation
+    modules and ``nn.Identity``, pyroflows' layers and their constructors, the layers of the
+    registered flow families, and those passed to :func:`register_callable`."""
+    activations = [v for v in vars(nn).values() if isinstance(v, type)
+                   and issubclass(v, nn.Module) and v.__module__ == nn.Tanh.__module__]
+    builtin = [*activations, nn.Identity, *(getattr(transforms, n) for n in transforms.__all__),
+               *(family.layer for family in flows.FAMILIES.values())]
+    found = {name: obj for obj in builtin if (name := _importable_name(obj)) is not None}
+    return {**found, **_REGISTERED}
 
 
 def encode_option(value: Any, where: str) -> Any:
     """``value`` as what ``torch.load(weights_only=True)`` reads back: plain values, tensors,
-    dtypes and devices as they are; numpy values, module-level callables (by import name) and
+    dtypes and devices as they are; numpy values, module-level callables (by name) and
     ``functools.partial`` of those as tagged dicts. Anything else raises a ``ValueError``
     naming the option (``where``).
 
@@ -62,7 +116,7 @@ def encode_option(value: Any, where: str) -> Any:
         >>> saved = encode_option({"activation": torch.nn.Tanh}, "flow_options")
         >>> saved["activation"]["name"]
         'torch.nn.modules.activation:Tanh'
-        >>> decode_option(saved, trusted=())
+        >>> decode_option(saved)
         {'activation': <class 'torch.nn.modules.activation.Tanh'>}
     """
     if isinstance(value, np.generic) and value.dtype.kind in "biufc":  # np.float64 is a float
@@ -96,9 +150,27 @@ def encode_option(value: Any, where: str) -> Any:
     )
 
 
-def decode_option(value: Any, trusted: Sequence[str]) -> Any:
-    """The inverse of :func:`encode_option`, importing a callable only if it is an ``nn.Module``
-    class from ``TRUSTED_MODULES`` or from a module (or package) in ``trusted``."""
+def _resolve(name: Any, trusted: Sequence[str]) -> Callable:
+    """The callable a file names, from :func:`known_callables`, or from an already-imported
+    module of ``trusted`` where the name is the object's own; never an import."""
+    if not isinstance(name, str) or name.count(":") != 1:
+        raise ValueError(f"a saved callable's name must be 'module:qualname', got {name!r}")
+    obj = known_callables().get(name)
+    module, qualname = name.split(":")
+    if obj is None and any(module == t or module.startswith(f"{t}.") for t in trusted):
+        found = _lookup(module, qualname)
+        obj = found if callable(found) and _importable_name(found) == name else None
+    if obj is None:
+        raise UnknownCallableError(
+            f"the saved options name the callable {name!r}, which pyroflows does not know; it "
+            "was not imported. If you trust this file, import that callable and pass it to "
+            "pyroflows.density.register_callable before loading")
+    return obj
+
+
+def decode_option(value: Any, trusted: Sequence[str] = ()) -> Any:
+    """The inverse of :func:`encode_option`; a callable is resolved by :func:`_resolve` (only
+    pyroflows' own, registered ones, or ones of already-imported ``trusted`` modules)."""
     if isinstance(value, (tuple, list)):
         return type(value)(decode_option(v, trusted) for v in value)
     if not isinstance(value, dict):
@@ -107,29 +179,94 @@ def decode_option(value: Any, trusted: Sequence[str]) -> Any:
     if kind is None:
         return {k: decode_option(v, trusted) for k, v in value.items()}
     if kind == "ndarray":
-        return np.array(value["value"], dtype=np.dtype(value["dtype"]))
+        dtype = np.dtype(value["dtype"])
+        if dtype.kind not in "biufc":
+            raise ValueError(f"a saved array has dtype {dtype}, not a numeric one")
+        return np.array(value["value"], dtype=dtype)
     if kind == "partial":
-        return functools.partial(decode_option(value["func"], trusted),
-                                 *decode_option(value["args"], trusted),
-                                 **decode_option(value["keywords"], trusted))
+        func, args = _resolve_func(value["func"], trusted), decode_option(value["args"], trusted)
+        keywords = decode_option(value["keywords"], trusted)
+        if not isinstance(args, (tuple, list)) or not isinstance(keywords, dict):
+            raise ValueError("a saved functools.partial needs a tuple of args and a dict of "
+                             "keywords")
+        return functools.partial(func, *args, **keywords)
     if kind == "callable":
-        module, _, qualname = str(value["name"]).partition(":")
-        packages = [module.split(".")[0], module]
-        if any(p in tuple(trusted) for p in packages):
-            return _import_name(module, qualname)
-        obj = _import_name(module, qualname) if packages[0] in TRUSTED_MODULES else None
-        if isinstance(obj, type) and issubclass(obj, nn.Module):
-            return obj
-        raise ValueError(
-            f"the saved options name the callable {module}.{qualname}; only nn.Module classes "
-            f"from {', '.join(TRUSTED_MODULES)} are imported by default. If you trust this "
-            f"file, pass trusted_modules=({module.split('.')[0]!r},) to load"
-        )
+        return _resolve(value.get("name"), trusted)
     raise ValueError(f"unknown saved option kind {kind!r}")
 
 
+def _resolve_func(value: Any, trusted: Sequence[str]) -> Callable:
+    func = decode_option(value, trusted)
+    if not callable(func):
+        raise ValueError(f"a saved functools.partial wraps {func!r}, which is not callable")
+    return func
+
+
+def _pid_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` runs on this machine; ``None`` where that cannot be asked."""
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str, name: str) -> list[str]:
+    """Remove the temporary files that earlier saves of ``folder/name`` left behind (a save
+    killed mid-write): those whose writing process no longer runs, or that no one has written
+    to for ``STALE_SECONDS``; a live save's file stays. Returns the paths removed."""
+    pattern = re.compile(re.escape(f".{name[:200]}.") + r"(\d+)\.[0-9a-f]{8}\.tmp")
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry)
+        if match is None:
+            continue
+        path = os.path.join(folder, entry)
+        pid = int(match.group(1))
+        try:
+            age = time.time() - os.stat(path).st_mtime
+            alive = None if pid == os.getpid() else _pid_alive(pid)
+            if alive is False or age > STALE_SECONDS:
+                os.remove(path)
+                removed.append(path)
+        except OSError:  # gone already, or not ours to remove: leave it
+            continue
+    return removed
+
+
+def _open_temporary(path: str) -> tuple[int, str]:
+    """A new file beside ``path`` for writing, created as ``open(path, "wb")`` would create it:
+    the umask applies, and where ``path`` exists its permission bits are kept."""
+    folder, name = os.path.split(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(folder, _TEMPORARY.format(name=name[:200], pid=os.getpid(),
+                                                     token=secrets.token_hex(4)))
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return fd, tmp
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
+    return fd, tmp
+
+
 def save(est: DensityEstimator, path: str | os.PathLike) -> None:
-    """Write the fitted ``est`` to ``path``: a temporary file beside it, then ``os.replace``."""
+    """Write the fitted ``est`` to ``path``: a temporary file beside it, then ``os.replace``;
+    first the stale temporaries of earlier, killed saves of ``path`` are removed."""
     model = est._require_model()
     _, dtype = est._model_device_dtype()
     payload = {
@@ -144,9 +281,12 @@ def save(est: DensityEstimator, path: str | os.PathLike) -> None:
         "state_dict": snapshot(model, "cpu"),
         "history": copy.deepcopy(est.history_),
     }
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt",
-                               dir=os.path.dirname(os.path.abspath(path)))
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot save to {path}: the folder {folder} does not exist")
+    remove_stale_temporaries(folder, name)
+    fd, tmp = _open_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
@@ -159,32 +299,66 @@ def save(est: DensityEstimator, path: str | os.PathLike) -> None:
         raise
 
 
-def load(cls: type[DensityEstimator], path: str | os.PathLike,
-         device: str | torch.device | None, trusted_modules: Sequence[str]) -> DensityEstimator:
-    """Rebuild an estimator of class ``cls`` from the file at ``path``."""
-    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+def read(path: str | os.PathLike) -> dict:
+    """The contents of a ``DensityEstimator`` file, read with ``torch.load(weights_only=True)``
+    (no pickled code runs); a ``ValueError`` saying what is wrong for an empty, foreign,
+    damaged or newer file."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+        if not head:
+            raise ValueError(f"{path} is empty: not a pyroflows file")
+        if head != _ZIP_MAGIC:
+            raise ValueError(f"{path} is not a pyroflows file (or is damaged): it does not "
+                             "begin as a file of torch.save does")
+        f.seek(0)
+        try:
+            payload = torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path} is not a pyroflows file (or is damaged): it holds objects "
+                             "that a pyroflows file never does, which were not unpickled") from e
+        except Exception as e:  # noqa: BLE001 - torch's errors for a bad archive vary
+            reason = str(e).split("\n")[0][:200]
+            raise ValueError(f"{path} is damaged (truncated or corrupted): torch could not "
+                             f"read it ({type(e).__name__}: {reason})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a saved pyroflows DensityEstimator")
-    if payload.get("version") not in _legacy.DENSITY_FILE_VERSIONS:
-        raise ValueError(f"{path}: unsupported format version {payload.get('version')!r}")
-    params = dict(payload["params"])
-    for name in ("tabak_options", "flow_options"):
-        params[name] = decode_option(params.get(name) or {}, tuple(trusted_modules))
-    params["dtype"] = None if params["dtype"] is None else getattr(torch, params["dtype"])
-    est = cls(**params)
-    fields = _legacy.density_file_fields(payload)
-    if fields["whiten"] not in pipeline.WHITEN_KINDS:
-        raise ValueError(f"{path}: unknown whitening kind {fields['whiten']!r}")
-    est._flow_defaults, est._whiten = fields["flow_defaults"], fields["whiten"]
-    est.precondition_ = fields["precondition_"]
-    dim = int(payload["dim"])
-    model = est._build(est.precondition_, dim, torch.device("cpu"),
-                       getattr(torch, payload["dtype"]))
-    model.load_state_dict(payload["state_dict"])
-    target = torch.device(device) if device is not None else (est.device or "cpu")
-    est._model = model.to(device=target)
-    est.dim_ = dim
-    est.history_ = payload["history"]
-    if device is not None:
-        est.device = torch.device(device)
+        raise ValueError(f"{path} is a torch file but not a saved pyroflows DensityEstimator")
+    version = payload.get("version")
+    if version not in _legacy.DENSITY_FILE_VERSIONS:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise ValueError(f"{path}: format version {version!r} " + (
+            "was written by a newer pyroflows; upgrade to load it" if newer else
+            f"is unknown (this pyroflows reads {_legacy.DENSITY_FILE_VERSIONS})"))
+    return payload
+
+
+def load(cls: type[DensityEstimator], path: str | os.PathLike,
+         trusted_modules: Sequence[str] = ()) -> DensityEstimator:
+    """Rebuild an estimator of class ``cls`` on the CPU from the file at ``path`` (see
+    :func:`read`); a file whose contents do not fit together is reported as damaged."""
+    payload = read(path)
+    try:
+        params = dict(payload["params"])
+        for name in ("tabak_options", "flow_options"):
+            params[name] = decode_option(params.get(name) or {}, tuple(trusted_modules))
+        if params["dtype"] is not None:
+            params["dtype"] = _DTYPES[params["dtype"]]
+        est = cls(**params)
+        fields = _legacy.density_file_fields(payload)
+        if fields["whiten"] not in pipeline.WHITEN_KINDS:
+            raise ValueError(f"unknown whitening kind {fields['whiten']!r}")
+        est._flow_defaults, est._whiten = fields["flow_defaults"], fields["whiten"]
+        est.precondition_ = fields["precondition_"]
+        dim = int(payload["dim"])
+        model = est._build(est.precondition_, dim, torch.device("cpu"), _DTYPES[payload["dtype"]])
+        model.load_state_dict(payload["state_dict"])
+        history = payload["history"]
+        if not isinstance(history, dict):
+            raise TypeError(f"its history is a {type(history).__name__}, not a dict")
+    except UnknownCallableError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        reason = " ".join(str(e).split())  # load_state_dict's message spans lines
+        raise ValueError(f"{path} is damaged: {type(e).__name__}: {reason}") from e
+    est._model, est.dim_, est.history_ = model, dim, history
     return est

@@ -19,7 +19,7 @@ from ..transforms.base import FlowTransform
 from ..transforms.tabak import Tabak
 
 __all__ = ["DensityModel", "Standardize", "Whiten", "build_model", "fit_stages", "fit_refiner",
-           "evaluate"]
+           "skip_refiner", "interrupted", "evaluate"]
 
 # What precondition="whiten" builds after the standardization (files store it): "learned", the
 # layers, then a learnable Cholesky base started at the data's; "fixed", a fixed whitening, the
@@ -235,6 +235,22 @@ def fit_refiner(model: DensityModel, u_train: Tensor, u_val: Tensor, ld_val: Ten
     model.refine[0].fit(z_train, x_val=z_val, progress=progress)
     with validation(False):
         return float((evaluate(model.base_log_prob, z_val) + zld_val + ld_val).mean())
+
+
+def interrupted(stage: nn.Module) -> bool:
+    """Whether ``stage``'s last fit was stopped by a ``KeyboardInterrupt`` (a Tabak fit then
+    keeps its steps so far and says so in its ``history``)."""
+    history = getattr(stage, "history", None)
+    return isinstance(history, dict) and history.get("stopped") == "interrupted"
+
+
+@torch.no_grad()
+def skip_refiner(model: DensityModel) -> None:
+    """Make a refiner that was not fitted the identity: a Tabak transform without whitening and
+    with no steps is ``R(z) = z`` (a fitted one is left as it is)."""
+    for refiner in model.refine:
+        if not bool(refiner.fitted):
+            refiner.fitted.fill_(True)
 
 
 def evaluate(fn: Callable[[Tensor], Any], x: Tensor) -> Any:
