@@ -24,7 +24,7 @@ sees it; log-likelihoods of the sets with a known density are reported in their 
 adding the z-score's log-Jacobian, so the gap to the truth is exact):
 
 - ``U2``, ``U3``, ``U4``: 20000 exact draws of the Rezende energies on the box [-4, 4]^2
-  (``../shared/bench/rezende/box_draws.npz``); true density ``exp(-U) / Z`` on the box.
+  (``benchmarks/data/rezende/box_draws.npz``); true density ``exp(-U) / Z`` on the box.
 - ``mixture8``: an 8-D mixture of five correlated Gaussians.
 - ``banana6``: three 2-D bananas ``x_2 ~ N(x_1^2 - 1, 0.5^2)``, ``x_1 ~ N(0, 1)``, rotated by
   a fixed random rotation of R^6 (density exact: the rotation has unit Jacobian).
@@ -59,9 +59,9 @@ from scipy.stats import multivariate_normal, multivariate_t
 from torch import nn
 
 import pyroflows as pf
+from benchmarks.targets import bench_dir
 from pyroflows.density import DensityEstimator, pipeline
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
 DTYPE = torch.float32
 
 
@@ -101,7 +101,7 @@ def _split(x: np.ndarray, n_train: int, n_val: int, rng) -> tuple[np.ndarray, ..
 
 
 def rezende(key: str, n_train: int, n_val: int, n_test: int) -> Dataset:
-    draws = np.load(os.path.join(SHARED, "bench", "rezende", "box_draws.npz"))[key]
+    draws = np.load(os.path.join(bench_dir(), "rezende", "box_draws.npz"))[key]
     draws = draws.astype(np.float64)
     train, val, test = _split(draws, n_train, n_val, np.random.default_rng(0))
     test = test[:n_test]

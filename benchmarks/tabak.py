@@ -7,7 +7,7 @@ Run from the repository root (a few minutes on two busy cores)::
 Targets (exact draws, exact log-densities):
 
 - ``U1`` .. ``U4``: the Rezende & Mohamed (2015) energies, 20000 exact draws each
-  (``../shared/bench/rezende/box_draws.npz``); ``log p = -U - log Z`` (U1 on R^2, U2-U4 on the
+  (``benchmarks/data/rezende/box_draws.npz``); ``log p = -U - log Z`` (U1 on R^2, U2-U4 on the
   box [-4, 4]^2, whose sharp edges no smooth flow can match exactly).
 - ``gmm2``, ``gmm5``: :func:`pyroflows.datasets.gaussian_mixture` (3 components), 20000 draws,
   exact mixture ``log_prob``.
@@ -37,16 +37,15 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.targets import bench_dir
 from pyroflows import datasets
 from pyroflows.transforms.tabak import Tabak
-
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
 
 
 def load_target(name: str, seed: int):
     """``(x, log_p)``: 20000 exact draws (float64) and the exact log-density function."""
     if name.startswith("U"):
-        path = os.path.join(SHARED, "bench", "rezende", "box_draws.npz")
+        path = os.path.join(bench_dir(), "rezende", "box_draws.npz")
         x = torch.as_tensor(np.load(path)[name], dtype=torch.float64)
         energy, log_z = datasets.ENERGIES[name], datasets.LOG_Z[name]
         return x, lambda v: -energy(v) - log_z

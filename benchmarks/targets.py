@@ -1,22 +1,22 @@
-"""Pyro models of the benchmark targets in ``../shared/bench`` with their known answers.
+"""Pyro models of the benchmark targets in ``benchmarks/data`` with their known answers.
 
 Every target is a :class:`Target`: a Pyro model without arguments (its data are bound in), the
 exact ``log Z`` where one is known (so ``KL(q || p) = log Z - ELBO``), the reference draws on the
 constrained scale with their column names, and ``extract``, which turns the site values of a
 batch of model traces into the same columns. The data and reference draws are read from
-``../shared/bench`` (relative to the repository root), never copied into code.
+``benchmarks/data`` (its README names each file's source and licence), never copied into code.
 
 Every model broadcasts over leading batch dimensions of its latent sites, so it works with
 ``Trace_ELBO(num_particles=P, vectorize_particles=True)``, ``Predictive(parallel=True)`` and
 vectorized importance weights: global sites arrive shaped ``(..., 1, event)`` when the model has
 a data plate, and products with a design matrix use :func:`_rowvec_matmul` for that reason (the
-``w @ X.T`` trap of ``shared/bench/README.md``).
+``w @ X.T`` trap: it would train on the wrong likelihood).
 
 Example:
     >>> from benchmarks.targets import load_target
     >>> t = load_target("eight_schools_noncentered")
     >>> t.log_z, t.reference.shape
-    (-31.3113, (10000, 10))
+    (-31.3113, (5000, 10))
 """
 
 from __future__ import annotations
@@ -36,16 +36,13 @@ from torch import Tensor
 
 __all__ = ["Target", "TARGETS", "load_target", "bench_dir", "OrderedNormal", "rezende_u1"]
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                     "bench")
+BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 def bench_dir() -> str:
-    """The absolute path of ``../shared/bench``."""
-    path = os.path.abspath(BENCH)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"benchmark material not found at {path}")
-    return path
+    """The absolute path of ``benchmarks/data``: the repository's copy of the benchmark
+    material."""
+    return BENCH
 
 
 @dataclass
@@ -133,7 +130,7 @@ class OrderedNormal(dist.TorchDistribution):
 
 
 def rezende_u1(z: Tensor) -> Tensor:
-    """The U1 energy of ``shared/bench/README.md`` (written here from that formula, so the
+    """The U1 energy of Rezende & Mohamed (2015) (written here from that formula, so the
     benchmark does not depend on the package under test)."""
     z1 = z[..., 0]
     r = torch.linalg.vector_norm(z, dim=-1)
@@ -187,7 +184,7 @@ def _banana(device, dtype, b: float = 0.1) -> Target:
 
 
 def _german_credit(device, dtype) -> Target:
-    raw = np.loadtxt(os.path.join(bench_dir(), "german_credit_logreg", "german.data-numeric"))
+    raw = np.loadtxt(os.path.join(bench_dir(), "german_credit_logreg", "german.data-numeric.gz"))
     features = raw[:, :-1]
     features = (features - features.mean(0)) / features.std(0)  # population std, as stated
     design = np.concatenate([features, np.ones((len(raw), 1))], axis=1)
@@ -227,7 +224,7 @@ def _eight_schools(device, dtype, centered: bool) -> Target:
 
     draws, names = _reference("posteriordb", folder, "reference_draws.npz")
     name = f"eight_schools_{'centered' if centered else 'noncentered'}"
-    # Exact log Z (shared/bench/README.md): theta and mu integrated in closed form, tau by
+    # Exact log Z (from the benchmark material): theta and mu integrated in closed form, tau by
     # quadrature; the same for both parameterizations.
     return Target(name, model, 1, -31.3113, draws, names, ["theta", "mu", "tau"])
 

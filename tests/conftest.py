@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
+BENCH_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "data")
 
 
 def pytest_addoption(parser):
@@ -59,12 +60,11 @@ def dtype(request) -> torch.dtype:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> str:
-    """The project's ``../shared`` folder (benchmark targets with known answers)."""
-    path = os.path.abspath(SHARED)
-    if not os.path.isdir(os.path.join(path, "bench")):
-        pytest.fail(f"../shared/bench not found at {path}")
-    return path
+def bench_data() -> str:
+    """The repository's ``benchmarks/data`` folder (targets with known answers; its README
+    names each file's source and licence)."""
+    return BENCH_DATA
+
 
 
 @pytest.fixture(autouse=True)

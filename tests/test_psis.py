@@ -54,13 +54,13 @@ def banana(b, sd):
     pyro.sample("x1", dist.Normal(b * (x0**2 - sd**2), b.new_ones(())))
 
 
-def test_mean_field_guide_on_the_banana_is_flagged(device, dtype, shared_dir):
-    target = json.load(open(os.path.join(shared_dir, "bench", "synthetic", "targets.json")))
+def test_mean_field_guide_on_the_banana_is_flagged(device, dtype, bench_data):
+    target = json.load(open(os.path.join(bench_data, "synthetic", "targets.json")))
     spec = target["banana2d_b0.1"]
     assert spec["log_density"] == "N(x0|0,10) + N(x1|0.1*(x0^2-100),1)"
     sd = torch.tensor(spec["true_sd"][0], device=device, dtype=dtype)  # 10 is the sd of x0
     b = torch.tensor(0.1, device=device, dtype=dtype)
-    draws = np.load(os.path.join(shared_dir, "bench", "synthetic",
+    draws = np.load(os.path.join(bench_data, "synthetic",
                                  "banana2d_b0.1_exact_draws.npz"))["draws"]
     np.testing.assert_allclose(draws.std(0), spec["true_sd"], rtol=0.05)  # the model we wrote
 
@@ -90,10 +90,10 @@ def eight_schools(sigma, y):
         pyro.sample("y", dist.Normal(theta, sigma), obs=y)
 
 
-def test_importance_resampling_corrects_a_too_narrow_guide(device, dtype, shared_dir):
+def test_importance_resampling_corrects_a_too_narrow_guide(device, dtype, bench_data):
     """Eight schools (non-centered) against Stan's reference draws: a mean-field guide at the
     posterior's centre with 0.75 times its sd, resampled."""
-    folder = os.path.join(shared_dir, "bench", "posteriordb",
+    folder = os.path.join(bench_data, "posteriordb",
                           "eight_schools-eight_schools_noncentered")
     data = json.load(open(os.path.join(folder, "data.json")))
     ref = np.load(os.path.join(folder, "reference_draws.npz"))

@@ -197,11 +197,11 @@ def test_gaussian_mixture_2d_within_margin_of_truth(device, dtype):
     assert abs(gap) < 0.05, f"gap to the true density {gap:.4f} nats"
 
 
-def test_rezende_u1_within_margin_of_truth(shared_dir, device, dtype):
+def test_rezende_u1_within_margin_of_truth(bench_data, device, dtype):
     """The ring density U1 (Rezende & Mohamed 2015), exact draws: held-out gap under 0.075 nats
     (0.052 in float64; the plain algorithm, one candidate center per step, gets 0.083 here;
     larger fits reach 0.040, see benchmarks/results/tabak.md)."""
-    draws = np.load(os.path.join(shared_dir, "bench", "rezende", "box_draws.npz"))["U1"]
+    draws = np.load(os.path.join(bench_data, "rezende", "box_draws.npz"))["U1"]
     x = torch.as_tensor(draws, dtype=torch.float64)
     train, test = x[:6000], x[16000:]
     t = Tabak(2, max_steps=1500, seed=0).fit(train.to(device, dtype), progress=False)

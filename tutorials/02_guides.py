@@ -362,14 +362,14 @@ print(f"AutoIAF proposals: {attrs['num_proposals']}, k-hat {attrs['pareto_k']:.2
 
 # %% [markdown]
 # ### Against the reference posterior
-# Stan's NUTS draws (posteriordb, 10 chains x 1000) are the yardstick, where this checkout has
-# them (`../shared/bench` next to the repository). Per parameter: the standardized mean error
+# Stan's NUTS draws (posteriordb, 10 chains, thinned to 5000 draws in the repository's
+# `benchmarks/data`) are the yardstick. Per parameter: the standardized mean error
 # $(\bar x_q - \bar x_{\mathrm{ref}}) / \mathrm{sd}_{\mathrm{ref}}$ and the log sd ratio
 # $\log(\mathrm{sd}_q / \mathrm{sd}_{\mathrm{ref}})$; zero is perfect, and a log sd ratio of
 # $-1$ means the guide's spread is $e^{-1} \approx 37\%$ of the truth.
 
 # %%
-REFERENCE = os.path.join("..", "..", "shared", "bench", "posteriordb",
+REFERENCE = os.path.join("..", "benchmarks", "data", "posteriordb",
                          "eight_schools-eight_schools_centered", "reference_draws.npz")
 
 
@@ -384,38 +384,29 @@ def columns(idata):
 names = ["mu", "tau"] + [f"theta[{j}]" for j in range(8)]
 draws = {name: columns(idata) for name, idata in schools_idata.items()}
 draws["AutoIAF + resampling"] = columns(resampled)
-reference = None
-if os.path.exists(REFERENCE):
-    ref = np.load(REFERENCE)
-    ref_names = [str(n) for n in ref["names"]]
-    ref_draws = ref["draws"].reshape(-1, len(ref_names))
-    # Stan names theta[1]..theta[8]; our columns are mu, tau, theta[0..7]
-    order = [ref_names.index("mu"), ref_names.index("tau")] + [
-        ref_names.index(f"theta[{j + 1}]") for j in range(8)]
-    reference = ref_draws[:, order]
-    ref_mean, ref_sd = reference.mean(0), reference.std(0)
-    table = {}
-    for name, x in draws.items():
-        table[(name, "mean err")] = (x.mean(0) - ref_mean) / ref_sd
-        table[(name, "log sd ratio")] = np.log(x.std(0) / ref_sd)
-    comparison = pd.DataFrame(table, index=names)
-    comparison.insert(0, ("reference", "sd"), ref_sd)
-    comparison.insert(0, ("reference", "mean"), ref_mean)
-    display_table = comparison.round(2)
-else:
-    print(f"reference draws not found at {REFERENCE}: skipping the comparison with Stan; "
-          "the means and sds of each guide follow.")
-    display_table = pd.DataFrame(
-        {(name, stat): getattr(x, stat)(0) for name, x in draws.items() for stat in ("mean", "std")},
-        index=names,
-    ).round(2)
+ref = np.load(REFERENCE)
+ref_names = [str(n) for n in ref["names"]]
+ref_draws = ref["draws"].reshape(-1, len(ref_names))
+# Stan names theta[1]..theta[8]; our columns are mu, tau, theta[0..7]
+order = [ref_names.index("mu"), ref_names.index("tau")] + [
+    ref_names.index(f"theta[{j + 1}]") for j in range(8)]
+reference = ref_draws[:, order]
+ref_mean, ref_sd = reference.mean(0), reference.std(0)
+table = {}
+for name, x in draws.items():
+    table[(name, "mean err")] = (x.mean(0) - ref_mean) / ref_sd
+    table[(name, "log sd ratio")] = np.log(x.std(0) / ref_sd)
+comparison = pd.DataFrame(table, index=names)
+comparison.insert(0, ("reference", "sd"), ref_sd)
+comparison.insert(0, ("reference", "mean"), ref_mean)
+display_table = comparison.round(2)
 display_table
 
 # %% [markdown]
 # ### The funnel, in a picture
 # $\theta_1$ (school A, the largest observed effect) against $\tau$ on a log scale: the funnel's
-# neck is the narrowing towards small $\tau$. Each panel shows 2000 draws (red); the reference,
-# where available, is in grey behind them.
+# neck is the narrowing towards small $\tau$. Each panel shows 2000 draws (red); the reference
+# is in grey behind them.
 
 # %%
 panels = {name: columns(idata) for name, idata in schools_idata.items()}
@@ -423,9 +414,8 @@ panels["AutoIAF + resampling"] = columns(resampled)
 fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), sharex=True,
                          sharey=True)
 for ax, (name, x) in zip(axes, panels.items()):
-    if reference is not None:
-        ax.scatter(reference[:, 2], reference[:, 1], s=3, color="0.7", alpha=0.3, lw=0,
-                   label="Stan reference")
+    ax.scatter(reference[:, 2], reference[:, 1], s=3, color="0.7", alpha=0.3, lw=0,
+               label="Stan reference")
     ax.scatter(x[:2000, 2], x[:2000, 1], s=3, color="C3", alpha=0.5, lw=0, label="guide")
     ax.set_yscale("log")
     ax.set_xlabel("theta[0]")
