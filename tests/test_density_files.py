@@ -75,18 +75,13 @@ def test_every_option_kind_survives_save_and_load(flow, device, dtype, tmp_path,
     slopes = {m.negative_slope for m in loaded._model.modules() if isinstance(m, nn.LeakyReLU)}
     assert slopes == {0.1} and not any(isinstance(m, nn.ReLU) for m in loaded._model.modules())
 
-    # A module-level function that pyroflows does not know loads once registered, or with its
-    # (imported) module trusted.
+    # A module-level function that pyroflows does not know loads once registered.
     est = DensityEstimator(flow, dtype=dtype, seed=0, **SMALL,
                            flow_options={"activation": _tanh_factory})
     est.fit(as_tensor(x, device, dtype), max_epochs=1, progress=False)
     est.save(path)
     with pytest.raises(ValueError, match="register_callable"):
         DensityEstimator.load(path)
-    package = _tanh_factory.__module__.split(".")[0]
-    loaded = DensityEstimator.load(path, device=device, trusted_modules=(package,))
-    assert loaded.get_params()["flow_options"]["activation"] is _tanh_factory
-    assert torch.equal(loaded.log_prob(x), est.log_prob(x))
     monkeypatch.setattr(persistence, "_REGISTERED", {})
     assert pf.density.register_callable(_tanh_factory) is _tanh_factory
     loaded = DensityEstimator.load(path, device=device)

@@ -73,6 +73,14 @@ def _check_matrix(t: Tensor, name: str, dim: int | None, device: torch.device,
     return t
 
 
+def _torch_device(device: str | torch.device, what: str) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{what}: {device!r} is not a torch device (e.g. 'cpu', 'cuda', "
+                         "'cuda:1')") from e
+
+
 def usable_device(device: str | torch.device, what: str = "device") -> torch.device:
     """``device`` as a ``torch.device`` where this machine can put tensors, else a ``ValueError``
     naming it (``what``: the context for the message).
@@ -81,11 +89,7 @@ def usable_device(device: str | torch.device, what: str = "device") -> torch.dev
         >>> usable_device("cpu")
         device(type='cpu')
     """
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{what}: {device!r} is not a torch device (e.g. 'cpu', 'cuda', "
-                         "'cuda:1')") from e
+    device = _torch_device(device, what)
     try:
         torch.empty(0, device=device)
     except Exception as e:  # noqa: BLE001 - torch raises AssertionError, RuntimeError, ...
@@ -237,13 +241,7 @@ class DensityEstimator:
         self.hidden_dims = hidden
         self.precondition = precondition
         self.refine = refine
-        if device is not None:
-            try:
-                device = torch.device(device)
-            except (RuntimeError, TypeError) as e:
-                raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', "
-                                 "'cuda', 'cuda:1')") from e
-        self.device = device
+        self.device = None if device is None else _torch_device(device, "device")
         self.dtype = dtype
         self.seed = None if seed is None else int(seed)
         self.tabak_options = dict(tabak_options or {})
@@ -556,8 +554,8 @@ class DensityEstimator:
         persistence.save(self, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-             trusted_modules: Sequence[str] = ()) -> DensityEstimator:
+    def load(cls, path: str | os.PathLike,
+             device: str | torch.device | None = None) -> DensityEstimator:
         """Rebuild a saved estimator on ``device`` (default: the saved one, else CPU), scoring
         exactly as saved.
 
@@ -566,10 +564,9 @@ class DensityEstimator:
         :func:`~pyroflows.density.known_callables` (torch's activations, pyroflows' layers,
         those passed to :func:`~pyroflows.density.register_callable`); nothing is imported. A
         file naming any other callable is refused with a ``ValueError`` before anything is
-        built. ``trusted_modules`` (module or package names) also admits functions and classes
-        defined in those modules, if already imported. An empty, foreign, damaged or newer
-        file, and a saved device this machine lacks, are a ``ValueError`` saying which."""
-        est = persistence.load(cls, path, trusted_modules)
+        built. An empty, foreign, damaged or newer file, and a saved device this machine
+        lacks, are a ``ValueError`` saying which."""
+        est = persistence.load(cls, path)
         target = device if device is not None else (est.device or "cpu")
         target = usable_device(target, f"loading {os.fspath(path)}" + (
             "" if device is not None else " (saved there; pass device= to load elsewhere)"))

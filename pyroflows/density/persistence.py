@@ -14,7 +14,7 @@ import secrets
 import stat
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -150,16 +150,9 @@ def encode_option(value: Any, where: str) -> Any:
     )
 
 
-def _resolve(name: Any, trusted: Sequence[str]) -> Callable:
-    """The callable a file names, from :func:`known_callables`, or from an already-imported
-    module of ``trusted`` where the name is the object's own; never an import."""
-    if not isinstance(name, str) or name.count(":") != 1:
-        raise ValueError(f"a saved callable's name must be 'module:qualname', got {name!r}")
-    obj = known_callables().get(name)
-    module, qualname = name.split(":")
-    if obj is None and any(module == t or module.startswith(f"{t}.") for t in trusted):
-        found = _lookup(module, qualname)
-        obj = found if callable(found) and _importable_name(found) == name else None
+def _resolve(name: Any) -> Callable:
+    """The callable a file names, from :func:`known_callables`; never an import."""
+    obj = known_callables().get(name) if isinstance(name, str) else None
     if obj is None:
         raise UnknownCallableError(
             f"the saved options name the callable {name!r}, which pyroflows does not know; it "
@@ -168,38 +161,33 @@ def _resolve(name: Any, trusted: Sequence[str]) -> Callable:
     return obj
 
 
-def decode_option(value: Any, trusted: Sequence[str] = ()) -> Any:
-    """The inverse of :func:`encode_option`; a callable is resolved by :func:`_resolve` (only
-    pyroflows' own, registered ones, or ones of already-imported ``trusted`` modules)."""
+def decode_option(value: Any) -> Any:
+    """The inverse of :func:`encode_option`; a callable is resolved by name among
+    :func:`known_callables` (pyroflows' own and the registered ones), never imported."""
     if isinstance(value, (tuple, list)):
-        return type(value)(decode_option(v, trusted) for v in value)
+        return type(value)(decode_option(v) for v in value)
     if not isinstance(value, dict):
         return value
     kind = value.get(_TAG)
     if kind is None:
-        return {k: decode_option(v, trusted) for k, v in value.items()}
+        return {k: decode_option(v) for k, v in value.items()}
     if kind == "ndarray":
         dtype = np.dtype(value["dtype"])
         if dtype.kind not in "biufc":
             raise ValueError(f"a saved array has dtype {dtype}, not a numeric one")
         return np.array(value["value"], dtype=dtype)
     if kind == "partial":
-        func, args = _resolve_func(value["func"], trusted), decode_option(value["args"], trusted)
-        keywords = decode_option(value["keywords"], trusted)
+        func, args = decode_option(value["func"]), decode_option(value["args"])
+        keywords = decode_option(value["keywords"])
+        if not callable(func):
+            raise ValueError(f"a saved functools.partial wraps {func!r}, which is not callable")
         if not isinstance(args, (tuple, list)) or not isinstance(keywords, dict):
             raise ValueError("a saved functools.partial needs a tuple of args and a dict of "
                              "keywords")
         return functools.partial(func, *args, **keywords)
     if kind == "callable":
-        return _resolve(value.get("name"), trusted)
+        return _resolve(value.get("name"))
     raise ValueError(f"unknown saved option kind {kind!r}")
-
-
-def _resolve_func(value: Any, trusted: Sequence[str]) -> Callable:
-    func = decode_option(value, trusted)
-    if not callable(func):
-        raise ValueError(f"a saved functools.partial wraps {func!r}, which is not callable")
-    return func
 
 
 def _pid_alive(pid: int) -> bool | None:
@@ -332,15 +320,14 @@ def read(path: str | os.PathLike) -> dict:
     return payload
 
 
-def load(cls: type[DensityEstimator], path: str | os.PathLike,
-         trusted_modules: Sequence[str] = ()) -> DensityEstimator:
+def load(cls: type[DensityEstimator], path: str | os.PathLike) -> DensityEstimator:
     """Rebuild an estimator of class ``cls`` on the CPU from the file at ``path`` (see
     :func:`read`); a file whose contents do not fit together is reported as damaged."""
     payload = read(path)
     try:
         params = dict(payload["params"])
         for name in ("tabak_options", "flow_options"):
-            params[name] = decode_option(params.get(name) or {}, tuple(trusted_modules))
+            params[name] = decode_option(params.get(name) or {})
         if params["dtype"] is not None:
             params["dtype"] = _DTYPES[params["dtype"]]
         est = cls(**params)
