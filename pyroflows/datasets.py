@@ -1,6 +1,6 @@
 r"""Built-in data: the Rezende & Mohamed (2015) energies and small toy data sets.
 
-The energies are the package's own copy of the formulas in ``shared/bench/README.md``; each
+The energies are written from the formulas of Rezende & Mohamed (2015, table 1); each
 returns ``U(z)`` for ``z`` of shape ``(..., 2)`` so that ``p(z) = exp(-U(z)) / Z``. With
 :math:`w_1(z) = \sin(\pi z_1 / 2)`, :math:`w_2(z) = 3 \exp(-\tfrac12 ((z_1 - 1) / 0.6)^2)` and
 :math:`w_3(z) = 3\, \sigma((z_1 - 1) / 0.3)`:
