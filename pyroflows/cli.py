@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -13,7 +14,7 @@ import torch
 from . import __version__
 from .datasets import LOG_Z, rezende_u1, two_moons
 
-__all__ = ["main", "run_demo"]
+__all__ = ["main", "run_demo", "check_demo_args"]
 
 _DEMO_DESCRIPTION = """\
 Show what pyroflows does, on built-in data, in about two minutes on a 2-core CPU:
@@ -218,7 +219,6 @@ def _plots(out, device, model, fitted_guides, traces, x_train, gaussian, estimat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(out, exist_ok=True)
     figures = {
         "u1_guides.png": _plot_guides(plt, device, model, fitted_guides),
         "elbo_traces.png": _plot_elbo_traces(plt, traces),
@@ -231,16 +231,34 @@ def _plots(out, device, model, fitted_guides, traces, x_train, gaussian, estimat
     return [os.path.join(out, name) for name in figures]
 
 
+def check_demo_args(args: argparse.Namespace) -> tuple[torch.device, str]:
+    """The demo's device and output folder (absolute, created if missing), checked before any
+    work: a ``ValueError`` saying what is wrong where the counts are not positive, the device
+    is not one this machine has, or ``--out`` is a file or a folder that cannot be written."""
+    from .density.estimator import usable_device
+
+    if min(args.steps, args.epochs, args.draws) < 1:
+        raise ValueError("--steps, --epochs and --draws must be positive")
+    device = usable_device(args.device, "--device")
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is an existing file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # the plots are written last: find out now
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from e
+    return device, out
+
+
 def run_demo(args: argparse.Namespace) -> dict:
-    """The three parts of the demo, with the options of ``pyroflows demo``; returns
-    ``{"plots": [the paths written]}``."""
+    """The three parts of the demo, with the options of ``pyroflows demo`` (checked first by
+    :func:`check_demo_args`); returns ``{"plots": [the paths written]}``."""
     from ._config import validation
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("pyroflows demo: --device cuda asked for, but CUDA is not available")
+    device, out = check_demo_args(args)
     torch.manual_seed(args.seed)
-    out = os.path.abspath(args.out)
     start = time.perf_counter()
     print(f"pyroflows {__version__} demo on {device}; plots go to {out}")
     # Tiny networks: a second intra-op thread only adds synchronization (or spin-waits).
@@ -274,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         "demo", description=_DEMO_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="fit flow guides and density estimators on built-in data; print and plot results")
     demo.add_argument("--out", default="pyroflows-demo",
-                      help="folder for the PNG plots (default ./pyroflows-demo)")
-    demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+                      help="folder for the PNG plots, created if missing (default "
+                      "./pyroflows-demo)")
+    demo.add_argument("--device", default="cpu",
+                      help="torch device, e.g. cpu or cuda (default cpu)")
     demo.add_argument("--steps", type=int, default=1500, help="SVI steps per guide (default 1500)")
     demo.add_argument("--epochs", type=int, default=60,
                       help="most training epochs per density estimator (default 60)")
@@ -290,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        if min(args.steps, args.epochs, args.draws) < 1:
-            parser.error("--steps, --epochs and --draws must be positive")
+        try:
+            check_demo_args(args)
+        except ValueError as e:  # one line and argparse's status, before any work
+            demo.exit(2, f"{demo.prog}: error: {e}\n")
         run_demo(args)
         return 0
     parser.print_help()

@@ -7,7 +7,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import pyroflows
+from pyroflows import cli
 from pyroflows.cli import main
 
 
@@ -44,3 +47,57 @@ def test_demo_runs_and_writes_plots(capsys, tmp_path):
         path = out_dir / name
         assert path.exists() and os.path.getsize(path) > 10_000, name
         assert str(path) in text
+
+
+def _unwritable_folder(tmp_path) -> str:
+    """A folder no file can be created in: a read-only one, or where the tests run as root
+    (which permissions do not stop) one of the kernel's (/sys)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder) if not os.access(folder, os.W_OK) else "/sys/pyroflows-demo"
+
+
+@pytest.mark.parametrize("case,match", [
+    ("an existing file", r"--out .*taken\.png is an existing file, not a folder"),
+    ("a folder under a file", r"--out .*taken\.png/plots: cannot write there \(Not a directory"),
+    ("an unwritable folder", r"--out .*: cannot write there \((Permission denied|Operation not)"),
+    ("tpu", r"--device: 'tpu' is not a torch device \(e\.g\. 'cpu', 'cuda'"),
+    ("cuda:99", r"--device: device 'cuda:99' is not available on this machine"),
+    ("no steps", r"--steps, --epochs and --draws must be positive"),
+])
+def test_bad_arguments_are_one_line_and_status_2_before_any_work(case, match, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Each bad argument of ``pyroflows demo`` ends it at once, before anything is fitted, with
+    argparse's exit status 2 and one line on stderr that names the argument."""
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"a plot")
+    args = {"an existing file": ["--out", str(taken)],
+            "a folder under a file": ["--out", str(taken / "plots")],
+            "an unwritable folder": ["--out", _unwritable_folder(tmp_path)],
+            "tpu": ["--device", "tpu"], "cuda:99": ["--device", "cuda:99"],
+            "no steps": ["--steps", "0"]}[case]
+    if case in ("tpu", "cuda:99", "no steps"):
+        args += ["--out", str(tmp_path / "plots")]
+
+    def no_work(*_):
+        raise AssertionError("the demo started working before its arguments were checked")
+
+    monkeypatch.setattr(cli, "_fit_guides", no_work)
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", *args])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert re.fullmatch(r"pyroflows demo: error: " + match + r"[^\n]*\n", captured.err), \
+        captured.err
+    assert taken.read_bytes() == b"a plot"
+
+
+def test_a_bad_argument_from_the_shell_gets_no_traceback(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    out = _run("demo", "--out", str(taken))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == f"pyroflows demo: error: --out {taken} is an existing file, not a " \
+        "folder\n"
