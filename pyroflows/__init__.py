@@ -12,7 +12,7 @@ from typing import Any
 
 from ._config import enable_validation, is_validation_enabled, validation
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _SUBMODULES = ("transforms", "flows", "distributions", "guides", "density", "diagnostics",
                "datasets", "testing")
