@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["rezende_u1", "rezende_u2", "rezende_u3", "rezende_u4", "ENERGIES", "LOG_Z",
-           "two_moons", "gaussian_mixture"]
+           "two_moons", "gaussian_mixture", "student_t"]
 
 
 def _w1(z1: Tensor) -> Tensor:
@@ -116,3 +116,29 @@ def gaussian_mixture(n: int, dim: int = 2, num_components: int = 3, spread: floa
     eps = torch.randn(n, dim, generator=gen, dtype=torch.float64)
     x = locs[comp] + (scale_tril[comp] @ eps.unsqueeze(-1)).squeeze(-1)
     return x, mix
+
+
+def student_t(n: int, dim: int = 2, df: float = 3.0, seed: int | None = None
+              ) -> tuple[Tensor, torch.distributions.Distribution]:
+    r"""``n`` draws of a correlated multivariate Student t with ``df`` degrees of freedom (heavy
+    tails: moments of order ``df`` and above are infinite), in float64, and the distribution
+    itself (:class:`pyro.distributions.MultivariateStudentT`, centered, shape matrix
+    :math:`A A^\top / D + 0.2 I` with :math:`A` standard normal), so its exact ``log_prob`` is
+    known.
+
+    Example:
+        >>> from pyroflows.datasets import student_t
+        >>> x, t = student_t(100, dim=3, seed=0)
+        >>> x.shape, t.log_prob(x).shape
+        (torch.Size([100, 3]), torch.Size([100]))
+    """
+    from pyro.distributions import MultivariateStudentT
+
+    gen = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
+    raw = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    shape = raw @ raw.T / dim + 0.2 * torch.eye(dim, dtype=torch.float64)
+    t = MultivariateStudentT(torch.tensor(float(df), dtype=torch.float64),
+                             torch.zeros(dim, dtype=torch.float64), torch.linalg.cholesky(shape))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+        return t.sample((n,)), t
