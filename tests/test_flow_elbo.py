@@ -437,11 +437,8 @@ def test_annealing_tempers_the_unconstrained_density(num_layers, device, dtype):
 
 # ---- a diverged step -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("how", ["svi", "differentiable_loss"])
-def test_a_diverged_step_raises_a_clear_error_and_keeps_the_parameters(how, device, dtype):
-    """A step whose loss is not finite (here: guide draws beyond |z| = 3, where the model's
-    density is 0) raises a ValueError naming the model site and the draws' size, before any
-    parameter moves and with the step's gradients dropped; steps that stay finite go on."""
+def _wall_problem(device, dtype):
+    """A guide whose draws (init_scale 10) land beyond |z| = 3, where the model's density is 0."""
     three = torch.tensor(3.0, device=device, dtype=dtype)
 
     def model():
@@ -450,23 +447,52 @@ def test_a_diverged_step_raises_a_clear_error_and_keeps_the_parameters(how, devi
         pyro.sample("wall", dist.Uniform(-three, three), obs=z.abs().max(-1).values)
 
     guide = AutoIAF(model, num_layers=1, hidden_dims=(8,), init_scale=10.0, laplace_init=False)
-    elbo = FlowELBO(num_particles=16, vectorize_particles=True, stick_the_landing=False)
     guide()
+    return model, guide
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_diverged_step_is_skipped_and_many_in_a_row_raise(direct, device, dtype, monkeypatch):
+    """An SVI step whose loss is not finite is skipped (no parameter and no optimizer state
+    moves, its gradients dropped), warned about once and counted; MAX_CONSECUTIVE_SKIPS in a
+    row raise a ValueError naming the model site and the draws' size; a finite step resets the
+    run."""
+    from pyroflows.guides import elbo as elbo_module
+
+    monkeypatch.setattr(elbo_module, "MAX_CONSECUTIVE_SKIPS", 3)
+    model, guide = _wall_problem(device, dtype)
+    elbo = FlowELBO(num_particles=16, vectorize_particles=True, stick_the_landing=False,
+                    direct=direct)
     before = [p.detach().clone() for p in guide.parameters()]
-    with pytest.raises(ValueError, match=r"not finite .* 'wall' .* largest unconstrained draw"):
-        if how == "svi":
-            with pyro.validation_enabled(False):  # the draws leave Uniform's support
-                SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo).step()
-        else:
-            with pyro.validation_enabled(False):
-                elbo.differentiable_loss(model, guide).backward()
-    assert all(torch.equal(a, p) for a, p in zip(before, guide.parameters(), strict=True))
+    optim = pyro.optim.Adam({"lr": 1e-2})
+    svi = SVI(model, guide, optim, elbo)
+    with pyro.validation_enabled(False):  # the draws leave Uniform's support
+        with pytest.warns(RuntimeWarning, match=r"not finite .* 'wall' .* largest unconstrained"):
+            assert math.isinf(svi.step())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # warned once only
+            assert math.isinf(svi.step())
+        assert all(torch.equal(a, p) for a, p in zip(before, guide.parameters(), strict=True))
+        assert all(p.grad is None for p in guide.parameters())
+        assert all(not opt.state for opt in optim.optim_objs.values())  # no Adam state either
+        assert (elbo.step_count, elbo.skipped_steps) == (0, 2)
+        with pytest.raises(ValueError, match=r"'wall' .* 3 steps in a row were skipped"):
+            svi.step()
+        with torch.no_grad():
+            guide.affine.log_scale.fill_(math.log(0.1))  # narrow: every draw inside the wall
+        assert math.isfinite(svi.step())
+    assert (elbo.step_count, elbo.skipped_steps, elbo._skips_in_a_row) == (1, 3, 0)
+
+
+def test_a_non_finite_differentiable_loss_raises(device, dtype):
+    """differentiable_loss leaves the step to the caller's optimizer: a non-finite loss raises
+    before anything is backpropagated."""
+    model, guide = _wall_problem(device, dtype)
+    elbo = FlowELBO(num_particles=16, vectorize_particles=True, stick_the_landing=False)
+    with pyro.validation_enabled(False), pytest.raises(ValueError, match=r"not finite .*'wall'"):
+        elbo.differentiable_loss(model, guide).backward()
     assert all(p.grad is None for p in guide.parameters())
     assert elbo.step_count == 0
-    with torch.no_grad():
-        guide.affine.log_scale.fill_(math.log(0.1))  # narrow: every draw inside the wall
-    with pyro.validation_enabled(False):
-        assert math.isfinite(SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo).step())
 
 
 # ---- the direct path steps as the traced guide -----------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroModule
@@ -221,6 +222,7 @@ class AutoFlowGuide(Memoized, AutoContinuous):
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         AutoGuide._setup_prototype(self, *args, **kwargs)
+        self._data_keys = {_data_key(args, kwargs)}
         self._unconstrained_shapes = {}
         self._cond_indep_stacks = {}
         for name, site in self.prototype_trace.iter_stochastic_nodes():
@@ -249,6 +251,36 @@ class AutoFlowGuide(Memoized, AutoContinuous):
                 "is nothing for a guide to fit; use an empty guide."
             )
         self._build_flow(args, kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        self._ready(args, kwargs)
+        return super().forward(*args, **kwargs)
+
+    def _ready(self, args: tuple, kwargs: dict) -> None:
+        """Set up at the first call; later, where the shapes of the tensor arguments or the
+        int arguments differ from every call checked so far, run the model once (blocked,
+        without gradients) and raise a :class:`ValueError` if a latent site's shape changed:
+        the flow is sized to the set-up's latent vector, and re-setting it up would drop what
+        it learnt (Pyro's autoguides keep their shapes too, and fail in the ELBO)."""
+        if self.prototype_trace is None:
+            return self._setup_prototype(*args, **kwargs)
+        key = _data_key(args, kwargs)
+        known = self.__dict__.setdefault("_data_keys", set())
+        model = (self._raw_model or (None,))[0]  # None after unpickling
+        if key in known or not (args or kwargs) or model is None:
+            return None
+        with torch.no_grad():
+            trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            new = trace.nodes.get(name, {}).get("value")
+            if new is not None and new.shape != site["value"].shape:
+                raise ValueError(
+                    f"{type(self).__name__}: latent site {name!r} has shape {tuple(new.shape)} "
+                    f"for these model arguments but {tuple(site['value'].shape)} where the guide "
+                    "was set up (the data size changed?). A flow guide's latent vector has a "
+                    "fixed size: build a new guide for data of this size.")
+        known.add(key)
+        return None
 
     def _build_flow(self, args: tuple, kwargs: dict) -> None:
         loc = self._init_loc().detach()
@@ -356,7 +388,7 @@ class AutoFlowGuide(Memoized, AutoContinuous):
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> FlowPosterior:
         """The guide's :class:`FlowPosterior` over the unconstrained latent vector."""
-        if self.prototype_trace is None:
+        if self.prototype_trace is None:  # (forward checked the arguments)
             self._setup_prototype(*args, **kwargs)
         return self._posterior(*self._posterior_parts())
 
@@ -452,8 +484,7 @@ class AutoFlowGuide(Memoized, AutoContinuous):
                          **kwargs: Any) -> dict[str, Tensor]:
         """``num_samples`` posterior draws of every latent site on its constrained scale, each
         ``(num_samples, *site_shape)``; the model's arguments are needed only before set-up."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+        self._ready(args, kwargs)
         return self._constrain(self._draw_latent(int(num_samples)))
 
     @torch.no_grad()
@@ -462,8 +493,7 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         """Posterior quantiles of every latent site, each ``(len(quantiles), *site_shape)``:
         of ``num_quantile_samples`` unconstrained draws (a fixed seed), mapped by ``biject_to``
         (marginal quantiles for elementwise supports, valid points for joint ones)."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+        self._ready(args, kwargs)
         draws = self._draw_latent(self.num_quantile_samples, seed=0)
         q = torch.as_tensor(quantiles, dtype=draws.dtype, device=draws.device).reshape(-1)
         if bool(((q < 0) | (q > 1)).any()):
@@ -474,6 +504,15 @@ class AutoFlowGuide(Memoized, AutoContinuous):
     def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Posterior median of every latent site (as :meth:`quantiles`)."""
         return {k: v[0] for k, v in self.quantiles([0.5], *args, **kwargs).items()}
+
+
+def _data_key(args: tuple, kwargs: dict) -> tuple:
+    """What fixes a model's plate sizes, as far as a cheap look tells: the shapes of its tensor
+    arguments and the values of its int arguments."""
+    def one(a: Any) -> Any:
+        return a.shape if isinstance(a, Tensor) else a if type(a) is int else None
+
+    return (*map(one, args), *((name, one(a)) for name, a in kwargs.items()))
 
 
 def _quantiles(draws: Tensor, q: Tensor) -> Tensor:

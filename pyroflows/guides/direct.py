@@ -99,6 +99,7 @@ def particles(elbo: Trace_ELBO, model: Callable, guide: AutoFlowGuide, args: tup
     Memoized :class:`~pyro.infer.Trace_ELBO`) computes them from the traces: of
     :math:`\log p(x, T(u)) + \log|\det J_T(u)| - \log q(u)`, the first two tempered by
     ``beta``; the runs' ``(model trace, guide trace)`` are appended to ``traces``."""
+    guide._ready(args, kwargs)  # the latent shapes still the model's (as the guide's call)
     num_particles, max_plate_nesting = elbo.num_particles, elbo.max_plate_nesting
     vectorized = elbo.vectorize_particles and num_particles > 1
     plate = contextlib.nullcontext()

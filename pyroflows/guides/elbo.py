@@ -4,6 +4,7 @@ guides, and a clear error when a step diverges."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import pyro.distributions as dist
@@ -20,7 +21,10 @@ from .._memo import Memoized
 from . import direct, landing
 from .autoguide import FlowPosterior
 
-__all__ = ["FlowELBO"]
+__all__ = ["FlowELBO", "MAX_CONSECUTIVE_SKIPS"]
+
+#: After this many consecutive skipped steps (non-finite loss or gradient), FlowELBO raises.
+MAX_CONSECUTIVE_SKIPS = 10
 
 
 class FlowELBO(Memoized, Trace_ELBO):
@@ -48,9 +52,16 @@ class FlowELBO(Memoized, Trace_ELBO):
       effect handlers where nothing could tell the difference
       (:mod:`pyroflows.guides.direct`): the same loss, surrogate, draws and parameters.
 
-    A step whose loss is not finite raises a :class:`ValueError` naming the model sites with a
-    non-finite log density and the size of the guide's draws, before any parameter moves (the
-    step's gradients are dropped, so the caller may lower the step size and go on).
+    A step (:meth:`loss_and_grads`, as ``SVI.step`` calls it) whose loss or any parameter's
+    gradient is not finite is skipped: its gradients are dropped, so the optimizer moves no
+    parameter and no optimizer state (``torch.optim`` and :mod:`pyro.optim` skip parameters
+    without a gradient), and it is counted in :attr:`skipped_steps`; it does not advance
+    annealing, and ``svi.step()`` returns its non-finite loss. The first skip warns, naming
+    the model sites with a non-finite log density and the size of the guide's draws;
+    :data:`MAX_CONSECUTIVE_SKIPS` skips in a row raise that as a :class:`ValueError`. A
+    non-finite :meth:`differentiable_loss` raises at once, as the caller's optimizer takes
+    that step. A plain :class:`~pyro.infer.Trace_ELBO` has none of this: ``SVI`` applies
+    its steps itself, and a guide cannot veto an optimizer step through public APIs.
 
     References:
         Roeder, Wu & Duvenaud, "Sticking the Landing: Simple, Lower-Variance Gradient
@@ -82,6 +93,8 @@ class FlowELBO(Memoized, Trace_ELBO):
         self.anneal_steps = int(anneal_steps)
         self.anneal_start = float(anneal_start)
         self.step_count = 0
+        #: steps skipped for a non-finite loss or gradient, and how many of them in a row
+        self.skipped_steps = self._skips_in_a_row = 0
         self._training = False
         self._traces: list = []  # this step's (model, guide) traces, to explain a failure
 
@@ -111,17 +124,28 @@ class FlowELBO(Memoized, Trace_ELBO):
         try:
             loss = method(model, guide, *args, **kwargs)
             value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
-            if not math.isfinite(value):
-                if method.__name__.endswith("loss_and_grads"):
-                    _drop_gradients(self._traces)  # the backward pass already ran
-                    if isinstance(guide, nn.Module):  # the direct path traces no params
-                        for p in guide.parameters():
-                            p.grad = None
-                raise ValueError(_divergence_message(value, self.step_count, self._traces))
+            if not method.__name__.endswith("loss_and_grads"):
+                if not math.isfinite(value):
+                    raise ValueError(_divergence_message(value, self.step_count, self._traces))
+            elif not _step_is_finite(value, params := _step_params(self._traces, guide)):
+                for p in params:
+                    p.grad = None  # the backward pass ran: the optimizer skips these
+                self.skipped_steps += 1
+                self._skips_in_a_row += 1
+                message = _divergence_message(value, self.step_count, self._traces)
+                if self._skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+                    raise ValueError(f"{message} {self._skips_in_a_row} steps in a row were "
+                                     "skipped (MAX_CONSECUTIVE_SKIPS).")
+                if self.skipped_steps == 1:
+                    warnings.warn(f"{message} The step was skipped (counted in "
+                                  "FlowELBO.skipped_steps; this warning is not repeated).",
+                                  RuntimeWarning, stacklevel=4)
+                return loss
         finally:
             self._training = False
             self._traces = []
         self.step_count += 1
+        self._skips_in_a_row = 0
         return loss
 
     # ---- the traced path ------------------------------------------------------------------------
@@ -209,23 +233,30 @@ def _stick_the_landing(guide_trace, force: bool) -> None:
                          "(AutoFlowGuide and its subclasses)")
 
 
-def _drop_gradients(traces: list) -> None:
-    """Drop the (non-finite) gradients a failed step left on its traces' parameters."""
+def _step_params(traces: list, guide: Any) -> list[Tensor]:
+    """The leaf tensors a step's optimizer moves: its traces' parameters and the guide's own
+    (the direct path traces no guide parameters)."""
+    params = {id(p): p for p in guide.parameters()} if isinstance(guide, nn.Module) else {}
     for model_trace, guide_trace in traces:
         for trace in (model_trace, guide_trace):
             for site in trace.nodes.values():
-                if site["type"] != "param":
-                    continue
-                value = site["value"]
-                ref = getattr(value, "unconstrained", None)  # Pyro: a weakref to the leaf
-                leaf = ref() if ref is not None else value
-                if isinstance(leaf, Tensor):
-                    leaf.grad = None
+                if site["type"] == "param":
+                    ref = getattr(site["value"], "unconstrained", None)  # Pyro: a weakref
+                    leaf = ref() if ref is not None else site["value"]
+                    if isinstance(leaf, Tensor):
+                        params[id(leaf)] = leaf
+    return list(params.values())
+
+
+def _step_is_finite(loss: float, params: list[Tensor]) -> bool:
+    """Whether the loss and every gradient of ``params`` are finite (one host sync)."""
+    grads = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return math.isfinite(loss) and (not grads or bool(torch.stack(grads).all()))
 
 
 def _divergence_message(loss: float, step: int, traces: list) -> str:
-    """Why a step's loss is not finite: the model sites with a non-finite log density and the
-    size of the flow guide's draws."""
+    """Why a step's loss or gradient is not finite: the model sites with a non-finite log
+    density and the size of the flow guide's draws."""
     sites: dict[str, list[int]] = {}
     largest = 0.0
     for model_trace, guide_trace in traces:
@@ -242,15 +273,14 @@ def _divergence_message(loss: float, step: int, traces: list) -> str:
                                              or site["infer"].get("flow_latent")):
                 value = site["value"].detach()
                 largest = max(largest, float(value.abs().nan_to_num(math.inf).max()))
-    where = (", ".join(f"{name!r} ({bad} of its {n} log-density entries)"
-                       for name, (bad, n) in sites.items())
-             if sites else "no model site (the guide's own log density, then)")
+    where = ("non-finite at " + ", ".join(f"{name!r} ({bad} of its {n} log-density entries)"
+                                          for name, (bad, n) in sites.items())
+             if sites else "finite at every site")
     return (
-        f"FlowELBO: the loss is not finite ({loss}) at step {step + 1}. The model's log density "
-        f"is non-finite at {where}; the largest unconstrained draw of the flow guide is "
+        f"FlowELBO: the loss ({loss}) or its gradient is not finite at step {step + 1}. The "
+        f"model's log density is {where}; the largest unconstrained draw of the flow guide is "
         f"{largest:.3g}. The guide has diverged (its draws reach where the model's density "
-        "over- or underflows). Its parameters are still those from before this step, and the "
-        "step's gradients were dropped: lower the step sizes (optim_args(guide, lr=...,"
-        " flow_lr=...) or param_groups(...)), use fewer flow layers, or start from a "
-        "narrower init_scale."
+        "over- or underflows). No parameter moved in this step: lower the step sizes "
+        "(optim_args(guide, lr=..., flow_lr=...) or param_groups(...)), use fewer flow "
+        "layers, or start from a narrower init_scale."
     )

@@ -122,7 +122,9 @@ def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tens
         pulled = pulled.reshape(d + 1, n, d)
     rows, h = pulled[:d], pulled[d] - e  # h: grad of log N(eps) - log|det J| at eps
     jac = rows.transpose(0, 1)  # jac[b, i, j] = dz_i / d eps_j
-    grad_z = torch.linalg.solve(jac.transpose(-1, -2), h.unsqueeze(-1)).squeeze(-1)
+    # solve_ex: a singular Jacobian (a degenerate flow) gives a non-finite gradient, which
+    # FlowELBO skips, instead of an error
+    grad_z = torch.linalg.solve_ex(jac.transpose(-1, -2), h.unsqueeze(-1))[0].squeeze(-1)
     grad_z = grad_z.reshape(z.shape)
     return log_q.detach() + ((z - z.detach()) * grad_z).sum(-1)
 
