@@ -23,8 +23,8 @@ from torch.distributions import Independent, Normal, TransformedDistribution
 
 __all__ = [
     "check_transform", "check_shapes", "check_round_trips", "check_log_det", "check_gradients",
-    "check_save_load", "check_stale_cache", "check_deepcopy", "check_bad_input",
-    "check_transformed_distribution", "randomize_parameters_", "tolerances",
+    "check_save_load", "check_stale_cache", "check_in_place_edit", "check_deepcopy",
+    "check_bad_input", "check_transformed_distribution", "randomize_parameters_", "tolerances",
 ]
 
 Factory = Callable[[], torch.nn.Module]
@@ -239,6 +239,27 @@ def check_stale_cache(t, dim: int, device=None, dtype=torch.float64) -> None:
     torch.testing.assert_close(t(_fresh(x_back)), y1, **tol, msg=lambda m: f"stale inverse: {m}")
 
 
+def check_in_place_edit(t, dim: int, device=None, dtype=torch.float64) -> None:
+    """An input edited in place, by an ordinary operation or through ``.data`` (as
+    :func:`torch.autograd.gradcheck` perturbs it, unseen by version counters), is mapped
+    afresh; so is an output edited in place and passed to the inverse."""
+    tol = tolerances(dtype)
+    x = _draw((6, dim), device, dtype, 13)
+    t(x)
+    x.data.mul_(1.5)
+    torch.testing.assert_close(t(x), t(_fresh(x)), **tol,
+                               msg=lambda m: f"stale output after an edit through .data: {m}")
+    t(x)
+    x.add_(0.25)
+    torch.testing.assert_close(t(x), t(_fresh(x)), **tol,
+                               msg=lambda m: f"stale output after an in-place edit: {m}")
+    with torch.no_grad():  # autograd refuses in-place edits of some kernels' outputs
+        y = t(x)
+        y.mul_(0.8)
+        torch.testing.assert_close(t.inv(y), t.inv(_fresh(y)), **tol,
+                                   msg=lambda m: f"stale inverse after an in-place edit: {m}")
+
+
 def check_deepcopy(t, dim: int, device=None, dtype=torch.float64) -> None:
     tol = tolerances(dtype)
     x = _draw((4, dim), device, dtype, 8).requires_grad_(True)
@@ -294,7 +315,7 @@ def check_transform(factory: Factory, dim: int, device=None, dtype=torch.float64
         return factory().to(device=device, dtype=dtype)
 
     for check in (check_shapes, check_round_trips, check_log_det, check_gradients,
-                  check_stale_cache, check_deepcopy, check_bad_input,
+                  check_stale_cache, check_in_place_edit, check_deepcopy, check_bad_input,
                   check_transformed_distribution):
         check(make(), dim, device=device, dtype=dtype)
     check_save_load(make(), dim, factory, device=device, dtype=dtype)

@@ -188,13 +188,14 @@ def test_bounded_and_gated_log_scales_stay_finite(device, dtype):
 
 
 def test_gated_update_matches_its_formula(device, dtype):
-    """y = sigma z + (1 - sigma) m with (m, raw) the conditioner outputs, sigma = sigmoid(raw+2)."""
+    """y = sigma z + (1 - sigma) m with (m, raw) the conditioner outputs, sigma = sigmoid(raw+2)
+    (at least e^-b in the scale)."""
     t = pf.transforms.iaf(3, hidden_dims=(8,), gated=True)
     randomize_parameters_(t, scale=0.5)
     t = t.to(device, dtype)
     z = torch.randn(6, 3, device=device, dtype=dtype)
     m, raw = t.conditioner(z).chunk(2, -1)
-    sigma = 1 / (1 + torch.exp(-(raw + 2)))
+    sigma = (1 / (1 + torch.exp(-(raw + 2)))).clamp_min(math.exp(-t.log_scale_bound))
     torch.testing.assert_close(t(z), sigma * z + (1 - sigma) * m, **tolerances(dtype))
     torch.testing.assert_close(
         t.log_abs_det_jacobian(z, t(z)), sigma.log().sum(-1), **tolerances(dtype)
@@ -286,3 +287,36 @@ def test_a_state_with_another_number_of_levels_is_refused():
     full.load_state_dict(permuted.state_dict())
     x = torch.randn(3, 4)
     torch.testing.assert_close(full(x), permuted(x))
+
+
+@pytest.mark.parametrize("gate", [-20.0, -50.0, -200.0, -1000.0])
+@pytest.mark.parametrize("cls", [pf.transforms.IAF, pf.transforms.MAF])
+def test_gated_inverse_when_the_gate_saturates(cls, gate, device, dtype):
+    """Issue 19, 4: where sigmoid(raw + 2) underflows (or nears it), the gated layer's D-pass
+    direction was NaN (e^{-log sigma} overflows, 0 * inf in its next masked pass). log sigma
+    is clamped at -b: finite both ways, an exact round trip, and the log-det is the clamped
+    sum against the autograd Jacobian."""
+    dim = 3
+    t = cls(dim, hidden_dims=(8,), gated=True)
+    with torch.no_grad():
+        weight, bias = t.conditioner.layer_parameters(-1)
+        weight.normal_(0.0, 0.3)
+        bias[:dim] = 0.5
+        bias[dim:] = gate
+    t = t.to(device, dtype)
+    x = torch.randn(5, dim, device=device, dtype=dtype)
+    y = t(x)
+    x_back = t.inv(y.clone())
+    assert torch.isfinite(y).all() and torch.isfinite(x_back).all()
+    tol = {"rtol": 1e-8, "atol": 1e-8} if dtype == torch.float64 else {"rtol": 0, "atol": 5e-3}
+    torch.testing.assert_close(x_back, x, **tol)
+    torch.testing.assert_close(t(t.inv(x.clone()).clone()), x, **tol)
+    ladj = t.log_abs_det_jacobian(x, y)
+    assert torch.isfinite(ladj).all()
+    jac = torch.autograd.functional.jacobian(lambda v: t(v.unsqueeze(0)).squeeze(0),
+                                             x[0].double() if dtype == torch.float64 else x[0])
+    torch.testing.assert_close(ladj[0], torch.linalg.slogdet(jac)[1], **tolerances(dtype))
+    y_grad = y.detach().clone().requires_grad_(True)
+    grads = torch.autograd.grad(t.inv(y_grad).sum(), [y_grad, *t.parameters()],
+                                allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)

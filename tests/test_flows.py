@@ -168,7 +168,8 @@ def test_state_dict_round_trip_of_a_stack(device, dtype):
 def test_stack_inverse_and_log_det_is_the_inverse_and_its_log_det(device, dtype):
     """The public pairs of a stack: z = f^{-1}(y) and log|det df/dz| at z, against the layers
     run one by one (their own inverses and log-dets), from the cache right after a forward
-    call; y = f(z) with the same log-det; both refused for a stack with a foreign part."""
+    call; y = f(z) with the same log-det, from the cache right after an inverse call; both
+    refused for a stack with a foreign part."""
     torch.manual_seed(0)
     stack = pf.flows.build("maf", 3, num_layers=3, hidden_dims=(8,)).to(device, dtype)
     randomize_parameters_(stack, scale=0.3)
@@ -189,8 +190,13 @@ def test_stack_inverse_and_log_det_is_the_inverse_and_its_log_det(device, dtype)
     y3, log_det3 = stack.forward_and_log_det(z.clone())
     torch.testing.assert_close(y3, y)
     torch.testing.assert_close(log_det3, total)
-    y4, log_det4 = stack.forward_and_log_det(z)
-    assert y4 is y2 and torch.equal(log_det4, log_det2)
+    y4, log_det4 = stack.forward_and_log_det(z)  # z was an input: computed, never cached
+    assert y4 is not y2
+    torch.testing.assert_close(y4, y2)
+    torch.testing.assert_close(log_det4, log_det2)
+    z5 = stack.inv(y)  # an inverse's output: the forward pair comes from the cache
+    y5, log_det5 = stack.forward_and_log_det(z5)
+    assert y5 is y and torch.equal(log_det5, stack.log_abs_det_jacobian(z5, y))
     foreign = pf.flows.FlowStack([torch.distributions.transforms.ExpTransform()])
     assert not foreign.all_flow_transforms
     with pytest.raises(TypeError, match="FlowTransform"):

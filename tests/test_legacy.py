@@ -165,3 +165,34 @@ def test_old_guide_param_stores_and_state_dicts_initialize_new_guides(full_rank,
     with pyro.poutine.trace(param_only=True) as params:
         FlowELBO(num_particles=2, vectorize_particles=True).loss_and_grads(_model, other)
     assert [name for name in params.trace.nodes if "affine" in name] == [key("packed")]
+
+
+@pytest.mark.parametrize("name", ["maf", "realnvp"])
+def test_masks_are_saved_as_bool_and_older_floating_masks_load(name, device, dtype):
+    """Issue 19, 14: MADE masks are kept floating for the products but saved as bool (one
+    tensor per bank however many keys name it); state dicts with the floating masks of older
+    versions load (also with assign=True) and map as before."""
+    dim = 4
+    flow = pf.flows.build(name, dim, num_layers=3, hidden_dims=(8,)).to(device, dtype)
+    randomize_parameters_(flow, scale=0.3, seed=1)
+    state = flow.state_dict()
+    masks = {k: v for k, v in state.items() if k.endswith("mask")}
+    assert masks and all(v.dtype == torch.bool for v in masks.values())
+    bank_masks = [v for k, v in masks.items() if k.endswith("stacked.mask")]
+    assert all(v is bank_masks[0] for v in bank_masks)  # saved once
+    x = torch.randn(5, dim, device=device, dtype=dtype)
+    old_state = {k: (v.to(dtype) if k.endswith("conditioner.stacked.mask") else v)
+                 for k, v in state.items()}
+    single = pf.nn.MADE(3, (8,)).to(device, dtype)
+    assert single.state_dict()["mask"].dtype == torch.bool
+    for source in (state, old_state):
+        for assign in (False, True):
+            new = pf.flows.build(name, dim, num_layers=3, hidden_dims=(8,)).to(device, dtype)
+            new.load_state_dict(source, assign=assign)
+            for net in (p.conditioner for p in new.parts):
+                assert net.mask.dtype == dtype
+            torch.testing.assert_close(new.inv(x.clone()), flow.inv(x.clone()))
+    old_single = {k: (v.to(dtype) if k == "mask" else v) for k, v in single.state_dict().items()}
+    copy = pf.nn.MADE(3, (8,)).to(device, dtype)
+    copy.load_state_dict(old_single)
+    assert copy.mask.dtype == dtype and torch.equal(copy.mask, single.mask)

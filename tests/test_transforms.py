@@ -211,6 +211,7 @@ CHECKS = {
     "log_det": testing.check_log_det,
     "gradients": testing.check_gradients,
     "stale_cache": testing.check_stale_cache,
+    "in_place_edit": testing.check_in_place_edit,
     "deepcopy": testing.check_deepcopy,
     "bad_input": testing.check_bad_input,
     "transformed_distribution": testing.check_transformed_distribution,
@@ -269,27 +270,58 @@ def test_validation_overflowing_sum_is_not_an_error(device):
             t(bad)
 
 
-def test_cache_skips_recomputation_only_when_valid(device, dtype):
+def test_cache_answers_only_for_the_output_it_produced(device, dtype):
+    """The rule of OutputCache: ``t.inv(y)`` and ``log_abs_det_jacobian(x, y)`` after
+    ``y = t(x)`` (and ``t(x)`` after ``x = t.inv(y)``) come from the cache; ``t(x)`` on an input
+    never does, and an in-place edit of either tensor or another grad mode recomputes."""
     t = pf.transforms.planar(2).to(device, dtype)
     calls = []
-    orig = t.forward_and_log_det
+    orig_forward, orig_inverse = t.forward_and_log_det, t.inverse_and_log_det
 
-    def counting(x):
-        calls.append(1)
-        return orig(x)
+    def counting(name, fn):
+        def run(v):
+            calls.append(name)
+            return fn(v)
+        return run
 
-    t.forward_and_log_det = counting
+    t.forward_and_log_det = counting("f", orig_forward)
+    t.inverse_and_log_det = counting("i", orig_inverse)
     x = torch.randn(5, 2, device=device, dtype=dtype)
     y = t(x)
     t.log_abs_det_jacobian(x, y)
-    t(x)
-    assert len(calls) == 1
-    x.add_(1.0)  # in-place edit of the input invalidates the entry
-    t(x)
-    assert len(calls) == 2
+    assert t.inv(y) is x
+    assert calls == ["f"]
+    t(x)  # the same input again: computed (a perturbed input must never get the old output)
+    assert calls == ["f", "f"]
+    y = t(x)
+    y.add_(1.0)  # an in-place edit of the output invalidates the entry
+    t.inv(y)
+    assert calls == ["f", "f", "f", "i"]
+    x2 = t.inv(y)  # an inverse call on its own output's partner: computed, then cached
+    assert t(x2) is y and calls[-1] == "i" and len(calls) == 5
     with torch.no_grad():
-        t(x)  # a different grad mode must not hand back a graph-less or graph-ful stale result
-    assert len(calls) == 3
+        t(x2)  # a different grad mode must not hand back a graph-less or graph-ful stale result
+    assert len(calls) == 6
+
+
+def test_gradcheck_through_every_layer(device):
+    """``torch.autograd.gradcheck`` perturbs its input in place (through ``.data``, unseen by
+    version counters): with an input-identity cache it saw a zero Jacobian (issue 19, 7)."""
+    for make in (lambda: pf.transforms.planar(3), lambda: pf.transforms.radial(3),
+                 lambda: pf.transforms.iaf(3, hidden_dims=(8,)),
+                 lambda: pf.transforms.iaf(3, hidden_dims=(8,), gated=True),
+                 lambda: pf.transforms.maf(3, hidden_dims=(8,)),
+                 lambda: pf.transforms.realnvp(3, hidden_dims=(8,)),
+                 lambda: pf.transforms.Permute.reverse(3),
+                 lambda: pf.transforms.elementwise_affine(3),
+                 lambda: pf.transforms.triangular_affine(3),
+                 lambda: pf.flows.build("iaf", 3, num_layers=2, hidden_dims=(8,))):
+        t = make().to(device, torch.float64)
+        testing.randomize_parameters_(t)
+        x = torch.randn(4, 3, device=device, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(t, (x,)), type(t).__name__
+        y = t(x).detach().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda v, t=t: t.inv(v), (y,)), type(t).__name__
 
 
 def test_module_stamp_sees_every_change(device, dtype):

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .._fast.banks import BankRow, ParameterBank, RowView
-from ..nn.made import MADE
+from .._memo import Memoized
+from ..nn.made import MADE, load_mask, save_mask_as_bool
 from ..transforms.base import FlowTransform
 from ..transforms.planar import Planar
 from ..transforms.radial import Radial
@@ -96,9 +97,9 @@ def radial_layers(dim: int, num_layers: int) -> list[StackedRadial]:
     return _rows(StackedRadial, RadialParameters(dim, num_layers))
 
 
-class MADEParameters(ParameterBank):
+class MADEParameters(Memoized, ParameterBank):
     """The ``flat_parameters`` and ``mask`` (L, P) of L :class:`~pyroflows.nn.MADE` networks of
-    one size P, row k network k's.
+    one size P, row k network k's; the mask is saved in state dicts as bool, as a MADE's.
 
     Arguments:
         flats: the (P,) flat parameters of the L networks (copied).
@@ -115,6 +116,11 @@ class MADEParameters(ParameterBank):
         super().__init__(len(flats))
         self.flat_parameters = nn.Parameter(torch.stack(flats))
         self.register_buffer("mask", torch.stack(masks).to(self.flat_parameters.dtype))
+        self.register_state_dict_post_hook(save_mask_as_bool)  # saved as bool
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        load_mask(self, state_dict, prefix)  # bool, or the floating masks of older states
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_layers={self.num_layers}, size={self.flat_parameters.shape[-1]}"

@@ -80,8 +80,9 @@ class FlowStack(OutputCache, Memoized, ComposeTransformModule):
         return self._image_and_log_det(y, inverse=True)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        r"""``(y, log|det df/dx|)`` with :math:`y = f(x)`: cached when ``x`` is this stack's
-        last input, else one forward run (which leaves the cache as it was)."""
+        r"""``(y, log|det df/dx|)`` with :math:`y = f(x)`: cached when ``x`` is what this
+        stack's last inverse produced, else one forward run (which leaves the cache as it
+        was)."""
         return self._image_and_log_det(x, inverse=False)
 
     def _image_and_log_det(self, value: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
@@ -129,7 +130,7 @@ class FlowStack(OutputCache, Memoized, ComposeTransformModule):
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         if self.all_flow_transforms:
-            hit = self.lookup(x=x) or self.lookup(y=y)
+            hit = self.lookup(x=x, y=y)
             if hit is not None:
                 return hit.log_det
         return super().log_abs_det_jacobian(x, y)

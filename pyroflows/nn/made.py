@@ -12,7 +12,29 @@ from torch import Tensor, nn
 from .._fast.made import blockable
 from .._memo import Memoized
 
-__all__ = ["MADE", "default_hidden_dims"]
+__all__ = ["MADE", "default_hidden_dims", "save_mask_as_bool", "load_mask"]
+
+
+def save_mask_as_bool(module: Memoized, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook of a module with a 0/1 floating ``mask`` buffer (kept floating for
+    the products): the entry is saved as a bool tensor, an eighth of float64's bytes, one
+    tensor however many keys a shared bank appears under; :func:`load_mask` reads it back."""
+    key = prefix + "mask"
+    mask = module._buffers.get("mask")
+    if mask is None or key not in state_dict or not mask.is_floating_point():
+        return
+    stamp = (id(mask), mask._version, mask.data_ptr(), mask.device, mask.dtype)
+    state_dict[key] = module.memo("mask_as_bool", stamp, lambda: mask.detach() != 0)
+
+
+def load_mask(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Before loading: a ``mask`` entry in another dtype than the module's buffer (bool, as
+    :func:`save_mask_as_bool` saves it, or the floating masks of older state dicts) converted to
+    the buffer's dtype, so ``load_state_dict(assign=True)`` keeps a floating mask too."""
+    key = prefix + "mask"
+    value, mask = state_dict.get(key), module._buffers.get("mask")
+    if isinstance(value, Tensor) and mask is not None and value.dtype != mask.dtype:
+        state_dict[key] = value.to(mask.dtype)
 
 
 def default_hidden_dims(features: int) -> tuple[int, ...]:
@@ -38,7 +60,8 @@ class MADE(Memoized, nn.Module):
 
     All weights and biases live in one parameter ``flat_parameters`` (layout ``_sizes``: each
     layer's weight, then its bias; ``_shapes``: the weights' shapes) with one buffer ``mask``
-    of its size, multiplied once per call; :meth:`layer_parameters` gives a layer's views.
+    of its size and dtype, multiplied once per call, saved in state dicts as bool
+    (:func:`save_mask_as_bool`); :meth:`layer_parameters` gives a layer's views.
 
     References:
         Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", ICML 2015,
@@ -107,6 +130,7 @@ class MADE(Memoized, nn.Module):
         self.flat_parameters = nn.Parameter(torch.empty(sum(self._sizes), dtype=dtype))
         self.activation = activation()
         self.reset_parameters()
+        self.register_state_dict_post_hook(save_mask_as_bool)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -120,6 +144,7 @@ class MADE(Memoized, nn.Module):
                     f"{type(self).__name__}: the state's input order has {levels} levels, this "
                     f"network's {self.num_levels}; build the network with the same order (ties "
                     "included) before loading")
+        load_mask(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -29,7 +29,9 @@ class AffineAutoregressiveCore(FlowTransform):
     :math:`(\mu, s)` in one pass: ``u -> v`` is one pass, ``v -> u`` one pass per level of the
     order. The log-scale is bounded, :math:`s = b \tanh(\tilde s / b)`, or (``gated=True``)
     the update is Kingma et al.'s :math:`v = \sigma \odot u + (1 - \sigma) \odot m`,
-    :math:`\sigma = \mathrm{sigmoid}(\tilde s + 2)`. ``forward_is_parallel`` says which way is
+    :math:`\sigma = \mathrm{sigmoid}(\tilde s + 2)`, with :math:`\log\sigma` clamped at
+    :math:`-b` in the scale (so :math:`e^{-s}` of the inverse stays finite and the solve exact
+    however far the gate saturates). ``forward_is_parallel`` says which way is
     the forward map, ``log_det_sign`` turns :math:`\sum_i s_i` into the forward log-det.
 
     ``fused = True`` (the default): the one-pass direction over a ReLU or tanh MADE runs as
@@ -63,11 +65,14 @@ class AffineAutoregressiveCore(FlowTransform):
     def shift_and_log_scale(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """:math:`(\\mu(u), s(u))`, from one pass of the conditioner."""
         raw_shift, raw_log_scale = self.conditioner(u).chunk(2, dim=-1)
-        if self.gated:
-            log_sigma = F.logsigmoid(raw_log_scale + _GATE_BIAS)
-            # 1 - sigmoid(a) = sigmoid(-a): no cancellation when sigma is close to 1
-            return raw_shift * torch.sigmoid(-(raw_log_scale + _GATE_BIAS)), log_sigma
         b = self.log_scale_bound
+        if self.gated:
+            gate = raw_log_scale + _GATE_BIAS
+            # log sigma >= -b, clamped in the log domain: an unbounded gate lets sigma
+            # underflow, and the inverse's exp(-log sigma) overflows (0 * inf = NaN in the
+            # masked products of its next pass). 1 - sigmoid(a) = sigmoid(-a): no cancellation
+            # when sigma is close to 1
+            return raw_shift * torch.sigmoid(-gate), F.logsigmoid(gate).clamp_min(-b)
         return raw_shift, torch.tanh(raw_log_scale * (1.0 / b)) * b
 
     def _parallel(self, u: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,7 +154,8 @@ class IAF(AffineAutoregressiveCore):
         hidden_dims: the MADE hidden widths, default ``(max(64, 4D),) * 2``.
         order: the autoregressive rank of each coordinate, shape (D,), default ``0..D-1``.
         gated: the update :math:`y = \sigma \odot z + (1 - \sigma) \odot m` (LSTM-style).
-        log_scale_bound: :math:`b` of :math:`\log\sigma = b \tanh(\cdot / b)` (not gated).
+        log_scale_bound: :math:`b` of :math:`\log\sigma = b \tanh(\cdot / b)` (gated:
+            :math:`\log\sigma \ge -b`).
         activation: hidden activation (a module class), default ``nn.ReLU``.
         residual: residual connections between the hidden layers of the MADE.
 

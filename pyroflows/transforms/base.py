@@ -22,6 +22,7 @@ class _CacheEntry:
     x_version: int
     y_version: int
     stamp: tuple
+    inverse: bool  # which call stored it: the output is ``x`` after an inverse, else ``y``
 
 
 def module_stamp(module: nn.Module, shared: bool = False) -> tuple | None:
@@ -58,32 +59,50 @@ def _all_finite(value: Tensor) -> bool:
 
 
 class OutputCache:
-    """Mixin: the one cache of a map's last ``(x, y, log_det)``, which cannot go stale: reused
-    only while the input (or output) is the same tensor at the same version and
-    :func:`module_stamp` is unchanged, so an optimizer step, an in-place edit, ``load_state_dict``
-    or ``.to()`` force a recomputation; dropped on pickling. The owner's
-    ``_uncached(value, inverse)`` computes a miss."""
+    """Mixin: the one cache of a map's last ``(x, y, log_det)``, which cannot go stale.
+
+    The rule: the cache answers only for the tensor it *produced*. After ``y = t(x)``,
+    ``t.inv(y)`` returns ``x`` and ``t.log_abs_det_jacobian(x, y)`` the stored log-det (so a
+    sample just drawn is scored without an inverse); after ``x = t.inv(y)``, ``t(x)`` returns
+    ``y``. A call on any other tensor computes, and a forward call ``t(x)`` never answers
+    because ``x`` was the last *input* (``torch.autograd.gradcheck`` and finite differences
+    perturb their input in place, through ``.data``, which no version counter sees). An
+    answer also needs both tensors of the pair at their stored versions (an in-place edit of
+    either invalidates) and :func:`module_stamp` unchanged, so an optimizer step,
+    ``load_state_dict`` or ``.to()`` force a recomputation; edits through ``.data`` of the
+    produced tensor itself are not seen. Nothing is stored in inference mode; the entry is
+    dropped on pickling. The owner's ``_uncached(value, inverse)`` computes a miss."""
 
     _cache: _CacheEntry | None = None
 
     def _stamp(self) -> tuple | None:
         return module_stamp(self)
 
-    def _store(self, x: Tensor, y: Tensor, log_det: Tensor, stamp: tuple | None) -> None:
+    def _store(self, x: Tensor, y: Tensor, log_det: Tensor, stamp: tuple | None,
+               inverse: bool = False) -> None:
         # through __dict__: a plain attribute, so nn.Module.__setattr__'s checks are skipped
         if stamp is None or x.is_inference() or y.is_inference():
             self.__dict__["_cache"] = None
             return
-        self.__dict__["_cache"] = _CacheEntry(x, y, log_det, x._version, y._version, stamp)
+        self.__dict__["_cache"] = _CacheEntry(x, y, log_det, x._version, y._version, stamp,
+                                              inverse)
 
     def lookup(self, x: Tensor | None = None, y: Tensor | None = None) -> _CacheEntry | None:
-        """The entry when ``x`` (or ``y``) is the last input (or output), all unchanged."""
+        """The entry when ``y`` alone is the output of the last forward call, ``x`` alone the
+        output of the last inverse call, or ``(x, y)`` the last call's pair; all unchanged."""
         c = self._cache
         if c is None:
             return None
-        if x is not None and (x is not c.x or x._version != c.x_version):
+        if x is None:
+            if y is None or c.inverse:
+                return None
+        elif y is None and not c.inverse:
             return None
-        if y is not None and (y is not c.y or y._version != c.y_version):
+        if x is not None and x is not c.x:
+            return None
+        if y is not None and y is not c.y:
+            return None
+        if c.x._version != c.x_version or c.y._version != c.y_version:
             return None
         if c.stamp != self._stamp():
             return None
@@ -94,14 +113,15 @@ class OutputCache:
         self.__dict__["_cache"] = None
 
     def _cached(self, value: Tensor, inverse: bool) -> Tensor:
-        """``t(value)`` (``t.inv(value)`` when ``inverse``), from the cache or stored in it."""
+        """``t(value)`` (``t.inv(value)`` when ``inverse``), from the cache when ``value`` is
+        the output it produced, else computed and stored."""
         hit = self.lookup(y=value) if inverse else self.lookup(x=value)
         if hit is not None:
             return hit.x if inverse else hit.y
         stamp = self._stamp()
         image, log_det = self._uncached(value, inverse)
         x, y = (image, value) if inverse else (value, image)
-        self._store(x, y, log_det, stamp)
+        self._store(x, y, log_det, stamp, inverse)
         return image
 
     def __getstate__(self) -> dict:
@@ -178,9 +198,9 @@ class FlowTransform(OutputCache, TransformModule):
         return self._inv_call(y)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        """``log|det dy/dx|`` of shape ``x.shape[:-1]`` for ``y = t(x)``; free when ``x`` or
-        ``y`` is the last call's (cached) input or output."""
-        hit = self.lookup(x=x) or self.lookup(y=y)
+        """``log|det dy/dx|`` of shape ``x.shape[:-1]`` for ``y = t(x)``; free when ``(x, y)``
+        is the last call's pair (:class:`OutputCache`)."""
+        hit = self.lookup(x=x, y=y)
         if hit is not None:
             return hit.log_det
         return self._log_abs_det_jacobian_uncached(x, y)
