@@ -257,18 +257,14 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         return super().forward(*args, **kwargs)
 
     def _ready(self, args: tuple, kwargs: dict) -> None:
-        """Set up at the first call; later, where the shapes of the tensor arguments or the
-        int arguments differ from every call checked so far, run the model once (blocked,
-        without gradients) and raise a :class:`ValueError` if a latent site's shape changed:
-        the flow is sized to the set-up's latent vector, and re-setting it up would drop what
-        it learnt (Pyro's autoguides keep their shapes too, and fail in the ELBO)."""
+        """Set up at the first call; after, for model arguments of new shapes (:func:`_data_key`),
+        run the model once and raise if a latent site's shape changed: the flow is sized to the
+        set-up's latent vector, and a new set-up would drop what it learnt."""
         if self.prototype_trace is None:
             return self._setup_prototype(*args, **kwargs)
-        key = _data_key(args, kwargs)
-        known = self.__dict__.setdefault("_data_keys", set())
-        model = (self._raw_model or (None,))[0]  # None after unpickling
-        if key in known or not (args or kwargs) or model is None:
-            return None
+        known, model = self.__dict__.setdefault("_data_keys", set()), (self._raw_model or [None])[0]
+        if not (args or kwargs) or model is None or (key := _data_key(args, kwargs)) in known:
+            return None  # (no model after unpickling)
         with torch.no_grad():
             trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
         for name, site in self.prototype_trace.iter_stochastic_nodes():
@@ -277,10 +273,9 @@ class AutoFlowGuide(Memoized, AutoContinuous):
                 raise ValueError(
                     f"{type(self).__name__}: latent site {name!r} has shape {tuple(new.shape)} "
                     f"for these model arguments but {tuple(site['value'].shape)} where the guide "
-                    "was set up (the data size changed?). A flow guide's latent vector has a "
+                    "was set up (the data size changed?); a flow guide's latent vector has a "
                     "fixed size: build a new guide for data of this size.")
-        known.add(key)
-        return None
+        return known.add(key)
 
     def _build_flow(self, args: tuple, kwargs: dict) -> None:
         loc = self._init_loc().detach()
@@ -507,11 +502,9 @@ class AutoFlowGuide(Memoized, AutoContinuous):
 
 
 def _data_key(args: tuple, kwargs: dict) -> tuple:
-    """What fixes a model's plate sizes, as far as a cheap look tells: the shapes of its tensor
-    arguments and the values of its int arguments."""
+    """What sets a model's plate sizes, at a cheap look: its tensors' shapes and its ints."""
     def one(a: Any) -> Any:
         return a.shape if isinstance(a, Tensor) else a if type(a) is int else None
-
     return (*map(one, args), *((name, one(a)) for name, a in kwargs.items()))
 
 

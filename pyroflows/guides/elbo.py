@@ -52,16 +52,13 @@ class FlowELBO(Memoized, Trace_ELBO):
       effect handlers where nothing could tell the difference
       (:mod:`pyroflows.guides.direct`): the same loss, surrogate, draws and parameters.
 
-    A step (:meth:`loss_and_grads`, as ``SVI.step`` calls it) whose loss or any parameter's
-    gradient is not finite is skipped: its gradients are dropped, so the optimizer moves no
-    parameter and no optimizer state (``torch.optim`` and :mod:`pyro.optim` skip parameters
-    without a gradient), and it is counted in :attr:`skipped_steps`; it does not advance
-    annealing, and ``svi.step()`` returns its non-finite loss. The first skip warns, naming
-    the model sites with a non-finite log density and the size of the guide's draws;
-    :data:`MAX_CONSECUTIVE_SKIPS` skips in a row raise that as a :class:`ValueError`. A
-    non-finite :meth:`differentiable_loss` raises at once, as the caller's optimizer takes
-    that step. A plain :class:`~pyro.infer.Trace_ELBO` has none of this: ``SVI`` applies
-    its steps itself, and a guide cannot veto an optimizer step through public APIs.
+    An SVI step (:meth:`loss_and_grads`) whose loss or any gradient is not finite is skipped:
+    its gradients are dropped, so optimizers move no parameter or state, and it is counted in
+    :attr:`skipped_steps` (no annealing step; ``svi.step()`` returns the loss). The first skip
+    warns, naming the model sites with a non-finite log density and the size of the draws;
+    :data:`MAX_CONSECUTIVE_SKIPS` in a row raise that as a :class:`ValueError`. A non-finite
+    :meth:`differentiable_loss` raises, as the caller's optimizer takes its step. A plain
+    ``Trace_ELBO`` has none of this: ``SVI`` steps itself, and no public API lets a guide veto it.
 
     References:
         Roeder, Wu & Duvenaud, "Sticking the Landing: Simple, Lower-Variance Gradient
