@@ -23,7 +23,6 @@ from pyroflows.transforms.tabak import (
     map_1d,
     map_1d_inverse,
 )
-from pyroflows.transforms.tabak import fit as tabak_fit
 from pyroflows.transforms.tabak import transform as tabak_transform
 
 
@@ -530,24 +529,14 @@ def test_unfitted_transform_raises_a_clear_error(device, dtype):
     assert issubclass(NotFittedError, RuntimeError) and issubclass(NotFittedError, ValueError)
 
 
-def test_failed_or_interrupted_fit_keeps_the_previous_state(fitted_cpu, monkeypatch):
+def test_failed_fit_keeps_the_previous_state(fitted_cpu):
+    """An error leaves the fitted state as it was (an interrupt keeps the new fit's best state:
+    tests/test_tabak_reliability.py)."""
     t, x = fitted_cpu
     before = {k: v.clone() for k, v in t.state_dict().items()}
     z_before = t.inv(x.clone())
     with pytest.raises(ValueError):
         t.fit(torch.full_like(x, float("nan")), progress=False)
-    calls = {"n": 0}
-    original = tabak_fit.DualAscent.ascent_step
-
-    def interrupted(self, *args):
-        calls["n"] += 1
-        if calls["n"] > 25:
-            raise KeyboardInterrupt
-        return original(self, *args)
-
-    monkeypatch.setattr(tabak_fit.DualAscent, "ascent_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        t.fit(_skewed(500, 3, "cpu", torch.float64, seed=9), progress=False)
     after = t.state_dict()
     assert before.keys() == after.keys()
     for k in before:

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from .fit import SELECTIONS
+from .fit import SELECTIONS, dequantize
 from .map import local_ascent, map_1d, map_1d_inverse
 from .transform import NotFittedError, Tabak, gaussianize, tabak
 
 __all__ = [
-    "Tabak", "tabak", "gaussianize", "NotFittedError", "SELECTIONS",
+    "Tabak", "tabak", "gaussianize", "dequantize", "NotFittedError", "SELECTIONS",
     "map_1d", "map_1d_inverse", "local_ascent",
 ]

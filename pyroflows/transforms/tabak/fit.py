@@ -27,7 +27,10 @@ from .map import (
 if TYPE_CHECKING:
     from .transform import Tabak
 
-__all__ = ["SELECTIONS", "FittedSteps", "DualAscent", "check_data", "whitening", "threads_for"]
+__all__ = [
+    "SELECTIONS", "FittedSteps", "DualAscent", "check_data", "whitening", "threads_for",
+    "dequantize",
+]
 
 #: The accepted values of ``Tabak(selection=...)``: how the kept step count is chosen.
 SELECTIONS = ("best", "one_se", "significant")
@@ -37,6 +40,9 @@ NUM_ASCENT_PARAMETERS = 3
 # Below this many elements per step, CPU work runs on one thread: the fit's steps and the passes
 # are many small elementwise ops, and on a loaded machine every threaded op waits for a core.
 THREADED_NUMEL = 1 << 20
+# The fit stops as collapsing where a training row's code leaves |z| <= max(CODE_RANGE, twice
+# the largest whitened code), far beyond any N(0, I) draw: the steps then diverge.
+CODE_RANGE = 10.0
 
 
 @contextlib.contextmanager
@@ -71,19 +77,28 @@ def check_data(x: Tensor, dim: int, what: str) -> None:
 def whitening(x: Tensor, whiten: str) -> tuple[Tensor, Tensor]:
     """The whitening :math:`W(x) = L^{-1}(x - m)` of the rows of ``x``, as ``(m, L)`` in ``x``'s
     dtype: the ML mean and Cholesky factor (``whiten="full"``), the standard deviations
-    (``"diagonal"``) or the identity (``"none"``). Constant columns and (``"full"``) a singular
-    covariance raise a :class:`ValueError`."""
+    (``"diagonal"``) or the identity (``"none"``). Constant columns, columns whose spread is
+    below the dtype's resolution at their size and (``"full"``) a singular covariance raise a
+    :class:`ValueError`."""
     loc, tril, ridge = ml_gaussian(x, diagonal=whiten != "full")
     # The covariance's diagonal; where a ridge was needed, from the data (it is then either a
     # constant column or a singular covariance, and the ridge would hide which).
     var = (x.to(torch.float64) - loc).square().mean(0) if ridge else tril.square().sum(-1)
     eps = torch.finfo(x.dtype).eps
     scale = x.abs().amax(0).to(torch.float64).clamp_min(torch.finfo(x.dtype).tiny)
-    constant = var <= (16 * eps * scale) ** 2
-    if bool(constant.any()):
-        cols = constant.nonzero().flatten().tolist()
-        raise ValueError(f"Tabak.fit: column(s) {cols} are constant; data on a lower-dimensional "
-                         "set has no density in R^D; drop those columns")
+    unresolved = var <= (16 * eps * scale) ** 2
+    if bool(unresolved.any()):
+        constant = (x == x[:1]).all(0)
+        cols = (unresolved & constant).nonzero().flatten().tolist()
+        if cols:
+            raise ValueError(f"Tabak.fit: column(s) {cols} are constant; data on a "
+                             "lower-dimensional set has no density in R^D; drop those columns")
+        cols = unresolved.nonzero().flatten().tolist()
+        size = float(scale[unresolved].max())
+        hint = "" if x.dtype == torch.float64 else ", or fit in float64"
+        raise ValueError(f"Tabak.fit: column(s) {cols} vary, but their spread is below "
+                         f"{x.dtype}'s resolution at their size (about {size:.0e}); center or "
+                         f"rescale them first{hint}")
     if whiten == "full" and (ridge or bool(
             torch.diagonal(tril).square().min() <= 1e3 * eps * var.max())):
         raise ValueError("Tabak.fit: the data's covariance is singular (columns are linearly "
@@ -102,9 +117,50 @@ def warn_repeats(x: Tensor) -> None:
         cols = (repeated > 0.5).nonzero().flatten().tolist()
         warnings.warn(
             f"Tabak.fit: column(s) {cols} are mostly repeated values (discrete data); "
-            "the fit is well defined, but for a density add dequantization noise first",
+            "the fit is well defined, but for a density add dequantization noise first "
+            "(pyroflows.transforms.tabak.dequantize)",
             stacklevel=4,
         )
+
+
+def dequantize(x: Tensor, resolution: float | Tensor | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+    r"""``x`` (n, D) with uniform noise of each column's resolution :math:`h_j` added:
+    :math:`x_{ij} + h_j (u_{ij} - \tfrac12)`, :math:`u_{ij} \sim U(0, 1)`, so each recorded value
+    spreads over the cell of width :math:`h_j` around it. Repeated rows (rounded measurements,
+    counts, categorical-ish columns) give a likelihood without bound, onto which a fit collapses;
+    the dequantized data has a bounded density (a histogram's, at worst).
+
+    Arguments:
+        x: the data, floating point, shape ``(n, D)``.
+        resolution: :math:`h`, a number or ``D`` numbers; by default each column's smallest
+            positive gap between its distinct values.
+        generator: the noise's random generator (default: torch's global one).
+
+    Example:
+        >>> x = torch.tensor([[0.0, 1.0], [0.0, 3.0], [0.5, 3.0]], dtype=torch.float64)
+        >>> y = dequantize(x, generator=torch.Generator().manual_seed(0))
+        >>> bool(((y - x).abs() <= torch.tensor([0.25, 1.0])).all())  # h = (0.5, 2)
+        True
+    """
+    if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise ValueError("dequantize: x must be a floating-point tensor of shape (n, D)")
+    if resolution is None:
+        s = torch.sort(x, dim=0).values
+        gaps = s[1:] - s[:-1]
+        gaps = torch.where(gaps > 0, gaps, torch.full_like(gaps, math.inf))
+        h = gaps.amin(0) if x.shape[0] > 1 else torch.full_like(x[0], math.inf)
+        if not bool(torch.isfinite(h).all()):
+            cols = (~torch.isfinite(h)).nonzero().flatten().tolist()
+            raise ValueError(f"dequantize: column(s) {cols} hold a single value (or NaN/inf), "
+                             "so their resolution cannot be inferred; pass resolution=")
+    else:
+        h = torch.as_tensor(resolution, dtype=x.dtype, device=x.device).expand(x.shape[-1])
+        if not bool(((h > 0) & torch.isfinite(h)).all()):
+            raise ValueError(f"dequantize: resolution must be positive and finite, got "
+                             f"{resolution}")
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return x + h * (u - 0.5)
 
 
 def histogram(c: Tensor, bins: int) -> tuple[Tensor, Tensor]:
@@ -150,13 +206,17 @@ def select(selection: str, per_row: list[Tensor], steps: list[int], best_step: i
 @dataclass
 class FittedSteps:
     """A fit's result: the whitening, the kept steps' buffers (``frames`` (T, D, K) and the
-    :data:`~.map.PARAMETERS`, (T, K) each), the checks' ``history`` and ``best_step``."""
+    :data:`~.map.PARAMETERS`, (T, K) each), the checks' ``history``, ``best_step``, why the
+    loop ``stopped`` (``"max_steps"``, ``"early_stopping"``, ``"collapse"`` or
+    ``"interrupted"``) and, for a collapse, the ``reason``."""
 
     loc: Tensor
     scale_tril: Tensor
     steps: dict[str, Tensor]
     history: dict[str, list[float]]
     best_step: int
+    stopped: str = "max_steps"
+    reason: str | None = None
 
 
 class DualAscent:
@@ -205,19 +265,41 @@ class DualAscent:
         def record(step: int) -> float:
             train = float((standard_normal_log_prob(z.mT) + ld).mean() + ld_shared)
             rows_val = standard_normal_log_prob(z_val.mT) + ld_val
+            val = float(rows_val.mean() + ld_shared)
             if o.selection != "best":
                 per_row.append(rows_val + ld_shared)
-            val = float(rows_val.mean() + ld_shared)
             history["step"].append(step)
             history["train_log_prob"].append(train)
             history["val_log_prob"].append(val)
             return val
 
+        # The collapse bounds (Tabak's docstring): the codes' range, and the steps' log-det at
+        # a training row, at most half the dtype's digits per coordinate.
+        whiten_log_det = ld_shared
+        code_limit = max(CODE_RANGE, 2 * float(z.abs().amax()))
+        log_det_limit = o.dim * -math.log(torch.finfo(x.dtype).eps) / 2
+
+        def collapse() -> str | None:
+            if not math.isfinite(history["train_log_prob"][-1]):
+                return "the training log-likelihood is not finite"
+            code = float(z.abs().amax())
+            if not code <= code_limit:
+                return f"a training row's code reached |z| = {code:.3g} (bound {code_limit:.3g})"
+            stretch = float(ld.amax() + (ld_shared - whiten_log_det))
+            if not stretch <= log_det_limit:
+                return (f"the steps stretch a training row beyond {x.dtype}'s resolution "
+                        f"(log-det {stretch:.1f} > {log_det_limit:.1f})")
+            return None
+
         best_val, best_step, bad_checks, done = record(0), 0, 0, 0
+        stopped, reason = "max_steps", None
         with threads_for(n * k * o.num_candidates, x.device):
             bar = tqdm(total=o.max_steps, disable=not progress, desc="Tabak", leave=False)
             try:
-                while done < o.max_steps and bad_checks < o.patience:
+                while done < o.max_steps:
+                    if bad_checks >= o.patience:
+                        stopped = "early_stopping"
+                        break
                     chunk = min(o.check_every, o.max_steps - done)
                     frames = haar_frames(chunk * o.num_rotations, o.dim, k, x, gen)
                     frames = frames.reshape(chunk, o.num_rotations, o.dim, k)
@@ -244,10 +326,22 @@ class DualAscent:
                     bar.update(chunk)
                     val = record(done)
                     bar.set_postfix(val_log_prob=f"{val:.4f}")
+                    reason = collapse()
+                    if reason is not None:
+                        # Kept: the best check before this one (the last good state).
+                        stopped = "collapse"
+                        break
                     if val > best_val:
                         best_val, best_step, bad_checks = val, done, 0
                     else:
                         bad_checks += 1
+            except KeyboardInterrupt:
+                # Ctrl-C: keep the best complete check so far (steps after it are dropped).
+                stopped = "interrupted"
+                checks = min(len(history[key]) for key in history)
+                for key in history:
+                    del history[key][checks:]
+                del per_row[checks:]
             finally:
                 bar.close()
         if not math.isfinite(best_val):
@@ -261,7 +355,7 @@ class DualAscent:
 
         kept = {name: stacked(name, (k,)) for name in PARAMETERS}
         kept["frames"] = stacked("frames", (o.dim, k))
-        return FittedSteps(loc, tril, kept, history, best_step)
+        return FittedSteps(loc, tril, kept, history, best_step, stopped, reason)
 
     def relative_widths(self, shape: tuple, like: Tensor,
                         generator: torch.Generator | None) -> Tensor:

@@ -4,6 +4,7 @@ define."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import Tensor
@@ -50,8 +51,14 @@ class Tabak(FlowTransform):
     centers :math:`x_0` at training points, and takes the capped Gauss-Newton ascent step on the
     local log-likelihood of seed eq. 23 (:func:`~.map.local_ascent`) of the center predicting
     the largest gain (none where it would lose); it stops after ``patience`` held-out checks
-    without improvement. NaN/inf rows and constant or (when whitening) collinear columns raise
-    a :class:`ValueError`; dequantize lattice data. A failed fit leaves the old state intact.
+    without improvement. NaN/inf rows and constant, unresolved (spread below the dtype's
+    resolution) or (when whitening) collinear columns raise a :class:`ValueError`. The fit stops
+    as collapsing, keeping the best check before, when a training row's code leaves
+    :math:`|z| \le \max(10, 2 \max|W(x)|)` or the steps' log-det at a training row exceeds
+    :math:`\tfrac D2 \log(1/\mathrm{eps})` (each coordinate keeps half the dtype's digits):
+    repeated rows have an unbounded likelihood, onto which the steps sharpen; add noise of the
+    data's resolution first (:func:`~.fit.dequantize`). A failed fit leaves the old state
+    intact; a ``KeyboardInterrupt`` keeps the best state so far.
 
     References:
         Tabak & Vanden-Eijnden, "Density estimation by dual ascent of the log-likelihood",
@@ -149,21 +156,58 @@ class Tabak(FlowTransform):
             old = getattr(self, name)
             if isinstance(value, Tensor) and value.shape != old.shape:
                 setattr(self, name, old.new_empty(value.shape))
+        saved = state_dict.get(prefix + "frames")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if isinstance(saved, Tensor) and saved.is_floating_point():
+            self._orthonormalize_frames(saved.dtype)
+
+    def _apply(self, fn, *args, **kwargs):
+        old = self.frames.dtype
+        super()._apply(fn, *args, **kwargs)
+        self._orthonormalize_frames(old)
+        return self
+
+    @torch.no_grad()
+    def _orthonormalize_frames(self, old: torch.dtype) -> None:
+        """Frames rounded in ``old`` are orthonormal only to ``old``'s precision: where the
+        buffers are now finer, replace each by its nearest matrix with orthonormal columns (the
+        polar factor :math:`UV^\\top` of its SVD), so the steps stay exact inverses and
+        :math:`\\log|\\det|` the sum of the log-slopes to the new precision."""
+        new = self.frames.dtype
+        if (not new.is_floating_point or not old.is_floating_point or self.num_steps == 0
+                or torch.finfo(new).eps >= torch.finfo(old).eps):
+            return
+        u, _, vh = torch.linalg.svd(self.frames.to(torch.float64), full_matrices=False)
+        self.frames.copy_(u @ vh)
+        self.clear_cache()
 
     def fit(self, x: Tensor, x_val: Tensor | None = None, progress: bool = True) -> Tabak:
         """Fit the steps to the rows of ``x`` (n, D), held out ``x_val`` (default:
         ``val_fraction`` of ``x``'s rows), and return ``self``; ``history`` then holds ``step``,
-        ``train_log_prob`` and ``val_log_prob`` (nats per sample) at every check, and
-        ``best_step`` the kept count. The buffers take ``x``'s device and dtype."""
+        ``train_log_prob`` and ``val_log_prob`` (nats per sample) at every check, ``stopped``
+        (``"max_steps"``, ``"early_stopping"``, ``"collapse"`` with its ``"reason"``, or
+        ``"interrupted"``), and ``best_step`` the kept count. A collapse or a
+        ``KeyboardInterrupt`` keeps the best state before it, with a warning. The buffers take
+        ``x``'s device and dtype."""
         fitted = DualAscent(self).run(x, x_val, progress)
-        # Commit only now, so an exception or interrupt in the fit leaves the old state intact.
+        # Commit only now, so an exception in the fit leaves the old state intact.
         self.loc, self.scale_tril = fitted.loc, fitted.scale_tril
         for name, value in fitted.steps.items():
             setattr(self, name, value)
         self.fitted = torch.ones((), dtype=torch.bool, device=fitted.loc.device)
-        self.history, self.best_step = fitted.history, fitted.best_step
+        self.history, self.best_step = dict(fitted.history), fitted.best_step
+        self.history["stopped"] = fitted.stopped
         self.clear_cache()
+        if fitted.stopped == "collapse":
+            self.history["reason"] = fitted.reason
+            warnings.warn(
+                f"Tabak.fit: stopped, the fit is collapsing: {fitted.reason}; keeping step "
+                f"{fitted.best_step}. Repeated rows (rounded or discrete values) have no "
+                "density to fit: dequantize them first "
+                "(pyroflows.transforms.tabak.dequantize(x))", stacklevel=2)
+        elif fitted.stopped == "interrupted":
+            warnings.warn(f"Tabak.fit interrupted: keeping the best state so far (step "
+                          f"{fitted.best_step})", stacklevel=2)
         return self
 
     def fit_transform(self, x: Tensor, x_val: Tensor | None = None,
