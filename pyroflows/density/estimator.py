@@ -349,7 +349,7 @@ class DensityEstimator:
         start = time.perf_counter()
         given = _as_tensor(x, "x")
         device = usable_device(self.device or given.device, "fit")
-        dtype = self._fit_dtype(given, from_torch=isinstance(x, Tensor))
+        dtype = self.dtype or self._fit_dtype(given, from_torch=isinstance(x, Tensor))
         t = _check_matrix(given, "x", None, device, dtype)
         n, dim = t.shape
         if dim < 1:
@@ -569,7 +569,7 @@ class DensityEstimator:
         est = persistence.load(cls, path)
         target = device if device is not None else (est.device or "cpu")
         target = usable_device(target, f"loading {os.fspath(path)}" + (
-            "" if device is not None else " (saved there; pass device= to load elsewhere)"))
+            "" if device is not None else " on its saved device (pass device= to load elsewhere)"))
         est._model.to(device=target)
         if device is not None:
             est.device = target
