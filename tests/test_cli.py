@@ -58,14 +58,17 @@ def _unwritable_folder(tmp_path) -> str:
     return str(folder) if not os.access(folder, os.W_OK) else "/sys/pyroflows-demo"
 
 
-@pytest.mark.parametrize("case,match", [
+BAD_ARGUMENTS = [
     ("an existing file", r"--out .*taken\.png is an existing file, not a folder"),
     ("a folder under a file", r"--out .*taken\.png/plots: cannot write there \(Not a directory"),
     ("an unwritable folder", r"--out .*: cannot write there \((Permission denied|Operation not)"),
     ("tpu", r"--device: 'tpu' is not a torch device \(e\.g\. 'cpu', 'cuda'"),
     ("cuda:99", r"--device: device 'cuda:99' is not available on this machine"),
     ("no steps", r"--steps, --epochs and --draws must be positive"),
-])
+]
+
+
+@pytest.mark.parametrize("case,match", BAD_ARGUMENTS, ids=[case for case, _ in BAD_ARGUMENTS])
 def test_bad_arguments_are_one_line_and_status_2_before_any_work(case, match, tmp_path,
                                                                  monkeypatch, capsys):
     """Each bad argument of ``pyroflows demo`` ends it at once, before anything is fitted, with

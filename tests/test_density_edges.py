@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -223,6 +224,11 @@ def test_half_precision_is_fitted_in_float32_with_a_warning(data):
         est.fit(torch.as_tensor(x, dtype=torch.float16), max_epochs=1, progress=False)
     assert est._model_device_dtype()[1] == torch.float32
     assert torch.isfinite(est.log_prob(torch.as_tensor(x_val, dtype=torch.float16))).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dtype= chosen: no warning, and that dtype is used
+        est = DensityEstimator("maf", dtype=torch.float64, seed=0, **SMALL)
+        est.fit(torch.as_tensor(x, dtype=torch.float16), max_epochs=1, progress=False)
+    assert est._model_device_dtype()[1] == torch.float64
 
 
 def test_score_of_no_rows_and_fractional_draws_are_errors(data):
