@@ -182,3 +182,29 @@ def test_radial_inverse_gradients_for_small_alpha(dtype_, alpha_primes, device):
             want = torch.linalg.solve(jac.T, torch.ones(dim, dtype=torch.float64))
             tol = 1e-8 if dtype_ == torch.float64 else 1e-3
             torch.testing.assert_close(grad_x_sum[k], want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("beta_prime", [-100.0, 2.0, 30.0])
+def test_radial_at_its_centre_when_alpha_underflows(beta_prime, device):
+    """Found by the property tests: with softplus(alpha') below float32's range, the forward
+    map at its centre was NaN (beta / alpha overflowed, times diff = 0) and the log-det there
+    -inf (alpha (alpha + beta) underflowed), where the map is y = x0 with log-det
+    D log((alpha + beta) / alpha). (The log-det's gradient there is 0 times ~1/alpha: not
+    asked for.)"""
+    dim = 3
+    t = pf.transforms.radial(dim)
+    with torch.no_grad():
+        t.x0.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        t.alpha_prime.fill_(-800.0)
+        t.beta_prime.fill_(beta_prime)
+    t = t.to(device, torch.float32)
+    x = t.x0.detach().clone().unsqueeze(0).requires_grad_(True)
+    y = t(x)
+    log_det = t.log_abs_det_jacobian(x, y)
+    alpha, alpha_plus_beta = (v.double() for v in t._alpha_beta())
+    torch.testing.assert_close(y.detach(), x.detach())
+    torch.testing.assert_close(log_det.double(), dim * torch.log(alpha_plus_beta / alpha),
+                               rtol=1e-6, atol=1e-6)
+    if beta_prime < 30:  # the Jacobian (alpha + beta) / alpha I itself overflows at 30
+        grads = torch.autograd.grad(y.sum(), [x, *t.parameters()])
+        assert all(torch.isfinite(g).all() for g in grads)
