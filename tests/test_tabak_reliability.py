@@ -54,6 +54,12 @@ def test_repeated_rows_stop_at_the_last_good_step_and_say_why(seed):
         ld = -t.log_abs_det_jacobian(t.inv(rows), rows)
     torch.testing.assert_close(ld.double(), _log_det_autograd(t, rows), atol=1e-2, rtol=0)
     assert torch.isfinite(log_det).all()
+    # The density does not hang on float32's rounding: the same transform evaluated in float64
+    # gives the same log-likelihood on the training rows (a collapsed map does not: its codes
+    # are rounding noise).
+    lp32 = t.log_prob(x).double()
+    lp64 = t.to(torch.float64).log_prob(x.double())
+    assert (lp32 - lp64).abs().max() < 0.05  # a collapsed fit: thousands of nats
 
 
 def test_dequantized_repeated_rows_fit_without_collapse():

@@ -131,7 +131,7 @@ class Tabak(FlowTransform):
         self.val_fraction = float(val_fraction)
         self.num_candidates, self.candidate_bins = int(num_candidates), int(candidate_bins)
         self.num_rotations = int(num_rotations)
-        self.history: dict[str, list[float]] = {}
+        self.history: dict[str, list[float] | str] = {}
         self.best_step = 0
         dt = torch.get_default_dtype()
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
