@@ -124,8 +124,12 @@ class AutoFlowGuide(Memoized, AutoContinuous):
     else :math:`N(\text{init\_loc}, \mathrm{init\_scale}^2 I)`. The flow is built at the first
     call, on the device and in the dtype of the latent values, as a submodule; the param
     store's entries are its own tensors (:func:`sync_param_store`). Train with
-    :class:`~pyroflows.guides.FlowELBO` and the family's step sizes (:func:`optim_args`,
-    :meth:`param_groups`).
+    :class:`~pyroflows.guides.FlowELBO` (it skips a step with a non-finite loss or gradient; a
+    plain ``Trace_ELBO``'s SVI applies it) and the family's step sizes (:func:`optim_args`,
+    :meth:`param_groups`). The latent vector's size is fixed at set-up: a call whose model
+    arguments give a latent site another shape (more data rows for a per-row latent) raises a
+    :class:`ValueError` naming the site and both shapes (the model runs once per new shape of
+    the tensor arguments or new int argument to find out; other changes go unseen).
 
     Arguments:
         model: a Pyro model with continuous latent sites (discrete ones enumerated).
@@ -264,7 +268,7 @@ class AutoFlowGuide(Memoized, AutoContinuous):
             return self._setup_prototype(*args, **kwargs)
         known, model = self.__dict__.setdefault("_data_keys", set()), (self._raw_model or [None])[0]
         if not (args or kwargs) or model is None or (key := _data_key(args, kwargs)) in known:
-            return None  # (no model after unpickling)
+            return None  # (an unpickled guide has no model to ask)
         with torch.no_grad():
             trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
         for name, site in self.prototype_trace.iter_stochastic_nodes():
