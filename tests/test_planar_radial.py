@@ -186,11 +186,12 @@ def test_radial_inverse_gradients_for_small_alpha(dtype_, alpha_primes, device):
 
 @pytest.mark.parametrize("beta_prime", [-100.0, 2.0, 30.0])
 def test_radial_at_its_centre_when_alpha_underflows(beta_prime, device):
-    """Found by the property tests: with softplus(alpha') below float32's range, the forward
-    map at its centre was NaN (beta / alpha overflowed, times diff = 0) and the log-det there
-    -inf (alpha (alpha + beta) underflowed), where the map is y = x0 with log-det
-    D log((alpha + beta) / alpha). (The log-det's gradient there is 0 times ~1/alpha: not
-    asked for.)"""
+    """Found by the property tests: with softplus(alpha') below float32's range (alpha at the
+    smallest normal number), the forward map at its centre was NaN (beta / alpha overflowed,
+    times diff = 0) and the log-det there -inf (alpha (alpha + beta) underflowed), where the
+    map is y = x0 with log-det D log((alpha + beta) / alpha); alpha and alpha + beta now stop
+    at the square root of it. (The log-det's gradient there is 0 times ~1/alpha: not asked
+    for.)"""
     dim = 3
     t = pf.transforms.radial(dim)
     with torch.no_grad():
@@ -205,6 +206,6 @@ def test_radial_at_its_centre_when_alpha_underflows(beta_prime, device):
     torch.testing.assert_close(y.detach(), x.detach())
     torch.testing.assert_close(log_det.double(), dim * torch.log(alpha_plus_beta / alpha),
                                rtol=1e-6, atol=1e-6)
-    if beta_prime < 30:  # the Jacobian (alpha + beta) / alpha I itself overflows at 30
+    if beta_prime < 30:  # at 30, dh/dr = -(alpha + beta) / alpha^2 itself overflows float32
         grads = torch.autograd.grad(y.sum(), [x, *t.parameters()])
         assert all(torch.isfinite(g).all() for g in grads)

@@ -92,10 +92,12 @@ _MAP = ("forward_and_log_det", "inverse_and_log_det", "_alpha_beta")
 def radial_alpha(alpha_prime: Tensor, beta_prime: Tensor) -> tuple[Tensor, Tensor]:
     r""":math:`\alpha = \mathrm{softplus}(\alpha')` and :math:`\alpha + \beta =
     \mathrm{softplus}(\beta')` (so the sum stays positive in float32), elementwise, each at
-    least the dtype's smallest normal number: positive however far below 0 the raw value is
-    (where softplus underflows to 0 the map would divide by 0 at its centre)."""
-    tiny = torch.finfo(alpha_prime.dtype).tiny
-    return F.softplus(alpha_prime).clamp_min(tiny), F.softplus(beta_prime).clamp_min(tiny)
+    least the square root of the dtype's smallest normal number: positive however far below
+    0 the raw value is (where softplus underflows to 0 the map would divide by 0 at its
+    centre), with :math:`\alpha(\alpha + \beta)` of the log-det a normal number and the
+    centre's expansion :math:`(\alpha + \beta)/\alpha` finite for any sane :math:`\beta'`."""
+    floor = torch.finfo(alpha_prime.dtype).tiny ** 0.5
+    return F.softplus(alpha_prime).clamp_min(floor), F.softplus(beta_prime).clamp_min(floor)
 
 
 def radial_forward(x: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
@@ -104,9 +106,7 @@ def radial_forward(x: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
     :math:`\alpha + \beta` (shape (1,) or ())."""
     diff = x - x0
     r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
-    # y - x0 = (diff / (alpha + r)) (alpha + beta + r): the quotient is at most 1 in size, where
-    # beta h = beta / (alpha + r) overflows near the centre once alpha underflows (inf * 0 there)
-    y = torch.addcmul(x0, diff / (alpha + r), alpha_plus_beta + r)
+    y = x + (alpha_plus_beta - alpha) / (alpha + r) * diff
     return y, _log_det(r, alpha, alpha_plus_beta, x.shape[-1])
 
 
@@ -130,19 +130,12 @@ def radial_inverse(y: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
 
 def _log_det(r: Tensor, alpha: Tensor, alpha_plus_beta: Tensor, dim: int) -> Tensor:
     # 1 + beta h = (alpha + beta + r) / (alpha + r) and
-    # 1 + beta h - beta r h^2 = (alpha (alpha + beta) + r (2 alpha + r)) / (alpha + r)^2:
+    # 1 + beta h - beta r h^2 = (alpha (alpha + beta) + 2 alpha r + r^2) / (alpha + r)^2:
     # sums of positive terms, free of the cancellation in log1p(beta h) near beta = -alpha.
-    # The numerator's log as logaddexp of its terms' logs: alpha (alpha + beta) underflows
-    # where both are tiny (the log-det at the centre would be -inf, not log((alpha+beta)/alpha));
-    # r = 0 (the centre) takes the first term alone, its log(r) made finite before the where
-    log_total = torch.log(alpha + r)
-    positive = r > 0
-    r_safe = torch.where(positive, r, torch.ones_like(r))
-    log_num = torch.logaddexp(
-        torch.log(alpha) + torch.log(alpha_plus_beta),
-        torch.where(positive, torch.log(r_safe) + torch.log(2 * alpha + r_safe), -math.inf))
-    return ((dim - 1) * (torch.log(alpha_plus_beta + r) - log_total)
-            + log_num - 2 * log_total).squeeze(-1)
+    log_ar = torch.log(alpha + r)
+    return ((dim - 1) * (torch.log(alpha_plus_beta + r) - log_ar) + (
+        torch.log(alpha * alpha_plus_beta + r * (2 * alpha + r)) - 2 * log_ar
+    )).squeeze(-1)
 
 
 def radial(dim: int) -> Radial:
