@@ -28,11 +28,17 @@ def test_help_and_version():
     assert out.returncode == 0 and pyroflows.__version__ in out.stdout
 
 
-def test_demo_runs_and_writes_plots(capsys, tmp_path):
+def test_demo_runs_and_writes_plots(capsys, caplog, tmp_path):
+    """A short real run. Its output has no progress bars (not a terminal), no Pyro INFO lines
+    and no warnings; the printed KL and gaps to the true densities are consistent."""
     out_dir = tmp_path / "demo"
     assert main(["demo", "--steps", "150", "--epochs", "3", "--draws", "500", "--quick",
-                 "--no-progress", "--out", str(out_dir)]) == 0
-    text = capsys.readouterr().out
+                 "--out", str(out_dir)]) == 0
+    captured = capsys.readouterr()
+    text = captured.out
+    assert captured.err == "", captured.err  # tqdm writes to stderr: nothing there off a terminal
+    assert "INFO" not in text and "max_plate_nesting" not in text and "Warning" not in text
+    assert not [r for r in caplog.records if r.name.startswith("pyro")]
     rows = re.findall(r"^\s+(Auto\w+.*?)\s+(-?\d+\.\d+) ± (\d+\.\d+)\s+(-?\d+\.\d+)\s+(\d+\.\d+)",
                       text, flags=re.M)
     assert len(rows) == 3, text
@@ -40,13 +46,32 @@ def test_demo_runs_and_writes_plots(capsys, tmp_path):
         # ELBO <= log Z up to Monte Carlo error, so the printed KL is (almost) non-negative
         assert float(kl) > -0.05 and abs(float(elbo) + float(kl) - 1.877502) < 1e-3
         assert float(khat) < 5
-    lls = dict(re.findall(r"^\s+(full-covariance Gaussian \(ML\)|MAF x5 \(whitened\))\s+"
-                          r"(-?\d+\.\d+) ±", text, flags=re.M))
-    assert float(lls["MAF x5 (whitened)"]) > float(lls["full-covariance Gaussian (ML)"])
-    for name in ("u1_guides.png", "elbo_traces.png", "two_moons_density.png"):
+    gaps = dict(re.findall(r"^\s+(full-covariance Gaussian \(ML\)|MAF x5 \(whitened\)|"
+                           r"MAF x5, Tabak-preconditioned)\s+-?\d+\.\d+\s+(-?\d+\.\d+) ±",
+                           text, flags=re.M))
+    assert len(gaps) == 3, text
+    for name, gap in gaps.items():  # a KL divergence, up to Monte Carlo error
+        assert float(gap) > -0.05, (name, gap)
+    for name in ("u1_guides.png", "elbo_traces.png", "student_t_density.png"):
         path = out_dir / name
         assert path.exists() and os.path.getsize(path) > 10_000, name
         assert str(path) in text
+
+
+def test_the_demo_quiets_pyro_and_arviz_only_while_it_runs():
+    import logging
+    import warnings
+
+    logger = logging.getLogger("pyro")
+    level, filters = logger.level, list(warnings.filters)
+    with cli._quiet():
+        assert not logger.isEnabledFor(logging.INFO)
+        with warnings.catch_warnings(record=True) as caught:  # keeps the demo's filters
+            warnings.warn_explicit("ArviZ is changing", FutureWarning, "x.py", 1,
+                                   module="arviz.data")
+            warnings.warn_explicit("yours", FutureWarning, "y.py", 1, module="mine")
+        assert [str(w.message) for w in caught] == ["yours"]
+    assert logger.level == level and warnings.filters == filters
 
 
 def _unwritable_folder(tmp_path) -> str:
