@@ -144,24 +144,23 @@ def _fixed_triangular_affine(data):
     return pf.transforms.FixedTriangularAffine(_normal(gen, DIM), tril)
 
 
-def _planar_stack(data):
-    stack = pf.flows.build("planar", DIM, num_layers=2)
+def _drawn_stack(family, draw, names, data):
+    """A built ``family`` stack of 2 layers, each holding the raw parameters ``draw`` gives."""
+    stack = pf.flows.build(family, DIM, num_layers=2)
     for part in stack.parts:
-        drawn = _planar(data)
+        drawn = draw(data)
         with torch.no_grad():
-            for name in ("w", "u", "bias"):
+            for name in names:
                 getattr(part, name).copy_(getattr(drawn, name).view_as(getattr(part, name)))
     return stack
+
+
+def _planar_stack(data):
+    return _drawn_stack("planar", _planar, ("w", "u", "bias"), data)
 
 
 def _radial_stack(data):
-    stack = pf.flows.build("radial", DIM, num_layers=2)
-    for part in stack.parts:
-        drawn = _radial(data)
-        with torch.no_grad():
-            for name in ("x0", "alpha_prime", "beta_prime"):
-                getattr(part, name).copy_(getattr(drawn, name).view_as(getattr(part, name)))
-    return stack
+    return _drawn_stack("radial", _radial, ("x0", "alpha_prime", "beta_prime"), data)
 
 
 def _maf_stack(data):
