@@ -28,7 +28,7 @@ from torch.distributions import Independent, Normal, TransformedDistribution
 import pyroflows as pf
 
 FAST = os.environ.get("PYROFLOWS_TUTORIAL_FAST") == "1"
-torch.manual_seed(0)
+_ = torch.manual_seed(0)
 
 # %% [markdown]
 # ## One layer of each family

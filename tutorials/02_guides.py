@@ -96,8 +96,8 @@ def smooth(trace, width):
 # %% [markdown]
 # ## Part 1: Rezende's U1 energy
 # $p(z) \propto \exp(-U_1(z))$ with
-# $U_1(z) = \tfrac12\big((\lVert z\rVert - 2)/0.4\big)^2
-#   - \log\big(e^{-\frac12((z_1 - 2)/0.6)^2} + e^{-\frac12((z_1 + 2)/0.6)^2}\big)$
+# $U_1(z) = \tfrac12\big((\lVert z\rVert - 2)/0.4\big)^2 -
+#   \log\big(e^{-\frac12((z_1 - 2)/0.6)^2} + e^{-\frac12((z_1 + 2)/0.6)^2}\big)$
 # (`pf.datasets.rezende_u1`). A Pyro model needs a sample site for $z$, but an improper flat
 # site (`ImproperUniform`) cannot be sampled, so an autoguide cannot set itself up on it.
 # Instead $z$ gets a $N(0, I)$ *carrier* site whose log density the factor cancels: the model's

@@ -30,7 +30,7 @@ import pyroflows as pf
 
 FAST = os.environ.get("PYROFLOWS_TUTORIAL_FAST") == "1"
 EPOCHS = 8 if FAST else 200
-torch.manual_seed(0)
+_ = torch.manual_seed(0)
 
 # %% [markdown]
 # ## Data with a known density

@@ -47,7 +47,7 @@ import pyroflows as pf
 FAST = os.environ.get("PYROFLOWS_TUTORIAL_FAST") == "1"
 N = 1000 if FAST else 4000
 MAX_STEPS = 400 if FAST else 3000
-torch.manual_seed(0)
+_ = torch.manual_seed(0)
 dtype = torch.float64
 
 

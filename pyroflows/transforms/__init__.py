@@ -13,10 +13,11 @@ from .coupling import RealNVP, realnvp
 from .permute import Permute, permute
 from .planar import Planar, planar
 from .radial import Radial, radial
-from .tabak import Tabak, tabak
+from .tabak import Tabak, dequantize, tabak
 
 __all__ = [
     "FlowTransform", "ElementwiseAffine", "elementwise_affine", "TriangularAffine",
     "triangular_affine", "FixedTriangularAffine", "Planar", "planar", "Radial", "radial", "IAF",
     "iaf", "MAF", "maf", "RealNVP", "realnvp", "Permute", "permute", "Tabak", "tabak",
+    "dequantize",
 ]

@@ -118,7 +118,7 @@ def warn_repeats(x: Tensor) -> None:
         warnings.warn(
             f"Tabak.fit: column(s) {cols} are mostly repeated values (discrete data); "
             "the fit is well defined, but for a density add dequantization noise first "
-            "(pyroflows.transforms.tabak.dequantize)",
+            "(pyroflows.transforms.dequantize)",
             stacklevel=4,
         )
 

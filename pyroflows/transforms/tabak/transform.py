@@ -204,7 +204,7 @@ class Tabak(FlowTransform):
                 f"Tabak.fit: stopped, the fit is collapsing: {fitted.reason}; keeping step "
                 f"{fitted.best_step}. Repeated rows (rounded or discrete values) have no "
                 "density to fit: dequantize them first "
-                "(pyroflows.transforms.tabak.dequantize(x))", stacklevel=2)
+                "(pyroflows.transforms.dequantize(x))", stacklevel=2)
         elif fitted.stopped == "interrupted":
             warnings.warn(f"Tabak.fit interrupted: keeping the best state so far (step "
                           f"{fitted.best_step})", stacklevel=2)
