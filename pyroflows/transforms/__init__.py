@@ -9,6 +9,7 @@ from .affine import (
 )
 from .autoregressive import IAF, MAF, iaf, maf
 from .base import FlowTransform
+from .conditional import ConditionalFlowTransform
 from .coupling import RealNVP, realnvp
 from .permute import Permute, permute
 from .planar import Planar, planar
@@ -16,7 +17,7 @@ from .radial import Radial, radial
 from .tabak import Tabak, dequantize, tabak
 
 __all__ = [
-    "FlowTransform", "ElementwiseAffine", "elementwise_affine", "TriangularAffine",
+    "FlowTransform", "ConditionalFlowTransform", "ElementwiseAffine", "elementwise_affine", "TriangularAffine",
     "triangular_affine", "FixedTriangularAffine", "Planar", "planar", "Radial", "radial", "IAF",
     "iaf", "MAF", "maf", "RealNVP", "realnvp", "Permute", "permute", "Tabak", "tabak",
     "dequantize",

@@ -1,0 +1,71 @@
+r"""Conditional flow layers (seed eq. 27): a layer's parameters :math:`\zeta` are the output
+of a network of a context :math:`c` (a datapoint, an encoder's hidden layer), so one module
+maps a batch of contexts to a batch of flows, :math:`x = f_{\zeta(c)}(z)`.
+
+Every conditional layer follows Pyro's protocol: it is a
+:class:`pyro.distributions.ConditionalTransformModule` whose ``condition(c)`` returns a
+transform for the contexts ``c`` of shape ``(..., C)``, usable in ``TransformedDistribution``;
+the context's batch dims broadcast against the input's (``c`` of shape (B, C) with ``x`` of
+shape (B, D) or (S, B, D)). Each ``condition`` call returns a new transform, so a cached
+output of one context is never an answer for another.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.distributions.conditional import ConditionalTransformModule
+from torch import Tensor
+from torch.distributions import Transform
+
+from .._config import is_validation_enabled
+
+__all__ = ["ConditionalFlowTransform"]
+
+
+class ConditionalFlowTransform(ConditionalTransformModule):
+    r"""Base class of pyroflows' conditional layers: ``condition(context)`` checks the context
+    and returns ``conditioned(context)``, the layer's transform for it (subclasses implement
+    ``conditioned``).
+
+    Arguments:
+        dim: the event size D.
+        context_dim: the context size C.
+    """
+
+    def __init__(self, dim: int, context_dim: int) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if int(dim) < 1:
+            raise ValueError(f"{name}: dim must be a positive integer, got {dim!r}")
+        if int(context_dim) < 1:
+            raise ValueError(f"{name}: context_dim must be a positive integer, got "
+                             f"{context_dim!r}")
+        self.dim, self.context_dim = int(dim), int(context_dim)
+
+    def check_context(self, context: Tensor) -> Tensor:
+        """``context`` itself, or a :class:`ValueError` saying what is wrong with it: not a
+        floating tensor of shape ``(..., C)``, or (while :func:`pyroflows.is_validation_enabled`)
+        holding NaN or infinite values."""
+        name = type(self).__name__
+        if not isinstance(context, Tensor) or not context.is_floating_point():
+            raise ValueError(f"{name}: the context must be a floating-point torch.Tensor of "
+                             f"shape (..., {self.context_dim}), got {type(context).__name__}"
+                             + (f" of {context.dtype}" if isinstance(context, Tensor) else ""))
+        if context.dim() < 1 or context.shape[-1] != self.context_dim:
+            raise ValueError(f"{name}: the context must have shape (..., {self.context_dim}) "
+                             f"(context size {self.context_dim}), got shape "
+                             f"{tuple(context.shape)}")
+        if is_validation_enabled() and not bool(torch.isfinite(context).all()):
+            raise ValueError(f"{name}: the context contains NaN or infinite values")
+        return context
+
+    def condition(self, context: Tensor) -> Transform:
+        """The layer's transform for ``context`` (shape ``(..., C)``)."""
+        return self.conditioned(self.check_context(context))
+
+    def conditioned(self, context: Tensor) -> Transform:
+        """The transform for a checked ``context``; subclasses implement it."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, context_dim={self.context_dim}"
