@@ -25,6 +25,9 @@ __all__ = [
     "check_transform", "check_shapes", "check_round_trips", "check_log_det", "check_gradients",
     "check_save_load", "check_stale_cache", "check_in_place_edit", "check_deepcopy",
     "check_bad_input", "check_transformed_distribution", "randomize_parameters_", "tolerances",
+    "check_conditional_transform", "check_conditional_shapes", "check_conditional_round_trips",
+    "check_conditional_log_det", "check_conditional_gradients", "check_conditional_save_load",
+    "check_conditional_stale_cache", "check_conditional_bad_context",
 ]
 
 Factory = Callable[[], torch.nn.Module]
@@ -319,3 +322,241 @@ def check_transform(factory: Factory, dim: int, device=None, dtype=torch.float64
                   check_transformed_distribution):
         check(make(), dim, device=device, dtype=dtype)
     check_save_load(make(), dim, factory, device=device, dtype=dtype)
+
+
+# ---- conditional layers (seed eq. 27): ``layer.condition(c)`` is a transform per context row ----
+
+ConditionalFactory = Callable[[], torch.nn.Module]
+
+
+def _conditioned_rows(layer, context: Tensor, x: Tensor) -> list[Tensor]:
+    """Row ``b`` of the map of ``x`` (B, D) by ``layer.condition(context[b])`` alone."""
+    return [layer.condition(_fresh(context[b]))(_fresh(x[b])) for b in range(x.shape[0])]
+
+
+def check_conditional_shapes(layer, dim: int, context_dim: int, device=None,
+                             dtype=torch.float64) -> None:
+    """Contexts broadcast: ``c`` (B, C) with ``x`` (B, D) or (S, B, D), ``c`` (C,) with any
+    ``x``; each ``condition`` call returns a new transform; outputs follow the input's dtype."""
+    c = _draw((4, context_dim), device, dtype, 20)
+    t = layer.condition(c)
+    assert layer.condition(c) is not t, "condition returned the same transform twice"
+    for shape in ((4, dim), (3, 4, dim)):
+        x = _draw(shape, device, dtype, 21)
+        y = t(x)
+        assert y.shape == x.shape and y.dtype == dtype and y.device == x.device, (
+            f"forward of {shape} under contexts (4, {context_dim}) gave {tuple(y.shape)}")
+        ladj = t.log_abs_det_jacobian(x, y)
+        assert ladj.shape == x.shape[:-1], f"log-det shape {tuple(ladj.shape)} for x {shape}"
+        assert t.inv(_fresh(y)).shape == x.shape, "the inverse changed the shape"
+        assert torch.isfinite(y).all() and torch.isfinite(ladj).all(), "non-finite outputs"
+    x = _draw((3, 4, dim), device, dtype, 22)
+    one = layer.condition(c[1])  # one context (C,) for every row
+    torch.testing.assert_close(one(x)[:, 1], t(_fresh(x))[:, 1], **tolerances(dtype),
+                               msg=lambda m: f"context (C,) != its row of a batch: {m}")
+    for b, row in enumerate(_conditioned_rows(layer, c, x[0])):
+        torch.testing.assert_close(row, t(_fresh(x[0]))[b], **tolerances(dtype),
+                                   msg=lambda m: f"row of a batch != its context alone: {m}")
+
+
+def check_conditional_round_trips(layer, dim: int, context_dim: int, device=None,
+                                  dtype=torch.float64) -> None:
+    """``inv(t(x)) == x`` and ``t(inv(y)) == y`` per context row, also for points (S, B, D)
+    the forward map never produced."""
+    tol = tolerances(dtype)
+    c = _draw((6, context_dim), device, dtype, 23)
+    t = layer.condition(c)
+    x = _draw((5, 6, dim), device, dtype, 24)
+    torch.testing.assert_close(t.inv(_fresh(t(x))), x, **tol,
+                               msg=lambda m: f"inv(t(x)) != x: {m}")
+    y = _draw((5, 6, dim), device, dtype, 25, scale=2.0)
+    torch.testing.assert_close(t(_fresh(t.inv(y))), y, **tol,
+                               msg=lambda m: f"t(inv(y)) != y: {m}")
+
+
+def check_conditional_log_det(layer, dim: int, context_dim: int, device=None,
+                              dtype=torch.float64) -> None:
+    """Per context row, ``log_abs_det_jacobian`` (cached, recomputed, inverse) against
+    slogdet of that row's block of the autograd Jacobian of the batched map; the blocks
+    between rows are zero (each row is mapped by its own context only)."""
+    tol = tolerances(dtype)
+    rows = 4
+    c = _draw((rows, context_dim), device, dtype, 26)
+    t = layer.condition(c)
+    x = _draw((rows, dim), device, dtype, 27)
+    jac = torch.autograd.functional.jacobian(lambda v: layer.condition(c)(v), _fresh(x))
+    jac = jac.detach()
+    y = t(x)
+    cached = t.log_abs_det_jacobian(x, y).detach()
+    uncached = t.log_abs_det_jacobian(_fresh(x), _fresh(y)).detach()
+    inverse = t.inv.log_abs_det_jacobian(_fresh(y), _fresh(x)).detach()
+    for b in range(rows):
+        block = jac[b, :, b, :]
+        sign, expected = torch.linalg.slogdet(block)
+        assert sign > 0, f"row {b}: the autograd Jacobian's determinant has sign {sign}"
+        for got, how in ((cached[b], "cached"), (uncached[b], "recomputed"),
+                         (-inverse[b], "inverse (negated)")):
+            torch.testing.assert_close(
+                got, expected, **tol,
+                msg=lambda m, how=how, b=b: f"row {b}: {how} log|det J| != slogdet: {m}")
+    between = jac.clone()
+    for b in range(rows):
+        between[b, :, b, :] = 0
+    assert float(between.abs().max()) == 0, "a row's output depends on another row's input"
+
+
+def check_conditional_gradients(layer, dim: int, context_dim: int, device=None,
+                                dtype=torch.float64) -> None:
+    """Gradients of ``sum(y^2) + sum(log|det J|)`` (and of the inverse's) reach the input,
+    the context and every trainable parameter, finite, not all zero; in float64, the input's
+    and the context's against finite differences (:func:`torch.autograd.gradcheck`)."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    names = [n for n, p in layer.named_parameters() if p.requires_grad]
+    for inverse in (False, True):
+        direction = "inverse" if inverse else "forward"
+        c = _draw((5, context_dim), device, dtype, 28).requires_grad_(True)
+        x = _draw((3, 5, dim), device, dtype, 29).requires_grad_(True)
+        t = layer.condition(c)
+        if inverse:
+            out = t.inv(x)
+            ladj = t.inv.log_abs_det_jacobian(x, out)
+        else:
+            out = t(x)
+            ladj = t.log_abs_det_jacobian(x, out)
+        grads = torch.autograd.grad(out.square().sum() + ladj.sum(), [x, c, *params],
+                                    allow_unused=True)
+        for what, g in (("the input", grads[0]), ("the context", grads[1])):
+            assert g is not None and torch.isfinite(g).all() and float(g.abs().sum()) > 0, (
+                f"{direction}: no finite non-zero gradient w.r.t. {what}")
+        for name, g in zip(names, grads[2:], strict=True):
+            assert g is not None, f"{direction}: parameter {name} gets no gradient"
+            assert torch.isfinite(g).all(), f"{direction}: parameter {name}'s gradient not finite"
+        if params:
+            assert any(float(g.abs().sum()) > 0 for g in grads[2:]), (
+                f"{direction}: every parameter gradient is 0")
+    if dtype != torch.float64:
+        return
+
+    def loss(x_, c_, inverse):
+        t = layer.condition(c_)
+        out = t.inv(x_) if inverse else t(x_)
+        ladj = (t.inv if inverse else t).log_abs_det_jacobian(x_, out)
+        return out.square().sum(-1) + ladj
+
+    c = _draw((2, context_dim), device, dtype, 30).requires_grad_(True)
+    x = _draw((2, dim), device, dtype, 31).requires_grad_(True)
+    for inverse in (False, True):
+        assert torch.autograd.gradcheck(lambda x_, c_, inverse=inverse: loss(x_, c_, inverse),
+                                        (x, c), eps=1e-6, atol=1e-5, rtol=1e-4), "gradcheck"
+
+
+def check_conditional_save_load(layer, dim: int, context_dim: int, factory: ConditionalFactory,
+                                device=None, dtype=torch.float64) -> None:
+    """``torch.save`` of the module and a ``state_dict`` round trip into a fresh module give
+    identical outputs (both directions) for the same contexts."""
+    c = _draw((4, context_dim), device, dtype, 32)
+    x = _draw((4, dim), device, dtype, 33)
+    t = layer.condition(c)
+    y, back = t(x), t.inv(_fresh(x))
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    fresh = factory().to(device=device, dtype=dtype)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf))
+    for other, how in ((loaded, "torch.save/load"), (fresh, "state_dict round trip")):
+        t2 = other.condition(_fresh(c))
+        torch.testing.assert_close(t2(_fresh(x)), y, rtol=0, atol=0,
+                                   msg=lambda m, how=how: f"{how}, forward: {m}")
+        torch.testing.assert_close(t2.inv(_fresh(x)), back, rtol=0, atol=0,
+                                   msg=lambda m, how=how: f"{how}, inverse: {m}")
+
+
+def check_conditional_stale_cache(layer, dim: int, context_dim: int, device=None,
+                                  dtype=torch.float64) -> None:
+    """Condition on ``c1``, call, condition on ``c2``, call: ``c2``'s answers, never ``c1``'s
+    cached ones (forward, log-det, inverse of ``c1``'s output); after an optimizer step the
+    layer conditions afresh."""
+    tol = tolerances(dtype)
+    c1 = _draw((4, context_dim), device, dtype, 34)
+    c2 = _draw((4, context_dim), device, dtype, 35)
+    x = _draw((4, dim), device, dtype, 36)
+    t1 = layer.condition(c1)
+    y1 = t1(x)
+    ladj1 = t1.log_abs_det_jacobian(x, y1)
+    t2 = layer.condition(c2)
+    y2 = t2(x)
+    assert not torch.allclose(y1, y2), "contexts c1 and c2 gave the same map"
+    torch.testing.assert_close(y2, layer.condition(_fresh(c2))(_fresh(x)), **tol,
+                               msg=lambda m: f"forward under c2 != c2's fresh map: {m}")
+    torch.testing.assert_close(t2.log_abs_det_jacobian(x, y1),
+                               t2.log_abs_det_jacobian(_fresh(x), _fresh(y1)), **tol,
+                               msg=lambda m: f"log-det under c2 answered from c1's call: {m}")
+    back = t2.inv(y1)  # c1's output: inverted by c2's map, not read from c1's cache
+    assert not torch.allclose(back, x), "c2's inverse of c1's output returned c1's input"
+    torch.testing.assert_close(t2(_fresh(back)), y1, **tol,
+                               msg=lambda m: f"c2's inverse of c1's output: {m}")
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if not params:
+        return
+    opt = torch.optim.SGD(params, lr=0.1)
+    opt.zero_grad()
+    (y1.square().sum() + ladj1.sum()).backward()
+    for p in params:
+        p.grad = torch.full_like(p, 0.1) if p.grad is None else p.grad.add(0.1)
+    opt.step()
+    y3 = layer.condition(c1)(x)
+    assert not torch.allclose(y3, y1), "the map under c1 did not change after an optimizer step"
+    torch.testing.assert_close(y3, layer.condition(_fresh(c1))(_fresh(x)), **tol,
+                               msg=lambda m: f"stale map after an optimizer step: {m}")
+
+
+def check_conditional_bad_context(layer, dim: int, context_dim: int, device=None,
+                                  dtype=torch.float64) -> None:
+    """A context of the wrong size, an integer or non-tensor context, and (while validation
+    is on) a non-finite one raise ValueError."""
+    from ._config import validation
+
+    wrong = _draw((4, context_dim + 1), device, dtype, 37)
+    _expect_value_error(lambda: layer.condition(wrong), "context of the wrong size")
+    _expect_value_error(lambda: layer.condition(torch.zeros(4, context_dim, dtype=torch.long,
+                                                            device=device)),
+                        "integer context")
+    _expect_value_error(lambda: layer.condition([0.0] * context_dim), "context not a tensor")
+    _expect_value_error(lambda: layer.condition(_draw((), device, dtype, 38)), "scalar context")
+    bad = _draw((4, context_dim), device, dtype, 39)
+    bad[2, 0] = float("nan")
+    with validation(True):
+        _expect_value_error(lambda: layer.condition(bad), "non-finite context")
+
+
+def check_conditional_transform(factory: ConditionalFactory, dim: int, context_dim: int,
+                                device=None, dtype=torch.float64) -> None:
+    """Run every conformance check of a conditional layer built by ``factory`` (a no-argument
+    callable returning a fresh :class:`pyro.distributions.ConditionalTransformModule` of event
+    size ``dim`` and context size ``context_dim``): shapes and broadcasting, round trips, the
+    log-det against the autograd Jacobian per context row, gradients to the input, the context
+    and the parameters, save/load, no stale cache across contexts, a bad context. The checks
+    move the layer to ``device``/``dtype`` and move its parameters away from their
+    initialization (:func:`randomize_parameters_`), since a layer that starts as the same map
+    for every context cannot show that the context matters.
+
+    Example:
+        >>> import torch, pyroflows as pf
+        >>> from pyroflows.testing import check_conditional_transform
+        >>> check_conditional_transform(
+        ...     lambda: pf.transforms.conditional_planar(2, 3, hidden_dims=(8,)), 2, 3)
+    """
+    def make():
+        layer = factory().to(device=device, dtype=dtype)
+        randomize_parameters_(layer, scale=0.3, seed=1)
+        return layer
+
+    for check in (check_conditional_shapes, check_conditional_round_trips,
+                  check_conditional_log_det, check_conditional_gradients,
+                  check_conditional_stale_cache, check_conditional_bad_context):
+        check(make(), dim, context_dim, device=device, dtype=dtype)
+    check_conditional_save_load(make(), dim, context_dim, factory, device=device, dtype=dtype)

@@ -10,6 +10,12 @@ from .affine import (
 from .autoregressive import IAF, MAF, iaf, maf
 from .base import FlowTransform
 from .conditional import ConditionalFlowTransform
+from .conditional_planar_radial import (
+    ConditionalPlanar,
+    ConditionalRadial,
+    conditional_planar,
+    conditional_radial,
+)
 from .coupling import RealNVP, realnvp
 from .permute import Permute, permute
 from .planar import Planar, planar
@@ -21,4 +27,5 @@ __all__ = [
     "triangular_affine", "FixedTriangularAffine", "Planar", "planar", "Radial", "radial", "IAF",
     "iaf", "MAF", "maf", "RealNVP", "realnvp", "Permute", "permute", "Tabak", "tabak",
     "dequantize",
+    "ConditionalPlanar", "conditional_planar", "ConditionalRadial", "conditional_radial",
 ]

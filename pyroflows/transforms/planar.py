@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .._fast import keeps_map, planar_chain, run_steps, stacked_rows
 from .base import FlowTransform
 
-__all__ = ["Planar", "planar", "planar_constraint", "planar_inverse_step"]
+__all__ = ["Planar", "planar", "planar_constraint", "planar_forward_step", "planar_inverse_step"]
 
 
 class Planar(FlowTransform):
@@ -75,9 +75,8 @@ class Planar(FlowTransform):
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         u_hat, slack = self.constrained()
-        act = torch.tanh(x @ self.w + self.bias.squeeze(-1))  # keeps (D,) inputs unbatched
-        y = x + act.unsqueeze(-1) * u_hat
-        return y, _log_det(act, slack)
+        # the bias squeezed to shape (): keeps (D,) inputs unbatched
+        return planar_forward_step(x, self.w, u_hat, self.bias.squeeze(-1), slack)
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         u_hat, slack = self.constrained()
@@ -105,13 +104,27 @@ class Planar(FlowTransform):
 _MAP = ("forward_and_log_det", "inverse_and_log_det", "constrained")
 
 
+def planar_forward_step(x: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, slack: Tensor
+                        ) -> tuple[Tensor, Tensor]:
+    r"""One planar layer's map :math:`x + \hat u \tanh(w^\top x + b)` and log-det from ``w``,
+    :math:`\hat u` (shape (D,), or (..., D): one set per row, broadcast against ``x``'s batch
+    dims), ``bias`` and :math:`\delta = 1 + w^\top \hat u` (shape () or (...,))."""
+    act = torch.tanh(_project(x, w) + bias)
+    return x + act.unsqueeze(-1) * u_hat, _log_det(act, slack)
+
+
 def planar_inverse_step(y: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, slack: Tensor
                         ) -> tuple[Tensor, Tensor]:
-    r"""One planar layer's inverse and log-det from ``w``, :math:`\hat u`, ``bias`` and
-    :math:`\delta = 1 + w^\top \hat u`."""
-    a = _solve_monotone_tanh(y @ w + bias, slack)
+    r"""One planar layer's inverse and log-det, arguments as :func:`planar_forward_step`'s."""
+    a = _solve_monotone_tanh(_project(y, w) + bias, slack)
     act = torch.tanh(a)
     return y - act.unsqueeze(-1) * u_hat, _log_det(act, slack)
+
+
+def _project(x: Tensor, w: Tensor) -> Tensor:
+    # w^T x over the last dim: one matrix-vector product for one layer's w (D,), an
+    # elementwise product and sum for one w per row (..., D)
+    return x @ w if w.dim() == 1 else (x * w).sum(-1)
 
 
 def planar_constraint(w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
