@@ -1,17 +1,19 @@
-"""Flow distributions: a standard normal base and a flow's density, each in a few kernels."""
+"""Flow distributions: a standard normal base and a flow's density, each in a few kernels;
+the conditional density of a conditional flow."""
 
 from __future__ import annotations
 
 import torch
 from pyro.distributions import TorchDistribution, TransformedDistribution
+from pyro.distributions.conditional import ConditionalDistribution, ConditionalTransform
 from torch import Tensor, nn
-from torch.distributions import constraints
+from torch.distributions import Distribution, constraints
 
 from ._config import is_validation_enabled
 from ._gaussian import LOG_2PI, standard_normal_log_prob
 from .flows import FlowStack
 
-__all__ = ["StandardNormal", "FlowDistribution"]
+__all__ = ["StandardNormal", "FlowDistribution", "ConditionalFlowDistribution"]
 
 
 class StandardNormal(TorchDistribution):
@@ -143,3 +145,66 @@ def _event_size(flow) -> int:
     if dim is None:
         raise ValueError("FlowDistribution: cannot tell the flow's event size; pass base=")
     return int(dim)
+
+
+class ConditionalFlowDistribution(ConditionalDistribution):
+    r"""The density of a conditional flow :math:`x = f_c(z)`, :math:`z \sim p_0` (seed eq.
+    27: the flow's parameters a network's output for the context :math:`c`), as Pyro's
+    ``ConditionalDistribution``:
+
+    .. math:: \log p(x \mid c) = \log p_0\bigl(f_c^{-1}(x)\bigr)
+              - \log\left|\det \frac{\partial f_c}{\partial z}\right|_{z = f_c^{-1}(x)} .
+
+    ``condition(c)``, for contexts ``c`` of shape ``batch_shape + (C,)``, is a
+    :class:`FlowDistribution` with that ``batch_shape`` and event shape ``(D,)``: ``rsample``,
+    ``sample``, ``log_prob``, ``expand``, usable in ``pyro.sample`` inside a ``pyro.plate``
+    over the contexts' rows; ``sample((S,))`` has shape ``(S,) + batch_shape + (D,)``. Its
+    base is :class:`StandardNormal` with the contexts' batch shape, device and dtype; a draw
+    scored right away is scored from the conditioned stack's cache (no inverse).
+
+    Arguments:
+        flow: a conditional transform: a :class:`~pyroflows.flows.ConditionalFlowStack`
+            (``pf.flows.build(name, D, context_dim=C)``), a pyroflows conditional layer, or
+            any ``ConditionalTransform`` (Pyro's ``conditional_planar``, ...).
+        base: default :class:`StandardNormal` of the flow's ``dim``; else a distribution
+            with event shape (D,) (expanded to the contexts' batch shape) or a
+            ``ConditionalDistribution`` (conditioned on the same contexts).
+
+    Example:
+        >>> import torch, pyro, pyroflows as pf
+        >>> from pyro.distributions.transforms import conditional_planar
+        >>> cflow = pf.flows.ConditionalFlowStack(
+        ...     [conditional_planar(2, 3), conditional_planar(2, 3)], dim=2, context_dim=3)
+        >>> q = pf.distributions.ConditionalFlowDistribution(cflow)
+        >>> h = torch.randn(5, 3)  # one context per row
+        >>> q_h = q.condition(h)
+        >>> q_h.batch_shape, q_h.event_shape, q_h.sample((7,)).shape
+        (torch.Size([5]), torch.Size([2]), torch.Size([7, 5, 2]))
+        >>> with pyro.plate("data", 5):
+        ...     z = pyro.sample("z", q_h)
+        >>> q_h.log_prob(z).shape  # Pyro's planar layer has no inverse: scored from its cache
+        torch.Size([5])
+    """
+
+    def __init__(self, flow: ConditionalTransform,
+                 base: Distribution | ConditionalDistribution | None = None) -> None:
+        if not isinstance(flow, ConditionalTransform):
+            raise TypeError("ConditionalFlowDistribution: flow must be a conditional transform "
+                            f"(with .condition(context)), got {type(flow).__name__}")
+        dim = getattr(flow, "dim", None)
+        if base is None and dim is None:
+            raise ValueError("ConditionalFlowDistribution: cannot tell the flow's event size; "
+                             "pass base=")
+        self.flow, self.base, self.dim = flow, base, dim
+
+    def condition(self, context: Tensor) -> FlowDistribution:
+        """The distribution of ``x`` given ``context`` (shape ``batch_shape + (C,)``)."""
+        transform = self.flow.condition(context)
+        batch_shape = context.shape[:-1]
+        if self.base is None:
+            base = StandardNormal(self.dim, batch_shape, context.device, context.dtype)
+        elif isinstance(self.base, ConditionalDistribution):
+            base = self.base.condition(context)
+        else:
+            base = self.base.expand(torch.broadcast_shapes(self.base.batch_shape, batch_shape))
+        return FlowDistribution(transform, base)

@@ -1,9 +1,12 @@
-"""Flow stacks: the family records, the builder, the stack, the bank-row layers."""
+"""Flow stacks: the family records, the builder, the stack (plain and conditional), the
+bank-row layers."""
 
 from .build import build
+from .conditional import ConditionalElementwiseAffine, ConditionalFlowStack
 from .families import FAMILIES, Family, fold_mask, fold_order, register_family
 from .stack import FlowStack
 
 __all__ = [
-    "build", "FlowStack", "Family", "FAMILIES", "register_family", "fold_order", "fold_mask",
+    "build", "FlowStack", "ConditionalFlowStack", "ConditionalElementwiseAffine", "Family",
+    "FAMILIES", "register_family", "fold_order", "fold_mask",
 ]

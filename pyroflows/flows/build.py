@@ -11,6 +11,7 @@ from .. import transforms as T
 from ..nn.made import MADE
 from ..transforms.autoregressive import AffineAutoregressiveCore
 from .banks import stacked_mades
+from .conditional import ConditionalFlowStack
 from .families import FAMILIES
 from .stack import FlowStack
 
@@ -19,14 +20,21 @@ __all__ = ["build"]
 
 def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] | None = None,
           permutation: str = "reverse", affine: bool = False, compile: bool | str = False,
-          **layer_kwargs) -> FlowStack:
-    """Build a :class:`FlowStack` of ``num_layers`` layers of one family.
+          context_dim: int | None = None, **layer_kwargs) -> FlowStack | ConditionalFlowStack:
+    """Build a :class:`FlowStack` of ``num_layers`` layers of one family, or with
+    ``context_dim`` a :class:`ConditionalFlowStack` of its conditional layers.
 
     Families whose layers see part of the coordinates at a time (IAF, MAF, RealNVP) get a fixed
     permutation between layers, folded into the next layer's order or mask (a family without
     ``fold``: :class:`~pyroflows.transforms.Permute` layers); RealNVP alternates complementary
     masks. Planar and radial layers share one bank of parameters, and runs of same-size MADE
     networks one (:mod:`pyroflows.flows.banks`); state dicts with per-layer keys load too.
+
+    With ``context_dim = C`` the layers are the family's ``conditional_layer`` (seed eq. 27:
+    each layer's parameters, or its conditioner's input, a network of the context), with the
+    same permutations, folds and complementary masks; ``cflow.condition(c)`` (``c`` of shape
+    (..., C)) is a :class:`FlowStack`. Conditional layers keep their own networks (no banks),
+    and ``compile`` is not available for them.
 
     Arguments:
         name: one of ``pyroflows.flows.FAMILIES``: planar, radial, iaf, maf, realnvp, and any
@@ -37,6 +45,8 @@ def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] |
         permutation: ``"reverse"`` or ``"random"`` (seeded by the layer's index: reproducible).
         affine: append a learnable :class:`~pyroflows.transforms.ElementwiseAffine` last.
         compile: run the stack through :func:`torch.compile` (see :class:`FlowStack`).
+        context_dim: the context size C: a conditional stack (a :class:`ValueError` for a
+            family without a conditional layer).
         layer_kwargs: passed to every layer's constructor.
 
     Example:
@@ -47,6 +57,13 @@ def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] |
         >>> maf = pf.flows.build("maf", 3, num_layers=3, hidden_dims=(16, 16))
         >>> [layer.conditioner.degrees.tolist() for layer in maf.parts]
         [[1, 2, 3], [3, 2, 1], [1, 2, 3]]
+        >>> from pyro.distributions.transforms import conditional_planar
+        >>> pf.flows.register_family("pyro-planar", pf.flows.Family(
+        ...     conditional_layer=conditional_planar))
+        >>> cflow = pf.flows.build("pyro-planar", 2, num_layers=3, context_dim=4)
+        >>> cflow.condition(torch.randn(5, 4))(torch.randn(5, 2)).shape
+        torch.Size([5, 2])
+        >>> del pf.flows.FAMILIES["pyro-planar"]
     """
     family = FAMILIES.get(name)
     if family is None:
@@ -57,6 +74,12 @@ def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] |
         raise ValueError(f"permutation must be 'reverse' or 'random', got {permutation!r}")
     if hidden_dims is not None:
         layer_kwargs["hidden_dims"] = tuple(hidden_dims)
+    if context_dim is not None:
+        return _conditional(name, dim, int(num_layers), permutation, affine, compile,
+                            int(context_dim), layer_kwargs)
+    if family.layer is None:
+        raise ValueError(f"flow family {name!r} has only a conditional layer; pass "
+                         "context_dim=")
     parts: list[nn.Module] = []
     if family.bank is not None and not layer_kwargs:  # (families without permutations)
         parts.extend(family.bank(dim, int(num_layers)))
@@ -69,10 +92,34 @@ def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] |
     return FlowStack(parts, compile=compile)
 
 
-def _layer_by_layer(name: str, dim: int, num_layers: int, permutation: str,
-                    layer_kwargs: dict) -> list[nn.Module]:
-    """The layers of :func:`build` made one by one, with the permutations between them."""
+def _conditional(name: str, dim: int, num_layers: int, permutation: str, affine: bool,
+                 compile: bool | str, context_dim: int, layer_kwargs: dict
+                 ) -> ConditionalFlowStack:
+    """:func:`build` with a context: the family's conditional layers in a
+    :class:`ConditionalFlowStack`."""
     family = FAMILIES[name]
+    if family.conditional_layer is None:
+        have = sorted(n for n, f in FAMILIES.items() if f.conditional_layer is not None)
+        raise ValueError(f"flow family {name!r} has no conditional layer, so it cannot take "
+                         f"context_dim; families with one: {have}")
+    if int(context_dim) < 1:
+        raise ValueError(f"context_dim must be a positive integer, got {context_dim}")
+    if compile:
+        raise ValueError("compile is not available for a conditional stack")
+    def layer(d: int, **kwargs) -> nn.Module:
+        return family.conditional_layer(d, context_dim, **kwargs)
+    parts = _layer_by_layer(name, dim, num_layers, permutation, layer_kwargs, layer)
+    if affine:
+        parts.append(T.ElementwiseAffine(dim))
+    return ConditionalFlowStack(parts, dim=dim, context_dim=context_dim)
+
+
+def _layer_by_layer(name: str, dim: int, num_layers: int, permutation: str,
+                    layer_kwargs: dict, layer=None) -> list[nn.Module]:
+    """The layers of :func:`build` made one by one (by ``layer``, default the family's), with
+    the permutations between them."""
+    family = FAMILIES[name]
+    layer = family.layer if layer is None else layer
     fold = family.fold
     parts: list[nn.Module] = []
     cumulative = torch.arange(dim)  # layer i acts on x[cumulative]
@@ -89,7 +136,7 @@ def _layer_by_layer(name: str, dim: int, num_layers: int, permutation: str,
             if fold is not None and family.complementary_masks and i % 2 == 1:
                 kwargs = {**kwargs, "mask": ~parts[-1].mask.cpu()}
         try:
-            parts.append(family.layer(dim, **kwargs))
+            parts.append(layer(dim, **kwargs))
         except TypeError as e:  # e.g. hidden_dims for a family without a network
             raise ValueError(f"flow family {name!r} does not take these arguments: {e}") from e
     return parts

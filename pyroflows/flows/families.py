@@ -24,6 +24,9 @@ class Family:
 
     Arguments:
         layer: the layer constructor ``(dim, **kwargs) -> TransformModule``.
+        conditional_layer: the conditional layer constructor ``(dim, context_dim, **kwargs) ->
+            ConditionalTransformModule`` (seed eq. 27), which ``build(..., context_dim=C)``
+            stacks; ``None``: the family has none.
         needs_permutation: :func:`~pyroflows.flows.build` puts a fixed permutation between
             layers (each sees part of the coordinates at a time).
         fold: fold it into the next layer's keyword arguments (:data:`Fold`).
@@ -40,6 +43,7 @@ class Family:
     """
 
     layer: Callable[..., nn.Module] | None = None
+    conditional_layer: Callable[..., nn.Module] | None = None
     needs_permutation: bool = False
     fold: Fold | None = None
     complementary_masks: bool = False
@@ -94,6 +98,8 @@ def register_family(name: str, family: Family) -> None:
         2
         >>> del pf.flows.FAMILIES["tanh-maf"]
     """
-    if not isinstance(family, Family) or family.layer is None:
-        raise TypeError(f"register_family: expected a Family with a layer, got {family!r}")
+    if not isinstance(family, Family) or (family.layer is None
+                                          and family.conditional_layer is None):
+        raise TypeError("register_family: expected a Family with a layer or a "
+                        f"conditional_layer, got {family!r}")
     FAMILIES[name] = family
