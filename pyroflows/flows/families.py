@@ -77,8 +77,10 @@ _NETWORK_FAMILY = {"needs_permutation": True, "stacked_conditioners": True, "ini
 
 #: The families :func:`~pyroflows.flows.build` and the guides know, by name.
 FAMILIES: dict[str, Family] = {
-    "planar": Family(T.Planar, bank=planar_layers, num_layers=16, lr=(5e-2, 1e-2)),
-    "radial": Family(T.Radial, bank=radial_layers, num_layers=16, lr=(5e-2, 1e-2)),
+    "planar": Family(T.Planar, T.conditional_planar, bank=planar_layers, num_layers=16,
+                     lr=(5e-2, 1e-2)),
+    "radial": Family(T.Radial, T.conditional_radial, bank=radial_layers, num_layers=16,
+                     lr=(5e-2, 1e-2)),
     "iaf": Family(T.IAF, fold=fold_order, stick_the_landing=True, **_NETWORK_FAMILY),
     "maf": Family(T.MAF, fold=fold_order, **_NETWORK_FAMILY),
     "realnvp": Family(T.RealNVP, fold=fold_mask, complementary_masks=True, **_NETWORK_FAMILY),
