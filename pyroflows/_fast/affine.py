@@ -42,7 +42,12 @@ def affine_chain(x: Tensor, layers: Sequence[nn.Module], kinds: Sequence[tuple[b
     :math:`s = b \tanh(\tilde s / b)`; the MADE part is
     :func:`~pyroflows._fast.made.fused_backward` (not twice differentiable: second derivatives
     raise). Networks that are rows of one bank are read, masked and differentiated as one
-    tensor. Under :func:`traced` it runs the layers' ``plain_map``.
+    tensor. A conditioned layer (one whose ``context`` is a tensor) adds its network's
+    :math:`V c` (``context_bias``, computed here with autograd) to the first hidden layer's
+    bias, per row; its gradient there is the first layer's output gradient summed over the
+    rows sharing a context, and autograd takes it on to :math:`V` and :math:`c`. ``x`` is
+    broadcast against the contexts' batch dims first. Under :func:`traced` it runs the
+    layers' ``plain_map``.
     """
     if traced():
         for layer, (parallel, _) in zip(layers, kinds, strict=True):
@@ -51,13 +56,18 @@ def affine_chain(x: Tensor, layers: Sequence[nn.Module], kinds: Sequence[tuple[b
             log_det = ld if log_det is None else log_det + ld
         return x, log_det
     chain = _Chain(layers, kinds)
-    flats = chain.flats
+    flats, row_biases = chain.flats, chain.row_biases
+    if row_biases:
+        batch = torch.broadcast_shapes(x.shape[:-1], *(r.shape[:-1] for r in row_biases))
+        if batch != x.shape[:-1]:
+            x = x.expand(*batch, x.shape[-1])
     if torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in flats)
         or (log_det is not None and log_det.requires_grad)
+        or any(r.requires_grad for r in row_biases)
     ):
-        return _AffineChain.apply(x, log_det, chain, *flats)
-    return _chain_forward(x, log_det, chain, flats, None)
+        return _AffineChain.apply(x, log_det, chain, *flats, *row_biases)
+    return _chain_forward(x, log_det, chain, flats, row_biases, None)
 
 
 class _Chain:
@@ -66,9 +76,11 @@ class _Chain:
     Parameters come as groups in the layers' order: consecutive rows of one bank give the
     whole (L, P) tensor with the rows they use (in the order they run), any other layer (or a
     row alone) its (P,) ``flat_parameters`` with ``rows = None``; ``flats``, ``masks``,
-    ``rows`` and ``nets`` (a network of the group, for its layout) are per group."""
+    ``rows`` and ``nets`` (a network of the group, for its layout) are per group.
+    ``row_biases`` are the conditioned layers' :math:`V c` (..., H_1), ``bias_of[k]`` the
+    index of layer k's there (``None``: a layer without a context)."""
 
-    __slots__ = ("layers", "kinds", "flats", "masks", "rows", "nets")
+    __slots__ = ("layers", "kinds", "flats", "masks", "rows", "nets", "row_biases", "bias_of")
 
     def __init__(self, layers: Sequence[nn.Module], kinds: Sequence[tuple[bool, float]]) -> None:
         self.layers, self.kinds = tuple(layers), tuple(kinds)
@@ -77,6 +89,16 @@ class _Chain:
         rows: list[tuple[int, ...] | None] = []
         nets: list[nn.Module] = []
         layers = self.layers
+        row_biases: list[Tensor] = []
+        bias_of: list[int | None] = []
+        for layer in layers:
+            context = layer.__dict__.get("context")
+            if context is None:
+                bias_of.append(None)
+            else:
+                bias_of.append(len(row_biases))
+                row_biases.append(layer._modules["conditioner"].context_bias(context))
+        self.row_biases, self.bias_of = row_biases, bias_of
         count = len(layers)
         i = 0
         while i < count:
@@ -130,24 +152,38 @@ class _Chain:
         return out
 
 
-def _chain_forward(x, log_det, chain: _Chain, flats, saved: list | None):
+def _periodic_rows(row_bias: Tensor, batch_shape: torch.Size) -> Tensor:
+    """``row_bias`` (..., H) as (M, H) rows that repeat over the N rows of ``batch_shape``
+    flattened (row n gets row ``n % M``): a view where its batch dims are the trailing ones of
+    ``batch_shape``, else expanded to all N rows."""
+    dims = row_bias.shape[:-1]
+    while dims and dims[0] == 1:
+        dims = dims[1:]
+    if tuple(batch_shape[len(batch_shape) - len(dims):]) == tuple(dims):
+        return row_bias.reshape(-1, row_bias.shape[-1])
+    return row_bias.expand(*batch_shape, row_bias.shape[-1]).reshape(-1, row_bias.shape[-1])
+
+
+def _chain_forward(x, log_det, chain: _Chain, flats, row_biases, saved: list | None):
     # runs with autograd off; every tensor made here is fresh, so in-place ops are safe
     shape = x.shape
     batch_shape = shape[:-1]
     u = x.reshape(-1, shape[-1])
+    rows = [_periodic_rows(r, batch_shape) for r in row_biases]
     # one mask product per group: a stacked run of layers is masked (and split) at once; the
     # split views the product as one vector, so it must be contiguous (a parameter may not be)
     split = chain.split([(flat * mask).contiguous()
                          for flat, mask in zip(flats, chain.masks, strict=True)])
-    for layer, (parallel, sign), (weights, biases) in zip(chain.layers, chain.kinds, split,
-                                                          strict=True):
+    for layer, (parallel, sign), (weights, biases), which in zip(
+            chain.layers, chain.kinds, split, chain.bias_of, strict=True):
         net = layer._modules["conditioner"]
         halves = layer.coupling_halves
+        row_bias = None if which is None else rows[which]
         if halves is not None:  # a coupling layer: the network on the conditioning half only
             weights, biases = layer.compact_weights(weights, biases)
-            out, inputs = fused_forward(net, u[:, halves[0]], weights, biases)
+            out, inputs = fused_forward(net, u[:, halves[0]], weights, biases, row_bias)
         else:
-            out, inputs = fused_forward(net, u, weights, biases)
+            out, inputs = fused_forward(net, u, weights, biases, row_bias)
         shift, raw_log_scale = out.chunk(2, dim=-1)
         # the operations of shift_and_log_scale / _parallel / _sequential (RealNVP:
         # _compact_map), in their order
@@ -181,10 +217,12 @@ class _AffineChain(torch.autograd.Function):
     """The autograd node of :func:`affine_chain`."""
 
     @staticmethod
-    def forward(ctx, x, log_det, chain, *flats):
+    def forward(ctx, x, log_det, chain, *tensors):
         saved: list = []
         ctx.log_det_shape = None if log_det is None else log_det.shape
-        v, log_det = _chain_forward(x, log_det, chain, flats, saved)
+        flats, row_biases = tensors[:len(chain.flats)], tensors[len(chain.flats):]
+        ctx.row_bias_shapes = [r.shape for r in row_biases]
+        v, log_det = _chain_forward(x, log_det, chain, flats, row_biases, saved)
         ctx.save_for_backward(x, *flats)  # in-place edits of these after the call are errors
         ctx.chain, ctx.saved = chain, saved
         ctx.set_materialize_grads(False)
@@ -194,8 +232,9 @@ class _AffineChain(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_v, grad_log_det):
         x, *flats = ctx.saved_tensors
+        num_biases = len(ctx.row_bias_shapes)
         if grad_v is None and grad_log_det is None:
-            return (None,) * (3 + len(flats))
+            return (None,) * (3 + len(flats) + num_biases)
         chain, saved = ctx.chain, ctx.saved
         needs = ctx.needs_input_grad
         dim = x.shape[-1]
@@ -207,6 +246,10 @@ class _AffineChain(torch.autograd.Function):
             (flat.new_empty(flat.shape) if rows is None or len(rows) == flat.shape[0]
              else flat.new_zeros(flat.shape)) if needs[3 + j] else None
             for j, (flat, rows) in enumerate(zip(flats, chain.rows, strict=True))]
+        # the conditioned layers' V c: their gradient at the first layer's output, summed over
+        # the rows that share a context
+        grad_row_biases: list[Tensor | None] = [None] * num_biases
+        bias_needs = needs[3 + len(flats):]
         # the gradient pieces of every layer, split once per group like the weights; a
         # coupling layer writes its compact blocks through its own views instead
         compact = [step[7] is not None for step in saved]
@@ -253,8 +296,15 @@ class _AffineChain(torch.autograd.Function):
                     grad_params = _compact_grad_buffers(net, grad_flat, weights)
             elif grad_pieces[k] is not None:
                 grad_params = list(zip(*grad_pieces[k], strict=True))
+            which = chain.bias_of[k]
+            first_grad: list[Tensor] | None = (
+                [] if which is not None and bias_needs[which] else None)
             g_in = fused_backward(net, grad_out, inputs, weights, None, need_input,
-                                  grad_params, mask_grad=False)
+                                  grad_params, mask_grad=False, row_bias_grad=first_grad)
+            if first_grad:
+                target = ctx.row_bias_shapes[which]
+                grad_row_biases[which] = first_grad[0].reshape(
+                    *x.shape[:-1], target[-1]).sum_to_size(target)
             if grad_params is not None and halves is not None:
                 _scatter_compact_grads(net, chain.layers[k].dim, halves, grad_flat,
                                        grad_params)
@@ -274,7 +324,7 @@ class _AffineChain(torch.autograd.Function):
         grad_ld0 = None
         if needs[1] and grad_log_det is not None:
             grad_ld0 = grad_log_det.sum_to_size(ctx.log_det_shape)
-        return (grad_x, grad_ld0, None, *grad_flats)
+        return (grad_x, grad_ld0, None, *grad_flats, *grad_row_biases)
 
 
 def _layer_row(grad_flats: Sequence[Tensor | None], chain: _Chain, k: int) -> Tensor | None:
@@ -326,10 +376,18 @@ def sequential_no_grad(layer: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
     r"""The D-pass direction of ``layer``, :math:`u_i = (v_i - \mu_i(u_{<i}))\,
     e^{-s_i(u_{<i})}`, without autograd, by levels: at level :math:`d` only the hidden units of
     degree :math:`d - 1` and the outputs of degree :math:`d`, so about one network pass in all.
-    Values agree with the plain passes to rounding."""
+    A conditioned layer's :math:`V c` joins the first hidden layer's bias (``v`` broadcast
+    against the context's batch dims). Values agree with the plain passes to rounding."""
     net = layer._modules["conditioner"]
     weights, biases = masked_weights(net)
     relu = type(net._modules["activation"]) is nn.ReLU
+    context = layer.__dict__.get("context")
+    row_bias = None
+    if context is not None:
+        row_bias = net.context_bias(context)
+        batch = torch.broadcast_shapes(v.shape[:-1], row_bias.shape[:-1])
+        v = v.expand(*batch, v.shape[-1])
+        row_bias = _periodic_rows(row_bias, batch)
     shape = v.shape
     v2 = v.reshape(-1, shape[-1])
     dim = layer.dim
@@ -343,9 +401,13 @@ def sequential_no_grad(layer: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
     for level in range(1, net.num_levels + 1):
         below = u
         for k, h in enumerate(hidden):
-            start, stop = ranges[k][level - 1] if level > 1 else (0, 0)
+            # level 1: the units of degree 0 (a context's alone; none without one)
+            start, stop = ranges[k][level - 1]
             if stop > start:
                 block = torch.addmm(biases[k][start:stop], below, weights[k][start:stop].t())
+                if k == 0 and row_bias is not None:
+                    block.view(-1, row_bias.shape[0], stop - start).add_(
+                        row_bias[:, start:stop])
                 h[:, start:stop] = block.relu_() if relu else block.tanh_()
             below = h
         idx = [i for i in range(dim) if in_degrees[i] == level]

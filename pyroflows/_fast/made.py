@@ -194,29 +194,36 @@ def _blocked_input_grad(grad: Tensor, weight: Tensor, blocks: _Blocks) -> Tensor
 
 
 def fused_forward(net: nn.Module, x: Tensor, weights: Sequence[Tensor],
-                  biases: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+                  biases: Sequence[Tensor], row_bias: Tensor | None = None
+                  ) -> tuple[Tensor, list[Tensor]]:
     """The network's ``forward`` of an (N, D) ``x`` without autograd, given :func:`masked_weights`:
-    the output and every linear layer's input (for :func:`fused_backward`)."""
+    the output and every linear layer's input (for :func:`fused_backward`). ``row_bias``
+    (M, H_1), with N a multiple of M, is added to the first layer's output, row n getting row
+    ``n % M`` (a context's bias :math:`V c`, repeated over leading sample dims)."""
     relu = type(net._modules["activation"]) is nn.ReLU
     plans = block_plans(net, weights)
     inputs = [x]
     h = x
-    for weight, bias, plan in zip(weights[:-1], biases[:-1], plans[:-1], strict=True):
+    last = len(weights) - 1
+    for k, (weight, bias, plan) in enumerate(zip(weights, biases, plans, strict=True)):
         if plan is None:
             h = F.linear(h, weight, bias)  # addmm(bias, h, weight.t()), one call from Python
         else:
             h = _blocked_linear(h, weight, bias, plan)
+        if k == 0 and row_bias is not None:
+            h.view(-1, *row_bias.shape).add_(row_bias)
+        if k == last:
+            return h, inputs
         h = h.relu_() if relu else h.tanh_()  # a fresh tensor: in place is safe
         inputs.append(h)
-    if plans[-1] is None:
-        return F.linear(h, weights[-1], biases[-1]), inputs
-    return _blocked_linear(h, weights[-1], biases[-1], plans[-1]), inputs
+    raise AssertionError("a network has an output layer")
 
 
 def fused_backward(net: nn.Module, grad_out: Tensor, inputs: Sequence[Tensor],
                    weights: Sequence[Tensor], grad_flat: Tensor | None, need_input_grad: bool,
                    grad_params: Sequence[tuple[Tensor, Tensor]] | None = None,
-                   mask_grad: bool = True) -> Tensor | None:
+                   mask_grad: bool = True, row_bias_grad: list[Tensor] | None = None
+                   ) -> Tensor | None:
     r"""Backpropagate ``grad_out`` (N, P D) through the network of a :func:`fused_forward`.
 
     With :math:`g` the gradient at the output of linear layer :math:`k` and :math:`h_k` its
@@ -225,7 +232,9 @@ def fused_backward(net: nn.Module, grad_out: Tensor, inputs: Sequence[Tensor],
     :math:`a' = [h_k > 0]` for ReLU and :math:`1 - h_k^2` for tanh. The parameter gradient goes
     into ``grad_flat`` (``None`` skips it), masked there unless ``mask_grad`` is false, or
     unmasked into ``grad_params``, per layer ``(weight, bias)`` of the shapes of ``weights``.
-    Returns the input's gradient (``None`` unless ``need_input_grad``).
+    Returns the input's gradient (``None`` unless ``need_input_grad``); with a list
+    ``row_bias_grad``, the gradient at the first layer's output (N, H_1), which is the gradient
+    of a per-row first-layer bias, is appended to it.
     """
     relu = type(net._modules["activation"]) is nn.ReLU
     into_flat = grad_params is None and grad_flat is not None
@@ -236,6 +245,8 @@ def fused_backward(net: nn.Module, grad_out: Tensor, inputs: Sequence[Tensor],
     for k in range(len(weights) - 1, -1, -1):
         thin = weights[k].shape[1] < _THIN  # few inputs to this layer: the first, at small D
         plan = plans[k]
+        if k == 0 and row_bias_grad is not None:
+            row_bias_grad.append(g)
         if grad_params is not None:
             grad_weight, grad_bias = grad_params[k]
             if plan is not None:

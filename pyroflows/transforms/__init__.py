@@ -10,6 +10,14 @@ from .affine import (
 from .autoregressive import IAF, MAF, iaf, maf
 from .base import FlowTransform
 from .conditional import ConditionalFlowTransform
+from .conditional_autoregressive import (
+    ConditionalIAF,
+    ConditionalMAF,
+    ConditionalRealNVP,
+    conditional_iaf,
+    conditional_maf,
+    conditional_realnvp,
+)
 from .conditional_planar_radial import (
     ConditionalPlanar,
     ConditionalRadial,
@@ -27,5 +35,7 @@ __all__ = [
     "triangular_affine", "FixedTriangularAffine", "Planar", "planar", "Radial", "radial", "IAF",
     "iaf", "MAF", "maf", "RealNVP", "realnvp", "Permute", "permute", "Tabak", "tabak",
     "dequantize",
+    "ConditionalIAF", "conditional_iaf", "ConditionalMAF", "conditional_maf",
+    "ConditionalRealNVP", "conditional_realnvp",
     "ConditionalPlanar", "conditional_planar", "ConditionalRadial", "conditional_radial",
 ]

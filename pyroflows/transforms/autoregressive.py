@@ -45,26 +45,23 @@ class AffineAutoregressiveCore(FlowTransform):
     fused: bool = True
     #: a coupling layer's compact ``(conditioning, transformed)`` ranges (RealNVP)
     coupling_halves: tuple[slice, slice] | None = None
+    #: a conditioned layer's context (..., C), which its MADE takes (``None``: no context)
+    context: Tensor | None = None
 
     def __init__(self, dim: int, hidden_dims: Sequence[int] | None = None,
                  order: Sequence[int] | Tensor | None = None, gated: bool = False,
                  log_scale_bound: float = 5.0, activation: Callable[[], nn.Module] = nn.ReLU,
                  residual: bool = False, zero_first: bool = False) -> None:
         super().__init__(dim)
-        if hidden_dims is None:
-            hidden_dims = default_hidden_dims(dim)
-        if not log_scale_bound > 0:
-            raise ValueError(f"log_scale_bound must be positive, got {log_scale_bound}")
-        self.conditioner = MADE(dim, hidden_dims, num_params=2, order=order, activation=activation,
-                                residual=residual, zero_first=zero_first)
-        self.gated = bool(gated)
-        self.log_scale_bound = float(log_scale_bound)
-        # with the first level fixed to the identity, the solve from u = v is one pass shorter
-        self.num_passes = max(1, self.conditioner.num_levels - int(zero_first))
+        setup_affine(self, dim, hidden_dims, order, gated, log_scale_bound, activation, residual,
+                     zero_first)
 
     def shift_and_log_scale(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """:math:`(\\mu(u), s(u))`, from one pass of the conditioner."""
-        raw_shift, raw_log_scale = self.conditioner(u).chunk(2, dim=-1)
+        """:math:`(\\mu(u), s(u))`, from one pass of the conditioner (given the context of a
+        conditioned layer, broadcast against ``u``)."""
+        context = self.context
+        out = self.conditioner(u) if context is None else self.conditioner(u, context)
+        raw_shift, raw_log_scale = out.chunk(2, dim=-1)
         b = self.log_scale_bound
         if self.gated:
             gate = raw_log_scale + _GATE_BIAS
@@ -133,6 +130,25 @@ class AffineAutoregressiveCore(FlowTransform):
     def extra_repr(self) -> str:
         kind = "gated" if self.gated else f"log_scale_bound={self.log_scale_bound}"
         return f"dim={self.dim}, {kind}"
+
+
+def setup_affine(layer: nn.Module, dim: int, hidden_dims: Sequence[int] | None,
+                 order: Sequence[int] | Tensor | None, gated: bool, log_scale_bound: float,
+                 activation: Callable[[], nn.Module], residual: bool, zero_first: bool,
+                 context_dim: int | None = None) -> None:
+    """Give ``layer`` what :class:`AffineAutoregressiveCore` reads: its MADE ``conditioner``
+    (with a context input of size ``context_dim`` where given), ``gated``,
+    ``log_scale_bound`` and ``num_passes``."""
+    if hidden_dims is None:
+        hidden_dims = default_hidden_dims(dim)
+    if not log_scale_bound > 0:
+        raise ValueError(f"log_scale_bound must be positive, got {log_scale_bound}")
+    layer.conditioner = MADE(dim, hidden_dims, num_params=2, order=order, activation=activation,
+                             residual=residual, zero_first=zero_first, context_dim=context_dim)
+    layer.gated = bool(gated)
+    layer.log_scale_bound = float(log_scale_bound)
+    # with the first level fixed to the identity, the solve from u = v is one pass shorter
+    layer.num_passes = max(1, layer.conditioner.num_levels - int(zero_first))
 
 
 class IAF(AffineAutoregressiveCore):

@@ -50,15 +50,7 @@ class RealNVP(AffineAutoregressiveCore):
     def __init__(self, dim: int, hidden_dims: Sequence[int] | None = None,
                  mask: Sequence[bool] | Tensor | None = None, log_scale_bound: float = 5.0,
                  activation: Callable[[], nn.Module] = nn.ReLU, residual: bool = False) -> None:
-        if int(dim) < 2:
-            raise ValueError(f"RealNVP: dim must be at least 2 (a coupling splits it), got {dim}")
-        if mask is None:
-            mask_t = self.default_mask(int(dim))
-        else:
-            mask_t = torch.as_tensor(mask).detach().to("cpu").flatten().bool()
-        if mask_t.numel() != int(dim) or bool(mask_t.all()) or not bool(mask_t.any()):
-            raise ValueError(f"RealNVP: mask must have {dim} entries with at least one True "
-                             f"(conditioning) and one False (transformed), got {mask!r}")
+        mask_t = self.checked_mask(dim, mask)
         super().__init__(dim, hidden_dims=hidden_dims, order=(~mask_t).long(),
                          log_scale_bound=log_scale_bound, activation=activation,
                          residual=residual, zero_first=True)
@@ -100,10 +92,18 @@ class RealNVP(AffineAutoregressiveCore):
         cond, trans = self._halves
         net = self.conditioner
         weights, biases = self.compact_weights(*net.differentiable_masked_weights())
-        shape = u.shape
-        u = u.reshape(-1, self.dim)  # matrix products on a matrix, as the fused kernel
+        context = self.context
+        if context is None:
+            row_bias = None
+            shape = u.shape
+            u = u.reshape(-1, self.dim)  # matrix products on a matrix, as the fused kernel
+        else:  # a conditioned layer: V c joins the first layer's bias, broadcast against u
+            row_bias = net.context_bias(context)
+            shape = torch.broadcast_shapes(u.shape[:-1], row_bias.shape[:-1]) + (self.dim,)
+            u = u.expand(shape)
         u_cond = u[..., cond]
-        shift, raw_log_scale = net.apply_layers(u_cond, weights, biases).chunk(2, dim=-1)
+        shift, raw_log_scale = net.apply_layers(u_cond, weights, biases,
+                                                row_bias).chunk(2, dim=-1)
         b = self.log_scale_bound
         log_scale = torch.tanh(raw_log_scale * (1.0 / b)) * b
         u_trans = u[..., trans]
@@ -112,7 +112,7 @@ class RealNVP(AffineAutoregressiveCore):
         else:
             v_trans = (u_trans - shift) * torch.exp(-log_scale)
         halves = (u_cond, v_trans) if cond.start == 0 else (v_trans, u_cond)
-        return torch.cat(halves, dim=-1).view(shape), log_scale.sum(-1).view(shape[:-1])
+        return torch.cat(halves, dim=-1).reshape(shape), log_scale.sum(-1).reshape(shape[:-1])
 
     def _parallel(self, u: Tensor) -> tuple[Tensor, Tensor]:
         if self.coupling_halves is None:
@@ -123,6 +123,21 @@ class RealNVP(AffineAutoregressiveCore):
         if self.coupling_halves is None:
             return super()._sequential(v)
         return self._compact_map(v, parallel=False)
+
+    @classmethod
+    def checked_mask(cls, dim: int, mask: Sequence[bool] | Tensor | None) -> Tensor:
+        """The boolean (D,) coupling mask ``mask`` (default :meth:`default_mask`), or a
+        :class:`ValueError` where it does not split D >= 2 coordinates into two halves."""
+        if int(dim) < 2:
+            raise ValueError(f"RealNVP: dim must be at least 2 (a coupling splits it), got {dim}")
+        if mask is None:
+            mask_t = cls.default_mask(int(dim))
+        else:
+            mask_t = torch.as_tensor(mask).detach().to("cpu").flatten().bool()
+        if mask_t.numel() != int(dim) or bool(mask_t.all()) or not bool(mask_t.any()):
+            raise ValueError(f"RealNVP: mask must have {dim} entries with at least one True "
+                             f"(conditioning) and one False (transformed), got {mask!r}")
+        return mask_t
 
     @staticmethod
     def default_mask(dim: int) -> Tensor:
