@@ -14,7 +14,7 @@ from torch.distributions import Independent, Normal, TransformedDistribution
 
 import pyroflows as pf
 from pyroflows.nn import MADE
-from pyroflows.testing import randomize_parameters_, tolerances
+from pyroflows.testing import check_conditional_transform, randomize_parameters_, tolerances
 
 C = 3
 
@@ -311,3 +311,11 @@ def test_made_context_enters_the_first_hidden_layer_unmasked(device, dtype):
     assert (jac_c.abs().sum(-1) > 0).all()
     for i in range(3):
         assert torch.equal(jac_x[[i, i + 3]][:, i:], torch.zeros_like(jac_x[[i, i + 3]][:, i:]))
+
+
+@pytest.mark.parametrize("name, dim, kwargs", CASES, ids=IDS)
+def test_conformance_checks(name, dim, kwargs, device, dtype):
+    """pyroflows.testing's conformance suite of conditional layers."""
+    ctor = getattr(pf.transforms, f"conditional_{name}")
+    check_conditional_transform(lambda: ctor(dim, C, hidden_dims=(12, 10), **kwargs), dim, C,
+                                device=device, dtype=dtype)
