@@ -75,15 +75,23 @@ class _Conditioned(FlowTransform):
 
     def _validate(self, value: Tensor, what: str) -> None:
         super()._validate(value, what)
-        try:
-            torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
-        except RuntimeError:
+        # by hand: torch.broadcast_shapes costs as much as a small layer's map
+        batch = value.shape[:-1]
+        if any(a != b and a != 1 and b != 1
+               for a, b in zip(reversed(batch), reversed(self.batch_shape), strict=False)):
             raise ValueError(f"{type(self).__name__}: the {what}'s batch shape "
-                             f"{tuple(value.shape[:-1])} does not broadcast with the context's "
-                             f"{tuple(self.batch_shape)}") from None
+                             f"{tuple(batch)} does not broadcast with the context's "
+                             f"{tuple(self.batch_shape)}")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", batch_shape={tuple(self.batch_shape)}"
+
+
+def _batch_shape(*params: Tensor) -> torch.Size:
+    """The rows' shape: the parameters' batch dims (those of one network output, unless the
+    caller built the transform from others: then broadcast)."""
+    shapes = {p.shape[:-1] for p in params}
+    return shapes.pop() if len(shapes) == 1 else torch.broadcast_shapes(*shapes)
 
 
 class ConditionedPlanar(_Conditioned):
@@ -94,8 +102,7 @@ class ConditionedPlanar(_Conditioned):
     returns."""
 
     def __init__(self, u: Tensor, w: Tensor, bias: Tensor) -> None:
-        super().__init__(w.shape[-1], torch.broadcast_shapes(u.shape[:-1], w.shape[:-1],
-                                                             bias.shape[:-1]))
+        super().__init__(w.shape[-1], _batch_shape(u, w, bias))
         self.w = w
         self.bias = bias.squeeze(-1)
         self.u_hat, self.slack = planar_constraint(w, u)
@@ -115,8 +122,7 @@ class ConditionedRadial(_Conditioned):
     returns."""
 
     def __init__(self, x0: Tensor, alpha_prime: Tensor, beta_prime: Tensor) -> None:
-        super().__init__(x0.shape[-1], torch.broadcast_shapes(
-            x0.shape[:-1], alpha_prime.shape[:-1], beta_prime.shape[:-1]))
+        super().__init__(x0.shape[-1], _batch_shape(x0, alpha_prime, beta_prime))
         self.x0 = x0
         self.alpha, self.alpha_plus_beta = radial_alpha(alpha_prime, beta_prime)
 
