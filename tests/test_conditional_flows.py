@@ -301,3 +301,18 @@ def test_base_distribution_choices(device, dtype):
     t = stack.condition(c)
     z = t.inv(x)
     torch.testing.assert_close(q.log_prob(x), base.log_prob(z) - t.log_abs_det_jacobian(z, x))
+
+
+@pytest.mark.parametrize("permutation", ["reverse", "random"])
+@pytest.mark.parametrize("name", ["iaf", "maf", "realnvp"])
+def test_build_folds_permutations_as_the_plain_build(name, permutation):
+    """The conditional stack's layers see the coordinates in the plain stack's orders and
+    masks (permutations folded, complementary RealNVP masks)."""
+    kwargs = {"num_layers": 4, "hidden_dims": (8,), "permutation": permutation}
+    plain = pf.flows.build(name, 5, **kwargs)
+    cond = pf.flows.build(name, 5, context_dim=C, **kwargs)
+    assert len(cond.sequence) == len(plain.parts)
+    for p, q in zip(plain.parts, cond.sequence, strict=True):
+        assert torch.equal(p.conditioner.degrees[:5], q.conditioner.degrees[:5])
+        if name == "realnvp":
+            assert torch.equal(p.mask, q.mask)

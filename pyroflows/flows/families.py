@@ -81,9 +81,11 @@ FAMILIES: dict[str, Family] = {
                      lr=(5e-2, 1e-2)),
     "radial": Family(T.Radial, T.conditional_radial, bank=radial_layers, num_layers=16,
                      lr=(5e-2, 1e-2)),
-    "iaf": Family(T.IAF, fold=fold_order, stick_the_landing=True, **_NETWORK_FAMILY),
-    "maf": Family(T.MAF, fold=fold_order, **_NETWORK_FAMILY),
-    "realnvp": Family(T.RealNVP, fold=fold_mask, complementary_masks=True, **_NETWORK_FAMILY),
+    "iaf": Family(T.IAF, T.conditional_iaf, fold=fold_order, stick_the_landing=True,
+                  **_NETWORK_FAMILY),
+    "maf": Family(T.MAF, T.conditional_maf, fold=fold_order, **_NETWORK_FAMILY),
+    "realnvp": Family(T.RealNVP, T.conditional_realnvp, fold=fold_mask, complementary_masks=True,
+                      **_NETWORK_FAMILY),
 }
 
 

@@ -2,12 +2,14 @@
 
 Modules: ``autoguide`` (the guide, its posterior, param store and step sizes), ``laplace`` (its
 start), ``elbo`` (:class:`FlowELBO`), ``direct`` (FlowELBO's untraced draw of a guide),
-``landing`` (sticking the landing).
+``landing`` (sticking the landing), ``amortized`` (:class:`AmortizedFlowGuide`, a VAE's
+guide of a local latent).
 """
 
 from __future__ import annotations
 
 from ..transforms import TriangularAffine
+from .amortized import AmortizedFlowGuide
 from .autoguide import (
     AutoFlowGuide,
     AutoIAF,
@@ -20,4 +22,4 @@ from .autoguide import (
 from .elbo import FlowELBO
 
 __all__ = ["AutoFlowGuide", "AutoPlanar", "AutoRadial", "AutoIAF", "FlowPosterior",
-           "TriangularAffine", "FlowELBO", "optim_args", "default_lr"]
+           "TriangularAffine", "FlowELBO", "optim_args", "default_lr", "AmortizedFlowGuide"]
