@@ -67,7 +67,9 @@ class _Hypernetwork(ConditionalFlowTransform):
 
 class _Conditioned(FlowTransform):
     """A layer holding one set of parameters per row of ``batch_shape``: its inputs' batch
-    dims must broadcast with it (a :class:`ValueError` says when they do not)."""
+    dims must broadcast with it (a :class:`ValueError` says when they do not). It holds the
+    parameters computed when it was made: condition again after an optimizer step or a change
+    of the context."""
 
     def __init__(self, dim: int, batch_shape: torch.Size) -> None:
         super().__init__(dim)
@@ -96,7 +98,7 @@ def _batch_shape(*params: Tensor) -> torch.Size:
 
 class ConditionedPlanar(_Conditioned):
     r"""The planar map of :class:`~pyroflows.transforms.Planar` with one set of raw parameters
-    per row: ``w``, ``u`` of shape (..., D), ``bias`` of shape (..., 1); the constraint
+    per row: ``u``, ``w`` of shape (..., D), ``bias`` of shape (..., 1); the constraint
     (:func:`~pyroflows.transforms.planar.planar_constraint`) is applied per row. Inputs of
     shape (..., D) broadcast against the rows. What :meth:`ConditionalPlanar.condition`
     returns."""
@@ -145,8 +147,9 @@ class ConditionalPlanar(_Hypernetwork):
     :math:`w^\top \hat u > -1` applied per row (so every row's map is invertible, whatever the
     network outputs) and its inverse (a monotone 1-D root solve per row), so the conditioned
     layer scores any point. ``condition(c)`` with ``c`` of shape (..., C) returns a
-    :class:`ConditionedPlanar` (a new one per call) for inputs whose batch dims broadcast with
-    ``c``'s: ``c`` (B, C) with ``z`` (B, D) or (S, B, D); ``c`` (C,) for every row.
+    :class:`ConditionedPlanar` (a new one per call, holding the parameters computed then)
+    for inputs whose batch dims broadcast with ``c``'s: ``c`` (B, C) with ``z`` (B, D) or
+    (S, B, D); ``c`` (C,) for every row.
 
     The network is a :class:`~pyroflows.nn.DenseNetwork` ``C -> hidden_dims -> 2D + 1``
     (``u``, ``w``, ``b`` in that order); by default two hidden layers of 10 D units, as
@@ -196,8 +199,8 @@ class ConditionalRadial(_Hypernetwork):
     \mathrm{softplus}(\beta')` per context row (so every row's map is invertible, whatever the
     network outputs) and :class:`~pyroflows.transforms.Radial`'s closed-form inverse per row.
     ``condition(c)`` with ``c`` of shape (..., C) returns a :class:`ConditionedRadial` (a new
-    one per call) for inputs whose batch dims broadcast with ``c``'s: ``c`` (B, C) with ``z``
-    (B, D) or (S, B, D); ``c`` (C,) for every row.
+    one per call, holding the parameters computed then) for inputs whose batch dims broadcast
+    with ``c``'s: ``c`` (B, C) with ``z`` (B, D) or (S, B, D); ``c`` (C,) for every row.
 
     The network is a :class:`~pyroflows.nn.DenseNetwork` ``C -> hidden_dims -> D + 2``
     (:math:`z_0`, :math:`\alpha'`, :math:`\beta'` in that order); by default two hidden layers
