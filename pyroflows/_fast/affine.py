@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -89,16 +90,16 @@ class _Chain:
         rows: list[tuple[int, ...] | None] = []
         nets: list[nn.Module] = []
         layers = self.layers
-        row_biases: list[Tensor] = []
         bias_of: list[int | None] = []
+        conditioned: list[tuple[nn.Module, Tensor]] = []
         for layer in layers:
             context = layer.__dict__.get("context")
             if context is None:
                 bias_of.append(None)
             else:
-                bias_of.append(len(row_biases))
-                row_biases.append(layer._modules["conditioner"].context_bias(context))
-        self.row_biases, self.bias_of = row_biases, bias_of
+                bias_of.append(len(conditioned))
+                conditioned.append((layer._modules["conditioner"], context))
+        self.row_biases, self.bias_of = _context_biases(conditioned), bias_of
         count = len(layers)
         i = 0
         while i < count:
@@ -150,6 +151,16 @@ class _Chain:
                 out.extend(next(pieces) if w else None for w in use)
             k += len(rows)
         return out
+
+
+def _context_biases(conditioned: Sequence[tuple[nn.Module, Tensor]]) -> list[Tensor]:
+    """Every ``(network, context)``'s :math:`V c`; where all share one context, by one product
+    with the networks' ``context_weight`` stacked (one node instead of one per layer)."""
+    if len(conditioned) < 2 or any(c is not conditioned[0][1] for _, c in conditioned):
+        return [net.context_bias(c) for net, c in conditioned]
+    weights = [net.context_weight for net, _ in conditioned]
+    product = F.linear(conditioned[0][1], torch.cat(weights))
+    return list(product.split([w.shape[0] for w in weights], dim=-1))
 
 
 def _periodic_rows(row_bias: Tensor, batch_shape: torch.Size) -> Tensor:
