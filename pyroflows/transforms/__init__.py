@@ -31,11 +31,11 @@ from .radial import Radial, radial
 from .tabak import Tabak, dequantize, tabak
 
 __all__ = [
-    "FlowTransform", "ConditionalFlowTransform", "ElementwiseAffine", "elementwise_affine", "TriangularAffine",
+    "FlowTransform", "ElementwiseAffine", "elementwise_affine", "TriangularAffine",
     "triangular_affine", "FixedTriangularAffine", "Planar", "planar", "Radial", "radial", "IAF",
     "iaf", "MAF", "maf", "RealNVP", "realnvp", "Permute", "permute", "Tabak", "tabak",
     "dequantize",
-    "ConditionalIAF", "conditional_iaf", "ConditionalMAF", "conditional_maf",
-    "ConditionalRealNVP", "conditional_realnvp",
-    "ConditionalPlanar", "conditional_planar", "ConditionalRadial", "conditional_radial",
+    "ConditionalFlowTransform", "ConditionalIAF", "conditional_iaf", "ConditionalMAF",
+    "conditional_maf", "ConditionalRealNVP", "conditional_realnvp", "ConditionalPlanar",
+    "conditional_planar", "ConditionalRadial", "conditional_radial",
 ]
