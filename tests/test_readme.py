@@ -19,3 +19,7 @@ def test_readme_examples_run(tmp_path, monkeypatch, fresh_param_store, one_threa
     assert set(namespace["posterior"]) >= {"mu", "tau"}
     assert (tmp_path / "density.pt").exists()
     assert namespace["report"].khat == namespace["report"].khat  # a number, not NaN
+    import pyro
+
+    z = pyro.poutine.trace(namespace["plain_guide"]).get_trace(namespace["images"]).nodes["z"]
+    assert z["value"].shape == (64, 2) and z["fn"].batch_shape == (64,)
