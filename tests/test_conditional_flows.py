@@ -4,6 +4,8 @@ context, contexts never sharing a cache, the builder with ``context_dim``, save/
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pytest
 import torch
@@ -316,3 +318,19 @@ def test_build_folds_permutations_as_the_plain_build(name, permutation):
         assert torch.equal(p.conditioner.degrees[:5], q.conditioner.degrees[:5])
         if name == "realnvp":
             assert torch.equal(p.mask, q.mask)
+
+
+def test_gaussian_start_keeps_a_finite_log_det_when_its_scale_underflows(device, dtype):
+    """The head's scale output far below 0 (softplus underflows to 0): sigma is floored at the
+    dtype's smallest normal number, so log|det| stays finite, as do the gradients."""
+    layer = ConditionalElementwiseAffine(2, 3).to(device, dtype)
+    with torch.no_grad():
+        layer.head.bias[2:].fill_(-1e4)
+    context = torch.randn(4, 3, device=device, dtype=dtype, requires_grad=True)
+    t = layer.condition(context)
+    x = torch.randn(4, 2, device=device, dtype=dtype)
+    log_det = t.log_abs_det_jacobian(x, t(x))
+    tiny = torch.finfo(dtype).tiny
+    torch.testing.assert_close(log_det, torch.full_like(log_det, 2 * math.log(tiny)))
+    log_det.sum().backward()
+    assert torch.isfinite(context.grad).all()

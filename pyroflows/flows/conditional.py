@@ -143,7 +143,10 @@ class ConditionalElementwiseAffine(ConditionalFlowTransform):
 
     def conditioned(self, context: Tensor) -> FlowTransform:
         loc, raw = self.head(context).split(self.dim, dim=-1)
-        return _RowAffine(loc, nn.functional.softplus(raw))
+        # at least the dtype's smallest normal number: log sigma stays finite however far
+        # below 0 the head's output goes (softplus underflows to 0 there)
+        scale = nn.functional.softplus(raw).clamp_min(torch.finfo(raw.dtype).tiny)
+        return _RowAffine(loc, scale)
 
 
 class _RowAffine(FlowTransform):
