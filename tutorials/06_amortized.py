@@ -361,8 +361,9 @@ plt.show()
 # ## Per-datapoint posteriors
 # With two latent dimensions the exact posterior of each trained model,
 # $p_\theta(z \mid x) \propto p_\theta(x \mid z)\, p(z)$, can be evaluated on a grid. For three
-# test images, each panel shows it (contours, on a grid around its mass) under 500 draws of
-# that model's guide, titled with that image's gap. The images are the two test images with
+# test images, each panel shows it (contours holding 50%, 90% and 99% of its mass, dark to
+# light, on a grid around the mass) under 500 draws of that model's guide, titled with that
+# image's gap. The images are the two test images with
 # the largest gap of the Gaussian guide and the one at its median gap: the first two rows are
 # chosen to show where the Gaussian guide fits worst, the third a typical image.
 
@@ -387,6 +388,13 @@ def exact_posterior(vae, x, n=120):
     return grid_over(lo[0], hi[0], lo[1], hi[1])
 
 
+def mass_levels(p, masses=(0.99, 0.9, 0.5)):
+    """The density levels whose regions hold the given masses of the grid's density p."""
+    values = p.flatten().sort(descending=True).values
+    index = torch.searchsorted(values.cumsum(0), torch.tensor(masses))
+    return values[index.clamp(max=len(values) - 1)].tolist()  # increasing levels
+
+
 gap_gauss = per_image["Gaussian"][1] - per_image["Gaussian"][0]
 ranked = gap_gauss.argsort(descending=True)
 picks = [ranked[0].item(), ranked[1].item(), ranked[n_test // 2].item()]
@@ -401,7 +409,7 @@ for row, i in zip(axes, picks):
     row[0].axis("off")
     for ax, (name, (vae, guide, _, _)) in zip(row[1:], runs.items()):
         gx, gy, p = exact_posterior(vae, x_i[0])
-        ax.contour(gx, gy, p, levels=8, cmap="Greys")
+        ax.contour(gx, gy, p, levels=mass_levels(p), colors=["0.7", "0.4", "0.0"])
         with torch.no_grad():
             z = guide.get_posterior(x_i).sample((500,))[:, 0]
         ax.scatter(z[:, 0], z[:, 1], s=2, alpha=0.35, color="C1")
@@ -414,13 +422,16 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# In the run rendered here the Gaussian guide's largest gaps are misplacements: its draws
-# sit beside its model's posterior, whose shape is close to an ellipse. The encoder puts the
-# Gaussian in the wrong place for these images (an amortization error), rather than the
-# Gaussian's shape failing the posterior's. For the same images the flow guides' draws cover
-# their models' posteriors. At the median image all three guides cover their posteriors, and
-# the posteriors themselves are close to Gaussian in all three models. Each column is its own
-# model, so the exact posteriors differ between columns.
+# In the run rendered here, for the two images where the Gaussian guide fits worst, the
+# exact posterior of the Gaussian guide's model has its mass in more than one place (contours
+# in two regions), and the Gaussian's draws fall outside its 99% regions, beside the mass
+# rather than on it: a single Gaussian cannot cover separate regions, and this one covers
+# none of them. For the same images the flow guides' models have posteriors with their mass
+# in one region, and the flow guides' draws lie mostly within the 99% contours. At the
+# median image the three models' posteriors are close to Gaussian and all three guides' draws
+# lie mostly within them. Each column is its own model: a model trained with a Gaussian guide
+# need not have the posteriors of a model trained with a flow guide, so the pictures show what
+# each pair of model and guide learned, not one posterior fitted three ways.
 #
 # ## Where next
 # - `pf.guides.AmortizedFlowGuide(..., flow="radial")`, `"maf"` or `"realnvp"` take the other
