@@ -290,9 +290,13 @@ def profile(args, train, log) -> list[str]:
     """Where a training step's time goes, per row: the whole step (Pyro's
     ``Trace_ELBO.differentiable_loss`` + backward + Adam), the same loss written by hand
     without Pyro (encoder, ``posterior(x).rsample`` and ``log_prob``, decoder, backward,
-    Adam), and the guide's distribution alone (``posterior(x)``: encoder, conditioning,
-    draw and score, backward of the score). Process CPU milliseconds per step, the best of
-    ``--profile-rounds`` rounds of 15 steps, the rows interleaved in a shuffled order."""
+    Adam), the guide's distribution alone (``posterior(x)``: encoder, conditioning,
+    draw and score, backward of the score), and the planar/radial layers' parameter networks
+    alone (forward and backward on the encoder's h), each of these with Adam's update of the
+    parameters it reaches, and Adam's update of all the row's parameters alone; the guide
+    step's aten operations and backward nodes (torch.profiler). Process CPU milliseconds
+    per step, the best of ``--profile-rounds`` rounds of 15 steps, the rows interleaved in a
+    shuffled order."""
     rows = [Row(*spec, seed=0, args=args, n_train=train.shape[0]) for spec in ROWS]
     n, b = train.shape[0], args.batch
 
@@ -312,7 +316,23 @@ def profile(args, train, log) -> list[str]:
     def pyro_step(row):
         return row.elbo.differentiable_loss(row.model, row.guide, train) / n
 
-    kinds = {"step": pyro_step, "by hand": by_hand, "guide alone": guide_only}
+    def networks_only(row):
+        # the planar/radial layers' parameter networks alone, on the encoder's (fixed) h
+        nets = [m for m in row.guide_module.modules()
+                if type(m).__name__ in ("DenseNetwork", "DenseNN")]
+        h = row.encoder(train[torch.randperm(n)[:b]]).detach().requires_grad_()
+        outs = [net(h) for net in nets]
+        flat = [t for o in outs for t in (o if isinstance(o, tuple) else (o,))]
+        return sum(t.sum() for t in flat) if flat else h.sum()
+
+    def adam_only(row):
+        # Adam's update of every parameter of the row (the gradients set to ones)
+        for p in row.params:
+            p.grad = torch.ones_like(p)
+        return torch.zeros((), requires_grad=True)
+
+    kinds = {"step": pyro_step, "by hand": by_hand, "guide alone": guide_only,
+             "parameter networks alone": networks_only, "Adam alone": adam_only}
     best = {(r.name, k): float("inf") for r in rows for k in kinds}
     order = random.Random(0)
     for _ in range(args.profile_rounds):
@@ -326,11 +346,24 @@ def profile(args, train, log) -> list[str]:
                 row.optim.step()
             best[(row.name, kind)] = min(best[(row.name, kind)],
                                          (time.process_time() - start) / 15)
-    lines = ["| posterior | library | step (Pyro SVI loss) | same loss by hand | guide alone |",
-             "|---|---|---:|---:|---:|"]
+    ops = {}
+    for row in rows:  # the guide's step: aten operations and backward nodes (torch.profiler)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                guide_only(row).backward()
+        events = prof.key_averages()
+        ops[row.name] = (sum(e.count for e in events if e.key.startswith("aten::")) / 5,
+                         sum(e.count for e in events if "Backward" in e.key
+                             and not e.key.startswith("autograd::")) / 5)
+    lines = ["| posterior | library | step (Pyro SVI loss) | same loss by hand | guide alone | "
+             "parameter networks alone | Adam alone | guide: aten ops / backward nodes |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.label} | {r.library} | " + " | ".join(
-            f"{1e3 * best[(r.name, k)]:.2f} ms" for k in kinds) + " |")
+        cells = [f"{1e3 * best[(r.name, k)]:.2f} ms" for k in kinds]
+        if r.family not in ("planar", "radial"):
+            cells[3] = "-"
+        lines.append(f"| {r.label} | {r.library} | " + " | ".join(cells)
+                     + f" | {ops[r.name][0]:.0f} / {ops[r.name][1]:.0f} |")
     log("\n".join(lines))
     return lines
 
