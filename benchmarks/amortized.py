@@ -2,7 +2,7 @@
 planar, radial and IAF guides against a diagonal Gaussian guide and against the same families
 from Pyro's conditional transforms and zuko's conditional flows.
 
-Run from the repository root (about 15 minutes of CPU per seed with the defaults)::
+Run from the repository root (about 4 minutes of CPU per seed with the defaults)::
 
     python -m benchmarks.amortized --out benchmarks/results/amortized.md
 
