@@ -1,7 +1,8 @@
-"""Copy the benchmark material the tests, tutorials and benchmarks read from the project's
-``../shared/bench`` into ``benchmarks/data/`` (run from the repository root:
-``python benchmarks/data/copy_from_shared.py``). The copy is what the repository reads; this
-script records how it was made.
+"""Copy the benchmark material the tests, tutorials and benchmarks read into
+``benchmarks/data/``: ``python benchmarks/data/copy_material.py SOURCE``, with ``SOURCE`` the
+project's original benchmark folder (holding ``posteriordb/``, ``german_credit_logreg/``,
+``rezende/``, ``synthetic/``). The copy is what the repository reads; this script records how
+it was made, and is never run by the tests.
 
 Reference draws are stored as float32 (their Monte-Carlo error, about 1e-2 standard deviations,
 is far above float32's 1e-7) and thinned to every second draw of each chain, keeping every
@@ -36,8 +37,7 @@ def thinned(src: str, dst: str) -> None:
     np.savez_compressed(dst, **out)
 
 
-def main(shared: str) -> None:
-    bench = os.path.join(shared, "bench")
+def main(bench: str) -> None:
     for folder in POSTERIORDB:
         os.makedirs(os.path.join(HERE, "posteriordb", folder), exist_ok=True)
         shutil.copyfile(os.path.join(bench, "posteriordb", folder, "data.json"),
@@ -66,4 +66,6 @@ def main(shared: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", "..", "..", "shared"))
+    if len(sys.argv) != 2:
+        sys.exit("usage: python benchmarks/data/copy_material.py SOURCE")
+    main(sys.argv[1])
