@@ -19,7 +19,17 @@ from torch.distributions import Transform
 
 from .._config import is_validation_enabled
 
-__all__ = ["ConditionalFlowTransform"]
+__all__ = ["ConditionalFlowTransform", "check_broadcast"]
+
+
+def check_broadcast(owner: str, what: str, batch: torch.Size, rows: torch.Size) -> None:
+    """A :class:`ValueError` where an input's batch dims ``batch`` do not broadcast with the
+    context rows' ``rows`` (``owner``, ``what``: the transform and the input, for the message).
+    Written out: ``torch.broadcast_shapes`` costs as much as a small layer's map."""
+    if any(a != b and a != 1 and b != 1
+           for a, b in zip(reversed(batch), reversed(rows), strict=False)):
+        raise ValueError(f"{owner}: the {what}'s batch shape {tuple(batch)} does not broadcast "
+                         f"with the context's {tuple(rows)}")
 
 
 class ConditionalFlowTransform(ConditionalTransformModule):

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from .autoregressive import IAF, MAF, AffineAutoregressiveCore, setup_affine
 from .base import FlowTransform
-from .conditional import ConditionalFlowTransform
+from .conditional import ConditionalFlowTransform, check_broadcast
 from .coupling import RealNVP, _contiguous_halves
 
 __all__ = [
@@ -42,13 +41,8 @@ class _Conditioned:
 
     def _validate(self, value: Tensor, what: str) -> None:
         super()._validate(value, what)
-        context = self.__dict__["context"]
-        try:
-            torch.broadcast_shapes(value.shape[:-1], context.shape[:-1])
-        except RuntimeError:
-            raise ValueError(
-                f"{type(self).__name__}: the {what}'s batch shape {tuple(value.shape[:-1])} "
-                f"does not broadcast with the context's {tuple(context.shape[:-1])}") from None
+        check_broadcast(type(self).__name__, what, value.shape[:-1],
+                        self.__dict__["context"].shape[:-1])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, context_shape={tuple(self.context.shape)}"

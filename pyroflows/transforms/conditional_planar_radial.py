@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..nn.dense import DenseNetwork
 from .base import FlowTransform
-from .conditional import ConditionalFlowTransform
+from .conditional import ConditionalFlowTransform, check_broadcast
 from .planar import Planar, planar_constraint, planar_forward_step, planar_inverse_step
 from .radial import Radial, radial_alpha, radial_forward, radial_inverse
 
@@ -77,13 +77,7 @@ class _Conditioned(FlowTransform):
 
     def _validate(self, value: Tensor, what: str) -> None:
         super()._validate(value, what)
-        # by hand: torch.broadcast_shapes costs as much as a small layer's map
-        batch = value.shape[:-1]
-        if any(a != b and a != 1 and b != 1
-               for a, b in zip(reversed(batch), reversed(self.batch_shape), strict=False)):
-            raise ValueError(f"{type(self).__name__}: the {what}'s batch shape "
-                             f"{tuple(batch)} does not broadcast with the context's "
-                             f"{tuple(self.batch_shape)}")
+        check_broadcast(type(self).__name__, what, value.shape[:-1], self.batch_shape)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", batch_shape={tuple(self.batch_shape)}"
