@@ -82,8 +82,9 @@ def test_vi_report_table_dict_and_plot(device, dtype):
     assert abs(numbers["log_evidence"] - log_z) < log_tol(dtype) * 10
     assert numbers["ess"] == pytest.approx(1000, rel=1e-3)
     assert numbers["guide"] == "AutoMultivariateNormal"
+    assert numbers["verdict"] == "good" and numbers["log_weight_spread"] < 0.05
     text = str(report)
-    for word in ("ELBO", "k-hat", "good", "ESS", "converged"):
+    for word in ("ELBO", "k-hat", "good", "ESS", "converged", "spread", "verdict"):
         assert word in text
     fig = report.plot()
     assert len(fig.axes) == 3
@@ -115,3 +116,49 @@ def test_vi_report_plot_clips_early_huge_losses(device, dtype):
     lo, hi = fig.axes[0].get_ylim()
     assert lo <= smooth.min() and hi >= smooth.max()
     plt.close(fig)
+
+
+def _normal_guide(loc: float, scale: float, dim: int, device, dtype):
+    def guide():
+        pyro.sample("x", dist.Normal(torch.tensor(loc, device=device, dtype=dtype),
+                                     scale).expand([dim]).to_event(1))
+    return guide
+
+
+@pytest.mark.parametrize("loc, scale, verdict", [
+    (0.0, 1.0, "good"),  # exact: constant weights, k-hat -inf
+    (1.5, 1.0, "poor"),  # KL 4.5 nats: the bulk's log weights spread ~ sqrt(4 * 1.5^2) = 3
+    (0.0, 0.5, "poor"),  # too narrow: KL 1.1 nats
+])
+def test_verdict_of_a_normal_guide_on_a_normal_posterior(loc, scale, verdict, device, dtype):
+    def model():
+        pyro.sample("x", dist.Normal(torch.zeros((), device=device, dtype=dtype), 1.0)
+                    .expand([4]).to_event(1))
+
+    pyro.set_rng_seed(0)
+    report = dg.vi_report(model, _normal_guide(loc, scale, 4, device, dtype), num_samples=4000)
+    assert report.verdict == verdict, str(report)
+
+
+def test_verdict_tells_light_tails_from_a_poor_approximation(device, dtype):
+    """A normal guide of a Student t(2) posterior: its bulk is close (log weights spread about
+    0.2 nats, against 3 for a shifted guide) but the posterior's tails are far heavier, so k-hat
+    is above 0.7: "tails too light", not "poor"."""
+    def model():
+        pyro.sample("x", dist.StudentT(2.0, torch.zeros((), device=device, dtype=dtype), 1.0)
+                    .expand([4]).to_event(1))
+
+    pyro.set_rng_seed(0)
+    report = dg.vi_report(model, _normal_guide(0.0, 1.0, 4, device, dtype), num_samples=4000)
+    assert report.khat > 0.7 and report.log_weight_spread < 0.35, str(report)
+    assert report.verdict == "tails too light" and "studentt" in report.verdict_reason
+
+
+def test_robust_spread_is_the_bulks_standard_deviation():
+    rng = np.random.default_rng(1)
+    lw = rng.normal(3.0, 0.8, 200000)
+    assert dg.robust_spread(lw) == pytest.approx(0.8, rel=0.02)
+    lw[:100] = 1e3  # the largest weights leave it alone; the standard deviation is ruined
+    assert dg.robust_spread(lw) == pytest.approx(0.8, rel=0.02) and lw.std() > 10
+    assert np.isnan(dg.robust_spread(np.array([1.0, np.nan])))
+    assert dg.approximation_verdict(float("nan"), 0.1)[0] == "unknown"

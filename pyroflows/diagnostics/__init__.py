@@ -27,10 +27,20 @@ from __future__ import annotations
 
 from .inference_data import to_inference_data
 from .pareto import KHAT_GOOD, KHAT_USABLE, importance_resample, khat_verdict, psis, psis_khat
-from .report import ConvergenceCheck, VIReport, elbo_convergence, elbo_trace_ylim, vi_report
+from .report import (
+    BULK_SPREAD_CLOSE,
+    ConvergenceCheck,
+    VIReport,
+    approximation_verdict,
+    elbo_convergence,
+    elbo_trace_ylim,
+    robust_spread,
+    vi_report,
+)
 from .weights import log_importance_weights
 
 __all__ = [
     "KHAT_GOOD", "KHAT_USABLE", "khat_verdict", "log_importance_weights", "psis", "psis_khat",
     "to_inference_data", "importance_resample", "ConvergenceCheck", "elbo_convergence",
-    "elbo_trace_ylim", "VIReport", "vi_report"]
+    "elbo_trace_ylim", "VIReport", "vi_report", "BULK_SPREAD_CLOSE", "robust_spread",
+    "approximation_verdict"]

@@ -15,7 +15,12 @@ from torch import Tensor
 from .pareto import KHAT_GOOD, KHAT_USABLE, importance_ess, khat_verdict, psis
 from .weights import guide_name, log_importance_weights
 
-__all__ = ["ConvergenceCheck", "elbo_convergence", "elbo_trace_ylim", "VIReport", "vi_report"]
+__all__ = ["ConvergenceCheck", "elbo_convergence", "elbo_trace_ylim", "VIReport", "vi_report",
+           "BULK_SPREAD_CLOSE", "robust_spread", "approximation_verdict"]
+
+#: Up to this robust spread of the log weights (nats) the bulk of the guide matches the
+#: posterior's: for log-normal weights the bulk's KL is about spread^2 / 2, here 0.125 nats.
+BULK_SPREAD_CLOSE = 0.5
 
 
 def _as_trace(elbo_trace: Sequence[float] | np.ndarray | Tensor) -> np.ndarray:
@@ -113,6 +118,78 @@ def elbo_trace_ylim(elbo_trace: Sequence[float] | np.ndarray | Tensor,
     return low - 0.5 * span, top + 0.05 * span
 
 
+def robust_spread(log_weights: np.ndarray) -> float:
+    r"""The spread of the bulk of the log weights, :math:`\mathrm{IQR}(\log w) / 1.349`: their
+    standard deviation were they normal, and, unlike it, blind to the few largest weights
+    (those are :math:`\hat k`'s business). For :math:`q` close to :math:`p` the log weights
+    are nearly normal with variance :math:`\sigma^2` and
+    :math:`\mathrm{KL}(q \,\|\, p) \approx \sigma^2 / 2`.
+
+    Example:
+        >>> import numpy as np
+        >>> from pyroflows.diagnostics import robust_spread
+        >>> lw = np.random.default_rng(0).normal(0.0, 0.3, 100000)
+        >>> round(robust_spread(lw), 2)
+        0.3
+        >>> lw[:20] = 50.0  # a few huge weights leave the bulk's spread alone
+        >>> round(robust_spread(lw), 2)
+        0.3
+    """
+    lw = np.asarray(log_weights, dtype=np.float64)
+    lw = lw[np.isfinite(lw)]
+    if lw.size < 4:
+        return math.nan
+    q25, q75 = np.percentile(lw, [25.0, 75.0])
+    return float((q75 - q25) / 1.349)
+
+
+def approximation_verdict(khat: float, spread: float,
+                          close: float = BULK_SPREAD_CLOSE) -> tuple[str, str]:
+    r"""What the weights say of the guide :math:`q`, in two parts (Yao et al. 2018, "Yes, but
+    did it work?"; Vehtari et al. 2024, "Pareto smoothed importance sampling"): the right tail
+    of :math:`w = p/q`, measured by :math:`\hat k`, tells whether importance sampling can be
+    trusted; the bulk of :math:`\log w`, measured by :func:`robust_spread` :math:`\sigma`,
+    tells whether :math:`q` is close where most of its mass is. The verdicts:
+
+    - ``"good"``: :math:`\hat k < 0.5` and :math:`\sigma \le` ``close``.
+    - ``"usable"``: :math:`\hat k \le 0.7` and :math:`\sigma \le` ``close``; PSIS-corrected
+      estimates are reliable.
+    - ``"tails too light"``: :math:`\hat k > 0.7` while :math:`\sigma \le` ``close``: the
+      approximation's bulk is right (moments and quantiles of :math:`q` are close), but the
+      posterior has mass far out where :math:`q` has almost none, so importance sampling
+      (and the PSIS-corrected estimates) is unreliable. A heavy-tailed base
+      (``base="studentt"``) is the remedy.
+    - ``"poor"``: :math:`\sigma >` ``close``: the approximation itself is off (its KL to
+      the posterior is about :math:`\sigma^2/2` or more); with :math:`\hat k \le 0.7`
+      PSIS can still correct it.
+    - ``"unknown"``: :math:`\hat k` or :math:`\sigma` is NaN.
+
+    Returns:
+        ``(verdict, reason)``: the label and a sentence that says why.
+
+    Example:
+        >>> from pyroflows.diagnostics import approximation_verdict
+        >>> approximation_verdict(1.08, 0.05)[0], approximation_verdict(0.3, 2.0)[0]
+        ('tails too light', 'poor')
+    """
+    if math.isnan(khat) or math.isnan(spread):  # (k-hat is -inf for constant weights: exact)
+        return "unknown", "k-hat or the log weights' spread is NaN"
+    if spread > close:
+        fix = ("PSIS can still correct its estimates" if khat <= KHAT_USABLE
+               else "and importance sampling cannot correct it")
+        return "poor", (f"the bulk of the log weights spreads {spread:.2f} > {close:g} nats "
+                        f"(KL(q || p) about {spread ** 2 / 2:.2g} nats or more): the approximation "
+                        f"is off; {fix}")
+    if khat > KHAT_USABLE:
+        return "tails too light", (
+            f"k-hat {khat:.2f} > {KHAT_USABLE} while the bulk of the log weights spreads only "
+            f"{spread:.2f} nats: the approximation's bulk is right but its tails are lighter "
+            "than the posterior's, so importance sampling is unreliable (try base='studentt')")
+    label = "good" if khat < KHAT_GOOD else "usable"
+    return label, (f"k-hat {khat:.2f} and a bulk spread of {spread:.2f} nats: the approximation "
+                   "is close and importance sampling is reliable")
+
+
 @dataclass
 class VIReport:
     """Diagnostics of one guide, made by :func:`vi_report`. Prints as a compact table;
@@ -134,6 +211,21 @@ class VIReport:
         return khat_verdict(self.khat)
 
     @property
+    def log_weight_spread(self) -> float:
+        """The bulk's spread of the log weights (:func:`robust_spread`)."""
+        return robust_spread(self.log_weights)
+
+    @property
+    def verdict(self) -> str:
+        """:func:`approximation_verdict`'s label: is importance sampling unreliable (``"tails
+        too light"``) or the approximation poor (``"poor"``)?"""
+        return approximation_verdict(self.khat, self.log_weight_spread)[0]
+
+    @property
+    def verdict_reason(self) -> str:
+        return approximation_verdict(self.khat, self.log_weight_spread)[1]
+
+    @property
     def ess_fraction(self) -> float:
         return self.ess / self.num_samples
 
@@ -144,6 +236,7 @@ class VIReport:
             "guide": self.guide, "num_samples": self.num_samples, "elbo": self.elbo,
             "elbo_se": self.elbo_se, "log_evidence": self.log_evidence, "khat": self.khat,
             "khat_verdict": self.khat_verdict, "ess": self.ess, "ess_fraction": self.ess_fraction,
+            "log_weight_spread": self.log_weight_spread, "verdict": self.verdict,
             "convergence": None if c is None else c.verdict,
             "elbo_trace_difference": None if c is None else c.difference,
             "elbo_trace_se": None if c is None else c.standard_error,
@@ -156,6 +249,8 @@ class VIReport:
             ("PSIS k-hat", f"{self.khat:.2f}  {self.khat_verdict}  (< 0.5 good, 0.5-0.7 "
                            "usable, > 0.7 do not trust)"),
             ("IS ESS", f"{self.ess:.0f} / {self.num_samples} ({100 * self.ess_fraction:.1f}%)"),
+            ("log w spread (bulk)", f"{self.log_weight_spread:.3g} nats"),
+            ("verdict", f"{self.verdict}: {self.verdict_reason}"),
         ]
         if self.convergence is not None:
             rows.append(("ELBO trace", str(self.convergence)))
@@ -224,9 +319,11 @@ def vi_report(model: Callable, guide: Callable, *args: Any,
               chunk_size: int | None = None, **kwargs: Any) -> VIReport:
     """Is this guide trustworthy? From one set of S guide draws: the ELBO
     :math:`\\frac1S\\sum_s \\log w_s` with its standard error, the log evidence
-    :math:`\\log \\frac1S \\sum_s w_s`, the PSIS :math:`\\hat k` with its verdict and the
+    :math:`\\log \\frac1S \\sum_s w_s`, the PSIS :math:`\\hat k` with its verdict, the
     importance ESS :math:`(\\sum_s \\tilde w_s)^2 / \\sum_s \\tilde w_s^2` of the smoothed
-    weights; with ``elbo_trace`` also :func:`elbo_convergence`.
+    weights, the bulk's spread of the log weights and :func:`approximation_verdict` (are the
+    tails too light for importance sampling, or is the approximation poor?); with
+    ``elbo_trace`` also :func:`elbo_convergence`.
 
     Arguments:
         model, guide, args, kwargs, num_samples, max_plate_nesting, chunk_size: as for
