@@ -17,12 +17,18 @@ __version__ = "0.2.0"
 _SUBMODULES = ("transforms", "flows", "distributions", "guides", "density", "diagnostics",
                "datasets", "testing")
 
-__all__ = [*_SUBMODULES, "enable_validation", "is_validation_enabled", "validation", "__version__"]
+# Names at the top level, loaded with their submodule on first access.
+_NAMES = {"DensityEstimator": "density"}
+
+__all__ = [*_SUBMODULES, *_NAMES, "enable_validation", "is_validation_enabled", "validation",
+           "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _NAMES:
+        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
     raise AttributeError(f"module 'pyroflows' has no attribute {name!r}")
 
 
