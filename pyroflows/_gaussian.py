@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._distributed import Rows
+
 __all__ = ["standard_normal_log_prob", "ml_gaussian"]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -19,12 +21,15 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def ml_gaussian(x: Tensor, diagonal: bool = False) -> tuple[Tensor, Tensor, float]:
+def ml_gaussian(x: Tensor, diagonal: bool = False,
+                rows: Rows | None = None) -> tuple[Tensor, Tensor, float]:
     r"""The mean :math:`m` and the Cholesky factor :math:`L` of the maximum-likelihood
     covariance (divisor n) of the rows of ``x`` (only its diagonal with ``diagonal=True``), in
     float64, and the ridge added to the covariance's diagonal: 0 where it is positive
     definite, else the smallest :math:`10^{k-12}` times the mean variance that makes :math:`L`
-    invertible (callers decide whether a ridge is an error or a warning).
+    invertible (callers decide whether a ridge is an error or a warning). With ``rows``
+    (:class:`~pyroflows._distributed.Rows`), ``x`` is this rank's shard and the moments are
+    those of all ranks' rows.
 
     Example:
         >>> loc, tril, ridge = ml_gaussian(torch.tensor([[0.0, 2.0], [2.0, 0.0], [1.0, 4.0]]))
@@ -33,10 +38,11 @@ def ml_gaussian(x: Tensor, diagonal: bool = False) -> tuple[Tensor, Tensor, floa
         >>> ml_gaussian(torch.tensor([[0.0, 1.0], [2.0, 3.0]]))[2] > 0  # collinear columns
         True
     """
+    rows = rows if rows is not None else Rows(False, x.shape[0])
     x64 = x.to(torch.float64)
-    loc = x64.mean(0)
+    loc = rows.mean(x64, 0)
     centred = x64 - loc
-    cov = centred.T @ centred / x64.shape[0]
+    cov = rows.sum(centred.T @ centred) / rows.total
     var = cov.diagonal()
     scale = float(var.mean()) if float(var.mean()) > 0 else 1.0
     eye = torch.eye(x.shape[-1], dtype=torch.float64, device=x.device)

@@ -7,7 +7,7 @@ import pathlib
 import pyroflows
 
 PACKAGE = pathlib.Path(pyroflows.__file__).parent
-BASE = {"_config", "_memo", "_gaussian", "_private", "_legacy"}  # below every room
+BASE = {"_config", "_memo", "_gaussian", "_private", "_legacy", "_distributed"}  # below every room
 ALLOWED = {
     "_fast": set(),
     "nn": {"_fast"},
@@ -22,7 +22,7 @@ ALLOWED = {
     "cli": {"datasets", "density", "diagnostics", "guides", "__version__"},
     "__main__": {"cli"},
     "__init__": set(),
-    **{name: {"_config", "_memo", "_gaussian", "_private"} for name in BASE},
+    **{name: {"_config", "_memo", "_gaussian", "_private", "_distributed"} for name in BASE},
 }
 
 

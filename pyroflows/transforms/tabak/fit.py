@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..._distributed import Rows, is_data_parallel
 from ..._gaussian import ml_gaussian, standard_normal_log_prob
 from .map import (
     GAMMA_MAX,
@@ -74,21 +75,23 @@ def check_data(x: Tensor, dim: int, what: str) -> None:
                          f"(first at row {int(rows[0])}); drop or impute them before fitting")
 
 
-def whitening(x: Tensor, whiten: str) -> tuple[Tensor, Tensor]:
+def whitening(x: Tensor, whiten: str, rows: Rows | None = None) -> tuple[Tensor, Tensor]:
     """The whitening :math:`W(x) = L^{-1}(x - m)` of the rows of ``x``, as ``(m, L)`` in ``x``'s
     dtype: the ML mean and Cholesky factor (``whiten="full"``), the standard deviations
     (``"diagonal"``) or the identity (``"none"``). Constant columns, columns whose spread is
     below the dtype's resolution at their size and (``"full"``) a singular covariance raise a
-    :class:`ValueError`."""
-    loc, tril, ridge = ml_gaussian(x, diagonal=whiten != "full")
+    :class:`ValueError`. With ``rows``, ``x`` is this rank's shard of the rows."""
+    rows = rows if rows is not None else Rows(False, x.shape[0])
+    loc, tril, ridge = ml_gaussian(x, diagonal=whiten != "full", rows=rows)
     # The covariance's diagonal; where a ridge was needed, from the data (it is then either a
     # constant column or a singular covariance, and the ridge would hide which).
-    var = (x.to(torch.float64) - loc).square().mean(0) if ridge else tril.square().sum(-1)
+    var = (rows.mean((x.to(torch.float64) - loc).square(), 0) if ridge
+           else tril.square().sum(-1))
     eps = torch.finfo(x.dtype).eps
-    scale = x.abs().amax(0).to(torch.float64).clamp_min(torch.finfo(x.dtype).tiny)
+    scale = rows.max(x.abs().amax(0)).to(torch.float64).clamp_min(torch.finfo(x.dtype).tiny)
     unresolved = var <= (16 * eps * scale) ** 2
     if bool(unresolved.any()):
-        constant = (x == x[:1]).all(0)
+        constant = rows.max(x.amax(0)) == rows.min(x.amin(0))
         cols = (unresolved & constant).nonzero().flatten().tolist()
         if cols:
             raise ValueError(f"Tabak.fit: column(s) {cols} are constant; data on a "
@@ -163,15 +166,16 @@ def dequantize(x: Tensor, resolution: float | Tensor | None = None,
     return x + h * (u - 0.5)
 
 
-def histogram(c: Tensor, bins: int) -> tuple[Tensor, Tensor]:
+def histogram(c: Tensor, bins: int, rows: Rows | None = None) -> tuple[Tensor, Tensor]:
     """Each row of ``c`` (K, n) in ``bins`` equal-width bins: the bins' means of the points and
-    shares of the points (empty: 0), shapes (K, bins)."""
-    lo, hi = c.amin(-1, keepdim=True), c.amax(-1, keepdim=True)
+    shares of the points (empty: 0), shapes (K, bins); with ``rows``, of all ranks' points."""
+    rows = rows if rows is not None else Rows(False, c.shape[-1])
+    lo, hi = rows.min(c.amin(-1, keepdim=True)), rows.max(c.amax(-1, keepdim=True))
     scale = bins / (hi - lo).clamp_min(torch.finfo(c.dtype).tiny)
     idx = ((c - lo) * scale).long().clamp_(0, bins - 1)
-    counts = c.new_zeros(c.shape[0], bins).scatter_add_(1, idx, torch.ones_like(c))
-    sums = c.new_zeros(c.shape[0], bins).scatter_add_(1, idx, c)
-    return sums / counts.clamp_min(1), counts / c.shape[-1]
+    counts = rows.sum(c.new_zeros(c.shape[0], bins).scatter_add_(1, idx, torch.ones_like(c)))
+    sums = rows.sum(c.new_zeros(c.shape[0], bins).scatter_add_(1, idx, c))
+    return sums / counts.clamp_min(1), counts / rows.total
 
 
 def haar_frames(num: int, dim: int, k: int, like: Tensor,
@@ -185,20 +189,27 @@ def haar_frames(num: int, dim: int, k: int, like: Tensor,
     return q * signs.unsqueeze(-2)
 
 
-def select(selection: str, per_row: list[Tensor], steps: list[int], best_step: int) -> int:
+def select(selection: str, per_row: list[Tensor], steps: list[int], best_step: int,
+           rows: Rows | None = None) -> int:
     """The kept step count under ``selection`` from the held-out rows' log-likelihoods at every
-    check (the rule is in :class:`~.transform.Tabak`'s docstring)."""
+    check (the rule is in :class:`~.transform.Tabak`'s docstring); with ``rows``, each rank's
+    held-out rows are its shard of them."""
     best = per_row[steps.index(best_step)]
-    m = best.shape[0]
+    rows = rows if rows is not None else Rows(False, best.shape[0])
+    m = rows.total
 
-    def within(rows: Tensor) -> bool:
-        d = best - rows
-        return float(d.mean()) <= (float(d.std()) / math.sqrt(m) if m > 1 else 0.0)
+    def within(values: Tensor) -> bool:
+        d = best - values
+        mean = rows.mean(d, 0)
+        if m <= 1:
+            return float(mean) <= 0.0
+        std = (rows.sum((d - mean).square().sum()) / (m - 1)).sqrt()
+        return float(mean) <= float(std) / math.sqrt(m)
 
     if selection == "significant":
         return 0 if within(per_row[0]) else best_step
-    for step, rows in zip(steps, per_row, strict=True):
-        if step < best_step and within(rows):
+    for step, values in zip(steps, per_row, strict=True):
+        if step < best_step and within(values):
             return step
     return best_step
 
@@ -226,28 +237,41 @@ class DualAscent:
     def __init__(self, options: Tabak) -> None:
         self.options = options
 
-    def run(self, x: Tensor, x_val: Tensor | None, progress: bool) -> FittedSteps:
-        """Fit the steps to the rows of ``x`` (held out: ``x_val``, or ``val_fraction`` of them)."""
+    def run(self, x: Tensor, x_val: Tensor | None, progress: bool,
+            distributed: bool | None = None) -> FittedSteps:
+        """Fit the steps to the rows of ``x`` (held out: ``x_val``, or ``val_fraction`` of them);
+        data-parallel (each rank's ``x`` and ``x_val`` its shard) as
+        :func:`~pyroflows._distributed.is_data_parallel` says."""
         from tqdm.auto import tqdm
 
         o = self.options
         check_data(x, o.dim, "x")
         x = x.detach()
+        parallel = is_data_parallel(distributed)
+        seed = Rows(parallel, x.shape[0], x.device).broadcast_seed(o.seed)
         gen = None
-        if o.seed is not None:
-            gen = torch.Generator(device=x.device).manual_seed(int(o.seed))
+        if seed is not None:
+            gen = torch.Generator(device=x.device).manual_seed(int(seed))
         if x_val is None:
+            # data-parallel, each rank holds out rows of its shard, drawn by a generator of its
+            # own, so ``gen`` (frames, candidates, widths) stays the same on every rank
+            split = gen if not parallel else torch.Generator(device=x.device).manual_seed(
+                int(seed) + 1 + torch.distributed.get_rank())
             n_val = max(1, int(round(o.val_fraction * x.shape[0])))
-            perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
+            perm = torch.randperm(x.shape[0], generator=split, device=x.device)
             x_val, x = x[perm[:n_val]], x[perm[n_val:]]
         else:
             check_data(x_val, o.dim, "x_val")
             x_val = x_val.detach().to(device=x.device, dtype=x.dtype)
         n = x.shape[0]
-        if n < 2 * o.dim + 2:
-            raise ValueError(f"Tabak.fit: need at least {2 * o.dim + 2} training rows, got {n}")
-        loc, tril = whitening(x, o.whiten)
-        warn_repeats(x)
+        self.rows = rows = Rows(parallel, n, x.device)
+        rows_val = Rows(parallel, x_val.shape[0], x.device)
+        if rows.total < 2 * o.dim + 2 or rows.smallest < 1:
+            raise ValueError(f"Tabak.fit: need at least {2 * o.dim + 2} training rows (and one "
+                             f"on every rank), got {rows.total}")
+        loc, tril = whitening(x, o.whiten, rows)
+        if rows.rank == 0:
+            warn_repeats(x)
 
         def whiten(v: Tensor) -> Tensor:
             # Transposed, (D, n): every per-coordinate reduction then runs along contiguous rows.
@@ -263,11 +287,11 @@ class DualAscent:
         per_row: list[Tensor] = []  # the held-out rows' log-likelihoods per check, for one_se
 
         def record(step: int) -> float:
-            train = float((standard_normal_log_prob(z.mT) + ld).mean() + ld_shared)
-            rows_val = standard_normal_log_prob(z_val.mT) + ld_val
-            val = float(rows_val.mean() + ld_shared)
+            train = float(rows.mean(standard_normal_log_prob(z.mT) + ld, 0) + ld_shared)
+            log_probs_val = standard_normal_log_prob(z_val.mT) + ld_val
+            val = float(rows_val.mean(log_probs_val, 0) + ld_shared)
             if o.selection != "best":
-                per_row.append(rows_val + ld_shared)
+                per_row.append(log_probs_val + ld_shared)
             history["step"].append(step)
             history["train_log_prob"].append(train)
             history["val_log_prob"].append(val)
@@ -276,16 +300,16 @@ class DualAscent:
         # The collapse bounds (Tabak's docstring): the codes' range, and the steps' log-det at
         # a training row, at most half the dtype's digits per coordinate.
         whiten_log_det = ld_shared
-        code_limit = max(CODE_RANGE, 2 * float(z.abs().amax()))
+        code_limit = max(CODE_RANGE, 2 * float(rows.max(z.abs().amax())))
         log_det_limit = o.dim * -math.log(torch.finfo(x.dtype).eps) / 2
 
         def collapse() -> str | None:
             if not math.isfinite(history["train_log_prob"][-1]):
                 return "the training log-likelihood is not finite"
-            code = float(z.abs().amax())
+            code = float(rows.max(z.abs().amax()))
             if not code <= code_limit:
                 return f"a training row's code reached |z| = {code:.3g} (bound {code_limit:.3g})"
-            stretch = float(ld.amax() + (ld_shared - whiten_log_det))
+            stretch = float(rows.max(ld.amax()) + (ld_shared - whiten_log_det))
             if not stretch <= log_det_limit:
                 return (f"the steps stretch a training row beyond {x.dtype}'s resolution "
                         f"(log-det {stretch:.1f} > {log_det_limit:.1f})")
@@ -294,7 +318,8 @@ class DualAscent:
         best_val, best_step, bad_checks, done = record(0), 0, 0, 0
         stopped, reason = "max_steps", None
         with threads_for(n * k * o.num_candidates, x.device):
-            bar = tqdm(total=o.max_steps, disable=not progress, desc="Tabak", leave=False)
+            bar = tqdm(total=o.max_steps, disable=not progress or rows.rank != 0, desc="Tabak",
+                       leave=False)
             try:
                 while done < o.max_steps:
                     if bad_checks >= o.patience:
@@ -303,15 +328,15 @@ class DualAscent:
                     chunk = min(o.check_every, o.max_steps - done)
                     frames = haar_frames(chunk * o.num_rotations, o.dim, k, x, gen)
                     frames = frames.reshape(chunk, o.num_rotations, o.dim, k)
-                    rows = torch.randint(n, (chunk, k, o.num_candidates), generator=gen,
-                                         device=x.device)
+                    picks = torch.randint(rows.total, (chunk, k, o.num_candidates),
+                                          generator=gen, device=x.device)
                     rel_widths = self.relative_widths((chunk, k, o.num_candidates), x, gen)
                     for i in range(chunk):
-                        frame = self.best_frame(frames[i], z, rows[i], rel_widths[i])
+                        frame = self.best_frame(frames[i], z, picks[i], rel_widths[i])
                         frame_t = frame.mT
                         c, c_val = frame_t @ z, frame_t @ z_val
                         params, constants, keep, moved, log_ratio = self.ascent_step(
-                            c, rows[i], rel_widths[i])
+                            c, picks[i], rel_widths[i])
                         z = torch.addmm(z, frame, moved * keep)
                         ld = torch.addmv(ld, log_ratio.mT, keep.squeeze(-1))
                         moved_val, log_ratio_val = displacement(c_val, *constants, exact=False)
@@ -347,7 +372,7 @@ class DualAscent:
         if not math.isfinite(best_val):
             raise RuntimeError("Tabak.fit: the held-out log-likelihood is not finite")
         if per_row:
-            best_step = select(o.selection, per_row, history["step"], best_step)
+            best_step = select(o.selection, per_row, history["step"], best_step, rows_val)
 
         def stacked(name: str, shape: tuple) -> Tensor:
             kept = steps[name][:best_step]
@@ -378,48 +403,49 @@ class DualAscent:
         scale = step_size / length.clamp_min(step_size)
         return delta * scale.unsqueeze(-1), (scale - 0.5 * scale * scale) * length * length
 
-    def best_frame(self, frames: Tensor, z: Tensor, rows: Tensor, rel_width: Tensor) -> Tensor:
+    def best_frame(self, frames: Tensor, z: Tensor, picks: Tensor, rel_width: Tensor) -> Tensor:
         """Of the frames (R, D, K), the one whose coordinates' best candidates predict the
         largest total gain."""
         if frames.shape[0] == 1:
             return frames[0]
         r, _, k = frames.shape
-        c = (frames.mT @ z).reshape(r * k, -1)                      # (R K, n)
-        rows, rel_width = rows.repeat(r, 1), rel_width.repeat(r, 1)  # (R K, m)
-        predicted = self.predicted_gains(c, *self.candidates(c, rows, rel_width))  # (R K, m)
+        c = (frames.mT @ z).reshape(r * k, -1)                          # (R K, n)
+        picks, rel_width = picks.repeat(r, 1), rel_width.repeat(r, 1)  # (R K, m)
+        predicted = self.predicted_gains(c, *self.candidates(c, picks, rel_width))  # (R K, m)
         total = predicted.amax(-1).reshape(r, k).sum(-1)
         return frames[total.argmax()]  # a tensor index: no host sync per step on a GPU
 
-    @staticmethod
-    def candidates(c: Tensor, rows: Tensor, rel_width: Tensor) -> tuple[Tensor, Tensor]:
-        """The candidate centers of the rows of ``c`` (K, n), the points at ``rows`` (K, m), and
-        their widths, ``rel_width`` (K, m) times each row's std."""
-        mean = c.mean(-1, keepdim=True)
-        std = ((c * c).mean(-1, keepdim=True) - mean * mean).clamp_min(0).sqrt()
-        return c.gather(1, rows), rel_width * std.clamp_min(torch.finfo(c.dtype).eps)
+    def candidates(self, c: Tensor, picks: Tensor, rel_width: Tensor) -> tuple[Tensor, Tensor]:
+        """The candidate centers of the rows of ``c`` (K, n), the points at ``picks`` (K, m;
+        indices into all ranks' points), and their widths, ``rel_width`` (K, m) times each
+        row's std."""
+        mean = self.rows.mean(c, -1).unsqueeze(-1)
+        std = (self.rows.mean(c * c, -1).unsqueeze(-1) - mean * mean).clamp_min(0).sqrt()
+        return self.rows.gather(c, picks), rel_width * std.clamp_min(torch.finfo(c.dtype).eps)
 
     def predicted_gains(self, c: Tensor, centers: Tensor, widths: Tensor) -> Tensor:
         """The gain the capped step from each candidate (K, m) predicts, on a histogram of each
         row of ``c`` (``candidate_bins`` bins: m x bins work, not m x n)."""
-        means, shares = histogram(c, self.options.candidate_bins)
+        means, shares = histogram(c, self.options.candidate_bins, self.rows)
         grad, gn = local_ascent(means.unsqueeze(1), centers, widths, weights=shares.unsqueeze(1))
         return self.capped_step(grad, gn)[1]
 
-    def ascent_step(self, c: Tensor, rows: Tensor, rel_width: Tensor) -> tuple[
+    def ascent_step(self, c: Tensor, picks: Tensor, rel_width: Tensor) -> tuple[
         tuple[Tensor, ...], tuple[Tensor, ...], Tensor, Tensor, Tensor
     ]:
         """One capped Gauss-Newton step of every row of ``c`` (K, n) from the identity, at the
-        candidate (``rows``, ``rel_width``: (K, m)) that predicts the largest gain. Returns the
+        candidate (``picks``, ``rel_width``: (K, m)) that predicts the largest gain. Returns the
         map parameters as (K, 1) columns, their :func:`~.map.displacement_constants`, ``keep``
         (K, 1: 1 where the step gains training likelihood, else 0) and
         :func:`~.map.displacement` of ``c``."""
-        centers, widths = self.candidates(c, rows, rel_width)  # (K, m) each
-        if rows.shape[1] > 1:
+        centers, widths = self.candidates(c, picks, rel_width)  # (K, m) each
+        if picks.shape[1] > 1:
             best = self.predicted_gains(c, centers, widths).argmax(-1, keepdim=True)
             center, width = centers.gather(1, best).squeeze(-1), widths.gather(1, best).squeeze(-1)
         else:
             center, width = centers.squeeze(-1), widths.squeeze(-1)
-        delta, _ = self.capped_step(*local_ascent(c, center, width))
+        delta, _ = self.capped_step(*local_ascent(c, center, width,
+                                                  mean=lambda v: self.rows.mean(v, -1)))
         params = (
             delta[:, 0].clamp(SIGMA_MIN, SIGMA_MAX),
             delta[:, 1],
@@ -433,6 +459,6 @@ class DualAscent:
         moved, log_ratio = displacement(c, *constants, exact=False)
         # Exact per-coordinate gain in training log-likelihood (rotations preserve |z|), with
         # (phi(c)^2 - c^2) / 2 = moved (c + moved / 2); where the step would lose, the identity.
-        gain = (log_ratio.mean(-1, keepdim=True) + torch.log1p(-params[0])
-                - (moved * torch.add(c, moved, alpha=0.5)).mean(-1, keepdim=True))
+        gain = (self.rows.mean(log_ratio, -1).unsqueeze(-1) + torch.log1p(-params[0])
+                - self.rows.mean(moved * torch.add(c, moved, alpha=0.5), -1).unsqueeze(-1))
         return params, constants, (gain > 0).to(c.dtype), moved, log_ratio

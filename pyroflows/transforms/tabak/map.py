@@ -3,6 +3,8 @@ it: the math of one Tabak step, coordinate by coordinate."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -159,7 +161,7 @@ def map_1d_inverse(y: Tensor, sigma: Tensor, shift: Tensor, gamma: Tensor, cente
 
 def local_ascent(
     x: Tensor, center: Tensor, width: Tensor, precision: float = 1.0,
-    weights: Tensor | None = None,
+    weights: Tensor | None = None, mean: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Gradient and Gauss-Newton matrix, shapes ``(K, 3)`` and ``(K, 3, 3)``, of the local
     log-likelihood of seed eq. 23 at the identity, per coordinate (row of ``x``), in the
@@ -189,6 +191,8 @@ def local_ascent(
         precision: :math:`\lambda` (1 for the standard normal target).
         weights: optional point weights broadcasting against ``x``, summing to 1 along the last
             dim (histogram bins' shares): the means become weighted sums.
+        mean: the mean over the points along the last dim (default ``v.mean(-1)``; a
+            data-parallel fit passes the mean over every rank's points).
 
     Example:
         >>> x = torch.randn(2, 1000, dtype=torch.float64)
@@ -202,12 +206,12 @@ def local_ascent(
     w = x - center
     r = torch.sqrt(w * w + width * width)
     q = w / r
-    if weights is None:
-        def mean(v: Tensor) -> Tensor:
-            return v.mean(-1)
-    else:
+    if weights is not None:
         def mean(v: Tensor) -> Tensor:
             return (v * weights).sum(-1)
+    elif mean is None:
+        def mean(v: Tensor) -> Tensor:
+            return v.mean(-1)
     mq, mqq, mr, mxr = mean(q), mean(q * q), mean(r), mean(x * r)
     mx, mxx, center, width = torch.broadcast_tensors(
         mean(x), mean(x * x), center.squeeze(-1), width.squeeze(-1)

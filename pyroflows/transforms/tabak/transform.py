@@ -181,15 +181,26 @@ class Tabak(FlowTransform):
         self.frames.copy_(u @ vh)
         self.clear_cache()
 
-    def fit(self, x: Tensor, x_val: Tensor | None = None, progress: bool = True) -> Tabak:
+    def fit(self, x: Tensor, x_val: Tensor | None = None, progress: bool = True,
+            distributed: bool | None = None) -> Tabak:
         """Fit the steps to the rows of ``x`` (n, D), held out ``x_val`` (default:
         ``val_fraction`` of ``x``'s rows), and return ``self``; ``history`` then holds ``step``,
         ``train_log_prob`` and ``val_log_prob`` (nats per sample) at every check, ``stopped``
         (``"max_steps"``, ``"early_stopping"``, ``"collapse"`` with its ``"reason"``, or
         ``"interrupted"``), and ``best_step`` the kept count. A collapse or a
         ``KeyboardInterrupt`` keeps the best state before it, with a warning. The buffers take
-        ``x``'s device and dtype."""
-        fitted = DualAscent(self).run(x, x_val, progress)
+        ``x``'s device and dtype.
+
+        Data-parallel (``distributed=None``: whenever ``torch.distributed`` is initialized
+        with more than one process, as under ``torchrun``; ``False`` fits each rank alone):
+        each rank passes its shard of the rows (and of ``x_val``), every statistic of a step
+        (the whitening's moments, the histograms, the Gauss-Newton sums, the gains, the
+        checks) is a sum over all ranks' rows, the candidates are drawn from all rows, so
+        every rank takes the identical step, and the fit is the one-process fit of the shards
+        concatenated in rank order, up to float rounding (given ``x_val``; without it each
+        rank holds out ``val_fraction`` of its own shard). A ``seed`` of ``None`` is drawn on
+        rank 0 for all. Only rank 0 shows progress and warns of repeated values."""
+        fitted = DualAscent(self).run(x, x_val, progress, distributed)
         # Commit only now, so an exception in the fit leaves the old state intact.
         self.loc, self.scale_tril = fitted.loc, fitted.scale_tril
         for name, value in fitted.steps.items():
