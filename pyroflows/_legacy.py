@@ -117,18 +117,20 @@ def pack_separate_entries_in_store(store, prefix: str, affine: nn.Module) -> Non
 __all__ += ["DENSITY_FILE_VERSIONS", "density_file_fields"]
 
 #: The ``DensityEstimator`` file versions read: 2 tags its encoded options (version 1's plain
-#: options decode to themselves), 3 adds ``"flow_defaults"``, 4 ``"whiten"``.
-DENSITY_FILE_VERSIONS = (1, 2, 3, 4)
+#: options decode to themselves), 3 adds ``"flow_defaults"``, 4 ``"whiten"``, 5 ``"context_dim"``.
+DENSITY_FILE_VERSIONS = (1, 2, 3, 4, 5)
 
 
 def density_file_fields(payload: dict) -> dict:
     """A ``DensityEstimator`` file's fields as its version built the model: ``flow_defaults``
-    (versions 1-2: the layers' log-scale bound, 5.0), ``whiten`` (1-3: ``"learned"``) and
-    ``precondition_`` (before ``precondition="auto"``: the constructor's)."""
+    (versions 1-2: the layers' log-scale bound, 5.0), ``whiten`` (1-3: ``"learned"``),
+    ``precondition_`` (before ``precondition="auto"``: the constructor's) and ``context_dim``
+    (1-4: ``None``, a density without a context)."""
     version = payload["version"]
     defaults = payload.get("flow_defaults") if version >= 3 else None
     return {
         "flow_defaults": dict({"log_scale_bound": 5.0} if defaults is None else defaults),
         "whiten": payload.get("whiten") if version >= 4 else "learned",
         "precondition_": payload.get("precondition_", payload["params"]["precondition"]),
+        "context_dim": payload.get("context_dim") if version >= 5 else None,
     }
