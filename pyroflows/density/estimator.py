@@ -1,9 +1,11 @@
 """The density estimator's user API: its arguments and checks, the fit (the split, the automatic
-choice of pipeline, the refiner), scoring, sampling, saving and loading."""
+choice of pipeline, the refiner), scoring, sampling (within bounds: rejection), saving and
+loading; with a context, the same for a conditional density p(y | x)."""
 
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 import os
 import time
@@ -23,6 +25,12 @@ from .pipeline import DensityModel, evaluate
 from .training import Trainer, snapshot
 
 __all__ = ["DensityEstimator", "PRECONDITIONERS", "REFINERS", "usable_device"]
+
+#: ``sample(..., bounds=...)``'s default least acceptance rate: below it (estimated from at least
+#: ``10 / min_acceptance`` draws of a context) rejection sampling stops with a ``ValueError``.
+MIN_ACCEPTANCE = 1e-3
+# The most rows one round of rejection sampling draws (all pending contexts together).
+_ROUND_ROWS = 2**18
 
 #: The accepted values of ``DensityEstimator(precondition=...)``.
 PRECONDITIONERS = ("standardize", "whiten", "cholesky", "tabak", "auto", None)
@@ -54,14 +62,15 @@ def _as_tensor(x: Any, name: str) -> Tensor:
 
 
 def _check_matrix(t: Tensor, name: str, dim: int | None, device: torch.device,
-                  dtype: torch.dtype) -> Tensor:
-    """``t`` as an ``(n, dim)`` matrix of finite rows on ``device`` in ``dtype``."""
+                  dtype: torch.dtype,
+                  what: str = "the number of columns of the training data") -> Tensor:
+    """``t`` as an ``(n, dim)`` matrix of finite rows on ``device`` in ``dtype`` (``what``:
+    where ``dim`` comes from, for the message)."""
     if t.dim() != 2:
         raise ValueError(f"{name} must be a 2-D array shaped (n_samples, n_features), got "
                          f"shape {tuple(t.shape)}")
     if dim is not None and t.shape[1] != dim:
-        raise ValueError(f"{name} has {t.shape[1]} columns, expected {dim} (the number of "
-                         "columns of the training data)")
+        raise ValueError(f"{name} has {t.shape[1]} columns, expected {dim} ({what})")
     t = t.to(device=device, dtype=dtype)
     bad = ~torch.isfinite(t).all(dim=1)
     if bool(bad.any()):
@@ -121,6 +130,39 @@ def _check_columns_vary(given: Tensor, t: Tensor, name: str) -> None:
         "is a point mass, which no flow fits; drop them")
 
 
+def _check_context_columns_vary(t: Tensor) -> None:
+    """A ``ValueError`` where a context column holds one value in every training row: it
+    carries no information about ``y`` and has no spread to standardize by."""
+    constant = (t == t[:1]).all(0)
+    if bool(constant.any()):
+        columns = constant.nonzero().flatten().tolist()
+        raise ValueError(f"context's columns {columns[:10]} are constant in the training rows: "
+                         "they carry no information and cannot be standardized; drop them")
+
+
+def _bounds(bounds: Any, dim: int, device: torch.device,
+            dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``bounds = (low, high)`` as two (D,) tensors (scalars broadcast; infinities leave a side
+    open), else a ``ValueError`` saying what is wrong."""
+    try:
+        low, high = bounds
+    except (TypeError, ValueError):
+        raise ValueError(f"bounds must be a pair (low, high), got {bounds!r}") from None
+    out = []
+    for name, value in (("low", low), ("high", high)):
+        t = _as_tensor(value, f"bounds' {name}").to(device=device, dtype=dtype)
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, dim)):
+            raise ValueError(f"bounds' {name} must be a number or have shape ({dim},), got "
+                             f"shape {tuple(t.shape)}")
+        if bool(torch.isnan(t).any()):
+            raise ValueError(f"bounds' {name} holds NaN")
+        out.append(t.expand(dim))
+    if not bool((out[0] < out[1]).all()):
+        raise ValueError(f"bounds need low < high in every coordinate, got low={out[0].tolist()}, "
+                         f"high={out[1].tolist()}")
+    return out[0], out[1]
+
+
 def _parameter_names(fn: Any) -> set[str]:
     return {p.name for p in inspect.signature(fn).parameters.values()
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
@@ -176,6 +218,29 @@ class DensityEstimator:
     latent codes: the base becomes :math:`N(R^{-1}(z); 0, I)\,|\det \partial R^{-1}/\partial z|`,
     its steps kept only if they beat none by one standard error (``selection="significant"``).
 
+    **With a context** (``fit(y, context=x)``) it learns a conditional density (seed eq. 27;
+    Papamakarios et al. 2017, "Masked Autoregressive Flow for Density Estimation", sec. 3.4):
+
+    .. math:: \log p(y \mid x) = \log N(z; 0, I) + \log\Bigl|\det \frac{\partial z}
+              {\partial y}\Bigr|, \qquad z = f_h^{-1}\bigl(P^{-1}(y)\bigr), \qquad
+              h = (x - m_x) / s_x,
+
+    :math:`f_h` the conditional MAF or RealNVP stack (``pf.flows.build(..., context_dim=C)``)
+    whose networks see the context standardized by the training contexts' mean and ML standard
+    deviation (buffers of the model: saved, moved by :meth:`to`). The stages :math:`P` and the
+    refiner are fixed maps of :math:`y` (or :math:`z`) alone, exact changes of variables for
+    every context, so every pipeline applies: ``"whiten"`` starts the base at
+    :math:`N(m + W h, L L^\top)` (:class:`~pyroflows.density.pipeline.ContextShift`), the
+    least-squares regression of the standardized :math:`y` on :math:`h` with :math:`L` the
+    Cholesky factor of its residuals' ML covariance, so the untrained model is the ML
+    linear-Gaussian conditional and early stopping never keeps a worse one; ``"tabak"``
+    Gaussianizes the marginal of :math:`y` and the flow models what the context adds;
+    ``"auto"`` chooses between them on validation as without a context; ``refine="tabak"``
+    refines the base that every context shares. Neural posterior estimation (NPE;
+    Papamakarios & Murray 2016, Greenberg et al. 2019): fit :math:`y = \theta` on simulated
+    pairs :math:`(\theta, x)`, then ``sample(n, context=x_o, bounds=(low, high))`` draws the
+    posterior for an observation, rejecting draws outside a box prior's support.
+
     Layer log-scales are :math:`b \tanh(s / b)`, ``log_scale_bound=2.0`` unless ``flow_options``
     names one. Training: minibatch Adam, a validated moving average of the parameters, early
     stopping; the best state (the untrained one included) is restored at the end, after an
@@ -194,9 +259,14 @@ class DensityEstimator:
             unknown names and values :meth:`save` cannot store (a lambda, a local function, a
             module instance) raise a ``ValueError`` here.
         refine: ``"tabak"`` or ``None`` (see above).
+        context_dim: the context size C; default: read from the context passed to :meth:`fit`
+            (none: a density of the rows alone).
 
     Attributes (after :meth:`fit`):
         dim_: the number of columns D.
+        context_dim_: the context size C, ``None`` without a context.
+        acceptance_rate_: after :meth:`sample` with ``bounds``, the share of draws inside them
+            per context row (shape (B,); () for one context or none).
         history_: per-epoch lists ``epoch``, ``train_log_prob``, ``val_log_prob``; ``best_epoch``,
             ``best_val_log_prob``, ``initial_val_log_prob``, ``final_val_log_prob`` (with the
             refiner), ``stopped``, ``skipped_steps`` (non-finite steps not applied),
@@ -216,13 +286,24 @@ class DensityEstimator:
         torch.Size([4, 2])
         >>> est.history_["best_val_log_prob"] >= est.history_["initial_val_log_prob"]
         True
+        >>> c = torch.randn(300, 1, dtype=torch.float64)  # p(y | c): y = 2 c + noise
+        >>> y = 2 * c + 0.5 * torch.randn(300, 1, dtype=torch.float64)
+        >>> cond = pf.density.DensityEstimator("maf", num_layers=2, hidden_dims=(16,), seed=0)
+        >>> cond = cond.fit(y, context=c, max_epochs=5, progress=False)
+        >>> cond.log_prob(y[:3], context=c[:3]).shape
+        torch.Size([3])
+        >>> cond.sample(10, context=torch.tensor([[0.0], [1.0]], dtype=torch.float64)).shape
+        torch.Size([10, 2, 1])
+        >>> cond.sample(10, context=torch.tensor([1.0], dtype=torch.float64), bounds=(0, 4)).shape
+        torch.Size([10, 1])
     """
 
     def __init__(self, flow: str = "maf", num_layers: int = 5,
                  hidden_dims: Sequence[int] = (128, 128), precondition: str | None = "whiten",
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  seed: int | None = None, tabak_options: dict | None = None,
-                 flow_options: dict | None = None, refine: str | None = None) -> None:
+                 flow_options: dict | None = None, refine: str | None = None,
+                 context_dim: int | None = None) -> None:
         if flow not in _FLOWS:
             raise ValueError(f"flow must be one of {_FLOWS}, got {flow!r}")
         if precondition not in PRECONDITIONERS:
@@ -236,6 +317,15 @@ class DensityEstimator:
             raise ValueError(f"hidden_dims must be positive integers, got {hidden_dims!r}")
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+        if context_dim is not None:
+            try:
+                context_dim = operator.index(context_dim)
+            except TypeError:
+                context_dim = -1
+            if context_dim < 1:
+                raise ValueError(f"context_dim must be a positive integer or None, got "
+                                 f"{context_dim!r}")
+        self.context_dim = context_dim
         self.flow = flow
         self.num_layers = int(num_layers)
         self.hidden_dims = hidden
@@ -261,7 +351,9 @@ class DensityEstimator:
         self._model: DensityModel | None = None
         self.precondition_: str | None = None if precondition == "auto" else precondition
         self.dim_: int | None = None
+        self.context_dim_: int | None = None
         self.history_: dict | None = None
+        self.acceptance_rate_: Tensor | None = None
 
     def get_params(self) -> dict:
         """The constructor arguments (what :meth:`save` stores to rebuild the model)."""
@@ -270,11 +362,13 @@ class DensityEstimator:
                 "device": None if self.device is None else str(self.device),
                 "dtype": None if self.dtype is None else str(self.dtype).replace("torch.", ""),
                 "seed": self.seed, "tabak_options": dict(self.tabak_options),
-                "flow_options": dict(self.flow_options), "refine": self.refine}
+                "flow_options": dict(self.flow_options), "refine": self.refine,
+                "context_dim": self.context_dim}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items() if v not in (None, {}))
-        fitted = "" if self._model is None else f", fitted on D={self.dim_}"
+        fitted = "" if self._model is None else f", fitted on D={self.dim_}" + (
+            "" if self.context_dim_ is None else f" given C={self.context_dim_}")
         return f"DensityEstimator({args}{fitted})"
 
     def _require_model(self) -> DensityModel:
@@ -296,21 +390,68 @@ class DensityEstimator:
         device, dtype = self._model_device_dtype()
         return _check_matrix(t, name, model.dim, device, dtype), single
 
+    def _prepare_context(self, context: Any) -> tuple[Tensor | None, bool]:
+        """The contexts of a call as ``(B, C)`` on the model's device and dtype and whether they
+        were one ``(C,)``; ``(None, True)`` for a model without a context. Passing a context
+        to an unconditional model, or none to a conditional one, is a ``ValueError``."""
+        model = self._require_model()
+        if model.context_dim is None:
+            if context is not None:
+                raise ValueError("this DensityEstimator was fitted without a context (a density "
+                                 "of the rows alone): do not pass context=, or fit(y, "
+                                 "context=x) to learn p(y | x)")
+            return None, True
+        if context is None:
+            raise ValueError(f"this DensityEstimator learned p(y | context) with "
+                             f"{model.context_dim} context columns: pass context= of shape "
+                             f"({model.context_dim},) or (n, {model.context_dim})")
+        t = _as_tensor(context, "context")
+        if t.dim() not in (1, 2):
+            raise ValueError(f"context must have shape ({model.context_dim},) or (n, "
+                             f"{model.context_dim}), got shape {tuple(t.shape)}")
+        single = t.dim() == 1
+        if single:
+            t = t.unsqueeze(0)
+        device, dtype = self._model_device_dtype()
+        return _check_matrix(t, "context", model.context_dim, device, dtype,
+                             what="the context width of the fit"), single
+
+    def _inputs(self, x: Any, context: Any) -> tuple[Tensor, Tensor | None, bool]:
+        """``x`` as ``(n, D)`` rows and their contexts ``(n, C)`` (one context of shape (C,)
+        repeated for every row; one point of shape (D,) repeated for every context), and
+        whether the answer is one value."""
+        t, single = self._prepare(x)
+        c, one_context = self._prepare_context(context)
+        if c is None:
+            return t, None, single
+        if one_context:
+            return t, c.expand(t.shape[0], -1), single
+        if single:
+            return t.expand(c.shape[0], -1), c, False
+        if c.shape[0] != t.shape[0]:
+            raise ValueError(f"context has {c.shape[0]} rows but x has {t.shape[0]}: pass one "
+                             "context row per row, or one context of shape (C,) for every row")
+        return t, c, single
+
     def _build(self, precondition: str | None, dim: int, device: torch.device,
-               dtype: torch.dtype, seed: int | None = None) -> DensityModel:
+               dtype: torch.dtype, seed: int | None = None,
+               context_dim: int | None = None) -> DensityModel:
         """The unfitted model of ``precondition``'s pipeline, with this estimator's options."""
         return pipeline.build_model(
             precondition, dim, flow=self.flow, num_layers=self.num_layers,
             hidden_dims=self.hidden_dims, flow_options=self.flow_options,
             flow_defaults=self._flow_defaults, whiten=self._whiten,
             tabak_options=self.tabak_options, refine=self.refine, seed=seed,
+            context_dim=context_dim,
         ).to(device=device, dtype=dtype)
 
     def fit(self, x: Any, x_val: Any = None, max_epochs: int = 500, batch_size: int = 256,
             lr: float = 1e-3, patience: int = 20, val_fraction: float = 0.1,
             weight_decay: float = 0.0, averaging_epochs: float = 1.0,
-            progress: bool = True) -> DensityEstimator:
+            progress: bool = True, *, context: Any = None, context_val: Any = None,
+            y_val: Any = None) -> DensityEstimator:
         """Fit to the rows of ``x`` (numpy array or tensor, shaped (n, D)); returns ``self``.
+        With ``context`` (shaped (n, C), one row per row of ``x``), fit ``p(x | context)``.
 
         The training rows must number at least D + 1: fewer lie on a hyperplane, where the
         likelihood is unbounded. A column that holds one value in every row (also one that
@@ -337,6 +478,11 @@ class DensityEstimator:
             averaging_epochs: the horizon in epochs (at least 10 steps) of the parameters' moving
                 average that is validated and kept; 0: the last Adam iterate.
             progress: show a progress bar.
+            context: the contexts of the rows of ``x`` (conditional density estimation: ``x``
+                is the ``y`` of ``p(y | context)``); a column constant over the training rows
+                is an error.
+            context_val: the contexts of the rows of ``x_val`` (needed with it, and only then).
+            y_val: another name for ``x_val``, for the ``p(y | context)`` reading.
         """
         if int(max_epochs) < 0 or int(batch_size) < 1 or int(patience) < 0 or not lr > 0:
             raise ValueError("need max_epochs >= 0, batch_size >= 1, patience >= 0 and lr > 0; got "
@@ -346,6 +492,11 @@ class DensityEstimator:
             raise ValueError(f"averaging_epochs must be >= 0, got {averaging_epochs}")
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if y_val is not None:
+            if x_val is not None:
+                raise ValueError("pass the held-out rows once: x_val or y_val (another name for "
+                                 "it), not both")
+            x_val = y_val
         start = time.perf_counter()
         given = _as_tensor(x, "x")
         device = usable_device(self.device or given.device, "fit")
@@ -369,6 +520,8 @@ class DensityEstimator:
                 raise ValueError("x_val has no rows: pass held-out rows, or x_val=None to hold "
                                  "out val_fraction of x")
             num_val, held_out = 0, ""
+        c, c_val = self._fit_contexts(context, context_val, n,
+                                      None if x_val is None else x_val_t.shape[0], device, dtype)
         if n - num_val < dim + 1:
             raise ValueError(
                 f"x has {n} row{'s' * (n != 1)}{held_out}: a fit needs at least D + 1 = "
@@ -378,8 +531,12 @@ class DensityEstimator:
         if x_val is None:
             perm = torch.randperm(n, generator=gen).to(device)
             x_train, x_val_t = t[perm[num_val:]], t[perm[:num_val]]
+            if c is not None:
+                c, c_val = c[perm[num_val:]], c[perm[:num_val]]
         else:
             x_train = t
+        if c is not None:
+            _check_context_columns_vary(c)
 
         candidates = _AUTO if self.precondition == "auto" else (self.precondition,)
         fits = []
@@ -390,6 +547,7 @@ class DensityEstimator:
                     max_epochs=int(max_epochs), batch_size=int(batch_size), lr=float(lr),
                     patience=int(patience), weight_decay=float(weight_decay),
                     averaging_epochs=float(averaging_epochs), progress=progress, start=start,
+                    contexts=(c, c_val),
                 )
             except KeyboardInterrupt:
                 # before this candidate had a usable state: keep the finished ones, if any
@@ -413,6 +571,51 @@ class DensityEstimator:
             if stopped["stopped"] == "interrupted":
                 self.history_.update(stopped)
         return self
+
+    def _fit_contexts(self, context: Any, context_val: Any, n: int, n_val: int | None,
+                      device: torch.device, dtype: torch.dtype
+                      ) -> tuple[Tensor | None, Tensor | None]:
+        """The fit's contexts as ``(n, C)`` and ``(n_val, C)`` matrices (``n_val``: the rows of
+        ``x_val``, ``None`` without it), or ``(None, None)``; a ``ValueError`` for a context
+        that is missing, unexpected, misshapen, of the wrong width or not finite."""
+        if context is None:
+            if self.context_dim is not None:
+                raise ValueError(f"this DensityEstimator was built with context_dim="
+                                 f"{self.context_dim}: pass context= (one row of "
+                                 f"{self.context_dim} values per row of y)")
+            if context_val is not None:
+                raise ValueError("context_val is given but context is not: pass the training "
+                                 "rows' contexts too, or neither")
+            return None, None
+        width = self.context_dim
+        out = []
+        for name, value, rows, of in (("context", context, n, "x"),
+                                      ("context_val", context_val, n_val, "x_val")):
+            if rows is None:
+                if value is not None:
+                    raise ValueError("context_val is given but x_val (y_val) is not: pass the "
+                                     "held-out rows too, or neither")
+                out.append(None)
+                continue
+            if value is None:
+                raise ValueError("x_val (y_val) needs context_val, the contexts of its rows")
+            t = _as_tensor(value, name)
+            if t.dim() != 2:
+                hint = " (one context column: reshape(-1, 1))" if t.dim() == 1 else ""
+                raise ValueError(f"{name} must be a 2-D array shaped (n_samples, "
+                                 f"n_context_features), one row per row of {of}, got shape "
+                                 f"{tuple(t.shape)}{hint}")
+            if t.shape[0] != rows:
+                raise ValueError(f"{name} has {t.shape[0]} rows but {of} has {rows}: pass one "
+                                 f"context row per row of {of}")
+            what = ("context_dim" if self.context_dim is not None
+                    else "the number of columns of context")
+            t = _check_matrix(t, name, width, device, dtype, what=what)
+            if t.shape[1] < 1:
+                raise ValueError(f"{name} has no columns")
+            width = t.shape[1]
+            out.append(t)
+        return out[0], out[1]
 
     @staticmethod
     def _fit_dtype(given: Tensor, from_torch: bool) -> torch.dtype:
@@ -444,18 +647,28 @@ class DensityEstimator:
         self.precondition_ = chosen
 
     def _fit_one(self, precondition, dim, device, dtype, x_train, x_val_t, gen, *, max_epochs,
-                 patience, progress, start, **train) -> DensityModel:
+                 patience, progress, start, contexts, **train) -> DensityModel:
         """Build, fit and hold the model of one preconditioner; held from the end of the
         stages' fit, so the estimator ends in the best state so far whatever happens after.
         An interrupted phase (a Tabak fit that reports it, or the training loop) ends the fit:
-        no later phase runs, and a refiner that was not fitted is the identity."""
+        no later phase runs, and a refiner that was not fitted is the identity. ``contexts``:
+        the splits' contexts, ``(None, None)`` without."""
+        c_train, c_val = contexts
+        context_dim = None if c_train is None else c_train.shape[1]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
             model = self._build(precondition, dim, device, dtype,
-                                seed=int(torch.randint(2**31, (1,))))
-        u_train, ld_train, u_val, ld_val = pipeline.fit_stages(model, x_train, x_val_t, progress)
-        trainer = Trainer(model, u_train, ld_train, u_val, ld_val, gen, **train)
+                                seed=int(torch.randint(2**31, (1,))), context_dim=context_dim)
+        h_train = h_val = None
+        if context_dim is not None:
+            pipeline.fit_context(model, c_train)
+            h_train, h_val = model.features(c_train), model.features(c_val)
+        u_train, ld_train, u_val, ld_val = pipeline.fit_stages(model, x_train, x_val_t, progress,
+                                                               h_train)
+        trainer = Trainer(model, u_train, ld_train, u_val, ld_val, gen, h_train=h_train,
+                          h_val=h_val, **train)
         self._model, self.dim_, self.history_ = model, dim, trainer.history
+        self.context_dim_ = context_dim
         self.precondition_ = precondition
         history = self.history_
         history["precondition"] = precondition
@@ -473,7 +686,7 @@ class DensityEstimator:
             else:
                 try:
                     history["final_val_log_prob"] = pipeline.fit_refiner(
-                        model, u_train, u_val, ld_val, progress)
+                        model, u_train, u_val, ld_val, progress, h_train, h_val)
                 except KeyboardInterrupt:
                     pipeline.skip_refiner(model)
                     self._interrupted(f"{precondition}: refine", "the refiner is left out",
@@ -489,23 +702,39 @@ class DensityEstimator:
         history["seconds"] = time.perf_counter() - start
         return model
 
-    def log_prob(self, x: Any) -> Tensor:
-        """``log p(x)`` in nats for each row of ``x`` (shape (n, D), or (D,) for one point)."""
-        t, single = self._prepare(x)
+    def log_prob(self, x: Any, context: Any = None) -> Tensor:
+        """``log p(x)`` in nats for each row of ``x`` (shape (n, D), or (D,) for one point); with
+        a context, ``log p(x | context)``: ``context`` of shape (n, C), one row per row of
+        ``x``, or (C,) for every row (``x`` of shape (D,) with contexts (B, C): that point
+        under each context, shape (B,))."""
+        t, c, single = self._inputs(x, context)
+        if t.shape[0] == 0:
+            return t.new_zeros(0)
         with torch.no_grad(), validation(False):
-            lp = evaluate(self._require_model().log_prob, t)
+            lp = evaluate(self._require_model().log_prob, t, c)
         return lp[0] if single else lp
 
-    def score(self, x: Any) -> float:
-        """The mean log-likelihood of the rows of ``x``, in nats per sample (at least one row)."""
-        lp = self.log_prob(x)
+    def score(self, x: Any, context: Any = None) -> float:
+        """The mean log-likelihood of the rows of ``x`` (given ``context``, as in
+        :meth:`log_prob`), in nats per sample (at least one row)."""
+        lp = self.log_prob(x, context)
         if lp.numel() == 0:
             raise ValueError("x has no rows: the mean log-likelihood of no rows is undefined")
         return float(lp.mean())
 
-    def sample(self, n: int, seed: int | None = None) -> Tensor:
+    def sample(self, n: int, seed: int | None = None, *, context: Any = None,
+               bounds: Any = None, min_acceptance: float = MIN_ACCEPTANCE) -> Tensor:
         """``n`` draws from the fitted density, shaped (n, D); ``n`` a whole number (2.7 is an
-        error, not 2 draws)."""
+        error, not 2 draws). With a context of shape (B, C): ``n`` draws for each row, shaped
+        (n, B, D); of shape (C,): (n, D).
+
+        ``bounds = (low, high)`` (numbers or (D,) arrays; ``-inf``/``inf`` leave a side open)
+        keeps only draws inside the box, drawing more until each context has ``n`` (rejection
+        sampling: draws of the density truncated to the box, as NPE needs for a bounded
+        prior). The share of draws accepted per context is kept in ``acceptance_rate_``. Where
+        a context's share, estimated from at least ``10 / min_acceptance`` draws, is below
+        ``min_acceptance``, sampling stops with a ``ValueError``: the fitted density puts
+        almost no mass inside the bounds. :meth:`log_prob` stays the untruncated density."""
         model = self._require_model()
         try:
             count = operator.index(n)
@@ -513,15 +742,80 @@ class DensityEstimator:
             raise ValueError(f"n must be a whole number of draws, got {n!r}") from None
         if count < 0:
             raise ValueError(f"n must be >= 0, got {n}")
+        c, single = self._prepare_context(context)
+        rows = 1 if c is None else c.shape[0]
         device, dtype = self._model_device_dtype()
         gen = torch.Generator(device=device)
         if seed is not None:
             gen.manual_seed(int(seed))
         else:
             gen.seed()
-        z = torch.randn(count, model.dim, generator=gen, device=device, dtype=dtype)
+        if bounds is None:
+            z = torch.randn(count, rows, model.dim, generator=gen, device=device, dtype=dtype)
+            draws = self._draw(model, z, c)
+        else:
+            if not 0.0 < float(min_acceptance) <= 1.0:
+                raise ValueError(f"min_acceptance must be in (0, 1], got {min_acceptance}")
+            low, high = _bounds(bounds, model.dim, device, dtype)
+            draws, rate = self._draw_within(model, count, c, rows, low, high, gen,
+                                            float(min_acceptance))
+            self.acceptance_rate_ = rate[0] if single else rate
+        return draws[:, 0] if single else draws
+
+    @staticmethod
+    def _draw(model: DensityModel, z: Tensor, c: Tensor | None) -> Tensor:
+        """The images of base draws ``z`` (k, R, D) under the contexts ``c`` (R, C) or none."""
+        k, rows, dim = z.shape
+        if z.numel() == 0:
+            return z.clone()
+        flat_c = None if c is None else c.expand(k, rows, c.shape[-1]).reshape(k * rows, -1)
         with torch.no_grad(), validation(False):
-            return evaluate(model.sample, z)
+            return evaluate(model.sample, z.reshape(k * rows, dim), flat_c).reshape(k, rows, dim)
+
+    def _draw_within(self, model: DensityModel, count: int, c: Tensor | None, rows: int,
+                     low: Tensor, high: Tensor, gen: torch.Generator,
+                     min_acceptance: float) -> tuple[Tensor, Tensor]:
+        """``count`` draws inside ``[low, high]`` for each of ``rows`` contexts, shaped
+        (count, rows, D), and each context's acceptance rate: rounds of draws for the contexts
+        still short, each round sized by the rate seen so far (every draw's rank among its
+        context's accepted ones places it; no loop over draws)."""
+        device, dtype = low.device, low.dtype
+        out = torch.empty(count, rows, model.dim, device=device, dtype=dtype)
+        filled = torch.zeros(rows, dtype=torch.int64, device=device)
+        accepted = torch.zeros(rows, dtype=torch.int64, device=device)
+        drawn = torch.zeros(rows, dtype=torch.int64, device=device)
+        enough = math.ceil(10 / min_acceptance)
+        while True:
+            pending = (filled < count).nonzero().flatten()
+            if pending.numel() == 0:
+                break
+            rate = accepted[pending] / drawn[pending].clamp_min(1)
+            hopeless = (drawn[pending] >= enough) & (rate < min_acceptance)
+            if bool(hopeless.any()):
+                row = int(pending[hopeless.nonzero()[0, 0]])
+                raise ValueError(
+                    f"sample(bounds=...): only {int(accepted[row])} of {int(drawn[row])} draws "
+                    f"for context row {row} fall inside the bounds (rate "
+                    f"{float(accepted[row]) / float(drawn[row]):.2g}, below min_acceptance="
+                    f"{min_acceptance:g}): the fitted density puts almost no mass inside them. "
+                    "Check that the bounds are the prior's and that the observation is one the "
+                    "training contexts cover; pass a smaller min_acceptance to keep drawing")
+            guess = torch.where(drawn[pending] > 0, rate, torch.ones_like(rate))
+            need = count - filled[pending]
+            size = int((need / guess.clamp_min(min_acceptance)).max() * 1.1) + 1
+            size = max(1, min(size, _ROUND_ROWS // pending.numel()))
+            z = torch.randn(size, pending.numel(), model.dim, generator=gen, device=device,
+                            dtype=dtype)
+            x = self._draw(model, z, None if c is None else c[pending])
+            inside = ((x >= low) & (x <= high)).all(-1)  # (size, pending)
+            accepted[pending] += inside.sum(0)
+            drawn[pending] += size
+            rank = inside.cumsum(0)
+            keep = inside & (rank <= need)
+            i, j = keep.nonzero(as_tuple=True)
+            out[filled[pending][j] + rank[i, j] - 1, pending[j]] = x[i, j]
+            filled[pending] += keep.sum(0)
+        return out, accepted.to(dtype) / drawn.to(dtype)
 
     def to(self, device: str | torch.device | None = None,
            dtype: torch.dtype | None = None) -> DensityEstimator:

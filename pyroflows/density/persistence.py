@@ -33,7 +33,7 @@ __all__ = ["save", "load", "encode_option", "decode_option", "register_callable"
 
 FORMAT = "pyroflows.DensityEstimator"
 # The version written; _legacy.DENSITY_FILE_VERSIONS are those read.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 _TAG = "__pyroflows_option__"
 # What every file torch.save writes begins with (a zip archive).
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -264,6 +264,7 @@ def save(est: DensityEstimator, path: str | os.PathLike) -> None:
         "flow_defaults": dict(est._flow_defaults),
         "whiten": est._whiten,
         "dim": model.dim,
+        "context_dim": model.context_dim,
         "precondition_": est.precondition_,
         "dtype": str(dtype).replace("torch.", ""),
         "state_dict": snapshot(model, "cpu"),
@@ -337,7 +338,11 @@ def load(cls: type[DensityEstimator], path: str | os.PathLike) -> DensityEstimat
         est._flow_defaults, est._whiten = fields["flow_defaults"], fields["whiten"]
         est.precondition_ = fields["precondition_"]
         dim = int(payload["dim"])
-        model = est._build(est.precondition_, dim, torch.device("cpu"), _DTYPES[payload["dtype"]])
+        context_dim = fields["context_dim"]
+        if context_dim is not None:
+            context_dim = int(context_dim)
+        model = est._build(est.precondition_, dim, torch.device("cpu"), _DTYPES[payload["dtype"]],
+                           context_dim=context_dim)
         model.load_state_dict(payload["state_dict"])
         history = payload["history"]
         if not isinstance(history, dict):
@@ -348,4 +353,5 @@ def load(cls: type[DensityEstimator], path: str | os.PathLike) -> DensityEstimat
         reason = " ".join(str(e).split())  # load_state_dict's message spans lines
         raise ValueError(f"{path} is damaged: {type(e).__name__}: {reason}") from e
     est._model, est.dim_, est.history_ = model, dim, history
+    est.context_dim_ = context_dim
     return est

@@ -1,5 +1,6 @@
-"""Training a density model's flow: minibatch Adam, a validated moving average of the
-parameters, early stopping, and a best state that survives interrupts and errors."""
+"""Training a density model's flow (conditional or not): minibatch Adam, a validated moving
+average of the parameters, early stopping, and a best state that survives interrupts and
+errors."""
 
 from __future__ import annotations
 
@@ -74,13 +75,15 @@ def training_state(model: DensityModel, lr: float, weight_decay: float,
 
 
 def training_step(model: DensityModel, u: Tensor, optimizer: torch.optim.Optimizer,
-                  params: list[Tensor], average: ParameterAverage) -> tuple[Tensor, Tensor]:
+                  params: list[Tensor], average: ParameterAverage,
+                  h: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One Adam step on the mean negative log-likelihood of the preconditioned rows ``u``
-    (gradients clipped to ``MAX_GRAD_NORM``), then the moving average; returns the rows'
+    (given their standardized contexts ``h``, where the model has a context; gradients
+    clipped to ``MAX_GRAD_NORM``), then the moving average; returns the rows'
     log-likelihoods and a 0-dim bool, true where a non-finite loss or gradient skipped the step.
     With the fused Adam the skip is the optimizer's ``found_inf`` (as ``torch.amp.GradScaler``
     sets it), decided on the device, so a step makes no host synchronization."""
-    lp = model.flow_log_prob(u)
+    lp = model.flow_log_prob(u, h)
     loss = -lp.mean()
     optimizer.zero_grad(set_to_none=True)
     fused = optimizer.defaults.get("fused")
@@ -105,9 +108,11 @@ def training_step(model: DensityModel, u: Tensor, optimizer: torch.optim.Optimiz
 
 def run_epoch(model: DensityModel, u_train: Tensor, ld_train: Tensor,
               optimizer: torch.optim.Optimizer, params: list[Tensor], batch_size: int,
-              gen: torch.Generator, history: dict, average: ParameterAverage) -> float:
+              gen: torch.Generator, history: dict, average: ParameterAverage,
+              h_train: Tensor | None = None) -> float:
     """One pass of minibatch Adam over the rows in a random order; counts the skipped steps in
-    ``history`` and returns the kept steps' mean log-likelihood (``ld_train``: the stages')."""
+    ``history`` and returns the kept steps' mean log-likelihood (``ld_train``: the stages';
+    ``h_train``: the rows' standardized contexts, where the model has a context)."""
     n = u_train.shape[0]
     perm = torch.randperm(n, generator=gen).to(u_train.device)
     # Running sums on the device, read once at the end of the epoch: a read per step would make
@@ -118,7 +123,8 @@ def run_epoch(model: DensityModel, u_train: Tensor, ld_train: Tensor,
     model.train()
     for i in range(0, n, batch_size):
         idx = perm[i : i + batch_size]
-        lp, skipped = training_step(model, u_train[idx], optimizer, params, average)
+        h = None if h_train is None else h_train[idx]
+        lp, skipped = training_step(model, u_train[idx], optimizer, params, average, h)
         kept = ~skipped
         total += torch.where(kept, lp.sum() + ld_train[idx].sum(), 0.0)
         count += kept * idx.numel()
@@ -152,17 +158,20 @@ class Trainer:
         u_train, ld_train, u_val, ld_val: the preconditioned rows and the stages' log-dets.
         gen: the generator of the minibatch order.
         batch_size, lr, weight_decay, averaging_epochs: as ``DensityEstimator.fit`` takes them.
+        h_train, h_val: the rows' standardized contexts, where the model has a context.
     """
 
     def __init__(self, model: DensityModel, u_train: Tensor, ld_train: Tensor, u_val: Tensor,
                  ld_val: Tensor, gen: torch.Generator, *, batch_size: int, lr: float,
-                 weight_decay: float, averaging_epochs: float) -> None:
+                 weight_decay: float, averaging_epochs: float, h_train: Tensor | None = None,
+                 h_val: Tensor | None = None) -> None:
         self.model, self.gen = model, gen
         self.u_train, self.ld_train, self.u_val, self.ld_val = u_train, ld_train, u_val, ld_val
+        self.h_train, self.h_val = h_train, h_val
         n_train = u_train.shape[0]
         self.batch_size = min(batch_size, n_train)
         with validation(False), torch.no_grad():
-            train0 = float((evaluate(model.flow_log_prob, u_train) + ld_train).mean())
+            train0 = float((evaluate(model.flow_log_prob, u_train, h_train) + ld_train).mean())
         val0 = self.val_score()
         self.history: dict[str, Any] = {
             "epoch": [0], "train_log_prob": [train0], "val_log_prob": [val0],
@@ -179,7 +188,7 @@ class Trainer:
     def val_score(self) -> float:
         """The flow's mean validation log-likelihood as the parameters stand."""
         with torch.no_grad():
-            lp = evaluate(self.model.flow_log_prob, self.u_val) + self.ld_val
+            lp = evaluate(self.model.flow_log_prob, self.u_val, self.h_val) + self.ld_val
         return float(lp.mean())
 
     def run(self, max_epochs: int, patience: int, progress: bool, start: float) -> None:
@@ -197,7 +206,7 @@ class Trainer:
                 with validation(False):
                     train_lp = run_epoch(model, self.u_train, self.ld_train, self.optimizer,
                                          self.params, self.batch_size, self.gen, history,
-                                         self.average)
+                                         self.average, self.h_train)
                 with validation(False), self.average.swapped_in():
                     val_lp = self.val_score()
                     improved = val_lp > history["best_val_log_prob"]  # NaN is never better
