@@ -28,7 +28,7 @@ from .training import snapshot
 if TYPE_CHECKING:
     from .estimator import DensityEstimator
 
-__all__ = ["save", "load", "encode_option", "decode_option", "register_callable",
+__all__ = ["save", "load", "write_atomic", "encode_option", "decode_option", "register_callable",
            "known_callables"]
 
 FORMAT = "pyroflows.DensityEstimator"
@@ -270,6 +270,13 @@ def save(est: DensityEstimator, path: str | os.PathLike) -> None:
         "state_dict": snapshot(model, "cpu"),
         "history": copy.deepcopy(est.history_),
     }
+    write_atomic(payload, path)
+
+
+def write_atomic(payload: Any, path: str | os.PathLike) -> None:
+    """``torch.save(payload)`` to ``path`` atomically: a temporary file beside it, flushed to
+    disk, then ``os.replace`` (a crash leaves the old file or the new one, never half of one);
+    first the stale temporaries of earlier, killed writes of ``path`` are removed."""
     path = os.path.abspath(os.fspath(path))
     folder, name = os.path.split(path)
     if not os.path.isdir(folder):
