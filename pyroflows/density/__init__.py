@@ -1,4 +1,5 @@
-"""Density estimation: fit a normalizing flow to a data matrix, then score, sample, save, load.
+"""Density estimation: fit a normalizing flow to a data matrix (or, given a context, a
+conditional density p(y | x)), then score, sample, save, load.
 
 ``estimator`` is the user API, ``pipeline`` the model it fits (preconditioning stages, flow,
 refined base), ``training`` the epoch loop, ``persistence`` the files.
