@@ -165,7 +165,7 @@ def test_distillation_recovers_a_gaussian_teacher(device, dtype):
         record = dd.distill(student, dd.teacher_log_prob(model), max_steps=300, lr=1e-2,
                             generator=_gen(device))
     assert all(p.requires_grad for p in model.parameters())  # unfrozen again
-    assert record["initial_val_kl"] > 1.0 and record["best_val_kl"] < 0.02
+    assert record["initial_val_kl"] > 1.0 and record["best_val_kl"] < 0.05
     assert record["stopped"] == "max_steps" and record["skipped_steps"] == 0
     with torch.no_grad():
         draws = dd.sample(model, student, torch.randn(20000, 3, device=device, dtype=dtype,
@@ -276,3 +276,113 @@ def test_student_of_a_conditional_teacher_shape(device, dtype):
         torch.testing.assert_close(student.sample(eps[i : i + 1], ctx[i : i + 1])[0], u[i],
                                    **tolerances(dtype))
     assert pf.flows.ConditionalFlowStack is type(student.flow)
+
+
+# ---- the estimator's API ---------------------------------------------------------------------
+def _fitted(device, dtype, **fit) -> tuple[DensityEstimator, torch.Tensor]:
+    x, _ = mixture_2d(1200, seed=0)
+    x = as_tensor(x, device, dtype)
+    est = DensityEstimator("maf", dtype=dtype, seed=0, **TINY)
+    return est.fit(x, max_epochs=10, progress=False, **fit), x
+
+
+def test_estimator_samples_from_the_student_and_scores_with_the_teacher(device, dtype):
+    est, x = _fitted(device, dtype)
+    before = est.log_prob(x[:50])
+    assert est.distill(max_steps=250, lr=3e-3, num_draws=2000, progress=False) is est
+    torch.testing.assert_close(est.log_prob(x[:50]), before)  # the teacher's density
+    model, student = est._model, est.student_
+    assert isinstance(student, dd.Student) and student.num_layers == est.num_layers
+    z = torch.randn(300, 1, 2, generator=_gen(device, 11), device=device, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(est.sample(300, seed=11),
+                                   dd.sample(model, student, z[:, 0]), **tolerances(dtype))
+        torch.testing.assert_close(est.sample(300, seed=11, exact=True), model.sample(z[:, 0]),
+                                   **tolerances(dtype))
+    record = est.history_["distill"]
+    assert record["best_val_kl"] <= record["initial_val_kl"]
+    report = record["fidelity"]
+    assert report["kl"] < 0.05 and report["heldout"] == "teacher draws"
+    assert abs(report["log_prob_gap"]) < 0.05
+    # bounds: rejection over the student's draws
+    low = float(x[:, 0].median())
+    draws = est.sample(100, seed=2, bounds=([low, -math.inf], [math.inf, math.inf]))
+    assert draws.shape == (100, 2) and bool((draws[:, 0] >= low).all())
+    # held-out rows
+    est.distill(max_steps=5, num_draws=100, x_val=x[:40], progress=False)
+    assert est.history_["distill"]["fidelity"]["heldout_rows"] == 40
+    assert est.history_["distill"]["fidelity"]["teacher_log_prob"] == pytest.approx(
+        est.score(x[:40]), abs=1e-5)
+
+
+def test_student_survives_save_and_load(tmp_path, device, dtype):
+    est, x = _fitted(device, dtype)
+    est.save(tmp_path / "teacher.pt")
+    est.distill(num_layers=1, hidden_dims=(8,), max_steps=20, num_draws=100, progress=False)
+    est.save(tmp_path / "student.pt")
+    loaded = DensityEstimator.load(tmp_path / "student.pt", device=device)
+    assert loaded.student_ is not None and loaded.student_.num_layers == 1
+    assert loaded.history_["distill"]["fidelity"] == est.history_["distill"]["fidelity"]
+    torch.testing.assert_close(loaded.sample(50, seed=3), est.sample(50, seed=3))
+    torch.testing.assert_close(loaded.sample(50, seed=3, exact=True),
+                               est.sample(50, seed=3, exact=True))
+    assert DensityEstimator.load(tmp_path / "teacher.pt").student_ is None
+    # a file without the entry (as every file before it) loads without a student
+    payload = torch.load(tmp_path / "student.pt", weights_only=True)
+    del payload["student"]
+    torch.save(payload, tmp_path / "older.pt")
+    assert DensityEstimator.load(tmp_path / "older.pt").student_ is None
+    payload["student"] = {"config": {**est.student_.config(), "dim": 5},
+                          "state_dict": {}}
+    torch.save(payload, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match="damaged.*student"):
+        DensityEstimator.load(tmp_path / "damaged.pt")
+
+
+def test_student_moves_with_the_estimator_and_a_new_fit_drops_it(device, dtype):
+    est, x = _fitted(device, dtype)
+    est.distill(max_steps=5, num_draws=100, progress=False)
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    est.to(dtype=other)
+    assert {p.dtype for p in est.student_.parameters()} == {other}
+    assert est.sample(3).dtype == other
+    est.fit(x.to(other), max_epochs=1, progress=False)
+    assert est.student_ is None and "distill" not in est.history_
+
+
+def test_conditional_estimator_gets_a_conditional_student(device, dtype):
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(800, 1, generator=gen, dtype=torch.float64)
+    y = torch.cat([2 * c, c**2], 1) + 0.3 * torch.randn(800, 2, generator=gen,
+                                                         dtype=torch.float64)
+    c, y = c.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
+    est = DensityEstimator("maf", dtype=dtype, seed=0, **TINY)
+    est.fit(y, context=c, max_epochs=10, progress=False)
+    with pytest.raises(ValueError, match="context"):
+        est.distill(max_steps=5, progress=False)
+    est.distill(context=c, max_steps=200, lr=3e-3, num_draws=1000, x_val=y[:100],
+                context_val=c[:100], progress=False)
+    assert est.student_.context_dim == 1
+    report = est.history_["distill"]["fidelity"]
+    assert report["kl"] < 0.1 and abs(report["log_prob_gap"]) < 0.1
+    at = torch.tensor([1.0], device=device, dtype=dtype)
+    draws = est.sample(4000, seed=0, context=at)
+    exact = est.sample(4000, seed=1, context=at, exact=True)
+    assert draws.shape == (4000, 2)
+    # the student's conditional moments are the teacher's at a context one sd off the mean
+    torch.testing.assert_close(draws.double().mean(0), exact.double().mean(0), atol=0.15, rtol=0)
+    torch.testing.assert_close(draws.double().std(0), exact.double().std(0), atol=0.15, rtol=0)
+
+
+def test_estimator_distill_bad_arguments(device, dtype):
+    with pytest.raises(ValueError, match="not fitted"):
+        DensityEstimator().distill()
+    est, x = _fitted(device, dtype)
+    for bad in ({"num_layers": 0}, {"hidden_dims": ()}, {"hidden_dims": (2.5,)}):
+        with pytest.raises(ValueError, match="num_layers and hidden_dims"):
+            est.distill(progress=False, **bad)
+    with pytest.raises(ValueError, match="without a context"):
+        est.distill(context=x[:, :1], progress=False)
+    with pytest.raises(ValueError, match="need max_steps"):
+        est.distill(max_steps=-1, progress=False)
+    assert est.student_ is None

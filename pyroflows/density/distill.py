@@ -54,10 +54,10 @@ from .. import flows
 from .._config import validation
 from .._gaussian import ml_gaussian, standard_normal_log_prob
 from ..transforms.affine import TriangularAffine
-from .pipeline import DensityModel, evaluate
+from .pipeline import ContextShift, DensityModel, evaluate
 from .training import adam, snapshot
 
-__all__ = ["Student", "distill", "fidelity", "teacher_log_prob", "sample", "frozen",
+__all__ = ["Student", "distill", "fidelity", "teacher_log_prob", "sample", "start", "frozen",
            "DISTILL_DEFAULTS"]
 
 #: What :func:`distill` does unless told otherwise: Adam's step size (decayed to zero by a
@@ -115,10 +115,10 @@ class Student(nn.Module):
                             log_scale_bound=self.log_scale_bound)
         if self.context_dim is None:
             self.flow = flows.FlowStack([TriangularAffine(self.dim), *stack.parts])
-        else:
+        else:  # the base N(m + W h, L L^T): a linear-Gaussian conditional at start
             self.flow = flows.ConditionalFlowStack(
-                [TriangularAffine(self.dim), *stack.sequence], dim=self.dim,
-                context_dim=self.context_dim)
+                [TriangularAffine(self.dim), ContextShift(self.dim, self.context_dim),
+                 *stack.sequence], dim=self.dim, context_dim=self.context_dim)
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments (what a file stores to rebuild the student)."""
@@ -130,11 +130,21 @@ class Student(nn.Module):
         return self.flow.parts[0]
 
     @torch.no_grad()
-    def start_at(self, u: Tensor) -> Student:
-        """Set the affine layer to the ML Gaussian of the rows ``u`` (N, D): the untrained
-        student is then that Gaussian. Returns ``self``."""
-        loc, tril, _ = ml_gaussian(u)
+    def start_at(self, u: Tensor, h: Tensor | None = None) -> Student:
+        """Set the affine layer to the ML Gaussian of the rows ``u`` (N, D), or, for a
+        conditional student, to the least-squares regression of ``u`` on their contexts ``h``
+        (N, C), :math:`N(m + W h, L L^\top)` (``L``: the Cholesky factor of the residuals' ML
+        covariance): the untrained student is then that Gaussian. Returns ``self``."""
         affine = self._affine()
+        residual = u
+        if self.context_dim is not None:
+            if h is None:
+                raise ValueError("a conditional student starts from rows and their contexts")
+            h_mean = h.mean(0)
+            weight = torch.linalg.lstsq(h - h_mean, u - u.mean(0)).solution.T  # (D, C)
+            self.flow.parts[1].weight.copy_(weight.to(self.flow.parts[1].weight))
+            residual = u - h @ weight.T
+        loc, tril, _ = ml_gaussian(residual)
         affine.set_scale_tril_(tril)
         affine.loc.copy_(loc.to(affine.packed))
         return self
@@ -183,13 +193,14 @@ def frozen(module: nn.Module) -> Iterator[None]:
 
 def teacher_log_prob(model: DensityModel) -> LogProb:
     r"""The teacher's exact log density of preconditioned rows,
-    :math:`\log p_u(u) = \log p_R(z) + \log|\det \partial z / \partial u|`,
-    :math:`z = f^{-1}(u)` (the flow's one-pass inverse, then the refiner's)."""
+    :math:`\log p_u(u \mid h) = \log p_R(z) + \log|\det \partial z / \partial u|`,
+    :math:`z = f_h^{-1}(u)` (the flow's one-pass inverse, then the refiner's); ``h``: the
+    standardized contexts (``model.features(c)``), one row per row of ``u``, or ``None``."""
 
-    def log_prob(u: Tensor, context: Tensor | None = None) -> Tensor:
-        if context is not None:
-            raise ValueError("this teacher is not conditional: pass no context")
-        z, log_det = model.latent(u)
+    def log_prob(u: Tensor, h: Tensor | None = None) -> Tensor:
+        if (h is None) != (model.context_dim is None):
+            raise ValueError("a conditional teacher needs contexts, an unconditional one none")
+        z, log_det = model.latent(u) if h is None else model.latent(u, h)
         return model.base_log_prob(z) + log_det
 
     return log_prob
@@ -206,13 +217,31 @@ def _stage_forward(model: DensityModel, u: Tensor) -> tuple[Tensor, Tensor]:
 
 def sample(model: DensityModel, student: Student, eps: Tensor,
            context: Tensor | None = None) -> Tensor:
-    r"""Draws of the data :math:`x = P(g(\varepsilon))` from base draws ``eps`` (N, D): the
-    student's one fused pass, then the teacher's preconditioning stages."""
-    u = student.sample(eps, context)
+    r"""Draws of the data :math:`x = P(g_h(\varepsilon))` from base draws ``eps`` (N, D) (given
+    raw contexts ``context`` (N, C), standardized by the teacher): the student's one fused
+    pass, then the teacher's preconditioning stages."""
+    u = student.sample(eps, model.features(context))
     for stage in model.stages:
         forward = getattr(stage, "forward_value", None)  # Tabak: its map without the log-det
         u = forward(u) if forward is not None else stage.forward_and_log_det(u)[0]
     return u
+
+
+@torch.no_grad()
+def start(model: DensityModel, student: Student, num_draws: int = INIT_DRAWS,
+          contexts: Tensor | None = None, generator: torch.Generator | None = None) -> Student:
+    """Start ``student`` at the ML Gaussian of ``num_draws`` teacher draws in the
+    preconditioned space (under raw ``contexts`` drawn with replacement, where conditional);
+    returns it."""
+    param = next(student.parameters())
+    if generator is None:
+        generator = torch.Generator(device=param.device)
+        generator.seed()
+    ctx = _contexts(contexts, int(num_draws), generator)
+    with validation(False):
+        x = evaluate(model.sample, _draws(int(num_draws), student.dim, param, generator), ctx)
+        u = evaluate(model.precondition, x)[0]
+    return student.start_at(u, model.features(ctx))
 
 
 def _draws(n: int, dim: int, like: Tensor, generator: torch.Generator) -> Tensor:
@@ -238,7 +267,8 @@ def distill(student: Student, log_prob: LogProb, *,
     parameters the caller holds :func:`frozen`); returns the record.
 
     Every step draws ``batch_size`` base points :math:`\varepsilon` (and, for a conditional
-    student, as many rows of ``contexts``), maps and scores them in the student's one pass,
+    student, as many rows of ``contexts``: the standardized contexts :math:`h` that student and
+    teacher see, drawn with replacement), maps and scores them in the student's one pass,
     scores :math:`u` under the teacher and takes an Adam step on the mean of
     :math:`\log q(u) - \log p(u)` (an unbiased estimate of :math:`\mathrm{KL}(q\|p)`; the
     gradient by reparameterization), the step size decayed from ``lr`` to 0 by a cosine.
@@ -260,7 +290,7 @@ def distill(student: Student, log_prob: LogProb, *,
     if (contexts is None) != (student.context_dim is None):
         raise ValueError("a conditional student needs contexts (the training contexts), and "
                          "an unconditional one takes none")
-    start = time.perf_counter()
+    began = time.perf_counter()
     param = next(student.parameters())
     if generator is None:
         generator = torch.Generator(device=param.device)
@@ -269,13 +299,13 @@ def distill(student: Student, log_prob: LogProb, *,
     val_eps = _draws(int(num_val_draws), student.dim, param, generator)
     val_context = _contexts(contexts, int(num_val_draws), generator)
 
+    def gap(eps: Tensor, h: Tensor | None) -> Tensor:
+        u, log_q = student.rsample_and_log_prob(eps, h)
+        return log_q - log_prob(u, h)
+
     def val_kl() -> float:
         with torch.no_grad():
-            def gap(i: Tensor) -> Tensor:
-                ctx = None if val_context is None else val_context[i]
-                u, log_q = student.rsample_and_log_prob(val_eps[i], ctx)
-                return log_q - log_prob(u, ctx)
-            return float(evaluate(gap, torch.arange(val_eps.shape[0], device=param.device)).mean())
+            return float(evaluate(gap, val_eps, val_context).mean())
 
     with validation(False):
         kl0 = val_kl()
@@ -340,7 +370,7 @@ def distill(student: Student, log_prob: LogProb, *,
             bar.close()
         student.eval()
         student.load_state_dict(best)
-        record["seconds"] = time.perf_counter() - start
+        record["seconds"] = time.perf_counter() - began
     return record
 
 
@@ -352,7 +382,7 @@ def _mean_se(values: Tensor) -> tuple[float, float]:
 @torch.no_grad()
 def fidelity(model: DensityModel, student: Student, *, num_draws: int = 4096,
              x_val: Tensor | None = None, contexts: Tensor | None = None,
-             val_contexts: Tensor | None = None,
+             context_val: Tensor | None = None,
              generator: torch.Generator | None = None) -> dict[str, Any]:
     r"""What fast sampling costs, in nats: the Monte-Carlo estimate of
     :math:`\mathrm{KL}(q_x\|p_x) = E_q[\log q_x(x) - \log p_x(x)]` on ``num_draws`` student
@@ -361,8 +391,11 @@ def fidelity(model: DensityModel, student: Student, *, num_draws: int = 4096,
     \partial u|`), with its standard error, also per dimension; and the mean held-out
     log-likelihood of the student next to the teacher's on the rows ``x_val`` (the student's
     by its D-pass inverse), with the standard error of their paired difference. Without
-    ``x_val`` the held-out rows are ``num_draws`` teacher draws, and the teacher-minus-student
-    gap is then an estimate of :math:`\mathrm{KL}(p_x\|q_x)`.
+    ``x_val`` the held-out rows are ``num_draws`` fresh teacher draws, and the teacher-minus-
+    student gap is then an estimate of :math:`\mathrm{KL}(p_x\|q_x)`. For a conditional
+    teacher, the draws' raw contexts are drawn with replacement from ``contexts`` (the KL is
+    then the average over them), and ``context_val`` holds one raw context per row of
+    ``x_val``.
 
     Returns a dict: ``kl``, ``kl_se``, ``kl_per_dim``, ``kl_per_dim_se``, ``num_draws``;
     ``heldout`` (``"x_val"`` or ``"teacher draws"``), ``heldout_rows``,
@@ -371,35 +404,37 @@ def fidelity(model: DensityModel, student: Student, *, num_draws: int = 4096,
     """
     if int(num_draws) < 2:
         raise ValueError(f"num_draws must be at least 2, got {num_draws}")
+    if (contexts is None) != (model.context_dim is None):
+        raise ValueError("a conditional teacher needs contexts, an unconditional one none")
     param = next(student.parameters())
     if generator is None:
         generator = torch.Generator(device=param.device)
         generator.seed()
     dim = student.dim
+
+    def gap(eps: Tensor, c: Tensor | None) -> Tensor:
+        u, log_q = student.rsample_and_log_prob(eps, model.features(c))
+        x, log_det = _stage_forward(model, u)
+        return (log_q - log_det) - model.log_prob(x, c)
+
+    def student_log_prob(x: Tensor, c: Tensor | None) -> Tensor:
+        u, log_det = model.precondition(x)
+        return student.log_prob(u, model.features(c)) + log_det
+
     with validation(False):
-        eps = _draws(int(num_draws), dim, param, generator)
         ctx = _contexts(contexts, int(num_draws), generator)
-
-        def gap(i: Tensor) -> Tensor:
-            c = None if ctx is None else ctx[i]
-            u, log_q = student.rsample_and_log_prob(eps[i], c)
-            x, log_det = _stage_forward(model, u)
-            return (log_q - log_det) - model.log_prob(x)
-
-        kl = evaluate(gap, torch.arange(eps.shape[0], device=eps.device))
+        kl = evaluate(gap, _draws(int(num_draws), dim, param, generator), ctx)
         if x_val is None:
-            heldout = "teacher draws"
-            z = _draws(int(num_draws), dim, param, generator)
-            x_val = evaluate(model.sample, z)
+            heldout, context_val = "teacher draws", _contexts(contexts, int(num_draws), generator)
+            x_val = evaluate(model.sample, _draws(int(num_draws), dim, param, generator),
+                             context_val)
         else:
             heldout = "x_val"
-
-        def student_lp(x: Tensor) -> Tensor:
-            u, log_det = model.precondition(x)
-            return student.log_prob(u) + log_det
-
-        lp_teacher = evaluate(model.log_prob, x_val)
-        lp_student = evaluate(student_lp, x_val)
+            if (context_val is None) != (contexts is None):
+                raise ValueError("x_val of a conditional teacher needs context_val, one raw "
+                                 "context per row")
+        lp_teacher = evaluate(model.log_prob, x_val, context_val)
+        lp_student = evaluate(student_log_prob, x_val, context_val)
     kl_mean, kl_se = _mean_se(kl)
     gap_mean, gap_se = _mean_se(lp_teacher - lp_student)
     return {

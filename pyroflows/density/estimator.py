@@ -20,7 +20,9 @@ from torch import Tensor
 from .. import flows
 from .._config import validation
 from ..transforms.tabak import Tabak
+from . import distill as distillation
 from . import persistence, pipeline
+from .distill import DISTILL_DEFAULTS, Student
 from .pipeline import DensityModel, evaluate
 from .training import Trainer, snapshot
 
@@ -272,7 +274,12 @@ class DensityEstimator:
             refiner), ``stopped``, ``skipped_steps`` (non-finite steps not applied),
             ``seconds``, ``num_train``, ``num_val``, ``precondition``, and where they apply
             ``refine_steps`` and ``candidates``; log-likelihoods in nats per sample, in x-space.
+            After :meth:`distill`, ``history_["distill"]``: the distillation's record (see
+            :func:`~pyroflows.density.distill.distill`) with its ``fidelity`` report.
         precondition_: the preconditioner the fitted model uses.
+        student_: after :meth:`distill`, the IAF student that :meth:`sample` draws from
+            (:class:`~pyroflows.density.distill.Student`); ``None`` before, and again after a
+            new :meth:`fit`.
 
     Example:
         >>> import torch, pyroflows as pf
@@ -354,6 +361,7 @@ class DensityEstimator:
         self.context_dim_: int | None = None
         self.history_: dict | None = None
         self.acceptance_rate_: Tensor | None = None
+        self.student_: Student | None = None
 
     def get_params(self) -> dict:
         """The constructor arguments (what :meth:`save` stores to rebuild the model)."""
@@ -668,6 +676,7 @@ class DensityEstimator:
         trainer = Trainer(model, u_train, ld_train, u_val, ld_val, gen, h_train=h_train,
                           h_val=h_val, **train)
         self._model, self.dim_, self.history_ = model, dim, trainer.history
+        self.student_ = None  # a student of the model this fit replaces
         self.context_dim_ = context_dim
         self.precondition_ = precondition
         history = self.history_
@@ -723,7 +732,8 @@ class DensityEstimator:
         return float(lp.mean())
 
     def sample(self, n: int, seed: int | None = None, *, context: Any = None,
-               bounds: Any = None, min_acceptance: float = MIN_ACCEPTANCE) -> Tensor:
+               bounds: Any = None, min_acceptance: float = MIN_ACCEPTANCE,
+               exact: bool = False) -> Tensor:
         """``n`` draws from the fitted density, shaped (n, D); ``n`` a whole number (2.7 is an
         error, not 2 draws). With a context of shape (B, C): ``n`` draws for each row, shaped
         (n, B, D); of shape (C,): (n, D).
@@ -734,7 +744,12 @@ class DensityEstimator:
         prior). The share of draws accepted per context is kept in ``acceptance_rate_``. Where
         a context's share, estimated from at least ``10 / min_acceptance`` draws, is below
         ``min_acceptance``, sampling stops with a ``ValueError``: the fitted density puts
-        almost no mass inside the bounds. :meth:`log_prob` stays the untruncated density."""
+        almost no mass inside the bounds. :meth:`log_prob` stays the untruncated density.
+
+        After :meth:`distill` the draws are the student's (one pass per layer), an
+        approximation of the fitted density whose cost ``history_["distill"]["fidelity"]``
+        reports; ``exact=True`` draws from the fitted density itself (a MAF: D passes per
+        layer). :meth:`log_prob` is always the fitted density's."""
         model = self._require_model()
         try:
             count = operator.index(n)
@@ -743,6 +758,7 @@ class DensityEstimator:
         if count < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         c, single = self._prepare_context(context)
+        student = None if exact else self.student_
         rows = 1 if c is None else c.shape[0]
         device, dtype = self._model_device_dtype()
         gen = torch.Generator(device=device)
@@ -752,27 +768,35 @@ class DensityEstimator:
             gen.seed()
         if bounds is None:
             z = torch.randn(count, rows, model.dim, generator=gen, device=device, dtype=dtype)
-            draws = self._draw(model, z, c)
+            draws = self._draw(model, z, c, student)
         else:
             if not 0.0 < float(min_acceptance) <= 1.0:
                 raise ValueError(f"min_acceptance must be in (0, 1], got {min_acceptance}")
             low, high = _bounds(bounds, model.dim, device, dtype)
-            draws, rate = self._draw_within(model, count, c, rows, low, high, gen,
+            draws, rate = self._draw_within(model, student, count, c, rows, low, high, gen,
                                             float(min_acceptance))
             self.acceptance_rate_ = rate[0] if single else rate
         return draws[:, 0] if single else draws
 
     @staticmethod
-    def _draw(model: DensityModel, z: Tensor, c: Tensor | None) -> Tensor:
-        """The images of base draws ``z`` (k, R, D) under the contexts ``c`` (R, C) or none."""
+    def _draw(model: DensityModel, z: Tensor, c: Tensor | None,
+              student: Student | None = None) -> Tensor:
+        """The images of base draws ``z`` (k, R, D) under the contexts ``c`` (R, C) or none:
+        the model's, or the ``student``'s where given."""
         k, rows, dim = z.shape
         if z.numel() == 0:
             return z.clone()
         flat_c = None if c is None else c.expand(k, rows, c.shape[-1]).reshape(k * rows, -1)
         with torch.no_grad(), validation(False):
-            return evaluate(model.sample, z.reshape(k * rows, dim), flat_c).reshape(k, rows, dim)
+            if student is None:
+                out = evaluate(model.sample, z.reshape(k * rows, dim), flat_c)
+            else:
+                out = evaluate(lambda e, h: distillation.sample(model, student, e, h),
+                               z.reshape(k * rows, dim), flat_c)
+            return out.reshape(k, rows, dim)
 
-    def _draw_within(self, model: DensityModel, count: int, c: Tensor | None, rows: int,
+    def _draw_within(self, model: DensityModel, student: Student | None, count: int,
+                     c: Tensor | None, rows: int,
                      low: Tensor, high: Tensor, gen: torch.Generator,
                      min_acceptance: float) -> tuple[Tensor, Tensor]:
         """``count`` draws inside ``[low, high]`` for each of ``rows`` contexts, shaped
@@ -806,7 +830,7 @@ class DensityEstimator:
             size = max(1, min(size, _ROUND_ROWS // pending.numel()))
             z = torch.randn(size, pending.numel(), model.dim, generator=gen, device=device,
                             dtype=dtype)
-            x = self._draw(model, z, None if c is None else c[pending])
+            x = self._draw(model, z, None if c is None else c[pending], student)
             inside = ((x >= low) & (x <= high)).all(-1)  # (size, pending)
             accepted[pending] += inside.sum(0)
             drawn[pending] += size
@@ -816,6 +840,115 @@ class DensityEstimator:
             out[filled[pending][j] + rank[i, j] - 1, pending[j]] = x[i, j]
             filled[pending] += keep.sum(0)
         return out, accepted.to(dtype) / drawn.to(dtype)
+
+    def distill(self, num_layers: int | None = None, hidden_dims: Sequence[int] | None = None,
+                max_steps: int = DISTILL_DEFAULTS["max_steps"],
+                batch_size: int = DISTILL_DEFAULTS["batch_size"],
+                lr: float = DISTILL_DEFAULTS["lr"], *, context: Any = None, x_val: Any = None,
+                context_val: Any = None, num_draws: int = 4096,
+                progress: bool = True) -> DensityEstimator:
+        r"""Train an IAF student for one-pass sampling by probability density distillation
+        (seed section 3.3.4; van den Oord et al., 2018); returns ``self``.
+
+        The student :math:`x = P(g(\varepsilon))`, :math:`\varepsilon \sim N(0, I)`, keeps
+        the fitted preconditioning :math:`P` and replaces the flow (and refiner) by
+        :math:`g`: a learnable affine layer started at the ML Gaussian of the fitted model's
+        draws, then ``num_layers`` IAF layers (:class:`~pyroflows.density.distill.Student`).
+        It is trained on its own draws to minimize
+
+        .. math:: \mathrm{KL}(q \,\|\, p) = E_q\bigl[\log q(x) - \log p(x)\bigr],
+
+        :math:`p` the fitted density (:meth:`log_prob`, preconditioning included: the KL of
+        the preconditioned variables is the same number), for ``max_steps`` Adam steps of
+        ``batch_size`` draws, the step size decayed from ``lr`` to 0 by a cosine; the state
+        with the lowest KL estimate on fixed validation draws is kept (also after a
+        ``KeyboardInterrupt``, with a warning). The fitted model is not changed.
+
+        From then on :meth:`sample` draws from the student (one fused pass per layer, where the
+        fitted MAF takes D passes per layer) unless ``exact=True``; :meth:`log_prob` stays the
+        fitted density. ``history_["distill"]`` records the run and its ``fidelity``: the
+        Monte-Carlo estimate of :math:`\mathrm{KL}(q\|p)` on ``num_draws`` student draws
+        (``kl``, ``kl_se``, per dimension ``kl_per_dim``), and the mean held-out
+        log-likelihoods of the student and of the fitted model (``student_log_prob``,
+        ``teacher_log_prob``, their paired gap ``log_prob_gap`` with ``log_prob_gap_se``) on
+        the rows ``x_val``, or, without them, on ``num_draws`` draws of the fitted model (the
+        gap then estimates :math:`\mathrm{KL}(p\|q)`). The student and the record are saved
+        and loaded with the estimator; a new :meth:`fit` drops them.
+
+        A conditional estimator gets a conditional student (the context enters every IAF
+        layer's MADE, standardized as the fitted flow sees it), trained on contexts drawn with
+        replacement from ``context`` (shape (n, C): pass the training contexts); ``x_val``
+        then needs ``context_val``, one context per row (or one of shape (C,)).
+
+        Arguments:
+            num_layers: the student's IAF layers (default: the estimator's ``num_layers``).
+            hidden_dims: their MADE hidden widths (default: the estimator's).
+            max_steps: Adam steps.
+            batch_size: student draws per step.
+            lr: Adam's initial step size.
+            context: the contexts to train on (conditional estimators only).
+            x_val, context_val: held-out rows (and their contexts) for the fidelity report.
+            num_draws: draws for the fidelity report's estimates.
+            progress: show a progress bar.
+
+        Example:
+            >>> import torch, pyroflows as pf
+            >>> x = torch.randn(500, 2) @ torch.tensor([[1.0, 0.8], [0.0, 0.6]])
+            >>> est = pf.density.DensityEstimator("maf", num_layers=2, hidden_dims=(16,), seed=0)
+            >>> est = est.fit(x, max_epochs=3, progress=False)
+            >>> est = est.distill(max_steps=30, num_draws=500, progress=False)
+            >>> est.sample(4).shape, est.sample(4, exact=True).shape
+            (torch.Size([4, 2]), torch.Size([4, 2]))
+            >>> sorted(k for k in est.history_["distill"]["fidelity"] if k.startswith("kl"))
+            ['kl', 'kl_per_dim', 'kl_per_dim_se', 'kl_se']
+        """
+        model = self._require_model()
+        layers = self.num_layers if num_layers is None else num_layers
+        hidden = self.hidden_dims if hidden_dims is None else hidden_dims
+        try:
+            layers, hidden = operator.index(layers), tuple(operator.index(h) for h in hidden)
+        except TypeError:
+            raise ValueError("num_layers and hidden_dims must be whole numbers, got "
+                             f"{num_layers!r} and {hidden_dims!r}") from None
+        if layers < 1 or not hidden or min(hidden) < 1:
+            raise ValueError("num_layers and hidden_dims must be positive, got "
+                             f"{num_layers!r} and {hidden_dims!r}")
+        if int(num_draws) < 2:
+            raise ValueError(f"num_draws must be at least 2, got {num_draws}")
+        c, _ = self._prepare_context(context)
+        if c is not None and c.shape[0] < 1:
+            raise ValueError("context has no rows: pass the training contexts")
+        xv = cv = None
+        if x_val is not None:
+            xv, cv, _ = self._inputs(x_val, context_val)
+        elif context_val is not None:
+            raise ValueError("context_val is given without x_val")
+        device, dtype = self._model_device_dtype()
+        seeds = torch.Generator()
+        if self.seed is not None:
+            seeds.manual_seed(self.seed + 1)  # not the fit's stream
+        else:
+            seeds.seed()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=seeds)))
+            student = Student(model.dim, layers, hidden, context_dim=model.context_dim)
+        student = student.to(device=device, dtype=dtype)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(torch.randint(2**62, (1,), generator=seeds)))
+        with torch.no_grad():
+            h = model.features(c)
+        distillation.start(model, student, contexts=c, generator=gen)
+        with distillation.frozen(model):
+            record = distillation.distill(
+                student, distillation.teacher_log_prob(model), max_steps=max_steps,
+                batch_size=batch_size, lr=lr, contexts=h, generator=gen, progress=progress)
+        record["fidelity"] = distillation.fidelity(model, student, num_draws=int(num_draws),
+                                                   x_val=xv, contexts=c, context_val=cv,
+                                                   generator=gen)
+        record.update(num_layers=layers, hidden_dims=list(hidden))
+        self.student_ = student
+        self.history_["distill"] = record
+        return self
 
     def to(self, device: str | torch.device | None = None,
            dtype: torch.dtype | None = None) -> DensityEstimator:
@@ -827,15 +960,17 @@ class DensityEstimator:
         target = None if device is None else usable_device(device, "to")
         if self._model is not None:
             old_device, old_dtype = self._model_device_dtype()
+            # the model and its student (where distilled) move together
+            modules = torch.nn.ModuleList([self._model, *filter(None, [self.student_])])
             # A failure part way (out of memory) leaves some tensors moved: move them back,
             # and restore the values a narrowing dtype would have rounded.
-            saved = snapshot(self._model) if dtype not in (None, old_dtype) else None
+            saved = snapshot(modules) if dtype not in (None, old_dtype) else None
             try:
-                self._model.to(device=target, dtype=dtype)
+                modules.to(device=target, dtype=dtype)
             except BaseException:
-                self._model.to(device=old_device, dtype=old_dtype)
+                modules.to(device=old_device, dtype=old_dtype)
                 if saved is not None:
-                    self._model.load_state_dict(saved)
+                    modules.load_state_dict(saved)
                 raise
         if target is not None:
             self.device = target
@@ -865,6 +1000,8 @@ class DensityEstimator:
         target = usable_device(target, f"loading {os.fspath(path)}" + (
             "" if device is not None else " on its saved device (pass device= to load elsewhere)"))
         est._model.to(device=target)
+        if est.student_ is not None:
+            est.student_.to(device=target)
         if device is not None:
             est.device = target
         return est

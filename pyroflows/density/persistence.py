@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .. import _legacy, flows, transforms
 from . import pipeline
+from .distill import Student
 from .training import snapshot
 
 if TYPE_CHECKING:
@@ -269,6 +270,10 @@ def save(est: DensityEstimator, path: str | os.PathLike) -> None:
         "dtype": str(dtype).replace("torch.", ""),
         "state_dict": snapshot(model, "cpu"),
         "history": copy.deepcopy(est.history_),
+        # after distill(): the student, rebuilt from its constructor's arguments (an optional
+        # entry: files without one, all before it, load without a student)
+        "student": None if est.student_ is None else {
+            "config": est.student_.config(), "state_dict": snapshot(est.student_, "cpu")},
     }
     write_atomic(payload, path)
 
@@ -354,6 +359,8 @@ def load(cls: type[DensityEstimator], path: str | os.PathLike) -> DensityEstimat
         history = payload["history"]
         if not isinstance(history, dict):
             raise TypeError(f"its history is a {type(history).__name__}, not a dict")
+        student = _load_student(payload.get("student"), dim, context_dim,
+                                _DTYPES[payload["dtype"]])
     except UnknownCallableError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
@@ -361,4 +368,21 @@ def load(cls: type[DensityEstimator], path: str | os.PathLike) -> DensityEstimat
         raise ValueError(f"{path} is damaged: {type(e).__name__}: {reason}") from e
     est._model, est.dim_, est.history_ = model, dim, history
     est.context_dim_ = context_dim
+    est.student_ = student
     return est
+
+
+def _load_student(saved: Any, dim: int, context_dim: int | None,
+                  dtype: torch.dtype) -> Student | None:
+    """The saved student (``None`` where the file has none), checked against the model."""
+    if saved is None:
+        return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise TypeError("its student entry is not a dict with a config")
+    config = dict(saved["config"])
+    if config.get("dim") != dim or config.get("context_dim") != context_dim:
+        raise ValueError(f"its student is for D={config.get('dim')}, C="
+                         f"{config.get('context_dim')}, the model for D={dim}, C={context_dim}")
+    student = Student(**config).to(dtype=dtype)
+    student.load_state_dict(saved["state_dict"])
+    return student
