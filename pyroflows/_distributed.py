@@ -91,6 +91,16 @@ class Rows:
         values = t.gather(-1, local.clamp(0, max(self.local - 1, 0)))
         return self.sum(torch.where(mine, values, torch.zeros_like(values)))
 
+    def gather_all(self, t: Tensor) -> list[Tensor]:
+        """``t`` (of one shape on every rank) from each rank, in rank order: ``[t]`` when not
+        parallel."""
+        if not self.parallel:
+            return [t]
+        t = t.to(self.device)
+        gathered = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, t)
+        return gathered
+
     def broadcast_seed(self, seed: int | None) -> int | None:
         """``seed`` if given, else (parallel) one random seed drawn by rank 0 for every rank."""
         if seed is not None or not self.parallel:

@@ -19,12 +19,13 @@ from torch import Tensor
 
 from .. import flows
 from .._config import validation
+from .._distributed import is_data_parallel
 from ..transforms.tabak import Tabak
 from . import distill as distillation
-from . import persistence, pipeline
+from . import persistence, pipeline, streaming
 from .distill import DISTILL_DEFAULTS, Student
 from .pipeline import DensityModel, evaluate
-from .training import Trainer, snapshot
+from .training import Trainer, fit_signature, snapshot
 
 __all__ = ["DensityEstimator", "PRECONDITIONERS", "REFINERS", "usable_device"]
 
@@ -457,9 +458,26 @@ class DensityEstimator:
             lr: float = 1e-3, patience: int = 20, val_fraction: float = 0.1,
             weight_decay: float = 0.0, averaging_epochs: float = 1.0,
             progress: bool = True, *, context: Any = None, context_val: Any = None,
-            y_val: Any = None) -> DensityEstimator:
+            y_val: Any = None, distributed: bool | None = None,
+            checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1,
+            resume: str | os.PathLike | None = None) -> DensityEstimator:
         """Fit to the rows of ``x`` (numpy array or tensor, shaped (n, D)); returns ``self``.
         With ``context`` (shaped (n, C), one row per row of ``x``), fit ``p(x | context)``.
+
+        **Streamed data** (:mod:`~pyroflows.density.streaming`): ``x`` may be a map-style
+        ``Dataset`` (such as ``ArrayDataset(np.load(path, mmap_mode="r"))``, read a batch at a
+        time; ``x_val`` default: ``val_fraction`` of its rows), a ``DataLoader`` or a list of
+        batches (``x_val`` needed, given the same way); with a context, batches and items are
+        ``(y, c)`` pairs. The preconditioning statistics come from one streaming pass
+        (float64 sums); only ``"standardize"``, ``"whiten"``, ``"cholesky"`` and ``None``
+        stream: Tabak's fit (``"tabak"``, ``"auto"``, ``refine="tabak"``) needs the rows in
+        memory and is a ``ValueError``. **Data-parallel** under ``torchrun`` (or any initialized
+        process group of more than one process, or ``distributed=True``): every rank passes
+        the same ``Dataset`` and trains on its share of each global batch of ``batch_size``
+        rows, or its own ``DataLoader``/arrays shard; the gradients and validation sums are
+        all-reduced, so every rank takes the same steps and stops alike, and only rank 0 shows
+        progress and writes checkpoints. Progress shows rows trained per second
+        (``history_["rows_per_second"]``).
 
         The training rows must number at least D + 1: fewer lie on a hyperplane, where the
         likelihood is unbounded. A column that holds one value in every row (also one that
@@ -491,6 +509,15 @@ class DensityEstimator:
                 is an error.
             context_val: the contexts of the rows of ``x_val`` (needed with it, and only then).
             y_val: another name for ``x_val``, for the ``p(y | context)`` reading.
+            distributed: train data-parallel (``None``: where a process group of more than
+                one process is initialized).
+            checkpoint: a file the training state is written to atomically every
+                ``checkpoint_every`` epochs and after the last (model, optimizer, averaged
+                parameters, best state, epoch, history, random states).
+            checkpoint_every: epochs between checkpoints.
+            resume: a checkpoint of this fit (same data, options, processes) to continue from,
+                reaching the result of an uninterrupted fit; read with
+                ``torch.load(weights_only=True)``, so no code in it runs.
         """
         if int(max_epochs) < 0 or int(batch_size) < 1 or int(patience) < 0 or not lr > 0:
             raise ValueError("need max_epochs >= 0, batch_size >= 1, patience >= 0 and lr > 0; got "
@@ -505,6 +532,20 @@ class DensityEstimator:
                 raise ValueError("pass the held-out rows once: x_val or y_val (another name for "
                                  "it), not both")
             x_val = y_val
+        if int(checkpoint_every) < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
+        saving = {"checkpoint": checkpoint, "checkpoint_every": int(checkpoint_every),
+                  "resume": resume}
+        if (checkpoint is not None or resume is not None) and self.precondition == "auto":
+            raise ValueError("checkpoints hold one model: choose precondition='whiten' or "
+                             "'tabak' (what 'auto' chose: precondition_) to checkpoint a fit")
+        if streaming.is_stream(x) or is_data_parallel(distributed):
+            return streaming.fit_streamed(
+                self, x, x_val, max_epochs=int(max_epochs), batch_size=int(batch_size),
+                lr=float(lr), patience=int(patience), val_fraction=float(val_fraction),
+                weight_decay=float(weight_decay), averaging_epochs=float(averaging_epochs),
+                progress=progress, distributed=distributed, context=context,
+                context_val=context_val, **saving)
         start = time.perf_counter()
         given = _as_tensor(x, "x")
         device = usable_device(self.device or given.device, "fit")
@@ -555,7 +596,7 @@ class DensityEstimator:
                     max_epochs=int(max_epochs), batch_size=int(batch_size), lr=float(lr),
                     patience=int(patience), weight_decay=float(weight_decay),
                     averaging_epochs=float(averaging_epochs), progress=progress, start=start,
-                    contexts=(c, c_val),
+                    contexts=(c, c_val), saving=saving,
                 )
             except KeyboardInterrupt:
                 # before this candidate had a usable state: keep the finished ones, if any
@@ -655,7 +696,7 @@ class DensityEstimator:
         self.precondition_ = chosen
 
     def _fit_one(self, precondition, dim, device, dtype, x_train, x_val_t, gen, *, max_epochs,
-                 patience, progress, start, contexts, **train) -> DensityModel:
+                 patience, progress, start, contexts, saving=None, **train) -> DensityModel:
         """Build, fit and hold the model of one preconditioner; held from the end of the
         stages' fit, so the estimator ends in the best state so far whatever happens after.
         An interrupted phase (a Tabak fit that reports it, or the training loop) ends the fit:
@@ -685,7 +726,10 @@ class DensityEstimator:
             self._interrupted(f"{precondition}: precondition", "the flow is untrained",
                               stacklevel=5)
         else:
-            trainer.run(max_epochs, patience, progress, start)
+            signature = fit_signature(self, precondition, dim, context_dim, dtype,
+                                      trainer.batch_size, x_train.shape[0], x_val_t.shape[0], 1)
+            trainer.run(max_epochs, patience, progress, start, signature=signature,
+                        **(saving or {}))
         history["final_val_log_prob"] = history["best_val_log_prob"]
         if history["stopped"] == "interrupted":
             history.setdefault("interrupted_in", f"{precondition}: flow")

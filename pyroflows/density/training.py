@@ -5,6 +5,10 @@ errors."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
+import pickle
+import random
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -14,10 +18,17 @@ import torch
 from torch import Tensor, nn
 
 from .._config import validation
+from .._distributed import Rows
 from .pipeline import DensityModel, evaluate
 
 __all__ = ["Trainer", "ParameterAverage", "run_epoch", "training_state", "training_step",
-           "adam", "snapshot"]
+           "parallel_step", "adam", "snapshot", "read_checkpoint", "fit_signature",
+           "CHECKPOINT_FORMAT"]
+
+#: What a fit's checkpoint file says it is (``read_checkpoint`` refuses anything else).
+CHECKPOINT_FORMAT = "pyroflows.DensityEstimator.checkpoint"
+CHECKPOINT_VERSION = 1
+_ZIP_MAGIC = b"PK\x03\x04"
 
 # Gradients are clipped to this norm: a rare huge gradient must not throw the flow far away.
 MAX_GRAD_NORM = 1e3
@@ -106,6 +117,54 @@ def training_step(model: DensityModel, u: Tensor, optimizer: torch.optim.Optimiz
     return lp.detach(), skipped
 
 
+def parallel_step(model: DensityModel, u: Tensor, optimizer: torch.optim.Optimizer,
+                  params: list[Tensor], average: ParameterAverage, rows: Rows,
+                  h: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+    """:func:`training_step` on the rows ``u`` of every rank together (``rows``: the process
+    group; ``u`` this rank's part of the global batch, possibly empty): the gradients of the
+    sum of the log-likelihoods, the sum and the row count go through one all-reduce, then are
+    divided by the global count, so every rank holds the gradient of the global batch's mean
+    and takes the identical step (skipped on every rank where the global loss or gradient is
+    not finite). Returns the local log-likelihoods, the skip flag and the global row count
+    (0: every rank's data is spent, and no step was taken)."""
+    optimizer.zero_grad(set_to_none=True)
+    if u.shape[0]:
+        lp = model.flow_log_prob(u, h)
+        total = lp.sum()
+        total.neg().backward()
+    else:
+        lp = u.new_zeros(0)
+        total = u.new_zeros(())
+    flat = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())
+            for p in params]
+    flat.append(torch.stack([total.detach(), total.new_tensor(float(u.shape[0]))]))
+    flat = rows.sum(torch.cat(flat))
+    count = int(flat[-1])
+    skipped = torch.zeros((), dtype=torch.bool, device=u.device)
+    if count == 0:
+        return lp.detach(), skipped, 0
+    flat = flat / count
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    loss = -flat[-2]
+    norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    skipped = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skipped.to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(skipped):
+        return lp.detach(), skipped, count
+    else:
+        optimizer.step()
+    average.update(skipped)
+    return lp.detach(), skipped, count
+
+
 def run_epoch(model: DensityModel, u_train: Tensor, ld_train: Tensor,
               optimizer: torch.optim.Optimizer, params: list[Tensor], batch_size: int,
               gen: torch.Generator, history: dict, average: ParameterAverage,
@@ -149,9 +208,56 @@ def snapshot(module: nn.Module, device: torch.device | str | None = None) -> dic
     return out
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The contents of a fit's checkpoint, read with ``torch.load(weights_only=True)`` (no
+    pickled code runs); a ``ValueError`` saying what is wrong for a missing, empty, foreign or
+    damaged file."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_ZIP_MAGIC))
+            if head != _ZIP_MAGIC:
+                raise ValueError(f"resume: {path} is {'empty' if not head else 'not a checkpoint'}"
+                                 " (it does not begin as a file of torch.save does)")
+            f.seek(0)
+            try:
+                payload = torch.load(f, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise ValueError(f"resume: {path} holds objects a checkpoint never does, which "
+                                 "were not unpickled") from e
+            except Exception as e:  # noqa: BLE001 - torch's errors for a bad archive vary
+                reason = str(e).split("\n")[0][:200]
+                raise ValueError(f"resume: {path} is damaged (truncated or corrupted): "
+                                 f"{type(e).__name__}: {reason}") from e
+    except FileNotFoundError:
+        raise ValueError(f"resume: no checkpoint at {path}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"resume: {path} is a torch file but not a DensityEstimator fit's "
+                         "checkpoint (a saved estimator is loaded with DensityEstimator.load)")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"resume: {path} has checkpoint version {payload.get('version')!r}; "
+                         f"this pyroflows reads version {CHECKPOINT_VERSION}")
+    return payload
+
+
+def fit_signature(est: Any, precondition: str | None, dim: int, context_dim: int | None,
+                  dtype: torch.dtype, batch_size: int, num_train: int, num_val: int,
+                  processes: int) -> dict:
+    """What a checkpoint and the fit resuming from it must share (the model's build, the
+    data's size, the batches, the processes), as plain values."""
+    return {"flow": est.flow, "num_layers": est.num_layers, "hidden_dims": list(est.hidden_dims),
+            "precondition": precondition, "dim": int(dim), "context_dim": context_dim,
+            "dtype": str(dtype), "batch_size": int(batch_size), "num_train": int(num_train),
+            "num_val": int(num_val), "processes": int(processes)}
+
+
 class Trainer:
     """Training of ``model``'s flow: set up with the untrained model's scores in
-    :attr:`history` and its state as the best so far, then :meth:`run`.
+    :attr:`history` and its state as the best so far, then :meth:`run`. This class trains on
+    preconditioned rows held in memory, in one process;
+    :class:`~pyroflows.density.streaming.StreamTrainer` on streamed batches, data-parallel
+    where asked. Both share :meth:`run`: the epochs, early stopping, the best state,
+    checkpoints and resuming.
 
     Arguments:
         model: the model, its stages fitted.
@@ -165,25 +271,46 @@ class Trainer:
                  ld_val: Tensor, gen: torch.Generator, *, batch_size: int, lr: float,
                  weight_decay: float, averaging_epochs: float, h_train: Tensor | None = None,
                  h_val: Tensor | None = None) -> None:
-        self.model, self.gen = model, gen
         self.u_train, self.ld_train, self.u_val, self.ld_val = u_train, ld_train, u_val, ld_val
         self.h_train, self.h_val = h_train, h_val
         n_train = u_train.shape[0]
         self.batch_size = min(batch_size, n_train)
+        self.model = model
         with validation(False), torch.no_grad():
             train0 = float((evaluate(model.flow_log_prob, u_train, h_train) + ld_train).mean())
-        val0 = self.val_score()
+        self.setup(model, gen, train0, self.val_score(), n_train, int(u_val.shape[0]),
+                   -(-n_train // self.batch_size), lr=lr, weight_decay=weight_decay,
+                   averaging_epochs=averaging_epochs, rows=Rows(False, n_train))
+
+    def setup(self, model: DensityModel, gen: torch.Generator, train0: float, val0: float,
+              n_train: int, n_val: int, steps_per_epoch: int, *, lr: float, weight_decay: float,
+              averaging_epochs: float, rows: Rows) -> None:
+        """The state every trainer shares: the history with the untrained scores, the best
+        state, the optimizer and the moving average (its rate from ``steps_per_epoch``), and
+        ``rows``, the process group the data is sharded over (not parallel: one process)."""
+        self.model, self.gen, self.rows = model, gen, rows
         self.history: dict[str, Any] = {
             "epoch": [0], "train_log_prob": [train0], "val_log_prob": [val0],
             "best_epoch": 0, "best_val_log_prob": val0, "initial_val_log_prob": val0,
             "stopped": "max_epochs", "skipped_steps": 0, "seconds": 0.0,
-            "num_train": n_train, "num_val": int(u_val.shape[0]),
+            "num_train": n_train, "num_val": n_val, "rows_per_second": [],
         }
         self.best_state = snapshot(model.flow)
-        steps_per_epoch = -(-n_train // self.batch_size)
         horizon = max(10.0, steps_per_epoch * averaging_epochs) if averaging_epochs > 0 else 1.0
         self.optimizer, self.params, self.average = training_state(model, lr, weight_decay,
                                                                    1.0 / horizon)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process shows progress and writes files (rank 0, or the only one)."""
+        return self.rows.rank == 0
+
+    def train_epoch(self, epoch: int) -> tuple[float, int]:
+        """One pass over the training rows: the kept steps' mean log-likelihood and the number
+        of rows trained on (all ranks')."""
+        lp = run_epoch(self.model, self.u_train, self.ld_train, self.optimizer, self.params,
+                       self.batch_size, self.gen, self.history, self.average, self.h_train)
+        return lp, int(self.u_train.shape[0])
 
     def val_score(self) -> float:
         """The flow's mean validation log-likelihood as the parameters stand."""
@@ -191,22 +318,104 @@ class Trainer:
             lp = evaluate(self.model.flow_log_prob, self.u_val, self.h_val) + self.ld_val
         return float(lp.mean())
 
-    def run(self, max_epochs: int, patience: int, progress: bool, start: float) -> None:
+    def _rng_states(self) -> dict:
+        """Every generator the fit draws from, per rank: the fit's own (the minibatch order),
+        torch's global CPU one (a ``DataLoader``'s shuffling and
+        workers' seeds) and, on a GPU, the device's, and Python's."""
+        states = {"generator": [t.cpu() for t in self.rows.gather_all(self.gen.get_state())],
+                  "torch": [t.cpu() for t in self.rows.gather_all(torch.get_rng_state())],
+                  "python": random.getstate()}
+        device = self.params[0].device if self.params else torch.device("cpu")
+        if device.type == "cuda":
+            cuda = torch.cuda.get_rng_state(device)
+            states["cuda"] = [t.cpu() for t in self.rows.gather_all(cuda)]
+        return states
+
+    def write_checkpoint(self, path: str | os.PathLike, epoch: int, since_best: int,
+                         signature: dict) -> None:
+        """Write the training state after ``epoch`` to ``path`` atomically (rank 0 writes;
+        every rank takes part in gathering the random states)."""
+        from .persistence import write_atomic
+
+        rng = self._rng_states()
+        if not self.is_main:
+            return
+        payload = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "signature": dict(signature), "epoch": int(epoch), "since_best": int(since_best),
+            "history": copy.deepcopy(self.history),
+            "model": snapshot(self.model, "cpu"),
+            "best_state": {k: v.detach().cpu() for k, v in self.best_state.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "average": [a.detach().cpu() for a in self.average.average],
+            "rng": rng,
+        }
+        write_atomic(payload, path)
+
+    def restore(self, path: str | os.PathLike, signature: dict) -> tuple[int, int]:
+        """Load the training state of a checkpoint written by :meth:`write_checkpoint` for a
+        fit of the same ``signature`` (else a ``ValueError`` naming what differs); returns the
+        epoch it was written after and the epochs since the best one."""
+        payload = read_checkpoint(path)
+        saved = payload.get("signature", {})
+        differ = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
+        if differ:
+            shown = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now"
+                              for k, (a, b) in differ.items())
+            raise ValueError(f"resume: {os.fspath(path)} is the checkpoint of another fit ("
+                             f"{shown}); resume with the same data, options and processes")
+        try:
+            device = self.params[0].device if self.params else torch.device("cpu")
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            with torch.no_grad():
+                for a, saved_a in zip(self.average.average, payload["average"], strict=True):
+                    a.copy_(saved_a)
+            self.best_state = {k: v.to(device) for k, v in payload["best_state"].items()}
+            self.history.clear()  # in place: the estimator holds this dict
+            self.history.update(payload["history"])
+            rng = payload["rng"]
+            rank = self.rows.rank
+            self.gen.set_state(rng["generator"][min(rank, len(rng["generator"]) - 1)])
+            torch.set_rng_state(rng["torch"][min(rank, len(rng["torch"]) - 1)])
+            if "cuda" in rng and device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"][min(rank, len(rng["cuda"]) - 1)], device)
+            version, state, gauss = rng["python"]
+            random.setstate((version, tuple(state), gauss))
+            return int(payload["epoch"]), int(payload["since_best"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            reason = " ".join(str(e).split())
+            raise ValueError(f"resume: {os.fspath(path)} is damaged: {type(e).__name__}: "
+                             f"{reason}") from e
+
+    def run(self, max_epochs: int, patience: int, progress: bool, start: float, *,
+            checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1,
+            resume: str | os.PathLike | None = None, signature: dict | None = None) -> None:
         """Up to ``max_epochs`` epochs until ``patience`` bring no better validation score; the
         flow ends in its best state, also after an error or a ``KeyboardInterrupt`` (a warning).
-        ``start``: the fit's ``time.perf_counter()``."""
+        ``start``: the fit's ``time.perf_counter()``. Every ``checkpoint_every`` epochs (and
+        after the last) the training state is written to ``checkpoint``; ``resume``: a
+        checkpoint of this fit (``signature``: what must match) to continue from. Progress
+        (rank 0 only) shows the scores and the rows trained per second."""
         from tqdm.auto import tqdm
 
+        signature = dict(signature or {})
+        first, since_best = 1, 0
+        if resume is not None:
+            done, since_best = self.restore(resume, signature)
+            first = done + 1
+            if self.history["stopped"] == "early_stopping":
+                first = max(first, max_epochs + 1)
         history, model = self.history, self.model
         bar = None
         try:
-            bar = tqdm(range(1, max_epochs + 1), disable=not progress, desc="fit", leave=False)
-            since_best = 0
+            bar = tqdm(range(first, max_epochs + 1), disable=not (progress and self.is_main),
+                       desc="fit", leave=False)
             for epoch in bar:
+                tick = time.perf_counter()
                 with validation(False):
-                    train_lp = run_epoch(model, self.u_train, self.ld_train, self.optimizer,
-                                         self.params, self.batch_size, self.gen, history,
-                                         self.average, self.h_train)
+                    train_lp, seen = self.train_epoch(epoch)
+                rate = seen / max(time.perf_counter() - tick, 1e-9)
                 with validation(False), self.average.swapped_in():
                     val_lp = self.val_score()
                     improved = val_lp > history["best_val_log_prob"]  # NaN is never better
@@ -215,15 +424,22 @@ class Trainer:
                 history["epoch"].append(epoch)
                 history["train_log_prob"].append(train_lp)
                 history["val_log_prob"].append(val_lp)
+                history.setdefault("rows_per_second", []).append(rate)
                 if improved:
                     history["best_epoch"], history["best_val_log_prob"] = epoch, val_lp
                     since_best = 0
                 else:
                     since_best += 1
                 bar.set_postfix(train=f"{train_lp:.3f}", val=f"{val_lp:.3f}",
-                                best=f"{history['best_val_log_prob']:.3f}")
-                if since_best > patience:
+                                best=f"{history['best_val_log_prob']:.3f}",
+                                rows_s=f"{rate:.3g}")
+                stop = since_best > patience
+                if stop:
                     history["stopped"] = "early_stopping"
+                if checkpoint is not None and (stop or epoch == max_epochs
+                                               or epoch % checkpoint_every == 0):
+                    self.write_checkpoint(checkpoint, epoch, since_best, signature)
+                if stop:
                     break
         except KeyboardInterrupt:
             history["stopped"] = "interrupted"

@@ -1,0 +1,585 @@
+"""Fitting a density model to streamed rows: a ``Dataset`` (a memory-mapped ``.npy`` of any
+size), a ``DataLoader`` or any re-iterable source of batches, in one process or data-parallel
+over a ``torch.distributed`` process group; the preconditioning statistics in one streaming
+pass, the flow trained batch by batch."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+
+from .._config import validation
+from .._distributed import Rows, is_data_parallel
+from . import pipeline
+from .pipeline import DensityModel
+from .training import Trainer, fit_signature, parallel_step, training_step
+
+__all__ = ["ArrayDataset", "StreamTrainer", "STREAMED_PRECONDITIONERS", "is_stream",
+           "stream_moments", "start_model", "fit_streamed"]
+
+#: The preconditioners a streamed fit can use: their statistics are the data's mean and
+#: covariance, sums over rows. Tabak's fit (``"tabak"``, ``"auto"``, ``refine="tabak"``)
+#: revisits its rows at every step, so it needs them in memory.
+STREAMED_PRECONDITIONERS = ("standardize", "whiten", "cholesky", None)
+# Rows per validation batch (a global batch, split over the ranks) of a Dataset source.
+EVAL_BATCH = pipeline.EVAL_CHUNK
+
+
+class ArrayDataset(Dataset):
+    r"""The rows of an ``(n, D)`` array (a tensor, a numpy array, or a memory-mapped one such as
+    ``np.load(path, mmap_mode="r")``) as a map-style ``Dataset``, with an optional ``(n, C)``
+    context: item ``i`` is row ``i`` (or the pair ``(y_i, c_i)``). ``__getitems__`` fetches a
+    batch of rows with one fancy index, so a memory-mapped file is read a batch at a time and
+    never loaded whole.
+
+    Arguments:
+        x: the rows, shape (n, D).
+        context: their contexts, shape (n, C), or ``None``.
+
+    Example:
+        >>> rows = ArrayDataset(np.arange(12.0).reshape(6, 2))
+        >>> len(rows), rows.__getitems__([4, 1]).tolist()
+        (6, [[8.0, 9.0], [2.0, 3.0]])
+    """
+
+    def __init__(self, x: Any, context: Any = None) -> None:
+        self.x = x if isinstance(x, (Tensor, np.ndarray)) else np.asarray(x)
+        self.context = (context if context is None or isinstance(context, (Tensor, np.ndarray))
+                        else np.asarray(context))
+        if self.x.ndim != 2:
+            raise ValueError(f"ArrayDataset: x must be 2-D shaped (n_samples, n_features), got "
+                             f"shape {tuple(self.x.shape)}")
+        if self.context is not None and (self.context.ndim != 2
+                                         or self.context.shape[0] != self.x.shape[0]):
+            raise ValueError(f"ArrayDataset: context must be 2-D with one row per row of x "
+                             f"({self.x.shape[0]}), got shape {tuple(self.context.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @staticmethod
+    def _take(a: Tensor | np.ndarray, index: np.ndarray) -> Tensor:
+        if isinstance(a, Tensor):
+            return a[torch.as_tensor(index, device=a.device)]
+        return torch.from_numpy(np.ascontiguousarray(a[index]))
+
+    def __getitem__(self, i: int) -> Tensor | tuple[Tensor, Tensor]:
+        return self.__getitems__([i])[0] if self.context is None else tuple(
+            part[0] for part in self.__getitems__([i]))
+
+    def __getitems__(self, indices: list[int]) -> Tensor | tuple[Tensor, Tensor]:
+        index = np.asarray(indices, dtype=np.int64)
+        y = self._take(self.x, index)
+        return y if self.context is None else (y, self._take(self.context, index))
+
+
+def is_stream(x: Any) -> bool:
+    """Whether ``fit`` reads ``x`` as streamed data: a ``Dataset``, a ``DataLoader``, a list or
+    tuple of 2-D batches (or of ``(y, c)`` pairs of them), or any other iterable that is not an
+    array (tensors, numpy arrays and nested lists of numbers are arrays)."""
+    if isinstance(x, (Dataset, DataLoader)):
+        return True
+    if isinstance(x, (Tensor, np.ndarray, str, bytes, dict)) or hasattr(x, "__array__"):
+        return False
+    if isinstance(x, (list, tuple)):
+        return len(x) > 0 and all(_is_batch(b) for b in x)
+    return hasattr(x, "__iter__")
+
+
+def _is_batch(b: Any) -> bool:
+    if isinstance(b, (Tensor, np.ndarray)):
+        return b.ndim == 2
+    return isinstance(b, (tuple, list)) and len(b) == 2 and all(
+        isinstance(p, (Tensor, np.ndarray)) and p.ndim == 2 for p in b)
+
+
+class _Errors:
+    """The first bad batch a pass met, reported on every rank after the pass (a rank that
+    raised alone would leave the others waiting in a collective)."""
+
+    def __init__(self, rows: Rows) -> None:
+        self.rows, self.message = rows, None
+
+    def note(self, message: str) -> None:
+        if self.message is None:
+            self.message = message
+
+    def raise_any(self) -> None:
+        flag = torch.tensor([float(self.message is not None)], device=self.rows.device)
+        if float(self.rows.sum(flag)) > 0:
+            raise ValueError(self.message or "another process met bad data (its message is "
+                             "on that rank's output)")
+
+
+def _to_tensor(part: Any, name: str) -> Tensor:
+    if isinstance(part, Tensor):
+        return part
+    if isinstance(part, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(part))
+    raise ValueError(f"{name}: a batch must be a tensor or numpy array (or a (y, context) pair "
+                     f"of them), got {type(part).__name__}")
+
+
+class _Batches:
+    """A source's batches as ``(y, c)`` on the fit's device and dtype (``c``: ``None`` without
+    a context), checked where asked: 2-D, the expected widths, real and finite."""
+
+    def __init__(self, source: Any, name: str, device: torch.device, dtype: torch.dtype | None,
+                 dim: int | None = None, context_dim: int | None = None) -> None:
+        self.source, self.name = source, name
+        self.device, self.dtype = device, dtype
+        self.dim, self.context_dim = dim, context_dim
+
+    def parse(self, batch: Any, number: int,
+              errors: _Errors | None) -> tuple[Tensor, Tensor | None]:
+        if isinstance(batch, (tuple, list)):
+            if len(batch) != 2:
+                raise ValueError(f"{self.name}: batch {number} is a sequence of {len(batch)} "
+                                 "parts; a batch is a (n, D) array or a (y, context) pair")
+            y, c = _to_tensor(batch[0], self.name), _to_tensor(batch[1], self.name)
+        else:
+            y, c = _to_tensor(batch, self.name), None
+        for part, what, width in ((y, "rows", self.dim), (c, "contexts", self.context_dim)):
+            if part is None:
+                continue
+            if part.dim() != 2 or part.is_complex() or part.dtype == torch.bool:
+                raise ValueError(f"{self.name}: batch {number}'s {what} must be a real 2-D array "
+                                 f"shaped (rows, columns), got shape {tuple(part.shape)} of "
+                                 f"dtype {part.dtype}")
+            if width is not None and part.shape[1] != width:
+                raise ValueError(f"{self.name}: batch {number}'s {what} have {part.shape[1]} "
+                                 f"columns, expected {width} (those of the first batch)")
+        if c is not None and c.shape[0] != y.shape[0]:
+            raise ValueError(f"{self.name}: batch {number} has {y.shape[0]} rows but "
+                             f"{c.shape[0]} contexts")
+        if self.dtype is None:  # the first batch's, as an in-memory fit takes a tensor's
+            default = torch.get_default_dtype()
+            self.dtype = y.dtype if y.dtype in (torch.float32, torch.float64) else (
+                default if default in (torch.float32, torch.float64) else torch.float32)
+        if (c is None) != (self.context_dim is None) and self.dim is not None:
+            raise ValueError(f"{self.name}: batch {number} " + (
+                "has no contexts but the fit's first batch had" if c is None else
+                "has contexts but the fit's first batch had none"))
+        y = y.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        c = None if c is None else c.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        if errors is not None:
+            for part, what in ((y, "rows"), (c, "contexts")):
+                if part is not None and not bool(torch.isfinite(part).all()):
+                    errors.note(f"{self.name}: batch {number} has NaN or infinite {what} "
+                                f"(in {self.dtype}); drop or impute them first")
+        return y, c
+
+    def __call__(self, epoch: int, gen: torch.Generator | None,
+                 errors: _Errors | None = None) -> Iterator[tuple[Tensor, Tensor | None] | None]:
+        for number, batch in enumerate(self.source.batches(epoch, gen)):
+            yield None if batch is None else self.parse(batch, number, errors)
+
+
+class _Indexed:
+    """Rows ``indices`` of a map-style dataset in global batches of ``batch_size`` (a fresh
+    order each epoch where ``shuffle``), rank ``rank`` of ``world`` taking every
+    ``world``-th row of each: the ranks' batches together are the one process's, every row
+    once per epoch, no padding. ``None`` stands for a rank's empty share."""
+
+    def __init__(self, dataset: Any, indices: Tensor, batch_size: int, rank: int, world: int,
+                 shuffle: bool) -> None:
+        self.dataset, self.indices, self.batch_size = dataset, indices, batch_size
+        self.rank, self.world, self.shuffle = rank, world, shuffle
+
+    def batches(self, epoch: int, gen: torch.Generator | None) -> Iterator[Any]:
+        order = self.indices
+        if self.shuffle and gen is not None:
+            order = order[torch.randperm(order.numel(), generator=gen)]
+        for start in range(0, order.numel(), self.batch_size):
+            part = order[start:start + self.batch_size][self.rank::self.world]
+            yield None if part.numel() == 0 else _fetch(self.dataset, part.sort().values.tolist())
+
+
+def _fetch(dataset: Any, indices: list[int]) -> Any:
+    """The rows ``indices`` of a map-style dataset as one batch: its ``__getitems__`` (one
+    read per batch, as ``ArrayDataset`` does) where it has one, else its items collated."""
+    if hasattr(dataset, "__getitems__"):
+        out = dataset.__getitems__(indices)
+        return default_collate(out) if isinstance(out, list) else out
+    return default_collate([dataset[i] for i in indices])
+
+
+class _Iterable:
+    """A ``DataLoader`` or other re-iterable source as it comes; before each pass its
+    sampler's ``set_epoch`` (a ``DistributedSampler``'s) is called where it has one."""
+
+    def __init__(self, loader: Any, name: str) -> None:
+        if iter(loader) is loader:
+            raise ValueError(f"{name} is a one-shot iterator (a generator?): a fit passes over "
+                             "its data once per epoch, so pass a re-iterable source (a "
+                             "DataLoader, a Dataset, a list of batches)")
+        self.loader = loader
+
+    def batches(self, epoch: int, gen: torch.Generator | None) -> Iterator[Any]:
+        batch_sampler = getattr(self.loader, "batch_sampler", None)
+        for holder in (getattr(self.loader, "sampler", None), batch_sampler,
+                       getattr(batch_sampler, "sampler", None)):
+            if hasattr(holder, "set_epoch"):
+                holder.set_epoch(epoch)
+        yield from self.loader
+
+
+@torch.no_grad()
+def stream_moments(batches: _Batches, rows: Rows) -> tuple[int, Tensor, Tensor, int,
+                                                             int | None]:
+    r"""One pass over ``batches``: the number of rows, the mean and the ML covariance (divisor
+    n) of the rows joined with their contexts, :math:`[y, c]`, in float64, over all ranks'
+    rows; and the widths D and C (``None`` without a context). Each batch's count, mean and
+    centred cross-products :math:`M_2` are merged into the running ones (Chan, Golub & LeVeque
+    1979: :math:`M_2 \mathrel{+}= M_{2,b} + \delta\delta^\top n n_b / (n + n_b)`), then the
+    ranks' by the same rule through two all-reduces: the sums of :math:`x` and
+    :math:`x x^\top` without their cancellation. Bad batches (not finite, wrong widths) are a
+    ``ValueError`` on every rank."""
+    errors = _Errors(rows)
+    n, mean, m2 = 0, None, None
+    for batch in batches(0, None, errors):
+        if batch is None:
+            continue
+        y, c = batch
+        if batches.dim is None:
+            batches.dim, batches.context_dim = y.shape[1], None if c is None else c.shape[1]
+        z = (y if c is None else torch.cat([y, c], 1)).to(torch.float64)
+        nb = z.shape[0]
+        if nb == 0 or errors.message is not None:
+            continue
+        mb = z.mean(0)
+        centred = z - mb
+        m2b = centred.T @ centred
+        if mean is None:
+            n, mean, m2 = nb, mb, m2b
+            continue
+        delta = mb - mean
+        mean = mean + delta * (nb / (n + nb))
+        m2 = m2 + m2b + torch.outer(delta, delta) * (n * nb / (n + nb))
+        n += nb
+    errors.raise_any()
+    widths = torch.tensor([-1.0 if batches.dim is None else batches.dim,
+                           -1.0 if batches.context_dim is None else batches.context_dim],
+                          device=rows.device)
+    if rows.parallel:
+        # every rank learns the widths (a rank whose shard is empty has none of its own)
+        widths = rows.max(widths)
+        if batches.dim is None and widths[0] >= 0:
+            batches.dim = int(widths[0])
+            batches.context_dim = None if widths[1] < 0 else int(widths[1])
+    if batches.dim is None:
+        raise ValueError(f"{batches.name} has no rows")
+    width = batches.dim + (batches.context_dim or 0)
+    device = rows.device if rows.parallel else (mean.device if mean is not None else "cpu")
+    if mean is None:
+        mean = torch.zeros(width, dtype=torch.float64, device=device)
+        m2 = torch.zeros(width, width, dtype=torch.float64, device=device)
+    mean, m2 = mean.to(device), m2.to(device)
+    counts = torch.tensor([float(n)], dtype=torch.float64, device=device)
+    total = rows.sum(torch.cat([counts, mean * n]))
+    count = int(total[0])
+    if count == 0:
+        raise ValueError(f"{batches.name} has no rows")
+    global_mean = total[1:] / count
+    delta = mean - global_mean
+    m2 = rows.sum(m2 + torch.outer(delta, delta) * n)
+    return count, global_mean, m2 / count, batches.dim, batches.context_dim
+
+
+def _cholesky(cov: Tensor, what: str) -> Tensor:
+    """The Cholesky factor of ``cov``; where it is singular, of ``cov`` plus the smallest
+    ridge :math:`10^{k-12}` times the mean variance that makes the factor invertible, with a
+    warning (as the in-memory fit's ``ml_gaussian``)."""
+    scale = float(cov.diagonal().mean()) if float(cov.diagonal().mean()) > 0 else 1.0
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    ridge = 0.0
+    while True:
+        tril, info = torch.linalg.cholesky_ex(cov + ridge * eye)
+        if int(info) == 0 and bool((tril.diagonal() > 0).all()):
+            if ridge > 0:
+                warnings.warn(f"the {what} covariance is singular (collinear columns, or fewer "
+                              f"rows than columns); added {ridge:.3g} to its diagonal, and "
+                              "held-out log-likelihoods may be very low", stacklevel=4)
+            return tril
+        ridge = 1e-12 * scale if ridge == 0.0 else 10 * ridge
+
+
+@torch.no_grad()
+def start_model(model: DensityModel, precondition: str | None, mean: Tensor, cov: Tensor) -> None:
+    r"""Set the model's fixed stages, context standardization and base start from the mean and
+    ML covariance of the joined rows :math:`[y, c]` (:func:`stream_moments`), as the in-memory
+    fit sets them from the rows: with :math:`s` the ML standard deviations, the
+    standardized :math:`u = (y - m_y)/s_y` and :math:`h = (c - m_c)/s_c` have covariances
+    :math:`\Sigma_{uu} = S_y^{-1}\Sigma_{yy}S_y^{-1}` (and likewise :math:`\Sigma_{hh}`,
+    :math:`\Sigma_{uh}`); ``"cholesky"``'s whitening and ``"whiten"``'s base are the Cholesky
+    factor of :math:`\Sigma_{uu}`; with a context ``"whiten"``'s base is the regression
+    :math:`W = \Sigma_{uh}\Sigma_{hh}^{-1}` and the Cholesky factor of the residual covariance
+    :math:`\Sigma_{uu} - W \Sigma_{hu}`."""
+    dim = model.dim
+    c_dim = model.context_dim or 0
+    for_y = slice(0, dim)
+    for_c = slice(dim, dim + c_dim)
+    s_uu = cov[for_y, for_y]
+    s_uh = cov[for_y, for_c]
+    s_hh = cov[for_c, for_c]
+    if c_dim:
+        loc_c, scale_c = mean[for_c], s_hh.diagonal().sqrt()
+        if not bool((scale_c > 0).all()):
+            columns = (scale_c == 0).nonzero().flatten().tolist()
+            raise ValueError(f"context's columns {columns[:10]} are constant in the training "
+                             "rows: they carry no information and cannot be standardized; drop "
+                             "them")
+        model.context_stage.loc.copy_(loc_c)
+        model.context_stage.scale.copy_(scale_c)
+        s_hh = s_hh / torch.outer(scale_c, scale_c)
+        s_uh = s_uh / scale_c
+    scale_y = s_uu.diagonal().sqrt()
+    if not bool((scale_y > 0).all()):
+        columns = (scale_y == 0).nonzero().flatten().tolist()
+        raise ValueError(f"x's columns {columns[:10]} are constant (every row holds one "
+                         "value): their density is a point mass, which no flow fits; drop them")
+    for stage in model.stages:
+        if isinstance(stage, pipeline.Standardize):
+            stage.loc.copy_(mean[for_y])
+            stage.scale.copy_(scale_y)
+            s_uu = s_uu / torch.outer(scale_y, scale_y)
+            s_uh = s_uh / scale_y[:, None]
+    for stage in model.stages:
+        if isinstance(stage, pipeline.Whiten):  # after the standardization: u has mean 0
+            stage.loc.zero_()
+            stage.scale_tril.copy_(_cholesky(s_uu, "training"))
+    if model.base_from_data:
+        residual = s_uu
+        if c_dim:
+            gram = _cholesky(s_hh, "context")
+            weight = torch.cholesky_solve(s_uh.T, gram).T
+            model.flow.parts[1].weight.copy_(weight)
+            residual = s_uu - weight @ s_uh.T
+            residual = (residual + residual.T) / 2
+        model.flow.parts[0].set_scale_tril_(_cholesky(residual, "training").to(
+            model.flow.parts[0].packed.dtype))
+
+
+class StreamTrainer(Trainer):
+    """Training of ``model``'s flow on streamed batches, preconditioned one batch at a time:
+    in one process, :func:`~pyroflows.density.training.training_step`; data-parallel
+    (``rows.parallel``), :func:`~pyroflows.density.training.parallel_step`, every rank
+    stepping until all ranks' batches are spent, and the validation sums all-reduced, so
+    every rank takes the same steps and early stopping decides alike. The untrained model's
+    training score is not computed (a pass over the data): ``history["train_log_prob"][0]``
+    is NaN.
+
+    Arguments:
+        model: the model, its stages started (:func:`start_model`).
+        train, val: the training and validation batches.
+        gen: the generator of the minibatch order of an indexed source.
+        rows: the process group the data is sharded over.
+        num_train: all ranks' training rows.
+        batch_size, lr, weight_decay, averaging_epochs: as ``DensityEstimator.fit`` takes them.
+    """
+
+    def __init__(self, model: DensityModel, train: _Batches, val: _Batches, gen: torch.Generator,
+                 rows: Rows, *, num_train: int, batch_size: int, lr: float,
+                 weight_decay: float, averaging_epochs: float) -> None:
+        self.model, self.rows, self.train, self.val = model, rows, train, val
+        self.num_val = 0
+        val0 = self.val_score(check=True)
+        steps = max(1, -(-num_train // batch_size))
+        self.setup(model, gen, float("nan"), val0, num_train, self.num_val, steps, lr=lr,
+                   weight_decay=weight_decay, averaging_epochs=averaging_epochs, rows=rows)
+
+    def _inputs(self, batch: tuple[Tensor, Tensor | None] | None
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A batch preconditioned: ``(u, log|det du/dy|, h)`` (an empty share: no rows)."""
+        if batch is None:
+            empty = torch.empty(0, self.model.dim, device=self.val.device, dtype=self.val.dtype)
+            h = None if self.model.context_dim is None else empty.new_empty(
+                0, self.model.context_dim)
+            return empty, empty.new_empty(0), h
+        y, c = batch
+        with torch.no_grad():
+            u, ld = self.model.precondition(y)
+            h = self.model.features(c)
+        return u, ld, h
+
+    def train_epoch(self, epoch: int) -> tuple[float, int]:
+        model, rows = self.model, self.rows
+        dtype, device = self.val.dtype, self.val.device
+        total = torch.zeros((), dtype=dtype, device=device)
+        count = torch.zeros((), dtype=dtype, device=device)
+        skips = torch.zeros((), dtype=torch.int64, device=device)
+        model.train()
+        batches = self.train(epoch, self.gen)
+        while True:
+            batch = next(batches, False)
+            if batch is False and not rows.parallel:
+                break
+            u, ld, h = self._inputs(None if batch is False else batch)
+            if rows.parallel:
+                lp, skipped, global_count = parallel_step(model, u, self.optimizer, self.params,
+                                                          self.average, rows, h)
+                if global_count == 0:
+                    break
+            else:
+                if u.shape[0] == 0:
+                    continue
+                lp, skipped = training_step(model, u, self.optimizer, self.params, self.average, h)
+            kept = ~skipped
+            total += torch.where(kept, lp.sum() + ld.sum(), 0.0)
+            count += kept * u.shape[0]
+            skips += skipped
+        model.eval()
+        sums = rows.sum(torch.stack([total, count, skips.to(dtype)]))
+        self.history["skipped_steps"] += int(sums[2]) if rows.parallel else int(skips)
+        seen = float(sums[1])
+        return float(sums[0]) / seen if seen else float("nan"), int(seen)
+
+    def val_score(self, check: bool = False) -> float:
+        """The flow's mean validation log-likelihood over all ranks' rows (``check``: the
+        batches are checked, a ``ValueError`` on every rank for a bad one)."""
+        errors = _Errors(self.rows) if check else None
+        total = torch.zeros((), dtype=torch.float64, device=self.val.device)
+        count = 0
+        with torch.no_grad(), validation(False):
+            for batch in self.val(0, None, errors):
+                if batch is None or (errors is not None and errors.message is not None):
+                    continue
+                u, ld, h = self._inputs(batch)
+                total += (self.model.flow_log_prob(u, h) + ld).sum().to(torch.float64)
+                count += u.shape[0]
+        if errors is not None:
+            errors.raise_any()
+        sums = self.rows.sum(torch.stack([total, total.new_tensor(float(count))]))
+        self.num_val = int(sums[1])
+        if self.num_val == 0:
+            raise ValueError(f"{self.val.name} has no rows")
+        return float(sums[0] / sums[1])
+
+
+def _source(data: Any, name: str, *, dataset_indices: Tensor | None, batch_size: int,
+            rank: int, world: int, shuffle: bool) -> Any:
+    """``data`` as a source of batches: a map-style dataset by index (sharded over the
+    ranks), anything else iterated as it comes."""
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        indices = dataset_indices if dataset_indices is not None else torch.arange(len(data))
+        return _Indexed(data, indices, batch_size, rank, world, shuffle)
+    if isinstance(data, (list, tuple)) and not is_stream(data):
+        raise ValueError(f"{name}: a list of batches holds 2-D arrays or (y, context) pairs")
+    return _Iterable(data, name)
+
+
+def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: int, lr: float,
+                 patience: int, val_fraction: float, weight_decay: float,
+                 averaging_epochs: float, progress: bool, distributed: bool | None,
+                 checkpoint: Any, checkpoint_every: int, resume: Any, context: Any,
+                 context_val: Any) -> Any:
+    """``DensityEstimator.fit`` on streamed data, or data-parallel (see its docstring): the
+    sources, one pass for the statistics, the model, :class:`StreamTrainer`; returns ``est``."""
+    start = time.perf_counter()
+    parallel = is_data_parallel(distributed)
+    if est.precondition not in STREAMED_PRECONDITIONERS or est.refine is not None:
+        what = (f"precondition={est.precondition!r}" if est.refine is None
+                else f"refine={est.refine!r}")
+        raise ValueError(
+            f"{what} needs the rows in memory in one process (Tabak's fit revisits every row "
+            "at every step): streamed and data-parallel fits take precondition="
+            f"{STREAMED_PRECONDITIONERS}. Fit on an in-memory subsample, or fit "
+            "pyroflows.transforms.Tabak data-parallel on each rank's rows yourself")
+    if context is not None or context_val is not None:
+        raise ValueError("with streamed or data-parallel data the contexts travel with the rows: "
+                         "batches (or Dataset items) are (y, context) pairs; ArrayDataset(y, "
+                         "context) pairs up arrays")
+    backend = dist.get_backend() if parallel else None
+    world = dist.get_world_size() if parallel else 1
+    rank = dist.get_rank() if parallel else 0
+    device = est.device or torch.device("cpu")
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError("an NCCL process group trains on GPUs: pass device='cuda:<local rank>'")
+    from .estimator import usable_device
+
+    device = usable_device(device, "fit")
+    rows = Rows(parallel, 0, device if backend == "nccl" else "cpu")
+    seed = rows.broadcast_seed(est.seed)
+    gen = torch.Generator()
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    model_seed = int(torch.randint(2**62, (1,), generator=gen))  # the same on every rank
+
+    arrays = not is_stream(x)
+    if arrays:  # in memory, data-parallel: each rank's own shard (as Tabak.fit takes it)
+        x = ArrayDataset(x)
+        if x_val is not None and not is_stream(x_val):
+            x_val = ArrayDataset(x_val)
+    per_rank = -(-batch_size // world)
+    if isinstance(x, Dataset) and not isinstance(x, IterableDataset):
+        n = len(x)
+        if x_val is None:
+            perm = torch.randperm(n, generator=gen)
+            num_val = max(1, round(val_fraction * n))
+            train_idx, val_idx, val_data = perm[num_val:], perm[:num_val], x
+        else:
+            train_idx, val_idx, val_data = torch.arange(n), None, x_val
+        # an array is this rank's shard, batched alone; a Dataset is every rank's, sharded
+        share = (per_rank, 0, 1) if arrays else (batch_size, rank, world)
+        train = _source(x, "x", dataset_indices=train_idx, batch_size=share[0], rank=share[1],
+                        world=share[2], shuffle=True)
+        val = _source(val_data, "x_val", dataset_indices=val_idx, batch_size=EVAL_BATCH,
+                      rank=share[1], world=share[2], shuffle=False)
+    else:
+        if x_val is None:
+            raise ValueError("a streamed fit of batches needs x_val, the held-out batches, given "
+                             "the same way (a DataLoader, a Dataset, a list of batches): an "
+                             "iterable cannot be split")
+        train = _source(x, "x", dataset_indices=None, batch_size=batch_size, rank=rank,
+                        world=world, shuffle=True)
+        val = _source(x_val, "x_val", dataset_indices=None, batch_size=EVAL_BATCH, rank=rank,
+                      world=world, shuffle=False)
+    train_batches = _Batches(train, "x", device, est.dtype)
+    num_train, mean, cov, dim, context_dim = stream_moments(train_batches, rows)
+    dtype = train_batches.dtype or torch.float32
+    if est.context_dim is not None and context_dim != est.context_dim:
+        raise ValueError(f"this DensityEstimator was built with context_dim={est.context_dim}, "
+                         f"but the batches carry {context_dim or 0} context columns")
+    if num_train < dim + 1:
+        raise ValueError(f"x has {num_train} training rows: a fit needs at least D + 1 = "
+                         f"{dim + 1} (fewer lie on a hyperplane, where the likelihood is "
+                         "unbounded)")
+    val_batches = _Batches(val, "x_val", device, dtype, dim, context_dim)
+
+    precondition = est.precondition
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(model_seed)
+        model = est._build(precondition, dim, device, dtype,
+                           seed=int(torch.randint(2**31, (1,))), context_dim=context_dim)
+    start_model(model, precondition, mean, cov)
+    if arrays and rows.parallel:  # the ranks' shards differ: each its own order
+        gen.manual_seed((seed or 0) + 7919 * rank)
+    trainer = StreamTrainer(model, train_batches, val_batches, gen, rows, num_train=num_train,
+                            batch_size=batch_size, lr=lr,
+                            weight_decay=weight_decay, averaging_epochs=averaging_epochs)
+    est._model, est.dim_, est.history_ = model, dim, trainer.history
+    est.context_dim_, est.precondition_ = context_dim, precondition
+    est.student_ = None  # a distilled student of the model this fit replaces
+    history = trainer.history
+    history["precondition"] = precondition
+    history["processes"] = world
+    signature = fit_signature(est, precondition, dim, context_dim, dtype, batch_size, num_train,
+                              history["num_val"], world)
+    trainer.run(max_epochs, patience, progress, start, checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every, resume=resume, signature=signature)
+    history = est.history_
+    history["final_val_log_prob"] = history["best_val_log_prob"]
+    if history["stopped"] == "interrupted":
+        history.setdefault("interrupted_in", f"{precondition}: flow")
+    history["seconds"] = time.perf_counter() - start
+    return est
