@@ -13,7 +13,8 @@ import pytest
 import torch
 from density_data import SMALL, as_tensor
 
-from pyroflows.density import DensityEstimator
+from pyroflows.density import DensityEstimator, pipeline
+from pyroflows.testing import check_conditional_transform
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small networks (see conftest)
 
@@ -345,3 +346,10 @@ def test_bad_contexts_are_value_errors(small_fit):
     for call in (lambda: plain.log_prob(y, context=x), lambda: plain.sample(3, context=x[0])):
         with pytest.raises(ValueError, match="fitted without a context"):
             call()
+
+
+def test_context_shift_passes_the_conditional_conformance_suite(device, dtype):
+    """The whiten pipeline's u = v + W h layer: shapes, round trips, log-det (0) against autograd,
+    gradients, save/load, no stale cache across contexts, a bad context."""
+    check_conditional_transform(lambda: pipeline.ContextShift(3, 2), 3, 2, device=device,
+                                dtype=dtype)
