@@ -25,6 +25,7 @@ from .. import _legacy, _private, flows
 from .._memo import Memoized
 from ..transforms import ElementwiseAffine, TriangularAffine
 from ..transforms.affine import FixedTriangularAffine
+from . import best as _best
 from . import landing
 from . import laplace as _laplace
 
@@ -215,13 +216,19 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         #: ``used``, ``reason`` and the two ELBO estimates.
         self.laplace_info: dict | None = None
         self._plain_transforms: list[Transform] = []  # parameter-free, non-Module layers
+        #: the start, the best state by the running ELBO estimate (:mod:`.best`), set at set-up
+        self._best: _best.BestState | None = None
+        #: what the last :meth:`keep_best` found: ``kept`` and the ``elbo`` of every state
+        self.best_info: dict | None = None
         _private.register_load_state_dict_pre_hook(self, _laplace.match_laplace_layer)
+        self.register_load_state_dict_post_hook(_restart_best)
 
     _prototype_hide_fn = staticmethod(_hide_from_prototype)
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
         state["_raw_model"] = None  # as Pyro drops ``_model``: models are not pickled
+        state["_best"] = None  # copies of the parameters; a loaded guide starts where it is
         return state
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
@@ -297,6 +304,8 @@ class AutoFlowGuide(Memoized, AutoContinuous):
                                affine=False, **self._flow_kwargs)
         if isinstance(flow, nn.Module):
             self.flow = flow.to(device=loc.device, dtype=loc.dtype)
+            if isinstance(spec, str):  # in the latents' dtype: the identity to its rounding
+                _start_at_identity(self.flow)
         else:
             self.flow = None
             if flow is not None:
@@ -307,6 +316,7 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         affine = layer(dim, scale=self._init_scale).to(loc.device, loc.dtype)
         with torch.no_grad():
             affine.loc.copy_(loc)  # after the cast, so float64 inits keep full precision
+            affine.log_scale.fill_(math.log(self._init_scale))
         if self.laplace_init:
             start = self._laplace_start(loc, args, kwargs)
             if start is not None:
@@ -317,6 +327,7 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         self.affine = affine
         self._flow_spec = None  # built; a lambda here would stop the guide from pickling
         sync_param_store(self, _PARAM_MODULES, at_setup=True)
+        self._best = _best.BestState(self.named_parameters())
 
     def _laplace_start(self, loc: Tensor, args: tuple, kwargs: dict
                        ) -> tuple[Tensor, Tensor] | None:
@@ -328,9 +339,20 @@ class AutoFlowGuide(Memoized, AutoContinuous):
                 "FULL_RANK_MAX_DIM: its Hessian would cost more than it helps"}
             return None
         density = _laplace.LogDensity(self._raw_model[0], self._unpack_latent, args, kwargs)
-        start, self.laplace_info = _laplace.laplace_approximation(density, loc,
-                                                                  self._init_scale)
+        start, self.laplace_info = _laplace.laplace_approximation(
+            density, loc, self._init_scale, lambda: self._prior_draw(args, kwargs))
         return start
+
+    @torch.no_grad()
+    def _prior_draw(self, args: tuple, kwargs: dict) -> Tensor:
+        """One draw of the model's prior (its latent sites unconditioned) as an unconstrained
+        latent vector (D,), in the guide's layout."""
+        trace = poutine.block(poutine.trace(self._raw_model[0]).get_trace)(*args, **kwargs)
+        parts = []
+        for site, _, _, shape, _ in self._latent_layout():
+            value = trace.nodes[site["name"]]["value"]
+            parts.append(biject_to(site["fn"].support).inv(value).reshape(math.prod(shape)))
+        return torch.cat(parts)
 
     def _unpack_latent(self, latent: Tensor) -> Iterator[tuple[dict, Tensor]]:
         """``(site, unconstrained value)`` of every latent site as views into ``latent``
@@ -457,6 +479,81 @@ class AutoFlowGuide(Memoized, AutoContinuous):
                            "lr": default_flow if flow_lr is None else flow_lr})
         return groups
 
+    def _best_state(self) -> _best.BestState:
+        """The guide's :class:`~pyroflows.guides.best.BestState`, started from the current
+        parameters where it has none (an unpickled guide)."""
+        if self._best is None:
+            self._best = _best.BestState(self.named_parameters())
+        return self._best
+
+    def record_loss(self, loss: float | Tensor) -> None:
+        """Record one training step's loss (:math:`-\\widehat{\\mathrm{ELBO}}`) for the
+        running estimate behind :meth:`keep_best` (:mod:`pyroflows.guides.best`).
+        :class:`~pyroflows.guides.FlowELBO` records every finite, untempered step itself; with
+        another ELBO, call ``guide.record_loss(svi.step(...))``. Before set-up it does nothing.
+        """
+        if self.prototype_trace is None:
+            return
+        value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+        self._best_state().record(value, self.named_parameters())
+
+    def keep_best(self, *args: Any, num_draws: int = _best.BEST_DRAWS,
+                  **kwargs: Any) -> dict[str, Any]:
+        r"""After training: keep the best of the guide's start, its best state by the running
+        ELBO estimate (where steps were recorded) and its current state, by the ELBO estimate
+        :math:`\frac1S \sum_s \log p(x, u_s) - \log q(u_s)` of each on the same ``num_draws``
+        base draws :math:`\varepsilon_s` (a fixed seed; the global random state is kept).
+        The model runs with ``args`` and ``kwargs``, the model's arguments, vectorized over
+        the draws where it broadcasts. A state whose draws give a non-finite density scores
+        :math:`-\infty`, so a diverged fit falls back to its last good state. The state is
+        copied into the parameters in place (optimizers and the param store keep their
+        tensors; Adam's moments are not reset). Returns and sets :attr:`best_info`:
+        ``kept`` (``"start"``, ``"best tracked"`` or ``"last"``), ``elbo`` (each state's
+        estimate), ``steps`` (recorded steps) and ``num_draws``.
+
+        The rule is :mod:`pyroflows.guides.best`'s: the running estimate only nominates a
+        candidate, the common-draws estimate decides, and the start is always a candidate.
+
+        Example:
+            >>> import pyro, pyro.distributions as dist, pyroflows as pf
+            >>> def model():
+            ...     pyro.sample("z", dist.Normal(1.0, 2.0))
+            >>> guide = pf.guides.AutoIAF(model, hidden_dims=(8,))
+            >>> elbo = pf.guides.FlowELBO(num_particles=4, vectorize_particles=True)
+            >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), elbo)
+            >>> losses = [svi.step() for _ in range(60)]
+            >>> guide.keep_best()["kept"] in ("start", "best tracked", "last")
+            True
+        """
+        self._ready(args, kwargs)
+        if int(num_draws) < 1:
+            raise ValueError(f"num_draws must be >= 1, got {num_draws}")
+        tracker = self._best_state()
+        loc = self._modules["affine"].loc
+        gen = torch.Generator(device=loc.device).manual_seed(0)
+        eps = torch.randn(int(num_draws), self.latent_dim, generator=gen, device=loc.device,
+                          dtype=loc.dtype)
+        density = _laplace.LogDensity(self._raw_model[0], self._unpack_latent, args, kwargs)
+        candidates = [("start", tracker.start), ("best tracked", tracker.best),
+                      ("last", _best.snapshot(self.named_parameters()))]
+        cuda = [loc.device.index or 0] if loc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), \
+                pyro.validation_enabled(False):
+            kept, scores = _best.choose(candidates, self.named_parameters,
+                                        lambda: self._elbo_on(eps, density))
+        self.best_info = {"kept": kept, "elbo": scores, "steps": tracker.steps,
+                          "num_draws": int(num_draws)}
+        return self.best_info
+
+    def _elbo_on(self, eps: Tensor, density: _laplace.LogDensity) -> float:
+        """The ELBO estimate of the current parameters on the base draws ``eps`` (S, D)."""
+        transform = ComposeTransform(self._transforms())
+        latent = transform(eps)
+        log_q = self.get_base_dist().log_prob(eps) - transform.log_abs_det_jacobian(eps, latent)
+        if not bool(torch.isfinite(latent).all() & torch.isfinite(log_q).all()):
+            return -math.inf
+        return density.mean(latent) - float(log_q.mean())
+
     @torch.no_grad()
     def _draw_latent(self, num_samples: int, seed: int | None = None) -> Tensor:
         """``num_samples`` unconstrained latent draws, shape (num_samples, D)."""
@@ -503,6 +600,22 @@ class AutoFlowGuide(Memoized, AutoContinuous):
     def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Posterior median of every latent site (as :meth:`quantiles`)."""
         return {k: v[0] for k, v in self.quantiles([0.5], *args, **kwargs).items()}
+
+
+def _restart_best(guide: AutoFlowGuide, incompatible: Any) -> None:
+    """Load-state-dict post-hook: the loaded state is the guide's new start."""
+    if guide.prototype_trace is not None:
+        guide._best = _best.BestState(guide.named_parameters())
+
+
+def _start_at_identity(flow: nn.Module) -> None:
+    """Make every layer of a family's stack that can be made the identity (``reset_to_identity``:
+    planar, radial) the identity, so the flow leaves the guide's start as it is; the network
+    families (IAF, MAF, RealNVP) start at the identity by their zero output layers."""
+    for module in flow.modules():
+        reset = getattr(module, "reset_to_identity", None)
+        if callable(reset):
+            reset()
 
 
 def _data_key(args: tuple, kwargs: dict) -> tuple:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .._memo import Memoized
 from . import direct, landing
-from .autoguide import FlowPosterior
+from .autoguide import AutoFlowGuide, FlowPosterior
 
 __all__ = ["FlowELBO", "MAX_CONSECUTIVE_SKIPS"]
 
@@ -59,6 +59,11 @@ class FlowELBO(Memoized, Trace_ELBO):
     :data:`MAX_CONSECUTIVE_SKIPS` in a row raise that as a :class:`ValueError`. A non-finite
     :meth:`differentiable_loss` raises, as the caller's optimizer takes its step. A plain
     ``Trace_ELBO`` has none of this: ``SVI`` steps itself, and no public API lets a guide veto it.
+
+    Every finite step at :math:`\beta = 1` of a pyroflows guide is recorded in the guide's
+    running ELBO estimate (:meth:`~pyroflows.guides.AutoFlowGuide.record_loss`), so
+    ``guide.keep_best(*args)`` after training keeps the best of its start, its best state
+    and its last (:mod:`pyroflows.guides.best`).
 
     References:
         Roeder, Wu & Duvenaud, "Sticking the Landing: Simple, Lower-Variance Gradient
@@ -118,6 +123,7 @@ class FlowELBO(Memoized, Trace_ELBO):
     def _train(self, method, model, guide, args, kwargs):
         self._training = True
         self._traces = []
+        untempered = self.beta == 1.0
         try:
             loss = method(model, guide, *args, **kwargs)
             value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
@@ -141,6 +147,8 @@ class FlowELBO(Memoized, Trace_ELBO):
         finally:
             self._training = False
             self._traces = []
+        if untempered and isinstance(guide, AutoFlowGuide):
+            guide.record_loss(value)  # the running ELBO estimate behind guide.keep_best
         self.step_count += 1
         self._skips_in_a_row = 0
         return loss

@@ -1,9 +1,20 @@
 r"""The Laplace start of a flow guide: the Gaussian :math:`N(m, C C^T)` at the mode :math:`m`
-of the model's unconstrained log density :math:`\log p(x, T(u)) + \log|\det J_T(u)|`, found by
-L-BFGS from the guide's initial location, with :math:`C = \mathrm{chol}(H^{-1})` and :math:`H`
-the Hessian of the negative log density there. It is kept only where the search ends finite,
-:math:`H` is positive definite and its ELBO beats the plain start's (a funnel's mode sits at
-the edge of an unbounded density). It costs a few hundred model runs and a Hessian at set-up.
+of the model's unconstrained log density :math:`\log p(x, T(u)) + \log|\det J_T(u)|`, with
+:math:`C = \mathrm{chol}(H^{-1})` and :math:`H` the Hessian of the negative log density there.
+
+The mode is found by :func:`map_search`, an L-BFGS search whose steps are bounded (a trust
+radius that doubles after a full step and shrinks to the step that was accepted) and whose
+trial points with a non-finite density or gradient are never taken (the step is cut instead),
+so no start sends it to infinity in one step. A search that leaves the box
+:math:`|u_i - u^{(0)}_i| \le` :data:`LAPLACE_RUNAWAY` :math:`(1 + |u^{(0)}_i|)` around its start
+has found an unbounded direction (a funnel's neck, a scale running to 0 or infinity) and stops
+there. Where a search fails (an unbounded direction, a model error, no finite point, a Hessian
+that is not positive definite), the next start is tried: the guide's initial location, then
+the origin of the unconstrained space (Pyro's ``init_to_feasible``), then
+:data:`LAPLACE_PRIOR_RESTARTS` draws of the prior. The mode is kept only where its ELBO beats
+the plain start's (a funnel's mode sits at the edge of an unbounded density). ``info`` says
+which start gave the mode and why the others failed. It costs a few hundred model runs and a
+Hessian at set-up; more only where a start fails.
 """
 
 from __future__ import annotations
@@ -22,10 +33,18 @@ from torch.distributions import biject_to
 
 from ..transforms.affine import FixedTriangularAffine
 
-__all__ = ["LogDensity", "laplace_approximation", "gaussian_elbo", "match_laplace_layer"]
+__all__ = ["LogDensity", "laplace_approximation", "map_search", "gaussian_elbo",
+           "match_laplace_layer"]
 
-#: L-BFGS iterations of the MAP search.
+#: L-BFGS iterations of the MAP search from the guide's initial location.
 LAPLACE_MAX_ITER = 500
+#: L-BFGS iterations of each later start's search (the fallbacks).
+LAPLACE_RESTART_ITER = 200
+#: A search that moves a coordinate farther than this times ``1 + |start|`` from its start has
+#: found an unbounded direction: for a log-scale coordinate a factor e^100.
+LAPLACE_RUNAWAY = 100.0
+#: Draws of the prior tried as starts after the initial location and the origin have failed.
+LAPLACE_PRIOR_RESTARTS = 3
 #: Draws behind the ELBO comparison that decides whether the Laplace start is kept.
 LAPLACE_ELBO_DRAWS = 64
 
@@ -167,53 +186,95 @@ def gaussian_elbo(density: LogDensity, loc: Tensor, scale_tril: Tensor, eps: Ten
     return density.mean(loc + eps @ scale_tril.T) + entropy
 
 
-def laplace_approximation(density: LogDensity, loc: Tensor, init_scale: float
+def laplace_approximation(density: LogDensity, loc: Tensor, init_scale: float,
+                          prior_draw: Callable[[], Tensor] | None = None
                           ) -> tuple[tuple[Tensor, Tensor] | None, dict[str, Any]]:
-    r"""``(mode, chol(H^-1))`` of ``density`` by L-BFGS from ``loc`` (D,), or ``None`` where
-    unusable or its ELBO is below the plain start's :math:`N(\mathrm{loc},
-    \mathrm{init\_scale}^2 I)`; and ``used``, ``reason``, the ELBOs. The random state is kept."""
+    r"""``(mode, chol(H^-1))`` of ``density`` by :func:`map_search` from ``loc`` (D,) and, where
+    that fails, from the origin and from ``prior_draw()`` (an unconstrained prior draw (D,)), or
+    ``None`` where no start gives a usable mode or its ELBO is below the plain start's
+    :math:`N(\mathrm{loc}, \mathrm{init\_scale}^2 I)`; and ``info``: ``used``, ``reason``,
+    ``search_start`` (the start whose mode was used), ``attempts`` (each start tried and how
+    its search ended) and the ELBOs. The random state is kept.
+
+    Example:
+        >>> import torch, pyro, pyro.distributions as dist, pyroflows as pf
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(3.0, 2.0))
+        >>> guide = pf.guides.AutoPlanar(model, num_layers=1, laplace_init=False)
+        >>> _ = guide()
+        >>> density = LogDensity(model, guide._unpack_latent, (), {})
+        >>> (mode, scale_tril), info = laplace_approximation(density, torch.zeros(1), 0.1)
+        >>> round(float(mode), 4), round(float(scale_tril), 4), info["search_start"]
+        (3.0, 2.0, 'the initial location')
+    """
     cuda = [loc.device.index or 0] if loc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        return _search(density, loc, init_scale)
+        return _search(density, loc, init_scale, prior_draw)
 
 
-def _search(density: LogDensity, loc: Tensor, init_scale: float
+def _starts(loc: Tensor, prior_draw: Callable[[], Tensor] | None
+            ) -> Iterator[tuple[str, Tensor | str]]:
+    """The MAP search's starts in order, each ``(label, start)``; a prior draw that failed is
+    ``(label, why)``."""
+    yield "the initial location", loc
+    origin = torch.zeros_like(loc)
+    if not torch.equal(origin, loc):
+        yield "the origin of the unconstrained space", origin
+    for k in range(LAPLACE_PRIOR_RESTARTS if prior_draw is not None else 0):
+        label = f"prior draw {k + 1}"
+        try:
+            draw = prior_draw().to(loc)
+        except Exception as e:  # noqa: BLE001 - a model that cannot be drawn from
+            yield label, f"the prior could not be drawn: {type(e).__name__}: {str(e)[:100]}"
+            return
+        yield label, draw
+
+
+def _search(density: LogDensity, loc: Tensor, init_scale: float,
+            prior_draw: Callable[[], Tensor] | None
             ) -> tuple[tuple[Tensor, Tensor] | None, dict[str, Any]]:
-    info: dict[str, Any] = {"used": False}
+    info: dict[str, Any] = {"used": False, "attempts": []}
 
     def objective(u: Tensor) -> Tensor:
         return -density(u)
 
-    with torch.enable_grad(), pyro.validation_enabled(False):
-        u = loc.clone().requires_grad_(True)
-        optimizer = torch.optim.LBFGS([u], lr=1.0, max_iter=LAPLACE_MAX_ITER, history_size=20,
-                                      line_search_fn="strong_wolfe", tolerance_grad=1e-9,
-                                      tolerance_change=1e-12)
-
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            value = objective(u)
-            value.backward()
-            return value
-
-        try:
-            optimizer.step(closure)
-            mode = u.detach()
-            hessian = torch.autograd.functional.hessian(objective, mode)
-        except Exception as e:  # noqa: BLE001 - e.g. a model that rejects far-off values
-            info["reason"] = f"the MAP search failed: {type(e).__name__}: {str(e)[:200]}"
-            return None, info
-    if not (bool(torch.isfinite(mode).all()) and bool(torch.isfinite(hessian).all())):
-        info["reason"] = "the MAP search ran off to infinity"
+    found = None
+    with pyro.validation_enabled(False):
+        for label, start in _starts(loc, prior_draw):
+            if isinstance(start, str):
+                info["attempts"].append(f"{label}: {start}")
+                continue
+            budget = LAPLACE_MAX_ITER if not info["attempts"] else LAPLACE_RESTART_ITER
+            try:
+                mode, why = map_search(objective, start, max_iter=budget)
+            except Exception as e:  # noqa: BLE001 - e.g. a model that rejects far-off values
+                mode, why = None, f"the search failed: {type(e).__name__}: {str(e)[:200]}"
+            if mode is not None:
+                with torch.enable_grad():
+                    try:
+                        hessian = torch.autograd.functional.hessian(objective, mode)
+                    except Exception as e:  # noqa: BLE001 - a model that fails there
+                        hessian, why = None, f"the Hessian failed: {type(e).__name__}: {e}"
+                if hessian is not None and not bool(torch.isfinite(hessian).all()):
+                    hessian, why = None, "the Hessian at the mode is not finite"
+                if hessian is not None:
+                    chol_h, failed = torch.linalg.cholesky_ex(0.5 * (hessian + hessian.T))
+                    if bool(failed):
+                        why = "the Hessian at the mode is not positive definite"
+                    else:
+                        found = (label, mode, chol_h)
+            info["attempts"].append(f"{label}: {why}")
+            if found is not None:
+                break
+    if found is None:
+        info["reason"] = "no start gave a usable mode (" + "; ".join(info["attempts"]) + ")"
         return None, info
-    chol_h, failed = torch.linalg.cholesky_ex(0.5 * (hessian + hessian.T))
-    if bool(failed):
-        info["reason"] = "the Hessian at the mode is not positive definite"
-        return None, info
+    label, mode, chol_h = found
+    info["search_start"] = label
     scale_tril = torch.linalg.cholesky(torch.cholesky_inverse(chol_h))
     # The guard for modes at the edge of an unbounded or singular density (Neal's funnel has
-    # its mode at x0 = -40.5 with scales e^-20; centered eight schools has none): keep the
-    # Laplace Gaussian only if its ELBO beats the plain start's, on common draws.
+    # its mode at x0 = -40.5 with scales e^-20): keep the Laplace Gaussian only if its ELBO
+    # beats the plain start's, on common draws.
     gen = torch.Generator(device=loc.device).manual_seed(0)
     eps = torch.randn(LAPLACE_ELBO_DRAWS, loc.numel(), generator=gen, device=loc.device,
                       dtype=loc.dtype)
@@ -223,11 +284,131 @@ def _search(density: LogDensity, loc: Tensor, init_scale: float
         elbo_laplace = gaussian_elbo(density, mode, scale_tril, eps)
     info.update(elbo_plain=elbo_plain, elbo_laplace=elbo_laplace)
     if not elbo_laplace > elbo_plain:
-        info["reason"] = (f"its ELBO estimate ({elbo_laplace:.4g}) is below the plain "
-                          f"start's ({elbo_plain:.4g})")
+        info["reason"] = (f"the mode found from {label} has an ELBO estimate "
+                          f"({elbo_laplace:.4g}) below the plain start's ({elbo_plain:.4g})")
         return None, info
-    info.update(used=True, reason="ok")
+    info.update(used=True, reason=f"ok: the mode found from {label}")
     return (mode, scale_tril), info
+
+
+def map_search(objective: Callable[[Tensor], Tensor], start: Tensor,
+               max_iter: int = LAPLACE_MAX_ITER, history: int = 20
+               ) -> tuple[Tensor | None, str]:
+    r"""Minimize ``objective`` (a scalar of a vector (D,)) from ``start`` by L-BFGS with bounded
+    steps: ``(minimizer, "converged ...")``, or ``(None, why)`` where it ran off or did not
+    converge in ``max_iter`` iterations.
+
+    Each iteration takes the L-BFGS direction :math:`d` (two-loop recursion, the steepest
+    descent where it is not a descent direction), shortened to the trust radius
+    :math:`\Delta` (first 1, doubled after a full step, else the accepted step's length),
+    then halves the step until the Armijo condition
+    :math:`f(u + t d) \le f(u) + 10^{-4}\, t\, \nabla f^\top d` holds at a finite value and
+    gradient: a non-finite trial point is never taken. It stops where the gradient or the
+    change of :math:`f` and the step are at the dtype's resolution (:math:`\epsilon^{2/3}
+    (1 + |f|)` for the gradient, :math:`\epsilon (1 + |f|)` and :math:`\sqrt\epsilon\,
+    (1 + \|u\|_\infty)` for the change), or no step decreases :math:`f`; it
+    reports an unbounded direction where an iterate leaves the box
+    :math:`|u_i - u^{(0)}_i| \le` :data:`LAPLACE_RUNAWAY` :math:`(1 + |u^{(0)}_i|)`, or where
+    the density still rises (the gradient above :math:`\sqrt\epsilon\,(1 + |f|)`) but every
+    shorter step meets a non-finite value (a scale under- or overflowing the dtype).
+
+    Example:
+        >>> import torch
+        >>> u, why = map_search(lambda u: ((u - 2.0) ** 2).sum(), torch.zeros(3))
+        >>> torch.allclose(u, torch.full((3,), 2.0)), why.startswith("converged")
+        (True, True)
+        >>> map_search(lambda u: u.sum(), torch.zeros(2))[1][:28]
+        'an unbounded direction: the '
+    """
+    eps = torch.finfo(start.dtype).eps
+    grad_tol = eps ** (2 / 3)
+    box = LAPLACE_RUNAWAY * (1 + start.abs())
+
+    def value_and_grad(u: Tensor) -> tuple[Tensor, Tensor] | None:
+        u = u.detach().requires_grad_(True)
+        with torch.enable_grad():
+            try:
+                value = objective(u)
+                (grad,) = torch.autograd.grad(value, u)
+            except Exception:  # noqa: BLE001 - a point the model rejects: not taken
+                return None
+        value = value.detach()
+        if not (bool(torch.isfinite(value)) and bool(torch.isfinite(grad).all())):
+            return None
+        return value, grad
+
+    u = start.detach().clone()
+    first = value_and_grad(u)
+    if first is None:
+        return None, "the log density or its gradient is not finite at the start"
+    f, g = first
+    steps: list[tuple[Tensor, Tensor, Tensor]] = []  # (s, y, 1 / y.s)
+    radius = 1.0
+    for _ in range(max_iter):
+        if float(g.abs().max()) <= grad_tol * (1 + float(f.abs())):
+            return u, "converged (the gradient is at the dtype's resolution)"
+        direction = _lbfgs_direction(g, steps)
+        slope = float(g @ direction)
+        if not slope < 0:  # not a descent direction: restart from the steepest descent
+            steps.clear()
+            direction, slope = -g, -float(g @ g)
+        length = float(direction.norm())
+        if length > radius:
+            direction, slope, length = direction * (radius / length), slope * radius / length, \
+                radius
+        t, accepted, overflow = 1.0, None, False
+        while t * length > eps * (1 + float(u.norm())):
+            trial = u + t * direction
+            result = value_and_grad(trial)
+            overflow = overflow or result is None
+            if result is not None and float(result[0]) <= float(f) + 1e-4 * t * slope:
+                accepted = (trial, *result)
+                break
+            t *= 0.5
+        if accepted is None:
+            if overflow and float(g.abs().max()) > eps ** 0.5 * (1 + float(f.abs())):
+                return None, ("an unbounded direction: the log density still rises where the "
+                              "model's density over- or underflows (at coordinate "
+                              f"{int(g.abs().argmax())}, value "
+                              f"{float(u[int(g.abs().argmax())]):.3g})")
+            return u, "converged (no step decreases the objective)"
+        new_u, new_f, new_g = accepted
+        if bool(((new_u - start).abs() > box).any()):
+            worst = int(((new_u - start).abs() / box).argmax())
+            return None, (f"an unbounded direction: the search left the box |u - start| <= "
+                          f"{LAPLACE_RUNAWAY:g} (1 + |start|) at coordinate {worst} "
+                          f"(value {float(new_u[worst]):.3g})")
+        s_k, y_k = new_u - u, new_g - g
+        sy = float(s_k @ y_k)
+        if sy > eps * float(y_k @ y_k):
+            steps.append((s_k, y_k, 1.0 / sy))
+            if len(steps) > history:
+                steps.pop(0)
+        radius = 2 * radius if t == 1.0 else max(t * length, 1e-3)
+        change = float((f - new_f).abs())
+        small_step = float(s_k.abs().max()) <= eps ** 0.5 * (1 + float(u.abs().max()))
+        u, f, g = new_u, new_f, new_g
+        if change <= eps * (1 + float(f.abs())) and small_step:
+            return u, "converged (neither the log density nor the point moves any more)"
+    return None, f"no convergence in {max_iter} iterations"
+
+
+def _lbfgs_direction(grad: Tensor, steps: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """:math:`-H_k \nabla f` by the L-BFGS two-loop recursion over ``steps`` (s, y, 1 / s.y),
+    the initial :math:`H_0 = (s^\top y / y^\top y) I` of the newest pair."""
+    q = -grad
+    alphas = []
+    for s_k, y_k, rho in reversed(steps):
+        alpha = rho * float(s_k @ q)
+        q = q - alpha * y_k
+        alphas.append(alpha)
+    if steps:
+        s_k, y_k, rho = steps[-1]
+        q = q / (rho * float(y_k @ y_k))
+    for (s_k, y_k, rho), alpha in zip(steps, reversed(alphas), strict=True):
+        beta = rho * float(y_k @ q)
+        q = q + (alpha - beta) * s_k
+    return q
 
 
 def match_laplace_layer(guide, state_dict: dict, prefix: str, *args) -> None:

@@ -64,6 +64,28 @@ class Planar(FlowTransform):
             self.u.uniform_(-stdv, stdv)
             self.bias.zero_()
 
+    def reset_to_identity(self) -> None:
+        r"""Make the layer the identity map, keeping its direction ``w``: ``b = 0`` and
+        :math:`u = w \log(e - 1) / \|w\|^2`, so :math:`w^\top u = \log(e - 1)`,
+        :math:`\delta = \mathrm{softplus}(\log(e - 1)) = 1` and :math:`\hat u = u +
+        (\delta - 1 - w^\top u)\, w / \|w\|^2 = 0` (to the dtype's rounding). The flow guides
+        start their planar layers here, so the flow leaves their start untouched; ``u`` still
+        gets a gradient (:math:`\partial y / \partial \hat u = \tanh(w^\top z + b)`).
+
+        Example:
+            >>> import torch, pyroflows as pf
+            >>> t = pf.transforms.planar(4)
+            >>> t.reset_to_identity()
+            >>> z = torch.randn(6, 4, dtype=torch.float64)
+            >>> torch.allclose(t.double()(z), z, atol=1e-12)
+            True
+        """
+        with torch.no_grad():
+            w = self.w.detach()
+            self.u.copy_(w * (math.log(math.e - 1) / (w * w).sum().clamp_min(
+                torch.finfo(w.dtype).tiny)))
+            self.bias.zero_()
+
     def constrained(self) -> tuple[Tensor, Tensor]:
         """:math:`\\hat u` and the slack :math:`\\delta = 1 + w^\\top \\hat u > 0`
         (:func:`planar_constraint`): what the map uses."""

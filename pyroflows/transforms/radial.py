@@ -59,6 +59,24 @@ class Radial(FlowTransform):
             self.beta_prime.uniform_(-stdv, stdv)
             self.x0.uniform_(-stdv, stdv)
 
+    def reset_to_identity(self) -> None:
+        r"""Make the layer the identity map, keeping its centre and :math:`\alpha`:
+        :math:`\beta' = \alpha'`, so :math:`\alpha + \beta = \alpha` and :math:`\beta = 0`
+        exactly. The flow guides start their radial layers here, so the flow leaves their
+        start untouched; :math:`\beta'` still gets a gradient (:math:`\partial y / \partial
+        \beta = h\,(z - z_0)`).
+
+        Example:
+            >>> import torch, pyroflows as pf
+            >>> t = pf.transforms.radial(4)
+            >>> t.reset_to_identity()
+            >>> z = torch.randn(6, 4)
+            >>> torch.equal(t(z), z)
+            True
+        """
+        with torch.no_grad():
+            self.beta_prime.copy_(self.alpha_prime)
+
     def _alpha_beta(self) -> tuple[Tensor, Tensor]:
         return radial_alpha(self.alpha_prime, self.beta_prime)
 
