@@ -1,4 +1,4 @@
-"""Flow guides against Pyro's autoguides on targets with known answers; prints one table.
+r"""Flow guides against Pyro's autoguides on targets with known answers; prints one table.
 
 Run from the repository root (about an hour of CPU with the defaults; split ``--targets``
 over two processes to halve the wall-clock)::
@@ -22,6 +22,17 @@ particles for ``--steps`` (1000) steps. Adam is elementwise, so this is the upda
   :data:`MULTIMODAL`) they anneal the energy, beta 0.05 -> 1 over the first half of the steps;
   nowhere else.
 
+``--gaussians`` runs the start-against-end table instead (issue 24): each of our guides at its
+defaults (the recipe above, ``--steps`` steps, ``--particles`` particles) on Gaussian
+posteriors with known KL, :math:`z \sim N(m, \Sigma)` with :math:`\log Z = 0`, equicorrelated
+(:math:`\Sigma = 0.5 I + 0.5\, 1 1^T`) and ill-conditioned (eigenvalues log-spaced from 1 to
+1e-3, a fixed random rotation), D = ``--dims``, seeds ``--seeds``; KL at the start (after
+set-up, before any step), at the end of training, and after ``guide.keep_best()``; and which
+state ``keep_best`` kept. The Laplace start of a Gaussian is exact, so any KL above 0 at the
+end is what training spoilt::
+
+    nice -n 5 python -m benchmarks.vi --gaussians --out benchmarks/results/vi-gaussians.md
+
 Columns: KL = log Z - ELBO (nats, from ``--draws`` draws, where log Z is known); PSIS k-hat of
 the same importance weights (:func:`pyroflows.diagnostics.psis`); the largest standardized mean
 error |mean_q - mean_ref| / sd_ref and the largest |log(sd_q / sd_ref)| over the parameters,
@@ -41,6 +52,7 @@ from functools import partial
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import iterated, planar
 from pyro.infer.autoguide import (
@@ -162,6 +174,114 @@ def evaluate(target: Target, guide, num_draws: int, chunk: int = 2000) -> dict[s
     return out
 
 
+# ---- start against end on Gaussians (issue 24) -------------------------------------------------
+
+#: Our guides in the Gaussian table (MAF left out: its draws take D sequential passes).
+GAUSSIAN_GUIDES: dict[str, Callable] = {
+    "pf AutoPlanar": lambda m: pf.guides.AutoPlanar(m),
+    "pf AutoRadial": lambda m: pf.guides.AutoRadial(m),
+    "pf AutoIAF": lambda m: pf.guides.AutoIAF(m),
+    "pf AutoFlowGuide(realnvp)": lambda m: pf.guides.AutoFlowGuide(m, flow="realnvp"),
+}
+
+
+def gaussian_posterior(kind: str, dim: int) -> tuple[Callable, Callable]:
+    """``(model, log_density)`` of the ``"equicorrelated"`` or ``"ill-conditioned"`` Gaussian
+    posterior of size ``dim`` (float64, normalized: log Z = 0)."""
+    eye = torch.eye(dim, dtype=torch.float64)
+    if kind == "equicorrelated":
+        cov = 0.5 * eye + 0.5 * torch.ones(dim, dim, dtype=torch.float64)
+    elif kind == "ill-conditioned":
+        gen = torch.Generator().manual_seed(1234)
+        rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+        variances = torch.logspace(0.0, -3.0, dim, dtype=torch.float64)
+        cov = rotation @ torch.diag(variances) @ rotation.T
+        cov = 0.5 * (cov + cov.T)
+    else:
+        raise ValueError(f"unknown Gaussian kind {kind!r}")
+    loc = torch.linspace(-1.0, 1.0, dim, dtype=torch.float64)
+    posterior = torch.distributions.MultivariateNormal(loc, covariance_matrix=cov)
+
+    def model():
+        pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=posterior.scale_tril))
+
+    return model, posterior.log_prob
+
+
+def gaussian_kl(guide, log_density: Callable, num_draws: int) -> float:
+    """KL(q || p) = E_q[log q - log p] from ``num_draws`` draws of the guide, log p in closed
+    form (log Z = 0)."""
+    with torch.no_grad(), pf.validation(False):
+        draws = guide._draw_latent(num_draws, seed=12345)
+        log_q = guide.get_posterior().log_prob(draws)
+        value = float((log_q - log_density(draws)).mean())
+    return value if math.isfinite(value) else math.inf
+
+
+def fit_gaussian(kind: str, dim: int, make_guide: Callable, steps: int, seed: int,
+                 num_particles: int, num_draws: int) -> dict[str, float | str]:
+    """One guide at its defaults on one Gaussian: KL at the start, after training, after
+    ``keep_best``; the state kept; seconds of training."""
+    model, log_density = gaussian_posterior(kind, dim)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = make_guide(model)
+    guide()
+    out: dict[str, float | str] = {"start_kind": _start(guide)}
+    out["start"] = gaussian_kl(guide, log_density, num_draws)
+    elbo = FlowELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=0)
+    optimizer = torch.optim.Adam(guide.param_groups())
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer,
+                                                       OUR_RECIPE.decay ** (-1 / steps))
+    begin = time.perf_counter()
+    with pf.validation(False):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            elbo.differentiable_loss(model, guide).backward()
+            optimizer.step()
+            scheduler.step()
+    out["seconds"] = time.perf_counter() - begin
+    out["trained"] = gaussian_kl(guide, log_density, num_draws)
+    out["kept_state"] = guide.keep_best()["kept"]
+    out["kept"] = gaussian_kl(guide, log_density, num_draws)
+    return out
+
+
+def gaussian_table(dims: list[int], seeds: list[int], steps: int, num_particles: int,
+                   num_draws: int, guides: list[str]) -> list[str]:
+    """The start-against-end table, one row per (kind, D, guide), the seeds side by side."""
+    rows = [
+        "| kind | D | guide | start | KL start | KL trained | KL kept | kept | "
+        "worst kept - start | s / run |",
+        "|---|---:|---|---|---|---|---|---|---:|---:|",
+    ]
+    print("\n".join(rows), flush=True)
+    for kind in ("equicorrelated", "ill-conditioned"):
+        for dim in dims:
+            for gname in guides:
+                runs = []
+                for seed in seeds:
+                    try:
+                        runs.append(fit_gaussian(kind, dim, GAUSSIAN_GUIDES[gname], steps, seed,
+                                                 num_particles, num_draws))
+                    except Exception as e:  # noqa: BLE001 - a failing guide is a result
+                        runs.append({"error": f"{type(e).__name__}: {str(e)[:60]}"})
+                ok = [r for r in runs if "error" not in r]
+                if not ok:
+                    row = f"| {kind} | {dim} | {gname} | failed: {runs[0]['error']} |||||||"
+                else:
+                    def col(key: str, ok: list = ok) -> str:
+                        return " / ".join(_fmt(r[key]) for r in ok)
+                    worst = max(r["kept"] - r["start"] for r in ok)
+                    row = (f"| {kind} | {dim} | {gname} | {ok[0]['start_kind']} | {col('start')} "
+                           f"| {col('trained')} | {col('kept')} | "
+                           f"{' / '.join(str(r['kept_state']) for r in ok)} | {_fmt(worst)} | "
+                           f"{sum(r['seconds'] for r in ok) / len(ok):.0f} |")
+                print(row, flush=True)
+                rows.append(row)
+    return rows
+
+
 def _fmt(x: float, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -188,10 +308,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
+    parser.add_argument("--gaussians", action="store_true",
+                        help="the start-against-end table on Gaussians instead (issue 24)")
+    parser.add_argument("--dims", nargs="*", type=int, default=[10, 30, 50, 100])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--gaussian-guides", nargs="*", default=list(GAUSSIAN_GUIDES))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     # Pyro's flow guides build their layers lazily in the default dtype: float64 models need it.
     torch.set_default_dtype(torch.float64)
+    if args.gaussians:
+        header = (
+            "# Start against end on Gaussian posteriors (issue 24)\n\n"
+            f"{args.steps} steps, {args.particles} vectorized particles, float64, seeds "
+            f"{', '.join(map(str, args.seeds))} (the three values of a cell, in order); our "
+            "guides at their defaults (Laplace start where its ELBO beats the plain one, the "
+            f"family's Adam step sizes decayed {OUR_RECIPE.decay:g}x, FlowELBO with its default "
+            "sticking the landing). KL (nats) from "
+            f"{args.draws} draws of the guide, log p in closed form (log Z = 0): at the start "
+            "(after set-up, before any step), at the end of training, and after "
+            "`guide.keep_best()` (the state it kept: start, best tracked, last); worst = the "
+            "largest KL kept - KL start over the seeds; seconds of training per run.\n"
+        )
+        print(header, flush=True)
+        rows = gaussian_table(args.dims, args.seeds, args.steps, args.particles, args.draws,
+                              args.gaussian_guides)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(header + "\n" + "\n".join(rows) + "\n")
+        return 0
     families = pf.flows.FAMILIES
     lrs = ", ".join(f"{k} {families[k].lr[1]:g}" for k in ("planar", "radial", "iaf"))
     header = (
