@@ -40,3 +40,68 @@ def tabak_fits(rank: int, world: int, fits: list[tuple], out: str) -> None:
         t = Tabak(x.shape[1], **options).fit(shard, x_val=shard_val, progress=False)
         torch.save({"state": t.state_dict(), "history": t.history, "best_step": t.best_step},
                    os.path.join(out, f"{name}-rank{rank}.pt"))
+
+
+class SlowRows(torch.utils.data.Dataset):
+    """An ``ArrayDataset`` that sleeps ``delay`` seconds per batch fetched (a slow disk), so a
+    test can kill the fit between two checkpoints."""
+
+    def __init__(self, x, delay: float = 0.0) -> None:
+        from pyroflows.density.streaming import ArrayDataset
+
+        self.rows, self.delay = ArrayDataset(x), delay
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    def __getitems__(self, indices):
+        import time
+
+        time.sleep(self.delay)
+        return self.rows.batch(indices)
+
+
+def density_fits(rank: int, world: int, fits: list[tuple], out: str) -> None:
+    """For each ``(name, x, x_val, options, fit_options)`` of ``fits``: a DensityEstimator built
+    with ``options`` fitted data-parallel; ``x`` (and ``x_val``; a ``(y, context)`` pair or
+    rows) every rank's whole data set as an ``ArrayDataset`` (the fit shards it), or with
+    ``fit_options["shard"]`` this rank's contiguous shard of the arrays. Writes the model's
+    state and history per rank."""
+    from pyroflows.density import DensityEstimator
+    from pyroflows.density.streaming import ArrayDataset
+
+    for name, x, x_val, options, fit_options in fits:
+        fit_options = dict(fit_options)
+        if fit_options.pop("shard", False):
+            data = x.chunk(world)[rank]
+            val = None if x_val is None else x_val.chunk(world)[rank]
+        else:
+            data = ArrayDataset(*x) if isinstance(x, tuple) else ArrayDataset(x)
+            val = None if x_val is None else (
+                ArrayDataset(*x_val) if isinstance(x_val, tuple) else ArrayDataset(x_val))
+        est = DensityEstimator(**options).fit(data, x_val=val, progress=False, **fit_options)
+        torch.save({"state": est._model.state_dict(), "history": est.history_},
+                   os.path.join(out, f"{name}-rank{rank}.pt"))
+
+
+def checkpointed_fit(path: str, x_path: str, out: str | None, delay: float = 0.0,
+                     resume: bool = False, max_epochs: int = 6) -> dict:
+    """The kill-and-resume test's fit (one process, one thread): a memory-mapped ``.npy`` read
+    through ``SlowRows``, a checkpoint after every epoch at ``path`` (``resume``: continue
+    from it); writes the model's state and history to ``out``."""
+    import numpy as np
+
+    from pyroflows.density import DensityEstimator
+
+    torch.set_num_threads(1)
+    x = np.load(x_path, mmap_mode="r")
+    est = DensityEstimator("maf", num_layers=2, hidden_dims=(16,), seed=5)
+    est.fit(SlowRows(x, delay), max_epochs=max_epochs, batch_size=50, progress=False,
+            patience=100, checkpoint=path, resume=path if resume else None)
+    result = {"state": est._model.state_dict(), "history": est.history_}
+    if out is not None:
+        torch.save(result, out)
+    return result

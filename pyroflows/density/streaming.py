@@ -36,9 +36,9 @@ EVAL_BATCH = pipeline.EVAL_CHUNK
 class ArrayDataset(Dataset):
     r"""The rows of an ``(n, D)`` array (a tensor, a numpy array, or a memory-mapped one such as
     ``np.load(path, mmap_mode="r")``) as a map-style ``Dataset``, with an optional ``(n, C)``
-    context: item ``i`` is row ``i`` (or the pair ``(y_i, c_i)``). ``__getitems__`` fetches a
-    batch of rows with one fancy index, so a memory-mapped file is read a batch at a time and
-    never loaded whole.
+    context: item ``i`` is row ``i`` (or the pair ``(y_i, c_i)``). :meth:`batch` (which a fit
+    uses; a ``DataLoader`` goes through ``__getitems__``) reads a batch of rows with one fancy
+    index, so a memory-mapped file is read a batch at a time and never loaded whole.
 
     Arguments:
         x: the rows, shape (n, D).
@@ -46,7 +46,7 @@ class ArrayDataset(Dataset):
 
     Example:
         >>> rows = ArrayDataset(np.arange(12.0).reshape(6, 2))
-        >>> len(rows), rows.__getitems__([4, 1]).tolist()
+        >>> len(rows), rows.batch([4, 1]).tolist()
         (6, [[8.0, 9.0], [2.0, 3.0]])
     """
 
@@ -71,14 +71,22 @@ class ArrayDataset(Dataset):
             return a[torch.as_tensor(index, device=a.device)]
         return torch.from_numpy(np.ascontiguousarray(a[index]))
 
-    def __getitem__(self, i: int) -> Tensor | tuple[Tensor, Tensor]:
-        return self.__getitems__([i])[0] if self.context is None else tuple(
-            part[0] for part in self.__getitems__([i]))
-
-    def __getitems__(self, indices: list[int]) -> Tensor | tuple[Tensor, Tensor]:
+    def batch(self, indices: list[int]) -> Tensor | tuple[Tensor, Tensor]:
+        """Rows ``indices`` as one ``(B, D)`` tensor (with a context: the pair of ``(B, D)``
+        and ``(B, C)``), read with one fancy index."""
         index = np.asarray(indices, dtype=np.int64)
         y = self._take(self.x, index)
         return y if self.context is None else (y, self._take(self.context, index))
+
+    def __getitem__(self, i: int) -> Tensor | tuple[Tensor, Tensor]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """The rows ``indices`` as a ``DataLoader`` takes them (a list of items, views of one
+        batch read by :meth:`batch`)."""
+        out = self.batch(indices)
+        return list(out.unbind(0)) if self.context is None else list(zip(*(
+            part.unbind(0) for part in out), strict=True))
 
 
 def is_stream(x: Any) -> bool:
@@ -204,8 +212,11 @@ class _Indexed:
 
 
 def _fetch(dataset: Any, indices: list[int]) -> Any:
-    """The rows ``indices`` of a map-style dataset as one batch: its ``__getitems__`` (one
-    read per batch, as ``ArrayDataset`` does) where it has one, else its items collated."""
+    """The rows ``indices`` of a map-style dataset as one batch: an ``ArrayDataset``'s
+    ``batch``, else its ``__getitems__`` where it has one (a batch, or a list of items to
+    collate), else its items collated."""
+    if isinstance(dataset, ArrayDataset):
+        return dataset.batch(indices)
     if hasattr(dataset, "__getitems__"):
         out = dataset.__getitems__(indices)
         return default_collate(out) if isinstance(out, list) else out
@@ -515,26 +526,27 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
         gen.seed()
     model_seed = int(torch.randint(2**62, (1,), generator=gen))  # the same on every rank
 
+    # Arrays (in memory) are this rank's own shard, as Tabak.fit takes them, batched alone; a
+    # Dataset is every rank's, each global batch shared out; other sources are as they come.
     arrays = not is_stream(x)
-    if arrays:  # in memory, data-parallel: each rank's own shard (as Tabak.fit takes it)
+    if arrays:
         x = ArrayDataset(x)
-        if x_val is not None and not is_stream(x_val):
-            x_val = ArrayDataset(x_val)
-    per_rank = -(-batch_size // world)
+    local_val = x_val is not None and not is_stream(x_val)
+    if local_val:
+        x_val = ArrayDataset(x_val)
     if isinstance(x, Dataset) and not isinstance(x, IterableDataset):
         n = len(x)
+        train_share = (-(-batch_size // world), 0, 1) if arrays else (batch_size, rank, world)
         if x_val is None:
             perm = torch.randperm(n, generator=gen)
             num_val = max(1, round(val_fraction * n))
-            train_idx, val_idx, val_data = perm[num_val:], perm[:num_val], x
+            train_idx, val_idx, val_share = perm[num_val:], perm[:num_val], train_share
+            x_val = x
         else:
-            train_idx, val_idx, val_data = torch.arange(n), None, x_val
-        # an array is this rank's shard, batched alone; a Dataset is every rank's, sharded
-        share = (per_rank, 0, 1) if arrays else (batch_size, rank, world)
-        train = _source(x, "x", dataset_indices=train_idx, batch_size=share[0], rank=share[1],
-                        world=share[2], shuffle=True)
-        val = _source(val_data, "x_val", dataset_indices=val_idx, batch_size=EVAL_BATCH,
-                      rank=share[1], world=share[2], shuffle=False)
+            train_idx, val_idx = torch.arange(n), None
+            val_share = (EVAL_BATCH, 0, 1) if local_val else (EVAL_BATCH, rank, world)
+        train = _source(x, "x", dataset_indices=train_idx, batch_size=train_share[0],
+                        rank=train_share[1], world=train_share[2], shuffle=True)
     else:
         if x_val is None:
             raise ValueError("a streamed fit of batches needs x_val, the held-out batches, given "
@@ -542,8 +554,10 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
                              "iterable cannot be split")
         train = _source(x, "x", dataset_indices=None, batch_size=batch_size, rank=rank,
                         world=world, shuffle=True)
-        val = _source(x_val, "x_val", dataset_indices=None, batch_size=EVAL_BATCH, rank=rank,
-                      world=world, shuffle=False)
+        val_idx = None
+        val_share = (EVAL_BATCH, 0, 1) if local_val else (EVAL_BATCH, rank, world)
+    val = _source(x_val, "x_val", dataset_indices=val_idx, batch_size=EVAL_BATCH,
+                  rank=val_share[1], world=val_share[2], shuffle=False)
     train_batches = _Batches(train, "x", device, est.dtype)
     num_train, mean, cov, dim, context_dim = stream_moments(train_batches, rows)
     dtype = train_batches.dtype or torch.float32

@@ -1,0 +1,178 @@
+"""DensityEstimator.fit on streamed data (Dataset, DataLoader, lists of batches): the streaming
+pass's statistics against the ML Gaussian and the ML linear-Gaussian regression of the rows
+(the untrained model's density), a memory-mapped file read a batch at a time and never whole,
+rows per second in the history, training that improves, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from density_data import SMALL, gaussian_data
+from scipy.stats import multivariate_normal
+from torch.utils.data import DataLoader, TensorDataset
+
+from pyroflows.density import DensityEstimator
+from pyroflows.density.streaming import ArrayDataset, is_stream
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small networks (see conftest)
+
+
+def batches(x: np.ndarray, size: int, *parts: np.ndarray) -> list:
+    """``x`` (with ``parts``: (x, part) pairs) cut into batches of ``size`` rows."""
+    cut = range(0, x.shape[0], size)
+    if not parts:
+        return [torch.as_tensor(x[i:i + size]) for i in cut]
+    return [(torch.as_tensor(x[i:i + size]), torch.as_tensor(parts[0][i:i + size])) for i in cut]
+
+
+def tol(dtype: torch.dtype, float64: float, float32: float) -> float:
+    return float64 if dtype == torch.float64 else float32
+
+
+@pytest.mark.parametrize("precondition", ["whiten", "cholesky", "standardize"])
+def test_untrained_streamed_model_is_the_ml_gaussian(precondition, device, dtype):
+    """One streaming pass over batches of 37 rows gives the stages and the base start the
+    in-memory fit takes from all the rows at once: untrained, the model is the ML Gaussian
+    of the training rows (diagonal for "standardize"), computed here by numpy and scipy."""
+    x, _, _ = gaussian_data(700, seed=0)
+    x_val, _, _ = gaussian_data(60, seed=1)
+    est = DensityEstimator("maf", precondition=precondition, device=device, dtype=dtype, seed=0,
+                           **SMALL)
+    est.fit(batches(x, 37), x_val=batches(x_val, 25), max_epochs=0, progress=False)
+    mean, cov = x.mean(0), np.cov(x.T, bias=True)
+    if precondition == "standardize":
+        cov = np.diag(np.diag(cov))
+    expected = multivariate_normal(mean, cov).logpdf(x_val)
+    got = est.log_prob(x_val).cpu().double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=tol(dtype, 1e-9, 1e-4),
+                               atol=tol(dtype, 1e-9, 1e-3))
+    assert est.history_["num_train"] == 700 and est.history_["num_val"] == 60
+    assert np.isnan(est.history_["train_log_prob"][0])  # no pass to score the untrained model
+
+
+def test_untrained_streamed_conditional_model_is_the_ml_regression(device, dtype):
+    """(y, context) pairs: "whiten" starts at N(a + B c, S), the least-squares regression with
+    an intercept and its residuals' ML covariance (numpy's lstsq here)."""
+    rng = np.random.default_rng(3)
+    c = 2.0 * rng.standard_normal((500, 2)) + 1.0
+    y = c @ np.array([[1.0, -0.5], [0.3, 2.0]]).T + np.array([0.5, -1.0]) \
+        + 0.5 * rng.standard_normal((500, 2))
+    est = DensityEstimator("maf", device=device, dtype=dtype, seed=0, **SMALL)
+    est.fit(ArrayDataset(y[:450], c[:450]), x_val=ArrayDataset(y[450:], c[450:]), max_epochs=0,
+            progress=False)
+    design = np.hstack([np.ones((450, 1)), c[:450]])
+    coef = np.linalg.lstsq(design, y[:450], rcond=None)[0]
+    residual = y[:450] - design @ coef
+    cov = residual.T @ residual / 450
+    mean = np.hstack([np.ones((50, 1)), c[450:]]) @ coef
+    expected = [multivariate_normal(m, cov).logpdf(v) for m, v in zip(mean, y[450:], strict=True)]
+    got = est.log_prob(y[450:], context=c[450:]).cpu().double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=tol(dtype, 1e-8, 1e-4),
+                               atol=tol(dtype, 1e-8, 1e-3))
+
+
+class CountingRows(torch.utils.data.Dataset):
+    """An ``ArrayDataset`` that records the size of every fetch it serves."""
+
+    def __init__(self, x) -> None:
+        self.rows, self.fetches = ArrayDataset(x), []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        self.fetches.append(1)
+        return self.rows[i]
+
+    def __getitems__(self, indices):
+        self.fetches.append(len(indices))
+        return self.rows.batch(indices)
+
+
+def test_memory_mapped_file_is_read_a_batch_at_a_time(tmp_path, dtype):
+    """A memory-mapped .npy of 3,000 rows, batches of 64: every fetch is at most a batch, each
+    pass reads every training row once (the statistics' pass, then each epoch: 3 passes),
+    and the fit learns (the held-out score improves on the untrained ML Gaussian)."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((3300, 2))
+    data = np.stack([z[:, 0], z[:, 1] + 0.8 * z[:, 0] ** 2], 1)
+    path = tmp_path / "rows.npy"
+    np.save(path, data[:3000])
+    mapped = np.load(path, mmap_mode="r")
+    assert isinstance(mapped, np.memmap)
+    rows = CountingRows(mapped)
+    est = DensityEstimator("maf", dtype=dtype, seed=0, **SMALL)
+    est.fit(rows, x_val=data[3000:], batch_size=64, max_epochs=2, lr=3e-3, progress=False)
+    assert max(rows.fetches) <= 64
+    assert sum(rows.fetches) == 3 * 3000
+    history = est.history_
+    assert history["best_val_log_prob"] > history["initial_val_log_prob"] + 0.05
+    assert len(history["rows_per_second"]) == 2 and min(history["rows_per_second"]) > 0
+
+
+def test_dataloader_and_held_out_share_of_a_dataset(dtype):
+    """A shuffling DataLoader (x_val a DataLoader too) trains; a Dataset without x_val holds
+    out val_fraction of its rows; both fits are reproducible from the seed."""
+    x, _, _ = gaussian_data(600, seed=2)
+    t = torch.as_tensor(x, dtype=dtype)
+
+    def fit_loader():
+        torch.manual_seed(1)  # the DataLoader's shuffling draws from torch's generator
+        loader = DataLoader(TensorDataset(t[:500]), batch_size=50, shuffle=True)
+        val = DataLoader(TensorDataset(t[500:]), batch_size=100)
+        est = DensityEstimator("maf", seed=0, **SMALL)
+        # TensorDataset items are 1-tuples: collated batches are [x] lists, read as rows
+        return est.fit([b[0] for b in loader], x_val=[b[0] for b in val], max_epochs=2,
+                       progress=False)
+
+    a, b = fit_loader(), fit_loader()
+    assert a.history_["val_log_prob"] == b.history_["val_log_prob"]
+    assert a.history_["num_train"] == 500
+    held = DensityEstimator("maf", seed=0, **SMALL).fit(ArrayDataset(t), val_fraction=0.2,
+                                                        max_epochs=1, progress=False)
+    assert held.history_["num_train"] == 480 and held.history_["num_val"] == 120
+    loader = DataLoader(ArrayDataset(t[:500]), batch_size=100, shuffle=True)
+    fitted = DensityEstimator("maf", seed=0, **SMALL).fit(
+        loader, x_val=DataLoader(ArrayDataset(t[500:]), batch_size=50), max_epochs=1,
+        progress=False)
+    assert fitted.history_["num_train"] == 500 and fitted.history_["num_val"] == 100
+
+
+def test_what_counts_as_streamed():
+    x = np.zeros((4, 2))
+    assert not is_stream(x) and not is_stream(torch.zeros(4, 2)) and not is_stream(x.tolist())
+    assert is_stream(ArrayDataset(x)) and is_stream([torch.zeros(4, 2), torch.zeros(3, 2)])
+    assert is_stream(DataLoader(ArrayDataset(x), batch_size=2))
+
+
+def test_bad_streamed_input_is_a_clear_error():
+    x, _, _ = gaussian_data(200, seed=4)
+    good = batches(x, 50)
+    est = DensityEstimator("maf", seed=0, **SMALL)
+    with pytest.raises(ValueError, match="needs the rows in memory"):
+        DensityEstimator("maf", precondition="tabak", **SMALL).fit(good, x_val=good)
+    with pytest.raises(ValueError, match="needs the rows in memory"):
+        DensityEstimator("maf", refine="tabak", **SMALL).fit(good, x_val=good)
+    with pytest.raises(ValueError, match="contexts travel with the rows"):
+        est.fit(good, x_val=good, context=x)
+    with pytest.raises(ValueError, match="needs x_val"):
+        est.fit(good)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        est.fit(iter(good), x_val=good)
+    bad = [b.clone() for b in good]
+    bad[2][3, 1] = float("nan")
+    with pytest.raises(ValueError, match="batch 2 has NaN or infinite rows"):
+        est.fit(bad, x_val=good, progress=False)
+    with pytest.raises(ValueError, match="batch 1's rows have 2 columns, expected 3"):
+        est.fit([good[0], good[1][:, :2]], x_val=good, progress=False)
+    constant = x.copy()
+    constant[:, 1] = 4.0
+    with pytest.raises(ValueError, match=r"columns \[1\] are constant"):
+        est.fit(batches(constant, 50), x_val=good, progress=False)
+    with pytest.raises(ValueError, match="at least D \\+ 1"):
+        est.fit([good[0][:3]], x_val=good, progress=False)
+    with pytest.raises(ValueError, match="x_val: batch 0's rows have 2 columns"):
+        est.fit(good, x_val=[good[0][:, :2]], progress=False)
+    with pytest.raises(ValueError, match="init_process_group"):
+        est.fit(x, distributed=True)
