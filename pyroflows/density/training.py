@@ -146,7 +146,7 @@ def parallel_step(model: DensityModel, u: Tensor, optimizer: torch.optim.Optimiz
     flat = flat / count
     offset = 0
     for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        p.grad = flat[offset:offset + p.numel()].view_as(p)  # views of the one reduced buffer
         offset += p.numel()
     loss = -flat[-2]
     norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
