@@ -3,6 +3,8 @@ the conditional density of a conditional flow."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pyro.distributions import TorchDistribution, TransformedDistribution
 from pyro.distributions.conditional import ConditionalDistribution, ConditionalTransform
@@ -13,7 +15,8 @@ from ._config import is_validation_enabled
 from ._gaussian import LOG_2PI, standard_normal_log_prob
 from .flows import FlowStack
 
-__all__ = ["StandardNormal", "UnitStudentT", "FlowDistribution", "ConditionalFlowDistribution"]
+__all__ = ["StandardNormal", "UnitStudentT", "StudentTBase", "FlowDistribution",
+           "ConditionalFlowDistribution"]
 
 
 class StandardNormal(TorchDistribution):
@@ -141,6 +144,40 @@ class UnitStudentT(TorchDistribution):
         scale = self.scale
         t = torch.distributions.StudentT(self.df, torch.zeros_like(self.df), scale)
         return t.log_prob(value).sum(-1)
+
+
+class StudentTBase(nn.Module):
+    r"""A learnable :class:`UnitStudentT` base: one degrees-of-freedom parameter per
+    coordinate, :math:`\nu_d = 2 + e^{\rho_d}` (so :math:`\nu_d > 2` and a step of Adam moves
+    :math:`\nu_d - 2` by a factor, whatever its size). Calling it gives the distribution.
+
+    Arguments:
+        dim: the event size D.
+        df: the starting :math:`\nu` of every coordinate, above 2 (default 5: tails well
+            above the normal's, which training can lighten or make heavier).
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.distributions import StudentTBase
+        >>> base = StudentTBase(3)
+        >>> base().df
+        tensor([5., 5., 5.], grad_fn=<AddBackward0>)
+        >>> base().rsample((4,)).shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(self, dim: int, df: float = 5.0) -> None:
+        super().__init__()
+        if not float(df) > 2:
+            raise ValueError(f"StudentTBase: df must be above 2 (unit variance), got {df!r}")
+        self.log_excess_df = nn.Parameter(torch.full((int(dim),), math.log(float(df) - 2)))
+
+    @property
+    def df(self) -> Tensor:
+        return 2 + self.log_excess_df.exp()
+
+    def forward(self) -> UnitStudentT:
+        return UnitStudentT(self.df)
 
 
 def _parameter_like(module: nn.Module) -> Tensor | None:

@@ -61,14 +61,16 @@ def draw(guide: AutoFlowGuide, shape: tuple, stick_the_landing: bool
             # the stack with its log-det (a fresh draw of N(0, I) needs no input checks)
             eps = base.rsample(shape)
             latent, log_det = stack.run(eps, inverse=False, validate=False)
-            log_q = standard_normal_log_prob(eps) - log_det
+            learned = guide._modules.get("base")  # a learned base, else N(0, I)
+            log_q = (standard_normal_log_prob(eps) if learned is None else base.log_prob(eps)
+                     ) - log_det
         else:
             posterior = guide._posterior(base, transforms)
             latent = posterior.rsample(shape)
             log_q = posterior.log_prob(latent)
         entropy = None
         if stick_the_landing and eps is not None and landing.jacobian_route(eps):
-            entropy = landing.path_log_density(stack, eps, latent, log_q)
+            entropy = landing.path_log_density(stack, eps, latent, log_q, base)
         elif stick_the_landing:
             posterior = posterior or guide._posterior(base, transforms)
             entropy = posterior.log_prob_detached(latent)

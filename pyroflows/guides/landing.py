@@ -13,9 +13,11 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 
 from .. import flows
+from ..distributions import UnitStudentT
 from ..transforms import FlowTransform
 
-__all__ = ["log_prob_detached", "jacobian_route", "path_log_density", "path_entropy"]
+__all__ = ["log_prob_detached", "jacobian_route", "path_log_density", "path_entropy",
+           "detached_base", "base_score"]
 
 #: Up to this latent size :math:`\nabla_z \log q` comes from the draw's Jacobian (a D x D solve
 #: per particle); above it from the flow's inverse.
@@ -48,6 +50,25 @@ def _detached(module: nn.Module) -> dict[str, Tensor]:
     return {f"t.{name}": p.detach() for name, p in module.named_parameters()}
 
 
+def detached_base(base_dist: Distribution) -> Distribution:
+    """``base_dist`` with its learned parameters detached (a guide's
+    :class:`~pyroflows.distributions.UnitStudentT` degrees of freedom); others as they are."""
+    if isinstance(base_dist, UnitStudentT):
+        return UnitStudentT(base_dist.df.detach())
+    return base_dist
+
+
+def base_score(base_dist: Distribution | None, eps: Tensor) -> Tensor:
+    r""":math:`\nabla_\varepsilon \log p_0(\varepsilon)` of a flow guide's base at ``eps``:
+    :math:`-\varepsilon` for :math:`N(0, I)`; for :class:`~pyroflows.distributions.UnitStudentT`,
+    :math:`-(\nu + 1)\,\varepsilon / (\nu s^2 + \varepsilon^2)` per coordinate, the degrees of
+    freedom detached."""
+    if isinstance(base_dist, UnitStudentT):
+        df = base_dist.df.detach()
+        return -(df + 1) * eps / ((df - 2) + eps * eps)  # nu s^2 = nu - 2
+    return -eps
+
+
 def log_prob_detached(base_dist: Distribution, transforms: list[Transform],
                       value: Tensor) -> Tensor:
     r""":math:`\log q_{\bar\phi}(z)` of ``TransformedDistribution(base_dist, transforms)`` at
@@ -66,7 +87,7 @@ def log_prob_detached(base_dist: Distribution, transforms: list[Transform],
         y, ld = torch.func.functional_call(_Call(t, inverse=True), _detached(t), (y,),
                                            strict=False)
         log_det = log_det + ld
-    return base_dist.log_prob(y) - log_det
+    return detached_base(base_dist).log_prob(y) - log_det
 
 
 def jacobian_route(eps: Tensor) -> bool:
@@ -75,18 +96,19 @@ def jacobian_route(eps: Tensor) -> bool:
     return eps.shape[-1] <= STL_JACOBIAN_MAX_DIM and eps.numel() <= STL_JACOBIAN_MAX_ROWS
 
 
-def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tensor) -> Tensor:
+def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tensor,
+                     base_dist: Distribution | None = None) -> Tensor:
     r""":math:`\log q_{\bar\phi}(z)` from the draw :math:`z = T_\phi(\varepsilon)` itself
     instead of the inverse: its value is ``log_q`` and its gradient in :math:`z` is
 
     .. math:: \nabla_z \log q_{\bar\phi}(z) = J^{-\top} \nabla_\varepsilon
-              \bigl[\log N(\varepsilon; 0, I) - \log|\det J(\varepsilon)|\bigr],
+              \bigl[\log p_0(\varepsilon) - \log|\det J(\varepsilon)|\bigr],
               \qquad J = \partial T / \partial \varepsilon,
 
     so the result is ``log_q`` (detached) plus :math:`(z - \bar z) \cdot \nabla_z`. :math:`J`
     comes from D + 1 pullbacks (batched, or over D + 1 copies of the draws: see
     :data:`STL_BATCHED_BACKWARD_MIN_ROWS`), solved per draw. ``eps``, ``z`` (..., D), ``log_q``
-    (...)."""
+    (...); ``base_dist`` the base :math:`p_0` (:func:`base_score`; default :math:`N(0, I)`)."""
     d = eps.shape[-1]
     e = eps.detach().reshape(-1, d)
     n = e.shape[0]
@@ -116,17 +138,27 @@ def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tens
         with torch.enable_grad():
             y, log_det = torch.func.functional_call(_Call(stack, inverse=False), frozen,
                                                     (copies,))
-            (pulled,) = torch.autograd.grad((y, log_det), copies,
-                                            grad_outputs=(pick_y.reshape((d + 1) * n, d),
-                                                          pick_ld.reshape(-1)))
+            outputs, cotangents = _with_log_det((y, log_det), (pick_y.reshape((d + 1) * n, d),
+                                                               pick_ld.reshape(-1)))
+            (pulled,) = torch.autograd.grad(outputs, copies, grad_outputs=cotangents)
         pulled = pulled.reshape(d + 1, n, d)
-    rows, h = pulled[:d], pulled[d] - e  # h: grad of log N(eps) - log|det J| at eps
+    # h: the gradient of log p0(eps) - log|det J| at eps
+    rows, h = pulled[:d], pulled[d] + base_score(base_dist, e)
     jac = rows.transpose(0, 1)  # jac[b, i, j] = dz_i / d eps_j
     # solve_ex: a singular Jacobian (a degenerate flow) gives a non-finite gradient, which
     # FlowELBO skips, instead of an error
     grad_z = torch.linalg.solve_ex(jac.transpose(-1, -2), h.unsqueeze(-1))[0].squeeze(-1)
     grad_z = grad_z.reshape(z.shape)
     return log_q.detach() + ((z - z.detach()) * grad_z).sum(-1)
+
+
+def _with_log_det(outputs: tuple[Tensor, Tensor], cotangents: tuple[Tensor, Tensor]
+                  ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """``(y, log_det)`` and their cotangents, without ``log_det`` where it does not depend on
+    the input (a stack of affine layers only: its pullback is zero)."""
+    if outputs[1].requires_grad:
+        return outputs, cotangents
+    return outputs[:1], cotangents[:1]
 
 
 def _batched_pullbacks(stack: flows.FlowStack, frozen: dict[str, Tensor], e: Tensor,
@@ -138,7 +170,8 @@ def _batched_pullbacks(stack: flows.FlowStack, frozen: dict[str, Tensor], e: Ten
     with torch.enable_grad():
         y, log_det = torch.func.functional_call(_Call(stack, inverse=False), frozen, (x,))
         try:
-            (pulled,) = torch.autograd.grad((y, log_det), x, grad_outputs=(pick_y, pick_ld),
+            outputs, cotangents = _with_log_det((y, log_det), (pick_y, pick_ld))
+            (pulled,) = torch.autograd.grad(outputs, x, grad_outputs=cotangents,
                                             is_grads_batched=True)
         except RuntimeError:
             return None
@@ -164,5 +197,5 @@ def path_entropy(posterior, value: Tensor) -> Tensor | None:
     if hit is None or not jacobian_route(hit.x) or hit.x.requires_grad:
         return None
     log_q = posterior.base_dist.log_prob(hit.x) - hit.log_det
-    entropy = path_log_density(stack, hit.x, z, log_q)
+    entropy = path_log_density(stack, hit.x, z, log_q, posterior.base_dist)
     return entropy[0] if z is not value else entropy
