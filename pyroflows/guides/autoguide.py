@@ -140,7 +140,10 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         flow: a family name of :data:`pyroflows.flows.FAMILIES`, or a callable
             ``dim -> Transform`` (a :class:`~torch.nn.Module` if it has parameters).
         num_layers: flow layers, default the family's ``num_layers``.
-        hidden_dims: conditioner hidden sizes for the network families.
+        hidden_dims: conditioner hidden sizes for the network families, default the family's
+            ``hidden_dims`` rule (IAF, MAF, RealNVP: two layers of
+            :math:`\max(64, \mathrm{round}(16\sqrt{D}))` units,
+            :func:`pyroflows.flows.families.guide_hidden_dims`).
         init_loc_fn: per-site initialization; default the prior median.
         init_scale: the plain start's scale, default the family's ``init_scale``.
         full_rank: a lower-triangular :math:`L`; default when :math:`D \le`
@@ -316,7 +319,11 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         elif self.num_layers == 0:
             flow = None
         else:
-            flow = flows.build(spec, dim, num_layers=self.num_layers, hidden_dims=self.hidden_dims,
+            hidden_dims = self.hidden_dims
+            rule = flows.FAMILIES[spec].hidden_dims
+            if hidden_dims is None and rule is not None:
+                hidden_dims = tuple(rule(dim))
+            flow = flows.build(spec, dim, num_layers=self.num_layers, hidden_dims=hidden_dims,
                                affine=False, **self._flow_kwargs)
         if isinstance(flow, nn.Module):
             self.flow = flow.to(device=loc.device, dtype=loc.dtype)
