@@ -85,14 +85,17 @@ class Student(nn.Module):
     the IAF's D-pass inverse.
 
     With ``context_dim = C`` the IAF layers are conditional (seed eq. 27: the context enters
-    every MADE), and every method takes ``context`` of shape (B, C) against draws (B, D).
+    every MADE), a :class:`~pyroflows.density.pipeline.ContextShift` after the affine layer
+    adds :math:`W h` (so the start is the linear-Gaussian :math:`N(m + W h, L L^\top)`), and
+    every method takes ``context`` of shape (B, C) against draws (B, D).
 
     Arguments:
         dim: the event size D.
         num_layers: the number of IAF layers.
         hidden_dims: the MADE hidden widths.
         context_dim: the context size C, or ``None``.
-        log_scale_bound: :math:`b` of the layers' :math:`\log\sigma = b\tanh(\cdot/b)`.
+        log_scale_bound: :math:`b` of the layers' :math:`\log\sigma = b\tanh(\cdot/b)`
+            (default 2, the fitted MAF layers' default).
 
     Example:
         >>> import torch
