@@ -319,3 +319,16 @@ def test_conformance_checks(name, dim, kwargs, device, dtype):
     ctor = getattr(pf.transforms, f"conditional_{name}")
     check_conditional_transform(lambda: ctor(dim, C, hidden_dims=(12, 10), **kwargs), dim, C,
                                 device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("family", ["iaf", "maf", "realnvp"])
+def test_no_rows_with_no_contexts(family, device, dtype):
+    """Zero input rows with zero context rows: empty results both ways, not an error in the
+    fused kernels' per-row context bias."""
+    flow = pf.flows.build(family, 3, context_dim=2, num_layers=2, hidden_dims=(8,)).to(
+        device, dtype)
+    t = flow.condition(torch.zeros(0, 2, device=device, dtype=dtype))
+    x = torch.zeros(0, 3, device=device, dtype=dtype)
+    y = t(x)
+    assert y.shape == (0, 3) and t.inv(y).shape == (0, 3)
+    assert t.log_abs_det_jacobian(x, y).shape == (0,)

@@ -210,7 +210,7 @@ def fused_forward(net: nn.Module, x: Tensor, weights: Sequence[Tensor],
             h = F.linear(h, weight, bias)  # addmm(bias, h, weight.t()), one call from Python
         else:
             h = _blocked_linear(h, weight, bias, plan)
-        if k == 0 and row_bias is not None:
+        if k == 0 and row_bias is not None and h.numel():  # (no rows: nothing to add)
             h.view(-1, *row_bias.shape).add_(row_bias)
         if k == last:
             return h, inputs
