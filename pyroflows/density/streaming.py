@@ -191,23 +191,34 @@ class _Batches:
             yield None if batch is None else self.parse(batch, number, errors)
 
 
-class _Indexed:
-    """Rows ``indices`` of a map-style dataset in global batches of ``batch_size`` (a fresh
-    order each epoch where ``shuffle``), rank ``rank`` of ``world`` taking every
-    ``world``-th row of each: the ranks' batches together are the one process's, every row
-    once per epoch, no padding. ``None`` stands for a rank's empty share."""
+def _index_dtype(n: int) -> torch.dtype:
+    """int32 row numbers where they fit: an epoch's order costs 4 bytes a row."""
+    return torch.int32 if n < 2**31 else torch.int64
 
-    def __init__(self, dataset: Any, indices: Tensor, batch_size: int, rank: int, world: int,
-                 shuffle: bool) -> None:
+
+class _Indexed:
+    """Rows ``indices`` (``None``: all rows, never materialized unshuffled) of a map-style
+    dataset in global batches of ``batch_size`` (a fresh order each epoch where ``shuffle``),
+    rank ``rank`` of ``world`` taking every ``world``-th row of each: the ranks' batches
+    together are the one process's, every row once per epoch, no padding. ``None`` stands for
+    a rank's empty share. The only memory that grows with the data is an epoch's order, 4
+    bytes a row (``torch.randperm``; a ``DataLoader``'s sampler holds a list of the same)."""
+
+    def __init__(self, dataset: Any, indices: Tensor | None, batch_size: int, rank: int,
+                 world: int, shuffle: bool) -> None:
         self.dataset, self.indices, self.batch_size = dataset, indices, batch_size
         self.rank, self.world, self.shuffle = rank, world, shuffle
+        self.size = len(dataset) if indices is None else indices.numel()
 
     def batches(self, epoch: int, gen: torch.Generator | None) -> Iterator[Any]:
         order = self.indices
         if self.shuffle and gen is not None:
-            order = order[torch.randperm(order.numel(), generator=gen)]
-        for start in range(0, order.numel(), self.batch_size):
-            part = order[start:start + self.batch_size][self.rank::self.world]
+            perm = torch.randperm(self.size, generator=gen, dtype=_index_dtype(self.size))
+            order = perm if order is None else order[perm]
+        for start in range(0, self.size, self.batch_size):
+            stop = min(start + self.batch_size, self.size)
+            part = (torch.arange(start, stop) if order is None else order[start:stop])
+            part = part[self.rank::self.world]
             yield None if part.numel() == 0 else _fetch(self.dataset, part.sort().values.tolist())
 
 
@@ -480,8 +491,7 @@ def _source(data: Any, name: str, *, dataset_indices: Tensor | None, batch_size:
     """``data`` as a source of batches: a map-style dataset by index (sharded over the
     ranks), anything else iterated as it comes."""
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
-        indices = dataset_indices if dataset_indices is not None else torch.arange(len(data))
-        return _Indexed(data, indices, batch_size, rank, world, shuffle)
+        return _Indexed(data, dataset_indices, batch_size, rank, world, shuffle)
     if isinstance(data, (list, tuple)) and not is_stream(data):
         raise ValueError(f"{name}: a list of batches holds 2-D arrays or (y, context) pairs")
     return _Iterable(data, name)
@@ -538,12 +548,12 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
         n = len(x)
         train_share = (-(-batch_size // world), 0, 1) if arrays else (batch_size, rank, world)
         if x_val is None:
-            perm = torch.randperm(n, generator=gen)
+            perm = torch.randperm(n, generator=gen, dtype=_index_dtype(n))
             num_val = max(1, round(val_fraction * n))
             train_idx, val_idx, val_share = perm[num_val:], perm[:num_val], train_share
             x_val = x
         else:
-            train_idx, val_idx = torch.arange(n), None
+            train_idx, val_idx = None, None
             val_share = (EVAL_BATCH, 0, 1) if local_val else (EVAL_BATCH, rank, world)
         train = _source(x, "x", dataset_indices=train_idx, batch_size=train_share[0],
                         rank=train_share[1], world=train_share[2], shuffle=True)

@@ -1,0 +1,247 @@
+"""The DensityEstimator beyond one process (issue 25): rows per second of ``fit`` for one and two
+processes on the CPU, and peak memory when the data is a memory-mapped file 10 times larger
+than a memory budget.
+
+Run from the repository root (about 10 minutes with the defaults on two quiet cores; one with
+``--smoke``)::
+
+    python -m benchmarks.scale --out benchmarks/results/scale.md
+
+**Throughput.** A D = 64 MAF (5 layers, hidden (256, 256), float32, batch 512) fitted by
+``DensityEstimator.fit`` to a memory-mapped ``.npy`` (``ArrayDataset``) for ``--epochs``
+epochs; rows per second is ``history_["rows_per_second"]`` (all ranks' training rows over the
+epoch's training time, validation excluded), the median over the epochs after the first.
+Configurations, each in fresh processes and interleaved over ``--repeats`` rounds: one process
+with one thread, one process with two threads (the other way to spend two cores), and two
+processes of one thread each in a gloo group (``torch.multiprocessing`` spawn), every rank
+reading its share of each global batch of 512 rows. Scaling efficiency: the two processes'
+rows per second over twice the one-process one-thread rate. The CPU seconds of each fit (all
+processes and their threads, ``time.process_time``) tell the work from the waiting: on a
+machine whose cores others share, a rank waits at every step's all-reduce for the other,
+descheduled one, which costs wall time but no CPU time.
+
+**Memory.** One process fits a small MAF (1 layer, hidden (64,), batch 4096, one epoch) to
+memory-mapped files of 1 and 10 times ``--budget-mb``; a thread samples ``/proc/self/status``
+every 5 ms. Reported: the peak of ``RssAnon`` (the process's own memory: tensors, heap) above
+its value just before ``fit`` (after a warm-up fit on the small validation file: lazy imports,
+the allocator's pools and the kernels' first calls are not the data's), and the peak of
+``VmRSS``, which also counts the file's pages the kernel keeps mapped (page cache, given back
+under memory pressure). The goal is about the
+first: it must stay under the budget and not grow with the file.
+
+The machine's load average (other users included) is printed beside the numbers: on a shared
+machine the ratios, measured in one interleaved run, are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+D = 64
+MODEL = {"flow": "maf", "num_layers": 5, "hidden_dims": (256, 256), "seed": 0,
+         "dtype": torch.float32}
+SMALL = {"flow": "maf", "num_layers": 1, "hidden_dims": (64,), "seed": 0, "dtype": torch.float32}
+
+
+def write_rows(path: str, n: int, seed: int) -> None:
+    """``n`` rows of a correlated, curved 64-D distribution to a ``.npy`` (float32), written a
+    chunk at a time through a memory map (the file is never in memory whole)."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((D, D)).astype(np.float32) / np.sqrt(D)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, D))
+    for start in range(0, n, 65536):
+        z = rng.standard_normal((min(65536, n - start), D)).astype(np.float32)
+        z[:, 1::2] += 0.5 * z[:, 0::2] ** 2
+        out[start:start + z.shape[0]] = z @ mix
+    out.flush()
+    del out
+
+
+def _status() -> dict:
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024  # MiB
+    return fields
+
+
+def _fit(options: dict, train: str, val: str, **fit) -> dict:
+    from pyroflows.density import DensityEstimator
+    from pyroflows.density.streaming import ArrayDataset
+
+    est = DensityEstimator(**options)
+    est.fit(ArrayDataset(np.load(train, mmap_mode="r")),
+            x_val=ArrayDataset(np.load(val, mmap_mode="r")), progress=False, **fit)
+    return est.history_
+
+
+def _throughput_rank(rank: int, world: int, init: str, threads: int, train: str, val: str,
+                     epochs: int, out: str) -> None:
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
+                                world_size=world)
+    torch.set_num_threads(threads)
+    cpu = time.process_time()
+    try:
+        history = _fit(MODEL, train, val, max_epochs=epochs, batch_size=512, patience=10**6)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    with open(f"{out}.cpu{rank}", "w") as f:
+        json.dump(time.process_time() - cpu, f)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(history["rows_per_second"], f)
+
+
+def throughput(processes: int, threads: int, train: str, val: str, epochs: int,
+               folder: str) -> tuple[float, float]:
+    """Median rows per second over the epochs after the first, in fresh processes, and the
+    CPU seconds of the whole fit summed over the processes (their threads included)."""
+    out = os.path.join(folder, "rate.json")
+    init = os.path.join(folder, f"init-{time.monotonic_ns()}")
+    mp.spawn(_throughput_rank, args=(processes, init, threads, train, val, epochs, out),
+             nprocs=processes, join=True)
+    with open(out) as f:
+        rates = json.load(f)
+    cpu = 0.0
+    for rank in range(processes):
+        with open(f"{out}.cpu{rank}") as f:
+            cpu += json.load(f)
+    return statistics.median(rates[1:] if len(rates) > 1 else rates), cpu
+
+
+def _memory_child(rank: int, train: str, val: str, out: str) -> None:
+    torch.set_num_threads(1)
+    import pyroflows.density.streaming  # noqa: F401 - imported before the baseline
+
+    peak = {"RssAnon": 0.0, "VmRSS": 0.0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            now = _status()
+            for key in peak:
+                peak[key] = max(peak[key], now[key])
+            time.sleep(0.005)
+
+    _fit(SMALL, val, val, max_epochs=1, batch_size=4096, patience=10)  # warm up: lazy imports,
+    before = _status()  # the allocator's pools, the kernels' first calls
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    tick = time.perf_counter()
+    history = _fit(SMALL, train, val, max_epochs=1, batch_size=4096, patience=10)
+    seconds = time.perf_counter() - tick
+    done.set()
+    sampler.join()
+    with open(out, "w") as f:
+        json.dump({"before": before, "peak": peak, "seconds": seconds,
+                   "rows_per_second": history["rows_per_second"][0]}, f)
+
+
+def memory(train: str, val: str, folder: str) -> dict:
+    out = os.path.join(folder, "memory.json")
+    mp.spawn(_memory_child, args=(train, val, out), nprocs=1, join=True)
+    with open(out) as f:
+        return json.load(f)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=16384, help="training rows (throughput)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per throughput run")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds")
+    parser.add_argument("--budget-mb", type=float, default=24.0,
+                        help="the memory budget; the large file is 10x it")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check it runs")
+    parser.add_argument("--out", help="write the Markdown table here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rows, args.epochs, args.repeats, args.budget_mb = 2048, 2, 1, 2.0
+    load_before = os.getloadavg()
+    lines = []
+    with tempfile.TemporaryDirectory() as folder:
+        train, val = os.path.join(folder, "train.npy"), os.path.join(folder, "val.npy")
+        write_rows(train, args.rows, 0)
+        write_rows(val, 2048, 1)
+        configs = [(1, 1), (1, 2), (2, 1)]
+        rates: dict = {c: [] for c in configs}
+        cpus: dict = {c: [] for c in configs}
+        for _ in range(args.repeats):
+            for processes, threads in configs:
+                rate, cpu = throughput(processes, threads, train, val, args.epochs, folder)
+                rates[(processes, threads)].append(rate)
+                cpus[(processes, threads)].append(cpu)
+                print(f"{processes} process(es) x {threads} thread(s): {rate:.0f} rows/s, "
+                      f"{cpu:.1f} CPU s", flush=True)
+        one = statistics.median(rates[(1, 1)])
+        lines += ["| processes x threads | rows/s (median) | runs | vs 1 x 1 | CPU s per fit "
+                  "(all processes) | CPU s vs 1 x 1 |", "|---|---:|---|---:|---:|---:|"]
+        cpu_one = statistics.median(cpus[(1, 1)])
+        for (processes, threads), runs in rates.items():
+            rate, cpu = statistics.median(runs), statistics.median(cpus[(processes, threads)])
+            lines.append(f"| {processes} x {threads} | {rate:.0f} | "
+                         f"{', '.join(f'{r:.0f}' for r in runs)} | {rate / one:.2f}x | "
+                         f"{cpu:.1f} | {cpu / cpu_one:.2f}x |")
+        speedup = statistics.median(rates[(2, 1)]) / one
+        work = cpu_one / statistics.median(cpus[(2, 1)])
+        lines += ["", f"2 processes: {speedup:.2f}x the rows/s of one (goal >= 1.7x: "
+                  f"{'met' if speedup >= 1.7 else 'not met'}); scaling efficiency "
+                  f"{speedup / 2:.0%}. Work: the 2 processes spent {1 / work:.2f}x the CPU "
+                  f"seconds of one for the same fit, so on 2 free cores they could reach at "
+                  f"most {2 * work:.2f}x (an upper bound: it counts no waiting at the "
+                  "all-reduce).", ""]
+
+        rows_per_mb = 1024 * 1024 / (D * 4)
+        lines += ["| file (MiB) | x budget | rows | peak RssAnon above start (MiB) | "
+                  "peak VmRSS (MiB) | fit s | rows/s |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        grown = []
+        for factor in (1, 10):
+            n = int(factor * args.budget_mb * rows_per_mb)
+            path = os.path.join(folder, f"big{factor}.npy")
+            write_rows(path, n, 2)
+            result = memory(path, val, folder)
+            anon = result["peak"]["RssAnon"] - result["before"]["RssAnon"]
+            grown.append(anon)
+            lines.append(f"| {os.path.getsize(path) / 2**20:.0f} | {factor} | {n} | {anon:.1f} | "
+                         f"{result['peak']['VmRSS']:.0f} | {result['seconds']:.1f} | "
+                         f"{result['rows_per_second']:.0f} |")
+            os.remove(path)
+        ok = grown[1] < args.budget_mb and grown[1] < 1.5 * grown[0] + 2
+        verdict = "under the budget and independent of the file size: met" if ok else "not met"
+        lines += ["", f"Budget {args.budget_mb:g} MiB: the fit's own memory grew by "
+                  f"{grown[0]:.1f} MiB on the 1x file and {grown[1]:.1f} MiB on the 10x file "
+                  f"({verdict})."]
+    load_after = os.getloadavg()
+    header = [
+        "Command: `python -m benchmarks.scale" + (" " + " ".join(argv if argv is not None
+                                                              else sys.argv[1:])).rstrip() + "`",
+        "",
+        f"torch {torch.__version__}, {os.cpu_count()} cores; load average (1, 5, 15 min) before "
+        f"{', '.join(f'{v:.2f}' for v in load_before)}, after "
+        f"{', '.join(f'{v:.2f}' for v in load_after)}.",
+        "",
+    ]
+    text = "\n".join(header + lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
