@@ -148,6 +148,9 @@ plt.show()
 # its standard error, and both models' held-out log-likelihoods.
 
 # %%
+DRAWS = 2000 if FAST else 5000
+
+
 def timed_draws(est, n, exact):
     """n draws and the draws per second (the MAF's with exact=True, else the student's)."""
     start = time.perf_counter()
@@ -156,7 +159,7 @@ def timed_draws(est, n, exact):
 
 
 def distill_and_report(est, x_held_out, steps):
-    est.distill(max_steps=steps, x_val=x_held_out, num_draws=1000 if FAST else 8192,
+    est.distill(max_steps=steps, x_val=x_held_out, num_draws=500 if FAST else 8192,
                 progress=False)
     fid = est.history_["distill"]["fidelity"]
     print(f"KL(student || MAF) = {fid['kl']:.4f} ± {fid['kl_se']:.4f} nats "
@@ -170,10 +173,10 @@ def distill_and_report(est, x_held_out, steps):
 
 # %%
 maf = results["maf + whiten"]
-distill_and_report(maf, x_test, steps=300 if FAST else 3000)
+distill_and_report(maf, x_test, steps=100 if FAST else 3000)
 fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), sharex=True, sharey=True)
 for ax, exact, name in zip(axes, [True, False], ["MAF (D passes per layer)", "IAF student"]):
-    draws, rate = timed_draws(maf, 5000, exact)
+    draws, rate = timed_draws(maf, DRAWS, exact)
     ax.scatter(draws[:, 0].cpu(), draws[:, 1].cpu(), s=1, alpha=0.3)
     ax.set_title(f"{name}\n{rate:,.0f} draws/s")
 plt.tight_layout()
@@ -197,16 +200,16 @@ def bananas(n):
     return (torch.stack([a, b], -1).reshape(n, D) @ rotation.T).float()
 
 
-x32, x32_test = bananas(4000 if FAST else 20000), bananas(1000 if FAST else 5000)
+x32, x32_test = bananas(2000 if FAST else 20000), bananas(500 if FAST else 5000)
 maf32 = pf.density.DensityEstimator("maf", num_layers=5, hidden_dims=(128, 128), seed=0)
-maf32.fit(x32, max_epochs=3 if FAST else 60, patience=10, progress=False)
-distill_and_report(maf32, x32_test, steps=200 if FAST else 3000)
+maf32.fit(x32, max_epochs=2 if FAST else 60, patience=10, progress=False)
+distill_and_report(maf32, x32_test, steps=60 if FAST else 3000)
 fig, axes = plt.subplots(1, 3, figsize=(11, 3.5), sharex=True, sharey=True)
 pair = x32_test.double() @ rotation  # back to the banana frame
 axes[0].scatter(pair[:, 0], pair[:, 1], s=1, alpha=0.3)
 axes[0].set_title("data (first pair)")
 for ax, exact, name in zip(axes[1:], [True, False], ["MAF", "IAF student"]):
-    draws, rate = timed_draws(maf32, 5000, exact)
+    draws, rate = timed_draws(maf32, DRAWS, exact)
     pair = draws.double().cpu() @ rotation
     ax.scatter(pair[:, 0], pair[:, 1], s=1, alpha=0.3)
     ax.set_title(f"{name}: {rate:,.0f} draws/s")
