@@ -7,18 +7,18 @@ Run from the repository root (about 10 minutes with the defaults on two quiet co
 
     python -m benchmarks.scale --out benchmarks/results/scale.md
 
-**Throughput.** A D = 64 MAF (5 layers, hidden (256, 256), float32, batch 512) fitted by
-``DensityEstimator.fit`` to a memory-mapped ``.npy`` (``ArrayDataset``) for ``--epochs``
-epochs; rows per second is ``history_["rows_per_second"]`` (all ranks' training rows over the
-epoch's training time, validation excluded), the median over the epochs after the first.
-Configurations, each in fresh processes and interleaved over ``--repeats`` rounds: one process
-with one thread, one process with two threads (the other way to spend two cores), and two
-processes of one thread each in a gloo group (``torch.multiprocessing`` spawn), every rank
-reading its share of each global batch of 512 rows. Scaling efficiency: the two processes'
-rows per second over twice the one-process one-thread rate. The CPU seconds of each fit (all
-processes and their threads, ``time.process_time``) tell the work from the waiting: on a
-machine whose cores others share, a rank waits at every step's all-reduce for the other,
-descheduled one, which costs wall time but no CPU time.
+**Throughput.** A D = 64 MAF (5 layers, hidden (256, 256), float32, global batch
+``--batch-size``, 512) fitted by ``DensityEstimator.fit`` to a memory-mapped ``.npy``
+(``ArrayDataset``) for ``--epochs`` epochs; rows per second is ``history_["rows_per_second"]``
+(all ranks' training rows over the epoch's training time, validation excluded), the median over
+the epochs after the first. Configurations, each in fresh processes and interleaved over
+``--repeats`` rounds: one process with one thread, with ``--two-threads`` one process with two
+threads (the other way to spend two cores), and two processes of one thread each in a gloo
+group (``torch.multiprocessing`` spawn), every rank reading its share of each global batch.
+Scaling efficiency: the two processes' rows per second over twice the one-process one-thread
+rate. The CPU seconds of each fit (all processes and their threads, ``time.process_time``) tell
+the work from the waiting: on a machine whose cores others share, a rank waits at every step's
+all-reduce for the other, descheduled one, which costs wall time but no CPU time.
 
 **Memory.** One process fits a small MAF (1 layer, hidden (64,), batch 4096, one epoch) to
 memory-mapped files of 1 and 10 times ``--budget-mb``; a thread samples ``/proc/self/status``
@@ -26,8 +26,8 @@ every 5 ms. Reported: the peak of ``RssAnon`` (the process's own memory: tensors
 its value just before ``fit`` (after a warm-up fit on the small validation file: lazy imports,
 the allocator's pools and the kernels' first calls are not the data's), and the peak of
 ``VmRSS``, which also counts the file's pages the kernel keeps mapped (page cache, given back
-under memory pressure). The goal is about the
-first: it must stay under the budget and not grow with the file.
+under memory pressure). The goal is about the first: it must stay under the budget and not grow
+with the file.
 
 The machine's load average (other users included) is printed beside the numbers: on a shared
 machine the ratios, measured in one interleaved run, are what to read.
@@ -90,14 +90,14 @@ def _fit(options: dict, train: str, val: str, **fit) -> dict:
 
 
 def _throughput_rank(rank: int, world: int, init: str, threads: int, train: str, val: str,
-                     epochs: int, out: str) -> None:
+                     epochs: int, batch: int, out: str) -> None:
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
                                 world_size=world)
     torch.set_num_threads(threads)
     cpu = time.process_time()
     try:
-        history = _fit(MODEL, train, val, max_epochs=epochs, batch_size=512, patience=10**6)
+        history = _fit(MODEL, train, val, max_epochs=epochs, batch_size=batch, patience=10**6)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -108,13 +108,13 @@ def _throughput_rank(rank: int, world: int, init: str, threads: int, train: str,
             json.dump(history["rows_per_second"], f)
 
 
-def throughput(processes: int, threads: int, train: str, val: str, epochs: int,
+def throughput(processes: int, threads: int, train: str, val: str, epochs: int, batch: int,
                folder: str) -> tuple[float, float]:
     """Median rows per second over the epochs after the first, in fresh processes, and the
     CPU seconds of the whole fit summed over the processes (their threads included)."""
     out = os.path.join(folder, "rate.json")
     init = os.path.join(folder, f"init-{time.monotonic_ns()}")
-    mp.spawn(_throughput_rank, args=(processes, init, threads, train, val, epochs, out),
+    mp.spawn(_throughput_rank, args=(processes, init, threads, train, val, epochs, batch, out),
              nprocs=processes, join=True)
     with open(out) as f:
         rates = json.load(f)
@@ -160,30 +160,81 @@ def memory(train: str, val: str, folder: str) -> dict:
         return json.load(f)
 
 
+def profile(batch: int, reps: int = 20) -> list[str]:
+    """The CPU milliseconds (``time.process_time``, one thread: what the load of others does
+    not change) of one training step of the throughput model on ``batch`` rows and on half of
+    them, and of the parts a data-parallel step adds or repeats on every rank."""
+    from pyroflows.density import DensityEstimator
+    from pyroflows.density.training import training_state, training_step
+
+    torch.set_num_threads(1)
+    est = DensityEstimator(**MODEL).fit(torch.randn(2048, D), max_epochs=0, progress=False)
+    model = est._model
+    optimizer, params, average = training_state(model, 1e-3, 0.0, 0.01)
+    u = torch.randn(batch, D)
+
+    def cpu_ms(fn) -> float:
+        fn()
+        fn()
+        tick = time.process_time()
+        for _ in range(reps):
+            fn()
+        return (time.process_time() - tick) / reps * 1000
+
+    def reduce_parts() -> None:  # parallel_step's own work, less the collective itself
+        flat = torch.cat([p.grad.reshape(-1) for p in params]) / 2.0
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    full = cpu_ms(lambda: training_step(model, u, optimizer, params, average))
+    half = cpu_ms(lambda: training_step(model, u[:batch // 2], optimizer, params, average))
+    adam = cpu_ms(optimizer.step)
+    flat = cpu_ms(reduce_parts)
+    bound = full / (half + flat)
+    return [f"| {batch} | {full:.1f} | {half:.1f} | {adam:.1f} | {flat:.1f} | {bound:.2f}x |"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=16384, help="training rows (throughput)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per throughput run")
+    parser.add_argument("--batch-size", type=int, default=512, help="the global batch")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds")
-    parser.add_argument("--budget-mb", type=float, default=24.0,
+    parser.add_argument("--budget-mb", type=float, default=32.0,
                         help="the memory budget; the large file is 10x it")
+    parser.add_argument("--two-threads", action="store_true",
+                        help="also one process with two threads (slow where others share the "
+                        "cores: contended threads spin)")
+    parser.add_argument("--profile", type=int, nargs="*", metavar="BATCH",
+                        help="only the CPU cost of a step at these global batch sizes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check it runs")
     parser.add_argument("--out", help="write the Markdown table here")
     args = parser.parse_args(argv)
     if args.smoke:
         args.rows, args.epochs, args.repeats, args.budget_mb = 2048, 2, 1, 2.0
+    if args.profile:
+        lines = ["| global batch | step, all rows (CPU ms) | step, half the rows | Adam step | "
+                 "flatten and split the gradients | 2 processes at most (no waiting, free "
+                 "all-reduce) |", "|---:|---:|---:|---:|---:|---:|"]
+        for batch in args.profile:
+            lines += profile(batch)
+        print("\n".join(lines))
+        return
     load_before = os.getloadavg()
     lines = []
     with tempfile.TemporaryDirectory() as folder:
         train, val = os.path.join(folder, "train.npy"), os.path.join(folder, "val.npy")
         write_rows(train, args.rows, 0)
         write_rows(val, 2048, 1)
-        configs = [(1, 1), (1, 2), (2, 1)]
+        configs = [(1, 1), (1, 2), (2, 1)] if args.two_threads else [(1, 1), (2, 1)]
         rates: dict = {c: [] for c in configs}
         cpus: dict = {c: [] for c in configs}
         for _ in range(args.repeats):
             for processes, threads in configs:
-                rate, cpu = throughput(processes, threads, train, val, args.epochs, folder)
+                rate, cpu = throughput(processes, threads, train, val, args.epochs,
+                                       args.batch_size, folder)
                 rates[(processes, threads)].append(rate)
                 cpus[(processes, threads)].append(cpu)
                 print(f"{processes} process(es) x {threads} thread(s): {rate:.0f} rows/s, "
@@ -201,10 +252,9 @@ def main(argv: list[str] | None = None) -> None:
         work = cpu_one / statistics.median(cpus[(2, 1)])
         lines += ["", f"2 processes: {speedup:.2f}x the rows/s of one (goal >= 1.7x: "
                   f"{'met' if speedup >= 1.7 else 'not met'}); scaling efficiency "
-                  f"{speedup / 2:.0%}. Work: the 2 processes spent {1 / work:.2f}x the CPU "
-                  f"seconds of one for the same fit, so on 2 free cores they could reach at "
-                  f"most {2 * work:.2f}x (an upper bound: it counts no waiting at the "
-                  "all-reduce).", ""]
+                  f"{speedup / 2:.0%}. The 2 processes spent {1 / work:.2f}x the CPU seconds "
+                  "of one for the same fit (each process's fixed start included; "
+                  "`--profile` gives a step's).", ""]
 
         rows_per_mb = 1024 * 1024 / (D * 4)
         lines += ["| file (MiB) | x budget | rows | peak RssAnon above start (MiB) | "
