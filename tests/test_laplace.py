@@ -389,7 +389,7 @@ def test_laplace_elbo_vectorized_equals_per_draw_loop(name, device, dtype, monke
         monkeypatch.setattr(LogDensity, "batched", spy)
         got = gaussian_elbo(LogDensity(model, guide._unpack_latent, args, {}), loc, scale_tril,
                             eps)
-        monkeypatch.setattr(LogDensity, "vectorized_mean", lambda *a, **k: None)
+        monkeypatch.setattr(LogDensity, "vectorized_values", lambda *a, **k: None)
         density = LogDensity(model, guide._unpack_latent, args, {})
         loop = gaussian_elbo(density, loc, scale_tril, eps)
         per_draw = [float(density(loc + scale_tril @ e)) for e in eps]

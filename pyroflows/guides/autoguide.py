@@ -561,9 +561,6 @@ class AutoFlowGuide(Memoized, AutoContinuous):
             raise ValueError(f"num_draws must be >= 1, got {num_draws}")
         tracker = self._best_state()
         loc = self._modules["affine"].loc
-        gen = torch.Generator(device=loc.device).manual_seed(0)
-        eps = torch.randn(int(num_draws), self.latent_dim, generator=gen, device=loc.device,
-                          dtype=loc.dtype)
         density = _laplace.LogDensity(self._raw_model[0], self._unpack_latent, args, kwargs)
         candidates = [("start", tracker.start), ("best tracked", tracker.best),
                       ("last", _best.snapshot(self.named_parameters()))]
@@ -571,19 +568,27 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         with torch.random.fork_rng(devices=cuda), torch.no_grad(), \
                 pyro.validation_enabled(False):
             kept, scores = _best.choose(candidates, self.named_parameters,
-                                        lambda: self._elbo_on(eps, density))
+                                        lambda: self._log_weights_on(int(num_draws), density))
         self.best_info = {"kept": kept, "elbo": scores, "steps": tracker.steps,
                           "num_draws": int(num_draws)}
         return self.best_info
 
-    def _elbo_on(self, eps: Tensor, density: _laplace.LogDensity) -> float:
-        """The ELBO estimate of the current parameters on the base draws ``eps`` (S, D)."""
+    def _log_weights_on(self, num_draws: int, density: _laplace.LogDensity) -> Tensor | None:
+        """The log weights :math:`\\log p(x, u_s) - \\log q(u_s)` of the current parameters
+        on ``num_draws`` base draws made from seed 0 (the same underlying random numbers for
+        every state: common random numbers, also for a learned base); ``None`` where a draw
+        or its density is not finite."""
+        base = self.get_base_dist()
+        torch.manual_seed(0)  # (inside keep_best's fork_rng: the global state is kept)
+        eps = base.sample((num_draws,))
         transform = ComposeTransform(self._transforms())
         latent = transform(eps)
-        log_q = self.get_base_dist().log_prob(eps) - transform.log_abs_det_jacobian(eps, latent)
-        if not bool(torch.isfinite(latent).all() & torch.isfinite(log_q).all()):
-            return -math.inf
-        return density.mean(latent) - float(log_q.mean())
+        log_q = base.log_prob(eps) - transform.log_abs_det_jacobian(eps, latent)
+        log_p = density.values(latent)
+        if not bool(torch.isfinite(latent).all() & torch.isfinite(log_q).all()
+                    & torch.isfinite(log_p).all()):
+            return None
+        return log_p - log_q
 
     @torch.no_grad()
     def _draw_latent(self, num_samples: int, seed: int | None = None) -> Tensor:

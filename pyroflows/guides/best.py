@@ -9,7 +9,9 @@ finite, untempered step of a pyroflows guide itself; in a loop with another ELBO
 ``svi.step``'s loss to ``guide.record_loss``. ``guide.keep_best(*args)``, at the end, scores
 the three states on the same :data:`BEST_DRAWS` base draws (common random numbers, so their
 difference is estimated far better than either ELBO) and keeps the one with the highest
-estimate.
+estimate, unless its gain over the start is within :data:`BEST_MARGIN_SE` standard errors of
+the paired per-draw differences: then the start is kept (a state scored a little higher by
+chance must not replace an exact start).
 
 Why both: a running mean of noisy single-step losses picks a state by its noise as much as by
 its quality (the minimum of many noisy block means is biased low), so it only nominates a
@@ -26,12 +28,15 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["BestState", "BEST_WINDOW", "BEST_DRAWS"]
+__all__ = ["BestState", "BEST_WINDOW", "BEST_DRAWS", "BEST_MARGIN_SE"]
 
 #: Recorded steps per block of the running ELBO estimate.
 BEST_WINDOW = 25
 #: Base draws behind ``keep_best``'s comparison of the states.
 BEST_DRAWS = 256
+#: A state replaces the start only where it beats it by more than this many standard errors of
+#: the mean paired difference of the log weights.
+BEST_MARGIN_SE = 2.0
 
 
 def snapshot(params: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
@@ -101,22 +106,34 @@ class BestState:
 
 def choose(candidates: list[tuple[str, dict[str, Tensor] | None]],
            params: Callable[[], Iterable[tuple[str, Tensor]]],
-           elbo: Callable[[], float]) -> tuple[str, dict[str, float]]:
-    """Load each candidate state in turn, score it by ``elbo()`` (a non-finite or failed
-    estimate is :math:`-\\infty`), leave the best loaded: ``(its name, every score)``. On a
-    tie the later candidate wins (the states are listed oldest first)."""
+           log_weights: Callable[[], Tensor | None]) -> tuple[str, dict[str, float]]:
+    """Load each candidate state in turn (the first is the start), score it by the mean of
+    ``log_weights()``, its per-draw log weights on common draws (``None``, non-finite or a
+    failure: :math:`-\\infty`), and leave loaded the best, or the start where the best's gain
+    over it is within :data:`BEST_MARGIN_SE` standard errors of the paired differences:
+    ``(its name, every score)``. On a tie the later candidate wins (oldest first)."""
     scores: dict[str, float] = {}
     states: dict[str, dict[str, Tensor]] = {}
+    weights: dict[str, Tensor] = {}
     for name, state in candidates:
         if state is None:
             continue
         restore(params(), state)
         try:
-            value = float(elbo())
+            lw = log_weights()
         except (ValueError, RuntimeError):  # a state whose draws the model or flow rejects
-            value = -math.inf
+            lw = None
+        value = float(lw.mean()) if lw is not None else -math.inf
         scores[name] = value if math.isfinite(value) else -math.inf
         states[name] = state
+        if math.isfinite(scores[name]):
+            weights[name] = lw
     kept = max(reversed(list(scores)), key=lambda name: scores[name])
+    start = next(iter(states))
+    if kept != start and start in weights and kept in weights:
+        diff = (weights[kept] - weights[start]).double()
+        se = float(diff.std()) / math.sqrt(diff.numel()) if diff.numel() > 1 else math.inf
+        if not float(diff.mean()) > BEST_MARGIN_SE * se:
+            kept = start
     restore(params(), states[kept])
     return kept, scores

@@ -122,33 +122,40 @@ class LogDensity:
 
     def mean(self, draws: Tensor) -> float:
         r"""The mean log density over the rows of ``draws`` (S, D), :math:`-\infty` where a
+        draw is rejected or not finite (:meth:`values`)."""
+        values = self.values(draws)
+        return float(values.mean()) if bool(torch.isfinite(values).all()) else -math.inf
+
+    def values(self, draws: Tensor) -> Tensor:
+        r"""The log density (S,) at each row of ``draws`` (S, D), :math:`-\infty` where a
         draw is rejected or not finite: one vectorized run where it agrees, else a loop."""
         if self.vectorized:
-            value = self.vectorized_mean(draws)
-            if value is not None:
-                return value
+            values = self.vectorized_values(draws)
+            if values is not None:
+                return values
             self.vectorized = False
-        total = 0.0
+        out = []
         for u in draws:
             try:
                 value = float(self(u))
             except Exception:  # noqa: BLE001 - a draw the model rejects
-                return -math.inf
-            if not math.isfinite(value):
-                return -math.inf
-            total += value
-        return total / draws.shape[0]
+                value = -math.inf
+            out.append(value if math.isfinite(value) else -math.inf)
+        return torch.tensor(out, dtype=draws.dtype, device=draws.device)
 
-    def vectorized_mean(self, draws: Tensor) -> float | None:
-        r""":meth:`mean` from one vectorized run, or ``None`` where the loop must decide: the
+    def vectorized_values(self, draws: Tensor) -> Tensor | None:
+        r""":meth:`values` from one vectorized run, or ``None`` where the loop must decide: the
         batched run fails or differs from the plain one at the first and last draw (a model
-        can run and still mix the draws), or a plate subsamples."""
+        can run and still mix the draws), or a plate subsamples. Where the first draw is
+        rejected or not finite, every entry is :math:`-\infty` (the draws are rejected as a
+        whole, without running the rest)."""
+        rejected = torch.full(draws.shape[:1], -math.inf, dtype=draws.dtype, device=draws.device)
         try:
             first, trace = self.with_trace(draws[0])
         except Exception:  # noqa: BLE001 - a draw the model rejects: the loop's answer
-            return -math.inf
+            return rejected
         if not bool(torch.isfinite(first)):
-            return -math.inf
+            return rejected
         sites = [site for site in trace.nodes.values() if site["type"] == "sample"]
         frames = [frame for site in sites for frame in site["cond_indep_stack"]
                   if frame.vectorized]
@@ -173,9 +180,7 @@ class LogDensity:
         tol = math.sqrt(torch.finfo(values.dtype).eps)
         if not torch.allclose(values[[0, -1]], torch.stack([first, last]), rtol=tol, atol=tol):
             return None
-        if not bool(torch.isfinite(values).all()):
-            return -math.inf
-        return float(values.sum()) / draws.shape[0]
+        return torch.where(torch.isfinite(values), values.detach(), rejected)
 
 
 def gaussian_elbo(density: LogDensity, loc: Tensor, scale_tril: Tensor, eps: Tensor) -> float:
