@@ -33,6 +33,19 @@ end is what training spoilt::
 
     nice -n 5 python -m benchmarks.vi --gaussians --out benchmarks/results/vi-gaussians.md
 
+``--scaling`` runs the cost-against-D table instead (issue 24, item 3): on the ill-conditioned
+Gaussian of each D in ``--dims``, our ``AutoIAF`` at its defaults (the recipe above) next to
+Pyro's ``AutoIAFNormal`` (Adam 5e-3) and ``AutoMultivariateNormal`` (Adam 1e-2), and ours at
+the conditioner widths it had before (``hidden 4D``; ``--scaling-guides`` picks), each trained
+``--steps`` steps with ``--particles`` particles, one seed; the parameter count, the median
+seconds of a training step, the final KL (closed form log p, ``--draws`` draws of the guide;
+ours also at the start and after ``keep_best``), and for our guide the median time of a
+gradient with and without sticking the landing, measured in alternation (``--time-steps``
+each, no parameter update) in the same process::
+
+    nice -n 5 python -m benchmarks.vi --scaling --dims 10 30 100 300 --steps 300 \
+        --particles 8 --draws 4000 --out benchmarks/results/vi-scaling.md
+
 Columns: KL = log Z - ELBO (nats, from ``--draws`` draws, where log Z is known); PSIS k-hat of
 the same importance weights (:func:`pyroflows.diagnostics.psis`); the largest standardized mean
 error |mean_q - mean_ref| / sd_ref and the largest |log(sd_q / sd_ref)| over the parameters,
@@ -65,10 +78,11 @@ from pyro.infer.importance import vectorized_importance_weights
 
 import pyroflows as pf
 from pyroflows.guides import FlowELBO
+from pyroflows.nn import default_hidden_dims
 
 from .targets import TARGETS, Target, load_target
 
-__all__ = ["Recipe", "GUIDES", "OUR_RECIPE", "fit", "evaluate", "main"]
+__all__ = ["Recipe", "GUIDES", "OUR_RECIPE", "SCALING_GUIDES", "fit", "evaluate", "main"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,7 @@ GUIDES: dict[str, tuple[Callable, Recipe]] = {
     "pf AutoIAF": (lambda m: pf.guides.AutoIAF(m), OUR_RECIPE),
     "pf AutoIAF(full_rank=False)": (lambda m: pf.guides.AutoIAF(m, full_rank=False),
                                     OUR_RECIPE),
+    "pf AutoIAF(base=studentt)": (lambda m: pf.guides.AutoIAF(m, base="studentt"), OUR_RECIPE),
 }
 
 
@@ -298,6 +313,117 @@ def _start(guide) -> str:
     return "laplace" if info is not None and info["used"] else "plain"
 
 
+# ---- cost against D (issue 24, item 3) -----------------------------------------------------------
+
+#: The guides of the scaling table: (constructor, Adam step size; ``None``: ours, the recipe).
+SCALING_GUIDES: dict[str, tuple[Callable, float | None]] = {
+    "pf AutoIAF": (lambda m: pf.guides.AutoIAF(m), None),
+    # the conditioner widths before issue 24 (the layers' own default, two layers of 4D units)
+    "pf AutoIAF(hidden 4D)": (lambda m: pf.guides.AutoIAF(m, hidden_dims=_four_d(m)), None),
+    "AutoIAFNormal": (lambda m: AutoIAFNormal(m), PYRO_FLOW.lr),
+    "AutoMultivariateNormal": (lambda m: AutoMultivariateNormal(m), PYRO_GAUSSIAN.lr),
+}
+
+
+def _four_d(model: Callable) -> tuple[int, int]:
+    """Two layers of max(64, 4D) units for the one latent site ``"z"`` of ``model``."""
+    dim = pyro.poutine.trace(model).get_trace().nodes["z"]["value"].shape[-1]
+    return default_hidden_dims(dim)
+
+
+def posterior_kl(guide, log_density: Callable, num_draws: int) -> float:
+    """KL(q || p) of an autoguide over one real latent site, from ``num_draws`` draws of its
+    posterior over the unconstrained latent vector (here the site itself), log p in closed
+    form (log Z = 0)."""
+    with torch.no_grad(), pf.validation(False):
+        posterior = guide.get_posterior()
+        draws = posterior.sample((num_draws,))
+        value = float((posterior.log_prob(draws) - log_density(draws)).mean())
+    return value if math.isfinite(value) else math.inf
+
+
+def gradient_times(model: Callable, guide, num_particles: int, repeats: int
+                   ) -> tuple[float, float]:
+    """Median seconds of one loss-and-gradient of our guide without and with sticking the
+    landing, the two measured in alternation (no parameter update)."""
+    elbos = [FlowELBO(num_particles=num_particles, vectorize_particles=True,
+                      max_plate_nesting=0, stick_the_landing=stl) for stl in (False, True)]
+    times: list[list[float]] = [[], []]
+    with pf.validation(False):
+        for _ in range(repeats):
+            for k, elbo in enumerate(elbos):
+                guide.zero_grad(set_to_none=True)
+                begin = time.perf_counter()
+                elbo.differentiable_loss(model, guide).backward()
+                times[k].append(time.perf_counter() - begin)
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
+def fit_scaling(dim: int, gname: str, steps: int, num_particles: int, num_draws: int,
+                time_steps: int, seed: int = 0) -> dict[str, float]:
+    """One guide of the scaling table on the ill-conditioned Gaussian of size ``dim``."""
+    make_guide, lr = SCALING_GUIDES[gname]
+    model, log_density = gaussian_posterior("ill-conditioned", dim)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = make_guide(model)
+    ours = lr is None
+    guide()
+    out: dict[str, float] = {"params": float(sum(p.numel() for p in guide.parameters()))}
+    if ours:
+        out["start"] = posterior_kl(guide, log_density, num_draws)
+        elbo = FlowELBO(num_particles=num_particles, vectorize_particles=True,
+                        max_plate_nesting=0)
+        optimizer = torch.optim.Adam(guide.param_groups())
+        decay = OUR_RECIPE.decay
+    else:
+        elbo = pyro.infer.Trace_ELBO(num_particles=num_particles, vectorize_particles=True,
+                                     max_plate_nesting=0)
+        optimizer = torch.optim.Adam(guide.parameters(), lr=lr)
+        decay = 1.0
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, decay ** (-1 / steps))
+    step_times = []
+    with pf.validation(False):
+        for _ in range(steps):
+            begin = time.perf_counter()
+            optimizer.zero_grad()
+            elbo.differentiable_loss(model, guide).backward()
+            optimizer.step()
+            scheduler.step()
+            step_times.append(time.perf_counter() - begin)
+    out["step"] = float(np.median(step_times))
+    out["kl"] = posterior_kl(guide, log_density, num_draws)
+    if ours:
+        out["plain"], out["stl"] = gradient_times(model, guide, num_particles, time_steps)
+        guide.keep_best()
+        out["kept"] = posterior_kl(guide, log_density, num_draws)
+    return out
+
+
+def scaling_table(dims: list[int], steps: int, num_particles: int, num_draws: int,
+                  time_steps: int, seed: int, guides: list[str]) -> list[str]:
+    """The cost-against-D table, one row per (D, guide)."""
+    rows = ["| D | guide | parameters | ms / step | KL start | KL trained | KL kept | "
+            "gradient ms plain | gradient ms STL | STL / plain |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(rows), flush=True)
+    for dim in dims:
+        for gname in guides:
+            try:
+                r = fit_scaling(dim, gname, steps, num_particles, num_draws, time_steps, seed)
+                ours = "stl" in r
+                extra = (f"{1e3 * r['plain']:.1f} | {1e3 * r['stl']:.1f} | "
+                         f"{r['stl'] / r['plain']:.2f}" if ours else "- | - | -")
+                row = (f"| {dim} | {gname} | {int(r['params'])} | {1e3 * r['step']:.1f} | "
+                       f"{_fmt(r['start']) if ours else '-'} | {_fmt(r['kl'])} | "
+                       f"{_fmt(r['kept']) if ours else '-'} | {extra} |")
+            except Exception as e:  # noqa: BLE001 - a failing guide is a result
+                row = f"| {dim} | {gname} | failed: {type(e).__name__}: {str(e)[:60]} ||||||||"
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
@@ -313,10 +439,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", nargs="*", type=int, default=[10, 30, 50, 100])
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--gaussian-guides", nargs="*", default=list(GAUSSIAN_GUIDES))
+    parser.add_argument("--scaling", action="store_true",
+                        help="the cost-against-D table on ill-conditioned Gaussians instead "
+                        "(issue 24, item 3)")
+    parser.add_argument("--time-steps", type=int, default=20,
+                        help="--scaling: gradients timed with and without sticking the landing")
+    parser.add_argument("--scaling-guides", nargs="*", default=list(SCALING_GUIDES))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     # Pyro's flow guides build their layers lazily in the default dtype: float64 models need it.
     torch.set_default_dtype(torch.float64)
+    if args.scaling:
+        header = (
+            "# Cost against the latent size D (issue 24, item 3)\n\n"
+            f"Ill-conditioned Gaussian posteriors (eigenvalues log-spaced from 1 to 1e-3, a "
+            f"fixed random rotation; log Z = 0), float64, {args.steps} training steps of "
+            f"{args.particles} vectorized particles, seed {args.seed} only (CPU is scarce: a "
+            "2-core machine shared with other jobs, `torch.set_num_threads(1)`; times are "
+            "noisy, ratios within one run are the measure). pf AutoIAF at its defaults "
+            "(conditioner widths `guide_hidden_dims(D)`, Laplace start up to D = 256, the "
+            f"family's Adam step sizes decayed {OUR_RECIPE.decay:g}x, FlowELBO with sticking "
+            "the landing); Pyro's AutoIAFNormal (Adam 5e-3) and AutoMultivariateNormal (Adam "
+            "1e-2) constant, Trace_ELBO; `pf AutoIAF(hidden 4D)`: ours at the conditioner "
+            "widths before issue 24 (two layers of max(64, 4D) units). ms / step: median "
+            "wall time of a training step. KL "
+            f"(nats) from {args.draws} draws of the guide, log p in closed form. For our "
+            "guide, the median time of one loss and gradient without and with sticking the "
+            f"landing, {args.time_steps} of each in alternation after training, no update; "
+            "its KL at the start (the Laplace start: exact up to D = 256), after training "
+            "and after `guide.keep_best()`.\n"
+        )
+        print(header, flush=True)
+        rows = scaling_table(args.dims, args.steps, args.particles, args.draws,
+                             args.time_steps, args.seed, args.scaling_guides)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(header + "\n" + "\n".join(rows) + "\n")
+        return 0
     if args.gaussians:
         header = (
             "# Start against end on Gaussian posteriors (issue 24)\n\n"

@@ -20,8 +20,12 @@ __all__ = ["log_prob_detached", "jacobian_route", "path_log_density", "path_entr
            "detached_base", "base_score"]
 
 #: Up to this latent size :math:`\nabla_z \log q` comes from the draw's Jacobian (a D x D solve
-#: per particle); above it from the flow's inverse.
-STL_JACOBIAN_MAX_DIM = 256
+#: per particle); above it from the flow's inverse. Both take about D passes of the flow's
+#: networks, but the Jacobian's in one batch and the inverse's (IAF: D a layer) one after
+#: another, so the Jacobian is the cheaper route wherever its rows fit
+#: (:data:`STL_JACOBIAN_MAX_ROWS`) and its solve, :math:`O(D^3)` a particle, stays small beside
+#: the passes (``benchmarks/results/vi-scaling.md``).
+STL_JACOBIAN_MAX_DIM = 1024
 #: The most rows (particles x D) the Jacobian's pass may take (activations in memory).
 STL_JACOBIAN_MAX_ROWS = 32768
 #: From this many rows (particles x (D + 1)) on, the Jacobian comes from one forward pass and a
