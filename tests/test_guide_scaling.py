@@ -74,3 +74,47 @@ def test_d100_parameter_count_and_exact_start(device, dtype):
         log_p = dist.Normal(loc, 0.5).to_event(1).log_prob(z)
     tol = 1e-8 if dtype == torch.float64 else 2e-2
     torch.testing.assert_close(log_q, log_p, atol=tol * dim, rtol=0.0)
+
+
+def test_stl_above_the_old_limit_takes_the_jacobian_and_matches_the_inverse(monkeypatch, device,
+                                                                              dtype):
+    """At D = 300 (above the old limit of 256) sticking the landing takes the draw's Jacobian by
+    default; its loss and gradients equal those of the flow's inverse (the route switched off:
+    STL_JACOBIAN_MAX_DIM = 0), an independent computation of grad_z log q."""
+    from pyroflows.guides import FlowELBO, landing
+
+    dim = 300
+    assert landing.STL_JACOBIAN_MAX_DIM >= dim
+    model = _normal_model(dim, device, dtype)
+    taken = []
+    real = landing.path_log_density
+
+    def counted(*args, **kwargs):
+        taken.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(landing, "path_log_density", counted)
+    results, calls = [], []
+    for max_dim in (landing.STL_JACOBIAN_MAX_DIM, 0):
+        before = len(taken)
+        monkeypatch.setattr(landing, "STL_JACOBIAN_MAX_DIM", max_dim)
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        guide = pf.guides.AutoIAF(model, num_layers=2, hidden_dims=(16,))
+        guide()
+        with torch.no_grad():
+            for p in guide.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        elbo = FlowELBO(stick_the_landing=True, num_particles=2, vectorize_particles=True,
+                        max_plate_nesting=0)
+        torch.manual_seed(1)
+        with pf.validation(False):
+            loss = elbo.differentiable_loss(model, guide)
+        results.append((loss.detach(), torch.autograd.grad(loss, list(guide.parameters()))))
+        calls.append(len(taken) - before)
+    assert calls[0] > 0 and calls[1] == 0  # the Jacobian route ran, then the inverse
+    (got, got_g), (want, want_g) = results
+    tol = dict(rtol=1e-7, atol=1e-8) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-4)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a, b, **tol)
