@@ -27,12 +27,12 @@ def _choose(log_weights: dict[str, torch.Tensor]) -> str:
         return [("p", p)]
 
     def weights():
-        name = next(n for n, s in states.items() if float(s["p"]) == float(p))
+        name = next(n for n, s in states.items() if float(s["p"]) == float(p.detach()))
         loaded["last"] = name
         return log_weights[name]
 
     kept, scores = best.choose(list(states.items()), params, weights)
-    assert float(p) == float(states[kept]["p"])  # the kept state is the one left loaded
+    assert float(p.detach()) == float(states[kept]["p"])  # the kept state is the one left loaded
     assert scores == {n: pytest.approx(float(w.mean())) for n, w in log_weights.items()}
     return kept
 
