@@ -33,7 +33,7 @@ def test_two_ranks_take_the_one_process_steps(tmp_path):
     y_val, c_val = _data(100, 1)
     rows = {"max_epochs": 2, "batch_size": 64, "lr": 5e-3}
     # patience 0 with a large step size: early stopping must decide alike on every rank
-    stopping = {"max_epochs": 5, "batch_size": 100, "lr": 0.05, "patience": 0}
+    stopping = {"max_epochs": 5, "batch_size": 100, "lr": 0.1, "patience": 0}
     fits = [
         ("rows", y, y_val, OPTIONS, {**rows, "checkpoint": str(tmp_path / "rows.ckpt")}),
         ("context", (y, c), (y_val, c_val), OPTIONS, rows),

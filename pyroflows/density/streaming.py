@@ -191,33 +191,89 @@ class _Batches:
             yield None if batch is None else self.parse(batch, number, errors)
 
 
-def _index_dtype(n: int) -> torch.dtype:
-    """int32 row numbers where they fit: an epoch's order costs 4 bytes a row."""
-    return torch.int32 if n < 2**31 else torch.int64
+class Permutation:
+    r"""A pseudo-random permutation :math:`\pi` of ``range(n)``, evaluated at any positions
+    without building it, so an epoch's order costs memory for one batch, not 4 or 8 bytes a
+    row: a balanced Feistel network of :data:`ROUNDS` rounds on :math:`2h`-bit integers
+    (:math:`2^{2h} \ge n`; each round :math:`(L, R) \mapsto (R, L \oplus F_k(R))` with a
+    multiply-xorshift :math:`F` and round keys :math:`k` drawn from ``generator``), a bijection
+    of :math:`[0, 2^{2h})`, cycle-walked into :math:`[0, n)` (Black & Rogaway 2002): a value
+    at or above :math:`n` is encrypted again until it lands below (fewer than 4 tries on
+    average, as :math:`2^{2h} < 4n`).
+
+    Example:
+        >>> pi = Permutation(10, torch.Generator().manual_seed(0))
+        >>> sorted(pi(torch.arange(10)).tolist()) == list(range(10))
+        True
+    """
+
+    ROUNDS = 8
+
+    def __init__(self, n: int, generator: torch.Generator | None) -> None:
+        bits = max(2, (int(n) - 1).bit_length())
+        self.n, self.half = int(n), (bits + 1) // 2
+        self.mask = (1 << self.half) - 1
+        self.keys = torch.randint(0, 2**31 - 1, (self.ROUNDS,), generator=generator).tolist()
+
+    def _mix(self, r: Tensor, key: int) -> Tensor:
+        # a 32-bit integer hash of (r, key) (multiply-xorshift rounds), then the half's bits;
+        # every product stays below 2^63
+        x = (r + key * 0x9E3779B1) & 0xFFFFFFFF
+        for _ in range(2):
+            x = x ^ (x >> 16)
+            x = (x * 0x45D9F3B) & 0xFFFFFFFF
+        return (x ^ (x >> 16)) & self.mask
+
+    def _encrypt(self, v: Tensor) -> Tensor:
+        left, right = v >> self.half, v & self.mask
+        for key in self.keys:
+            left, right = right, left ^ self._mix(right, key)
+        return (left << self.half) | right
+
+    def __call__(self, positions: Tensor) -> Tensor:
+        r""":math:`\pi` at ``positions`` (int64, each in ``[0, n)``)."""
+        v = self._encrypt(positions.to(torch.int64))
+        out = v >= self.n
+        while bool(out.any()):
+            v = torch.where(out, self._encrypt(v), v)
+            out = v >= self.n
+        return v
+
+
+class _Subset:
+    """Positions ``offset`` to ``offset + size`` of a :class:`Permutation`: a held-out split
+    of the rows, never materialized."""
+
+    def __init__(self, perm: Permutation, offset: int, size: int) -> None:
+        self.perm, self.offset, self.size = perm, offset, size
+
+    def __call__(self, positions: Tensor) -> Tensor:
+        return self.perm(positions + self.offset)
 
 
 class _Indexed:
-    """Rows ``indices`` (``None``: all rows, never materialized unshuffled) of a map-style
-    dataset in global batches of ``batch_size`` (a fresh order each epoch where ``shuffle``),
-    rank ``rank`` of ``world`` taking every ``world``-th row of each: the ranks' batches
-    together are the one process's, every row once per epoch, no padding. ``None`` stands for
-    a rank's empty share. The only memory that grows with the data is an epoch's order, 4
-    bytes a row (``torch.randperm``; a ``DataLoader``'s sampler holds a list of the same)."""
+    """Rows ``indices`` (a :class:`_Subset`; ``None``: all rows) of a map-style dataset in
+    global batches of ``batch_size`` (a fresh :class:`Permutation` each epoch where
+    ``shuffle``), rank ``rank`` of ``world`` taking every ``world``-th row of each: the ranks'
+    batches together are the one process's, every row once per epoch, no padding. ``None``
+    stands for a rank's empty share. No memory grows with the data: every order is computed
+    a batch at a time (a ``DataLoader``'s sampler, by contrast, holds a list of the rows)."""
 
-    def __init__(self, dataset: Any, indices: Tensor | None, batch_size: int, rank: int,
+    def __init__(self, dataset: Any, indices: _Subset | None, batch_size: int, rank: int,
                  world: int, shuffle: bool) -> None:
         self.dataset, self.indices, self.batch_size = dataset, indices, batch_size
         self.rank, self.world, self.shuffle = rank, world, shuffle
-        self.size = len(dataset) if indices is None else indices.numel()
+        self.size = len(dataset) if indices is None else indices.size
 
     def batches(self, epoch: int, gen: torch.Generator | None) -> Iterator[Any]:
-        order = self.indices
-        if self.shuffle and gen is not None:
-            perm = torch.randperm(self.size, generator=gen, dtype=_index_dtype(self.size))
-            order = perm if order is None else order[perm]
+        perm = Permutation(self.size, gen) if self.shuffle and gen is not None else None
         for start in range(0, self.size, self.batch_size):
             stop = min(start + self.batch_size, self.size)
-            part = (torch.arange(start, stop) if order is None else order[start:stop])
+            part = torch.arange(start, stop)
+            if perm is not None:
+                part = perm(part)
+            if self.indices is not None:
+                part = self.indices(part)
             part = part[self.rank::self.world]
             yield None if part.numel() == 0 else _fetch(self.dataset, part.sort().values.tolist())
 
@@ -486,7 +542,7 @@ class StreamTrainer(Trainer):
         return float(sums[0] / sums[1])
 
 
-def _source(data: Any, name: str, *, dataset_indices: Tensor | None, batch_size: int,
+def _source(data: Any, name: str, *, dataset_indices: _Subset | None, batch_size: int,
             rank: int, world: int, shuffle: bool) -> Any:
     """``data`` as a source of batches: a map-style dataset by index (sharded over the
     ranks), anything else iterated as it comes."""
@@ -548,9 +604,10 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
         n = len(x)
         train_share = (-(-batch_size // world), 0, 1) if arrays else (batch_size, rank, world)
         if x_val is None:
-            perm = torch.randperm(n, generator=gen, dtype=_index_dtype(n))
+            split = Permutation(n, gen)
             num_val = max(1, round(val_fraction * n))
-            train_idx, val_idx, val_share = perm[num_val:], perm[:num_val], train_share
+            train_idx, val_idx = _Subset(split, num_val, n - num_val), _Subset(split, 0, num_val)
+            val_share = train_share
             x_val = x
         else:
             train_idx, val_idx = None, None
