@@ -21,12 +21,13 @@ def _data(n: int, seed: int) -> torch.Tensor:
 
 def test_two_ranks_take_the_one_process_steps(tmp_path):
     """Given held-out shards: both ranks keep the one-process fit's steps, parameters and
-    checks. Holding out rows of their own shards (and a seed drawn on rank 0): the ranks
-    agree exactly."""
+    checks. Holding out rows of their own shards (with the seed given, and with one drawn on
+    rank 0): the ranks agree exactly."""
     x, x_val = _data(400, 0), _data(100, 1)
     one = Tabak(3, **OPTIONS).fit(x, x_val=x_val, progress=False)
     assert one.num_steps > 10  # the data makes the fit take steps
-    fits = [("given", x, x_val, OPTIONS), ("own", _data(500, 2), None, {**OPTIONS, "seed": None})]
+    fits = [("given", x, x_val, OPTIONS), ("own", _data(500, 2), None, OPTIONS),
+            ("drawn", _data(500, 2), None, {**OPTIONS, "seed": None})]
     run_ranks(tabak_fits, 2, fits, str(tmp_path))
     for rank in range(2):
         saved = torch.load(tmp_path / f"given-rank{rank}.pt")
@@ -37,10 +38,12 @@ def test_two_ranks_take_the_one_process_steps(tmp_path):
         for key in ("train_log_prob", "val_log_prob"):
             torch.testing.assert_close(torch.tensor(saved["history"][key]),
                                        torch.tensor(one.history[key]), rtol=1e-10, atol=1e-10)
-    a, b = (torch.load(tmp_path / f"own-rank{r}.pt") for r in range(2))
-    assert a["best_step"] == b["best_step"] > 0
-    for name, value in a["state"].items():
-        torch.testing.assert_close(b["state"][name], value, rtol=0, atol=0, msg=name)
+    for case in ("own", "drawn"):
+        a, b = (torch.load(tmp_path / f"{case}-rank{r}.pt") for r in range(2))
+        assert a["best_step"] == b["best_step"] and a["history"] == b["history"]
+        for name, value in a["state"].items():
+            torch.testing.assert_close(b["state"][name], value, rtol=0, atol=0, msg=name)
+    assert torch.load(tmp_path / "own-rank0.pt")["best_step"] > 0  # (seeded: it took steps)
 
 
 def test_distributed_true_needs_a_process_group():
