@@ -80,6 +80,7 @@ def main() -> None:
               f"{np.median(history['rows_per_second']):.0f} rows/s")
         est.save(args.out)
     if parallel:
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
 
 

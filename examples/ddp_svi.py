@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, torch.Tensor]:
         if args.out:
             torch.save(state, args.out)
     if distributed:
+        torch_dist.barrier()  # no rank tears the group down while another still uses it
         torch_dist.destroy_process_group()
     return state
 

@@ -17,6 +17,7 @@ def _entry(rank: int, world: int, init_file: str, target, args: tuple) -> None:
     torch.set_num_threads(1)
     try:
         target(rank, world, *args)
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
