@@ -300,28 +300,35 @@ def write_atomic(payload: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def read(path: str | os.PathLike) -> dict:
-    """The contents of a ``DensityEstimator`` file, read with ``torch.load(weights_only=True)``
-    (no pickled code runs); a ``ValueError`` saying what is wrong for an empty, foreign,
-    damaged or newer file."""
-    path = os.fspath(path)
+def read_torch_file(path: str, kind: str, prefix: str = "") -> Any:
+    """What ``torch.save`` wrote at ``path``, read with ``torch.load(weights_only=True)`` (no
+    pickled code runs); a ``ValueError`` (its message ``prefix`` first) saying what is wrong
+    for an empty, foreign or damaged file, ``kind`` naming what the file should be ("a
+    pyroflows file", "a checkpoint"). A missing file raises ``FileNotFoundError``."""
     with open(path, "rb") as f:
         head = f.read(len(_ZIP_MAGIC))
         if not head:
-            raise ValueError(f"{path} is empty: not a pyroflows file")
+            raise ValueError(f"{prefix}{path} is empty: not {kind}")
         if head != _ZIP_MAGIC:
-            raise ValueError(f"{path} is not a pyroflows file (or is damaged): it does not "
+            raise ValueError(f"{prefix}{path} is not {kind} (or is damaged): it does not "
                              "begin as a file of torch.save does")
         f.seek(0)
         try:
-            payload = torch.load(f, map_location="cpu", weights_only=True)
+            return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise ValueError(f"{path} is not a pyroflows file (or is damaged): it holds objects "
-                             "that a pyroflows file never does, which were not unpickled") from e
+            raise ValueError(f"{prefix}{path} is not {kind} (or is damaged): it holds objects "
+                             f"that {kind} never does, which were not unpickled") from e
         except Exception as e:  # noqa: BLE001 - torch's errors for a bad archive vary
             reason = str(e).split("\n")[0][:200]
-            raise ValueError(f"{path} is damaged (truncated or corrupted): torch could not "
-                             f"read it ({type(e).__name__}: {reason})") from e
+            raise ValueError(f"{prefix}{path} is damaged (truncated or corrupted): torch could "
+                             f"not read it ({type(e).__name__}: {reason})") from e
+
+
+def read(path: str | os.PathLike) -> dict:
+    """The contents of a ``DensityEstimator`` file (:func:`read_torch_file`); a
+    ``ValueError`` saying what is wrong for an empty, foreign, damaged or newer file."""
+    path = os.fspath(path)
+    payload = read_torch_file(path, "a pyroflows file")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is a torch file but not a saved pyroflows DensityEstimator")
     version = payload.get("version")

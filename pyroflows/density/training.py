@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import pickle
 import random
 import time
 import warnings
@@ -28,7 +27,6 @@ __all__ = ["Trainer", "ParameterAverage", "run_epoch", "training_state", "traini
 #: What a fit's checkpoint file says it is (``read_checkpoint`` refuses anything else).
 CHECKPOINT_FORMAT = "pyroflows.DensityEstimator.checkpoint"
 CHECKPOINT_VERSION = 1
-_ZIP_MAGIC = b"PK\x03\x04"
 
 # Gradients are clipped to this norm: a rare huge gradient must not throw the flow far away.
 MAX_GRAD_NORM = 1e3
@@ -212,23 +210,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """The contents of a fit's checkpoint, read with ``torch.load(weights_only=True)`` (no
     pickled code runs); a ``ValueError`` saying what is wrong for a missing, empty, foreign or
     damaged file."""
+    from .persistence import read_torch_file  # (persistence imports this module)
+
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(len(_ZIP_MAGIC))
-            if head != _ZIP_MAGIC:
-                raise ValueError(f"resume: {path} is {'empty' if not head else 'not a checkpoint'}"
-                                 " (it does not begin as a file of torch.save does)")
-            f.seek(0)
-            try:
-                payload = torch.load(f, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise ValueError(f"resume: {path} holds objects a checkpoint never does, which "
-                                 "were not unpickled") from e
-            except Exception as e:  # noqa: BLE001 - torch's errors for a bad archive vary
-                reason = str(e).split("\n")[0][:200]
-                raise ValueError(f"resume: {path} is damaged (truncated or corrupted): "
-                                 f"{type(e).__name__}: {reason}") from e
+        payload = read_torch_file(path, "a checkpoint", prefix="resume: ")
     except FileNotFoundError:
         raise ValueError(f"resume: no checkpoint at {path}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
