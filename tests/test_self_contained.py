@@ -6,8 +6,8 @@ import pathlib
 import re
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# A path that leaves the repository for the project folder beside it: the parent's "shared"
-# folder written as one path or joined from parts, or its "bench" subfolder.
+# A path that leaves the repository for the project folder beside it (the parent's folder of
+# shared material, written as one path or joined from parts, or its benchmark subfolder).
 OUTSIDE = re.compile(r"\.\./shared|shared[/\\]bench|\"\.\.\",\s*\"shared\"|'\.\.',\s*'shared'")
 
 
