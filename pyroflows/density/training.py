@@ -99,20 +99,28 @@ def training_step(model: DensityModel, u: Tensor, optimizer: torch.optim.Optimiz
     if not fused and not bool(torch.isfinite(loss)):
         return lp.detach(), torch.ones((), dtype=torch.bool, device=lp.device)
     loss.backward()
+    return lp.detach(), clipped_step(loss, optimizer, params, average)
+
+
+def clipped_step(loss: Tensor, optimizer: torch.optim.Optimizer, params: list[Tensor],
+                 average: ParameterAverage) -> Tensor:
+    """Clip the gradients to ``MAX_GRAD_NORM``, take the optimizer's step unless ``loss`` or a
+    gradient is not finite, then the moving average; returns the 0-dim skip flag (with the
+    fused Adam decided on the device: no host synchronization)."""
     norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
     skipped = ~(torch.isfinite(loss) & torch.isfinite(norm))
-    if fused:
+    if optimizer.defaults.get("fused"):
         optimizer.found_inf = skipped.to(torch.float32)
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf
     elif bool(skipped):
-        return lp.detach(), skipped
+        return skipped
     else:
         optimizer.step()
     average.update(skipped)
-    return lp.detach(), skipped
+    return skipped
 
 
 def parallel_step(model: DensityModel, u: Tensor, optimizer: torch.optim.Optimizer,
@@ -146,21 +154,7 @@ def parallel_step(model: DensityModel, u: Tensor, optimizer: torch.optim.Optimiz
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p)  # views of the one reduced buffer
         offset += p.numel()
-    loss = -flat[-2]
-    norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-    skipped = ~(torch.isfinite(loss) & torch.isfinite(norm))
-    if optimizer.defaults.get("fused"):
-        optimizer.found_inf = skipped.to(torch.float32)
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
-    elif bool(skipped):
-        return lp.detach(), skipped, count
-    else:
-        optimizer.step()
-    average.update(skipped)
-    return lp.detach(), skipped, count
+    return lp.detach(), clipped_step(-flat[-2], optimizer, params, average), count
 
 
 def run_epoch(model: DensityModel, u_train: Tensor, ld_train: Tensor,
