@@ -51,13 +51,18 @@ class Rows:
         else:
             self.rank, self.total, self.offset, self.smallest = 0, self.local, 0, self.local
 
-    def sum(self, t: Tensor) -> Tensor:
-        """``t``, a local sum over rows, summed over the ranks (a new tensor)."""
+    def _reduced(self, t: Tensor, op: str) -> Tensor:
+        """``t`` reduced elementwise over the ranks by ``dist.ReduceOp.<op>`` (a new tensor),
+        or ``t`` itself when not parallel (where torch may have no ``torch.distributed``)."""
         if not self.parallel:
             return t
         t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t
+
+    def sum(self, t: Tensor) -> Tensor:
+        """``t``, a local sum over rows, summed over the ranks."""
+        return self._reduced(t, "SUM")
 
     def mean(self, t: Tensor, dim: int = -1) -> Tensor:
         """The mean of ``t`` over all ranks' rows along ``dim`` (the rows' dim)."""
@@ -67,19 +72,11 @@ class Rows:
 
     def max(self, t: Tensor) -> Tensor:
         """The elementwise maximum of ``t`` over the ranks."""
-        if not self.parallel:
-            return t
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t
+        return self._reduced(t, "MAX")
 
     def min(self, t: Tensor) -> Tensor:
         """The elementwise minimum of ``t`` over the ranks."""
-        if not self.parallel:
-            return t
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return t
+        return self._reduced(t, "MIN")
 
     def gather(self, t: Tensor, index: Tensor) -> Tensor:
         """``t.gather(-1, index)`` with ``index`` into the concatenated rows (the last dim of
