@@ -248,7 +248,8 @@ class DualAscent:
         check_data(x, o.dim, "x")
         x = x.detach()
         parallel = is_data_parallel(distributed)
-        seed = Rows(parallel, x.shape[0], x.device).broadcast_seed(o.seed)
+        shards = Rows(parallel, x.shape[0], x.device)
+        seed = shards.broadcast_seed(o.seed)
         gen = None
         if seed is not None:
             gen = torch.Generator(device=x.device).manual_seed(int(seed))
@@ -256,7 +257,7 @@ class DualAscent:
             # data-parallel, each rank holds out rows of its shard, drawn by a generator of its
             # own, so ``gen`` (frames, candidates, widths) stays the same on every rank
             split = gen if not parallel else torch.Generator(device=x.device).manual_seed(
-                int(seed) + 1 + torch.distributed.get_rank())
+                int(seed) + 1 + shards.rank)
             n_val = max(1, int(round(o.val_fraction * x.shape[0])))
             perm = torch.randperm(x.shape[0], generator=split, device=x.device)
             x_val, x = x[perm[:n_val]], x[perm[n_val:]]
