@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -22,12 +23,22 @@ def _entry(rank: int, world: int, init_file: str, target, args: tuple) -> None:
         dist.destroy_process_group()
 
 
-def run_ranks(target, world: int, *args) -> None:
+def run_ranks(target, world: int, *args, timeout: float = 300.0) -> None:
     """Run ``target(rank, world, *args)`` in ``world`` spawned processes sharing a gloo group
-    (``target`` a module-level function, so the processes can import it)."""
+    (``target`` a module-level function, so the processes can import it). As ``torchrun``
+    does, a rank that fails ends the others (``mp.spawn`` terminates them and raises its
+    error); ranks still running after ``timeout`` seconds are terminated and the test fails
+    (a hang, not a result)."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_entry, args=(world, init_file, target, args), nprocs=world, join=True)
+        context = mp.spawn(_entry, args=(world, init_file, target, args), nprocs=world,
+                           join=False)
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"the {world} ranks still ran after {timeout:g} s (a hang)")
 
 
 def tabak_fits(rank: int, world: int, fits: list[tuple], out: str) -> None:
@@ -106,3 +117,69 @@ def checkpointed_fit(path: str, x_path: str, out: str | None, delay: float = 0.0
     if out is not None:
         torch.save(result, out)
     return result
+
+
+class InterruptedRows(torch.utils.data.Dataset):
+    """An ``ArrayDataset`` whose ``fetches``-th batch fetch raises ``KeyboardInterrupt``
+    (Ctrl-C reaching one rank mid-epoch; ``fetches`` None: never)."""
+
+    def __init__(self, x, fetches: int | None) -> None:
+        from pyroflows.density.streaming import ArrayDataset
+
+        self.rows, self.fetches, self.done = ArrayDataset(x), fetches, 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    def __getitems__(self, indices):
+        self.done += 1
+        if self.done == self.fetches:
+            raise KeyboardInterrupt
+        return self.rows.batch(indices)
+
+
+def interrupted_fit(rank: int, world: int, what: str, x, x_val, fetches: int, out: str) -> None:
+    """A data-parallel fit (``what``: ``"density"``, a DensityEstimator, or ``"tabak"``)
+    interrupted on rank 1 only (the density fit at rank 1's ``fetches``-th batch, the Tabak
+    fit at its third check): where the interrupt comes back out of ``fit``, the rank writes
+    ``"<what>-rank<rank>.pt"`` to ``out`` and lets it end the process. A rank that swallowed
+    it would go on to collectives the others never meet."""
+    from pyroflows.density import DensityEstimator
+    from pyroflows.density.streaming import ArrayDataset
+    from pyroflows.transforms import Tabak
+    from pyroflows.transforms.tabak import fit as tabak_fit
+
+    if what == "density":
+        est = DensityEstimator("maf", num_layers=1, hidden_dims=(8,), seed=0,
+                               dtype=torch.float64)
+        try:
+            est.fit(InterruptedRows(x, fetches if rank == 1 else None),
+                    x_val=ArrayDataset(x_val), max_epochs=50, batch_size=20, patience=100,
+                    progress=False)
+        except KeyboardInterrupt:
+            lp = float(est.log_prob(x_val).mean())
+            torch.save({"history": est.history_, "val_log_prob": lp},
+                       os.path.join(out, f"density-rank{rank}.pt"))
+            raise
+        return
+    record = tabak_fit.standard_normal_log_prob
+    calls = {"n": 0}
+
+    def interrupting(z):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 5:  # two per check (training and held-out rows)
+            raise KeyboardInterrupt
+        return record(z)
+
+    tabak_fit.standard_normal_log_prob = interrupting
+    try:
+        Tabak(x.shape[1], max_steps=40, check_every=4, seed=0).fit(
+            x.chunk(world)[rank], x_val=x_val.chunk(world)[rank], progress=False)
+    except KeyboardInterrupt:
+        torch.save({"calls": calls["n"]}, os.path.join(out, f"tabak-rank{rank}.pt"))
+        raise
+    finally:
+        tabak_fit.standard_normal_log_prob = record

@@ -372,7 +372,10 @@ class Trainer:
             checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1,
             resume: str | os.PathLike | None = None, signature: dict | None = None) -> None:
         """Up to ``max_epochs`` epochs until ``patience`` bring no better validation score; the
-        flow ends in its best state, also after an error or a ``KeyboardInterrupt`` (a warning).
+        flow ends in its best state, also after an error or a ``KeyboardInterrupt`` (a warning;
+        data-parallel, the interrupt is raised again: the other ranks may wait in a collective
+        this rank has left, and only ending the process (the launcher then ends the others)
+        frees them; ``resume`` from the checkpoint continues the fit).
         ``start``: the fit's ``time.perf_counter()``. Every ``checkpoint_every`` epochs (and
         after the last) the training state is written to ``checkpoint``; ``resume``: a
         checkpoint of this fit (``signature``: what must match) to continue from. Progress
@@ -423,6 +426,8 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             history["stopped"] = "interrupted"
+            if self.rows.parallel:  # the other ranks may wait in a collective this rank left
+                raise
             warnings.warn(
                 "fit interrupted: keeping the best state so far (epoch "
                 f"{history['best_epoch']}, validation log-likelihood "

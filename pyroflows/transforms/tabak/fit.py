@@ -362,6 +362,8 @@ class DualAscent:
                     else:
                         bad_checks += 1
             except KeyboardInterrupt:
+                if parallel:  # the other ranks may wait in a collective this rank left
+                    raise
                 # Ctrl-C: keep the best complete check so far (steps after it are dropped).
                 stopped = "interrupted"
                 checks = min(len(history[key]) for key in history)

@@ -199,7 +199,10 @@ class Tabak(FlowTransform):
         every rank takes the identical step, and the fit is the one-process fit of the shards
         concatenated in rank order, up to float rounding (given ``x_val``; without it each
         rank holds out ``val_fraction`` of its own shard). A ``seed`` of ``None`` is drawn on
-        rank 0 for all. Only rank 0 shows progress and warns of repeated values."""
+        rank 0 for all. Only rank 0 shows progress and warns of repeated values. A
+        ``KeyboardInterrupt`` reaching one rank is raised again there, the transform left as
+        it was: the other ranks may wait in a collective that rank has left, and only ending
+        the process (the launcher then ends the others) frees them."""
         fitted = DualAscent(self).run(x, x_val, progress, distributed)
         # Commit only now, so an exception in the fit leaves the old state intact.
         self.loc, self.scale_tril = fitted.loc, fitted.scale_tril
