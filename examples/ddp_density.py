@@ -12,7 +12,10 @@ Run it on one machine with 2 processes on the CPU (gloo), or one per GPU (NCCL):
     torchrun --nproc_per_node=2 examples/ddp_density.py --data rows.npy --out density.pt
     python examples/ddp_density.py --data rows.npy --out density.pt   # one process, same fit
 
-Without ``--data`` it writes a demo file of curved 8-D rows first. A killed run continues from
+Without ``--data`` it writes a demo file of curved 8-D rows first (``--demo-rows`` of them).
+The global batch (default 2048) is shared out among the ranks: on CPU cores a rank's share
+should be a thousand rows or more, or each step's fixed costs (every rank's optimizer step,
+the all-reduce) take the gain (``benchmarks/results/scale.md``). A killed run continues from
 its checkpoint with ``--resume`` (same data, options and number of processes) to the result of
 an uninterrupted one.
 """
@@ -41,15 +44,19 @@ def demo_rows(path: str, n: int = 50_000, dim: int = 8, seed: int = 0) -> None:
     out.flush()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> pf.DensityEstimator:
+    """Parse ``argv`` (default: the command line), fit, save on rank 0; return the estimator."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="a .npy of rows (n, D); default: a demo file")
+    parser.add_argument("--demo-rows", type=int, default=50_000, help="rows of the demo file")
     parser.add_argument("--out", default="density.pt", help="where rank 0 saves the model")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=512, help="the global batch")
+    parser.add_argument("--batch-size", type=int, default=2048, help="the global batch")
+    parser.add_argument("--layers", type=int, default=5)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128])
     parser.add_argument("--checkpoint", default="density.ckpt")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = "cpu"
@@ -64,12 +71,12 @@ def main() -> None:
     if args.data is None:
         args.data = "demo_rows.npy"
         if rank == 0 and not os.path.exists(args.data):
-            demo_rows(args.data)
+            demo_rows(args.data, args.demo_rows)
         if parallel:
             dist.barrier()  # the file is written before anyone reads it
     rows = np.load(args.data, mmap_mode="r")  # every rank maps the whole file
-    est = pf.DensityEstimator("maf", num_layers=5, hidden_dims=(128, 128), seed=0,
-                              device=device)
+    est = pf.DensityEstimator("maf", num_layers=args.layers, hidden_dims=tuple(args.hidden),
+                              seed=0, device=device)
     est.fit(ArrayDataset(rows), max_epochs=args.epochs, batch_size=args.batch_size,
             checkpoint=args.checkpoint, resume=args.checkpoint if args.resume else None,
             progress=rank == 0)
@@ -82,6 +89,7 @@ def main() -> None:
     if parallel:
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
+    return est
 
 
 if __name__ == "__main__":
