@@ -7,18 +7,22 @@ Run from the repository root (about 10 minutes with the defaults on two quiet co
 
     python -m benchmarks.scale --out benchmarks/results/scale.md
 
-**Throughput.** A D = 64 MAF (5 layers, hidden (256, 256), float32, global batch
-``--batch-size``, 512) fitted by ``DensityEstimator.fit`` to a memory-mapped ``.npy``
-(``ArrayDataset``) for ``--epochs`` epochs; rows per second is ``history_["rows_per_second"]``
-(all ranks' training rows over the epoch's training time, validation excluded), the median over
-the epochs after the first. Configurations, each in fresh processes and interleaved over
-``--repeats`` rounds: one process with one thread, with ``--two-threads`` one process with two
-threads (the other way to spend two cores), and two processes of one thread each in a gloo
-group (``torch.multiprocessing`` spawn), every rank reading its share of each global batch.
-Scaling efficiency: the two processes' rows per second over twice the one-process one-thread
-rate. The CPU seconds of each fit (all processes and their threads, ``time.process_time``) tell
-the work from the waiting: on a machine whose cores others share, a rank waits at every step's
-all-reduce for the other, descheduled one, which costs wall time but no CPU time.
+**Throughput.** A D = 64 MAF (5 layers, hidden (256, 256), float32) fitted by
+``DensityEstimator.fit`` to a memory-mapped ``.npy`` (``ArrayDataset``) for ``--epochs``
+epochs at each global batch of ``--batch-sizes`` (default 512 to 4096); rows per second is
+``history_["rows_per_second"]`` (all ranks' training rows over the epoch's training time,
+validation excluded), the median over the epochs after the first. Configurations, each in
+fresh processes and interleaved over ``--repeats`` rounds (the batch sizes inside each round):
+one process with one thread, with ``--two-threads`` one process with two threads (the other
+way to spend two cores), and two processes of one thread each in a gloo group
+(``torch.multiprocessing`` spawn), every rank reading its half of each global batch. Reported
+per global batch: the two processes' rows per second over the one process's at the same
+global batch (the same training: the same steps), and, as data-parallel training is usually
+grown (each rank keeping its batch, the global batch doubling), the two processes at global
+batch 2B over one process at B. The CPU seconds of each fit (all processes and their threads,
+``time.process_time``) tell the work from the waiting: on a machine whose cores others share,
+a rank waits at every step's all-reduce for the other, descheduled one, which costs wall time
+but no CPU time.
 
 **Memory.** One process fits a small MAF (1 layer, hidden (64,), batch 4096, one epoch) to
 memory-mapped files of 1 and 10 times ``--budget-mb``; a thread samples ``/proc/self/status``
@@ -196,11 +200,43 @@ def profile(batch: int, reps: int = 20) -> list[str]:
     return [f"| {batch} | {full:.1f} | {half:.1f} | {adam:.1f} | {flat:.1f} | {bound:.2f}x |"]
 
 
+def throughput_table(batches: list[int], configs: list[tuple[int, int]], rates: dict,
+                     cpus: dict) -> list[str]:
+    """The throughput runs as Markdown: a row per global batch and configuration, then the
+    verdicts (the goal: two processes at 1.7x the rows per second of one or more)."""
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    cpu = {k: statistics.median(v) for k, v in cpus.items()}
+    lines = ["| global batch | processes x threads | rows/s (median) | runs | vs 1 x 1, same "
+             "global batch | CPU s per fit (all processes) | CPU s vs 1 x 1 |",
+             "|---:|---|---:|---|---:|---:|---:|"]
+    for batch in batches:
+        one = ((1, 1), batch)
+        for config in configs:
+            key = (config, batch)
+            lines.append(f"| {batch} | {config[0]} x {config[1]} | {med[key]:.0f} | "
+                         f"{', '.join(f'{r:.0f}' for r in rates[key])} | "
+                         f"{med[key] / med[one]:.2f}x | {cpu[key]:.1f} | "
+                         f"{cpu[key] / cpu[one]:.2f}x |")
+    lines += ["", "Two processes against one (goal >= 1.7x):", ""]
+    for batch in batches:
+        ratio = med[((2, 1), batch)] / med[((1, 1), batch)]
+        line = (f"- global batch {batch} ({batch // 2} rows a rank): {ratio:.2f}x the rows/s of "
+                f"one process at the same global batch ({'met' if ratio >= 1.7 else 'not met'}"
+                f"; scaling efficiency {ratio / 2:.0%})")
+        if batch % 2 == 0 and batch // 2 in batches:
+            grown = med[((2, 1), batch)] / med[((1, 1), batch // 2)]
+            line += (f"; {grown:.2f}x one process at global batch {batch // 2}, each rank "
+                     f"keeping that batch ({'met' if grown >= 1.7 else 'not met'})")
+        lines.append(line + ".")
+    return lines + [""]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=16384, help="training rows (throughput)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per throughput run")
-    parser.add_argument("--batch-size", type=int, default=512, help="the global batch")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096],
+                        help="the global batches (throughput)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds")
     parser.add_argument("--budget-mb", type=float, default=32.0,
                         help="the memory budget; the large file is 10x it")
@@ -217,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.rows, args.epochs, args.repeats, args.budget_mb = 2048, 2, 1, 2.0
+        args.batch_sizes = [256, 512]
     if args.profile:
         lines = ["| global batch | step, all rows (CPU ms) | step, half the rows | Adam step | "
                  "flatten and split the gradients | 2 processes at most (no waiting, free "
@@ -234,34 +271,19 @@ def main(argv: list[str] | None = None) -> None:
         configs = [(1, 1), (1, 2), (2, 1)] if args.two_threads else [(1, 1), (2, 1)]
         if args.memory_only:
             configs = []
-        rates: dict = {c: [] for c in configs}
-        cpus: dict = {c: [] for c in configs}
+        runs = [(c, b) for b in args.batch_sizes for c in configs]
+        rates: dict = {r: [] for r in runs}
+        cpus: dict = {r: [] for r in runs}
         for _ in range(args.repeats):
-            for processes, threads in configs:
-                rate, cpu = throughput(processes, threads, train, val, args.epochs,
-                                       args.batch_size, folder)
-                rates[(processes, threads)].append(rate)
-                cpus[(processes, threads)].append(cpu)
-                print(f"{processes} process(es) x {threads} thread(s): {rate:.0f} rows/s, "
-                      f"{cpu:.1f} CPU s", flush=True)
+            for (processes, threads), batch in runs:
+                rate, cpu = throughput(processes, threads, train, val, args.epochs, batch,
+                                       folder)
+                rates[((processes, threads), batch)].append(rate)
+                cpus[((processes, threads), batch)].append(cpu)
+                print(f"batch {batch}, {processes} process(es) x {threads} thread(s): "
+                      f"{rate:.0f} rows/s, {cpu:.1f} CPU s", flush=True)
         if configs:
-            one = statistics.median(rates[(1, 1)])
-            lines += ["| processes x threads | rows/s (median) | runs | vs 1 x 1 | CPU s per fit "
-                      "(all processes) | CPU s vs 1 x 1 |", "|---|---:|---|---:|---:|---:|"]
-            cpu_one = statistics.median(cpus[(1, 1)])
-            for (processes, threads), runs in rates.items():
-                rate, cpu = statistics.median(runs), statistics.median(cpus[(processes, threads)])
-                lines.append(f"| {processes} x {threads} | {rate:.0f} | "
-                             f"{', '.join(f'{r:.0f}' for r in runs)} | {rate / one:.2f}x | "
-                             f"{cpu:.1f} | {cpu / cpu_one:.2f}x |")
-            speedup = statistics.median(rates[(2, 1)]) / one
-            work = cpu_one / statistics.median(cpus[(2, 1)])
-            lines += ["", f"2 processes: {speedup:.2f}x the rows/s of one (goal >= 1.7x: "
-                      f"{'met' if speedup >= 1.7 else 'not met'}); scaling efficiency "
-                      f"{speedup / 2:.0%}. The 2 processes spent {1 / work:.2f}x the CPU seconds "
-                      "of one for the same fit (each process's fixed start included; "
-                      "`--profile` gives a step's).", ""]
-
+            lines += throughput_table(args.batch_sizes, configs, rates, cpus)
         rows_per_mb = 1024 * 1024 / (D * 4)
         lines += ["| file (MiB) | x budget | rows | peak RssAnon above start (MiB) | "
                   "peak VmRSS (MiB) | fit s | rows/s |", "|---:|---:|---:|---:|---:|---:|---:|"]
