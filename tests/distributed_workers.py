@@ -175,11 +175,12 @@ def interrupted_fit(rank: int, world: int, what: str, x, x_val, fetches: int, ou
         return record(z)
 
     tabak_fit.standard_normal_log_prob = interrupting
+    t = Tabak(x.shape[1], max_steps=40, check_every=4, seed=0)
     try:
-        Tabak(x.shape[1], max_steps=40, check_every=4, seed=0).fit(
-            x.chunk(world)[rank], x_val=x_val.chunk(world)[rank], progress=False)
+        t.fit(x.chunk(world)[rank], x_val=x_val.chunk(world)[rank], progress=False)
     except KeyboardInterrupt:
-        torch.save({"calls": calls["n"]}, os.path.join(out, f"tabak-rank{rank}.pt"))
+        torch.save({"calls": calls["n"], "num_steps": t.num_steps},
+                   os.path.join(out, f"tabak-rank{rank}.pt"))
         raise
     finally:
         tabak_fit.standard_normal_log_prob = record
