@@ -14,6 +14,8 @@ import torch
 from density_data import SMALL, as_tensor
 
 from pyroflows.density import DensityEstimator, pipeline
+from pyroflows.density.streaming import ArrayDataset
+from pyroflows.density.training import default_batch_size, default_lr
 from pyroflows.testing import check_conditional_transform
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small networks (see conftest)
@@ -280,6 +282,53 @@ def test_early_stopping_keeps_the_best_state_with_a_context(device, dtype, capsy
     assert "fit" in capsys.readouterr().err
 
 
+def test_default_batch_size_keeps_six_steps_an_epoch():
+    """With a context: the largest of 256, 128, 64, 32 that makes at least 6 steps an epoch,
+    checked against the rule at every boundary; 256 without a context; lr 3e-3 and 1e-3."""
+    for n in (1, 100, 383, 384, 767, 768, 900, 1535, 1536, 9000, 10**6):
+        batch = default_batch_size(n, True)
+        assert batch in (32, 64, 128, 256)
+        assert batch == 32 or n >= 6 * batch  # at least 6 steps an epoch ...
+        assert batch == 256 or n < 6 * 2 * batch  # ... with the largest batch that makes them
+        assert default_batch_size(n, False) == 256
+    assert [default_batch_size(n, True) for n in (383, 384, 768, 1536)] == [32, 64, 128, 256]
+    assert (default_lr(True), default_lr(False)) == (3e-3, 1e-3)
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_fit_defaults_are_the_documented_settings(conditional):
+    """A fit given no batch_size or lr takes the same steps as one given the documented values
+    (with a context: 900 training rows, batch 128, lr 3e-3; without: 256, 1e-3), and records
+    them in the history; the conditional defaults differ from the unconditional ones."""
+    y, x = linear_gaussian(1000, seed=16)
+    context = x if conditional else None
+    expected = (128, 3e-3) if conditional else (256, 1e-3)
+    fits = {}
+    for name, options in (("default", {}),
+                          ("explicit", dict(batch_size=expected[0], lr=expected[1])),
+                          ("other", dict(batch_size=256 if conditional else 128,
+                                         lr=1e-3 if conditional else 3e-3))):
+        est = DensityEstimator("maf", dtype=torch.float64, seed=0, **SMALL)
+        est.fit(y, context=context, max_epochs=2, patience=5, progress=False, **options)
+        fits[name] = est.log_prob(y[:50], context=None if context is None else x[:50])
+        if name == "default":
+            assert (est.history_["batch_size"], est.history_["lr"]) == expected
+            assert est.history_["num_train"] == 900
+    assert torch.equal(fits["default"], fits["explicit"])
+    assert not torch.allclose(fits["default"], fits["other"])
+
+
+def test_streamed_conditional_fit_takes_the_conditional_step_size():
+    """The step size rule lives in the trainers' shared setup: a streamed fit of (y, context)
+    pairs given no lr uses 3e-3 (and batch 256), one of y alone 1e-3."""
+    y, x = linear_gaussian(400, seed=17)
+    pairs = DensityEstimator("maf", seed=0, **SMALL).fit(
+        ArrayDataset(y, x), max_epochs=1, progress=False)
+    alone = DensityEstimator("maf", seed=0, **SMALL).fit(ArrayDataset(y), max_epochs=1,
+                                                          progress=False)
+    assert pairs.history_["lr"] == 3e-3 and alone.history_["lr"] == 1e-3
+
+
 # ---- files --------------------------------------------------------------------------------
 def test_unconditional_files_of_format_4_still_load(tmp_path):
     """A file written before the context (format version 4: no "context_dim", no such
@@ -346,6 +395,11 @@ def test_bad_contexts_are_value_errors(small_fit):
     for call in (lambda: plain.log_prob(y, context=x), lambda: plain.sample(3, context=x[0])):
         with pytest.raises(ValueError, match="fitted without a context"):
             call()
+    fresh = DensityEstimator("maf", seed=0, **SMALL)
+    for options, match in (({"lr": 0.0}, "lr > 0"), ({"lr": -1e-3}, "lr > 0"),
+                           ({"batch_size": 0}, "batch_size >= 1")):
+        with pytest.raises(ValueError, match=match):
+            fresh.fit(y, context=x, progress=False, **options)
 
 
 def test_context_shift_passes_the_conditional_conformance_suite(device, dtype):
