@@ -249,9 +249,10 @@ class DensityEstimator:
     stopping; the best state (the untrained one included) is restored at the end, after an
     error or a ``KeyboardInterrupt``. Where :meth:`fit` is not given them, a conditional fit
     takes a larger step size (3e-3, not 1e-3) and a minibatch that keeps at least 6 steps an
-    epoch (128 at 1,000 rows, 256 from 1,536 up), measured on NPE fits
-    (``benchmarks/results/sbi.md``); ``DensityEstimator(context_dim=C)`` with
-    ``fit(theta, context=x)`` and no further options is the NPE recipe of the SBI benchmark.
+    epoch (128 for 1,000 simulations, 900 of them trained on; 256 from 1,536 training rows up),
+    measured on NPE fits (``benchmarks/results/sbi.md``): the SBI benchmark's NPE recipe is
+    ``DensityEstimator("maf", hidden_dims=(64, 64)).fit(theta, context=x)`` with no further
+    options.
 
     Arguments:
         flow: ``"maf"`` (one-pass density, D-pass sampling) or ``"realnvp"`` (one pass both ways).
