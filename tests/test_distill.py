@@ -233,6 +233,35 @@ def test_interrupted_distillation_keeps_the_best_state(exc, device, dtype):
         assert record["best_val_kl"] == min(record["val_kl"])
 
 
+def test_convergence_rule_stops_when_the_kl_stops_improving(device, dtype):
+    """A student started at the Gaussian teacher's ML Gaussian has nothing to gain: the run stops
+    at the first validation where the best estimate gained less than tol * D over the window
+    (recomputed from the record), keeping the best state; tol = 0 runs every step."""
+    model, _, _ = _gaussian_teacher(device, dtype)
+    teacher = dd.teacher_log_prob(model)
+    student = dd.Student(3, **TINY).to(device=device, dtype=dtype)
+    dd.start(model, student, generator=_gen(device, 2))
+    tol, window, every = 5e-3, 45, 10  # the window rounds up to 5 validations
+    with dd.frozen(model):
+        record = dd.distill(student, teacher, max_steps=400, lr=1e-3, eval_every=every,
+                            num_val_draws=256, tol=tol, window=window, generator=_gen(device))
+    assert record["stopped"] == "converged" and record["initial_val_kl"] < 0.05
+    best = np.minimum.accumulate(record["val_kl"])
+    lag = 5
+    first = next(i for i in range(lag, len(best)) if best[i - lag] - best[i] < tol * 3)
+    assert record["step"] == [every * i for i in range(first + 1)]
+    # the kept state is the best validated one: its estimate on the validation draws
+    eps = torch.randn(256, 3, generator=_gen(device), device=device, dtype=dtype)
+    with torch.no_grad():
+        u, log_q = student.rsample_and_log_prob(eps)
+        kl = float((log_q - teacher(u, None)).mean())
+    assert kl == pytest.approx(record["best_val_kl"], abs=1e-4)
+    with dd.frozen(model):
+        record = dd.distill(student, teacher, max_steps=30, eval_every=every, tol=0.0,
+                            window=every, num_val_draws=64, generator=_gen(device))
+    assert record["stopped"] == "max_steps" and record["step"] == [0, 10, 20, 30]
+
+
 def test_non_finite_steps_are_skipped(device, dtype):
     model, _, _ = _gaussian_teacher(device, dtype)
     student = dd.Student(3, **TINY).to(device=device, dtype=dtype)
@@ -256,7 +285,7 @@ def test_bad_arguments(device, dtype):
     student = dd.Student(3, **TINY).to(device=device, dtype=dtype)
     teacher = dd.teacher_log_prob(model)
     for bad in ({"max_steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"num_val_draws": 1},
-                {"eval_every": 0}):
+                {"eval_every": 0}, {"tol": -1e-3}, {"tol": float("nan")}, {"window": 0}):
         with pytest.raises(ValueError, match="need max_steps"):
             dd.distill(student, teacher, **bad)
     with pytest.raises(ValueError, match="contexts"):
@@ -360,7 +389,7 @@ def test_conditional_estimator_gets_a_conditional_student(device, dtype):
     est.fit(y, context=c, max_epochs=10, progress=False)
     with pytest.raises(ValueError, match="context"):
         est.distill(max_steps=5, progress=False)
-    est.distill(context=c, max_steps=200, lr=3e-3, num_draws=1000, x_val=y[:100],
+    est.distill(context=c, max_steps=400, lr=3e-3, num_draws=1000, x_val=y[:100],
                 context_val=c[:100], progress=False)
     assert est.student_.context_dim == 1
     report = est.history_["distill"]["fidelity"]
