@@ -13,8 +13,12 @@ gaussian_linear C2ST (a (100, 100) classifier) several minutes. The committed ta
 commands, and what they leave out, head ``benchmarks/results/sbi.md``.
 
 ``--quick`` is a smoke run (one seed, 10^3 simulations, observation 1, 2,000 draws, a few
-epochs). Rows append to ``--jsonl`` as they finish, so a grid can run in parts (``--tasks``,
-``--budgets``, ``--seeds``) and ``--summary-only`` writes the table from the file.
+epochs). ``--trial 'lr=3e-3; batch_size=128'`` (repeatable) fits pyroflows alone with those
+options and scores the mean log q(theta | x) of 20,000 fresh pairs (and the C2ST of the
+observations ``--c2st-cells`` names): the trials behind the recipe, rows in
+``benchmarks/results/sbi-trials.jsonl``. Rows append to ``--jsonl`` as they finish, so a grid
+can run in parts (``--tasks``, ``--budgets``, ``--seeds``) and ``--summary-only`` writes the
+table from the file.
 
 Tasks (Lueckmann et al., "Benchmarking Simulation-Based Inference", AISTATS 2021; the sbibm
 package, MIT licence; observations 1-5 and their 10,000 reference posterior draws each in
@@ -35,8 +39,9 @@ methods amortize: one fit serves every observation). Seconds are wall-clock with
 thread. The C2ST classifiers run after both fits, outside the timings.
 
 - **pyroflows**: ``pf.DensityEstimator(flow="maf", **OURS)`` and ``fit(theta, context=x,
-  **OURS_FIT)``, batch ``SMALL_BATCH`` up to ``SMALL_BUDGET`` pairs (the settings below, from
-  the trials in the results' "Measured choices");
+  **OURS_FIT)`` (the settings below, from the trials in the results' "Measured choices":
+  the estimator's conditional defaults, the step size 3e-3 and the minibatch rule of
+  :func:`pyroflows.density.training.default_batch_size`, 128 at 10^3 and 256 at 10^4);
   draws by ``sample(10_000, context=x_o, bounds=(low, high))`` for two_moons (rejection of draws
   outside the prior's box), ``sample(10_000, context=x_o)`` for gaussian_linear.
 - **sbi**: ``sbi.inference.NPE(prior, density_estimator="maf")`` (its default: nflows MAF of 5
@@ -85,13 +90,18 @@ SEEDS = (0, 1, 2)
 OBSERVATIONS = (1, 2, 3, 4, 5)
 METHODS = ("pyroflows", "sbi")
 
-#: pyroflows' estimator settings for NPE (constructor, then fit); see the results' "Measured
-#: choices" for the search that chose them.
+#: pyroflows' estimator settings for NPE (constructor, then fit; the fit's batch size and step
+#: size are the estimator's conditional defaults); see the results' "Measured choices" for the
+#: trials that chose them.
 OURS = {"num_layers": 5, "hidden_dims": (64, 64)}
-OURS_FIT = {"batch_size": 256, "lr": 1e-3, "patience": 20, "max_epochs": 1000}
-#: batch size for small budgets (at most SMALL_BUDGET pairs): 256 leaves 4 steps per epoch at
-#: 10^3 pairs, and early stopping ends the fit before it has learned the crescents.
-SMALL_BUDGET, SMALL_BATCH = 2_000, 64
+OURS_FIT: dict = {}
+#: What the rows of this recipe are marked with in the JSON lines (rows of earlier recipes stay
+#: in the file under their own marks; the table shows one recipe).
+RECIPE = "defaults-2"
+#: The first recipe's rows (lr 1e-3, batch 256, 64 up to 2,000 pairs, max_epochs 1000).
+RECIPES = {"v1": "lr 1e-3, batch 256 (64 up to 2,000 pairs), patience 20, max_epochs 1000",
+           RECIPE: "the estimator's conditional defaults: lr 3e-3, batch 128 at 10^3 and 256 "
+                   "at 10^4, patience 20, max_epochs 500"}
 
 
 # ---- tasks -------------------------------------------------------------------------------------
@@ -213,19 +223,18 @@ class Fitted:
     log_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (theta (n, D), x_o)
     seconds: float
     epochs: int
+    cpu_seconds: float = math.nan  # the process's CPU time during the fit (one torch thread)
 
 
 def fit_pyroflows(task: Task, theta: torch.Tensor, x: torch.Tensor, seed: int,
                   quick: bool = False) -> Fitted:
     fit_options = dict(OURS_FIT)
-    if len(theta) <= SMALL_BUDGET:
-        fit_options["batch_size"] = SMALL_BATCH
     if quick:
         fit_options["max_epochs"] = 5
     est = pf.DensityEstimator(flow="maf", seed=seed, **OURS)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     est.fit(theta, context=x, progress=False, **fit_options)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     bounds = task.bounds
 
     def sample(x_o, n, draw_seed):
@@ -234,7 +243,7 @@ def fit_pyroflows(task: Task, theta: torch.Tensor, x: torch.Tensor, seed: int,
     def log_prob(t, x_o):
         return est.log_prob(t, context=x_o.expand(t.shape[0], -1))
 
-    return Fitted(sample, log_prob, seconds, int(est.history_["epoch"][-1]))
+    return Fitted(sample, log_prob, seconds, int(est.history_["epoch"][-1]), cpu)
 
 
 class _NoTracker:
@@ -271,13 +280,13 @@ def fit_sbi(task: Task, theta: torch.Tensor, x: torch.Tensor, seed: int,
     from sbi.inference import NPE
 
     torch.manual_seed(seed)  # sbi draws its initialization, split and batches from torch's RNG
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     inference = NPE(prior=sbi_prior(task), density_estimator="maf", show_progress_bars=False,
                     tracker=_NoTracker())
     estimator = inference.append_simulations(theta, x).train(
         **({"max_num_epochs": 5} if quick else {}))
     posterior = inference.build_posterior()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
 
     def sample(x_o, n, draw_seed):
         torch.manual_seed(draw_seed)
@@ -289,7 +298,7 @@ def fit_sbi(task: Task, theta: torch.Tensor, x: torch.Tensor, seed: int,
         with torch.no_grad():
             return estimator.log_prob(t.unsqueeze(1), condition=x_o.unsqueeze(0)).squeeze(1)
 
-    return Fitted(sample, log_prob, seconds, int(inference.summary["epochs_trained"][-1]))
+    return Fitted(sample, log_prob, seconds, int(inference.summary["epochs_trained"][-1]), cpu)
 
 
 FIT = {"pyroflows": fit_pyroflows, "sbi": fit_sbi}
@@ -322,7 +331,8 @@ def run_cell(task_name: str, budget: int, seed: int, observations: tuple[int, ..
         for method in order:
             d, sample_seconds = draws[method, k]
             row = {"task": task_name, "budget": budget, "seed": seed, "observation": k,
-                   "method": method, "train_seconds": fitted[method].seconds,
+                   "method": method, "recipe": RECIPE, "train_seconds": fitted[method].seconds,
+                   "train_cpu_seconds": fitted[method].cpu_seconds,
                    "epochs": fitted[method].epochs, "sample_seconds": sample_seconds,
                    "num_draws": num_draws, "quick": quick,
                    "outside_prior": float(((d.abs() > 1).any(-1)).float().mean())
@@ -340,6 +350,51 @@ def run_cell(task_name: str, budget: int, seed: int, observations: tuple[int, ..
             print(json.dumps(row), flush=True)
             out.write(json.dumps(row) + "\n")
             out.flush()
+
+
+#: The held-out pairs a trial scores: simulated with this seed, never a training seed.
+TRIAL_TEST_SEED, TRIAL_TEST_PAIRS = 999, 20_000
+_CONSTRUCTOR = ("num_layers", "hidden_dims", "precondition", "flow_options")
+
+
+def trial(task_name: str, budget: int, seed: int, options: dict,
+          c2st_observations: tuple[int, ...] = ()) -> dict:
+    """One pyroflows fit with ``options`` (constructor keywords ``_CONSTRUCTOR``, the rest
+    ``fit``'s, over ``OURS`` and the estimator's defaults) on the cell's simulations: training
+    seconds, epochs and the mean log q(theta | x) of ``TRIAL_TEST_PAIRS`` fresh pairs (the
+    expected KL to the true posterior up to a constant: higher is better), and the C2ST of
+    ``c2st_observations``. The trials behind the recipe's choices ("Measured choices")."""
+    task = TASK[task_name]
+    theta, x = simulate(task, budget, seed)
+    test_theta, test_x = simulate(task, TRIAL_TEST_PAIRS, TRIAL_TEST_SEED)
+    built = {**OURS, **{k: v for k, v in options.items() if k in _CONSTRUCTOR}}
+    fit_options = {**OURS_FIT, **{k: v for k, v in options.items() if k not in _CONSTRUCTOR}}
+    est = pf.DensityEstimator(flow="maf", seed=seed, **built)
+    start, cpu = time.perf_counter(), time.process_time()
+    est.fit(theta, context=x, progress=False, **fit_options)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    row = {"task": task_name, "budget": budget, "seed": seed, "options": options,
+           "lr": est.history_["lr"], "batch_size": est.history_["batch_size"],
+           "train_seconds": seconds, "train_cpu_seconds": cpu,
+           "epochs": est.history_["epoch"][-1], "best_epoch": est.history_["best_epoch"],
+           "test_log_prob": est.score(test_theta, context=test_x), "c2st": {}}
+    data = load_task(task_name)
+    for k in c2st_observations:
+        x_o = torch.as_tensor(data["observations"][k - 1], dtype=DTYPE)
+        d = est.sample(NUM_DRAWS, seed=1000 * seed + k, context=x_o, bounds=task.bounds)
+        row["c2st"][k] = c2st(data["reference_draws"][k - 1][:NUM_DRAWS], d.numpy())
+    return row
+
+
+def _trial_options(text: str) -> dict:
+    """``"lr=3e-3,hidden_dims=(128, 128)"`` as a dict of Python literals."""
+    import ast
+
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, _, value = part.partition("=")
+        out[key.strip()] = ast.literal_eval(value.strip())
+    return out
 
 
 def warm_up() -> None:
@@ -368,9 +423,9 @@ def _fmt(values: list[float], digits: int = 3) -> str:
 def summary(rows: list[dict]) -> str:
     """The table: one line per task, budget and method (means ± standard errors over the
     seeds' and observations' rows), then the goals."""
-    lines = ["| task | budget | method | C2ST | C2ST rows | Bayes C2ST | train s | epochs | "
-             "sample s (10,000) | outside prior |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | budget | method | C2ST | C2ST rows | Bayes C2ST | train s | train CPU s | "
+             "epochs | sample s (10,000) | outside prior |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["task"], r["budget"]) for r in rows}, key=lambda k: (TASKS.index(k[0]), k[1]))
     verdicts = []
     for task, budget in keys:
@@ -386,11 +441,18 @@ def summary(rows: list[dict]) -> str:
             lines.append(
                 f"| {task} | {budget} | {method} | {_fmt(c)} | {len(c)} | {_fmt(b)} | "
                 f"{_fmt([r['train_seconds'] for r in fits], 1)} | "
+                f"{_fmt(_cpu(fits), 1)} | "
                 f"{_fmt([r['epochs'] for r in fits], 0)} | "
                 f"{_fmt([r['sample_seconds'] for r in rs], 2)} | "
                 f"{_fmt([r['outside_prior'] for r in rs], 4)} |")
         verdicts += _goals(task, budget, cell)
     return "\n".join(lines + [""] + verdicts)
+
+
+def _cpu(rows) -> list[float]:
+    """The fits' CPU seconds where recorded (rows before the column have none)."""
+    return [r["train_cpu_seconds"] for r in rows
+            if not math.isnan(r.get("train_cpu_seconds", math.nan))]
 
 
 def _paired(cell: dict, key: str) -> list[float]:
@@ -420,6 +482,15 @@ def _goals(task: str, budget: int, cell: dict) -> list[str]:
         out.append(f"- {task}, {budget}: training time sbi / pyroflows = {geo:.2f} (geometric "
                    f"mean of {', '.join(f'{r:.2f}' for r in ratios)}): at least 2x: "
                    f"**{'met' if geo >= 2 else 'NOT met'}**")
+    ours = {r["seed"]: r.get("train_cpu_seconds", math.nan) for r in cell["pyroflows"]}
+    theirs = {r["seed"]: r.get("train_cpu_seconds", math.nan) for r in cell["sbi"]}
+    cpu = [theirs[s] / ours[s] for s in sorted(ours.keys() & theirs.keys())
+           if not (math.isnan(ours[s]) or math.isnan(theirs[s]))]
+    if cpu:
+        geo = math.exp(np.mean(np.log(cpu)))
+        out.append(f"- {task}, {budget}: training CPU time sbi / pyroflows = {geo:.2f} "
+                   f"(geometric mean of {', '.join(f'{r:.2f}' for r in cpu)}; the wall-clock "
+                   "ratio above is the goal's)")
     if task == "two_moons" and budget == 10_000:
         c = [r["c2st"] for r in cell["pyroflows"] if "c2st" in r]
         if c:
@@ -468,10 +539,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the Markdown table here")
     parser.add_argument("--summary-only", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a smoke run")
+    parser.add_argument("--trial", action="append", default=[],
+                        help="instead of the grid: a pyroflows fit with these options per task, "
+                             "budget and seed, e.g. 'lr=3e-3; batch_size=128' (repeatable); "
+                             "its held-out log q and the C2ST of --c2st-cells (default none)")
+    parser.add_argument("--recipe", default=RECIPE, choices=sorted(RECIPES),
+                        help="the table shows the rows of this recipe (runs always write "
+                             f"{RECIPE!r}): " + "; ".join(f"{k}: {v}" for k, v in RECIPES.items()))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
         args.budgets, args.seeds, args.observations = "1000", "0", "1"
+    if args.trial:
+        chosen = () if args.c2st_cells in ("all", "none") else tuple(
+            int(k) for k in args.c2st_cells.split(","))
+        with open(args.jsonl, "a") as out:
+            for text in args.trial:
+                for task in args.tasks.split(","):
+                    for budget in map(int, args.budgets.split(",")):
+                        for seed in map(int, args.seeds.split(",")):
+                            row = trial(task, budget, seed, _trial_options(text), chosen)
+                            print(json.dumps(row), flush=True)
+                            out.write(json.dumps(row) + "\n")
+                            out.flush()
+        return
     if args.c2st_cells == "all":
         c2st_here = lambda k: True  # noqa: E731
     elif args.c2st_cells == "none":
@@ -490,7 +581,8 @@ def main(argv: list[str] | None = None) -> None:
                                  2_000 if args.quick else NUM_DRAWS, args.quick, out)
     with open(args.jsonl) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    table = summary([r for r in rows if r.get("quick", False) == args.quick])
+    table = summary([r for r in rows if r.get("quick", False) == args.quick
+                     and r.get("recipe", "v1") == args.recipe])
     print(table)
     if args.out:
         with open(args.out, "w") as f:
