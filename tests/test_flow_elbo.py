@@ -14,7 +14,7 @@ import pytest
 import torch
 from guide_models import gaussian_problem
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import prune_subsample_sites
 
@@ -77,9 +77,44 @@ def test_sticking_the_landing_is_unbiased_and_exact_at_the_optimum(device, dtype
     # the default follows the guide: on for IAF guides (the family's stick_the_landing), unless the
     # guide says otherwise
     assert guide.stick_the_landing and is_zero(FlowELBO(**kw))
+    # Pyro's own ELBOs that read a site's entropy term stick the landing too, by the guide's
+    # posterior (FlowPosterior.score_parts)
+    assert is_zero(Trace_ELBO(**kw)) and is_zero(TraceMeanField_ELBO(**kw))
     guide.stick_the_landing = False
     assert not is_zero(FlowELBO(**kw))
+    assert not is_zero(Trace_ELBO(**kw))
     assert not AutoPlanar(exact_model).stick_the_landing
+
+
+def test_trace_elbo_sticks_the_landing_with_flowelbos_loss_and_gradients(device, dtype):
+    """Under Pyro's Trace_ELBO an IAF guide's gradient is FlowELBO's sticking-the-landing one
+    (the traced path: the same draws), its loss value Pyro's, and without gradients (loss,
+    evaluate_loss) no landing term is computed."""
+    model, _, _, _ = gaussian_problem(device, dtype)
+    guide = _perturbed_guide(model)
+    params = list(guide.parameters())
+    results = []
+    for elbo in (Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=0),
+                 FlowELBO(direct=False, stick_the_landing=True, num_particles=4,
+                          vectorize_particles=True, max_plate_nesting=0)):
+        torch.manual_seed(3)
+        loss = elbo.differentiable_loss(model, guide)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (got, got_g), (want, want_g) = results
+    torch.testing.assert_close(got, want, **_tol(dtype))
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a, b, **_tol(dtype))
+    calls = []
+    original = landing.path_entropy
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(landing, "path_entropy", lambda *a: calls.append(1) or original(*a))
+        with torch.no_grad():
+            Trace_ELBO(num_particles=4, vectorize_particles=True,
+                       max_plate_nesting=0).differentiable_loss(model, guide)
+        assert not calls
+        Trace_ELBO(num_particles=4, vectorize_particles=True,
+                   max_plate_nesting=0).differentiable_loss(model, guide)
+        assert calls
 
 
 def test_stick_the_landing_needs_a_flow_guide():
@@ -893,19 +928,22 @@ def test_replay_and_score_is_pyros_trace_replay_and_compute_log_prob(name, vecto
             torch.testing.assert_close(a, b, **_tol(dtype))
 
 
+@pytest.mark.parametrize("stl", [False, True], ids=["plain", "stl"])
 @pytest.mark.parametrize("vectorized", [True, False], ids=["vectorized", "sequential"])
 @pytest.mark.parametrize("name", ZOO)
-def test_direct_flowelbo_is_pyros_trace_elbo(name, vectorized, device, dtype):
-    """End to end: FlowELBO's direct path (no sticking the landing) against Pyro's own
-    Trace_ELBO at the same seed (vectorized particles with max_plate_nesting given; sequential
-    particles with it left unset): the same loss value and the same gradients in every guide
-    and model parameter."""
+def test_direct_flowelbo_is_pyros_trace_elbo(name, vectorized, stl, device, dtype):
+    """End to end: FlowELBO's direct path against Pyro's own Trace_ELBO at the same seed
+    (vectorized particles with max_plate_nesting given; sequential particles with it left
+    unset), both sticking the landing or neither (the guide's ``stick_the_landing``, which
+    Trace_ELBO reads through the guide's posterior): the same loss value and the same
+    gradients in every guide and model parameter."""
     model, mpn = _zoo(name, device, dtype)
     guide = _perturbed_guide(model)
+    guide.stick_the_landing = stl
     kw = (dict(num_particles=4, vectorize_particles=True, max_plate_nesting=mpn) if vectorized
           else dict(num_particles=2))
     results = []
-    for elbo in (FlowELBO(direct=True, stick_the_landing=False, **kw), Trace_ELBO(**kw)):
+    for elbo in (FlowELBO(direct=True, **kw), Trace_ELBO(**kw)):
         if isinstance(elbo, FlowELBO):
             assert elbo._direct(model, guide, (), {})
         torch.manual_seed(7)

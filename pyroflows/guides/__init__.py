@@ -18,8 +18,10 @@ from .autoguide import (
     FlowPosterior,
     default_lr,
     optim_args,
+    recommended_optimizer,
 )
 from .elbo import FlowELBO
 
 __all__ = ["AutoFlowGuide", "AutoPlanar", "AutoRadial", "AutoIAF", "FlowPosterior",
-           "TriangularAffine", "FlowELBO", "optim_args", "default_lr", "AmortizedFlowGuide"]
+           "TriangularAffine", "FlowELBO", "optim_args", "default_lr",
+           "recommended_optimizer", "AmortizedFlowGuide"]

@@ -13,6 +13,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions.score_parts import ScoreParts
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroModule
@@ -31,7 +32,10 @@ from . import landing
 from . import laplace as _laplace
 
 __all__ = ["AutoFlowGuide", "AutoPlanar", "AutoRadial", "AutoIAF", "FlowPosterior",
-           "default_lr", "optim_args", "sync_param_store"]
+           "default_lr", "optim_args", "recommended_optimizer", "sync_param_store"]
+
+#: :func:`recommended_optimizer`'s default: the step sizes fall this many times over the run.
+RECOMMENDED_DECAY = 50.0
 
 #: Up to this latent size the affine layer is full rank by default and the Laplace start is
 #: tried; above it, the D^2 parameters and the Hessian cost more than they help.
@@ -71,7 +75,7 @@ class FlowPosterior(dist.TransformedDistribution):
         True
     """
 
-    #: whether FlowELBO's default uses sticking-the-landing gradients here (set by the guide)
+    #: whether the ELBO's gradient sticks the landing here (set by the guide; :meth:`score_parts`)
     stick_the_landing: bool = False
 
     def expand(self, batch_shape, _instance=None) -> FlowPosterior:
@@ -101,6 +105,24 @@ class FlowPosterior(dist.TransformedDistribution):
             return super().log_prob(value.unsqueeze(0))[0]
         return super().log_prob(value)
 
+    def score_parts(self, value: Tensor, *args: Any, **kwargs: Any) -> ScoreParts:
+        r"""Pyro's parts of the ELBO's surrogate at a draw ``value``: with
+        :attr:`stick_the_landing` (the guide's, the family's default), where ``value`` carries
+        gradients, the entropy term is :math:`\log q_{\bar\phi}(z_\phi)`, the parameters
+        detached (:mod:`pyroflows.guides.landing`): the sticking-the-landing gradient under
+        any ELBO that reads it, ``Trace_ELBO`` included, with the same loss value. Else (no
+        gradients, a ``torch.jit`` trace, or inside :class:`~pyroflows.guides.FlowELBO`, which
+        makes the choice itself) Pyro's parts."""
+        if not (self.stick_the_landing and self.has_rsample and torch.is_grad_enabled()
+                and value.requires_grad and landing.posterior_sticks()
+                and not torch.jit.is_tracing()):
+            return super().score_parts(value, *args, **kwargs)
+        log_prob = self.log_prob(value)
+        entropy = landing.path_entropy(self, value)
+        if entropy is None:
+            entropy = self.log_prob_detached(value)
+        return ScoreParts(log_prob, 0, entropy)
+
     def log_prob_detached(self, value: Tensor) -> Tensor:
         r""":math:`\log q_{\bar\phi}(z)` with the transforms' parameters :math:`\bar\phi` cut
         from the graph, by the inverse of every layer (:func:`landing.log_prob_detached`)."""
@@ -129,7 +151,8 @@ class AutoFlowGuide(Memoized, AutoContinuous):
     call, on the device and in the dtype of the latent values, as a submodule; the param
     store's entries are its own tensors (:func:`sync_param_store`). Train with
     :class:`~pyroflows.guides.FlowELBO` (it skips a step with a non-finite loss or gradient; a
-    plain ``Trace_ELBO``'s SVI applies it) and the family's step sizes (:func:`optim_args`,
+    plain ``Trace_ELBO``'s SVI applies it) and the recommended optimizer
+    (:func:`recommended_optimizer`: the family's step sizes, decayed; :func:`optim_args`,
     :meth:`param_groups`). The latent vector's size is fixed at set-up: a call whose model
     arguments give a latent site another shape (more data rows for a per-row latent) raises a
     :class:`ValueError` naming the site and both shapes (the model runs once per new shape of
@@ -150,7 +173,9 @@ class AutoFlowGuide(Memoized, AutoContinuous):
             :data:`FULL_RANK_MAX_DIM` (diagonal fits funnels better: ``benchmarks/results/vi.md``).
         num_quantile_samples: draws behind :meth:`median` and :meth:`quantiles`.
         laplace_init: try the Laplace start first.
-        stick_the_landing: FlowELBO's default for this guide, default the family's.
+        stick_the_landing: sticking-the-landing gradients for this guide, default the
+            family's: under ``Trace_ELBO`` through :meth:`FlowPosterior.score_parts`, under
+            :class:`~pyroflows.guides.FlowELBO` its default.
         base: the distribution of :math:`\varepsilon`: ``"normal"``, :math:`N(0, I_D)`, or
             ``"studentt"``, independent Student t coordinates of unit variance whose degrees of
             freedom :math:`\nu_d > 2` are learned, one per coordinate, starting at 5
@@ -801,3 +826,61 @@ def optim_args(flow: str | AutoFlowGuide | None = None, lr: float | None = None,
         return {"lr": flow_lr if in_flow else lr, **kwargs}
 
     return args
+
+
+def recommended_optimizer(guide: str | AutoGuide, num_steps: int, lr: float | None = None,
+                          flow_lr: float | None = None, decay: float = RECOMMENDED_DECAY,
+                          clip_norm: float = 10.0) -> pyro.optim.PyroOptim:
+    r"""The recommended optimizer of a flow guide trained for ``num_steps`` SVI steps: Pyro's
+    :class:`~pyro.optim.ClippedAdam` at the family's per-layer step sizes (:func:`optim_args`:
+    ``lr`` for the affine layer and any other guide parameter, ``flow_lr`` for the flow
+    layers, by default :func:`default_lr`), each falling exponentially by the factor
+    ``decay`` over the run,
+
+    .. math:: \eta_t = \eta_0\, \mathrm{decay}^{-t / \mathrm{num\_steps}},
+
+    (``lrd`` :math:`= \mathrm{decay}^{-1/\mathrm{num\_steps}}`, applied at every step, so
+    nothing else is to be called in the loop), and every gradient entry clipped to
+    :math:`[-\mathrm{clip\_norm}, \mathrm{clip\_norm}]`. This is the recipe
+    ``benchmarks/vi.py`` measures (50-fold decay, the default): a step size held constant to
+    the last step leaves the last state scattered by Adam's noise (``benchmarks/results/
+    vi-plain.md``). Annealing for multimodal posteriors is the ELBO's part
+    (:class:`~pyroflows.guides.FlowELBO`'s ``anneal_steps``), not the optimizer's.
+
+    Arguments:
+        guide: a flow guide (or a family name, for its step sizes; another guide's
+            parameters, such as ``AutoNormal``'s, all get ``lr``).
+        num_steps: the number of ``svi.step`` calls the decay is spread over (>= 1).
+        lr, flow_lr: the initial step sizes (``None``: the family's).
+        decay: the total factor by which the step sizes fall (>= 1; 1: constant).
+        clip_norm: the bound on each gradient entry (> 0).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist, pyroflows as pf
+        >>> from pyro.infer import SVI
+        >>> def model():
+        ...     pyro.sample("z", dist.Normal(1.0, 2.0))
+        >>> pyro.clear_param_store()
+        >>> guide = pf.guides.AutoIAF(model, hidden_dims=(8,))
+        >>> optimizer = pf.guides.recommended_optimizer(guide, num_steps=200)
+        >>> svi = SVI(model, guide, optimizer, pf.guides.FlowELBO(num_particles=4))
+        >>> losses = [svi.step() for _ in range(200)]
+        >>> optimizer.pt_optim_args("AutoIAF.affine.packed")["lr"]     # the first step's
+        0.05
+        >>> affine = optimizer.optim_objs[guide.affine.packed]
+        >>> round(affine.param_groups[0]["lr"], 6)                     # after 200 steps: 50x less
+        0.001
+    """
+    if int(num_steps) != num_steps or int(num_steps) < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if not (isinstance(decay, (int, float)) and math.isfinite(decay) and decay >= 1):
+        raise ValueError(f"decay must be a finite float >= 1 (the total factor by which the "
+                         f"step sizes fall), got {decay!r}")
+    if not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
+        raise ValueError(f"clip_norm must be a positive float, got {clip_norm!r}")
+    for name, value in (("lr", lr), ("flow_lr", flow_lr)):
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name} must be a positive float, got {value!r}")
+    lrd = float(decay) ** (-1.0 / int(num_steps))
+    return pyro.optim.ClippedAdam(optim_args(guide, lr=lr, flow_lr=flow_lr, lrd=lrd,
+                                             clip_norm=float(clip_norm)))

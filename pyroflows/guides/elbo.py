@@ -159,7 +159,8 @@ class FlowELBO(Memoized, Trace_ELBO):
         if beta < 1.0:
             model = poutine.scale(model, scale=beta)
             guide = _TemperJacobians(beta)(guide)
-        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        with landing.posterior_stl_off():  # FlowELBO's own choice below, not the posterior's
+            model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
         if self.stick_the_landing is not False and self._training:
             _stick_the_landing(guide_trace, force=self.stick_the_landing is True)
         if self._training:

@@ -7,6 +7,10 @@ layer) or, where the draw's base point is known, by the draw's Jacobian
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 from pyro.distributions import Distribution
 from torch import Tensor, nn
@@ -16,8 +20,8 @@ from .. import flows
 from ..distributions import UnitStudentT
 from ..transforms import FlowTransform
 
-__all__ = ["log_prob_detached", "jacobian_route", "path_log_density", "path_entropy",
-           "detached_base", "base_score"]
+__all__ = ["posterior_sticks", "posterior_stl_off", "log_prob_detached", "jacobian_route",
+           "path_log_density", "path_entropy", "detached_base", "base_score"]
 
 #: Up to this latent size :math:`\nabla_z \log q` comes from the draw's Jacobian (a D x D solve
 #: per particle); above it from the flow's inverse. Both take about D passes of the flow's
@@ -32,6 +36,28 @@ STL_JACOBIAN_MAX_ROWS = 32768
 #: backward batched over the D + 1 cotangents; below it from one pass over D + 1 copies of the
 #: particles, whose fixed cost is lower.
 STL_BATCHED_BACKWARD_MIN_ROWS = 400
+
+
+#: Whether a :class:`~pyroflows.guides.FlowPosterior` may stick the landing in its own
+#: ``score_parts`` (for ``Trace_ELBO`` and the other ELBOs that read a site's entropy term);
+#: :class:`~pyroflows.guides.FlowELBO` turns it off and makes the choice itself.
+_POSTERIOR_STL: contextvars.ContextVar[bool] = contextvars.ContextVar("posterior_stl",
+                                                                      default=True)
+
+
+def posterior_sticks() -> bool:
+    """Whether flow posteriors stick the landing in their ``score_parts`` here."""
+    return _POSTERIOR_STL.get()
+
+
+@contextlib.contextmanager
+def posterior_stl_off() -> Iterator[None]:
+    """Within: flow posteriors' ``score_parts`` give Pyro's plain parts (the caller decides)."""
+    token = _POSTERIOR_STL.set(False)
+    try:
+        yield
+    finally:
+        _POSTERIOR_STL.reset(token)
 
 
 class _Call(nn.Module):
