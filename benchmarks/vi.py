@@ -46,6 +46,16 @@ each, no parameter update) in the same process::
     nice -n 5 python -m benchmarks.vi --scaling --dims 10 30 100 300 --steps 300 \
         --particles 8 --draws 4000 --out benchmarks/results/vi-scaling.md
 
+``--plain`` runs the plain-loop table instead (issue 24, item 6): each of our guides at its
+defaults on banana, rezende_u1 and funnel10 (``--targets`` picks others), trained ``--steps``
+steps with Pyro's ``SVI`` and ``--particles`` vectorized particles under two loops: what a Pyro
+user writes (``pyro.optim.Adam({"lr": 5e-3})``, ``Trace_ELBO``) and the recommended one
+(``pf.guides.recommended_optimizer``, ``FlowELBO``, annealing on U1); KL of each, and of the
+plain loop's guide after ``keep_best``, seeds ``--seeds``::
+
+    nice -n 10 python -m benchmarks.vi --plain --steps 2000 --particles 8 --seeds 0 1 \
+        --draws 5000 --out benchmarks/results/vi-plain.md
+
 Columns: KL = log Z - ELBO (nats, from ``--draws`` draws, where log Z is known); PSIS k-hat of
 the same importance weights (:func:`pyroflows.diagnostics.psis`); the largest standardized mean
 error |mean_q - mean_ref| / sd_ref and the largest |log(sd_q / sd_ref)| over the parameters,
@@ -82,7 +92,8 @@ from pyroflows.nn import default_hidden_dims
 
 from .targets import TARGETS, Target, load_target
 
-__all__ = ["Recipe", "GUIDES", "OUR_RECIPE", "SCALING_GUIDES", "fit", "evaluate", "main"]
+__all__ = ["Recipe", "GUIDES", "OUR_RECIPE", "SCALING_GUIDES", "PLAIN_GUIDES", "fit", "fit_svi",
+           "evaluate", "main"]
 
 
 @dataclass(frozen=True)
@@ -424,6 +435,89 @@ def scaling_table(dims: list[int], steps: int, num_particles: int, num_draws: in
     return rows
 
 
+# ---- the loop a Pyro user writes (issue 24, item 6) ----------------------------------------------
+
+#: Our guides in the plain-loop table, at their defaults.
+PLAIN_GUIDES: dict[str, Callable] = {
+    "pf AutoPlanar": lambda m: pf.guides.AutoPlanar(m),
+    "pf AutoRadial": lambda m: pf.guides.AutoRadial(m),
+    "pf AutoIAF": lambda m: pf.guides.AutoIAF(m),
+}
+#: The targets of the plain-loop table.
+PLAIN_TARGETS = ["banana_b0.1", "rezende_u1", "funnel10"]
+#: The plain loop's Adam step size, constant.
+PLAIN_LR = 5e-3
+
+
+def fit_svi(target: Target, make_guide: Callable, loop: str, steps: int, num_particles: int,
+            seed: int) -> tuple[object, float]:
+    """Train a guide with Pyro's ``SVI`` and either ``loop``: ``"plain"``, what a Pyro user
+    writes (``pyro.optim.Adam({"lr": 5e-3})``, ``Trace_ELBO``), or ``"recommended"``
+    (:func:`pyroflows.guides.recommended_optimizer` and ``FlowELBO``, annealing on
+    :data:`MULTIMODAL` targets); ``num_particles`` vectorized particles. Returns
+    ``(guide, seconds)``."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    begin = time.perf_counter()
+    guide = make_guide(target.model)
+    elbo_kwargs = dict(num_particles=num_particles, vectorize_particles=True,
+                       max_plate_nesting=target.max_plate_nesting)
+    if loop == "plain":
+        optimizer = pyro.optim.Adam({"lr": PLAIN_LR})
+        elbo = pyro.infer.Trace_ELBO(**elbo_kwargs)
+    elif loop == "recommended":
+        guide()
+        optimizer = pf.guides.recommended_optimizer(guide, steps)
+        anneal = int(MULTIMODAL.get(target.name, 0.0) * steps)
+        elbo = FlowELBO(anneal_steps=anneal, **elbo_kwargs)
+    else:
+        raise ValueError(f"unknown loop {loop!r}")
+    svi = pyro.infer.SVI(target.model, guide, optimizer, elbo)
+    with pf.validation(False):
+        for _ in range(steps):
+            svi.step()
+    return guide, time.perf_counter() - begin
+
+
+def plain_table(targets: list[str], guides: list[str], steps: int, num_particles: int,
+                seeds: list[int], num_draws: int) -> list[str]:
+    """The plain-loop table: per (target, guide), KL under the recommended loop, under the
+    plain loop (its last state, and after ``guide.keep_best()``), the ratio plain / recommended
+    and whether it is within 1.5x; the seeds side by side."""
+    rows = ["| target | guide | KL recommended | KL plain | KL plain + keep_best | "
+            "plain / recommended | within 1.5x | s / run (rec, plain) |",
+            "|---|---|---|---|---|---:|---|---|"]
+    print("\n".join(rows), flush=True)
+    for tname in targets:
+        target = load_target(tname)
+        for gname in guides:
+            res: dict[str, list[float]] = {"rec": [], "plain": [], "kept": [], "t_rec": [],
+                                           "t_plain": []}
+            for seed in seeds:
+                guide, sec = fit_svi(target, PLAIN_GUIDES[gname], "recommended", steps,
+                                     num_particles, seed)
+                res["rec"].append(evaluate(target, guide, num_draws)["kl"])
+                res["t_rec"].append(sec)
+                guide, sec = fit_svi(target, PLAIN_GUIDES[gname], "plain", steps,
+                                     num_particles, seed)
+                res["plain"].append(evaluate(target, guide, num_draws)["kl"])
+                res["t_plain"].append(sec)
+                with pf.validation(False):
+                    guide.keep_best()
+                res["kept"].append(evaluate(target, guide, num_draws)["kl"])
+            rec, plain = float(np.mean(res["rec"])), float(np.mean(res["plain"]))
+            ratio = plain / rec if rec > 0 else math.inf
+
+            def col(key: str, res: dict = res) -> str:
+                return " / ".join(_fmt(x) for x in res[key])
+            row = (f"| {tname} | {gname} | {col('rec')} | {col('plain')} | {col('kept')} | "
+                   f"{ratio:.2f} | {'met' if ratio <= 1.5 else 'not met'} | "
+                   f"{np.mean(res['t_rec']):.0f}, {np.mean(res['t_plain']):.0f} |")
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
@@ -445,10 +539,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-steps", type=int, default=20,
                         help="--scaling: gradients timed with and without sticking the landing")
     parser.add_argument("--scaling-guides", nargs="*", default=list(SCALING_GUIDES))
+    parser.add_argument("--plain", action="store_true",
+                        help="the plain-loop table instead (issue 24, item 6): each guide "
+                        "under SVI with Adam 5e-3 and Trace_ELBO against the recommended loop")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     # Pyro's flow guides build their layers lazily in the default dtype: float64 models need it.
     torch.set_default_dtype(torch.float64)
+    if args.plain:
+        targets = args.targets if args.targets != list(TARGETS) else PLAIN_TARGETS
+        guides = [g for g in args.guides if g in PLAIN_GUIDES] or list(PLAIN_GUIDES)
+        header = (
+            "# The loop a Pyro user writes (issue 24, item 6)\n\n"
+            f"Each guide at its defaults, trained {args.steps} steps with `pyro.infer.SVI` and "
+            f"{args.particles} vectorized particles, float64, seeds "
+            f"{', '.join(map(str, args.seeds))} (the values of a cell, in order; the ratio "
+            "is of the means). Plain: `pyro.optim.Adam({\"lr\": 5e-3})` constant and "
+            "`Trace_ELBO`; KL of the last state, and after `guide.keep_best()` (which, with "
+            "no recorded step, chooses between the start and the last state). Recommended: "
+            "`pf.guides.recommended_optimizer(guide, num_steps)` (ClippedAdam at the family's "
+            f"step sizes, decayed {pf.guides.autoguide.RECOMMENDED_DECAY:g}x) and `FlowELBO` "
+            "(its default sticking the landing; on rezende_u1 annealing over the first half). "
+            f"KL = log Z - ELBO from {args.draws} draws (nats). Goal: plain within 1.5x of "
+            "recommended.\n"
+        )
+        print(header, flush=True)
+        rows = plain_table(targets, guides, args.steps, args.particles, args.seeds, args.draws)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(header + "\n" + "\n".join(rows) + "\n")
+        return 0
     if args.scaling:
         header = (
             "# Cost against the latent size D (issue 24, item 3)\n\n"
