@@ -61,9 +61,10 @@ torch.set_num_threads(1)
 # $5 \cdot 10^{-2}$), the flow layers, whose networks start at the identity, take a smaller step
 # ($10^{-2}$ for planar and radial layers, $3 \cdot 10^{-3}$ for the IAF's networks:
 # `pf.flows.FAMILIES[name].lr`), and every rate decays 50-fold over the run.
-# `pf.guides.optim_args(guide)` gives Pyro's optimizers these per-parameter settings (every
-# parameter of a guide without flow layers, such as `AutoNormal`, gets the affine layer's
-# rate); `ClippedAdam` adds the decay (`lrd`) and clips gradient norms.
+# `pf.guides.recommended_optimizer(guide, num_steps)` is this recipe as one Pyro optimizer:
+# `ClippedAdam` with these per-parameter rates, the decay applied by every `svi.step`, gradient
+# entries clipped (every parameter of a guide without flow layers, such as `AutoNormal`, gets
+# the affine layer's rate).
 # 32 vectorized particles per step. `svi.step` returns the loss, so the ELBO trace is its
 # negative.
 #
@@ -76,8 +77,7 @@ def fit(model, guide, elbo, steps, *args, seed=0):
     """Run SVI for ``steps`` steps; returns the ELBO trace (negated losses) as numpy."""
     pyro.clear_param_store()  # the guide keeps its own parameters; start the store empty
     pyro.set_rng_seed(seed)
-    decay = (1 / 50) ** (1 / steps)  # per step, so the rates end 50 times smaller
-    optim = pyro.optim.ClippedAdam(pf.guides.optim_args(guide, lrd=decay))
+    optim = pf.guides.recommended_optimizer(guide, steps)  # the rates end 50 times smaller
     svi = SVI(model, guide, optim, elbo)
     trace = np.empty(steps)
     with pf.validation(False):
