@@ -1,9 +1,11 @@
 """Probability density distillation (issue 23, seed section 3.3.4): a MAF teacher fitted by
 ``DensityEstimator``, an IAF student by ``est.distill()``, against zuko's and nflows' MAF.
 
-Run from the repository root (about 15 minutes on a quiet core with the defaults)::
+Run from the repository root (about 15 minutes on a quiet core with the defaults, 30 with the
+frontier below)::
 
-    nice -n 5 python -m benchmarks.distill --out benchmarks/results/distill.md
+    nice -n 10 python -m benchmarks.distill --out benchmarks/results/distill.md \
+        --frontier 5x64,64 3x128,128 5x256,256
 
 Data with a known density, for D = 2, 8, 32, 64: ``banana{D}``, D/2 independent bananas
 ``b ~ N(a^2 - 1, 0.5^2)``, ``a ~ N(0, 1)``, rotated by a fixed random rotation of R^D (unit
@@ -12,7 +14,13 @@ out for early stopping), 5000 test rows. All in float32 with one intra-op thread
 
 Teacher: ``DensityEstimator("maf", num_layers=5, hidden_dims=(128, 128))`` (whitening
 preconditioner), fitted for at most ``--epochs`` epochs. Student: ``est.distill()`` with its
-defaults (as many IAF layers of the same widths, 3000 Adam steps of 256 draws).
+defaults (as many IAF layers of the same widths, at most ``DISTILL_DEFAULTS["max_steps"]`` Adam
+steps of 512 draws, stopped earlier by the convergence rule).
+
+``--frontier LxH1,H2 ...``: after the last D, students of those shapes (L IAF layers of
+MADE widths (H1, H2)) are distilled from the same teacher with the same settings, and the
+teacher's and every student's sampler (the main row's included) timed in one interleaved run:
+the trade between KL(student || teacher) and draws per second.
 
 Columns:
 
@@ -41,6 +49,7 @@ import numpy as np
 import torch
 
 import pyroflows as pf
+from pyroflows.density.distill import DISTILL_DEFAULTS
 
 DTYPE = torch.float32
 LAYERS, HIDDEN = 5, (128, 128)
@@ -141,7 +150,64 @@ def run_dim(dim: int, args) -> dict:
         "heldout_gap_se": report["log_prob_gap_se"], "rates": rates,
         "fit_seconds": fit_seconds, "best_epoch": est.history_["best_epoch"],
         "distill_seconds": distill_seconds, "best_step": record["best_step"],
+        "stopped": record["stopped"], "est": est, "x_test": x_test,
     }
+
+
+def frontier(est, dim: int, x_test: torch.Tensor, shapes: list[tuple[int, tuple[int, ...]]],
+             args) -> list[dict]:
+    """The speed-fidelity trade at one D: students of each ``(layers, hidden)`` shape distilled
+    from the same teacher with the same settings, then the teacher's and every student's
+    sampler timed in one interleaved run; the first row is the main row's student (the
+    defaults: the teacher's shape)."""
+    record = est.history_["distill"]
+    main = (record["num_layers"], tuple(record["hidden_dims"]))
+    students = {main: est.student_}
+    rows = [{"layers": main[0], "hidden": main[1], "kl": record["fidelity"]["kl"],
+             "kl_se": record["fidelity"]["kl_se"],
+             "heldout_gap": record["fidelity"]["log_prob_gap"],
+             "heldout_gap_se": record["fidelity"]["log_prob_gap_se"],
+             "best_step": record["best_step"], "stopped": record["stopped"],
+             "seconds": record["seconds"]}]
+    for layers, hidden in shapes:
+        est.distill(num_layers=layers, hidden_dims=hidden, max_steps=args.steps, x_val=x_test,
+                    num_draws=8192, progress=False)
+        record = est.history_["distill"]
+        students[(layers, hidden)] = est.student_
+        rows.append({"layers": layers, "hidden": hidden, "kl": record["fidelity"]["kl"],
+                     "kl_se": record["fidelity"]["kl_se"],
+                     "heldout_gap": record["fidelity"]["log_prob_gap"],
+                     "heldout_gap_se": record["fidelity"]["log_prob_gap_se"],
+                     "best_step": record["best_step"], "stopped": record["stopped"],
+                     "seconds": record["seconds"]})
+
+    def student_sampler(student):
+        def draw(n):
+            est.student_ = student
+            return est.sample(n)
+        return draw
+
+    samplers = {"teacher": lambda n: est.sample(n, exact=True),
+                **{key: student_sampler(s) for key, s in students.items()}}
+    rates = time_samplers(samplers, args.draws, args.rounds)
+    for row in rows:
+        row["rate"] = rates[(row["layers"], row["hidden"])]
+        row["teacher_rate"] = rates["teacher"]
+    return rows
+
+
+def frontier_table(dim: int, rows: list[dict]) -> list[str]:
+    out = [f"Frontier at D = {dim}:", "",
+           "| student (layers × hidden) | KL(q‖p) nats | KL/dim | student − teacher | best step "
+           "| stopped | distill (s) | student /s | student ÷ teacher |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(
+            f"| {r['layers']} × {r['hidden']} | {r['kl']:.3f} ± {r['kl_se']:.3f} | "
+            f"{r['kl'] / dim:.4f} | {-r['heldout_gap']:.3f} ± {r['heldout_gap_se']:.3f} | "
+            f"{r['best_step']} | {r['stopped']} | {r['seconds']:.0f} | {r['rate']:,.0f} | "
+            f"{r['rate'] / r['teacher_rate']:.1f}x |")
+    return out
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -161,10 +227,10 @@ def table(rows: list[dict]) -> list[str]:
             f"{-r['heldout_gap']:.3f} ± {r['heldout_gap_se']:.3f} | {rates['teacher']:,.0f} | "
             f"{rates['student']:,.0f} | {rates['zuko MAF']:,.0f} | {rates['nflows MAF']:,.0f} | "
             f"{rates['student'] / rates['teacher']:.1f}x | {rates['student'] / best_peer:.1f}x |")
-    out += ["", "| D | teacher fit (s) | best epoch | distill (s) | best step |",
-            "|---|---|---|---|---|"]
+    out += ["", "| D | teacher fit (s) | best epoch | distill (s) | best step | stopped |",
+            "|---|---|---|---|---|---|"]
     out += [f"| {r['dim']} | {r['fit_seconds']:.0f} | {r['best_epoch']} | "
-            f"{r['distill_seconds']:.0f} | {r['best_step']} |" for r in rows]
+            f"{r['distill_seconds']:.0f} | {r['best_step']} | {r['stopped']} |" for r in rows]
     return out
 
 
@@ -175,11 +241,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-test", type=int, default=5000)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--patience", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=3000, help="distillation steps")
+    parser.add_argument("--steps", type=int, default=DISTILL_DEFAULTS["max_steps"],
+                        help="at most this many distillation steps")
     parser.add_argument("--draws", type=int, default=4096, help="draws per timed call")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--frontier", type=str, nargs="*", default=[],
+                        help="student shapes LAYERSxH1,H2 (e.g. 5x64,64) distilled from the "
+                             "last D's teacher for the speed-fidelity frontier")
     parser.add_argument("--out", default=None, help="write the table (Markdown) here too")
     args = parser.parse_args(argv)
+    shapes = []
+    for spec in args.frontier:
+        layers, hidden = spec.split("x")
+        shapes.append((int(layers), tuple(int(h) for h in hidden.split(","))))
     torch.set_num_threads(1)
     random.seed(0)
     rows = []
@@ -187,6 +261,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(run_dim(dim, args))
         print("\n".join(table(rows[-1:])), flush=True)
     lines = table(rows)
+    if shapes:
+        last = rows[-1]
+        fr = frontier(last["est"], last["dim"], last["x_test"], shapes, args)
+        lines += ["", *frontier_table(last["dim"], fr)]
     print("\n".join(lines))
     if args.out:
         command = "python -m benchmarks.distill " + " ".join(sys.argv[1:] if argv is None
