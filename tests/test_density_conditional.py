@@ -327,6 +327,7 @@ def test_streamed_conditional_fit_takes_the_conditional_step_size():
     alone = DensityEstimator("maf", seed=0, **SMALL).fit(ArrayDataset(y), max_epochs=1,
                                                           progress=False)
     assert pairs.history_["lr"] == 3e-3 and alone.history_["lr"] == 1e-3
+    assert pairs.history_["batch_size"] == alone.history_["batch_size"] == 256
 
 
 # ---- files --------------------------------------------------------------------------------

@@ -654,6 +654,7 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
     history = trainer.history
     history["precondition"] = precondition
     history["processes"] = world
+    history["batch_size"] = batch_size  # the global batch, shared out among the ranks
     signature = fit_signature(est, precondition, dim, context_dim, dtype, batch_size, num_train,
                               history["num_val"], world)
     trainer.run(max_epochs, patience, progress, start, checkpoint=checkpoint,
