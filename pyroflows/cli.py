@@ -56,29 +56,33 @@ def _u1_model(device: torch.device):
 
 
 def _guide_candidates(model, steps: int) -> dict[str, Callable[[], tuple]]:
-    """The demo's guides by name, each ``make() -> (guide, elbo, optim_args or None)``."""
+    """The demo's guides by name, each ``make() -> (guide, elbo, optimizer(guide))``."""
+    import pyro
     from pyro.infer import Trace_ELBO
     from pyro.infer.autoguide import AutoNormal
 
     from . import guides
 
     # The flow guides start wide (init_scale=1) and anneal the energy over the first half of the
-    # steps, which lets them cover both modes of U1.
+    # steps, which lets them cover both modes of U1; their step sizes (the family's, the IAF
+    # affine layer's 5e-3) hold through the annealing and then fall 50-fold
+    # (benchmarks/results/vi-schedules.md).
     def flow_elbo():
         return guides.FlowELBO(num_particles=64, vectorize_particles=True,
                                anneal_steps=steps // 2)
 
-    # Constant steps: Pyro's usual 1e-2 for AutoNormal, the flow guides' defaults except the IAF
-    # affine layer's, whose default held to the last step costs KL here (benchmarks/results/vi.md,
-    # "The demo's AutoIAF on U1").
+    def recommended(lr=None):
+        return lambda guide: guides.recommended_optimizer(guide, steps, lr=lr,
+                                                          hold_steps=steps // 2)
+
     return {
         "AutoNormal (Pyro)": lambda: (AutoNormal(model), Trace_ELBO(num_particles=64,
-                                      vectorize_particles=True), {"lr": 1e-2}),
+                                      vectorize_particles=True),
+                                      lambda guide: pyro.optim.Adam({"lr": 1e-2})),
         "AutoPlanar x16": lambda: (guides.AutoPlanar(model, num_layers=16, init_scale=1.0),
-                                   flow_elbo(), None),
+                                   flow_elbo(), recommended()),
         "AutoIAF x4": lambda: (guides.AutoIAF(model, num_layers=4, hidden_dims=(32, 32),
-                                              init_scale=1.0), flow_elbo(),
-                               guides.optim_args("iaf", lr=5e-3)),
+                                              init_scale=1.0), flow_elbo(), recommended(5e-3)),
     }
 
 
@@ -89,7 +93,7 @@ def _fit_guides(args, device):
     from pyro.infer import SVI
     from tqdm.auto import tqdm
 
-    from . import diagnostics, guides
+    from . import diagnostics
 
     log_z = LOG_Z["U1"]
     model = _u1_model(device)
@@ -97,9 +101,9 @@ def _fit_guides(args, device):
     for name, make in _guide_candidates(model, args.steps).items():
         pyro.clear_param_store()
         pyro.set_rng_seed(args.seed)
-        guide, elbo, optim_args = make()
+        guide, elbo, optimizer = make()
         start = time.perf_counter()
-        svi = SVI(model, guide, pyro.optim.Adam(optim_args or guides.optim_args(guide)), elbo)
+        svi = SVI(model, guide, optimizer(guide), elbo)
         losses = []
         with tqdm(range(args.steps), desc=f"  {name}", leave=False, disable=not args.progress,
                   mininterval=0.5) as bar:

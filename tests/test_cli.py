@@ -39,13 +39,13 @@ def test_demo_runs_and_writes_plots(capsys, caplog, tmp_path):
     assert captured.err == "", captured.err  # tqdm writes to stderr: nothing there off a terminal
     assert "INFO" not in text and "max_plate_nesting" not in text and "Warning" not in text
     assert not [r for r in caplog.records if r.name.startswith("pyro")]
-    rows = re.findall(r"^\s+(Auto\w+.*?)\s+(-?\d+\.\d+) ± (\d+\.\d+)\s+(-?\d+\.\d+)\s+(\d+\.\d+)",
+    rows = re.findall(r"^\s+(Auto\w+.*?)\s+(-?\d+\.\d+) ± (\d+\.\d+)\s+(-?\d+\.\d+)\s+(-?\d+\.\d+)",
                       text, flags=re.M)
     assert len(rows) == 3, text
     for _, elbo, _, kl, khat in rows:
         # ELBO <= log Z up to Monte Carlo error, so the printed KL is (almost) non-negative
         assert float(kl) > -0.05 and abs(float(elbo) + float(kl) - 1.877502) < 1e-3
-        assert float(khat) < 5
+        assert float(khat) < 5  # PSIS' k-hat may be negative: light-tailed weights
     gaps = dict(re.findall(r"^\s+(full-covariance Gaussian \(ML\)|MAF x5 \(whitened\)|"
                            r"MAF x5, Tabak-preconditioned)\s+-?\d+\.\d+\s+(-?\d+\.\d+) ±",
                            text, flags=re.M))

@@ -94,7 +94,29 @@ def test_recommended_optimizer_steps_at_the_family_sizes_decayed(flow, flow_lr, 
     assert optimizer.optim_objs[guide.affine.packed].param_groups[0]["clip_norm"] == 3.0
 
 
+def test_recommended_optimizer_holds_through_the_annealing(device, dtype):
+    """With ``hold_steps=h`` every step size stays at its start for the first h SVI steps, then
+    falls by the same factor each step to the start / ``decay`` at step ``num_steps``."""
+    model, _, _, _ = gaussian_problem(device, dtype)
+    guide = _small_guide(model, "iaf")
+    num_steps, hold, decay = 12, 5, 50.0
+    optimizer = recommended_optimizer(guide, num_steps, hold_steps=hold)
+    svi = SVI(model, guide, optimizer, FlowELBO(num_particles=2, vectorize_particles=True,
+                                                anneal_steps=hold))
+    rate = decay ** (-1 / (num_steps - hold))
+    for step in range(1, num_steps + 1):
+        svi.step()
+        for name, lr in _lrs(optimizer, guide).items():
+            start = 3e-3 if name.startswith("flow.") else 5e-2
+            want = start * rate ** max(0, step - hold)
+            assert math.isclose(lr, want, rel_tol=1e-9), (step, name)
+    state = optimizer.get_state()  # the count left travels with the optimizer's state
+    assert all(s["param_groups"][0]["hold"] == 0 for s in state.values())
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    (dict(num_steps=10, hold_steps=10), "hold_steps"), (dict(num_steps=10, hold_steps=-1),
+                                                        "hold_steps"),
     (dict(num_steps=0), "num_steps"), (dict(num_steps=2.5), "num_steps"),
     (dict(num_steps=10, decay=0.5), "decay"), (dict(num_steps=10, decay=math.inf), "decay"),
     (dict(num_steps=10, clip_norm=0.0), "clip_norm"), (dict(num_steps=10, lr=-1.0), "lr"),

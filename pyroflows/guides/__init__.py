@@ -16,6 +16,7 @@ from .autoguide import (
     AutoPlanar,
     AutoRadial,
     FlowPosterior,
+    HeldClippedAdam,
     default_lr,
     optim_args,
     recommended_optimizer,
@@ -24,4 +25,4 @@ from .elbo import FlowELBO
 
 __all__ = ["AutoFlowGuide", "AutoPlanar", "AutoRadial", "AutoIAF", "FlowPosterior",
            "TriangularAffine", "FlowELBO", "optim_args", "default_lr",
-           "recommended_optimizer", "AmortizedFlowGuide"]
+           "recommended_optimizer", "HeldClippedAdam", "AmortizedFlowGuide"]

@@ -17,6 +17,7 @@ from pyro.distributions.score_parts import ScoreParts
 from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroModule
+from pyro.optim.clipped_adam import ClippedAdam
 from pyro.params.param_store import param_with_module_name
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
@@ -32,7 +33,8 @@ from . import landing
 from . import laplace as _laplace
 
 __all__ = ["AutoFlowGuide", "AutoPlanar", "AutoRadial", "AutoIAF", "FlowPosterior",
-           "default_lr", "optim_args", "recommended_optimizer", "sync_param_store"]
+           "default_lr", "optim_args", "recommended_optimizer", "HeldClippedAdam",
+           "sync_param_store"]
 
 #: :func:`recommended_optimizer`'s default: the step sizes fall this many times over the run.
 RECOMMENDED_DECAY = 50.0
@@ -828,9 +830,33 @@ def optim_args(flow: str | AutoFlowGuide | None = None, lr: float | None = None,
     return args
 
 
+class HeldClippedAdam(ClippedAdam):
+    """Pyro's :class:`~pyro.optim.clipped_adam.ClippedAdam` whose step sizes stay at their
+    start for each parameter group's first ``hold`` steps and then fall by the factor ``lrd`` a
+    step (``hold=0``: ``ClippedAdam`` itself). The count left is the group's ``"hold"``, so it
+    travels with the optimizer's ``state_dict``."""
+
+    def __init__(self, params: Any, hold: int = 0, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            group.setdefault("hold", int(hold))
+
+    def step(self, closure: Callable | None = None) -> Any:
+        held = [group for group in self.param_groups if group["hold"] > 0]
+        lrds = [group["lrd"] for group in held]
+        for group in held:
+            group["hold"] -= 1
+            group["lrd"] = 1.0
+        try:
+            return super().step(closure)
+        finally:
+            for group, lrd in zip(held, lrds, strict=True):
+                group["lrd"] = lrd
+
+
 def recommended_optimizer(guide: str | AutoGuide, num_steps: int, lr: float | None = None,
                           flow_lr: float | None = None, decay: float = RECOMMENDED_DECAY,
-                          clip_norm: float = 10.0) -> pyro.optim.PyroOptim:
+                          clip_norm: float = 10.0, hold_steps: int = 0) -> pyro.optim.PyroOptim:
     r"""The recommended optimizer of a flow guide trained for ``num_steps`` SVI steps: Pyro's
     :class:`~pyro.optim.ClippedAdam` at the family's per-layer step sizes (:func:`optim_args`:
     ``lr`` for the affine layer and any other guide parameter, ``flow_lr`` for the flow
@@ -845,7 +871,14 @@ def recommended_optimizer(guide: str | AutoGuide, num_steps: int, lr: float | No
     ``benchmarks/vi.py`` measures (50-fold decay, the default): a step size held constant to
     the last step leaves the last state scattered by Adam's noise (``benchmarks/results/
     vi-plain.md``). Annealing for multimodal posteriors is the ELBO's part
-    (:class:`~pyroflows.guides.FlowELBO`'s ``anneal_steps``), not the optimizer's.
+    (:class:`~pyroflows.guides.FlowELBO`'s ``anneal_steps``); with it, pass the same number as
+    ``hold_steps``: the step sizes then stay at their start while the energy is tempered and
+    fall by ``decay`` over the remaining steps,
+
+    .. math:: \eta_t = \eta_0\, \mathrm{decay}^{-\max(0,\, t - h) / (\mathrm{num\_steps} - h)},
+
+    (:class:`HeldClippedAdam`): a decay from the first step leaves too little step to settle
+    once the tempering ends (measured: ``benchmarks/results/vi-schedules.md``).
 
     Arguments:
         guide: a flow guide (or a family name, for its step sizes; another guide's
@@ -854,6 +887,8 @@ def recommended_optimizer(guide: str | AutoGuide, num_steps: int, lr: float | No
         lr, flow_lr: the initial step sizes (``None``: the family's).
         decay: the total factor by which the step sizes fall (>= 1; 1: constant).
         clip_norm: the bound on each gradient entry (> 0).
+        hold_steps: steps at the initial step sizes before the decay starts (0 <= hold_steps <
+            num_steps; FlowELBO's ``anneal_steps``, where it anneals).
 
     Example:
         >>> import pyro, pyro.distributions as dist, pyroflows as pf
@@ -881,6 +916,9 @@ def recommended_optimizer(guide: str | AutoGuide, num_steps: int, lr: float | No
     for name, value in (("lr", lr), ("flow_lr", flow_lr)):
         if value is not None and not (isinstance(value, (int, float)) and value > 0):
             raise ValueError(f"{name} must be a positive float, got {value!r}")
-    lrd = float(decay) ** (-1.0 / int(num_steps))
-    return pyro.optim.ClippedAdam(optim_args(guide, lr=lr, flow_lr=flow_lr, lrd=lrd,
-                                             clip_norm=float(clip_norm)))
+    if int(hold_steps) != hold_steps or not 0 <= int(hold_steps) < int(num_steps):
+        raise ValueError(f"hold_steps must be an integer in [0, num_steps), got {hold_steps!r}")
+    lrd = float(decay) ** (-1.0 / (int(num_steps) - int(hold_steps)))
+    return pyro.optim.PyroOptim(HeldClippedAdam, optim_args(
+        guide, lr=lr, flow_lr=flow_lr, lrd=lrd, clip_norm=float(clip_norm),
+        hold=int(hold_steps)))
