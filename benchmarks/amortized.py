@@ -81,6 +81,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 
 import pyroflows as pf
+from benchmarks import emit
 
 HIDDEN, CONTEXT, PIXELS, TEST = 128, 64, 64, 297
 #: the settings that must agree between merged runs
@@ -568,11 +569,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"- {label} {lib}: " + "; ".join(
             f"{r[(label, lib)]['elbo']:.2f} / {r[(label, lib)]['ll']:.2f} / "
             f"{r[(label, lib)]['sec']:.3f}" for r in results))
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

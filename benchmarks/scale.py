@@ -62,6 +62,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks import emit
+
 D = 64
 MODEL = {"flow": "maf", "num_layers": 5, "hidden_dims": (256, 256), "seed": 0,
          "dtype": torch.float32}
@@ -393,11 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{', '.join(f'{v:.2f}' for v in load_after)}.",
         "",
     ]
-    text = "\n".join(header + lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(header + lines, args.out)
 
 
 if __name__ == "__main__":

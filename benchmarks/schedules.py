@@ -22,6 +22,7 @@ import sys
 import pyro
 import torch
 
+from benchmarks import emit
 from pyroflows import cli, diagnostics, guides
 
 SCHEDULES = ("constant (Adam)", "decayed from the start", "held through the annealing")
@@ -65,11 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"| {name} | {schedule} | {', '.join(f'{v:.3f}' for v in kls)} | "
                          f"{statistics.median(kls):.3f} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
