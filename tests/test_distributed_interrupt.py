@@ -24,8 +24,9 @@ def test_an_interrupt_on_one_rank_ends_the_fit_on_every_rank(tmp_path, what):
     x, x_val = _rows(400, 0), _rows(100, 1)
     # rank 1's 65th batch of 10 rows: 20 in the statistics' pass, 20 an epoch (400 rows in
     # global batches of 20), so 5 batches into the third epoch
-    # rank 1 ends by the interrupt; rank 0, in an all-reduce, by gloo's "connection closed"
-    with pytest.raises(mp.ProcessRaisedException, match="KeyboardInterrupt|closed by peer"):
+    # rank 1 ends by the interrupt; rank 0, in an all-reduce, by gloo's "connection closed (or
+    # reset) by peer", whichever the launcher reports first
+    with pytest.raises(mp.ProcessRaisedException, match="KeyboardInterrupt|by peer"):
         run_ranks(interrupted_fit, 2, what, x, x_val, 65, str(tmp_path), timeout=120)
     saved = torch.load(tmp_path / f"{what}-rank1.pt")
     assert not (tmp_path / f"{what}-rank0.pt").exists()  # rank 0 was ended, not interrupted
