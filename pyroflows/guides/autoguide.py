@@ -842,7 +842,8 @@ class HeldClippedAdam(ClippedAdam):
             group.setdefault("hold", int(hold))
 
     def step(self, closure: Callable | None = None) -> Any:
-        held = [group for group in self.param_groups if group["hold"] > 0]
+        # .get: a state_dict of a plain ClippedAdam, loaded into this one, has no count
+        held = [group for group in self.param_groups if group.get("hold", 0) > 0]
         lrds = [group["lrd"] for group in held]
         for group in held:
             group["hold"] -= 1
