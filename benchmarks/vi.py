@@ -518,6 +518,13 @@ def plain_table(targets: list[str], guides: list[str], steps: int, num_particles
     return rows
 
 
+def _save(out: str | None, lines: list[str]) -> None:
+    """Write a table printed as it was computed (its header first, then its rows) to ``out``."""
+    if out:
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
@@ -565,9 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(header, flush=True)
         rows = plain_table(targets, guides, args.steps, args.particles, args.seeds, args.draws)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(header + "\n" + "\n".join(rows) + "\n")
+        _save(args.out, [header, *rows])
         return 0
     if args.scaling:
         header = (
@@ -592,9 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         print(header, flush=True)
         rows = scaling_table(args.dims, args.steps, args.particles, args.draws,
                              args.time_steps, args.seed, args.scaling_guides)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(header + "\n" + "\n".join(rows) + "\n")
+        _save(args.out, [header, *rows])
         return 0
     if args.gaussians:
         header = (
@@ -612,9 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         print(header, flush=True)
         rows = gaussian_table(args.dims, args.seeds, args.steps, args.particles, args.draws,
                               args.gaussian_guides)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(header + "\n" + "\n".join(rows) + "\n")
+        _save(args.out, [header, *rows])
         return 0
     families = pf.flows.FAMILIES
     lrs = ", ".join(f"{k} {families[k].lr[1]:g}" for k in ("planar", "radial", "iaf"))
