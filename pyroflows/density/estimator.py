@@ -279,8 +279,9 @@ class DensityEstimator:
             ``best_val_log_prob``, ``initial_val_log_prob``, ``final_val_log_prob`` (with the
             refiner), ``stopped``, ``skipped_steps`` (non-finite steps not applied),
             ``seconds``, ``num_train``, ``num_val``, ``precondition``, ``lr`` (Adam's step
-            size), ``batch_size`` (in-memory fits), and where they apply
-            ``refine_steps`` and ``candidates``; log-likelihoods in nats per sample, in x-space.
+            size), ``batch_size`` (streamed and data-parallel: the global batch), and where
+            they apply ``refine_steps`` and ``candidates``; log-likelihoods in nats per
+            sample, in x-space.
             After :meth:`distill`, ``history_["distill"]``: the distillation's record (see
             :func:`~pyroflows.density.distill.distill`) with its ``fidelity`` report.
         precondition_: the preconditioner the fitted model uses.

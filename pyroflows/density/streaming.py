@@ -269,12 +269,11 @@ class _Indexed:
         perm = Permutation(self.size, gen) if self.shuffle and gen is not None else None
         for start in range(0, self.size, self.batch_size):
             stop = min(start + self.batch_size, self.size)
-            part = torch.arange(start, stop)
+            part = torch.arange(start + self.rank, stop, self.world)  # this rank's positions
             if perm is not None:
                 part = perm(part)
             if self.indices is not None:
                 part = self.indices(part)
-            part = part[self.rank::self.world]
             yield None if part.numel() == 0 else _fetch(self.dataset, part.sort().values.tolist())
 
 
