@@ -465,8 +465,8 @@ class DensityEstimator:
             batch_size: int | None = None, lr: float | None = None, patience: int = 20,
             val_fraction: float = 0.1,
             weight_decay: float = 0.0, averaging_epochs: float = 1.0,
-            progress: bool = True, *, context: Any = None, context_val: Any = None,
-            y_val: Any = None, distributed: bool | None = None,
+            progress: bool = True, *, clip_factor: float | None = None, context: Any = None,
+            context_val: Any = None, y_val: Any = None, distributed: bool | None = None,
             checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1,
             resume: str | os.PathLike | None = None) -> DensityEstimator:
         """Fit to the rows of ``x`` (numpy array or tensor, shaped (n, D)); returns ``self``.
@@ -516,6 +516,12 @@ class DensityEstimator:
             weight_decay: Adam's L2 penalty.
             averaging_epochs: the horizon in epochs (at least 10 steps) of the parameters' moving
                 average that is validated and kept; 0: the last Adam iterate.
+            clip_factor: each step's gradient is clipped at this multiple of the running
+                gradient norm of about the last 100 steps, below the fixed cap of 1e3
+                (:class:`~pyroflows.density.training.GradientClip`); 0: the fixed cap only;
+                default: 2 with a context, 0 without
+                (:func:`~pyroflows.density.training.default_clip_factor`); the factor used is
+                ``history_["clip_factor"]``.
             progress: show a progress bar.
             context: the contexts of the rows of ``x`` (conditional density estimation: ``x``
                 is the ``y`` of ``p(y | context)``); a column constant over the training rows
@@ -542,6 +548,11 @@ class DensityEstimator:
         lr = None if lr is None else float(lr)
         if not float(averaging_epochs) >= 0:
             raise ValueError(f"averaging_epochs must be >= 0, got {averaging_epochs}")
+        if clip_factor is not None:
+            if not float(clip_factor) >= 0:
+                raise ValueError(f"clip_factor must be >= 0 (0: the fixed cap only) or None "
+                                 f"(the default), got {clip_factor}")
+            clip_factor = float(clip_factor)
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if y_val is not None:
@@ -562,8 +573,8 @@ class DensityEstimator:
                 batch_size=training.DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size),
                 lr=lr, patience=int(patience), val_fraction=float(val_fraction),
                 weight_decay=float(weight_decay), averaging_epochs=float(averaging_epochs),
-                progress=progress, distributed=distributed, context=context,
-                context_val=context_val, **saving)
+                clip_factor=clip_factor, progress=progress, distributed=distributed,
+                context=context, context_val=context_val, **saving)
         start = time.perf_counter()
         given = _as_tensor(x, "x")
         device = usable_device(self.device or given.device, "fit")
@@ -615,7 +626,8 @@ class DensityEstimator:
                     precondition, dim, device, dtype, x_train, x_val_t, gen,
                     max_epochs=int(max_epochs), batch_size=int(batch_size), lr=lr,
                     patience=int(patience), weight_decay=float(weight_decay),
-                    averaging_epochs=float(averaging_epochs), progress=progress, start=start,
+                    averaging_epochs=float(averaging_epochs), clip_factor=clip_factor,
+                    progress=progress, start=start,
                     contexts=(c, c_val), saving=saving,
                 )
             except KeyboardInterrupt:

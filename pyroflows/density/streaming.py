@@ -460,18 +460,21 @@ class StreamTrainer(Trainer):
         gen: the generator of the minibatch order of an indexed source.
         rows: the process group the data is sharded over.
         num_train: all ranks' training rows.
-        batch_size, lr, weight_decay, averaging_epochs: as ``DensityEstimator.fit`` takes them.
+        batch_size, lr, weight_decay, averaging_epochs, clip_factor: as ``DensityEstimator.fit``
+            takes them.
     """
 
     def __init__(self, model: DensityModel, train: _Batches, val: _Batches, gen: torch.Generator,
                  rows: Rows, *, num_train: int, batch_size: int, lr: float,
-                 weight_decay: float, averaging_epochs: float) -> None:
+                 weight_decay: float, averaging_epochs: float,
+                 clip_factor: float | None = None) -> None:
         self.model, self.rows, self.train, self.val = model, rows, train, val
         self.num_val = 0
         val0 = self.val_score(check=True)
         steps = max(1, -(-num_train // batch_size))
         self.setup(model, gen, float("nan"), val0, num_train, self.num_val, steps, lr=lr,
-                   weight_decay=weight_decay, averaging_epochs=averaging_epochs, rows=rows)
+                   weight_decay=weight_decay, averaging_epochs=averaging_epochs, rows=rows,
+                   clip_factor=clip_factor)
 
     def _inputs(self, batch: tuple[Tensor, Tensor | None] | None
                 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -502,13 +505,14 @@ class StreamTrainer(Trainer):
             u, ld, h = self._inputs(None if batch is False else batch)
             if rows.parallel:
                 lp, skipped, global_count = parallel_step(model, u, self.optimizer, self.params,
-                                                          self.average, rows, h)
+                                                          self.average, rows, h, self.clip)
                 if global_count == 0:
                     break
             else:
                 if u.shape[0] == 0:
                     continue
-                lp, skipped = training_step(model, u, self.optimizer, self.params, self.average, h)
+                lp, skipped = training_step(model, u, self.optimizer, self.params, self.average, h,
+                                            self.clip)
             kept = ~skipped
             total += torch.where(kept, lp.sum() + ld.sum(), 0.0)
             count += kept * u.shape[0]
@@ -554,7 +558,8 @@ def _source(data: Any, name: str, *, dataset_indices: _Subset | None, batch_size
 
 def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: int, lr: float,
                  patience: int, val_fraction: float, weight_decay: float,
-                 averaging_epochs: float, progress: bool, distributed: bool | None,
+                 averaging_epochs: float, clip_factor: float | None, progress: bool,
+                 distributed: bool | None,
                  checkpoint: Any, checkpoint_every: int, resume: Any, context: Any,
                  context_val: Any) -> Any:
     """``DensityEstimator.fit`` on streamed data, or data-parallel (see its docstring): the
@@ -646,7 +651,8 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
         gen.manual_seed((seed or 0) + 7919 * rank)
     trainer = StreamTrainer(model, train_batches, val_batches, gen, rows, num_train=num_train,
                             batch_size=batch_size, lr=lr,
-                            weight_decay=weight_decay, averaging_epochs=averaging_epochs)
+                            weight_decay=weight_decay, averaging_epochs=averaging_epochs,
+                            clip_factor=clip_factor)
     est._model, est.dim_, est.history_ = model, dim, trainer.history
     est.context_dim_, est.precondition_ = context_dim, precondition
     est.student_ = None  # a distilled student of the model this fit replaces
