@@ -283,15 +283,17 @@ def test_early_stopping_keeps_the_best_state_with_a_context(device, dtype, capsy
 
 
 def test_default_batch_size_keeps_six_steps_an_epoch():
-    """With a context: the largest of 256, 128, 64, 32 that makes at least 6 steps an epoch,
-    checked against the rule at every boundary; 256 without a context; lr 3e-3 and 1e-3."""
-    for n in (1, 100, 383, 384, 767, 768, 900, 1535, 1536, 9000, 10**6):
+    """With a context: the largest of 512, 256, 128, 64, 32 that makes at least 6 steps an
+    epoch, checked against the rule at every boundary; 256 without a context; lr 3e-3 and
+    1e-3."""
+    for n in (1, 100, 383, 384, 767, 768, 900, 1535, 1536, 3071, 3072, 9000, 10**6):
         batch = default_batch_size(n, True)
-        assert batch in (32, 64, 128, 256)
+        assert batch in (32, 64, 128, 256, 512)
         assert batch == 32 or n >= 6 * batch  # at least 6 steps an epoch ...
-        assert batch == 256 or n < 6 * 2 * batch  # ... with the largest batch that makes them
+        assert batch == 512 or n < 6 * 2 * batch  # ... with the largest batch that makes them
         assert default_batch_size(n, False) == 256
-    assert [default_batch_size(n, True) for n in (383, 384, 768, 1536)] == [32, 64, 128, 256]
+    assert ([default_batch_size(n, True) for n in (383, 384, 768, 1536, 3071, 3072)]
+            == [32, 64, 128, 256, 256, 512])
     assert (default_lr(True), default_lr(False)) == (3e-3, 1e-3)
 
 

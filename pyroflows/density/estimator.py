@@ -42,7 +42,7 @@ REFINERS = ("tabak", None)
 # What precondition="auto" chooses between; "whiten" first, so its candidate is the very fit
 # precondition="whiten" makes with the same seed.
 _AUTO = ("whiten", "tabak")
-_FLOWS = ("maf", "realnvp")
+_FLOWS = ("maf", "realnvp", "nsf")
 # Options named by the constructor itself: passing them again in an options dict is ambiguous.
 _RESERVED_FLOW_OPTIONS = ("num_layers", "hidden_dims")
 _RESERVED_TABAK_OPTIONS = ("dim",)
@@ -185,9 +185,9 @@ def _check_option_names(options: dict, accepted: set[str], reserved: Sequence[st
 
 def _accepted_flow_options(flow: str) -> set[str]:
     """The keywords of ``flows.build(flow, ...)`` and of the layer, less those passed here."""
-    from ..transforms import MAF, RealNVP
+    from ..transforms import MAF, NSF, RealNVP
 
-    layer = {"maf": MAF, "realnvp": RealNVP}[flow]
+    layer = {"maf": MAF, "realnvp": RealNVP, "nsf": NSF}[flow]
     own = _parameter_names(flows.build) - {"name", "dim"}
     return (own | _parameter_names(layer.__init__)) - {"self", "dim"}
 
@@ -361,7 +361,7 @@ class DensityEstimator:
             for name in ("tabak_options", "flow_options")
         }
         # Saved with the model: a file keeps the defaults it was built with.
-        self._flow_defaults = dict(pipeline.FLOW_DEFAULTS)
+        self._flow_defaults = dict(pipeline.FLOW_DEFAULTS[flow])
         self._whiten = pipeline.WHITEN
         self._model: DensityModel | None = None
         self.precondition_: str | None = None if precondition == "auto" else precondition
@@ -505,8 +505,8 @@ class DensityEstimator:
             x_val: held-out rows for early stopping (default: ``val_fraction`` of ``x``'s rows).
             max_epochs: the most passes over the training rows (0: keep the initial model).
             batch_size: minibatch size (capped at the number of training rows); default:
-                256, and with a context the largest of 256, 128, 64 and 32 that makes at
-                least 6 steps an epoch (:func:`~pyroflows.density.training.default_batch_size`;
+                256, and with a context the largest of 512, 256, 128, 64 and 32 that makes
+                at least 6 steps an epoch (:func:`~pyroflows.density.training.default_batch_size`;
                 streamed fits: 256); the size used is ``history_["batch_size"]``.
             lr: Adam's learning rate; default: 1e-3, and 3e-3 with a context
                 (:func:`~pyroflows.density.training.default_lr`); the rate used is

@@ -30,9 +30,12 @@ WHITEN_KINDS = ("learned", "fixed", "fixed+affine")
 WHITEN = "learned"
 # What precondition="cholesky" builds; files do not store it, so changing it needs a new version.
 CHOLESKY = "fixed+affine"
-# The layer options under any flow_options (files store those they were built with): a smaller
-# |log scale| bound than the layers' 5 (benchmarks/results/density.md).
-FLOW_DEFAULTS = {"log_scale_bound": 2.0}
+# Each flow's layer options under any flow_options (files store those they were built with):
+# for the affine layers a smaller |log scale| bound than their 5 (benchmarks/results/density.md);
+# for the splines the interval [-3, 3] of the standardized data, not the layer's [-5, 5]
+# (benchmarks/results/sbi.md, "Measured choices").
+FLOW_DEFAULTS = {"maf": {"log_scale_bound": 2.0}, "realnvp": {"log_scale_bound": 2.0},
+                 "nsf": {"bound": 3.0}}
 # The refiner's step-count rule (Tabak's selection) unless tabak_options names one.
 REFINE_SELECTION = "significant"
 # Rows per evaluation call outside training, so memory stays bounded on large inputs.

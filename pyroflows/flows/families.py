@@ -113,6 +113,8 @@ FAMILIES: dict[str, Family] = {
     "maf": Family(T.MAF, T.conditional_maf, fold=fold_order, **_NETWORK_FAMILY),
     "realnvp": Family(T.RealNVP, T.conditional_realnvp, fold=fold_mask, complementary_masks=True,
                       **_NETWORK_FAMILY),
+    "nsf": Family(T.NSF, T.conditional_nsf, fold=fold_order,
+                  **{**_NETWORK_FAMILY, "stacked_conditioners": False}),
 }
 
 

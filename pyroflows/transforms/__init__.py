@@ -28,6 +28,7 @@ from .coupling import RealNVP, realnvp
 from .permute import Permute, permute
 from .planar import Planar, planar
 from .radial import Radial, radial
+from .spline import NSF, ConditionalNSF, conditional_nsf, nsf
 from .tabak import Tabak, dequantize, tabak
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "dequantize",
     "ConditionalFlowTransform", "ConditionalIAF", "conditional_iaf", "ConditionalMAF",
     "conditional_maf", "ConditionalRealNVP", "conditional_realnvp", "ConditionalPlanar",
-    "conditional_planar", "ConditionalRadial", "conditional_radial",
+    "conditional_planar", "ConditionalRadial", "conditional_radial", "NSF", "nsf",
+    "ConditionalNSF", "conditional_nsf",
 ]
