@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small networks (see confte
 
 
 # ---- the model starts at the maximum-likelihood Gaussian -------------------------------------
-@pytest.mark.parametrize("flow", ["maf", "realnvp"])
+@pytest.mark.parametrize("flow", ["maf", "realnvp", "nsf"])
 @pytest.mark.parametrize("precondition", ["whiten", "standardize"])
 def test_untrained_model_is_the_ml_gaussian(flow, precondition, device, dtype):
     x, _, _ = gaussian_data(300, seed=1)

@@ -79,7 +79,8 @@ def test_untrained_model_is_the_ml_linear_gaussian_regression(device, dtype):
                                atol=tol(dtype, 1e-8, 2e-3))
 
 
-@pytest.mark.parametrize("flow, precondition", [("maf", "standardize"), ("realnvp", "whiten")])
+@pytest.mark.parametrize("flow, precondition", [("maf", "standardize"), ("realnvp", "whiten"),
+                                               ("nsf", "whiten")])
 def test_recovers_a_conditional_gaussian(flow, precondition, device, dtype, tmp_path):
     """y = A x + b + noise: the held-out log-likelihood within 0.05 nats of the true p(y | x)'s;
     draws for each context row have the fitted density's mean and covariance (by quadrature),

@@ -110,6 +110,27 @@ def _realnvp(data):
     return t
 
 
+def _nsf(data):
+    """Splines whose bins and knot slopes reach their floors: raw widths, heights and slopes
+    at drawn levels (one bin taking almost the whole interval, slopes at 1e-3 or large)."""
+    gen = _gen(data)
+    bins = data.draw(st.sampled_from([2, 5]), label="bins")
+    bound = data.draw(st.sampled_from([0.5, 3.0]), label="bound")
+    t = pf.transforms.NSF(DIM, hidden_dims=(8,), bins=bins, bound=bound)
+    net = t.conditioner
+    scale = data.draw(st.floats(0.0, 1.5), label="weight scale")
+    with torch.no_grad():
+        net.flat_parameters.copy_(_normal(gen, net.flat_parameters.numel()) * scale)
+        _, bias = net.layer_parameters(-1)
+        for part, size in (("widths", bins), ("heights", bins), ("slopes", bins - 1)):
+            level = _raw(data, -5.0, 5.0, [-50.0, 20.0, 50.0], part)
+            spread = _raw(data, 0.0, 3.0, [30.0], f"{part} spread")
+            start = {"widths": 0, "heights": bins, "slopes": 2 * bins}[part] * DIM
+            bias[start:start + size * DIM] = level + spread * _normal(gen, size * DIM)
+        net.flat_parameters.mul_(net.mask)
+    return t
+
+
 def _permute(data):
     return pf.transforms.Permute(data.draw(st.permutations(range(DIM)), label="permutation"))
 
@@ -180,6 +201,7 @@ FAMILIES = {
     "maf": _autoregressive(pf.transforms.MAF, gated=False),
     "maf-gated": _autoregressive(pf.transforms.MAF, gated=True),
     "realnvp": _realnvp,
+    "nsf": _nsf,
     "permute": _permute,
     "elementwise-affine": _elementwise_affine,
     "triangular-affine": _triangular_affine,
@@ -192,8 +214,8 @@ FAMILIES = {
 
 def test_every_transform_module_is_covered():
     """Every layer class pyroflows.transforms exports has a family here (Tabak aside)."""
-    covered = {"Planar", "Radial", "IAF", "MAF", "RealNVP", "Permute", "ElementwiseAffine",
-               "TriangularAffine", "FixedTriangularAffine"}
+    covered = {"Planar", "Radial", "IAF", "MAF", "RealNVP", "NSF", "Permute",
+               "ElementwiseAffine", "TriangularAffine", "FixedTriangularAffine"}
     exported = {name for name in pf.transforms.__all__
                 if isinstance(getattr(pf.transforms, name), type)
                 and issubclass(getattr(pf.transforms, name), pf.transforms.FlowTransform)

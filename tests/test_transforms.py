@@ -126,6 +126,23 @@ def _realnvp():
     return _randomized(pf.transforms.realnvp(5, hidden_dims=(8, 8)), scale=0.3)
 
 
+@register("nsf", 3)
+def _nsf():  # bound 2: the checks' normal inputs reach the identity tails too
+    return _randomized(pf.transforms.nsf(3, hidden_dims=(8, 8), bins=5, bound=2.0), scale=0.3)
+
+
+@register("nsf-1d", 1)
+def _nsf_1d():
+    return _randomized(pf.transforms.nsf(1, hidden_dims=(4,), bins=3), scale=0.3)
+
+
+@register("nsf-stack", 3)
+def _nsf_stack():
+    flow = pf.flows.build("nsf", 3, num_layers=3, hidden_dims=(8,), bins=4, bound=2.5,
+                          affine=True)
+    return _randomized(flow, scale=0.2)
+
+
 @register("permute-random", 5)
 def _permute_random():
     return pf.transforms.Permute.random(5, seed=3)

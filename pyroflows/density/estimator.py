@@ -249,13 +249,15 @@ class DensityEstimator:
     stopping; the best state (the untrained one included) is restored at the end, after an
     error or a ``KeyboardInterrupt``. Where :meth:`fit` is not given them, a conditional fit
     takes a larger step size (3e-3, not 1e-3) and a minibatch that keeps at least 6 steps an
-    epoch (128 for 1,000 simulations, 900 of them trained on; 256 from 1,536 training rows up),
+    epoch (128 for 1,000 simulations, 900 of them trained on; 512 from 3,072 training rows up),
     measured on NPE fits (``benchmarks/results/sbi.md``): the SBI benchmark's NPE recipe is
-    ``DensityEstimator("maf", hidden_dims=(64, 64)).fit(theta, context=x)`` with no further
-    options.
+    ``DensityEstimator("nsf", num_layers=3, hidden_dims=(64, 64)).fit(theta, context=x)`` with
+    no further options.
 
     Arguments:
-        flow: ``"maf"`` (one-pass density, D-pass sampling) or ``"realnvp"`` (one pass both ways).
+        flow: ``"maf"`` (one-pass density, D-pass sampling), ``"realnvp"`` (one pass both
+            ways) or ``"nsf"`` (MAF's directions with spline layers, for thin, curved or
+            multimodal densities; bins on [-3, 3] of the standardized data).
         num_layers: the number of flow layers.
         hidden_dims: the conditioner networks' hidden sizes.
         precondition: the pipeline (see above).

@@ -48,8 +48,10 @@ def rational_quadratic_spline(x: Tensor, raw_widths: Tensor, raw_heights: Tensor
               \xi (1 - \xi)\bigr]^2};
 
     outside :math:`[-B, B]` the identity (the end derivatives are 1, so the map is
-    :math:`C^1`). The inverse solves the quadratic in :math:`\xi` by the stable root
-    :math:`\xi = 2c / (-b - \sqrt{b^2 - 4ac})`.
+    :math:`C^1`). The inverse solves the quadratic :math:`a\xi^2 + b\xi + c = 0` for its
+    root in :math:`[0, 1]`, :math:`\xi = 2c / (-b - \sqrt{b^2 - 4ac})` where
+    :math:`b \ge 0`, else the same root as :math:`(\sqrt{b^2 - 4ac} - b) / 2a` (no
+    cancellation either way).
 
     Arguments:
         x: the inputs (..., D) (``inverse``: the outputs y).
@@ -87,7 +89,13 @@ def rational_quadratic_spline(x: Tensor, raw_widths: Tensor, raw_heights: Tensor
         a = h * (s - d0) + dy * bend
         b = h * d0 - dy * bend
         c = -s * dy
-        xi = (2 * c / (-b - (b * b - 4 * a * c).clamp_min(0).sqrt())).clamp(0, 1)
+        root = (b * b - 4 * a * c).clamp_min(0).sqrt()
+        # the root in [0, 1], by whichever of its two forms adds terms of one sign
+        # (2c / (-b - root) cancels when b < 0); a > h s > 0 where b < 0, and elsewhere a,
+        # possibly 0, is kept out of the unused branch so that its gradient stays finite
+        negative = b < 0
+        a = torch.where(negative, a, torch.ones_like(a))
+        xi = torch.where(negative, (root - b) / (2 * a), 2 * c / (-b - root)).clamp(0, 1)
     else:
         xi = (x_in - x0) / w
     cross = xi * (1 - xi)
