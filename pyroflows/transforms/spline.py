@@ -109,9 +109,10 @@ class SplineAutoregressiveCore(FlowTransform):
     r"""An autoregressive map :math:`u \mapsto v`, :math:`v_i = g(u_i; \theta_i(u_{<i}))`
     with :math:`g` :func:`rational_quadratic_spline` and :math:`\theta` one
     :class:`~pyroflows.nn.MADE` pass (3K - 1 outputs per coordinate): ``u -> v`` one pass,
-    ``v -> u`` one pass per level of the order. ``forward_is_parallel`` says which way is the
-    forward map, ``log_det_sign`` turns :math:`\sum_i \log g'` into the forward log-det.
-    A zero network output is the identity, so a new layer is."""
+    ``v -> u`` one pass per level of the order, each solving that level's coordinates.
+    ``forward_is_parallel`` says which way is the forward map, ``log_det_sign`` turns
+    :math:`\sum_i \log g'` into the forward log-det. A zero network output is the identity,
+    so a new layer is."""
 
     forward_is_parallel: bool = False
     log_det_sign: float = -1.0
@@ -137,12 +138,23 @@ class SplineAutoregressiveCore(FlowTransform):
         return v, log_det.sum(-1)
 
     def _sequential(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        # after pass k every level <= k is exact, so num_passes passes solve it
-        u = v
-        for _ in range(self.num_passes):
-            u, log_det = rational_quadratic_spline(v, *self.spline_parameters(u), self.bound,
-                                                   inverse=True)
+        # pass k solves the coordinates of level k, whose splines depend on the levels below
+        # it only, all exact by then: one network pass per level, one spline per coordinate
+        u, log_det = v, torch.zeros_like(v)
+        for columns in self._levels(v.device):
+            params = [p.index_select(-1, columns) for p in self.spline_parameters(u)]
+            solved, slope = rational_quadratic_spline(v.index_select(-1, columns), *params,
+                                                      self.bound, inverse=True)
+            u = u.index_copy(-1, columns, solved)
+            log_det = log_det.index_copy(-1, columns, slope)
         return u, log_det.sum(-1)
+
+    def _levels(self, device: torch.device) -> list[Tensor]:
+        """The coordinates of each level of the conditioner's order, lowest first (read from
+        its ``degrees`` buffer, which a loaded state may have changed)."""
+        degrees = self.conditioner.degrees.tolist()
+        return [torch.tensor([i for i, d in enumerate(degrees) if d == level], device=device)
+                for level in sorted(set(degrees))]
 
     def _map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         parallel = self.forward_is_parallel != inverse
@@ -172,7 +184,7 @@ def setup_spline(layer: nn.Module, dim: int, hidden_dims: Sequence[int] | None, 
                  context_dim: int | None = None) -> None:
     """Give ``layer`` what :class:`SplineAutoregressiveCore` reads: its MADE ``conditioner``
     (3K - 1 outputs per coordinate; a context input of size ``context_dim`` where given),
-    ``bins``, ``bound`` and ``num_passes``."""
+    ``bins`` and ``bound``."""
     if hidden_dims is None:
         hidden_dims = default_hidden_dims(dim)
     if int(bins) != bins or bins < 2:
@@ -182,7 +194,6 @@ def setup_spline(layer: nn.Module, dim: int, hidden_dims: Sequence[int] | None, 
     layer.bins, layer.bound = int(bins), float(bound)
     layer.conditioner = MADE(dim, hidden_dims, num_params=3 * layer.bins - 1, order=order,
                              activation=activation, residual=residual, context_dim=context_dim)
-    layer.num_passes = layer.conditioner.num_levels
 
 
 class NSF(SplineAutoregressiveCore):
@@ -240,7 +251,7 @@ class ConditionedNSF(NSF):
     def __init__(self, owner: ConditionalNSF, context: Tensor) -> None:
         FlowTransform.__init__(self, owner.dim)
         self.conditioner = owner._modules["conditioner"]
-        self.bins, self.bound, self.num_passes = owner.bins, owner.bound, owner.num_passes
+        self.bins, self.bound = owner.bins, owner.bound
         self.__dict__["context"] = context
 
     def _validate(self, value: Tensor, what: str) -> None:
