@@ -17,8 +17,8 @@ from .conditional import ConditionalFlowTransform, check_broadcast
 __all__ = ["rational_quadratic_spline", "NSF", "nsf", "ConditionalNSF", "ConditionedNSF",
            "conditional_nsf"]
 
-#: the smallest bin width and height (a share of the interval) and knot derivative
-#: (nflows' and zuko's defaults): every bin stays invertible in float32
+#: the smallest bin width and height (a share of the interval) and knot derivative (nflows'
+#: defaults): no bin and no slope collapses to 0
 MIN_BIN, MIN_DERIVATIVE = 1e-3, 1e-3
 # softplus(0 + _UNIT_SHIFT) + MIN_DERIVATIVE = 1: a zero network output is the identity
 _UNIT_SHIFT = math.log(math.expm1(1.0 - MIN_DERIVATIVE))
