@@ -203,7 +203,7 @@ def breast_cancer() -> Dataset:
 def zuko_flow(kind: str, dim: int, b: Budget):
     import zuko
 
-    cls = {"maf": zuko.flows.MAF, "realnvp": zuko.flows.RealNVP}[kind]
+    cls = {"maf": zuko.flows.MAF, "realnvp": zuko.flows.RealNVP, "nsf": zuko.flows.NSF}[kind]
     flow = cls(features=dim, transforms=b.num_layers, hidden_features=b.hidden)
     return flow, lambda x: flow().log_prob(x)
 
@@ -319,7 +319,7 @@ def run_model(name: str, data: Dataset, b: Budget, seed: int, flow_options: dict
     if pipeline is not None:
         precondition, refine = pipeline
         est = DensityEstimator(
-            "maf" if "MAF" in name else "realnvp", num_layers=b.num_layers, hidden_dims=b.hidden,
+            _flow(name), num_layers=b.num_layers, hidden_dims=b.hidden,
             precondition=precondition, refine=refine, dtype=DTYPE, seed=seed,
             # Tabak first: the very Tabak fit of the "Tabak" row
             tabak_options={"seed": seed}, flow_options=flow_options,
@@ -336,7 +336,7 @@ def run_model(name: str, data: Dataset, b: Budget, seed: int, flow_options: dict
             kept = f"{est.precondition_} {kept}"
         return lq, seconds, kept, h["epoch"][-1]
     if name.startswith("zuko"):
-        module, log_prob = zuko_flow("maf" if "MAF" in name else "realnvp", dim, b)
+        module, log_prob = zuko_flow(_flow(name), dim, b)
     elif name.startswith("nflows"):
         module, log_prob = nflows_maf(dim, b)
     else:
@@ -346,6 +346,11 @@ def run_model(name: str, data: Dataset, b: Budget, seed: int, flow_options: dict
     with torch.no_grad():
         lq = torch.cat([log_prob(c) for c in xs.split(4096)])
     return lq, seconds, info["best_epoch"], info["epochs"]
+
+
+def _flow(name: str) -> str:
+    """The flow family a model's name says: "... NSF", "... MAF", else RealNVP."""
+    return "nsf" if "NSF" in name else "maf" if "MAF" in name else "realnvp"
 
 
 def _fmt(mean: float, se: float) -> str:

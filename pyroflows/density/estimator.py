@@ -257,7 +257,8 @@ class DensityEstimator:
     Arguments:
         flow: ``"maf"`` (one-pass density, D-pass sampling), ``"realnvp"`` (one pass both
             ways) or ``"nsf"`` (MAF's directions with spline layers, for thin, curved or
-            multimodal densities; bins on [-3, 3] of the standardized data).
+            multimodal densities; bins on [-3, 3] of the standardized data, the identity
+            beyond, so not for heavy tails).
         num_layers: the number of flow layers.
         hidden_dims: the conditioner networks' hidden sizes.
         precondition: the pipeline (see above).
