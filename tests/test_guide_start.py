@@ -19,7 +19,7 @@ from pyroflows.guides.laplace import LogDensity
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_param_store")
 
-FAMILIES = ("planar", "radial", "iaf", "maf", "realnvp")
+FAMILIES = ("planar", "radial", "iaf", "maf", "realnvp", "nsf")
 
 
 def equicorrelated(dim: int, rho: float, device, dtype):
