@@ -40,8 +40,9 @@ thread. The C2ST classifiers run after both fits, outside the timings.
 
 - **pyroflows**: ``pf.DensityEstimator(**OURS)`` and ``fit(theta, context=x, **OURS_FIT)``
   (the settings below, from the trials in the results' "Measured choices": 3 neural spline
-  flow layers, ``"nsf"``, of MADEs of two hidden layers of 64 units, with the estimator's
-  defaults for them, 8 bins on [-3, 3] of the standardized theta, and its conditional
+  flow layers, ``"nsf"``, of MADEs of two hidden layers of 64 units, 8 bins on [-3, 3] of
+  the standardized theta (the box prior lies within 1.73 standard deviations; the estimator's
+  default for other data is [-6, 6]), and the estimator's conditional
   training defaults, the step size 3e-3, the minibatch rule of
   :func:`pyroflows.density.training.default_batch_size`, 128 at 10^3 and 512 at 10^4, and
   gradients clipped at twice their running norm);
@@ -96,7 +97,8 @@ METHODS = ("pyroflows", "sbi")
 #: pyroflows' estimator settings for NPE (constructor, then fit; the fit's batch size, step
 #: size and gradient clipping are the estimator's conditional defaults); see the results'
 #: "Measured choices" for the trials that chose them.
-OURS = {"flow": "nsf", "num_layers": 3, "hidden_dims": (64, 64)}
+OURS = {"flow": "nsf", "num_layers": 3, "hidden_dims": (64, 64),
+        "flow_options": {"bound": 3.0}}
 OURS_FIT: dict = {}
 #: What the rows of this recipe are marked with in the JSON lines (rows of earlier recipes stay
 #: in the file under their own marks; the table shows one recipe).

@@ -251,13 +251,14 @@ class DensityEstimator:
     takes a larger step size (3e-3, not 1e-3) and a minibatch that keeps at least 6 steps an
     epoch (128 for 1,000 simulations, 900 of them trained on; 512 from 3,072 training rows up),
     measured on NPE fits (``benchmarks/results/sbi.md``): the SBI benchmark's NPE recipe is
-    ``DensityEstimator("nsf", num_layers=3, hidden_dims=(64, 64)).fit(theta, context=x)`` with
-    no further options.
+    ``DensityEstimator("nsf", num_layers=3, hidden_dims=(64, 64), flow_options={"bound":
+    3.0}).fit(theta, context=x)`` with no further options (bins on [-3, 3]: the prior's box
+    is within 1.73 standard deviations).
 
     Arguments:
         flow: ``"maf"`` (one-pass density, D-pass sampling), ``"realnvp"`` (one pass both
             ways) or ``"nsf"`` (MAF's directions with spline layers, for thin, curved or
-            multimodal densities; bins on [-3, 3] of the standardized data, the identity
+            multimodal densities; bins on [-6, 6] of the standardized data, the identity
             beyond, so not for heavy tails).
         num_layers: the number of flow layers.
         hidden_dims: the conditioner networks' hidden sizes.

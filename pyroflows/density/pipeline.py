@@ -32,10 +32,10 @@ WHITEN = "learned"
 CHOLESKY = "fixed+affine"
 # Each flow's layer options under any flow_options (files store those they were built with):
 # for the affine layers a smaller |log scale| bound than their 5 (benchmarks/results/density.md);
-# for the splines the interval [-3, 3] of the standardized data, not the layer's [-5, 5]
-# (benchmarks/results/sbi.md, "Measured choices").
+# for the splines the interval [-6, 6] of the standardized data, not the layer's [-5, 5]
+# (benchmarks/results/density.md, "Spline flows").
 FLOW_DEFAULTS = {"maf": {"log_scale_bound": 2.0}, "realnvp": {"log_scale_bound": 2.0},
-                 "nsf": {"bound": 3.0}}
+                 "nsf": {"bound": 6.0}}
 # The refiner's step-count rule (Tabak's selection) unless tabak_options names one.
 REFINE_SELECTION = "significant"
 # Rows per evaluation call outside training, so memory stays bounded on large inputs.
