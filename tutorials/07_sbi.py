@@ -215,6 +215,5 @@ print("reloaded estimator scores identically:", same)
 #   log-likelihood in under half the epochs; with $10^3$ simulations, 4 steps an epoch (batch
 #   256) stopped early before the crescents were learned. The two_moons estimator above,
 #   `DensityEstimator("nsf", num_layers=3, hidden_dims=(64, 64), flow_options={"bound": 3.0})`
-#   with these defaults, is the
-#   recipe that `benchmarks/sbi.py` compares with `sbi`'s NPE by C2ST against reference
-#   posterior draws.
+#   with these defaults, is the recipe that `benchmarks/sbi.py` compares with `sbi`'s NPE by
+#   C2ST against reference posterior draws.
