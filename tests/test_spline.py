@@ -212,10 +212,11 @@ def test_sampling_follows_the_order_of_a_loaded_state(device, dtype):
     call: a state of another order loaded into a layer still inverts exactly."""
     source = pf.transforms.nsf(3, hidden_dims=(8,), order=[2, 0, 1])
     randomize_parameters_(source, scale=0.3, seed=4)
-    layer = pf.transforms.nsf(3, hidden_dims=(8,))  # order 0, 1, 2
-    layer.load_state_dict(source.state_dict())
-    layer, source = layer.to(device, dtype), source.to(device, dtype)
+    layer = pf.transforms.nsf(3, hidden_dims=(8,)).to(device, dtype)  # order 0, 1, 2
     z = torch.randn(6, 3, dtype=torch.float64).to(device, dtype)
+    layer(z)  # sampled once under its own order (the levels are then kept) ...
+    layer.load_state_dict(source.state_dict())  # ... which the loaded state replaces
+    source = source.to(device, dtype)
     y = layer(z)
     torch.testing.assert_close(y, source(z), **tolerances(dtype))
     torch.testing.assert_close(layer.inv(y.clone()), z, **tolerances(dtype))

@@ -19,7 +19,48 @@ __all__ = ["IAF", "MAF", "iaf", "maf"]
 _GATE_BIAS = 2.0
 
 
-class AffineAutoregressiveCore(FlowTransform):
+class AutoregressiveCore(FlowTransform):
+    r"""An autoregressive map :math:`u \mapsto v` of one network pass (``_parallel``) whose
+    inverse takes one pass per level of the order (``_sequential``); ``forward_is_parallel``
+    says which way is the forward map, ``log_det_sign`` turns the parallel direction's
+    log-det into the forward one's. Subclasses: the affine core (IAF, MAF, RealNVP) and the
+    spline core (NSF). ``_map`` is the plain operations unless a subclass runs a kernel."""
+
+    forward_is_parallel: bool = True
+    log_det_sign: float = 1.0
+    #: a conditioned layer's context (..., C), which its network takes (``None``: no context)
+    context: Tensor | None = None
+
+    def _parallel(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _sequential(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def plain_map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """One direction's map and log-det by plain operations (``fused = False``, compilers)."""
+        parallel = self.forward_is_parallel != inverse
+        v, log_det = self._parallel(x) if parallel else self._sequential(x)
+        return v, (log_det if self.log_det_sign > 0 else -log_det)
+
+    def _map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        return self.plain_map(x, inverse)
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._map(x, inverse=False)
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self._map(y, inverse=True)
+
+    def _log_abs_det_jacobian_uncached(self, x: Tensor, y: Tensor) -> Tensor:
+        # the one-pass direction, never the D-pass one (MAF's: from y)
+        if self.forward_is_parallel:
+            return super()._log_abs_det_jacobian_uncached(x, y)
+        self._validate(y, "output")
+        return self.inverse_and_log_det(y)[1]
+
+
+class AffineAutoregressiveCore(AutoregressiveCore):
     r"""The map shared by IAF, MAF and RealNVP: an affine autoregressive map :math:`u \mapsto v`,
 
     .. math:: v_i = \mu_i(u_{<i}) + e^{s_i(u_{<i})}\, u_i, \qquad
@@ -40,13 +81,9 @@ class AffineAutoregressiveCore(FlowTransform):
     or levelled), gradients to rounding. ``fused = False`` runs the plain operations.
     """
 
-    forward_is_parallel: bool = True
-    log_det_sign: float = 1.0
     fused: bool = True
     #: a coupling layer's compact ``(conditioning, transformed)`` ranges (RealNVP)
     coupling_halves: tuple[slice, slice] | None = None
-    #: a conditioned layer's context (..., C), which its MADE takes (``None``: no context)
-    context: Tensor | None = None
 
     def __init__(self, dim: int, hidden_dims: Sequence[int] | None = None,
                  order: Sequence[int] | Tensor | None = None, gated: bool = False,
@@ -114,18 +151,6 @@ class AffineAutoregressiveCore(FlowTransform):
         if kind is not None and not traced():
             return affine_chain(x, [self], [kind])
         return self.plain_map(x, inverse)
-
-    def plain_map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        """One direction's map and log-det by plain operations (``fused = False``, compilers)."""
-        parallel = self.forward_is_parallel != inverse
-        v, log_det = self._parallel(x) if parallel else self._sequential(x)
-        return v, (log_det if self.log_det_sign > 0 else -log_det)
-
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._map(x, inverse=False)
-
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._map(y, inverse=True)
 
     def extra_repr(self) -> str:
         kind = "gated" if self.gated else f"log_scale_bound={self.log_scale_bound}"
@@ -215,11 +240,6 @@ class MAF(AffineAutoregressiveCore):
 
     forward_is_parallel = False
     log_det_sign = -1.0
-
-    def _log_abs_det_jacobian_uncached(self, x: Tensor, y: Tensor) -> Tensor:
-        # the cheap direction: one pass over y, never the D-pass forward from x
-        self._validate(y, "output")
-        return self.inverse_and_log_det(y)[1]
 
 
 def iaf(dim: int, hidden_dims: Sequence[int] | None = None, gated: bool = False, **kwargs

@@ -18,8 +18,9 @@ from torch import Tensor
 from torch.distributions import Transform
 
 from .._config import is_validation_enabled
+from .base import FlowTransform
 
-__all__ = ["ConditionalFlowTransform", "check_broadcast"]
+__all__ = ["ConditionalFlowTransform", "ConditionalMADELayer", "Conditioned", "check_broadcast"]
 
 
 def check_broadcast(owner: str, what: str, batch: torch.Size, rows: torch.Size) -> None:
@@ -79,3 +80,48 @@ class ConditionalFlowTransform(ConditionalTransformModule):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, context_dim={self.context_dim}"
+
+
+class ConditionalMADELayer(ConditionalFlowTransform):
+    """Base of the conditional layers whose network (``conditioner``) takes the context as a
+    per-row bias :math:`V c` of its first hidden layer (IAF, MAF, RealNVP, NSF):
+    ``conditioned(c)`` is ``conditioned_type(self, c)``, the plain layer's map over this
+    network, which copies the attributes named in ``conditioned_settings``."""
+
+    conditioned_type: type[FlowTransform]
+    #: the layer's attributes its conditioned transforms take over (besides the network)
+    conditioned_settings: tuple[str, ...] = ()
+
+    def conditioned(self, context: Tensor) -> FlowTransform:
+        weight = self.conditioner.context_weight
+        if context.dtype != weight.dtype or context.device != weight.device:
+            raise ValueError(f"{type(self).__name__}: the context must have the layer's dtype "
+                             f"and device ({weight.dtype}, {weight.device}), got "
+                             f"{context.dtype} on {context.device}")
+        return self.conditioned_type(self, context)
+
+
+class Conditioned:
+    """Mixin of the transform that a :class:`ConditionalMADELayer`'s ``condition(c)`` returns:
+    the plain layer's map (one class below in the MRO) over the conditional layer's network
+    (shared, not copied), its ``conditioned_settings`` and ``mask`` buffer, and the context
+    ``c``. A new object per context, so its output cache never answers for another context."""
+
+    def __init__(self, owner: ConditionalMADELayer, context: Tensor) -> None:
+        FlowTransform.__init__(self, owner.dim)
+        self.conditioner = owner._modules["conditioner"]
+        for name in owner.conditioned_settings:
+            if name in owner.__dict__:
+                self.__dict__[name] = owner.__dict__[name]
+        mask = owner._buffers.get("mask")
+        if mask is not None:
+            self.register_buffer("mask", mask)
+        self.__dict__["context"] = context
+
+    def _validate(self, value: Tensor, what: str) -> None:
+        super()._validate(value, what)
+        check_broadcast(type(self).__name__, what, value.shape[:-1],
+                        self.__dict__["context"].shape[:-1])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, context_shape={tuple(self.context.shape)}"

@@ -8,8 +8,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from .autoregressive import IAF, MAF, AffineAutoregressiveCore, setup_affine
-from .base import FlowTransform
-from .conditional import ConditionalFlowTransform, check_broadcast
+from .conditional import ConditionalMADELayer, Conditioned
 from .coupling import RealNVP, _contiguous_halves
 
 __all__ = [
@@ -18,58 +17,31 @@ __all__ = [
     "ConditionedRealNVP",
 ]
 
-# what a conditioned layer takes over from its conditional layer besides the network
-_SETTINGS = ("gated", "log_scale_bound", "num_passes", "fused", "_halves", "compact_min_dim")
 
-
-class _Conditioned:
-    """Mixin of the transform that ``condition(c)`` returns: the plain layer's map (one class
-    below in the MRO) over the conditional layer's network (shared, not copied) and the
-    context ``c``, which the network takes as a per-row bias :math:`V c` of its first layer.
-    A new object per context, so its output cache never answers for another context."""
-
-    def __init__(self, owner: ConditionalAffineAutoregressive, context: Tensor) -> None:
-        FlowTransform.__init__(self, owner.dim)
-        self.conditioner = owner._modules["conditioner"]
-        for name in _SETTINGS:
-            if name in owner.__dict__:
-                self.__dict__[name] = owner.__dict__[name]
-        mask = owner._buffers.get("mask")
-        if mask is not None:
-            self.register_buffer("mask", mask)
-        self.__dict__["context"] = context
-
-    def _validate(self, value: Tensor, what: str) -> None:
-        super()._validate(value, what)
-        check_broadcast(type(self).__name__, what, value.shape[:-1],
-                        self.__dict__["context"].shape[:-1])
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, context_shape={tuple(self.context.shape)}"
-
-
-class ConditionedIAF(_Conditioned, IAF):
+class ConditionedIAF(Conditioned, IAF):
     """:class:`~pyroflows.transforms.IAF`'s map for one batch of contexts (made by
     :meth:`ConditionalIAF.condition`)."""
 
 
-class ConditionedMAF(_Conditioned, MAF):
+class ConditionedMAF(Conditioned, MAF):
     """:class:`~pyroflows.transforms.MAF`'s map for one batch of contexts (made by
     :meth:`ConditionalMAF.condition`)."""
 
 
-class ConditionedRealNVP(_Conditioned, RealNVP):
+class ConditionedRealNVP(Conditioned, RealNVP):
     """:class:`~pyroflows.transforms.RealNVP`'s map for one batch of contexts (made by
     :meth:`ConditionalRealNVP.condition`)."""
 
 
-class ConditionalAffineAutoregressive(ConditionalFlowTransform):
+class ConditionalAffineAutoregressive(ConditionalMADELayer):
     r"""The conditional layers over the affine autoregressive core: a MADE with a context
     input (:class:`~pyroflows.nn.MADE` with ``context_dim``), whose ``condition(c)`` is the
     plain layer's map with :math:`(\mu, s)` from the network of :math:`(u, c)`.
     ``conditioned_type`` is the class of the transform ``condition`` returns."""
 
     conditioned_type: type[AffineAutoregressiveCore] = ConditionedIAF
+    conditioned_settings = ("gated", "log_scale_bound", "num_passes", "fused", "_halves",
+                            "compact_min_dim")
     #: run the fused kernels (as the plain layers' ``fused``)
     fused: bool = True
 
@@ -80,14 +52,6 @@ class ConditionalAffineAutoregressive(ConditionalFlowTransform):
         super().__init__(dim, context_dim)
         setup_affine(self, self.dim, hidden_dims, order, gated, log_scale_bound, activation,
                      residual, zero_first, self.context_dim)
-
-    def conditioned(self, context: Tensor) -> AffineAutoregressiveCore:
-        weight = self.conditioner.context_weight
-        if context.dtype != weight.dtype or context.device != weight.device:
-            raise ValueError(f"{type(self).__name__}: the context must have the layer's dtype "
-                             f"and device ({weight.dtype}, {weight.device}), got "
-                             f"{context.dtype} on {context.device}")
-        return self.conditioned_type(self, context)
 
     def extra_repr(self) -> str:
         kind = "gated" if self.gated else f"log_scale_bound={self.log_scale_bound}"

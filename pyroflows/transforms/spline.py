@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.made import MADE, default_hidden_dims
-from .base import FlowTransform
-from .conditional import ConditionalFlowTransform, check_broadcast
+from .autoregressive import AutoregressiveCore
+from .conditional import ConditionalMADELayer, Conditioned
 
 __all__ = ["rational_quadratic_spline", "NSF", "nsf", "ConditionalNSF", "ConditionedNSF",
            "conditional_nsf"]
@@ -105,7 +105,7 @@ def rational_quadratic_spline(x: Tensor, raw_widths: Tensor, raw_heights: Tensor
     return torch.where(inside, image, x), torch.where(inside, slope.log(), 0.0)
 
 
-class SplineAutoregressiveCore(FlowTransform):
+class SplineAutoregressiveCore(AutoregressiveCore):
     r"""An autoregressive map :math:`u \mapsto v`, :math:`v_i = g(u_i; \theta_i(u_{<i}))`
     with :math:`g` :func:`rational_quadratic_spline` and :math:`\theta` one
     :class:`~pyroflows.nn.MADE` pass (3K - 1 outputs per coordinate): ``u -> v`` one pass,
@@ -116,8 +116,6 @@ class SplineAutoregressiveCore(FlowTransform):
 
     forward_is_parallel: bool = False
     log_det_sign: float = -1.0
-    #: a conditioned layer's context (..., C), which its MADE takes (``None``: no context)
-    context: Tensor | None = None
 
     def __init__(self, dim: int, hidden_dims: Sequence[int] | None = None, bins: int = 8,
                  bound: float = 5.0, order: Sequence[int] | Tensor | None = None,
@@ -150,29 +148,18 @@ class SplineAutoregressiveCore(FlowTransform):
         return u, log_det.sum(-1)
 
     def _levels(self, device: torch.device) -> list[Tensor]:
-        """The coordinates of each level of the conditioner's order, lowest first (read from
-        its ``degrees`` buffer, which a loaded state may have changed)."""
-        degrees = self.conditioner.degrees.tolist()
-        return [torch.tensor([i for i, d in enumerate(degrees) if d == level], device=device)
-                for level in sorted(set(degrees))]
+        """The coordinates of each level of the conditioner's order, lowest first, from its
+        ``degrees`` buffer (which a loaded state may change: the memo's key follows it)."""
+        net = self.conditioner
+        degrees = net.degrees
 
-    def _map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        parallel = self.forward_is_parallel != inverse
-        v, log_det = self._parallel(x) if parallel else self._sequential(x)
-        return v, (log_det if self.log_det_sign > 0 else -log_det)
+        def levels() -> list[Tensor]:
+            ranks = degrees.tolist()
+            return [torch.tensor([i for i, d in enumerate(ranks) if d == level], device=device)
+                    for level in sorted(set(ranks))]
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._map(x, inverse=False)
-
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._map(y, inverse=True)
-
-    def _log_abs_det_jacobian_uncached(self, x: Tensor, y: Tensor) -> Tensor:
-        # the one-pass direction, never the D-pass one
-        if self.forward_is_parallel:
-            return super()._log_abs_det_jacobian_uncached(x, y)
-        self._validate(y, "output")
-        return self.inverse_and_log_det(y)[1]
+        key = (degrees._version, degrees.data_ptr(), degrees.device, device)
+        return net.memo("spline_levels", key, levels)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, bins={self.bins}, bound={self.bound}"
@@ -243,27 +230,11 @@ def nsf(dim: int, hidden_dims: Sequence[int] | None = None, bins: int = 8, **kwa
     return NSF(dim, hidden_dims=hidden_dims, bins=bins, **kwargs)
 
 
-class ConditionedNSF(NSF):
-    """:class:`NSF`'s map for one batch of contexts (made by :meth:`ConditionalNSF.condition`):
-    the conditional layer's network (shared, not copied) and the context, a new object per
-    context, so its output cache never answers for another context."""
-
-    def __init__(self, owner: ConditionalNSF, context: Tensor) -> None:
-        FlowTransform.__init__(self, owner.dim)
-        self.conditioner = owner._modules["conditioner"]
-        self.bins, self.bound = owner.bins, owner.bound
-        self.__dict__["context"] = context
-
-    def _validate(self, value: Tensor, what: str) -> None:
-        super()._validate(value, what)
-        check_broadcast(type(self).__name__, what, value.shape[:-1],
-                        self.__dict__["context"].shape[:-1])
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, context_shape={tuple(self.context.shape)}"
+class ConditionedNSF(Conditioned, NSF):
+    """:class:`NSF`'s map for one batch of contexts (made by :meth:`ConditionalNSF.condition`)."""
 
 
-class ConditionalNSF(ConditionalFlowTransform):
+class ConditionalNSF(ConditionalMADELayer):
     r"""Conditional neural spline flow: :class:`NSF` whose splines' knots are the output of a
     MADE of :math:`(y_{<i}, c)`, the context entering the first hidden layer as in
     :class:`~pyroflows.transforms.ConditionalMAF` (Durkan et al. 2019's conditional density
@@ -290,20 +261,15 @@ class ConditionalNSF(ConditionalFlowTransform):
         torch.Size([5])
     """
 
+    conditioned_type = ConditionedNSF
+    conditioned_settings = ("bins", "bound")
+
     def __init__(self, dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
                  bins: int = 8, bound: float = 5.0, order: Sequence[int] | Tensor | None = None,
                  activation: Callable[[], nn.Module] = nn.ReLU, residual: bool = False) -> None:
         super().__init__(dim, context_dim)
         setup_spline(self, self.dim, hidden_dims, bins, bound, order, activation, residual,
                      self.context_dim)
-
-    def conditioned(self, context: Tensor) -> ConditionedNSF:
-        weight = self.conditioner.context_weight
-        if context.dtype != weight.dtype or context.device != weight.device:
-            raise ValueError(f"{type(self).__name__}: the context must have the layer's dtype "
-                             f"and device ({weight.dtype}, {weight.device}), got "
-                             f"{context.dtype} on {context.device}")
-        return ConditionedNSF(self, context)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bins={self.bins}, bound={self.bound}"
