@@ -42,7 +42,7 @@ REFINERS = ("tabak", None)
 # What precondition="auto" chooses between; "whiten" first, so its candidate is the very fit
 # precondition="whiten" makes with the same seed.
 _AUTO = ("whiten", "tabak")
-_FLOWS = ("maf", "realnvp", "nsf")
+_FLOWS = tuple(pipeline.FLOW_DEFAULTS)  # the flows with estimator defaults: maf, realnvp, nsf
 # Options named by the constructor itself: passing them again in an options dict is ambiguous.
 _RESERVED_FLOW_OPTIONS = ("num_layers", "hidden_dims")
 _RESERVED_TABAK_OPTIONS = ("dim",)
@@ -185,9 +185,7 @@ def _check_option_names(options: dict, accepted: set[str], reserved: Sequence[st
 
 def _accepted_flow_options(flow: str) -> set[str]:
     """The keywords of ``flows.build(flow, ...)`` and of the layer, less those passed here."""
-    from ..transforms import MAF, NSF, RealNVP
-
-    layer = {"maf": MAF, "realnvp": RealNVP, "nsf": NSF}[flow]
+    layer = flows.FAMILIES[flow].layer
     own = _parameter_names(flows.build) - {"name", "dim"}
     return (own | _parameter_names(layer.__init__)) - {"self", "dim"}
 
