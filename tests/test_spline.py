@@ -123,8 +123,9 @@ def test_conditional_nsf_conformance(kwargs, dim, device, dtype):
     def factory():
         # a fixed start (the checks then move it by a seeded draw): an unseeded one can give a
         # spline whose slope reaches 10^3 where the checks' y points lie, and there no float32
-        # inverse returns y to the checks' fixed 2e-3 (the plain suite's checks scale with the
-        # conditioning; the Hypothesis properties draw such splines on purpose)
+        # inverse returns y to the checks' fixed 2e-3 (the conformance checks' tolerances are
+        # fixed; the Hypothesis properties, whose tolerances follow the conditioning, draw
+        # such splines on purpose)
         torch.manual_seed(0)
         return pf.transforms.conditional_nsf(dim, 2, hidden_dims=(12, 10), **kwargs)
 
