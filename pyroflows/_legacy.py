@@ -113,6 +113,26 @@ def pack_separate_entries_in_store(store, prefix: str, affine: nn.Module) -> Non
         del store[key]
 
 
+# ---- conditional planar and radial stacks ------------------------------------------------------
+__all__ += ["per_layer_network_hint"]
+
+
+def per_layer_network_hint(layer: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook of a conditional planar or radial layer with K > 1 layers: a
+    state dict whose network outputs one layer's parameters was saved by a stack with one
+    network per layer (``build(..., context_dim=C)`` up to pyroflows 0.2.0): a
+    :class:`ValueError` that says to build that layout, which loads it."""
+    last = len(layer.network.layers) - 1
+    weight = state_dict.get(f"{prefix}network.layers.{last}.weight")
+    one = sum(layer._split)
+    if layer.num_layers > 1 and weight is not None and weight.shape[0] == one:
+        raise ValueError(
+            f"{type(layer).__name__}: this state dict holds one network per layer (its output "
+            f"has {one} rows, one layer's parameters; this layer's network outputs all "
+            f"{layer.num_layers} layers' parameters): build the stack with "
+            "shared_network=False (pf.flows.build, AmortizedFlowGuide) to load it")
+
+
 # ---- DensityEstimator files -------------------------------------------------------------------
 __all__ += ["DENSITY_FILE_VERSIONS", "density_file_fields"]
 

@@ -13,6 +13,7 @@ from pyro.distributions import transforms as PT
 from pyro.distributions.conditional import ConditionalComposeTransformModule
 
 import pyroflows as pf
+from pyroflows import testing
 from pyroflows.distributions import ConditionalFlowDistribution, FlowDistribution
 from pyroflows.flows import (
     FAMILIES,
@@ -275,6 +276,37 @@ def test_built_pyroflows_conditional_stack(name, device, dtype):
     torch.testing.assert_close(t.inv(x.clone()), z, **tol)
     q = ConditionalFlowDistribution(cflow).condition(c)
     assert q.sample((2,)).shape == (2, B, D)
+
+
+@pytest.mark.parametrize("name", ["planar", "radial"])
+def test_build_with_one_shared_network(name, device, dtype):
+    """``shared_network``: one conditional layer whose network outputs all K layers'
+    parameters, mapping as the K plain layers holding them (per context row), with the
+    change of variables of its autograd Jacobian; a family that cannot share one, and a
+    stack without a context, get a ValueError."""
+    cflow = pf.flows.build(name, D, num_layers=4, context_dim=C, hidden_dims=(8,),
+                           shared_network=True).to(device, dtype)
+    assert len(cflow.sequence) == 1 and cflow.sequence[0].num_layers == 4
+    testing.randomize_parameters_(cflow, scale=0.3, seed=1)
+    c = torch.randn(B, C, device=device, dtype=dtype)
+    t = cflow.condition(c)
+    z = torch.randn(B, D, device=device, dtype=dtype)
+    x = t(z)
+    tol = testing.tolerances(dtype)
+    torch.testing.assert_close(t.log_abs_det_jacobian(z, x), _block_log_dets(t, z), **tol)
+    torch.testing.assert_close(t.inv(x.clone()), z, **tol)
+    layer, plain_type = cflow.sequence[0], getattr(pf.transforms, name.capitalize())
+    for b in range(B):
+        want = z[b]
+        for k in range(4):
+            plain = plain_type(D).to(device, dtype)
+            plain.load_state_dict(layer.layer_parameters(c[b], k))
+            want = plain(want)
+        torch.testing.assert_close(x[b], want, **tol)
+    with pytest.raises(ValueError, match="cannot share one network.*planar"):
+        pf.flows.build("iaf", D, context_dim=C, shared_network=True)
+    with pytest.raises(ValueError, match="conditional stack's option"):
+        pf.flows.build(name, D, shared_network=True)
 
 
 def test_state_dict_round_trip(tmp_path, device, dtype):

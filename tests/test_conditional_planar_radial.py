@@ -1,10 +1,14 @@
 """Conditional planar and radial layers (seed eq. 27-31) over a batch of contexts, against
 independent truth: the conformance suite of :mod:`pyroflows.testing` (round trips, log-det
 against the autograd Jacobian per row, gradients, save/load, stale cache across contexts, a
-bad context), per-row equality with the plain layer holding that row's parameters, finite
-difference gradients to the network and the context, broadcasting, saturating outputs."""
+bad context), per-row equality with the plain layers holding that row's parameters, finite
+difference gradients to the network and the context, broadcasting, saturating outputs; each
+for one layer and for K = 3 layers whose parameters are one network's output (and the
+forward maps' fused node against the plain one, in a stack)."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -13,9 +17,14 @@ import pyroflows as pf
 from pyroflows import testing
 
 DIM, CONTEXT = 3, 2
+#: name -> (constructor, plain layer, K)
 FAMILIES = {
-    "planar": (pf.transforms.conditional_planar, pf.transforms.Planar),
-    "radial": (pf.transforms.conditional_radial, pf.transforms.Radial),
+    "planar": (pf.transforms.conditional_planar, pf.transforms.Planar, 1),
+    "radial": (pf.transforms.conditional_radial, pf.transforms.Radial, 1),
+    "planar K=3": (functools.partial(pf.transforms.conditional_planar, num_layers=3),
+                   pf.transforms.Planar, 3),
+    "radial K=3": (functools.partial(pf.transforms.conditional_radial, num_layers=3),
+                   pf.transforms.Radial, 3),
 }
 
 
@@ -52,11 +61,9 @@ def test_rows_equal_the_plain_layer_with_their_parameters(family, device, dtype)
     y, ladj = t(x), t.log_abs_det_jacobian(x, t(x))
     back = t.inv(x)
     back_ladj = t.inv.log_abs_det_jacobian(x, back)
-    raw = layer.layer_parameters(c)
     tol = testing.tolerances(dtype)
     for b in range(5):
-        plain = FAMILIES[family][1](DIM).to(device, dtype)
-        plain.load_state_dict({name: value[b] for name, value in raw.items()})
+        plain = _plain_layers(family, layer, c[b], device, dtype)
         with torch.no_grad():
             for got, want in ((y[:, b], plain(x[:, b])),
                               (ladj[:, b], plain.log_abs_det_jacobian(x[:, b], plain(x[:, b]))),
@@ -66,25 +73,42 @@ def test_rows_equal_the_plain_layer_with_their_parameters(family, device, dtype)
                 torch.testing.assert_close(got.detach(), want, **tol)
 
 
+def _plain_layers(family, layer, context, device, dtype):
+    """The K plain layers holding the raw parameters that ``layer`` computes for one context
+    row, composed in order."""
+    plain_type, k = FAMILIES[family][1:]
+    layers = []
+    for i in range(k):
+        plain = plain_type(DIM).to(device, dtype)
+        plain.load_state_dict({name: value.detach()
+                               for name, value in layer.layer_parameters(context, i).items()})
+        layers.append(plain)
+    return torch.distributions.ComposeTransform(layers)
+
+
 def test_starts_as_the_plain_layer_at_its_initialization(family, device, dtype):
-    """Untrained, every context maps as one plain layer at the plain initialization (u, w
-    within 1/sqrt(D), b = 0; x0, alpha', beta' within 1/sqrt(D)): near the identity."""
+    """Untrained, every context maps as K plain layers at the plain initialization (u, w
+    within 1/sqrt(D), b = 0; x0, alpha', beta' within 1/sqrt(D)), each a draw of its own:
+    near the identity."""
     torch.manual_seed(3)
     layer = FAMILIES[family][0](DIM, CONTEXT).to(device, dtype)
     c = _draw((6, CONTEXT), device, dtype, 3, scale=5.0)
-    raw = {name: value.detach() for name, value in layer.layer_parameters(c).items()}
     bound = DIM ** -0.5
-    for name, value in raw.items():
-        torch.testing.assert_close(value, value[:1].expand_as(value), rtol=0, atol=0)
-        assert float(value.abs().max()) <= bound, name
-    if family == "planar":
-        assert float(raw["bias"].abs().max()) == 0
+    firsts = []
+    for i in range(layer.num_layers):
+        raw = {name: value.detach() for name, value in layer.layer_parameters(c, i).items()}
+        for name, value in raw.items():
+            torch.testing.assert_close(value, value[:1].expand_as(value), rtol=0, atol=0)
+            assert float(value.abs().max()) <= bound, name
+        if family.startswith("planar"):
+            assert float(raw["bias"].abs().max()) == 0
+        firsts.append(torch.cat([value[0].reshape(-1) for value in raw.values()]))
+    assert len({tuple(f.tolist()) for f in firsts}) == layer.num_layers  # K draws, not one
     x = _draw((4, 6, DIM), device, dtype, 4)
     t = layer.condition(c)
     y = t(x)
     assert float((y - x).detach().abs().max()) < 1.5, "the untrained map is far from the identity"
-    plain = FAMILIES[family][1](DIM).to(device, dtype)
-    plain.load_state_dict({name: value[0] for name, value in raw.items()})
+    plain = _plain_layers(family, layer, c[0], device, dtype)
     torch.testing.assert_close(y, plain(x.clone()), **testing.tolerances(dtype))
     # the network's output layer learns from the first step, and through it the context
     loss = y.square().sum() + t.log_abs_det_jacobian(x, y).sum()
@@ -186,17 +210,17 @@ EXTREMES = {
 
 def _extreme_layer(family, case, device, dtype):
     layer = _layer(family, device, dtype, hidden_dims=(8,), scale=0.5, seed=4)
-    a, b, d = EXTREMES[family][case]
+    a, b, d = EXTREMES[family.split()[0]][case]
     last = layer.network.layers[-1]
     gen = torch.Generator().manual_seed(12)
     direction = torch.randn(DIM, generator=gen, dtype=torch.float64)
     direction = direction / direction.norm()
     with torch.no_grad():
-        if family == "planar":  # u, w, b: w = a e, u = b e (w.u = a b), bias d
+        if family.startswith("planar"):  # u, w, b: w = a e, u = b e (w.u = a b), bias d
             bias = torch.cat([b * direction, a * direction, torch.tensor([d], dtype=torch.float64)])
         else:  # x0 = a e, alpha' = b, beta' = d
             bias = torch.cat([a * direction, torch.tensor([b, d], dtype=torch.float64)])
-        last.bias.copy_(bias)
+        last.bias.copy_(bias.repeat(layer.num_layers))  # every layer at the extreme
         if case == "huge":
             last.weight.mul_(1e3)
     return layer
@@ -206,7 +230,7 @@ def _extreme_layer(family, case, device, dtype):
 def test_extremes_of_the_network_output(family, case, device, dtype):
     """Where the network's output saturates a constraint or is huge, the conditioned map, its
     inverse, both log-dets and the gradients to the network and the context stay finite."""
-    case = list(EXTREMES[family])[int(case)]
+    case = list(EXTREMES[family.split()[0]])[int(case)]
     layer = _extreme_layer(family, case, device, dtype)
     c = _draw((6, CONTEXT), device, dtype, 13).requires_grad_(True)
     x = _draw((3, 6, DIM), device, dtype, 14).requires_grad_(True)
@@ -246,7 +270,7 @@ def test_checks_catch_broken_conditional_layers(family):
     for cls, check in ((Reused, testing.check_conditional_stale_cache),
                        (WrongLogDet, testing.check_conditional_log_det),
                        (Leaky, testing.check_conditional_shapes)):
-        layer = cls(DIM, CONTEXT, hidden_dims=(8,)).double()
+        layer = cls(DIM, CONTEXT, hidden_dims=(8,), num_layers=FAMILIES[family][2]).double()
         testing.randomize_parameters_(layer, scale=0.3, seed=1)
         with pytest.raises(AssertionError):
             check(layer, DIM, CONTEXT)
@@ -255,9 +279,46 @@ def test_checks_catch_broken_conditional_layers(family):
 def test_bad_construction(family):
     make = FAMILIES[family][0]
     for args, kwargs in (((0, CONTEXT), {}), ((DIM, 0), {}),
-                         ((DIM, CONTEXT), {"hidden_dims": (0,)})):
+                         ((DIM, CONTEXT), {"hidden_dims": (0,)}),
+                         ((DIM, CONTEXT), {"num_layers": 0})):
         with pytest.raises(ValueError):
             make(*args, **kwargs)
+
+
+@pytest.mark.parametrize("sample_shape", [(), (4,)])
+def test_fused_planar_maps_match_the_plain_ones(sample_shape, device, dtype):
+    """In a stack, runs of conditioned planar maps (one K = 3 network next to two single
+    layers, and a row-less map of a (C,) context) run as one fused node: its map, log-det
+    and the gradients to the input, the context and every network parameter equal the plain
+    per-layer operations'."""
+    torch.manual_seed(0)
+    parts = [pf.transforms.conditional_planar(DIM, CONTEXT, hidden_dims=(8,), num_layers=3),
+             pf.transforms.conditional_planar(DIM, CONTEXT, hidden_dims=(8,)),
+             pf.transforms.conditional_planar(DIM, CONTEXT, hidden_dims=(8,))]
+    cflow = pf.flows.ConditionalFlowStack(parts).to(device, dtype)
+    testing.randomize_parameters_(cflow, scale=0.5, seed=2)
+    tol = testing.tolerances(dtype)
+    for c in (_draw((5, CONTEXT), device, dtype, 20), _draw((CONTEXT,), device, dtype, 21)):
+        results = []
+        for fused in (True, False):
+            cflow.zero_grad()
+            context = c.clone().requires_grad_(True)
+            x = _draw(sample_shape + (5, DIM), device, dtype, 22).requires_grad_(True)
+            flow = cflow.condition(context)
+            assert [type(p).__name__ for p in flow.parts] == ["ConditionedPlanar"] * 3
+            y, ld = flow._chain(x, inverse=False, fused=fused)
+            (y.sin().sum() + (ld * ld.detach().exp()).sum()).backward()
+            results.append([y, ld, x.grad, context.grad]
+                           + [p.grad for p in cflow.parameters()])
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, **tol)
+    # maps of different rows' shapes in one run: chained one after the other
+    flow = pf.flows.FlowStack([parts[1].condition(c.detach()) for c in (
+        _draw((5, CONTEXT), device, dtype, 23), _draw((CONTEXT,), device, dtype, 24))])
+    x = _draw((5, DIM), device, dtype, 25)
+    for got, want in zip(flow._chain(x, False), flow._chain(x, False, fused=False),
+                         strict=True):
+        torch.testing.assert_close(got, want, **tol)
 
 
 def test_dense_network(device, dtype):

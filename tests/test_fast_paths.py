@@ -767,11 +767,16 @@ def test_fused_planar_chain_matches_plain(shape, device, dtype):
                                layer.u_hat(), **testing.tolerances(dtype))
 
 
-def test_planar_chain_gradcheck(device):
+@pytest.mark.parametrize("rows", [(), (3,)], ids=["shared", "per-row"])
+def test_planar_chain_gradcheck(rows, device):
+    """Finite differences of the fused node, with one parameter set for every input (K, D)
+    and with one per row (K, B, D) against inputs (S, B, D)."""
     gen = torch.Generator().manual_seed(5)
     k, n, d = 4, 3, 2
+    batch = (n,) if not rows else (2, n)
     args = [torch.randn(*s, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
-            for s in ((n, d), (k, d), (k, d), (k,), (k,), (n,))]
+            for s in (batch + (d,), (k, *rows, d), (k, *rows, d), (k, *rows), (k, *rows),
+                      batch)]
     args[4] = (0.5 * args[4]).exp().detach().requires_grad_(True)  # slack = 1 + w.u_hat > 0
     assert torch.autograd.gradcheck(_PlanarChain.apply, tuple(args))
 

@@ -196,3 +196,22 @@ def test_masks_are_saved_as_bool_and_older_floating_masks_load(name, device, dty
     copy = pf.nn.MADE(3, (8,)).to(device, dtype)
     copy.load_state_dict(old_single)
     assert copy.mask.dtype == dtype and torch.equal(copy.mask, single.mask)
+
+
+@pytest.mark.parametrize("family", ["planar", "radial"])
+def test_per_layer_network_state_dicts_name_the_layout_that_loads_them(family, device, dtype):
+    """A conditional planar/radial stack saved with one network per layer (pyroflows 0.2.0's
+    only layout) gets a ValueError naming shared_network=False from the default (one network)
+    stack, and loads exactly into a stack built with shared_network=False."""
+    shared = pf.flows.build(family, 3, num_layers=4, context_dim=2).to(device, dtype)
+    per_layer = pf.flows.build(family, 3, num_layers=4, context_dim=2,
+                               shared_network=False).to(device, dtype)
+    randomize_parameters_(per_layer, scale=0.3, seed=0)
+    with pytest.raises(ValueError, match="shared_network=False"):
+        shared.load_state_dict(per_layer.state_dict())
+    again = pf.flows.build(family, 3, num_layers=4, context_dim=2,
+                           shared_network=False).to(device, dtype)
+    again.load_state_dict(per_layer.state_dict())
+    c, z = torch.randn(5, 2, device=device, dtype=dtype), torch.randn(5, 3, device=device,
+                                                                       dtype=dtype)
+    torch.testing.assert_close(again.condition(c)(z), per_layer.condition(c)(z), rtol=0, atol=0)

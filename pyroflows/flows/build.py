@@ -20,7 +20,8 @@ __all__ = ["build"]
 
 def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] | None = None,
           permutation: str = "reverse", affine: bool = False, compile: bool | str = False,
-          context_dim: int | None = None, **layer_kwargs) -> FlowStack | ConditionalFlowStack:
+          context_dim: int | None = None, shared_network: bool | None = None,
+          **layer_kwargs) -> FlowStack | ConditionalFlowStack:
     """Build a :class:`FlowStack` of ``num_layers`` layers of one family, or with
     ``context_dim`` a :class:`ConditionalFlowStack` of its conditional layers.
 
@@ -34,7 +35,12 @@ def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] |
     each layer's parameters, or its conditioner's input, a network of the context), with the
     same permutations, folds and complementary masks; ``cflow.condition(c)`` (``c`` of shape
     (..., C)) is a :class:`FlowStack`. Conditional layers keep their own networks (no banks),
-    and ``compile`` is not available for them.
+    and ``compile`` is not available for them; except that for planar and radial (the
+    families with ``Family.shared_network``) one network of the context outputs all the
+    layers' parameters, unless ``shared_network=False``: Rezende & Mohamed's inference network
+    (:class:`~pyroflows.transforms.ConditionalPlanar` with ``num_layers``). It is about 6x
+    fewer parameters than K networks, runs the K maps as one fused node, and fitted the
+    amortized benchmark's VAE as well as K networks did (``benchmarks/results/amortized.md``).
 
     Arguments:
         name: one of ``pyroflows.flows.FAMILIES``: planar, radial, iaf, maf, realnvp, and any
@@ -47,6 +53,10 @@ def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] |
         compile: run the stack through :func:`torch.compile` (see :class:`FlowStack`).
         context_dim: the context size C: a conditional stack (a :class:`ValueError` for a
             family without a conditional layer).
+        shared_network: with ``context_dim``, one network for every layer's parameters
+            (default: the family's ``shared_network``; ``True`` for a family whose
+            conditional layer cannot share one is a :class:`ValueError`); ``False``: one
+            network per layer, as Pyro's conditional layers.
         layer_kwargs: passed to every layer's constructor.
 
     Example:
@@ -75,8 +85,11 @@ def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] |
     if hidden_dims is not None:
         layer_kwargs["hidden_dims"] = tuple(hidden_dims)
     if context_dim is not None:
+        shared = family.shared_network if shared_network is None else bool(shared_network)
         return _conditional(name, dim, int(num_layers), permutation, affine, compile,
-                            int(context_dim), layer_kwargs)
+                            int(context_dim), shared, layer_kwargs)
+    if shared_network:
+        raise ValueError("shared_network is a conditional stack's option; pass context_dim=")
     if family.layer is None:
         raise ValueError(f"flow family {name!r} has only a conditional layer; pass "
                          "context_dim=")
@@ -93,8 +106,8 @@ def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] |
 
 
 def _conditional(name: str, dim: int, num_layers: int, permutation: str, affine: bool,
-                 compile: bool | str, context_dim: int, layer_kwargs: dict
-                 ) -> ConditionalFlowStack:
+                 compile: bool | str, context_dim: int, shared_network: bool,
+                 layer_kwargs: dict) -> ConditionalFlowStack:
     """:func:`build` with a context: the family's conditional layers in a
     :class:`ConditionalFlowStack`."""
     family = FAMILIES[name]
@@ -108,7 +121,15 @@ def _conditional(name: str, dim: int, num_layers: int, permutation: str, affine:
         raise ValueError("compile is not available for a conditional stack")
     def layer(d: int, **kwargs) -> nn.Module:
         return family.conditional_layer(d, context_dim, **kwargs)
-    parts = _layer_by_layer(name, dim, num_layers, permutation, layer_kwargs, layer)
+    if shared_network:
+        if not family.shared_network:
+            have = sorted(n for n, f in FAMILIES.items() if f.shared_network)
+            raise ValueError(f"flow family {name!r} cannot share one network between its "
+                             f"layers; families that can: {have}")
+        parts = _layer_by_layer(name, dim, 1, permutation, {**layer_kwargs,
+                                                            "num_layers": num_layers}, layer)
+    else:
+        parts = _layer_by_layer(name, dim, num_layers, permutation, layer_kwargs, layer)
     if affine:
         parts.append(T.ElementwiseAffine(dim))
     return ConditionalFlowStack(parts, dim=dim, context_dim=context_dim)

@@ -36,6 +36,9 @@ class Family:
             mask (Dinh et al.; with odd D a reversal alone fixes the middle coordinate).
         bank: ``(dim, num_layers) -> layers`` sharing one bank (no layer keyword arguments).
         stacked_conditioners: the MADE networks of a run of same-size layers share one bank.
+        shared_network: the conditional layer takes ``num_layers`` = K and computes the
+            parameters of K layers with one network, which ``build(..., context_dim=C)``
+            then makes (``shared_network=False``: K layers with a network each).
         num_layers: a flow guide's default number of layers.
         init_scale: a flow guide's default initial scale of its affine layer.
         lr: a flow guide's default Adam step sizes ``(affine layer, flow layers)``.
@@ -53,6 +56,7 @@ class Family:
     complementary_masks: bool = False
     bank: Callable[[int, int], list[nn.Module]] | None = None
     stacked_conditioners: bool = False
+    shared_network: bool = False
     num_layers: int = 4
     init_scale: float = 0.1
     lr: tuple[float, float] = (5e-2, 3e-3)
@@ -105,9 +109,9 @@ _NETWORK_FAMILY = {"needs_permutation": True, "stacked_conditioners": True, "ini
 #: The families :func:`~pyroflows.flows.build` and the guides know, by name.
 FAMILIES: dict[str, Family] = {
     "planar": Family(T.Planar, T.conditional_planar, bank=planar_layers, num_layers=16,
-                     lr=(5e-2, 1e-2)),
+                     lr=(5e-2, 1e-2), shared_network=True),
     "radial": Family(T.Radial, T.conditional_radial, bank=radial_layers, num_layers=16,
-                     lr=(5e-2, 1e-2)),
+                     lr=(5e-2, 1e-2), shared_network=True),
     "iaf": Family(T.IAF, T.conditional_iaf, fold=fold_order, stick_the_landing=True,
                   **_NETWORK_FAMILY),
     "maf": Family(T.MAF, T.conditional_maf, fold=fold_order, **_NETWORK_FAMILY),

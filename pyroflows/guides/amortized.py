@@ -30,8 +30,8 @@ class AmortizedFlowGuide(nn.Module):
     the diagonal Gaussian :math:`q_0(z_0 \mid x)` of both papers (its :math:`\mu, \sigma` a
     linear head on :math:`h`: :class:`~pyroflows.flows.ConditionalElementwiseAffine`), then
     the family's conditional layers, each fed :math:`h` (``pf.flows.build(flow, latent_dim,
-    context_dim=...)``; IAF as Kingma et al.'s eq. 10, planar and radial with their
-    parameters a network of :math:`h`, seed eq. 27).
+    context_dim=...)``; IAF as Kingma et al.'s eq. 10, planar and radial with all K layers'
+    parameters the output of one network of :math:`h`, seed eq. 27).
 
     Calling it with the model's arguments registers its modules (``pyro.module(name,
     self)``), opens ``pyro.plate(plate, N, subsample_size=subsample_size)`` over the first
@@ -67,7 +67,10 @@ class AmortizedFlowGuide(nn.Module):
             :math:`\mathcal{N}(0, I)` alone).
         init_scale: :math:`\sigma` of the Gaussian start at a zero context, at initialisation.
         name: the name of its parameters in Pyro's param store (``name$$$encoder...``).
-        layer_kwargs: passed to :func:`pyroflows.flows.build`.
+        layer_kwargs: passed to :func:`pyroflows.flows.build`; e.g. ``shared_network=False``
+            for planar or radial layers with a network each (by default one network of
+            :math:`h` outputs every layer's parameters, Rezende & Mohamed's inference
+            network).
 
     Example:
         >>> import torch, pyro, pyro.distributions as dist, pyroflows as pf

@@ -1,5 +1,5 @@
-r"""Conditional planar and radial layers (seed eq. 27-31): the parameters of a planar or radial
-map are the output of a dense network of a context :math:`c`, one set per context row, with
+r"""Conditional planar and radial layers (seed eq. 27-31): the parameters of K planar or radial
+maps are the output of one dense network of a context :math:`c`, one set per context row, with
 the plain layers' invertibility constraints applied per row."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import _legacy, _private
+from .._fast import keeps_map, planar_chain, run_steps
 from ..nn.dense import DenseNetwork
 from .base import FlowTransform
 from .conditional import ConditionalFlowTransform, check_broadcast
@@ -22,20 +24,27 @@ __all__ = [
 
 
 class _Hypernetwork(ConditionalFlowTransform):
-    """A conditional layer whose raw parameters (``_names``, of sizes ``_sizes(dim)``, the
-    plain layer ``_plain``'s) are one dense network's output, split in that order."""
+    """A conditional stack of ``num_layers`` = K maps of one plain layer ``_plain`` whose raw
+    parameters (``_names``, of sizes ``_sizes(dim)`` each) are one dense network's output:
+    layer 1's in that order, then layer 2's, and so on."""
 
     _plain: type[FlowTransform]
     _names: tuple[str, ...]
     _transform: type[FlowTransform]  # what condition returns, built from the raw parameters
 
     def __init__(self, dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
-                 activation: Callable[[], nn.Module] = nn.ReLU) -> None:
+                 activation: Callable[[], nn.Module] = nn.ReLU, num_layers: int = 1) -> None:
         super().__init__(dim, context_dim)
+        if int(num_layers) != num_layers or num_layers < 1:
+            raise ValueError(f"{type(self).__name__}: num_layers must be a positive integer, "
+                             f"got {num_layers!r}")
+        self.num_layers = int(num_layers)
         hidden = (10 * self.dim, 10 * self.dim) if hidden_dims is None else tuple(hidden_dims)
         self._split = self._sizes(self.dim)
-        self.network = DenseNetwork(self.context_dim, sum(self._split), hidden, activation)
+        self.network = DenseNetwork(self.context_dim, self.num_layers * sum(self._split),
+                                    hidden, activation)
         self.reset_parameters()
+        _private.register_load_state_dict_pre_hook(self, _legacy.per_layer_network_hint)
 
     @staticmethod
     def _sizes(dim: int) -> tuple[int, ...]:
@@ -43,99 +52,157 @@ class _Hypernetwork(ConditionalFlowTransform):
 
     def reset_parameters(self) -> None:
         """The network at :class:`torch.nn.Linear`'s initialization, except its output layer:
-        zero weights and, as bias, a fresh draw of the plain layer's initialization; so every
-        context starts at that plain layer, near the identity."""
+        zero weights and, as bias, a fresh draw of the plain layer's initialization per layer;
+        so every context starts at those plain layers, near the identity."""
         for layer in self.network.layers:
             layer.reset_parameters()
-        plain = self._plain(self.dim)
-        start = torch.cat([getattr(plain, name).detach().reshape(-1) for name in self._names])
-        self.network.constant_output_(start)
+        starts = []
+        for _ in range(self.num_layers):
+            plain = self._plain(self.dim)
+            starts.extend(getattr(plain, name).detach().reshape(-1) for name in self._names)
+        self.network.constant_output_(torch.cat(starts))
 
-    def layer_parameters(self, context: Tensor) -> dict[str, Tensor]:
-        """The plain layer's raw parameters for ``context`` (shape (..., C)), by the plain
-        layer's names, each with the context's batch dims in front of its plain shape."""
-        raw = self.network(self.check_context(context))
-        return dict(zip(self._names, raw.split(self._split, dim=-1), strict=True))
+    def _raw(self, context: Tensor) -> tuple[Tensor, ...]:
+        """The raw parameters of the K layers by ``_names``, each stacked (K, ..., size)."""
+        raw = self.network(context)
+        raw = raw.view(*raw.shape[:-1], self.num_layers, -1).movedim(-2, 0)
+        return raw.split(self._split, dim=-1)
+
+    def layer_parameters(self, context: Tensor, layer: int = 0) -> dict[str, Tensor]:
+        """The raw parameters of the plain layer ``layer`` (0 to K - 1) for ``context``
+        (shape (..., C)), by the plain layer's names, each with the context's batch dims in
+        front of its plain shape."""
+        raw = self._raw(self.check_context(context))
+        return {name: value[layer] for name, value in zip(self._names, raw, strict=True)}
 
     def conditioned(self, context: Tensor) -> FlowTransform:
-        raw = self.network(context)
-        return self._transform(*raw.split(self._split, dim=-1))
+        return self._transform(*self._raw(context))
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", hidden_dims={self.network.hidden_dims}"
+        return (super().extra_repr() + f", num_layers={self.num_layers}, "
+                f"hidden_dims={self.network.hidden_dims}")
 
 
 class _Conditioned(FlowTransform):
-    """A layer holding one set of parameters per row of ``batch_shape``: its inputs' batch
-    dims must broadcast with it (a :class:`ValueError` says when they do not). It holds the
-    parameters computed when it was made: condition again after an optimizer step or a change
-    of the context."""
+    """K maps, each holding one set of parameters per row of ``batch_shape``: its inputs'
+    batch dims must broadcast with it (a :class:`ValueError` says when they do not). It holds
+    the parameters computed when it was made: condition again after an optimizer step or a
+    change of the context."""
 
-    def __init__(self, dim: int, batch_shape: torch.Size) -> None:
+    def __init__(self, dim: int, num_layers: int, batch_shape: torch.Size) -> None:
         super().__init__(dim)
-        self.batch_shape = batch_shape
+        self.num_layers, self.batch_shape = num_layers, batch_shape
 
     def _validate(self, value: Tensor, what: str) -> None:
         super()._validate(value, what)
         check_broadcast(type(self).__name__, what, value.shape[:-1], self.batch_shape)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", batch_shape={tuple(self.batch_shape)}"
+        return (super().extra_repr() + f", num_layers={self.num_layers}, "
+                f"batch_shape={tuple(self.batch_shape)}")
 
 
-def _batch_shape(*params: Tensor) -> torch.Size:
-    """The rows' shape: the parameters' batch dims (those of one network output, unless the
-    caller built the transform from others: then broadcast)."""
-    shapes = {p.shape[:-1] for p in params}
-    return shapes.pop() if len(shapes) == 1 else torch.broadcast_shapes(*shapes)
+def _stacked(owner: str, *params: Tensor) -> tuple[int, torch.Size]:
+    """The layers' number K and the rows' shape of parameters stacked (K, ..., size): the
+    dims between (those of one network output, unless the caller built the transform from
+    others: then broadcast)."""
+    if any(p.dim() < 2 for p in params) or len({p.shape[0] for p in params}) != 1:
+        raise ValueError(f"{owner}: the parameters must be stacked (K, ..., size) with one K, "
+                         f"got shapes {[tuple(p.shape) for p in params]}")
+    shapes = {p.shape[1:-1] for p in params}
+    rows = shapes.pop() if len(shapes) == 1 else torch.broadcast_shapes(*shapes)
+    return params[0].shape[0], rows
 
 
 class ConditionedPlanar(_Conditioned):
-    r"""The planar map of :class:`~pyroflows.transforms.Planar` with one set of raw parameters
-    per row: ``u``, ``w`` of shape (..., D), ``bias`` of shape (..., 1); the constraint
+    r"""The maps of K :class:`~pyroflows.transforms.Planar` layers, applied in order, with one
+    set of raw parameters per row: ``u``, ``w`` of shape (K, ..., D), ``bias`` of shape
+    (K, ..., 1), layer k's in row k; the constraint
     (:func:`~pyroflows.transforms.planar.planar_constraint`) is applied per row. Inputs of
     shape (..., D) broadcast against the rows. What :meth:`ConditionalPlanar.condition`
-    returns."""
+    returns. The forward maps run as one fused node
+    (:func:`~pyroflows._fast.planar.planar_chain`) inside a flow stack, with those of the
+    conditioned planar layers next to it; the inverses one by one."""
 
     def __init__(self, u: Tensor, w: Tensor, bias: Tensor) -> None:
-        super().__init__(w.shape[-1], _batch_shape(u, w, bias))
+        super().__init__(w.shape[-1], *_stacked(type(self).__name__, u, w, bias))
         self.w = w
         self.bias = bias.squeeze(-1)
         self.u_hat, self.slack = planar_constraint(w, u)
 
+    def _params(self) -> tuple[Tensor, ...]:
+        return self.w, self.u_hat, self.bias, self.slack
+
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return planar_forward_step(x, self.w, self.u_hat, self.bias, self.slack)
+        return run_steps(x, planar_forward_step, self._params(), None)
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return planar_inverse_step(y, self.w, self.u_hat, self.bias, self.slack)
+        return run_steps(y, planar_inverse_step, self._params(), None, reverse=True)
+
+    def fused_kind(self, inverse: bool) -> str | None:
+        """``"conditioned planar"``, unless a subclass redefines the map."""
+        keeps = keeps_map(type(self), ConditionedPlanar, _PLANAR_MAP)
+        return "conditioned planar" if keeps and self._rows_agree() else None
+
+    def _rows_agree(self) -> bool:
+        return all(p.shape[1:-1] == self.batch_shape for p in (self.w, self.u_hat)) and (
+            self.bias.shape[1:] == self.batch_shape == self.slack.shape[1:])
+
+    @staticmethod
+    def run_fused(x: Tensor, layers: list[ConditionedPlanar], kinds: list,
+                  log_det: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        """Consecutive conditioned planar maps with one rows' shape: the forward maps as one
+        fused node of their parameters stacked, the inverses one by one."""
+        forward_order = layers[::-1] if inverse else layers
+        if len({layer.batch_shape for layer in layers}) > 1:  # rows that cannot stack
+            runs = [layer._params() for layer in forward_order]
+        else:
+            runs = [[torch.cat(p) if len(layers) > 1 else p[0]
+                     for p in zip(*(layer._params() for layer in forward_order), strict=True)]]
+        for params in reversed(runs) if inverse else runs:
+            if inverse:
+                x, log_det = run_steps(x, planar_inverse_step, params, log_det, reverse=True)
+            else:
+                x, log_det = planar_chain(x, *params, log_det)
+        return x, log_det
+
+
+# the methods that define ConditionedPlanar's map: a subclass that redefines one runs its own
+_PLANAR_MAP = ("forward_and_log_det", "inverse_and_log_det", "_params")
 
 
 class ConditionedRadial(_Conditioned):
-    r"""The radial map of :class:`~pyroflows.transforms.Radial` with one set of raw parameters
-    per row: ``x0`` of shape (..., D), ``alpha_prime``, ``beta_prime`` of shape (..., 1); the
-    constraint (:func:`~pyroflows.transforms.radial.radial_alpha`) is applied per row. Inputs
-    of shape (..., D) broadcast against the rows. What :meth:`ConditionalRadial.condition`
-    returns."""
+    r"""The maps of K :class:`~pyroflows.transforms.Radial` layers, applied in order, with one
+    set of raw parameters per row: ``x0`` of shape (K, ..., D), ``alpha_prime``,
+    ``beta_prime`` of shape (K, ..., 1), layer k's in row k; the constraint
+    (:func:`~pyroflows.transforms.radial.radial_alpha`) is applied per row, to all K layers at
+    once. Inputs of shape (..., D) broadcast against the rows. What
+    :meth:`ConditionalRadial.condition` returns."""
 
     def __init__(self, x0: Tensor, alpha_prime: Tensor, beta_prime: Tensor) -> None:
-        super().__init__(x0.shape[-1], _batch_shape(x0, alpha_prime, beta_prime))
+        super().__init__(x0.shape[-1], *_stacked(type(self).__name__, x0, alpha_prime,
+                                                 beta_prime))
         self.x0 = x0
         self.alpha, self.alpha_plus_beta = radial_alpha(alpha_prime, beta_prime)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return radial_forward(x, self.x0, self.alpha, self.alpha_plus_beta)
+        return run_steps(x, radial_forward, (self.x0, self.alpha, self.alpha_plus_beta), None)
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return radial_inverse(y, self.x0, self.alpha, self.alpha_plus_beta)
+        return run_steps(y, radial_inverse, (self.x0, self.alpha, self.alpha_plus_beta), None,
+                         reverse=True)
 
 
 class ConditionalPlanar(_Hypernetwork):
-    r"""Conditional planar flow (seed eq. 27-29): :class:`~pyroflows.transforms.Planar`'s map
-    with its raw parameters the output of a dense network of the context :math:`c`,
+    r"""Conditional planar flow (seed eq. 27-29): :class:`~pyroflows.transforms.Planar`'s map,
+    or K of them applied in order, with the raw parameters the output of one dense network of
+    the context :math:`c`,
 
-    .. math:: (u, w, b) = \mathrm{NN}(c), \qquad
-              y = z + \hat u \tanh(w^\top z + b), \qquad
-              \log|\det J| = \log\bigl(1 + \tanh'(w^\top z + b)\, w^\top \hat u\bigr),
+    .. math:: (u_1, w_1, b_1, \dots, u_K, w_K, b_K) = \mathrm{NN}(c), \qquad
+              z_k = z_{k-1} + \hat u_k \tanh(w_k^\top z_{k-1} + b_k),
+
+    .. math:: \log|\det J| = \sum_{k=1}^{K} \log\bigl(1 + \tanh'(w_k^\top z_{k-1} + b_k)\,
+              w_k^\top \hat u_k\bigr),
 
     one set per context row, with :class:`~pyroflows.transforms.Planar`'s constraint
     :math:`w^\top \hat u > -1` applied per row (so every row's map is invertible, whatever the
@@ -145,12 +212,16 @@ class ConditionalPlanar(_Hypernetwork):
     for inputs whose batch dims broadcast with ``c``'s: ``c`` (B, C) with ``z`` (B, D) or
     (S, B, D); ``c`` (C,) for every row.
 
-    The network is a :class:`~pyroflows.nn.DenseNetwork` ``C -> hidden_dims -> 2D + 1``
-    (``u``, ``w``, ``b`` in that order); by default two hidden layers of 10 D units, as
-    Pyro's :func:`~pyro.distributions.transforms.conditional_planar`. It starts with a zero
-    output layer whose bias is a draw of :class:`~pyroflows.transforms.Planar`'s
-    initialization: every context then maps as that plain layer, near the identity, so an
-    untrained amortized guide starts near its base distribution.
+    The network is a :class:`~pyroflows.nn.DenseNetwork` ``C -> hidden_dims -> K (2D + 1)``
+    (``u``, ``w``, ``b`` of layer 1, then of layer 2, ...); by default two hidden layers of
+    10 D units, as Pyro's :func:`~pyro.distributions.transforms.conditional_planar`. With
+    ``num_layers = 1`` (the default) it is one layer, as Pyro's; with K > 1 it is Rezende &
+    Mohamed's design, one inference network whose output holds every layer's parameters: one
+    network instead of K (K = 16, D = 8, C = 64: 33,712 network parameters instead of
+    208,912), and the K forward maps run as one fused node. It starts with a
+    zero output layer whose bias is a draw of :class:`~pyroflows.transforms.Planar`'s
+    initialization per layer: every context then maps as those plain layers, near the
+    identity, so an untrained amortized guide starts near its base distribution.
 
     References:
         Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015.
@@ -160,6 +231,7 @@ class ConditionalPlanar(_Hypernetwork):
         context_dim: the context size C.
         hidden_dims: the network's hidden widths (default ``(10 D, 10 D)``).
         activation: the network's hidden activation, a module class (default ``nn.ReLU``).
+        num_layers: K, the planar maps whose parameters the network outputs.
 
     Example:
         >>> import torch, pyroflows as pf
@@ -170,6 +242,9 @@ class ConditionalPlanar(_Hypernetwork):
         (torch.Size([10, 5, 3]), torch.Size([10, 5]))
         >>> torch.allclose(t.inv(t(z).clone()), z, atol=1e-5)
         True
+        >>> stack = pf.transforms.conditional_planar(3, context_dim=2, num_layers=16)
+        >>> stack.network.layers[-1].out_features  # 16 (u, w, b)
+        112
     """
 
     _plain = Planar
@@ -183,11 +258,13 @@ class ConditionalPlanar(_Hypernetwork):
 
 class ConditionalRadial(_Hypernetwork):
     r"""Conditional radial flow (seed eq. 27, 30-31): :class:`~pyroflows.transforms.Radial`'s
-    map with its raw parameters the output of a dense network of the context :math:`c`,
+    map, or K of them applied in order, with the raw parameters the output of one dense
+    network of the context :math:`c`,
 
-    .. math:: (z_0, \alpha', \beta') = \mathrm{NN}(c), \qquad
-              y = z + \beta h(\alpha, r)(z - z_0), \quad r = \|z - z_0\|,\quad
-              h = 1 / (\alpha + r),
+    .. math:: (z_{0,1}, \alpha'_1, \beta'_1, \dots, z_{0,K}, \alpha'_K, \beta'_K)
+              = \mathrm{NN}(c), \qquad
+              z_k = z_{k-1} + \beta_k h(\alpha_k, r_k)(z_{k-1} - z_{0,k}), \quad
+              r_k = \|z_{k-1} - z_{0,k}\|,\quad h = 1 / (\alpha + r),
 
     with :math:`\alpha = \mathrm{softplus}(\alpha')`, :math:`\alpha + \beta =
     \mathrm{softplus}(\beta')` per context row (so every row's map is invertible, whatever the
@@ -196,12 +273,15 @@ class ConditionalRadial(_Hypernetwork):
     one per call, holding the parameters computed then) for inputs whose batch dims broadcast
     with ``c``'s: ``c`` (B, C) with ``z`` (B, D) or (S, B, D); ``c`` (C,) for every row.
 
-    The network is a :class:`~pyroflows.nn.DenseNetwork` ``C -> hidden_dims -> D + 2``
-    (:math:`z_0`, :math:`\alpha'`, :math:`\beta'` in that order); by default two hidden layers
-    of 10 D units, as Pyro's :func:`~pyro.distributions.transforms.conditional_radial`. It
+    The network is a :class:`~pyroflows.nn.DenseNetwork` ``C -> hidden_dims -> K (D + 2)``
+    (:math:`z_0`, :math:`\alpha'`, :math:`\beta'` of layer 1, then of layer 2, ...); by
+    default two hidden layers of 10 D units, as Pyro's
+    :func:`~pyro.distributions.transforms.conditional_radial`. With ``num_layers = 1`` (the
+    default) it is one layer, as Pyro's; with K > 1 one inference network outputs every
+    layer's parameters (Rezende & Mohamed's design, as :class:`ConditionalPlanar`'s). It
     starts with a zero output layer whose bias is a draw of
-    :class:`~pyroflows.transforms.Radial`'s initialization: every context then maps as that
-    plain layer, near the identity.
+    :class:`~pyroflows.transforms.Radial`'s initialization per layer: every context then maps
+    as those plain layers, near the identity.
 
     References:
         Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015.
@@ -211,6 +291,7 @@ class ConditionalRadial(_Hypernetwork):
         context_dim: the context size C.
         hidden_dims: the network's hidden widths (default ``(10 D, 10 D)``).
         activation: the network's hidden activation, a module class (default ``nn.ReLU``).
+        num_layers: K, the radial maps whose parameters the network outputs.
 
     Example:
         >>> import torch, pyroflows as pf
@@ -232,11 +313,13 @@ class ConditionalRadial(_Hypernetwork):
 
 def conditional_planar(dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
                        **kwargs) -> ConditionalPlanar:
-    """Build a :class:`ConditionalPlanar` layer (``kwargs``: its ``activation``)."""
+    """Build a :class:`ConditionalPlanar` layer (``kwargs``: its ``activation``,
+    ``num_layers``)."""
     return ConditionalPlanar(dim, context_dim, hidden_dims, **kwargs)
 
 
 def conditional_radial(dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
                        **kwargs) -> ConditionalRadial:
-    """Build a :class:`ConditionalRadial` layer (``kwargs``: its ``activation``)."""
+    """Build a :class:`ConditionalRadial` layer (``kwargs``: its ``activation``,
+    ``num_layers``)."""
     return ConditionalRadial(dim, context_dim, hidden_dims, **kwargs)
