@@ -174,8 +174,9 @@ def iaf_guide():
 # distribution over a standard normal base, with batch shape `(N,)`, ready for `pyro.sample`
 # inside the plate. Planar layers only bend space a little each, so the per-row Gaussian start
 # (`pf.flows.ConditionalElementwiseAffine`) goes first, in a
-# `pf.flows.ConditionalFlowStack`. Each of the eight planar layers' $(u, w, b)$ is a network's
-# output for $h$, one set per image, with the invertibility constraint applied per image.
+# `pf.flows.ConditionalFlowStack`. The eight planar layers' $(u, w, b)$ are the output of one
+# network of $h$ (Rezende & Mohamed's inference network; `shared_network=False` gives each
+# layer its own), one set per image, with the invertibility constraint applied per image.
 
 
 # %%
