@@ -182,7 +182,12 @@ def test_guide_arguments():
         pf.guides.AmortizedFlowGuide(_encoder(), 2, "nope", context_dim=3)
     plain = pf.guides.AmortizedFlowGuide(_encoder(), 2, "planar", context_dim=HIDDEN,
                                          num_layers=3, gaussian=False)
-    assert len(plain.flow.sequence) == 1 and len(plain.flow.sequence[0].sequence) == 3
+    (stack,) = plain.flow.sequence
+    assert len(stack.sequence) == 1 and stack.sequence[0].num_layers == 3  # one network
+    per_layer = pf.guides.AmortizedFlowGuide(_encoder(), 2, "planar", context_dim=HIDDEN,
+                                             num_layers=3, gaussian=False,
+                                             shared_network=False)
+    assert len(per_layer.flow.sequence[0].sequence) == 3
     assert "latent_dim=2" in repr(plain)
 
 

@@ -50,26 +50,66 @@ def _aligned(x: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, slack: Tensor):
     return batch, w.view(vector), u_hat.view(vector), bias.view(scalar), slack.view(scalar)
 
 
-def _planar_forward(x, w, u_hat, bias, slack, log_det):
+class _Shared:
+    """The kernel's products for one parameter set (K, D) for every input, the inputs as
+    the rows of a matrix (n, D): matrix-vector products."""
+
+    @staticmethod
+    def project(x: Tensor, w: Tensor, b: Tensor) -> Tensor:  # w^T x + b per row
+        return torch.addmv(b, x, w)
+
+    @staticmethod
+    def spread(x: Tensor, t: Tensor, u: Tensor, out: Tensor) -> Tensor:  # x + t u
+        return torch.addr(x, t, u, out=out)
+
+    @staticmethod
+    def reduce(t: Tensor, v: Tensor, shape: torch.Size) -> Tensor:  # sum_n t_kn v_kn
+        return torch.bmm(t.unsqueeze(1), v).squeeze(1)
+
+
+class _PerRow:
+    """The kernel's products for one parameter set per row, broadcast against the inputs."""
+
+    @staticmethod
+    def project(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return torch.add((x * w).sum(-1), b)
+
+    @staticmethod
+    def spread(x: Tensor, t: Tensor, u: Tensor, out: Tensor) -> Tensor:
+        return torch.addcmul(x, t.unsqueeze(-1), u, out=out)
+
+    @staticmethod
+    def reduce(t: Tensor, v: Tensor, shape: torch.Size) -> Tensor:
+        return (t.unsqueeze(-1) * v).sum_to_size(shape)
+
+
+def _prepared(x: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, slack: Tensor):
+    """``(x, w, u_hat, bias, slack, ops)`` as the loops take them: with one parameter set the
+    inputs flattened to (n, D) and the slack to (K, 1); with one per row everything viewed
+    with the broadcast batch dims (:func:`_aligned`)."""
+    if w.dim() == 2:
+        return x.reshape(-1, x.shape[-1]), w, u_hat, bias, slack.unsqueeze(-1), _Shared
     batch, w, u_hat, bias, slack = _aligned(x, w, u_hat, bias, slack)
-    num_layers, dim = w.shape[0], w.shape[-1]
-    xs = x.new_empty(num_layers + 1, *batch, dim)  # the input of every layer, and the output
+    return x.expand(*batch, x.shape[-1]), w, u_hat, bias, slack, _PerRow
+
+
+def _planar_forward(x, w, u_hat, bias, slack, log_det):
+    x_shape = x.shape
+    x, w, u_hat, bias, slack, ops = _prepared(x, w, u_hat, bias, slack)
+    batch_shape = x_shape[:-1] if ops is _Shared else x.shape[:-1]
+    num_layers = w.shape[0]
+    xs = x.new_empty(num_layers + 1, *x.shape)  # the input of every layer, and the output
     xs[0] = x
-    tanh = x.new_empty(num_layers, *batch)
+    tanh = x.new_empty(num_layers, *x.shape[:-1])
     for k in range(num_layers):
-        torch.tanh(torch.add(_project(xs[k], w[k]), bias[k]), out=tanh[k])
-        torch.addcmul(xs[k], tanh[k].unsqueeze(-1), u_hat[k], out=xs[k + 1])
+        torch.tanh(ops.project(xs[k], w[k], bias[k]), out=tanh[k])
+        ops.spread(xs[k], tanh[k], u_hat[k], out=xs[k + 1])
     tanh_sq = tanh * tanh
     q = 1 - tanh_sq
     d = torch.addcmul(tanh_sq, q, slack)  # 1 + q (slack - 1), as a sum
-    ld = torch.log(d).sum(0)
+    ld = torch.log(d).sum(0).view(batch_shape)
     log_det = ld if log_det is None else log_det + ld
-    return xs[-1], log_det, xs, tanh, q, d, (w.shape, slack.shape)
-
-
-def _project(x: Tensor, w: Tensor) -> Tensor:
-    # w^T x over the last dim, w (D,) or (..., D) broadcast against x (..., D)
-    return (x * w).sum(-1)
+    return xs[-1].view(*batch_shape, x.shape[-1]), log_det, xs, tanh, q, d
 
 
 class _PlanarChain(torch.autograd.Function):
@@ -78,11 +118,10 @@ class _PlanarChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, u_hat, bias, slack, log_det):
         ctx.log_det_shape = None if log_det is None else log_det.shape
-        y, log_det, xs, tanh, q, d, aligned = _planar_forward(x, w, u_hat, bias, slack,
-                                                              log_det)
-        ctx.save_for_backward(w, u_hat, slack)
-        ctx.xs, ctx.tanh, ctx.q, ctx.d, ctx.aligned = xs, tanh, q, d, aligned
-        ctx.shapes = x.shape, w.shape, u_hat.shape, bias.shape, slack.shape
+        y, log_det, xs, tanh, q, d = _planar_forward(x, w, u_hat, bias, slack, log_det)
+        ctx.save_for_backward(x, w, u_hat, bias, slack)
+        ctx.xs, ctx.tanh, ctx.q, ctx.d = xs, tanh, q, d
+        ctx.y_shape = y.shape
         ctx.set_materialize_grads(False)
         return y, log_det
 
@@ -91,36 +130,37 @@ class _PlanarChain(torch.autograd.Function):
     def backward(ctx, grad_y, grad_log_det):
         if grad_y is None and grad_log_det is None:
             return (None,) * 6
+        given = ctx.saved_tensors
+        x, w, u_hat, bias, slack, ops = _prepared(*given)
         xs, tanh, q = ctx.xs, ctx.tanh, ctx.q
-        vector, scalar = ctx.aligned  # the parameters' shapes with the batch dims of xs
-        w, u_hat, slack = (t.view(s) for t, s in zip(ctx.saved_tensors, (vector, vector, scalar),
-                                                     strict=True))
-        x_shape, w_shape, u_shape, bias_shape, slack_shape = ctx.shapes
         num_layers = xs.shape[0] - 1
         grads = torch.empty_like(xs)  # gradient at every x_k
         if grad_y is None:
             grads[-1].zero_()
         else:
-            grads[-1] = grad_y
+            grads[-1] = grad_y.reshape(xs.shape[1:])
         if grad_log_det is None:
             from_log_det = torch.zeros_like(tanh)
-            grad_slack = slack.new_zeros(slack_shape)
+            grad_slack = torch.zeros_like(given[4])
         else:
-            ell = grad_log_det.unsqueeze(0)
+            ell = grad_log_det.reshape(1, *tanh.shape[1:])
             d = ctx.d
             # d log(t^2 + q slack) / dt = 2 t (1 - slack) / d
             from_log_det = (2 * ell) * tanh * (1 - slack) / d
-            grad_slack = (ell * q / d).sum_to_size(slack.shape).view(slack_shape)
+            grad_slack = (ell * q / d).sum_to_size(slack.shape).view(given[4].shape)
         gamma = torch.empty_like(tanh)
         for k in range(num_layers - 1, -1, -1):
-            torch.mul(torch.add(_project(grads[k + 1], u_hat[k]), from_log_det[k]), q[k],
-                      out=gamma[k])
-            torch.addcmul(grads[k + 1], gamma[k].unsqueeze(-1), w[k], out=grads[k])
-        grad_w = (gamma.unsqueeze(-1) * xs[:-1]).sum_to_size(w.shape).view(w_shape)
-        grad_u_hat = (tanh.unsqueeze(-1) * grads[1:]).sum_to_size(u_hat.shape).view(u_shape)
-        grad_bias = gamma.sum_to_size(slack.shape).view(bias_shape)
+            torch.mul(ops.project(grads[k + 1], u_hat[k], from_log_det[k]), q[k], out=gamma[k])
+            ops.spread(grads[k + 1], gamma[k], w[k], out=grads[k])
+        grad_w = ops.reduce(gamma, xs[:-1], w.shape).view(given[1].shape)
+        grad_u_hat = ops.reduce(tanh, grads[1:], u_hat.shape).view(given[2].shape)
+        grad_bias = gamma.sum_to_size(slack.shape).view(given[3].shape)
         grad_log_det0 = None
         if ctx.needs_input_grad[5] and grad_log_det is not None:
             grad_log_det0 = grad_log_det.sum_to_size(ctx.log_det_shape)
-        grad_x = grads[0].sum_to_size(x_shape) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grads[0].view(ctx.y_shape)
+            if grad_x.shape != given[0].shape:  # x broadcast against the rows
+                grad_x = grad_x.sum_to_size(given[0].shape)
         return grad_x, grad_w, grad_u_hat, grad_bias, grad_slack, grad_log_det0
