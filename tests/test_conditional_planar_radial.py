@@ -286,15 +286,16 @@ def test_bad_construction(family):
 
 
 @pytest.mark.parametrize("sample_shape", [(), (4,)])
-def test_fused_planar_maps_match_the_plain_ones(sample_shape, device, dtype):
-    """In a stack, runs of conditioned planar maps (one K = 3 network next to two single
-    layers, and a row-less map of a (C,) context) run as one fused node: its map, log-det
-    and the gradients to the input, the context and every network parameter equal the plain
-    per-layer operations'."""
+@pytest.mark.parametrize("kind", ["planar", "radial"])
+def test_fused_maps_match_the_plain_ones(kind, sample_shape, device, dtype):
+    """In a stack, runs of conditioned planar (radial) maps (one K = 3 network next to two
+    single layers, and a row-less map of a (C,) context) run as one fused node: its map,
+    log-det and the gradients to the input, the context and every network parameter equal
+    the plain per-layer operations'."""
     torch.manual_seed(0)
-    parts = [pf.transforms.conditional_planar(DIM, CONTEXT, hidden_dims=(8,), num_layers=3),
-             pf.transforms.conditional_planar(DIM, CONTEXT, hidden_dims=(8,)),
-             pf.transforms.conditional_planar(DIM, CONTEXT, hidden_dims=(8,))]
+    make = FAMILIES[kind][0]
+    parts = [make(DIM, CONTEXT, hidden_dims=(8,), num_layers=3),
+             make(DIM, CONTEXT, hidden_dims=(8,)), make(DIM, CONTEXT, hidden_dims=(8,))]
     cflow = pf.flows.ConditionalFlowStack(parts).to(device, dtype)
     testing.randomize_parameters_(cflow, scale=0.5, seed=2)
     tol = testing.tolerances(dtype)
@@ -305,7 +306,8 @@ def test_fused_planar_maps_match_the_plain_ones(sample_shape, device, dtype):
             context = c.clone().requires_grad_(True)
             x = _draw(sample_shape + (5, DIM), device, dtype, 22).requires_grad_(True)
             flow = cflow.condition(context)
-            assert [type(p).__name__ for p in flow.parts] == ["ConditionedPlanar"] * 3
+            assert [type(p).__name__ for p in flow.parts] == [
+                f"Conditioned{kind.capitalize()}"] * 3
             y, ld = flow._chain(x, inverse=False, fused=fused)
             (y.sin().sum() + (ld * ld.detach().exp()).sum()).backward()
             results.append([y, ld, x.grad, context.grad]

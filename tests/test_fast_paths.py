@@ -26,6 +26,7 @@ from pyroflows import testing
 from pyroflows._fast import affine_chain
 from pyroflows._fast import made as fast_made
 from pyroflows._fast.planar import _PlanarChain
+from pyroflows._fast.radial import _RadialChain
 from pyroflows.flows import FlowStack
 from pyroflows.flows.banks import stacked_mades
 from pyroflows.nn import MADE
@@ -748,7 +749,7 @@ def test_no_grad_sequential_passes_match_plain(name, device, dtype):
     back = t.forward_and_log_det(got[0]) if inverse else t.inverse_and_log_det(got[0])
     torch.testing.assert_close(back[0], x, **testing.tolerances(dtype))
 
-# ---- the planar chain and the radial run on stacked banks --------------------------------
+# ---- the planar and radial chains on stacked banks --------------------------------
 
 @pytest.mark.parametrize("shape", [(9,), (2, 4), ()])
 def test_fused_planar_chain_matches_plain(shape, device, dtype):
@@ -779,6 +780,37 @@ def test_planar_chain_gradcheck(rows, device):
                       batch)]
     args[4] = (0.5 * args[4]).exp().detach().requires_grad_(True)  # slack = 1 + w.u_hat > 0
     assert torch.autograd.gradcheck(_PlanarChain.apply, tuple(args))
+
+
+@pytest.mark.parametrize("rows", [(), (3,)], ids=["shared", "per-row"])
+def test_radial_chain_gradcheck(rows, device):
+    """Finite differences of the fused radial node, with one parameter set for every input
+    (K, D) and with one per row (K, B, D) against inputs (S, B, D)."""
+    gen = torch.Generator().manual_seed(6)
+    k, n, d = 4, 3, 2
+    batch = (n,) if not rows else (2, n)
+    x, x0, log_det = (torch.randn(*s, generator=gen, dtype=torch.float64)
+                      for s in (batch + (d,), (k, *rows, d), batch))
+    alpha = 0.2 + torch.rand(k, *rows, generator=gen, dtype=torch.float64)
+    apb = 0.1 + torch.rand(k, *rows, generator=gen, dtype=torch.float64)  # beta < 0 too
+    args = tuple(t.to(device).requires_grad_(True) for t in (x, x0, alpha, apb, log_det))
+    assert torch.autograd.gradcheck(_RadialChain.apply, args)
+
+
+def test_radial_chain_at_a_centre(device, dtype):
+    """An input at a layer's centre (r = 0): the fused node's map, log-det and gradients equal
+    the plain layers' (the norm's subgradient 0 there), all finite."""
+    flow = pf.flows.build("radial", 3, num_layers=3)
+    randomize_parameters_(flow, scale=0.7, seed=3)
+    flow = flow.to(device, dtype)
+    plain = copy.deepcopy(flow)
+    plain.fused = False
+    x = torch.cat([flow.parts[0].x0.detach()[None], torch.randn(4, 3, device=device,
+                                                                  dtype=dtype)])
+    got, want = (_value_and_grads(f, x, inverse=False) for f in (flow, plain))
+    for a, b in zip(got, want, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **tolerances(dtype))
 
 
 FIELDS = {"planar": ("w", "u", "bias"), "radial": ("x0", "alpha_prime", "beta_prime")}

@@ -5,8 +5,9 @@ from .affine import affine_chain, sequential_no_grad
 from .banks import BankRow, ParameterBank, RowView, stacked_rows
 from .dispatch import keeps_map, run_parts, run_steps, traced
 from .planar import planar_chain
+from .radial import radial_chain
 
 __all__ = [
     "affine_chain", "sequential_no_grad", "BankRow", "ParameterBank", "RowView", "stacked_rows",
-    "keeps_map", "run_parts", "run_steps", "traced", "planar_chain",
+    "keeps_map", "run_parts", "run_steps", "traced", "planar_chain", "radial_chain",
 ]

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import _private
 
-__all__ = ["traced", "run_parts", "run_steps", "keeps_map"]
+__all__ = ["traced", "run_parts", "run_steps", "keeps_map", "row_view"]
 
 
 def traced() -> bool:
@@ -73,3 +73,11 @@ def keeps_map(cls: type, base: type, names: Sequence[str]) -> bool:
     """Whether ``cls`` keeps ``base``'s methods ``names`` (those that define its map), so that a
     kernel written for ``base`` computes its map too."""
     return all(getattr(cls, n) is getattr(base, n) for n in names)
+
+
+def row_view(t: Tensor, batch_dims: int, event_dims: int) -> Tensor:
+    """Layers' parameters stacked (K, *rows, *event) viewed as (K, 1, ..., 1, *rows, *event)
+    with ``batch_dims`` dims between K and the event dims: broadcast against a batch of inputs
+    (*batch, D) stacked per layer (K, *batch, D); rows () is one set for every input."""
+    rows = t.dim() - 1 - event_dims
+    return t.view(t.shape[0], *(1,) * (batch_dims - rows), *t.shape[1:])

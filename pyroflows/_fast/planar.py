@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .dispatch import row_view
+
 __all__ = ["planar_chain"]
 
 
@@ -37,17 +39,6 @@ def planar_chain(x: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, slack: Tenso
         return _PlanarChain.apply(*args)
     with torch.no_grad():
         return _planar_forward(*args)[:2]
-
-
-def _aligned(x: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, slack: Tensor):
-    """The inputs' and rows' broadcast batch shape, and the parameters viewed with that many
-    batch dims (ones in front of the rows' own)."""
-    batch = torch.broadcast_shapes(x.shape[:-1], w.shape[1:-1])
-    lead = (1,) * (len(batch) - (w.dim() - 2))
-    num_layers, rows = w.shape[0], w.shape[1:-1]
-    vector = (num_layers, *lead, *rows, w.shape[-1])
-    scalar = (num_layers, *lead, *rows)
-    return batch, w.view(vector), u_hat.view(vector), bias.view(scalar), slack.view(scalar)
 
 
 class _Shared:
@@ -86,10 +77,13 @@ class _PerRow:
 def _prepared(x: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, slack: Tensor):
     """``(x, w, u_hat, bias, slack, ops)`` as the loops take them: with one parameter set the
     inputs flattened to (n, D) and the slack to (K, 1); with one per row everything viewed
-    with the broadcast batch dims (:func:`_aligned`)."""
+    with the broadcast batch dims (:func:`~pyroflows._fast.dispatch.row_view`)."""
     if w.dim() == 2:
         return x.reshape(-1, x.shape[-1]), w, u_hat, bias, slack.unsqueeze(-1), _Shared
-    batch, w, u_hat, bias, slack = _aligned(x, w, u_hat, bias, slack)
+    batch = torch.broadcast_shapes(x.shape[:-1], w.shape[1:-1], u_hat.shape[1:-1],
+                                   bias.shape[1:], slack.shape[1:])
+    w, u_hat = (row_view(t, len(batch), 1) for t in (w, u_hat))
+    bias, slack = (row_view(t, len(batch), 0) for t in (bias, slack))
     return x.expand(*batch, x.shape[-1]), w, u_hat, bias, slack, _PerRow
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _legacy, _private
-from .._fast import keeps_map, planar_chain, run_steps
+from .._fast import keeps_map, planar_chain, radial_chain, run_steps
 from ..nn.dense import DenseNetwork
 from .base import FlowTransform
 from .conditional import ConditionalFlowTransform, check_broadcast
@@ -87,11 +87,37 @@ class _Conditioned(FlowTransform):
     """K maps, each holding one set of parameters per row of ``batch_shape``: its inputs'
     batch dims must broadcast with it (a :class:`ValueError` says when they do not). It holds
     the parameters computed when it was made: condition again after an optimizer step or a
-    change of the context."""
+    change of the context.
+
+    A subclass gives the plain layer's one-layer steps (``_forward_step``, ``_inverse_step``
+    of its :meth:`_params`, stacked (K, ...)) and the fused kernel of its forward maps
+    (``_chain`` of its :meth:`_chain_args`); inside a flow stack a run of conditioned maps of
+    one kind runs its forward maps as one call of the kernel (:func:`_run_fused`)."""
+
+    _forward_step: Callable[..., tuple[Tensor, Tensor]]
+    _inverse_step: Callable[..., tuple[Tensor, Tensor]]
+    _chain: Callable[..., tuple[Tensor, Tensor]]
 
     def __init__(self, dim: int, num_layers: int, batch_shape: torch.Size) -> None:
         super().__init__(dim)
         self.num_layers, self.batch_shape = num_layers, batch_shape
+
+    def _params(self) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def _chain_args(self) -> tuple[Tensor, ...]:
+        return self._params()
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return run_steps(x, type(self)._forward_step, self._params(), None)
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return run_steps(y, type(self)._inverse_step, self._params(), None, reverse=True)
+
+    def fused_kind(self, inverse: bool) -> str | None:
+        """The class's name, unless a subclass redefines the map."""
+        base = next(c for c in type(self).__mro__ if c.__dict__.get("_chain") is not None)
+        return base.__name__ if keeps_map(type(self), base, _MAP) else None
 
     def _validate(self, value: Tensor, what: str) -> None:
         super()._validate(value, what)
@@ -100,6 +126,29 @@ class _Conditioned(FlowTransform):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", num_layers={self.num_layers}, "
                 f"batch_shape={tuple(self.batch_shape)}")
+
+
+# the methods that define a conditioned map: a subclass that redefines one runs its own
+_MAP = ("forward_and_log_det", "inverse_and_log_det", "_params", "_chain_args")
+
+
+def _run_fused(x: Tensor, layers: list[_Conditioned], log_det: Tensor | None,
+               inverse: bool) -> tuple[Tensor, Tensor]:
+    """Consecutive conditioned maps of one kind: the forward maps as one call of the kind's
+    kernel on their parameters stacked (one call per map where their shapes differ), the
+    inverses one by one."""
+    if inverse:
+        for layer in reversed(layers):
+            x, log_det = run_steps(x, type(layer)._inverse_step, layer._params(), log_det,
+                                   reverse=True)
+        return x, log_det
+    args = [layer._chain_args() for layer in layers]
+    if len(layers) > 1 and len({tuple(a.shape[1:] for a in row) for row in args}) == 1:
+        args = [[torch.cat(column) for column in zip(*args, strict=True)]]
+    chain = type(layers[0])._chain
+    for row in args:
+        x, log_det = chain(x, *row, log_det)
+    return x, log_det
 
 
 def _stacked(owner: str, *params: Tensor) -> tuple[int, torch.Size]:
@@ -122,7 +171,11 @@ class ConditionedPlanar(_Conditioned):
     shape (..., D) broadcast against the rows. What :meth:`ConditionalPlanar.condition`
     returns. The forward maps run as one fused node
     (:func:`~pyroflows._fast.planar.planar_chain`) inside a flow stack, with those of the
-    conditioned planar layers next to it; the inverses one by one."""
+    conditioned planar maps next to it; the inverses one by one."""
+
+    _forward_step = staticmethod(planar_forward_step)
+    _inverse_step = staticmethod(planar_inverse_step)
+    _chain = staticmethod(planar_chain)
 
     def __init__(self, u: Tensor, w: Tensor, bias: Tensor) -> None:
         super().__init__(w.shape[-1], *_stacked(type(self).__name__, u, w, bias))
@@ -133,42 +186,11 @@ class ConditionedPlanar(_Conditioned):
     def _params(self) -> tuple[Tensor, ...]:
         return self.w, self.u_hat, self.bias, self.slack
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return run_steps(x, planar_forward_step, self._params(), None)
-
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return run_steps(y, planar_inverse_step, self._params(), None, reverse=True)
-
-    def fused_kind(self, inverse: bool) -> str | None:
-        """``"conditioned planar"``, unless a subclass redefines the map."""
-        keeps = keeps_map(type(self), ConditionedPlanar, _PLANAR_MAP)
-        return "conditioned planar" if keeps and self._rows_agree() else None
-
-    def _rows_agree(self) -> bool:
-        return all(p.shape[1:-1] == self.batch_shape for p in (self.w, self.u_hat)) and (
-            self.bias.shape[1:] == self.batch_shape == self.slack.shape[1:])
-
     @staticmethod
     def run_fused(x: Tensor, layers: list[ConditionedPlanar], kinds: list,
                   log_det: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
-        """Consecutive conditioned planar maps with one rows' shape: the forward maps as one
-        fused node of their parameters stacked, the inverses one by one."""
-        forward_order = layers[::-1] if inverse else layers
-        if len({layer.batch_shape for layer in layers}) > 1:  # rows that cannot stack
-            runs = [layer._params() for layer in forward_order]
-        else:
-            runs = [[torch.cat(p) if len(layers) > 1 else p[0]
-                     for p in zip(*(layer._params() for layer in forward_order), strict=True)]]
-        for params in reversed(runs) if inverse else runs:
-            if inverse:
-                x, log_det = run_steps(x, planar_inverse_step, params, log_det, reverse=True)
-            else:
-                x, log_det = planar_chain(x, *params, log_det)
-        return x, log_det
-
-
-# the methods that define ConditionedPlanar's map: a subclass that redefines one runs its own
-_PLANAR_MAP = ("forward_and_log_det", "inverse_and_log_det", "_params")
+        """Consecutive conditioned planar maps (:func:`_run_fused`)."""
+        return _run_fused(x, layers, log_det, inverse)
 
 
 class ConditionedRadial(_Conditioned):
@@ -177,7 +199,13 @@ class ConditionedRadial(_Conditioned):
     ``beta_prime`` of shape (K, ..., 1), layer k's in row k; the constraint
     (:func:`~pyroflows.transforms.radial.radial_alpha`) is applied per row, to all K layers at
     once. Inputs of shape (..., D) broadcast against the rows. What
-    :meth:`ConditionalRadial.condition` returns."""
+    :meth:`ConditionalRadial.condition` returns. The forward maps run as one fused node
+    (:func:`~pyroflows._fast.radial.radial_chain`) inside a flow stack, with those of the
+    conditioned radial maps next to it; the inverses one by one."""
+
+    _forward_step = staticmethod(radial_forward)
+    _inverse_step = staticmethod(radial_inverse)
+    _chain = staticmethod(radial_chain)
 
     def __init__(self, x0: Tensor, alpha_prime: Tensor, beta_prime: Tensor) -> None:
         super().__init__(x0.shape[-1], *_stacked(type(self).__name__, x0, alpha_prime,
@@ -185,12 +213,17 @@ class ConditionedRadial(_Conditioned):
         self.x0 = x0
         self.alpha, self.alpha_plus_beta = radial_alpha(alpha_prime, beta_prime)
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return run_steps(x, radial_forward, (self.x0, self.alpha, self.alpha_plus_beta), None)
+    def _params(self) -> tuple[Tensor, ...]:
+        return self.x0, self.alpha, self.alpha_plus_beta
 
-    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return run_steps(y, radial_inverse, (self.x0, self.alpha, self.alpha_plus_beta), None,
-                         reverse=True)
+    def _chain_args(self) -> tuple[Tensor, ...]:
+        return self.x0, self.alpha.squeeze(-1), self.alpha_plus_beta.squeeze(-1)
+
+    @staticmethod
+    def run_fused(x: Tensor, layers: list[ConditionedRadial], kinds: list,
+                  log_det: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        """Consecutive conditioned radial maps (:func:`_run_fused`)."""
+        return _run_fused(x, layers, log_det, inverse)
 
 
 class ConditionalPlanar(_Hypernetwork):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._fast import keeps_map, run_steps, stacked_rows
+from .._fast import keeps_map, radial_chain, run_steps, stacked_rows
 from .base import FlowTransform
 
 __all__ = ["Radial", "radial", "radial_alpha", "radial_forward", "radial_inverse"]
@@ -94,13 +94,16 @@ class Radial(FlowTransform):
     def run_fused(x: Tensor, layers: list[Radial], kinds: list, log_det: Tensor | None,
                   inverse: bool) -> tuple[Tensor, Tensor]:
         r"""Consecutive radial layers, :math:`\alpha` and :math:`\alpha + \beta` computed once
-        for all from the stacked parameters (one gradient each, not K row scatters)."""
+        for all from the stacked parameters (one gradient each, not K row scatters): forward
+        as one fused node (:func:`~pyroflows._fast.radial.radial_chain`), inverses one by
+        one."""
         forward_order = layers[::-1] if inverse else layers
         x0, alpha_prime, beta_prime = stacked_rows(
             forward_order, ("x0", "alpha_prime", "beta_prime"), (False, True, True))
-        step = radial_inverse if inverse else radial_forward
-        return run_steps(x, step, (x0, *radial_alpha(alpha_prime, beta_prime)), log_det,
-                         reverse=inverse)
+        params = (x0, *radial_alpha(alpha_prime, beta_prime))
+        if not inverse:
+            return radial_chain(x, *params, log_det)
+        return run_steps(x, radial_inverse, params, log_det, reverse=True)
 
 
 # the methods that define Radial's map: a subclass that redefines one runs its own
