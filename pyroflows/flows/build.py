@@ -38,9 +38,10 @@ def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] |
     and ``compile`` is not available for them; except that for planar and radial (the
     families with ``Family.shared_network``) one network of the context outputs all the
     layers' parameters, unless ``shared_network=False``: Rezende & Mohamed's inference network
-    (:class:`~pyroflows.transforms.ConditionalPlanar` with ``num_layers``). It is about 6x
-    fewer parameters than K networks, runs the K maps as one fused node, and fitted the
-    amortized benchmark's VAE as well as K networks did (``benchmarks/results/amortized.md``).
+    (:class:`~pyroflows.transforms.ConditionalPlanar` with ``num_layers``). For K = 16 it has
+    about a sixth of the parameters of K networks, it runs the K maps as one fused node, and
+    it fitted the amortized benchmark's VAE as well as K networks did
+    (``benchmarks/results/amortized.md``).
 
     Arguments:
         name: one of ``pyroflows.flows.FAMILIES``: planar, radial, iaf, maf, realnvp, and any

@@ -135,19 +135,21 @@ _MAP = ("forward_and_log_det", "inverse_and_log_det", "_params", "_chain_args")
 def _run_fused(x: Tensor, layers: list[_Conditioned], log_det: Tensor | None,
                inverse: bool) -> tuple[Tensor, Tensor]:
     """Consecutive conditioned maps of one kind: the forward maps as one call of the kind's
-    kernel on their parameters stacked (one call per map where their shapes differ), the
-    inverses one by one."""
+    kernel on their parameters stacked (one call per map where their shapes or kernels
+    differ), the inverses one by one."""
     if inverse:
         for layer in reversed(layers):
             x, log_det = run_steps(x, type(layer)._inverse_step, layer._params(), log_det,
                                    reverse=True)
         return x, log_det
     args = [layer._chain_args() for layer in layers]
-    if len(layers) > 1 and len({tuple(a.shape[1:] for a in row) for row in args}) == 1:
+    chains = {type(layer)._chain for layer in layers}
+    if len(layers) > 1 and len(chains) == 1 and len(
+            {tuple(a.shape[1:] for a in row) for row in args}) == 1:
         args = [[torch.cat(column) for column in zip(*args, strict=True)]]
-    chain = type(layers[0])._chain
-    for row in args:
-        x, log_det = chain(x, *row, log_det)
+        layers = layers[:1]
+    for layer, row in zip(layers, args, strict=True):
+        x, log_det = type(layer)._chain(x, *row, log_det)
     return x, log_det
 
 
