@@ -310,9 +310,10 @@ for name, (elbo, log_px) in per_image.items():
 # Gaussian's, and the Gaussian guide has a tail of test images with gaps of several nats,
 # which the flow guides have far fewer of. Two cautions. The flow guides also have more
 # parameters between the context and $z$ (the IAF's MADEs, the planar layers' network), so
-# this comparison does not separate the flow's shape from that extra capacity. And with $d = 2$ latent dimensions and 8x8 images
-# the whole effect is under a nat; the flow papers' gains are on larger models (Rezende &
-# Mohamed: planar $K = 80$ moved MNIST's $-\log p(x)$ from 89.9 to 85.1 nats).
+# this comparison does not separate the flow's shape from that extra capacity. And with
+# $d = 2$ latent dimensions and 8x8 images the whole effect is under a nat; the flow papers'
+# gains are on larger models (Rezende & Mohamed: planar $K = 80$ moved MNIST's $-\log p(x)$
+# from 89.9 to 85.1 nats).
 
 # %% [markdown]
 # ## Reconstructions
