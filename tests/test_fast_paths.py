@@ -17,13 +17,15 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyro.distributions.torch_transform import ComposeTransformModule
 from torch import Tensor, nn
 from torch.distributions import Independent, Normal, TransformedDistribution
 
 import pyroflows as pf
 from pyroflows import testing
-from pyroflows._fast import affine_chain
+from pyroflows._fast import affine_chain, broadcast_batch
 from pyroflows._fast import made as fast_made
 from pyroflows._fast.planar import _PlanarChain
 from pyroflows._fast.radial import _RadialChain
@@ -826,6 +828,20 @@ def test_radial_chain_at_a_centre(device, dtype):
     for a, b in zip(got, want, strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, **tolerances(dtype))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([1, 2, 3]), max_size=4), min_size=1, max_size=4))
+def test_broadcast_batch_is_torchs_broadcast_shapes(shapes):
+    """The written-out broadcast gives torch.broadcast_shapes' shape, and fails where it
+    fails."""
+    try:
+        want = torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        with pytest.raises(RuntimeError, match="do not broadcast"):
+            broadcast_batch(*shapes)
+    else:
+        assert broadcast_batch(*shapes) == want
 
 
 FIELDS = {"planar": ("w", "u", "bias"), "radial": ("x0", "alpha_prime", "beta_prime")}

@@ -3,11 +3,12 @@ fused kernels with written-out backward passes, parameter banks, the dispatch of
 
 from .affine import affine_chain, sequential_no_grad
 from .banks import BankRow, ParameterBank, RowView, stacked_rows
-from .dispatch import keeps_map, run_parts, run_steps, traced
+from .dispatch import broadcast_batch, keeps_map, row_view, run_parts, run_steps, traced
 from .planar import planar_chain
 from .radial import radial_chain
 
 __all__ = [
     "affine_chain", "sequential_no_grad", "BankRow", "ParameterBank", "RowView", "stacked_rows",
-    "keeps_map", "run_parts", "run_steps", "traced", "planar_chain", "radial_chain",
+    "broadcast_batch", "keeps_map", "row_view", "run_parts", "run_steps", "traced",
+    "planar_chain", "radial_chain",
 ]

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .banks import BankRow, tensor_of
-from .dispatch import traced
+from .dispatch import broadcast_batch, traced
 from .made import (
     fused_backward,
     fused_forward,
@@ -59,7 +59,7 @@ def affine_chain(x: Tensor, layers: Sequence[nn.Module], kinds: Sequence[tuple[b
     chain = _Chain(layers, kinds)
     flats, row_biases = chain.flats, chain.row_biases
     if row_biases:
-        batch = torch.broadcast_shapes(x.shape[:-1], *(r.shape[:-1] for r in row_biases))
+        batch = broadcast_batch(x.shape[:-1], *(r.shape[:-1] for r in row_biases))
         if batch != x.shape[:-1]:
             x = x.expand(*batch, x.shape[-1])
     if torch.is_grad_enabled() and (
@@ -396,7 +396,7 @@ def sequential_no_grad(layer: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
     row_bias = None
     if context is not None:
         row_bias = net.context_bias(context)
-        batch = torch.broadcast_shapes(v.shape[:-1], row_bias.shape[:-1])
+        batch = broadcast_batch(v.shape[:-1], row_bias.shape[:-1])
         v = v.expand(*batch, v.shape[-1])
         row_bias = _periodic_rows(row_bias, batch)
     shape = v.shape

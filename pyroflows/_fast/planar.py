@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .dispatch import row_view
+from .dispatch import broadcast_batch, row_view
 
 __all__ = ["planar_chain"]
 
@@ -80,8 +80,8 @@ def _prepared(x: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, slack: Tensor):
     with the broadcast batch dims (:func:`~pyroflows._fast.dispatch.row_view`)."""
     if w.dim() == 2:
         return x.reshape(-1, x.shape[-1]), w, u_hat, bias, slack.unsqueeze(-1), _Shared
-    batch = torch.broadcast_shapes(x.shape[:-1], w.shape[1:-1], u_hat.shape[1:-1],
-                                   bias.shape[1:], slack.shape[1:])
+    batch = broadcast_batch(x.shape[:-1], w.shape[1:-1], u_hat.shape[1:-1], bias.shape[1:],
+                            slack.shape[1:])
     w, u_hat = (row_view(t, len(batch), 1) for t in (w, u_hat))
     bias, slack = (row_view(t, len(batch), 0) for t in (bias, slack))
     return x.expand(*batch, x.shape[-1]), w, u_hat, bias, slack, _PerRow

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .dispatch import row_view
+from .dispatch import broadcast_batch, row_view
 
 __all__ = ["radial_chain"]
 
@@ -52,8 +52,8 @@ def radial_chain(x: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor,
 
 def _prepared(x: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor):
     """The inputs and parameters viewed with the broadcast batch dims."""
-    batch = torch.broadcast_shapes(x.shape[:-1], x0.shape[1:-1], alpha.shape[1:],
-                                   alpha_plus_beta.shape[1:])
+    batch = broadcast_batch(x.shape[:-1], x0.shape[1:-1], alpha.shape[1:],
+                            alpha_plus_beta.shape[1:])
     n = len(batch)
     return (x.expand(*batch, x.shape[-1]), row_view(x0, n, 1), row_view(alpha, n, 0),
             row_view(alpha_plus_beta, n, 0))

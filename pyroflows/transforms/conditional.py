@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.distributions import Transform
 
 from .._config import is_validation_enabled
+from .._fast import broadcast_batch
 from .base import FlowTransform
 
 __all__ = ["ConditionalFlowTransform", "ConditionalMADELayer", "Conditioned", "check_broadcast"]
@@ -25,12 +26,13 @@ __all__ = ["ConditionalFlowTransform", "ConditionalMADELayer", "Conditioned", "c
 
 def check_broadcast(owner: str, what: str, batch: torch.Size, rows: torch.Size) -> None:
     """A :class:`ValueError` where an input's batch dims ``batch`` do not broadcast with the
-    context rows' ``rows`` (``owner``, ``what``: the transform and the input, for the message).
-    Written out: ``torch.broadcast_shapes`` costs as much as a small layer's map."""
-    if any(a != b and a != 1 and b != 1
-           for a, b in zip(reversed(batch), reversed(rows), strict=False)):
+    context rows' ``rows`` (``owner``, ``what``: the transform and the input, for the
+    message)."""
+    try:
+        broadcast_batch(batch, rows)
+    except RuntimeError:
         raise ValueError(f"{owner}: the {what}'s batch shape {tuple(batch)} does not broadcast "
-                         f"with the context's {tuple(rows)}")
+                         f"with the context's {tuple(rows)}") from None
 
 
 class ConditionalFlowTransform(ConditionalTransformModule):
