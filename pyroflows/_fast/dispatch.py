@@ -84,9 +84,8 @@ def row_view(t: Tensor, batch_dims: int, event_dims: int) -> Tensor:
 
 
 def broadcast_batch(*shapes: Sequence[int]) -> torch.Size:
-    """``torch.broadcast_shapes(*shapes)``, written out: that call costs about 60 us, as much
-    as a small layer's map, this one a twentieth of it. A :class:`RuntimeError` where the
-    shapes do not broadcast."""
+    """``torch.broadcast_shapes(*shapes)``, written out: that call costs as much as a small
+    layer's map. A :class:`RuntimeError` where the shapes do not broadcast."""
     size = max(len(s) for s in shapes)
     out = [1] * size
     for shape in shapes:
