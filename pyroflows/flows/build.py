@@ -34,13 +34,13 @@ def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] |
     With ``context_dim = C`` the layers are the family's ``conditional_layer`` (seed eq. 27:
     each layer's parameters, or its conditioner's input, a network of the context), with the
     same permutations, folds and complementary masks; ``cflow.condition(c)`` (``c`` of shape
-    (..., C)) is a :class:`FlowStack`. Conditional layers keep their own networks (no banks),
-    and ``compile`` is not available for them; except that for planar and radial (the
-    families with ``Family.shared_network``) one network of the context outputs all the
-    layers' parameters, unless ``shared_network=False``: Rezende & Mohamed's inference network
-    (:class:`~pyroflows.transforms.ConditionalPlanar` with ``num_layers``). For K = 16 it has
-    about a sixth of the parameters of K networks, it runs the K maps as one fused node, and
-    it fitted the amortized benchmark's VAE as well as K networks did
+    (..., C)) is a :class:`FlowStack`; ``compile`` is not available for it. Conditional IAF,
+    MAF, RealNVP and NSF layers keep their own networks (no banks). Planar and radial stacks
+    (the families with ``Family.shared_network``) get one network of the context that outputs
+    all K layers' parameters, unless ``shared_network=False``: Rezende & Mohamed's inference
+    network (:class:`~pyroflows.transforms.ConditionalPlanar` with ``num_layers``). For
+    K = 16 it has about a sixth of the parameters of K networks, it runs the K maps as one
+    fused node, and it fitted the amortized benchmark's VAE as well as K networks did
     (``benchmarks/results/amortized.md``).
 
     Arguments:
