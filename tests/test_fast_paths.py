@@ -110,7 +110,7 @@ def _fused_and_plain(flow: FlowStack, x: Tensor, inverse: bool) -> list[list[Ten
         xv = x.clone().requires_grad_(True)
         y, ld = flow.inverse_and_log_det(xv) if inverse else flow.forward_and_log_det(xv)
         (y.sin().sum() + (ld * torch.linspace(0.5, 2.0, ld.numel(), dtype=ld.dtype,
-                                              device=ld.device)).sum()).backward()
+                                              device=ld.device).view(ld.shape)).sum()).backward()
         params = list(flow.parameters())
         assert all(p.grad is not None for p in params), "a parameter got no gradient"
         results.append([y.detach(), ld.detach(), xv.grad] + [p.grad.clone() for p in params])
@@ -753,24 +753,34 @@ def test_no_grad_sequential_passes_match_plain(name, device, dtype):
 
 # ---- the planar and radial chains on stacked banks --------------------------------
 
+def _assert_fused_is_plain(family: str, num_layers: int, seed: int, x: Tensor) -> None:
+    """A built planar or radial stack with randomized parameters: map, log-det and every
+    gradient through its fused node equal those of its layers' plain operations, finite."""
+    flow = pf.flows.build(family, 3, num_layers=num_layers)
+    testing.randomize_parameters_(flow, scale=1.0, seed=seed)
+    flow = flow.to(x.device, x.dtype)
+    fused, plain = _fused_and_plain(flow, x, inverse=False)
+    for a, b in zip(fused, plain, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **testing.tolerances(x.dtype))
+
+
 @pytest.mark.parametrize("shape", [(9,), (2, 4), ()])
-def test_fused_planar_chain_matches_plain(shape, device, dtype):
-    """A planar stack run as one node against the same layers run one by one."""
-    flow = pf.flows.build("planar", 3, num_layers=6)
-    testing.randomize_parameters_(flow, scale=1.0, seed=4)
-    flow = flow.to(device, dtype)
-    plain = copy.deepcopy(flow)
-    plain.fused = False
-    x = torch.randn(*shape, 3, device=device, dtype=dtype)
-    got, want = (_value_and_grads(f, x, inverse=False) for f in (flow, plain))
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, **testing.tolerances(dtype))
-    layer = flow.parts[0]
+@pytest.mark.parametrize("family", ["planar", "radial"])
+def test_fused_chain_matches_plain(family, shape, device, dtype):
+    """A planar (radial) stack run as one node against the same layers run one by one, for
+    batched and unbatched inputs."""
+    _assert_fused_is_plain(family, 6, 4, torch.randn(*shape, 3, device=device, dtype=dtype))
+
+
+def test_planar_constraint_of_stacked_rows(device, dtype):
+    """The constraint of K stacked layers at once, row 0, is layer 0's own."""
+    layer = pf.flows.build("planar", 3, num_layers=6).parts[0].to(device, dtype)
     torch.testing.assert_close(planar_constraint(layer.w[None], layer.u[None])[0][0],
                                layer.u_hat(), **testing.tolerances(dtype))
 
 
-@pytest.mark.parametrize("rows", [(), (3,)], ids=["shared", "per-row"])
+@pytest.mark.parametrize("rows", [(), (3,)], ids=["one-set", "per-row"])
 def test_planar_chain_gradcheck(rows, device):
     """Finite differences of the fused node, with one parameter set for every input (K, D)
     and with one per row (K, B, D) against inputs (S, B, D)."""
@@ -784,7 +794,7 @@ def test_planar_chain_gradcheck(rows, device):
     assert torch.autograd.gradcheck(_PlanarChain.apply, tuple(args))
 
 
-@pytest.mark.parametrize("rows", [(), (3,)], ids=["shared", "per-row"])
+@pytest.mark.parametrize("rows", [(), (3,)], ids=["one-set", "per-row"])
 def test_radial_chain_gradcheck(rows, device):
     """Finite differences of the fused radial node, with one parameter set for every input
     (K, D) and with one per row (K, B, D) against inputs (S, B, D)."""
@@ -799,35 +809,14 @@ def test_radial_chain_gradcheck(rows, device):
     assert torch.autograd.gradcheck(_RadialChain.apply, args)
 
 
-@pytest.mark.parametrize("shape", [(9,), (2, 4), ()])
-def test_fused_radial_chain_matches_plain(shape, device, dtype):
-    """A radial stack run as one node against the same layers run one by one, for batched and
-    unbatched inputs."""
-    flow = pf.flows.build("radial", 3, num_layers=6)
-    testing.randomize_parameters_(flow, scale=1.0, seed=4)
-    flow = flow.to(device, dtype)
-    plain = copy.deepcopy(flow)
-    plain.fused = False
-    x = torch.randn(*shape, 3, device=device, dtype=dtype)
-    got, want = (_value_and_grads(f, x, inverse=False) for f in (flow, plain))
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, **testing.tolerances(dtype))
-
-
 def test_radial_chain_at_a_centre(device, dtype):
     """An input at a layer's centre (r = 0): the fused node's map, log-det and gradients equal
     the plain layers' (the norm's subgradient 0 there), all finite."""
     flow = pf.flows.build("radial", 3, num_layers=3)
-    randomize_parameters_(flow, scale=0.7, seed=3)
-    flow = flow.to(device, dtype)
-    plain = copy.deepcopy(flow)
-    plain.fused = False
-    x = torch.cat([flow.parts[0].x0.detach()[None], torch.randn(4, 3, device=device,
-                                                                  dtype=dtype)])
-    got, want = (_value_and_grads(f, x, inverse=False) for f in (flow, plain))
-    for a, b in zip(got, want, strict=True):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, **tolerances(dtype))
+    testing.randomize_parameters_(flow, scale=1.0, seed=3)
+    centre = flow.parts[0].x0.detach().to(device, dtype)
+    x = torch.cat([centre[None], torch.randn(4, 3, device=device, dtype=dtype)])
+    _assert_fused_is_plain("radial", 3, 3, x)
 
 
 @settings(max_examples=300, deadline=None)
