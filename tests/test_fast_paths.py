@@ -774,10 +774,18 @@ def test_fused_chain_matches_plain(family, shape, device, dtype):
 
 
 def test_planar_constraint_of_stacked_rows(device, dtype):
-    """The constraint of K stacked layers at once, row 0, is layer 0's own."""
-    layer = pf.flows.build("planar", 3, num_layers=6).parts[0].to(device, dtype)
-    torch.testing.assert_close(planar_constraint(layer.w[None], layer.u[None])[0][0],
-                               layer.u_hat(), **testing.tolerances(dtype))
+    """The constraint of K layers stacked (K, D) at once, against Rezende & Mohamed's
+    definition row by row: u_hat = u + (m(w.u) - w.u) w / |w|^2 with m(a) = -1 +
+    softplus(a), and the slack 1 + w.u_hat."""
+    gen = torch.Generator().manual_seed(7)
+    w, u = (3 * torch.randn(6, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    u_hat, slack = planar_constraint(w.to(device, dtype), u.to(device, dtype))
+    for k in range(6):
+        wu = w[k] @ u[k]
+        want = u[k] + (torch.nn.functional.softplus(wu) - 1 - wu) * w[k] / (w[k] @ w[k])
+        torch.testing.assert_close(u_hat[k].double().cpu(), want, **testing.tolerances(dtype))
+        torch.testing.assert_close(slack[k].double().cpu(), 1 + w[k] @ want,
+                                   **testing.tolerances(dtype))
 
 
 @pytest.mark.parametrize("rows", [(), (3,)], ids=["one-set", "per-row"])
