@@ -25,7 +25,7 @@ from torch.distributions import Independent, Normal, TransformedDistribution
 
 import pyroflows as pf
 from pyroflows import testing
-from pyroflows._fast import affine_chain, broadcast_batch
+from pyroflows._fast import Linearization, affine_chain, broadcast_batch
 from pyroflows._fast import made as fast_made
 from pyroflows._fast.planar import _PlanarChain
 from pyroflows._fast.radial import _RadialChain
@@ -750,6 +750,77 @@ def test_no_grad_sequential_passes_match_plain(name, device, dtype):
         torch.testing.assert_close(a, b, **testing.tolerances(dtype))
     back = t.forward_and_log_det(got[0]) if inverse else t.inverse_and_log_det(got[0])
     torch.testing.assert_close(back[0], x, **testing.tolerances(dtype))
+
+# ---- an IAF layer linearized at a point (sticking the landing, layer by layer) -------------
+
+def _autograd_jacobians(layer, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of ``u`` (N, D): the Jacobian (N, D, D) of the layer's plain forward map and the
+    gradient (N, D) of its log-det, by autograd."""
+    def v_of(row):
+        return layer.plain_map(row, inverse=False)[0]
+
+    jac = torch.stack([torch.autograd.functional.jacobian(v_of, row) for row in u])
+    x = u.clone().requires_grad_(True)
+    (grad_ld,) = torch.autograd.grad(layer.plain_map(x, inverse=False)[1].sum(), x)
+    return jac, grad_ld
+
+
+@settings(max_examples=30, deadline=None)
+@given(dim=st.integers(1, 6), scale=st.sampled_from([0.0, 0.3, 1.0, 3.0]),
+       seed=st.integers(0, 2**16), ties=st.booleans())
+def test_linearization_is_the_layers_jacobian(dim, scale, seed, ties, device, dtype):
+    """``Linearization`` of an IAF layer (any order, ties included; from the identity to
+    saturated log-scales) against autograd through the layer's plain operations: its output,
+    the diagonal of J, ``pullback`` = J^T g + l grad log|det J|, and ``solve_transposed`` with
+    no tolerance = the solve of J^T u = v, in at most levels - 1 pullbacks (the error
+    propagator is nilpotent)."""
+    gen = torch.Generator().manual_seed(seed)
+    order = (torch.randint(0, max(dim - 1, 1), (dim,), generator=gen) if ties
+             else torch.randperm(dim, generator=gen))
+    layer = pf.transforms.iaf(dim, hidden_dims=(12, 12), order=order)
+    testing.randomize_parameters_(layer, scale=scale, seed=seed)
+    layer = layer.to(device, dtype)
+    u, g, v = torch.randn(3, 5, dim, generator=gen, dtype=torch.float64).to(device, dtype)
+    ell = torch.randn(5, generator=gen, dtype=torch.float64).to(device, dtype)
+    lin = Linearization(layer, u)
+    jac, grad_ld = _autograd_jacobians(layer, u)
+    tol = testing.tolerances(dtype)
+    torch.testing.assert_close(lin.output, layer.plain_map(u, inverse=False)[0], **tol)
+    torch.testing.assert_close(lin.diagonal, jac.diagonal(dim1=-2, dim2=-1), **tol)
+    want = (jac.transpose(-1, -2) @ g.unsqueeze(-1)).squeeze(-1) + ell.unsqueeze(-1) * grad_ld
+    torch.testing.assert_close(lin.pullback(g, ell), want, **tol)
+    assert lin.levels == len(set(order.tolist()))
+    calls = []
+    pullback = lin.pullback
+    lin.pullback = lambda *args: calls.append(1) or pullback(*args)
+    got = lin.solve_transposed(v, tol=0.0)
+    assert len(calls) <= lin.levels - 1
+    want = torch.linalg.solve(jac.transpose(-1, -2), v.unsqueeze(-1)).squeeze(-1)
+    size = float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * max(size, 1.0))
+
+
+def test_linearization_takes_one_pass_maps_of_all_coordinates_only(device, dtype):
+    """IAF layers and small RealNVP layers (a MADE of two levels) are taken; a gated IAF (no
+    fused kernel), a MAF (its forward is the D-pass direction), a RealNVP layer whose network
+    runs on the conditioning half (D >= 32) and a conditioned IAF are refused, with a
+    ValueError on construction."""
+    context = torch.zeros(2, device=device, dtype=dtype)
+    refused = {
+        "gated": pf.transforms.iaf(3, gated=True),
+        "maf": pf.transforms.maf(3),
+        "realnvp-compact": pf.transforms.realnvp(32),
+        "conditioned": pf.transforms.conditional_iaf(3, context_dim=2).to(device, dtype)
+        .condition(context),
+    }
+    assert Linearization.takes(pf.transforms.iaf(3))
+    assert Linearization.takes(pf.transforms.realnvp(4))
+    for name, layer in refused.items():
+        assert not Linearization.takes(layer), name
+        with pytest.raises(ValueError, match="one-pass"):
+            Linearization(layer.to(device, dtype), torch.zeros(2, layer.dim, device=device,
+                                                               dtype=dtype))
+
 
 # ---- the planar and radial chains on stacked banks --------------------------------
 

@@ -226,6 +226,65 @@ def test_stl_refused_batched_backward_is_not_retried(device, dtype, monkeypatch)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
+LAYERWISE_GUIDES = {  # guides whose stacks the layer-by-layer route takes, and two it does not
+    "iaf-laplace": (lambda m: AutoIAF(m, num_layers=3, hidden_dims=(24,)), True),
+    "iaf-diagonal": (lambda m: AutoIAF(m, num_layers=2, hidden_dims=(24,), full_rank=False),
+                     True),
+    "iaf-plain-start": (lambda m: AutoIAF(m, num_layers=2, hidden_dims=(24,),
+                                          laplace_init=False), True),
+    "iaf-student-t": (lambda m: AutoIAF(m, num_layers=2, hidden_dims=(24,), base="studentt"),
+                      True),
+    "realnvp": (lambda m: AutoFlowGuide(m, flow="realnvp", num_layers=2, hidden_dims=(24,)),
+                True),
+    "maf": (lambda m: AutoFlowGuide(m, flow="maf", num_layers=2, hidden_dims=(24,)), False),
+    "planar": (lambda m: AutoPlanar(m, num_layers=3), False),
+}
+
+
+@pytest.mark.parametrize("make", sorted(LAYERWISE_GUIDES))
+def test_layerwise_score_is_the_gradient_of_the_inverse(make, monkeypatch, device, dtype):
+    """At D = 20 (>= STL_LAYERWISE_MIN_DIM) path_log_density takes the layer-by-layer route
+    for stacks of IAF, RealNVP and affine layers (Laplace start, diagonal, plain start, a
+    Student t base), the draw's Jacobian for others (MAF, planar); either way its value and
+    gradient in z are those of autograd through the flow's inverse (log_prob_detached), with
+    the parameters far from their start."""
+    dim = 20
+    assert dim >= landing.STL_LAYERWISE_MIN_DIM
+    loc = torch.linspace(-1.0, 1.0, dim, device=device, dtype=dtype)
+    cov = 0.5 * torch.eye(dim, device=device, dtype=dtype) + 0.3
+
+    def model():
+        pyro.sample("z", dist.MultivariateNormal(loc, cov))
+
+    build, layerwise = LAYERWISE_GUIDES[make]
+    guide = build(model)
+    guide()
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(0.15 * torch.randn_like(p))
+    posterior = guide.get_posterior()
+    stack, base = posterior.transforms[0], posterior.base_dist
+    eps = base.sample((4, 2))
+    z, log_det = stack.forward_and_log_det(eps)
+    log_q = (base.log_prob(eps) - log_det).detach()
+    taken = []
+    real = landing.layerwise_score
+    monkeypatch.setattr(landing, "layerwise_score",
+                        lambda *args: taken.append(True) or real(*args))
+    leaf = z.detach().requires_grad_(True)
+    got = landing.path_log_density(stack, eps, leaf, log_q, base)
+    assert taken == ([True] if layerwise else [])
+    (grad_got,) = torch.autograd.grad(got.sum(), leaf)
+    leaf = z.detach().requires_grad_(True)
+    want = posterior.log_prob_detached(leaf)
+    (grad_want,) = torch.autograd.grad(want.sum(), leaf)
+    # (layerwise_score stops within sqrt(eps) of the solution)
+    tol = dict(rtol=1e-7, atol=1e-7) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(grad_got, grad_want, **tol)
+    assert all(p.grad is None for p in guide.parameters())
+
+
 def _posterior(make, device, dtype, dim=3):
     zero = torch.zeros(dim, device=device, dtype=dtype)
 
@@ -335,7 +394,8 @@ def test_traced_stl_matches_the_inverse_route(case, make, monkeypatch, device, d
     """The traced path (latents in a subsampled plate; a poutine.scale around the step) with
     sticking the landing, for IAF (with and without the Laplace layers in the stack) and
     planar guides: the gradients from the stack's cached draw equal those with the Jacobian
-    route switched off (STL_JACOBIAN_MAX_DIM = 0: the flow's inverse)."""
+    route switched off (STL_JACOBIAN_MAX_DIM = 0 and STL_LAYERWISE off: the flow's
+    inverse)."""
     model = (_local_latents(device, dtype) if case == "subsampled-latents"
              else _zoo("nested-plates", device, dtype)[0])
     mpn = 1 if case == "subsampled-latents" else 2
@@ -351,6 +411,7 @@ def test_traced_stl_matches_the_inverse_route(case, make, monkeypatch, device, d
     monkeypatch.setattr(landing, "path_entropy", counted)
     for max_dim in (256, 0):
         monkeypatch.setattr(landing, "STL_JACOBIAN_MAX_DIM", max_dim)
+        monkeypatch.setattr(landing, "STL_LAYERWISE", max_dim > 0)
         pyro.clear_param_store()
         torch.manual_seed(0)
         guide = STL_GUIDES[make](model)
@@ -380,8 +441,9 @@ def test_traced_sticking_the_landing_from_the_jacobian_steps_as_the_inverse(
         vectorized, monkeypatch, device, dtype):
     """On the traced path (direct=False) the sticking-the-landing term comes from the draw's
     Jacobian (the flow stack's cache of the draw); the reference is the same run with the
-    Jacobian route switched off (STL_JACOBIAN_MAX_DIM = 0: the flow's inverse): the same losses
-    and parameters after several Adam steps, and the inverse is not run when the Jacobian is."""
+    Jacobian route switched off (STL_JACOBIAN_MAX_DIM = 0, STL_LAYERWISE off: the flow's
+    inverse): the same losses and parameters after several Adam steps, and the inverse is not
+    run when the Jacobian is."""
     model = _schools_with_a_model_param(device, dtype)
     kw = dict(num_particles=4 if vectorized else 1, vectorize_particles=vectorized,
               stick_the_landing=True)
@@ -396,6 +458,7 @@ def test_traced_sticking_the_landing_from_the_jacobian_steps_as_the_inverse(
     got_losses, got = _svi_run(model, direct=False, **kw)
     assert inverse_calls[0] == 0
     monkeypatch.setattr(landing, "STL_JACOBIAN_MAX_DIM", 0)
+    monkeypatch.setattr(landing, "STL_LAYERWISE", False)
     want_losses, want = _svi_run(model, direct=False, **kw)
     assert inverse_calls[0] == 4
     tol = dict(rtol=1e-8, atol=1e-8) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)

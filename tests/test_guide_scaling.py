@@ -76,27 +76,33 @@ def test_d100_parameter_count_and_exact_start(device, dtype):
     torch.testing.assert_close(log_q, log_p, atol=tol * dim, rtol=0.0)
 
 
-def test_stl_above_the_old_limit_takes_the_jacobian_and_matches_the_inverse(monkeypatch, device,
-                                                                              dtype):
-    """At D = 300 (above the old limit of 256) sticking the landing takes the draw's Jacobian by
-    default; its loss and gradients equal those of the flow's inverse (the route switched off:
-    STL_JACOBIAN_MAX_DIM = 0), an independent computation of grad_z log q."""
+ROUTES = {  # (STL_LAYERWISE, STL_JACOBIAN_MAX_DIM) of each route of sticking the landing
+    "layerwise": (True, 1024), "jacobian": (False, 1024), "inverse": (False, 0)}
+
+
+def test_stl_at_large_dim_takes_every_route_to_one_answer(monkeypatch, device, dtype):
+    """At D = 300 (above the Jacobian's old limit of 256) sticking the landing takes the
+    layer-by-layer route by default; its loss and gradients equal those of the draw's whole
+    Jacobian (STL_LAYERWISE off) and of the flow's inverse (both off: an independent
+    computation of grad_z log q, D sequential passes a layer)."""
     from pyroflows.guides import FlowELBO, landing
 
     dim = 300
-    assert landing.STL_JACOBIAN_MAX_DIM >= dim
+    assert landing.STL_JACOBIAN_MAX_DIM >= dim >= landing.STL_LAYERWISE_MIN_DIM
     model = _normal_model(dim, device, dtype)
     taken = []
-    real = landing.path_log_density
+    for name in ("layerwise_score", "_jacobian_score"):
+        real = getattr(landing, name)
 
-    def counted(*args, **kwargs):
-        taken.append(True)
-        return real(*args, **kwargs)
+        def counted(*args, real=real, name=name, **kwargs):
+            taken.append(name)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(landing, "path_log_density", counted)
-    results, calls = [], []
-    for max_dim in (landing.STL_JACOBIAN_MAX_DIM, 0):
-        before = len(taken)
+        monkeypatch.setattr(landing, name, counted)
+    results, calls = {}, {}
+    for route, (layerwise, max_dim) in ROUTES.items():
+        taken.clear()
+        monkeypatch.setattr(landing, "STL_LAYERWISE", layerwise)
         monkeypatch.setattr(landing, "STL_JACOBIAN_MAX_DIM", max_dim)
         pyro.clear_param_store()
         torch.manual_seed(0)
@@ -110,11 +116,14 @@ def test_stl_above_the_old_limit_takes_the_jacobian_and_matches_the_inverse(monk
         torch.manual_seed(1)
         with pf.validation(False):
             loss = elbo.differentiable_loss(model, guide)
-        results.append((loss.detach(), torch.autograd.grad(loss, list(guide.parameters()))))
-        calls.append(len(taken) - before)
-    assert calls[0] > 0 and calls[1] == 0  # the Jacobian route ran, then the inverse
-    (got, got_g), (want, want_g) = results
+        results[route] = (loss.detach(), torch.autograd.grad(loss, list(guide.parameters())))
+        calls[route] = list(taken)
+    assert calls == {"layerwise": ["layerwise_score"], "jacobian": ["_jacobian_score"],
+                     "inverse": []}
     tol = dict(rtol=1e-7, atol=1e-8) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-4)
-    torch.testing.assert_close(got, want, **tol)
-    for a, b in zip(got_g, want_g, strict=True):
-        torch.testing.assert_close(a, b, **tol)
+    want, want_g = results["inverse"]
+    for route in ("layerwise", "jacobian"):
+        got, got_g = results[route]
+        torch.testing.assert_close(got, want, **tol)
+        for a, b in zip(got_g, want_g, strict=True):
+            torch.testing.assert_close(a, b, **tol)

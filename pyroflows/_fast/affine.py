@@ -22,7 +22,7 @@ from .made import (
     split_weights,
 )
 
-__all__ = ["affine_chain", "sequential_no_grad"]
+__all__ = ["affine_chain", "sequential_no_grad", "Linearization"]
 
 
 def affine_chain(x: Tensor, layers: Sequence[nn.Module], kinds: Sequence[tuple[bool, float]],
@@ -282,23 +282,8 @@ class _AffineChain(torch.autograd.Function):
             # the transformed coordinates and the gradient at their image
             u_in = u if halves is None else u[:, halves[1]]
             g_out = g if g is None or halves is None else g[:, halves[1]]
-            if g is None:
-                direct = None
-                grad_log_scale = signed_g_ld.expand_as(tanh)
-                grad_shift = torch.zeros_like(tanh)
-            else:
-                direct = g_out * scale  # dv/du at fixed (mu, s)
-                if parallel:  # v = mu + e^s u
-                    grad_shift = g_out
-                    grad_log_scale = direct * u_in
-                else:  # v = (u - mu) e^{-s}
-                    grad_shift = -direct
-                    grad_log_scale = (shift - u_in).mul_(direct)
-                if g_ld is not None:
-                    grad_log_scale = grad_log_scale.add_(signed_g_ld)
-            # through s = b tanh(raw / b): ds/draw = 1 - tanh^2
-            grad_raw = torch.ops.aten.tanh_backward(grad_log_scale, tanh)
-            grad_out = torch.cat([grad_shift, grad_raw], dim=-1)
+            grad_out, direct = _head_backward(parallel, tanh, scale, shift, u_in, g_out,
+                                              signed_g_ld)
             need_input = k > 0 or needs[0]
             grad_params = None
             if halves is not None:
@@ -336,6 +321,32 @@ class _AffineChain(torch.autograd.Function):
         if needs[1] and grad_log_det is not None:
             grad_ld0 = grad_log_det.sum_to_size(ctx.log_det_shape)
         return (grad_x, grad_ld0, None, *grad_flats, *grad_row_biases)
+
+
+def _head_backward(parallel: bool, tanh: Tensor, scale: Tensor, shift: Tensor, u_in: Tensor,
+                   g_out: Tensor | None, g_ld: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    r"""One layer's map :math:`v(u; \mu, s)` backwards from the gradients ``g_out`` at
+    :math:`v` and ``g_ld`` at the signed log-det (either may be ``None``, not both): the
+    gradient at the network's output :math:`(\mu, \tilde s)`, and the direct part
+    :math:`g \odot \partial v / \partial u` at fixed :math:`(\mu, s)` (``None`` without
+    ``g_out``)."""
+    if g_out is None:
+        direct = None
+        grad_log_scale = g_ld.expand_as(tanh)
+        grad_shift = torch.zeros_like(tanh)
+    else:
+        direct = g_out * scale  # dv/du at fixed (mu, s)
+        if parallel:  # v = mu + e^s u
+            grad_shift = g_out
+            grad_log_scale = direct * u_in
+        else:  # v = (u - mu) e^{-s}
+            grad_shift = -direct
+            grad_log_scale = (shift - u_in).mul_(direct)
+        if g_ld is not None:
+            grad_log_scale = grad_log_scale.add_(g_ld)
+    # through s = b tanh(raw / b): ds/draw = 1 - tanh^2
+    grad_raw = torch.ops.aten.tanh_backward(grad_log_scale, tanh)
+    return torch.cat([grad_shift, grad_raw], dim=-1), direct
 
 
 def _layer_row(grad_flats: Sequence[Tensor | None], chain: _Chain, k: int) -> Tensor | None:
@@ -434,3 +445,67 @@ def sequential_no_grad(layer: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
                       .mul_(torch.exp(-level_log_scale)))
         log_scale.index_copy_(1, cols, level_log_scale)
     return u.reshape(shape), log_scale.sum(-1).view(shape[:-1])
+
+
+class Linearization:
+    r"""A one-pass layer (IAF's forward map :math:`v = \mu(u) + e^{s(u)} \odot u`) at an input
+    ``u`` (..., D), outside autograd and with its parameters as constants: ``output``
+    :math:`v`, ``diagonal`` :math:`e^{s}` (the diagonal of :math:`J = \partial v / \partial u`,
+    triangular in the layer's order), :meth:`pullback` and :meth:`solve_transposed`. For many
+    products with one :math:`J`: its network ran once, each product is one pass of the
+    written-out backward (:func:`~pyroflows._fast.made.fused_backward`), without parameter
+    gradients."""
+
+    @staticmethod
+    def takes(layer: nn.Module) -> bool:
+        """Whether ``layer`` (an affine autoregressive layer) has a fused one-pass forward map
+        whose network sees all D coordinates (not a coupling layer's compact network), without
+        a context."""
+        kind = layer.fused_kind(inverse=False)
+        return (kind is not None and kind[0] and layer.coupling_halves is None
+                and layer.__dict__.get("context") is None)
+
+    def __init__(self, layer: nn.Module, u: Tensor) -> None:
+        if not self.takes(layer):
+            raise ValueError(f"Linearization: {type(layer).__name__} has no fused one-pass "
+                             "forward map of all coordinates without a context")
+        kind = layer.fused_kind(inverse=False)
+        chain = _Chain([layer], [kind])
+        saved: list = []
+        with torch.no_grad():
+            v, _ = _chain_forward(u, None, chain, chain.flats, [], saved)
+        self.shape, self.sign = u.shape, kind[1]
+        self._net, self._inputs, self._weights, self._tanh, self._scale, self._shift, \
+            self._u, _ = saved[0]
+        self.output = v
+        self.diagonal = self._scale.view(u.shape)
+        self.levels = self._net.num_levels
+
+    def pullback(self, g: Tensor, g_log_det: Tensor | None = None) -> Tensor:
+        r""":math:`J^\top g + \ell\, \nabla_u \log|\det J|` for ``g`` (..., D) and
+        ``g_log_det`` :math:`\ell` (...)."""
+        dim = self.shape[-1]
+        g_ld = None if g_log_det is None else (self.sign * g_log_det).reshape(-1, 1)
+        with torch.no_grad():
+            grad_out, direct = _head_backward(True, self._tanh, self._scale, self._shift,
+                                              self._u, g.reshape(-1, dim), g_ld)
+            g_in = fused_backward(self._net, grad_out, self._inputs, self._weights, None, True,
+                                  mask_grad=False)
+            return g_in.add_(direct).view(self.shape)
+
+    def solve_transposed(self, v: Tensor, tol: float) -> Tensor:
+        r""":math:`u = J^{-\top} v` (``v`` (..., D)) by the iteration
+        :math:`u \leftarrow u + S^{-1}(v - J^\top u)` from :math:`u = S^{-1} v`,
+        :math:`S = \mathrm{diag}(e^{s})`, one :meth:`pullback` each. With :math:`J = S + L`,
+        :math:`L` strictly lower triangular in the layer's order, its error is multiplied by
+        :math:`-S^{-1} L^\top` each time, which is nilpotent: exact after at most
+        ``levels - 1`` steps (the levels of the order, D for a full MADE); it stops earlier,
+        once a step is within ``tol`` of :math:`u` (max norms)."""
+        inv_diag = self.diagonal.reciprocal()
+        u = v * inv_diag
+        for _ in range(self.levels - 1):
+            step = (v - self.pullback(u)).mul_(inv_diag)
+            u = u + step
+            if float(step.abs().max()) <= tol * float(u.abs().max()):
+                break
+        return u

@@ -69,7 +69,7 @@ def draw(guide: AutoFlowGuide, shape: tuple, stick_the_landing: bool
             latent = posterior.rsample(shape)
             log_q = posterior.log_prob(latent)
         entropy = None
-        if stick_the_landing and eps is not None and landing.jacobian_route(eps):
+        if stick_the_landing and eps is not None and landing.path_route(stack, eps):
             entropy = landing.path_log_density(stack, eps, latent, log_q, base)
         elif stick_the_landing:
             posterior = posterior or guide._posterior(base, transforms)

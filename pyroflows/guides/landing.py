@@ -1,8 +1,9 @@
 r"""Sticking the landing (Roeder et al. 2017): a flow guide's :math:`\log q_{\bar\phi}(z)`
 with the parameters :math:`\bar\phi` detached, only the path :math:`z_\phi = T_\phi(\varepsilon)`
 differentiated; by the flow's inverse (:func:`log_prob_detached`; for IAF D sequential passes a
-layer) or, where the draw's base point is known, by the draw's Jacobian
-(:func:`path_log_density`, a few batched passes).
+layer) or, where the draw's base point is known, from the draw itself
+(:func:`path_log_density`): layer by layer (:func:`layerwise_score`; IAF and affine layers) or by
+the draw's whole Jacobian (D + 1 batched pullbacks).
 """
 
 from __future__ import annotations
@@ -17,14 +18,19 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 
 from .. import flows
+from .._fast import Linearization
 from ..distributions import UnitStudentT
 from ..transforms import FlowTransform
+from ..transforms.affine import ElementwiseAffine, FixedTriangularAffine, TriangularAffine
+from ..transforms.autoregressive import AffineAutoregressiveCore
 
 __all__ = ["posterior_sticks", "posterior_stl_off", "log_prob_detached", "jacobian_route",
-           "path_log_density", "path_entropy", "detached_base", "base_score"]
+           "path_route", "layerwise_score", "path_log_density", "path_entropy",
+           "detached_base", "base_score"]
 
-#: Up to this latent size :math:`\nabla_z \log q` comes from the draw's Jacobian (a D x D solve
-#: per particle); above it from the flow's inverse. Both take about D passes of the flow's
+#: Where :func:`layerwise_score` does not take the stack: up to this latent size
+#: :math:`\nabla_z \log q` comes from the draw's Jacobian (a D x D solve per particle); above
+#: it from the flow's inverse. Both take about D passes of the flow's
 #: networks, but the Jacobian's in one batch and the inverse's (IAF: D a layer) one after
 #: another, so the Jacobian is the cheaper route wherever its rows fit
 #: (:data:`STL_JACOBIAN_MAX_ROWS`) and its solve, :math:`O(D^3)` a particle, stays small beside
@@ -32,6 +38,13 @@ __all__ = ["posterior_sticks", "posterior_stl_off", "log_prob_detached", "jacobi
 STL_JACOBIAN_MAX_DIM = 1024
 #: The most rows (particles x D) the Jacobian's pass may take (activations in memory).
 STL_JACOBIAN_MAX_ROWS = 32768
+#: Whether :func:`path_log_density` takes :func:`layerwise_score` where every layer allows it
+#: (IAF and affine layers: an ``AutoIAF`` at its defaults); ``False``: as if none did.
+STL_LAYERWISE = True
+#: From this latent size on (and at any size above :data:`STL_JACOBIAN_MAX_DIM`),
+#: :func:`layerwise_score`; below it the draw's Jacobian, whose D + 1 pullbacks then cost less
+#: than the iteration's products (``benchmarks/results/vi-scaling.md``).
+STL_LAYERWISE_MIN_DIM = 16
 #: From this many rows (particles x (D + 1)) on, the Jacobian comes from one forward pass and a
 #: backward batched over the D + 1 cotangents; below it from one pass over D + 1 copies of the
 #: particles, whose fixed cost is lower.
@@ -126,6 +139,87 @@ def jacobian_route(eps: Tensor) -> bool:
     return eps.shape[-1] <= STL_JACOBIAN_MAX_DIM and eps.numel() <= STL_JACOBIAN_MAX_ROWS
 
 
+def _affine_matrix(t: nn.Module) -> Tensor | None:
+    """The constant Jacobian of an affine layer: its (D, D) lower-triangular matrix, or (D,) for
+    a diagonal one; ``None`` for any other layer."""
+    if isinstance(t, ElementwiseAffine):
+        return t.scale
+    if isinstance(t, (TriangularAffine, FixedTriangularAffine)):
+        return t.scale_tril
+    return None
+
+
+def _layerwise(stack: flows.FlowStack, eps: Tensor) -> bool:
+    """Whether :func:`layerwise_score` takes ``stack`` at base draws ``eps`` (..., D): every
+    layer IAF-like (a fused one-pass forward map without a context,
+    :class:`~pyroflows._fast.affine.Linearization`) or affine, and D at least
+    :data:`STL_LAYERWISE_MIN_DIM` or beyond the Jacobian's limits."""
+    def fits(t: nn.Module) -> bool:
+        return _affine_matrix(t) is not None or (isinstance(t, AffineAutoregressiveCore)
+                                                 and Linearization.takes(t))
+
+    return (STL_LAYERWISE and (eps.shape[-1] >= STL_LAYERWISE_MIN_DIM or not jacobian_route(eps))
+            and stack.all_flow_transforms and all(fits(t) for t in stack.parts))
+
+
+def path_route(stack: flows.FlowStack, eps: Tensor) -> bool:
+    """Whether :func:`path_log_density` takes ``stack`` at base draws ``eps``: layer by layer,
+    or by the draw's Jacobian within its limits (:func:`jacobian_route`)."""
+    return _layerwise(stack, eps) or jacobian_route(eps)
+
+
+def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution | None = None
+                    ) -> Tensor:
+    r""":math:`\nabla_z \log q_{\bar\phi}(z)` at :math:`z = T(\varepsilon)` for a stack of
+    IAF and affine layers (:func:`path_route`), :math:`T = t_K \circ \dots \circ t_1`,
+    :math:`x_k = t_k(x_{k-1})`, :math:`x_0 = \varepsilon`, :math:`J_k = \partial t_k /
+    \partial x_{k-1}`:
+
+    .. math:: \nabla_z \log q_{\bar\phi}(z) = J_K^{-\top} \cdots J_1^{-\top} h, \qquad
+              h = \nabla_\varepsilon \Bigl[\log p_0(\varepsilon)
+              - \sum_k \log|\det J_k(x_{k-1})|\Bigr],
+
+    :math:`h` by one pullback through each layer, then one solve per layer. An affine layer's
+    :math:`J_k` is its constant triangular matrix (a triangular solve). An IAF layer's is
+    :math:`S + L`, :math:`S = \mathrm{diag}(e^{s})`, :math:`L` strictly lower triangular in the
+    layer's order, solved by an iteration whose error is multiplied by the nilpotent
+    :math:`-S^{-1} L^\top` each step (:meth:`~pyroflows._fast.affine.Linearization.
+    solve_transposed`): exact after at most as many steps as the order has levels (D), it stops
+    once a step is within :math:`\epsilon^{3/4}` of the solution (:math:`\epsilon` the dtype's
+    machine epsilon), after a few near the identity. The parameters are constants here. ``eps``
+    (..., D); the result has its shape."""
+    d = eps.shape[-1]
+    x = eps.detach().reshape(-1, d)
+    tol = torch.finfo(x.dtype).eps ** 0.5
+    steps: list[Tensor | Linearization] = []
+    with torch.no_grad():
+        for t in stack.parts:  # forward, keeping what each layer's products need
+            matrix = _affine_matrix(t)
+            if matrix is None:
+                steps.append(Linearization(t, x))
+                x = steps[-1].output
+            else:
+                steps.append(matrix.detach())
+                x = t.forward_and_log_det(x)[0]
+        # h: pullbacks from the top, the log-dets' cotangent -1 (affine log-dets are constant)
+        g = torch.zeros_like(x)
+        minus_one = g.new_full(g.shape[:-1], -1.0)
+        for step in reversed(steps):
+            if isinstance(step, Linearization):
+                g = step.pullback(g, minus_one)
+            else:
+                g = g * step if step.dim() == 1 else g @ step
+        u = g + base_score(base_dist, eps.detach().reshape(-1, d))
+        for step in steps:  # u <- J_k^-T u, first layer first
+            if isinstance(step, Linearization):
+                u = step.solve_transposed(u, tol)
+            elif step.dim() == 1:
+                u = u / step
+            else:  # u L = v, row by row
+                u = torch.linalg.solve_triangular(step, u, upper=False, left=False)
+    return u.view(eps.shape)
+
+
 def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tensor,
                      base_dist: Distribution | None = None) -> Tensor:
     r""":math:`\log q_{\bar\phi}(z)` from the draw :math:`z = T_\phi(\varepsilon)` itself
@@ -135,10 +229,23 @@ def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tens
               \bigl[\log p_0(\varepsilon) - \log|\det J(\varepsilon)|\bigr],
               \qquad J = \partial T / \partial \varepsilon,
 
-    so the result is ``log_q`` (detached) plus :math:`(z - \bar z) \cdot \nabla_z`. :math:`J`
-    comes from D + 1 pullbacks (batched, or over D + 1 copies of the draws: see
-    :data:`STL_BATCHED_BACKWARD_MIN_ROWS`), solved per draw. ``eps``, ``z`` (..., D), ``log_q``
-    (...); ``base_dist`` the base :math:`p_0` (:func:`base_score`; default :math:`N(0, I)`)."""
+    so the result is ``log_q`` (detached) plus :math:`(z - \bar z) \cdot \nabla_z`. The
+    gradient comes layer by layer (:func:`layerwise_score`) where the stack allows it
+    (:data:`STL_LAYERWISE`), else from :math:`J` by D + 1 pullbacks (batched, or over D + 1
+    copies of the draws: see :data:`STL_BATCHED_BACKWARD_MIN_ROWS`), solved per draw. ``eps``,
+    ``z`` (..., D), ``log_q`` (...); ``base_dist`` the base :math:`p_0` (:func:`base_score`;
+    default :math:`N(0, I)`)."""
+    if _layerwise(stack, eps):
+        grad_z = layerwise_score(stack, eps, base_dist).reshape(z.shape)
+    else:
+        grad_z = _jacobian_score(stack, eps, base_dist).reshape(z.shape)
+    return log_q.detach() + ((z - z.detach()) * grad_z).sum(-1)
+
+
+def _jacobian_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution | None
+                    ) -> Tensor:
+    """:math:`J^{-\top} h` of :func:`path_log_density` from the draw's whole Jacobian, (N, D)
+    for the N draws of ``eps``."""
     d = eps.shape[-1]
     e = eps.detach().reshape(-1, d)
     n = e.shape[0]
@@ -177,9 +284,7 @@ def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tens
     jac = rows.transpose(0, 1)  # jac[b, i, j] = dz_i / d eps_j
     # solve_ex: a singular Jacobian (a degenerate flow) gives a non-finite gradient, which
     # FlowELBO skips, instead of an error
-    grad_z = torch.linalg.solve_ex(jac.transpose(-1, -2), h.unsqueeze(-1))[0].squeeze(-1)
-    grad_z = grad_z.reshape(z.shape)
-    return log_q.detach() + ((z - z.detach()) * grad_z).sum(-1)
+    return torch.linalg.solve_ex(jac.transpose(-1, -2), h.unsqueeze(-1))[0].squeeze(-1)
 
 
 def _with_log_det(outputs: tuple[Tensor, Tensor], cotangents: tuple[Tensor, Tensor]
@@ -212,7 +317,7 @@ def path_entropy(posterior, value: Tensor) -> Tensor | None:
     """The sticking-the-landing term of a traced draw ``value`` of a
     :class:`~pyroflows.guides.FlowPosterior` by :func:`path_log_density`, where it is one
     :class:`~pyroflows.flows.FlowStack` whose cache still holds the draw's base point and
-    :func:`jacobian_route` takes it; else ``None`` (the caller runs the inverse)."""
+    :func:`path_route` takes it; else ``None`` (the caller runs the inverse)."""
     transforms = posterior.transforms
     if len(transforms) != 1 or not isinstance(transforms[0], flows.FlowStack):
         return None
@@ -224,7 +329,7 @@ def path_entropy(posterior, value: Tensor) -> Tensor | None:
     if last is not None and value is last[0] and value._version == last[1]:
         z = last[2]
     hit = stack.lookup(y=z)
-    if hit is None or not jacobian_route(hit.x) or hit.x.requires_grad:
+    if hit is None or not path_route(stack, hit.x) or hit.x.requires_grad:
         return None
     log_q = posterior.base_dist.log_prob(hit.x) - hit.log_det
     entropy = path_log_density(stack, hit.x, z, log_q, posterior.base_dist)
