@@ -40,8 +40,9 @@ the conditioner widths it had before (``hidden 4D``; ``--scaling-guides`` picks)
 ``--steps`` steps with ``--particles`` particles, one seed; the parameter count, the median
 seconds of a training step, the final KL (closed form log p, ``--draws`` draws of the guide;
 ours also at the start and after ``keep_best``), and for our guide the median time of a
-gradient with and without sticking the landing, measured in alternation (``--time-steps``
-each, no parameter update) in the same process::
+gradient without sticking the landing, with it (its default route: layer by layer from D = 16),
+and with it by the draw's whole Jacobian (the route before), measured in alternation
+(``--time-steps`` each, no parameter update) in the same process::
 
     nice -n 5 python -m benchmarks.vi --scaling --dims 10 30 100 300 --steps 300 \
         --particles 8 --draws 4000 --out benchmarks/results/vi-scaling.md
@@ -87,7 +88,7 @@ from pyro.infer.autoguide import (
 from pyro.infer.importance import vectorized_importance_weights
 
 import pyroflows as pf
-from pyroflows.guides import FlowELBO
+from pyroflows.guides import FlowELBO, landing
 from pyroflows.nn import default_hidden_dims
 
 from .targets import TARGETS, Target, load_target
@@ -354,20 +355,26 @@ def posterior_kl(guide, log_density: Callable, num_draws: int) -> float:
 
 
 def gradient_times(model: Callable, guide, num_particles: int, repeats: int
-                   ) -> tuple[float, float]:
-    """Median seconds of one loss-and-gradient of our guide without and with sticking the
-    landing, the two measured in alternation (no parameter update)."""
+                   ) -> tuple[float, float, float]:
+    """Median seconds of one loss-and-gradient of our guide without sticking the landing, with
+    it (its default route), and with it by the draw's whole Jacobian (``STL_LAYERWISE`` off:
+    the route before the layer-by-layer one), the three measured in alternation (no parameter
+    update)."""
     elbos = [FlowELBO(num_particles=num_particles, vectorize_particles=True,
-                      max_plate_nesting=0, stick_the_landing=stl) for stl in (False, True)]
-    times: list[list[float]] = [[], []]
+                      max_plate_nesting=0, stick_the_landing=stl) for stl in (False, True, True)]
+    times: list[list[float]] = [[], [], []]
     with pf.validation(False):
         for _ in range(repeats):
             for k, elbo in enumerate(elbos):
-                guide.zero_grad(set_to_none=True)
-                begin = time.perf_counter()
-                elbo.differentiable_loss(model, guide).backward()
-                times[k].append(time.perf_counter() - begin)
-    return float(np.median(times[0])), float(np.median(times[1]))
+                landing.STL_LAYERWISE = k != 2
+                try:
+                    guide.zero_grad(set_to_none=True)
+                    begin = time.perf_counter()
+                    elbo.differentiable_loss(model, guide).backward()
+                    times[k].append(time.perf_counter() - begin)
+                finally:
+                    landing.STL_LAYERWISE = True
+    return tuple(float(np.median(t)) for t in times)
 
 
 def fit_scaling(dim: int, gname: str, steps: int, num_particles: int, num_draws: int,
@@ -405,7 +412,8 @@ def fit_scaling(dim: int, gname: str, steps: int, num_particles: int, num_draws:
     out["step"] = float(np.median(step_times))
     out["kl"] = posterior_kl(guide, log_density, num_draws)
     if ours:
-        out["plain"], out["stl"] = gradient_times(model, guide, num_particles, time_steps)
+        out["plain"], out["stl"], out["stl_jacobian"] = gradient_times(
+            model, guide, num_particles, time_steps)
         guide.keep_best()
         out["kept"] = posterior_kl(guide, log_density, num_draws)
     return out
@@ -415,8 +423,9 @@ def scaling_table(dims: list[int], steps: int, num_particles: int, num_draws: in
                   time_steps: int, seed: int, guides: list[str]) -> list[str]:
     """The cost-against-D table, one row per (D, guide)."""
     rows = ["| D | guide | parameters | ms / step | KL start | KL trained | KL kept | "
-            "gradient ms plain | gradient ms STL | STL / plain |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "gradient ms plain | gradient ms STL | STL / plain | gradient ms STL, whole "
+            "Jacobian | whole Jacobian / plain |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(rows), flush=True)
     for dim in dims:
         for gname in guides:
@@ -424,12 +433,13 @@ def scaling_table(dims: list[int], steps: int, num_particles: int, num_draws: in
                 r = fit_scaling(dim, gname, steps, num_particles, num_draws, time_steps, seed)
                 ours = "stl" in r
                 extra = (f"{1e3 * r['plain']:.1f} | {1e3 * r['stl']:.1f} | "
-                         f"{r['stl'] / r['plain']:.2f}" if ours else "- | - | -")
+                         f"{r['stl'] / r['plain']:.2f} | {1e3 * r['stl_jacobian']:.1f} | "
+                         f"{r['stl_jacobian'] / r['plain']:.2f}" if ours else "- | - | - | - | -")
                 row = (f"| {dim} | {gname} | {int(r['params'])} | {1e3 * r['step']:.1f} | "
                        f"{_fmt(r['start']) if ours else '-'} | {_fmt(r['kl'])} | "
                        f"{_fmt(r['kept']) if ours else '-'} | {extra} |")
             except Exception as e:  # noqa: BLE001 - a failing guide is a result
-                row = f"| {dim} | {gname} | failed: {type(e).__name__}: {str(e)[:60]} ||||||||"
+                row = f"| {dim} | {gname} | failed: {type(e).__name__}: {str(e)[:60]} ||||||||||"
             print(row, flush=True)
             rows.append(row)
     return rows

@@ -772,8 +772,9 @@ def test_linearization_is_the_layers_jacobian(dim, scale, seed, ties, device, dt
     """``Linearization`` of an IAF layer (any order, ties included; from the identity to
     saturated log-scales) against autograd through the layer's plain operations: its output,
     the diagonal of J, ``pullback`` = J^T g + l grad log|det J|, and ``solve_transposed`` with
-    no tolerance = the solve of J^T u = v, in at most levels - 1 pullbacks (the error
-    propagator is nilpotent)."""
+    no tolerance = the solve of J^T u = v, and of J^T u = v - grad log|det J|, each in at most
+    levels - 1 pullbacks (the error propagator is nilpotent and the first error is zero at the
+    order's top level)."""
     gen = torch.Generator().manual_seed(seed)
     order = (torch.randint(0, max(dim - 1, 1), (dim,), generator=gen) if ties
              else torch.randperm(dim, generator=gen))
@@ -790,14 +791,34 @@ def test_linearization_is_the_layers_jacobian(dim, scale, seed, ties, device, dt
     want = (jac.transpose(-1, -2) @ g.unsqueeze(-1)).squeeze(-1) + ell.unsqueeze(-1) * grad_ld
     torch.testing.assert_close(lin.pullback(g, ell), want, **tol)
     assert lin.levels == len(set(order.tolist()))
+    pullback = lin.pullback
+    for with_log_det in (False, True):
+        calls = []
+        lin.pullback = lambda *args, calls=calls: calls.append(1) or pullback(*args)
+        got = lin.solve_transposed(v, tol=0.0, with_log_det=with_log_det)
+        assert len(calls) <= lin.levels - 1
+        # the residual against the rounding of J^T u (saturated scales: J^-T reaches 1e13)
+        rhs = v - grad_ld if with_log_det else v
+        jac_t = jac.transpose(-1, -2)
+        residual = (jac_t @ got.unsqueeze(-1)).squeeze(-1) - rhs
+        rounding = (jac_t.abs() @ got.abs().unsqueeze(-1)).squeeze(-1) + rhs.abs()
+        assert (residual.abs() <= 1e3 * torch.finfo(dtype).eps * rounding).all()
+
+
+def test_linearization_solve_stops_at_a_non_finite_step(device, dtype):
+    """A non-finite right-hand side gives a non-finite solution after one pullback, not after
+    the levels - 1 that an exact solve of this layer may take."""
+    layer = pf.transforms.iaf(40, hidden_dims=(16,))
+    testing.randomize_parameters_(layer, scale=0.5, seed=1)
+    layer = layer.to(device, dtype)
+    lin = Linearization(layer, torch.randn(3, 40, device=device, dtype=dtype))
     calls = []
     pullback = lin.pullback
     lin.pullback = lambda *args: calls.append(1) or pullback(*args)
-    got = lin.solve_transposed(v, tol=0.0)
-    assert len(calls) <= lin.levels - 1
-    want = torch.linalg.solve(jac.transpose(-1, -2), v.unsqueeze(-1)).squeeze(-1)
-    size = float(want.abs().max())
-    torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * max(size, 1.0))
+    v = torch.randn(3, 40, device=device, dtype=dtype)
+    v[1, 0] = float("nan")
+    assert not torch.isfinite(lin.solve_transposed(v, tol=1e-8)).all()
+    assert len(calls) == 1
 
 
 def test_linearization_takes_one_pass_maps_of_all_coordinates_only(device, dtype):

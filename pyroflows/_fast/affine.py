@@ -4,6 +4,7 @@ runs a chain of one-pass directions as one autograd node with the backward pass 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -493,19 +494,27 @@ class Linearization:
                                   mask_grad=False)
             return g_in.add_(direct).view(self.shape)
 
-    def solve_transposed(self, v: Tensor, tol: float) -> Tensor:
-        r""":math:`u = J^{-\top} v` (``v`` (..., D)) by the iteration
-        :math:`u \leftarrow u + S^{-1}(v - J^\top u)` from :math:`u = S^{-1} v`,
-        :math:`S = \mathrm{diag}(e^{s})`, one :meth:`pullback` each. With :math:`J = S + L`,
-        :math:`L` strictly lower triangular in the layer's order, its error is multiplied by
-        :math:`-S^{-1} L^\top` each time, which is nilpotent: exact after at most
-        ``levels - 1`` steps (the levels of the order, D for a full MADE); it stops earlier,
-        once a step is within ``tol`` of :math:`u` (max norms)."""
+    def solve_transposed(self, v: Tensor, tol: float, with_log_det: bool = False) -> Tensor:
+        r"""The :math:`u` (..., D) of :math:`J^\top u = v`, or with ``with_log_det`` of
+        :math:`J^\top u + \nabla_u \log|\det J| = v`, by the iteration
+        :math:`u \leftarrow u + S^{-1}(v - \mathrm{pullback}(u))` from :math:`u = S^{-1} v`,
+        :math:`S = \mathrm{diag}(e^{s})`.
+
+        With :math:`J = S + L`, :math:`L` strictly lower triangular in the layer's order, the
+        error is multiplied by :math:`N = -S^{-1} L^\top` each step. :math:`N` takes a level's
+        coordinates only to lower levels, and the first error,
+        :math:`S^{-1}(L^\top u + \nabla \log|\det J|)`, is zero at the top level (no output
+        depends on those inputs), so the iteration is exact after at most ``levels - 1``
+        steps (the levels of the order: D for a full MADE). It stops earlier, once a step is
+        within ``tol`` of :math:`u` (max norms), or is not finite (a non-finite ``v`` or
+        :math:`J` gives a non-finite :math:`u` after one step)."""
         inv_diag = self.diagonal.reciprocal()
+        ones = v.new_ones(v.shape[:-1]) if with_log_det else None
         u = v * inv_diag
         for _ in range(self.levels - 1):
-            step = (v - self.pullback(u)).mul_(inv_diag)
+            step = (v - self.pullback(u, ones)).mul_(inv_diag)
             u = u + step
-            if float(step.abs().max()) <= tol * float(u.abs().max()):
+            size, scale = torch.stack([step.abs().max(), u.abs().max()]).tolist()
+            if size <= tol * scale or not math.isfinite(size):  # (non-finite: stays so)
                 break
         return u

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 
 from .. import flows
-from .._fast import Linearization
 from ..distributions import UnitStudentT
 from ..transforms import FlowTransform
 from ..transforms.affine import ElementwiseAffine, FixedTriangularAffine, TriangularAffine
@@ -151,12 +150,12 @@ def _affine_matrix(t: nn.Module) -> Tensor | None:
 
 def _layerwise(stack: flows.FlowStack, eps: Tensor) -> bool:
     """Whether :func:`layerwise_score` takes ``stack`` at base draws ``eps`` (..., D): every
-    layer IAF-like (a fused one-pass forward map without a context,
-    :class:`~pyroflows._fast.affine.Linearization`) or affine, and D at least
+    layer IAF-like (``can_linearize``: a fused one-pass forward map without a context) or
+    affine, and D at least
     :data:`STL_LAYERWISE_MIN_DIM` or beyond the Jacobian's limits."""
     def fits(t: nn.Module) -> bool:
         return _affine_matrix(t) is not None or (isinstance(t, AffineAutoregressiveCore)
-                                                 and Linearization.takes(t))
+                                                 and t.can_linearize())
 
     return (STL_LAYERWISE and (eps.shape[-1] >= STL_LAYERWISE_MIN_DIM or not jacobian_route(eps))
             and stack.all_flow_transforms and all(fits(t) for t in stack.parts))
@@ -173,50 +172,42 @@ def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution
     r""":math:`\nabla_z \log q_{\bar\phi}(z)` at :math:`z = T(\varepsilon)` for a stack of
     IAF and affine layers (:func:`path_route`), :math:`T = t_K \circ \dots \circ t_1`,
     :math:`x_k = t_k(x_{k-1})`, :math:`x_0 = \varepsilon`, :math:`J_k = \partial t_k /
-    \partial x_{k-1}`:
+    \partial x_{k-1}`, :math:`\ell_k = \log|\det J_k(x_{k-1})|`. As
+    :math:`\log q(z) = \log p_0(\varepsilon) - \sum_k \ell_k` and
+    :math:`\partial x_{k-1} / \partial z = (J_K \cdots J_k)^{-1}`, it is :math:`u_K` of
 
-    .. math:: \nabla_z \log q_{\bar\phi}(z) = J_K^{-\top} \cdots J_1^{-\top} h, \qquad
-              h = \nabla_\varepsilon \Bigl[\log p_0(\varepsilon)
-              - \sum_k \log|\det J_k(x_{k-1})|\Bigr],
+    .. math:: u_0 = \nabla \log p_0(\varepsilon), \qquad
+              J_k^\top u_k = u_{k-1} - \nabla \ell_k(x_{k-1}),
 
-    :math:`h` by one pullback through each layer, then one solve per layer. An affine layer's
-    :math:`J_k` is its constant triangular matrix (a triangular solve). An IAF layer's is
-    :math:`S + L`, :math:`S = \mathrm{diag}(e^{s})`, :math:`L` strictly lower triangular in the
-    layer's order, solved by an iteration whose error is multiplied by the nilpotent
-    :math:`-S^{-1} L^\top` each step (:meth:`~pyroflows._fast.affine.Linearization.
-    solve_transposed`): exact after at most as many steps as the order has levels (D), it stops
-    once a step is within :math:`\epsilon^{3/4}` of the solution (:math:`\epsilon` the dtype's
-    machine epsilon), after a few near the identity. The parameters are constants here. ``eps``
-    (..., D); the result has its shape."""
+    one solve per layer, from the first: no pass from the top. An affine layer's :math:`J_k` is
+    its constant triangular matrix and :math:`\nabla \ell_k = 0` (a triangular solve). An IAF
+    layer's is :math:`S + L`, :math:`S = \mathrm{diag}(e^{s})`, :math:`L` strictly lower
+    triangular in the layer's order, solved by an iteration whose error is multiplied by the
+    nilpotent :math:`-S^{-1} L^\top` each step, with :math:`\nabla \ell_k` inside the same
+    pullbacks (``solve_transposed`` of the layer's :meth:`~pyroflows.transforms.IAF.linearize`):
+    exact after at most as many steps as the order has levels (D), it stops once a step is
+    within :math:`\sqrt\epsilon` of the solution (:math:`\epsilon` the dtype's machine
+    epsilon: 1e-8 in float64, far below the gradient's Monte-Carlo noise), after a few near
+    the identity. The parameters are constants here. ``eps`` (..., D); the result has its
+    shape."""
     d = eps.shape[-1]
     x = eps.detach().reshape(-1, d)
     tol = torch.finfo(x.dtype).eps ** 0.5
-    steps: list[Tensor | Linearization] = []
     with torch.no_grad():
-        for t in stack.parts:  # forward, keeping what each layer's products need
+        u = base_score(base_dist, x)
+        for t in stack.parts:
             matrix = _affine_matrix(t)
             if matrix is None:
-                steps.append(Linearization(t, x))
-                x = steps[-1].output
-            else:
-                steps.append(matrix.detach())
-                x = t.forward_and_log_det(x)[0]
-        # h: pullbacks from the top, the log-dets' cotangent -1 (affine log-dets are constant)
-        g = torch.zeros_like(x)
-        minus_one = g.new_full(g.shape[:-1], -1.0)
-        for step in reversed(steps):
-            if isinstance(step, Linearization):
-                g = step.pullback(g, minus_one)
-            else:
-                g = g * step if step.dim() == 1 else g @ step
-        u = g + base_score(base_dist, eps.detach().reshape(-1, d))
-        for step in steps:  # u <- J_k^-T u, first layer first
-            if isinstance(step, Linearization):
-                u = step.solve_transposed(u, tol)
-            elif step.dim() == 1:
-                u = u / step
+                lin = t.linearize(x)
+                u = lin.solve_transposed(u, tol, with_log_det=True)
+                x = lin.output
+                continue
+            matrix = matrix.detach()
+            if matrix.dim() == 1:
+                u = u / matrix
             else:  # u L = v, row by row
-                u = torch.linalg.solve_triangular(step, u, upper=False, left=False)
+                u = torch.linalg.solve_triangular(matrix, u, upper=False, left=False)
+            x = t.forward_and_log_det(x)[0]
     return u.view(eps.shape)
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._fast import affine_chain, sequential_no_grad, traced
+from .._fast import Linearization, affine_chain, sequential_no_grad, traced
 from .._fast.made import supports_fused
 from ..nn.made import MADE, default_hidden_dims
 from .base import FlowTransform
@@ -138,6 +138,16 @@ class AffineAutoregressiveCore(AutoregressiveCore):
         if not parallel and self.num_passes != 1:
             return None
         return parallel, self.log_det_sign
+
+    def can_linearize(self) -> bool:
+        """Whether :meth:`linearize` takes this layer: a fused one-pass forward map (IAF's) whose
+        network sees all coordinates, without a context."""
+        return Linearization.takes(self)
+
+    def linearize(self, u: Tensor) -> Linearization:
+        """The forward map at ``u`` (N, D) for repeated products with its Jacobian, outside
+        autograd (:class:`~pyroflows._fast.affine.Linearization`; see :meth:`can_linearize`)."""
+        return Linearization(self, u)
 
     @staticmethod
     def run_fused(x: Tensor, layers: Sequence[AffineAutoregressiveCore],
