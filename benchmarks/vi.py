@@ -40,8 +40,8 @@ the conditioner widths it had before (``hidden 4D``; ``--scaling-guides`` picks)
 ``--steps`` steps with ``--particles`` particles, one seed; the parameter count, the median
 seconds of a training step, the final KL (closed form log p, ``--draws`` draws of the guide;
 ours also at the start and after ``keep_best``), and for our guide the median time of a
-gradient without sticking the landing, with it (its default route: layer by layer from D = 16),
-and with it by the draw's whole Jacobian (the route before), measured in alternation
+gradient without sticking the landing, with it (its default route: layer by layer), and with
+it by the draw's whole Jacobian (the route before), measured in alternation
 (``--time-steps`` each, no parameter update) in the same process::
 
     nice -n 5 python -m benchmarks.vi --scaling --dims 10 30 100 300 --steps 300 \
@@ -599,8 +599,10 @@ def main(argv: list[str] | None = None) -> int:
             "widths before issue 24 (two layers of max(64, 4D) units). ms / step: median "
             "wall time of a training step. KL "
             f"(nats) from {args.draws} draws of the guide, log p in closed form. For our "
-            "guide, the median time of one loss and gradient without and with sticking the "
-            f"landing, {args.time_steps} of each in alternation after training, no update; "
+            "guide, the median time of one loss and gradient without sticking the landing, "
+            "with it (its default route: layer by layer) and with it by the draw's whole "
+            "Jacobian (`STL_LAYERWISE` off), "
+            f"{args.time_steps} of each in alternation after training, no update; "
             "its KL at the start (the Laplace start: exact up to D = 256), after training "
             "and after `guide.keep_best()`.\n"
         )

@@ -40,10 +40,6 @@ STL_JACOBIAN_MAX_ROWS = 32768
 #: Whether :func:`path_log_density` takes :func:`layerwise_score` where every layer allows it
 #: (IAF and affine layers: an ``AutoIAF`` at its defaults); ``False``: as if none did.
 STL_LAYERWISE = True
-#: From this latent size on (and at any size above :data:`STL_JACOBIAN_MAX_DIM`),
-#: :func:`layerwise_score`; below it the draw's Jacobian, whose D + 1 pullbacks then cost less
-#: than the iteration's products (``benchmarks/results/vi-scaling.md``).
-STL_LAYERWISE_MIN_DIM = 16
 #: From this many rows (particles x (D + 1)) on, the Jacobian comes from one forward pass and a
 #: backward batched over the D + 1 cotangents; below it from one pass over D + 1 copies of the
 #: particles, whose fixed cost is lower.
@@ -148,23 +144,20 @@ def _affine_matrix(t: nn.Module) -> Tensor | None:
     return None
 
 
-def _layerwise(stack: flows.FlowStack, eps: Tensor) -> bool:
-    """Whether :func:`layerwise_score` takes ``stack`` at base draws ``eps`` (..., D): every
-    layer IAF-like (``can_linearize``: a fused one-pass forward map without a context) or
-    affine, and D at least
-    :data:`STL_LAYERWISE_MIN_DIM` or beyond the Jacobian's limits."""
+def _layerwise(stack: flows.FlowStack) -> bool:
+    """Whether :func:`layerwise_score` takes ``stack``: every layer IAF-like
+    (``can_linearize``: a fused one-pass forward map without a context) or affine."""
     def fits(t: nn.Module) -> bool:
         return _affine_matrix(t) is not None or (isinstance(t, AffineAutoregressiveCore)
                                                  and t.can_linearize())
 
-    return (STL_LAYERWISE and (eps.shape[-1] >= STL_LAYERWISE_MIN_DIM or not jacobian_route(eps))
-            and stack.all_flow_transforms and all(fits(t) for t in stack.parts))
+    return STL_LAYERWISE and stack.all_flow_transforms and all(fits(t) for t in stack.parts)
 
 
 def path_route(stack: flows.FlowStack, eps: Tensor) -> bool:
     """Whether :func:`path_log_density` takes ``stack`` at base draws ``eps``: layer by layer,
     or by the draw's Jacobian within its limits (:func:`jacobian_route`)."""
-    return _layerwise(stack, eps) or jacobian_route(eps)
+    return _layerwise(stack) or jacobian_route(eps)
 
 
 def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution | None = None
@@ -226,7 +219,7 @@ def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tens
     copies of the draws: see :data:`STL_BATCHED_BACKWARD_MIN_ROWS`), solved per draw. ``eps``,
     ``z`` (..., D), ``log_q`` (...); ``base_dist`` the base :math:`p_0` (:func:`base_score`;
     default :math:`N(0, I)`)."""
-    if _layerwise(stack, eps):
+    if _layerwise(stack):
         grad_z = layerwise_score(stack, eps, base_dist).reshape(z.shape)
     else:
         grad_z = _jacobian_score(stack, eps, base_dist).reshape(z.shape)
