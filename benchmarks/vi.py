@@ -41,8 +41,9 @@ the conditioner widths it had before (``hidden 4D``; ``--scaling-guides`` picks)
 seconds of a training step, the final KL (closed form log p, ``--draws`` draws of the guide;
 ours also at the start and after ``keep_best``), and for our guide the median time of a
 gradient without sticking the landing, with it (its default route: layer by layer), and with
-it by the draw's whole Jacobian (the route before), measured in alternation
-(``--time-steps`` each, no parameter update) in the same process::
+it by the draw's whole Jacobian (the route before), and of a whole training step (the gradient
+and the Adam update) without and with it, measured in alternation (``--time-steps`` each, the
+state put back) in the same process::
 
     nice -n 5 python -m benchmarks.vi --scaling --dims 10 30 100 300 --steps 300 \
         --particles 8 --draws 4000 --out benchmarks/results/vi-scaling.md
@@ -67,6 +68,7 @@ included) and training; "start": how our guide started (laplace or plain).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -89,6 +91,7 @@ from pyro.infer.importance import vectorized_importance_weights
 
 import pyroflows as pf
 from pyroflows.guides import FlowELBO, landing
+from pyroflows.guides.best import restore, snapshot
 from pyroflows.nn import default_hidden_dims
 
 from .targets import TARGETS, Target, load_target
@@ -354,27 +357,45 @@ def posterior_kl(guide, log_density: Callable, num_draws: int) -> float:
     return value if math.isfinite(value) else math.inf
 
 
-def gradient_times(model: Callable, guide, num_particles: int, repeats: int
-                   ) -> tuple[float, float, float]:
-    """Median seconds of one loss-and-gradient of our guide without sticking the landing, with
-    it (its default route), and with it by the draw's whole Jacobian (``STL_LAYERWISE`` off:
-    the route before the layer-by-layer one), the three measured in alternation (no parameter
-    update)."""
-    elbos = [FlowELBO(num_particles=num_particles, vectorize_particles=True,
-                      max_plate_nesting=0, stick_the_landing=stl) for stl in (False, True, True)]
-    times: list[list[float]] = [[], [], []]
-    with pf.validation(False):
-        for _ in range(repeats):
-            for k, elbo in enumerate(elbos):
-                landing.STL_LAYERWISE = k != 2
-                try:
+def gradient_times(model: Callable, guide, optimizer: torch.optim.Optimizer,
+                   num_particles: int, repeats: int) -> dict[str, float]:
+    """Median seconds of our guide's loss-and-gradient without sticking the landing
+    (``plain``), with it by its default route (``stl``) and by the draw's whole Jacobian
+    (``stl_jacobian``: ``STL_LAYERWISE`` off, the route before the layer-by-layer one), no
+    parameter update; and of a whole training step (zero the gradients, loss, gradient,
+    ``optimizer`` step) without and with it (``step_plain``, ``step_stl``). All measured in
+    alternation; the guide's and the optimizer's states are put back afterwards."""
+    elbos = {name: FlowELBO(num_particles=num_particles, vectorize_particles=True,
+                            max_plate_nesting=0, stick_the_landing=name != "plain")
+             for name in ("plain", "stl", "stl_jacobian")}
+    times: dict[str, list[float]] = {name: [] for name in (*elbos, "step_plain", "step_stl")}
+    # put back in place (load_state_dict would restart the guide's best-state record), and
+    # the record itself, which these calls add to
+    params = snapshot(guide.named_parameters())
+    record = copy.deepcopy(guide._best)
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    try:
+        with pf.validation(False):
+            for _ in range(repeats):
+                for name, elbo in elbos.items():
+                    landing.STL_LAYERWISE = name != "stl_jacobian"
                     guide.zero_grad(set_to_none=True)
                     begin = time.perf_counter()
                     elbo.differentiable_loss(model, guide).backward()
-                    times[k].append(time.perf_counter() - begin)
-                finally:
+                    times[name].append(time.perf_counter() - begin)
                     landing.STL_LAYERWISE = True
-    return tuple(float(np.median(t)) for t in times)
+                for name in ("plain", "stl"):
+                    begin = time.perf_counter()
+                    optimizer.zero_grad()
+                    elbos[name].differentiable_loss(model, guide).backward()
+                    optimizer.step()
+                    times[f"step_{name}"].append(time.perf_counter() - begin)
+    finally:
+        landing.STL_LAYERWISE = True
+        restore(guide.named_parameters(), params)
+        guide._best = record
+        optimizer.load_state_dict(optimizer_state)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def fit_scaling(dim: int, gname: str, steps: int, num_particles: int, num_draws: int,
@@ -412,8 +433,7 @@ def fit_scaling(dim: int, gname: str, steps: int, num_particles: int, num_draws:
     out["step"] = float(np.median(step_times))
     out["kl"] = posterior_kl(guide, log_density, num_draws)
     if ours:
-        out["plain"], out["stl"], out["stl_jacobian"] = gradient_times(
-            model, guide, num_particles, time_steps)
+        out.update(gradient_times(model, guide, optimizer, num_particles, time_steps))
         guide.keep_best()
         out["kept"] = posterior_kl(guide, log_density, num_draws)
     return out
@@ -424,8 +444,9 @@ def scaling_table(dims: list[int], steps: int, num_particles: int, num_draws: in
     """The cost-against-D table, one row per (D, guide)."""
     rows = ["| D | guide | parameters | ms / step | KL start | KL trained | KL kept | "
             "gradient ms plain | gradient ms STL | STL / plain | gradient ms STL, whole "
-            "Jacobian | whole Jacobian / plain |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "Jacobian | whole Jacobian / plain | step ms plain | step ms STL | "
+            "STL step / plain step |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(rows), flush=True)
     for dim in dims:
         for gname in guides:
@@ -434,12 +455,16 @@ def scaling_table(dims: list[int], steps: int, num_particles: int, num_draws: in
                 ours = "stl" in r
                 extra = (f"{1e3 * r['plain']:.1f} | {1e3 * r['stl']:.1f} | "
                          f"{r['stl'] / r['plain']:.2f} | {1e3 * r['stl_jacobian']:.1f} | "
-                         f"{r['stl_jacobian'] / r['plain']:.2f}" if ours else "- | - | - | - | -")
+                         f"{r['stl_jacobian'] / r['plain']:.2f} | "
+                         f"{1e3 * r['step_plain']:.1f} | {1e3 * r['step_stl']:.1f} | "
+                         f"{r['step_stl'] / r['step_plain']:.2f}" if ours
+                         else "- | - | - | - | - | - | - | -")
                 row = (f"| {dim} | {gname} | {int(r['params'])} | {1e3 * r['step']:.1f} | "
                        f"{_fmt(r['start']) if ours else '-'} | {_fmt(r['kl'])} | "
                        f"{_fmt(r['kept']) if ours else '-'} | {extra} |")
             except Exception as e:  # noqa: BLE001 - a failing guide is a result
-                row = f"| {dim} | {gname} | failed: {type(e).__name__}: {str(e)[:60]} ||||||||||"
+                row = (f"| {dim} | {gname} | failed: {type(e).__name__}: {str(e)[:60]} "
+                       "|||||||||||||")
             print(row, flush=True)
             rows.append(row)
     return rows
@@ -601,8 +626,9 @@ def main(argv: list[str] | None = None) -> int:
             f"(nats) from {args.draws} draws of the guide, log p in closed form. For our "
             "guide, the median time of one loss and gradient without sticking the landing, "
             "with it (its default route: layer by layer) and with it by the draw's whole "
-            "Jacobian (`STL_LAYERWISE` off), "
-            f"{args.time_steps} of each in alternation after training, no update; "
+            "Jacobian (`STL_LAYERWISE` off), no update, and of a whole training step (the "
+            "gradient and the Adam update) without and with it, "
+            f"{args.time_steps} of each in alternation after training (the state put back); "
             "its KL at the start (the Laplace start: exact up to D = 256), after training "
             "and after `guide.keep_best()`.\n"
         )
