@@ -821,6 +821,37 @@ def test_linearization_solve_stops_at_a_non_finite_step(device, dtype):
     assert len(calls) == 1
 
 
+def test_kept_linearizations_are_the_layers_own(device, dtype):
+    """A fused run with autograd inside keeping_linearizations hands out, in order, each IAF
+    layer's linearization at the input it saw: output, diagonal and pullbacks equal those of a
+    linearization computed afresh there; layers it cannot take (a MAF's D-pass forward) and
+    runs without autograd hand out none, and outside the context nothing is kept."""
+    flow = pf.flows.build("iaf", 4, num_layers=3, hidden_dims=(8,))
+    testing.randomize_parameters_(flow, scale=0.3, seed=2)
+    flow = flow.to(device, dtype)
+    x = torch.randn(5, 4, device=device, dtype=dtype)
+    g = torch.randn(5, 4, device=device, dtype=dtype)
+    ell = torch.randn(5, device=device, dtype=dtype)
+    y, log_det, kept = flow.run_linearized(x)
+    iafs = [t for t in flow.parts if isinstance(t, pf.transforms.IAF)]
+    assert [lin.layer for lin in kept] == iafs and len(iafs) == 3
+    tol = testing.tolerances(dtype)
+    u = x
+    for lin in kept:
+        fresh = Linearization(lin.layer, u)
+        for a, b in ((lin.output, fresh.output), (lin.diagonal, fresh.diagonal),
+                     (lin.pullback(g, ell), fresh.pullback(g, ell))):
+            torch.testing.assert_close(a, b, **tol)
+        u = fresh.output
+    torch.testing.assert_close(y, flow.forward_and_log_det(x)[0], **tol)
+    with torch.no_grad():
+        assert flow.run_linearized(x)[2] == []
+    maf = pf.flows.build("maf", 4, num_layers=2, hidden_dims=(8,)).to(device, dtype)
+    assert maf.run_linearized(x)[2] == []
+    flow(x)  # outside the context: kept lists stay as they were
+    assert [lin.layer for lin in kept] == iafs
+
+
 def test_linearization_takes_one_pass_maps_of_all_coordinates_only(device, dtype):
     """IAF layers and small RealNVP layers (a MADE of two levels) are taken; a gated IAF (no
     fused kernel), a MAF (its forward is the D-pass direction), a RealNVP layer whose network

@@ -286,6 +286,42 @@ def test_layerwise_score_is_the_gradient_of_the_inverse(make, monkeypatch, devic
     assert all(p.grad is None for p in guide.parameters())
 
 
+def test_direct_draw_reuses_its_linearizations(monkeypatch, device, dtype):
+    """A FlowELBO step of an AutoIAF with sticking the landing (the direct draw) linearizes
+    no IAF layer a second time (the draw's fused run kept them), and its loss and gradients
+    equal those of the same step with every layer linearized afresh."""
+    from pyroflows.flows import FlowStack
+    from pyroflows.transforms import IAF
+
+    model = gaussian_problem(device, dtype)[0]
+    results, calls = [], []
+    real_linearize, real_run = IAF.linearize, FlowStack.run_linearized
+    monkeypatch.setattr(IAF, "linearize",
+                        lambda self, u: calls.append(1) or real_linearize(self, u))
+    for keep in (True, False):
+        if not keep:  # a run that keeps nothing
+            monkeypatch.setattr(FlowStack, "run_linearized",
+                                lambda self, x: (*real_run(self, x)[:2], []))
+        calls.clear()
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        guide = AutoIAF(model, num_layers=2, hidden_dims=(8,))
+        guide()
+        with torch.no_grad():
+            for p in guide.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        elbo = FlowELBO(num_particles=4, vectorize_particles=True, stick_the_landing=True)
+        assert elbo._direct(model, guide, (), {})
+        torch.manual_seed(1)
+        loss = elbo.differentiable_loss(model, guide)
+        results.append((loss.detach(), torch.autograd.grad(loss, list(guide.parameters()))))
+        assert len(calls) == (0 if keep else 2)
+    (got, got_g), (want, want_g) = results
+    torch.testing.assert_close(got, want, **_tol(dtype))
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a, b, **_tol(dtype))
+
+
 def _posterior(make, device, dtype, dim=3):
     zero = torch.zeros(dim, device=device, dtype=dtype)
 

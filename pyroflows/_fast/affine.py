@@ -4,8 +4,10 @@ runs a chain of one-pass directions as one autograd node with the backward pass 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from .made import (
     split_weights,
 )
 
-__all__ = ["affine_chain", "sequential_no_grad", "Linearization"]
+__all__ = ["affine_chain", "sequential_no_grad", "Linearization", "keeping_linearizations"]
 
 
 def affine_chain(x: Tensor, layers: Sequence[nn.Module], kinds: Sequence[tuple[bool, float]],
@@ -225,6 +227,37 @@ def _chain_forward(x, log_det, chain: _Chain, flats, row_biases, saved: list | N
     return u.reshape(shape), log_det
 
 
+#: The list :func:`keeping_linearizations` collects into (``None``: outside it).
+_KEPT: contextvars.ContextVar[list | None] = contextvars.ContextVar("kept_linearizations",
+                                                                   default=None)
+
+
+@contextlib.contextmanager
+def keeping_linearizations() -> Iterator[list]:
+    """Within: every :func:`affine_chain` node run with autograd appends the
+    :class:`Linearization` of each of its one-pass layers without a context (IAF's forward) at
+    that layer's input to the list yielded, in the order they ran, from the activations its
+    forward pass computes anyway (for sticking the landing, which would otherwise run the
+    layers' networks a second time)."""
+    kept: list = []
+    token = _KEPT.set(kept)
+    try:
+        yield kept
+    finally:
+        _KEPT.reset(token)
+
+
+def _linearizations(chain: _Chain, saved: list, v: Tensor) -> list:
+    """The :class:`Linearization` of each one-pass layer without a context of a chain whose
+    forward pass ``saved`` its steps; ``v`` the chain's output."""
+    out = []
+    for k, (layer, (parallel, sign)) in enumerate(zip(chain.layers, chain.kinds, strict=True)):
+        if parallel and saved[k][7] is None and chain.bias_of[k] is None:
+            output = saved[k + 1][6] if k + 1 < len(saved) else v.reshape(-1, v.shape[-1])
+            out.append(Linearization.from_step(layer, sign, saved[k], output))
+    return out
+
+
 class _AffineChain(torch.autograd.Function):
     """The autograd node of :func:`affine_chain`."""
 
@@ -235,6 +268,9 @@ class _AffineChain(torch.autograd.Function):
         flats, row_biases = tensors[:len(chain.flats)], tensors[len(chain.flats):]
         ctx.row_bias_shapes = [r.shape for r in row_biases]
         v, log_det = _chain_forward(x, log_det, chain, flats, row_biases, saved)
+        kept = _KEPT.get()
+        if kept is not None:
+            kept.extend(_linearizations(chain, saved, v))
         ctx.save_for_backward(x, *flats)  # in-place edits of these after the call are errors
         ctx.chain, ctx.saved = chain, saved
         ctx.set_materialize_grads(False)
@@ -450,12 +486,12 @@ def sequential_no_grad(layer: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
 
 class Linearization:
     r"""A one-pass layer (IAF's forward map :math:`v = \mu(u) + e^{s(u)} \odot u`) at an input
-    ``u`` (..., D), outside autograd and with its parameters as constants: ``output``
+    ``u`` (N, D), outside autograd and with its parameters as constants: ``output``
     :math:`v`, ``diagonal`` :math:`e^{s}` (the diagonal of :math:`J = \partial v / \partial u`,
     triangular in the layer's order), :meth:`pullback` and :meth:`solve_transposed`. For many
-    products with one :math:`J`: its network ran once, each product is one pass of the
-    written-out backward (:func:`~pyroflows._fast.made.fused_backward`), without parameter
-    gradients."""
+    products with one :math:`J`: its network ran once (here, or in the fused run that kept it,
+    :func:`keeping_linearizations`), each product is one pass of the written-out backward
+    (:func:`~pyroflows._fast.made.fused_backward`), without parameter gradients."""
 
     @staticmethod
     def takes(layer: nn.Module) -> bool:
@@ -475,11 +511,23 @@ class Linearization:
         saved: list = []
         with torch.no_grad():
             v, _ = _chain_forward(u, None, chain, chain.flats, [], saved)
-        self.shape, self.sign = u.shape, kind[1]
+        self._set(layer, kind[1], saved[0], v)
+
+    @classmethod
+    def from_step(cls, layer: nn.Module, sign: float, step: tuple, output: Tensor
+                  ) -> Linearization:
+        """The linearization of ``layer`` from one layer's ``saved`` step of
+        :func:`_chain_forward` and its ``output`` (N, D), without a pass of its own."""
+        lin = cls.__new__(cls)
+        lin._set(layer, sign, step, output)
+        return lin
+
+    def _set(self, layer: nn.Module, sign: float, step: tuple, output: Tensor) -> None:
+        self.layer, self.sign, self.output = layer, sign, output
         self._net, self._inputs, self._weights, self._tanh, self._scale, self._shift, \
-            self._u, _ = saved[0]
-        self.output = v
-        self.diagonal = self._scale.view(u.shape)
+            self._u, _ = step
+        self.shape = self._u.shape
+        self.diagonal = self._scale
         self.levels = self._net.num_levels
 
     def pullback(self, g: Tensor, g_log_det: Tensor | None = None) -> Tensor:

@@ -9,7 +9,7 @@ from torch.distributions import constraints
 from torch.distributions.transforms import Transform
 
 from .. import _legacy, _private
-from .._fast import run_parts
+from .._fast import keeping_linearizations, run_parts
 from .._memo import Memoized
 from ..transforms.base import FlowTransform, OutputCache, module_stamp
 
@@ -109,6 +109,16 @@ class FlowStack(OutputCache, Memoized, ComposeTransformModule):
         chain = self.memo("compiled_chain", backend, lambda: torch.compile(
             self._chain, backend=backend, dynamic=False))
         return chain(x, inverse, False)  # the plain operations: compilers cannot trace kernels
+
+    def run_linearized(self, x: Tensor) -> tuple[Tensor, Tensor, list]:
+        """:meth:`run` of ``x`` forward (no input checks: a fresh draw of the base), and the
+        :class:`~pyroflows._fast.affine.Linearization` of each of its layers that ran in a
+        fused node with autograd (IAF's forward), in order, at its input: what sticking the
+        landing solves with (:func:`~pyroflows.guides.landing.layerwise_score`), kept from the
+        run instead of computed again."""
+        with keeping_linearizations() as kept:
+            y, log_det = self.run(x, inverse=False, validate=False)
+        return y, log_det, kept
 
     def _chain(self, x: Tensor, inverse: bool, fused: bool = True) -> tuple[Tensor, Tensor]:
         return run_parts(self.parts, x, inverse, fused and self.fused)

@@ -54,13 +54,17 @@ def draw(guide: AutoFlowGuide, shape: tuple, stick_the_landing: bool
     with guide._pyro_context:  # as __call__: the parameters register under their names
         base, transforms = guide._posterior_parts()
         stack = transforms[0] if len(transforms) == 1 else None
-        posterior, eps = None, None
+        posterior, eps, kept = None, None, ()
         if len(shape) and isinstance(stack, flows.FlowStack) and stack.all_flow_transforms:
             # what the posterior's rsample + log_prob compute, without building the
             # distribution and its per-call checks: the same base draw, one uncached run of
             # the stack with its log-det (a fresh draw of N(0, I) needs no input checks)
             eps = base.rsample(shape)
-            latent, log_det = stack.run(eps, inverse=False, validate=False)
+            if stick_the_landing and landing.path_route(stack, eps):
+                # the IAF layers' linearizations at the draw, for the path gradient below
+                latent, log_det, kept = stack.run_linearized(eps)
+            else:
+                latent, log_det = stack.run(eps, inverse=False, validate=False)
             learned = guide._modules.get("base")  # a learned base, else N(0, I)
             log_q = (standard_normal_log_prob(eps) if learned is None else base.log_prob(eps)
                      ) - log_det
@@ -70,7 +74,7 @@ def draw(guide: AutoFlowGuide, shape: tuple, stick_the_landing: bool
             log_q = posterior.log_prob(latent)
         entropy = None
         if stick_the_landing and eps is not None and landing.path_route(stack, eps):
-            entropy = landing.path_log_density(stack, eps, latent, log_q, base)
+            entropy = landing.path_log_density(stack, eps, latent, log_q, base, kept)
         elif stick_the_landing:
             posterior = posterior or guide._posterior(base, transforms)
             entropy = posterior.log_prob_detached(latent)

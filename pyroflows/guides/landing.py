@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from pyro.distributions import Distribution
@@ -160,8 +160,8 @@ def path_route(stack: flows.FlowStack, eps: Tensor) -> bool:
     return _layerwise(stack) or jacobian_route(eps)
 
 
-def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution | None = None
-                    ) -> Tensor:
+def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution | None = None,
+                    linearizations: Sequence = ()) -> Tensor:
     r""":math:`\nabla_z \log q_{\bar\phi}(z)` at :math:`z = T(\varepsilon)` for a stack of
     IAF and affine layers (:func:`path_route`), :math:`T = t_K \circ \dots \circ t_1`,
     :math:`x_k = t_k(x_{k-1})`, :math:`x_0 = \varepsilon`, :math:`J_k = \partial t_k /
@@ -182,16 +182,23 @@ def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution
     within :math:`\sqrt\epsilon` of the solution (:math:`\epsilon` the dtype's machine
     epsilon: 1e-8 in float64, far below the gradient's Monte-Carlo noise), after a few near
     the identity. The parameters are constants here. ``eps`` (..., D); the result has its
-    shape."""
+    shape. ``linearizations``: the IAF layers' linearizations kept by the draw's own run
+    (:meth:`~pyroflows.flows.FlowStack.run_linearized`), used in order where they are of
+    the layer at hand and the draws' shape; any other layer is linearized here."""
     d = eps.shape[-1]
     x = eps.detach().reshape(-1, d)
     tol = torch.finfo(x.dtype).eps ** 0.5
+    kept = iter(linearizations)
+    ready = next(kept, None)
     with torch.no_grad():
         u = base_score(base_dist, x)
         for t in stack.parts:
             matrix = _affine_matrix(t)
             if matrix is None:
-                lin = t.linearize(x)
+                if ready is not None and ready.layer is t and ready.shape == x.shape:
+                    lin, ready = ready, next(kept, None)
+                else:
+                    lin = t.linearize(x)
                 u = lin.solve_transposed(u, tol, with_log_det=True)
                 x = lin.output
                 continue
@@ -205,7 +212,8 @@ def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution
 
 
 def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tensor,
-                     base_dist: Distribution | None = None) -> Tensor:
+                     base_dist: Distribution | None = None, linearizations: Sequence = ()
+                     ) -> Tensor:
     r""":math:`\log q_{\bar\phi}(z)` from the draw :math:`z = T_\phi(\varepsilon)` itself
     instead of the inverse: its value is ``log_q`` and its gradient in :math:`z` is
 
@@ -218,9 +226,9 @@ def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tens
     (:data:`STL_LAYERWISE`), else from :math:`J` by D + 1 pullbacks (batched, or over D + 1
     copies of the draws: see :data:`STL_BATCHED_BACKWARD_MIN_ROWS`), solved per draw. ``eps``,
     ``z`` (..., D), ``log_q`` (...); ``base_dist`` the base :math:`p_0` (:func:`base_score`;
-    default :math:`N(0, I)`)."""
+    default :math:`N(0, I)`); ``linearizations`` as for :func:`layerwise_score`."""
     if _layerwise(stack):
-        grad_z = layerwise_score(stack, eps, base_dist).reshape(z.shape)
+        grad_z = layerwise_score(stack, eps, base_dist, linearizations).reshape(z.shape)
     else:
         grad_z = _jacobian_score(stack, eps, base_dist).reshape(z.shape)
     return log_q.detach() + ((z - z.detach()) * grad_z).sum(-1)
