@@ -88,14 +88,24 @@ def test_global_latents_take_any_data_size_and_each_size_is_checked_once(device,
 
 # ---- non-finite steps are skipped ------------------------------------------------------------
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_the_issue_case_large_steps_leave_no_nan_parameter(direct):
+# (direct path, sticking the landing layer by layer) -> the seeds whose steps go non-finite
+LARGE_STEP_CASES = {"direct": (True, True, (1, 2, 4)), "traced": (False, True, (2, 5)),
+                    "traced-jacobian": (False, False, (4, 15))}
+
+
+@pytest.mark.parametrize("case", sorted(LARGE_STEP_CASES))
+def test_the_issue_case_large_steps_leave_no_nan_parameter(case, monkeypatch):
     """AutoIAF without the Laplace start, Adam at lr=1.0 (float32, CPU): the seeds whose
     parameters turned NaN within three steps (the direct path: a finite loss with NaN
-    gradients; the traced path: a singular Jacobian in the sticking-the-landing term) keep
-    finite parameters, their bad steps skipped and counted."""
+    gradients; the traced path: a non-finite step, and with the draw's whole Jacobian for
+    sticking the landing, a singular Jacobian) keep finite parameters, their bad steps
+    skipped and counted."""
+    from pyroflows.guides import landing
+
+    direct, layerwise, seeds = LARGE_STEP_CASES[case]
+    monkeypatch.setattr(landing, "STL_LAYERWISE", layerwise)
     model = gaussian_problem("cpu", torch.float32)[0]
-    for seed in (1, 2, 4) if direct else (4, 15):
+    for seed in seeds:
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
         guide = AutoIAF(model, laplace_init=False)
