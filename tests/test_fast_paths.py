@@ -25,7 +25,7 @@ from torch.distributions import Independent, Normal, TransformedDistribution
 
 import pyroflows as pf
 from pyroflows import testing
-from pyroflows._fast import Linearization, affine_chain, broadcast_batch
+from pyroflows._fast import Linearization, affine_chain, broadcast_batch, keeping_linearizations
 from pyroflows._fast import made as fast_made
 from pyroflows._fast.planar import _PlanarChain
 from pyroflows._fast.radial import _RadialChain
@@ -824,8 +824,9 @@ def test_linearization_solve_stops_at_a_non_finite_step(device, dtype):
 def test_kept_linearizations_are_the_layers_own(device, dtype):
     """A fused run with autograd inside keeping_linearizations hands out, in order, each IAF
     layer's linearization at the input it saw: output, diagonal and pullbacks equal those of a
-    linearization computed afresh there; layers it cannot take (a MAF's D-pass forward) and
-    runs without autograd hand out none, and outside the context nothing is kept."""
+    linearization computed afresh there; a MAF (its forward is the D-pass direction, its
+    one-pass map the inverse) and runs without autograd hand out none, and outside the
+    context nothing is kept."""
     flow = pf.flows.build("iaf", 4, num_layers=3, hidden_dims=(8,))
     testing.randomize_parameters_(flow, scale=0.3, seed=2)
     flow = flow.to(device, dtype)
@@ -848,6 +849,9 @@ def test_kept_linearizations_are_the_layers_own(device, dtype):
         assert flow.run_linearized(x)[2] == []
     maf = pf.flows.build("maf", 4, num_layers=2, hidden_dims=(8,)).to(device, dtype)
     assert maf.run_linearized(x)[2] == []
+    with keeping_linearizations() as kept_maf:  # MAF's one-pass map is its inverse
+        maf.run(x, inverse=True)
+    assert kept_maf == []
     flow(x)  # outside the context: kept lists stay as they were
     assert [lin.layer for lin in kept] == iafs
 

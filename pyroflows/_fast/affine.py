@@ -235,10 +235,10 @@ _KEPT: contextvars.ContextVar[list | None] = contextvars.ContextVar("kept_linear
 @contextlib.contextmanager
 def keeping_linearizations() -> Iterator[list]:
     """Within: every :func:`affine_chain` node run with autograd appends the
-    :class:`Linearization` of each of its one-pass layers without a context (IAF's forward) at
-    that layer's input to the list yielded, in the order they ran, from the activations its
-    forward pass computes anyway (for sticking the landing, which would otherwise run the
-    layers' networks a second time)."""
+    :class:`Linearization` of each of its layers that ran its forward map in one pass (IAF's),
+    without a context, at that layer's input to the list yielded, in the order they ran, from
+    the activations its forward pass computes anyway (for sticking the landing, which would
+    otherwise run the layers' networks a second time)."""
     kept: list = []
     token = _KEPT.set(kept)
     try:
@@ -248,11 +248,13 @@ def keeping_linearizations() -> Iterator[list]:
 
 
 def _linearizations(chain: _Chain, saved: list, v: Tensor) -> list:
-    """The :class:`Linearization` of each one-pass layer without a context of a chain whose
-    forward pass ``saved`` its steps; ``v`` the chain's output."""
+    """The :class:`Linearization` of each layer of a chain that ran its forward map in one
+    pass (IAF's), without a context or a compact network, from the ``saved`` steps of the
+    chain's forward pass; ``v`` the chain's output."""
     out = []
     for k, (layer, (parallel, sign)) in enumerate(zip(chain.layers, chain.kinds, strict=True)):
-        if parallel and saved[k][7] is None and chain.bias_of[k] is None:
+        if (parallel and layer.forward_is_parallel and saved[k][7] is None
+                and chain.bias_of[k] is None):
             output = saved[k + 1][6] if k + 1 < len(saved) else v.reshape(-1, v.shape[-1])
             out.append(Linearization.from_step(layer, sign, saved[k], output))
     return out
@@ -531,8 +533,8 @@ class Linearization:
         self.levels = self._net.num_levels
 
     def pullback(self, g: Tensor, g_log_det: Tensor | None = None) -> Tensor:
-        r""":math:`J^\top g + \ell\, \nabla_u \log|\det J|` for ``g`` (..., D) and
-        ``g_log_det`` :math:`\ell` (...)."""
+        r""":math:`J^\top g + \ell\, \nabla_u \log|\det J|` for ``g`` (N, D) and
+        ``g_log_det`` :math:`\ell` (N,)."""
         dim = self.shape[-1]
         g_ld = None if g_log_det is None else (self.sign * g_log_det).reshape(-1, 1)
         with torch.no_grad():
@@ -543,7 +545,7 @@ class Linearization:
             return g_in.add_(direct).view(self.shape)
 
     def solve_transposed(self, v: Tensor, tol: float, with_log_det: bool = False) -> Tensor:
-        r"""The :math:`u` (..., D) of :math:`J^\top u = v`, or with ``with_log_det`` of
+        r"""The :math:`u` (N, D) of :math:`J^\top u = v`, or with ``with_log_det`` of
         :math:`J^\top u + \nabla_u \log|\det J| = v`, by the iteration
         :math:`u \leftarrow u + S^{-1}(v - \mathrm{pullback}(u))` from :math:`u = S^{-1} v`,
         :math:`S = \mathrm{diag}(e^{s})`.
