@@ -807,7 +807,7 @@ def test_linearization_is_the_layers_jacobian(dim, scale, seed, ties, device, dt
 
 def test_linearization_solve_stops_at_a_non_finite_step(device, dtype):
     """A non-finite right-hand side gives a non-finite solution after one pullback, not after
-    the levels - 1 that an exact solve of this layer may take."""
+    the levels - 1 that an exact solve of this layer may take; no rows, no solve."""
     layer = pf.transforms.iaf(40, hidden_dims=(16,))
     testing.randomize_parameters_(layer, scale=0.5, seed=1)
     layer = layer.to(device, dtype)
@@ -819,6 +819,8 @@ def test_linearization_solve_stops_at_a_non_finite_step(device, dtype):
     v[1, 0] = float("nan")
     assert not torch.isfinite(lin.solve_transposed(v, tol=1e-8)).all()
     assert len(calls) == 1
+    empty = Linearization(layer, torch.zeros(0, 40, device=device, dtype=dtype))
+    assert empty.solve_transposed(v[:0], tol=1e-8, with_log_det=True).shape == (0, 40)
 
 
 def test_kept_linearizations_are_the_layers_own(device, dtype):

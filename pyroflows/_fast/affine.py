@@ -561,7 +561,7 @@ class Linearization:
         inv_diag = self.diagonal.reciprocal()
         ones = v.new_ones(v.shape[:-1]) if with_log_det else None
         u = v * inv_diag
-        for _ in range(self.levels - 1):
+        for _ in range(self.levels - 1 if v.numel() else 0):  # (no rows: nothing to solve)
             step = (v - self.pullback(u, ones)).mul_(inv_diag)
             u = u + step
             size, scale = torch.stack([step.abs().max(), u.abs().max()]).tolist()
