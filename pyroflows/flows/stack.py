@@ -110,6 +110,11 @@ class FlowStack(OutputCache, Memoized, ComposeTransformModule):
             self._chain, backend=backend, dynamic=False))
         return chain(x, inverse, False)  # the plain operations: compilers cannot trace kernels
 
+    #: Within ``with FlowStack.keeping_linearizations() as kept:``, every fused run of IAF
+    #: layers with autograd appends their linearizations at their inputs to ``kept``
+    #: (:func:`~pyroflows._fast.affine.keeping_linearizations`).
+    keeping_linearizations = staticmethod(keeping_linearizations)
+
     def run_linearized(self, x: Tensor) -> tuple[Tensor, Tensor, list]:
         """:meth:`run` of ``x`` forward (no input checks: a fresh draw of the base), and the
         :class:`~pyroflows._fast.affine.Linearization` of each of its layers that ran in a

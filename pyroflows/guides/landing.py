@@ -309,7 +309,8 @@ def path_entropy(posterior, value: Tensor) -> Tensor | None:
     """The sticking-the-landing term of a traced draw ``value`` of a
     :class:`~pyroflows.guides.FlowPosterior` by :func:`path_log_density`, where it is one
     :class:`~pyroflows.flows.FlowStack` whose cache still holds the draw's base point and
-    :func:`path_route` takes it; else ``None`` (the caller runs the inverse)."""
+    :func:`path_route` takes it, with the IAF layers' linearizations the draw kept
+    (``posterior.linearizations``); else ``None`` (the caller runs the inverse)."""
     transforms = posterior.transforms
     if len(transforms) != 1 or not isinstance(transforms[0], flows.FlowStack):
         return None
@@ -324,5 +325,6 @@ def path_entropy(posterior, value: Tensor) -> Tensor | None:
     if hit is None or not path_route(stack, hit.x) or hit.x.requires_grad:
         return None
     log_q = posterior.base_dist.log_prob(hit.x) - hit.log_det
-    entropy = path_log_density(stack, hit.x, z, log_q, posterior.base_dist)
+    kept = posterior.linearizations(value) if hasattr(posterior, "linearizations") else ()
+    entropy = path_log_density(stack, hit.x, z, log_q, posterior.base_dist, kept)
     return entropy[0] if z is not value else entropy
