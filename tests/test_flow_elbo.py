@@ -318,10 +318,12 @@ def test_layerwise_score_is_the_whole_jacobians(dim, num_layers, scale, affine, 
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * size)
 
 
-def test_direct_draw_reuses_its_linearizations(monkeypatch, device, dtype):
-    """A FlowELBO step of an AutoIAF with sticking the landing (the direct draw) linearizes
-    no IAF layer a second time (the draw's fused run kept them), and its loss and gradients
-    equal those of the same step with every layer linearized afresh."""
+@pytest.mark.parametrize("elbo", ["flow-elbo-direct", "flow-elbo-traced", "trace-elbo"])
+def test_a_draw_reuses_its_linearizations(elbo, monkeypatch, device, dtype):
+    """Sticking the landing linearizes no IAF layer a second time: the draw kept them (FlowELBO's
+    direct draw, FlowStack.run_linearized; a traced draw of the posterior, under FlowELBO off
+    its direct path or Pyro's Trace_ELBO reading the posterior's score_parts). Loss and
+    gradients equal those of the same step with every layer linearized afresh."""
     from pyroflows.flows import FlowStack
     from pyroflows.transforms import IAF
 
@@ -331,44 +333,9 @@ def test_direct_draw_reuses_its_linearizations(monkeypatch, device, dtype):
     monkeypatch.setattr(IAF, "linearize",
                         lambda self, u: calls.append(1) or real_linearize(self, u))
     for keep in (True, False):
-        if not keep:  # a run that keeps nothing
+        if not keep:  # draws that keep nothing
             monkeypatch.setattr(FlowStack, "run_linearized",
                                 lambda self, x: (*real_run(self, x)[:2], []))
-        calls.clear()
-        pyro.clear_param_store()
-        torch.manual_seed(0)
-        guide = AutoIAF(model, num_layers=2, hidden_dims=(8,))
-        guide()
-        with torch.no_grad():
-            for p in guide.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        elbo = FlowELBO(num_particles=4, vectorize_particles=True, stick_the_landing=True)
-        assert elbo._direct(model, guide, (), {})
-        torch.manual_seed(1)
-        loss = elbo.differentiable_loss(model, guide)
-        results.append((loss.detach(), torch.autograd.grad(loss, list(guide.parameters()))))
-        assert len(calls) == (0 if keep else 2)
-    (got, got_g), (want, want_g) = results
-    torch.testing.assert_close(got, want, **_tol(dtype))
-    for a, b in zip(got_g, want_g, strict=True):
-        torch.testing.assert_close(a, b, **_tol(dtype))
-
-
-@pytest.mark.parametrize("elbo", ["trace-elbo", "flow-elbo-traced"])
-def test_traced_draw_reuses_its_linearizations(elbo, monkeypatch, device, dtype):
-    """On the traced path (Pyro's Trace_ELBO reading the posterior's score_parts, or FlowELBO
-    off its direct path) the posterior's draw keeps its IAF layers' linearizations, so sticking
-    the landing linearizes no layer a second time; loss and gradients equal those of the same
-    step with every layer linearized afresh."""
-    from pyroflows.transforms import IAF
-
-    model = gaussian_problem(device, dtype)[0]
-    results, calls = [], []
-    real_linearize = IAF.linearize
-    monkeypatch.setattr(IAF, "linearize",
-                        lambda self, u: calls.append(1) or real_linearize(self, u))
-    for keep in (True, False):
-        if not keep:  # draws that keep nothing
             monkeypatch.setattr(FlowPosterior, "linearizations", lambda self, value: [])
         calls.clear()
         pyro.clear_param_store()
@@ -380,7 +347,9 @@ def test_traced_draw_reuses_its_linearizations(elbo, monkeypatch, device, dtype)
                 p.add_(0.1 * torch.randn_like(p))
         loss_fn = (Trace_ELBO(num_particles=4, vectorize_particles=True) if elbo == "trace-elbo"
                    else FlowELBO(num_particles=4, vectorize_particles=True,
-                                 stick_the_landing=True, direct=False))
+                                 stick_the_landing=True, direct=elbo == "flow-elbo-direct"))
+        if elbo == "flow-elbo-direct":
+            assert loss_fn._direct(model, guide, (), {})
         torch.manual_seed(1)
         loss = loss_fn.differentiable_loss(model, guide)
         results.append((loss.detach(), torch.autograd.grad(loss, list(guide.parameters()))))
