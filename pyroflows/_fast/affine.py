@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .banks import BankRow, tensor_of
-from .dispatch import broadcast_batch, traced
+from .dispatch import broadcast_batch, incoming_log_det_grad, traced
 from .made import (
     fused_backward,
     fused_forward,
@@ -356,9 +356,7 @@ class _AffineChain(torch.autograd.Function):
             if grad is not None:
                 grad.mul_(mask)
         grad_x = None if g is None else g.reshape(x.shape)
-        grad_ld0 = None
-        if needs[1] and grad_log_det is not None:
-            grad_ld0 = grad_log_det.sum_to_size(ctx.log_det_shape)
+        grad_ld0 = incoming_log_det_grad(ctx, 1, grad_log_det)
         return (grad_x, grad_ld0, None, *grad_flats, *grad_row_biases)
 
 

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from .. import _private
 
-__all__ = ["traced", "run_parts", "run_steps", "keeps_map", "row_view", "broadcast_batch"]
+__all__ = ["traced", "run_parts", "run_steps", "keeps_map", "row_view", "broadcast_batch",
+           "layer_grads", "incoming_log_det_grad"]
 
 
 def traced() -> bool:
@@ -95,3 +96,23 @@ def broadcast_batch(*shapes: Sequence[int]) -> torch.Size:
                     raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
                 out[i] = d
     return torch.Size(out)
+
+
+def layer_grads(xs: Tensor, grad_y: Tensor | None) -> Tensor:
+    """The gradients at every layer's input and the output of a chain whose forward pass kept
+    ``xs`` (K + 1, ...), for a written-out backward pass to fill from the last: that at the
+    output is ``grad_y`` (zero for ``None``), the others are left to the pass."""
+    grads = torch.empty_like(xs)
+    if grad_y is None:
+        grads[-1].zero_()
+    else:
+        grads[-1] = grad_y.reshape(xs.shape[1:])
+    return grads
+
+
+def incoming_log_det_grad(ctx, index: int, grad_log_det: Tensor | None) -> Tensor | None:
+    """A fused node's gradient to the log-det it was given (input ``index``): the output's
+    log-det gradient summed to ``ctx.log_det_shape``; ``None`` where not needed."""
+    if not ctx.needs_input_grad[index] or grad_log_det is None:
+        return None
+    return grad_log_det.sum_to_size(ctx.log_det_shape)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .dispatch import broadcast_batch, row_view
+from .dispatch import broadcast_batch, incoming_log_det_grad, layer_grads, row_view
 
 __all__ = ["planar_chain"]
 
@@ -128,11 +128,7 @@ class _PlanarChain(torch.autograd.Function):
         x, w, u_hat, bias, slack, ops = _prepared(*given)
         xs, tanh, q = ctx.xs, ctx.tanh, ctx.q
         num_layers = xs.shape[0] - 1
-        grads = torch.empty_like(xs)  # gradient at every x_k
-        if grad_y is None:
-            grads[-1].zero_()
-        else:
-            grads[-1] = grad_y.reshape(xs.shape[1:])
+        grads = layer_grads(xs, grad_y)
         if grad_log_det is None:
             from_log_det = torch.zeros_like(tanh)
             grad_slack = torch.zeros_like(given[4])
@@ -149,9 +145,7 @@ class _PlanarChain(torch.autograd.Function):
         grad_w = ops.reduce(gamma, xs[:-1], w.shape).view(given[1].shape)
         grad_u_hat = ops.reduce(tanh, grads[1:], u_hat.shape).view(given[2].shape)
         grad_bias = gamma.sum_to_size(slack.shape).view(given[3].shape)
-        grad_log_det0 = None
-        if ctx.needs_input_grad[5] and grad_log_det is not None:
-            grad_log_det0 = grad_log_det.sum_to_size(ctx.log_det_shape)
+        grad_log_det0 = incoming_log_det_grad(ctx, 5, grad_log_det)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grads[0].view(ctx.y_shape)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .dispatch import broadcast_batch, row_view
+from .dispatch import broadcast_batch, incoming_log_det_grad, layer_grads, row_view
 
 __all__ = ["radial_chain"]
 
@@ -110,11 +110,7 @@ class _RadialChain(torch.autograd.Function):
             ell = grad_log_det.expand(r.shape[1:])
             dl_dr = (dim - 1) * (1 / big_p - inv_a) + 2 * (a + r) / big_q - 2 * inv_a
             from_log_det = ell * dl_dr * inv_r
-        grads = torch.empty_like(xs)  # gradient at every x_k
-        if grad_y is None:
-            grads[-1].zero_()
-        else:
-            grads[-1] = grad_y
+        grads = layer_grads(xs, grad_y)
         gamma = torch.empty_like(r)
         for k in range(num_layers - 1, -1, -1):
             diff = xs[k] - x0[k]
@@ -129,9 +125,7 @@ class _RadialChain(torch.autograd.Function):
             grad_p = grad_p + ell * ((dim - 1) / big_p + a / big_q)
         grad_a = grad_a.sum_to_size(a.shape).view(given[2].shape)
         grad_p = grad_p.sum_to_size(p.shape).view(given[3].shape)
-        grad_log_det0 = None
-        if ctx.needs_input_grad[4] and grad_log_det is not None:
-            grad_log_det0 = grad_log_det.sum_to_size(ctx.log_det_shape)
+        grad_log_det0 = incoming_log_det_grad(ctx, 4, grad_log_det)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grads[0].sum_to_size(given[0].shape)

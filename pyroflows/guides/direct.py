@@ -54,14 +54,14 @@ def draw(guide: AutoFlowGuide, shape: tuple, stick_the_landing: bool
     with guide._pyro_context:  # as __call__: the parameters register under their names
         base, transforms = guide._posterior_parts()
         stack = transforms[0] if len(transforms) == 1 else None
-        posterior, eps, kept = None, None, ()
+        posterior, eps, kept, path = None, None, (), False
         if len(shape) and isinstance(stack, flows.FlowStack) and stack.all_flow_transforms:
             # what the posterior's rsample + log_prob compute, without building the
             # distribution and its per-call checks: the same base draw, one uncached run of
             # the stack with its log-det (a fresh draw of N(0, I) needs no input checks)
             eps = base.rsample(shape)
-            if stick_the_landing and landing.path_route(stack, eps):
-                # the IAF layers' linearizations at the draw, for the path gradient below
+            path = stick_the_landing and landing.path_route(stack, eps)
+            if path:  # the IAF layers' linearizations at the draw, for the path gradient below
                 latent, log_det, kept = stack.run_linearized(eps)
             else:
                 latent, log_det = stack.run(eps, inverse=False, validate=False)
@@ -73,7 +73,7 @@ def draw(guide: AutoFlowGuide, shape: tuple, stick_the_landing: bool
             latent = posterior.rsample(shape)
             log_q = posterior.log_prob(latent)
         entropy = None
-        if stick_the_landing and eps is not None and landing.path_route(stack, eps):
+        if path:
             entropy = landing.path_log_density(stack, eps, latent, log_q, base, kept)
         elif stick_the_landing:
             posterior = posterior or guide._posterior(base, transforms)
