@@ -34,6 +34,16 @@ def one_thread():
 
 
 @pytest.fixture
+def exact_stl(monkeypatch):
+    """Sticking the landing's layer-by-layer solves iterated to exactness
+    (``landing.STL_TOL = 0``) instead of the default tolerance: for tests that hold the
+    routes of the path gradient against each other to rounding."""
+    from pyroflows.guides import landing
+
+    monkeypatch.setattr(landing, "STL_TOL", 0.0)
+
+
+@pytest.fixture
 def fresh_param_store():
     """An empty Pyro param store for the test (emptied again after it), and Pyro's seeds
     (torch, random, numpy) at 0: tests that set up guides use it, so no parameter carries over

@@ -24,7 +24,11 @@ from pyroflows.guides import AutoFlowGuide, AutoIAF, AutoPlanar, FlowELBO, FlowP
 from pyroflows.guides import direct as direct_path
 from pyroflows.guides.direct import _ReplayAndScore
 
-pytestmark = pytest.mark.usefixtures("one_thread", "fresh_param_store")  # tiny SVI steps
+# tiny SVI steps; the routes of the path gradient held against each other to rounding
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_param_store", "exact_stl")
+
+
+DEFAULT_STL_TOL = landing.STL_TOL  # (before the exact_stl fixture sets it to 0)
 
 
 def _tol(dtype):
@@ -281,7 +285,7 @@ def test_layerwise_score_is_the_gradient_of_the_inverse(make, monkeypatch, devic
     leaf = z.detach().requires_grad_(True)
     want = posterior.log_prob_detached(leaf)
     (grad_want,) = torch.autograd.grad(want.sum(), leaf)
-    # (layerwise_score stops within sqrt(eps) of the solution)
+    # (layerwise_score stops within sqrt(eps) of the solution: exact_stl)
     tol = dict(rtol=1e-7, atol=1e-7) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(grad_got, grad_want, **tol)
@@ -316,6 +320,35 @@ def test_layerwise_score_is_the_whole_jacobians(dim, num_layers, scale, affine, 
     size = max(float(want.abs().max()), 1.0)
     tol = 1e-7 if dtype == torch.float64 else 2e-3
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * size)
+
+
+@pytest.mark.parametrize("scale", [0.1, 0.3])
+def test_layerwise_score_default_tolerance(scale, monkeypatch, device):
+    """At its default tolerance (landing.STL_TOL) the layer-by-layer score is within that
+    fraction of the solved-to-rounding one (float64), and took fewer pullbacks to get there."""
+    from pyroflows import flows, testing
+    from pyroflows._fast.affine import Linearization
+
+    dim = 24
+    stack = flows.build("iaf", dim, num_layers=3, hidden_dims=(32,))
+    testing.randomize_parameters_(stack, scale=scale, seed=3)
+    stack = stack.to(device, torch.float64)
+    eps = torch.randn(16, dim, generator=torch.Generator().manual_seed(1),
+                      dtype=torch.float64).to(device)
+    pullbacks = []
+    real = Linearization.pullback
+    monkeypatch.setattr(Linearization, "pullback",
+                        lambda self, *args: pullbacks.append(1) or real(self, *args))
+
+    def score(tol):
+        monkeypatch.setattr(landing, "STL_TOL", tol)
+        pullbacks.clear()
+        return landing.layerwise_score(stack, eps), len(pullbacks)
+
+    (exact, exact_count), (got, count) = score(0.0), score(DEFAULT_STL_TOL)
+    assert DEFAULT_STL_TOL > torch.finfo(torch.float64).eps ** 0.5
+    assert count < exact_count
+    assert float((got - exact).abs().max()) <= DEFAULT_STL_TOL * float(exact.abs().max())
 
 
 @pytest.mark.parametrize("elbo", ["flow-elbo-direct", "flow-elbo-traced", "trace-elbo"])

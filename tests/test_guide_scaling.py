@@ -16,7 +16,7 @@ import pyroflows as pf
 from pyroflows.flows.families import guide_hidden_dims
 from pyroflows.nn import MADE
 
-pytestmark = pytest.mark.usefixtures("one_thread", "fresh_param_store")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_param_store", "exact_stl")
 
 
 def _normal_model(dim: int, device, dtype):

@@ -40,6 +40,12 @@ STL_JACOBIAN_MAX_ROWS = 32768
 #: Whether :func:`path_log_density` takes :func:`layerwise_score` where every layer allows it
 #: (IAF and affine layers: an ``AutoIAF`` at its defaults); ``False``: as if none did.
 STL_LAYERWISE = True
+#: Where :func:`layerwise_score` stops an IAF layer's iteration: once a step is within this
+#: fraction of the solution (max norms), or within :math:`\sqrt\epsilon` of the dtype where
+#: that is larger (float32: 3.5e-4). The score is a term of a Monte-Carlo gradient, needed to
+#: a small fraction of that gradient's noise rather than to float64's rounding; ``0``: to
+#: :math:`\sqrt\epsilon` in every dtype (float64: 1.5e-8, one or two more steps a layer).
+STL_TOL = 1e-4
 #: From this many rows (particles x (D + 1)) on, the Jacobian comes from one forward pass and a
 #: backward batched over the D + 1 cotangents; below it from one pass over D + 1 copies of the
 #: particles, whose fixed cost is lower.
@@ -134,12 +140,16 @@ def jacobian_route(eps: Tensor) -> bool:
     return eps.shape[-1] <= STL_JACOBIAN_MAX_DIM and eps.numel() <= STL_JACOBIAN_MAX_ROWS
 
 
+#: The affine layers whose constant Jacobian :func:`_affine_matrix` gives.
+_AFFINE = (ElementwiseAffine, TriangularAffine, FixedTriangularAffine)
+
+
 def _affine_matrix(t: nn.Module) -> Tensor | None:
     """The constant Jacobian of an affine layer: its (D, D) lower-triangular matrix, or (D,) for
     a diagonal one; ``None`` for any other layer."""
     if isinstance(t, ElementwiseAffine):
         return t.scale
-    if isinstance(t, (TriangularAffine, FixedTriangularAffine)):
+    if isinstance(t, _AFFINE):
         return t.scale_tril
     return None
 
@@ -148,8 +158,8 @@ def _layerwise(stack: flows.FlowStack) -> bool:
     """Whether :func:`layerwise_score` takes ``stack``: every layer IAF-like
     (``can_linearize``: a fused one-pass forward map without a context) or affine."""
     def fits(t: nn.Module) -> bool:
-        return _affine_matrix(t) is not None or (isinstance(t, AffineAutoregressiveCore)
-                                                 and t.can_linearize())
+        return isinstance(t, _AFFINE) or (isinstance(t, AffineAutoregressiveCore)
+                                          and t.can_linearize())
 
     return STL_LAYERWISE and stack.all_flow_transforms and all(fits(t) for t in stack.parts)
 
@@ -179,15 +189,16 @@ def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution
     nilpotent :math:`-S^{-1} L^\top` each step, with :math:`\nabla \ell_k` inside the same
     pullbacks (``solve_transposed`` of the layer's :meth:`~pyroflows.transforms.IAF.linearize`):
     exact after at most as many steps as the order has levels (D), it stops once a step is
-    within :math:`\sqrt\epsilon` of the solution (:math:`\epsilon` the dtype's machine
-    epsilon: 1e-8 in float64, far below the gradient's Monte-Carlo noise), after a few near
-    the identity. The parameters are constants here. ``eps`` (..., D); the result has its
+    within :data:`STL_TOL` (1e-4) of the solution, or :math:`\sqrt\epsilon` in a dtype whose
+    :math:`\sqrt\epsilon` is larger (float32), far below the gradient's Monte-Carlo noise:
+    each step shrinks the error 100- to 10000-fold after training, so two or three steps a
+    layer. The parameters are constants here. ``eps`` (..., D); the result has its
     shape. ``linearizations``: the IAF layers' linearizations kept by the draw's own run
     (:meth:`~pyroflows.flows.FlowStack.run_linearized`), used in order where they are of
     the layer at hand and the draws' shape; any other layer is linearized here."""
     d = eps.shape[-1]
     x = eps.detach().reshape(-1, d)
-    tol = torch.finfo(x.dtype).eps ** 0.5
+    tol = max(STL_TOL, torch.finfo(x.dtype).eps ** 0.5)
     kept = iter(linearizations)
     ready = next(kept, None)
     with torch.no_grad():
