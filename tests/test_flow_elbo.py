@@ -393,6 +393,31 @@ def test_a_draw_reuses_its_linearizations(elbo, monkeypatch, device, dtype):
         torch.testing.assert_close(a, b, **_tol(dtype))
 
 
+def test_kept_linearizations_live_with_the_draw(device, dtype):
+    """A posterior's draw keeps its IAF layers' linearizations for itself: a posterior the
+    user holds keeps none alive once its draws are gone (and the flow's one-entry cache holds
+    another), and another posterior over a different flow does not take them."""
+    import gc
+    import weakref
+
+    model = gaussian_problem(device, dtype)[0]
+    guide = AutoIAF(model, num_layers=2, hidden_dims=(8,))
+    guide()
+    posterior = guide.get_posterior()
+    value = posterior.rsample((5,))
+    kept = posterior.linearizations(value)
+    assert len(kept) == 2
+    other = AutoIAF(model, num_layers=2, hidden_dims=(8,))
+    other()
+    assert other.get_posterior().linearizations(value) == []
+    assert posterior.linearizations(value.detach()) == []
+    gone = weakref.ref(kept[0].output)
+    del value, kept
+    posterior.sample((5,))  # (the stack's cache now holds this draw)
+    gc.collect()
+    assert gone() is None
+
+
 def _posterior(make, device, dtype, dim=3):
     zero = torch.zeros(dim, device=device, dtype=dtype)
 

@@ -88,15 +88,17 @@ class FlowPosterior(dist.TransformedDistribution):
     # An unbatched draw goes through the layers as a batch of one (Planar makes (D,) into
     # (1, D)) and is remembered, so that scoring it still hits the layers' caches. A draw with
     # autograd through one FlowStack keeps its IAF layers' linearizations (the activations its
-    # autograd graph holds anyway) with the draw, for its sticking-the-landing term
-    # (landing.path_entropy); they go with this distribution, which a trace holds for a step.
+    # autograd graph holds anyway) for its sticking-the-landing term (landing.path_entropy):
+    # on the draw itself, so they live exactly as long as the draw and its graph, whoever
+    # holds this distribution.
     def rsample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
         if not (torch.is_grad_enabled() and len(self.transforms) == 1
                 and isinstance(self.transforms[0], flows.FlowStack)):
             return self._rsample(sample_shape)
         with flows.FlowStack.keeping_linearizations() as kept:
             value = self._rsample(sample_shape)
-        self._linearized = (value, kept)
+        if kept:
+            value._pyroflows_linearized = (self.transforms[0], kept)
         return value
 
     def _rsample(self, sample_shape: torch.Size | tuple) -> Tensor:
@@ -108,10 +110,10 @@ class FlowPosterior(dist.TransformedDistribution):
         return value
 
     def linearizations(self, value: Tensor) -> list:
-        """The IAF layers' linearizations kept by the draw ``value`` of :meth:`rsample`
-        (empty for any other tensor)."""
-        kept = getattr(self, "_linearized", None)
-        return kept[1] if kept is not None and kept[0] is value else []
+        """The IAF layers' linearizations kept by the draw ``value`` of :meth:`rsample` through
+        this posterior's flow (empty for any other tensor)."""
+        kept = value.__dict__.get("_pyroflows_linearized")
+        return kept[1] if kept is not None and kept[0] is self.transforms[0] else []
 
     def sample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
         with torch.no_grad():
