@@ -34,6 +34,15 @@ def one_thread():
 
 
 @pytest.fixture
+def blocks_at_any_rows(monkeypatch):
+    """MADE's blocked products (``_fast.made``) for products of any number of rows, not only
+    from ``_BLOCK_MIN_ROWS`` on: for tests that exercise the blocked kernels at small batches."""
+    from pyroflows._fast import made
+
+    monkeypatch.setattr(made, "_BLOCK_MIN_ROWS", 0)
+
+
+@pytest.fixture
 def exact_stl(monkeypatch):
     """Sticking the landing's layer-by-layer solves iterated to exactness
     (``landing.STL_TOL = 0``) instead of the default tolerance: for tests that hold the

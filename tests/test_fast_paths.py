@@ -1059,10 +1059,10 @@ def test_a_layer_of_a_stack_alone_and_in_sub_stacks(family, device, dtype):
 # ---- blocked MADE products ---------------------------------------------------------------
 
 @pytest.fixture
-def small_blocks(monkeypatch):
-    """Plans for small networks too (blocks of 8 units, any width of 16 or more, any saving),
-    so that the tests exercise many plan shapes at a small cost. Only plans built inside the
-    test see these values."""
+def small_blocks(monkeypatch, blocks_at_any_rows):
+    """Plans for small networks too (blocks of 8 units, any width of 16 or more, any saving,
+    any number of rows), so that the tests exercise many plan shapes at a small cost. Only
+    plans built inside the test see these values."""
     monkeypatch.setattr(fast_made, "_BLOCK_MIN_WIDTH", 16)
     monkeypatch.setattr(fast_made, "_BLOCK_SIZE", 8)
     monkeypatch.setattr(fast_made, "_BLOCK_MAX_FRACTION", 1.0)
@@ -1146,8 +1146,40 @@ def test_plans_where_blocking_pays():
     weights = fast_made.masked_weights(net)[0]
     assert fast_made.block_plans(net, [weights[0], weights[1][:, :128], weights[2]])[1] is None
     assert fast_made.block_plans(net, [w.to("meta") for w in weights]) == (None,) * 3  # not CPU
+    # few rows (a guide's particles): dense; from _BLOCK_MIN_ROWS on, blocked
+    rows = fast_made._BLOCK_MIN_ROWS
+    assert fast_made.block_plans(net, weights, rows - 1) == (None, None, None)
+    assert fast_made.block_plans(net, weights, rows)[1] is not None
     del net._blockable  # a network pickled before the plans existed: dense products
     assert fast_made.block_plans(net, weights) == (None, None, None)
+
+
+def test_fused_kernels_block_by_the_rows_of_the_product(monkeypatch):
+    """The fused forward and backward pass of a network with a blocked layer run its blocked
+    products for a batch of _BLOCK_MIN_ROWS rows and the dense ones for fewer, with the same
+    values either way."""
+    net = MADE(64, (256, 256), num_params=2)
+    randomize_parameters_(net, scale=0.1, seed=0)
+    weights, biases = fast_made.masked_weights(net)
+    calls = []
+    for name in ("_blocked_linear", "_blocked_input_grad", "_blocked_weight_grad"):
+        real = getattr(fast_made, name)
+        monkeypatch.setattr(fast_made, name,
+                            lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    x = torch.randn(fast_made._BLOCK_MIN_ROWS, 64, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for rows in (len(x), len(x) - 1):
+        calls.clear()
+        with torch.no_grad():
+            out, inputs = fast_made.fused_forward(net, x[:rows], weights, biases)
+            grad_flat = torch.empty_like(net.flat_parameters)
+            grad_x = fast_made.fused_backward(net, out.cos(), inputs, weights, grad_flat, True)
+        results[rows] = (out, grad_x, grad_flat, sorted(set(calls)))
+    blocked, dense = results[len(x)], results[len(x) - 1]
+    assert blocked[3] == ["_blocked_input_grad", "_blocked_linear", "_blocked_weight_grad"]
+    assert dense[3] == []
+    torch.testing.assert_close(blocked[0][:-1], dense[0])
+    torch.testing.assert_close(blocked[1][:-1], dense[1])
 
 
 def _dense_reference(net: MADE, x: torch.Tensor, grad_out: torch.Tensor):
@@ -1198,7 +1230,8 @@ def test_blocked_kernels_match_the_dense_network(name, activation, small_blocks,
 
 
 @pytest.mark.parametrize("family", ["maf", "iaf"])
-def test_stack_at_blocking_widths_matches_plain_path(family, device, dtype):
+def test_stack_at_blocking_widths_matches_plain_path(family, blocks_at_any_rows, device,
+                                                     dtype):
     """A built stack at the widths where blocking is on by default (D=64, hidden (256, 256),
     reversed orders between layers): the fused chain's values, log-det and gradients (input
     and parameters) against the plain differentiable path (``fused = False``, dense products,
@@ -1225,7 +1258,8 @@ def test_stack_at_blocking_widths_matches_plain_path(family, device, dtype):
         torch.testing.assert_close(got, want, **tolerances(dtype))
 
 
-def test_a_loaded_stack_with_other_orders_runs_its_blocks_from_the_loaded_masks():
+def test_a_loaded_stack_with_other_orders_runs_its_blocks_from_the_loaded_masks(
+        blocks_at_any_rows):
     """Block plans follow the mask buffers: a stack built with reversed orders that loads the
     state of one built with random permutations (all keys match, the masks differ) computes
     the loaded flow, fused as plain, and the source flow's log-det (real thresholds: D = 300,

@@ -19,6 +19,9 @@ from pyroflows._fast import made as fast_made
 from pyroflows.testing import randomize_parameters_
 from pyroflows.transforms.base import module_stamp
 
+# the "-blocked" entries' wide layers run their blocked products at the suite's small batches
+pytestmark = pytest.mark.usefixtures("blocks_at_any_rows")
+
 TRANSFORMS: dict = {}
 
 

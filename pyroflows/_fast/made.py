@@ -9,7 +9,9 @@ hidden-to-hidden mask is a staircase and about half of the dense product multipl
 layer at least ``_BLOCK_MIN_WIDTH`` wide on both sides is computed in row blocks of about
 ``_BLOCK_SIZE`` units, each over the inputs its mask uses (the input gradient in column
 blocks), where the blocks skip at least ``1 - _BLOCK_MAX_FRACTION`` of the product (the plan,
-:func:`block_plans`, follows the mask buffer). The blocks hold every nonzero weight, so the
+:func:`block_plans`, follows the mask buffer), and only for products of at least
+``_BLOCK_MIN_ROWS`` rows: for fewer (a guide's few particles), the blocks' extra calls cost
+more than the skipped products save. The blocks hold every nonzero weight, so the
 values are the dense sums grouped differently: equal to rounding. The thresholds are measured
 choices (``benchmarks/results/speed-cpu.md``).
 """
@@ -41,6 +43,9 @@ _THIN = 16
 _BLOCK_MIN_WIDTH = 256
 _BLOCK_SIZE = 64
 _BLOCK_MAX_FRACTION = 0.7
+# ... for products of at least _BLOCK_MIN_ROWS rows (at 256 x 256: 0.95x the dense time at 256
+# rows, 1.0x at 128, 1.1x at 64, 1.6x at 8)
+_BLOCK_MIN_ROWS = 256
 
 
 def blockable(shapes: Sequence[tuple[int, int]]) -> bool:
@@ -111,11 +116,14 @@ class _Blocks(NamedTuple):
     cols: tuple[tuple[int, int, int, int], ...]
 
 
-def block_plans(net: nn.Module, weights: Sequence[Tensor]) -> Sequence[_Blocks | None]:
+def block_plans(net: nn.Module, weights: Sequence[Tensor], rows: int | None = None
+                ) -> Sequence[_Blocks | None]:
     """Every layer's block plan for these ``weights`` (``None``: dense): where the layer has
-    one, the weight has the layer's full shape (not a sub-block), and it lives on the CPU."""
-    # the cheapest check first; a network pickled without the flag stays dense
-    if not net.__dict__.get("_blockable") or weights[0].device.type != "cpu":
+    one, the weight has the layer's full shape (not a sub-block), and it lives on the CPU;
+    none for products of fewer than ``_BLOCK_MIN_ROWS`` ``rows`` (``None``: any)."""
+    # the cheapest checks first; a network pickled without the flag stays dense
+    if (not net.__dict__.get("_blockable") or (rows is not None and rows < _BLOCK_MIN_ROWS)
+            or weights[0].device.type != "cpu"):
         return (None,) * len(weights)
     mask = net.mask  # a bank row's is a view: key on its storage, which the memo keeps alive
     keep = mask if mask._base is None else mask._base
@@ -201,7 +209,7 @@ def fused_forward(net: nn.Module, x: Tensor, weights: Sequence[Tensor],
     (M, H_1), with N a multiple of M, is added to the first layer's output, row n getting row
     ``n % M`` (a context's bias :math:`V c`, repeated over leading sample dims)."""
     relu = type(net._modules["activation"]) is nn.ReLU
-    plans = block_plans(net, weights)
+    plans = block_plans(net, weights, x.shape[0])
     inputs = [x]
     h = x
     last = len(weights) - 1
@@ -240,7 +248,7 @@ def fused_backward(net: nn.Module, grad_out: Tensor, inputs: Sequence[Tensor],
     into_flat = grad_params is None and grad_flat is not None
     if into_flat:
         grad_params = list(zip(*split_weights(net, grad_flat), strict=True))
-    plans = block_plans(net, weights)
+    plans = block_plans(net, weights, grad_out.shape[0])
     g = grad_out
     for k in range(len(weights) - 1, -1, -1):
         thin = weights[k].shape[1] < _THIN  # few inputs to this layer: the first, at small D
