@@ -300,6 +300,10 @@ class ConditionalFlowDistribution(ConditionalDistribution):
                              "pass base=")
         self.flow, self.base, self.dim = flow, base, dim
 
+    #: the class of what :meth:`condition` returns (a :class:`FlowDistribution` subclass,
+    #: built as ``distribution_class(transform, base)``)
+    distribution_class: type = FlowDistribution
+
     def condition(self, context: Tensor) -> FlowDistribution:
         """The distribution of ``x`` given ``context`` (shape ``batch_shape + (C,)``)."""
         transform = self.flow.condition(context)
@@ -310,4 +314,4 @@ class ConditionalFlowDistribution(ConditionalDistribution):
             base = self.base.condition(context)
         else:
             base = self.base.expand(torch.broadcast_shapes(self.base.batch_shape, batch_shape))
-        return FlowDistribution(transform, base)
+        return self.distribution_class(transform, base)

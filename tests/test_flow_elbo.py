@@ -5,6 +5,7 @@ divergence error, and the direct path against Pyro's trace, replay and Trace_ELB
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 
@@ -160,6 +161,7 @@ def test_sticking_the_landing_from_the_jacobian_matches_the_inverse(flow, monkey
     stack = posterior.transforms[0]
     n, d = 128, 3
     assert n * (d + 1) >= landing.STL_BATCHED_BACKWARD_MIN_ROWS
+    monkeypatch.setattr(landing, "_RUNS_BATCHED", {})  # as in a fresh process
     eps = torch.randn(n, 1, d, device=device, dtype=dtype)
     z, log_det = stack.forward_and_log_det(eps)
     log_q = (-0.5 * eps.square().sum(-1) - 0.5 * d * math.log(2 * math.pi) - log_det).detach()
@@ -174,7 +176,7 @@ def test_sticking_the_landing_from_the_jacobian_matches_the_inverse(flow, monkey
         rows: list[int] = []  # the rows of every forward pass the Jacobian takes
 
         def counted(self, value, rows=rows):
-            rows.append(value.shape[0])
+            rows.append(value.numel() // value.shape[-1])
             return forward(self, value)
 
         leaf = z.detach().requires_grad_(True)
@@ -202,9 +204,11 @@ def test_sticking_the_landing_from_the_jacobian_matches_the_inverse(flow, monkey
 
 def test_stl_refused_batched_backward_is_not_retried(device, dtype, monkeypatch):
     """Planar's backward does not run batched (an in-place copy under vmap): the first call
-    tries it and falls back to the copies; later calls on the same stack go to the copies
+    tries it and falls back to the copies; later calls, on the same stack or on a new stack
+    of the same layers (a conditioned flow is a new stack every step), go to the copies
     directly (they paid a forward pass and a failed backward every step), with the same
     result."""
+    monkeypatch.setattr(landing, "_RUNS_BATCHED", {})  # as in a fresh process
     zeros = torch.zeros(4, device=device, dtype=dtype)
 
     def model():
@@ -221,7 +225,7 @@ def test_stl_refused_batched_backward_is_not_retried(device, dtype, monkeypatch)
     forward = landing._Call.forward
 
     def counted(self, value):
-        rows.append(value.shape[0])
+        rows.append(value.numel() // value.shape[-1])
         return forward(self, value)
 
     monkeypatch.setattr(landing._Call, "forward", counted)
@@ -232,6 +236,9 @@ def test_stl_refused_batched_backward_is_not_retried(device, dtype, monkeypatch)
     second = landing.path_log_density(stack, eps, z.detach(), log_q)
     assert rows == ([n * (d + 1)] if refused else [n])
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+    rows.clear()
+    landing.path_log_density(copy.deepcopy(stack), eps, z.detach(), log_q)
+    assert rows == ([n * (d + 1)] if refused else [n])
 
 
 LAYERWISE_GUIDES = {  # guides whose stacks the layer-by-layer route takes, and two it does not

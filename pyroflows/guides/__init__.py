@@ -9,7 +9,7 @@ guide of a local latent).
 from __future__ import annotations
 
 from ..transforms import TriangularAffine
-from .amortized import AmortizedFlowGuide
+from .amortized import AmortizedFlowGuide, AmortizedPosterior
 from .autoguide import (
     AutoFlowGuide,
     AutoIAF,
@@ -25,4 +25,5 @@ from .elbo import FlowELBO
 
 __all__ = ["AutoFlowGuide", "AutoPlanar", "AutoRadial", "AutoIAF", "FlowPosterior",
            "TriangularAffine", "FlowELBO", "optim_args", "default_lr",
-           "recommended_optimizer", "HeldClippedAdam", "AmortizedFlowGuide"]
+           "recommended_optimizer", "HeldClippedAdam", "AmortizedFlowGuide",
+           "AmortizedPosterior"]

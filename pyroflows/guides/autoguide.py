@@ -135,9 +135,7 @@ class FlowPosterior(dist.TransformedDistribution):
         any ELBO that reads it, ``Trace_ELBO`` included, with the same loss value. Else (no
         gradients, a ``torch.jit`` trace, or inside :class:`~pyroflows.guides.FlowELBO`, which
         makes the choice itself) Pyro's parts."""
-        if not (self.stick_the_landing and self.has_rsample and torch.is_grad_enabled()
-                and value.requires_grad and landing.posterior_sticks()
-                and not torch.jit.is_tracing()):
+        if not landing.sticks(self, value):
             return super().score_parts(value, *args, **kwargs)
         log_prob = self.log_prob(value)
         entropy = landing.path_entropy(self, value)

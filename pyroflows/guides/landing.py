@@ -23,7 +23,7 @@ from ..transforms import FlowTransform
 from ..transforms.affine import ElementwiseAffine, FixedTriangularAffine, TriangularAffine
 from ..transforms.autoregressive import AffineAutoregressiveCore
 
-__all__ = ["posterior_sticks", "posterior_stl_off", "log_prob_detached", "jacobian_route",
+__all__ = ["posterior_sticks", "posterior_stl_off", "sticks", "log_prob_detached", "jacobian_route",
            "path_route", "layerwise_score", "path_log_density", "path_entropy",
            "detached_base", "base_score"]
 
@@ -62,6 +62,14 @@ _POSTERIOR_STL: contextvars.ContextVar[bool] = contextvars.ContextVar("posterior
 def posterior_sticks() -> bool:
     """Whether flow posteriors stick the landing in their ``score_parts`` here."""
     return _POSTERIOR_STL.get()
+
+
+def sticks(posterior: Distribution, value: Tensor) -> bool:
+    """Whether the ``score_parts`` of a flow posterior with a ``stick_the_landing`` switch
+    give the sticking-the-landing entropy term at ``value``: switched on, a draw with
+    gradients under autograd, :func:`posterior_sticks`, no ``torch.jit`` trace."""
+    return (posterior.stick_the_landing and posterior.has_rsample and torch.is_grad_enabled()
+            and value.requires_grad and posterior_sticks() and not torch.jit.is_tracing())
 
 
 @contextlib.contextmanager
@@ -247,47 +255,55 @@ def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tens
 
 def _jacobian_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution | None
                     ) -> Tensor:
-    """:math:`J^{-\top} h` of :func:`path_log_density` from the draw's whole Jacobian, (N, D)
-    for the N draws of ``eps``."""
+    """:math:`J^{-\top} h` of :func:`path_log_density` from the draw's whole Jacobian, of the
+    shape (..., D) of ``eps``, whose batch dims stay as they are (they broadcast against a
+    conditioned layer's rows of parameters)."""
     d = eps.shape[-1]
-    e = eps.detach().reshape(-1, d)
-    n = e.shape[0]
+    e = eps.detach()
+    batch = e.shape[:-1]
+    n = e.numel() // max(d, 1)
     # pullback i < D of output i (row i of J), the last one of -log|det J|; the parameters are
-    # detached copies, so no parameter gradient is computed
+    # detached copies, so no parameter gradient is computed (a conditioned layer's parameters,
+    # tensors of its context, are not asked for either: the gradient is the draws' alone)
     frozen = _detached(stack)
     eye = torch.eye(d + 1, d, dtype=e.dtype, device=e.device)  # last row zero
-    pick_y = eye.unsqueeze(1).expand(d + 1, n, d)
-    pick_ld = torch.zeros(d + 1, n, dtype=e.dtype, device=e.device)
+    pick_y = eye.view(d + 1, *(1,) * len(batch), d).expand(d + 1, *batch, d)
+    pick_ld = torch.zeros(d + 1, *batch, dtype=e.dtype, device=e.device)
     pick_ld[d] = -1.0
     pulled = None
     if n * (d + 1) >= STL_BATCHED_BACKWARD_MIN_ROWS:
-        tried: list[Tensor | None] = []
-
-        def runs_batched() -> bool:
-            tried.append(_batched_pullbacks(stack, frozen, e, pick_y, pick_ld))
-            return tried[0] is not None
-
-        # whether the stack's backward runs batched, found by the first try: a stack that
-        # refused refuses every time (its layers' in-place operations), so it goes straight
-        # to the copies instead of paying a failed attempt per step
-        if stack.memo("stl_backward_runs_batched", None, runs_batched):
-            pulled = tried[0] if tried else _batched_pullbacks(stack, frozen, e, pick_y,
-                                                                pick_ld)
+        # whether the stack's backward runs batched, found by the first try: the layers'
+        # kinds that refused refuse every time (in-place operations), so later stacks of
+        # them go straight to the copies instead of paying a failed attempt per step
+        kinds = _backward_kinds(stack, e.device)
+        if _RUNS_BATCHED.get(kinds, True):
+            pulled = _batched_pullbacks(stack, frozen, e, pick_y, pick_ld)
+            _RUNS_BATCHED[kinds] = pulled is not None
     if pulled is None:  # one pass over D + 1 copies of the draws
-        copies = e.expand(d + 1, n, d).reshape((d + 1) * n, d).clone().requires_grad_(True)
+        copies = e.expand(d + 1, *batch, d).clone().requires_grad_(True)
         with torch.enable_grad():
             y, log_det = torch.func.functional_call(_Call(stack, inverse=False), frozen,
                                                     (copies,))
-            outputs, cotangents = _with_log_det((y, log_det), (pick_y.reshape((d + 1) * n, d),
-                                                               pick_ld.reshape(-1)))
+            outputs, cotangents = _with_log_det((y, log_det), (pick_y, pick_ld))
             (pulled,) = torch.autograd.grad(outputs, copies, grad_outputs=cotangents)
-        pulled = pulled.reshape(d + 1, n, d)
     # h: the gradient of log p0(eps) - log|det J| at eps
     rows, h = pulled[:d], pulled[d] + base_score(base_dist, e)
-    jac = rows.transpose(0, 1)  # jac[b, i, j] = dz_i / d eps_j
+    jac = rows.movedim(0, -2)  # jac[..., i, j] = dz_i / d eps_j
     # solve_ex: a singular Jacobian (a degenerate flow) gives a non-finite gradient, which
     # FlowELBO skips, instead of an error
     return torch.linalg.solve_ex(jac.transpose(-1, -2), h.unsqueeze(-1))[0].squeeze(-1)
+
+
+#: Whether a stack's backward ran batched (:func:`_batched_pullbacks`), by
+#: :func:`_backward_kinds`: the layers' code, not their values, decides it.
+_RUNS_BATCHED: dict[tuple, bool] = {}
+
+
+def _backward_kinds(stack: flows.FlowStack, device: torch.device) -> tuple:
+    """What decides whether ``stack``'s backward runs batched: its layers' classes and fused
+    switches, its own, and the device type."""
+    return (device.type, stack.fused, stack.compile_backend,
+            tuple((type(t), getattr(t, "fused", None)) for t in stack.parts))
 
 
 def _with_log_det(outputs: tuple[Tensor, Tensor], cotangents: tuple[Tensor, Tensor]
