@@ -21,7 +21,15 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import prune_subsample_sites
 
-from pyroflows.guides import AutoFlowGuide, AutoIAF, AutoPlanar, FlowELBO, FlowPosterior, landing
+from pyroflows.guides import (
+    AutoFlowGuide,
+    AutoIAF,
+    AutoPlanar,
+    AutoRadial,
+    FlowELBO,
+    FlowPosterior,
+    landing,
+)
 from pyroflows.guides import direct as direct_path
 from pyroflows.guides.direct import _ReplayAndScore
 
@@ -147,8 +155,8 @@ def test_sticking_the_landing_from_the_jacobian_matches_the_inverse(flow, monkey
     forward pass over the particles and a backward batched over the D + 1 cotangents; the two
     agree to rounding, and the batched one raises no vmap warning (a batching-rule fallback
     would warn and crawl). IAF's backward runs batched; planar's does not (an in-place update)
-    and falls back to the copies. (IAF and RealNVP stacks take the layer-by-layer route by
-    default: switched off here.)"""
+    and falls back to the copies. (IAF, RealNVP, planar and radial stacks take the
+    layer-by-layer route by default: switched off here.)"""
     monkeypatch.setattr(landing, "STL_LAYERWISE", False)
     model = gaussian_problem(device, dtype)[0]
     kw = {"num_layers": 3} if flow in ("planar", "radial") else {"hidden_dims": (8,)}
@@ -207,8 +215,9 @@ def test_stl_refused_batched_backward_is_not_retried(device, dtype, monkeypatch)
     tries it and falls back to the copies; later calls, on the same stack or on a new stack
     of the same layers (a conditioned flow is a new stack every step), go to the copies
     directly (they paid a forward pass and a failed backward every step), with the same
-    result."""
+    result. (Planar stacks take the layer-by-layer route by default: switched off here.)"""
     monkeypatch.setattr(landing, "_RUNS_BATCHED", {})  # as in a fresh process
+    monkeypatch.setattr(landing, "STL_LAYERWISE", False)
     zeros = torch.zeros(4, device=device, dtype=dtype)
 
     def model():
@@ -252,15 +261,18 @@ LAYERWISE_GUIDES = {  # guides whose stacks the layer-by-layer route takes, and 
     "realnvp": (lambda m: AutoFlowGuide(m, flow="realnvp", num_layers=2, hidden_dims=(24,)),
                 True),
     "maf": (lambda m: AutoFlowGuide(m, flow="maf", num_layers=2, hidden_dims=(24,)), False),
-    "planar": (lambda m: AutoPlanar(m, num_layers=3), False),
+    "planar": (lambda m: AutoPlanar(m, num_layers=3), True),
+    "radial": (lambda m: AutoRadial(m, num_layers=3), True),
+    "nsf": (lambda m: AutoFlowGuide(m, flow="nsf", num_layers=2, hidden_dims=(24,)), False),
 }
 
 
 @pytest.mark.parametrize("make", sorted(LAYERWISE_GUIDES))
 def test_layerwise_score_is_the_gradient_of_the_inverse(make, monkeypatch, device, dtype):
-    """path_log_density takes the layer-by-layer route for stacks of IAF, RealNVP and affine
-    layers (Laplace start, diagonal, plain start, a Student t base), the draw's Jacobian for
-    others (MAF, planar); either way its value and gradient in z are those of autograd
+    """path_log_density takes the layer-by-layer route for stacks of IAF, RealNVP, planar,
+    radial and affine layers (Laplace start, diagonal, plain start, a Student t base), the
+    draw's Jacobian for others (MAF, NSF); either way its value and gradient in z are those
+    of autograd
     through the flow's inverse (log_prob_detached), with the parameters far from their
     start."""
     dim = 20

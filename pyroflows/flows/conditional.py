@@ -165,3 +165,10 @@ class _RowAffine(FlowTransform):
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         x = (y - self.loc) / self.scale
         return x, self.log_det.expand(x.shape[:-1])
+
+    def has_score_step(self) -> bool:
+        return True
+
+    def score_step(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        # J = diag(sigma), a log-det constant in x
+        return torch.addcmul(self.loc, self.scale, x), g / self.scale

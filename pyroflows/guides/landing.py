@@ -163,11 +163,13 @@ def _affine_matrix(t: nn.Module) -> Tensor | None:
 
 
 def _layerwise(stack: flows.FlowStack) -> bool:
-    """Whether :func:`layerwise_score` takes ``stack``: every layer IAF-like
-    (``can_linearize``: a fused one-pass forward map without a context) or affine."""
+    """Whether :func:`layerwise_score` takes ``stack``: every layer affine, IAF-like
+    (``can_linearize``: a fused one-pass forward map without a context) or with a
+    closed-form score step (``has_score_step``: planar, radial, their conditioned maps, a
+    conditional flow's Gaussian start)."""
     def fits(t: nn.Module) -> bool:
-        return isinstance(t, _AFFINE) or (isinstance(t, AffineAutoregressiveCore)
-                                          and t.can_linearize())
+        return (isinstance(t, _AFFINE) or t.has_score_step()
+                or (isinstance(t, AffineAutoregressiveCore) and t.can_linearize()))
 
     return STL_LAYERWISE and stack.all_flow_transforms and all(fits(t) for t in stack.parts)
 
@@ -191,7 +193,9 @@ def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution
               J_k^\top u_k = u_{k-1} - \nabla \ell_k(x_{k-1}),
 
     one solve per layer, from the first: no pass from the top. An affine layer's :math:`J_k` is
-    its constant triangular matrix and :math:`\nabla \ell_k = 0` (a triangular solve). An IAF
+    its constant triangular matrix and :math:`\nabla \ell_k = 0` (a triangular solve); a
+    planar or radial layer's is the identity plus a rank-one term, solved in closed form
+    (its :meth:`~pyroflows.transforms.FlowTransform.score_step`). An IAF
     layer's is :math:`S + L`, :math:`S = \mathrm{diag}(e^{s})`, :math:`L` strictly lower
     triangular in the layer's order, solved by an iteration whose error is multiplied by the
     nilpotent :math:`-S^{-1} L^\top` each step, with :math:`\nabla \ell_k` inside the same
@@ -200,12 +204,13 @@ def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution
     within :data:`STL_TOL` (1e-4) of the solution, or :math:`\sqrt\epsilon` in a dtype whose
     :math:`\sqrt\epsilon` is larger (float32), far below the gradient's Monte-Carlo noise:
     each step shrinks the error 100- to 10000-fold after training, so two or three steps a
-    layer. The parameters are constants here. ``eps`` (..., D); the result has its
-    shape. ``linearizations``: the IAF layers' linearizations kept by the draw's own run
+    layer. The parameters are constants here. ``eps`` (..., D), whose batch dims broadcast
+    against a conditioned layer's rows of parameters; the result has its shape.
+    ``linearizations``: the IAF layers' linearizations kept by the draw's own run
     (:meth:`~pyroflows.flows.FlowStack.run_linearized`), used in order where they are of
     the layer at hand and the draws' shape; any other layer is linearized here."""
     d = eps.shape[-1]
-    x = eps.detach().reshape(-1, d)
+    x = eps.detach().reshape(-1, d) if eps.dim() < 2 else eps.detach()
     tol = max(STL_TOL, torch.finfo(x.dtype).eps ** 0.5)
     kept = iter(linearizations)
     ready = next(kept, None)
@@ -213,21 +218,24 @@ def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution
         u = base_score(base_dist, x)
         for t in stack.parts:
             matrix = _affine_matrix(t)
-            if matrix is None:
-                if ready is not None and ready.layer is t and ready.shape == x.shape:
+            if matrix is not None:
+                matrix = matrix.detach()
+                if matrix.dim() == 1:
+                    u = u / matrix
+                else:  # u L = v, row by row
+                    u = torch.linalg.solve_triangular(matrix, u, upper=False, left=False)
+                x = t.forward_and_log_det(x)[0]
+            elif t.has_score_step():
+                x, u = t.score_step(x, u)
+            else:  # an IAF layer, on the draws as rows
+                rows = x.reshape(-1, d)
+                if ready is not None and ready.layer is t and ready.shape == rows.shape:
                     lin, ready = ready, next(kept, None)
                 else:
-                    lin = t.linearize(x)
-                u = lin.solve_transposed(u, tol, with_log_det=True)
-                x = lin.output
-                continue
-            matrix = matrix.detach()
-            if matrix.dim() == 1:
-                u = u / matrix
-            else:  # u L = v, row by row
-                u = torch.linalg.solve_triangular(matrix, u, upper=False, left=False)
-            x = t.forward_and_log_det(x)[0]
-    return u.view(eps.shape)
+                    lin = t.linearize(rows)
+                u = lin.solve_transposed(u.reshape(-1, d), tol, with_log_det=True).view(x.shape)
+                x = lin.output.view(x.shape)
+    return u.reshape(eps.shape)
 
 
 def path_log_density(stack: flows.FlowStack, eps: Tensor, z: Tensor, log_q: Tensor,

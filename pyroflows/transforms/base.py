@@ -171,6 +171,17 @@ class FlowTransform(OutputCache, TransformModule):
         """One direction's map and log-det by plain differentiable operations."""
         return self.inverse_and_log_det(x) if inverse else self.forward_and_log_det(x)
 
+    def has_score_step(self) -> bool:
+        """Whether :meth:`score_step` gives this layer's step in closed form."""
+        return False
+
+    def score_step(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        r"""One layer of a flow's score, for sticking the landing layer by layer
+        (:func:`pyroflows.guides.landing.layerwise_score`): :math:`y = f(x)` and
+        :math:`J^{-\top}\bigl(g - \nabla_x \log|\det J(x)|\bigr)`, :math:`J = \partial f /
+        \partial x`, with the parameters as constants, where :meth:`has_score_step`."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form score step")
+
     def _validate(self, value: Tensor, what: str) -> None:
         name = type(self).__name__
         if not isinstance(value, Tensor):

@@ -14,8 +14,14 @@ from .._fast import keeps_map, planar_chain, radial_chain, run_steps
 from ..nn.dense import DenseNetwork
 from .base import FlowTransform
 from .conditional import ConditionalFlowTransform, check_broadcast
-from .planar import Planar, planar_constraint, planar_forward_step, planar_inverse_step
-from .radial import Radial, radial_alpha, radial_forward, radial_inverse
+from .planar import (
+    Planar,
+    planar_constraint,
+    planar_forward_step,
+    planar_inverse_step,
+    planar_score_step,
+)
+from .radial import Radial, radial_alpha, radial_forward, radial_inverse, radial_score_step
 
 __all__ = [
     "ConditionalPlanar", "conditional_planar", "ConditionedPlanar", "ConditionalRadial",
@@ -96,6 +102,7 @@ class _Conditioned(FlowTransform):
 
     _forward_step: Callable[..., tuple[Tensor, Tensor]]
     _inverse_step: Callable[..., tuple[Tensor, Tensor]]
+    _score_step: Callable[..., tuple[Tensor, Tensor]]
     _chain: Callable[..., tuple[Tensor, Tensor]]
 
     def __init__(self, dim: int, num_layers: int, batch_shape: torch.Size) -> None:
@@ -118,6 +125,17 @@ class _Conditioned(FlowTransform):
         """The class's name, unless a subclass redefines the map."""
         base = next(c for c in type(self).__mro__ if c.__dict__.get("_chain") is not None)
         return base.__name__ if keeps_map(type(self), base, _MAP) else None
+
+    def has_score_step(self) -> bool:
+        """True, unless a subclass redefines the map."""
+        return self.fused_kind(False) is not None
+
+    def score_step(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """The plain layer's score step (:meth:`FlowTransform.score_step`) of each of the K
+        maps in order, with its rows of parameters."""
+        for row in zip(*(p.unbind(0) for p in self._params()), strict=True):
+            x, g = type(self)._score_step(x, g, *row)
+        return x, g
 
     def _validate(self, value: Tensor, what: str) -> None:
         super()._validate(value, what)
@@ -177,6 +195,7 @@ class ConditionedPlanar(_Conditioned):
 
     _forward_step = staticmethod(planar_forward_step)
     _inverse_step = staticmethod(planar_inverse_step)
+    _score_step = staticmethod(planar_score_step)
     _chain = staticmethod(planar_chain)
 
     def __init__(self, u: Tensor, w: Tensor, bias: Tensor) -> None:
@@ -207,6 +226,7 @@ class ConditionedRadial(_Conditioned):
 
     _forward_step = staticmethod(radial_forward)
     _inverse_step = staticmethod(radial_inverse)
+    _score_step = staticmethod(radial_score_step)
     _chain = staticmethod(radial_chain)
 
     def __init__(self, x0: Tensor, alpha_prime: Tensor, beta_prime: Tensor) -> None:

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from .._fast import keeps_map, planar_chain, run_steps, stacked_rows
 from .base import FlowTransform
 
-__all__ = ["Planar", "planar", "planar_constraint", "planar_forward_step", "planar_inverse_step"]
+__all__ = ["Planar", "planar", "planar_constraint", "planar_forward_step", "planar_inverse_step",
+           "planar_score_step"]
 
 
 class Planar(FlowTransform):
@@ -108,6 +109,15 @@ class Planar(FlowTransform):
         """``"planar"``, unless a subclass redefines the map."""
         return "planar" if keeps_map(type(self), Planar, _MAP) else None
 
+    def has_score_step(self) -> bool:
+        """True, unless a subclass redefines the map."""
+        return keeps_map(type(self), Planar, _MAP)
+
+    def score_step(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`planar_score_step` of this layer (:meth:`FlowTransform.score_step`)."""
+        u_hat, slack = self.constrained()
+        return planar_score_step(x, g, self.w, u_hat, self.bias.squeeze(-1), slack)
+
     @staticmethod
     def run_fused(x: Tensor, layers: list[Planar], kinds: list, log_det: Tensor | None,
                   inverse: bool) -> tuple[Tensor, Tensor]:
@@ -141,6 +151,22 @@ def planar_inverse_step(y: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor, slack
     a = _solve_monotone_tanh(_project(y, w) + bias, slack)
     act = torch.tanh(a)
     return y - act.unsqueeze(-1) * u_hat, _log_det(act, slack)
+
+
+def planar_score_step(x: Tensor, g: Tensor, w: Tensor, u_hat: Tensor, bias: Tensor,
+                      slack: Tensor) -> tuple[Tensor, Tensor]:
+    r"""One planar layer's output :math:`y` and :math:`J^{-\top}(g - \nabla_x \log\det J)`
+    at ``x``, arguments as :func:`planar_forward_step`'s. With :math:`t = \tanh(w^\top x +
+    b)`, :math:`q = 1 - t^2`, :math:`J = I + q\, \hat u w^\top` and :math:`\det J = d =
+    t^2 + q \delta`: :math:`\nabla_x \log d = c\, w` with :math:`c = 2 t q (1 - \delta) / d`,
+    and by Sherman-Morrison :math:`J^{-\top} v = v - (q\, \hat u^\top v / d)\, w`."""
+    act = torch.tanh(_project(x, w) + bias)
+    q = 1 - act * act
+    det = torch.addcmul(act * act, q, slack)
+    c = 2 * act * q * (1 - slack) / det
+    v = g - c.unsqueeze(-1) * w
+    g_in = v - (q * _project(v, u_hat) / det).unsqueeze(-1) * w
+    return x + act.unsqueeze(-1) * u_hat, g_in
 
 
 def _project(x: Tensor, w: Tensor) -> Tensor:

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from .._fast import keeps_map, radial_chain, run_steps, stacked_rows
 from .base import FlowTransform
 
-__all__ = ["Radial", "radial", "radial_alpha", "radial_forward", "radial_inverse"]
+__all__ = ["Radial", "radial", "radial_alpha", "radial_forward", "radial_inverse",
+           "radial_score_step"]
 
 
 class Radial(FlowTransform):
@@ -90,6 +91,14 @@ class Radial(FlowTransform):
         """``"radial"``, unless a subclass redefines the map."""
         return "radial" if keeps_map(type(self), Radial, _MAP) else None
 
+    def has_score_step(self) -> bool:
+        """True, unless a subclass redefines the map."""
+        return keeps_map(type(self), Radial, _MAP)
+
+    def score_step(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`radial_score_step` of this layer (:meth:`FlowTransform.score_step`)."""
+        return radial_score_step(x, g, self.x0, *self._alpha_beta())
+
     @staticmethod
     def run_fused(x: Tensor, layers: list[Radial], kinds: list, log_det: Tensor | None,
                   inverse: bool) -> tuple[Tensor, Tensor]:
@@ -147,6 +156,29 @@ def radial_inverse(y: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
     r = torch.where(positive, 2 * alpha * big_r / total, total / 2)
     x = x0 + diff * ((alpha + r) / (alpha_plus_beta + r))
     return x, _log_det(r, alpha, alpha_plus_beta, y.shape[-1])
+
+
+def radial_score_step(x: Tensor, g: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+    r"""One radial layer's output :math:`y` and :math:`J^{-\top}(g - \nabla_x \log\det J)`
+    at ``x``, arguments as :func:`radial_forward`'s. With :math:`e = x - x_0`, :math:`r =
+    \|e\|`, :math:`\hat e = e / r`, :math:`s = \alpha + \beta`: :math:`J` is symmetric, with
+    eigenvalue :math:`a = (s + r) / (\alpha + r)` across :math:`\hat e` and :math:`a_e =
+    (\alpha s + 2 \alpha r + r^2) / (\alpha + r)^2` along it, so :math:`J^{-\top} v = v / a +
+    (\hat e^\top v)(1 / a_e - 1 / a)\, \hat e`; :math:`\log\det J = (D - 1) \log a + \log a_e`
+    depends on :math:`r` alone, its gradient :math:`\ell'(r)\, \hat e` (zero at the centre,
+    where :math:`\hat e` is taken as 0)."""
+    diff = x - x0
+    r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+    unit = diff / r.clamp_min(torch.finfo(r.dtype).tiny)
+    ar, sr = alpha + r, alpha_plus_beta + r
+    along = alpha * alpha_plus_beta + r * (2 * alpha + r)
+    dim = x.shape[-1]
+    slope = (dim - 1) * (1 / sr - 1 / ar) + 2 * (alpha + r) / along - 2 / ar  # d log det / dr
+    v = g - slope * unit
+    across = sr / ar
+    g_in = v / across + (v * unit).sum(-1, keepdim=True) * (ar * ar / along - 1 / across) * unit
+    return x + (alpha_plus_beta - alpha) / ar * diff, g_in
 
 
 def _log_det(r: Tensor, alpha: Tensor, alpha_plus_beta: Tensor, dim: int) -> Tensor:
