@@ -89,7 +89,7 @@ from benchmarks import emit
 
 HIDDEN, CONTEXT, PIXELS, TEST = 128, 64, 64, 297
 #: the settings that must agree between merged runs
-SAME_ARGS = ("epochs", "batch", "latent", "lr", "particles", "samples", "threads")
+SAME_ARGS = ("epochs", "batch", "latent", "lr", "particles", "samples", "threads", "stl")
 
 #: (label, library, family, K): the rows of the table, in its order.
 ROWS = [
@@ -107,6 +107,11 @@ ROWS = [
     ("iaf K=2", "pyro", "iaf", 2),
     ("iaf K=2", "zuko", "iaf", 2),
 ]
+#: ``--stl``: the Gaussian and pyroflows' rows, each family with sticking the landing (the
+#: guide's default) and without (``AmortizedFlowGuide(stick_the_landing=False)``).
+STL_ROWS = [ROWS[0], ("gaussian", "pyroflows", "gaussian", 0)] + [
+    (label, lib, family, k) for label, library, family, k in ROWS
+    if library == "pyroflows" for lib in ("pyroflows", "pyroflows no STL")]
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,9 +189,13 @@ class Row:
         self.pf_guide = None
         if library.startswith("pyroflows"):
             layout = {"shared_network": False} if library == "pyroflows per-layer" else {}
+            if family == "gaussian":  # the per-row Gaussian alone (its linear head on h)
+                family, layout = pf.flows.ConditionalElementwiseAffine(d, CONTEXT), {
+                    "gaussian": False}
             self.pf_guide = pf.guides.AmortizedFlowGuide(
                 self.encoder, d, family, context_dim=CONTEXT, num_layers=k, hidden_dims=hidden,
-                subsample_size=batch, name=self.name + ":guide", **layout)
+                subsample_size=batch, name=self.name + ":guide",
+                stick_the_landing=library != "pyroflows no STL", **layout)
             self.guide_module: nn.Module = self.pf_guide
             self.posterior: Callable = self.pf_guide.get_posterior
         else:
@@ -273,7 +282,7 @@ class Row:
 
 def run_seed(seed: int, args, train, test, log) -> dict[tuple[str, str], dict]:
     pyro.clear_param_store()
-    rows = [Row(*spec, seed=seed, args=args, n_train=train.shape[0]) for spec in ROWS]
+    rows = [Row(*spec, seed=seed, args=args, n_train=train.shape[0]) for spec in _rows(args)]
     order = random.Random(seed)
     wall = time.perf_counter()
     for epoch in range(args.epochs):
@@ -425,7 +434,56 @@ def _ms(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {se:.{digits}f}"
 
 
+def _rows(args) -> list[tuple]:
+    """The rows of this run: :data:`STL_ROWS` with ``--stl``, else :data:`ROWS`."""
+    return STL_ROWS if getattr(args, "stl", False) else ROWS
+
+
+def stl_summary(results: list[dict]) -> list[str]:
+    """Per family, sticking the landing (pyroflows' default) against the same guide without
+    it: the paired differences of test log-lik and gap (mean ± standard error over seeds)
+    and the ratio of seconds per epoch; then each flow against the Gaussian, both with it."""
+    lines = ["Sticking the landing against the same guide without it (per-seed differences, "
+             "mean ± standard error; gap cut = the gap without minus the gap with; the "
+             "Gaussian without it is Pyro's idiom, the same head on h):", ""]
+    for label, lib, _, _ in STL_ROWS:
+        if lib != "pyroflows":
+            continue
+        on = [r[(label, lib)] for r in results]
+        off = [r[(label, "pyro" if label == "gaussian" else "pyroflows no STL")]
+               for r in results]
+        gain = [a["ll"] - b["ll"] for a, b in zip(on, off, strict=True)]
+        elbo = [a["elbo"] - b["elbo"] for a, b in zip(on, off, strict=True)]
+        cut = [b["gap"] - a["gap"] for a, b in zip(on, off, strict=True)]
+        cost = [a["sec"] / b["sec"] for a, b in zip(on, off, strict=True)]
+        lines.append(f"- {label}: test ELBO {_ms(elbo)}, test log-lik {_ms(gain)} "
+                     f"({_clear(gain)}), gap cut {_ms(cut)} ({_clear(cut)}); seconds per "
+                     f"epoch {_ms(cost)}x")
+    base = [r[("gaussian", "pyroflows")] for r in results]
+    lines += ["", "With sticking the landing on both sides, each flow against the Gaussian "
+              "(gain = log-lik minus the Gaussian's; gap cut = the Gaussian's gap minus the "
+              "flow's):", ""]
+    for label, lib, _, _ in STL_ROWS:
+        if lib != "pyroflows" or label == "gaussian":
+            continue
+        on = [r[(label, lib)] for r in results]
+        gain = [a["ll"] - b["ll"] for a, b in zip(on, base, strict=True)]
+        cut = [b["gap"] - a["gap"] for a, b in zip(on, base, strict=True)]
+        lines.append(f"- {label}: gain {_ms(gain)} ({_clear(gain)}), gap cut {_ms(cut)} "
+                     f"({_clear(cut)})")
+    return lines
+
+
 def table(results: list[dict], args) -> list[str]:
+    if getattr(args, "stl", False):
+        keys = [(label, lib) for label, lib, _, _ in STL_ROWS]
+        col = {k: {m: [r[k][m] for r in results] for m in ("elbo", "ll", "gap", "sec")}
+               for k in keys}
+        lines = ["| posterior | library | test ELBO | test log-lik | gap | s / epoch |",
+                 "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {k[0]} | {k[1]} | {_ms(col[k]['elbo'])} | {_ms(col[k]['ll'])} | "
+                  f"{_ms(col[k]['gap'])} | {_ms(col[k]['sec'], 3)} |" for k in keys]
+        return lines + [""] + stl_summary(results)
     keys = [(label, lib) for label, lib, _, _ in ROWS]
     col = {k: {m: [r[k][m] for r in results] for m in ("elbo", "ll", "gap", "sec")}
            for k in keys}
@@ -505,6 +563,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="only time the parts of a training step per row (no table)")
     parser.add_argument("--profile-rounds", type=int, default=7)
+    parser.add_argument("--stl", action="store_true",
+                        help="the Gaussian and pyroflows' rows, each without and with "
+                             "sticking the landing, and their comparison")
     parser.add_argument("--gap-split", action="store_true",
                         help="only split the Gaussian guide's gap into amortization and "
                              "approximation gaps, per seed (no table)")
@@ -533,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in args.merge.split(","):
             with open(path) as f:
                 saved = json.load(f)
-            same = {k: saved["args"][k] for k in SAME_ARGS}
+            same = {k: saved["args"].get(k, False) for k in SAME_ARGS}  # (no "stl" before)
             if not commands:  # the table's settings: the first run's
                 vars(args).update(same)
             elif any(same[k] != getattr(args, k) for k in same):
@@ -580,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
         "Per seed (ELBO / log-lik / s per epoch):",
         "",
     ]
-    for label, lib, _, _ in ROWS:
+    for label, lib, _, _ in _rows(args):
         lines.append(f"- {label} {lib}: " + "; ".join(
             f"{r[(label, lib)]['elbo']:.2f} / {r[(label, lib)]['ll']:.2f} / "
             f"{r[(label, lib)]['sec']:.3f}" for r in results))
