@@ -2,8 +2,8 @@ r"""Sticking the landing (Roeder et al. 2017): a flow guide's :math:`\log q_{\ba
 with the parameters :math:`\bar\phi` detached, only the path :math:`z_\phi = T_\phi(\varepsilon)`
 differentiated; by the flow's inverse (:func:`log_prob_detached`; for IAF D sequential passes a
 layer) or, where the draw's base point is known, from the draw itself
-(:func:`path_log_density`): layer by layer (:func:`layerwise_score`; IAF and affine layers) or by
-the draw's whole Jacobian (D + 1 batched pullbacks).
+(:func:`path_log_density`): layer by layer (:func:`layerwise_score`; IAF, planar, radial and
+affine layers) or by the draw's whole Jacobian (D + 1 batched pullbacks).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ STL_JACOBIAN_MAX_DIM = 1024
 #: The most rows (particles x D) the Jacobian's pass may take (activations in memory).
 STL_JACOBIAN_MAX_ROWS = 32768
 #: Whether :func:`path_log_density` takes :func:`layerwise_score` where every layer allows it
-#: (IAF and affine layers: an ``AutoIAF`` at its defaults); ``False``: as if none did.
+#: (IAF, planar, radial and affine layers: every ``AutoIAF``, ``AutoPlanar`` and ``AutoRadial``
+#: and the amortized planar and radial guides); ``False``: as if none did.
 STL_LAYERWISE = True
 #: Where :func:`layerwise_score` stops an IAF layer's iteration: once a step is within this
 #: fraction of the solution (max norms), or within :math:`\sqrt\epsilon` of the dtype where
@@ -183,7 +184,7 @@ def path_route(stack: flows.FlowStack, eps: Tensor) -> bool:
 def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution | None = None,
                     linearizations: Sequence = ()) -> Tensor:
     r""":math:`\nabla_z \log q_{\bar\phi}(z)` at :math:`z = T(\varepsilon)` for a stack of
-    IAF and affine layers (:func:`path_route`), :math:`T = t_K \circ \dots \circ t_1`,
+    IAF, planar, radial and affine layers (:func:`path_route`), :math:`T = t_K \circ \dots \circ t_1`,
     :math:`x_k = t_k(x_{k-1})`, :math:`x_0 = \varepsilon`, :math:`J_k = \partial t_k /
     \partial x_{k-1}`, :math:`\ell_k = \log|\det J_k(x_{k-1})|`. As
     :math:`\log q(z) = \log p_0(\varepsilon) - \sum_k \ell_k` and
