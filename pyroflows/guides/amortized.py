@@ -20,8 +20,9 @@ __all__ = ["AmortizedFlowGuide", "AmortizedPosterior"]
 
 
 class AmortizedPosterior(FlowDistribution):
-    r""":math:`q(z \mid x)` of an :class:`AmortizedFlowGuide`: a :class:`FlowDistribution` of
-    the flow conditioned on the encoder's output, whose ``score_parts`` stick the landing
+    r""":math:`q(z \mid x)` of an :class:`AmortizedFlowGuide`: a
+    :class:`~pyroflows.distributions.FlowDistribution` of the flow conditioned on the
+    encoder's output, whose ``score_parts`` stick the landing
     (Roeder et al. 2017) where :attr:`stick_the_landing` is on: for a draw :math:`z` of its
     own ``rsample``, the entropy term is :math:`\log q_{\bar\phi}(z \mid x)` with the
     conditioned layers' parameters (the network's output for :math:`h`, and so the encoder)

@@ -184,9 +184,10 @@ def path_route(stack: flows.FlowStack, eps: Tensor) -> bool:
 def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution | None = None,
                     linearizations: Sequence = ()) -> Tensor:
     r""":math:`\nabla_z \log q_{\bar\phi}(z)` at :math:`z = T(\varepsilon)` for a stack of
-    IAF, planar, radial and affine layers (:func:`path_route`), :math:`T = t_K \circ \dots \circ t_1`,
-    :math:`x_k = t_k(x_{k-1})`, :math:`x_0 = \varepsilon`, :math:`J_k = \partial t_k /
-    \partial x_{k-1}`, :math:`\ell_k = \log|\det J_k(x_{k-1})|`. As
+    IAF, planar, radial and affine layers (:func:`path_route`),
+    :math:`T = t_K \circ \dots \circ t_1`, :math:`x_k = t_k(x_{k-1})`,
+    :math:`x_0 = \varepsilon`, :math:`J_k = \partial t_k / \partial x_{k-1}`,
+    :math:`\ell_k = \log|\det J_k(x_{k-1})|`. As
     :math:`\log q(z) = \log p_0(\varepsilon) - \sum_k \ell_k` and
     :math:`\partial x_{k-1} / \partial z = (J_K \cdots J_k)^{-1}`, it is :math:`u_K` of
 
