@@ -272,6 +272,10 @@ class ConditionalFlowDistribution(ConditionalDistribution):
         base: default :class:`StandardNormal` of the flow's ``dim``; else a distribution
             with event shape (D,) (expanded to the contexts' batch shape) or a
             ``ConditionalDistribution`` (conditioned on the same contexts).
+        distribution_class: what :meth:`condition` returns, built as
+            ``distribution_class(transform, base)``: :class:`FlowDistribution`, or a subclass
+            such as :class:`pyroflows.guides.AmortizedPosterior` (a guide's posterior that
+            sticks the landing).
 
     Example:
         >>> import torch, pyro, pyroflows as pf
@@ -290,19 +294,21 @@ class ConditionalFlowDistribution(ConditionalDistribution):
     """
 
     def __init__(self, flow: ConditionalTransform,
-                 base: Distribution | ConditionalDistribution | None = None) -> None:
+                 base: Distribution | ConditionalDistribution | None = None,
+                 distribution_class: type = FlowDistribution) -> None:
         if not isinstance(flow, ConditionalTransform):
             raise TypeError("ConditionalFlowDistribution: flow must be a conditional transform "
                             f"(with .condition(context)), got {type(flow).__name__}")
+        if not (isinstance(distribution_class, type)
+                and issubclass(distribution_class, FlowDistribution)):
+            raise TypeError("ConditionalFlowDistribution: distribution_class must be "
+                            f"FlowDistribution or a subclass, got {distribution_class!r}")
         dim = getattr(flow, "dim", None)
         if base is None and dim is None:
             raise ValueError("ConditionalFlowDistribution: cannot tell the flow's event size; "
                              "pass base=")
         self.flow, self.base, self.dim = flow, base, dim
-
-    #: the class of what :meth:`condition` returns (a :class:`FlowDistribution` subclass,
-    #: built as ``distribution_class(transform, base)``)
-    distribution_class: type = FlowDistribution
+        self.distribution_class = distribution_class
 
     def condition(self, context: Tensor) -> FlowDistribution:
         """The distribution of ``x`` given ``context`` (shape ``batch_shape + (C,)``)."""

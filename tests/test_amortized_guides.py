@@ -351,3 +351,39 @@ def test_sticking_the_landing_is_unbiased(fresh_param_store):
     noise = (mean_grad(False, 1) - g_std).norm()
     assert noise > 0
     assert (g_stl - g_std).norm() < 2 * noise
+
+
+def test_the_plain_idiom_sticks_the_landing_with_amortized_posterior(device, dtype,
+                                                                    fresh_param_store):
+    """``ConditionalFlowDistribution(cflow, distribution_class=AmortizedPosterior)``: the
+    distributions it gives stick the landing (their entropy term's gradient in the flow's
+    parameters is the path's alone); the default class keeps Pyro's parts; anything but a
+    FlowDistribution class is refused."""
+    from pyroflows.distributions import ConditionalFlowDistribution, FlowDistribution
+    from pyroflows.guides import AmortizedPosterior
+
+    cflow = pf.flows.build("radial", 3, num_layers=3, context_dim=HIDDEN).to(device, dtype)
+    pf.testing.randomize_parameters_(cflow, scale=0.3, seed=2)
+    h = _draws_like(device, dtype)
+    for cls in (AmortizedPosterior, FlowDistribution):
+        q = ConditionalFlowDistribution(cflow, distribution_class=cls).condition(h)
+        assert type(q) is cls
+        z = q.rsample((2,))
+        entropy = q.score_parts(z).entropy_term
+        params = list(cflow.parameters())
+        got = torch.autograd.grad(entropy.sum(), params, retain_graph=True)
+        with torch.no_grad():
+            fixed = ConditionalFlowDistribution(cflow).condition(h)
+        leaf = z.detach().requires_grad_(True)
+        (score,) = torch.autograd.grad(fixed.log_prob(leaf).sum(), leaf)
+        path = torch.autograd.grad((z * score).sum(), params)
+        same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, path,
+                                                                              strict=True))
+        assert same == (cls is AmortizedPosterior)
+    with pytest.raises(TypeError, match="distribution_class"):
+        ConditionalFlowDistribution(cflow, distribution_class=dist.Normal)
+
+
+def _draws_like(device, dtype) -> torch.Tensor:
+    return torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(3),
+                       dtype=torch.float64).to(device, dtype)

@@ -36,8 +36,8 @@ class AmortizedPosterior(FlowDistribution):
     sticking-the-landing gradient; ``RenyiELBO`` / IWAE reads ``log_prob`` and keeps its own
     (there the path gradient would be biased)."""
 
-    #: whether ``score_parts`` stick the landing (set by the guide that made it)
-    stick_the_landing: bool = False
+    #: whether ``score_parts`` stick the landing (on; a guide that made it sets its own)
+    stick_the_landing: bool = True
 
     def expand(self, batch_shape, _instance=None) -> AmortizedPosterior:
         new = super().expand(batch_shape, _instance)
@@ -50,10 +50,6 @@ class AmortizedPosterior(FlowDistribution):
             if entropy is not None:
                 return ScoreParts(self.log_prob(value), 0, entropy)
         return super().score_parts(value, *args, **kwargs)
-
-
-class _AmortizedConditional(ConditionalFlowDistribution):
-    distribution_class = AmortizedPosterior
 
 
 class AmortizedFlowGuide(nn.Module):
@@ -84,7 +80,8 @@ class AmortizedFlowGuide(nn.Module):
     The plain Pyro idiom it packs (for any other layout of data and plates)::
 
         cflow = pf.flows.build("iaf", latent_dim, num_layers=2, context_dim=H)
-        q = pf.distributions.ConditionalFlowDistribution(cflow)
+        q = pf.distributions.ConditionalFlowDistribution(
+            cflow, distribution_class=pf.guides.AmortizedPosterior)  # sticks the landing
 
         def guide(x):
             pyro.module("encoder", encoder)
@@ -172,7 +169,8 @@ class AmortizedFlowGuide(nn.Module):
         r""":math:`q(z \mid x)` for the data rows ``x`` (N, ...): batch shape (N,), event
         shape (D,) (outside any plate; e.g. to score draws or estimate :math:`\log p(x)` by
         importance sampling)."""
-        posterior = _AmortizedConditional(self.flow).condition(self.encoder(x))
+        posterior = ConditionalFlowDistribution(
+            self.flow, distribution_class=AmortizedPosterior).condition(self.encoder(x))
         posterior.stick_the_landing = self.stick_the_landing
         return posterior
 
