@@ -27,10 +27,11 @@ class AmortizedPosterior(FlowDistribution):
     own ``rsample``, the entropy term is :math:`\log q_{\bar\phi}(z \mid x)` with the
     conditioned layers' parameters (the network's output for :math:`h`, and so the encoder)
     held fixed, only the path :math:`z = f_h(\varepsilon)` differentiated: its value is
-    ``log_prob``, its gradient in :math:`z` comes from the draw's whole Jacobian
-    (:func:`~pyroflows.guides.landing.path_log_density`: layer by layer for planar and radial
-    layers and the Gaussian start, in closed form; else one pass over D + 1 copies of the
-    draws and a D x D solve per draw, up to D = 1024 and 32768 numbers of draws). Elsewhere
+    ``log_prob``, its gradient in :math:`z` comes from the draw itself
+    (:func:`~pyroflows.guides.landing.path_log_density`: layer by layer in closed form for
+    planar and radial layers and the Gaussian start; else from the draw's whole Jacobian, one
+    pass over D + 1 copies of the draws and a D x D solve per draw, up to D = 1024 and 32768
+    numbers of draws). Elsewhere
     (a value it did not draw, more draws than that) Pyro's parts: the standard gradient.
     ELBOs that read the entropy term (``Trace_ELBO``, ``TraceMeanField_ELBO``) then give the
     sticking-the-landing gradient; ``RenyiELBO`` / IWAE reads ``log_prob`` and keeps its own
