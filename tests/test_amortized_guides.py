@@ -244,7 +244,8 @@ def test_amortized_iaf_reaches_the_exact_posterior(device, dtype, fresh_param_st
 
 @pytest.mark.parametrize("flow", ["planar", "radial", "iaf", "maf", "realnvp"])
 def test_sticking_the_landing_term_is_the_fixed_parameters_density(flow, device, dtype,
-                                                                   fresh_param_store):
+                                                                   fresh_param_store,
+                                                                   exact_stl):
     """For a draw of its own (2 particles over 5 rows), the posterior's entropy term has the
     value of log q(z | x) and, in z, the gradient of log q with the conditioned parameters
     held fixed (autograd through the flow's inverse, conditioned on a detached context); the
@@ -387,3 +388,41 @@ def test_the_plain_idiom_sticks_the_landing_with_amortized_posterior(device, dty
 def _draws_like(device, dtype) -> torch.Tensor:
     return torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(3),
                        dtype=torch.float64).to(device, dtype)
+
+
+def test_amortized_iaf_sticks_the_landing_from_its_draws_linearizations(monkeypatch, device,
+                                                                       dtype,
+                                                                       fresh_param_store):
+    """An amortized IAF guide's sticking-the-landing term goes layer by layer (no whole
+    Jacobian) from the linearizations its draw kept (no IAF layer linearized again): the same
+    loss and gradients as with every layer linearized afresh."""
+    from pyroflows.guides import landing
+    from pyroflows.transforms import IAF
+
+    x = _images(device, dtype)[:12]
+    vae = VAE().to(device, dtype)
+    calls, jacobians = [], []
+    real_linearize, real_jacobian = IAF.linearize, landing._jacobian_score
+    monkeypatch.setattr(IAF, "linearize",
+                        lambda self, u: calls.append(1) or real_linearize(self, u))
+    monkeypatch.setattr(landing, "_jacobian_score",
+                        lambda *args: jacobians.append(1) or real_jacobian(*args))
+    results = []
+    for keep in (True, False):
+        if not keep:
+            monkeypatch.setattr(landing, "kept_linearizations", lambda posterior, value: [])
+        calls.clear()
+        torch.manual_seed(0)
+        guide = _guide("iaf").to(device, dtype)
+        pf.testing.randomize_parameters_(guide.flow, scale=0.2, seed=3)
+        pyro.set_rng_seed(1)
+        loss = Trace_ELBO(num_particles=3, vectorize_particles=True).differentiable_loss(
+            vae.model, guide, x)
+        results.append((loss.detach(), torch.autograd.grad(loss, list(guide.parameters()))))
+        assert len(calls) == (0 if keep else 2)
+    assert not jacobians
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    (got, got_g), (want, want_g) = results
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a, b, **tol)

@@ -755,11 +755,13 @@ def test_no_grad_sequential_passes_match_plain(name, device, dtype):
 
 def _autograd_jacobians(layer, u: Tensor) -> tuple[Tensor, Tensor]:
     """Per row of ``u`` (N, D): the Jacobian (N, D, D) of the layer's plain forward map and the
-    gradient (N, D) of its log-det, by autograd."""
-    def v_of(row):
-        return layer.plain_map(row, inverse=False)[0]
+    gradient (N, D) of its log-det, by autograd (the rows are mapped independently, each with
+    its own context's parameters for a conditioned layer: the Jacobian of the rows' sum holds
+    each row's)."""
+    def summed(x):
+        return layer.plain_map(x, inverse=False)[0].sum(0)
 
-    jac = torch.stack([torch.autograd.functional.jacobian(v_of, row) for row in u])
+    jac = torch.autograd.functional.jacobian(summed, u).permute(1, 0, 2)
     x = u.clone().requires_grad_(True)
     (grad_ld,) = torch.autograd.grad(layer.plain_map(x, inverse=False)[1].sum(), x)
     return jac, grad_ld
@@ -767,20 +769,28 @@ def _autograd_jacobians(layer, u: Tensor) -> tuple[Tensor, Tensor]:
 
 @settings(max_examples=30, deadline=None)
 @given(dim=st.integers(1, 6), scale=st.sampled_from([0.0, 0.3, 1.0, 3.0]),
-       seed=st.integers(0, 2**16), ties=st.booleans())
-def test_linearization_is_the_layers_jacobian(dim, scale, seed, ties, device, dtype):
+       seed=st.integers(0, 2**16), ties=st.booleans(), conditioned=st.booleans())
+def test_linearization_is_the_layers_jacobian(dim, scale, seed, ties, conditioned, device,
+                                              dtype):
     """``Linearization`` of an IAF layer (any order, ties included; from the identity to
-    saturated log-scales) against autograd through the layer's plain operations: its output,
-    the diagonal of J, ``pullback`` = J^T g + l grad log|det J|, and ``solve_transposed`` with
-    no tolerance = the solve of J^T u = v, and of J^T u = v - grad log|det J|, each in at most
-    levels - 1 pullbacks (the error propagator is nilpotent and the first error is zero at the
-    order's top level)."""
+    saturated log-scales; conditioned on one context per row or not) against autograd through
+    the layer's plain operations: its output, the diagonal of J, ``pullback`` = J^T g + l grad
+    log|det J|, and ``solve_transposed`` with no tolerance = the solve of J^T u = v, and of
+    J^T u = v - grad log|det J|, each in at most levels - 1 pullbacks (the error propagator is
+    nilpotent and the first error is zero at the order's top level)."""
     gen = torch.Generator().manual_seed(seed)
     order = (torch.randint(0, max(dim - 1, 1), (dim,), generator=gen) if ties
              else torch.randperm(dim, generator=gen))
-    layer = pf.transforms.iaf(dim, hidden_dims=(12, 12), order=order)
+    if conditioned:
+        layer = pf.transforms.conditional_iaf(dim, context_dim=3, hidden_dims=(12, 12),
+                                              order=order)
+    else:
+        layer = pf.transforms.iaf(dim, hidden_dims=(12, 12), order=order)
     testing.randomize_parameters_(layer, scale=scale, seed=seed)
     layer = layer.to(device, dtype)
+    if conditioned:
+        context = torch.randn(5, 3, generator=gen, dtype=torch.float64).to(device, dtype)
+        layer = layer.condition(context)
     u, g, v = torch.randn(3, 5, dim, generator=gen, dtype=torch.float64).to(device, dtype)
     ell = torch.randn(5, generator=gen, dtype=torch.float64).to(device, dtype)
     lin = Linearization(layer, u)
@@ -859,20 +869,20 @@ def test_kept_linearizations_are_the_layers_own(device, dtype):
 
 
 def test_linearization_takes_one_pass_maps_of_all_coordinates_only(device, dtype):
-    """IAF layers and small RealNVP layers (a MADE of two levels) are taken; a gated IAF (no
-    fused kernel), a MAF (its forward is the D-pass direction), a RealNVP layer whose network
-    runs on the conditioning half (D >= 32) and a conditioned IAF are refused, with a
+    """IAF layers, conditioned or not, and small RealNVP layers (a MADE of two levels) are
+    taken; a gated IAF (no fused kernel), a MAF (its forward is the D-pass direction) and a
+    RealNVP layer whose network runs on the conditioning half (D >= 32) are refused, with a
     ValueError on construction."""
-    context = torch.zeros(2, device=device, dtype=dtype)
     refused = {
         "gated": pf.transforms.iaf(3, gated=True),
         "maf": pf.transforms.maf(3),
         "realnvp-compact": pf.transforms.realnvp(32),
-        "conditioned": pf.transforms.conditional_iaf(3, context_dim=2).to(device, dtype)
-        .condition(context),
     }
+    context = torch.zeros(2, device=device, dtype=dtype)
     assert Linearization.takes(pf.transforms.iaf(3))
     assert Linearization.takes(pf.transforms.realnvp(4))
+    assert Linearization.takes(pf.transforms.conditional_iaf(3, context_dim=2).to(device, dtype)
+                               .condition(context))
     for name, layer in refused.items():
         assert not Linearization.takes(layer), name
         with pytest.raises(ValueError, match="one-pass"):

@@ -388,7 +388,7 @@ def test_a_draw_reuses_its_linearizations(elbo, monkeypatch, device, dtype):
         if not keep:  # draws that keep nothing
             monkeypatch.setattr(FlowStack, "run_linearized",
                                 lambda self, x: (*real_run(self, x)[:2], []))
-            monkeypatch.setattr(FlowPosterior, "linearizations", lambda self, value: [])
+            monkeypatch.setattr(landing, "kept_linearizations", lambda posterior, value: [])
         calls.clear()
         pyro.clear_param_store()
         torch.manual_seed(0)

@@ -235,8 +235,8 @@ _KEPT: contextvars.ContextVar[list | None] = contextvars.ContextVar("kept_linear
 @contextlib.contextmanager
 def keeping_linearizations() -> Iterator[list]:
     """Within: every :func:`affine_chain` node run with autograd appends the
-    :class:`Linearization` of each of its layers that ran its forward map in one pass (IAF's),
-    without a context, at that layer's input to the list yielded, in the order they ran, from
+    :class:`Linearization` of each of its layers that ran its forward map in one pass (IAF's,
+    conditioned or not), at that layer's input to the list yielded, in the order they ran, from
     the activations its forward pass computes anyway (for sticking the landing, which would
     otherwise run the layers' networks a second time)."""
     kept: list = []
@@ -249,12 +249,11 @@ def keeping_linearizations() -> Iterator[list]:
 
 def _linearizations(chain: _Chain, saved: list, v: Tensor) -> list:
     """The :class:`Linearization` of each layer of a chain that ran its forward map in one
-    pass (IAF's), without a context or a compact network, from the ``saved`` steps of the
-    chain's forward pass; ``v`` the chain's output."""
+    pass (IAF's), without a compact network, from the ``saved`` steps of the chain's forward
+    pass (a conditioned layer's with its context's bias in them); ``v`` the chain's output."""
     out = []
     for k, (layer, (parallel, sign)) in enumerate(zip(chain.layers, chain.kinds, strict=True)):
-        if (parallel and layer.forward_is_parallel and saved[k][7] is None
-                and chain.bias_of[k] is None):
+        if parallel and layer.forward_is_parallel and saved[k][7] is None:
             output = saved[k + 1][6] if k + 1 < len(saved) else v.reshape(-1, v.shape[-1])
             out.append(Linearization.from_step(layer, sign, saved[k], output))
     return out
@@ -486,31 +485,32 @@ def sequential_no_grad(layer: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
 
 class Linearization:
     r"""A one-pass layer (IAF's forward map :math:`v = \mu(u) + e^{s(u)} \odot u`) at an input
-    ``u`` (N, D), outside autograd and with its parameters as constants: ``output``
-    :math:`v`, ``diagonal`` :math:`e^{s}` (the diagonal of :math:`J = \partial v / \partial u`,
-    triangular in the layer's order), :meth:`pullback` and :meth:`solve_transposed`. For many
+    ``u`` (..., D), outside autograd and with its parameters as constants: ``output``
+    :math:`v` (of ``u``'s shape; (N, D) where kept by a fused run), ``diagonal`` :math:`e^{s}`
+    (the diagonal of :math:`J = \partial v / \partial u`, triangular in the layer's order),
+    :meth:`pullback` and :meth:`solve_transposed` on the N rows of ``u`` as (N, D) (``shape``),
+    a conditioned layer's context bias repeated over the leading batch dims. For many
     products with one :math:`J`: its network ran once (here, or in the fused run that kept it,
     :func:`keeping_linearizations`), each product is one pass of the written-out backward
     (:func:`~pyroflows._fast.made.fused_backward`), without parameter gradients."""
 
     @staticmethod
     def takes(layer: nn.Module) -> bool:
-        """Whether ``layer`` (an affine autoregressive layer) has a fused one-pass forward map
-        whose network sees all D coordinates (not a coupling layer's compact network), without
-        a context."""
+        """Whether ``layer`` (an affine autoregressive layer, conditioned or not) has a fused
+        one-pass forward map whose network sees all D coordinates (not a coupling layer's
+        compact network)."""
         kind = layer.fused_kind(inverse=False)
-        return (kind is not None and kind[0] and layer.coupling_halves is None
-                and layer.__dict__.get("context") is None)
+        return kind is not None and kind[0] and layer.coupling_halves is None
 
     def __init__(self, layer: nn.Module, u: Tensor) -> None:
         if not self.takes(layer):
             raise ValueError(f"Linearization: {type(layer).__name__} has no fused one-pass "
-                             "forward map of all coordinates without a context")
+                             "forward map of all coordinates")
         kind = layer.fused_kind(inverse=False)
-        chain = _Chain([layer], [kind])
+        chain = _Chain([layer], [kind])  # (a conditioned layer: its context's bias V c)
         saved: list = []
         with torch.no_grad():
-            v, _ = _chain_forward(u, None, chain, chain.flats, [], saved)
+            v, _ = _chain_forward(u, None, chain, chain.flats, chain.row_biases, saved)
         self._set(layer, kind[1], saved[0], v)
 
     @classmethod

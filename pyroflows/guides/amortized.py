@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pyro
+import torch
 from pyro.distributions.conditional import ConditionalTransform
 from pyro.distributions.score_parts import ScoreParts
 from torch import Tensor, nn
@@ -39,6 +40,11 @@ class AmortizedPosterior(FlowDistribution):
 
     #: whether ``score_parts`` stick the landing (on; a guide that made it sets its own)
     stick_the_landing: bool = True
+
+    def rsample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
+        # the IAF layers' linearizations kept on the draw (landing.rsample_keeping)
+        return landing.rsample_keeping(self, lambda: super(AmortizedPosterior, self).rsample(
+            sample_shape))
 
     def expand(self, batch_shape, _instance=None) -> AmortizedPosterior:
         new = super().expand(batch_shape, _instance)

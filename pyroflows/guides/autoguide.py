@@ -87,19 +87,10 @@ class FlowPosterior(dist.TransformedDistribution):
 
     # An unbatched draw goes through the layers as a batch of one (Planar makes (D,) into
     # (1, D)) and is remembered, so that scoring it still hits the layers' caches. A draw with
-    # autograd through one FlowStack keeps its IAF layers' linearizations (the activations its
-    # autograd graph holds anyway) for its sticking-the-landing term (landing.path_entropy):
-    # on the draw itself, so they live exactly as long as the draw and its graph, whoever
-    # holds this distribution.
+    # autograd keeps its IAF layers' linearizations for its sticking-the-landing term
+    # (landing.rsample_keeping).
     def rsample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
-        if not (torch.is_grad_enabled() and len(self.transforms) == 1
-                and isinstance(self.transforms[0], flows.FlowStack)):
-            return self._rsample(sample_shape)
-        with flows.FlowStack.keeping_linearizations() as kept:
-            value = self._rsample(sample_shape)
-        if kept:
-            value._pyroflows_linearized = (self.transforms[0], kept)
-        return value
+        return landing.rsample_keeping(self, lambda: self._rsample(sample_shape))
 
     def _rsample(self, sample_shape: torch.Size | tuple) -> Tensor:
         if len(sample_shape) or len(self.batch_shape):
@@ -112,8 +103,7 @@ class FlowPosterior(dist.TransformedDistribution):
     def linearizations(self, value: Tensor) -> list:
         """The IAF layers' linearizations kept by the draw ``value`` of :meth:`rsample` through
         this posterior's flow (empty for any other tensor)."""
-        kept = value.__dict__.get("_pyroflows_linearized")
-        return kept[1] if kept is not None and kept[0] is self.transforms[0] else []
+        return landing.kept_linearizations(self, value)
 
     def sample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
         with torch.no_grad():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from pyro.distributions import Distribution
@@ -23,7 +23,8 @@ from ..transforms import FlowTransform
 from ..transforms.affine import ElementwiseAffine, FixedTriangularAffine, TriangularAffine
 from ..transforms.autoregressive import AffineAutoregressiveCore
 
-__all__ = ["posterior_sticks", "posterior_stl_off", "sticks", "log_prob_detached", "jacobian_route",
+__all__ = ["posterior_sticks", "posterior_stl_off", "sticks", "rsample_keeping",
+           "kept_linearizations", "log_prob_detached", "jacobian_route",
            "path_route", "layerwise_score", "path_log_density", "path_entropy",
            "detached_base", "base_score"]
 
@@ -71,6 +72,30 @@ def sticks(posterior: Distribution, value: Tensor) -> bool:
     gradients under autograd, :func:`posterior_sticks`, no ``torch.jit`` trace."""
     return (posterior.stick_the_landing and posterior.has_rsample and torch.is_grad_enabled()
             and value.requires_grad and posterior_sticks() and not torch.jit.is_tracing())
+
+
+def rsample_keeping(posterior: Distribution, rsample: Callable[[], Tensor]) -> Tensor:
+    """``rsample()``, a draw of ``posterior``; with autograd through one
+    :class:`~pyroflows.flows.FlowStack`, the IAF layers' linearizations its fused run kept
+    (the activations its autograd graph holds anyway) go on the draw itself, for its
+    sticking-the-landing term (:func:`kept_linearizations`): they live exactly as long as the
+    draw and its graph, whoever holds the distribution."""
+    transforms = posterior.transforms
+    if not (torch.is_grad_enabled() and len(transforms) == 1
+            and isinstance(transforms[0], flows.FlowStack)):
+        return rsample()
+    with flows.FlowStack.keeping_linearizations() as kept:
+        value = rsample()
+    if kept:
+        value._pyroflows_linearized = (transforms[0], kept)
+    return value
+
+
+def kept_linearizations(posterior: Distribution, value: Tensor) -> list:
+    """The IAF layers' linearizations kept by the draw ``value`` of ``posterior``'s flow
+    (:func:`rsample_keeping`; empty for any other tensor)."""
+    kept = value.__dict__.get("_pyroflows_linearized")
+    return kept[1] if kept is not None and kept[0] is posterior.transforms[0] else []
 
 
 @contextlib.contextmanager
@@ -165,7 +190,7 @@ def _affine_matrix(t: nn.Module) -> Tensor | None:
 
 def _layerwise(stack: flows.FlowStack) -> bool:
     """Whether :func:`layerwise_score` takes ``stack``: every layer affine, IAF-like
-    (``can_linearize``: a fused one-pass forward map without a context) or with a
+    (``can_linearize``: a fused one-pass forward map, with a context or without) or with a
     closed-form score step (``has_score_step``: planar, radial, their conditioned maps, a
     conditional flow's Gaussian start)."""
     def fits(t: nn.Module) -> bool:
@@ -229,12 +254,12 @@ def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution
                 x = t.forward_and_log_det(x)[0]
             elif t.has_score_step():
                 x, u = t.score_step(x, u)
-            else:  # an IAF layer, on the draws as rows
-                rows = x.reshape(-1, d)
-                if ready is not None and ready.layer is t and ready.shape == rows.shape:
+            else:  # an IAF layer (its linearization works on the draws as rows)
+                rows = x.numel() // d
+                if ready is not None and ready.layer is t and ready.shape == (rows, d):
                     lin, ready = ready, next(kept, None)
-                else:
-                    lin = t.linearize(rows)
+                else:  # (the batch dims: a conditioned layer's contexts broadcast against them)
+                    lin = t.linearize(x)
                 u = lin.solve_transposed(u.reshape(-1, d), tol, with_log_det=True).view(x.shape)
                 x = lin.output.view(x.shape)
     return u.reshape(eps.shape)
@@ -362,6 +387,6 @@ def path_entropy(posterior, value: Tensor) -> Tensor | None:
     if hit is None or not path_route(stack, hit.x) or hit.x.requires_grad:
         return None
     log_q = posterior.base_dist.log_prob(hit.x) - hit.log_det
-    kept = posterior.linearizations(value) if hasattr(posterior, "linearizations") else ()
+    kept = kept_linearizations(posterior, value)
     entropy = path_log_density(stack, hit.x, z, log_q, posterior.base_dist, kept)
     return entropy[0] if z is not value else entropy

@@ -140,13 +140,15 @@ class AffineAutoregressiveCore(AutoregressiveCore):
         return parallel, self.log_det_sign
 
     def can_linearize(self) -> bool:
-        """Whether :meth:`linearize` takes this layer: a fused one-pass forward map (IAF's) whose
-        network sees all coordinates, without a context."""
+        """Whether :meth:`linearize` takes this layer: a fused one-pass forward map (IAF's,
+        conditioned on a context or not) whose network sees all coordinates."""
         return Linearization.takes(self)
 
     def linearize(self, u: Tensor) -> Linearization:
-        """The forward map at ``u`` (N, D) for repeated products with its Jacobian, outside
-        autograd (:class:`~pyroflows._fast.affine.Linearization`; see :meth:`can_linearize`)."""
+        """The forward map at ``u`` (..., D; a conditioned layer's contexts broadcast against
+        its batch dims) for repeated products with its Jacobian, on the rows of ``u`` as
+        (N, D), outside autograd (:class:`~pyroflows._fast.affine.Linearization`; see
+        :meth:`can_linearize`)."""
         return Linearization(self, u)
 
     @staticmethod
