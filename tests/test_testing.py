@@ -77,10 +77,11 @@ def _wide_iaf():
 
 
 @pytest.mark.parametrize("kernel", ["_blocked_input_grad", "_blocked_weight_grad"])
-def test_check_gradients_catches_a_wrong_blocked_backward(kernel, monkeypatch, one_thread):
+def test_check_gradients_catches_a_wrong_blocked_backward(kernel, monkeypatch, one_thread,
+                                                          blocks_at_any_rows):
     """Mutation test: a blocked backward kernel off by 1% in one block must make
     check_gradients fail (the reference, torch.func.grad, runs the plain operations, not the
-    kernels); unmutated, the same check passes."""
+    kernels); unmutated, the same check passes. (Its few rows run blocked: blocks_at_any_rows.)"""
     flow = _wide_iaf()
     testing.randomize_parameters_(flow, scale=0.3)
     testing.check_gradients(flow, 8)
