@@ -39,8 +39,9 @@ STL_JACOBIAN_MAX_DIM = 1024
 #: The most rows (particles x D) the Jacobian's pass may take (activations in memory).
 STL_JACOBIAN_MAX_ROWS = 32768
 #: Whether :func:`path_log_density` takes :func:`layerwise_score` where every layer allows it
-#: (IAF, planar, radial and affine layers: every ``AutoIAF``, ``AutoPlanar`` and ``AutoRadial``
-#: and the amortized planar and radial guides); ``False``: as if none did.
+#: (IAF, planar, radial and affine layers, conditioned or not: every ``AutoIAF``,
+#: ``AutoPlanar`` and ``AutoRadial`` and the amortized planar, radial and IAF guides);
+#: ``False``: as if none did.
 STL_LAYERWISE = True
 #: Where :func:`layerwise_score` stops an IAF layer's iteration: once a step is within this
 #: fraction of the solution (max norms), or within :math:`\sqrt\epsilon` of the dtype where
