@@ -134,6 +134,11 @@ GUIDES: dict[str, tuple[Callable, Recipe]] = {
     "pf AutoIAF(full_rank=False)": (lambda m: pf.guides.AutoIAF(m, full_rank=False),
                                     OUR_RECIPE),
     "pf AutoIAF(base=studentt)": (lambda m: pf.guides.AutoIAF(m, base="studentt"), OUR_RECIPE),
+    # sticking the landing, off by default for planar and radial guides
+    "pf AutoPlanar(stl)": (lambda m: pf.guides.AutoPlanar(m, stick_the_landing=True),
+                           OUR_RECIPE),
+    "pf AutoRadial(stl)": (lambda m: pf.guides.AutoRadial(m, stick_the_landing=True),
+                           OUR_RECIPE),
 }
 
 
