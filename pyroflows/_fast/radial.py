@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 
 from .dispatch import broadcast_batch, incoming_log_det_grad, layer_grads, row_view
 
-__all__ = ["radial_chain"]
+__all__ = ["radial_chain", "log_det_slope"]
 
 
 def radial_chain(x: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor,
@@ -48,6 +48,15 @@ def radial_chain(x: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor,
         return _RadialChain.apply(*args)
     with torch.no_grad():
         return _radial_forward(*args)[:2]
+
+
+def log_det_slope(dim: int, a: Tensor, r: Tensor, big_a: Tensor, big_p: Tensor, big_q: Tensor
+                  ) -> Tensor:
+    r""":math:`\partial \ell / \partial r = (D - 1)(1/P - 1/A) + 2 (a + r) / Q - 2 / A`, the
+    slope of a radial layer's log-det in the distance :math:`r` from its centre, from the sums
+    :math:`A, P, Q` of :func:`radial_chain`."""
+    inv_a = 1 / big_a
+    return (dim - 1) * (1 / big_p - inv_a) + 2 * (a + r) / big_q - 2 * inv_a
 
 
 def _prepared(x: Tensor, x0: Tensor, alpha: Tensor, alpha_plus_beta: Tensor):
@@ -108,8 +117,7 @@ class _RadialChain(torch.autograd.Function):
             from_log_det = torch.zeros_like(r)
         else:
             ell = grad_log_det.expand(r.shape[1:])
-            dl_dr = (dim - 1) * (1 / big_p - inv_a) + 2 * (a + r) / big_q - 2 * inv_a
-            from_log_det = ell * dl_dr * inv_r
+            from_log_det = ell * log_det_slope(dim, a, r, big_a, big_p, big_q) * inv_r
         grads = layer_grads(xs, grad_y)
         gamma = torch.empty_like(r)
         for k in range(num_layers - 1, -1, -1):

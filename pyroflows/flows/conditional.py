@@ -171,4 +171,4 @@ class _RowAffine(FlowTransform):
 
     def score_step(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         # J = diag(sigma), a log-det constant in x
-        return torch.addcmul(self.loc, self.scale, x), g / self.scale
+        return self.forward_and_log_det(x)[0], g / self.scale

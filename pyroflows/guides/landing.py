@@ -373,7 +373,7 @@ def path_entropy(posterior, value: Tensor) -> Tensor | None:
     :class:`~pyroflows.guides.FlowPosterior` by :func:`path_log_density`, where it is one
     :class:`~pyroflows.flows.FlowStack` whose cache still holds the draw's base point and
     :func:`path_route` takes it, with the IAF layers' linearizations the draw kept
-    (``posterior.linearizations``); else ``None`` (the caller runs the inverse)."""
+    (:func:`kept_linearizations`); else ``None`` (the caller runs the inverse)."""
     transforms = posterior.transforms
     if len(transforms) != 1 or not isinstance(transforms[0], flows.FlowStack):
         return None

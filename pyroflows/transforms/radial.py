@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._fast import keeps_map, radial_chain, run_steps, stacked_rows
+from .._fast.radial import log_det_slope
 from .base import FlowTransform
 
 __all__ = ["Radial", "radial", "radial_alpha", "radial_forward", "radial_inverse",
@@ -173,9 +174,7 @@ def radial_score_step(x: Tensor, g: Tensor, x0: Tensor, alpha: Tensor, alpha_plu
     unit = diff / r.clamp_min(torch.finfo(r.dtype).tiny)
     ar, sr = alpha + r, alpha_plus_beta + r
     along = alpha * alpha_plus_beta + r * (2 * alpha + r)
-    dim = x.shape[-1]
-    slope = (dim - 1) * (1 / sr - 1 / ar) + 2 * (alpha + r) / along - 2 / ar  # d log det / dr
-    v = g - slope * unit
+    v = g - log_det_slope(x.shape[-1], alpha, r, ar, sr, along) * unit
     across = sr / ar
     g_in = v / across + (v * unit).sum(-1, keepdim=True) * (ar * ar / along - 1 / across) * unit
     return x + (alpha_plus_beta - alpha) / ar * diff, g_in
