@@ -334,6 +334,41 @@ def test_sticking_the_landing_is_exact_at_the_posterior(device, dtype, fresh_par
     assert grads[False].abs().max() > 100 * tiny
 
 
+@pytest.mark.parametrize("elbo_stl", [None, True, False])
+def test_flow_elbo_sticks_the_landing_of_amortized_guides(elbo_stl, device, dtype,
+                                                         fresh_param_store):
+    """FlowELBO makes the choice for amortized posteriors as for autoguides: ``None`` follows
+    the guide's ``stick_the_landing``, ``True`` / ``False`` overrides it; at the exact
+    posterior the sticking-the-landing gradient is zero and the standard one is not."""
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    tiny = 1e-10 if dtype == torch.float64 else 1e-4
+    for guide_stl in (False, True):
+        model, guide = _exact_amortized_guide(device, dtype, guide_stl)
+        elbo = pf.guides.FlowELBO(stick_the_landing=elbo_stl, num_particles=4,
+                                  vectorize_particles=True)
+        loss = elbo.differentiable_loss(model, guide, x)
+        params = [p for p in guide.parameters() if p.requires_grad]
+        grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+        sticks = guide_stl if elbo_stl is None else elbo_stl
+        assert (grad.abs().max() < tiny) == sticks, (guide_stl, elbo_stl)
+        assert grad.abs().max() > 100 * tiny or sticks
+
+
+def test_flow_elbo_refuses_forced_landing_without_a_flow_guide(fresh_param_store):
+    """``FlowELBO(stick_the_landing=True)`` on a guide with no pyroflows posterior is an error
+    that names the guides it needs."""
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        loc = pyro.param("loc", torch.tensor(0.0))
+        pyro.sample("z", dist.Normal(loc, 1.0))
+
+    elbo = pf.guides.FlowELBO(stick_the_landing=True)
+    with pytest.raises(ValueError, match="AmortizedFlowGuide"):
+        elbo.loss_and_grads(model, guide)
+
+
 def test_sticking_the_landing_is_unbiased(fresh_param_store):
     """Away from the posterior, the sticking-the-landing gradient has the standard gradient's
     expectation (20000 particles of 3 rows, float64)."""

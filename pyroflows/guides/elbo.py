@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .._memo import Memoized
 from . import direct, landing
+from .amortized import AmortizedPosterior
 from .autoguide import AutoFlowGuide, FlowPosterior
 
 __all__ = ["FlowELBO", "MAX_CONSECUTIVE_SKIPS"]
@@ -36,7 +37,10 @@ class FlowELBO(Memoized, Trace_ELBO):
       the parameters :math:`\bar\phi` detached and only :math:`z_\phi = T_\phi(\varepsilon)`
       differentiated. The dropped score term has expectation zero, so the gradient stays
       unbiased and its variance vanishes as :math:`q \to p` (:mod:`pyroflows.guides.landing`).
-      Only the latent site of a pyroflows guide is affected.
+      Only the latent sites of pyroflows guides are affected: an
+      :class:`~pyroflows.guides.AutoFlowGuide`'s and an
+      :class:`~pyroflows.guides.AmortizedPosterior`'s (an
+      :class:`~pyroflows.guides.AmortizedFlowGuide`'s, or the plain idiom's).
     - ``anneal_steps``: over the first :math:`T` training calls the guide fits the tempered
       density of the unconstrained latent vector (:math:`\beta = 1` afterwards),
 
@@ -220,23 +224,29 @@ class _TemperJacobians(Messenger):
 
 def _stick_the_landing(guide_trace, force: bool) -> None:
     """Give the flow latent sites of a traced guide the sticking-the-landing entropy term (from
-    the draw's Jacobian where the stack's cache knows its base point, else the inverse)."""
+    the draw itself where the stack's cache knows its base point; else an autoguide's by its
+    inverse, while an amortized posterior's keeps Pyro's parts, as its own ``score_parts``
+    would)."""
     found = False
     for site in guide_trace.nodes.values():
-        if site["type"] != "sample" or not isinstance(site["fn"], FlowPosterior):
+        fn = site["fn"] if site["type"] == "sample" else None
+        if not isinstance(fn, (FlowPosterior, AmortizedPosterior)):
             continue
         found = True
-        if not (force or site["fn"].stick_the_landing):
+        if not (force or fn.stick_the_landing):
             continue
-        entropy = landing.path_entropy(site["fn"], site["value"])
+        entropy = landing.path_entropy(fn, site["value"])
         if entropy is None:
-            entropy = site["fn"].log_prob_detached(site["value"])
+            if not isinstance(fn, FlowPosterior):
+                continue
+            entropy = fn.log_prob_detached(site["value"])
         parts = ScoreParts(site["score_parts"].log_prob, 0, entropy)
         scaled = parts.scale_and_mask(site["scale"], site["mask"])
         site["score_parts"] = site["score_parts"]._replace(entropy_term=scaled.entropy_term)
     if force and not found:
         raise ValueError("FlowELBO(stick_the_landing=True) needs a pyroflows flow guide "
-                         "(AutoFlowGuide and its subclasses)")
+                         "(AutoFlowGuide and its subclasses, or AmortizedFlowGuide / "
+                         "AmortizedPosterior)")
 
 
 def _step_params(traces: list, guide: Any) -> list[Tensor]:
