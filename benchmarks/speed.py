@@ -21,6 +21,8 @@ once, in a shuffled order), so machine noise hits all of them alike:
 5. sampling throughput at D=64, 10k draws, 5 layers of hidden (256, 256): IAF (one pass per
    layer) and MAF (D passes per layer for the peers; pyroflows goes level by level and
    computes each hidden unit once, about one pass of arithmetic, which its GFLOP/s counts);
+   and NSF (8 bins, MAF's direction, 1k draws) against zuko's NSF and pyroflows' own plain
+   passes (``alt: plain passes``, a full pass a level);
 6. Tabak fit steps/s on 20k x 10 data (no peer implements it).
 
 The ``alt:`` rows are pyroflows with one design choice swapped back (see ``_PerLayerMADE``;
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import os
 import platform
@@ -285,6 +288,9 @@ LIBRARIES.update(VARIANTS)
 #: more per configuration to compile on a small CPU
 DEFAULT_LIBRARIES = tuple(lib for lib in LIBRARIES if lib != "pyroflows (compile)")
 SIZES = {"D=8": (8, (64, 64)), "D=64": (64, (256, 256))}
+#: item 5's spline layers: bins, and the draws per call as a share of ``--samples`` (the peers
+#: run D full passes of a network with 23 D outputs per layer)
+NSF_BINS, NSF_SHARE = 8, 10
 
 
 def build_step(library: str, family: str, lr: float = 1e-3, dim: int | None = None,
@@ -343,9 +349,12 @@ def _made_macs(dim: int, hidden, family: str = "maf") -> int:
     """Multiply-adds per sample of one conditioner, dense: D -> hidden -> 2D for a MADE;
     D/2 -> hidden -> 2 (D - D/2) for a coupling network, as Pyro, zuko and nflows compute it
     and pyroflows from D = 32 on (below, its RealNVP runs the full masked D -> 2D network,
-    1.16x the arithmetic counted here at D = 8 with hidden (64, 64))."""
+    1.16x the arithmetic counted here at D = 8 with hidden (64, 64)); D -> hidden ->
+    (3K - 1) D for a spline MADE of K = ``NSF_BINS`` bins."""
     if family == "realnvp":
         widths = [dim // 2, *hidden, 2 * (dim - dim // 2)]
+    elif family == "nsf":
+        widths = [dim, *hidden, (3 * NSF_BINS - 1) * dim]
     else:
         widths = [dim, *hidden, 2 * dim]
     return sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=False))
@@ -466,7 +475,7 @@ def _sampling_cases(num_samples: int) -> list[Case]:
         zuko = None
     dim, hidden = SIZES["D=64"]
     base = _standard_normal(dim)
-    cases = []
+    cases = _nsf_sampling_cases(num_samples // NSF_SHARE, zuko)
     for family in ("iaf", "maf"):
         passes = 1 if family == "iaf" else dim
         flops = 2 * num_samples * NUM_LAYERS * passes * _made_macs(dim, hidden)
@@ -494,6 +503,39 @@ def _sampling_cases(num_samples: int) -> list[Case]:
             # one pass of arithmetic where the peers run D full passes
             work = flops // passes if lib == "pyroflows" else flops
             cases.append(Case("5", label, lib, draw, per_call=num_samples, flops=work))
+    return cases
+
+
+def _nsf_sampling_cases(num_samples: int, zuko) -> list[Case]:
+    """Item 5's spline rows: draws per second at D=64 of 5 autoregressive NSF layers of
+    (256, 256) and 8 bins in MAF's direction (D passes per layer to sample): pyroflows level by
+    level (each hidden unit once), ``alt: plain passes`` (``fused = False``: a full pass a
+    level, as the peers), zuko's ``NSF``."""
+    import pyroflows as pf
+
+    dim, hidden = SIZES["D=64"]
+    base = _standard_normal(dim)
+    flops = 2 * num_samples * NUM_LAYERS * dim * _made_macs(dim, hidden, "nsf")
+    label = f"nsf sampling, D=64, {num_samples} draws"
+    torch.manual_seed(0)
+    ours = pf.flows.build("nsf", dim, num_layers=NUM_LAYERS, hidden_dims=hidden,
+                          bins=NSF_BINS)
+    pf.testing.randomize_parameters_(ours, scale=0.01)  # off the identity start
+    plain = copy.deepcopy(ours)
+    for layer in plain.modules():
+        if isinstance(layer, pf.transforms.NSF):
+            layer.fused = False
+    libs = {"pyroflows": (TransformedDistribution(base, ours), flops // dim),
+            "alt: plain passes": (TransformedDistribution(base, plain), flops)}
+    if zuko is not None:
+        flow = zuko.flows.NSF(dim, transforms=NUM_LAYERS, hidden_features=hidden, bins=NSF_BINS)
+        libs["zuko"] = (flow(), flops)
+    cases = []
+    for lib, (d, work) in libs.items():
+        def draw(d=d):
+            with torch.no_grad():
+                return d.sample((num_samples,))
+        cases.append(Case("5", label, lib, draw, per_call=num_samples, flops=work))
     return cases
 
 

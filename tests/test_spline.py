@@ -12,6 +12,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributions import Independent, Normal, TransformedDistribution
 
 import pyroflows as pf
@@ -161,6 +163,66 @@ def test_log_prob_takes_one_pass_and_sampling_one_per_coordinate(device, dtype):
     calls.clear()
     q.log_prob(torch.randn(3, 6, dim, dtype=torch.float64).to(device, dtype))
     assert len(calls) == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(dim=st.integers(1, 6), scale=st.sampled_from([0.0, 0.3, 1.0, 3.0]),
+       seed=st.integers(0, 2**16), ties=st.booleans(), conditioned=st.booleans(),
+       tanh=st.booleans())
+def test_sampling_by_levels_is_the_plain_passes(dim, scale, seed, ties, conditioned, tanh):
+    """Without autograd, sampling (the D-pass direction) computes each hidden unit once, level
+    by level (``_fast.made.sequential_levels``): the same draws and log-dets as a full network
+    pass per level (``fused = False``), at the parameters' extremes, orders with ties, a
+    context broadcast against the draws, ReLU or tanh networks (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randint(0, max(1, dim - 1), (dim,), generator=gen) if ties else None
+    activation = torch.nn.Tanh if tanh else torch.nn.ReLU
+    if conditioned:
+        owner = pf.transforms.conditional_nsf(dim, 3, hidden_dims=(12, 9), bins=5, order=order,
+                                              activation=activation).double()
+        randomize_parameters_(owner, scale=scale, seed=seed)
+        layer = owner.condition(torch.randn(4, 3, generator=gen, dtype=torch.float64))
+    else:
+        layer = pf.transforms.nsf(dim, hidden_dims=(12, 9), bins=5, order=order,
+                                  activation=activation).double()
+        randomize_parameters_(layer, scale=scale, seed=seed)
+    z = 2 * torch.randn(3, 4, dim, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        got = layer.forward_and_log_det(z)
+        layer.fused = False
+        want = layer.forward_and_log_det(z)
+        layer.fused = True
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_sampling_by_levels_skips_the_full_passes(monkeypatch, device, dtype):
+    """Sampling without autograd runs no full network pass (``spline_parameters``), and its
+    draws invert back to the base draws by the one-pass density direction; with autograd, or
+    ``fused = False``, one full pass a level as before."""
+    from pyroflows.transforms.spline import SplineAutoregressiveCore
+
+    layer = pf.transforms.nsf(5, hidden_dims=(16, 16)).to(device, dtype)
+    randomize_parameters_(layer, scale=0.3, seed=3)
+    full = []
+    real = SplineAutoregressiveCore.spline_parameters
+    monkeypatch.setattr(SplineAutoregressiveCore, "spline_parameters",
+                        lambda self, u: full.append(1) or real(self, u))
+    z = torch.randn(50, 5, dtype=torch.float64).to(device, dtype)
+    with torch.no_grad():
+        y, log_det = layer.forward_and_log_det(z)
+    assert not full
+    back, back_log_det = layer.inverse_and_log_det(y)
+    torch.testing.assert_close(back, z, **tolerances(dtype))
+    torch.testing.assert_close(back_log_det, log_det, **tolerances(dtype))  # (the forward's)
+    full.clear()
+    layer.forward_and_log_det(z)
+    assert len(full) == 5
+    full.clear()
+    layer.fused = False
+    with torch.no_grad():
+        layer.forward_and_log_det(z)
+    assert len(full) == 5
 
 
 def test_bad_arguments_get_a_value_error():

@@ -15,12 +15,11 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .banks import BankRow, tensor_of
-from .dispatch import broadcast_batch, incoming_log_det_grad, traced
+from .dispatch import broadcast_batch, incoming_log_det_grad, periodic_rows, traced
 from .made import (
     fused_backward,
     fused_forward,
-    hidden_degree_ranges,
-    masked_weights,
+    sequential_levels,
     split_rows,
     split_weights,
 )
@@ -166,24 +165,12 @@ def _context_biases(conditioned: Sequence[tuple[nn.Module, Tensor]]) -> list[Ten
     return list(product.split([w.shape[0] for w in weights], dim=-1))
 
 
-def _periodic_rows(row_bias: Tensor, batch_shape: torch.Size) -> Tensor:
-    """``row_bias`` (..., H) as (M, H) rows that repeat over the N rows of ``batch_shape``
-    flattened (row n gets row ``n % M``): a view where its batch dims are the trailing ones of
-    ``batch_shape``, else expanded to all N rows."""
-    dims = row_bias.shape[:-1]
-    while dims and dims[0] == 1:
-        dims = dims[1:]
-    if tuple(batch_shape[len(batch_shape) - len(dims):]) == tuple(dims):
-        return row_bias.reshape(-1, row_bias.shape[-1])
-    return row_bias.expand(*batch_shape, row_bias.shape[-1]).reshape(-1, row_bias.shape[-1])
-
-
 def _chain_forward(x, log_det, chain: _Chain, flats, row_biases, saved: list | None):
     # runs with autograd off; every tensor made here is fresh, so in-place ops are safe
     shape = x.shape
     batch_shape = shape[:-1]
     u = x.reshape(-1, shape[-1])
-    rows = [_periodic_rows(r, batch_shape) for r in row_biases]
+    rows = [periodic_rows(r, batch_shape) for r in row_biases]
     # one mask product per group: a stacked run of layers is masked (and split) at once; the
     # split views the product as one vector, so it must be contiguous (a parameter may not be)
     split = chain.split([(flat * mask).contiguous()
@@ -432,55 +419,18 @@ def _scatter_compact_grads(net: nn.Module, dim: int, halves, grad_flat: Tensor,
 
 def sequential_no_grad(layer: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
     r"""The D-pass direction of ``layer``, :math:`u_i = (v_i - \mu_i(u_{<i}))\,
-    e^{-s_i(u_{<i})}`, without autograd, by levels: at level :math:`d` only the hidden units of
-    degree :math:`d - 1` and the outputs of degree :math:`d`, so about one network pass in all.
-    A conditioned layer's :math:`V c` joins the first hidden layer's bias (``v`` broadcast
-    against the context's batch dims). Values agree with the plain passes to rounding."""
-    net = layer._modules["conditioner"]
-    weights, biases = masked_weights(net)
-    relu = type(net._modules["activation"]) is nn.ReLU
-    context = layer.__dict__.get("context")
-    row_bias = None
-    if context is not None:
-        row_bias = net.context_bias(context)
-        batch = broadcast_batch(v.shape[:-1], row_bias.shape[:-1])
-        v = v.expand(*batch, v.shape[-1])
-        row_bias = _periodic_rows(row_bias, batch)
-    shape = v.shape
-    v2 = v.reshape(-1, shape[-1])
-    dim = layer.dim
-    u = v2.clone()
-    log_scale = torch.zeros_like(v2)
-    hidden = [v2.new_zeros(v2.shape[0], h) for h in net.hidden_dims]
-    ranges = hidden_degree_ranges(net)
-    in_degrees = net.degrees.tolist()
+    e^{-s_i(u_{<i})}`, without autograd, by levels
+    (:func:`~pyroflows._fast.made.sequential_levels`: about one network pass in all). Values
+    agree with the plain passes to rounding."""
     inv_b, b = 1.0 / layer.log_scale_bound, layer.log_scale_bound
-    head_w, head_b = weights[-1], biases[-1]
-    for level in range(1, net.num_levels + 1):
-        below = u
-        for k, h in enumerate(hidden):
-            # level 1: the units of degree 0 (a context's alone; none without one)
-            start, stop = ranges[k][level - 1]
-            if stop > start:
-                block = torch.addmm(biases[k][start:stop], below, weights[k][start:stop].t())
-                if k == 0 and row_bias is not None:
-                    block.view(-1, row_bias.shape[0], stop - start).add_(
-                        row_bias[:, start:stop])
-                h[:, start:stop] = block.relu_() if relu else block.tanh_()
-            below = h
-        idx = [i for i in range(dim) if in_degrees[i] == level]
-        if not idx:
-            continue
-        cols = torch.tensor(idx, device=v2.device)
-        rows = torch.cat([cols, cols + dim])
-        out = torch.addmm(head_b.index_select(0, rows), below,
-                          head_w.index_select(0, rows).t())
+
+    def solve(v_level: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
         shift, raw_log_scale = out.chunk(2, dim=-1)
-        level_log_scale = torch.mul(raw_log_scale, inv_b).tanh_().mul_(b)
-        u.index_copy_(1, cols, (v2.index_select(1, cols) - shift)
-                      .mul_(torch.exp(-level_log_scale)))
-        log_scale.index_copy_(1, cols, level_log_scale)
-    return u.reshape(shape), log_scale.sum(-1).view(shape[:-1])
+        log_scale = torch.mul(raw_log_scale, inv_b).tanh_().mul_(b)
+        return (v_level - shift).mul_(torch.exp(-log_scale)), log_scale
+
+    u, log_scale = sequential_levels(layer, v, 2, solve)
+    return u, log_scale.sum(-1)
 
 
 class Linearization:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .. import _private
 
 __all__ = ["traced", "run_parts", "run_steps", "keeps_map", "row_view", "broadcast_batch",
-           "layer_grads", "incoming_log_det_grad"]
+           "periodic_rows", "layer_grads", "incoming_log_det_grad"]
 
 
 def traced() -> bool:
@@ -96,6 +96,18 @@ def broadcast_batch(*shapes: Sequence[int]) -> torch.Size:
                     raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
                 out[i] = d
     return torch.Size(out)
+
+
+def periodic_rows(row_bias: Tensor, batch_shape: torch.Size) -> Tensor:
+    """``row_bias`` (..., H) as (M, H) rows that repeat over the N rows of ``batch_shape``
+    flattened (row n gets row ``n % M``): a view where its batch dims are the trailing ones of
+    ``batch_shape``, else expanded to all N rows."""
+    dims = row_bias.shape[:-1]
+    while dims and dims[0] == 1:
+        dims = dims[1:]
+    if tuple(batch_shape[len(batch_shape) - len(dims):]) == tuple(dims):
+        return row_bias.reshape(-1, row_bias.shape[-1])
+    return row_bias.expand(*batch_shape, row_bias.shape[-1]).reshape(-1, row_bias.shape[-1])
 
 
 def layer_grads(xs: Tensor, grad_y: Tensor | None) -> Tensor:

@@ -18,12 +18,14 @@ choices (``benchmarks/results/speed-cpu.md``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .dispatch import broadcast_batch, periodic_rows
 
 __all__ = [
     "blockable", "supports_fused", "masked_weights", "split_weights", "split_rows",
@@ -280,3 +282,63 @@ def fused_backward(net: nn.Module, grad_out: Tensor, inputs: Sequence[Tensor],
     if into_flat and mask_grad:
         grad_flat.mul_(net.mask)
     return g
+
+
+#: a level's solve for :func:`sequential_levels`: ``(v_level, out) -> (solved, term)``
+LevelSolve = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def sequential_levels(layer: nn.Module, v: Tensor, num_params: int, solve: LevelSolve
+                      ) -> tuple[Tensor, Tensor]:
+    r"""The D-pass direction of an autoregressive layer over its MADE ``conditioner``, without
+    autograd, by levels of the order: at level :math:`d` only the hidden units of degree
+    :math:`d - 1` (whose inputs are all solved by then) and the network's outputs for the
+    coordinates of degree :math:`d`, so about one network pass in all, against a full pass
+    per level. ``solve(v_level, out)`` solves a level's coordinates: ``v_level`` (N, L) their
+    values of ``v``, ``out`` (N, num_params * L) the network's outputs for them, the
+    ``num_params`` blocks of the head (each D wide) in turn; it returns their solution and a
+    per-coordinate term (a log-derivative), both (N, L), and may work in place on ``out``.
+    A conditioned layer's :math:`V c` joins the first hidden layer's bias (``v`` broadcast
+    against the context's batch dims). Returns the solution and the terms, of ``v``'s
+    (broadcast) shape."""
+    net = layer._modules["conditioner"]
+    weights, biases = masked_weights(net)
+    relu = type(net._modules["activation"]) is nn.ReLU
+    context = layer.__dict__.get("context")
+    row_bias = None
+    if context is not None:
+        row_bias = net.context_bias(context)
+        batch = broadcast_batch(v.shape[:-1], row_bias.shape[:-1])
+        v = v.expand(*batch, v.shape[-1])
+        row_bias = periodic_rows(row_bias, batch)
+    shape = v.shape
+    v2 = v.reshape(-1, shape[-1])
+    dim = shape[-1]
+    u = v2.clone()
+    terms = torch.zeros_like(v2)
+    hidden = [v2.new_zeros(v2.shape[0], h) for h in net.hidden_dims]
+    ranges = hidden_degree_ranges(net)
+    in_degrees = net.degrees.tolist()
+    head_w, head_b = weights[-1], biases[-1]
+    for level in range(1, net.num_levels + 1):
+        below = u
+        for k, h in enumerate(hidden):
+            # level 1: the units of degree 0 (a context's alone; none without one)
+            start, stop = ranges[k][level - 1]
+            if stop > start:
+                block = torch.addmm(biases[k][start:stop], below, weights[k][start:stop].t())
+                if k == 0 and row_bias is not None:
+                    block.view(-1, row_bias.shape[0], stop - start).add_(
+                        row_bias[:, start:stop])
+                h[:, start:stop] = block.relu_() if relu else block.tanh_()
+            below = h
+        idx = [i for i in range(dim) if in_degrees[i] == level]
+        if not idx:
+            continue
+        cols = torch.tensor(idx, device=v2.device)
+        rows = torch.cat([cols + j * dim for j in range(num_params)])
+        out = torch.addmm(head_b.index_select(0, rows), below, head_w.index_select(0, rows).t())
+        solved, term = solve(v2.index_select(1, cols), out)
+        u.index_copy_(1, cols, solved)
+        terms.index_copy_(1, cols, term)
+    return u.reshape(shape), terms.reshape(shape)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._fast import traced
+from .._fast.made import sequential_levels, supports_fused
 from ..nn.made import MADE, default_hidden_dims
 from .autoregressive import AutoregressiveCore
 from .conditional import ConditionalMADELayer, Conditioned
@@ -116,6 +118,10 @@ class SplineAutoregressiveCore(AutoregressiveCore):
 
     forward_is_parallel: bool = False
     log_det_sign: float = -1.0
+    #: the D-pass direction without autograd over a ReLU or tanh MADE by levels
+    #: (:func:`~pyroflows._fast.made.sequential_levels`: about one network pass in all, against
+    #: one a level); ``False``: a full pass a level, as with autograd
+    fused: bool = True
 
     def __init__(self, dim: int, hidden_dims: Sequence[int] | None = None, bins: int = 8,
                  bound: float = 5.0, order: Sequence[int] | Tensor | None = None,
@@ -138,6 +144,9 @@ class SplineAutoregressiveCore(AutoregressiveCore):
     def _sequential(self, v: Tensor) -> tuple[Tensor, Tensor]:
         # pass k solves the coordinates of level k, whose splines depend on the levels below
         # it only, all exact by then: one network pass per level, one spline per coordinate
+        if self.fused and not torch.is_grad_enabled() and not traced() and isinstance(
+                self._modules["conditioner"], MADE) and supports_fused(self.conditioner):
+            return self._sequential_no_grad(v)
         u, log_det = v, torch.zeros_like(v)
         for columns in self._levels(v.device):
             params = [p.index_select(-1, columns) for p in self.spline_parameters(u)]
@@ -145,6 +154,17 @@ class SplineAutoregressiveCore(AutoregressiveCore):
                                                       self.bound, inverse=True)
             u = u.index_copy(-1, columns, solved)
             log_det = log_det.index_copy(-1, columns, slope)
+        return u, log_det.sum(-1)
+
+    def _sequential_no_grad(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        # the same levels, computing at each only the hidden units and outputs it needs
+        bins, bound = self.bins, self.bound
+
+        def solve(v_level: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+            params = out.unflatten(-1, (3 * bins - 1, -1)).split((bins, bins, bins - 1), -2)
+            return rational_quadratic_spline(v_level, *params, bound, inverse=True)
+
+        u, log_det = sequential_levels(self, v, 3 * bins - 1, solve)
         return u, log_det.sum(-1)
 
     def _levels(self, device: torch.device) -> list[Tensor]:
@@ -193,8 +213,9 @@ class NSF(SplineAutoregressiveCore):
               = -\sum_i \log g'\bigl(y_i; \theta_i(y_{<i})\bigr),
 
     with :math:`g` a monotone rational-quadratic spline of K bins on :math:`[-B, B]` and the
-    identity outside (:func:`rational_quadratic_spline`), sampling D sequential passes (each
-    an analytic spline inverse). Where an affine layer (:class:`~pyroflows.transforms.MAF`)
+    identity outside (:func:`rational_quadratic_spline`), sampling D sequential levels (each
+    an analytic spline inverse; without autograd each hidden unit is computed once, about one
+    network pass in all: :attr:`fused`). Where an affine layer (:class:`~pyroflows.transforms.MAF`)
     moves and scales each conditional, a spline bends it: thin, curved or multimodal
     conditionals in fewer layers. Put the data inside :math:`[-B, B]` (the density estimator
     standardizes it first); outside, the layer is the identity.
