@@ -475,7 +475,7 @@ def _sampling_cases(num_samples: int) -> list[Case]:
         zuko = None
     dim, hidden = SIZES["D=64"]
     base = _standard_normal(dim)
-    cases = _nsf_sampling_cases(num_samples // NSF_SHARE, zuko)
+    cases = _nsf_sampling_cases(max(1, num_samples // NSF_SHARE), zuko)
     for family in ("iaf", "maf"):
         passes = 1 if family == "iaf" else dim
         flops = 2 * num_samples * NUM_LAYERS * passes * _made_macs(dim, hidden)

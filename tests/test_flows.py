@@ -444,3 +444,4 @@ def test_speed_benchmark_runs(capsys, one_thread):
     assert "| 1 | maf, D=8 | pyroflows |" in out and "| 1 | maf, D=8 | pyro |" in out
     assert f"| 1 | maf, D=8 | {speed.ESTIMATOR} |" in out
     assert "| 3 | german credit" in out and "| 5 | maf sampling" in out and "| 2 |" not in out
+    assert "| 5 | nsf sampling, D=64, 1 draws | pyroflows |" in out
