@@ -58,6 +58,13 @@ plain loop's guide after ``keep_best``, seeds ``--seeds``::
     nice -n 10 python -m benchmarks.vi --plain --steps 2000 --particles 8 --seeds 0 1 \
         --draws 5000 --out benchmarks/results/vi-plain.md
 
+``--stl-routes FAMILY ...`` times one loss and gradient with sticking the landing of
+``AutoFlowGuide(flow=FAMILY, stick_the_landing=True)`` at ``--dims``, layer by layer against
+the draw's whole Jacobian::
+
+    nice -n 5 python -m benchmarks.vi --stl-routes maf nsf realnvp --dims 10 40 100 \
+        --particles 8 --out benchmarks/results/vi-stl-routes.md
+
 Columns: KL = log Z - ELBO (nats, from ``--draws`` draws, where log Z is known); PSIS k-hat of
 the same importance weights (:func:`pyroflows.diagnostics.psis`); the largest standardized mean
 error |mean_q - mean_ref| / sd_ref and the largest |log(sd_q / sd_ref)| over the parameters,
@@ -568,6 +575,55 @@ def plain_table(targets: list[str], guides: list[str], steps: int, num_particles
     return rows
 
 
+# ---- sticking the landing by route, for the other families -----------------------------------
+
+def stl_routes_table(families: list[str], dims: list[int], num_particles: int, rounds: int,
+                     calls: int = 10) -> list[str]:
+    """Milliseconds of one ``FlowELBO`` loss and gradient with sticking the landing for
+    ``AutoFlowGuide(flow=..., num_layers=2, stick_the_landing=True)`` on a correlated
+    Gaussian of each D, its parameters moved off their start: layer by layer (the default)
+    against the draw's whole Jacobian (``landing.STL_LAYERWISE = False``), the best of
+    ``rounds`` alternations of ``calls`` calls each."""
+    from pyroflows.guides import landing
+
+    rows = ["| family | D | layer by layer (ms) | whole Jacobian (ms) | Jacobian / layer by "
+            "layer |", "|---|---:|---:|---:|---:|"]
+    for family in families:
+        for dim in dims:
+            pyro.clear_param_store()
+            torch.manual_seed(0)
+            loc = torch.linspace(-1.0, 1.0, dim)
+            cov = 0.5 * torch.eye(dim) + 0.3
+
+            def model(loc=loc, cov=cov):
+                pyro.sample("z", dist.MultivariateNormal(loc, cov))
+
+            guide = pf.guides.AutoFlowGuide(model, flow=family, num_layers=2,
+                                            stick_the_landing=True)
+            guide()
+            with torch.no_grad():
+                for p in guide.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            elbo = FlowELBO(num_particles=num_particles, vectorize_particles=True,
+                            max_plate_nesting=0)
+            best = {True: math.inf, False: math.inf}
+            try:
+                for _ in range(rounds):
+                    for layerwise in (True, False):
+                        landing.STL_LAYERWISE = layerwise
+                        start = time.perf_counter()
+                        for _ in range(calls):
+                            elbo.differentiable_loss(model, guide).backward()
+                        best[layerwise] = min(best[layerwise],
+                                              (time.perf_counter() - start) / calls)
+            finally:
+                landing.STL_LAYERWISE = True
+            rows.append(f"| {family} | {dim} | {1e3 * best[True]:.1f} | "
+                        f"{1e3 * best[False]:.1f} | {best[False] / best[True]:.2f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def _save(out: str | None, lines: list[str]) -> None:
     """Write a table printed as it was computed (its header first, then its rows) to ``out``."""
     if out:
@@ -599,10 +655,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", action="store_true",
                         help="the plain-loop table instead (issue 24, item 6): each guide "
                         "under SVI with Adam 5e-3 and Trace_ELBO against the recommended loop")
+    parser.add_argument("--stl-routes", nargs="*", default=None, metavar="FAMILY",
+                        help="milliseconds of a loss and gradient with sticking the landing "
+                        "for these families' AutoFlowGuide, layer by layer against the whole "
+                        "Jacobian, at --dims, instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     # Pyro's flow guides build their layers lazily in the default dtype: float64 models need it.
     torch.set_default_dtype(torch.float64)
+    if args.stl_routes is not None:
+        header = (
+            "# Sticking the landing by route, for MAF, NSF and RealNVP guides\n\n"
+            f"`AutoFlowGuide(flow=..., num_layers=2, stick_the_landing=True)` on "
+            "N(linspace(-1, 1, D), 0.5 I + 0.3), its parameters moved off their start; one "
+            f"`FlowELBO` loss and gradient of {args.particles} vectorized particles, float64, "
+            "one thread: milliseconds, best of 3 alternations of 10 calls, layer by layer "
+            "(the default) against the draw's whole Jacobian (`landing.STL_LAYERWISE = "
+            "False`).\n"
+        )
+        print(header, flush=True)
+        rows = stl_routes_table(args.stl_routes or ["maf", "nsf", "realnvp"], args.dims,
+                                args.particles, rounds=3)
+        _save(args.out, [header, *rows])
+        return 0
     if args.plain:
         targets = args.targets if args.targets != list(TARGETS) else PLAIN_TARGETS
         guides = [g for g in args.guides if g in PLAIN_GUIDES] or list(PLAIN_GUIDES)

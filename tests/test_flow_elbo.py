@@ -250,7 +250,7 @@ def test_stl_refused_batched_backward_is_not_retried(device, dtype, monkeypatch)
     assert rows == ([n * (d + 1)] if refused else [n])
 
 
-LAYERWISE_GUIDES = {  # guides whose stacks the layer-by-layer route takes, and two it does not
+LAYERWISE_GUIDES = {  # guides whose stacks the layer-by-layer route takes
     "iaf-laplace": (lambda m: AutoIAF(m, num_layers=3, hidden_dims=(24,)), True),
     "iaf-diagonal": (lambda m: AutoIAF(m, num_layers=2, hidden_dims=(24,), full_rank=False),
                      True),
@@ -260,21 +260,19 @@ LAYERWISE_GUIDES = {  # guides whose stacks the layer-by-layer route takes, and 
                       True),
     "realnvp": (lambda m: AutoFlowGuide(m, flow="realnvp", num_layers=2, hidden_dims=(24,)),
                 True),
-    "maf": (lambda m: AutoFlowGuide(m, flow="maf", num_layers=2, hidden_dims=(24,)), False),
+    "maf": (lambda m: AutoFlowGuide(m, flow="maf", num_layers=2, hidden_dims=(24,)), True),
     "planar": (lambda m: AutoPlanar(m, num_layers=3), True),
     "radial": (lambda m: AutoRadial(m, num_layers=3), True),
-    "nsf": (lambda m: AutoFlowGuide(m, flow="nsf", num_layers=2, hidden_dims=(24,)), False),
+    "nsf": (lambda m: AutoFlowGuide(m, flow="nsf", num_layers=2, hidden_dims=(24,)), True),
 }
 
 
 @pytest.mark.parametrize("make", sorted(LAYERWISE_GUIDES))
 def test_layerwise_score_is_the_gradient_of_the_inverse(make, monkeypatch, device, dtype):
-    """path_log_density takes the layer-by-layer route for stacks of IAF, RealNVP, planar,
-    radial and affine layers (Laplace start, diagonal, plain start, a Student t base), the
-    draw's Jacobian for others (MAF, NSF); either way its value and gradient in z are those
-    of autograd
-    through the flow's inverse (log_prob_detached), with the parameters far from their
-    start."""
+    """path_log_density takes the layer-by-layer route for stacks of IAF, RealNVP, MAF, NSF,
+    planar, radial and affine layers (Laplace start, diagonal, plain start, a Student t
+    base); its value and gradient in z are those of autograd through the flow's inverse
+    (log_prob_detached), with the parameters far from their start."""
     dim = 20
     loc = torch.linspace(-1.0, 1.0, dim, device=device, dtype=dtype)
     cov = 0.5 * torch.eye(dim, device=device, dtype=dtype) + 0.3
@@ -334,6 +332,42 @@ def test_layerwise_score_is_the_whole_jacobians(dim, num_layers, scale, affine, 
     eps = torch.randn(3, 2, dim, generator=torch.Generator().manual_seed(seed),
                       dtype=torch.float64).to(device, dtype)
     assert landing.path_route(stack, eps) and landing._layerwise(stack)
+    got = landing.layerwise_score(stack, eps)
+    want = landing._jacobian_score(stack, eps, None).reshape(eps.shape)
+    size = max(float(want.abs().max()), 1.0)
+    tol = 1e-7 if dtype == torch.float64 else 2e-3
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * size)
+
+
+@settings(max_examples=30, deadline=None)
+@given(family=st.sampled_from(["maf", "nsf", "realnvp", "realnvp-compact", "maf+permute"]),
+       conditioned=st.booleans(), scale=st.sampled_from([0.0, 0.1, 0.3]),
+       seed=st.integers(0, 2**16))
+def test_one_pass_inverse_steps_are_the_whole_jacobians(family, conditioned, scale, seed,
+                                                        device, dtype):
+    """Stacks of MAF, NSF and RealNVP layers (compact coupling networks from D = 32), with a
+    permutation between, conditioned on a batch of contexts or not, from the identity to
+    random weights: the layer-by-layer score (MAF and NSF by one vector-Jacobian product of
+    their one-pass inverse; small RealNVP layers by their linearization) equals the one from
+    the draw's whole Jacobian. (Saturated layers: one at a time by their residuals,
+    test_score_steps.py.)"""
+    from pyroflows import flows, testing
+    from pyroflows.transforms import Permute
+
+    name = family.split("-")[0].split("+")[0]
+    dim = 32 if family == "realnvp-compact" else 5
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randn(2, 3, generator=gen, dtype=torch.float64) if conditioned else None
+    built = flows.build(name, dim, num_layers=2, hidden_dims=(12,),
+                        context_dim=3 if conditioned else None)
+    testing.randomize_parameters_(built, scale=scale, seed=seed)
+    built = built.to(device, dtype)
+    stack = built.condition(context.to(device, dtype)) if conditioned else built
+    if family == "maf+permute":
+        stack = flows.FlowStack([stack.parts[0], Permute.reverse(dim).to(device),
+                                 stack.parts[1]])
+    eps = torch.randn(3, 2, dim, generator=gen, dtype=torch.float64).to(device, dtype)
+    assert landing._layerwise(stack)
     got = landing.layerwise_score(stack, eps)
     want = landing._jacobian_score(stack, eps, None).reshape(eps.shape)
     size = max(float(want.abs().max()), 1.0)

@@ -1,6 +1,6 @@
 """Closed-form score steps (``FlowTransform.score_step``, the layer-by-layer sticking-the-landing
-route for planar and radial layers, their conditioned maps and a conditional flow's Gaussian
-start): the output is the layer's forward map, and the returned vector u' solves
+route for planar and radial layers, their conditioned maps, a conditional flow's Gaussian
+start and permutations): the output is the layer's forward map, and the returned vector u' solves
 J^T u' = g - grad log|det J| with J and the log-det's gradient from autograd, held to its
 residual (a backward-error check that stays meaningful where J is nearly singular), over
 parameters from the identity to the constraints' edges, per row and shared, in both dtypes."""
@@ -19,13 +19,17 @@ from pyroflows.flows.conditional import ConditionalElementwiseAffine
 from pyroflows.transforms.conditional_planar_radial import ConditionedPlanar, ConditionedRadial
 
 
-def _check(t, x: torch.Tensor, g: torch.Tensor) -> None:
-    """``t.score_step(x, g)`` against autograd: ``y`` the forward map, u' by its residual."""
-    assert t.has_score_step()
-    y, got = t.score_step(x, g)
+def _check(t, x: torch.Tensor, g: torch.Tensor, step=None) -> None:
+    """``t.score_step(x, g)`` (or ``step(x, g)``) against autograd: ``y`` the forward map, u'
+    by its residual."""
+    if step is None:
+        assert t.has_score_step()
+        step = t.score_step
+    y, got = step(x, g)
     leaf = x.detach().clone().requires_grad_(True)
     want_y, log_det = t.forward_and_log_det(leaf)
-    (grad_ld,) = torch.autograd.grad(log_det.sum(), leaf, allow_unused=True)
+    grad_ld = (torch.autograd.grad(log_det.sum(), leaf, allow_unused=True)[0]
+               if log_det.requires_grad else None)
     grad_ld = torch.zeros_like(leaf) if grad_ld is None else grad_ld  # (a constant log-det)
     # rows are mapped independently: the Jacobian of the summed outputs holds each row's
     d = x.shape[-1]
@@ -127,15 +131,48 @@ def test_row_affine_score_step(device, dtype):
     _check(t, _draws((2, 5, 3), 2, device, dtype), _draws((2, 5, 3), 3, device, dtype))
 
 
-@pytest.mark.parametrize("flow", ["planar", "radial"])
+@settings(max_examples=40, deadline=None)
+@given(family=st.sampled_from(["maf", "nsf", "realnvp-compact"]), conditioned=st.booleans(),
+       scale=st.sampled_from([0.0, 0.3, 1.0, 3.0]), seed=st.integers(0, 2**16))
+def test_one_pass_inverse_step(family, conditioned, scale, seed, device, dtype):
+    """The step of a layer with a one-pass inverse (MAF, NSF, a compact coupling layer;
+    ``landing._inverse_step``: one vector-Jacobian product of the inverse), conditioned on a
+    batch of contexts or not, from the identity to saturated weights: held to its residual."""
+    from pyroflows.guides import landing
+
+    name = family.split("-")[0]
+    dim = 32 if family == "realnvp-compact" else 4
+    build = {"maf": (pf.transforms.maf, pf.transforms.conditional_maf),
+             "nsf": (pf.transforms.nsf, pf.transforms.conditional_nsf),
+             "realnvp": (pf.transforms.realnvp, pf.transforms.conditional_realnvp)}[name]
+    layer = build[1](dim, 3, hidden_dims=(10,)) if conditioned else build[0](dim, (10,))
+    pf.testing.randomize_parameters_(layer, scale=scale, seed=seed)
+    layer = layer.to(device, dtype)
+    if conditioned:
+        layer = layer.condition(_draws((5, 3), seed + 1, device, dtype))
+    assert landing._one_pass_inverse(layer) and not landing._linearizes(layer)
+    x, g = _draws((2, 5, dim), seed + 2, device, dtype), _draws((2, 5, dim), seed + 3, device,
+                                                                dtype)
+    _check(layer, x, g, step=lambda x, g: landing._inverse_step(layer, x, g))
+
+
+def test_permute_score_step(device, dtype):
+    """A permutation: u' = g permuted as x is (J is the permutation matrix, orthogonal)."""
+    t = pf.transforms.Permute([2, 0, 3, 1]).to(device)
+    _check(t, _draws((2, 5, 4), 1, device, dtype), _draws((2, 5, 4), 2, device, dtype))
+
+
+@pytest.mark.parametrize("flow", ["planar", "radial", "permute"])
 def test_a_subclass_that_changes_the_map_has_no_score_step(flow):
     """A subclass that redefines the map does not inherit the closed form."""
-    base = {"planar": pf.transforms.Planar, "radial": pf.transforms.Radial}[flow]
+    base = {"planar": pf.transforms.Planar, "radial": pf.transforms.Radial,
+            "permute": pf.transforms.Permute}[flow]
 
     class Doubled(base):
         def forward_and_log_det(self, x):
             y, ld = super().forward_and_log_det(x)
             return 2 * y, ld + x.shape[-1] * math.log(2.0)
 
-    assert base(3).has_score_step() and not Doubled(3).has_score_step()
+    arg = [2, 0, 1] if flow == "permute" else 3
+    assert base(arg).has_score_step() and not Doubled(arg).has_score_step()
     assert not pf.transforms.ElementwiseAffine(3).has_score_step()  # (a matrix instead)

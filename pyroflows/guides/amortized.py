@@ -31,8 +31,10 @@ class AmortizedPosterior(FlowDistribution):
     ``log_prob``, its gradient in :math:`z` comes from the draw itself
     (:func:`~pyroflows.guides.landing.path_log_density`: layer by layer, in closed form for
     planar and radial layers and the Gaussian start, by the draw's kept linearizations for
-    IAF layers; else from the draw's whole Jacobian, one pass over D + 1 copies of the draws
-    and a D x D solve per draw, up to D = 1024 and 32768 numbers of draws). Elsewhere
+    IAF layers, by one vector-Jacobian product of the one-pass inverse for MAF, NSF and
+    RealNVP layers; for layers of no such kind, from the draw's whole Jacobian, one pass over
+    D + 1 copies of the draws and a D x D solve per draw, up to D = 1024 and 32768 numbers
+    of draws). Elsewhere
     (a value it did not draw, more draws than that) Pyro's parts: the standard gradient.
     ELBOs that read the entropy term (``Trace_ELBO``, ``TraceMeanField_ELBO``) then give the
     sticking-the-landing gradient; ``RenyiELBO`` / IWAE reads ``log_prob`` and keeps its own
@@ -117,7 +119,8 @@ class AmortizedFlowGuide(nn.Module):
             guide's test log-likelihood by about a quarter of a nat (``--stl``). Its cost:
             closed-form steps for planar, radial and the Gaussian start (a few operations a
             layer), two or three pullbacks of each IAF layer's network from the draw's own
-            activations, a pass of the flow over D + 1 copies of the draws for MAF.
+            activations, a pass of each MAF, NSF or RealNVP layer's inverse and its
+            backward.
         name: the name of its parameters in Pyro's param store (``name$$$encoder...``).
         layer_kwargs: passed to :func:`pyroflows.flows.build`; e.g. ``shared_network=False``
             for planar or radial layers with a network each (by default one network of

@@ -2,8 +2,9 @@ r"""Sticking the landing (Roeder et al. 2017): a flow guide's :math:`\log q_{\ba
 with the parameters :math:`\bar\phi` detached, only the path :math:`z_\phi = T_\phi(\varepsilon)`
 differentiated; by the flow's inverse (:func:`log_prob_detached`; for IAF D sequential passes a
 layer) or, where the draw's base point is known, from the draw itself
-(:func:`path_log_density`): layer by layer (:func:`layerwise_score`; IAF, planar, radial and
-affine layers) or by the draw's whole Jacobian (D + 1 batched pullbacks).
+(:func:`path_log_density`): layer by layer (:func:`layerwise_score`; IAF, MAF, NSF, RealNVP,
+planar, radial, affine and permutation layers, conditioned or not) or by the draw's whole
+Jacobian (D + 1 batched pullbacks).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .. import flows
 from ..distributions import UnitStudentT
 from ..transforms import FlowTransform
 from ..transforms.affine import ElementwiseAffine, FixedTriangularAffine, TriangularAffine
-from ..transforms.autoregressive import AffineAutoregressiveCore
+from ..transforms.autoregressive import AffineAutoregressiveCore, AutoregressiveCore
 
 __all__ = ["posterior_sticks", "posterior_stl_off", "sticks", "rsample_keeping",
            "kept_linearizations", "log_prob_detached", "jacobian_route",
@@ -39,9 +40,8 @@ STL_JACOBIAN_MAX_DIM = 1024
 #: The most rows (particles x D) the Jacobian's pass may take (activations in memory).
 STL_JACOBIAN_MAX_ROWS = 32768
 #: Whether :func:`path_log_density` takes :func:`layerwise_score` where every layer allows it
-#: (IAF, planar, radial and affine layers, conditioned or not: every ``AutoIAF``,
-#: ``AutoPlanar`` and ``AutoRadial`` and the amortized planar, radial and IAF guides);
-#: ``False``: as if none did.
+#: (IAF, MAF, NSF, RealNVP, planar, radial, affine and permutation layers, conditioned or
+#: not: every guide that pyroflows builds, autoguide or amortized); ``False``: as if none did.
 STL_LAYERWISE = True
 #: Where :func:`layerwise_score` stops an IAF layer's iteration: once a step is within this
 #: fraction of the solution (max norms), or within :math:`\sqrt\epsilon` of the dtype where
@@ -191,14 +191,48 @@ def _affine_matrix(t: nn.Module) -> Tensor | None:
 
 def _layerwise(stack: flows.FlowStack) -> bool:
     """Whether :func:`layerwise_score` takes ``stack``: every layer affine, IAF-like
-    (``can_linearize``: a fused one-pass forward map, with a context or without) or with a
+    (``can_linearize``: a fused one-pass forward map, with a context or without), with a
     closed-form score step (``has_score_step``: planar, radial, their conditioned maps, a
-    conditional flow's Gaussian start)."""
+    conditional flow's Gaussian start) or a one-pass inverse (:func:`_one_pass_inverse`: MAF,
+    NSF, a compact coupling layer, conditioned or not)."""
     def fits(t: nn.Module) -> bool:
-        return (isinstance(t, _AFFINE) or t.has_score_step()
-                or (isinstance(t, AffineAutoregressiveCore) and t.can_linearize()))
+        return (isinstance(t, _AFFINE) or t.has_score_step() or _linearizes(t)
+                or _one_pass_inverse(t))
 
     return STL_LAYERWISE and stack.all_flow_transforms and all(fits(t) for t in stack.parts)
+
+
+def _linearizes(t: nn.Module) -> bool:
+    """Whether ``t`` is IAF-like: a fused one-pass forward map (:class:`Linearization`)."""
+    return isinstance(t, AffineAutoregressiveCore) and t.can_linearize()
+
+
+def _one_pass_inverse(t: nn.Module) -> bool:
+    """Whether ``t``'s inverse is one network pass while its forward map is not IAF-like:
+    MAF's and NSF's direction (the forward map D levels), or a coupling layer whose compact
+    network no :class:`Linearization` takes (:func:`_inverse_step`)."""
+    return isinstance(t, AutoregressiveCore) and (
+        not t.forward_is_parallel or getattr(t, "coupling_halves", None) is not None)
+
+
+def _inverse_step(t: FlowTransform, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    r"""A layer's step of :func:`layerwise_score` by its one-pass inverse
+    :math:`f^{-1}`: :math:`y = f(x)` (without autograd: MAF's and NSF's D levels compute each
+    hidden unit once) and, with :math:`\ell = \log|\det J_f|`,
+
+    .. math:: J_f^{-\top}\bigl(g - \nabla_x \ell(x)\bigr)
+              = J_{f^{-1}}(y)^\top g - \nabla_y\, \ell\bigl(f^{-1}(y)\bigr),
+
+    one vector-Jacobian product of :math:`(f^{-1}(y), \ell(f^{-1}(y)))` with cotangents
+    :math:`(g, -1)`, the parameters detached."""
+    y = t.forward_and_log_det(x)[0]
+    leaf = y.detach().requires_grad_(True)
+    with torch.enable_grad():
+        back, log_det = torch.func.functional_call(_Call(t, inverse=True), _detached(t),
+                                                   (leaf,))
+        (step,) = torch.autograd.grad((back, log_det), leaf,
+                                      (g.expand_as(back), -torch.ones_like(log_det)))
+    return y, step
 
 
 def path_route(stack: flows.FlowStack, eps: Tensor) -> bool:
@@ -210,7 +244,7 @@ def path_route(stack: flows.FlowStack, eps: Tensor) -> bool:
 def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution | None = None,
                     linearizations: Sequence = ()) -> Tensor:
     r""":math:`\nabla_z \log q_{\bar\phi}(z)` at :math:`z = T(\varepsilon)` for a stack of
-    IAF, planar, radial and affine layers (:func:`path_route`),
+    IAF, MAF, NSF, RealNVP, planar, radial, affine and permutation layers (:func:`_layerwise`),
     :math:`T = t_K \circ \dots \circ t_1`, :math:`x_k = t_k(x_{k-1})`,
     :math:`x_0 = \varepsilon`, :math:`J_k = \partial t_k / \partial x_{k-1}`,
     :math:`\ell_k = \log|\det J_k(x_{k-1})|`. As
@@ -223,7 +257,9 @@ def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution
     one solve per layer, from the first: no pass from the top. An affine layer's :math:`J_k` is
     its constant triangular matrix and :math:`\nabla \ell_k = 0` (a triangular solve); a
     planar or radial layer's is the identity plus a rank-one term, solved in closed form
-    (its :meth:`~pyroflows.transforms.FlowTransform.score_step`). An IAF
+    (its :meth:`~pyroflows.transforms.FlowTransform.score_step`; a permutation's is
+    orthogonal). A MAF or NSF layer (or a compact coupling layer) takes one vector-Jacobian
+    product of its one-pass inverse at its output (:func:`_inverse_step`). An IAF
     layer's is :math:`S + L`, :math:`S = \mathrm{diag}(e^{s})`, :math:`L` strictly lower
     triangular in the layer's order, solved by an iteration whose error is multiplied by the
     nilpotent :math:`-S^{-1} L^\top` each step, with :math:`\nabla \ell_k` inside the same
@@ -255,6 +291,8 @@ def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution
                 x = t.forward_and_log_det(x)[0]
             elif t.has_score_step():
                 x, u = t.score_step(x, u)
+            elif not _linearizes(t):  # MAF, NSF, a compact coupling layer
+                x, u = _inverse_step(t, x, u)
             else:  # an IAF layer (its linearization works on the draws as rows)
                 rows = x.numel() // d
                 if ready is not None and ready.layer is t and ready.shape == (rows, d):

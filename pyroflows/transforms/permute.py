@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._fast import keeps_map
 from .base import FlowTransform
 
 __all__ = ["Permute", "permute"]
@@ -74,6 +75,14 @@ class Permute(FlowTransform):
 
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return y.index_select(-1, self.inverse_permutation), y.new_zeros(y.shape[:-1])
+
+    def has_score_step(self) -> bool:
+        """True, unless a subclass redefines the map."""
+        return keeps_map(type(self), Permute, ("forward_and_log_det", "inverse_and_log_det"))
+
+    def score_step(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        # J = P, P[i, pi(i)] = 1, orthogonal: J^{-T} g = P g, permuted as x is
+        return self.forward_and_log_det(x)[0], g.index_select(-1, self.permutation)
 
 
 def permute(dim: int, permutation: Sequence[int] | Tensor | None = None, seed=None) -> Permute:
