@@ -313,18 +313,18 @@ def sequential_levels(layer: nn.Module, v: Tensor, num_params: int, solve: Level
         row_bias = periodic_rows(row_bias, batch)
     shape = v.shape
     v2 = v.reshape(-1, shape[-1])
-    dim = shape[-1]
     u = v2.clone()
     terms = torch.zeros_like(v2)
     hidden = [v2.new_zeros(v2.shape[0], h) for h in net.hidden_dims]
-    ranges = hidden_degree_ranges(net)
-    in_degrees = net.degrees.tolist()
+    degrees = net.degrees  # (a loaded state of another order changes its version)
+    plan = net.memo("level_plan", (degrees._version, degrees.data_ptr(), v2.device, num_params),
+                    lambda: _level_plan(net, num_params, v2.device))
     head_w, head_b = weights[-1], biases[-1]
-    for level in range(1, net.num_levels + 1):
+    for units, cols, rows in plan:
         below = u
         for k, h in enumerate(hidden):
             # level 1: the units of degree 0 (a context's alone; none without one)
-            start, stop = ranges[k][level - 1]
+            start, stop = units[k]
             if stop > start:
                 block = torch.addmm(biases[k][start:stop], below, weights[k][start:stop].t())
                 if k == 0 and row_bias is not None:
@@ -332,13 +332,33 @@ def sequential_levels(layer: nn.Module, v: Tensor, num_params: int, solve: Level
                         row_bias[:, start:stop])
                 h[:, start:stop] = block.relu_() if relu else block.tanh_()
             below = h
-        idx = [i for i in range(dim) if in_degrees[i] == level]
-        if not idx:
+        if cols is None:
             continue
-        cols = torch.tensor(idx, device=v2.device)
-        rows = torch.cat([cols + j * dim for j in range(num_params)])
         out = torch.addmm(head_b.index_select(0, rows), below, head_w.index_select(0, rows).t())
         solved, term = solve(v2.index_select(1, cols), out)
         u.index_copy_(1, cols, solved)
         terms.index_copy_(1, cols, term)
     return u.reshape(shape), terms.reshape(shape)
+
+
+def _level_plan(net: nn.Module, num_params: int, device: torch.device
+                ) -> list[tuple[list[tuple[int, int]], Tensor | None, Tensor | None]]:
+    """For each level d of ``net``'s order, lowest first: every hidden layer's range of units
+    of degree d - 1, and the level's coordinates and their ``num_params`` output rows (``None``
+    where no coordinate has degree d)."""
+    ranges = hidden_degree_ranges(net)
+    degrees = net.degrees.tolist()
+    dim = len(degrees)
+    coordinates: dict[int, list[int]] = {}
+    for i, d in enumerate(degrees):
+        coordinates.setdefault(d, []).append(i)
+    plan = []
+    for level in range(1, net.num_levels + 1):
+        units = [r[level - 1] for r in ranges]
+        idx = coordinates.get(level)
+        if idx is None:
+            plan.append((units, None, None))
+            continue
+        cols = torch.tensor(idx, device=device)
+        plan.append((units, cols, torch.cat([cols + j * dim for j in range(num_params)])))
+    return plan
