@@ -46,7 +46,8 @@ class Family:
         hidden_dims: ``dim -> widths``, a flow guide's default conditioner widths
             (:func:`guide_hidden_dims` for the network families); ``None``: the layer's own.
 
-    The guide defaults are measured choices (``benchmarks/results/vi.md``).
+    The guide defaults are measured choices (``benchmarks/results/vi.md``; sticking the
+    landing: ``vi-stl-planar-radial.md`` and ``vi-stl-families.md``).
     """
 
     layer: Callable[..., nn.Module] | None = None
@@ -114,9 +115,10 @@ FAMILIES: dict[str, Family] = {
                      lr=(5e-2, 1e-2), shared_network=True),
     "iaf": Family(T.IAF, T.conditional_iaf, fold=fold_order, stick_the_landing=True,
                   **_NETWORK_FAMILY),
-    "maf": Family(T.MAF, T.conditional_maf, fold=fold_order, **_NETWORK_FAMILY),
+    "maf": Family(T.MAF, T.conditional_maf, fold=fold_order, stick_the_landing=True,
+                  **_NETWORK_FAMILY),
     "realnvp": Family(T.RealNVP, T.conditional_realnvp, fold=fold_mask, complementary_masks=True,
-                      **_NETWORK_FAMILY),
+                      stick_the_landing=True, **_NETWORK_FAMILY),
     "nsf": Family(T.NSF, T.conditional_nsf, fold=fold_order,
                   **{**_NETWORK_FAMILY, "stacked_conditioners": False}),
 }
