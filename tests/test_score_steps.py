@@ -1,9 +1,10 @@
-"""Closed-form score steps (``FlowTransform.score_step``, the layer-by-layer sticking-the-landing
-route for planar and radial layers, their conditioned maps, a conditional flow's Gaussian
-start and permutations): the output is the layer's forward map, and the returned vector u' solves
-J^T u' = g - grad log|det J| with J and the log-det's gradient from autograd, held to its
-residual (a backward-error check that stays meaningful where J is nearly singular), over
-parameters from the identity to the constraints' edges, per row and shared, in both dtypes."""
+"""Closed-form score steps (``FlowTransform.score_step``, the layer-by-layer
+sticking-the-landing route for planar and radial layers, their conditioned maps, a
+conditional flow's Gaussian start, affine layers and permutations): the output is the
+layer's forward map, and the returned vector u' solves J^T u' = g - grad log|det J| with J
+and the log-det's gradient from autograd, held to its residual (a backward-error check that
+stays meaningful where J is nearly singular), over parameters from the identity to the
+constraints' edges, per row and shared, in both dtypes."""
 
 from __future__ import annotations
 
@@ -162,11 +163,30 @@ def test_permute_score_step(device, dtype):
     _check(t, _draws((2, 5, 4), 1, device, dtype), _draws((2, 5, 4), 2, device, dtype))
 
 
-@pytest.mark.parametrize("flow", ["planar", "radial", "permute"])
+@pytest.mark.parametrize("kind", ["elementwise", "triangular", "fixed"])
+def test_affine_score_step(kind, device, dtype):
+    """Affine layers (a guide's last layer and its Laplace start): u' = L^{-T} g, the log-det
+    constant, over draws with two batch dims."""
+    from pyroflows.transforms import ElementwiseAffine, FixedTriangularAffine, TriangularAffine
+
+    tril = torch.tril(_draws((4, 4), 1, device, dtype, 0.5)) + 1.5 * torch.eye(
+        4, device=device, dtype=dtype)
+    if kind == "fixed":
+        t = FixedTriangularAffine(_draws((4,), 2, device, dtype), tril)
+    else:
+        t = (ElementwiseAffine if kind == "elementwise" else TriangularAffine)(4, scale=0.7)
+        pf.testing.randomize_parameters_(t, scale=0.5, seed=3)
+        t = t.to(device, dtype)
+    _check(t, _draws((2, 5, 4), 4, device, dtype), _draws((2, 5, 4), 5, device, dtype))
+
+
+@pytest.mark.parametrize("flow", ["planar", "radial", "permute", "elementwise",
+                                  "triangular"])
 def test_a_subclass_that_changes_the_map_has_no_score_step(flow):
     """A subclass that redefines the map does not inherit the closed form."""
     base = {"planar": pf.transforms.Planar, "radial": pf.transforms.Radial,
-            "permute": pf.transforms.Permute}[flow]
+            "permute": pf.transforms.Permute, "elementwise": pf.transforms.ElementwiseAffine,
+            "triangular": pf.transforms.TriangularAffine}[flow]
 
     class Doubled(base):
         def forward_and_log_det(self, x):
@@ -175,4 +195,3 @@ def test_a_subclass_that_changes_the_map_has_no_score_step(flow):
 
     arg = [2, 0, 1] if flow == "permute" else 3
     assert base(arg).has_score_step() and not Doubled(arg).has_score_step()
-    assert not pf.transforms.ElementwiseAffine(3).has_score_step()  # (a matrix instead)

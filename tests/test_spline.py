@@ -199,7 +199,7 @@ def test_sampling_by_levels_is_the_plain_passes(dim, scale, seed, ties, conditio
 def test_sampling_by_levels_skips_the_full_passes(monkeypatch, device, dtype):
     """Sampling without autograd runs no full network pass (``spline_parameters``), and its
     draws invert back to the base draws by the one-pass density direction; with autograd, or
-    ``fused = False``, one full pass a level as before."""
+    ``fused = False`` (on a conditional layer too), one full pass a level as before."""
     from pyroflows.transforms.spline import SplineAutoregressiveCore
 
     layer = pf.transforms.nsf(5, hidden_dims=(16, 16)).to(device, dtype)
@@ -223,6 +223,16 @@ def test_sampling_by_levels_skips_the_full_passes(monkeypatch, device, dtype):
     with torch.no_grad():
         layer.forward_and_log_det(z)
     assert len(full) == 5
+    # a conditional layer's switch reaches the transforms it conditions
+    owner = pf.transforms.conditional_nsf(5, 2, hidden_dims=(16,)).to(device, dtype)
+    randomize_parameters_(owner, scale=0.3, seed=4)
+    c = torch.randn(50, 2, dtype=torch.float64).to(device, dtype)
+    for fused, passes in ((True, 0), (False, 5)):
+        owner.fused = fused
+        full.clear()
+        with torch.no_grad():
+            owner.condition(c).forward_and_log_det(z)
+        assert len(full) == passes
 
 
 def test_bad_arguments_get_a_value_error():

@@ -21,7 +21,6 @@ from torch.distributions import Transform
 from .. import flows
 from ..distributions import UnitStudentT
 from ..transforms import FlowTransform
-from ..transforms.affine import ElementwiseAffine, FixedTriangularAffine, TriangularAffine
 from ..transforms.autoregressive import AffineAutoregressiveCore, AutoregressiveCore
 
 __all__ = ["posterior_sticks", "posterior_stl_off", "sticks", "rsample_keeping",
@@ -175,29 +174,14 @@ def jacobian_route(eps: Tensor) -> bool:
     return eps.shape[-1] <= STL_JACOBIAN_MAX_DIM and eps.numel() <= STL_JACOBIAN_MAX_ROWS
 
 
-#: The affine layers whose constant Jacobian :func:`_affine_matrix` gives.
-_AFFINE = (ElementwiseAffine, TriangularAffine, FixedTriangularAffine)
-
-
-def _affine_matrix(t: nn.Module) -> Tensor | None:
-    """The constant Jacobian of an affine layer: its (D, D) lower-triangular matrix, or (D,) for
-    a diagonal one; ``None`` for any other layer."""
-    if isinstance(t, ElementwiseAffine):
-        return t.scale
-    if isinstance(t, _AFFINE):
-        return t.scale_tril
-    return None
-
-
 def _layerwise(stack: flows.FlowStack) -> bool:
-    """Whether :func:`layerwise_score` takes ``stack``: every layer affine, IAF-like
-    (``can_linearize``: a fused one-pass forward map, with a context or without), with a
-    closed-form score step (``has_score_step``: planar, radial, their conditioned maps, a
-    conditional flow's Gaussian start) or a one-pass inverse (:func:`_one_pass_inverse`: MAF,
-    NSF, a compact coupling layer, conditioned or not)."""
+    """Whether :func:`layerwise_score` takes ``stack``: every layer with a closed-form score
+    step (``has_score_step``: affine, permutation, planar and radial layers, their conditioned
+    maps, a conditional flow's Gaussian start), IAF-like (``can_linearize``: a fused one-pass
+    forward map, with a context or without) or with a one-pass inverse
+    (:func:`_one_pass_inverse`: MAF, NSF, a compact coupling layer, conditioned or not)."""
     def fits(t: nn.Module) -> bool:
-        return (isinstance(t, _AFFINE) or t.has_score_step() or _linearizes(t)
-                or _one_pass_inverse(t))
+        return t.has_score_step() or _linearizes(t) or _one_pass_inverse(t)
 
     return STL_LAYERWISE and stack.all_flow_transforms and all(fits(t) for t in stack.parts)
 
@@ -254,13 +238,13 @@ def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution
     .. math:: u_0 = \nabla \log p_0(\varepsilon), \qquad
               J_k^\top u_k = u_{k-1} - \nabla \ell_k(x_{k-1}),
 
-    one solve per layer, from the first: no pass from the top. An affine layer's :math:`J_k` is
-    its constant triangular matrix and :math:`\nabla \ell_k = 0` (a triangular solve); a
-    planar or radial layer's is the identity plus a rank-one term, solved in closed form
-    (its :meth:`~pyroflows.transforms.FlowTransform.score_step`; a permutation's is
-    orthogonal). A MAF or NSF layer (or a compact coupling layer) takes one vector-Jacobian
-    product of its one-pass inverse at its output (:func:`_inverse_step`). An IAF
-    layer's is :math:`S + L`, :math:`S = \mathrm{diag}(e^{s})`, :math:`L` strictly lower
+    one solve per layer, from the first: no pass from the top. A layer with a closed-form step
+    gives it (its :meth:`~pyroflows.transforms.FlowTransform.score_step`): an affine layer's
+    :math:`J_k` is its constant triangular matrix and :math:`\nabla \ell_k = 0` (a
+    triangular solve), a permutation's is orthogonal, a planar or radial layer's is the
+    identity plus a rank-one term. A MAF or NSF layer (or a compact coupling layer) takes one
+    vector-Jacobian product of its one-pass inverse at its output (:func:`_inverse_step`). An
+    IAF layer's is :math:`S + L`, :math:`S = \mathrm{diag}(e^{s})`, :math:`L` strictly lower
     triangular in the layer's order, solved by an iteration whose error is multiplied by the
     nilpotent :math:`-S^{-1} L^\top` each step, with :math:`\nabla \ell_k` inside the same
     pullbacks (``solve_transposed`` of the layer's :meth:`~pyroflows.transforms.IAF.linearize`):
@@ -281,15 +265,7 @@ def layerwise_score(stack: flows.FlowStack, eps: Tensor, base_dist: Distribution
     with torch.no_grad():
         u = base_score(base_dist, x)
         for t in stack.parts:
-            matrix = _affine_matrix(t)
-            if matrix is not None:
-                matrix = matrix.detach()
-                if matrix.dim() == 1:
-                    u = u / matrix
-                else:  # u L = v, row by row
-                    u = torch.linalg.solve_triangular(matrix, u, upper=False, left=False)
-                x = t.forward_and_log_det(x)[0]
-            elif t.has_score_step():
+            if t.has_score_step():
                 x, u = t.score_step(x, u)
             elif not _linearizes(t):  # MAF, NSF, a compact coupling layer
                 x, u = _inverse_step(t, x, u)

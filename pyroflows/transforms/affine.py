@@ -6,12 +6,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import _legacy, _private
-from .._fast import RowView
+from .._fast import RowView, keeps_map
 from .._memo import Memoized
 from .base import FlowTransform
 
 __all__ = ["ElementwiseAffine", "elementwise_affine", "TriangularAffine", "triangular_affine",
-           "FixedTriangularAffine", "tril_affine_solve"]
+           "FixedTriangularAffine", "tril_affine_solve", "tril_score"]
 
 
 class _PackedAffine(FlowTransform):
@@ -80,6 +80,14 @@ class ElementwiseAffine(_PackedAffine):
         loc, log_scale = self.packed.unbind(0)
         x = (y - loc) * torch.exp(-log_scale)
         return x, log_scale.sum().expand(y.shape[:-1])
+
+    def has_score_step(self) -> bool:
+        """True, unless a subclass redefines the map."""
+        return keeps_map(type(self), ElementwiseAffine, _MAP)
+
+    def score_step(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        # J = diag(e^s), a log-det constant in x
+        return self.forward_and_log_det(x)[0], g * torch.exp(-self.log_scale)
 
 
 def elementwise_affine(dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0
@@ -150,6 +158,13 @@ class TriangularAffine(_PackedAffine):
         loc, scale_tril, log_scale = self._parts()
         return tril_affine_solve(loc, scale_tril, y), log_scale.sum().expand(y.shape[:-1])
 
+    def has_score_step(self) -> bool:
+        """True, unless a subclass redefines the map."""
+        return keeps_map(type(self), TriangularAffine, _MAP)
+
+    def score_step(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        return self.forward_and_log_det(x)[0], tril_score(self.scale_tril, g)
+
 
 def triangular_affine(dim: int, loc: Tensor | float = 0.0, scale: Tensor | float = 1.0
                       ) -> TriangularAffine:
@@ -188,6 +203,25 @@ class FixedTriangularAffine(Memoized, FlowTransform):
     def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         x = tril_affine_solve(self.loc, self.scale_tril, y)
         return x, self._log_det().expand(y.shape[:-1])
+
+    def has_score_step(self) -> bool:
+        """True, unless a subclass redefines the map."""
+        return keeps_map(type(self), FixedTriangularAffine, _MAP)
+
+    def score_step(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        return self.forward_and_log_det(x)[0], tril_score(self.scale_tril, g)
+
+
+# the methods that define an affine layer's map: a subclass that redefines one has no score step
+_MAP = ("forward_and_log_det", "inverse_and_log_det")
+
+
+def tril_score(scale_tril: Tensor, g: Tensor) -> Tensor:
+    r""":math:`L^{-\top} g` for every row of ``g`` (..., D): the score step of an affine layer
+    :math:`y = \mu + L x` (its log-det is constant), by one triangular solve of
+    :math:`u L = g` with the rows flattened into one right-hand side."""
+    rows = g.reshape(-1, g.shape[-1])
+    return torch.linalg.solve_triangular(scale_tril, rows, upper=False, left=False).view(g.shape)
 
 
 def tril_affine_solve(loc: Tensor, scale_tril: Tensor, y: Tensor) -> Tensor:

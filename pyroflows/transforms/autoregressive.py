@@ -30,6 +30,14 @@ class AutoregressiveCore(FlowTransform):
     log_det_sign: float = 1.0
     #: a conditioned layer's context (..., C), which its network takes (``None``: no context)
     context: Tensor | None = None
+    #: run the kernels where they apply (:meth:`_fusable`); ``False``: the plain operations
+    fused: bool = True
+
+    def _fusable(self) -> bool:
+        """Whether the kernels compute this layer: ``fused``, over a ReLU or tanh
+        :class:`~pyroflows.nn.MADE` without residual connections or hooks."""
+        net = self._modules["conditioner"]  # as self.conditioner, without __getattr__'s call
+        return self.fused and isinstance(net, MADE) and supports_fused(net)
 
     def _parallel(self, u: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -81,7 +89,6 @@ class AffineAutoregressiveCore(AutoregressiveCore):
     or levelled), gradients to rounding. ``fused = False`` runs the plain operations.
     """
 
-    fused: bool = True
     #: a coupling layer's compact ``(conditioning, transformed)`` ranges (RealNVP)
     coupling_halves: tuple[slice, slice] | None = None
 
@@ -125,9 +132,7 @@ class AffineAutoregressiveCore(AutoregressiveCore):
         return u, log_scale.sum(-1)
 
     def _fusable(self) -> bool:
-        net = self._modules["conditioner"]  # as self.conditioner, without __getattr__'s call
-        return (self.fused and not self.gated and isinstance(net, MADE)
-                and supports_fused(net))
+        return not self.gated and super()._fusable()
 
     def fused_kind(self, inverse: bool) -> tuple[bool, float] | None:
         """``(parallel, log_det_sign)`` where the fused kernel computes this direction (one pass

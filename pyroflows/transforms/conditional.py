@@ -93,6 +93,8 @@ class ConditionalMADELayer(ConditionalFlowTransform):
     conditioned_type: type[FlowTransform]
     #: the layer's attributes its conditioned transforms take over (besides the network)
     conditioned_settings: tuple[str, ...] = ()
+    #: run the kernels (as the plain layers' ``fused``; a conditioned setting)
+    fused: bool = True
 
     def conditioned(self, context: Tensor) -> FlowTransform:
         weight = self.conditioner.context_weight

@@ -42,8 +42,6 @@ class ConditionalAffineAutoregressive(ConditionalMADELayer):
     conditioned_type: type[AffineAutoregressiveCore] = ConditionedIAF
     conditioned_settings = ("gated", "log_scale_bound", "num_passes", "fused", "_halves",
                             "compact_min_dim")
-    #: run the fused kernels (as the plain layers' ``fused``)
-    fused: bool = True
 
     def __init__(self, dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
                  order: Sequence[int] | Tensor | None = None, gated: bool = False,

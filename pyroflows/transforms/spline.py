@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._fast import traced
-from .._fast.made import sequential_levels, supports_fused
+from .._fast.made import sequential_levels
 from ..nn.made import MADE, default_hidden_dims
 from .autoregressive import AutoregressiveCore
 from .conditional import ConditionalMADELayer, Conditioned
@@ -118,10 +118,6 @@ class SplineAutoregressiveCore(AutoregressiveCore):
 
     forward_is_parallel: bool = False
     log_det_sign: float = -1.0
-    #: the D-pass direction without autograd over a ReLU or tanh MADE by levels
-    #: (:func:`~pyroflows._fast.made.sequential_levels`: about one network pass in all, against
-    #: one a level); ``False``: a full pass a level, as with autograd
-    fused: bool = True
 
     def __init__(self, dim: int, hidden_dims: Sequence[int] | None = None, bins: int = 8,
                  bound: float = 5.0, order: Sequence[int] | Tensor | None = None,
@@ -144,9 +140,8 @@ class SplineAutoregressiveCore(AutoregressiveCore):
     def _sequential(self, v: Tensor) -> tuple[Tensor, Tensor]:
         # pass k solves the coordinates of level k, whose splines depend on the levels below
         # it only, all exact by then: one network pass per level, one spline per coordinate
-        if self.fused and not torch.is_grad_enabled() and not traced() and isinstance(
-                self._modules["conditioner"], MADE) and supports_fused(self.conditioner):
-            return self._sequential_no_grad(v)
+        if not torch.is_grad_enabled() and self._fusable() and not traced():
+            return self._sequential_no_grad(v)  # (fused = False: a full pass a level)
         u, log_det = v, torch.zeros_like(v)
         for columns in self._levels(v.device):
             params = [p.index_select(-1, columns) for p in self.spline_parameters(u)]
@@ -283,7 +278,7 @@ class ConditionalNSF(ConditionalMADELayer):
     """
 
     conditioned_type = ConditionedNSF
-    conditioned_settings = ("bins", "bound")
+    conditioned_settings = ("bins", "bound", "fused")
 
     def __init__(self, dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
                  bins: int = 8, bound: float = 5.0, order: Sequence[int] | Tensor | None = None,
