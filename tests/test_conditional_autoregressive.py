@@ -1,4 +1,4 @@
-"""Conditional IAF, MAF and RealNVP over a batch of contexts: round trips, log-dets against the
+"""Conditional IAF, MAF, RealNVP and NSF over a batch of contexts: round trips, log-dets against the
 autograd Jacobian per row, the autoregressive structure, each row equal to the plain layer
 whose first bias is that row's, gradients (gradcheck; the fused kernels against the plain
 path), broadcasting, save/load, no stale cache across contexts, bad contexts, and the MADE's
@@ -27,6 +27,8 @@ CASES = [
     ("maf", 4, {"order": [1, 1, 0, 2]}),
     ("realnvp", 4, {"mask": [True, False, True, False]}),
     ("realnvp", 32, {}),  # contiguous halves at D >= 32: the compact network
+    ("nsf", 4, {}),
+    ("nsf", 4, {"order": [1, 1, 0, 2], "bins": 5}),
 ]
 IDS = [f"{n}-{d}-{'-'.join(k) or 'default'}" for n, d, k in CASES]
 
@@ -88,7 +90,7 @@ def test_each_row_is_the_plain_layer_with_that_rows_first_bias(name, dim, kwargs
     whose MADE (with the conditional one's masks) has first-layer bias b_1 + V c_b."""
     layer = _layer(name, dim, kwargs, device, dtype)
     plain_cls = {"iaf": pf.transforms.IAF, "maf": pf.transforms.MAF,
-                 "realnvp": pf.transforms.RealNVP}[name]
+                 "realnvp": pf.transforms.RealNVP, "nsf": pf.transforms.NSF}[name]
     init = {k: v for k, v in kwargs.items()}
     plain = plain_cls(dim, hidden_dims=(12, 10), **init).to(device=device, dtype=dtype)
     c = _draw((3, C), device, dtype, 4)

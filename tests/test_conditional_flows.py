@@ -261,11 +261,16 @@ def test_build_without_a_conditional_layer_names_those_with_one(pyro_families):
         pf.flows.register_family("empty", Family())
 
 
-@pytest.mark.parametrize("name", _pyroflows_families())
-def test_built_pyroflows_conditional_stack(name, device, dtype):
+@pytest.mark.parametrize("name, shared", [(n, None) for n in _pyroflows_families()]
+                         + [("planar", False), ("radial", False)])
+def test_built_pyroflows_conditional_stack(name, shared, device, dtype):
     """Every family with a pyroflows conditional layer builds a stack whose conditioned map is
-    a FlowStack of pyroflows layers, with the change of variables of its autograd Jacobian."""
-    cflow = pf.flows.build(name, D, num_layers=3, context_dim=C).to(device, dtype)
+    a FlowStack of pyroflows layers, with the change of variables of its autograd Jacobian and
+    an inverse that undoes it (planar and radial also as one conditional layer per map, whose
+    inverses must run last first), away from the identity."""
+    options = {} if shared is None else {"shared_network": shared}
+    cflow = pf.flows.build(name, D, num_layers=3, context_dim=C, **options).to(device, dtype)
+    testing.randomize_parameters_(cflow, scale=0.3, seed=1)
     c = torch.randn(B, C, device=device, dtype=dtype)
     t = cflow.condition(c)
     assert type(t) is FlowStack and t.all_flow_transforms
@@ -276,6 +281,16 @@ def test_built_pyroflows_conditional_stack(name, device, dtype):
     torch.testing.assert_close(t.inv(x.clone()), z, **tol)
     q = ConditionalFlowDistribution(cflow).condition(c)
     assert q.sample((2,)).shape == (2, B, D)
+
+
+@pytest.mark.parametrize("name", _pyroflows_families())
+def test_a_batch_of_no_contexts_gives_empty_results(name, device, dtype):
+    """Zero context rows: empty draws and scores, as a distribution with a batch of 0 gives."""
+    flow = pf.flows.build(name, D, num_layers=2, context_dim=C).to(device, dtype)
+    qc = ConditionalFlowDistribution(flow).condition(torch.randn(0, C, device=device, dtype=dtype))
+    assert qc.batch_shape == (0,)
+    assert qc.rsample((2,)).shape == (2, 0, D)
+    assert qc.log_prob(torch.randn(0, D, device=device, dtype=dtype)).shape == (0,)
 
 
 @pytest.mark.parametrize("name", ["planar", "radial"])

@@ -71,7 +71,7 @@ class _Hypernetwork(ConditionalFlowTransform):
     def _raw(self, context: Tensor) -> tuple[Tensor, ...]:
         """The raw parameters of the K layers by ``_names``, each stacked (K, ..., size)."""
         raw = self.network(context)
-        raw = raw.view(*raw.shape[:-1], self.num_layers, -1).movedim(-2, 0)
+        raw = raw.view(*raw.shape[:-1], self.num_layers, sum(self._split)).movedim(-2, 0)
         return raw.split(self._split, dim=-1)
 
     def layer_parameters(self, context: Tensor, layer: int = 0) -> dict[str, Tensor]:
@@ -154,9 +154,10 @@ def _run_fused(x: Tensor, layers: list[_Conditioned], log_det: Tensor | None,
                inverse: bool) -> tuple[Tensor, Tensor]:
     """Consecutive conditioned maps of one kind: the forward maps as one call of the kind's
     kernel on their parameters stacked (one call per map where their shapes or kernels
-    differ), the inverses one by one."""
+    differ), the inverses one by one. ``layers`` in the order they run (:func:`run_parts`
+    gives an inverse's last first)."""
     if inverse:
-        for layer in reversed(layers):
+        for layer in layers:
             x, log_det = run_steps(x, type(layer)._inverse_step, layer._params(), log_det,
                                    reverse=True)
         return x, log_det

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._fast import traced
+from .._fast import broadcast_batch, traced
 from .._fast.made import sequential_levels
 from ..nn.made import MADE, default_hidden_dims
 from .autoregressive import AutoregressiveCore
@@ -142,6 +142,9 @@ class SplineAutoregressiveCore(AutoregressiveCore):
         # it only, all exact by then: one network pass per level, one spline per coordinate
         if not torch.is_grad_enabled() and self._fusable() and not traced():
             return self._sequential_no_grad(v)  # (fused = False: a full pass a level)
+        context = self.context
+        if context is not None:  # v's batch dims broadcast against the contexts'
+            v = v.expand(*broadcast_batch(v.shape[:-1], context.shape[:-1]), self.dim)
         u, log_det = v, torch.zeros_like(v)
         for columns in self._levels(v.device):
             params = [p.index_select(-1, columns) for p in self.spline_parameters(u)]
