@@ -638,6 +638,29 @@ def test_progress_bar_and_seed(device, dtype, capsys):
     assert "val=" in capsys.readouterr().err  # tqdm writes to stderr
     assert runs[0].history_["val_log_prob"] == runs[1].history_["val_log_prob"]
     assert torch.equal(runs[0].sample(3, seed=1), runs[1].sample(3, seed=1))
+    # the estimator's seed makes sample's sequence reproducible, each call continuing it
+    first = [run.sample(3) for run in runs]
+    second = [run.sample(3) for run in runs]
+    assert torch.equal(first[0], first[1]) and torch.equal(second[0], second[1])
+    assert not torch.equal(first[0], second[0])
+
+
+def test_sample_follows_the_seed_or_torchs_generator(tmp_path, device, dtype):
+    """With the estimator's seed: one sequence per fitted or loaded model (a loaded copy
+    starts it again); without: torch's global generator, as PyTorch's own sampling."""
+    x = as_tensor(gaussian_data(200, seed=5)[0], device, dtype)
+    est = DensityEstimator("maf", seed=0, **SMALL).fit(x, max_epochs=1, progress=False)
+    est.save(tmp_path / "est.pt")
+    first = est.sample(4)
+    loaded = DensityEstimator.load(tmp_path / "est.pt", device=device)
+    assert torch.equal(loaded.sample(4), first)
+    est.fit(x, max_epochs=1, progress=False)  # a new model: the sequence starts again
+    assert torch.equal(est.sample(4), first)
+    est.seed = None
+    torch.manual_seed(7)
+    a = est.sample(4)
+    torch.manual_seed(7)
+    assert torch.equal(est.sample(4), a) and not torch.equal(est.sample(4), a)
 
 
 # ---- devices, dtypes, input types ------------------------------------------------------------

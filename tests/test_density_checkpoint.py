@@ -114,6 +114,20 @@ def test_resume_refuses_what_is_not_this_fits_checkpoint(tmp_path):
     est.fit(x, checkpoint=tmp_path / "fit.ckpt", batch_size=32, **fit)
     with pytest.raises(ValueError, match="batch_size: 32 in the checkpoint, 64 now"):
         est.fit(x, resume=tmp_path / "fit.ckpt", batch_size=64, **fit)
+    # other data of the same shape, other training or estimator options: each named
+    same = {"resume": tmp_path / "fit.ckpt", "batch_size": 32, **fit}
+    with pytest.raises(ValueError, match=r"the training rows \(their moments differ\)"):
+        est.fit(x + 1.0, **same)
+    with pytest.raises(ValueError, match="lr: .* in the checkpoint, 0.5 now"):
+        est.fit(x, lr=0.5, **same)
+    with pytest.raises(ValueError, match="weight_decay: 0.0 in the checkpoint, 0.1 now"):
+        est.fit(x, weight_decay=0.1, **same)
+    with pytest.raises(ValueError, match="flow_options: .*Tanh"):
+        DensityEstimator(seed=0, flow_options={"activation": torch.nn.Tanh}, **SMALL).fit(
+            x, **same)
+    with pytest.raises(ValueError, match="seed: 0 in the checkpoint, 1 now"):
+        DensityEstimator(seed=1, **SMALL).fit(x, x_val=x[:20], **same)
+    est.fit(x, **same)  # the same fit resumes
     with pytest.raises(ValueError, match="checkpoint_every"):
         est.fit(x, checkpoint=tmp_path / "fit.ckpt", checkpoint_every=0, **fit)
     with pytest.raises(ValueError, match="choose precondition"):

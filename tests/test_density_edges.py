@@ -202,6 +202,13 @@ def test_bad_data_gets_a_message_that_says_what_is_wrong(data):
     with pytest.raises(ValueError, match=r"columns \[1\] are constant \(every row holds the "
                                          r"value 7\)"):
         est.fit(constant, max_epochs=1, progress=False)
+    # a column that varies only in a row the split holds out (the fit's first draw of its
+    # seeded generator is the split's permutation): constant in the training rows
+    held_out = int(torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[0])
+    constant[held_out, 1] = 8.0
+    with pytest.raises(ValueError, match=r"columns \[1\] are constant in the \d+ training "
+                                         r"rows: they vary only in the \d+ rows held out"):
+        est.fit(constant, max_epochs=1, progress=False)
     with pytest.raises(ValueError, match="x_val has no rows: pass held-out rows, or "
                                          "x_val=None"):
         est.fit(x, x_val=x_val[:0], progress=False)

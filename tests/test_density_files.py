@@ -36,6 +36,12 @@ def test_save_is_atomic_and_overwrites(device, dtype, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(Exception):  # noqa: B017 - torch's unpickling error type varies
         DensityEstimator.load(tmp_path / "junk.pt")
+    # a symbolic link is written through, as open(path, "wb") writes: the link stays
+    link = tmp_path / "latest.pt"
+    link.symlink_to(path)
+    est.fit(x, max_epochs=1, progress=False).save(link)
+    assert link.is_symlink() and os.path.realpath(link) == os.path.realpath(path)
+    assert torch.equal(DensityEstimator.load(path).log_prob(x), est.log_prob(x).cpu())
 
 
 def _tanh_factory() -> nn.Module:

@@ -389,6 +389,8 @@ def test_conditional_estimator_gets_a_conditional_student(device, dtype):
     est.fit(y, context=c, max_epochs=10, progress=False)
     with pytest.raises(ValueError, match="context"):
         est.distill(max_steps=5, progress=False)
+    with pytest.raises(ValueError, match="pass context_val= of shape"):
+        est.distill(context=c, max_steps=5, x_val=y[:10], progress=False)
     est.distill(context=c, max_steps=400, lr=3e-3, num_draws=1000, x_val=y[:100],
                 context_val=c[:100], progress=False)
     assert est.student_.context_dim == 1
@@ -414,4 +416,6 @@ def test_estimator_distill_bad_arguments(device, dtype):
         est.distill(context=x[:, :1], progress=False)
     with pytest.raises(ValueError, match="need max_steps"):
         est.distill(max_steps=-1, progress=False)
+    with pytest.raises(ValueError, match="x_val has 3 columns"):
+        est.distill(x_val=torch.zeros(4, 3, device=device, dtype=dtype), progress=False)
     assert est.student_ is None

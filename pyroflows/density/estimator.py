@@ -10,6 +10,7 @@ import operator
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -263,7 +264,8 @@ class DensityEstimator:
         precondition: the pipeline (see above).
         device: where to fit; default: that of a tensor passed to :meth:`fit`, else CPU.
         dtype: float32 or float64; default: that of a floating tensor passed to :meth:`fit`.
-        seed: makes the split, initialization, shuffling and :meth:`sample` reproducible.
+        seed: makes the split, initialization, shuffling and :meth:`sample` reproducible
+            (without it, :meth:`sample` follows torch's global generator).
         tabak_options: keyword arguments of the Tabak preconditioner and refiner.
         flow_options: further keyword arguments of :func:`pyroflows.flows.build` and the layers;
             unknown names and values :meth:`save` cannot store (a lambda, a local function, a
@@ -408,38 +410,41 @@ class DensityEstimator:
         device, dtype = self._model_device_dtype()
         return _check_matrix(t, name, model.dim, device, dtype), single
 
-    def _prepare_context(self, context: Any) -> tuple[Tensor | None, bool]:
+    def _prepare_context(self, context: Any, name: str = "context"
+                         ) -> tuple[Tensor | None, bool]:
         """The contexts of a call as ``(B, C)`` on the model's device and dtype and whether they
         were one ``(C,)``; ``(None, True)`` for a model without a context. Passing a context
-        to an unconditional model, or none to a conditional one, is a ``ValueError``."""
+        to an unconditional model, or none to a conditional one, is a ``ValueError`` (its
+        message names the argument ``name``)."""
         model = self._require_model()
         if model.context_dim is None:
             if context is not None:
                 raise ValueError("this DensityEstimator was fitted without a context (a density "
-                                 "of the rows alone): do not pass context=, or fit(y, "
+                                 f"of the rows alone): do not pass {name}=, or fit(y, "
                                  "context=x) to learn p(y | x)")
             return None, True
         if context is None:
             raise ValueError(f"this DensityEstimator learned p(y | context) with "
-                             f"{model.context_dim} context columns: pass context= of shape "
+                             f"{model.context_dim} context columns: pass {name}= of shape "
                              f"({model.context_dim},) or (n, {model.context_dim})")
-        t = _as_tensor(context, "context")
+        t = _as_tensor(context, name)
         if t.dim() not in (1, 2):
-            raise ValueError(f"context must have shape ({model.context_dim},) or (n, "
+            raise ValueError(f"{name} must have shape ({model.context_dim},) or (n, "
                              f"{model.context_dim}), got shape {tuple(t.shape)}")
         single = t.dim() == 1
         if single:
             t = t.unsqueeze(0)
         device, dtype = self._model_device_dtype()
-        return _check_matrix(t, "context", model.context_dim, device, dtype,
+        return _check_matrix(t, name, model.context_dim, device, dtype,
                              what="the context width of the fit"), single
 
-    def _inputs(self, x: Any, context: Any) -> tuple[Tensor, Tensor | None, bool]:
+    def _inputs(self, x: Any, context: Any, names: tuple[str, str] = ("x", "context")
+                ) -> tuple[Tensor, Tensor | None, bool]:
         """``x`` as ``(n, D)`` rows and their contexts ``(n, C)`` (one context of shape (C,)
         repeated for every row; one point of shape (D,) repeated for every context), and
-        whether the answer is one value."""
-        t, single = self._prepare(x)
-        c, one_context = self._prepare_context(context)
+        whether the answer is one value; error messages name the arguments ``names``."""
+        t, single = self._prepare(x, names[0])
+        c, one_context = self._prepare_context(context, names[1])
         if c is None:
             return t, None, single
         if one_context:
@@ -447,8 +452,9 @@ class DensityEstimator:
         if single:
             return t.expand(c.shape[0], -1), c, False
         if c.shape[0] != t.shape[0]:
-            raise ValueError(f"context has {c.shape[0]} rows but x has {t.shape[0]}: pass one "
-                             "context row per row, or one context of shape (C,) for every row")
+            raise ValueError(f"{names[1]} has {c.shape[0]} rows but {names[0]} has "
+                             f"{t.shape[0]}: pass one context row per row, or one context of "
+                             "shape (C,) for every row")
         return t, c, single
 
     def _build(self, precondition: str | None, dim: int, device: torch.device,
@@ -613,6 +619,14 @@ class DensityEstimator:
             x_train, x_val_t = t[perm[num_val:]], t[perm[:num_val]]
             if c is not None:
                 c, c_val = c[perm[num_val:]], c[perm[:num_val]]
+            constant = (x_train == x_train[:1]).all(0)
+            if bool(constant.any()):
+                columns = constant.nonzero().flatten().tolist()
+                raise ValueError(
+                    f"x's columns {columns[:10]} are constant in the {n - num_val} training "
+                    f"rows: they vary only in the {num_val} rows held out for validation "
+                    f"(val_fraction={val_fraction}); pass more rows, held-out rows as x_val, "
+                    "or another seed")
         else:
             x_train = t
         if c is not None:
@@ -761,8 +775,12 @@ class DensityEstimator:
             self._interrupted(f"{precondition}: precondition", "the flow is untrained",
                               stacklevel=5)
         else:
+            rows = x_train if c_train is None else torch.cat([x_train, c_train], 1)
+            rows = rows.to(torch.float64)
             signature = fit_signature(self, precondition, dim, context_dim, dtype,
-                                      trainer.batch_size, x_train.shape[0], x_val_t.shape[0], 1)
+                                      trainer.batch_size, x_train.shape[0], x_val_t.shape[0], 1,
+                                      training=trainer.options, mean=rows.mean(0),
+                                      sd=rows.std(0, correction=0))
             trainer.run(max_epochs, patience, progress, start, signature=signature,
                         **(saving or {}))
         history["final_val_log_prob"] = history["best_val_log_prob"]
@@ -828,7 +846,11 @@ class DensityEstimator:
         After :meth:`distill` the draws are the student's (one pass per layer), an
         approximation of the fitted density whose cost ``history_["distill"]["fidelity"]``
         reports; ``exact=True`` draws from the fitted density itself (a MAF: D passes per
-        layer). :meth:`log_prob` is always the fitted density's."""
+        layer). :meth:`log_prob` is always the fitted density's.
+
+        ``seed``: the same ``n`` draws at every call. Without it, the draws continue a
+        sequence of the estimator's ``seed`` (one per fitted or loaded model), or, for an
+        estimator without one, come from torch's global generator."""
         model = self._require_model()
         try:
             count = operator.index(n)
@@ -844,7 +866,7 @@ class DensityEstimator:
         if seed is not None:
             gen.manual_seed(int(seed))
         else:
-            gen.seed()
+            gen.manual_seed(int(torch.randint(2**62, (1,), generator=self._sample_seeds(model))))
         if bounds is None:
             z = torch.randn(count, rows, model.dim, generator=gen, device=device, dtype=dtype)
             draws = self._draw(model, z, c, student)
@@ -856,6 +878,27 @@ class DensityEstimator:
                                             float(min_acceptance))
             self.acceptance_rate_ = rate[0] if single else rate
         return draws[:, 0] if single else draws
+
+    def _seeds(self, offset: int) -> torch.Generator:
+        """A CPU generator of seeds: from the estimator's ``seed`` plus ``offset`` (apart from
+        the fit's stream), or without one from torch's global generator, so that
+        ``torch.manual_seed`` governs it as it does PyTorch's own sampling."""
+        first = (self.seed + offset if self.seed is not None
+                 else int(torch.randint(2**62, (1,))))
+        return torch.Generator().manual_seed(first)
+
+    def _sample_seeds(self, model: DensityModel) -> torch.Generator:
+        """The seeds of :meth:`sample`'s draws of ``model`` without a ``seed`` argument: with
+        the estimator's ``seed``, one stream from it per fitted or loaded model (two estimators
+        of one seed draw the same sequence; each call continues it); without, a draw of
+        torch's global generator per call."""
+        if self.seed is None:
+            return self._seeds(0)
+        held = self.__dict__.get("_sample_stream")
+        if held is None or held[0]() is not model:
+            held = (weakref.ref(model), self._seeds(2))
+            self.__dict__["_sample_stream"] = held
+        return held[1]
 
     @staticmethod
     def _draw(model: DensityModel, z: Tensor, c: Tensor | None,
@@ -1008,15 +1051,11 @@ class DensityEstimator:
             raise ValueError("context has no rows: pass the training contexts")
         xv = cv = None
         if x_val is not None:
-            xv, cv, _ = self._inputs(x_val, context_val)
+            xv, cv, _ = self._inputs(x_val, context_val, ("x_val", "context_val"))
         elif context_val is not None:
             raise ValueError("context_val is given without x_val")
         device, dtype = self._model_device_dtype()
-        seeds = torch.Generator()
-        if self.seed is not None:
-            seeds.manual_seed(self.seed + 1)  # not the fit's stream
-        else:
-            seeds.seed()
+        seeds = self._seeds(1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=seeds)))
             student = Student(model.dim, layers, hidden, context_dim=model.context_dim)

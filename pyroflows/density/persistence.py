@@ -281,8 +281,9 @@ def save(est: DensityEstimator, path: str | os.PathLike) -> None:
 def write_atomic(payload: Any, path: str | os.PathLike) -> None:
     """``torch.save(payload)`` to ``path`` atomically: a temporary file beside it, flushed to
     disk, then ``os.replace`` (a crash leaves the old file or the new one, never half of one);
-    first the stale temporaries of earlier, killed writes of ``path`` are removed."""
-    path = os.path.abspath(os.fspath(path))
+    first the stale temporaries of earlier, killed writes of ``path`` are removed. A symbolic
+    link is written through, as ``open(path, "wb")`` writes: its target is replaced."""
+    path = os.path.realpath(os.fspath(path))
     folder, name = os.path.split(path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot save to {path}: the folder {folder} does not exist")

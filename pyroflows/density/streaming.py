@@ -661,7 +661,8 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
     history["processes"] = world
     history["batch_size"] = batch_size  # the global batch, shared out among the ranks
     signature = fit_signature(est, precondition, dim, context_dim, dtype, batch_size, num_train,
-                              history["num_val"], world)
+                              history["num_val"], world, training=trainer.options, mean=mean,
+                              sd=cov.diagonal().sqrt())
     trainer.run(max_epochs, patience, progress, start, checkpoint=checkpoint,
                 checkpoint_every=checkpoint_every, resume=resume, signature=signature)
     history = est.history_

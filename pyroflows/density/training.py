@@ -26,7 +26,7 @@ __all__ = ["Trainer", "ParameterAverage", "GradientClip", "run_epoch", "training
 
 #: What a fit's checkpoint file says it is (``read_checkpoint`` refuses anything else).
 CHECKPOINT_FORMAT = "pyroflows.DensityEstimator.checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the signature holds every option and the data's moments
 
 # Gradients are clipped to this norm: a rare huge gradient must not throw the flow far away.
 MAX_GRAD_NORM = 1e3
@@ -345,13 +345,36 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def fit_signature(est: Any, precondition: str | None, dim: int, context_dim: int | None,
                   dtype: torch.dtype, batch_size: int, num_train: int, num_val: int,
-                  processes: int) -> dict:
-    """What a checkpoint and the fit resuming from it must share (the model's build, the
-    data's size, the batches, the processes), as plain values."""
-    return {"flow": est.flow, "num_layers": est.num_layers, "hidden_dims": list(est.hidden_dims),
-            "precondition": precondition, "dim": int(dim), "context_dim": context_dim,
-            "dtype": str(dtype), "batch_size": int(batch_size), "num_train": int(num_train),
-            "num_val": int(num_val), "processes": int(processes)}
+                  processes: int, *, training: dict, mean: Tensor, sd: Tensor) -> dict:
+    """What a checkpoint and the fit resuming from it must share, as plain values: the
+    estimator's options (``get_params`` but the device), the fit's (``training``: the step
+    size and clip factor used, the weight decay, the averaging horizon), the model's build,
+    the data (the count and the float64 ``mean`` and ML ``sd`` of the training rows joined
+    with their contexts, to 8 significant digits), the batches and the processes."""
+    options = {k: v for k, v in est.get_params().items() if k != "device"}
+    moments = torch.cat([mean.reshape(-1), sd.reshape(-1)]).to("cpu", torch.float64)
+    return {**_plain(options), **_plain(training),
+            "fit_precondition": precondition, "dim": int(dim), "fit_context_dim": context_dim,
+            "fit_dtype": str(dtype), "batch_size": int(batch_size), "num_train": int(num_train),
+            "num_val": int(num_val), "processes": int(processes),
+            "data_moments": [float(f"{v:.8g}") for v in moments.tolist()]}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as what a checkpoint read with ``weights_only=True`` holds and ``==``
+    compares across processes: dicts and lists of numbers and strings; a class or function
+    by its qualified name, any other object by its ``repr``."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    return repr(value)
 
 
 class Trainer:
@@ -412,6 +435,10 @@ class Trainer:
             "num_train": n_train, "num_val": n_val, "rows_per_second": [], "lr": float(lr),
             "clip_factor": self.clip.factor,
         }
+        #: the training options used, which a checkpoint's resumption must share
+        self.options = {"lr": float(lr), "clip_factor": self.clip.factor,
+                        "weight_decay": float(weight_decay),
+                        "averaging_epochs": float(averaging_epochs)}
         self.best_state = snapshot(model.flow)
         horizon = max(10.0, steps_per_epoch * averaging_epochs) if averaging_epochs > 0 else 1.0
         self.optimizer, self.params, self.average = training_state(model, lr, weight_decay,
@@ -479,7 +506,8 @@ class Trainer:
         saved = payload.get("signature", {})
         differ = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
         if differ:
-            shown = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now"
+            shown = ", ".join("the training rows (their moments differ)" if k == "data_moments"
+                              else f"{k}: {a!r} in the checkpoint, {b!r} now"
                               for k, (a, b) in differ.items())
             raise ValueError(f"resume: {os.fspath(path)} is the checkpoint of another fit ("
                              f"{shown}); resume with the same data, options and processes")
