@@ -661,6 +661,12 @@ def test_sample_follows_the_seed_or_torchs_generator(tmp_path, device, dtype):
     a = est.sample(4)
     torch.manual_seed(7)
     assert torch.equal(est.sample(4), a) and not torch.equal(est.sample(4), a)
+    # a fit without a seed follows torch's generator too (split, initialization, order)
+    fits = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        fits.append(DensityEstimator("maf", **SMALL).fit(x, max_epochs=1, progress=False))
+    assert torch.equal(fits[0].log_prob(x), fits[1].log_prob(x))
 
 
 # ---- devices, dtypes, input types ------------------------------------------------------------

@@ -359,3 +359,16 @@ def test_module_stamp_sees_every_change(device, dtype):
     assert module_stamp(flow) != stamp
     with torch.no_grad():
         assert module_stamp(flow) != module_stamp(flow.parts[0])  # grad mode, and fewer tensors
+
+
+def test_random_permutation_follows_its_seed_or_torchs_generator():
+    """``Permute.random``: the same order for one seed; without one, torch's global
+    generator decides it, so ``torch.manual_seed`` makes it reproducible."""
+    assert torch.equal(pf.transforms.Permute.random(50, seed=4).permutation,
+                       pf.transforms.Permute.random(50, seed=4).permutation)
+    orders = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        orders.append(pf.transforms.Permute.random(50).permutation)
+    assert torch.equal(orders[0], orders[1])
+    assert sorted(orders[0].tolist()) == list(range(50))

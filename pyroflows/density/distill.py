@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from .. import flows
 from .._config import validation
 from .._gaussian import ml_gaussian, standard_normal_log_prob
+from .._random import generator as seeded
 from ..transforms.affine import TriangularAffine
 from .pipeline import ContextShift, DensityModel, evaluate
 from .training import adam, snapshot
@@ -240,8 +241,7 @@ def start(model: DensityModel, student: Student, num_draws: int = INIT_DRAWS,
     returns it."""
     param = next(student.parameters())
     if generator is None:
-        generator = torch.Generator(device=param.device)
-        generator.seed()
+        generator = seeded(None, param.device)
     ctx = _contexts(contexts, int(num_draws), generator)
     with validation(False):
         x = evaluate(model.sample, _draws(int(num_draws), student.dim, param, generator), ctx)
@@ -312,8 +312,7 @@ def distill(student: Student, log_prob: LogProb, *,
     began = time.perf_counter()
     param = next(student.parameters())
     if generator is None:
-        generator = torch.Generator(device=param.device)
-        generator.seed()
+        generator = seeded(None, param.device)
     max_steps, batch_size = int(max_steps), int(batch_size)
     val_eps = _draws(int(num_val_draws), student.dim, param, generator)
     val_context = _contexts(contexts, int(num_val_draws), generator)
@@ -435,8 +434,7 @@ def fidelity(model: DensityModel, student: Student, *, num_draws: int = 4096,
         raise ValueError("a conditional teacher needs contexts, an unconditional one none")
     param = next(student.parameters())
     if generator is None:
-        generator = torch.Generator(device=param.device)
-        generator.seed()
+        generator = seeded(None, param.device)
     dim = student.dim
 
     def gap(eps: Tensor, c: Tensor | None) -> Tensor:

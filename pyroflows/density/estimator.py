@@ -21,6 +21,7 @@ from torch import Tensor
 from .. import flows
 from .._config import validation
 from .._distributed import is_data_parallel
+from .._random import generator
 from ..transforms.tabak import Tabak
 from . import distill as distillation
 from . import persistence, pipeline, streaming, training
@@ -591,11 +592,7 @@ class DensityEstimator:
         n, dim = t.shape
         if dim < 1:
             raise ValueError("x has no columns")
-        gen = torch.Generator()
-        if self.seed is not None:
-            gen.manual_seed(self.seed)
-        else:
-            gen.seed()
+        gen = generator(self.seed)
         if x_val is None:
             num_val = max(1, round(val_fraction * n))
             held_out = (f", {num_val} of them held out for validation (val_fraction="
@@ -883,9 +880,7 @@ class DensityEstimator:
         """A CPU generator of seeds: from the estimator's ``seed`` plus ``offset`` (apart from
         the fit's stream), or without one from torch's global generator, so that
         ``torch.manual_seed`` governs it as it does PyTorch's own sampling."""
-        first = (self.seed + offset if self.seed is not None
-                 else int(torch.randint(2**62, (1,))))
-        return torch.Generator().manual_seed(first)
+        return generator(None if self.seed is None else self.seed + offset)
 
     def _sample_seeds(self, model: DensityModel) -> torch.Generator:
         """The seeds of :meth:`sample`'s draws of ``model`` without a ``seed`` argument: with

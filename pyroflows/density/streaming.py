@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 
 from .._config import validation
 from .._distributed import Rows, is_data_parallel
+from .._random import generator
 from . import pipeline
 from .pipeline import DensityModel
 from .training import Trainer, fit_signature, parallel_step, training_step
@@ -589,11 +590,7 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
     device = usable_device(device, "fit")
     rows = Rows(parallel, 0, device if backend == "nccl" else "cpu")
     seed = rows.broadcast_seed(est.seed)
-    gen = torch.Generator()
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        gen.seed()
+    gen = generator(seed)
     model_seed = int(torch.randint(2**62, (1,), generator=gen))  # the same on every rank
 
     # Arrays (in memory) are this rank's own shard, as Tabak.fit takes them, batched alone; a

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .._fast import keeps_map
+from .._random import generator
 from .base import FlowTransform
 
 __all__ = ["Permute", "permute"]
@@ -48,12 +49,7 @@ class Permute(FlowTransform):
     @classmethod
     def random(cls, dim: int, seed: int | None = None) -> Permute:
         """A uniformly random permutation, reproducible with ``seed``."""
-        gen = torch.Generator()
-        if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(int(seed))
-        return cls(torch.randperm(int(dim), generator=gen))
+        return cls(torch.randperm(int(dim), generator=generator(seed)))
 
     @property
     def sign(self) -> int:
