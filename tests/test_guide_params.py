@@ -258,6 +258,65 @@ def test_param_store_state_initializes_a_new_guide(device, dtype):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
 
+def test_saved_param_store_rebuilds_the_guide_on_its_own_laplace_start(device, dtype):
+    """A store saved after training and loaded into a new session rebuilds the same guide,
+    its fixed Laplace layer included (the learned layers sit on top of it): on a two-mode
+    posterior each new search may find the other mode, the store's start is the one used.
+    A store saved without a Laplace layer gives a guide without one; ``load_state_dict``
+    updates the store's copy."""
+    zero = torch.zeros((), device=device, dtype=dtype)
+
+    def model():
+        theta = pyro.sample("theta", dist.Normal(zero, 5.0))
+        pyro.sample("y", dist.Normal(theta ** 2, 1.0), obs=zero + 9.0)  # modes at +-3
+
+    for seed in range(3):
+        pyro.clear_param_store()
+        torch.manual_seed(seed)
+        guide = AutoIAF(model, hidden_dims=(8,))
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+        for _ in range(3):
+            svi.step()
+        state = pyro.get_param_store().get_state()
+        pyro.clear_param_store()
+        pyro.get_param_store().set_state(state)
+        torch.manual_seed(100 + seed)  # another search could find the other mode
+        fresh = AutoIAF(model, hidden_dims=(8,))
+        fresh()
+        assert fresh.laplace_info["reason"] == "restored from the param store"
+        assert torch.equal(fresh.laplace.loc, guide.laplace.loc)
+        assert torch.equal(fresh.laplace.scale_tril, guide.laplace.scale_tril)
+        torch.testing.assert_close(fresh._draw_latent(50, seed=0), guide._draw_latent(50, seed=0))
+    # a guide loaded by state_dict: the store's copy follows
+    other = copy.deepcopy(guide.state_dict())
+    other["laplace.loc"] = -other["laplace.loc"]
+    guide.load_state_dict(other)
+    name = f"{guide._pyro_get_fullname('laplace')}$$$loc"
+    assert torch.equal(pyro.get_param_store()[name], guide.laplace.loc)
+    # saved without a Laplace layer: rebuilt without one
+    pyro.clear_param_store()
+    plain = AutoIAF(model, hidden_dims=(8,), laplace_init=False)
+    plain()
+    state = pyro.get_param_store().get_state()
+    pyro.clear_param_store()
+    pyro.get_param_store().set_state(state)
+    fresh = AutoIAF(model, hidden_dims=(8,))
+    fresh()
+    assert fresh._modules.get("laplace") is None and not fresh.laplace_info["used"]
+
+
+def test_unpickled_guide_trains_and_says_what_keep_best_needs(device, dtype):
+    """A pickled guide drops its model, as Pyro's autoguides do: SVI still trains it (the
+    model is SVI's), and keep_best, which needs the model, says so."""
+    model = gaussian_problem(device, dtype)[0]
+    guide = AutoIAF(model, hidden_dims=(8,))
+    guide()
+    copy_ = pickle.loads(pickle.dumps(guide))
+    SVI(model, copy_, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO()).step()
+    with pytest.raises(ValueError, match="unpickled guide no longer has"):
+        copy_.keep_best()
+
+
 @pytest.mark.parametrize("cls", [AutoPlanar, AutoRadial])
 def test_planar_and_radial_guides_train_three_stacked_tensors(cls, device, dtype):
     """The flow of a planar/radial guide holds three (L, ...) tensors; SVI through Pyro's param

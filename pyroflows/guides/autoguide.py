@@ -375,18 +375,22 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         with torch.no_grad():
             affine.loc.copy_(loc)  # after the cast, so float64 inits keep full precision
             affine.log_scale.fill_(math.log(self._init_scale))
-        if self.laplace_init:
+        start, stored = None, _stored_laplace(self, dim)
+        if stored is not None:  # a saved guide's store: its start, not a new search's
+            start, self.laplace_info = stored
+        elif self.laplace_init:
             start = self._laplace_start(loc, args, kwargs)
-            if start is not None:
-                # whitened coordinates: the fixed layer maps them to the Laplace Gaussian,
-                # the learnable affine layer starts at the identity on top of it
-                self.laplace = FixedTriangularAffine(*start)
-                affine = layer(dim).to(loc.device, loc.dtype)
+        if start is not None:
+            # whitened coordinates: the fixed layer maps them to the Laplace Gaussian, the
+            # learnable affine layer starts at the identity on top of it
+            self.laplace = FixedTriangularAffine(*start).to(loc.device, loc.dtype)
+            affine = layer(dim).to(loc.device, loc.dtype)
         self.affine = affine
         if self.base_family == "studentt":
             self.base = StudentTBase(dim).to(loc.device, loc.dtype)
         self._flow_spec = None  # built; a lambda here would stop the guide from pickling
         sync_param_store(self, _PARAM_MODULES, at_setup=True)
+        store_laplace(self)
         self._best = _best.BestState(self.named_parameters())
 
     def _laplace_start(self, loc: Tensor, args: tuple, kwargs: dict
@@ -594,6 +598,12 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         self._ready(args, kwargs)
         if int(num_draws) < 1:
             raise ValueError(f"num_draws must be >= 1, got {num_draws}")
+        if self._raw_model is None:
+            raise ValueError(
+                f"{type(self).__name__}.keep_best scores states under the model, which an "
+                "unpickled guide no longer has (pickling drops it, as it drops a Pyro "
+                "autoguide's): build the guide for the model again and load this one's "
+                "state_dict into it")
         tracker = self._best_state()
         loc = self._modules["affine"].loc
         density = _laplace.LogDensity(self._raw_model[0], self._unpack_latent, args, kwargs)
@@ -674,9 +684,58 @@ class AutoFlowGuide(Memoized, AutoContinuous):
 
 
 def _restart_best(guide: AutoFlowGuide, incompatible: Any) -> None:
-    """Load-state-dict post-hook: the loaded state is the guide's new start."""
+    """Load-state-dict post-hook: the loaded state is the guide's new start (and the param
+    store's copy of its Laplace layer, :func:`store_laplace`, the loaded one)."""
     if guide.prototype_trace is not None:
         guide._best = _best.BestState(guide.named_parameters())
+        store_laplace(guide)
+
+
+def _store_in_use(guide: PyroModule) -> bool:
+    """Whether ``guide``'s parameters live in Pyro's global param store under its name."""
+    return not pyro.settings.get("module_local_params") and bool(guide._pyro_context.used)
+
+
+def _laplace_names(guide: PyroModule) -> tuple[str, str]:
+    prefix = guide._pyro_get_fullname("laplace")
+    return param_with_module_name(prefix, "loc"), param_with_module_name(prefix, "scale_tril")
+
+
+def store_laplace(guide: AutoFlowGuide) -> None:
+    """Put copies of the guide's fixed Laplace layer (``loc``, ``scale_tril``; none: remove
+    them) into the param store beside its parameters, so a store saved with
+    ``pyro.get_param_store().save`` rebuilds the same guide (:func:`_stored_laplace`): the
+    learned layers mean something only on top of it. Copies, never registered by a ``param``
+    statement, so no optimizer sees them."""
+    if not _store_in_use(guide):
+        return
+    store, layer = pyro.get_param_store(), guide._modules.get("laplace")
+    for name, value in zip(_laplace_names(guide), ("loc", "scale_tril"), strict=True):
+        if name in store:
+            del store[name]
+        if layer is not None:
+            store[name] = getattr(layer, value).detach().clone()
+
+
+def _stored_laplace(guide: AutoFlowGuide, dim: int
+                    ) -> tuple[tuple[Tensor, Tensor] | None, dict] | None:
+    """Where the param store already holds this guide's learned affine layer for a latent
+    vector of size ``dim`` (a saved store, loaded): the Laplace start it was learned on,
+    ``(mode, chol)`` or ``None`` for none, and the ``laplace_info`` saying so; ``None`` where
+    the store holds no such state."""
+    if not _store_in_use(guide):
+        return None
+    store = pyro.get_param_store()
+    affine = param_with_module_name(guide._pyro_get_fullname("affine"), "")
+    if not any(name.startswith(affine) for name in store.keys()):
+        return None
+    loc, scale_tril = _laplace_names(guide)
+    if loc not in store or scale_tril not in store:
+        return None, {"used": False, "reason": "restored from the param store, which has none"}
+    start = (store[loc].detach().clone(), store[scale_tril].detach().clone())
+    if start[0].shape != (dim,) or start[1].shape != (dim, dim):
+        return None  # another guide's: the shapes say so
+    return start, {"used": True, "reason": "restored from the param store"}
 
 
 def _start_at_identity(flow: nn.Module) -> None:
