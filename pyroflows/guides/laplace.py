@@ -26,6 +26,8 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
@@ -47,12 +49,24 @@ LAPLACE_RUNAWAY = 100.0
 LAPLACE_PRIOR_RESTARTS = 3
 #: Draws behind the ELBO comparison that decides whether the Laplace start is kept.
 LAPLACE_ELBO_DRAWS = 64
+#: The most model runs :class:`LogDensity` takes to see every row of a subsampled plate.
+WHOLE_DATA_MAX_RUNS = 64
 
 
 class LogDensity:
     r""":math:`\log p(x, T(u)) + \log|\det J_T(u)|` of a model's unconstrained latent vector
     :math:`u`, with :math:`T` the ``biject_to`` map of every latent site, every latent site
     conditioned; ``unpack_latent`` as :meth:`AutoContinuous._unpack_latent`.
+
+    A model that subsamples one plate (``pyro.plate(name, N, subsample_size=M)``) would give a
+    random estimate at every call, on which a mode search stops on noise and states compare
+    by chance. Its density is that of every row instead, from :math:`L = \lceil N/M \rceil`
+    runs whose subsamples are the windows :math:`S_k = \{kM, \dots, kM + M - 1\} \bmod N`
+    (the last one's rows seen before masked out): the plate's sites weighted :math:`L` instead
+    of the plate's :math:`N/M`, the mean over the runs is :math:`\log p(z) + \sum_i \ell_i`
+    exactly, where :math:`L \le` :data:`WHOLE_DATA_MAX_RUNS`. Otherwise (more runs, several
+    subsampled plates, a latent site inside the plate) :attr:`whole_data` is ``False`` and
+    each call draws its subsamples, as the model does.
 
     Example:
         >>> import pyro, pyro.distributions as dist, pyroflows as pf
@@ -73,22 +87,111 @@ class LogDensity:
         self.kwargs = kwargs
         #: False once the model refused a batch of draws: :meth:`mean` then loops directly
         self.vectorized = True
+        self._runs: list[Callable] | None = None  # each run's model wrapper
+        self._subsampled: list[str] = []
+        self._enumerated: list[str] = []
+        self._nesting = 0  # the model's plate dims, for TraceEnum_ELBO
+
+    @property
+    def whole_data(self) -> bool:
+        """Whether the density is every row's (no plate subsamples, or one does and its
+        windows are used); ``False``: a random estimate at each call."""
+        return bool(self.runs())
+
+    @property
+    def subsampled(self) -> list[str]:
+        """The model's subsampled plates, as ``"name (M of N)"``."""
+        self.runs()
+        return self._subsampled
+
+    def runs(self) -> list[Callable]:
+        """Each run's wrapper of the model (latent sites conditioned), ``[identity]`` for a
+        model that subsamples no plate, ``[]`` where the runs would not give every row's
+        density (found from one run of the model's prior, once)."""
+        if self._runs is None:
+            with torch.no_grad():
+                trace = poutine.block(poutine.trace(self.model).get_trace)(*self.args,
+                                                                           **self.kwargs)
+            sites = [site for site in trace.nodes.values() if site["type"] == "sample"
+                     and site_is_subsample(site) and site["fn"].subsample_size is not None
+                     and site["fn"].subsample_size < site["fn"].size]
+            self._subsampled = [f"{site['name']!r} ({site['fn'].subsample_size} of "
+                                f"{site['fn'].size})" for site in sites]
+            self._enumerated = [name for name, site in trace.nodes.items()
+                                if site["type"] == "sample" and not site["is_observed"]
+                                and site["infer"].get("enumerate") == "parallel"]
+            self._nesting = max((-frame.dim for site in trace.nodes.values()
+                                 if site["type"] == "sample"
+                                 for frame in site["cond_indep_stack"]
+                                 if frame.vectorized and frame.dim is not None), default=0)
+            names = {site["name"] for site in sites}
+            local = any(frame.name in names for site in trace.nodes.values()
+                        if site["type"] == "sample" and not site["is_observed"]
+                        and not site_is_subsample(site) for frame in site["cond_indep_stack"])
+            self._runs = [_same]
+            if len(sites) > 1 or local:  # (a local latent's values are one subsample's)
+                self._runs = []
+            elif sites:
+                site = sites[0]
+                size, part = site["fn"].size, site["fn"].subsample_size
+                num_runs = -(-size // part)
+                rows = torch.arange(part, device=site["value"].device)
+                self._runs = [_Window(site["name"], k * part + rows, size, num_runs)
+                              for k in range(num_runs)] if num_runs <= WHOLE_DATA_MAX_RUNS else []
+        return self._runs
+
+    @property
+    def enumerated(self) -> list[str]:
+        """The model's discrete sites enumerated in parallel (``infer={"enumerate":
+        "parallel"}``), which the density sums out."""
+        self.runs()
+        return self._enumerated
 
     def __call__(self, u: Tensor) -> Tensor:
         """The log density at one vector ``u`` (D,)."""
+        if self.enumerated:
+            return self._summed_out(u)
         return self.with_trace(u)[0]
 
-    def with_trace(self, u: Tensor) -> tuple[Tensor, Trace]:
-        """The log density at ``u`` and the model's trace behind it."""
+    def _constrained(self, u: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The latent sites' values at ``u`` (D,) and the log-det of the map to them."""
         values, log_det = {}, u.new_zeros(())
         for site, unconstrained in self.unpack_latent(u):
             transform = biject_to(site["fn"].support)
             value = transform(unconstrained)
             log_det = log_det + transform.log_abs_det_jacobian(unconstrained, value).sum()
             values[site["name"]] = value
-        model = poutine.condition(self.model, data=values)
-        trace = poutine.block(poutine.trace(model).get_trace)(*self.args, **self.kwargs)
-        return trace.log_prob_sum() + log_det, trace
+        return values, log_det
+
+    def _summed_out(self, u: Tensor) -> Tensor:
+        r"""The log density at ``u`` with the enumerated discrete sites summed out:
+        :math:`-` ``TraceEnum_ELBO``'s loss of the model with every latent site conditioned
+        and no guide (so nothing but the enumerated sites is random)."""
+        values, log_det = self._constrained(u)
+        elbo = TraceEnum_ELBO(max_plate_nesting=self._nesting)
+        runs = self.runs() or [_same]
+        total = 0.0
+        for run in runs:
+            model = run(poutine.condition(self.model, data=values))
+            if torch.is_grad_enabled() and u.requires_grad:  # (the search's gradients)
+                total = total - elbo.differentiable_loss(model, _no_guide, *self.args,
+                                                         **self.kwargs)
+            else:  # (differentiable_loss refuses a loss without gradients)
+                total = total - elbo.loss(model, _no_guide, *self.args, **self.kwargs)
+        return total / len(runs) + log_det
+
+    def with_trace(self, u: Tensor) -> tuple[Tensor, Trace]:
+        """The log density at ``u`` (enumerated discrete sites drawn, not summed out) and the
+        model's trace behind it (the first run's)."""
+        values, log_det = self._constrained(u)
+        total, first = 0.0, None
+        runs = self.runs() or [_same]
+        for run in runs:
+            model = run(poutine.condition(self.model, data=values))
+            trace = poutine.block(poutine.trace(model).get_trace)(*self.args, **self.kwargs)
+            total = total + trace.log_prob_sum()
+            first = trace if first is None else first
+        return total / len(runs) + log_det, first
 
     def batched(self, u: Tensor, plate_dim: int) -> Tensor | None:
         """The log density (S,) of the rows of ``u`` (S, D) in one run of the model in a plate
@@ -104,21 +207,25 @@ class LogDensity:
                 return None
             log_det = log_det + ld.reshape(num_draws, -1).sum(-1)
             values[site["name"]] = value
-        model = poutine.condition(self.model, data=values)
-        with poutine.block(), pyro.plate("_pyroflows_laplace_draws", num_draws, dim=plate_dim):
-            trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
-        trace.compute_log_prob(site_filter=lambda name, site: not site_is_subsample(site))
-        total = log_det
-        for site in trace.nodes.values():
-            if site["type"] != "sample" or site_is_subsample(site):  # (those add zero)
-                continue
-            log_prob = site["log_prob"]
-            # batch dims are the plates' (and this plate's) only: else the model has its own
-            # batch dims left of the draws, which the loop sums over and this would misread
-            if log_prob.dim() != nesting or log_prob.shape[0] != num_draws:
-                return None
-            total = total + log_prob.reshape(num_draws, -1).sum(-1)
-        return total
+        runs = self.runs() or [_same]
+        total = 0.0
+        for run in runs:
+            model = run(poutine.condition(self.model, data=values))
+            with poutine.block(), pyro.plate("_pyroflows_laplace_draws", num_draws,
+                                             dim=plate_dim):
+                trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
+            trace.compute_log_prob(site_filter=lambda name, site: not site_is_subsample(site))
+            for site in trace.nodes.values():
+                if site["type"] != "sample" or site_is_subsample(site):  # (those add zero)
+                    continue
+                log_prob = site["log_prob"]
+                # batch dims are the plates' (and this plate's) only: else the model has its
+                # own batch dims left of the draws, which the loop sums over and this would
+                # misread
+                if log_prob.dim() != nesting or log_prob.shape[0] != num_draws:
+                    return None
+                total = total + log_prob.reshape(num_draws, -1).sum(-1)
+        return total / len(runs) + log_det
 
     def mean(self, draws: Tensor) -> float:
         r"""The mean log density over the rows of ``draws`` (S, D), :math:`-\infty` where a
@@ -149,6 +256,8 @@ class LogDensity:
         can run and still mix the draws), or a plate subsamples. Where the first draw is
         rejected or not finite, every entry is :math:`-\infty` (the draws are rejected as a
         whole, without running the rest)."""
+        if self.enumerated:  # (TraceEnum_ELBO's runs are per draw)
+            return None
         rejected = torch.full(draws.shape[:1], -math.inf, dtype=draws.dtype, device=draws.device)
         try:
             first, trace = self.with_trace(draws[0])
@@ -159,9 +268,9 @@ class LogDensity:
         sites = [site for site in trace.nodes.values() if site["type"] == "sample"]
         frames = [frame for site in sites for frame in site["cond_indep_stack"]
                   if frame.vectorized]
-        if any(frame.full_size is not None and frame.full_size != frame.size
-               for frame in frames):
-            return None
+        if not self.whole_data and any(frame.full_size is not None
+                                       and frame.full_size != frame.size for frame in frames):
+            return None  # each draw its own subsamples: the loop
         # the draws' plate goes left of every batch dim of the plain run: the plates' and a
         # site's own unplated ones (an observation ``obs=y`` outside any plate, whose dims
         # Pyro sums; a plate right of them would meet them and send the model to the loop)
@@ -181,6 +290,39 @@ class LogDensity:
         if not torch.allclose(values[[0, -1]], torch.stack([first, last]), rtol=tol, atol=tol):
             return None
         return torch.where(torch.isfinite(values), values.detach(), rejected)
+
+
+def _same(model: Callable) -> Callable:
+    return model
+
+
+def _no_guide(*args: Any, **kwargs: Any) -> None:
+    """The guide of :meth:`LogDensity._summed_out`: every latent site is conditioned."""
+
+
+class _Window(Messenger):
+    """One run of :class:`LogDensity` over a subsampled plate ``name`` of ``size`` rows: the
+    plate's subsample is ``positions`` modulo ``size``, its sites weighted ``num_runs`` in
+    place of the plate's ``size / M``, and a position past the end (a row an earlier window
+    had) masked out."""
+
+    def __init__(self, name: str, positions: Tensor, size: int, num_runs: int) -> None:
+        super().__init__()
+        self.name, self.indices = name, positions % size
+        self.seen = positions >= size
+        self.weight = num_runs * positions.numel() / size
+
+    def __call__(self, model: Callable) -> Callable:  # the model under this run
+        return super().__call__(poutine.condition(model, data={self.name: self.indices}))
+
+    def _process_message(self, msg: dict) -> None:
+        frame = next((f for f in msg["cond_indep_stack"] if f.name == self.name), None)
+        if msg["type"] != "sample" or frame is None:
+            return
+        msg["scale"] = msg["scale"] * self.weight
+        if bool(self.seen.any()):
+            keep = (~self.seen).reshape((-1,) + (1,) * (-frame.dim - 1))
+            msg["mask"] = keep if msg["mask"] is None else msg["mask"] & keep
 
 
 def gaussian_elbo(density: LogDensity, loc: Tensor, scale_tril: Tensor, eps: Tensor) -> float:
@@ -239,6 +381,17 @@ def _search(density: LogDensity, loc: Tensor, init_scale: float,
             prior_draw: Callable[[], Tensor] | None
             ) -> tuple[tuple[Tensor, Tensor] | None, dict[str, Any]]:
     info: dict[str, Any] = {"used": False, "attempts": []}
+    try:
+        whole = density.whole_data
+    except Exception:  # noqa: BLE001 - a model that cannot run its prior
+        whole = True  # (the searches below say what fails)
+    if not whole:
+        info["reason"] = (
+            f"the model subsamples {', '.join(density.subsampled)} in a way whose every row "
+            "the search cannot see in a few runs (several subsampled plates, a latent site "
+            "inside one, or more than WHOLE_DATA_MAX_RUNS windows): its density at a point is "
+            "a random estimate, on which a mode search stops on noise")
+        return None, info
 
     def objective(u: Tensor) -> Tensor:
         return -density(u)
