@@ -236,6 +236,8 @@ GAUSSIAN_GUIDES: dict[str, Callable] = {
     "pf AutoRadial": lambda m: pf.guides.AutoRadial(m),
     "pf AutoIAF": lambda m: pf.guides.AutoIAF(m),
     "pf AutoFlowGuide(realnvp)": lambda m: pf.guides.AutoFlowGuide(m, flow="realnvp"),
+    "pf AutoFlowGuide(maf)": lambda m: pf.guides.AutoFlowGuide(m, flow="maf"),
+    "pf AutoFlowGuide(nsf)": lambda m: pf.guides.AutoFlowGuide(m, flow="nsf"),
 }
 
 

@@ -193,13 +193,25 @@ def test_no_cache_is_shared_between_contexts(device, dtype):
 
 @pytest.mark.parametrize("context", [
     torch.randn(B, C + 1), torch.randn(()), torch.ones(B, C, dtype=torch.long),
-    torch.full((B, C), float("nan"))], ids=["size", "scalar", "integer", "nan"])
+    torch.full((B, C), float("nan")), torch.randn(B, C, dtype=torch.float64)],
+    ids=["size", "scalar", "integer", "nan", "dtype"])
 def test_bad_context_gets_a_value_error(context):
     stack = ConditionalFlowStack(_mixed_parts())
     with pytest.raises(ValueError, match="ConditionalFlowStack: the context"):
         stack.condition(context)
     with pytest.raises(ValueError, match="ConditionalFlowStack: the context"):
         ConditionalFlowDistribution(stack).condition(context)
+
+
+@pytest.mark.parametrize("name", _pyroflows_families())
+def test_every_conditional_layer_names_a_context_of_another_dtype(name):
+    """A float64 context for a float32 layer: each conditional layer's ValueError, not
+    PyTorch's matrix-product error (planar, radial and the Gaussian start gave that)."""
+    layer = pf.flows.build(name, D, num_layers=2, context_dim=C).sequence[-1]
+    with pytest.raises(ValueError, match="the context must have the layer's dtype"):
+        layer.condition(torch.randn(B, C, dtype=torch.float64))
+    with pytest.raises(ValueError, match="the context must have the layer's dtype"):
+        ConditionalElementwiseAffine(D, C).condition(torch.randn(B, C, dtype=torch.float64))
 
 
 def test_stack_of_pyroflows_layers_is_one_fused_flow_stack(device, dtype):

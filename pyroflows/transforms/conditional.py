@@ -57,7 +57,7 @@ class ConditionalFlowTransform(ConditionalTransformModule):
 
     def check_context(self, context: Tensor) -> Tensor:
         """``context`` itself, or a :class:`ValueError` saying what is wrong with it: not a
-        floating tensor of shape ``(..., C)``, or (while :func:`pyroflows.is_validation_enabled`)
+        floating tensor of shape ``(..., C)`` of the layer's dtype and device, or (while :func:`pyroflows.is_validation_enabled`)
         holding NaN or infinite values."""
         name = type(self).__name__
         if not isinstance(context, Tensor) or not context.is_floating_point():
@@ -68,6 +68,12 @@ class ConditionalFlowTransform(ConditionalTransformModule):
             raise ValueError(f"{name}: the context must have shape (..., {self.context_dim}) "
                              f"(context size {self.context_dim}), got shape "
                              f"{tuple(context.shape)}")
+        weight = next(self.parameters(), None)
+        if weight is not None and (context.dtype != weight.dtype
+                                   or context.device != weight.device):
+            raise ValueError(f"{name}: the context must have the layer's dtype and device "
+                             f"({weight.dtype}, {weight.device}), got {context.dtype} on "
+                             f"{context.device}")
         if is_validation_enabled() and not bool(torch.isfinite(context).all()):
             raise ValueError(f"{name}: the context contains NaN or infinite values")
         return context
@@ -97,11 +103,6 @@ class ConditionalMADELayer(ConditionalFlowTransform):
     fused: bool = True
 
     def conditioned(self, context: Tensor) -> FlowTransform:
-        weight = self.conditioner.context_weight
-        if context.dtype != weight.dtype or context.device != weight.device:
-            raise ValueError(f"{type(self).__name__}: the context must have the layer's dtype "
-                             f"and device ({weight.dtype}, {weight.device}), got "
-                             f"{context.dtype} on {context.device}")
         return self.conditioned_type(self, context)
 
 
