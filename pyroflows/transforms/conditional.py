@@ -57,8 +57,8 @@ class ConditionalFlowTransform(ConditionalTransformModule):
 
     def check_context(self, context: Tensor) -> Tensor:
         """``context`` itself, or a :class:`ValueError` saying what is wrong with it: not a
-        floating tensor of shape ``(..., C)`` of the layer's dtype and device, or (while :func:`pyroflows.is_validation_enabled`)
-        holding NaN or infinite values."""
+        floating tensor of shape ``(..., C)`` of the layer's dtype and device, or (while
+        :func:`pyroflows.is_validation_enabled`) holding NaN or infinite values."""
         name = type(self).__name__
         if not isinstance(context, Tensor) or not context.is_floating_point():
             raise ValueError(f"{name}: the context must be a floating-point torch.Tensor of "
