@@ -173,11 +173,12 @@ class LogDensity:
         total = 0.0
         for run in runs:
             model = run(poutine.condition(self.model, data=values))
-            if torch.is_grad_enabled() and u.requires_grad:  # (the search's gradients)
-                total = total - elbo.differentiable_loss(model, _no_guide, *self.args,
-                                                         **self.kwargs)
-            else:  # (differentiable_loss refuses a loss without gradients)
-                total = total - elbo.loss(model, _no_guide, *self.args, **self.kwargs)
+            with poutine.block():  # (hidden from a trace around it: SVI's, at set-up)
+                if torch.is_grad_enabled() and u.requires_grad:  # (the search's gradients)
+                    loss = elbo.differentiable_loss(model, _no_guide, *self.args, **self.kwargs)
+                else:  # (differentiable_loss refuses a loss without gradients)
+                    loss = elbo.loss(model, _no_guide, *self.args, **self.kwargs)
+            total = total - loss
         return total / len(runs) + log_det
 
     def with_trace(self, u: Tensor) -> tuple[Tensor, Trace]:
