@@ -7,7 +7,8 @@ import pathlib
 import pyroflows
 
 PACKAGE = pathlib.Path(pyroflows.__file__).parent
-BASE = {"_config", "_memo", "_gaussian", "_private", "_legacy", "_distributed"}  # below every room
+BASE = {"_config", "_memo", "_gaussian", "_random", "_private", "_legacy",
+        "_distributed"}  # below every room
 ALLOWED = {
     "_fast": set(),
     "nn": {"_fast"},

@@ -685,6 +685,10 @@ def test_dtype_and_device_follow_input_or_arguments(device, dtype):
     moved = est.to("cpu", dtype=other)
     assert moved is est and est.log_prob(x).dtype == other
     torch.testing.assert_close(est.log_prob(x).to(dtype).cpu(), lp.cpu(), rtol=1e-4, atol=1e-4)
+    assert est.to(dtype).log_prob(x).dtype == dtype  # a dtype alone, as Module.to takes it
+    with pytest.raises(ValueError, match="meta device holds no values"):
+        est.to("meta")
+    assert torch.isfinite(est.log_prob(x)).all()  # nothing moved
 
 
 def test_lazy_module_access():
@@ -716,10 +720,15 @@ def test_bad_input_raises_value_errors(device, dtype):
     with pytest.raises(ValueError, match="NaN or infinite"):
         est.log_prob(bad)
     for kwargs in ({"flow": "iaf"}, {"precondition": "pca"}, {"num_layers": 0},
-                   {"hidden_dims": ()}, {"dtype": torch.int64}):
+                   {"hidden_dims": ()}, {"dtype": torch.int64}, {"num_layers": 2.5},
+                   {"hidden_dims": 16}, {"hidden_dims": (8, 2.5)}, {"seed": 1.7}):
         with pytest.raises(ValueError):
             DensityEstimator(**kwargs)
+    assert DensityEstimator(num_layers=np.int64(3)).num_layers == 3
     with pytest.raises(ValueError, match="max_epochs"):
         est.fit(x, max_epochs=-1)
+    for name, value in (("max_epochs", 2.5), ("batch_size", 16.5), ("patience", 1.5)):
+        with pytest.raises(ValueError, match=f"{name} must be a whole number"):
+            est.fit(x, **{name: value})
     with pytest.raises(ValueError, match="averaging_epochs"):
         est.fit(x, averaging_epochs=-1.0)

@@ -104,6 +104,8 @@ def usable_device(device: str | torch.device, what: str = "device") -> torch.dev
         device(type='cpu')
     """
     device = _torch_device(device, what)
+    if device.type == "meta":  # (tensors there hold no values: a move would lose them)
+        raise ValueError(f"{what}: the meta device holds no values; choose a real device")
     try:
         torch.empty(0, device=device)
     except Exception as e:  # noqa: BLE001 - torch raises AssertionError, RuntimeError, ...
@@ -111,6 +113,18 @@ def usable_device(device: str | torch.device, what: str = "device") -> torch.dev
         raise ValueError(f"{what}: device {str(device)!r} is not available on this machine "
                          f"({reason})") from e
     return device
+
+
+def _whole(value: Any, name: str, low: int = 0) -> int:
+    """``value`` as an ``int``: a whole number of an integer type (Python's or NumPy's) of at
+    least ``low``, else a ``ValueError`` (2.5 is not silently 2)."""
+    try:
+        whole = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}") from None
+    if whole < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+    return whole
 
 
 def _check_columns_vary(given: Tensor, t: Tensor, name: str) -> None:
@@ -330,11 +344,14 @@ class DensityEstimator:
             raise ValueError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
         if refine not in REFINERS:
             raise ValueError(f"refine must be one of {REFINERS}, got {refine!r}")
-        if int(num_layers) < 1:
-            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
-        hidden = tuple(int(h) for h in hidden_dims)
-        if not hidden or min(hidden) < 1:
-            raise ValueError(f"hidden_dims must be positive integers, got {hidden_dims!r}")
+        num_layers = _whole(num_layers, "num_layers", 1)
+        try:
+            hidden = tuple(_whole(h, "hidden_dims", 1) for h in hidden_dims)
+        except (TypeError, ValueError):
+            hidden = ()
+        if not hidden:
+            raise ValueError(f"hidden_dims must be a sequence of positive whole numbers, got "
+                             f"{hidden_dims!r}")
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
         if context_dim is not None:
@@ -347,13 +364,13 @@ class DensityEstimator:
                                  f"{context_dim!r}")
         self.context_dim = context_dim
         self.flow = flow
-        self.num_layers = int(num_layers)
+        self.num_layers = num_layers
         self.hidden_dims = hidden
         self.precondition = precondition
         self.refine = refine
         self.device = None if device is None else _torch_device(device, "device")
         self.dtype = dtype
-        self.seed = None if seed is None else int(seed)
+        self.seed = None if seed is None else _whole(seed, "seed")
         self.tabak_options = dict(tabak_options or {})
         self.flow_options = dict(flow_options or {})
         _check_option_names(self.flow_options, _accepted_flow_options(flow),
@@ -551,9 +568,9 @@ class DensityEstimator:
             raise ValueError(f"need batch_size >= 1 (or None: the default), got {batch_size}")
         if lr is not None and not lr > 0:
             raise ValueError(f"need lr > 0 (or None: the default), got {lr}")
-        if int(max_epochs) < 0 or int(patience) < 0:
-            raise ValueError("need max_epochs >= 0 and patience >= 0; got "
-                             f"max_epochs={max_epochs}, patience={patience}")
+        max_epochs, patience = _whole(max_epochs, "max_epochs"), _whole(patience, "patience")
+        if batch_size is not None:
+            batch_size = _whole(batch_size, "batch_size", 1)
         lr = None if lr is None else float(lr)
         if not float(averaging_epochs) >= 0:
             raise ValueError(f"averaging_epochs must be >= 0, got {averaging_epochs}")
@@ -569,8 +586,7 @@ class DensityEstimator:
                 raise ValueError("pass the held-out rows once: x_val or y_val (another name for "
                                  "it), not both")
             x_val = y_val
-        if int(checkpoint_every) < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
+        checkpoint_every = _whole(checkpoint_every, "checkpoint_every", 1)
         saving = {"checkpoint": checkpoint, "checkpoint_every": int(checkpoint_every),
                   "resume": resume}
         if (checkpoint is not None or resume is not None) and self.precondition == "auto":
@@ -1076,8 +1092,13 @@ class DensityEstimator:
     def to(self, device: str | torch.device | None = None,
            dtype: torch.dtype | None = None) -> DensityEstimator:
         """Move the fitted model (and later fits) to ``device`` and ``dtype``; returns ``self``.
+        As :meth:`torch.nn.Module.to`, a dtype alone may come first (``est.to(torch.float64)``).
         A device this machine lacks or a dtype other than float32 and float64 is a
         ``ValueError``, and a move that fails leaves the estimator as it was."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise ValueError(f"to: two dtypes given, {device!r} and {dtype!r}")
+            device, dtype = None, device
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
         target = None if device is None else usable_device(device, "to")
