@@ -99,6 +99,10 @@ def test_sticking_the_landing_is_unbiased_and_exact_at_the_optimum(device, dtype
     assert not is_zero(FlowELBO(**kw))
     assert not is_zero(Trace_ELBO(**kw))
     assert not AutoPlanar(exact_model).stick_the_landing
+    # the measured family defaults (vi-stl-families.md, vi-stl-planar-radial.md)
+    for flow, on in {"iaf": True, "maf": True, "realnvp": True, "nsf": True, "planar": False,
+                     "radial": False}.items():
+        assert AutoFlowGuide(exact_model, flow=flow).stick_the_landing is on, flow
 
 
 def test_trace_elbo_sticks_the_landing_with_flowelbos_loss_and_gradients(device, dtype):

@@ -119,7 +119,7 @@ FAMILIES: dict[str, Family] = {
                   **_NETWORK_FAMILY),
     "realnvp": Family(T.RealNVP, T.conditional_realnvp, fold=fold_mask, complementary_masks=True,
                       stick_the_landing=True, **_NETWORK_FAMILY),
-    "nsf": Family(T.NSF, T.conditional_nsf, fold=fold_order,
+    "nsf": Family(T.NSF, T.conditional_nsf, fold=fold_order, stick_the_landing=True,
                   **{**_NETWORK_FAMILY, "stacked_conditioners": False}),
 }
 
