@@ -296,6 +296,28 @@ def test_built_pyroflows_conditional_stack(name, shared, device, dtype):
 
 
 @pytest.mark.parametrize("name", _pyroflows_families())
+def test_a_conditioned_flow_keeps_the_context_it_was_given(name, device, dtype):
+    """Changing the context in place after ``condition(c)`` changes nothing in the conditioned
+    flow (every layer holds c as it was, as planar and radial layers hold the parameters
+    computed from it): its maps, cached and recomputed, stay c's, and gradients still reach
+    the context."""
+    flow = pf.flows.build(name, D, num_layers=2, context_dim=C).to(device, dtype)
+    testing.randomize_parameters_(flow, scale=0.3, seed=2)
+    c = torch.randn(B, C, device=device, dtype=dtype, requires_grad=True)
+    context = c.detach().clone()
+    t = flow.condition(context)
+    z = torch.randn(B, D, device=device, dtype=dtype)
+    x = t(z)
+    context.mul_(3.0)
+    tol = testing.tolerances(dtype)
+    torch.testing.assert_close(t(z.clone()), x, **tol)
+    torch.testing.assert_close(t.inv(x.clone()), z, **tol)
+    torch.testing.assert_close(flow.condition(c.detach())(z), x, **tol)
+    grad, = torch.autograd.grad(flow.condition(c)(z).sum(), c)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", _pyroflows_families())
 def test_a_batch_of_no_contexts_gives_empty_results(name, device, dtype):
     """Zero context rows: empty draws and scores, as a distribution with a batch of 0 gives."""
     flow = pf.flows.build(name, D, num_layers=2, context_dim=C).to(device, dtype)

@@ -110,7 +110,10 @@ class Conditioned:
     """Mixin of the transform that a :class:`ConditionalMADELayer`'s ``condition(c)`` returns:
     the plain layer's map (one class below in the MRO) over the conditional layer's network
     (shared, not copied), its ``conditioned_settings`` and ``mask`` buffer, and the context
-    ``c``. A new object per context, so its output cache never answers for another context."""
+    ``c`` as it was at ``condition(c)`` (a copy, through which gradients reach ``c``: a later
+    in-place change of ``c`` changes nothing here, as for the planar and radial layers, whose
+    parameters are computed then). A new object per context, so its output cache never
+    answers for another context."""
 
     def __init__(self, owner: ConditionalMADELayer, context: Tensor) -> None:
         FlowTransform.__init__(self, owner.dim)
@@ -121,7 +124,7 @@ class Conditioned:
         mask = owner._buffers.get("mask")
         if mask is not None:
             self.register_buffer("mask", mask)
-        self.__dict__["context"] = context
+        self.__dict__["context"] = context.clone()
 
     def _validate(self, value: Tensor, what: str) -> None:
         super()._validate(value, what)
