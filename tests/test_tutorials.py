@@ -23,6 +23,9 @@ TUTORIALS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py"))
 def test_tutorial_runs(path, monkeypatch):
     monkeypatch.setenv("PYROFLOWS_TUTORIAL_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # one thread, as the suite's own tests: the small settings' networks gain nothing from more,
+    # and on a machine with other work the threads' waits made 03_density 35 times slower
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = jupytext.read(path)
     folder = os.path.dirname(path)
     client = nbclient.NotebookClient(
