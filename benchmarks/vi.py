@@ -303,8 +303,12 @@ def fit_gaussian(kind: str, dim: int, make_guide: Callable, steps: int, seed: in
     return out
 
 
+GAUSSIAN_KINDS = ("equicorrelated", "ill-conditioned")
+
+
 def gaussian_table(dims: list[int], seeds: list[int], steps: int, num_particles: int,
-                   num_draws: int, guides: list[str]) -> list[str]:
+                   num_draws: int, guides: list[str],
+                   kinds: tuple[str, ...] = GAUSSIAN_KINDS) -> list[str]:
     """The start-against-end table, one row per (kind, D, guide), the seeds side by side."""
     rows = [
         "| kind | D | guide | start | KL start | KL trained | KL kept | kept | "
@@ -312,7 +316,7 @@ def gaussian_table(dims: list[int], seeds: list[int], steps: int, num_particles:
         "|---|---:|---|---|---|---|---|---|---:|---:|",
     ]
     print("\n".join(rows), flush=True)
-    for kind in ("equicorrelated", "ill-conditioned"):
+    for kind in kinds:
         for dim in dims:
             for gname in guides:
                 runs = []
@@ -660,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", nargs="*", type=int, default=[10, 30, 50, 100])
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--gaussian-guides", nargs="*", default=list(GAUSSIAN_GUIDES))
+    parser.add_argument("--kinds", nargs="*", default=list(GAUSSIAN_KINDS),
+                        choices=GAUSSIAN_KINDS, help="--gaussians: the posteriors' kinds")
     parser.add_argument("--scaling", action="store_true",
                         help="the cost-against-D table on ill-conditioned Gaussians instead "
                         "(issue 24, item 3)")
@@ -758,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(header, flush=True)
         rows = gaussian_table(args.dims, args.seeds, args.steps, args.particles, args.draws,
-                              args.gaussian_guides)
+                              args.gaussian_guides, tuple(args.kinds))
         _save(args.out, [header, *rows])
         return 0
     families = pf.flows.FAMILIES
