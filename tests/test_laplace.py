@@ -128,12 +128,13 @@ def test_a_subsampled_plate_is_scored_on_every_row(size, part, device, dtype):
     guide()
     full = LogDensity(model, guide._unpack_latent, (), {})
     sub = LogDensity(model, guide._unpack_latent, (part,), {})
-    assert full.whole_data and sub.whole_data and len(sub.runs()) == -(-size // part)
     draws = torch.randn(16, 2, generator=gen, dtype=torch.float64).to(device, dtype)
     tol = {"rtol": 1e-10, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-5,
                                                                          "atol": 1e-3}
     torch.testing.assert_close(sub.values(draws), full.values(draws), **tol)
     torch.testing.assert_close(sub(draws[0]), full(draws[0]), **tol)
+    assert full.whole_data and sub.whole_data and len(sub.runs()) == -(-size // part)
+    assert sub.subsampled == [f"'data' ({part} of {size})"] and not full.subsampled
     precision = 1 / 100 + size  # the exact posterior of each column's mean
     for seed in range(2):
         pyro.clear_param_store()
@@ -144,6 +145,25 @@ def test_a_subsampled_plate_is_scored_on_every_row(size, part, device, dtype):
         torch.testing.assert_close(start.laplace.loc, x.sum(0) / precision, **tol)
         torch.testing.assert_close(start.laplace.scale_tril.diagonal(),
                                    torch.full_like(zero, precision ** -0.5), **tol)
+
+
+def test_a_model_with_an_improper_prior_keeps_its_laplace_start(device, dtype):
+    """The model's structure (subsampled plates, enumerated sites) is read from a run with
+    every latent site conditioned, never from a draw of the prior, which an improper prior
+    cannot give: the Laplace start and keep_best work as for any other model."""
+    zero = torch.zeros((), device=device, dtype=dtype)
+
+    def model():
+        x = pyro.sample("x", dist.ImproperUniform(dist.constraints.real, (), ()))
+        pyro.sample("y", dist.Normal(x, 1.0), obs=zero + 0.5)
+
+    guide = AutoIAF(model, hidden_dims=(8,),
+                    init_loc_fn=pyro.infer.autoguide.init_to_value(values={"x": zero}))
+    guide()
+    assert guide.laplace_info["used"], guide.laplace_info
+    torch.testing.assert_close(guide.laplace.loc, (zero + 0.5).reshape(1))
+    info = guide.keep_best()
+    assert all(math.isfinite(v) for v in info["elbo"].values())
 
 
 def test_a_subsampled_plate_of_local_latents_has_no_laplace_start(device, dtype):
@@ -186,12 +206,12 @@ def test_enumerated_discrete_sites_are_summed_out(device, dtype):
     guide = AutoIAF(model, hidden_dims=(8,), laplace_init=False)
     guide()
     density = LogDensity(model, guide._unpack_latent, (), {})
-    assert density.enumerated == ["z"]
     draws = torch.randn(6, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     draws = draws.to(device, dtype)
     tol = {"rtol": 1e-10, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-5,
                                                                          "atol": 1e-4}
     torch.testing.assert_close(density.values(draws), marginal(draws), **tol)
+    assert density.enumerated == ["z"]
     modes = []
     for seed in range(2):
         pyro.clear_param_store()

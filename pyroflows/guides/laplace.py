@@ -95,61 +95,71 @@ class LogDensity:
     @property
     def whole_data(self) -> bool:
         """Whether the density is every row's (no plate subsamples, or one does and its
-        windows are used); ``False``: a random estimate at each call."""
-        return bool(self.runs())
+        windows are used); ``False``: a random estimate at each call. After
+        :meth:`prepare`."""
+        return bool(self._runs)
 
     @property
     def subsampled(self) -> list[str]:
-        """The model's subsampled plates, as ``"name (M of N)"``."""
-        self.runs()
+        """The model's subsampled plates, as ``"name (M of N)"`` (after :meth:`prepare`)."""
         return self._subsampled
-
-    def runs(self) -> list[Callable]:
-        """Each run's wrapper of the model (latent sites conditioned), ``[identity]`` for a
-        model that subsamples no plate, ``[]`` where the runs would not give every row's
-        density (found from one run of the model's prior, once)."""
-        if self._runs is None:
-            with torch.no_grad():
-                trace = poutine.block(poutine.trace(self.model).get_trace)(*self.args,
-                                                                           **self.kwargs)
-            sites = [site for site in trace.nodes.values() if site["type"] == "sample"
-                     and site_is_subsample(site) and site["fn"].subsample_size is not None
-                     and site["fn"].subsample_size < site["fn"].size]
-            self._subsampled = [f"{site['name']!r} ({site['fn'].subsample_size} of "
-                                f"{site['fn'].size})" for site in sites]
-            self._enumerated = [name for name, site in trace.nodes.items()
-                                if site["type"] == "sample" and not site["is_observed"]
-                                and site["infer"].get("enumerate") == "parallel"]
-            self._nesting = max((-frame.dim for site in trace.nodes.values()
-                                 if site["type"] == "sample"
-                                 for frame in site["cond_indep_stack"]
-                                 if frame.vectorized and frame.dim is not None), default=0)
-            names = {site["name"] for site in sites}
-            local = any(frame.name in names for site in trace.nodes.values()
-                        if site["type"] == "sample" and not site["is_observed"]
-                        and not site_is_subsample(site) for frame in site["cond_indep_stack"])
-            self._runs = [_same]
-            if len(sites) > 1 or local:  # (a local latent's values are one subsample's)
-                self._runs = []
-            elif sites:
-                site = sites[0]
-                size, part = site["fn"].size, site["fn"].subsample_size
-                num_runs = -(-size // part)
-                rows = torch.arange(part, device=site["value"].device)
-                self._runs = [_Window(site["name"], k * part + rows, size, num_runs)
-                              for k in range(num_runs)] if num_runs <= WHOLE_DATA_MAX_RUNS else []
-        return self._runs
 
     @property
     def enumerated(self) -> list[str]:
         """The model's discrete sites enumerated in parallel (``infer={"enumerate":
-        "parallel"}``), which the density sums out."""
-        self.runs()
+        "parallel"}``), which the density sums out (after :meth:`prepare`)."""
         return self._enumerated
+
+    def prepare(self, u: Tensor) -> None:
+        """Find, once, from a run of the model at ``u`` (D,) with every latent site conditioned
+        (so an improper prior needs no draw): its subsampled plates, enumerated sites and
+        plate dims, and so the runs of each evaluation (:meth:`runs`). A model that fails
+        there is asked again at the next point."""
+        if self._runs is not None:
+            return
+        values, _ = self._constrained(u.detach())
+        with torch.no_grad():
+            model = poutine.condition(self.model, data=values)
+            trace = poutine.block(poutine.trace(model).get_trace)(*self.args, **self.kwargs)
+        sites = [site for site in trace.nodes.values() if site["type"] == "sample"
+                 and site_is_subsample(site) and site["fn"].subsample_size is not None
+                 and site["fn"].subsample_size < site["fn"].size]
+        self._subsampled = [f"{site['name']!r} ({site['fn'].subsample_size} of "
+                            f"{site['fn'].size})" for site in sites]
+        self._enumerated = [name for name, site in trace.nodes.items()
+                            if site["type"] == "sample" and not site["is_observed"]
+                            and site["infer"].get("enumerate") == "parallel"]
+        self._nesting = max((-frame.dim for site in trace.nodes.values()
+                             if site["type"] == "sample" for frame in site["cond_indep_stack"]
+                             if frame.vectorized and frame.dim is not None), default=0)
+        names = {site["name"] for site in sites}
+        local = any(frame.name in names for site in trace.nodes.values()
+                    if site["type"] == "sample" and site["name"] in values
+                    for frame in site["cond_indep_stack"])
+        runs: list[Callable] = [_same]
+        if len(sites) > 1 or local:  # (a local latent's values are one subsample's)
+            runs = []
+        elif sites:
+            site = sites[0]
+            size, part = site["fn"].size, site["fn"].subsample_size
+            num_runs = -(-size // part)
+            rows = torch.arange(part, device=site["value"].device)
+            runs = [_Window(site["name"], k * part + rows, size, num_runs)
+                    for k in range(num_runs)] if num_runs <= WHOLE_DATA_MAX_RUNS else []
+        self._runs = runs
+
+    def runs(self) -> list[Callable]:
+        """Each run's wrapper of the model (latent sites conditioned): ``[identity]`` for a
+        model that subsamples no plate, the windows of :class:`_Window` for one that does, or
+        ``[identity]`` too where they would not give every row's density
+        (:attr:`whole_data` ``False``: each run draws its own subsamples). After
+        :meth:`prepare`."""
+        return self._runs or [_same]
 
     def __call__(self, u: Tensor) -> Tensor:
         """The log density at one vector ``u`` (D,)."""
-        if self.enumerated:
+        self.prepare(u)
+        if self._enumerated:
             return self._summed_out(u)
         return self.with_trace(u)[0]
 
@@ -169,7 +179,7 @@ class LogDensity:
         and no guide (so nothing but the enumerated sites is random)."""
         values, log_det = self._constrained(u)
         elbo = TraceEnum_ELBO(max_plate_nesting=self._nesting)
-        runs = self.runs() or [_same]
+        runs = self.runs()
         total = 0.0
         for run in runs:
             model = run(poutine.condition(self.model, data=values))
@@ -184,9 +194,10 @@ class LogDensity:
     def with_trace(self, u: Tensor) -> tuple[Tensor, Trace]:
         """The log density at ``u`` (enumerated discrete sites drawn, not summed out) and the
         model's trace behind it (the first run's)."""
+        self.prepare(u)
         values, log_det = self._constrained(u)
         total, first = 0.0, None
-        runs = self.runs() or [_same]
+        runs = self.runs()
         for run in runs:
             model = run(poutine.condition(self.model, data=values))
             trace = poutine.block(poutine.trace(model).get_trace)(*self.args, **self.kwargs)
@@ -208,7 +219,8 @@ class LogDensity:
                 return None
             log_det = log_det + ld.reshape(num_draws, -1).sum(-1)
             values[site["name"]] = value
-        runs = self.runs() or [_same]
+        self.prepare(u[0])
+        runs = self.runs()
         total = 0.0
         for run in runs:
             model = run(poutine.condition(self.model, data=values))
@@ -257,9 +269,13 @@ class LogDensity:
         can run and still mix the draws), or a plate subsamples. Where the first draw is
         rejected or not finite, every entry is :math:`-\infty` (the draws are rejected as a
         whole, without running the rest)."""
-        if self.enumerated:  # (TraceEnum_ELBO's runs are per draw)
-            return None
         rejected = torch.full(draws.shape[:1], -math.inf, dtype=draws.dtype, device=draws.device)
+        try:
+            self.prepare(draws[0])
+        except Exception:  # noqa: BLE001 - a draw the model rejects: the loop's answer
+            return rejected
+        if self._enumerated:  # (TraceEnum_ELBO's runs are per draw)
+            return None
         try:
             first, trace = self.with_trace(draws[0])
         except Exception:  # noqa: BLE001 - a draw the model rejects: the loop's answer
@@ -383,10 +399,10 @@ def _search(density: LogDensity, loc: Tensor, init_scale: float,
             ) -> tuple[tuple[Tensor, Tensor] | None, dict[str, Any]]:
     info: dict[str, Any] = {"used": False, "attempts": []}
     try:
-        whole = density.whole_data
-    except Exception:  # noqa: BLE001 - a model that cannot run its prior
-        whole = True  # (the searches below say what fails)
-    if not whole:
+        density.prepare(loc)
+    except Exception:  # noqa: BLE001 - a model that fails there: the searches say what fails
+        pass
+    if density.subsampled and not density.whole_data:
         info["reason"] = (
             f"the model subsamples {', '.join(density.subsampled)} in a way whose every row "
             "the search cannot see in a few runs (several subsampled plates, a latent site "
