@@ -262,8 +262,8 @@ def test_saved_param_store_rebuilds_the_guide_on_its_own_laplace_start(device, d
     """A store saved after training and loaded into a new session rebuilds the same guide,
     its fixed Laplace layer included (the learned layers sit on top of it): on a two-mode
     posterior each new search may find the other mode, the store's start is the one used.
-    A store saved without a Laplace layer gives a guide without one; ``load_state_dict``
-    updates the store's copy."""
+    ``load_state_dict`` updates the store's copy; a store without a Laplace layer holds
+    nothing of one."""
     zero = torch.zeros((), device=device, dtype=dtype)
 
     def model():
@@ -293,16 +293,23 @@ def test_saved_param_store_rebuilds_the_guide_on_its_own_laplace_start(device, d
     guide.load_state_dict(other)
     name = f"{guide._pyro_get_fullname('laplace')}$$$loc"
     assert torch.equal(pyro.get_param_store()[name], guide.laplace.loc)
-    # saved without a Laplace layer: rebuilt without one
+    # a store without a Laplace layer (a guide built without one, or an earlier version's
+    # store): nothing of it in the store, and a guide set up there searches as a new one does
     pyro.clear_param_store()
     plain = AutoIAF(model, hidden_dims=(8,), laplace_init=False)
     plain()
     state = pyro.get_param_store().get_state()
+    assert not any("laplace" in name for name in state["params"])
     pyro.clear_param_store()
     pyro.get_param_store().set_state(state)
-    fresh = AutoIAF(model, hidden_dims=(8,))
+    fresh = AutoIAF(model, hidden_dims=(8,), laplace_init=False)
     fresh()
-    assert fresh._modules.get("laplace") is None and not fresh.laplace_info["used"]
+    assert fresh._modules.get("laplace") is None
+    pyro.clear_param_store()
+    pyro.get_param_store().set_state(state)
+    again = AutoIAF(model, hidden_dims=(8,))
+    again()
+    assert again.laplace_info["used"] and "restored" not in again.laplace_info["reason"]
 
 
 def test_unpickled_guide_trains_and_says_what_keep_best_needs(device, dtype):

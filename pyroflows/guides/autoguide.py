@@ -375,9 +375,9 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         with torch.no_grad():
             affine.loc.copy_(loc)  # after the cast, so float64 inits keep full precision
             affine.log_scale.fill_(math.log(self._init_scale))
-        start, stored = None, _stored_laplace(self, dim)
-        if stored is not None:  # a saved guide's store: its start, not a new search's
-            start, self.laplace_info = stored
+        start = _stored_laplace(self, dim)
+        if start is not None:  # a saved guide's store: its start, not a new search's
+            self.laplace_info = {"used": True, "reason": "restored from the param store"}
         elif self.laplace_init:
             start = self._laplace_start(loc, args, kwargs)
         if start is not None:
@@ -717,25 +717,22 @@ def store_laplace(guide: AutoFlowGuide) -> None:
             store[name] = getattr(layer, value).detach().clone()
 
 
-def _stored_laplace(guide: AutoFlowGuide, dim: int
-                    ) -> tuple[tuple[Tensor, Tensor] | None, dict] | None:
-    """Where the param store already holds this guide's learned affine layer for a latent
-    vector of size ``dim`` (a saved store, loaded): the Laplace start it was learned on,
-    ``(mode, chol)`` or ``None`` for none, and the ``laplace_info`` saying so; ``None`` where
-    the store holds no such state."""
+def _stored_laplace(guide: AutoFlowGuide, dim: int) -> tuple[Tensor, Tensor] | None:
+    """The Laplace start ``(mode, chol)`` the param store holds for this guide, beside its
+    learned affine layer, for a latent vector of size ``dim`` (a saved store, loaded); else
+    ``None`` (a store without one: the guide searches as a new one does)."""
     if not _store_in_use(guide):
         return None
     store = pyro.get_param_store()
     affine = param_with_module_name(guide._pyro_get_fullname("affine"), "")
-    if not any(name.startswith(affine) for name in store.keys()):
-        return None
     loc, scale_tril = _laplace_names(guide)
-    if loc not in store or scale_tril not in store:
-        return None, {"used": False, "reason": "restored from the param store, which has none"}
+    if loc not in store or scale_tril not in store or not any(
+            name.startswith(affine) for name in store.keys()):
+        return None
     start = (store[loc].detach().clone(), store[scale_tril].detach().clone())
     if start[0].shape != (dim,) or start[1].shape != (dim, dim):
         return None  # another guide's: the shapes say so
-    return start, {"used": True, "reason": "restored from the param store"}
+    return start
 
 
 def _start_at_identity(flow: nn.Module) -> None:
@@ -875,7 +872,7 @@ def default_lr(flow: str | AutoFlowGuide | None = None) -> tuple[float, float]:
     about ``lr`` a step whatever the gradient's size (sticking the landing's gradient falls to
     rounding there, and Adam divides it by its own scale), so the KL those moves cost grows as
     :math:`D^2 \mathrm{lr}^2`: on Gaussian posteriors of :math:`D = 50` and 100 the family's
-    0.05 took an exact start to a KL of 0.03-0.3 nats in 300 decayed steps, ``0.5 / D`` kept it
+    0.05 took an exact start to a KL of 0.02-0.5 nats in 300 decayed steps, ``0.5 / D`` kept it
     below 0.001 (``benchmarks/results/vi-gaussians.md``). A plain start, far from the
     optimum, keeps the family's ``lr``.
 
