@@ -127,6 +127,11 @@ def _whole(value: Any, name: str, low: int = 0) -> int:
     return whole
 
 
+def _constant_columns(t: Tensor) -> list[int]:
+    """The columns of ``t`` (n, D) that hold one value in every row."""
+    return (t == t[:1]).all(0).nonzero().flatten().tolist()
+
+
 def _check_columns_vary(given: Tensor, t: Tensor, name: str) -> None:
     """A ``ValueError`` where a column of ``t`` (``given`` converted to the fit's dtype) holds
     one value in every row: its density is a point mass, which no flow fits."""
@@ -152,9 +157,8 @@ def _check_columns_vary(given: Tensor, t: Tensor, name: str) -> None:
 def _check_context_columns_vary(t: Tensor) -> None:
     """A ``ValueError`` where a context column holds one value in every training row: it
     carries no information about ``y`` and has no spread to standardize by."""
-    constant = (t == t[:1]).all(0)
-    if bool(constant.any()):
-        columns = constant.nonzero().flatten().tolist()
+    columns = _constant_columns(t)
+    if columns:
         raise ValueError(f"context's columns {columns[:10]} are constant in the training rows: "
                          "they carry no information and cannot be standardized; drop them")
 
@@ -632,9 +636,8 @@ class DensityEstimator:
             x_train, x_val_t = t[perm[num_val:]], t[perm[:num_val]]
             if c is not None:
                 c, c_val = c[perm[num_val:]], c[perm[:num_val]]
-            constant = (x_train == x_train[:1]).all(0)
-            if bool(constant.any()):
-                columns = constant.nonzero().flatten().tolist()
+            columns = _constant_columns(x_train)
+            if columns:
                 raise ValueError(
                     f"x's columns {columns[:10]} are constant in the {n - num_val} training "
                     f"rows: they vary only in the {num_val} rows held out for validation "
@@ -875,11 +878,7 @@ class DensityEstimator:
         student = None if exact else self.student_
         rows = 1 if c is None else c.shape[0]
         device, dtype = self._model_device_dtype()
-        gen = torch.Generator(device=device)
-        if seed is not None:
-            gen.manual_seed(int(seed))
-        else:
-            gen.manual_seed(int(torch.randint(2**62, (1,), generator=self._sample_seeds(model))))
+        gen = generator(self._sample_seed(model) if seed is None else int(seed), device)
         if bounds is None:
             z = torch.randn(count, rows, model.dim, generator=gen, device=device, dtype=dtype)
             draws = self._draw(model, z, c, student)
@@ -898,18 +897,18 @@ class DensityEstimator:
         ``torch.manual_seed`` governs it as it does PyTorch's own sampling."""
         return generator(None if self.seed is None else self.seed + offset)
 
-    def _sample_seeds(self, model: DensityModel) -> torch.Generator:
-        """The seeds of :meth:`sample`'s draws of ``model`` without a ``seed`` argument: with
-        the estimator's ``seed``, one stream from it per fitted or loaded model (two estimators
-        of one seed draw the same sequence; each call continues it); without, a draw of
-        torch's global generator per call."""
+    def _sample_seed(self, model: DensityModel) -> int:
+        """The seed of :meth:`sample`'s draws of ``model`` without a ``seed`` argument: with the
+        estimator's ``seed``, the next of one stream from it per fitted or loaded model (two
+        estimators of one seed draw the same sequence; each call continues it); without, a
+        draw of torch's global generator."""
         if self.seed is None:
-            return self._seeds(0)
+            return int(torch.randint(2**62, (1,)))
         held = self.__dict__.get("_sample_stream")
         if held is None or held[0]() is not model:
             held = (weakref.ref(model), self._seeds(2))
             self.__dict__["_sample_stream"] = held
-        return held[1]
+        return int(torch.randint(2**62, (1,), generator=held[1]))
 
     @staticmethod
     def _draw(model: DensityModel, z: Tensor, c: Tensor | None,
@@ -1071,8 +1070,7 @@ class DensityEstimator:
             torch.manual_seed(int(torch.randint(2**62, (1,), generator=seeds)))
             student = Student(model.dim, layers, hidden, context_dim=model.context_dim)
         student = student.to(device=device, dtype=dtype)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int(torch.randint(2**62, (1,), generator=seeds)))
+        gen = generator(int(torch.randint(2**62, (1,), generator=seeds)), device)
         with torch.no_grad():
             h = model.features(c)
         distillation.start(model, student, contexts=c, generator=gen)

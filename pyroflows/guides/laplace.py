@@ -326,7 +326,8 @@ class _Window(Messenger):
     def __init__(self, name: str, positions: Tensor, size: int, num_runs: int) -> None:
         super().__init__()
         self.name, self.indices = name, positions % size
-        self.seen = positions >= size
+        seen = positions >= size
+        self.keep = ~seen if bool(seen.any()) else None  # (decided once, not per site)
         self.weight = num_runs * positions.numel() / size
 
     def __call__(self, model: Callable) -> Callable:  # the model under this run
@@ -337,8 +338,8 @@ class _Window(Messenger):
         if msg["type"] != "sample" or frame is None:
             return
         msg["scale"] = msg["scale"] * self.weight
-        if bool(self.seen.any()):
-            keep = (~self.seen).reshape((-1,) + (1,) * (-frame.dim - 1))
+        if self.keep is not None:
+            keep = self.keep.reshape((-1,) + (1,) * (-frame.dim - 1))
             msg["mask"] = keep if msg["mask"] is None else msg["mask"] & keep
 
 
