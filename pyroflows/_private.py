@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.infer.traceenum_elbo import _compute_model_factors
 from pyro.infer.util import validation_enabled as infer_validation_enabled
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
@@ -22,6 +24,7 @@ from torch.distributions.transforms import _InverseTransform
 __all__ = [
     "InverseTransform", "only_param_capture_active", "functorch_active", "global_module_hooks",
     "guess_max_plate_nesting", "register_load_state_dict_pre_hook", "site_is_traced",
+    "enumerated_log_factors",
 ]
 
 #: the class of ``t.inv``; a stack keeps one instance instead of one per access
@@ -79,3 +82,14 @@ def site_is_traced(msg: dict) -> bool:
     """Whether ``poutine.trace`` records the sample site ``msg``: not where its ``infer`` holds
     ``_do_not_trace`` (a reparameterizer's auxiliary site). Pyro has no public way to ask."""
     return not msg["infer"].get("_do_not_trace")
+
+
+def enumerated_log_factors(model_trace, guide_trace) -> tuple[dict, dict, set, Any]:
+    """``TraceEnum_ELBO``'s split of a model trace run under ``poutine.enum`` (both traces
+    packed): the packed log densities of the sites that depend on no enumerated site, by plate
+    ordinal (a frozenset of plate symbols); the unscaled, masked ones of those that do, to be
+    summed over ``sum_dims`` by ``pyro.ops.contract.contract_to_tensor``; ``sum_dims``; and the
+    common scale those share (a ``ValueError`` where they differ). Pyro has no public way to
+    ask: the private ``traceenum_elbo._compute_model_factors``."""
+    costs, log_factors, _, sum_dims, scale = _compute_model_factors(model_trace, guide_trace)
+    return costs, log_factors, sum_dims, scale

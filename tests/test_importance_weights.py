@@ -158,3 +158,126 @@ def test_point_mass_guide_is_refused(device, dtype):
     y = data(device, dtype)
     with pytest.raises(ValueError, match="point mass"):
         dg.psis_khat(linear_gaussian, AutoDelta(linear_gaussian), y, num_samples=10)
+
+
+def _conjugate(device, dtype, size: int, subsample: int):
+    """A normal mean with a subsampled plate of ``size`` rows, and its exact posterior guide
+    and log evidence."""
+    gen = torch.Generator().manual_seed(0)
+    y = (torch.randn(size, generator=gen, dtype=torch.float64) + 1.0).to(device, dtype)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(y.new_zeros(()), y.new_tensor(10.0)))
+        with pyro.plate("data", size, subsample_size=subsample) as rows:
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=y[rows])
+
+    precision = 1 / 100 + size
+    loc = float(y.double().sum()) / precision
+
+    def guide(y):
+        pyro.sample("mu", dist.Normal(y.new_tensor(loc), y.new_tensor(precision ** -0.5)))
+
+    y64 = y.cpu().double().numpy()
+    log_z = stats.multivariate_normal(np.zeros(size), np.eye(size) + 100.0).logpdf(y64)
+    return model, guide, y, log_z
+
+
+@pytest.mark.parametrize("size,subsample", [(103, 10), (50, 7), (12, 12)])
+def test_subsampled_plate_is_scored_on_every_row(device, dtype, size, subsample):
+    """Each weight of the exact posterior guide is the log evidence of all rows, not a
+    minibatch's estimate (the last window's repeated rows masked out); before, k-hat of this
+    exact guide was 2.0 at 100 of 1000 rows."""
+    model, guide, y, log_z = _conjugate(device, dtype, size, subsample)
+    lw = dg.log_importance_weights(model, guide, y, num_samples=50, chunk_size=20)
+    np.testing.assert_allclose(lw.cpu().double().numpy(), log_z, atol=10 * log_tol(dtype),
+                               rtol=1e-5)
+
+
+def test_subsampled_plate_with_local_latents_warns(device, dtype):
+    """Local latents inside a subsampled plate have one subsample's values: the weights stay
+    one minibatch's, and the user is told."""
+    y = torch.arange(20.0, device=device, dtype=dtype)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(y.new_zeros(()), 10.0))
+        with pyro.plate("data", 20, subsample_size=5) as rows:
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=y[rows])
+
+    guide = AutoNormal(model)
+    with pytest.warns(UserWarning, match="one random subsample"):
+        lw = dg.log_importance_weights(model, guide, y, num_samples=8)
+    assert lw.shape == (8,) and torch.isfinite(lw).all()
+
+
+_WEIGHTS = (0.3, 0.7)
+_SHIFTS = (-2.0, 2.0)
+
+
+def _mixture_data(device, dtype):
+    gen = torch.Generator().manual_seed(1)
+    y = torch.cat([torch.randn(9, generator=gen, dtype=torch.float64) - 2,
+                   torch.randn(11, generator=gen, dtype=torch.float64) + 2])
+    return y.to(device, dtype)
+
+
+def _mixture_log_joint(y, z, local: bool):
+    """log p(y, z) with the assignments summed out by hand, at each z of (S,), in float64."""
+    y, z = y.cpu().double(), z.cpu().double()
+    weights, shifts = torch.tensor(_WEIGHTS).double(), torch.tensor(_SHIFTS).double()
+    comp = dist.Normal(z[:, None, None] + shifts, 1.0).log_prob(y[None, :, None])  # (S, N, K)
+    if local:  # one assignment per row
+        like = torch.logsumexp(weights.log() + comp, -1).sum(-1)
+    else:  # one assignment for all rows
+        like = torch.logsumexp(weights.log() + comp.sum(1), -1)
+    return dist.Normal(0.0, 3.0).log_prob(z) + like
+
+
+@pytest.mark.parametrize("case", ["local", "local, subsampled", "global"])
+def test_enumerated_sites_are_summed_out(device, dtype, case):
+    """A discrete site enumerated in parallel is summed out of log p(x, z), as TraceEnum_ELBO
+    does, where it used to be drawn from its prior (a mixture's weights then spread by tens of
+    nats, so k-hat said 'do not trust' of any guide); it has no draws in the posterior."""
+    y = _mixture_data(device, dtype)
+    weights = y.new_tensor(_WEIGHTS)
+    shifts = y.new_tensor(_SHIFTS)
+    subsample = 6 if case == "local, subsampled" else None
+
+    def model(y):
+        z = pyro.sample("z", dist.Normal(y.new_zeros(()), 3.0))
+        if case == "global":
+            k = pyro.sample("k", dist.Categorical(weights), infer={"enumerate": "parallel"})
+            with pyro.plate("data", len(y)):
+                pyro.sample("obs", dist.Normal(z + shifts[k], 1.0), obs=y)
+        else:
+            with pyro.plate("data", len(y), subsample_size=subsample) as rows:
+                k = pyro.sample("k", dist.Categorical(weights), infer={"enumerate": "parallel"})
+                pyro.sample("obs", dist.Normal(z + shifts[k], 1.0), obs=y[rows])
+
+    def guide(y):
+        pyro.sample("z", dist.Normal(y.new_tensor(0.1), y.new_tensor(0.5)))
+
+    idata = dg.to_inference_data(model, guide, y, num_samples=40)
+    assert "k" not in idata.posterior
+    z = torch.as_tensor(idata.posterior["z"].values[0])
+    log_q = dist.Normal(0.1, 0.5).log_prob(z.double())
+    expected = (_mixture_log_joint(y, z, local=case != "global") - log_q).numpy()
+    tol = {"atol": 10 * log_tol(dtype), "rtol": 1e-5}
+    np.testing.assert_allclose(idata.sample_stats["log_weight"].values[0], expected, **tol)
+
+
+def test_a_site_drawn_from_its_prior_after_an_enumerated_one_is_refused(device, dtype):
+    y = _mixture_data(device, dtype)
+
+    def model(y):
+        k = pyro.sample("k", dist.Categorical(y.new_tensor(_WEIGHTS)),
+                        infer={"enumerate": "parallel"})
+        z = pyro.sample("z", dist.Normal(y.new_tensor(_SHIFTS)[k], 1.0))
+        with pyro.plate("data", len(y)):
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=y)
+
+    def guide(y):  # samples neither k nor z
+        pass
+
+    with pytest.raises(ValueError, match="'z' is neither sampled by the guide nor enumerated"):
+        dg.log_importance_weights(model, guide, y, num_samples=4)

@@ -9,6 +9,7 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
+from pyro.poutine.util import prune_subsample_sites
 from torch import nn
 
 from pyroflows import _private
@@ -133,3 +134,31 @@ def test_site_is_traced_as_poutine_trace_records_it():
         trace = poutine.trace(model).get_trace()
     assert seen == {"x": True, "aux": False}
     assert [name for name, site in trace.nodes.items() if site["type"] == "sample"] == ["x"]
+
+
+def test_enumerated_log_factors_split_a_mixture():
+    """The sites that depend on an enumerated site go to the contraction, unscaled; the rest are
+    costs: a plate of 3 rows, one Bernoulli assignment per row, a global Normal."""
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("rows", 3):
+            k = pyro.sample("k", dist.Bernoulli(0.5), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(z + k, 1.0), obs=torch.zeros(3))
+
+    def guide():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    guide_trace = poutine.trace(guide).get_trace()
+    model_trace = poutine.trace(poutine.replay(poutine.enum(model, first_available_dim=-2),
+                                               trace=guide_trace)).get_trace()
+    model_trace = prune_subsample_sites(model_trace)  # (the plate's site: a cost of 0)
+    for trace in (guide_trace, model_trace):
+        trace.compute_log_prob()
+    guide_trace.pack_tensors()
+    model_trace.pack_tensors(guide_trace.plate_to_symbol)
+    costs, log_factors, sum_dims, scale = _private.enumerated_log_factors(model_trace,
+                                                                           guide_trace)
+    assert sum(len(terms) for terms in costs.values()) == 1  # z
+    assert sum(len(terms) for terms in log_factors.values()) == 2  # k and x
+    assert len(sum_dims) == 1 and float(scale) == 1.0

@@ -8,6 +8,7 @@ aligned as ``(S, *[one entry per plate dim], *event_shape)``, size 1 where the s
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +18,12 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer.inspect import site_is_deterministic
+from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch import Tensor
 
-from .. import _private
+from .. import _plates, _private
 
 __all__ = ["log_importance_weights"]
 
@@ -122,50 +124,126 @@ def _is_point_mass(fn: Any) -> bool:
     return isinstance(fn, dist.Delta)
 
 
-def _traces(model, guide, args, kwargs, num_samples: int, mpn: int) -> tuple[Trace, Trace]:
-    """The model trace replayed against the vectorized guide trace, and the guide trace, with
-    log densities, subsample sites pruned."""
+def _enumerated(site: dict) -> bool:
+    """Whether ``site`` is a discrete site that ``poutine.enum`` enumerated in parallel."""
+    return site["infer"].get("_enumerate_dim") is not None
+
+
+def _traces(model, guide, args, kwargs, num_samples: int, mpn: int
+            ) -> tuple[list[Trace], Trace]:
+    """The model traces replayed against the vectorized guide trace, and the guide trace, with
+    log densities, subsample sites pruned. The model runs under ``poutine.enum``, so a site
+    marked ``infer={"enumerate": "parallel"}`` that the guide does not sample holds its whole
+    support, left of the draws' plate. One model trace, or where the model subsamples a
+    plate and no latent site lies in it (enumerated ones aside), one per window of its rows
+    (:func:`pyroflows._plates.windows`), the latent values of the first in every one: the
+    mean of their log densities is that of every row."""
     guide_trace = poutine.trace(vectorize(guide, num_samples, mpn)).get_trace(*args, **kwargs)
-    model_trace = poutine.trace(
-        poutine.replay(vectorize(model, num_samples, mpn), trace=guide_trace)
-    ).get_trace(*args, **kwargs)
+    vectorized = poutine.enum(vectorize(model, num_samples, mpn),
+                              first_available_dim=-(mpn + 2))
+    model_trace = poutine.trace(poutine.replay(vectorized, trace=guide_trace)
+                                ).get_trace(*args, **kwargs)
+    latent = {name for name, site in model_trace.nodes.items() if site["type"] == "sample"
+              and not site["is_observed"] and not site_is_subsample(site)
+              and not _enumerated(site)}
+    model_traces = [model_trace]
+    windows = _plates.windows(model_trace, latent)
+    if windows:
+        values = prune_subsample_sites(model_trace)
+        for name in [name for name in values.nodes if name not in latent]:
+            values.remove_node(name)
+        model_traces = [poutine.trace(window(poutine.replay(vectorized, trace=values))
+                                      ).get_trace(*args, **kwargs) for window in windows]
+    elif windows is None:
+        plates = ", ".join(_plates.describe(site) for site in _plates.subsampled(model_trace))
+        warnings.warn(f"the model subsamples {plates} with latent sites inside (or more than "
+                      f"{_plates.WHOLE_DATA_MAX_RUNS} windows of its rows, or several "
+                      "subsampled plates): the log weights are those of one random subsample, "
+                      "so the ELBO is an unbiased estimate, but k-hat and the weights' spread "
+                      "describe that subsample's noise too", stacklevel=5)
     guide_trace = prune_subsample_sites(guide_trace)
-    model_trace = prune_subsample_sites(model_trace)
     guide_sites = [site for site in guide_trace.nodes.values() if site["type"] == "sample"]
     if guide_sites and all(_is_point_mass(site["fn"]) for site in guide_sites):
         raise ValueError("the guide is a point mass (e.g. AutoDelta): it has no density, so "
                          "importance weights, the ELBO and k-hat are undefined for it")
     guide_trace.compute_log_prob()
-    model_trace.compute_log_prob()
-    return model_trace, guide_trace
+    model_traces = [prune_subsample_sites(trace) for trace in model_traces]
+    for trace in model_traces:
+        trace.compute_log_prob()
+    return model_traces, guide_trace
 
 
-def _log_weights(model_trace: Trace, guide_trace: Trace, num_samples: int,
+def _log_weights(model_traces: list[Trace], guide_trace: Trace, num_samples: int,
                  mpn: int) -> tuple[Tensor, Tensor]:
-    """Per draw, ``log p(x, z) - log q(z)`` and ``log p(x, z)``. A latent site the guide does
-    not sample is drawn by the model from its prior conditional: part of ``q``, it cancels."""
+    """Per draw, ``log p(x, z) - log q(z)`` and ``log p(x, z)``, ``log p`` the mean over the
+    model traces, enumerated sites summed out. A latent site the guide does not sample is
+    drawn by the model from its prior conditional: part of ``q``, it cancels."""
     log_q = sum(_per_draw_sum(site["log_prob"], name, num_samples, mpn)
                 for name, site in guide_trace.nodes.items() if site["type"] == "sample")
     log_p = log_prior_uncovered = 0.0
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample":
-            continue
-        lp = _per_draw_sum(site["log_prob"], name, num_samples, mpn)
-        log_p = log_p + lp
-        if not site["is_observed"] and name not in guide_trace.nodes:
-            log_prior_uncovered = log_prior_uncovered + lp
+    for model_trace in model_traces:
+        enumerated = any(site["type"] == "sample" and _enumerated(site)
+                         for site in model_trace.nodes.values())
+        if enumerated:
+            log_p = log_p + _summed_out(model_trace, guide_trace, num_samples)
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or _enumerated(site):
+                continue
+            uncovered = not site["is_observed"] and name not in guide_trace.nodes
+            if enumerated and not uncovered:  # (in the sum out)
+                continue
+            lp = _per_draw_sum(site["log_prob"], name, num_samples, mpn)
+            log_p = log_p if enumerated else log_p + lp
+            if uncovered:
+                log_prior_uncovered = log_prior_uncovered + lp
     if not torch.is_tensor(log_p):
         raise ValueError("the model has no sample sites")
-    return log_p - log_q - log_prior_uncovered, log_p
+    runs = len(model_traces)
+    return (log_p - log_prior_uncovered) / runs - log_q, log_p / runs
+
+
+def _summed_out(model_trace: Trace, guide_trace: Trace, num_samples: int) -> Tensor:
+    r"""Per draw, ``log p(x, z)`` with the enumerated sites summed out, as ``TraceEnum_ELBO``
+    does: the sites that depend on none summed as they are, the others contracted
+    (``pyro.ops.contract.contract_to_tensor``) down to the draws' plate, then scaled."""
+    guide_trace.pack_tensors()
+    model_trace.pack_tensors(guide_trace.plate_to_symbol)
+    costs, log_factors, sum_dims, scale = _private.enumerated_log_factors(model_trace,
+                                                                           guide_trace)
+    symbol = model_trace.plate_to_symbol[_SAMPLE_PLATE]
+    for name, site in model_trace.nodes.items():
+        if (site["type"] == "sample" and not site["is_observed"] and not _enumerated(site)
+                and name not in guide_trace.nodes
+                and not sum_dims.isdisjoint(site["packed"]["log_prob"]._pyro_dims)):
+            raise ValueError(f"site {name!r} is neither sampled by the guide nor enumerated, "
+                             "and depends on an enumerated site: its log weight is undefined")
+    total = sum(_packed_per_draw(term, symbol, num_samples)
+                for terms in costs.values() for term in terms)
+    if log_factors:
+        term = contract_to_tensor(log_factors, sum_dims, target_ordinal=frozenset({symbol}))
+        total = total + scale * _packed_per_draw(term, symbol, num_samples)
+    return total
+
+
+def _packed_per_draw(term: Tensor, symbol: str, num_samples: int) -> Tensor:
+    """A packed log density (its dims named by ``term._pyro_dims``) summed over every dim but
+    the draws' ``symbol``: shape ``(S,)``."""
+    dims = getattr(term, "_pyro_dims", "")
+    if symbol not in dims:
+        return torch.as_tensor(term).sum().expand(num_samples)
+    keep = dims.index(symbol)
+    other = tuple(d for d in range(term.dim()) if d != keep)
+    return (term.sum(other) if other else term).expand(num_samples)
 
 
 def _sites_and_values(model_trace: Trace, num_samples: int,
                       mpn: int) -> tuple[dict[str, Site], dict[str, Tensor]]:
-    """Every sample site of the model, and the aligned values of the unobserved ones."""
+    """Every sample site of the model but the enumerated ones, and the aligned values of the
+    unobserved ones."""
     sites: dict[str, Site] = {}
     values: dict[str, Tensor] = {}
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample":
+        if site["type"] != "sample" or _enumerated(site):  # (summed out: no draws of it)
             continue
         frames = {f.dim: f.name for f in site["cond_indep_stack"]
                   if f.vectorized and f.name != _SAMPLE_PLATE}
@@ -215,9 +293,10 @@ def draw(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_sample
            if max_plate_nesting is None else int(max_plate_nesting))
 
     def run(start: int, n: int):
-        model_trace, guide_trace = _traces(model, guide, args, kwargs, n, mpn)
-        log_weights, log_joint = _log_weights(model_trace, guide_trace, n, mpn)
-        sites, values = _sites_and_values(model_trace, n, mpn) if keep_values else ({}, {})
+        model_traces, guide_trace = _traces(model, guide, args, kwargs, n, mpn)
+        log_weights, log_joint = _log_weights(model_traces, guide_trace, n, mpn)
+        sites, values = (_sites_and_values(model_traces[0], n, mpn) if keep_values
+                         else ({}, {}))
         return log_weights, log_joint, values, sites
 
     chunk = num_samples if chunk_size is None else max(1, min(int(chunk_size), num_samples))

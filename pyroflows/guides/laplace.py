@@ -27,12 +27,12 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import biject_to
 
+from .. import _plates
 from ..transforms.affine import FixedTriangularAffine
 
 __all__ = ["LogDensity", "laplace_approximation", "map_search", "gaussian_elbo",
@@ -50,7 +50,7 @@ LAPLACE_PRIOR_RESTARTS = 3
 #: Draws behind the ELBO comparison that decides whether the Laplace start is kept.
 LAPLACE_ELBO_DRAWS = 64
 #: The most model runs :class:`LogDensity` takes to see every row of a subsampled plate.
-WHOLE_DATA_MAX_RUNS = 64
+WHOLE_DATA_MAX_RUNS = _plates.WHOLE_DATA_MAX_RUNS
 
 
 class LogDensity:
@@ -60,11 +60,9 @@ class LogDensity:
 
     A model that subsamples one plate (``pyro.plate(name, N, subsample_size=M)``) would give a
     random estimate at every call, on which a mode search stops on noise and states compare
-    by chance. Its density is that of every row instead, from :math:`L = \lceil N/M \rceil`
-    runs whose subsamples are the windows :math:`S_k = \{kM, \dots, kM + M - 1\} \bmod N`
-    (the last one's rows seen before masked out): the plate's sites weighted :math:`L` instead
-    of the plate's :math:`N/M`, the mean over the runs is :math:`\log p(z) + \sum_i \ell_i`
-    exactly, where :math:`L \le` :data:`WHOLE_DATA_MAX_RUNS`. Otherwise (more runs, several
+    by chance. Its density is that of every row instead, the mean over
+    :math:`L = \lceil N/M \rceil` runs over windows of the rows (:mod:`pyroflows._plates`),
+    where :math:`L \le` :data:`WHOLE_DATA_MAX_RUNS`. Otherwise (more runs, several
     subsampled plates, a latent site inside the plate) :attr:`whole_data` is ``False`` and
     each call draws its subsamples, as the model does.
 
@@ -121,37 +119,20 @@ class LogDensity:
         with torch.no_grad():
             model = poutine.condition(self.model, data=values)
             trace = poutine.block(poutine.trace(model).get_trace)(*self.args, **self.kwargs)
-        sites = [site for site in trace.nodes.values() if site["type"] == "sample"
-                 and site_is_subsample(site) and site["fn"].subsample_size is not None
-                 and site["fn"].subsample_size < site["fn"].size]
-        self._subsampled = [f"{site['name']!r} ({site['fn'].subsample_size} of "
-                            f"{site['fn'].size})" for site in sites]
+        self._subsampled = [_plates.describe(site) for site in _plates.subsampled(trace)]
         self._enumerated = [name for name, site in trace.nodes.items()
                             if site["type"] == "sample" and not site["is_observed"]
                             and site["infer"].get("enumerate") == "parallel"]
         self._nesting = max((-frame.dim for site in trace.nodes.values()
                              if site["type"] == "sample" for frame in site["cond_indep_stack"]
                              if frame.vectorized and frame.dim is not None), default=0)
-        names = {site["name"] for site in sites}
-        local = any(frame.name in names for site in trace.nodes.values()
-                    if site["type"] == "sample" and site["name"] in values
-                    for frame in site["cond_indep_stack"])
-        runs: list[Callable] = [_same]
-        if len(sites) > 1 or local:  # (a local latent's values are one subsample's)
-            runs = []
-        elif sites:
-            site = sites[0]
-            size, part = site["fn"].size, site["fn"].subsample_size
-            num_runs = -(-size // part)
-            rows = torch.arange(part, device=site["value"].device)
-            runs = [_Window(site["name"], k * part + rows, size, num_runs)
-                    for k in range(num_runs)] if num_runs <= WHOLE_DATA_MAX_RUNS else []
-        self._runs = runs
+        windows = _plates.windows(trace, latent=values)
+        self._runs = [_same] if windows == [] else (windows or [])
 
     def runs(self) -> list[Callable]:
         """Each run's wrapper of the model (latent sites conditioned): ``[identity]`` for a
-        model that subsamples no plate, the windows of :class:`_Window` for one that does, or
-        ``[identity]`` too where they would not give every row's density
+        model that subsamples no plate, the windows of :func:`pyroflows._plates.windows` for
+        one that does, or ``[identity]`` too where they would not give every row's density
         (:attr:`whole_data` ``False``: each run draws its own subsamples). After
         :meth:`prepare`."""
         return self._runs or [_same]
@@ -315,32 +296,6 @@ def _same(model: Callable) -> Callable:
 
 def _no_guide(*args: Any, **kwargs: Any) -> None:
     """The guide of :meth:`LogDensity._summed_out`: every latent site is conditioned."""
-
-
-class _Window(Messenger):
-    """One run of :class:`LogDensity` over a subsampled plate ``name`` of ``size`` rows: the
-    plate's subsample is ``positions`` modulo ``size``, its sites weighted ``num_runs`` in
-    place of the plate's ``size / M``, and a position past the end (a row an earlier window
-    had) masked out."""
-
-    def __init__(self, name: str, positions: Tensor, size: int, num_runs: int) -> None:
-        super().__init__()
-        self.name, self.indices = name, positions % size
-        seen = positions >= size
-        self.keep = ~seen if bool(seen.any()) else None  # (decided once, not per site)
-        self.weight = num_runs * positions.numel() / size
-
-    def __call__(self, model: Callable) -> Callable:  # the model under this run
-        return super().__call__(poutine.condition(model, data={self.name: self.indices}))
-
-    def _process_message(self, msg: dict) -> None:
-        frame = next((f for f in msg["cond_indep_stack"] if f.name == self.name), None)
-        if msg["type"] != "sample" or frame is None:
-            return
-        msg["scale"] = msg["scale"] * self.weight
-        if self.keep is not None:
-            keep = self.keep.reshape((-1,) + (1,) * (-frame.dim - 1))
-            msg["mask"] = keep if msg["mask"] is None else msg["mask"] & keep
 
 
 def gaussian_elbo(density: LogDensity, loc: Tensor, scale_tril: Tensor, eps: Tensor) -> float:
