@@ -71,6 +71,9 @@ def _broken_zip(good: bytes) -> bytes:
     ("weights of another shape", r"is damaged: RuntimeError: .*size mismatch"),
     ("a history that is not a dict", r"is damaged: TypeError: its history is a list"),
     ("an option that is not a constructor argument", r"is damaged: TypeError"),
+    ("a million layers", r"num_layers=1000000.* need more numbers than the \d+ it saved"),
+    ("a hidden width of a billion", r"hidden_dims=\(1000000000,.* need more numbers"),
+    ("a student of a million layers", r"num_layers=1000000.* need more numbers"),
 ])
 def test_damaged_and_foreign_files_say_what_is_wrong(case, match, saved, tmp_path):
     good, est, x = saved
@@ -106,6 +109,14 @@ def test_damaged_and_foreign_files_say_what_is_wrong(case, match, saved, tmp_pat
             payload["history"] = [1, 2]
         elif case == "an option that is not a constructor argument":
             payload["params"]["shell"] = "rm -rf /"
+        elif case == "a million layers":  # (took minutes to build before it was refused)
+            payload["params"]["num_layers"] = 10**6
+        elif case == "a hidden width of a billion":  # (ran out of memory building it)
+            payload["params"]["hidden_dims"] = (10**9, 8)
+        elif case == "a student of a million layers":
+            config = {"dim": payload["dim"], "num_layers": 10**6, "hidden_dims": [8],
+                      "context_dim": None, "log_scale_bound": 2.0}
+            payload["student"] = {"config": config, "state_dict": {}}
         torch.save(payload, path)
     with pytest.raises(ValueError, match=match):
         DensityEstimator.load(path)

@@ -14,7 +14,7 @@ import secrets
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -361,9 +361,10 @@ def load(cls: type[DensityEstimator], path: str | os.PathLike) -> DensityEstimat
         context_dim = fields["context_dim"]
         if context_dim is not None:
             context_dim = int(context_dim)
-        model = est._build(est.precondition_, dim, torch.device("cpu"), _DTYPES[payload["dtype"]],
-                           context_dim=context_dim)
-        model.load_state_dict(payload["state_dict"])
+        model = _built_to_fit(
+            lambda: est._build(est.precondition_, dim, torch.device("cpu"),
+                               _DTYPES[payload["dtype"]], context_dim=context_dim),
+            payload["state_dict"], dim, est.num_layers, est.hidden_dims)
         history = payload["history"]
         if not isinstance(history, dict):
             raise TypeError(f"its history is a {type(history).__name__}, not a dict")
@@ -373,6 +374,7 @@ def load(cls: type[DensityEstimator], path: str | os.PathLike) -> DensityEstimat
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         reason = " ".join(str(e).split())  # load_state_dict's message spans lines
+        reason = reason if len(reason) <= 600 else reason[:600] + " ..."
         raise ValueError(f"{path} is damaged: {type(e).__name__}: {reason}") from e
     est._model, est.dim_, est.history_ = model, dim, history
     est.context_dim_ = context_dim
@@ -391,6 +393,25 @@ def _load_student(saved: Any, dim: int, context_dim: int | None,
     if config.get("dim") != dim or config.get("context_dim") != context_dim:
         raise ValueError(f"its student is for D={config.get('dim')}, C="
                          f"{config.get('context_dim')}, the model for D={dim}, C={context_dim}")
-    student = Student(**config).to(dtype=dtype)
-    student.load_state_dict(saved["state_dict"])
-    return student
+    return _built_to_fit(lambda: Student(**config).to(dtype=dtype), saved["state_dict"], dim,
+                         int(config.get("num_layers", 0)),
+                         [int(h) for h in config.get("hidden_dims", ())])
+
+
+def _built_to_fit(build: Callable[[], nn.Module], state_dict: Any, dim: int,
+                  num_layers: int, hidden_dims: Sequence[int]) -> nn.Module:
+    """``build()`` with the saved ``state_dict`` loaded, refused before anything is built where
+    the options a file names could not fit its tensors: every layer holds a bias per hidden
+    unit, so ``num_layers * sum(hidden_dims)``, ``num_layers`` and ``dim`` are at most the
+    saved tensors' numbers. (A tampered file's ``num_layers=10**6`` took minutes to build
+    before its state dict was refused.)"""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"its state dict is a {type(state_dict).__name__}, not a dict")
+    total = sum(t.numel() for t in state_dict.values() if torch.is_tensor(t))
+    asked = max(dim, num_layers, num_layers * sum(hidden_dims))
+    if asked > total:
+        raise ValueError(f"its options (dim={dim}, num_layers={num_layers}, hidden_dims="
+                         f"{tuple(hidden_dims)}) need more numbers than the {total} it saved")
+    model = build()
+    model.load_state_dict(state_dict)
+    return model
