@@ -6,7 +6,35 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
-__all__ = ["Memoized"]
+import torch
+from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+__all__ = ["Memoized", "tensor_state", "optimizer_steps"]
+
+_STEPS = [0]  # optimizer steps taken in this process, by every torch optimizer
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _STEPS[0] += 1
+
+
+# (a global post-hook of torch's, public API: every Optimizer subclass runs it after step)
+register_optimizer_step_post_hook(_count_step)
+
+
+def optimizer_steps() -> int:
+    """How many steps torch optimizers have taken in this process. An optimizer that writes its
+    parameters through ``.data`` (Pyro's ``ClippedAdam``: ``p.data.addcdiv_``) leaves their
+    version counters as they were; this count still moves."""
+    return _STEPS[0]
+
+
+def tensor_state(t: Tensor) -> tuple:
+    """What a value derived from ``t`` is keyed on: its identity, version counter, storage,
+    dtype and device (``module.to(dtype)`` and ``vector_to_parameters`` assign ``t.data``,
+    which keeps the identity and the version)."""
+    return (id(t), t._version, t.data_ptr(), t.dtype, t.device)
 
 T = TypeVar("T")
 

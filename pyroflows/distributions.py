@@ -74,7 +74,12 @@ class StandardNormal(TorchDistribution):
         if value.shape[-1:] != self.event_shape:
             raise ValueError(f"StandardNormal: value must have shape (..., {self.dim}), got "
                              f"{tuple(value.shape)}")
-        return standard_normal_log_prob(value)
+        log_prob = standard_normal_log_prob(value)
+        batch = self.batch_shape
+        if not batch or log_prob.shape[-len(batch):] == batch:
+            return log_prob
+        # a value without the batch dims is scored once per batch entry, as torch does
+        return log_prob.expand(torch.broadcast_shapes(log_prob.shape, batch))
 
     def entropy(self) -> Tensor:
         return (self._like + 0.5 * self.dim * (1.0 + LOG_2PI)).expand(self.batch_shape)

@@ -22,6 +22,7 @@ from .. import flows
 from .._config import validation
 from .._distributed import is_data_parallel
 from .._random import generator
+from ..transforms.base import whole_number
 from ..transforms.tabak import Tabak
 from . import distill as distillation
 from . import persistence, pipeline, streaming, training
@@ -113,18 +114,6 @@ def usable_device(device: str | torch.device, what: str = "device") -> torch.dev
         raise ValueError(f"{what}: device {str(device)!r} is not available on this machine "
                          f"({reason})") from e
     return device
-
-
-def _whole(value: Any, name: str, low: int = 0) -> int:
-    """``value`` as an ``int``: a whole number of an integer type (Python's or NumPy's) of at
-    least ``low``, else a ``ValueError`` (2.5 is not silently 2)."""
-    try:
-        whole = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}") from None
-    if whole < low:
-        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
-    return whole
 
 
 def _constant_columns(t: Tensor) -> list[int]:
@@ -348,9 +337,9 @@ class DensityEstimator:
             raise ValueError(f"precondition must be one of {PRECONDITIONERS}, got {precondition!r}")
         if refine not in REFINERS:
             raise ValueError(f"refine must be one of {REFINERS}, got {refine!r}")
-        num_layers = _whole(num_layers, "num_layers", 1)
+        num_layers = whole_number(num_layers, "num_layers", 1)
         try:
-            hidden = tuple(_whole(h, "hidden_dims", 1) for h in hidden_dims)
+            hidden = tuple(whole_number(h, "hidden_dims", 1) for h in hidden_dims)
         except (TypeError, ValueError):
             hidden = ()
         if not hidden:
@@ -374,7 +363,7 @@ class DensityEstimator:
         self.refine = refine
         self.device = None if device is None else _torch_device(device, "device")
         self.dtype = dtype
-        self.seed = None if seed is None else _whole(seed, "seed")
+        self.seed = None if seed is None else whole_number(seed, "seed")
         self.tabak_options = dict(tabak_options or {})
         self.flow_options = dict(flow_options or {})
         _check_option_names(self.flow_options, _accepted_flow_options(flow),
@@ -572,9 +561,10 @@ class DensityEstimator:
             raise ValueError(f"need batch_size >= 1 (or None: the default), got {batch_size}")
         if lr is not None and not lr > 0:
             raise ValueError(f"need lr > 0 (or None: the default), got {lr}")
-        max_epochs, patience = _whole(max_epochs, "max_epochs"), _whole(patience, "patience")
+        max_epochs = whole_number(max_epochs, "max_epochs")
+        patience = whole_number(patience, "patience")
         if batch_size is not None:
-            batch_size = _whole(batch_size, "batch_size", 1)
+            batch_size = whole_number(batch_size, "batch_size", 1)
         lr = None if lr is None else float(lr)
         if not float(averaging_epochs) >= 0:
             raise ValueError(f"averaging_epochs must be >= 0, got {averaging_epochs}")
@@ -590,7 +580,7 @@ class DensityEstimator:
                 raise ValueError("pass the held-out rows once: x_val or y_val (another name for "
                                  "it), not both")
             x_val = y_val
-        checkpoint_every = _whole(checkpoint_every, "checkpoint_every", 1)
+        checkpoint_every = whole_number(checkpoint_every, "checkpoint_every", 1)
         saving = {"checkpoint": checkpoint, "checkpoint_every": int(checkpoint_every),
                   "resume": resume}
         if (checkpoint is not None or resume is not None) and self.precondition == "auto":

@@ -10,6 +10,7 @@ from torch import nn
 from .. import transforms as T
 from ..nn.made import MADE
 from ..transforms.autoregressive import AffineAutoregressiveCore
+from ..transforms.base import whole_number
 from .banks import stacked_mades
 from .conditional import ConditionalFlowStack
 from .families import FAMILIES
@@ -79,16 +80,20 @@ def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] |
     family = FAMILIES.get(name)
     if family is None:
         raise ValueError(f"unknown flow family {name!r}; choose one of {sorted(FAMILIES)}")
-    if int(num_layers) < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    dim = whole_number(dim, "dim", low=1)
+    num_layers = whole_number(num_layers, "num_layers", low=1)
+    if context_dim is not None:
+        context_dim = whole_number(context_dim, "context_dim", low=1)
+    if hidden_dims is not None:
+        hidden_dims = [whole_number(h, "each of hidden_dims", low=1) for h in hidden_dims]
     if permutation not in ("reverse", "random"):
         raise ValueError(f"permutation must be 'reverse' or 'random', got {permutation!r}")
     if hidden_dims is not None:
         layer_kwargs["hidden_dims"] = tuple(hidden_dims)
     if context_dim is not None:
         shared = family.shared_network if shared_network is None else bool(shared_network)
-        return _conditional(name, dim, int(num_layers), permutation, affine, compile,
-                            int(context_dim), shared, layer_kwargs)
+        return _conditional(name, dim, num_layers, permutation, affine, compile,
+                            context_dim, shared, layer_kwargs)
     if shared_network:
         raise ValueError("shared_network is a conditional stack's option; pass context_dim=")
     if family.layer is None:
@@ -96,9 +101,9 @@ def build(name: str, dim: int, num_layers: int = 5, hidden_dims: Sequence[int] |
                          "context_dim=")
     parts: list[nn.Module] = []
     if family.bank is not None and not layer_kwargs:  # (families without permutations)
-        parts.extend(family.bank(dim, int(num_layers)))
+        parts.extend(family.bank(dim, num_layers))
     else:
-        parts.extend(_layer_by_layer(name, dim, int(num_layers), permutation, layer_kwargs))
+        parts.extend(_layer_by_layer(name, dim, num_layers, permutation, layer_kwargs))
         if family.stacked_conditioners:
             _stack_conditioners(parts)
     if affine:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .. import _legacy, _private
 from .._fast import RowView, keeps_map
-from .._memo import Memoized
+from .._memo import Memoized, tensor_state
 from .base import FlowTransform
 
 __all__ = ["ElementwiseAffine", "elementwise_affine", "TriangularAffine", "triangular_affine",
@@ -28,6 +28,10 @@ class _PackedAffine(FlowTransform):
         """The (D,) ``loc`` and ``log_scale`` rows from a float or (D,) ``loc`` and ``scale``."""
         loc_t = torch.as_tensor(loc, dtype=torch.get_default_dtype()).detach()
         scale_t = torch.as_tensor(scale, dtype=torch.get_default_dtype()).detach()
+        for name, value in (("loc", loc_t), ("scale", scale_t)):
+            if value.shape not in ((), (self.dim,)):
+                raise ValueError(f"{type(self).__name__}: {name} must be a number or of shape "
+                                 f"({self.dim},), got shape {tuple(value.shape)}")
         if not bool((scale_t > 0).all()):
             raise ValueError(f"{type(self).__name__}: scale must be positive, got {scale}")
         return {"loc": loc_t.expand(self.dim), "log_scale": scale_t.log().expand(self.dim)}
@@ -186,13 +190,23 @@ class FixedTriangularAffine(Memoized, FlowTransform):
 
     def __init__(self, loc: Tensor, scale_tril: Tensor) -> None:
         super().__init__(loc.shape[-1])
+        dim = self.dim
+        if loc.shape != (dim,) or scale_tril.shape != (dim, dim):
+            raise ValueError(f"FixedTriangularAffine: loc must have shape (D,) and scale_tril "
+                             f"(D, D), got {tuple(loc.shape)} and {tuple(scale_tril.shape)}")
+        if not bool(torch.equal(scale_tril, scale_tril.tril())):
+            raise ValueError("FixedTriangularAffine: scale_tril must be lower-triangular (a "
+                             "Cholesky factor, torch.linalg.cholesky), got entries above the "
+                             "diagonal")
+        if not bool((scale_tril.diagonal() > 0).all()):
+            raise ValueError("FixedTriangularAffine: scale_tril's diagonal must be positive")
         self.register_buffer("loc", loc.detach().clone())
         self.register_buffer("scale_tril", scale_tril.detach().clone())
 
     def _log_det(self) -> Tensor:
         # once per state of the buffer; the memo keeps the buffer alive, so its id stays its own
         tril = self.scale_tril
-        return self.memo("log_det", (id(tril), tril._version, torch.is_inference_mode_enabled()),
+        return self.memo("log_det", (tensor_state(tril), torch.is_inference_mode_enabled()),
                          lambda: (tril, tril.diagonal().log().sum()))[1]
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -174,6 +174,11 @@ class AffineAutoregressiveCore(AutoregressiveCore):
         return f"dim={self.dim}, {kind}"
 
 
+#: The largest ``log_scale_bound`` an affine autoregressive layer takes: a scale of exp(700)
+#: is near float64's largest number (float32's is exp(88.7): the dtype bounds it further).
+MAX_LOG_SCALE_BOUND = 700.0
+
+
 def setup_affine(layer: nn.Module, dim: int, hidden_dims: Sequence[int] | None,
                  order: Sequence[int] | Tensor | None, gated: bool, log_scale_bound: float,
                  activation: Callable[[], nn.Module], residual: bool, zero_first: bool,
@@ -183,8 +188,10 @@ def setup_affine(layer: nn.Module, dim: int, hidden_dims: Sequence[int] | None,
     ``log_scale_bound`` and ``num_passes``."""
     if hidden_dims is None:
         hidden_dims = default_hidden_dims(dim)
-    if not log_scale_bound > 0:
-        raise ValueError(f"log_scale_bound must be positive, got {log_scale_bound}")
+    if not 0 < log_scale_bound <= MAX_LOG_SCALE_BOUND:
+        raise ValueError(f"log_scale_bound must be positive and at most "
+                         f"{MAX_LOG_SCALE_BOUND} (exp of more overflows float64; inf gives "
+                         f"NaN), got {log_scale_bound}")
     layer.conditioner = MADE(dim, hidden_dims, num_params=2, order=order, activation=activation,
                              residual=residual, zero_first=zero_first, context_dim=context_dim)
     layer.gated = bool(gated)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from itertools import chain
+from typing import Any
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
@@ -10,6 +13,8 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from .._config import is_validation_enabled
+from .._fast import traced
+from .._memo import optimizer_steps, tensor_state
 
 __all__ = ["FlowTransform", "OutputCache", "module_stamp"]
 
@@ -26,14 +31,15 @@ class _CacheEntry:
 
 
 def module_stamp(module: nn.Module, shared: bool = False) -> tuple | None:
-    """The cache key of a module's state: the grad mode and the identity and version counter
-    of every parameter and buffer (``None`` in inference mode, where nothing is cached).
+    """The cache key of a module's state: the grad mode, the count of optimizer steps, and
+    the identity, version counter, storage, dtype and device of every parameter and buffer
+    (``None`` in inference mode, where nothing is cached).
     ``shared=True`` visits a submodule shared by several owners once (a bank of a stack)."""
     # walks the dictionaries directly: named_parameters() builds prefixed names and a seen-set,
     # several times the cost, and this runs a few times per layer per training step
     if torch.is_inference_mode_enabled():
         return None
-    states: list[int] = []
+    states: list = []
     seen: set[int] | None = set() if shared else None
     todo = [module]
     while todo:
@@ -44,12 +50,24 @@ def module_stamp(module: nn.Module, shared: bool = False) -> tuple | None:
             seen.add(id(m))
         for t in m._parameters.values():
             if t is not None:
-                states += (id(t), t._version)
+                states += tensor_state(t)
         for t in m._buffers.values():
             if t is not None:
-                states += (id(t), t._version)
+                states += tensor_state(t)
         todo.extend(c for c in m._modules.values() if c is not None)
-    return (torch.is_grad_enabled(), tuple(states))
+    return (torch.is_grad_enabled(), optimizer_steps(), tuple(states))
+
+
+def whole_number(value: Any, name: str, low: int = 0) -> int:
+    """``value`` as an ``int``: a whole number of an integer type (Python's, NumPy's, an
+    integer tensor's) of at least ``low``, else a ``ValueError`` (2.5 is not silently 2)."""
+    try:
+        whole = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}") from None
+    if whole < low:
+        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+    return whole
 
 
 def _all_finite(value: Tensor) -> bool:
@@ -74,6 +92,11 @@ class OutputCache:
     dropped on pickling. The owner's ``_uncached(value, inverse)`` computes a miss."""
 
     _cache: _CacheEntry | None = None
+
+    def with_cache(self, cache_size: int = 1) -> OutputCache:
+        """``self``, whatever ``cache_size``: the map keeps its own cache of one pair, which
+        answers only for the tensors it produced (Pyro's reparameterizers call this)."""
+        return self
 
     def _stamp(self) -> tuple | None:
         return module_stamp(self)
@@ -153,9 +176,7 @@ class FlowTransform(OutputCache, TransformModule):
 
     def __init__(self, dim: int) -> None:
         super().__init__(cache_size=0)
-        if int(dim) < 1:
-            raise ValueError(f"{type(self).__name__}: dim must be a positive integer, got {dim!r}")
-        self.dim = int(dim)
+        self.dim = whole_number(dim, f"{type(self).__name__}: dim", low=1)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -189,7 +210,14 @@ class FlowTransform(OutputCache, TransformModule):
         if value.dim() < 1 or value.shape[-1] != self.dim:
             raise ValueError(f"{name}: {what} must have shape (..., {self.dim}) (event size "
                              f"{self.dim}), got shape {tuple(value.shape)}")
-        if is_validation_enabled() and not _all_finite(value):
+        ref = next((t for t in chain(self.parameters(), self.buffers())
+                    if t.is_floating_point()), None)
+        if ref is not None and (value.dtype != ref.dtype or value.device != ref.device):
+            raise ValueError(f"{name}: {what} is {value.dtype} on {value.device}, the layer is "
+                             f"{ref.dtype} on {ref.device}: move one to the other "
+                             "(layer.to(x) or x.to(...))")
+        # (not under torch.func or torch.compile: the check is data-dependent control flow)
+        if is_validation_enabled() and not traced() and not _all_finite(value):
             raise ValueError(f"{name}: {what} contains NaN or infinite values")
 
     def _uncached(self, value: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:

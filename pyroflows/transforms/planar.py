@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._fast import keeps_map, planar_chain, run_steps, stacked_rows
+from .._fast import keeps_map, planar_chain, run_steps, stacked_rows, traced
 from .base import FlowTransform
 
 __all__ = ["Planar", "planar", "planar_constraint", "planar_forward_step", "planar_inverse_step",
@@ -179,12 +179,16 @@ def planar_constraint(w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     r""":math:`\hat u` of :class:`Planar` (Rezende & Mohamed 2015, appendix A) and the slack
     :math:`\delta = 1 + w^\top \hat u = \mathrm{softplus}(w^\top u)` (shape (...,), at least
     the dtype's smallest normal number) for ``w``, ``u`` of shape (..., D): one layer, or K
-    layers stacked as (K, D)."""
+    layers stacked as (K, D). Where :math:`|w|^2` is below that number (``w = 0``: the map is
+    the translation by :math:`u \tanh b`), :math:`\hat u = u` and :math:`\delta = 1 + w^\top
+    u`, which the correction, singular there, would not give."""
     wu = (w * u).sum(-1, keepdim=True)
     tiny = torch.finfo(w.dtype).tiny
-    w_sq = (w * w).sum(-1, keepdim=True).clamp_min(tiny)
-    slack = F.softplus(wu).clamp_min(tiny)
-    return u + (slack - 1 - wu) * w / w_sq, slack.squeeze(-1)
+    w_sq = (w * w).sum(-1, keepdim=True)
+    flat = w_sq < tiny
+    slack = torch.where(flat, 1 + wu, F.softplus(wu)).clamp_min(tiny)
+    u_hat = torch.where(flat, u, u + (slack - 1 - wu) * w / w_sq.clamp_min(tiny))
+    return u_hat, slack.squeeze(-1)
 
 
 def _log_det(act: Tensor, slack: Tensor) -> Tensor:
@@ -219,8 +223,8 @@ def _solve_monotone_tanh(s: Tensor, slack: Tensor, max_iter: int = 100) -> Tenso
             a_new = torch.where(r == 0, a, a_new)
             step = (a_new - a).abs()
             a = a_new
-            if bool((step <= 4 * eps * (1 + a.abs())).all()):
-                break
+            if not traced() and bool((step <= 4 * eps * (1 + a.abs())).all()):
+                break  # (under torch.func every step runs: no data-dependent exit)
     t = torch.tanh(a)
     t_sq = t * t
     return a - (a + c * t - s) / torch.addcmul(t_sq, 1 - t_sq, slack)
