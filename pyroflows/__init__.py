@@ -2,7 +2,8 @@
 
 Submodules, loaded on first attribute access: ``transforms`` (flow layers), ``flows`` (stacks),
 ``distributions``, ``guides`` (SVI guides), ``density`` (density estimation), ``diagnostics``
-(ArviZ, PSIS k-hat), ``datasets`` (toy data, the Rezende energies), ``testing`` (conformance).
+(ArviZ, PSIS k-hat), ``datasets`` (toy data, the Rezende energies), ``testing`` (conformance),
+``nn`` (the masked conditioner, MADE).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ._config import enable_validation, is_validation_enabled, validation
 __version__ = "0.2.0"
 
 _SUBMODULES = ("transforms", "flows", "distributions", "guides", "density", "diagnostics",
-               "datasets", "testing")
+               "datasets", "testing", "nn")
 
 # Names at the top level, loaded with their submodule on first access.
 _NAMES = {"DensityEstimator": "density"}

@@ -239,3 +239,27 @@ def test_laplace_start_stops_early_on_an_unbounded_density(device, dtype):
     assert all("an unbounded direction" in a for a in info["attempts"]), info
     assert "no start gave a usable mode" in info["reason"]
     assert runs[0] < 60 * len(info["attempts"]), runs
+
+
+@pytest.mark.parametrize("how", ["searched", "laplace_init=False", "restored"])
+def test_laplace_info_has_the_documented_keys(how, device, dtype):
+    """``used``, ``reason``, ``search_start`` and ``attempts`` after every set-up (it was
+    ``None`` without ``laplace_init`` and lacked the last two when restored)."""
+    pyro.clear_param_store()
+    y = torch.tensor([0.3, -0.2], device=device, dtype=dtype)
+
+    def model(y):
+        x = pyro.sample("x", dist.Normal(y.new_zeros(()), 1.0))
+        pyro.sample("y", dist.Normal(x, 1.0).expand([2]).to_event(1), obs=y)
+
+    guide = pf.guides.AutoIAF(model, laplace_init=how != "laplace_init=False")
+    guide(y)
+    if how == "restored":
+        guide = pf.guides.AutoIAF(model)  # the same name: the store holds its Laplace layer
+        guide(y)
+    info = guide.laplace_info
+    assert {"used", "reason", "search_start", "attempts"} <= set(info)
+    assert info["used"] == (how != "laplace_init=False")
+    assert (info["search_start"] is None) == (how != "searched")
+    assert (how != "restored") or info["reason"] == "restored from the param store"
+    pyro.clear_param_store()

@@ -266,8 +266,8 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         if stick_the_landing is None:
             stick_the_landing = family.stick_the_landing
         self.stick_the_landing = bool(stick_the_landing)
-        #: what the Laplace start found (``None`` before set-up or without ``laplace_init``):
-        #: ``used``, ``reason`` and the two ELBO estimates.
+        #: what the Laplace start found (``None`` before set-up): ``used``, ``reason``,
+        #: ``search_start``, ``attempts`` and, after a search, the two ELBO estimates.
         self.laplace_info: dict | None = None
         self._plain_transforms: list[Transform] = []  # parameter-free, non-Module layers
         #: the start, the best state by the running ELBO estimate (:mod:`.best`), set at set-up
@@ -377,9 +377,11 @@ class AutoFlowGuide(Memoized, AutoContinuous):
             affine.log_scale.fill_(math.log(self._init_scale))
         start = _stored_laplace(self, dim)
         if start is not None:  # a saved guide's store: its start, not a new search's
-            self.laplace_info = {"used": True, "reason": "restored from the param store"}
+            self.laplace_info = _laplace.laplace_record(True, "restored from the param store")
         elif self.laplace_init:
             start = self._laplace_start(loc, args, kwargs)
+        else:
+            self.laplace_info = _laplace.laplace_record(False, "laplace_init=False")
         if start is not None:
             # whitened coordinates: the fixed layer maps them to the Laplace Gaussian, the
             # learnable affine layer starts at the identity on top of it
@@ -398,9 +400,9 @@ class AutoFlowGuide(Memoized, AutoContinuous):
         """The Laplace approximation ``(mode, chol(H^-1))`` to start from, or ``None``; sets
         :attr:`laplace_info`."""
         if loc.numel() > FULL_RANK_MAX_DIM:
-            self.laplace_info = {
-                "used": False, "reason": f"the latent size {loc.numel()} is above "
-                "FULL_RANK_MAX_DIM: its Hessian would cost more than it helps"}
+            self.laplace_info = _laplace.laplace_record(
+                False, f"the latent size {loc.numel()} is above FULL_RANK_MAX_DIM: its "
+                "Hessian would cost more than it helps")
             return None
         density = _laplace.LogDensity(self._raw_model[0], self._unpack_latent, args, kwargs)
         start, self.laplace_info = _laplace.laplace_approximation(

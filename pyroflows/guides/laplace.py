@@ -36,7 +36,7 @@ from .. import _plates
 from ..transforms.affine import FixedTriangularAffine
 
 __all__ = ["LogDensity", "laplace_approximation", "map_search", "gaussian_elbo",
-           "match_laplace_layer"]
+           "match_laplace_layer", "laplace_record"]
 
 #: L-BFGS iterations of the MAP search from the guide's initial location.
 LAPLACE_MAX_ITER = 500
@@ -298,6 +298,11 @@ def _no_guide(*args: Any, **kwargs: Any) -> None:
     """The guide of :meth:`LogDensity._summed_out`: every latent site is conditioned."""
 
 
+def laplace_record(used: bool, reason: str) -> dict[str, Any]:
+    """A guide's ``laplace_info`` where no search ran: the keys of a search's record."""
+    return {"used": used, "reason": reason, "search_start": None, "attempts": []}
+
+
 def gaussian_elbo(density: LogDensity, loc: Tensor, scale_tril: Tensor, eps: Tensor) -> float:
     r"""The ELBO of :math:`N(\mu, L L^T)`: ``density``'s mean over :math:`\mu + L \varepsilon`
     of ``eps`` (S, D) plus the Gaussian's entropy."""
@@ -553,8 +558,8 @@ def match_laplace_layer(guide, state_dict: dict, prefix: str, *args) -> None:
     if loc in state_dict and scale_tril in state_dict and not has:
         guide.laplace = FixedTriangularAffine(state_dict[loc], state_dict[scale_tril]).to(
             device=affine.loc.device, dtype=affine.loc.dtype)
-        guide.laplace_info = {"used": True, "reason": "loaded from a state_dict"}
+        guide.laplace_info = laplace_record(True, "loaded from a state_dict")
     elif has and loc not in state_dict and (f"{prefix}affine.packed" in state_dict
                                             or f"{prefix}affine.loc" in state_dict):
         del guide._modules["laplace"]
-        guide.laplace_info = {"used": False, "reason": "loaded from a state_dict without it"}
+        guide.laplace_info = laplace_record(False, "loaded from a state_dict without it")
