@@ -35,6 +35,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._random import generator
+
 __all__ = ["rezende_u1", "rezende_u2", "rezende_u3", "rezende_u4", "ENERGIES", "LOG_Z",
            "two_moons", "gaussian_mixture", "student_t"]
 
@@ -103,7 +105,7 @@ def gaussian_mixture(n: int, dim: int = 2, num_components: int = 3, spread: floa
         >>> x.shape, mixture.log_prob(x).shape
         (torch.Size([100, 3]), torch.Size([100]))
     """
-    gen = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
+    gen = generator(seed)  # (without a seed: torch's global generator governs it)
     locs = spread * torch.randn(num_components, dim, generator=gen, dtype=torch.float64)
     raw = torch.randn(num_components, dim, dim, generator=gen, dtype=torch.float64) / math.sqrt(dim)
     cov = raw @ raw.transpose(-1, -2) + 0.3 * torch.eye(dim, dtype=torch.float64)
@@ -134,7 +136,7 @@ def student_t(n: int, dim: int = 2, df: float = 3.0, seed: int | None = None
     """
     from pyro.distributions import MultivariateStudentT
 
-    gen = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
+    gen = generator(seed)  # (without a seed: torch's global generator governs it)
     raw = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
     shape = raw @ raw.T / dim + 0.2 * torch.eye(dim, dtype=torch.float64)
     t = MultivariateStudentT(torch.tensor(float(df), dtype=torch.float64),

@@ -184,3 +184,57 @@ def interrupted_fit(rank: int, world: int, what: str, x, x_val, fetches: int, ou
         raise
     finally:
         tabak_fit.standard_normal_log_prob = record
+
+
+class _Poisoned:
+    """Batches whose second holds a row of 1e200 from the second pass on (the first is the
+    statistics pass): a step skipped (its log-likelihood is -inf) once per epoch."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i, batch in enumerate(self.batches):
+            if self.passes > 1 and i == 1:
+                batch = batch.clone()
+                batch[0] = 1e200
+            yield batch
+
+
+def mismatched_fits(rank: int, world: int, x, out: str) -> None:
+    """Data-parallel fits where the ranks' data disagree, each rank's own shard as batches:
+    widths, contexts on one rank, a malformed batch on one rank (each a ValueError on every
+    rank, no hang), an empty shard with the automatic split, float64 rows on one rank and
+    float32 on the other, a skipped step per epoch. Writes each outcome per rank."""
+    from pyroflows.density import DensityEstimator
+
+    options = {"flow": "maf", "num_layers": 1, "hidden_dims": (8,), "seed": 0}
+    fit = {"max_epochs": 2, "progress": False}
+    mine = x[rank * 200:(rank + 1) * 200]
+    batches = [mine[i:i + 50] for i in range(0, 200, 50)]
+    other = {
+        "width": [torch.cat([b, b[:, :1]], 1) for b in batches],
+        "context": [(b, b[:, :1]) for b in batches],
+        # (an iterable, not a list: a list with a 1-D entry is read as one array, which fails
+        # on that rank before any collective, as any error does that a rank meets alone)
+        "malformed": _Poisoned(batches[:2] + [batches[2].flatten()] + batches[3:]),
+    }
+    outcome = {}
+    for case, theirs in other.items():
+        data = theirs if rank == 1 else batches
+        try:
+            DensityEstimator(**options).fit(data, x_val=[mine[:20]], **fit)
+            outcome[case] = "fitted"
+        except ValueError as error:
+            outcome[case] = str(error)
+    shard = mine if rank == 0 else mine[:0]
+    est = DensityEstimator(**options).fit(shard, **fit)
+    outcome["empty shard"] = est._model.state_dict()
+    rows = mine if rank == 0 else mine.float()
+    outcome["dtype"] = str(DensityEstimator(**options).fit(rows, x_val=mine[:20], **fit)
+                           ._model.flow.parts[-1].conditioner.flat_parameters.dtype)
+    est = DensityEstimator(**options).fit(_Poisoned(batches), x_val=[mine[:20]],
+                                          patience=100, **{**fit, "max_epochs": 3})
+    outcome["skipped"] = est.history_["skipped_steps"]
+    torch.save(outcome, os.path.join(out, f"mismatched-rank{rank}.pt"))

@@ -1,5 +1,6 @@
 """The built-in data sets draw from the distributions they return."""
 
+import pytest
 import torch
 
 from pyroflows import datasets
@@ -17,3 +18,14 @@ def test_student_t_draws_have_the_distributions_covariance_and_tails():
     far = float((z.square().sum(-1) > 25).double().mean())  # chi2(3) puts 1.5e-5 beyond 25
     assert far > 1e-3
     assert torch.equal(datasets.student_t(10, seed=4)[0], datasets.student_t(10, seed=4)[0])
+
+
+@pytest.mark.parametrize("make", [datasets.gaussian_mixture, datasets.student_t])
+def test_draws_without_a_seed_follow_torchs_generator(make):
+    """Without a seed every call drew the same rows (a fresh ``torch.Generator()``): a train
+    and a test set of two calls were one set."""
+    torch.manual_seed(3)
+    first, second = make(50)[0], make(50)[0]
+    assert not torch.equal(first, second)
+    torch.manual_seed(3)
+    assert torch.equal(make(50)[0], first)

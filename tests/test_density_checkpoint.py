@@ -127,8 +127,32 @@ def test_resume_refuses_what_is_not_this_fits_checkpoint(tmp_path):
             x, **same)
     with pytest.raises(ValueError, match="seed: 0 in the checkpoint, 1 now"):
         DensityEstimator(seed=1, **SMALL).fit(x, x_val=x[:20], **same)
+    good = torch.load(tmp_path / "fit.ckpt", weights_only=True)
+    for key, value in (("signature", [1]), ("best_state", None), ("clip", "abc")):
+        torch.save({**good, key: value}, tmp_path / "tampered.ckpt")  # (AttributeError before)
+        with pytest.raises(ValueError, match="tampered.ckpt is damaged"):
+            est.fit(x, **{**same, "resume": tmp_path / "tampered.ckpt"})
     est.fit(x, **same)  # the same fit resumes
     with pytest.raises(ValueError, match="checkpoint_every"):
         est.fit(x, checkpoint=tmp_path / "fit.ckpt", checkpoint_every=0, **fit)
     with pytest.raises(ValueError, match="choose precondition"):
         DensityEstimator(precondition="auto", **SMALL).fit(x, checkpoint=tmp_path / "a", **fit)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_refused_resume_keeps_the_fitted_model(tmp_path, streamed):
+    """The checkpoint is checked before the estimator lets go of its model: a streamed fit
+    replaced it with an untrained one, then refused."""
+    from pyroflows.density.streaming import ArrayDataset
+
+    x, _, _ = gaussian_data(200, seed=2)
+    data = ArrayDataset(x) if streamed else x
+    fit = {"max_epochs": 1, "progress": False, "batch_size": 32}
+    DensityEstimator(seed=0, **SMALL).fit(data, checkpoint=tmp_path / "other.ckpt", **fit)
+    est = DensityEstimator(seed=0, **SMALL).fit(ArrayDataset(x + 1.0) if streamed else x + 1.0,
+                                                **fit)
+    before, history = est.log_prob(x[:5]), est.history_
+    with pytest.raises(ValueError, match="the checkpoint of another fit"):
+        est.fit(ArrayDataset(x + 1.0) if streamed else x + 1.0, resume=tmp_path / "other.ckpt",
+                **fit)
+    assert torch.equal(est.log_prob(x[:5]), before) and est.history_ is history

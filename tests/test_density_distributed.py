@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_workers import density_fits, run_ranks
+from distributed_workers import density_fits, mismatched_fits, run_ranks
 
 from pyroflows.density import DensityEstimator
 from pyroflows.density.streaming import ArrayDataset
@@ -76,3 +76,23 @@ def test_two_ranks_take_the_one_process_steps(tmp_path):
     checkpoint = read_checkpoint(tmp_path / "rows.ckpt")
     assert checkpoint["epoch"] == 2 and checkpoint["signature"]["processes"] == 2
     assert len(checkpoint["rng"]["torch"]) == 2
+
+
+def test_ranks_whose_data_disagree_get_one_answer(tmp_path):
+    """Each hung or aborted (gloo's 'collective mismatch') before: widths or contexts that differ
+    between the ranks, a malformed batch on one rank (a ValueError there alone), an empty shard
+    with the automatic held-out split (an endless loop), float64 rows on one rank and float32
+    on the other (two models of different dtypes); and a skipped step was counted once per
+    rank."""
+    y, _ = _data(400, 3)
+    run_ranks(mismatched_fits, 2, y, str(tmp_path), timeout=240)
+    a, b = (torch.load(tmp_path / f"mismatched-rank{r}.pt") for r in range(2))
+    for case, match in (("width", "batches differ: 2 to 3 columns"),
+                        ("context", "-1 to 1 context columns"),
+                        ("malformed", "batch 2's rows must be a real 2-D array")):
+        assert match in b[case], (case, b[case])  # (rank 1 holds the odd data)
+        assert match in a[case] or "another process met bad data" in a[case], (case, a[case])
+    for key, value in a["empty shard"].items():
+        torch.testing.assert_close(b["empty shard"][key], value, rtol=0, atol=0, msg=key)
+    assert a["dtype"] == b["dtype"] == "torch.float64"
+    assert a["skipped"] == b["skipped"] == 3

@@ -56,6 +56,20 @@ def _broken_zip(good: bytes) -> bytes:
     return out.getvalue()
 
 
+def _flipped(good: bytes) -> bytes:
+    """The good archive with one byte of its largest tensor's storage changed in place (the
+    archive's CRC-32 of it left as it was)."""
+    with zipfile.ZipFile(io.BytesIO(good)) as archive:
+        item = max((i for i in archive.infolist() if "/data/" in i.filename),
+                   key=lambda i: i.file_size)
+    header = good[item.header_offset:item.header_offset + 30]
+    start = (item.header_offset + 30 + int.from_bytes(header[26:28], "little")
+             + int.from_bytes(header[28:30], "little"))
+    data = bytearray(good)
+    data[start + item.file_size // 2] ^= 0x40
+    return bytes(data)
+
+
 @pytest.mark.parametrize("case,match", [
     ("empty", r"is empty: not a pyroflows file"),
     ("random bytes", r"is not a pyroflows file \(or is damaged\)"),
@@ -71,6 +85,7 @@ def _broken_zip(good: bytes) -> bytes:
     ("weights of another shape", r"is damaged: RuntimeError: .*size mismatch"),
     ("a history that is not a dict", r"is damaged: TypeError: its history is a list"),
     ("an option that is not a constructor argument", r"is damaged: TypeError"),
+    ("a byte of the weights flipped", r"is damaged .* does not match its checksum"),
     ("a million layers", r"num_layers=1000000.* need more numbers than the \d+ it saved"),
     ("a hidden width of a billion", r"hidden_dims=\(1000000000,.* need more numbers"),
     ("a student of a million layers", r"num_layers=1000000.* need more numbers"),
@@ -89,6 +104,8 @@ def test_damaged_and_foreign_files_say_what_is_wrong(case, match, saved, tmp_pat
         path.write_bytes(good[: len(good) // 2])
     elif case == "garbage inside the archive":
         path.write_bytes(_broken_zip(good))
+    elif case == "a byte of the weights flipped":  # (torch.load read it without a word)
+        path.write_bytes(_flipped(good))
     elif case == "another object pickled":
         torch.save({"format": persistence.FORMAT, "x": NotAPyroflowsObject()}, path)
     elif case == "a torch file of something else":

@@ -269,7 +269,7 @@ class DensityEstimator:
             beyond, so not for heavy tails).
         num_layers: the number of flow layers.
         hidden_dims: the conditioner networks' hidden sizes.
-        precondition: the pipeline (see above).
+        precondition: the pipeline (a refusal loses nothing).
         device: where to fit; default: that of a tensor passed to :meth:`fit`, else CPU.
         dtype: float32 or float64; default: that of a floating tensor passed to :meth:`fit`.
         seed: makes the split, initialization, shuffling and :meth:`sample` reproducible
@@ -278,7 +278,7 @@ class DensityEstimator:
         flow_options: further keyword arguments of :func:`pyroflows.flows.build` and the layers;
             unknown names and values :meth:`save` cannot store (a lambda, a local function, a
             module instance) raise a ``ValueError`` here.
-        refine: ``"tabak"`` or ``None`` (see above).
+        refine: ``"tabak"`` or ``None`` (a refusal loses nothing).
         context_dim: the context size C; default: read from the context passed to :meth:`fit`
             (none: a density of the rows alone).
 
@@ -770,6 +770,19 @@ class DensityEstimator:
                                                                h_train)
         trainer = Trainer(model, u_train, ld_train, u_val, ld_val, gen, h_train=h_train,
                           h_val=h_val, **train)
+        saving = dict(saving or {})
+        interrupted = any(pipeline.interrupted(stage) for stage in model.stages)
+        signature = None
+        if not interrupted:
+            rows = x_train if c_train is None else torch.cat([x_train, c_train], 1)
+            rows = rows.to(torch.float64)
+            signature = fit_signature(self, precondition, dim, context_dim, dtype,
+                                      trainer.batch_size, x_train.shape[0], x_val_t.shape[0], 1,
+                                      training=trainer.options, mean=rows.mean(0),
+                                      sd=rows.std(0, correction=0))
+            resume = saving.pop("resume", None)
+            if resume is not None:  # before the estimator lets go of its model: loses nothing
+                trainer.resumed = trainer.restore(resume, signature)
         self._model, self.dim_, self.history_ = model, dim, trainer.history
         self.student_ = None  # a student of the model this fit replaces
         self.context_dim_ = context_dim
@@ -777,18 +790,11 @@ class DensityEstimator:
         history = self.history_
         history["precondition"] = precondition
         history["batch_size"] = trainer.batch_size
-        if any(pipeline.interrupted(stage) for stage in model.stages):
+        if interrupted:
             self._interrupted(f"{precondition}: precondition", "the flow is untrained",
                               stacklevel=5)
         else:
-            rows = x_train if c_train is None else torch.cat([x_train, c_train], 1)
-            rows = rows.to(torch.float64)
-            signature = fit_signature(self, precondition, dim, context_dim, dtype,
-                                      trainer.batch_size, x_train.shape[0], x_val_t.shape[0], 1,
-                                      training=trainer.options, mean=rows.mean(0),
-                                      sd=rows.std(0, correction=0))
-            trainer.run(max_epochs, patience, progress, start, signature=signature,
-                        **(saving or {}))
+            trainer.run(max_epochs, patience, progress, start, signature=signature, **saving)
         history["final_val_log_prob"] = history["best_val_log_prob"]
         if history["stopped"] == "interrupted":
             history.setdefault("interrupted_in", f"{precondition}: flow")

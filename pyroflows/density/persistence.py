@@ -14,6 +14,7 @@ import secrets
 import stat
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -313,6 +314,16 @@ def read_torch_file(path: str, kind: str, prefix: str = "") -> Any:
         if head != _ZIP_MAGIC:
             raise ValueError(f"{prefix}{path} is not {kind} (or is damaged): it does not "
                              "begin as a file of torch.save does")
+        f.seek(0)
+        try:  # (torch.load does not check the archive's CRC-32s: a flipped byte loads)
+            with zipfile.ZipFile(f) as archive:
+                failed = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise ValueError(f"{prefix}{path} is damaged (truncated or corrupted): not a whole "
+                             f"archive ({type(e).__name__}: {str(e)[:200]})") from e
+        if failed is not None:
+            raise ValueError(f"{prefix}{path} is damaged (truncated or corrupted): its entry "
+                             f"{failed!r} does not match its checksum")
         f.seek(0)
         try:
             return torch.load(f, map_location="cpu", weights_only=True)

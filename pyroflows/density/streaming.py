@@ -5,6 +5,7 @@ pass, the flow trained batch by batch."""
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -148,7 +149,24 @@ class _Batches:
         self.dim, self.context_dim = dim, context_dim
 
     def parse(self, batch: Any, number: int,
-              errors: _Errors | None) -> tuple[Tensor, Tensor | None]:
+              errors: _Errors | None) -> tuple[Tensor, Tensor | None] | None:
+        """The batch checked and moved (``errors``: a non-finite one noted there; data-parallel
+        every bad one is, and skipped as ``None``, so that every rank raises after the pass)."""
+        try:
+            y, c = self._checked(batch, number)
+        except ValueError as error:
+            if errors is None or not errors.rows.parallel:
+                raise
+            errors.note(str(error))
+            return None
+        if errors is not None:
+            for part, what in ((y, "rows"), (c, "contexts")):
+                if part is not None and not bool(torch.isfinite(part).all()):
+                    errors.note(f"{self.name}: batch {number} has NaN or infinite {what} "
+                                f"(in {self.dtype}); drop or impute them first")
+        return y, c
+
+    def _checked(self, batch: Any, number: int) -> tuple[Tensor, Tensor | None]:
         if isinstance(batch, (tuple, list)):
             if len(batch) != 2:
                 raise ValueError(f"{self.name}: batch {number} is a sequence of {len(batch)} "
@@ -179,11 +197,6 @@ class _Batches:
                 "has contexts but the fit's first batch had none"))
         y = y.to(device=self.device, dtype=self.dtype, non_blocking=True)
         c = None if c is None else c.to(device=self.device, dtype=self.dtype, non_blocking=True)
-        if errors is not None:
-            for part, what in ((y, "rows"), (c, "contexts")):
-                if part is not None and not bool(torch.isfinite(part).all()):
-                    errors.note(f"{self.name}: batch {number} has NaN or infinite {what} "
-                                f"(in {self.dtype}); drop or impute them first")
         return y, c
 
     def __call__(self, epoch: int, gen: torch.Generator | None,
@@ -233,6 +246,8 @@ class Permutation:
 
     def __call__(self, positions: Tensor) -> Tensor:
         r""":math:`\pi` at ``positions`` (int64, each in ``[0, n)``)."""
+        if self.n == 0 and positions.numel():  # (cycle-walking would never land)
+            raise ValueError("a permutation of no rows has no positions")
         v = self._encrypt(positions.to(torch.int64))
         out = v >= self.n
         while bool(out.any()):
@@ -310,6 +325,32 @@ class _Iterable:
         yield from self.loader
 
 
+_DTYPES = (None, torch.float32, torch.float64)  # the codes the ranks agree on
+
+
+def _agree(batches: _Batches, rows: Rows) -> None:
+    """Data-parallel, after the statistics pass: every rank takes the widths D and C and the
+    dtype of the ranks that had rows (a rank whose shard is empty has none of its own); ranks
+    whose widths or contexts differ are a ``ValueError`` on every rank; the dtype is the widest
+    any rank's first batch had."""
+    has = batches.dim is not None
+    # (-1: no context; a rank without rows sends -2 to the maximum, +inf to the minimum)
+    widths = [float(batches.dim), -1.0 if batches.context_dim is None else
+              float(batches.context_dim)] if has else None
+    code = float(_DTYPES.index(batches.dtype))
+    high = rows.max(torch.tensor((widths or [-2.0, -2.0]) + [code], device=rows.device))
+    low = rows.min(torch.tensor(widths or [math.inf, math.inf], device=rows.device))
+    if high[0] < 0:
+        return  # no rank had rows: stream_moments says so
+    if not torch.equal(high[:2], low):
+        raise ValueError(f"{batches.name}: the processes' batches differ: {int(low[0])} to "
+                         f"{int(high[0])} columns, {int(low[1])} to {int(high[1])} context "
+                         "columns (-1: no contexts); every rank's rows need the same columns")
+    batches.dim = int(high[0])
+    batches.context_dim = None if high[1] < 0 else int(high[1])
+    batches.dtype = _DTYPES[int(high[2])]
+
+
 @torch.no_grad()
 def stream_moments(batches: _Batches, rows: Rows) -> tuple[int, Tensor, Tensor, int,
                                                              int | None]:
@@ -344,15 +385,8 @@ def stream_moments(batches: _Batches, rows: Rows) -> tuple[int, Tensor, Tensor, 
         m2 = m2 + m2b + torch.outer(delta, delta) * (n * nb / (n + nb))
         n += nb
     errors.raise_any()
-    widths = torch.tensor([-1.0 if batches.dim is None else batches.dim,
-                           -1.0 if batches.context_dim is None else batches.context_dim],
-                          device=rows.device)
     if rows.parallel:
-        # every rank learns the widths (a rank whose shard is empty has none of its own)
-        widths = rows.max(widths)
-        if batches.dim is None and widths[0] >= 0:
-            batches.dim = int(widths[0])
-            batches.context_dim = None if widths[1] < 0 else int(widths[1])
+        _agree(batches, rows)
     if batches.dim is None:
         raise ValueError(f"{batches.name} has no rows")
     width = batches.dim + (batches.context_dim or 0)
@@ -519,8 +553,9 @@ class StreamTrainer(Trainer):
             count += kept * u.shape[0]
             skips += skipped
         model.eval()
-        sums = rows.sum(torch.stack([total, count, skips.to(dtype)]))
-        self.history["skipped_steps"] += int(sums[2]) if rows.parallel else int(skips)
+        sums = rows.sum(torch.stack([total, count]))
+        # (a step is skipped on every rank or none: each rank's count is the global one)
+        self.history["skipped_steps"] += int(skips)
         seen = float(sums[1])
         return float(sums[0]) / seen if seen else float("nan"), int(seen)
 
@@ -606,7 +641,7 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
         train_share = (-(-batch_size // world), 0, 1) if arrays else (batch_size, rank, world)
         if x_val is None:
             split = Permutation(n, gen)
-            num_val = max(1, round(val_fraction * n))
+            num_val = min(n, max(1, round(val_fraction * n)))  # (a rank's shard may be empty)
             train_idx, val_idx = _Subset(split, num_val, n - num_val), _Subset(split, 0, num_val)
             val_share = train_share
             x_val = x
@@ -650,6 +685,11 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
                             batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, averaging_epochs=averaging_epochs,
                             clip_factor=clip_factor)
+    signature = fit_signature(est, precondition, dim, context_dim, dtype, batch_size, num_train,
+                              trainer.history["num_val"], world, training=trainer.options,
+                              mean=mean, sd=cov.diagonal().sqrt())
+    if resume is not None:  # before the estimator lets go of its model: a refusal loses nothing
+        trainer.resumed = trainer.restore(resume, signature)
     est._model, est.dim_, est.history_ = model, dim, trainer.history
     est.context_dim_, est.precondition_ = context_dim, precondition
     est.student_ = None  # a distilled student of the model this fit replaces
@@ -657,11 +697,8 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
     history["precondition"] = precondition
     history["processes"] = world
     history["batch_size"] = batch_size  # the global batch, shared out among the ranks
-    signature = fit_signature(est, precondition, dim, context_dim, dtype, batch_size, num_train,
-                              history["num_val"], world, training=trainer.options, mean=mean,
-                              sd=cov.diagonal().sqrt())
     trainer.run(max_epochs, patience, progress, start, checkpoint=checkpoint,
-                checkpoint_every=checkpoint_every, resume=resume, signature=signature)
+                checkpoint_every=checkpoint_every, signature=signature)
     history = est.history_
     history["final_val_log_prob"] = history["best_val_log_prob"]
     if history["stopped"] == "interrupted":

@@ -498,12 +498,20 @@ class Trainer:
         }
         write_atomic(payload, path)
 
+    #: ``(epoch, epochs since the best)`` of the checkpoint :meth:`restore` read, where a fit
+    #: restored one before handing its model to the estimator (a refused checkpoint then
+    #: leaves the estimator's fitted model as it was); :meth:`run` continues from there.
+    resumed: tuple[int, int] | None = None
+
     def restore(self, path: str | os.PathLike, signature: dict) -> tuple[int, int]:
         """Load the training state of a checkpoint written by :meth:`write_checkpoint` for a
         fit of the same ``signature`` (else a ``ValueError`` naming what differs); returns the
         epoch it was written after and the epochs since the best one."""
         payload = read_checkpoint(path)
         saved = payload.get("signature", {})
+        if not isinstance(saved, dict):
+            raise ValueError(f"resume: {os.fspath(path)} is damaged: its signature is a "
+                             f"{type(saved).__name__}, not a dict")
         differ = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
         if differ:
             shown = ", ".join("the training rows (their moments differ)" if k == "data_moments"
@@ -531,7 +539,7 @@ class Trainer:
             version, state, gauss = rng["python"]
             random.setstate((version, tuple(state), gauss))
             return int(payload["epoch"]), int(payload["since_best"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             reason = " ".join(str(e).split())
             raise ValueError(f"resume: {os.fspath(path)} is damaged: {type(e).__name__}: "
                              f"{reason}") from e
@@ -553,7 +561,9 @@ class Trainer:
         signature = dict(signature or {})
         first, since_best = 1, 0
         if resume is not None:
-            done, since_best = self.restore(resume, signature)
+            self.resumed = self.restore(resume, signature)
+        if self.resumed is not None:
+            done, since_best = self.resumed
             first = done + 1
             if self.history["stopped"] == "early_stopping":
                 first = max(first, max_epochs + 1)
