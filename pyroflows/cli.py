@@ -278,12 +278,17 @@ def _quiet() -> Iterator[None]:
 
 def check_demo_args(args: argparse.Namespace) -> tuple[torch.device, str]:
     """The demo's device and output folder (absolute, created if missing), checked before any
-    work: a ``ValueError`` saying what is wrong where the counts are not positive, the device
+    work: a ``ValueError`` saying what is wrong where the counts are not positive (the draws:
+    at least 2), the seed is not in ``[0, 2**32)``, the device
     is not one this machine has, or ``--out`` is a file or a folder that cannot be written."""
     from .density.estimator import usable_device
 
-    if min(args.steps, args.epochs, args.draws) < 1:
-        raise ValueError("--steps, --epochs and --draws must be positive")
+    if min(args.steps, args.epochs) < 1:
+        raise ValueError("--steps and --epochs must be positive")
+    if args.draws < 2:  # (PSIS fits a tail to them)
+        raise ValueError(f"--draws must be at least 2, got {args.draws}")
+    if not 0 <= args.seed < 2**32:  # (numpy's seeds, which Pyro sets too)
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     device = usable_device(args.device, "--device")
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not os.path.isdir(out):

@@ -89,7 +89,10 @@ BAD_ARGUMENTS = [
     ("an unwritable folder", r"--out .*: cannot write there \((Permission denied|Operation not)"),
     ("tpu", r"--device: 'tpu' is not a torch device \(e\.g\. 'cpu', 'cuda'"),
     ("cuda:99", r"--device: device 'cuda:99' is not available on this machine"),
-    ("no steps", r"--steps, --epochs and --draws must be positive"),
+    ("no steps", r"--steps and --epochs must be positive"),
+    ("one draw", r"--draws must be at least 2, got 1"),  # (PSIS failed after all the fits)
+    ("a negative seed", r"--seed must be in \[0, 2\*\*32\), got -1"),
+    ("a seed of 2**64", r"--seed must be in \[0, 2\*\*32\), got 18446744073709551616"),
 ]
 
 
@@ -104,8 +107,9 @@ def test_bad_arguments_are_one_line_and_status_2_before_any_work(case, match, tm
             "a folder under a file": ["--out", str(taken / "plots")],
             "an unwritable folder": ["--out", _unwritable_folder(tmp_path)],
             "tpu": ["--device", "tpu"], "cuda:99": ["--device", "cuda:99"],
-            "no steps": ["--steps", "0"]}[case]
-    if case in ("tpu", "cuda:99", "no steps"):
+            "no steps": ["--steps", "0"], "one draw": ["--draws", "1"],
+            "a negative seed": ["--seed", "-1"], "a seed of 2**64": ["--seed", str(2**64)]}[case]
+    if case not in ("an existing file", "a folder under a file", "an unwritable folder"):
         args += ["--out", str(tmp_path / "plots")]
 
     def no_work(*_):

@@ -212,3 +212,67 @@ def test_epoch_orders_look_uniform():
         assert stats.chisquare(counts).pvalue > 1e-3, counts
     # a uniform permutation's two values correlate at -1 / (n - 1); standard error ~ 0.022
     assert abs(np.corrcoef(firsts, seconds)[0, 1] + 1 / 9) < 0.07
+
+
+def test_a_loaders_own_batches_set_the_epoch(device, dtype):
+    """The moving average's horizon counts the source's own batches: with a DataLoader of 50
+    rows, batch_size (which does not batch it) used to change the fit."""
+    x, _, _ = gaussian_data(600, seed=5)
+    x = torch.as_tensor(x, dtype=dtype)
+
+    def fit(**options):
+        torch.manual_seed(0)
+        loader = DataLoader(ArrayDataset(x[:500]), batch_size=50, shuffle=True)
+        return DensityEstimator(seed=0, device=device, **SMALL).fit(
+            loader, x_val=[x[500:]], max_epochs=2, progress=False, **options)
+
+    a, b = fit(), fit(batch_size=50)
+    assert a.history_["val_log_prob"] == b.history_["val_log_prob"]
+    assert a.history_["batch_size"] is None  # (the loader's own batches)
+
+
+class _Changing:
+    """Batches whose third turns NaN after the first pass (an augmentation, a rewritten file)."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i, batch in enumerate(self.batches):
+            yield batch * float("nan") if self.passes > 1 and i == 2 else batch
+
+
+def test_a_bad_batch_in_a_later_pass_gets_the_fits_message(device, dtype):
+    """It reached the flow's log_prob, whose support check printed the whole batch."""
+    x, _, _ = gaussian_data(300, seed=6)
+    x = torch.as_tensor(x, dtype=dtype)
+    est = DensityEstimator(seed=0, device=device, **SMALL)
+    with pytest.raises(ValueError, match=r"^x: batch 2 has NaN or infinite rows"):
+        est.fit(_Changing(list(x[:250].split(50))), x_val=[x[250:]], max_epochs=2,
+                progress=False)
+    assert est.history_["stopped"] == "error" and torch.isfinite(est.log_prob(x[:5])).all()
+
+
+class _Interrupting:
+    """Batches that raise KeyboardInterrupt (a Ctrl-C) at the second batch of the first pass."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def test_ctrl_c_in_the_first_pass_leaves_the_estimator_as_it_was(device, dtype):
+    """No model exists yet in the statistics pass: the interrupt goes through (README's table)."""
+    x, _, _ = gaussian_data(300, seed=7)
+    x = torch.as_tensor(x, dtype=dtype)
+    est = DensityEstimator(seed=0, device=device, **SMALL).fit(x, max_epochs=1, progress=False)
+    before, history = est.log_prob(x[:5]), est.history_
+    with pytest.raises(KeyboardInterrupt):
+        est.fit(_Interrupting(list(x.split(50))), x_val=[x[:50]], max_epochs=1, progress=False)
+    assert torch.equal(est.log_prob(x[:5]), before) and est.history_ is history

@@ -353,18 +353,20 @@ def _agree(batches: _Batches, rows: Rows) -> None:
 
 @torch.no_grad()
 def stream_moments(batches: _Batches, rows: Rows) -> tuple[int, Tensor, Tensor, int,
-                                                             int | None]:
+                                                             int | None, int]:
     r"""One pass over ``batches``: the number of rows, the mean and the ML covariance (divisor
     n) of the rows joined with their contexts, :math:`[y, c]`, in float64, over all ranks'
-    rows; and the widths D and C (``None`` without a context). Each batch's count, mean and
+    rows; the widths D and C (``None`` without a context); and the steps of an epoch (the
+    batches of the pass; data-parallel, the most any rank had). Each batch's count, mean and
     centred cross-products :math:`M_2` are merged into the running ones (Chan, Golub & LeVeque
     1979: :math:`M_2 \mathrel{+}= M_{2,b} + \delta\delta^\top n n_b / (n + n_b)`), then the
     ranks' by the same rule through two all-reduces: the sums of :math:`x` and
     :math:`x x^\top` without their cancellation. Bad batches (not finite, wrong widths) are a
     ``ValueError`` on every rank."""
     errors = _Errors(rows)
-    n, mean, m2 = 0, None, None
+    n, mean, m2, steps = 0, None, None, 0
     for batch in batches(0, None, errors):
+        steps += 1  # (a rank's empty share too: a step of the others)
         if batch is None:
             continue
         y, c = batch
@@ -403,7 +405,9 @@ def stream_moments(batches: _Batches, rows: Rows) -> tuple[int, Tensor, Tensor, 
     global_mean = total[1:] / count
     delta = mean - global_mean
     m2 = rows.sum(m2 + torch.outer(delta, delta) * n)
-    return count, global_mean, m2 / count, batches.dim, batches.context_dim
+    if rows.parallel:  # a step takes one batch of every rank that has one
+        steps = int(rows.max(torch.tensor([float(steps)], device=device)))
+    return count, global_mean, m2 / count, batches.dim, batches.context_dim, steps
 
 
 def _cholesky(cov: Tensor, what: str) -> Tensor:
@@ -495,19 +499,21 @@ class StreamTrainer(Trainer):
         gen: the generator of the minibatch order of an indexed source.
         rows: the process group the data is sharded over.
         num_train: all ranks' training rows.
-        batch_size, lr, weight_decay, averaging_epochs, clip_factor: as ``DensityEstimator.fit``
-            takes them.
+        steps_per_epoch: the steps of an epoch (:func:`stream_moments` counts them: a
+            DataLoader's or a list's own batches, whatever ``batch_size`` says).
+        lr, weight_decay, averaging_epochs, clip_factor: as ``DensityEstimator.fit`` takes
+            them.
     """
 
     def __init__(self, model: DensityModel, train: _Batches, val: _Batches, gen: torch.Generator,
-                 rows: Rows, *, num_train: int, batch_size: int, lr: float,
+                 rows: Rows, *, num_train: int, steps_per_epoch: int, lr: float,
                  weight_decay: float, averaging_epochs: float,
                  clip_factor: float | None = None) -> None:
         self.model, self.rows, self.train, self.val = model, rows, train, val
         self.num_val = 0
         val0 = self.val_score(check=True)
-        steps = max(1, -(-num_train // batch_size))
-        self.setup(model, gen, float("nan"), val0, num_train, self.num_val, steps, lr=lr,
+        self.setup(model, gen, float("nan"), val0, num_train, self.num_val,
+                   max(1, steps_per_epoch), lr=lr,
                    weight_decay=weight_decay, averaging_epochs=averaging_epochs, rows=rows,
                    clip_factor=clip_factor)
 
@@ -532,11 +538,18 @@ class StreamTrainer(Trainer):
         count = torch.zeros((), dtype=dtype, device=device)
         skips = torch.zeros((), dtype=torch.int64, device=device)
         model.train()
-        batches = self.train(epoch, self.gen)
+        # a source whose batches change between passes may bring a bad one here: the fit's
+        # own message (on every rank) instead of a distribution's about its support
+        errors = _Errors(rows)
+        batches = self.train(epoch, self.gen, errors)
         while True:
             batch = next(batches, False)
             if batch is False and not rows.parallel:
                 break
+            if errors.message is not None:
+                if not rows.parallel:
+                    break
+                batch = None  # (an empty share: the other ranks' steps go on to the end)
             u, ld, h = self._inputs(None if batch is False else batch)
             if rows.parallel:
                 lp, skipped, global_count = parallel_step(model, u, self.optimizer, self.params,
@@ -553,6 +566,7 @@ class StreamTrainer(Trainer):
             count += kept * u.shape[0]
             skips += skipped
         model.eval()
+        errors.raise_any()
         sums = rows.sum(torch.stack([total, count]))
         # (a step is skipped on every rank or none: each rank's count is the global one)
         self.history["skipped_steps"] += int(skips)
@@ -662,7 +676,7 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
     val = _source(x_val, "x_val", dataset_indices=val_idx, batch_size=EVAL_BATCH,
                   rank=val_share[1], world=val_share[2], shuffle=False)
     train_batches = _Batches(train, "x", device, est.dtype)
-    num_train, mean, cov, dim, context_dim = stream_moments(train_batches, rows)
+    num_train, mean, cov, dim, context_dim, steps = stream_moments(train_batches, rows)
     dtype = train_batches.dtype or torch.float32
     if est.context_dim is not None and context_dim != est.context_dim:
         raise ValueError(f"this DensityEstimator was built with context_dim={est.context_dim}, "
@@ -682,7 +696,7 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
     if arrays and rows.parallel:  # the ranks' shards differ: each its own order
         gen.manual_seed((seed or 0) + 7919 * rank)
     trainer = StreamTrainer(model, train_batches, val_batches, gen, rows, num_train=num_train,
-                            batch_size=batch_size, lr=lr,
+                            steps_per_epoch=steps, lr=lr,
                             weight_decay=weight_decay, averaging_epochs=averaging_epochs,
                             clip_factor=clip_factor)
     signature = fit_signature(est, precondition, dim, context_dim, dtype, batch_size, num_train,
@@ -696,7 +710,9 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
     history = trainer.history
     history["precondition"] = precondition
     history["processes"] = world
-    history["batch_size"] = batch_size  # the global batch, shared out among the ranks
+    # the global batch, shared out among the ranks (None: the source's own batches)
+    history["batch_size"] = batch_size if isinstance(x, Dataset) and not isinstance(
+        x, IterableDataset) else None
     trainer.run(max_epochs, patience, progress, start, checkpoint=checkpoint,
                 checkpoint_every=checkpoint_every, signature=signature)
     history = est.history_

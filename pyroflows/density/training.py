@@ -517,8 +517,12 @@ class Trainer:
             shown = ", ".join("the training rows (their moments differ)" if k == "data_moments"
                               else f"{k}: {a!r} in the checkpoint, {b!r} now"
                               for k, (a, b) in differ.items())
+            hint = ("; a fit without seed= holds out other rows at every call, so pass the "
+                    "same seed= to fit and to resume" if "data_moments" in differ
+                    and signature.get("seed") is None else "")
             raise ValueError(f"resume: {os.fspath(path)} is the checkpoint of another fit ("
-                             f"{shown}); resume with the same data, options and processes")
+                             f"{shown}); resume with the same data, options and processes"
+                             f"{hint}")
         try:
             device = self.params[0].device if self.params else torch.device("cpu")
             self.model.load_state_dict(payload["model"])
