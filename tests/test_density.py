@@ -712,6 +712,9 @@ def test_bad_input_raises_value_errors(device, dtype):
         est.fit(x[None], progress=False)
     with pytest.raises(ValueError, match="numeric"):
         est.fit(np.array([["a", "b"], ["c", "d"]]), progress=False)
+    for flags in (x > 0, torch.as_tensor(x > 0)):  # (fitted as 0/1 before; streamed refused)
+        with pytest.raises(ValueError, match="x is boolean: convert it to numbers first"):
+            est.fit(flags, progress=False)
     with pytest.raises(ValueError, match="x_val has 2 columns, expected 3"):
         est.fit(x, x_val=x[:5, :2], progress=False)
     est.fit(as_tensor(x, device, dtype), max_epochs=1, progress=False)

@@ -64,6 +64,9 @@ def _as_tensor(x: Any, name: str) -> Tensor:
         t = torch.as_tensor(arr)
     if t.is_complex():
         raise ValueError(f"{name} must be real-valued, got dtype {t.dtype}")
+    if t.dtype == torch.bool:  # (as a streamed fit's batches: a density of 0/1 has none)
+        raise ValueError(f"{name} is boolean: convert it to numbers first (and dequantize "
+                         "discrete values: pf.transforms.dequantize)")
     return t
 
 
