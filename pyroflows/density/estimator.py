@@ -28,7 +28,7 @@ from . import distill as distillation
 from . import persistence, pipeline, streaming, training
 from .distill import DISTILL_DEFAULTS, Student
 from .pipeline import DensityModel, evaluate
-from .training import Trainer, fit_signature, snapshot
+from .training import Trainer, fit_signature, row_moments, snapshot
 
 __all__ = ["DensityEstimator", "PRECONDITIONERS", "REFINERS", "usable_device"]
 
@@ -777,12 +777,10 @@ class DensityEstimator:
         interrupted = any(pipeline.interrupted(stage) for stage in model.stages)
         signature = None
         if not interrupted:
-            rows = x_train if c_train is None else torch.cat([x_train, c_train], 1)
-            rows = rows.to(torch.float64)
+            mean, sd = row_moments(x_train if c_train is None else (x_train, c_train))
             signature = fit_signature(self, precondition, dim, context_dim, dtype,
                                       trainer.batch_size, x_train.shape[0], x_val_t.shape[0], 1,
-                                      training=trainer.options, mean=rows.mean(0),
-                                      sd=rows.std(0, correction=0))
+                                      training=trainer.options, mean=mean, sd=sd)
             resume = saving.pop("resume", None)
             if resume is not None:  # before the estimator lets go of its model: loses nothing
                 trainer.resumed = trainer.restore(resume, signature)

@@ -343,6 +343,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
+def row_moments(rows: Tensor | tuple[Tensor, ...], chunk: int = 65536
+                ) -> tuple[Tensor, Tensor]:
+    """The float64 mean and ML standard deviation of the columns of ``rows`` (a tuple: its
+    parts side by side, as the rows joined with their contexts), ``chunk`` rows at a time,
+    without a float64 copy of the data."""
+    parts = rows if isinstance(rows, tuple) else (rows,)
+    n = parts[0].shape[0]
+
+    def blocks() -> Iterator[Tensor]:
+        for start in range(0, n, chunk):
+            yield torch.cat([p[start:start + chunk] for p in parts], 1).to(torch.float64)
+
+    mean = sum(block.sum(0) for block in blocks()) / n
+    var = sum(((block - mean) ** 2).sum(0) for block in blocks()) / n
+    return mean, var.sqrt()
+
+
 def fit_signature(est: Any, precondition: str | None, dim: int, context_dim: int | None,
                   dtype: torch.dtype, batch_size: int, num_train: int, num_val: int,
                   processes: int, *, training: dict, mean: Tensor, sd: Tensor) -> dict:
