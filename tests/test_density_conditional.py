@@ -363,6 +363,8 @@ def test_bad_contexts_are_value_errors(small_fit):
         (dict(context=x[:, 0]), r"2-D array .*reshape\(-1, 1\)"),
         (dict(context=nan), "context has NaN or infinite values"),
         (dict(context=constant), r"context's columns \[1\] are constant"),
+        (dict(context=np.stack([x[:, 0], 1e8 + 1e-3 * x[:, 1]], 1).astype(np.float64)),
+         r"context's columns \[1\] vary in the data as given .* not in torch.float32"),
         (dict(context=x, y_val=y[:5]), "needs context_val"),
         (dict(context=x, context_val=x[:5]), "context_val is given but x_val"),
         (dict(context_val=x[:5]), "context_val is given but context is not"),

@@ -284,9 +284,17 @@ def test_bad_arguments(device, dtype):
     model, _, _ = _gaussian_teacher(device, dtype)
     student = dd.Student(3, **TINY).to(device=device, dtype=dtype)
     teacher = dd.teacher_log_prob(model)
-    for bad in ({"max_steps": -1}, {"batch_size": 0}, {"lr": 0.0}, {"num_val_draws": 1},
-                {"eval_every": 0}, {"tol": -1e-3}, {"tol": float("nan")}, {"window": 0}):
-        with pytest.raises(ValueError, match="need max_steps"):
+    for bad, match in (({"max_steps": -1}, "max_steps must be a whole number >= 0"),
+                       ({"max_steps": 2.5}, "max_steps must be a whole number"),
+                       ({"batch_size": 0}, "batch_size must be"),
+                       ({"num_val_draws": 1}, "num_val_draws must be"),
+                       ({"eval_every": 0}, "eval_every must be"),
+                       ({"window": 0}, "window must be"),
+                       ({"lr": 0.0}, "finite lr > 0"),
+                       ({"lr": float("inf")}, "finite lr > 0"),  # (every step was skipped)
+                       ({"tol": -1e-3}, "finite tol >= 0"),
+                       ({"tol": float("nan")}, "finite tol >= 0")):
+        with pytest.raises(ValueError, match=match):
             dd.distill(student, teacher, **bad)
     with pytest.raises(ValueError, match="contexts"):
         dd.distill(student, teacher, contexts=torch.zeros(4, 2, device=device, dtype=dtype))
@@ -414,8 +422,12 @@ def test_estimator_distill_bad_arguments(device, dtype):
             est.distill(progress=False, **bad)
     with pytest.raises(ValueError, match="without a context"):
         est.distill(context=x[:, :1], progress=False)
-    with pytest.raises(ValueError, match="need max_steps"):
+    with pytest.raises(ValueError, match="max_steps must be a whole number >= 0"):
         est.distill(max_steps=-1, progress=False)
+    with pytest.raises(ValueError, match="lr must be finite and positive"):
+        est.distill(lr=float("inf"), progress=False)
     with pytest.raises(ValueError, match="x_val has 3 columns"):
         est.distill(x_val=torch.zeros(4, 3, device=device, dtype=dtype), progress=False)
+    with pytest.raises(ValueError, match="x_val has no rows"):  # (after the training, before)
+        est.distill(x_val=torch.zeros(0, 2, device=device, dtype=dtype), progress=False)
     assert est.student_ is None

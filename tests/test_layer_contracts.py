@@ -161,3 +161,15 @@ def test_an_input_of_another_dtype_is_named(device):
     t = pf.transforms.planar(3).to(device, torch.float64)
     with pytest.raises(ValueError, match="Planar: input is torch.float32"):
         t(torch.randn(2, 3, device=device))
+
+
+@pytest.mark.parametrize("name", ["iaf", "maf", "nsf"])
+def test_a_conditional_flow_scores_and_draws_no_rows_without_autograd(device, dtype, name):
+    """The level-by-level pass (MAF's and NSF's sampling, IAF's inverse) could not view a block
+    of 0 rows per context: a RuntimeError under no_grad."""
+    flow = pf.flows.build(name, 2, num_layers=2, hidden_dims=(8,), context_dim=1)
+    q = pf.distributions.ConditionalFlowDistribution(flow.to(device, dtype))
+    c = torch.zeros(0, 1, device=device, dtype=dtype)
+    with torch.no_grad():
+        assert q.condition(c).log_prob(torch.zeros(0, 2, device=device, dtype=dtype)).shape == (0,)
+        assert q.condition(c).sample().shape == (0, 2)

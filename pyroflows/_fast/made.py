@@ -312,6 +312,8 @@ def sequential_levels(layer: nn.Module, v: Tensor, num_params: int, solve: Level
         v = v.expand(*batch, v.shape[-1])
         row_bias = periodic_rows(row_bias, batch)
     shape = v.shape
+    if v.numel() == 0:  # (no rows: a block view below could not infer its rows)
+        return v.clone(), torch.zeros_like(v)
     v2 = v.reshape(-1, shape[-1])
     u = v2.clone()
     terms = torch.zeros_like(v2)

@@ -55,6 +55,7 @@ from .._config import validation
 from .._gaussian import ml_gaussian, standard_normal_log_prob
 from .._random import generator as seeded
 from ..transforms.affine import TriangularAffine
+from ..transforms.base import whole_number
 from .pipeline import ContextShift, DensityModel, evaluate
 from .training import adam, snapshot
 
@@ -299,13 +300,13 @@ def distill(student: Student, log_prob: LogProb, *,
     ``skipped_steps``, ``stopped`` (``"max_steps"``, ``"converged"``, ``"interrupted"`` or
     ``"error"``), ``seconds`` and the settings.
     """
-    if int(max_steps) < 0 or int(batch_size) < 1 or not lr > 0 or int(num_val_draws) < 2 \
-            or int(eval_every) < 1 or not tol >= 0 or int(window) < 1:
-        raise ValueError("need max_steps >= 0, batch_size >= 1, lr > 0, num_val_draws >= 2, "
-                         "eval_every >= 1, tol >= 0 and window >= 1; got "
-                         f"max_steps={max_steps}, batch_size={batch_size}, lr={lr}, "
-                         f"num_val_draws={num_val_draws}, eval_every={eval_every}, tol={tol}, "
-                         f"window={window}")
+    max_steps = whole_number(max_steps, "max_steps")
+    batch_size = whole_number(batch_size, "batch_size", 1)
+    num_val_draws = whole_number(num_val_draws, "num_val_draws", 2)
+    eval_every = whole_number(eval_every, "eval_every", 1)
+    window = whole_number(window, "window", 1)
+    if not 0 < lr < math.inf or not 0 <= tol < math.inf:  # (lr = inf: every step skipped)
+        raise ValueError(f"need a finite lr > 0 and a finite tol >= 0; got lr={lr}, tol={tol}")
     if (contexts is None) != (student.context_dim is None):
         raise ValueError("a conditional student needs contexts (the training contexts), and "
                          "an unconditional one takes none")
@@ -313,7 +314,6 @@ def distill(student: Student, log_prob: LogProb, *,
     param = next(student.parameters())
     if generator is None:
         generator = seeded(None, param.device)
-    max_steps, batch_size = int(max_steps), int(batch_size)
     val_eps = _draws(int(num_val_draws), student.dim, param, generator)
     val_context = _contexts(contexts, int(num_val_draws), generator)
 
@@ -428,8 +428,10 @@ def fidelity(model: DensityModel, student: Student, *, num_draws: int = 4096,
     ``teacher_log_prob``, ``student_log_prob`` (means), ``log_prob_gap`` (teacher minus
     student), ``log_prob_gap_se``.
     """
-    if int(num_draws) < 2:
-        raise ValueError(f"num_draws must be at least 2, got {num_draws}")
+    num_draws = whole_number(num_draws, "num_draws", 2)
+    if x_val is not None and x_val.shape[0] < 1:  # (the report's held-out means were NaN)
+        raise ValueError("x_val has no rows: pass held-out rows, or x_val=None to score "
+                         "teacher draws")
     if (contexts is None) != (model.context_dim is None):
         raise ValueError("a conditional teacher needs contexts, an unconditional one none")
     param = next(student.parameters())

@@ -64,7 +64,13 @@ def _as_tensor(x: Any, name: str) -> Tensor:
         t = torch.as_tensor(arr)
     if t.is_complex():
         raise ValueError(f"{name} must be real-valued, got dtype {t.dtype}")
-    if t.dtype == torch.bool:  # (as a streamed fit's batches: a density of 0/1 has none)
+    return t
+
+
+def _not_boolean(t: Tensor, name: str) -> Tensor:
+    """``t``, the rows a density is fitted to, unless boolean (a streamed fit's batches too:
+    0/1 values have no density; a boolean context is fine, it is converted)."""
+    if t.dtype == torch.bool:
         raise ValueError(f"{name} is boolean: convert it to numbers first (and dequantize "
                          "discrete values: pf.transforms.dequantize)")
     return t
@@ -127,23 +133,33 @@ def _constant_columns(t: Tensor) -> list[int]:
 def _check_columns_vary(given: Tensor, t: Tensor, name: str) -> None:
     """A ``ValueError`` where a column of ``t`` (``given`` converted to the fit's dtype) holds
     one value in every row: its density is a point mass, which no flow fits."""
-    constant = (t == t[:1]).all(0)
-    if not bool(constant.any()):
+    constant = _check_resolution(given, t, name)
+    if constant is None:
         return
     columns = constant.nonzero().flatten().tolist()
     shown = f"{columns[:10]}" + (f" (and {len(columns) - 10} more)" if len(columns) > 10 else "")
-    lost = ~(given == given[:1]).all(0).to(constant.device) & constant
-    if bool(lost.any()):
-        size = float(t[0, lost].abs().max())
-        raise ValueError(
-            f"{name}'s columns {shown} vary in the data as given ({given.dtype}) but not in "
-            f"{t.dtype}: their spread is below {t.dtype}'s resolution at their size (about "
-            f"{size:.0e}). Center or rescale them first, or fit in float64 "
-            "(dtype=torch.float64)")
     raise ValueError(
         f"{name}'s columns {shown} are constant (every row holds the value "
         f"{float(t[0, columns[0]]):.6g}{', ...' if len(columns) > 1 else ''}): their density "
         "is a point mass, which no flow fits; drop them")
+
+
+def _check_resolution(given: Tensor, t: Tensor, name: str) -> Tensor | None:
+    """The mask of ``t``'s constant columns (``None``: none), after a ``ValueError`` where one
+    varies in ``given`` (``t`` before its conversion to the fit's dtype) and not in ``t``."""
+    constant = (t == t[:1]).all(0)
+    if not bool(constant.any()):
+        return None
+    lost = ~(given == given[:1]).all(0).to(constant.device) & constant
+    if bool(lost.any()):
+        columns = lost.nonzero().flatten().tolist()
+        size = float(t[0, lost].abs().max())
+        raise ValueError(
+            f"{name}'s columns {columns[:10]} vary in the data as given ({given.dtype}) but not "
+            f"in {t.dtype}: their spread is below {t.dtype}'s resolution at their size (about "
+            f"{size:.0e}). Center or rescale them first, or fit in float64 "
+            "(dtype=torch.float64)")
+    return constant
 
 
 def _check_context_columns_vary(t: Tensor) -> None:
@@ -562,8 +578,8 @@ class DensityEstimator:
         """
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"need batch_size >= 1 (or None: the default), got {batch_size}")
-        if lr is not None and not lr > 0:
-            raise ValueError(f"need lr > 0 (or None: the default), got {lr}")
+        if lr is not None and not 0 < lr < math.inf:  # (inf: every step skipped, silently)
+            raise ValueError(f"need a finite lr > 0 (or None: the default), got {lr}")
         max_epochs = whole_number(max_epochs, "max_epochs")
         patience = whole_number(patience, "patience")
         if batch_size is not None:
@@ -598,7 +614,7 @@ class DensityEstimator:
                 clip_factor=clip_factor, progress=progress, distributed=distributed,
                 context=context, context_val=context_val, **saving)
         start = time.perf_counter()
-        given = _as_tensor(x, "x")
+        given = _not_boolean(_as_tensor(x, "x"), "x")
         device = usable_device(self.device or given.device, "fit")
         dtype = self.dtype or self._fit_dtype(given, from_torch=isinstance(x, Tensor))
         t = _check_matrix(given, "x", None, device, dtype)
@@ -611,7 +627,8 @@ class DensityEstimator:
             held_out = (f", {num_val} of them held out for validation (val_fraction="
                         f"{val_fraction})")
         else:
-            x_val_t = _check_matrix(_as_tensor(x_val, "x_val"), "x_val", dim, device, dtype)
+            x_val_t = _check_matrix(_not_boolean(_as_tensor(x_val, "x_val"), "x_val"), "x_val",
+                                    dim, device, dtype)
             if x_val_t.shape[0] < 1:
                 raise ValueError("x_val has no rows: pass held-out rows, or x_val=None to hold "
                                  "out val_fraction of x")
@@ -716,7 +733,9 @@ class DensityEstimator:
                                  f"context row per row of {of}")
             what = ("context_dim" if self.context_dim is not None
                     else "the number of columns of context")
-            t = _check_matrix(t, name, width, device, dtype, what=what)
+            given, t = t, _check_matrix(t, name, width, device, dtype, what=what)
+            if t.shape[0]:
+                _check_resolution(given, t, name)  # (a context too: it varies, as given)
             if t.shape[1] < 1:
                 raise ValueError(f"{name} has no columns")
             width = t.shape[1]
@@ -1051,14 +1070,19 @@ class DensityEstimator:
         if layers < 1 or not hidden or min(hidden) < 1:
             raise ValueError("num_layers and hidden_dims must be positive, got "
                              f"{num_layers!r} and {hidden_dims!r}")
-        if int(num_draws) < 2:
-            raise ValueError(f"num_draws must be at least 2, got {num_draws}")
+        num_draws = whole_number(num_draws, "num_draws", 2)
+        whole_number(max_steps, "max_steps")  # (checked again there: here before any work)
+        if not 0 < lr < math.inf:
+            raise ValueError(f"lr must be finite and positive, got {lr}")
         c, _ = self._prepare_context(context)
         if c is not None and c.shape[0] < 1:
             raise ValueError("context has no rows: pass the training contexts")
         xv = cv = None
         if x_val is not None:
             xv, cv, _ = self._inputs(x_val, context_val, ("x_val", "context_val"))
+            if xv.shape[0] < 1:  # (before the training, not after it in the report)
+                raise ValueError("x_val has no rows: pass held-out rows, or x_val=None to "
+                                 "score draws of the fitted model")
         elif context_val is not None:
             raise ValueError("context_val is given without x_val")
         device, dtype = self._model_device_dtype()
@@ -1076,7 +1100,7 @@ class DensityEstimator:
                 student, distillation.teacher_log_prob(model), max_steps=max_steps,
                 batch_size=batch_size, lr=lr, contexts=h, tol=tol, generator=gen,
                 progress=progress)
-        record["fidelity"] = distillation.fidelity(model, student, num_draws=int(num_draws),
+        record["fidelity"] = distillation.fidelity(model, student, num_draws=num_draws,
                                                    x_val=xv, contexts=c, context_val=cv,
                                                    generator=gen)
         record.update(num_layers=layers, hidden_dims=list(hidden))
