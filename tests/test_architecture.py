@@ -8,7 +8,7 @@ import pyroflows
 
 PACKAGE = pathlib.Path(pyroflows.__file__).parent
 BASE = {"_config", "_memo", "_gaussian", "_random", "_private", "_legacy",
-        "_distributed", "_plates"}  # below every room
+        "_distributed", "_plates", "_checks"}  # below every room
 ALLOWED = {
     "_fast": set(),
     "nn": {"_fast"},

@@ -209,3 +209,14 @@ def test_registered_callables_load_and_nothing_else_is_added(saved, tmp_path, mo
     for bad in (lambda: None, torch.nn.Tanh(), "torch.nn.Tanh"):
         with pytest.raises(ValueError, match="not a module-level class or function"):
             persistence.register_callable(bad)
+
+
+def test_a_file_saved_without_checksums_loads(saved, tmp_path):
+    """torch writes CRC-32 0 after ``set_crc32_options(False)``: unchecked, not 'damaged'."""
+    _, est, x = saved
+    torch.serialization.set_crc32_options(False)
+    try:
+        est.save(tmp_path / "no-crc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.equal(DensityEstimator.load(tmp_path / "no-crc.pt").log_prob(x), est.log_prob(x))

@@ -248,7 +248,7 @@ def test_a_bad_batch_in_a_later_pass_gets_the_fits_message(device, dtype):
     x, _, _ = gaussian_data(300, seed=6)
     x = torch.as_tensor(x, dtype=dtype)
     est = DensityEstimator(seed=0, device=device, **SMALL)
-    with pytest.raises(ValueError, match=r"^x: batch 2 has NaN or infinite rows"):
+    with pytest.raises(ValueError, match=r"^x: batch 2 has NaN or infinite values"):
         est.fit(_Changing(list(x[:250].split(50))), x_val=[x[250:]], max_epochs=2,
                 progress=False)
     assert est.history_["stopped"] == "error" and torch.isfinite(est.log_prob(x[:5])).all()

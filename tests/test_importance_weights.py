@@ -281,3 +281,57 @@ def test_a_site_drawn_from_its_prior_after_an_enumerated_one_is_refused(device, 
 
     with pytest.raises(ValueError, match="'z' is neither sampled by the guide nor enumerated"):
         dg.log_importance_weights(model, guide, y, num_samples=4)
+
+
+def test_deterministic_sites_of_enumerated_ones_are_left_out_with_a_warning(device, dtype):
+    """Their values hold the enumerated support, not a value per draw: ArviZ got them in
+    shapes such as (1, 16, 1, 2, 16, 1)."""
+    y = _mixture_data(device, dtype)
+    shifts = y.new_tensor(_SHIFTS)
+
+    def model(y):
+        z = pyro.sample("z", dist.Normal(y.new_zeros(()), 3.0))
+        pyro.deterministic("z2", 2 * z)
+        with pyro.plate("data", len(y)):
+            k = pyro.sample("k", dist.Categorical(y.new_tensor(_WEIGHTS)),
+                            infer={"enumerate": "parallel"})
+            loc = pyro.deterministic("loc", z + shifts[k])
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=y)
+
+    def guide(y):
+        pyro.sample("z", dist.Normal(y.new_tensor(0.1), y.new_tensor(0.5)))
+
+    with pytest.warns(UserWarning, match=r"deterministic sites \['loc'\] depend on enumerated"):
+        idata = dg.to_inference_data(model, guide, y, num_samples=16)
+    assert "loc" not in idata.posterior and idata.posterior["z2"].shape == (1, 16)
+
+
+def test_a_global_enumerated_site_with_a_subsampled_plate_is_named(device, dtype):
+    """Its sum over every row does not split into windows; Pyro's scale error said nothing."""
+    y = _mixture_data(device, dtype)
+
+    def model(y):
+        k = pyro.sample("k", dist.Categorical(y.new_tensor(_WEIGHTS)),
+                        infer={"enumerate": "parallel"})
+        with pyro.plate("data", len(y), subsample_size=5) as rows:
+            pyro.sample("obs", dist.Normal(y.new_tensor(_SHIFTS)[k], 1.0), obs=y[rows])
+
+    def guide(y):
+        pass
+
+    with pytest.raises(ValueError, match="score this model with its whole data"):
+        dg.log_importance_weights(model, guide, y, num_samples=4)
+
+
+def test_the_subsample_warning_names_the_callers_line(device, dtype):
+    y = torch.arange(20.0, device=device, dtype=dtype)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(y.new_zeros(()), 10.0))
+        with pyro.plate("data", 20, subsample_size=5) as rows:
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=y[rows])
+
+    with pytest.warns(UserWarning, match="one random subsample") as caught:
+        dg.psis_khat(model, AutoNormal(model), y, num_samples=8)
+    assert caught[0].filename == __file__  # (not a line inside pyroflows)

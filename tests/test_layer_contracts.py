@@ -148,13 +148,20 @@ def test_with_cache_is_the_layer_itself():
     (lambda: pf.transforms.planar(2.5), "Planar: dim must be a whole number"),
     (lambda: pf.flows.build("iaf", 3, num_layers=2.5), "num_layers must be a whole number"),
     (lambda: pf.flows.build("maf", 3, hidden_dims=(8.5,)), "hidden_dims must be a whole"),
+    (lambda: pf.transforms.maf(3, hidden_dims=(8.9,)), "each hidden width must be a whole"),
+    (lambda: pf.transforms.conditional_maf(2.5, 2), "ConditionalMAF: dim must be a whole"),
     (lambda: pf.transforms.elementwise_affine(3, scale=torch.ones(2)),
-     r"scale must be a number or of shape \(3,\)"),
+     r"scale must be a number or of shape \(1,\) or \(3,\)"),
 ])
 def test_bad_arguments_are_named(build, match):
     """Each used to build (a NaN map, a wrong map, a smaller flow) or give PyTorch's error."""
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_a_scale_of_one_entry_still_broadcasts():
+    t = pf.transforms.elementwise_affine(3, scale=torch.full((1,), 2.0))
+    assert torch.allclose(t(torch.ones(1, 3)), torch.full((1, 3), 2.0))
 
 
 def test_an_input_of_another_dtype_is_named(device):
@@ -173,3 +180,33 @@ def test_a_conditional_flow_scores_and_draws_no_rows_without_autograd(device, dt
     with torch.no_grad():
         assert q.condition(c).log_prob(torch.zeros(0, 2, device=device, dtype=dtype)).shape == (0,)
         assert q.condition(c).sample().shape == (0, 2)
+
+
+@pytest.mark.parametrize("name", ["planar", "maf", "realnvp"])
+def test_torch_func_over_the_parameters(device, dtype, name):
+    """``grad`` of ``functional_call`` and a ``vmap`` ensemble over stacked parameters: the
+    cache key read the storage of torch.func's tensors, which have none."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    make = {"planar": lambda: pf.transforms.planar(4), "maf": lambda: pf.transforms.maf(4),
+            "realnvp": lambda: pf.transforms.realnvp(4)}[name]
+    layers = [make().to(device, dtype) for _ in range(3)]
+    x = torch.randn(8, 4, device=device, dtype=dtype)
+    params = dict(layers[0].named_parameters())
+    grads = grad(lambda p: functional_call(layers[0], p, (x,)).sum())(params)
+    assert set(grads) == set(params)
+    stacked, buffers = stack_module_state(layers)
+    ys = vmap(lambda p, b: functional_call(layers[0], (p, b), (x,)))(stacked, buffers)
+    assert torch.allclose(ys[1], layers[1](x.clone()), atol=10 * _tol(dtype))
+
+
+def test_a_compiled_realnvp_stack_is_one_graph():
+    """The halves of the mask were worked out at each call (a storage address and a version,
+    which Dynamo cannot trace: a graph break per layer)."""
+    import torch._dynamo as dynamo
+
+    flow = pf.flows.build("realnvp", 32, num_layers=2, compile="eager")
+    x = torch.randn(16, 32)
+    explained = dynamo.explain(flow._chain)(x, False, False)
+    assert explained.graph_break_count == 0, explained.break_reasons

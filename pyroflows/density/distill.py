@@ -51,11 +51,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import flows
+from .._checks import whole_number
 from .._config import validation
 from .._gaussian import ml_gaussian, standard_normal_log_prob
 from .._random import generator as seeded
 from ..transforms.affine import TriangularAffine
-from ..transforms.base import whole_number
 from .pipeline import ContextShift, DensityModel, evaluate
 from .training import adam, snapshot
 
@@ -114,7 +114,7 @@ class Student(nn.Module):
         super().__init__()
         self.dim = int(dim)
         self.num_layers = int(num_layers)
-        self.hidden_dims = tuple(int(h) for h in hidden_dims)
+        self.hidden_dims = tuple(whole_number(h, "each of hidden_dims", 1) for h in hidden_dims)
         self.context_dim = None if context_dim is None else int(context_dim)
         self.log_scale_bound = float(log_scale_bound)
         stack = flows.build("iaf", self.dim, num_layers=self.num_layers,

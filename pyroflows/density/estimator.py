@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from .. import flows
+from .._checks import whole_number
 from .._config import validation
 from .._distributed import is_data_parallel
 from .._random import generator
-from ..transforms.base import whole_number
 from ..transforms.tabak import Tabak
 from . import distill as distillation
 from . import persistence, pipeline, streaming, training

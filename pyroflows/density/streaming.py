@@ -113,16 +113,39 @@ def _is_batch(b: Any) -> bool:
 
 class _Errors:
     """The first bad batch a pass met, reported on every rank after the pass (a rank that
-    raised alone would leave the others waiting in a collective)."""
+    raised alone would leave the others waiting in a collective). ``deferred``: a batch's
+    finiteness is kept on the device and read once, after the pass (a training pass makes no
+    host synchronization per batch; the bad batch's step is skipped as any non-finite step)."""
 
-    def __init__(self, rows: Rows) -> None:
-        self.rows, self.message = rows, None
+    def __init__(self, rows: Rows, deferred: bool = False) -> None:
+        self.rows, self.message, self.deferred = rows, None, deferred
+        self._first_bad: Tensor | None = None  # (deferred) the first bad batch's number, or -1
+        self._source = ("", None)  # (deferred) the source's name and dtype, for the message
 
     def note(self, message: str) -> None:
         if self.message is None:
             self.message = message
 
+    def note_finite(self, finite: Tensor, name: str, number: int, dtype: torch.dtype,
+                    what: str) -> None:
+        """Note batch ``number`` of ``name`` if ``finite`` (a 0-d bool tensor) is false."""
+        if not self.deferred:
+            if not bool(finite):
+                self.note(f"{name}: batch {number} has NaN or infinite {what} (in {dtype}); "
+                          "drop or impute them first")
+            return
+        bad = torch.where(finite, -1, number)
+        first = self._first_bad
+        self._first_bad = bad if first is None else torch.where(first >= 0, first, bad)
+        self._source = (name, dtype)
+
     def raise_any(self) -> None:
+        if self._first_bad is not None and self.message is None:
+            number = int(self._first_bad)  # (one synchronization per pass)
+            if number >= 0:
+                name, dtype = self._source
+                self.note(f"{name}: batch {number} has NaN or infinite values (in {dtype}); "
+                          "drop or impute them first")
         flag = torch.tensor([float(self.message is not None)], device=self.rows.device)
         if float(self.rows.sum(flag)) > 0:
             raise ValueError(self.message or "another process met bad data (its message is "
@@ -161,9 +184,9 @@ class _Batches:
             return None
         if errors is not None:
             for part, what in ((y, "rows"), (c, "contexts")):
-                if part is not None and not bool(torch.isfinite(part).all()):
-                    errors.note(f"{self.name}: batch {number} has NaN or infinite {what} "
-                                f"(in {self.dtype}); drop or impute them first")
+                if part is not None:
+                    errors.note_finite(torch.isfinite(part).all(), self.name, number,
+                                       self.dtype, what)
         return y, c
 
     def _checked(self, batch: Any, number: int) -> tuple[Tensor, Tensor | None]:
@@ -540,13 +563,13 @@ class StreamTrainer(Trainer):
         model.train()
         # a source whose batches change between passes may bring a bad one here: the fit's
         # own message (on every rank) instead of a distribution's about its support
-        errors = _Errors(rows)
+        errors = _Errors(rows, deferred=True)
         batches = self.train(epoch, self.gen, errors)
         while True:
             batch = next(batches, False)
             if batch is False and not rows.parallel:
                 break
-            if errors.message is not None:
+            if errors.message is not None:  # (a malformed batch: known at once)
                 if not rows.parallel:
                     break
                 batch = None  # (an empty share: the other ranks' steps go on to the end)
@@ -574,20 +597,20 @@ class StreamTrainer(Trainer):
         return float(sums[0]) / seen if seen else float("nan"), int(seen)
 
     def val_score(self, check: bool = False) -> float:
-        """The flow's mean validation log-likelihood over all ranks' rows (``check``: the
-        batches are checked, a ``ValueError`` on every rank for a bad one)."""
-        errors = _Errors(self.rows) if check else None
+        """The flow's mean validation log-likelihood over all ranks' rows; a bad batch is a
+        ``ValueError`` on every rank (``check``: the first pass, known batch by batch; later
+        ones, a source that changed, after the pass without a synchronization per batch)."""
+        errors = _Errors(self.rows, deferred=not check)
         total = torch.zeros((), dtype=torch.float64, device=self.val.device)
         count = 0
         with torch.no_grad(), validation(False):
             for batch in self.val(0, None, errors):
-                if batch is None or (errors is not None and errors.message is not None):
+                if batch is None or errors.message is not None:
                     continue
                 u, ld, h = self._inputs(batch)
                 total += (self.model.flow_log_prob(u, h) + ld).sum().to(torch.float64)
                 count += u.shape[0]
-        if errors is not None:
-            errors.raise_any()
+        errors.raise_any()
         sums = self.rows.sum(torch.stack([total, total.new_tensor(float(count))]))
         self.num_val = int(sums[1])
         if self.num_val == 0:

@@ -8,8 +8,9 @@ aligned as ``(S, *[one entry per plate dim], *event_shape)``, size 1 where the s
 from __future__ import annotations
 
 import inspect
+import itertools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,14 +131,15 @@ def _enumerated(site: dict) -> bool:
 
 
 def _traces(model, guide, args, kwargs, num_samples: int, mpn: int
-            ) -> tuple[list[Trace], Trace]:
-    """The model traces replayed against the vectorized guide trace, and the guide trace, with
-    log densities, subsample sites pruned. The model runs under ``poutine.enum``, so a site
-    marked ``infer={"enumerate": "parallel"}`` that the guide does not sample holds its whole
-    support, left of the draws' plate. One model trace, or where the model subsamples a
-    plate and no latent site lies in it (enumerated ones aside), one per window of its rows
-    (:func:`pyroflows._plates.windows`), the latent values of the first in every one: the
-    mean of their log densities is that of every row."""
+            ) -> tuple[Trace, Iterator[Trace], int, Trace]:
+    """The model's traces replayed against the vectorized guide trace, with log densities,
+    subsample sites pruned: the first, an iterator over all of them (made one at a time, so
+    that only one is held), their number; and the guide trace. The model runs under
+    ``poutine.enum``, so a site marked ``infer={"enumerate": "parallel"}`` that the guide does
+    not sample holds its whole support, left of the draws' plate. One model trace, or where
+    the model subsamples a plate and no latent site lies in it (enumerated ones aside), one
+    per window of its rows (:func:`pyroflows._plates.windows`), the latent values of the
+    first in every one: the mean of their log densities is that of every row."""
     guide_trace = poutine.trace(vectorize(guide, num_samples, mpn)).get_trace(*args, **kwargs)
     vectorized = poutine.enum(vectorize(model, num_samples, mpn),
                               first_available_dim=-(mpn + 2))
@@ -146,38 +148,60 @@ def _traces(model, guide, args, kwargs, num_samples: int, mpn: int
     latent = {name for name, site in model_trace.nodes.items() if site["type"] == "sample"
               and not site["is_observed"] and not site_is_subsample(site)
               and not _enumerated(site)}
-    model_traces = [model_trace]
     windows = _plates.windows(model_trace, latent)
-    if windows:
-        values = prune_subsample_sites(model_trace)
-        for name in [name for name in values.nodes if name not in latent]:
-            values.remove_node(name)
-        model_traces = [poutine.trace(window(poutine.replay(vectorized, trace=values))
-                                      ).get_trace(*args, **kwargs) for window in windows]
-    elif windows is None:
+    if windows is None:
         plates = ", ".join(_plates.describe(site) for site in _plates.subsampled(model_trace))
         warnings.warn(f"the model subsamples {plates} with latent sites inside (or more than "
                       f"{_plates.WHOLE_DATA_MAX_RUNS} windows of its rows, or several "
                       "subsampled plates): the log weights are those of one random subsample, "
                       "so the ELBO is an unbiased estimate, but k-hat and the weights' spread "
-                      "describe that subsample's noise too", stacklevel=5)
+                      "describe that subsample's noise too", stacklevel=_user_level())
     guide_trace = prune_subsample_sites(guide_trace)
     guide_sites = [site for site in guide_trace.nodes.values() if site["type"] == "sample"]
     if guide_sites and all(_is_point_mass(site["fn"]) for site in guide_sites):
         raise ValueError("the guide is a point mass (e.g. AutoDelta): it has no density, so "
                          "importance weights, the ELBO and k-hat are undefined for it")
     guide_trace.compute_log_prob()
-    model_traces = [prune_subsample_sites(trace) for trace in model_traces]
-    for trace in model_traces:
+    values = prune_subsample_sites(model_trace)
+    for name in [name for name in values.nodes if name not in latent]:
+        values.remove_node(name)
+
+    def scored(trace: Trace) -> Trace:
+        trace = prune_subsample_sites(trace)
         trace.compute_log_prob()
-    return model_traces, guide_trace
+        return trace
+
+    def window_traces() -> Iterator[Trace]:
+        for window in windows:
+            yield scored(poutine.trace(window(poutine.replay(vectorized, trace=values))
+                                       ).get_trace(*args, **kwargs))
+
+    if not windows:
+        first = scored(model_trace)
+        return first, iter([first]), 1, guide_trace
+    runs = window_traces()
+    first = next(runs)
+    return first, itertools.chain([first], runs), len(windows), guide_trace
 
 
-def _log_weights(model_traces: list[Trace], guide_trace: Trace, num_samples: int,
-                 mpn: int) -> tuple[Tensor, Tensor]:
+def _user_level() -> int:
+    """The ``stacklevel``, for a warning issued by this function's caller, of the frame that
+    called into this package last (the user's line, past torch's decorators in between), so
+    that the default filter shows the warning once per such line."""
+    package = __name__.split(".")[0]
+    frame, level, outermost = inspect.currentframe().f_back, 1, 1  # (1: the caller's frame)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").split(".")[0] == package:
+            outermost = level
+        frame, level = frame.f_back, level + 1
+    return outermost + 1
+
+
+def _log_weights(model_traces: Iterable[Trace], runs: int, guide_trace: Trace,
+                 num_samples: int, mpn: int) -> tuple[Tensor, Tensor]:
     """Per draw, ``log p(x, z) - log q(z)`` and ``log p(x, z)``, ``log p`` the mean over the
-    model traces, enumerated sites summed out. A latent site the guide does not sample is
-    drawn by the model from its prior conditional: part of ``q``, it cancels."""
+    ``runs`` model traces, enumerated sites summed out. A latent site the guide does not
+    sample is drawn by the model from its prior conditional: part of ``q``, it cancels."""
     log_q = sum(_per_draw_sum(site["log_prob"], name, num_samples, mpn)
                 for name, site in guide_trace.nodes.items() if site["type"] == "sample")
     log_p = log_prior_uncovered = 0.0
@@ -185,7 +209,7 @@ def _log_weights(model_traces: list[Trace], guide_trace: Trace, num_samples: int
         enumerated = any(site["type"] == "sample" and _enumerated(site)
                          for site in model_trace.nodes.values())
         if enumerated:
-            log_p = log_p + _summed_out(model_trace, guide_trace, num_samples)
+            log_p = log_p + _summed_out(model_trace, guide_trace, num_samples, runs > 1)
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or _enumerated(site):
                 continue
@@ -198,18 +222,28 @@ def _log_weights(model_traces: list[Trace], guide_trace: Trace, num_samples: int
                 log_prior_uncovered = log_prior_uncovered + lp
     if not torch.is_tensor(log_p):
         raise ValueError("the model has no sample sites")
-    runs = len(model_traces)
     return (log_p - log_prior_uncovered) / runs - log_q, log_p / runs
 
 
-def _summed_out(model_trace: Trace, guide_trace: Trace, num_samples: int) -> Tensor:
+def _summed_out(model_trace: Trace, guide_trace: Trace, num_samples: int,
+                windowed: bool) -> Tensor:
     r"""Per draw, ``log p(x, z)`` with the enumerated sites summed out, as ``TraceEnum_ELBO``
     does: the sites that depend on none summed as they are, the others contracted
-    (``pyro.ops.contract.contract_to_tensor``) down to the draws' plate, then scaled."""
+    (``pyro.ops.contract.contract_to_tensor``) down to the draws' plate, then scaled
+    (``windowed``: one of several windows of a subsampled plate's rows)."""
     guide_trace.pack_tensors()
     model_trace.pack_tensors(guide_trace.plate_to_symbol)
-    costs, log_factors, sum_dims, scale = _private.enumerated_log_factors(model_trace,
-                                                                           guide_trace)
+    try:
+        costs, log_factors, sum_dims, scale = _private.enumerated_log_factors(model_trace,
+                                                                               guide_trace)
+    except ValueError as error:  # (sites of different scales depend on an enumerated one)
+        if "scale" not in str(error):
+            raise
+        raise ValueError(
+            "an enumerated site couples sites of a subsampled plate with sites outside it "
+            + ("(a discrete site outside the plate: its sum over every row does not split "
+               "into windows of rows)" if windowed else "(TraceEnum_ELBO refuses it too)")
+            + ": score this model with its whole data (subsample_size=None)") from error
     symbol = model_trace.plate_to_symbol[_SAMPLE_PLATE]
     for name, site in model_trace.nodes.items():
         if (site["type"] == "sample" and not site["is_observed"] and not _enumerated(site)
@@ -236,14 +270,36 @@ def _packed_per_draw(term: Tensor, symbol: str, num_samples: int) -> Tensor:
     return (term.sum(other) if other else term).expand(num_samples)
 
 
-def _sites_and_values(model_trace: Trace, num_samples: int,
-                      mpn: int) -> tuple[dict[str, Site], dict[str, Tensor]]:
+def _enumeration_dependent(model: Callable, guide_trace: Trace, model_trace: Trace,
+                           args: tuple, kwargs: dict, num_samples: int, mpn: int) -> set[str]:
+    """The ``pyro.deterministic`` sites of ``model_trace`` whose values depend on an enumerated
+    site (they hold its whole support, so no value per draw), found as those whose shape
+    differs in a run without enumeration; a warning names them."""
+    if not any(site["type"] == "sample" and _enumerated(site)
+               for site in model_trace.nodes.values()):
+        return set()
+    plain = poutine.trace(poutine.replay(vectorize(model, num_samples, mpn), trace=guide_trace)
+                          ).get_trace(*args, **kwargs)
+    dependent = {name for name, site in model_trace.nodes.items()
+                 if site["type"] == "sample" and site_is_deterministic(site)
+                 and name in plain.nodes and plain.nodes[name]["value"].shape
+                 != site["value"].shape}
+    if dependent:
+        warnings.warn(f"the deterministic sites {sorted(dependent)} depend on enumerated "
+                      "discrete sites, which are summed out: they have no value per draw and "
+                      "are left out (pyro.infer.infer_discrete draws the discrete sites)",
+                      stacklevel=_user_level())
+    return dependent
+
+
+def _sites_and_values(model_trace: Trace, num_samples: int, mpn: int, skip: set[str]
+                      ) -> tuple[dict[str, Site], dict[str, Tensor]]:
     """Every sample site of the model but the enumerated ones, and the aligned values of the
     unobserved ones."""
     sites: dict[str, Site] = {}
     values: dict[str, Tensor] = {}
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or _enumerated(site):  # (summed out: no draws of it)
+        if site["type"] != "sample" or _enumerated(site) or name in skip:  # (summed out)
             continue
         frames = {f.dim: f.name for f in site["cond_indep_stack"]
                   if f.vectorized and f.name != _SAMPLE_PLATE}
@@ -293,10 +349,12 @@ def draw(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_sample
            if max_plate_nesting is None else int(max_plate_nesting))
 
     def run(start: int, n: int):
-        model_traces, guide_trace = _traces(model, guide, args, kwargs, n, mpn)
-        log_weights, log_joint = _log_weights(model_traces, guide_trace, n, mpn)
-        sites, values = (_sites_and_values(model_traces[0], n, mpn) if keep_values
-                         else ({}, {}))
+        first, model_traces, runs, guide_trace = _traces(model, guide, args, kwargs, n, mpn)
+        log_weights, log_joint = _log_weights(model_traces, runs, guide_trace, n, mpn)
+        if not keep_values:
+            return log_weights, log_joint, {}, {}
+        skip = _enumeration_dependent(model, guide_trace, first, args, kwargs, n, mpn)
+        sites, values = _sites_and_values(first, n, mpn, skip)
         return log_weights, log_joint, values, sites
 
     chunk = num_samples if chunk_size is None else max(1, min(int(chunk_size), num_samples))

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from .. import transforms as T
+from .._checks import whole_number
 from ..nn.made import MADE
 from ..transforms.autoregressive import AffineAutoregressiveCore
-from ..transforms.base import whole_number
 from .banks import stacked_mades
 from .conditional import ConditionalFlowStack
 from .families import FAMILIES

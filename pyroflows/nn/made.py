@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import whole_number
 from .._fast.made import blockable
 from .._memo import Memoized
 
@@ -106,18 +107,12 @@ class MADE(Memoized, nn.Module):
                  activation: Callable[[], nn.Module] = nn.ReLU, residual: bool = False,
                  zero_first: bool = False, context_dim: int | None = None) -> None:
         super().__init__()
-        features = int(features)
-        if features < 1:
-            raise ValueError(f"MADE: features must be a positive integer, got {features}")
-        hidden_dims = tuple(int(h) for h in hidden_dims)
-        if any(h < 1 for h in hidden_dims):
-            raise ValueError(f"MADE: hidden widths must be positive, got {hidden_dims}")
+        features = whole_number(features, "MADE: features", 1)
+        hidden_dims = tuple(whole_number(h, "MADE: each hidden width", 1) for h in hidden_dims)
         if residual and len(set(hidden_dims)) > 1:
             raise ValueError(f"MADE: residual=True needs equal hidden widths, got {hidden_dims}")
         if context_dim is not None:
-            context_dim = int(context_dim)
-            if context_dim < 1:
-                raise ValueError(f"MADE: context_dim must be a positive integer, got {context_dim}")
+            context_dim = whole_number(context_dim, "MADE: context_dim", 1)
             if not hidden_dims:
                 raise ValueError("MADE: a context enters the first hidden layer; give at least "
                                  "one hidden width")

@@ -29,9 +29,9 @@ class _PackedAffine(FlowTransform):
         loc_t = torch.as_tensor(loc, dtype=torch.get_default_dtype()).detach()
         scale_t = torch.as_tensor(scale, dtype=torch.get_default_dtype()).detach()
         for name, value in (("loc", loc_t), ("scale", scale_t)):
-            if value.shape not in ((), (self.dim,)):
+            if value.dim() > 1 or value.numel() not in (1, self.dim):  # (what expands to (D,))
                 raise ValueError(f"{type(self).__name__}: {name} must be a number or of shape "
-                                 f"({self.dim},), got shape {tuple(value.shape)}")
+                                 f"(1,) or ({self.dim},), got shape {tuple(value.shape)}")
         if not bool((scale_t > 0).all()):
             raise ValueError(f"{type(self).__name__}: scale must be positive, got {scale}")
         return {"loc": loc_t.expand(self.dim), "log_scale": scale_t.log().expand(self.dim)}

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 from torch.distributions import constraints
 
+from .._checks import whole_number
 from .._config import is_validation_enabled
 from .._fast import traced
-from .._memo import optimizer_steps, tensor_state
+from .._memo import optimizer_steps
 
 __all__ = ["FlowTransform", "OutputCache", "module_stamp"]
 
@@ -32,12 +31,14 @@ class _CacheEntry:
 
 def module_stamp(module: nn.Module, shared: bool = False) -> tuple | None:
     """The cache key of a module's state: the grad mode, the count of optimizer steps, and
-    the identity, version counter, storage, dtype and device of every parameter and buffer
-    (``None`` in inference mode, where nothing is cached).
+    the identity, version counter and storage address of every parameter and buffer
+    (``None`` in inference mode and under ``torch.func`` or ``torch.compile``, where nothing
+    is cached). A storage freed and allocated again at the same address between two calls
+    (``p.data = ...`` in a loop, outside an optimizer) can still look unchanged.
     ``shared=True`` visits a submodule shared by several owners once (a bank of a stack)."""
     # walks the dictionaries directly: named_parameters() builds prefixed names and a seen-set,
     # several times the cost, and this runs a few times per layer per training step
-    if torch.is_inference_mode_enabled():
+    if torch.is_inference_mode_enabled() or traced():  # (torch.func's tensors: no storage)
         return None
     states: list = []
     seen: set[int] | None = set() if shared else None
@@ -48,26 +49,28 @@ def module_stamp(module: nn.Module, shared: bool = False) -> tuple | None:
             if id(m) in seen:
                 continue
             seen.add(id(m))
+        # (a new dtype or device is a new storage: its address is enough, and cheaper)
         for t in m._parameters.values():
             if t is not None:
-                states += tensor_state(t)
+                states += (id(t), t._version, t.data_ptr())
         for t in m._buffers.values():
             if t is not None:
-                states += tensor_state(t)
+                states += (id(t), t._version, t.data_ptr())
         todo.extend(c for c in m._modules.values() if c is not None)
     return (torch.is_grad_enabled(), optimizer_steps(), tuple(states))
 
 
-def whole_number(value: Any, name: str, low: int = 0) -> int:
-    """``value`` as an ``int``: a whole number of an integer type (Python's, NumPy's, an
-    integer tensor's) of at least ``low``, else a ``ValueError`` (2.5 is not silently 2)."""
-    try:
-        whole = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}") from None
-    if whole < low:
-        raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
-    return whole
+def _first_floating(module: nn.Module) -> Tensor | None:
+    """The first floating parameter or buffer of ``module`` or its submodules (what an input's
+    dtype and device must match), walking the dictionaries as :func:`module_stamp` does."""
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        for t in chain(m._parameters.values(), m._buffers.values()):
+            if t is not None and t.is_floating_point():
+                return t
+        todo.extend(c for c in m._modules.values() if c is not None)
+    return None
 
 
 def _all_finite(value: Tensor) -> bool:
@@ -210,8 +213,7 @@ class FlowTransform(OutputCache, TransformModule):
         if value.dim() < 1 or value.shape[-1] != self.dim:
             raise ValueError(f"{name}: {what} must have shape (..., {self.dim}) (event size "
                              f"{self.dim}), got shape {tuple(value.shape)}")
-        ref = next((t for t in chain(self.parameters(), self.buffers())
-                    if t.is_floating_point()), None)
+        ref = _first_floating(self)
         if ref is not None and (value.dtype != ref.dtype or value.device != ref.device):
             raise ValueError(f"{name}: {what} is {value.dtype} on {value.device}, the layer is "
                              f"{ref.dtype} on {ref.device}: move one to the other "

@@ -17,6 +17,7 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor
 from torch.distributions import Transform
 
+from .._checks import whole_number
 from .._config import is_validation_enabled
 from .._fast import broadcast_batch
 from .base import FlowTransform
@@ -48,12 +49,8 @@ class ConditionalFlowTransform(ConditionalTransformModule):
     def __init__(self, dim: int, context_dim: int) -> None:
         super().__init__()
         name = type(self).__name__
-        if int(dim) < 1:
-            raise ValueError(f"{name}: dim must be a positive integer, got {dim!r}")
-        if int(context_dim) < 1:
-            raise ValueError(f"{name}: context_dim must be a positive integer, got "
-                             f"{context_dim!r}")
-        self.dim, self.context_dim = int(dim), int(context_dim)
+        self.dim = whole_number(dim, f"{name}: dim", 1)
+        self.context_dim = whole_number(context_dim, f"{name}: context_dim", 1)
 
     def check_context(self, context: Tensor) -> Tensor:
         """``context`` itself, or a :class:`ValueError` saying what is wrong with it: not a

@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._memo import tensor_state
 from .autoregressive import AffineAutoregressiveCore
 
 __all__ = ["RealNVP", "realnvp"]
@@ -56,21 +55,17 @@ class RealNVP(AffineAutoregressiveCore):
                          log_scale_bound=log_scale_bound, activation=activation,
                          residual=residual, zero_first=True)
         self.register_buffer("mask", mask_t)
+        self._halves = _contiguous_halves(mask_t)
+        self.register_load_state_dict_post_hook(RealNVP._mask_loaded)
 
     #: the smallest D for which the compact conditioner runs: it saves (D/2) H_1 + D H_L
     #: multiply-adds per sample for a few small kernels per layer (measured choice)
     compact_min_dim: int = 32
 
-    @property
-    def _halves(self) -> tuple[slice, slice] | None:
-        """:func:`_contiguous_halves` of the mask as it is now (``load_state_dict`` may bring
-        another one), computed once per state of the mask."""
-        mask = self._buffers["mask"]
-        key = tensor_state(mask)
-        entry = self.__dict__.get("_halves_of")
-        if entry is None or entry[0] != key:
-            entry = self.__dict__["_halves_of"] = (key, _contiguous_halves(mask))
-        return entry[1]
+    def _mask_loaded(self, *_: object) -> None:
+        """After ``load_state_dict`` (which may bring another mask): the halves of that mask.
+        (A plain attribute, not worked out at each call: ``torch.compile`` traces it.)"""
+        self._halves = _contiguous_halves(self.mask)
 
     @property
     def coupling_halves(self) -> tuple[slice, slice] | None:
