@@ -109,3 +109,25 @@ def test_sites_of_plain_torch_distributions(device, dtype):
     assert x.dims == ("chain", "draw") and x.shape == (1, s)
     assert abs(x.values.mean() - y_np.sum() / (n + 1)) < 4 / math.sqrt((n + 1) * s)
     assert idata.observed_data["y"].dims == ("data",)
+
+
+def test_posterior_predictive_of_a_model_with_a_deterministic_site(device, dtype):
+    """``pyro.deterministic`` is an observed Delta site to Pyro: unconditioned with the data, it
+    was drawn in the draws' plate and gained their dims twice (a ValueError on any model with
+    one)."""
+    y = torch.zeros(10, device=device, dtype=dtype)
+
+    def model(y):
+        z = pyro.sample("z", dist.Normal(y.new_zeros(()), 3.0))
+        loc = pyro.deterministic("loc", 2 * z)
+        with pyro.plate("data", 10):
+            pyro.sample("obs", dist.Normal(loc, 1e-6), obs=y)
+
+    def guide(y):
+        pyro.sample("z", dist.Normal(y.new_tensor(0.1), y.new_tensor(0.5)))
+
+    idata = dg.to_inference_data(model, guide, y, num_samples=16, posterior_predictive=True)
+    simulated = idata.posterior_predictive["obs"].values
+    assert simulated.shape == (1, 16, 10)
+    expected = np.broadcast_to(2 * idata.posterior["z"].values[..., None], simulated.shape)
+    np.testing.assert_allclose(simulated, expected, atol=1e-4)

@@ -11,6 +11,8 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.inspect import site_is_deterministic
+from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from torch import Tensor
 
 from .weights import Draws, Site, align, draw, guide_name, in_chunks, vectorize
@@ -49,6 +51,15 @@ def _data_dims(site: Site, value: Tensor) -> list[str]:
     return dims
 
 
+class _Unconditioned(UnconditionMessenger):
+    """``poutine.uncondition`` but for ``pyro.deterministic`` sites (observed ``Delta`` sites
+    to Pyro): drawn from their ``Delta`` in the draws' plate, they gained its dims twice."""
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if not site_is_deterministic(msg):
+            super()._pyro_sample(msg)
+
+
 def _simulate_observed(model: Callable, draws: Draws, index: Tensor | None,
                        args, kwargs) -> dict[str, Tensor]:
     """Every observed site simulated once per draw (at ``index``) by the model without its data."""
@@ -61,7 +72,7 @@ def _simulate_observed(model: Callable, draws: Draws, index: Tensor | None,
 
     def simulate(start: int, n: int) -> dict[str, Tensor]:
         data = {name: v[start:start + n] for name, v in latents.items()}
-        predictive = poutine.condition(poutine.uncondition(model), data=data)
+        predictive = poutine.condition(_Unconditioned()(model), data=data)
         trace = poutine.trace(vectorize(predictive, n, mpn)).get_trace(*args, **kwargs)
         sites = {name: trace.nodes[name] for name in observed}
         return {name: align(site["value"], len(site["fn"].event_shape), n, mpn, name)
