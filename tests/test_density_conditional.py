@@ -255,6 +255,8 @@ def test_bounded_sampling_rejects_draws_outside(device, dtype):
     open_above = est.sample(500, seed=5, context=contexts[0], bounds=(0.0, math.inf))
     assert open_above.shape == (500, 1) and bool((open_above >= 0).all())
     assert est.acceptance_rate_.shape == ()
+    est.sample(5, context=contexts[0])  # (without bounds: the last call's rate was kept)
+    assert est.acceptance_rate_ is None
 
 
 def test_hopeless_bounds_are_an_error(small_fit):

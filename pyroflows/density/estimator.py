@@ -305,7 +305,8 @@ class DensityEstimator:
         dim_: the number of columns D.
         context_dim_: the context size C, ``None`` without a context.
         acceptance_rate_: after :meth:`sample` with ``bounds``, the share of draws inside them
-            per context row (shape (B,); () for one context or none).
+            per context row (shape (B,); () for one context or none); ``None`` after a call
+            without bounds.
         history_: per-epoch lists ``epoch``, ``train_log_prob``, ``val_log_prob``; ``best_epoch``,
             ``best_val_log_prob``, ``initial_val_log_prob``, ``final_val_log_prob`` (with the
             refiner), ``stopped``, ``skipped_steps`` (non-finite steps not applied),
@@ -898,6 +899,7 @@ class DensityEstimator:
         if bounds is None:
             z = torch.randn(count, rows, model.dim, generator=gen, device=device, dtype=dtype)
             draws = self._draw(model, z, c, student)
+            self.acceptance_rate_ = None  # (it describes the last call; this one had no bounds)
         else:
             if not 0.0 < float(min_acceptance) <= 1.0:
                 raise ValueError(f"min_acceptance must be in (0, 1], got {min_acceptance}")
