@@ -137,6 +137,8 @@ def test_resume_refuses_what_is_not_this_fits_checkpoint(tmp_path):
     seedless.fit(x, checkpoint=tmp_path / "seedless.ckpt", batch_size=32, **fit)
     with pytest.raises(ValueError, match="pass the same seed= to fit and to resume"):
         seedless.fit(x, **{**same, "resume": tmp_path / "seedless.ckpt"})
+    with pytest.raises(ValueError, match="checkpoint: the folder .*missing does not exist"):
+        est.fit(x, checkpoint=tmp_path / "missing" / "fit.ckpt", **fit)  # (after an epoch)
     with pytest.raises(ValueError, match="checkpoint_every"):
         est.fit(x, checkpoint=tmp_path / "fit.ckpt", checkpoint_every=0, **fit)
     with pytest.raises(ValueError, match="choose precondition"):

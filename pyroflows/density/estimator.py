@@ -601,6 +601,11 @@ class DensityEstimator:
                                  "it), not both")
             x_val = y_val
         checkpoint_every = whole_number(checkpoint_every, "checkpoint_every", 1)
+        if checkpoint is not None and (not is_data_parallel(distributed)
+                                       or torch.distributed.get_rank() == 0):  # (the writer)
+            folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
+            if not os.path.isdir(folder):  # (found before the work, not after an epoch of it)
+                raise ValueError(f"checkpoint: the folder {folder} does not exist")
         saving = {"checkpoint": checkpoint, "checkpoint_every": int(checkpoint_every),
                   "resume": resume}
         if (checkpoint is not None or resume is not None) and self.precondition == "auto":
