@@ -122,9 +122,9 @@ def test_dataloader_and_held_out_share_of_a_dataset(dtype):
         loader = DataLoader(TensorDataset(t[:500]), batch_size=50, shuffle=True)
         val = DataLoader(TensorDataset(t[500:]), batch_size=100)
         est = DensityEstimator("maf", seed=0, **SMALL)
-        # TensorDataset items are 1-tuples: collated batches are [x] lists, read as rows
-        return est.fit([b[0] for b in loader], x_val=[b[0] for b in val], max_epochs=2,
-                       progress=False)
+        # TensorDataset items are 1-tuples, collated into [x]: read as the rows x (they were
+        # refused as "a sequence of 1 parts")
+        return est.fit(loader, x_val=val, max_epochs=2, progress=False)
 
     a, b = fit_loader(), fit_loader()
     assert a.history_["val_log_prob"] == b.history_["val_log_prob"]
@@ -132,6 +132,9 @@ def test_dataloader_and_held_out_share_of_a_dataset(dtype):
     held = DensityEstimator("maf", seed=0, **SMALL).fit(ArrayDataset(t), val_fraction=0.2,
                                                         max_epochs=1, progress=False)
     assert held.history_["num_train"] == 480 and held.history_["num_val"] == 120
+    same = DensityEstimator("maf", seed=0, **SMALL).fit(TensorDataset(t), val_fraction=0.2,
+                                                        max_epochs=1, progress=False)
+    assert same.history_["val_log_prob"] == held.history_["val_log_prob"]
     loader = DataLoader(ArrayDataset(t[:500]), batch_size=100, shuffle=True)
     fitted = DensityEstimator("maf", seed=0, **SMALL).fit(
         loader, x_val=DataLoader(ArrayDataset(t[500:]), batch_size=50), max_epochs=1,

@@ -190,10 +190,13 @@ class _Batches:
         return y, c
 
     def _checked(self, batch: Any, number: int) -> tuple[Tensor, Tensor | None]:
+        if isinstance(batch, (tuple, list)) and len(batch) == 1:  # (TensorDataset(y)'s items)
+            batch = batch[0]
         if isinstance(batch, (tuple, list)):
             if len(batch) != 2:
                 raise ValueError(f"{self.name}: batch {number} is a sequence of {len(batch)} "
-                                 "parts; a batch is a (n, D) array or a (y, context) pair")
+                                 "parts; a batch is a (n, D) array (or a 1-tuple of one, as a "
+                                 "TensorDataset's) or a (y, context) pair")
             y, c = _to_tensor(batch[0], self.name), _to_tensor(batch[1], self.name)
         else:
             y, c = _to_tensor(batch, self.name), None
