@@ -76,6 +76,7 @@ def test_two_ranks_take_the_one_process_steps(tmp_path):
     checkpoint = read_checkpoint(tmp_path / "rows.ckpt")
     assert checkpoint["epoch"] == 2 and checkpoint["signature"]["processes"] == 2
     assert len(checkpoint["rng"]["torch"]) == 2
+    assert [len(state[1]) for state in checkpoint["rng"]["python"]] == [625, 625]  # (each rank's)
 
 
 def test_ranks_whose_data_disagree_get_one_answer(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import random
 import time
@@ -484,9 +485,15 @@ class Trainer:
         """Every generator the fit draws from, per rank: the fit's own (the minibatch order),
         torch's global CPU one (a ``DataLoader``'s shuffling and
         workers' seeds) and, on a GPU, the device's, and Python's."""
+        version, internal, gauss = random.getstate()
+        ints = self.rows.gather_all(torch.tensor([version, *internal], dtype=torch.int64))
+        gausses = self.rows.gather_all(torch.tensor(
+            [math.nan if gauss is None else gauss], dtype=torch.float64))
         states = {"generator": [t.cpu() for t in self.rows.gather_all(self.gen.get_state())],
                   "torch": [t.cpu() for t in self.rows.gather_all(torch.get_rng_state())],
-                  "python": random.getstate()}
+                  "python": [(int(i[0]), tuple(i[1:].tolist()),
+                              None if math.isnan(float(g)) else float(g))
+                             for i, g in zip(ints, gausses, strict=True)]}
         device = self.params[0].device if self.params else torch.device("cpu")
         if device.type == "cuda":
             cuda = torch.cuda.get_rng_state(device)
@@ -557,8 +564,11 @@ class Trainer:
             torch.set_rng_state(rng["torch"][min(rank, len(rng["torch"]) - 1)])
             if "cuda" in rng and device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"][min(rank, len(rng["cuda"]) - 1)], device)
-            version, state, gauss = rng["python"]
-            random.setstate((version, tuple(state), gauss))
+            python = rng["python"]
+            if isinstance(python[0], int):  # (one state, rank 0's: older checkpoints)
+                python = [python]
+            version, state, gauss = python[min(rank, len(python) - 1)]
+            random.setstate((int(version), tuple(state), gauss))
             return int(payload["epoch"]), int(payload["since_best"])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             reason = " ".join(str(e).split())
