@@ -12,7 +12,8 @@ Run it on one machine with 2 processes on the CPU (gloo), or one per GPU (NCCL):
     torchrun --nproc_per_node=2 examples/ddp_density.py --data rows.npy --out density.pt
     python examples/ddp_density.py --data rows.npy --out density.pt   # one process, same fit
 
-Without ``--data`` it writes a demo file of curved 8-D rows first (``--demo-rows`` of them).
+Without ``--data`` it writes a demo file of curved 8-D rows first (``--demo-rows`` of them,
+``demo_rows_<n>.npy``, reused by later runs of the same size).
 The global batch (default 2048) is shared out among the ranks: on CPU cores a rank's share
 should be a thousand rows or more, or each step's fixed costs (every rank's optimizer step,
 the all-reduce) take the gain (``benchmarks/results/scale.md``). A killed run continues from
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> pf.DensityEstimator:
             torch.cuda.set_device(device)
         torch.set_num_threads(1)  # one core per process
     rank = dist.get_rank() if parallel else 0
-    if args.data is None:
-        args.data = "demo_rows.npy"
+    if args.data is None:  # (named by its size: another --demo-rows is another file)
+        args.data = f"demo_rows_{args.demo_rows}.npy"
         if rank == 0 and not os.path.exists(args.data):
             demo_rows(args.data, args.demo_rows)
         if parallel:
