@@ -79,13 +79,12 @@ import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-import zuko
 from pyro.distributions import constraints
 from pyro.infer import Trace_ELBO
 from torch import nn
 
 import pyroflows as pf
-from benchmarks import emit
+from benchmarks import emit, peers
 
 HIDDEN, CONTEXT, PIXELS, TEST = 128, 64, 64, 297
 #: the settings that must agree between merged runs
@@ -112,6 +111,9 @@ ROWS = [
 STL_ROWS = [ROWS[0], ("gaussian", "pyroflows", "gaussian", 0)] + [
     (label, lib, family, k) for label, library, family, k in ROWS
     if library == "pyroflows" for lib in ("pyroflows", "pyroflows no STL")]
+#: the rows' libraries that are peers outside pyroflows' dependencies (the ``[bench]`` extra):
+#: a run leaves their rows out where the package is not installed
+PEERS = ("zuko",)
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +203,8 @@ class Row:
         else:
             head = GaussianHead(CONTEXT, d)
             if library == "zuko":
+                import zuko
+
                 maf = zuko.flows.MAF(d, CONTEXT, transforms=k, hidden_features=hidden)
                 self.guide_module = nn.ModuleList([self.encoder, head, maf])
 
@@ -315,7 +319,7 @@ def profile(args, train, log) -> list[str]:
     step's aten operations and backward nodes (torch.profiler). Process CPU milliseconds
     per step, the best of ``--profile-rounds`` rounds of 15 steps, the rows interleaved in a
     shuffled order."""
-    rows = [Row(*spec, seed=0, args=args, n_train=train.shape[0]) for spec in ROWS]
+    rows = [Row(*spec, seed=0, args=args, n_train=train.shape[0]) for spec in _installed(ROWS)]
     n, b = train.shape[0], args.batch
 
     def by_hand(row):
@@ -434,9 +438,23 @@ def _ms(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {se:.{digits}f}"
 
 
+def _installed(rows: list[tuple]) -> list[tuple]:
+    """``rows`` less those of a peer (:data:`PEERS`) that is not installed."""
+    return [r for r in rows if r[1] not in PEERS or peers.available(r[1])]
+
+
 def _rows(args) -> list[tuple]:
-    """The rows of this run: :data:`STL_ROWS` with ``--stl``, else :data:`ROWS`."""
-    return STL_ROWS if getattr(args, "stl", False) else ROWS
+    """The rows of this run: :data:`STL_ROWS` with ``--stl``, else :data:`ROWS`; a peer's
+    rows only where it is installed."""
+    return _installed(STL_ROWS if getattr(args, "stl", False) else ROWS)
+
+
+def _shown(results: list[dict], args) -> list[tuple]:
+    """The rows of the table: those of :data:`STL_ROWS` (``--stl``) or :data:`ROWS` that
+    every seed's results hold (a run leaves a missing peer's rows out; ``--merge``d runs
+    hold what their machines had)."""
+    return [r for r in (STL_ROWS if getattr(args, "stl", False) else ROWS)
+            if all((r[0], r[1]) in res for res in results)]
 
 
 def stl_summary(results: list[dict]) -> list[str]:
@@ -476,7 +494,7 @@ def stl_summary(results: list[dict]) -> list[str]:
 
 def table(results: list[dict], args) -> list[str]:
     if getattr(args, "stl", False):
-        keys = [(label, lib) for label, lib, _, _ in STL_ROWS]
+        keys = [(label, lib) for label, lib, _, _ in _shown(results, args)]
         col = {k: {m: [r[k][m] for r in results] for m in ("elbo", "ll", "gap", "sec")}
                for k in keys}
         lines = ["| posterior | library | test ELBO | test log-lik | gap | s / epoch |",
@@ -484,7 +502,7 @@ def table(results: list[dict], args) -> list[str]:
         lines += [f"| {k[0]} | {k[1]} | {_ms(col[k]['elbo'])} | {_ms(col[k]['ll'])} | "
                   f"{_ms(col[k]['gap'])} | {_ms(col[k]['sec'], 3)} |" for k in keys]
         return lines + [""] + stl_summary(results)
-    keys = [(label, lib) for label, lib, _, _ in ROWS]
+    keys = [(label, lib) for label, lib, _, _ in _shown(results, args)]
     col = {k: {m: [r[k][m] for r in results] for m in ("elbo", "ll", "gap", "sec")}
            for k in keys}
     lines = ["| posterior | library | test ELBO | test log-lik | gap | s / epoch |",
@@ -501,7 +519,7 @@ def table(results: list[dict], args) -> list[str]:
               "stream and networks at the start). Goal, per family: a clear gain (mean above 2 "
               "standard errors) in test log-lik and a clearly smaller gap than the Gaussian, a "
               "log-lik at least the peer's, and 2x the peer's speed per epoch:", ""]
-    for label, lib, _, _ in ROWS:
+    for label, lib, _, _ in _shown(results, args):
         if lib != "pyroflows":
             continue
         ours = col[(label, lib)]
@@ -573,6 +591,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     train, test = digits()
+    if not (args.gap_split or args.merge):  # (--gap-split trains the Gaussian row alone)
+        peers.note_missing(PEERS)
     if args.profile:
         lines = profile(args, train, lambda m: None)
         print("\n".join(lines))
@@ -628,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
         f"(subsample {args.batch} of the data plate), Adam lr {args.lr}, "
         f"Trace_ELBO(num_particles={args.particles}, vectorize_particles=True) for every row; "
         f"seeds {args.seeds}; float32, {args.threads} torch thread(s), torch "
-        f"{torch.__version__}, pyro {pyro.__version__}, zuko {zuko.__version__}.",
+        f"{torch.__version__}, pyro {pyro.__version__}, zuko {peers.version('zuko')}.",
         "",
         f"Test ELBO and log-likelihood: nats per image, from {args.samples} draws of the guide "
         "per test image (log-lik = log mean exp of the importance weights); gap = log-lik - "
@@ -641,7 +661,7 @@ def main(argv: list[str] | None = None) -> None:
         "Per seed (ELBO / log-lik / s per epoch):",
         "",
     ]
-    for label, lib, _, _ in _rows(args):
+    for label, lib, _, _ in _shown(results, args):
         lines.append(f"- {label} {lib}: " + "; ".join(
             f"{r[(label, lib)]['elbo']:.2f} / {r[(label, lib)]['ll']:.2f} / "
             f"{r[(label, lib)]['sec']:.3f}" for r in results))

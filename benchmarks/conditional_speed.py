@@ -28,11 +28,15 @@ import time
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-import zuko
 from torch.distributions import Independent, Normal
 
 import pyroflows as pf
 from pyroflows._fast import run_parts
+
+try:
+    from benchmarks import peers
+except ImportError:  # run as a script, ``python benchmarks/conditional_speed.py``
+    import peers
 
 B, C, LAYERS, HIDDEN = 256, 16, 5, (64, 64)
 
@@ -92,6 +96,8 @@ def case_iaf_pyro(dim):
 
 
 def case_iaf_zuko(dim):
+    import zuko
+
     maf = zuko.flows.MAF(dim, C, transforms=LAYERS, hidden_features=HIDDEN)
     flow = zuko.flows.Flow(maf.transform.inv, maf.base)
     params = list(maf.parameters())
@@ -136,6 +142,8 @@ def case_maf_pyro(dim):
 
 
 def case_maf_zuko(dim):
+    import zuko
+
     maf = zuko.flows.MAF(dim, C, transforms=LAYERS, hidden_features=HIDDEN)
     params = list(maf.parameters())
     y = torch.randn(B, dim)
@@ -150,6 +158,16 @@ CASES = {
             ("pyro", case_iaf_pyro), ("zuko", case_iaf_zuko)],
     "maf": [("pyroflows", case_maf_ours), ("pyro", case_maf_pyro), ("zuko", case_maf_zuko)],
 }
+#: the cases' libraries outside pyroflows' dependencies (the ``[bench]`` extra): their cases
+#: are left out where the package is not installed
+PEERS = ("zuko",)
+
+
+def installed_cases() -> dict[str, list]:
+    """:data:`CASES` less those of a peer that is not installed."""
+    return {item: [(name, make) for name, make in cases
+                   if name not in PEERS or peers.available(name)]
+            for item, cases in CASES.items()}
 
 
 def main() -> None:
@@ -157,10 +175,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
+    peers.note_missing(PEERS, "cases are left out")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     random.seed(0)
-    for item, cases in CASES.items():
+    for item, cases in installed_cases().items():
         for dim in (8, 32):
             built = []
             for name, make in cases:

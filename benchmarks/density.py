@@ -59,6 +59,7 @@ from scipy.stats import multivariate_normal, multivariate_t
 from torch import nn
 
 import pyroflows as pf
+from benchmarks import peers
 from benchmarks.targets import bench_dir
 from pyroflows.density import DensityEstimator, pipeline
 
@@ -292,6 +293,25 @@ _PIPELINES = {"Tabak+": ("tabak", None), "ours": ("whiten", None), "+Tabak": ("w
 # Model-name suffixes for the refiner's selection rule (Tabak's ``selection``), e.g.
 # "MAF+Tabak 1se"; without one, DensityEstimator's default.
 _SELECTIONS = {"1se": "one_se", "sig": "significant", "best": "best"}
+#: the peers outside pyroflows' dependencies (the ``[bench]`` extra), by their models' name
+#: prefix: a default run leaves a missing one's models out, naming one in --models is an error
+PEERS = ("zuko", "nflows")
+
+
+def peer_of(model: str) -> str | None:
+    """The peer package a model's name runs on (``"zuko MAF"``: zuko), else None."""
+    return next((p for p in PEERS if model.startswith(p)), None)
+
+
+def select_models(requested: str | None, default: list[str], parser) -> list[str]:
+    """The models of the run: ``--models`` as given (``parser.error`` if one needs a peer that
+    is not installed), else ``default`` less a missing peer's models, with one printed note."""
+    if requested:
+        models = [m for m in requested.split(",") if m]
+        peers.require(parser, [p for p in map(peer_of, models) if p], "--models")
+        return models
+    peers.note_missing(p for p in map(peer_of, default) if p)
+    return [m for m in default if peer_of(m) is None or peers.available(peer_of(m))]
 
 
 def run_model(name: str, data: Dataset, b: Budget, seed: int, flow_options: dict | None = None):
@@ -592,6 +612,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--summary-only", action="store_true",
                         help="for --whiten-table: print the table of --jsonl, fit nothing")
     args = parser.parse_args(argv)
+    if args.models:  # every table: a model of a peer that is not installed is a usage error
+        select_models(args.models, MODELS, parser)
     if args.tabak_table:
         torch.set_num_threads(1)
         b = Budget()
@@ -634,7 +656,7 @@ def main(argv: list[str] | None = None) -> None:
             with open(args.out, "w") as f:
                 f.write("\n".join(lines) + "\n")
         return
-    models = [m for m in (args.models or ",".join(MODELS)).split(",") if m]
+    models = select_models(args.models, MODELS, parser)
     flow_options = json.loads(args.flow_options) if args.flow_options else None
     seeds = [int(v) for v in args.seeds.split(",") if v]
     header = [

@@ -51,6 +51,11 @@ import torch
 import pyroflows as pf
 from pyroflows.density.distill import DISTILL_DEFAULTS
 
+try:
+    from benchmarks import peers
+except ImportError:  # run as a script, ``python benchmarks/distill.py``
+    import peers
+
 DTYPE = torch.float32
 LAYERS, HIDDEN = 5, (128, 128)
 
@@ -92,6 +97,11 @@ def nflows_sampler(dim: int):
             use_residual_blocks=False))
     flow = Flow(CompositeTransform(layers), StandardNormal([dim]))
     return lambda n: flow.sample(n)
+
+
+#: the peers' samplers (the ``[bench]`` extra): column, package, maker; a missing package's
+#: column shows "–"
+PEERS = (("zuko MAF", "zuko", zuko_sampler), ("nflows MAF", "nflows", nflows_sampler))
 
 
 def time_samplers(samplers: dict, n: int, rounds: int) -> dict[str, float]:
@@ -139,8 +149,7 @@ def run_dim(dim: int, args) -> dict:
     samplers = {
         "teacher": lambda n: est.sample(n, exact=True),
         "student": lambda n: est.sample(n),
-        "zuko MAF": zuko_sampler(dim),
-        "nflows MAF": nflows_sampler(dim),
+        **{name: make(dim) for name, package, make in PEERS if peers.available(package)},
     }
     rates = time_samplers(samplers, args.draws, args.rounds)
     return {
@@ -219,14 +228,17 @@ def table(rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         rates = r["rates"]
-        best_peer = max(rates["zuko MAF"], rates["nflows MAF"])
+        present = [rates[name] for name, _, _ in PEERS if name in rates]
+        vs_peer = f"{rates['student'] / max(present):.1f}x" if present else peers.MISSING
+        zuko, nflows = (f"{rates[name]:,.0f}" if name in rates else peers.MISSING
+                        for name, _, _ in PEERS)
         out.append(
             f"| {r['dim']} | {r['true']:.3f} | {r['teacher_gap'][0]:.3f} ± "
             f"{r['teacher_gap'][1]:.3f} | {r['student_gap'][0]:.3f} ± {r['student_gap'][1]:.3f} "
             f"| {r['kl']:.4f} ± {r['kl_se']:.4f} | {r['kl_per_dim']:.4f} | "
             f"{-r['heldout_gap']:.3f} ± {r['heldout_gap_se']:.3f} | {rates['teacher']:,.0f} | "
-            f"{rates['student']:,.0f} | {rates['zuko MAF']:,.0f} | {rates['nflows MAF']:,.0f} | "
-            f"{rates['student'] / rates['teacher']:.1f}x | {rates['student'] / best_peer:.1f}x |")
+            f"{rates['student']:,.0f} | {zuko} | {nflows} | "
+            f"{rates['student'] / rates['teacher']:.1f}x | {vs_peer} |")
     out += ["", "| D | teacher fit (s) | best epoch | distill (s) | best step | stopped |",
             "|---|---|---|---|---|---|"]
     out += [f"| {r['dim']} | {r['fit_seconds']:.0f} | {r['best_epoch']} | "
@@ -254,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.frontier:
         layers, hidden = spec.split("x")
         shapes.append((int(layers), tuple(int(h) for h in hidden.split(","))))
+    peers.note_missing([package for _, package, _ in PEERS], f"columns show {peers.MISSING}")
     torch.set_num_threads(1)
     random.seed(0)
     rows = []

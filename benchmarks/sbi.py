@@ -84,6 +84,7 @@ import numpy as np
 import torch
 
 import pyroflows as pf
+from benchmarks import peers
 from benchmarks.targets import bench_dir
 
 DTYPE = torch.float32
@@ -93,6 +94,9 @@ BUDGETS = (1_000, 10_000)
 SEEDS = (0, 1, 2)
 OBSERVATIONS = (1, 2, 3, 4, 5)
 METHODS = ("pyroflows", "sbi")
+#: the methods run by a package outside pyroflows' dependencies (the ``[bench]`` extra): a run
+#: leaves a missing one out
+PEERS = ("sbi",)
 
 #: pyroflows' estimator settings for NPE (constructor, then fit; the fit's batch size, step
 #: size and gradient clipping are the estimator's conditional defaults); see the results'
@@ -317,6 +321,11 @@ def fit_sbi(task: Task, theta: torch.Tensor, x: torch.Tensor, seed: int,
 FIT = {"pyroflows": fit_pyroflows, "sbi": fit_sbi}
 
 
+def installed_methods() -> tuple[str, ...]:
+    """:data:`METHODS` less a peer (:data:`PEERS`) that is not installed."""
+    return tuple(m for m in METHODS if m not in PEERS or peers.available(m))
+
+
 # ---- the grid ----------------------------------------------------------------------------------
 def run_cell(task_name: str, budget: int, seed: int, observations: tuple[int, ...],
              c2st_here: Callable[[int], bool], num_draws: int, quick: bool, out) -> None:
@@ -325,7 +334,8 @@ def run_cell(task_name: str, budget: int, seed: int, observations: tuple[int, ..
     task = TASK[task_name]
     data = load_task(task_name)
     theta, x = simulate(task, budget, seed)
-    order = METHODS if seed % 2 == 0 else METHODS[::-1]
+    methods = installed_methods()
+    order = methods if seed % 2 == 0 else methods[::-1]
     fitted = {}
     for method in order:
         fitted[method] = FIT[method](task, theta, x, seed, quick)
@@ -415,7 +425,7 @@ def warm_up() -> None:
     initialization) stay out of the first rows."""
     for task in TASK.values():
         theta, x = simulate(task, 200, 12345)
-        for method in METHODS:
+        for method in installed_methods():
             fitted = FIT[method](task, theta, x, 0, quick=True)
             fitted.sample(x[0], 10, 0)
 
@@ -522,12 +532,7 @@ def machine() -> str:
         pass
     import sklearn
 
-    try:
-        import sbi
-
-        sbi_version = sbi.__version__
-    except ImportError:
-        sbi_version = "not installed"
+    sbi_version = peers.version("sbi")
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
@@ -584,6 +589,7 @@ def main(argv: list[str] | None = None) -> None:
         chosen = {int(k) for k in args.c2st_cells.split(",")}
         c2st_here = lambda k: k in chosen  # noqa: E731
     if not args.summary_only:
+        peers.note_missing(PEERS)
         warm_up()
         with open(args.jsonl, "a") as out:
             for task in args.tasks.split(","):

@@ -67,6 +67,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Independent, Normal, TransformedDistribution
 
+from benchmarks import peers
+
 __all__ = ["LIBRARIES", "build_step", "measure", "main"]
 
 DIM, NUM_LAYERS, HIDDEN, BATCH = 8, 5, (64, 64), 512
@@ -274,6 +276,14 @@ LIBRARIES: dict[str, Builder] = {
     "nflows": _nflows,
 }
 PEERS = ("pyro", "zuko", "nflows")
+#: the peers outside pyroflows' dependencies (the ``[bench]`` extra; library name = package):
+#: a default run leaves a missing one's rows out, naming one in --libraries is an error
+BENCH_PEERS = ("zuko", "nflows")
+
+
+def installed(libraries) -> list[str]:
+    """``libraries`` less the peers (:data:`BENCH_PEERS`) that are not installed."""
+    return [lib for lib in libraries if lib not in BENCH_PEERS or peers.available(lib)]
 VARIANTS: dict[str, Builder] = {
     "alt: TransformedDistribution(Independent(Normal), flow)":
         lambda f, **kw: _pyroflows_variant(f, "torch composition", **kw),
@@ -469,10 +479,9 @@ def _sampling_cases(num_samples: int) -> list[Case]:
 
     import pyroflows as pf
 
-    try:
+    zuko = None
+    if peers.available("zuko"):  # a [bench] extra: without it, the rows are left out
         import zuko
-    except ImportError:  # a [bench] extra: without it, the row is left out
-        zuko = None
     dim, hidden = SIZES["D=64"]
     base = _standard_normal(dim)
     cases = _nsf_sampling_cases(max(1, num_samples // NSF_SHARE), zuko)
@@ -597,14 +606,17 @@ def _time(cases: list[Case], rounds: int, warmup: int) -> None:
 
 def measure(
     families: tuple[str, ...] = ("maf", "realnvp"),
-    libraries: tuple[str, ...] = DEFAULT_LIBRARIES,
+    libraries: tuple[str, ...] | None = None,
     rounds: int = 9,
     steps: int = 30,
     warmup: int = 10,
     sizes: tuple[str, ...] = ("D=8",),
 ) -> list[Case]:
     """Rates of the training steps (items 1, 2) of every (family, size, library), timed in
-    interleaved rounds."""
+    interleaved rounds; ``libraries`` by default :data:`DEFAULT_LIBRARIES` less the peers that
+    are not installed."""
+    if libraries is None:
+        libraries = tuple(installed(DEFAULT_LIBRARIES))
     cases = _training_cases(families, libraries, sizes, steps)
     _time(cases, rounds, warmup)
     return cases
@@ -648,8 +660,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--families", nargs="+", default=["maf", "realnvp"],
                         help="training families (items 1, 2)")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--libraries", nargs="+", default=list(DEFAULT_LIBRARIES),
-                        choices=list(LIBRARIES), help="training rows (items 1, 2)")
+    parser.add_argument("--libraries", nargs="+", default=None, choices=list(LIBRARIES),
+                        help="training rows (items 1, 2); default: all but 'pyroflows "
+                             "(compile)', less the peers not installed")
     parser.add_argument("--compile", action="store_true",
                         help="add 'pyroflows (compile)' training rows at D=8 (torch.compile)")
     parser.add_argument("--rounds", type=int, default=9)
@@ -673,6 +686,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    used = []  # the [bench] peers this run would time
+    if args.libraries is None:
+        args.libraries = installed(DEFAULT_LIBRARIES)
+        if {"1", "2"} & set(args.items):
+            used += BENCH_PEERS
+    else:
+        peers.require(parser, [lib for lib in args.libraries if lib in BENCH_PEERS],
+                      "--libraries")
+    if "5" in args.items:
+        used.append("zuko")
+    peers.note_missing(used)
     dtype, device = torch.get_default_dtype(), torch.empty(0).device
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(getattr(torch, args.dtype))
