@@ -211,6 +211,29 @@ def test_registered_callables_load_and_nothing_else_is_added(saved, tmp_path, mo
             persistence.register_callable(bad)
 
 
+def test_one_entry_without_its_checksum_is_still_checked(saved, tmp_path):
+    """Only an archive whose every CRC-32 is 0 goes unchecked: one entry's zeroed (and its
+    contents changed) among checked ones is damage."""
+    good, _, _ = saved
+    data = bytearray(_flipped(good))
+    with zipfile.ZipFile(io.BytesIO(good)) as archive:
+        item = max((i for i in archive.infolist() if "/data/" in i.filename),
+                   key=lambda i: i.file_size)
+    name = item.filename.encode()
+    start = 0
+    while True:  # this entry's central-directory record (its name follows 46 bytes of header)
+        start = data.index(b"PK\x01\x02", start)
+        length = int.from_bytes(data[start + 28:start + 30], "little")
+        if data[start + 46:start + 46 + length] == name:
+            break
+        start += 46
+    data[start + 16:start + 20] = bytes(4)  # its CRC-32: 0
+    path = tmp_path / "zeroed.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        DensityEstimator.load(path)
+
+
 def test_a_file_saved_without_checksums_loads(saved, tmp_path):
     """torch writes CRC-32 0 after ``set_crc32_options(False)``: unchecked, not 'damaged'."""
     _, est, x = saved

@@ -135,6 +135,7 @@ def test_dataloader_and_held_out_share_of_a_dataset(dtype):
     same = DensityEstimator("maf", seed=0, **SMALL).fit(TensorDataset(t), val_fraction=0.2,
                                                         max_epochs=1, progress=False)
     assert same.history_["val_log_prob"] == held.history_["val_log_prob"]
+    assert is_stream([(b,) for b in t.split(100)])  # (a list(DataLoader(TensorDataset(t))))
     loader = DataLoader(ArrayDataset(t[:500]), batch_size=100, shuffle=True)
     fitted = DensityEstimator("maf", seed=0, **SMALL).fit(
         loader, x_val=DataLoader(ArrayDataset(t[500:]), batch_size=50), max_epochs=1,
@@ -251,7 +252,7 @@ def test_a_bad_batch_in_a_later_pass_gets_the_fits_message(device, dtype):
     x, _, _ = gaussian_data(300, seed=6)
     x = torch.as_tensor(x, dtype=dtype)
     est = DensityEstimator(seed=0, device=device, **SMALL)
-    with pytest.raises(ValueError, match=r"^x: batch 2 has NaN or infinite values"):
+    with pytest.raises(ValueError, match=r"^x: batch 2 has NaN or infinite rows"):
         est.fit(_Changing(list(x[:250].split(50))), x_val=[x[250:]], max_epochs=2,
                 progress=False)
     assert est.history_["stopped"] == "error" and torch.isfinite(est.log_prob(x[:5])).all()

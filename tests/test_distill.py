@@ -300,6 +300,8 @@ def test_bad_arguments(device, dtype):
         dd.distill(student, teacher, contexts=torch.zeros(4, 2, device=device, dtype=dtype))
     with pytest.raises(ValueError, match="num_draws"):
         dd.fidelity(model, student, num_draws=1)
+    with pytest.raises(ValueError, match="num_layers must be a whole number"):
+        dd.Student(3, num_layers=2.5, hidden_dims=(8,))  # (was 2)
 
 
 def test_student_of_a_conditional_teacher_shape(device, dtype):

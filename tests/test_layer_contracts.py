@@ -92,17 +92,29 @@ def test_a_batched_base_scores_a_value_without_its_batch_dims(device, dtype):
     assert torch.allclose(poutine.trace(model).get_trace().log_prob_sum(), expected)
 
 
+@pytest.mark.parametrize("conditional", [False, True])
 @pytest.mark.parametrize("dim", [8, 32])
-def test_realnvp_computes_the_mask_it_loaded(device, dtype, dim):
-    """At D >= 32 the compact path kept the halves of the mask the layer was built with."""
+def test_realnvp_computes_the_mask_it_loaded(device, dtype, dim, conditional):
+    """At D >= 32 the compact path kept the halves of the mask the layer was built with (the
+    conditional layer too: its conditioned maps copy them)."""
     torch.manual_seed(0)
-    src = pf.transforms.realnvp(dim, hidden_dims=(16,), mask=torch.arange(dim) % 2 == 0)
+
+    def make(**mask):
+        if conditional:
+            return pf.transforms.conditional_realnvp(dim, 2, hidden_dims=(16,), **mask)
+        return pf.transforms.realnvp(dim, hidden_dims=(16,), **mask)
+
+    src = make(mask=torch.arange(dim) % 2 == 0)
     with torch.no_grad():
-        src.conditioner.flat_parameters.normal_(0, 0.3).mul_(src.conditioner.mask)
-    dst = pf.transforms.realnvp(dim, hidden_dims=(16,))
+        for p in src.parameters():
+            p.normal_(0, 0.3)
+    dst = make()
     dst.load_state_dict(src.state_dict())
     src, dst = src.to(device, dtype), dst.to(device, dtype)
     x = torch.randn(5, dim, device=device, dtype=dtype)
+    if conditional:
+        c = torch.randn(5, 2, device=device, dtype=dtype)
+        src, dst = src.condition(c), dst.condition(c)
     assert torch.allclose(src(x), dst(x.clone()), atol=_tol(dtype))
 
 

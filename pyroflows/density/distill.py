@@ -113,7 +113,7 @@ class Student(nn.Module):
                  context_dim: int | None = None, log_scale_bound: float = 2.0) -> None:
         super().__init__()
         self.dim = int(dim)
-        self.num_layers = int(num_layers)
+        self.num_layers = whole_number(num_layers, "num_layers", 1)
         self.hidden_dims = tuple(whole_number(h, "each of hidden_dims", 1) for h in hidden_dims)
         self.context_dim = None if context_dim is None else int(context_dim)
         self.log_scale_bound = float(log_scale_bound)

@@ -601,11 +601,14 @@ class DensityEstimator:
                                  "it), not both")
             x_val = y_val
         checkpoint_every = whole_number(checkpoint_every, "checkpoint_every", 1)
-        if checkpoint is not None and (not is_data_parallel(distributed)
-                                       or torch.distributed.get_rank() == 0):  # (the writer)
+        if checkpoint is not None:  # (found before the work, not after an epoch of it)
             folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
-            if not os.path.isdir(folder):  # (found before the work, not after an epoch of it)
-                raise ValueError(f"checkpoint: the folder {folder} does not exist")
+            missing = [not os.path.isdir(folder)]
+            if is_data_parallel(distributed):  # rank 0 writes: its answer, on every rank
+                torch.distributed.broadcast_object_list(missing, src=0)
+            if missing[0]:
+                raise ValueError(f"checkpoint: the folder {folder} does not exist (on the "
+                                 "process that writes it: rank 0 when data-parallel)")
         saving = {"checkpoint": checkpoint, "checkpoint_every": int(checkpoint_every),
                   "resume": resume}
         if (checkpoint is not None or resume is not None) and self.precondition == "auto":

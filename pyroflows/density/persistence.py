@@ -304,12 +304,14 @@ def write_atomic(payload: Any, path: str | os.PathLike) -> None:
 
 def _failed_checksum(f: Any) -> str | None:
     """The first entry of the zip archive ``f`` whose contents do not match its CRC-32, else
-    ``None``. An entry whose stored CRC-32 is 0 with contents is not checked: torch writes 0
-    after ``torch.serialization.set_crc32_options(False)``."""
+    ``None``. An archive whose every entry stores a CRC-32 of 0 is not checked: torch writes
+    0 for all of them after ``torch.serialization.set_crc32_options(False)`` (one entry of 0
+    among checked ones is checked, and fails)."""
     with zipfile.ZipFile(f) as archive:
-        for info in archive.infolist():
-            if info.CRC == 0 and info.file_size > 0:
-                continue
+        entries = archive.infolist()
+        if all(info.CRC == 0 for info in entries if info.file_size > 0):
+            return None
+        for info in entries:
             try:
                 with archive.open(info) as member:
                     while member.read(1 << 20):  # (zipfile checks the CRC-32 at the end)

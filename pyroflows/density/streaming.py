@@ -107,8 +107,8 @@ def is_stream(x: Any) -> bool:
 def _is_batch(b: Any) -> bool:
     if isinstance(b, (Tensor, np.ndarray)):
         return b.ndim == 2
-    return isinstance(b, (tuple, list)) and len(b) == 2 and all(
-        isinstance(p, (Tensor, np.ndarray)) and p.ndim == 2 for p in b)
+    return isinstance(b, (tuple, list)) and len(b) in (1, 2) and all(
+        isinstance(p, (Tensor, np.ndarray)) and p.ndim == 2 for p in b)  # ((y,), (y, c))
 
 
 class _Errors:
@@ -134,17 +134,19 @@ class _Errors:
                 self.note(f"{name}: batch {number} has NaN or infinite {what} (in {dtype}); "
                           "drop or impute them first")
             return
-        bad = torch.where(finite, -1, number)
+        # (a batch's rows and contexts are numbered apart: 2 * number + (contexts))
+        bad = torch.where(finite, -1, 2 * number + (what == "contexts"))
         first = self._first_bad
         self._first_bad = bad if first is None else torch.where(first >= 0, first, bad)
         self._source = (name, dtype)
 
     def raise_any(self) -> None:
         if self._first_bad is not None and self.message is None:
-            number = int(self._first_bad)  # (one synchronization per pass)
-            if number >= 0:
+            code = int(self._first_bad)  # (one synchronization per pass)
+            if code >= 0:
                 name, dtype = self._source
-                self.note(f"{name}: batch {number} has NaN or infinite values (in {dtype}); "
+                what = "contexts" if code % 2 else "rows"
+                self.note(f"{name}: batch {code // 2} has NaN or infinite {what} (in {dtype}); "
                           "drop or impute them first")
         flag = torch.tensor([float(self.message is not None)], device=self.rows.device)
         if float(self.rows.sum(flag)) > 0:

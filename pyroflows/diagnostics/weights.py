@@ -275,11 +275,13 @@ def _enumeration_dependent(model: Callable, guide_trace: Trace, model_trace: Tra
     """The ``pyro.deterministic`` sites of ``model_trace`` whose values depend on an enumerated
     site (they hold its whole support, so no value per draw), found as those whose shape
     differs in a run without enumeration; a warning names them."""
-    if not any(site["type"] == "sample" and _enumerated(site)
-               for site in model_trace.nodes.values()):
+    sites = model_trace.nodes.values()
+    if not any(site["type"] == "sample" and _enumerated(site) for site in sites) or not any(
+            site["type"] == "sample" and site_is_deterministic(site) for site in sites):
         return set()
-    plain = poutine.trace(poutine.replay(vectorize(model, num_samples, mpn), trace=guide_trace)
-                          ).get_trace(*args, **kwargs)
+    with torch.random.fork_rng(devices=[]):  # (its prior draws leave the draws' stream be)
+        plain = poutine.block(poutine.trace(poutine.replay(
+            vectorize(model, num_samples, mpn), trace=guide_trace)).get_trace)(*args, **kwargs)
     dependent = {name for name, site in model_trace.nodes.items()
                  if site["type"] == "sample" and site_is_deterministic(site)
                  and name in plain.nodes and plain.nodes[name]["value"].shape
@@ -348,13 +350,17 @@ def draw(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_sample
     mpn = (_private.guess_max_plate_nesting(model, guide, args, kwargs)
            if max_plate_nesting is None else int(max_plate_nesting))
 
+    skips: list[set[str]] = []  # (found on the first chunk, the same for every chunk)
+
     def run(start: int, n: int):
         first, model_traces, runs, guide_trace = _traces(model, guide, args, kwargs, n, mpn)
         log_weights, log_joint = _log_weights(model_traces, runs, guide_trace, n, mpn)
         if not keep_values:
             return log_weights, log_joint, {}, {}
-        skip = _enumeration_dependent(model, guide_trace, first, args, kwargs, n, mpn)
-        sites, values = _sites_and_values(first, n, mpn, skip)
+        if not skips:
+            skips.append(_enumeration_dependent(model, guide_trace, first, args, kwargs, n,
+                                                mpn))
+        sites, values = _sites_and_values(first, n, mpn, skips[0])
         return log_weights, log_joint, values, sites
 
     chunk = num_samples if chunk_size is None else max(1, min(int(chunk_size), num_samples))

@@ -30,8 +30,9 @@ class _PackedAffine(FlowTransform):
         scale_t = torch.as_tensor(scale, dtype=torch.get_default_dtype()).detach()
         for name, value in (("loc", loc_t), ("scale", scale_t)):
             if value.dim() > 1 or value.numel() not in (1, self.dim):  # (what expands to (D,))
+                shapes = "(1,)" if self.dim == 1 else f"(1,) or ({self.dim},)"
                 raise ValueError(f"{type(self).__name__}: {name} must be a number or of shape "
-                                 f"(1,) or ({self.dim},), got shape {tuple(value.shape)}")
+                                 f"{shapes}, got shape {tuple(value.shape)}")
         if not bool((scale_t > 0).all()):
             raise ValueError(f"{type(self).__name__}: scale must be positive, got {scale}")
         return {"loc": loc_t.expand(self.dim), "log_scale": scale_t.log().expand(self.dim)}

@@ -171,6 +171,7 @@ class ConditionalRealNVP(ConditionalAffineAutoregressive):
                          residual=residual, zero_first=True)
         self.register_buffer("mask", mask_t)
         self._halves = _contiguous_halves(mask_t)
+        self.register_load_state_dict_post_hook(RealNVP._mask_loaded)  # (as RealNVP's)
 
 
 def conditional_iaf(dim: int, context_dim: int, hidden_dims: Sequence[int] | None = None,
