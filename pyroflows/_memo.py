@@ -30,11 +30,12 @@ def optimizer_steps() -> int:
     return _STEPS[0]
 
 
-def tensor_state(t: Tensor) -> tuple:
-    """What a value derived from ``t`` is keyed on: its identity, version counter, storage,
-    dtype and device (``module.to(dtype)`` and ``vector_to_parameters`` assign ``t.data``,
-    which keeps the identity and the version)."""
-    return (id(t), t._version, t.data_ptr(), t.dtype, t.device)
+def tensor_state(t: Tensor) -> tuple[int, int, int]:
+    """What a value derived from ``t`` is keyed on: its identity, version counter and storage
+    address (``module.to(dtype)`` and ``vector_to_parameters`` assign ``t.data``, which keeps
+    the identity and the version; a new dtype or device is a new storage). A storage freed
+    and allocated again at the same address between two reads can still look unchanged."""
+    return (id(t), t._version, t.data_ptr())
 
 T = TypeVar("T")
 

@@ -426,7 +426,7 @@ def test_estimator_distill_bad_arguments(device, dtype):
         est.distill(context=x[:, :1], progress=False)
     with pytest.raises(ValueError, match="max_steps must be a whole number >= 0"):
         est.distill(max_steps=-1, progress=False)
-    with pytest.raises(ValueError, match="lr must be finite and positive"):
+    with pytest.raises(ValueError, match="need a finite lr > 0"):
         est.distill(lr=float("inf"), progress=False)
     with pytest.raises(ValueError, match="x_val has 3 columns"):
         est.distill(x_val=torch.zeros(4, 3, device=device, dtype=dtype), progress=False)

@@ -59,8 +59,8 @@ from ..transforms.affine import TriangularAffine
 from .pipeline import ContextShift, DensityModel, evaluate
 from .training import adam, snapshot
 
-__all__ = ["Student", "distill", "fidelity", "teacher_log_prob", "sample", "start", "frozen",
-           "DISTILL_DEFAULTS"]
+__all__ = ["Student", "check_options", "distill", "fidelity", "teacher_log_prob", "sample",
+           "start", "frozen", "DISTILL_DEFAULTS"]
 
 #: What :func:`distill` does unless told otherwise: at most ``max_steps`` Adam steps of
 #: ``batch_size`` draws, the step size decayed from ``lr`` to zero by a cosine; the KL estimated
@@ -262,6 +262,20 @@ def _contexts(contexts: Tensor | None, n: int, generator: torch.Generator) -> Te
     return contexts[idx.to(contexts.device)]
 
 
+def check_options(max_steps: int, batch_size: int, lr: float, tol: float,
+                  num_val_draws: int = 2, eval_every: int = 1, window: int = 1
+                  ) -> tuple[int, int, int, int, int]:
+    """:func:`distill`'s counts as ``int`` (``max_steps``, ``batch_size``, ``num_val_draws``,
+    ``eval_every``, ``window``), after a ``ValueError`` for a count that is not a whole number
+    of its least, an ``lr`` that is not finite and positive (inf: every step skipped) or a
+    ``tol`` that is not finite and >= 0."""
+    if not 0 < lr < math.inf or not 0 <= tol < math.inf:
+        raise ValueError(f"need a finite lr > 0 and a finite tol >= 0; got lr={lr}, tol={tol}")
+    return (whole_number(max_steps, "max_steps"), whole_number(batch_size, "batch_size", 1),
+            whole_number(num_val_draws, "num_val_draws", 2),
+            whole_number(eval_every, "eval_every", 1), whole_number(window, "window", 1))
+
+
 def distill(student: Student, log_prob: LogProb, *,
             max_steps: int = DISTILL_DEFAULTS["max_steps"],
             batch_size: int = DISTILL_DEFAULTS["batch_size"], lr: float = DISTILL_DEFAULTS["lr"],
@@ -300,13 +314,8 @@ def distill(student: Student, log_prob: LogProb, *,
     ``skipped_steps``, ``stopped`` (``"max_steps"``, ``"converged"``, ``"interrupted"`` or
     ``"error"``), ``seconds`` and the settings.
     """
-    max_steps = whole_number(max_steps, "max_steps")
-    batch_size = whole_number(batch_size, "batch_size", 1)
-    num_val_draws = whole_number(num_val_draws, "num_val_draws", 2)
-    eval_every = whole_number(eval_every, "eval_every", 1)
-    window = whole_number(window, "window", 1)
-    if not 0 < lr < math.inf or not 0 <= tol < math.inf:  # (lr = inf: every step skipped)
-        raise ValueError(f"need a finite lr > 0 and a finite tol >= 0; got lr={lr}, tol={tol}")
+    max_steps, batch_size, num_val_draws, eval_every, window = check_options(
+        max_steps, batch_size, lr, tol, num_val_draws, eval_every, window)
     if (contexts is None) != (student.context_dim is None):
         raise ValueError("a conditional student needs contexts (the training contexts), and "
                          "an unconditional one takes none")

@@ -288,7 +288,7 @@ class DensityEstimator:
             beyond, so not for heavy tails).
         num_layers: the number of flow layers.
         hidden_dims: the conditioner networks' hidden sizes.
-        precondition: the pipeline (a refusal loses nothing).
+        precondition: the pipeline (see above).
         device: where to fit; default: that of a tensor passed to :meth:`fit`, else CPU.
         dtype: float32 or float64; default: that of a floating tensor passed to :meth:`fit`.
         seed: makes the split, initialization, shuffling and :meth:`sample` reproducible
@@ -297,7 +297,7 @@ class DensityEstimator:
         flow_options: further keyword arguments of :func:`pyroflows.flows.build` and the layers;
             unknown names and values :meth:`save` cannot store (a lambda, a local function, a
             module instance) raise a ``ValueError`` here.
-        refine: ``"tabak"`` or ``None`` (a refusal loses nothing).
+        refine: ``"tabak"`` or ``None`` (see above).
         context_dim: the context size C; default: read from the context passed to :meth:`fit`
             (none: a density of the rows alone).
 
@@ -811,7 +811,7 @@ class DensityEstimator:
                                       training=trainer.options, mean=mean, sd=sd)
             resume = saving.pop("resume", None)
             if resume is not None:  # before the estimator lets go of its model: loses nothing
-                trainer.resumed = trainer.restore(resume, signature)
+                trainer.restore(resume, signature)
         self._model, self.dim_, self.history_ = model, dim, trainer.history
         self.student_ = None  # a student of the model this fit replaces
         self.context_dim_ = context_dim
@@ -1081,9 +1081,7 @@ class DensityEstimator:
             raise ValueError("num_layers and hidden_dims must be positive, got "
                              f"{num_layers!r} and {hidden_dims!r}")
         num_draws = whole_number(num_draws, "num_draws", 2)
-        whole_number(max_steps, "max_steps")  # (checked again there: here before any work)
-        if not 0 < lr < math.inf:
-            raise ValueError(f"lr must be finite and positive, got {lr}")
+        distillation.check_options(max_steps, batch_size, lr, tol)  # (before any work)
         c, _ = self._prepare_context(context)
         if c is not None and c.shape[0] < 1:
             raise ValueError("context has no rows: pass the training contexts")

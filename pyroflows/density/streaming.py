@@ -678,7 +678,8 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
     local_val = x_val is not None and not is_stream(x_val)
     if local_val:
         x_val = ArrayDataset(x_val)
-    if isinstance(x, Dataset) and not isinstance(x, IterableDataset):
+    indexed = isinstance(x, Dataset) and not isinstance(x, IterableDataset)  # (batch_size's)
+    if indexed:
         n = len(x)
         train_share = (-(-batch_size // world), 0, 1) if arrays else (batch_size, rank, world)
         if x_val is None:
@@ -731,7 +732,7 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
                               trainer.history["num_val"], world, training=trainer.options,
                               mean=mean, sd=cov.diagonal().sqrt())
     if resume is not None:  # before the estimator lets go of its model: a refusal loses nothing
-        trainer.resumed = trainer.restore(resume, signature)
+        trainer.restore(resume, signature)
     est._model, est.dim_, est.history_ = model, dim, trainer.history
     est.context_dim_, est.precondition_ = context_dim, precondition
     est.student_ = None  # a distilled student of the model this fit replaces
@@ -739,8 +740,7 @@ def fit_streamed(est: Any, x: Any, x_val: Any, *, max_epochs: int, batch_size: i
     history["precondition"] = precondition
     history["processes"] = world
     # the global batch, shared out among the ranks (None: the source's own batches)
-    history["batch_size"] = batch_size if isinstance(x, Dataset) and not isinstance(
-        x, IterableDataset) else None
+    history["batch_size"] = batch_size if indexed else None
     trainer.run(max_epochs, patience, progress, start, checkpoint=checkpoint,
                 checkpoint_every=checkpoint_every, signature=signature)
     history = est.history_

@@ -522,15 +522,15 @@ class Trainer:
         }
         write_atomic(payload, path)
 
-    #: ``(epoch, epochs since the best)`` of the checkpoint :meth:`restore` read, where a fit
-    #: restored one before handing its model to the estimator (a refused checkpoint then
-    #: leaves the estimator's fitted model as it was); :meth:`run` continues from there.
+    #: ``(epoch, epochs since the best)`` of the checkpoint :meth:`restore` read; :meth:`run`
+    #: continues from there.
     resumed: tuple[int, int] | None = None
 
-    def restore(self, path: str | os.PathLike, signature: dict) -> tuple[int, int]:
+    def restore(self, path: str | os.PathLike, signature: dict) -> None:
         """Load the training state of a checkpoint written by :meth:`write_checkpoint` for a
-        fit of the same ``signature`` (else a ``ValueError`` naming what differs); returns the
-        epoch it was written after and the epochs since the best one."""
+        fit of the same ``signature`` (else a ``ValueError`` naming what differs), so that
+        :meth:`run` continues it (:attr:`resumed`). A fit restores before it hands the model
+        to the estimator: a refused checkpoint leaves the estimator's fitted model as it was."""
         payload = read_checkpoint(path)
         saved = payload.get("signature", {})
         if not isinstance(saved, dict):
@@ -569,7 +569,7 @@ class Trainer:
                 python = [python]
             version, state, gauss = python[min(rank, len(python) - 1)]
             random.setstate((int(version), tuple(state), gauss))
-            return int(payload["epoch"]), int(payload["since_best"])
+            self.resumed = int(payload["epoch"]), int(payload["since_best"])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             reason = " ".join(str(e).split())
             raise ValueError(f"resume: {os.fspath(path)} is damaged: {type(e).__name__}: "
@@ -577,22 +577,20 @@ class Trainer:
 
     def run(self, max_epochs: int, patience: int, progress: bool, start: float, *,
             checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1,
-            resume: str | os.PathLike | None = None, signature: dict | None = None) -> None:
+            signature: dict | None = None) -> None:
         """Up to ``max_epochs`` epochs until ``patience`` bring no better validation score; the
         flow ends in its best state, also after an error or a ``KeyboardInterrupt`` (a warning;
         data-parallel, the interrupt is raised again: the other ranks may wait in a collective
         this rank has left, and only ending the process (the launcher then ends the others)
         frees them; ``resume`` from the checkpoint continues the fit).
         ``start``: the fit's ``time.perf_counter()``. Every ``checkpoint_every`` epochs (and
-        after the last) the training state is written to ``checkpoint``; ``resume``: a
-        checkpoint of this fit (``signature``: what must match) to continue from. Progress
-        (rank 0 only) shows the scores and the rows trained per second."""
+        after the last) the training state is written to ``checkpoint`` with ``signature``;
+        after :meth:`restore`, the fit continues from the restored epoch. Progress (rank 0
+        only) shows the scores and the rows trained per second."""
         from tqdm.auto import tqdm
 
         signature = dict(signature or {})
         first, since_best = 1, 0
-        if resume is not None:
-            self.resumed = self.restore(resume, signature)
         if self.resumed is not None:
             done, since_best = self.resumed
             first = done + 1

@@ -205,10 +205,14 @@ def _log_weights(model_traces: Iterable[Trace], runs: int, guide_trace: Trace,
     log_q = sum(_per_draw_sum(site["log_prob"], name, num_samples, mpn)
                 for name, site in guide_trace.nodes.items() if site["type"] == "sample")
     log_p = log_prior_uncovered = 0.0
+    packed = False
     for model_trace in model_traces:
         enumerated = any(site["type"] == "sample" and _enumerated(site)
                          for site in model_trace.nodes.values())
         if enumerated:
+            if not packed:  # (the guide's once, every window's own)
+                guide_trace.pack_tensors()
+                packed = True
             log_p = log_p + _summed_out(model_trace, guide_trace, num_samples, runs > 1)
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or _enumerated(site):
@@ -217,7 +221,8 @@ def _log_weights(model_traces: Iterable[Trace], runs: int, guide_trace: Trace,
             if enumerated and not uncovered:  # (in the sum out)
                 continue
             lp = _per_draw_sum(site["log_prob"], name, num_samples, mpn)
-            log_p = log_p if enumerated else log_p + lp
+            if not enumerated:
+                log_p = log_p + lp
             if uncovered:
                 log_prior_uncovered = log_prior_uncovered + lp
     if not torch.is_tensor(log_p):
@@ -230,8 +235,8 @@ def _summed_out(model_trace: Trace, guide_trace: Trace, num_samples: int,
     r"""Per draw, ``log p(x, z)`` with the enumerated sites summed out, as ``TraceEnum_ELBO``
     does: the sites that depend on none summed as they are, the others contracted
     (``pyro.ops.contract.contract_to_tensor``) down to the draws' plate, then scaled
-    (``windowed``: one of several windows of a subsampled plate's rows)."""
-    guide_trace.pack_tensors()
+    (``windowed``: one of several windows of a subsampled plate's rows; ``guide_trace``
+    packed)."""
     model_trace.pack_tensors(guide_trace.plate_to_symbol)
     try:
         costs, log_factors, sum_dims, scale = _private.enumerated_log_factors(model_trace,

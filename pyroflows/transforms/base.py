@@ -49,7 +49,7 @@ def module_stamp(module: nn.Module, shared: bool = False) -> tuple | None:
             if id(m) in seen:
                 continue
             seen.add(id(m))
-        # (a new dtype or device is a new storage: its address is enough, and cheaper)
+        # (tensor_state's triple, written out: this runs a few times per layer per step)
         for t in m._parameters.values():
             if t is not None:
                 states += (id(t), t._version, t.data_ptr())
